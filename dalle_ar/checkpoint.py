@@ -1,0 +1,209 @@
+"""Checkpoints: Hugging Face-style component folders and resumable training state.
+
+A component folder holds `config.json` (the model config as a dict, plus `"component"`) and
+`model.safetensors` (no pickle). Loading builds the model on the meta device and assigns the
+tensors strictly, so a checkpoint of another shape is refused with the names that differ.
+Training state (optimizer, step, RNG, data position) lives beside it in `train_state.pt`, loaded
+with `weights_only=True`. Every write goes to a temporary folder that is renamed into place, so a
+killed process never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dalle_ar.config import config_from_dict, to_dict
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pretrained(model: torch.nn.Module, config: Any, path: str | Path, component: str) -> None:
+    """Write `config.json` + `model.safetensors` for `model` atomically."""
+    with atomic_dir(path) as tmp:
+        write_component(model, config, tmp, component)
+
+
+def write_component(model: torch.nn.Module, config: Any, folder: Path, component: str) -> None:
+    """Write the component files into an existing folder (used inside `atomic_dir`)."""
+    meta = {"component": component, "config": to_dict(config)}
+    (folder / "config.json").write_text(json.dumps(meta, indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(_untie(state), str(folder / "model.safetensors"))
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share memory; tied weights are saved as copies and
+    # re-tied by the model's own constructor on load.
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else id(v)
+        out[k] = v.clone() if ptr in seen else v
+        seen.setdefault(ptr, k)
+    return out
+
+
+def read_component_config(path: str | Path, component: str, config_cls: type) -> Any:
+    """Read and validate the config of a component folder; refuse a folder of another kind."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a {component} folder: config.json is missing")
+    meta = json.loads(cfg_file.read_text())
+    found = meta.get("component")
+    if found != component:
+        raise ValueError(f"{path} holds a '{found}' component, expected '{component}'")
+    return config_from_dict(config_cls, meta["config"])
+
+
+def load_state_strict(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, assign: bool = True
+) -> None:
+    """Strict load that names every missing, unexpected or mis-shaped tensor.
+
+    `assign=True` (loading onto a meta-device model) swaps the tensors in; `assign=False` copies
+    into the existing parameters, which an optimizer may already hold (resume).
+    """
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape mismatch: " + "; ".join(shapes[:8]))
+        if missing:
+            parts.append("missing: " + ", ".join(missing[:8]))
+        if unexpected:
+            parts.append("unexpected: " + ", ".join(unexpected[:8]))
+        raise ValueError(f"checkpoint {where} does not fit this model ({' | '.join(parts)})")
+    model.load_state_dict(state, strict=True, assign=assign)
+
+
+def load_pretrained(
+    build: Callable[[Any], M], config_cls: type, path: str | Path, component: str
+) -> M:
+    """Build the model from the folder's config on the meta device and load its weights."""
+    path = Path(path)
+    cfg = read_component_config(path, component, config_cls)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path}: model.safetensors is missing")
+    with torch.device("meta"):
+        model = build(cfg)
+    load_state_strict(model, load_file(str(weights)), str(path))
+    # Buffers that are not saved (persistent=False) are still on meta: rebuild them for real.
+    reset = getattr(model, "init_non_persistent_buffers", None)
+    if reset is not None:
+        reset()
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state.
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.frombuffer(_np_state_bytes(), dtype=np.uint8).copy()),
+        "python": torch.tensor(list(_py_state_ints()), dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _np_state_bytes() -> bytes:
+    return json.dumps(_jsonable(np.random.get_state())).encode()
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return {"__nd__": x.tolist(), "dtype": str(x.dtype)}
+    if isinstance(x, (tuple, list)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _py_state_ints() -> list[int]:
+    version, internal, gauss = random.getstate()
+    return [version, *internal, -1 if gauss is None else 1]
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = json.loads(bytes(state["numpy"].tolist()).decode())
+    np_state[1] = np.array(np_state[1]["__nd__"], dtype=np_state[1]["dtype"])
+    np.random.set_state(tuple(np_state))
+    ints = state["python"].tolist()
+    random.setstate((ints[0], tuple(ints[1:-1]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    config: Any,
+    component: str,
+    train_state: dict[str, Any],
+) -> None:
+    """Write weights (component folder) + `train_state.pt` together, atomically."""
+    with atomic_dir(path) as tmp:
+        write_component(model, config, tmp, component)
+        torch.save(train_state, tmp / "train_state.pt")
+        fsync_dir(tmp)
+
+
+def fsync_dir(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / "train_state.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"no training state to resume from at {p}")
+    return torch.load(p, map_location="cpu", weights_only=True)

@@ -1,0 +1,66 @@
+"""The `dalle-ar` command.
+
+Each subcommand lives in its own module as `main(argv: list[str]) -> int | None`, imported only
+when it runs (so `dalle-ar --help` is instant and one stage's imports never slow another).
+
+    dalle-ar data shapes|emoji|folder --out DIR ...
+    dalle-ar train tokenizer|vq|transformer|clip|prior --config FILE [--resume] [key=value ...]
+    dalle-ar sample --model FOLDER "a prompt" ... --out DIR
+    dalle-ar pipeline    # the main job: data -> ... -> samples; finished stages are skipped
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# subcommand -> (module, help). `train` and `data` take a second word.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data shapes": ("dalle_ar.data.build", "write procedural shapes shards"),
+    "data emoji": ("dalle_ar.data.build", "write emoji shards (Twemoji pictures, CLDR names)"),
+    "data folder": ("dalle_ar.data.build", "write shards from a folder of images + .txt captions"),
+    "train tokenizer": ("dalle_ar.train.tokenizer", "train the BPE text tokenizer"),
+    "train vq": ("dalle_ar.train.vq", "train the VQ-VAE image tokenizer"),
+    "train transformer": ("dalle_ar.train.transformer", "train the text-to-image transformer"),
+    "train clip": ("dalle_ar.train.clip", "train the CLIP reranker"),
+    "train prior": ("dalle_ar.train.prior", "train the diffusion prior"),
+    "sample": ("dalle_ar.sample", "generate images from prompts with a pipeline folder"),
+    "pipeline": ("dalle_ar.main_job", "run the whole pipeline end to end (the main job)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(k) for k in COMMANDS)
+    rows = [f"  dalle-ar {k.ljust(width)}  {h}" for k, (_, h) in COMMANDS.items()]
+    return "usage:\n" + "\n".join(rows) + "\n\nRun a subcommand with --help for its options."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    key = argv[0]
+    rest = argv[1:]
+    if key in ("train", "data"):
+        if not rest or rest[0].startswith("-"):
+            print(f"dalle-ar {key}: name what to {key} ({_choices(key)})\n\n{_usage()}")
+            return 2
+        key = f"{key} {rest[0]}"
+        rest = rest[1:] if key.startswith("train") else [key.split()[1], *rest[1:]]
+    if key not in COMMANDS:
+        print(f"dalle-ar: unknown command {key!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[key][0])
+    code = module.main(rest)
+    return int(code or 0)
+
+
+def _choices(word: str) -> str:
+    return " | ".join(k.split()[1] for k in COMMANDS if k.startswith(word + " "))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Dataclass configs: YAML files plus dotted command-line overrides (`model.depth=8`).
+
+Every config is a tree of small dataclasses. Loading walks the tree with the declared types, so an
+unknown key, a value of the wrong type or an impossible value is rejected with a `ConfigError`
+naming the full dotted key, before any work starts. Each dataclass may define `validate(self)`
+that raises `ConfigError` for impossible values (use `require`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, of the wrong type or holds an impossible value."""
+
+
+def require(cond: bool, key: str, msg: str) -> None:
+    """Raise `ConfigError` for `key` unless `cond` holds."""
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared config blocks used by several recipes.
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: str = ""  # training shards: path, brace glob (shards-{000..009}.tar), dir or pipe: URL
+    eval: str = ""  # held-out shards, same forms; empty = no evaluation
+    image_size: int = 32  # images are resized (shorter side) and centre-cropped to this
+    batch_size: int = 64  # per process (per DDP rank)
+    num_workers: int = 0  # DataLoader workers; shards are split across ranks and workers
+    shuffle_buffer: int = 1000  # samples held in the shuffle buffer (0 = no shuffling)
+    random_crop: bool = False  # random instead of centre crop (training only)
+
+    def validate(self) -> None:
+        require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.num_workers >= 0, "num_workers", "must be >= 0")
+        require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100  # linear warmup from 0
+    weight_decay: float = 0.01  # applied to matrices only, never to norms, biases, embeddings
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+    def validate(self) -> None:
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2", "must be in [0, 1)")
+        require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    out_dir: str = "runs/default"  # run folder: config, checkpoints, samples, metrics
+    steps: int = 1000  # optimizer steps in total
+    max_minutes: float = 0.0  # stop (and save) after this wall time; 0 = no limit
+    seed: int = 0  # seeds torch, numpy and python
+    log_every: int = 10  # steps between metric logs
+    eval_every: int = 0  # steps between evaluations (0 = only at the end)
+    save_every: int = 200  # steps between checkpoints (always one at the end)
+    sample_every: int = 0  # steps between sample / reconstruction grids (0 = only at the end)
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on a GPU that supports it) | fp32 | bf16
+    wandb: Literal["offline", "online", "disabled"] = "offline"  # wandb mode
+    wandb_project: str = "dalle_ar"  # wandb project name
+
+    def validate(self) -> None:
+        require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(self.max_minutes >= 0, "max_minutes", "must be >= 0")
+        require(self.log_every >= 1, "log_every", "must be >= 1")
+        require(self.save_every >= 1, "save_every", "must be >= 1")
+        require(self.eval_every >= 0, "eval_every", "must be >= 0")
+        require(self.sample_every >= 0, "sample_every", "must be >= 0")
+        require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        require(self.precision in ("auto", "fp32", "bf16"), "precision", "auto, fp32 or bf16")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overriding, validating, saving.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the declared type `tp` (with the few safe widenings) or raise."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(repr(a) for a in get_args(tp))
+            raise ConfigError(f"config key '{key}': must be one of {choices}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': {value!r} does not match {_type_name(tp)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        args = get_args(tp)
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type[T], values: dict, prefix: str = "") -> T:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            where = f"'{prefix}{k}'" if prefix else f"'{k}'"
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key {where} (known here: {known})")
+    kwargs = {}
+    for k, v in values.items():
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
+    obj = cls(**kwargs)
+    return obj
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Run every `validate()` in the tree; errors name the full dotted key."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            validate(v, f"{prefix}{f.name}.")
+    check = getattr(cfg, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ConfigError as e:
+            msg = str(e)
+            if prefix and msg.startswith("config key '"):
+                msg = "config key '" + prefix + msg[len("config key '") :]
+            raise ConfigError(msg) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`model.depth=8` -> (['model', 'depth'], 8). The value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _set(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[path[-1]] = value
+
+
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple = ()
+) -> T:
+    """Build `cls` from defaults, then the YAML file at `path`, then dotted overrides; validate."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        tree = loaded
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set(tree, keys, value)
+    cfg = _build(cls, tree)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(cls: type[T], values: dict) -> T:
+    """Rebuild a config saved with `to_dict` (used by checkpoints); validated."""
+    cfg = _build(cls, values)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    out = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(out))  # tuples -> lists, so a reload compares equal
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (it loads back with `load_config`)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(p)

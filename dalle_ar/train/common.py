@@ -1,0 +1,181 @@
+"""Pieces every training recipe shares: run folder, seeding, device and precision, LR schedule,
+optimizer groups, wandb logging, checkpoints and resume.
+
+A recipe reads: parse config -> `Run(cfg)` -> build components -> loop -> `run.save(...)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dalle_ar.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
+from dalle_ar.config import OptimConfig, RunConfig, save_config, to_dict
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a GPU that supports it (precision=auto|bf16); fp32 elsewhere."""
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * t))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = "emb" in name.split(".")[-2] if "." in name else False
+        (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class Run:
+    """A run folder: resolved config, wandb, checkpoints (`ckpt/last`), metrics JSON."""
+
+    def __init__(self, cfg: Any, run: RunConfig, rank: int = 0) -> None:
+        self.cfg = cfg
+        self.run_cfg = run
+        self.rank = rank
+        self.dir = Path(run.out_dir)
+        self.ckpt_dir = self.dir / "ckpt" / "last"
+        self.start_time = time.time()
+        self._wandb = None
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.dir / "config.yaml")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def has_checkpoint(self) -> bool:
+        return (self.ckpt_dir / "train_state.pt").is_file()
+
+    def out_of_time(self) -> bool:
+        limit = self.run_cfg.max_minutes
+        return limit > 0 and (time.time() - self.start_time) > 60 * limit
+
+    # -- logging ---------------------------------------------------------------------------
+    def init_wandb(self, name: str) -> None:
+        if not self.is_main or self.run_cfg.wandb == "disabled":
+            return
+        import wandb  # imported here: slow, and only the main process logs
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self._wandb = wandb.init(
+            project=self.run_cfg.wandb_project,
+            name=name,
+            dir=str(self.dir),
+            mode=self.run_cfg.wandb,
+            config=to_dict(self.cfg),
+            reinit="finish_previous",
+        )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+
+    def write_json(self, name: str, data: dict[str, Any]) -> Path:
+        p = self.dir / name
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(p)
+        return p
+
+    def finish(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save(
+        self,
+        model: torch.nn.Module,
+        model_cfg: Any,
+        component: str,
+        step: int,
+        optimizer: torch.optim.Optimizer,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Weights + optimizer + step + RNG (+ data position etc. in `extra`), atomically."""
+        if not self.is_main:
+            return
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_state(),
+            "extra": extra or {},
+        }
+        save_checkpoint(self.ckpt_dir, model, model_cfg, component, state)
+
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Restore weights, optimizer and RNG from `ckpt/last`; return the saved state."""
+        from safetensors.torch import load_file
+
+        from dalle_ar.checkpoint import load_state_strict
+
+        if not self.has_checkpoint():
+            raise FileNotFoundError(f"--resume given but {self.ckpt_dir} holds no checkpoint")
+        weights = load_file(str(self.ckpt_dir / "model.safetensors"))
+        load_state_strict(model, weights, str(self.ckpt_dir), assign=False)
+        state = load_train_state(self.ckpt_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", self.ckpt_dir, state["step"])
+        return state

@@ -1,0 +1,1 @@
+"""Triton attention kernels (installed as dalle_ar.kernels)."""

@@ -1,0 +1,73 @@
+"""Plain PyTorch attention with the layout masks: the test oracle and the CPU path.
+
+Shapes: q, k, v (B, H, N, D). Masks come from `Layout` (the one rule) and `key_padding`.
+Computed in fp32 when `upcast` is set (the oracle), otherwise in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .layouts import Layout, key_padding
+
+
+def _mask(
+    layout: Layout, q_pos: torch.Tensor, n_keys: int, text_lens: torch.Tensor | None
+) -> torch.Tensor:
+    mask = layout.mask_row(q_pos, n_keys)[None, None]  # (1, 1, Nq, Nk)
+    pad = key_padding(text_lens, layout.text_len, n_keys)
+    if pad is not None:
+        mask = mask & pad[:, None, None, :]  # (B, 1, Nq, Nk)
+    return mask
+
+
+def _attend(q, k, v, mask, scale, upcast):  # (B, H, Nq, D), (B, H, Nk, D) -> (B, H, Nq, D)
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return (probs @ v).to(dtype)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    text_lens: torch.Tensor | None = None,
+    scale: float | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Attention of positions 0..N-1 over keys 0..N-1 under `layout` (training / prefill)."""
+    n = q.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask = _mask(layout, torch.arange(n, device=q.device), k.shape[2], text_lens)
+    return _attend(q, k, v, mask, scale, upcast)
+
+
+def decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    layout: Layout,
+    text_lens: torch.Tensor | None = None,
+    scale: float | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """One query per sequence, q (B, H, 1, D), at position lengths[b]-1, against a static cache
+    (B, H, N_max, D) of which the first lengths[b] entries are filled."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    n_max = k_cache.shape[2]
+    keys = torch.arange(n_max, device=q.device)
+    q_pos = (lengths - 1).to(keys.device)  # (B,)
+    mask = layout.allowed(q_pos[:, None], keys[None, :])  # (B, N_max)
+    mask = mask & (keys[None, :] < lengths[:, None])
+    pad = key_padding(text_lens, layout.text_len, n_max)
+    if pad is not None:
+        mask = mask & pad
+    return _attend(q, k_cache, v_cache, mask[:, None, None, :], scale, upcast)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up whatever is missing (a .venv with PyTorch and dalle-ar), then run a job:
+#   bash tools/dev.sh main     # the main job: the whole pipeline on the built-in shapes data
+#   bash tools/dev.sh test     # ruff + the test suite
+#   bash tools/dev.sh setup    # only the setup
+# PyTorch: a CPU build on a machine without an NVIDIA GPU (never the multi-GB CUDA wheels), the
+# default CUDA build where `nvidia-smi` finds a GPU. Set DALLE_AR_PYTHON to pick the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_VERSION="${DALLE_AR_TORCH:-2.13.0}"
+PY="${DALLE_AR_PYTHON:-python3}"
+VENV=.venv
+
+if [[ ! -x $VENV/bin/python ]]; then
+  echo "[setup] creating $VENV with $($PY --version)"
+  "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if ! python -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[setup] installing torch==$TORCH_VERSION (CUDA build)"
+    pip install -q "torch==$TORCH_VERSION"
+  else
+    echo "[setup] installing torch==$TORCH_VERSION (CPU build)"
+    pip install -q "torch==$TORCH_VERSION" \
+      --extra-index-url https://download.pytorch.org/whl/cpu --retries 1 --timeout 15
+  fi
+fi
+stamp=$VENV/.dalle_ar-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+  echo "[setup] installing dalle-ar (editable) with its dev extra"
+  pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+
+job="${1:-main}"
+shift || true
+case "$job" in
+  setup) echo "[setup] done: $(python -c 'import torch; print("torch", torch.__version__)')" ;;
+  main) exec dalle-ar pipeline "$@" ;;
+  test)
+    ruff check .
+    exec python -m pytest -q "$@"
+    ;;
+  *) echo "usage: bash tools/dev.sh main|test|setup" >&2; exit 2 ;;
+esac
