@@ -1,0 +1,316 @@
+"""Images <-> discrete codes: a convolutional VQ-VAE with a vector-quantize-pytorch quantizer.
+
+The encoder turns an image (B, 3, H, W) in [0, 1] into a grid of latents (B, D, H/f, W/f) with
+f = `downsample` (4 or 8); the quantizer replaces each latent by its nearest codebook entry
+(`VectorQuantize`: EMA codebook, k-means initialisation, dead-code replacement) or rounds it onto
+a fixed grid (`FSQ`); the decoder maps the quantized grid back to pixels. The code grid
+(B, H/f, W/f) is what the transformer models, in raster order.
+
+    vq = VQTokenizer(VQConfig())          # or VQTokenizer.from_pretrained("runs/vq/vq")
+    codes = vq.encode(images)             # (B, h, w) int64 in [0, codebook_size)
+    images = vq.decode(codes)             # (B, 3, H, W) in [0, 1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from vector_quantize_pytorch import FSQ, VectorQuantize
+
+from dalle_ar.checkpoint import load_pretrained, save_pretrained
+from dalle_ar.config import require
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "vq"
+# Pixel values may leave [0, 1] by this much (resampling filters overshoot slightly).
+RANGE_TOLERANCE = 1e-3
+
+
+@dataclasses.dataclass
+class VQConfig:
+    image_size: int = 32  # size it is trained at; any multiple of `downsample` encodes
+    downsample: int = 4  # image side / code grid side: 4 or 8 (32x32 -> 8x8 or 4x4)
+    width: int = 64  # channels at full resolution
+    channel_mult: list[int] = dataclasses.field(default_factory=list)  # per level; [] = 1,2,2,..
+    num_res_blocks: int = 2  # residual blocks per resolution level (encoder and decoder)
+    latent_dim: int = 64  # channels the encoder hands to the quantizer
+    quantizer: Literal["vq", "fsq"] = "vq"  # VectorQuantize (EMA codebook) or FSQ
+    codebook_size: int = 512  # number of codes; for fsq it must equal prod(fsq_levels)
+    codebook_dim: int = 0  # low-dimensional codebook: look up in this many dims; 0 = latent_dim
+    use_cosine_sim: bool = False  # l2-normalised inputs and codes (cosine-similarity lookup)
+    ema_decay: float = 0.8  # EMA decay of the codebook statistics
+    kmeans_init: bool = True  # initialise the codebook by k-means on the first batch
+    kmeans_iters: int = 10  # k-means iterations for that initialisation
+    threshold_ema_dead_code: float = 2.0  # replace codes whose EMA usage falls below (0 = off)
+    rotation_trick: bool = True  # gradients through the lookup by rotation, else straight-through
+    fsq_levels: list[int] = dataclasses.field(default_factory=lambda: [8, 8, 8])  # levels per dim
+
+    def validate(self) -> None:
+        require(self.downsample in (4, 8), "downsample", f"must be 4 or 8, got {self.downsample}")
+        require(
+            self.image_size >= self.downsample and self.image_size % self.downsample == 0,
+            "image_size",
+            f"must be a multiple of downsample={self.downsample}, got {self.image_size}",
+        )
+        require(self.width >= 1, "width", f"must be >= 1, got {self.width}")
+        levels = self.num_levels
+        require(
+            not self.channel_mult or len(self.channel_mult) == levels,
+            "channel_mult",
+            f"needs log2(downsample)+1 = {levels} entries (or none), got {self.channel_mult}",
+        )
+        require(all(m >= 1 for m in self.channel_mult), "channel_mult", "entries must be >= 1")
+        require(self.num_res_blocks >= 0, "num_res_blocks", "must be >= 0")
+        require(self.latent_dim >= 1, "latent_dim", f"must be >= 1, got {self.latent_dim}")
+        require(self.codebook_size >= 2, "codebook_size", f"must be >= 2, got {self.codebook_size}")
+        require(self.codebook_dim >= 0, "codebook_dim", "must be >= 0 (0 = latent_dim)")
+        require(0.0 < self.ema_decay < 1.0, "ema_decay", f"must be in (0, 1), got {self.ema_decay}")
+        require(self.kmeans_iters >= 1, "kmeans_iters", "must be >= 1")
+        require(self.threshold_ema_dead_code >= 0, "threshold_ema_dead_code", "must be >= 0")
+        if self.quantizer == "fsq":
+            require(len(self.fsq_levels) >= 1, "fsq_levels", "needs at least one level")
+            # 2 levels need FSQ's symmetry-preserving variant, which this model does not use.
+            require(all(v >= 3 for v in self.fsq_levels), "fsq_levels", "entries must be >= 3")
+            size = math.prod(self.fsq_levels)
+            require(
+                self.codebook_size == size,
+                "codebook_size",
+                f"must equal prod(fsq_levels) = {size} for fsq, got {self.codebook_size}",
+            )
+
+    @property
+    def num_levels(self) -> int:
+        """Resolution levels: the input resolution plus one per 2x downsampling."""
+        return int(math.log2(self.downsample)) + 1
+
+    def channels(self) -> list[int]:
+        mult = self.channel_mult or [1] + [2] * (self.num_levels - 1)
+        return [self.width * m for m in mult]
+
+
+# ----------------------------------------------------------------------------------------------
+# Network.
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.norm1 = _norm(ch)
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm2 = _norm(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        chs = cfg.channels()
+        self.conv_in = nn.Conv2d(3, chs[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        for i in range(len(chs) - 1):
+            layers += [ResBlock(chs[i]) for _ in range(cfg.num_res_blocks)]
+            layers.append(nn.Conv2d(chs[i], chs[i + 1], 4, stride=2, padding=1))  # halves H, W
+        layers += [ResBlock(chs[-1]) for _ in range(cfg.num_res_blocks)]
+        self.blocks = nn.Sequential(*layers)
+        self.norm_out = _norm(chs[-1])
+        self.conv_out = nn.Conv2d(chs[-1], cfg.latent_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.conv_in(x))
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, D, H/f, W/f)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch_in: int, ch_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch_in, ch_out, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Nearest-neighbour + conv instead of a transposed conv: no checkerboard artefacts.
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        chs = cfg.channels()
+        self.conv_in = nn.Conv2d(cfg.latent_dim, chs[-1], 3, padding=1)
+        layers: list[nn.Module] = [ResBlock(chs[-1]) for _ in range(cfg.num_res_blocks)]
+        for i in reversed(range(len(chs) - 1)):
+            layers.append(Upsample(chs[i + 1], chs[i]))
+            layers += [ResBlock(chs[i]) for _ in range(cfg.num_res_blocks)]
+        self.blocks = nn.Sequential(*layers)
+        self.norm_out = _norm(chs[0])
+        self.conv_out = nn.Conv2d(chs[0], 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.conv_in(z))
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W), pixels scaled to [-1, 1]
+
+
+def _build_quantizer(cfg: VQConfig) -> nn.Module:
+    if cfg.quantizer == "fsq":
+        return FSQ(levels=list(cfg.fsq_levels), dim=cfg.latent_dim)
+    return VectorQuantize(
+        dim=cfg.latent_dim,
+        codebook_size=cfg.codebook_size,
+        codebook_dim=cfg.codebook_dim or None,
+        decay=cfg.ema_decay,
+        kmeans_init=cfg.kmeans_init,
+        kmeans_iters=cfg.kmeans_iters,
+        threshold_ema_dead_code=cfg.threshold_ema_dead_code,
+        use_cosine_sim=cfg.use_cosine_sim,
+        rotation_trick=cfg.rotation_trick,
+        straight_through=False,
+        # The recipe weights the commitment term itself; the quantizer reports it unweighted.
+        commitment_weight=1.0,
+        sync_codebook=False,
+    )
+
+
+class VQTokenizer(nn.Module):
+    """Encoder + quantizer + decoder. `encode`/`decode` are the inference API; `forward` trains."""
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        # The quantizer is always built for real, even under a meta-device build (loading): FSQ
+        # reads its levels with .item() in its constructor and both quantizers hold constants in
+        # non-persistent buffers that a checkpoint never restores. It is small.
+        with torch.device("cpu"):
+            self.quantizer = _build_quantizer(cfg)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def grid_size(self, image_size: int) -> int:
+        """Side of the code grid for a square image of side `image_size`."""
+        f = self.config.downsample
+        if image_size < f or image_size % f != 0:
+            raise ValueError(f"image size must be a positive multiple of {f}, got {image_size}")
+        return image_size // f
+
+    # -- checks ----------------------------------------------------------------------------
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"expected images as a torch.Tensor, got {type(images).__name__}")
+        if images.ndim != 4:
+            raise ValueError(
+                f"expected images of rank 4 (B, 3, H, W), got shape {tuple(images.shape)}"
+            )
+        if images.shape[1] != 3:
+            raise ValueError(f"expected 3 channels (B, 3, H, W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"expected floating-point images in [0, 1], got {images.dtype}")
+        f = self.config.downsample
+        h, w = images.shape[-2:]
+        if h % f or w % f or h < f or w < f:
+            raise ValueError(f"expected height and width multiples of {f}, got {h}x{w}")
+        lo, hi = images.min().item(), images.max().item()
+        if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+            raise ValueError(f"expected pixel values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+
+    def _check_codes(self, codes: torch.Tensor) -> None:
+        if not isinstance(codes, torch.Tensor):
+            raise ValueError(f"expected codes as a torch.Tensor, got {type(codes).__name__}")
+        if codes.ndim != 3:
+            raise ValueError(f"expected codes of rank 3 (B, h, w), got shape {tuple(codes.shape)}")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"expected integer codes, got {codes.dtype}")
+        if codes.numel():
+            lo, hi = codes.min().item(), codes.max().item()
+            if lo < 0 or hi >= self.codebook_size:
+                raise ValueError(
+                    f"expected codes in [0, {self.codebook_size}), got range [{lo}, {hi}]"
+                )
+
+    # -- quantizer ---------------------------------------------------------------------------
+    def _quantize(
+        self, z: torch.Tensor, update: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, D, h, w) latents -> quantized latents, codes (B, h, w), commitment loss."""
+        b, d, h, w = z.shape
+        x = z.permute(0, 2, 3, 1).reshape(b, h * w, d).float()  # (B, N, D)
+        # Distances, EMA statistics and k-means run in fp32 even inside a bf16 autocast region.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            if isinstance(self.quantizer, FSQ):
+                q, idx = self.quantizer(x)
+                commit = x.new_zeros(())
+            else:
+                q, idx, commit = self.quantizer(x, freeze_codebook=not update)
+        q = q.reshape(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
+        return q, idx.reshape(b, h, w).long(), commit
+
+    def _lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, h, w) -> quantized latents (B, D, h, w), exactly as the quantizer outputs."""
+        b, h, w = codes.shape
+        idx = codes.reshape(b, h * w)
+        if isinstance(self.quantizer, FSQ):
+            q = self.quantizer.indices_to_codes(idx)
+        else:
+            q = self.quantizer.get_output_from_indices(idx)
+        return q.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+    # -- API -------------------------------------------------------------------------------
+    def forward(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Training pass: (reconstruction in [0, 1] scale, unclamped; {"commit": ...}; codes).
+
+        In training mode the codebook statistics update (EMA, dead codes, k-means on the first
+        batch); in eval mode nothing changes.
+        """
+        self._check_images(images)
+        z = self.encoder(images * 2 - 1)
+        q, codes, commit = self._quantize(z, update=self.training)
+        recon = self.decoder(q.to(z.dtype)) * 0.5 + 0.5
+        return recon, {"commit": commit}, codes
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> codes (B, H/f, W/f); never updates the codebook."""
+        self._check_images(images)
+        z = self.encoder(images * 2 - 1)
+        return self._quantize(z, update=False)[1]
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, h, w) -> images (B, 3, h*f, w*f) in [0, 1]."""
+        self._check_codes(codes)
+        q = self._lookup(codes.long())
+        dtype = next(self.decoder.parameters()).dtype
+        return (self.decoder(q.to(dtype)) * 0.5 + 0.5).clamp(0, 1)
+
+    # -- folders ---------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the component folder (config.json + model.safetensors), atomically."""
+        save_pretrained(self, self.config, path, COMPONENT)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> VQTokenizer:
+        """Load a folder written by `save_pretrained` (strict; eval mode)."""
+        model = load_pretrained(cls, VQConfig, path, COMPONENT)
+        book = getattr(model.quantizer, "_codebook", None)
+        if book is not None and not bool(book.initted):
+            log.warning("%s: codebook saved before its k-means initialisation (untrained)", path)
+        return model.to(device).eval()
