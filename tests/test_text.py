@@ -1,0 +1,260 @@
+"""Tests for dalle_ar.text (BPE tokenizer) and the `dalle-ar train tokenizer` recipe."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from dalle_ar.config import ConfigError, load_config
+from dalle_ar.text import TextTokenizer, TokenizerConfig, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tokenizer_tiny.yaml"
+
+COLOURS = ["red", "green", "blue", "yellow", "purple"]
+SHAPES = ["circle", "square", "triangle"]
+CAPTIONS = [
+    f"a {c} {s} {rel} a {c2} {s2}"
+    for c in COLOURS
+    for s in SHAPES
+    for rel, c2, s2 in (("left of", "blue", "square"), ("above", "red", "circle"))
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> TextTokenizer:
+    return train_tokenizer(CAPTIONS, TokenizerConfig(vocab_size=320, min_frequency=1, text_len=16))
+
+
+def _wide(tok: TextTokenizer) -> TextTokenizer:
+    """The same tokenizer with room for 62 content tokens."""
+    return TextTokenizer(tok.hf, TokenizerConfig(vocab_size=320, text_len=64))
+
+
+# -- encode / decode ----------------------------------------------------------------------------
+
+
+def test_round_trip_ordinary_text(tok: TextTokenizer) -> None:
+    texts = ["a red circle left of a blue square", "A Purple  Triangle, above!", "zebra 42"]
+    assert tok.decode(tok.encode(texts).ids) == [tok.normalize(t) for t in texts]
+    assert tok.normalize("A Purple  Triangle, above!") == "a purple  triangle, above!"
+
+
+def test_nfkc_and_lowercase_applied(tok: TextTokenizer) -> None:
+    # Full-width letters and the "fi" ligature fold to plain lower-case ASCII under NFKC.
+    assert tok.decode(tok.encode("ＲＥＤ ﬁsh").ids) == ["red fish"]
+    assert torch.equal(tok.encode("ＲＥＤ").ids, tok.encode("red").ids)
+
+
+def test_padding_and_mask_layout(tok: TextTokenizer) -> None:
+    batch = tok.encode(["a red circle", "a blue square left of a red circle"])
+    assert batch.ids.shape == (2, 16) and batch.ids.dtype == torch.long
+    assert batch.mask.shape == (2, 16) and batch.mask.dtype == torch.bool
+    for row, mask in zip(batch.ids, batch.mask):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()  # real tokens first, then padding
+        assert row[0] == tok.bos_id and row[n - 1] == tok.eos_id
+        assert (row[n:] == tok.pad_id).all()
+        body = row[1 : n - 1]
+        assert not any(int(i) in (tok.pad_id, tok.bos_id, tok.eos_id) for i in body)
+    assert batch.mask[0].sum() < batch.mask[1].sum()
+
+
+def test_empty_caption(tok: TextTokenizer) -> None:
+    batch = tok.encode("")
+    want = [tok.bos_id, tok.eos_id] + [tok.pad_id] * 14
+    assert batch.ids.tolist() == [want]
+    assert batch.mask.tolist() == [[True, True] + [False] * 14]
+    assert tok.decode(batch.ids) == [""]
+
+
+def test_truncation_counted_and_warned(caplog: pytest.LogCaptureFixture) -> None:
+    tok = train_tokenizer(CAPTIONS, TokenizerConfig(vocab_size=300, min_frequency=1, text_len=6))
+    long = "a red circle left of a blue square above a green triangle"
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.text"):
+        batch = tok.encode([long, "a", long])
+    assert tok.num_truncated == 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "truncated 2 of 3" in warnings[0].getMessage()
+    for row in (batch.ids[0], batch.ids[2]):
+        assert row[0] == tok.bos_id and row[-1] == tok.eos_id
+    assert batch.mask[0].all()
+    assert long.startswith(tok.decode(batch.ids[:1])[0])  # the head survives, the tail goes
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.text"):
+        tok.encode(long)
+        tok.encode("a")  # fits: no warning
+    assert tok.num_truncated == 3
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "😀🐍 party",
+        "👩\u200d👩\u200d👧 family",
+        "👍🏽",
+        "中文字幕 红色圆形",
+        "日本語のテキスト",
+        "🇯🇵",
+    ],
+)
+def test_emoji_and_cjk_round_trip_exactly(tok: TextTokenizer, text: str) -> None:
+    tok = _wide(tok)
+    assert tok.normalize(text) == text  # NFKC and lower-casing leave these unchanged
+    assert tok.decode(tok.encode(text).ids) == [text]
+
+
+def test_control_characters_encode(tok: TextTokenizer) -> None:
+    texts = ["tab\there", "line\nbreak", "nul\x00byte", "\x1b[31mesc", "\u200b\ufeff", "\x7f"]
+    batch = tok.encode(texts)
+    assert batch.ids.shape == (len(texts), 16)
+    assert tok.decode(batch.ids) == [tok.normalize(t) for t in texts]
+
+
+def test_special_token_text_is_plain_text(tok: TextTokenizer) -> None:
+    tok = _wide(tok)
+    batch = tok.encode("a <eos> <pad> b")
+    n = int(batch.mask.sum())
+    body = batch.ids[0, 1 : n - 1].tolist()
+    assert not {tok.pad_id, tok.bos_id, tok.eos_id} & set(body)
+    assert tok.decode(batch.ids) == ["a <eos> <pad> b"]
+
+
+def test_bad_inputs_raise_value_error(tok: TextTokenizer) -> None:
+    with pytest.raises(ValueError, match="list of str"):
+        tok.encode(123)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="all be str"):
+        tok.encode(["ok", None])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="ids must be in"):
+        tok.decode(torch.tensor([[1, tok.vocab_size]]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        tok.decode(torch.zeros(2, 3))
+
+
+def test_specials_and_vocab(tok: TextTokenizer) -> None:
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert 256 + 3 < tok.vocab_size <= 320
+    assert tok.text_len == 16
+
+
+def test_training_is_deterministic() -> None:
+    cfg = TokenizerConfig(vocab_size=300, min_frequency=1, text_len=16)
+    a, b = train_tokenizer(CAPTIONS, cfg), train_tokenizer(CAPTIONS, cfg)
+    assert a.backend.get_vocab() == b.backend.get_vocab()
+    assert torch.equal(a.encode(CAPTIONS).ids, b.encode(CAPTIONS).ids)
+
+
+# -- save / load --------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tok: TextTokenizer, tmp_path: Path) -> None:
+    tok.save_pretrained(tmp_path / "tok")
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json"} <= {
+        p.name for p in (tmp_path / "tok").iterdir()
+    }
+    back = TextTokenizer.from_pretrained(tmp_path / "tok")
+    texts = CAPTIONS[:5] + ["Ünïcödé 中文 😀", ""]
+    assert torch.equal(back.encode(texts).ids, tok.encode(texts).ids)
+    assert (back.vocab_size, back.text_len, back.pad_id) == (tok.vocab_size, 16, tok.pad_id)
+    longer = TextTokenizer.from_pretrained(tmp_path / "tok", text_len=40)
+    assert longer.encode("a red circle").ids.shape == (1, 40)
+    with pytest.raises(ValueError, match="text_len"):
+        TextTokenizer.from_pretrained(tmp_path / "tok", text_len=1)
+
+
+def test_normalization_settings_survive_save(tmp_path: Path) -> None:
+    cfg = TokenizerConfig(vocab_size=300, min_frequency=1, lowercase=False, normalization="none")
+    tok = train_tokenizer(CAPTIONS, cfg)
+    tok.save_pretrained(tmp_path / "cased")
+    back = TextTokenizer.from_pretrained(tmp_path / "cased")
+    assert back.cfg.lowercase is False and back.cfg.normalization == "none"
+    assert back.decode(back.encode("A Red ＣＩＲＣＬＥ").ids) == ["A Red ＣＩＲＣＬＥ"]
+
+
+def test_load_refuses_other_component(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"component": "vq", "config": {}}))
+    with pytest.raises(ValueError, match="expected 'text_tokenizer'"):
+        TextTokenizer.from_pretrained(tmp_path)
+
+
+def test_config_validation() -> None:
+    for bad, key in (({"vocab_size": 100}, "vocab_size"), ({"text_len": 1}, "text_len")):
+        with pytest.raises(ConfigError, match=key):
+            TokenizerConfig(**bad).validate()
+    with pytest.raises(ConfigError, match="min_frequency"):
+        train_tokenizer(CAPTIONS, TokenizerConfig(min_frequency=0))
+
+
+# -- recipe -------------------------------------------------------------------------------------
+
+
+def test_recipe_config_from_file_and_overrides() -> None:
+    from dalle_ar.train.tokenizer import TokenizerRecipeConfig
+
+    cfg = load_config(TokenizerRecipeConfig, TINY, ["data.train=x.tar", "tokenizer.text_len=24"])
+    assert cfg.tokenizer.text_len == 24 and cfg.tokenizer.vocab_size == 300
+    assert cfg.data.train == "x.tar" and cfg.run.wandb == "disabled"
+    with pytest.raises(ConfigError, match="'tokenizer.normalization'"):
+        load_config(
+            TokenizerRecipeConfig, TINY, ["data.train=x.tar", "tokenizer.normalization=nfd"]
+        )
+    with pytest.raises(ConfigError, match="'data.train'"):
+        load_config(TokenizerRecipeConfig, TINY)
+
+
+def _write_shard(path: Path, captions: list[str]) -> None:
+    from PIL import Image
+
+    with tarfile.open(path, "w") as tar:
+        for i, cap in enumerate(captions):
+            key = f"{i:06d}"
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8), (i * 7 % 256, 0, 0)).save(buf, format="PNG")
+            meta = json.dumps({"caption": cap, "key": key}).encode()
+            for name, data in (("png", buf.getvalue()), ("txt", cap.encode()), ("json", meta)):
+                info = tarfile.TarInfo(f"{key}.{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_recipe_end_to_end(tmp_path: Path) -> None:
+    pytest.importorskip("dalle_ar.data.shards", reason="data stage (iter_captions) not present")
+    from dalle_ar.cli import main
+
+    captions = CAPTIONS + ["😀 emoji", "中文 caption " * 8]
+    _write_shard(tmp_path / "shard-000000.tar", captions)
+    out = tmp_path / "run"
+    args = ["train", "tokenizer", "--config", str(TINY)]
+    code = main(args + [f"data.train={tmp_path / 'shard-000000.tar'}", f"run.out_dir={out}"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    tok = TextTokenizer.from_pretrained(out / "tokenizer")
+    from dalle_ar.data.shards import iter_captions
+
+    read = list(iter_captions(str(tmp_path / "shard-000000.tar")))
+    assert len(read) == len(captions)
+    lengths = tok.tokenize_lengths(read)
+    assert metrics["captions"] == len(captions)
+    assert metrics["vocab_size"] == tok.vocab_size and metrics["text_len"] == 16
+    assert metrics["mean_ids_per_caption"] == pytest.approx(sum(lengths) / len(lengths))
+    assert metrics["max_ids_per_caption"] == max(lengths)
+    assert metrics["truncated"] == sum(n > 14 for n in lengths) >= 1
+    assert (out / "config.yaml").is_file()
+    assert tok.decode(tok.encode(captions[:3]).ids) == captions[:3]
+
+
+def test_recipe_bad_config_fails_before_work(tmp_path: Path) -> None:
+    from dalle_ar.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="'tokenizer.vocab_size'"):
+        main(["train", "tokenizer", "--config", str(TINY), "data.train=x.tar",
+              f"run.out_dir={out}", "tokenizer.vocab_size=10"])  # fmt: skip
+    assert not out.exists()
