@@ -205,7 +205,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return key.split("."), ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. a brace glob "{000..009}.tar"): the plain string
+    return key.split("."), value
 
 
 def _set(tree: dict, path: list[str], value: Any) -> None:
