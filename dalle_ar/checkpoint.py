@@ -66,7 +66,7 @@ def write_component(model: torch.nn.Module, config: Any, folder: Path, component
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share memory; tied weights are saved as copies and
-    # re-tied by the model's own constructor on load.
+    # re-tied on load (`load_pretrained` ties what the model's constructor tied).
     seen: dict[int, str] = {}
     out = {}
     for k, v in state.items():
@@ -128,12 +128,29 @@ def load_pretrained(
         raise FileNotFoundError(f"{path}: model.safetensors is missing")
     with torch.device("meta"):
         model = build(cfg)
+    tied = _tied_names(model)
     load_state_strict(model, load_file(str(weights)), str(path))
+    # `assign=True` gives every name its own tensor; tie the shared parameters again.
+    for name, first in tied:
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, model.get_parameter(first))
     # Buffers that are not saved (persistent=False) are still on meta: rebuild them for real.
     reset = getattr(model, "init_non_persistent_buffers", None)
     if reset is not None:
         reset()
     return model.eval()
+
+
+def _tied_names(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(name, first name) for every parameter that is the same object as an earlier one."""
+    first: dict[int, str] = {}
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,6 +162,8 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "numpy": torch.from_numpy(np.frombuffer(_np_state_bytes(), dtype=np.uint8).copy()),
         "python": torch.tensor(list(_py_state_ints()), dtype=torch.int64),
+        # random.gauss caches the second value of each pair; NaN when none is cached.
+        "python_gauss": torch.tensor(_py_gauss(), dtype=torch.float64),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -170,13 +189,19 @@ def _py_state_ints() -> list[int]:
     return [version, *internal, -1 if gauss is None else 1]
 
 
+def _py_gauss() -> float:
+    gauss = random.getstate()[2]
+    return float("nan") if gauss is None else gauss
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np_state = json.loads(bytes(state["numpy"].tolist()).decode())
     np_state[1] = np.array(np_state[1]["__nd__"], dtype=np_state[1]["dtype"])
     np.random.set_state(tuple(np_state))
     ints = state["python"].tolist()
-    random.setstate((ints[0], tuple(ints[1:-1]), None))
+    gauss = float(state["python_gauss"]) if "python_gauss" in state else float("nan")
+    random.setstate((ints[0], tuple(ints[1:-1]), None if gauss != gauss else gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
