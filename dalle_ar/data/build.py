@@ -1,0 +1,218 @@
+"""`dalle-ar data shapes|emoji|folder --out DIR`: write train and eval webdataset shards.
+
+Output: DIR/train-000000.tar ..., DIR/eval-000000.tar ..., and DIR/info.json with the counts,
+the shard URLs (brace globs usable as data.train / data.eval) and how the set was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from dalle_ar.data import shapes
+from dalle_ar.data.shards import BadDataReport, write_shards
+
+log = logging.getLogger(__name__)
+
+FOLDER_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def shard_glob(out: Path, prefix: str, count: int, shard_size: int) -> str:
+    """Brace glob naming every shard of a split, e.g. DIR/train-{000000..000009}.tar."""
+    n = -(-count // shard_size)
+    if n == 0:
+        return ""
+    if n == 1:
+        return str(out / f"{prefix}-000000.tar")
+    return str(out / f"{prefix}-{{000000..{n - 1:06d}}}.tar")
+
+
+def _progress(it: Iterator, total: int, desc: str) -> Iterator:
+    return tqdm(it, total=total, desc=desc, unit="img", mininterval=2.0, leave=False)
+
+
+def build_shapes(
+    out: Path, num_train: int, num_eval: int, seed: int, size: int, shard_size: int
+) -> dict[str, Any]:
+    counts = {}
+    for split, n in (("train", num_train), ("eval", num_eval)):
+        samples = (
+            (f"{i:09d}", img, cap, spec)
+            for i, (img, cap, spec) in enumerate(shapes.generate(n, seed, split, size))
+        )
+        counts[split] = write_shards(_progress(samples, n, split), out, split, shard_size)
+    return {
+        "counts": counts,
+        "held_out_combos": [list(c) for c in shapes.HELD_OUT_COMBOS],
+        "colors": list(shapes.COLORS),
+        "shapes": list(shapes.SHAPES),
+    }
+
+
+def build_emoji(out: Path, size: int | None, shard_size: int) -> dict[str, Any]:
+    from dalle_ar.data import emoji
+
+    pairs = emoji.load_pairs()
+    counts = {}
+    for split in ("train", "eval"):
+        chosen = [p for p in pairs if emoji.split_of(p.base_key) == split]
+        samples = (
+            (f"{i:09d}", emoji.load_image(p, size), p.caption, p.meta())
+            for i, p in enumerate(chosen)
+        )
+        counts[split] = write_shards(_progress(samples, len(chosen), split), out, split, shard_size)
+    return {"counts": counts, "eval_fraction": emoji.EVAL_FRACTION, "credit": emoji.CREDIT}
+
+
+def _fraction_of(text: str, seed: int) -> float:
+    """A stable number in [0, 1) for a string: the split does not move when files are added."""
+    h = hashlib.sha256(f"{seed}:{text}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+def _folder_record(path: Path, size: int | None) -> tuple[Any, str]:
+    """(image bytes or resized PIL image, extension); raises on an unreadable image."""
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if size is None:
+            return data, path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+        scale = size / min(img.size)
+        if scale < 1:
+            w, h = round(img.size[0] * scale), round(img.size[1] * scale)
+            img = img.resize((max(size, w), max(size, h)), Image.Resampling.LANCZOS)
+        return img.copy(), "png"
+
+
+def build_folder(
+    src: Path, out: Path, eval_fraction: float, seed: int, size: int | None, shard_size: int
+) -> dict[str, Any]:
+    if not src.is_dir():
+        raise ValueError(f"expected a directory of images with .txt captions, got {src}")
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in FOLDER_IMAGE_EXTS)
+    if not files:
+        raise ValueError(
+            f"expected images ({', '.join(FOLDER_IMAGE_EXTS)}) under {src}, found none"
+        )
+    report = BadDataReport()
+    splits: dict[str, list[Path]] = {"train": [], "eval": []}
+    for p in files:
+        rel = p.relative_to(src).as_posix()
+        splits["eval" if _fraction_of(rel, seed) < eval_fraction else "train"].append(p)
+
+    def records(paths: list[Path]) -> Iterator[dict[str, Any]]:
+        for i, p in enumerate(paths):
+            rel, key = p.relative_to(src).as_posix(), f"{i:09d}"
+            txt = p.with_suffix(".txt")
+            try:
+                cap = txt.read_bytes().decode("utf-8").strip() if txt.is_file() else ""
+            except UnicodeDecodeError:
+                report.add("bad_caption_encoding", rel)
+                continue
+            if not cap:
+                report.add("missing_caption" if not txt.is_file() else "empty_caption", rel)
+                continue
+            try:
+                image, ext = _folder_record(p, size)
+            except Exception:  # PIL raises many types for corrupt files
+                report.add("bad_image", rel)
+                continue
+            yield {"__key__": key, ext: image, "txt": cap, "json": {"source": rel}}
+
+    from dalle_ar.data.shards import write_samples
+
+    counts = {
+        split: write_samples(_progress(records(paths), len(paths), split), out, split, shard_size)
+        for split, paths in splits.items()
+    }
+    report.log_if_any(f"data folder {src}")
+    return {
+        "counts": counts,
+        "eval_fraction": eval_fraction,
+        "source": str(src),
+        "skipped": report.to_dict(),
+    }
+
+
+def _parser(kind: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"dalle-ar data {kind}", description=__doc__.split("\n")[0])
+    if kind == "folder":
+        p.add_argument("src", type=Path, help="folder of images with same-stem .txt captions")
+        p.add_argument("--eval-fraction", type=float, default=0.05, help="share held out")
+    p.add_argument("--out", type=Path, required=True, help="output folder for the shards")
+    if kind == "shapes":
+        p.add_argument("--num-train", type=int, default=50_000, help="training images")
+        p.add_argument("--num-eval", type=int, default=2_000, help="evaluation images")
+    p.add_argument("--seed", type=int, default=0, help="random seed (shapes, folder split)")
+    default_size = 32 if kind == "shapes" else None
+    p.add_argument(
+        "--size",
+        type=int,
+        default=default_size,
+        help="image side in pixels (shapes: render size; others: shorter side, "
+        "only downscaled; default: keep the source size)",
+    )
+    p.add_argument("--shard-size", type=int, default=5_000, help="records per tar shard")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("shapes", "emoji", "folder"):
+        print("usage: dalle-ar data shapes|emoji|folder --out DIR [options]")
+        return 2
+    kind = argv[0]
+    args = _parser(kind).parse_args(argv[1:])
+    if args.shard_size < 1 or (args.size is not None and args.size < 8):
+        print(
+            f"error: expected --shard-size >= 1 and --size >= 8, got {args.shard_size}, {args.size}"
+        )
+        return 2
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stale = sorted(out.glob("train-*.tar")) + sorted(out.glob("eval-*.tar"))
+    if stale:  # a smaller rebuild must not leave old shards that a directory URL would read
+        log.info("removing %d old shards from %s", len(stale), out)
+        for p in stale:
+            p.unlink()
+    start = time.perf_counter()
+    try:
+        if kind == "shapes":
+            if min(args.num_train, args.num_eval) < 0:
+                raise ValueError("--num-train and --num-eval must be >= 0")
+            info = build_shapes(
+                out, args.num_train, args.num_eval, args.seed, args.size, args.shard_size
+            )
+        elif kind == "emoji":
+            info = build_emoji(out, args.size, args.shard_size)
+        else:
+            if not 0 <= args.eval_fraction < 1:
+                raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+            info = build_folder(
+                args.src, out, args.eval_fraction, args.seed, args.size, args.shard_size
+            )
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    info = {
+        "kind": kind,
+        "seed": args.seed,
+        "size": args.size,
+        "shard_size": args.shard_size,
+        "train": shard_glob(out, "train", info["counts"]["train"], args.shard_size),
+        "eval": shard_glob(out, "eval", info["counts"]["eval"], args.shard_size),
+        **info,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps({k: info[k] for k in ("kind", "counts", "train", "eval", "seconds")}))
+    return 0

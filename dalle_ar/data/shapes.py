@@ -1,0 +1,252 @@
+"""Procedural shapes: small RGB scenes of one or two objects, a paraphrased caption and the exact
+attribute spec of each image.
+
+A scene places objects on a 3x3 grid of cells. Objects are flat, saturated palette colours on a
+white background and never overlap (a large object fits inside its cell with a gap to the next),
+so `dalle_ar.data.evaluate` can read every attribute back from the pixels. Colour-shape pairs in
+`HELD_OUT_COMBOS` never appear in the training split; the evaluation split mixes seen scenes and
+scenes with a held-out pair, and each spec says which.
+
+Spec (JSON-able):
+    {"objects": [{"color", "shape", "size", "row", "col", "held_out"}, ...],
+     "relation": None | "left of" | "right of" | "above" | "below",  # objects[0] REL objects[1]
+     "held_out": bool, "split": "train" | "eval"}
+
+Random sources: any `rng` with `.random()` (random.Random or numpy.random.Generator).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 20, 30),
+    "orange": (250, 135, 0),
+    "yellow": (245, 215, 0),
+    "green": (20, 160, 40),
+    "cyan": (0, 190, 215),
+    "blue": (30, 50, 220),
+    "purple": (135, 30, 185),
+    "pink": (250, 105, 190),
+}
+BACKGROUND_RGB = (255, 255, 255)
+SHAPES = ("square", "circle", "triangle", "diamond")
+SIZES = ("small", "large")
+RELATIONS = ("left of", "right of", "above", "below")
+# Object side in pixels on a 32-pixel canvas; scaled for other sizes. A large object (10) fits
+# inside a cell (32/3) with at least one pixel of gap to its neighbour.
+SIZE_PX_32 = {"small": 7, "large": 10}
+# Never in training; every other colour-shape pair is "seen". One per colour, two per shape.
+HELD_OUT_COMBOS: tuple[tuple[str, str], ...] = (
+    ("red", "triangle"),
+    ("orange", "circle"),
+    ("yellow", "square"),
+    ("green", "diamond"),
+    ("cyan", "triangle"),
+    ("blue", "circle"),
+    ("purple", "square"),
+    ("pink", "diamond"),
+)
+_HELD = frozenset(HELD_OUT_COMBOS)
+SEEN_COMBOS = tuple((c, s) for c in COLORS for s in SHAPES if (c, s) not in _HELD)
+TWO_OBJECT_PROB = 0.5  # share of scenes with two objects and a relation
+EVAL_HELD_OUT_PROB = 0.5  # share of eval scenes that contain a held-out pair
+
+Split = Literal["train", "eval"]
+
+
+def _choice(rng: Any, seq: Sequence) -> Any:
+    return seq[int(rng.random() * len(seq))]
+
+
+def is_held_out(color: str, shape: str) -> bool:
+    return (color, shape) in _HELD
+
+
+def _cells_for(relation: str | None, rng: Any) -> list[tuple[int, int]]:
+    """Grid cells (row, col) for the objects; for a relation, obj0 REL obj1 holds strictly."""
+    cells = [(r, c) for r in range(3) for c in range(3)]
+    a = _choice(rng, cells)
+    if relation is None:
+        return [a]
+    ok = {
+        "left of": lambda p, q: p[1] < q[1],
+        "right of": lambda p, q: p[1] > q[1],
+        "above": lambda p, q: p[0] < q[0],
+        "below": lambda p, q: p[0] > q[0],
+    }[relation]
+    pairs = [(p, q) for p in cells for q in cells if ok(p, q)]
+    return list(_choice(rng, pairs))
+
+
+def sample_spec(rng: Any, split: Split = "train") -> dict[str, Any]:
+    """One random scene spec for `split` ("train" never contains a held-out pair)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    relation = _choice(rng, RELATIONS) if rng.random() < TWO_OBJECT_PROB else None
+    cells = _cells_for(relation, rng)
+    combos = [_choice(rng, SEEN_COMBOS) for _ in cells]
+    if split == "eval" and rng.random() < EVAL_HELD_OUT_PROB:
+        combos[int(rng.random() * len(combos))] = _choice(rng, HELD_OUT_COMBOS)
+    objects = [
+        {
+            "color": color,
+            "shape": shape,
+            "size": _choice(rng, SIZES),
+            "row": row,
+            "col": col,
+            "held_out": is_held_out(color, shape),
+        }
+        for (color, shape), (row, col) in zip(combos, cells)
+    ]
+    return {
+        "objects": objects,
+        "relation": relation,
+        "held_out": any(o["held_out"] for o in objects),
+        "split": split,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering.
+
+
+def object_px(size_name: str, canvas: int) -> int:
+    return max(3, round(SIZE_PX_32[size_name] * canvas / 32))
+
+
+@functools.lru_cache(maxsize=256)
+def shape_mask(shape: str, d: int) -> np.ndarray:
+    """Boolean (d, d) mask of a shape, evaluated at pixel centres (symmetric by construction)."""
+    t = (np.arange(d) + 0.5) / d * 2 - 1  # pixel centres in [-1, 1]
+    y, x = np.meshgrid(t, t, indexing="ij")
+    if shape == "square":
+        m = np.ones((d, d), bool)
+    elif shape == "circle":
+        m = x * x + y * y <= 1.0
+    elif shape == "diamond":
+        m = np.abs(x) + np.abs(y) <= 1.0
+    elif shape == "triangle":  # apex at the top centre, base along the bottom row
+        m = np.abs(x) <= (y + 1) / 2 + 1.0 / d
+    else:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    m.flags.writeable = False
+    return m
+
+
+def cell_box(row: int, col: int, d: int, canvas: int) -> tuple[int, int]:
+    """Top-left pixel of a d x d object centred in grid cell (row, col)."""
+    cy, cx = (2 * row + 1) * canvas / 6, (2 * col + 1) * canvas / 6
+    return int(np.floor(cy - d / 2 + 0.5)), int(np.floor(cx - d / 2 + 0.5))
+
+
+def render(spec: dict[str, Any], size: int = 32) -> np.ndarray:
+    """The scene as uint8 (size, size, 3)."""
+    if size < 12:
+        raise ValueError(f"size must be >= 12 pixels, got {size}")
+    img = np.empty((size, size, 3), np.uint8)
+    img[...] = BACKGROUND_RGB
+    for o in spec["objects"]:
+        if o["color"] not in COLORS:
+            raise ValueError(f"color must be one of {tuple(COLORS)}, got {o['color']!r}")
+        d = object_px(o["size"], size)
+        y0, x0 = cell_box(o["row"], o["col"], d, size)
+        img[y0 : y0 + d, x0 : x0 + d][shape_mask(o["shape"], d)] = COLORS[o["color"]]
+    return img
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions: several paraphrases per scene, so the model must read rather than match strings.
+
+_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("big", "large")}
+_ROW_WORDS = (("top", "upper"), ("middle", "center"), ("bottom", "lower"))
+_COL_WORDS = (("left",), ("middle", "center"), ("right",))
+_REL_WORDS = {
+    "left of": ("to the left of", "left of", "on the left of"),
+    "right of": ("to the right of", "right of", "on the right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
+_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _position(row: int, col: int, rng: Any) -> str:
+    if (row, col) == (1, 1):
+        return _choice(rng, ("center", "middle", "centre"))
+    if row == 1:
+        return _choice(rng, (f"{_COL_WORDS[col][0]}", f"middle {_COL_WORDS[col][0]}"))
+    r = _choice(rng, _ROW_WORDS[row])
+    if col == 1:
+        return _choice(rng, (r, f"{r} middle"))
+    c = _COL_WORDS[col][0]
+    return _choice(rng, (f"{r} {c}", f"{r}-{c}"))
+
+
+def _phrase(o: dict[str, Any], rng: Any) -> str:
+    size = _choice(rng, _SIZE_WORDS[o["size"]])
+    if rng.random() < 0.25:
+        return f"a {o['color']} {o['shape']}, {size},"
+    return f"a {size} {o['color']} {o['shape']}"
+
+
+def caption(spec: dict[str, Any], rng: Any) -> str:
+    """A caption for `spec`, picked from several templates and word choices with `rng`."""
+    objs = spec["objects"]
+    if spec.get("relation") is None:
+        o = objs[0]
+        pos = _position(o["row"], o["col"], rng)
+        size = _choice(rng, _SIZE_WORDS[o["size"]])
+        what = f"{size} {o['color']} {o['shape']}"
+        corner = "corner" if o["row"] != 1 and o["col"] != 1 else "part"
+        templates = (
+            f"a {what} at the {pos}",
+            f"{pos}: a {what}",
+            f"a {o['color']} {o['shape']}, {size}, in the {pos} {corner}",
+            f"there is a {what} in the {pos}",
+            f"{what}, {pos}",
+        )
+        return _choice(rng, templates).replace(",,", ",")
+    rel = spec["relation"]
+    if rng.random() < 0.5:
+        a, b = _phrase(objs[0], rng), _phrase(objs[1], rng)
+    else:  # mention the second object first and invert the relation
+        a, b, rel = _phrase(objs[1], rng), _phrase(objs[0], rng), _INVERSE[rel]
+    rel_w = _choice(rng, _REL_WORDS[rel])
+    templates = (f"{a} {rel_w} {b}", f"{a} is {rel_w} {b}", f"{a} placed {rel_w} {b}")
+    text = _choice(rng, templates)
+    return text.replace(",, ", ", ").rstrip(",")
+
+
+# ----------------------------------------------------------------------------------------------
+# Streams.
+
+
+def generate(
+    n: int, seed: int, split: Split = "train", size: int = 32
+) -> Iterator[tuple[np.ndarray, str, dict[str, Any]]]:
+    """`n` (image uint8 (size,size,3), caption, spec) triples; deterministic in seed and split."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"shapes-{split}-{seed}")
+    for _ in range(n):
+        spec = sample_spec(rng, split)
+        yield render(spec, size), caption(spec, rng), spec
+
+
+def prompts_for_eval(
+    n: int, seed: int = 0, held_out: bool | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """`n` evaluation-split (caption, spec) pairs for fidelity checks of generated images.
+    held_out=True/False keeps only scenes with/without a held-out pair; None keeps both."""
+    rng = random.Random(f"shapes-prompts-{seed}")
+    out: list[tuple[str, dict[str, Any]]] = []
+    while len(out) < n:
+        spec = sample_spec(rng, "eval")
+        if held_out is None or spec["held_out"] == held_out:
+            out.append((caption(spec, rng), spec))
+    return out

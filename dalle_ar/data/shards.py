@@ -1,0 +1,524 @@
+"""Webdataset tar shards in the img2dataset layout (`KEY.png|jpg`, `KEY.txt`, `KEY.json`).
+
+Writing: `write_samples` (generic webdataset dicts) and `write_shards` (image, caption, meta).
+Reading: `make_loader` (batches for training and evaluation), `iter_captions` (captions only).
+
+Every reader skips bad records (a corrupt or truncated image, a missing, empty or non-UTF-8
+caption, a truncated or unreadable tar) and counts them in a `BadDataReport`, which is logged once
+at the end of each pass. DataLoader workers cannot share memory, so each worker sends its counts
+through the batch stream as a marker item after each of its passes; the loader merges them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import logging
+import os
+import random
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from dalle_ar.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+# Transparent pixels are composited on this neutral grey (emoji and any RGBA input).
+BACKGROUND = (128, 128, 128)
+_REPORT = "__report__"
+
+
+@dataclasses.dataclass
+class BadDataReport:
+    """Skipped records: how many per reason and which keys (shard URLs for shard-level errors)."""
+
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    keys: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def add(self, reason: str, key: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.keys.setdefault(reason, []).append(key)
+
+    def merge(self, other: BadDataReport | dict) -> None:
+        other = other if isinstance(other, BadDataReport) else BadDataReport.from_dict(other)
+        for reason, keys in other.keys.items():
+            self.counts[reason] = self.counts.get(reason, 0) + other.counts[reason]
+            self.keys.setdefault(reason, []).extend(keys)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "keys": {k: list(v) for k, v in self.keys.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BadDataReport:
+        return cls(dict(d.get("counts", {})), {k: list(v) for k, v in d.get("keys", {}).items()})
+
+    def summary(self, max_keys: int = 20) -> str:
+        parts = []
+        for reason in sorted(self.counts):
+            keys = self.keys[reason]
+            more = f" (+{len(keys) - max_keys} more)" if len(keys) > max_keys else ""
+            parts.append(f"{reason}: {self.counts[reason]} [{', '.join(keys[:max_keys])}{more}]")
+        return f"{self.total} bad records skipped; " + "; ".join(parts)
+
+    def log_if_any(self, where: str) -> None:
+        if self.total:
+            log.warning("%s: %s", where, self.summary())
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _encode(ext: str, value: Any) -> bytes:
+    """Bytes for one tar member, by extension: images are encoded, text and JSON serialised."""
+    if isinstance(value, bytes):
+        return value
+    base = ext.rsplit(".", 1)[-1].lower()
+    if base in IMAGE_EXTS:
+        img = Image.fromarray(value) if isinstance(value, np.ndarray) else value
+        buf = io.BytesIO()
+        fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[base]
+        img.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        return buf.getvalue()
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if base == "json" or isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    if isinstance(value, np.ndarray) and base == "npy":
+        buf = io.BytesIO()
+        np.save(buf, value, allow_pickle=False)
+        return buf.getvalue()
+    raise ValueError(f"cannot encode a {type(value).__name__} as .{ext}; pass bytes instead")
+
+
+def write_samples(
+    records: Iterable[dict[str, Any]], out_dir: str | Path, prefix: str, shard_size: int
+) -> int:
+    """Write webdataset dicts (`{"__key__": k, "png": ..., "txt": ..., "codes.npy": b"..."}`) to
+    `out_dir/prefix-000000.tar`, ... with `shard_size` records each; returns the record count.
+
+    Each shard is written to a temporary name and renamed, so a killed writer leaves no
+    half-written shard. Member mtimes are fixed, so equal input gives byte-identical shards."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n, shard, tar, tmp = 0, 0, None, None
+
+    def close() -> None:
+        if tar is not None:
+            tar.close()
+            tmp.replace(tmp.with_suffix(""))
+
+    try:
+        for rec in records:
+            key = rec.get("__key__")
+            if not isinstance(key, str) or not key or "." in os.path.basename(key):
+                raise ValueError(f"each record needs a '__key__' string without dots, got {key!r}")
+            if n % shard_size == 0:
+                close()
+                tmp = out / f"{prefix}-{shard:06d}.tar.tmp"
+                tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
+                shard += 1
+            for ext, value in rec.items():
+                if ext.startswith("__"):
+                    continue
+                data = _encode(ext, value)
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+            n += 1
+        close()
+        tar = None
+    finally:
+        if tar is not None:  # an exception mid-shard: drop the partial file
+            tar.close()
+            tmp.unlink(missing_ok=True)
+    return n
+
+
+def write_shards(
+    samples: Iterable[tuple[str, Any, str, dict]],
+    out_dir: str | Path,
+    prefix: str,
+    shard_size: int,
+    image_format: Literal["png", "jpg"] = "png",
+) -> int:
+    """Write (key, image as PIL or uint8 HxWx3 array, caption, meta) tuples; returns the count."""
+    records = (
+        {"__key__": key, image_format: image, "txt": caption, "json": meta}
+        for key, image, caption, meta in samples
+    )
+    return write_samples(records, out_dir, prefix, shard_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading.
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """A directory -> its *.tar files sorted; brace ranges and `::`-separated lists expanded;
+    local globs (`*`, `?`) resolved; `pipe:` and remote URLs kept as they are."""
+    items = urls if isinstance(urls, list) else [urls]
+    out: list[str] = []
+    for item in items:
+        for url in wds.shardlists.expand_urls(item) if item else []:
+            if url.startswith("pipe:") or re.match(r"^[a-z0-9]+://", url):
+                out.append(url)
+            elif os.path.isdir(url):
+                out.extend(sorted(str(p) for p in Path(url).glob("*.tar")))
+            elif any(c in url for c in "*?["):
+                out.extend(sorted(glob.glob(url)))
+            else:
+                out.append(url)
+    return out
+
+
+def _local_missing(urls: list[str]) -> list[str]:
+    return [
+        u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)
+    ]
+
+
+def _raw_samples(url: str, report: BadDataReport) -> Iterator[dict[str, Any]]:
+    """Group one shard's members by key. A tar error (truncated, unreadable) is reported with the
+    key of the record it cut off (or the shard URL when nothing was read); that record is dropped
+    because it may be incomplete."""
+    errors: list[Exception] = []
+
+    def handler(exn: Exception) -> bool:  # webdataset's hook for tar-level errors
+        errors.append(exn)
+        return True
+
+    streams = wds.tariterators.url_opener([{"url": url}], handler=handler)
+    files = wds.tariterators.tar_file_expander(streams, handler=handler, eof_value=None)
+    current: dict[str, Any] | None = None
+    for f in files:
+        key, ext = wds.tariterators.base_plus_ext(f["fname"])
+        if key is None:
+            continue
+        if current is not None and current["__key__"] != key:
+            yield current
+            current = None
+        if current is None:
+            current = {"__key__": key, "__url__": url}
+        current[ext.lower()] = f["data"]
+    if errors:
+        log.debug("tar error in %s: %s", url, errors[0])
+        if current is None:
+            report.add("unreadable_shard", url)
+        else:
+            report.add("truncated_shard", f"{url}:{current['__key__']}")
+    elif current is not None:
+        yield current
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, BACKGROUND + (255,))
+        return Image.alpha_composite(bg, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_crop(img: Image.Image, size: int, rng: random.Random | None = None) -> np.ndarray:
+    """Resize the shorter side to `size`, then crop `size`x`size` (centre, or random with rng)."""
+    w, h = img.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        w, h = nw, nh
+        if rng is None:
+            x0, y0 = (w - size) // 2, (h - size) // 2
+        else:
+            x0, y0 = rng.randint(0, w - size), rng.randint(0, h - size)
+        img = img.crop((x0, y0, x0 + size, y0 + size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def read_caption(sample: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, reason) for a raw sample's `txt` member."""
+    raw = sample.get("txt")
+    if raw is None:
+        return None, "missing_caption"
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, "bad_caption_encoding"
+    return (text, None) if text else (None, "empty_caption")
+
+
+def decode_sample(
+    sample: dict[str, Any], size: int, rng: random.Random | None = None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Raw tar sample -> ({"image": uint8 (S,S,3), "caption", "meta", "key"}, None) or
+    (None, reason) when the record must be skipped."""
+    caption, reason = read_caption(sample)
+    if reason:
+        return None, reason
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return None, "missing_image"
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as img:
+            image = resize_crop(_to_rgb(img), size, rng)
+    except Exception:  # PIL raises many types for corrupt or truncated files
+        return None, "bad_image"
+    meta: dict[str, Any] = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None, "bad_meta"
+    return {"image": image, "caption": caption, "meta": meta, "key": sample["__key__"]}, None
+
+
+def iter_captions(urls: str | list[str], report: BadDataReport | None = None) -> Iterator[str]:
+    """One pass over every caption (images are not decoded); bad captions are skipped, counted in
+    `report` and logged once at the end."""
+    report = BadDataReport() if report is None else report
+    for url in expand_urls(urls):
+        for sample in _raw_samples(url, report):
+            caption, reason = read_caption(sample)
+            if reason:
+                report.add(reason, sample["__key__"])
+            else:
+                yield caption
+    report.log_if_any("iter_captions")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader.
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    images = torch.from_numpy(np.stack([it["image"] for it in items]))  # (B, S, S, 3) uint8
+    return {
+        "image": images.permute(0, 3, 1, 2).float().div_(255.0),  # (B, 3, S, S)
+        "caption": [it["caption"] for it in items],
+        "meta": [it["meta"] for it in items],
+        "key": [it["key"] for it in items],
+    }
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """Batches for one process (or one DataLoader worker) plus a report marker after each pass.
+
+    Shards are split across ranks x workers; with fewer shards than slots every slot reads every
+    shard and keeps every n-th record instead, so no slot ever sits idle or repeats another."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        size: int,
+        batch: int,
+        train: bool,
+        buffer: int,
+        seed: int,
+        random_crop: bool,
+        epochs: int | None,
+    ) -> None:
+        super().__init__()
+        self.urls, self.size, self.batch, self.train = urls, size, batch, train
+        self.buffer, self.seed, self.random_crop, self.epochs = buffer, seed, random_crop, epochs
+        self.start_epoch = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world = _rank_world()
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, slots = rank * workers + worker, world * workers
+        epochs = (self.epochs if self.epochs is not None else None) if self.train else 1
+        pending: list[dict[str, Any]] = []
+        epoch = self.start_epoch
+        while epochs is None or epoch < self.start_epoch + epochs:
+            report = BadDataReport()
+            rng = random.Random(f"{self.seed}-{epoch}-{slot}")
+            for item in self._records(epoch, slot, slots, report, rng):
+                pending.append(item)
+                if len(pending) == self.batch:
+                    yield _collate(pending)
+                    pending = []
+            if not self.train and pending:  # evaluation keeps the last partial batch
+                yield _collate(pending)
+                pending = []
+            yield {_REPORT: report.to_dict(), "epoch": epoch, "slot": slot}
+            epoch += 1
+
+    def _records(
+        self, epoch: int, slot: int, slots: int, report: BadDataReport, rng: random.Random
+    ) -> Iterator[dict[str, Any]]:
+        urls = list(self.urls)
+        if self.train:  # the same order in every slot (seeded by epoch only) before splitting
+            random.Random(f"{self.seed}-{epoch}").shuffle(urls)
+        by_shard = len(urls) >= slots
+        mine = urls[slot::slots] if by_shard else urls
+        crop_rng = rng if (self.train and self.random_crop) else None
+        buf: list[dict[str, Any]] = []
+        index = 0
+        for url in mine:
+            shard_report = BadDataReport()
+            for sample in _raw_samples(url, shard_report):
+                index += 1
+                if not by_shard and (index - 1) % slots != slot:
+                    continue
+                item, reason = decode_sample(sample, self.size, crop_rng)
+                if reason:
+                    report.add(reason, sample["__key__"])
+                    continue
+                if not self.train or self.buffer <= 1:
+                    yield item
+                    continue
+                if len(buf) < self.buffer:
+                    buf.append(item)
+                    continue
+                j = rng.randrange(len(buf))
+                buf[j], item = item, buf[j]
+                yield item
+            # shard-level errors are counted once, by the slot that owns the shard
+            if by_shard or urls.index(url) % slots == slot:
+                report.merge(shard_report)
+        rng.shuffle(buf)
+        yield from buf
+
+
+class Loader:
+    """Iterable of batches {"image": (B,3,S,S) float in [0,1], "caption", "meta", "key"}.
+
+    `report` accumulates the skipped records of every pass; each pass's report is logged once."""
+
+    def __init__(
+        self,
+        urls: str | list[str],
+        image_size: int,
+        batch_size: int,
+        *,
+        train: bool,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 0,
+        seed: int = 0,
+        random_crop: bool = False,
+        epochs: int | None = None,
+    ) -> None:
+        if image_size < 1 or batch_size < 1:
+            raise ValueError(
+                f"expected image_size, batch_size >= 1, got {image_size}, {batch_size}"
+            )
+        if num_workers < 0 or (epochs is not None and epochs < 1):
+            raise ValueError(
+                f"expected num_workers >= 0, epochs >= 1 or None, got {num_workers}, {epochs}"
+            )
+        self.urls = expand_urls(urls)
+        if not self.urls:
+            raise ValueError(f"expected shard files, found none at {urls!r}")
+        missing = _local_missing(self.urls)
+        if missing:
+            raise ValueError(f"expected existing shard files, missing: {', '.join(missing[:5])}")
+        self.num_workers, self.train = num_workers, train
+        self.dataset = _Batches(
+            self.urls, image_size, batch_size, train, shuffle_buffer, seed, random_crop, epochs
+        )
+        self.report = BadDataReport()
+        self._passes = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # a new iteration continues the epoch count, so a restarted train loader reshuffles
+        self.dataset.start_epoch = self._passes if self.train else 0
+        if self.num_workers == 0:
+            stream: Iterable[dict[str, Any]] = iter(self.dataset)
+        else:
+            stream = torch.utils.data.DataLoader(
+                self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity
+            )
+        _, world = _rank_world()
+        slots = max(1, self.num_workers)
+        per_epoch: dict[int, tuple[int, BadDataReport]] = {}
+        for item in stream:
+            if _REPORT not in item:
+                yield item
+                continue
+            epoch = int(item["epoch"])
+            seen, rep = per_epoch.get(epoch, (0, BadDataReport()))
+            rep.merge(item[_REPORT])
+            self.report.merge(item[_REPORT])
+            if seen + 1 == slots:
+                per_epoch.pop(epoch, None)
+                self._passes = max(self._passes, epoch + 1)
+                where = f"data pass {epoch}" + (f" (this rank of {world})" if world > 1 else "")
+                rep.log_if_any(where)
+            else:
+                per_epoch[epoch] = (seen + 1, rep)
+
+
+def make_loader(
+    urls: str,
+    image_size: int,
+    batch_size: int,
+    *,
+    train: bool,
+    shuffle_buffer: int = 1000,
+    num_workers: int = 0,
+    seed: int = 0,
+    random_crop: bool = False,
+    epochs: int | None = None,
+) -> Loader:
+    """Batches from webdataset shards. train=True: shuffled, repeats (forever when epochs is
+    None), full batches only. train=False: one deterministic pass, last partial batch kept."""
+    return Loader(
+        urls,
+        image_size,
+        batch_size,
+        train=train,
+        shuffle_buffer=shuffle_buffer,
+        num_workers=num_workers,
+        seed=seed,
+        random_crop=random_crop,
+        epochs=epochs,
+    )
+
+
+def loader_from_config(cfg: DataConfig, split: Literal["train", "eval"], seed: int = 0) -> Loader:
+    """The loader a recipe uses for `cfg.train` or `cfg.eval`."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    urls = cfg.train if split == "train" else cfg.eval
+    if not urls:
+        raise ValueError(f"data.{split} is empty: expected shard paths or URLs")
+    train = split == "train"
+    return make_loader(
+        urls,
+        cfg.image_size,
+        cfg.batch_size,
+        train=train,
+        shuffle_buffer=cfg.shuffle_buffer,
+        num_workers=cfg.num_workers,
+        seed=seed,
+        random_crop=cfg.random_crop and train,
+    )

@@ -1,0 +1,122 @@
+import json
+import random
+
+import numpy as np
+import pytest
+
+from dalle_ar.data import shapes
+
+
+def test_generate_is_deterministic_and_seed_dependent():
+    a = list(shapes.generate(20, seed=3, split="train"))
+    b = list(shapes.generate(20, seed=3, split="train"))
+    c = list(shapes.generate(20, seed=4, split="train"))
+    assert all(np.array_equal(x[0], y[0]) and x[1:] == y[1:] for x, y in zip(a, b))
+    assert [x[1] for x in a] != [x[1] for x in c]
+
+
+def test_image_dtype_shape_and_spec_is_jsonable():
+    for img, cap, spec in shapes.generate(10, seed=0, split="eval", size=48):
+        assert img.dtype == np.uint8 and img.shape == (48, 48, 3)
+        assert isinstance(cap, str) and cap
+        assert json.loads(json.dumps(spec)) == spec
+
+
+def test_attribute_space_meets_the_spec():
+    assert len(shapes.COLORS) >= 6 and len(shapes.SHAPES) >= 4 and len(shapes.SIZES) >= 2
+    assert len(shapes.HELD_OUT_COMBOS) >= 1
+    for color, shape in shapes.HELD_OUT_COMBOS:
+        assert color in shapes.COLORS and shape in shapes.SHAPES
+
+
+def test_train_split_never_contains_held_out_combos():
+    rng = random.Random(0)
+    for _ in range(2000):
+        spec = shapes.sample_spec(rng, "train")
+        assert not spec["held_out"]
+        assert all((o["color"], o["shape"]) not in shapes.HELD_OUT_COMBOS for o in spec["objects"])
+
+
+def test_eval_split_mixes_seen_and_held_out_scenes():
+    rng = random.Random(0)
+    specs = [shapes.sample_spec(rng, "eval") for _ in range(400)]
+    held = [s["held_out"] for s in specs]
+    assert 0.3 < np.mean(held) < 0.7
+    for s in specs:
+        flags = [(o["color"], o["shape"]) in shapes.HELD_OUT_COMBOS for o in s["objects"]]
+        assert [o["held_out"] for o in s["objects"]] == flags and s["held_out"] == any(flags)
+
+
+def test_relations_hold_geometrically():
+    rng = random.Random(1)
+    seen = set()
+    for _ in range(500):
+        spec = shapes.sample_spec(rng, "train")
+        if spec["relation"] is None:
+            assert len(spec["objects"]) == 1
+            continue
+        a, b = spec["objects"]
+        seen.add(spec["relation"])
+        assert (a["row"], a["col"]) != (b["row"], b["col"])
+        assert {
+            "left of": a["col"] < b["col"],
+            "right of": a["col"] > b["col"],
+            "above": a["row"] < b["row"],
+            "below": a["row"] > b["row"],
+        }[spec["relation"]]
+    assert seen == set(shapes.RELATIONS)
+
+
+def test_captions_are_paraphrased_and_name_the_attributes():
+    spec = {
+        "objects": [
+            {
+                "color": "red",
+                "shape": "circle",
+                "size": "small",
+                "row": 0,
+                "col": 0,
+                "held_out": False,
+            }
+        ],
+        "relation": None,
+        "held_out": False,
+        "split": "train",
+    }
+    rng = random.Random(0)
+    caps = {shapes.caption(spec, rng) for _ in range(60)}
+    assert len(caps) >= 8
+    for c in caps:
+        assert "red" in c and "circle" in c and ("top" in c or "upper" in c) and "left" in c
+
+
+def test_render_draws_exact_colours_in_the_right_cell_without_overlap():
+    spec = {
+        "objects": [
+            {"color": "blue", "shape": "square", "size": "large", "row": 1, "col": 1},
+            {"color": "green", "shape": "square", "size": "large", "row": 1, "col": 2},
+        ],
+        "relation": "left of",
+    }
+    img = shapes.render(spec, 32)
+    blue = np.all(img == shapes.COLORS["blue"], axis=-1)
+    green = np.all(img == shapes.COLORS["green"], axis=-1)
+    assert blue.sum() == 100 and green.sum() == 100
+    ys, xs = np.nonzero(blue)
+    assert 10 <= xs.min() and xs.max() <= 21 and 10 <= ys.min() and ys.max() <= 21
+    # a background column separates neighbouring large objects
+    gap = np.nonzero(green)[1].min() - xs.max()
+    assert gap >= 2
+
+
+def test_prompts_for_eval_filters_held_out():
+    pairs = shapes.prompts_for_eval(30, seed=0, held_out=True)
+    assert len(pairs) == 30 and all(s["held_out"] and s["split"] == "eval" for _, s in pairs)
+    assert shapes.prompts_for_eval(5, seed=1) == shapes.prompts_for_eval(5, seed=1)
+
+
+def test_bad_input_raises_value_error():
+    with pytest.raises(ValueError, match="split"):
+        shapes.sample_spec(random.Random(0), "test")
+    with pytest.raises(ValueError, match="size"):
+        shapes.render({"objects": []}, size=4)
