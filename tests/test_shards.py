@@ -152,3 +152,126 @@ def test_write_samples_rejects_bad_keys(tmp_path):
     with pytest.raises(ValueError, match="__key__"):
         shards.write_samples([{"__key__": "a.b", "txt": "x"}], tmp_path, "s", 10)
     assert not list(tmp_path.glob("*.tar*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad data: real broken tar files.
+
+
+def _png(color: int = 90) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((12, 12, 3), color, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _broken_records_tar(path):
+    png = _png()
+    return _tar(path, [
+        ("good0.png", png), ("good0.txt", b"a grey square"),
+        ("garbage.png", b"this is not a png at all"), ("garbage.txt", b"caption"),
+        ("halfpng.png", png[: len(png) // 2]), ("halfpng.txt", b"caption"),
+        ("nocap.png", png),
+        ("emptycap.png", png), ("emptycap.txt", b"  \n"),
+        ("badutf.png", png), ("badutf.txt", b"\xff\xfe bad"),
+        ("noimage.txt", b"only a caption"),
+        ("good1.png", png), ("good1.txt", b"another grey square"),
+    ])  # fmt: skip
+
+
+EXPECTED_BAD = {
+    "bad_image": ["garbage", "halfpng"],
+    "missing_caption": ["nocap"],
+    "empty_caption": ["emptycap"],
+    "bad_caption_encoding": ["badutf"],
+    "missing_image": ["noimage"],
+}
+
+
+def _truncated_tar(path):
+    """good2, good3 complete, then the tar is cut in the middle of cut4.png's data."""
+    png = _png(200)
+    full = _tar(path, [
+        ("good2.png", png), ("good2.txt", b"light"),
+        ("good3.png", png), ("good3.txt", b"light too"),
+        ("cut4.png", png), ("cut4.txt", b"never read"),
+    ])  # fmt: skip
+    data = open(full, "rb").read()
+    # headers are 512 bytes; two full records = 4 members, then cut4.png's header + part of it
+    offset = 4 * 512 + sum(-(-len(d) // 512) * 512 for d in (png, b"light", png, b"light too"))
+    with open(full, "wb") as f:
+        f.write(data[: offset + 512 + len(png) // 2])
+    return full
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_records_are_skipped_counted_and_reported_once(tmp_path, caplog, workers):
+    a = _broken_records_tar(tmp_path / "bad-000000.tar")
+    b = _truncated_tar(tmp_path / "bad-000001.tar")
+    loader = shards.make_loader(str(tmp_path), 12, 4, train=False, num_workers=workers)
+    with caplog.at_level("WARNING", logger="dalle_ar.data.shards"):
+        keys = sorted(_keys(loader))
+    assert keys == ["good0", "good1", "good2", "good3"]
+    rep = loader.report
+    assert {r: sorted(k) for r, k in rep.keys.items() if r != "truncated_shard"} == EXPECTED_BAD
+    assert rep.keys["truncated_shard"] == [f"{b}#cut4"]
+    assert rep.counts == {**{r: len(k) for r, k in EXPECTED_BAD.items()}, "truncated_shard": 1}
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "7 bad records" in warnings[0].getMessage() and "halfpng" in warnings[0].getMessage()
+    assert a in shards.expand_urls(str(tmp_path))
+
+
+def test_report_accumulates_over_passes_and_logs_each_pass(tmp_path, caplog):
+    _broken_records_tar(tmp_path / "bad-000000.tar")
+    loader = shards.make_loader(str(tmp_path), 12, 4, train=True, epochs=2, shuffle_buffer=2)
+    with caplog.at_level("WARNING", logger="dalle_ar.data.shards"):
+        list(loader)
+    assert loader.report.counts["bad_image"] == 4  # 2 per pass
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 2
+
+
+@pytest.mark.parametrize("cut", [100, 700, 1500])
+def test_truncated_tar_never_crashes(tmp_path, cut):
+    path = _tar(tmp_path / "t.tar", [("k0.png", _png()), ("k0.txt", b"x"), ("k1.png", _png())])
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:cut])
+    loader = shards.make_loader(path, 12, 4, train=False)
+    keys = _keys(loader)
+    assert keys in ([], ["k0"])
+    assert loader.report.total >= 1
+
+
+def test_unreadable_shard_is_reported(tmp_path):
+    bad = tmp_path / "junk.tar"
+    bad.write_bytes(b"\x00\x01 not a tar file" * 10)
+    loader = shards.make_loader(str(bad), 12, 4, train=False)
+    assert _keys(loader) == []
+    assert loader.report.total == 1
+
+
+def test_iter_captions_skips_and_counts_bad_captions(tmp_path):
+    path = _broken_records_tar(tmp_path / "bad.tar")
+    report = shards.BadDataReport()
+    caps = list(shards.iter_captions(path, report))
+    assert caps == ["a grey square", "caption", "caption", "only a caption", "another grey square"]
+    assert report.counts == {"missing_caption": 1, "empty_caption": 1, "bad_caption_encoding": 1}
+
+
+def test_report_round_trips_through_dict():
+    r = shards.BadDataReport()
+    r.add("bad_image", "k1")
+    r.add("bad_image", "k2")
+    s = shards.BadDataReport.from_dict(json.loads(json.dumps(r.to_dict())))
+    s.merge(r)
+    assert s.counts == {"bad_image": 4} and s.keys["bad_image"] == ["k1", "k2", "k1", "k2"]

@@ -196,19 +196,29 @@ def _local_missing(urls: list[str]) -> list[str]:
 
 
 def _raw_samples(url: str, report: BadDataReport) -> Iterator[dict[str, Any]]:
-    """Group one shard's members by key. A tar error (truncated, unreadable) is reported with the
-    key of the record it cut off (or the shard URL when nothing was read); that record is dropped
-    because it may be incomplete."""
+    """Group one shard's members by key. On a tar error (truncated, unreadable) the record whose
+    member was cut off is dropped and reported as `truncated_shard` ("URL#KEY"); when the break
+    falls between members the record in progress is dropped (it may lack a member); a shard
+    that yields nothing at all is `unreadable_shard` (URL)."""
     errors: list[Exception] = []
+    tried: list[str] = [""]  # the member whose data is being read
 
     def handler(exn: Exception) -> bool:  # webdataset's hook for tar-level errors
         errors.append(exn)
         return True
 
+    def select(fname: str) -> bool:  # called before a member's data is read
+        tried[0] = fname
+        return True
+
     streams = wds.tariterators.url_opener([{"url": url}], handler=handler)
-    files = wds.tariterators.tar_file_expander(streams, handler=handler, eof_value=None)
+    files = wds.tariterators.tar_file_expander(
+        streams, handler=handler, select_files=select, eof_value=None
+    )
     current: dict[str, Any] | None = None
+    done, seen_any = "", False
     for f in files:
+        done, seen_any = f["fname"], True
         key, ext = wds.tariterators.base_plus_ext(f["fname"])
         if key is None:
             continue
@@ -218,14 +228,21 @@ def _raw_samples(url: str, report: BadDataReport) -> Iterator[dict[str, Any]]:
         if current is None:
             current = {"__key__": key, "__url__": url}
         current[ext.lower()] = f["data"]
-    if errors:
-        log.debug("tar error in %s: %s", url, errors[0])
-        if current is None:
-            report.add("unreadable_shard", url)
-        else:
-            report.add("truncated_shard", f"{url}:{current['__key__']}")
-    elif current is not None:
-        yield current
+    if not errors:
+        if current is not None:
+            yield current
+        return
+    log.debug("tar error in %s: %s", url, errors[0])
+    cut = wds.tariterators.base_plus_ext(tried[0])[0] if tried[0] != done else None
+    if current is not None and cut is not None and cut != current["__key__"]:
+        yield current  # complete: the next record's member was the one cut off
+        current = None
+    if cut is not None or current is not None:
+        report.add("truncated_shard", f"{url}#{cut if cut is not None else current['__key__']}")
+    elif not seen_any:
+        report.add("unreadable_shard", url)
+    else:
+        report.add("truncated_shard", url)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
