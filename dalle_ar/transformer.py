@@ -1,0 +1,504 @@
+"""Decoder-only transformer over one stream: [cond prefix ‖ text ids ‖ image codes] -> logits.
+
+The stream (DALL-E, Ramesh et al. 2021, section 2.2): C optional conditioning positions (a
+fixed-size embedding projected to `cond_tokens` vectors), then T text positions (ids padded to a
+fixed length), then h*w image positions in raster order. Text and image tokens have their own
+embedding tables; text positions get 1-D position embeddings, image positions 2-D ones
+(row + column). Each block attends under its own layout (kernels/layouts.py); the default
+schedule follows the paper's appendix B.1: row attention, column attention in every fourth layer
+starting at the second, convolutional attention in the last.
+
+One forward path serves training, prefill and decoding (gpt-fast style):
+
+    model(tokens, input_pos=None, *, text_lens=None, cond=None) -> Logits(text, image)
+
+- `tokens` (B, L) are token positions of [text ‖ image]; the cond prefix is not in `tokens`, it
+  comes from `cond` (B, cond_dim). Token position i is stream position C + i.
+- `input_pos=None`: the tokens are positions 0..L-1 and no cache is touched (training).
+- `input_pos` given (after `setup_cache`): k, v are written into the static cache at those token
+  positions. With L > 1 the call is a prefill and `input_pos` must be 0..L-1; with L == 1 it is one
+  decode step at an image position (the step attends to the cache through `backend.decode`).
+- `text_lens` (B,): valid text tokens per sample (BOS..EOS); keys past it are masked. Pass it on
+  every call, decode steps included. `cond` is needed whenever position 0 is in the call.
+- The logits at a position predict the next token: `Logits.text` (B, n, text_vocab) for the
+  positions whose next token is text, `Logits.image` (B, m, image_vocab) for those whose next token
+  is an image code (the last text position predicts the first code). A decode step returns only
+  image logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dalle_ar.attention import IMPLS, AttentionBackend, get_backend
+from dalle_ar.checkpoint import load_pretrained, save_pretrained
+from dalle_ar.config import require
+from dalle_ar.kernels.layouts import LAYOUT_KINDS, Layout
+
+COMPONENT = "transformer"
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    text_vocab: int = 1000  # text vocabulary size (BPE ids, specials included)
+    text_len: int = 32  # T: text positions (captions padded/truncated to this)
+    image_vocab: int = 512  # image codebook size (VQ)
+    grid_h: int = 16  # image code rows h
+    grid_w: int = 16  # image code columns w
+    dim: int = 256  # model width d
+    depth: int = 4  # number of blocks
+    heads: int = 4  # attention heads
+    head_dim: int = 64  # width of one head (heads * head_dim need not equal dim)
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * dim
+    dropout: float = 0.0  # dropout on the embeddings and residual branches
+    layouts: str | list[str] = "dalle"  # "dalle" schedule | one kind for all layers | one per layer
+    conv_kernel: int = 3  # k of the k x k conv layout (odd)
+    attn_impl: str = "auto"  # auto | triton | torch (see dalle_ar.attention)
+    cond_dim: int = 0  # size of an optional conditioning embedding (e.g. 512 for CLIP); 0 = none
+    cond_tokens: int = 0  # prefix positions that embedding is projected to
+    cond_mode: str = "prepend"  # prepend: [cond ‖ text ‖ image]; replace: [cond ‖ image]
+
+    def validate(self) -> None:
+        for key in ("text_vocab", "text_len", "image_vocab", "grid_h", "grid_w", "dim", "depth"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(self.text_len >= 2, "text_len", f"needs room for BOS and EOS, got {self.text_len}")
+        require(self.heads >= 1 and self.head_dim >= 1, "heads/head_dim", "must be >= 1")
+        require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(
+            self.conv_kernel >= 1 and self.conv_kernel % 2 == 1,
+            "conv_kernel",
+            f"must be odd and >= 1, got {self.conv_kernel}",
+        )
+        require(self.attn_impl in IMPLS, "attn_impl", f"must be one of {IMPLS}")
+        require(
+            self.cond_dim >= 0 and self.cond_tokens >= 0, "cond_dim/cond_tokens", "must be >= 0"
+        )
+        require(
+            (self.cond_dim > 0) == (self.cond_tokens > 0),
+            "cond_tokens",
+            f"cond_dim and cond_tokens are both 0 or both > 0, got {self.cond_dim}, "
+            f"{self.cond_tokens}",
+        )
+        require(self.cond_mode in ("prepend", "replace"), "cond_mode", "must be prepend|replace")
+        if isinstance(self.layouts, list):
+            require(
+                len(self.layouts) == self.depth,
+                "layouts",
+                f"a list needs one kind per layer ({self.depth}), got {len(self.layouts)}",
+            )
+            bad = [k for k in self.layouts if k not in LAYOUT_KINDS]
+            require(not bad, "layouts", f"unknown kinds {bad}; known: {LAYOUT_KINDS}")
+        else:
+            ok = self.layouts == "dalle" or self.layouts in LAYOUT_KINDS
+            require(ok, "layouts", f"must be 'dalle', one of {LAYOUT_KINDS} or a list")
+
+    # -- derived sizes ---------------------------------------------------------------------
+    @property
+    def cond_len(self) -> int:
+        """C: stream positions of the conditioning prefix."""
+        return self.cond_tokens if self.cond_dim > 0 else 0
+
+    @property
+    def has_text(self) -> bool:
+        return not (self.cond_len > 0 and self.cond_mode == "replace")
+
+    @property
+    def text_positions(self) -> int:
+        """Text token positions in the stream (0 when the embedding replaces the text)."""
+        return self.text_len if self.has_text else 0
+
+    @property
+    def prefix_len(self) -> int:
+        """P: stream positions before the first image position (the layouts' 'text')."""
+        return self.cond_len + self.text_positions
+
+    @property
+    def image_len(self) -> int:
+        return self.grid_h * self.grid_w
+
+    @property
+    def seq_len(self) -> int:
+        return self.prefix_len + self.image_len
+
+    def layout_kinds(self) -> list[str]:
+        """The attention layout of each layer."""
+        if isinstance(self.layouts, list):
+            return list(self.layouts)
+        if self.layouts != "dalle":
+            return [self.layouts] * self.depth
+        # Paper, appendix B.1: row attention unless (i - 2) mod 4 == 0 (layers counted from 1),
+        # then column attention; the last layer is convolutional.
+        kinds = ["col" if (i - 2) % 4 == 0 else "row" for i in range(1, self.depth + 1)]
+        kinds[-1] = "conv"
+        return kinds
+
+
+class Logits(NamedTuple):
+    text: torch.Tensor  # (B, n, text_vocab): positions whose next token is text
+    image: torch.Tensor  # (B, m, image_vocab): positions whose next token is an image code
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache, allocated once for the full stream and written in place."""
+
+    def __init__(
+        self, batch_size: int, heads: int, max_len: int, head_dim: int, dtype, device
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, L, D) at stream positions `pos` (L,); return the whole cache."""
+        self.k.index_copy_(2, pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig, layout: Layout, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        inner = cfg.heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, 3 * inner, bias=False)
+        self.proj = nn.Linear(inner, cfg.dim, bias=False)
+        self.layout = layout
+        self.backend = backend
+        self.cache: KVCache | None = None
+
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor | None, text_lens: torch.Tensor | None
+    ) -> torch.Tensor:
+        B, L, _ = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, D)
+        if pos is None:
+            y = self.backend(q, k, v, self.layout, text_lens)
+        else:
+            if self.cache is None:
+                raise ValueError("input_pos was given but no KV cache is set up (setup_cache)")
+            kc, vc = self.cache.update(pos, k, v)
+            if L > 1:  # prefill: positions 0..L-1, the fresh k, v equal the cache's head
+                y = self.backend(q, k, v, self.layout, text_lens)
+            else:
+                lengths = (pos + 1).expand(B)  # (B,) filled entries, the new one included
+                y = self.backend.decode(q.to(kc.dtype), kc, vc, lengths, self.layout, text_lens)
+                y = y.to(x.dtype)
+        y = y.transpose(1, 2).reshape(B, L, self.heads * self.head_dim)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig, layout: Layout, backend: AttentionBackend) -> None:
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.dim)
+        self.ln1 = nn.LayerNorm(cfg.dim)
+        self.attn = Attention(cfg, layout, backend)
+        self.ln2 = nn.LayerNorm(cfg.dim)
+        self.fc = nn.Linear(cfg.dim, hidden)
+        self.out = nn.Linear(hidden, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor | None, text_lens: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), pos, text_lens))
+        return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
+
+
+class Transformer(nn.Module):
+    """The text-to-image GPT. See the module docstring for the forward contract."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.backend = get_backend(cfg.attn_impl, None)
+        d = cfg.dim
+        if cfg.has_text:
+            self.text_emb = nn.Embedding(cfg.text_vocab, d)
+            self.text_pos_emb = nn.Embedding(cfg.text_len, d)
+            self.text_head = nn.Linear(d, cfg.text_vocab, bias=False)
+        if cfg.cond_len:
+            self.cond_proj = nn.Linear(cfg.cond_dim, cfg.cond_len * d)
+            self.cond_pos_emb = nn.Embedding(cfg.cond_len, d)
+        self.image_emb = nn.Embedding(cfg.image_vocab, d)
+        self.row_emb = nn.Embedding(cfg.grid_h, d)
+        self.col_emb = nn.Embedding(cfg.grid_w, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layouts = [
+            Layout(kind, cfg.prefix_len, cfg.grid_h, cfg.grid_w, cfg.conv_kernel)
+            for kind in cfg.layout_kinds()
+        ]
+        self.blocks = nn.ModuleList(Block(cfg, lay, self.backend) for lay in self.layouts)
+        self.ln_f = nn.LayerNorm(d)
+        self.image_head = nn.Linear(d, cfg.image_vocab, bias=False)
+        self.grad_checkpointing = False  # set by a recipe: recompute each block in backward
+        self.apply(self._init_weights)
+        # GPT-2: residual output projections scaled by 1/sqrt(2 * depth) keep the stream's
+        # variance independent of depth at init.
+        for block in self.blocks:
+            for lin in (block.attn.proj, block.out):
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * cfg.depth))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    # -- persistence -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Transformer:
+        """Load a component folder; a checkpoint of another shape is refused by name."""
+        return load_pretrained(cls, TransformerConfig, path, COMPONENT)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        save_pretrained(self, self.cfg, path, COMPONENT)
+
+    # -- KV cache --------------------------------------------------------------------------
+    def setup_cache(
+        self,
+        batch_size: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Allocate a static KV cache per layer for the full stream (replaces an older one)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        p = self.image_head.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        for block in self.blocks:
+            a = block.attn
+            a.cache = KVCache(batch_size, a.heads, self.cfg.seq_len, a.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.cache = None
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        *,
+        text_lens: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+    ) -> Logits:
+        cfg = self.cfg
+        C, T, P = cfg.cond_len, cfg.text_positions, cfg.prefix_len
+        if tokens.ndim != 2 or tokens.dtype != torch.long:
+            raise ValueError(
+                f"tokens must be a (B, L) long tensor, got {tuple(tokens.shape)} {tokens.dtype}"
+            )
+        B, L = tokens.shape
+        decode = input_pos is not None and L == 1
+        if input_pos is not None:
+            if input_pos.ndim != 1 or input_pos.shape[0] != L:
+                raise ValueError(f"input_pos must have shape ({L},), got {tuple(input_pos.shape)}")
+            cache = self.blocks[0].attn.cache
+            if cache is not None and cache.k.shape[0] != B:
+                raise ValueError(f"KV cache holds batch {cache.k.shape[0]}, got batch {B}")
+        if L + C > cfg.seq_len or (L == 0 and C == 0):
+            raise ValueError(f"tokens cover 1..{cfg.seq_len - C} positions, got {L}")
+        text_lens = self._check_text_lens(text_lens, B, tokens.device)
+
+        if decode:
+            pos = input_pos + C  # (1,) stream position
+            x = self._embed_image(tokens, input_pos - T)
+        else:
+            pos = None if input_pos is None else torch.arange(C + L, device=tokens.device)
+            x = self._embed_prefix_and_image(tokens, cond)
+        x = self.drop(x)  # (B, C + L or 1, d)
+
+        stream_lens = None if text_lens is None else text_lens + C
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, pos, stream_lens, use_reentrant=False)
+            else:
+                x = block(x, pos, stream_lens)
+        x = self.ln_f(x)
+
+        if decode:
+            return Logits(
+                x.new_zeros(B, 0, cfg.text_vocab if cfg.has_text else 0), self.image_head(x)
+            )
+        n = x.shape[1]  # stream positions in this call: 0..n-1
+        text = self.text_head(x[:, C : min(n, P - 1)]) if cfg.has_text else x.new_zeros(B, 0, 0)
+        image = self.image_head(x[:, P - 1 : n])
+        return Logits(text, image)
+
+    def _check_text_lens(
+        self, text_lens: torch.Tensor | None, B: int, device: torch.device
+    ) -> torch.Tensor | None:
+        if text_lens is None:
+            return None
+        if not self.cfg.has_text:
+            raise ValueError("text_lens was given but this model has no text (cond_mode=replace)")
+        if text_lens.shape != (B,):
+            raise ValueError(f"text_lens must have shape ({B},), got {tuple(text_lens.shape)}")
+        return text_lens.to(device=device, dtype=torch.long)
+
+    def _embed_image(self, codes: torch.Tensor, img_pos: torch.Tensor) -> torch.Tensor:
+        w = self.cfg.grid_w
+        return self.image_emb(codes) + (self.row_emb(img_pos // w) + self.col_emb(img_pos % w))
+
+    def _embed_prefix_and_image(self, tokens: torch.Tensor, cond: torch.Tensor | None):
+        cfg = self.cfg
+        C, T = cfg.cond_len, cfg.text_positions
+        B, L = tokens.shape
+        parts = []
+        if C:
+            if cond is None or cond.shape != (B, cfg.cond_dim):
+                got = None if cond is None else tuple(cond.shape)
+                raise ValueError(f"cond must have shape ({B}, {cfg.cond_dim}), got {got}")
+            c = self.cond_proj(cond.to(self.cond_proj.weight.dtype)).view(B, C, cfg.dim)
+            parts.append(c + self.cond_pos_emb.weight)
+        elif cond is not None:
+            raise ValueError("cond was given but this model has cond_dim=0")
+        text, image = tokens[:, :T], tokens[:, T:]
+        if text.shape[1]:
+            _check_range(text, cfg.text_vocab, "text ids")
+            parts.append(self.text_emb(text) + self.text_pos_emb.weight[: text.shape[1]])
+        if image.shape[1]:
+            _check_range(image, cfg.image_vocab, "image codes")
+            img_pos = torch.arange(image.shape[1], device=tokens.device)
+            parts.append(self._embed_image(image, img_pos))
+        return torch.cat(parts, dim=1)
+
+    # -- accounting ------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; `non_embedding` leaves out the embedding tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return n
+
+    def flops_per_token(self, backward: bool = True) -> float:
+        """Matmul FLOPs per stream position for one training step (forward + backward = 3x the
+        forward) or the forward alone. Attention counts only the key positions each layer's
+        layout lets a query see (averaged over the stream), as a sparse kernel does."""
+        cfg = self.cfg
+        inner = cfg.heads * cfg.head_dim
+        hidden = int(cfg.mlp_ratio * cfg.dim)
+        per_layer = 2 * (cfg.dim * 3 * inner + inner * cfg.dim + 2 * cfg.dim * hidden)
+        n = cfg.seq_len
+        attn = 0.0
+        for lay in self.layouts:
+            visible = _visible_pairs(lay) / n  # mean keys per query
+            attn += 2 * 2 * visible * inner  # q @ k^T and p @ v
+        head = (
+            2
+            * cfg.dim
+            * (
+                (cfg.text_positions - 1) * cfg.text_vocab * cfg.has_text
+                + cfg.image_len * cfg.image_vocab
+            )
+            / n
+        )
+        fwd = cfg.depth * per_layer + attn + head
+        return 3 * fwd if backward else fwd
+
+
+@functools.lru_cache(maxsize=64)
+def _visible_pairs(layout: Layout, chunk: int = 256) -> int:
+    # Row chunks keep the boolean mask small even at the paper's 1280 positions.
+    n, total = layout.seq_len, 0
+    keys = torch.arange(n)
+    for start in range(0, n, chunk):
+        q = torch.arange(start, min(n, start + chunk))
+        total += int(layout.allowed(q[:, None], keys[None, :]).sum())
+    return total
+
+
+def _check_range(ids: torch.Tensor, size: int, what: str) -> None:
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= size:
+        raise ValueError(f"{what} must be in [0, {size}), got values in [{lo}, {hi}]")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training-side helpers that belong to this model's stream (used by the recipe and by tests).
+
+
+def lm_loss(
+    logits: Logits,
+    text: torch.Tensor | None,
+    image: torch.Tensor,
+    text_lens: torch.Tensor | None,
+    text_weight: float = 1 / 8,
+    image_weight: float = 7 / 8,
+    text_count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted next-token cross-entropy (paper, section 2.2: 1/8 text, 7/8 image).
+
+    Each part is a mean over its own valid targets: text targets are text[:, 1:] up to the
+    sample's length (padding excluded), image targets all h*w codes. `text_count` replaces the
+    local number of valid text targets as the text normaliser: data-parallel training passes
+    global count / world size, so the averaged gradients equal those of one big batch.
+    Returns (loss, parts)."""
+    B = image.shape[0]
+    codes = image.reshape(B, -1)
+    if logits.image.shape[:2] != codes.shape:
+        raise ValueError(
+            f"image logits cover {tuple(logits.image.shape[:2])} positions, "
+            f"targets {tuple(codes.shape)}"
+        )
+    img_loss = F.cross_entropy(logits.image.float().flatten(0, 1), codes.flatten())
+    parts = {"image_loss": img_loss.detach()}
+    loss = image_weight * img_loss
+    if text is not None and logits.text.shape[1] > 0:
+        targets = text[:, 1 : 1 + logits.text.shape[1]]  # (B, n)
+        valid = torch.ones_like(targets, dtype=torch.bool)
+        if text_lens is not None:
+            idx = torch.arange(1, 1 + targets.shape[1], device=targets.device)
+            valid = idx[None, :] < text_lens[:, None]
+        ce = F.cross_entropy(logits.text.float().flatten(0, 1), targets.flatten(), reduction="none")
+        count = valid.sum() if text_count is None else text_count
+        txt_loss = (ce * valid.flatten()).sum() / count.clamp(min=1)
+        parts["text_loss"] = txt_loss.detach()
+        loss = loss + text_weight * txt_loss
+    return loss, parts
+
+
+def drop_conditioning(
+    text: torch.Tensor,
+    text_lens: torch.Tensor,
+    empty_ids: torch.Tensor,
+    empty_len: int,
+    drop: torch.Tensor,
+    cond: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Classifier-free guidance dropout: where `drop` (B,) is True a sample's text becomes the
+    empty caption (`empty_ids` (T,), e.g. [BOS, EOS, PAD...], `empty_len` valid ids) and its
+    embedding `cond` becomes zeros, the same unconditional input guidance uses when sampling.
+    The caller draws `drop` (probability p), so data-parallel ranks can slice one global draw."""
+    if empty_ids.shape != text.shape[1:]:
+        raise ValueError(
+            f"empty_ids must have shape {tuple(text.shape[1:])}, got {tuple(empty_ids.shape)}"
+        )
+    if drop.shape != text.shape[:1] or drop.dtype != torch.bool:
+        raise ValueError(
+            f"drop must be a bool tensor of shape ({text.shape[0]},), got "
+            f"{drop.dtype} {tuple(drop.shape)}"
+        )
+    drop = drop.to(text.device)
+    text = torch.where(drop[:, None], empty_ids.to(text.device)[None, :], text)
+    text_lens = torch.where(drop, text_lens.new_tensor(empty_len), text_lens)
+    if cond is not None:
+        cond = torch.where(drop[:, None], torch.zeros_like(cond), cond)
+    return text, text_lens, cond

@@ -1,0 +1,309 @@
+"""The transformer: layouts per layer, causality, layout sparsity, cached decode, conditioning,
+loss, accounting and persistence. Tiny shapes, seeded, fp32 on the CPU reference path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dalle_ar.config import ConfigError, config_from_dict, load_config
+from dalle_ar.transformer import (
+    Logits,
+    Transformer,
+    TransformerConfig,
+    drop_conditioning,
+    lm_loss,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+T, H, W = 5, 3, 4  # text positions, image grid
+
+
+def tiny(**kw) -> TransformerConfig:
+    base = dict(
+        text_vocab=40,
+        text_len=T,
+        image_vocab=24,
+        grid_h=H,
+        grid_w=W,
+        dim=32,
+        depth=3,
+        heads=2,
+        head_dim=16,
+        attn_impl="torch",
+    )
+    base.update(kw)
+    cfg = TransformerConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+def build(seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(tiny(**kw)).eval()
+
+
+def batch(B: int = 2, seed: int = 1, text_lens=(T, 3)):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, 40, (B, T), generator=g)
+    image = torch.randint(0, 24, (B, H * W), generator=g)
+    return text, image, torch.tensor(text_lens[:B])
+
+
+def per_position(out: Logits, n_text: int = T) -> list[torch.Tensor]:
+    """Logits by token position (text logits start at 0, image logits at n_text - 1)."""
+    rows = [out.text[:, i] for i in range(out.text.shape[1])]
+    return rows + [out.image[:, i] for i in range(out.image.shape[1])]
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_default_schedule_follows_the_paper():
+    kinds = tiny(depth=8).layout_kinds()
+    assert kinds == ["row", "col", "row", "row", "row", "col", "row", "conv"]
+
+
+def test_layouts_full_is_one_override_and_a_bad_list_is_refused(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump({"depth": 3}))
+    cfg = load_config(TransformerConfig, p, ["layouts=full"])
+    assert cfg.layout_kinds() == ["full"] * 3
+    cfg = load_config(TransformerConfig, p, ["layouts=[row, col, conv]"])
+    assert cfg.layout_kinds() == ["row", "col", "conv"]
+    with pytest.raises(ConfigError, match="layouts"):
+        load_config(TransformerConfig, p, ["layouts=[row, col]"])
+    with pytest.raises(ConfigError, match="layouts"):
+        load_config(TransformerConfig, p, ["layouts=diagonal"])
+
+
+# -- attention structure -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["full", "row", "col", "conv", "dalle"])
+def test_changing_token_j_never_changes_earlier_logits(kind):
+    model = build(layouts=kind)
+    text, image, lens = batch()
+    tokens = torch.cat([text, image[:, :-1]], 1)
+    with torch.no_grad():
+        base = per_position(model(tokens, text_lens=lens))
+        for j in range(1, tokens.shape[1]):
+            changed = tokens.clone()
+            changed[:, j] = (changed[:, j] + 7) % 24
+            out = per_position(model(changed, text_lens=lens))
+            for i in range(j):
+                torch.testing.assert_close(out[i], base[i], rtol=0, atol=1e-6)
+            # the position fed by token j itself does change (the test can fail)
+            assert (out[j] - base[j]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("kind", "changed_rc", "query_rc", "unchanged"),
+    [
+        ("row", (0, 1), (1, 2), True),  # an earlier row: outside the row layout
+        ("full", (0, 1), (1, 2), False),
+        ("col", (0, 1), (2, 2), True),  # another column
+        ("col", (0, 2), (2, 2), False),  # same column, earlier row
+        ("conv", (0, 0), (2, 3), True),  # outside the 3x3 neighbourhood
+    ],
+)
+def test_layout_decides_which_image_tokens_matter(kind, changed_rc, query_rc, unchanged):
+    # one layer: stacked conv layers widen the neighbourhood (row and col stacks never do)
+    model = build(layouts=kind, depth=1)
+    text, image, lens = batch()
+    j = changed_rc[0] * W + changed_rc[1]
+    q = query_rc[0] * W + query_rc[1]
+    with torch.no_grad():
+        base = model(torch.cat([text, image], 1), text_lens=lens)
+        image2 = image.clone()
+        image2[:, j] = (image2[:, j] + 5) % 24
+        out = model(torch.cat([text, image2], 1), text_lens=lens)
+    # image logits index k is token position T-1+k, i.e. the output *at* image position k-1;
+    # the hidden state of image position q is image logits index q + 1.
+    diff = (out.image[:, q + 1] - base.image[:, q + 1]).abs().max().item()
+    assert (diff < 1e-6) if unchanged else (diff > 1e-4)
+
+
+def test_padded_text_is_invisible():
+    model = build()
+    text, image, lens = batch(text_lens=(3, 3))
+    text2 = text.clone()
+    text2[:, 3:] = (text2[:, 3:] + 1) % 40  # only padding positions differ
+    with torch.no_grad():
+        a = model(torch.cat([text, image], 1), text_lens=lens)
+        b = model(torch.cat([text2, image], 1), text_lens=lens)
+    # image logits 0 sit on the last (padding) text position, whose own input did change; every
+    # image position attends to the text keys only up to text_lens
+    torch.testing.assert_close(a.image[:, 1:], b.image[:, 1:], rtol=0, atol=1e-6)
+    assert (a.image[:, 0] - b.image[:, 0]).abs().max() > 1e-4
+
+
+# -- cached decoding -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dalle", "full", "col"])
+@pytest.mark.parametrize("prime", [0, W])
+def test_cached_decode_equals_full_forward(kind, prime):
+    model = build(layouts=kind)
+    text, image, lens = batch()
+    with torch.no_grad():
+        full = model(torch.cat([text, image[:, :-1]], 1), text_lens=lens).image  # (B, hw, V)
+        model.setup_cache(2)
+        first = torch.cat([text, image[:, :prime]], 1)
+        out = model(first, torch.arange(first.shape[1]), text_lens=lens)
+        steps = [out.image[:, i] for i in range(out.image.shape[1])]
+        for i in range(prime, H * W - 1):
+            pos = torch.tensor([T + i])
+            step = model(image[:, i : i + 1], pos, text_lens=lens)
+            assert step.image.shape == (2, 1, 24)
+            steps.append(step.image[:, 0])
+    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_is_not_saved_and_needs_setup():
+    model = build()
+    text, _, lens = batch()
+    with pytest.raises(ValueError, match="setup_cache"):
+        model(text, torch.arange(T), text_lens=lens)
+    model.setup_cache(2)
+    assert not any("cache" in k for k in model.state_dict())
+    with pytest.raises(ValueError, match="batch 2"):
+        model(text[:1], torch.arange(T), text_lens=lens[:1])
+
+
+# -- conditioning embedding ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["prepend", "replace"])
+def test_cond_embedding_conditions_and_decodes(mode):
+    model = build(cond_dim=6, cond_tokens=2, cond_mode=mode)
+    text, image, lens = batch()
+    g = torch.Generator().manual_seed(3)
+    cond = torch.randn(2, 6, generator=g)
+    prefix = text if mode == "prepend" else text[:, :0]
+    lens = lens if mode == "prepend" else None
+    n_text = prefix.shape[1]
+    with torch.no_grad():
+        full = model(torch.cat([prefix, image[:, :-1]], 1), text_lens=lens, cond=cond)
+        assert full.image.shape == (2, H * W, 24)
+        assert full.text.shape[1] == (T - 1 if mode == "prepend" else 0)
+        other = model(torch.cat([prefix, image[:, :-1]], 1), text_lens=lens, cond=cond + 1)
+        assert (other.image - full.image).abs().max() > 1e-4
+        model.setup_cache(2)
+        out = model(prefix, torch.arange(n_text), text_lens=lens, cond=cond)
+        steps = [out.image[:, 0]]
+        for i in range(H * W - 1):
+            step = model(image[:, i : i + 1], torch.tensor([n_text + i]), text_lens=lens)
+            steps.append(step.image[:, 0])
+    torch.testing.assert_close(torch.stack(steps, 1), full.image, rtol=1e-5, atol=1e-5)
+
+
+def test_cond_is_required_and_checked():
+    model = build(cond_dim=6, cond_tokens=2)
+    text, image, lens = batch()
+    with pytest.raises(ValueError, match=r"cond must have shape \(2, 6\)"):
+        model(torch.cat([text, image], 1), text_lens=lens)
+    with pytest.raises(ConfigError, match="cond_tokens"):
+        tiny(cond_dim=6, cond_tokens=0)
+
+
+# -- loss and conditioning dropout -----------------------------------------------------------------
+
+
+def test_loss_weights_and_padding_exclusion():
+    model = build()
+    text, image, lens = batch(text_lens=(5, 3))
+    out = model(torch.cat([text, image[:, :-1]], 1), text_lens=lens)
+    loss, parts = lm_loss(out, text, image, lens, text_weight=0.25, image_weight=0.75)
+    ce = torch.nn.functional.cross_entropy
+    img = ce(out.image.flatten(0, 1), image.flatten())
+    # sample 0: targets text[0, 1:5]; sample 1 (length 3): targets text[1, 1:3] only
+    logits = torch.cat([out.text[0, :4], out.text[1, :2]])
+    targets = torch.cat([text[0, 1:5], text[1, 1:3]])
+    txt = ce(logits, targets)
+    torch.testing.assert_close(loss, 0.25 * txt + 0.75 * img)
+    torch.testing.assert_close(parts["text_loss"], txt.detach())
+    # the logits at a padded target never reach the loss
+    out.text.detach_()
+    out.text[1, 3] += 100.0
+    loss2, _ = lm_loss(out, text, image, lens, text_weight=0.25, image_weight=0.75)
+    torch.testing.assert_close(loss2, loss.detach())
+
+
+def test_drop_conditioning_replaces_text_with_the_empty_caption():
+    text, _, lens = batch(B=2)
+    empty = torch.tensor([1, 2, 0, 0, 0])
+    cond = torch.ones(2, 4)
+    t, n, c = drop_conditioning(text, lens, empty, 2, torch.tensor([True, False]), cond=cond)
+    assert torch.equal(t[0], empty) and n[0] == 2 and (c[0] == 0).all()
+    assert torch.equal(t[1], text[1]) and n[1] == lens[1] and torch.equal(c[1], cond[1])
+    with pytest.raises(ValueError, match="empty_ids must have shape"):
+        drop_conditioning(text, lens, empty[:3], 2, torch.tensor([True, False]))
+
+
+# -- training aids, accounting, persistence --------------------------------------------------------
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    text, image, lens = batch()
+    grads = []
+    for ckpt in (False, True):
+        model = build().train()
+        model.grad_checkpointing = ckpt
+        loss, _ = lm_loss(
+            model(torch.cat([text, image[:, :-1]], 1), text_lens=lens), text, image, lens
+        )
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_paper_shape_builds_on_meta_with_12b_parameters():
+    tree = yaml.safe_load((ROOT / "configs" / "transformer_paper_12b.yaml").read_text())
+    cfg = config_from_dict(TransformerConfig, tree["model"])
+    assert (cfg.depth, cfg.dim, cfg.heads, cfg.head_dim) == (64, 3968, 62, 64)
+    assert (cfg.text_len, cfg.text_vocab, cfg.grid_h, cfg.image_vocab) == (256, 16384, 32, 8192)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    n = model.num_params()
+    assert 11.5e9 < n < 12.5e9, n
+    # forward FLOPs per token are at least 2 per non-embedding weight; training is 3x that
+    assert model.flops_per_token(backward=False) > 2 * model.num_params(non_embedding=True)
+    assert model.flops_per_token() == pytest.approx(3 * model.flops_per_token(backward=False))
+
+
+def test_sparse_layouts_count_fewer_attention_flops():
+    dense, sparse = build(layouts="full"), build(layouts="row")
+    assert sparse.flops_per_token() < dense.flops_per_token()
+    assert dense.num_params() == sparse.num_params()
+
+
+def test_save_load_round_trip_and_wrong_shape_refused(tmp_path):
+    model = build()
+    model.save_pretrained(tmp_path / "t")
+    loaded = Transformer.from_pretrained(tmp_path / "t")
+    text, image, lens = batch()
+    tokens = torch.cat([text, image], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(tokens, text_lens=lens).image, model(tokens, text_lens=lens).image
+        )
+    build(dim=48).save_pretrained(tmp_path / "wide")
+    state = Path(tmp_path / "wide" / "model.safetensors").read_bytes()
+    (tmp_path / "t" / "model.safetensors").write_bytes(state)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        Transformer.from_pretrained(tmp_path / "t")
+
+
+def test_bad_inputs_are_refused_with_a_message():
+    model = build()
+    text, image, lens = batch()
+    with pytest.raises(ValueError, match=r"image codes must be in \[0, 24\)"):
+        model(torch.cat([text, image + 30], 1), text_lens=lens)
+    with pytest.raises(ValueError, match="long tensor"):
+        model(text.float())
+    with pytest.raises(ValueError, match="text_lens must have shape"):
+        model(text, text_lens=lens[:1])
