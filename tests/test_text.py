@@ -250,6 +250,25 @@ def test_recipe_end_to_end(tmp_path: Path) -> None:
     assert tok.decode(tok.encode(captions[:3]).ids) == captions[:3]
 
 
+def test_recipe_on_shapes_shards(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    try:
+        shards = request.getfixturevalue("shapes_shards")
+    except pytest.FixtureLookupError:
+        pytest.skip("the shapes_shards fixture (tests/conftest.py) is not present")
+    from dalle_ar.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "tokenizer", "--config", str(TINY), f"data.train={shards.train}"]
+    sizes = ["tokenizer.vocab_size=1000", "tokenizer.text_len=32"]
+    assert main([*argv, f"run.out_dir={out}", *sizes]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["captions"] == shards.num_train
+    # Word-level merges fit every shapes caption in 30 content tokens (text_len 32).
+    assert metrics["truncated"] == 0 and 3 <= metrics["mean_ids_per_caption"] <= 16
+    tok = TextTokenizer.from_pretrained(out / "tokenizer")
+    assert tok.text_len == 32 and 300 < tok.vocab_size == metrics["vocab_size"] <= 1000
+
+
 def test_recipe_bad_config_fails_before_work(tmp_path: Path) -> None:
     from dalle_ar.cli import main
 
