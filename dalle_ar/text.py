@@ -198,7 +198,7 @@ class TextTokenizer:
             rows = ids.reshape(-1, ids.shape[-1]).tolist() if ids.dim() == 2 else [ids.tolist()]
         else:
             rows = list(ids)
-            if not rows or isinstance(rows[0], int):
+            if not rows or not hasattr(rows[0], "__len__"):  # one flat row of ints
                 rows = [rows]
             rows = [list(r) for r in rows]
         n = self.vocab_size

@@ -127,6 +127,14 @@ def test_special_token_text_is_plain_text(tok: TextTokenizer) -> None:
     assert tok.decode(batch.ids) == ["a <eos> <pad> b"]
 
 
+def test_decode_accepts_lists_and_one_row(tok: TextTokenizer) -> None:
+    ids = tok.encode(["a red circle", "a blue square"]).ids
+    want = ["a red circle", "a blue square"]
+    assert tok.decode(ids.tolist()) == want
+    assert tok.decode(ids[1]) == want[1:] and tok.decode(ids[1].tolist()) == want[1:]
+    assert tok.decode(ids.numpy()) == want
+
+
 def test_bad_inputs_raise_value_error(tok: TextTokenizer) -> None:
     with pytest.raises(ValueError, match="list of str"):
         tok.encode(123)  # type: ignore[arg-type]
