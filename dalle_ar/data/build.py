@@ -162,7 +162,9 @@ def _parser(kind: str) -> argparse.ArgumentParser:
         help="image side in pixels (shapes: render size; others: shorter side, "
         "only downscaled; default: keep the source size)",
     )
-    p.add_argument("--shard-size", type=int, default=5_000, help="records per tar shard")
+    # several shards per split, so DataLoader workers and DDP ranks each get whole shards
+    default_shard = {"shapes": 5_000, "emoji": 500, "folder": 1_000}[kind]
+    p.add_argument("--shard-size", type=int, default=default_shard, help="records per shard")
     return p
 
 
