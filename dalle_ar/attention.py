@@ -13,7 +13,7 @@ import logging
 import torch
 
 from dalle_ar.kernels.layouts import Layout
-from dalle_ar.kernels.reference import attention_reference, decode_reference
+from dalle_ar.kernels.reference import attention_sdpa, decode_reference
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -50,7 +50,7 @@ class AttentionBackend:
             from dalle_ar.kernels.attention import attention
 
             return attention(q, k, v, layout, text_lens)
-        return attention_reference(q, k, v, layout, text_lens, upcast=False)
+        return attention_sdpa(q, k, v, layout, text_lens)
 
     def decode(
         self,

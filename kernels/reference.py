@@ -6,9 +6,11 @@ Computed in fp32 when `upcast` is set (the oracle), otherwise in the inputs' dty
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .layouts import Layout, key_padding
 
@@ -47,6 +49,29 @@ def attention_reference(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     mask = _mask(layout, torch.arange(n, device=q.device), k.shape[2], text_lens)
     return _attend(q, k, v, mask, scale, upcast)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_mask(layout: Layout, n: int, device: str) -> torch.Tensor:
+    return layout.dense_mask(n, device=device)
+
+
+def attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    text_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`attention_reference(..., upcast=False)` through PyTorch's fused
+    scaled_dot_product_attention, with the layout mask built once per (layout, n, device): the
+    fast CPU path (the reference rebuilds the mask and materialises the scores every call)."""
+    n = q.shape[2]
+    mask = _layout_mask(layout, n, str(q.device))[None, None]  # (1, 1, N, N)
+    pad = key_padding(text_lens, layout.text_len, n)
+    if pad is not None:
+        mask = mask & pad[:, None, None, :]  # (B, 1, N, N)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def decode_reference(
