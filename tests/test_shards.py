@@ -275,3 +275,88 @@ def test_report_round_trips_through_dict():
     s = shards.BadDataReport.from_dict(json.loads(json.dumps(r.to_dict())))
     s.merge(r)
     assert s.counts == {"bad_image": 4} and s.keys["bad_image"] == ["k1", "k2", "k1", "k2"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The `dalle-ar data` command.
+
+
+def _write_folder(src, n=12):
+    from PIL import Image
+
+    src.mkdir()
+    (src / "sub").mkdir()
+    for i in range(n):
+        where = src / "sub" if i % 3 == 0 else src
+        Image.fromarray(np.full((20, 30, 3), 10 * i, np.uint8)).save(where / f"img{i}.png")
+        (where / f"img{i}.txt").write_text(f"picture number {i}\n")
+    (src / "nocap.png").write_bytes(_png())
+    (src / "broken.jpg").write_bytes(b"not a jpeg")
+    (src / "broken.txt").write_text("a caption for a broken file")
+    (src / "empty.png").write_bytes(_png())
+    (src / "empty.txt").write_text("   ")
+
+
+def test_data_folder_command(tmp_path, capsys):
+    from dalle_ar.cli import main
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write_folder(src)
+    argv = ["data", "folder", str(src), "--out", str(out), "--eval-fraction", "0.3"]
+    assert main([*argv, "--shard-size", "5"]) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert info["counts"]["train"] + info["counts"]["eval"] == 12
+    assert info["counts"]["eval"] >= 1
+    assert info["skipped"]["counts"] == {"missing_caption": 1, "bad_image": 1, "empty_caption": 1}
+    keys = _keys(shards.make_loader(info["train"], 16, 4, train=False))
+    assert len(keys) == info["counts"]["train"]
+    caps = sorted(shards.iter_captions(str(out)))
+    assert caps == sorted(f"picture number {i}" for i in range(12))
+    # the split depends only on the file names and the seed
+    assert main([*argv, "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "info.json").read_text())
+    assert again["counts"] == info["counts"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kind"] == "folder"
+
+
+def test_data_folder_resizes_only_down(tmp_path):
+    from dalle_ar.data.build import main
+
+    src = tmp_path / "src"
+    _write_folder(src, n=3)
+    assert main(["folder", str(src), "--out", str(tmp_path / "o"), "--size", "10"]) == 0
+    with tarfile.open(tmp_path / "o" / "train-000000.tar") as tar:
+        from PIL import Image
+
+        png = tar.extractfile(next(n for n in tar.getnames() if n.endswith(".png"))).read()
+    assert min(Image.open(io.BytesIO(png)).size) == 10
+
+
+def test_data_shapes_command_and_bad_arguments(tmp_path):
+    from dalle_ar.data.build import main
+
+    out = tmp_path / "s"
+    argv = ["shapes", "--out", str(out), "--num-train", "30", "--num-eval", "10"]
+    assert main([*argv, "--shard-size", "8", "--size", "24"]) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert info["train"].endswith("train-{000000..000003}.tar") and info["counts"]["eval"] == 10
+    batch = next(iter(shards.make_loader(info["eval"], 24, 10, train=False)))
+    assert batch["image"].shape == (10, 3, 24, 24)
+    # a smaller rebuild leaves no stale shards behind
+    assert main([*argv[:3], "--num-train", "5", "--num-eval", "2"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["eval-000000.tar", "train-000000.tar"]
+    assert main(["shapes", "--out", str(out), "--shard-size", "0"]) == 2
+    assert main(["folder", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert main(["nothing"]) == 2
+
+
+def test_data_emoji_command(tmp_path):
+    from dalle_ar.data.build import main
+
+    out = tmp_path / "e"
+    assert main(["emoji", "--out", str(out), "--size", "16", "--shard-size", "1000"]) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert info["counts"]["train"] + info["counts"]["eval"] >= 3000
+    batch = next(iter(shards.make_loader(info["eval"], 16, 8, train=False)))
+    assert batch["image"].shape == (8, 3, 16, 16) and all(batch["caption"])
+    assert {"code", "name", "base"} <= set(batch["meta"][0])
