@@ -360,3 +360,36 @@ def test_data_emoji_command(tmp_path):
     batch = next(iter(shards.make_loader(info["eval"], 16, 8, train=False)))
     assert batch["image"].shape == (8, 3, 16, 16) and all(batch["caption"])
     assert {"code", "name", "base"} <= set(batch["meta"][0])
+
+
+def _rank_keys(rank: int, world: int, port: int, fixture, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        found = {}
+        for which in ("train", "eval"):  # 4 shards (split by shard), 1 (split by record)
+            loader = shards.make_loader(getattr(fixture, which), 32, 16, train=False)
+            found[which] = [k for b in loader for k in b["key"]]
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump(found, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_split_the_data_under_torch_distributed(shapes_shards, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_keys, args=(2, port, shapes_shards, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for which, n in (("train", shapes_shards.num_train), ("eval", shapes_shards.num_eval)):
+        k0, k1 = r0[which], r1[which]
+        assert k0 and k1 and not set(k0) & set(k1)
+        assert len(set(k0) | set(k1)) == n
