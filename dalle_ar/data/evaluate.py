@@ -1,17 +1,19 @@
 """The shape checker: read colour, shape, size and position of each object back from pixels and
 score an image against its scene spec (see `dalle_ar.data.shapes`).
 
-Reading works on clean renders and on slightly blurred ones (VQ reconstructions, samples):
+Reading works on clean renders and on blurred ones (VQ reconstructions, samples):
 1. each pixel takes the nearest palette entry (background included); non-background pixels are
    foreground;
 2. foreground splits into 4-connected components; specks are dropped, and a component that spans
    several grid cells (neighbours merged by blur) is split along the cell borders;
 3. colour: the nearest palette colour to the median of the component's core (its pixels farthest
    from the background, so blurred rims do not pull the colour);
-4. size: the longer side of the bounding box against the midpoint of the two object sizes;
-5. shape: the bounding box is resampled to the object size and compared with each shape's mask
-   (intersection over union): fill ratio, symmetry and corners at once;
-6. position: the grid cell of the component's centroid.
+4. the object's "alpha" map (how far each pixel lies from the background towards that colour,
+   over the component and the rim a blur spreads around it) gives blur-invariant features: its
+   total (area), its centroid (grid cell = position), a 4th-order joint cumulant (square 0,
+   circle and diamond increasingly negative) and the vertical skew (a triangle's apex);
+5. shape: the nearest clean prototype in (cumulant, skew); size: the area against the geometric
+   mean of that shape's small and large areas.
 """
 
 from __future__ import annotations

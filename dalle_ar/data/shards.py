@@ -37,6 +37,7 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 # Transparent pixels are composited on this neutral grey (emoji and any RGBA input).
 BACKGROUND = (128, 128, 128)
 _REPORT = "__report__"
+MAX_KEYS = 10_000  # keys kept per reason (counts stay exact), so a long run's report stays small
 
 
 @dataclasses.dataclass
@@ -48,13 +49,16 @@ class BadDataReport:
 
     def add(self, reason: str, key: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        self.keys.setdefault(reason, []).append(key)
+        keys = self.keys.setdefault(reason, [])
+        if len(keys) < MAX_KEYS:
+            keys.append(key)
 
     def merge(self, other: BadDataReport | dict) -> None:
         other = other if isinstance(other, BadDataReport) else BadDataReport.from_dict(other)
         for reason, keys in other.keys.items():
             self.counts[reason] = self.counts.get(reason, 0) + other.counts[reason]
-            self.keys.setdefault(reason, []).extend(keys)
+            mine = self.keys.setdefault(reason, [])
+            mine.extend(keys[: max(0, MAX_KEYS - len(mine))])
 
     @property
     def total(self) -> int:
@@ -70,9 +74,9 @@ class BadDataReport:
     def summary(self, max_keys: int = 20) -> str:
         parts = []
         for reason in sorted(self.counts):
-            keys = self.keys[reason]
-            more = f" (+{len(keys) - max_keys} more)" if len(keys) > max_keys else ""
-            parts.append(f"{reason}: {self.counts[reason]} [{', '.join(keys[:max_keys])}{more}]")
+            keys, n = self.keys[reason], self.counts[reason]
+            more = f" (+{n - max_keys} more)" if n > max_keys else ""
+            parts.append(f"{reason}: {n} [{', '.join(keys[:max_keys])}{more}]")
         return f"{self.total} bad records skipped; " + "; ".join(parts)
 
     def log_if_any(self, where: str) -> None:
@@ -345,129 +349,103 @@ def _identity(x: Any) -> Any:
     return x
 
 
+@dataclasses.dataclass(frozen=True)
+class LoaderPlan:
+    """What one loader reads and how (see `make_loader`)."""
+
+    urls: tuple[str, ...]
+    image_size: int
+    batch_size: int
+    train: bool
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    random_crop: bool = False
+    epochs: int | None = None
+
+
 class _Batches(torch.utils.data.IterableDataset):
     """Batches for one process (or one DataLoader worker) plus a report marker after each pass.
 
     Shards are split across ranks x workers; with fewer shards than slots every slot reads every
     shard and keeps every n-th record instead, so no slot ever sits idle or repeats another."""
 
-    def __init__(
-        self,
-        urls: list[str],
-        size: int,
-        batch: int,
-        train: bool,
-        buffer: int,
-        seed: int,
-        random_crop: bool,
-        epochs: int | None,
-    ) -> None:
+    def __init__(self, plan: LoaderPlan) -> None:
         super().__init__()
-        self.urls, self.size, self.batch, self.train = urls, size, batch, train
-        self.buffer, self.seed, self.random_crop, self.epochs = buffer, seed, random_crop, epochs
-        self.start_epoch = 0
+        self.plan, self.start_epoch = plan, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        p = self.plan
         rank, world = _rank_world()
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         slot, slots = rank * workers + worker, world * workers
-        epochs = (self.epochs if self.epochs is not None else None) if self.train else 1
+        epochs = p.epochs if p.train else 1
         pending: list[dict[str, Any]] = []
         epoch = self.start_epoch
         while epochs is None or epoch < self.start_epoch + epochs:
             report = BadDataReport()
-            rng = random.Random(f"{self.seed}-{epoch}-{slot}")
-            for item in self._records(epoch, slot, slots, report, rng):
+            for item in self._records(epoch, slot, slots, report):
                 pending.append(item)
-                if len(pending) == self.batch:
+                if len(pending) == p.batch_size:
                     yield _collate(pending)
                     pending = []
-            if not self.train and pending:  # evaluation keeps the last partial batch
+            if not p.train and pending:  # evaluation keeps the last partial batch
                 yield _collate(pending)
                 pending = []
             yield {_REPORT: report.to_dict(), "epoch": epoch, "slot": slot}
             epoch += 1
 
     def _records(
-        self, epoch: int, slot: int, slots: int, report: BadDataReport, rng: random.Random
+        self, epoch: int, slot: int, slots: int, report: BadDataReport
     ) -> Iterator[dict[str, Any]]:
-        urls = list(self.urls)
-        if self.train:  # the same order in every slot (seeded by epoch only) before splitting
-            random.Random(f"{self.seed}-{epoch}").shuffle(urls)
+        p = self.plan
+        rng = random.Random(f"{p.seed}-{epoch}-{slot}")
+        urls = list(p.urls)
+        if p.train:  # the same order in every slot (seeded by epoch only) before splitting
+            random.Random(f"{p.seed}-{epoch}").shuffle(urls)
         by_shard = len(urls) >= slots
-        mine = urls[slot::slots] if by_shard else urls
-        crop_rng = rng if (self.train and self.random_crop) else None
+        crop_rng = rng if (p.train and p.random_crop) else None
         buf: list[dict[str, Any]] = []
         index = 0
-        for url in mine:
+        for i, url in enumerate(urls):
+            if by_shard and i % slots != slot:
+                continue
             shard_report = BadDataReport()
             for sample in _raw_samples(url, shard_report):
                 index += 1
                 if not by_shard and (index - 1) % slots != slot:
                     continue
-                item, reason = decode_sample(sample, self.size, crop_rng)
+                item, reason = decode_sample(sample, p.image_size, crop_rng)
                 if reason:
                     report.add(reason, sample["__key__"])
-                    continue
-                if not self.train or self.buffer <= 1:
+                elif not p.train or p.shuffle_buffer <= 1:
                     yield item
-                    continue
-                if len(buf) < self.buffer:
+                elif len(buf) < p.shuffle_buffer:
                     buf.append(item)
-                    continue
-                j = rng.randrange(len(buf))
-                buf[j], item = item, buf[j]
-                yield item
-            # shard-level errors are counted once, by the slot that owns the shard
-            if by_shard or urls.index(url) % slots == slot:
+                else:
+                    j = rng.randrange(len(buf))
+                    buf[j], item = item, buf[j]
+                    yield item
+            if i % slots == slot:  # shard-level errors are counted once, by the shard's owner
                 report.merge(shard_report)
         rng.shuffle(buf)
         yield from buf
 
 
 class Loader:
-    """Iterable of batches {"image": (B,3,S,S) float in [0,1], "caption", "meta", "key"}.
+    """Iterable of batches {"image": (B,3,S,S) float in [0,1], "caption", "meta", "key"}; build
+    it with `make_loader`. `report` accumulates the skipped records of every pass; each pass's
+    report is logged once, when the last worker has finished it."""
 
-    `report` accumulates the skipped records of every pass; each pass's report is logged once."""
-
-    def __init__(
-        self,
-        urls: str | list[str],
-        image_size: int,
-        batch_size: int,
-        *,
-        train: bool,
-        shuffle_buffer: int = 1000,
-        num_workers: int = 0,
-        seed: int = 0,
-        random_crop: bool = False,
-        epochs: int | None = None,
-    ) -> None:
-        if image_size < 1 or batch_size < 1:
-            raise ValueError(
-                f"expected image_size, batch_size >= 1, got {image_size}, {batch_size}"
-            )
-        if num_workers < 0 or (epochs is not None and epochs < 1):
-            raise ValueError(
-                f"expected num_workers >= 0, epochs >= 1 or None, got {num_workers}, {epochs}"
-            )
-        self.urls = expand_urls(urls)
-        if not self.urls:
-            raise ValueError(f"expected shard files, found none at {urls!r}")
-        missing = _local_missing(self.urls)
-        if missing:
-            raise ValueError(f"expected existing shard files, missing: {', '.join(missing[:5])}")
-        self.num_workers, self.train = num_workers, train
-        self.dataset = _Batches(
-            self.urls, image_size, batch_size, train, shuffle_buffer, seed, random_crop, epochs
-        )
+    def __init__(self, plan: LoaderPlan, num_workers: int = 0) -> None:
+        self.plan, self.num_workers = plan, num_workers
+        self.dataset = _Batches(plan)
         self.report = BadDataReport()
         self._passes = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # a new iteration continues the epoch count, so a restarted train loader reshuffles
-        self.dataset.start_epoch = self._passes if self.train else 0
+        self.dataset.start_epoch = self._passes if self.plan.train else 0
         if self.num_workers == 0:
             stream: Iterable[dict[str, Any]] = iter(self.dataset)
         else:
@@ -482,16 +460,14 @@ class Loader:
                 yield item
                 continue
             epoch = int(item["epoch"])
-            seen, rep = per_epoch.get(epoch, (0, BadDataReport()))
+            seen, rep = per_epoch.pop(epoch, (0, BadDataReport()))
             rep.merge(item[_REPORT])
             self.report.merge(item[_REPORT])
-            if seen + 1 == slots:
-                per_epoch.pop(epoch, None)
-                self._passes = max(self._passes, epoch + 1)
-                where = f"data pass {epoch}" + (f" (this rank of {world})" if world > 1 else "")
-                rep.log_if_any(where)
-            else:
+            if seen + 1 < slots:
                 per_epoch[epoch] = (seen + 1, rep)
+                continue
+            self._passes = max(self._passes, epoch + 1)
+            rep.log_if_any(f"data pass {epoch}" + (f" (rank-local, {world} ranks)" * (world > 1)))
 
 
 def make_loader(
@@ -506,23 +482,32 @@ def make_loader(
     random_crop: bool = False,
     epochs: int | None = None,
 ) -> Loader:
-    """Batches from webdataset shards. train=True: shuffled, repeats (forever when epochs is
-    None), full batches only. train=False: one deterministic pass, last partial batch kept."""
-    return Loader(
-        urls,
-        image_size,
-        batch_size,
-        train=train,
-        shuffle_buffer=shuffle_buffer,
-        num_workers=num_workers,
-        seed=seed,
-        random_crop=random_crop,
-        epochs=epochs,
+    """Batches from webdataset shards (a path, directory, brace glob or pipe: URL).
+
+    train=True: shuffled (shard order per epoch, then a `shuffle_buffer` of records), repeated
+    forever when epochs is None, full batches only. train=False: one deterministic pass, the
+    last partial batch kept. Shards are split across DDP ranks and `num_workers` workers."""
+    if image_size < 1 or batch_size < 1:
+        raise ValueError(f"expected image_size, batch_size >= 1, got {image_size}, {batch_size}")
+    if num_workers < 0 or shuffle_buffer < 0 or (epochs is not None and epochs < 1):
+        raise ValueError(
+            "expected num_workers >= 0, shuffle_buffer >= 0, epochs >= 1 or None, got "
+            f"{num_workers}, {shuffle_buffer}, {epochs}"
+        )
+    expanded = expand_urls(urls)
+    if not expanded:
+        raise ValueError(f"expected shard files, found none at {urls!r}")
+    missing = _local_missing(expanded)
+    if missing:
+        raise ValueError(f"expected existing shard files, missing: {', '.join(missing[:5])}")
+    plan = LoaderPlan(
+        tuple(expanded), image_size, batch_size, train, shuffle_buffer, seed, random_crop, epochs
     )
+    return Loader(plan, num_workers)
 
 
 def loader_from_config(cfg: DataConfig, split: Literal["train", "eval"], seed: int = 0) -> Loader:
-    """The loader a recipe uses for `cfg.train` or `cfg.eval`."""
+    """The loader a recipe uses for `cfg.train` or `cfg.eval` (random crops only in training)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     urls = cfg.train if split == "train" else cfg.eval
@@ -530,12 +515,6 @@ def loader_from_config(cfg: DataConfig, split: Literal["train", "eval"], seed: i
         raise ValueError(f"data.{split} is empty: expected shard paths or URLs")
     train = split == "train"
     return make_loader(
-        urls,
-        cfg.image_size,
-        cfg.batch_size,
-        train=train,
-        shuffle_buffer=cfg.shuffle_buffer,
-        num_workers=cfg.num_workers,
-        seed=seed,
-        random_crop=cfg.random_crop and train,
-    )
+        urls, cfg.image_size, cfg.batch_size, train=train, shuffle_buffer=cfg.shuffle_buffer,
+        num_workers=cfg.num_workers, seed=seed, random_crop=cfg.random_crop and train,
+    )  # fmt: skip
