@@ -1,0 +1,153 @@
+"""Data-parallel helpers for recipes: process group from torchrun's environment, DDP or FSDP
+wrapping, reductions, and full (unsharded) state for checkpoints.
+
+A recipe runs unchanged as one process or under `torchrun --nproc_per_node=N`: with WORLD_SIZE
+unset everything here is a no-op. The backend is NCCL on CUDA and gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dalle_ar.train.common import pick_device
+
+log = logging.getLogger(__name__)
+
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int  # global rank
+    world: int  # number of processes
+    local_rank: int  # rank on this machine (picks the GPU)
+    device: torch.device  # where this process computes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        log.info("process group: rank %d of %d (%s)", rank, world, backend)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, info: DistInfo, parallel: str, blocks: Any = None) -> nn.Module:
+    """DDP (replicated weights) or FSDP (sharded weights, per block and at the root). One
+    process: the model unchanged."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    if not info.distributed:
+        return model
+    if parallel == "ddp":
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks or []:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """Skip DDP's gradient all-reduce on accumulation micro-batches before the last."""
+    if skip and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+class StateView:
+    """A state dict dressed as a module/optimizer for `Run.save` (which calls `.state_dict()`)."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+    """(model, optimizer) objects whose state_dict() is the full, unsharded state on the CPU.
+    With FSDP this is a collective: every rank must call it."""
+    if not is_fsdp(model):
+        return unwrap(model), optimizer
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    return StateView(msd), StateView(osd)
+
+
+def load_full_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optim_state: dict[str, Any],
+) -> None:
+    """Load full (unsharded) states into an FSDP model and its optimizer (every rank)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(model, model_state, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=opts)

@@ -1,0 +1,460 @@
+"""`dalle-ar train transformer --config FILE [--resume] [key=value ...]`
+
+parse config -> data (token shards, or image shards + VQ) -> model -> loop -> save. Runs as one
+process or under `torchrun --nproc_per_node=N` (DDP, or FSDP for models that do not fit one GPU).
+Only rank 0 logs and writes. The final model is the component folder out_dir/transformer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from tqdm import tqdm
+
+from dalle_ar.config import ConfigError, DataConfig, OptimConfig, RunConfig, load_config, require
+from dalle_ar.train import dist
+from dalle_ar.train.common import (
+    Run,
+    autocast_context,
+    build_optimizer,
+    lr_at,
+    seed_everything,
+    set_lr,
+)
+from dalle_ar.transformer import (
+    COMPONENT,
+    Transformer,
+    TransformerConfig,
+    drop_conditioning,
+    lm_loss,
+)
+
+log = logging.getLogger(__name__)
+
+PROMPTS = [
+    "a small red circle at the top left",
+    "a big blue square in the centre",
+    "a green triangle to the left of a yellow circle",
+    "a purple star at the bottom right",
+]
+
+
+@dataclasses.dataclass
+class TrainTransformerConfig:
+    model: TransformerConfig = dataclasses.field(default_factory=TransformerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    text_tokenizer: str = ""  # tokenizer folder (dalle-ar train tokenizer)
+    vq: str = ""  # VQ folder: encodes image shards (data_format=images), decodes sample grids
+    data_format: Literal["tokens", "images"] = "tokens"  # pretokenized shards or image shards
+    text_loss_weight: float = 0.125  # paper: 1/8 of the loss on text positions
+    image_loss_weight: float = 0.875  # ... and 7/8 on image positions
+    cond_drop: float = 0.1  # probability a caption is replaced by the empty one (guidance)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # data-parallel mode under torchrun
+    activation_checkpointing: bool = False  # recompute each block in backward (saves memory)
+    max_bad_steps: int = 20  # non-finite losses in a row that stop the run
+    eval_batches: int = 20  # held-out batches per evaluation (per rank)
+    sample_prompts: list[str] = dataclasses.field(default_factory=lambda: list(PROMPTS))
+    sample_temperature: float = 1.0  # sample grids: softmax temperature
+    halt_after: int = 0  # stop (with a checkpoint) after this step; 0 = run.steps (staged runs)
+
+    def validate(self) -> None:
+        w_ok = self.text_loss_weight >= 0 and self.image_loss_weight > 0
+        require(w_ok, "image_loss_weight", "loss weights must be >= 0 (image > 0)")
+        require(0 <= self.cond_drop <= 1, "cond_drop", f"must be in [0, 1], got {self.cond_drop}")
+        require(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+        require(self.eval_batches >= 1, "eval_batches", "must be >= 1")
+        require(self.halt_after >= 0, "halt_after", "must be >= 0")
+        require(self.sample_temperature > 0, "sample_temperature", "must be > 0")
+
+
+class BatchSource(Protocol):
+    """Where a rank's batches come from: dicts {"text" (B,T) long, "text_lens" (B,) long,
+    "image" (B, h*w) long, optional "cond" (B, cond_dim)}."""
+
+    empty_ids: torch.Tensor  # (T,) ids of the empty caption
+    empty_len: int  # its valid ids ([BOS, EOS] = 2)
+
+    def train(self, skip: int) -> Iterator[dict[str, torch.Tensor]]: ...
+    def eval(self) -> Iterator[dict[str, torch.Tensor]] | None: ...
+
+
+class ShardBatches:
+    """Batches from token shards (dalle_ar.data.tokens) or image shards encoded by the VQ on the
+    fly; captions become fixed-length ids with the text tokenizer. Shards are split across ranks
+    by the loaders. Resuming skips the batches already consumed (exact with num_workers=0)."""
+
+    def __init__(self, cfg: TrainTransformerConfig, info: dist.DistInfo) -> None:
+        from dalle_ar.text import TextTokenizer
+
+        m = cfg.model
+        require(bool(cfg.text_tokenizer), "text_tokenizer", "needs the tokenizer folder")
+        require(bool(cfg.data.train), "data.train", "needs training shards")
+        require(
+            m.cond_len == 0,
+            "model.cond_dim",
+            "shards carry no conditioning embedding; "
+            "train an embedding-conditioned model with a source that yields 'cond'",
+        )
+        require(cfg.data_format == "tokens" or bool(cfg.vq), "vq", "data_format=images needs it")
+        self.cfg, self.device = cfg, info.device
+        self.tok = TextTokenizer.from_pretrained(cfg.text_tokenizer, text_len=m.text_len)
+        if self.tok.vocab_size > m.text_vocab:
+            raise ValueError(
+                f"tokenizer has {self.tok.vocab_size} ids, model.text_vocab is "
+                f"{m.text_vocab}: expected text_vocab >= the tokenizer's vocab"
+            )
+        empty = self.tok.encode([""])
+        self.empty_ids, self.empty_len = empty.ids[0], int(empty.mask[0].sum())
+        self.vq = None
+        if cfg.vq:
+            from dalle_ar.vq import VQTokenizer
+
+            self.vq = VQTokenizer.from_pretrained(cfg.vq, device=info.device)
+            if self.vq.codebook_size != m.image_vocab:
+                raise ValueError(
+                    f"VQ codebook has {self.vq.codebook_size} codes, "
+                    f"model.image_vocab is {m.image_vocab}: expected equal"
+                )
+
+    def _loader(self, urls: str, train: bool):
+        d, seed = self.cfg.data, self.cfg.run.seed
+        kw = dict(
+            train=train, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, seed=seed
+        )
+        if self.cfg.data_format == "tokens":
+            from dalle_ar.data.tokens import make_token_loader
+
+            return make_token_loader(urls, d.batch_size, **kw)
+        from dalle_ar.data.shards import make_loader
+
+        return make_loader(
+            urls, d.image_size, d.batch_size, random_crop=d.random_crop and train, **kw
+        )
+
+    @torch.no_grad()
+    def _convert(self, raw: dict) -> dict[str, torch.Tensor]:
+        m = self.cfg.model
+        codes = raw["codes"] if "codes" in raw else self.vq.encode(raw["image"].to(self.device))
+        if tuple(codes.shape[1:]) != (m.grid_h, m.grid_w):
+            raise ValueError(
+                f"data codes are {tuple(codes.shape[1:])} grids, the model expects "
+                f"({m.grid_h}, {m.grid_w}): check the VQ and data.image_size"
+            )
+        t = self.tok.encode(list(raw["caption"]))
+        return {"text": t.ids, "text_lens": t.mask.sum(1), "image": codes.flatten(1).long()}
+
+    def train(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        for i, raw in enumerate(self._loader(self.cfg.data.train, train=True)):
+            if i >= skip:
+                yield self._convert(raw)
+
+    def eval(self) -> Iterator[dict[str, torch.Tensor]] | None:
+        if not self.cfg.data.eval:
+            return None
+        return (self._convert(raw) for raw in self._loader(self.cfg.data.eval, train=False))
+
+
+@torch.no_grad()
+def sample_codes(model: Transformer, ids, lens, temperature: float, seed: int) -> torch.Tensor:
+    """Minimal ancestral sampling with the KV cache, (n, h*w) codes. A stopgap for the sample
+    grids only: dalle_ar.sampling (prefill / decode_one / generate) is to replace it."""
+    was_training, dev = model.training, model.image_head.weight.device
+    model.eval()
+    n, T = ids.shape
+    ids, lens = ids.to(dev), lens.to(dev)
+    g = torch.Generator(dev).manual_seed(seed)
+    model.setup_cache(n)
+    logits = model(ids, torch.arange(T, device=dev), text_lens=lens).image[:, -1]
+    codes = []
+    for i in range(model.cfg.image_len):
+        probs = torch.softmax(logits.float() / temperature, -1)
+        codes.append(torch.multinomial(probs, 1, generator=g))  # (n, 1)
+        if i + 1 < model.cfg.image_len:
+            pos = torch.tensor([T + i], device=dev)
+            logits = model(codes[-1], pos, text_lens=lens).image[:, -1]
+    model.clear_cache()
+    model.train(was_training)
+    return torch.cat(codes, 1)
+
+
+def sample_grid(model, source: ShardBatches, cfg, path: Path, seed: int) -> None:
+    """One row of decoded samples for the fixed prompts, written as a PNG."""
+    import numpy as np
+    from PIL import Image
+
+    t = source.tok.encode(cfg.sample_prompts)
+    codes = sample_codes(model, t.ids, t.mask.sum(1), cfg.sample_temperature, seed)
+    m = cfg.model
+    with torch.no_grad():
+        imgs = source.vq.decode(codes.view(-1, m.grid_h, m.grid_w))  # (n, 3, S, S) in [0, 1]
+    row = torch.cat(list(imgs.clamp(0, 1).cpu()), dim=2)  # (3, S, n * S)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = (row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many non-finite losses in a row; the last good checkpoint is kept."""
+
+
+def _drop_mask(cfg: TrainTransformerConfig, micro: int, B: int, info: dist.DistInfo):
+    # One draw for the global batch, sliced by rank: N processes drop exactly the captions one
+    # process with the whole batch would drop.
+    g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + micro)
+    draw = torch.rand(B * info.world, generator=g) < cfg.cond_drop
+    return draw[info.rank * B : (info.rank + 1) * B]
+
+
+def _loss(model, batch, cfg, info, drop=None, text_count=None):
+    text, lens, image, cond = batch["text"], batch["text_lens"], batch["image"], batch.get("cond")
+    if drop is not None:
+        text, lens, cond = drop_conditioning(
+            text, lens, batch["empty_ids"], batch["empty_len"], drop, cond
+        )
+    prefix = text if cfg.model.has_text else text[:, :0]
+    tokens = torch.cat([prefix, image[:, :-1]], 1)
+    kw = {"text_lens": lens} if cfg.model.has_text else {}
+    with autocast_context(info.device, cfg.run.precision):
+        out = model(tokens, cond=cond, **kw)
+    return lm_loss(
+        out,
+        prefix if cfg.model.has_text else None,
+        image,
+        lens,
+        cfg.text_loss_weight,
+        cfg.image_loss_weight,
+        text_count,
+    )
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, source: BatchSource, cfg: TrainTransformerConfig, info) -> dict[str, float]:
+    """Held-out losses, summed over every rank's batches."""
+    batches = source.eval()
+    if batches is None:
+        return {}
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # image, text, batches
+    for i, batch in enumerate(batches):
+        if i >= cfg.eval_batches:
+            break
+        _, parts = _loss(model, _to(batch, info.device), cfg, info)
+        sums += torch.stack(
+            [
+                parts["image_loss"].double(),
+                parts.get("text_loss", 0 * sums[0]),
+                torch.ones((), dtype=torch.float64, device=info.device),
+            ]
+        )
+    model.train()
+    sums = dist.all_reduce_sum(sums)
+    n = max(1.0, sums[2].item())
+    return {"eval/image_loss": sums[0].item() / n, "eval/text_loss": sums[1].item() / n}
+
+
+def train(
+    cfg: TrainTransformerConfig, source: BatchSource | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Run the recipe; returns the final metrics (rank 0's view)."""
+    info = dist.init_distributed(cfg.run.device)
+    seed_everything(cfg.run.seed)  # the same initial weights on every rank
+    run = Run(cfg, cfg.run, rank=info.rank)
+    if source is None:
+        source = ShardBatches(cfg, info)
+    model = Transformer(cfg.model).to(info.device)
+    model.grad_checkpointing = cfg.activation_checkpointing
+    wrapped = dist.wrap_model(model, info, cfg.parallel, blocks=model.blocks)
+    # fused AdamW: one kernel for all tensors (sharded FSDP parameters take the plain loop)
+    opt = build_optimizer(wrapped, cfg.optim, fused=not dist.is_fsdp(wrapped))
+    step, micro, skipped = 0, 0, 0
+    if resume:
+        step, micro, skipped = _resume(run, wrapped, opt)
+    if info.is_main:
+        log.info(
+            "transformer: %.2fM parameters, layouts %s, attention %s, %d process(es)",
+            model.num_params() / 1e6,
+            cfg.model.layout_kinds(),
+            model.backend.name,
+            info.world,
+        )
+    run.init_wandb("transformer")
+    metrics: dict[str, Any] = {}
+    try:
+        metrics = _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped)
+    finally:
+        run.finish()
+    return metrics
+
+
+def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> dict[str, Any]:
+    total, accum = cfg.run.steps, cfg.optim.grad_accum
+    stop_at = min(total, cfg.halt_after) if cfg.halt_after else total
+    B = cfg.data.batch_size
+    batches = source.train(skip=micro)
+    bad_in_row, t_log, last = 0, time.time(), {}
+    log_path = run.dir / "train_log.jsonl"
+    bar = tqdm(total=stop_at, initial=step, disable=not info.is_main, desc="transformer")
+    wrapped.train()
+    while step < stop_at:
+        set_lr(opt, lr_at(step, cfg.optim, total))
+        loss_sum = torch.zeros((), device=info.device)
+        parts_sum: dict[str, torch.Tensor] = {}
+        for k in range(accum):
+            batch = _to(next(batches), info.device)
+            batch["empty_ids"], batch["empty_len"] = source.empty_ids, source.empty_len
+            drop = _drop_mask(cfg, micro, B, info)
+            micro += 1
+            count = None
+            if info.distributed and cfg.model.has_text:
+                idx = torch.arange(1, batch["text"].shape[1], device=info.device)
+                lens = torch.where(drop.to(info.device), source.empty_len, batch["text_lens"])
+                count = dist.all_reduce_sum((idx[None] < lens[:, None]).sum()) / info.world
+            with dist.no_sync(wrapped, k < accum - 1):
+                loss, parts = _loss(wrapped, batch, cfg, info, drop, count)
+                (loss / accum).backward()
+            loss_sum += loss.detach() / accum
+            for name, v in parts.items():
+                parts_sum[name] = parts_sum.get(name, 0) + v / accum
+        norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip or math.inf)
+        check = dist.all_reduce_sum(torch.stack([loss_sum, norm.float().to(loss_sum.device)]))
+        if not bool(torch.isfinite(check).all()):
+            opt.zero_grad(set_to_none=True)
+            bad_in_row, skipped = bad_in_row + 1, skipped + 1
+            log.warning(
+                "non-finite loss at step %d: step skipped (%d in a row, %d in all)",
+                step,
+                bad_in_row,
+                skipped,
+            )
+            if bad_in_row >= cfg.max_bad_steps:
+                raise NonFiniteLoss(
+                    f"{bad_in_row} non-finite losses in a row (run.max_bad_steps="
+                    f"{cfg.max_bad_steps}) at step {step}: stopping; the last good checkpoint "
+                    f"in {run.ckpt_dir} is intact. Lower optim.lr or check the data."
+                )
+            continue
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step, bad_in_row = step + 1, 0
+        bar.update(1)
+        if step % cfg.run.log_every == 0 or step == stop_at:
+            vals = dist.all_reduce_sum(torch.stack([loss_sum, *parts_sum.values()])) / info.world
+            dt = time.time() - t_log
+            last = {
+                "step": step,
+                "loss": vals[0].item(),
+                "lr": opt.param_groups[0]["lr"],
+                "grad_norm": check[1].item() / info.world,
+                "skipped_steps": skipped,
+                "samples_per_s": cfg.run.log_every * accum * B * info.world / max(dt, 1e-9),
+            }
+            last.update({f"train/{n}": v.item() for n, v in zip(parts_sum, vals[1:])})
+            t_log = time.time()
+            if info.is_main:
+                run.log(last, step)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < stop_at:
+            run.log(evaluate(wrapped, source, cfg, info), step)
+        if cfg.run.sample_every and step % cfg.run.sample_every == 0 and step < stop_at:
+            _samples(cfg, info, run, model, wrapped, source, step)
+        out_of_time = run.out_of_time()
+        if step % cfg.run.save_every == 0 or step == stop_at or out_of_time:
+            _save(run, cfg, wrapped, opt, step, micro, skipped)
+        if out_of_time:
+            log.info("run.max_minutes reached at step %d", step)
+            break
+    bar.close()
+    final = {**last, "step": step, "skipped_steps": skipped, "minutes": run_minutes(run)}
+    final.update(evaluate(wrapped, source, cfg, info))
+    _samples(cfg, info, run, model, wrapped, source, step)
+    full_model, _ = dist.full_state(wrapped, opt)
+    if info.is_main:
+        if step >= total or out_of_time:
+            _save_final(model, full_model, cfg, run.dir / COMPONENT)
+        run.log(final, step)
+        run.write_json("metrics.json", final)
+        log.info("transformer: step %d, %s", step, json.dumps(final))
+    dist.barrier()
+    return final
+
+
+def run_minutes(run: Run) -> float:
+    return (time.time() - run.start_time) / 60
+
+
+def _save(run, cfg, wrapped, opt, step, micro, skipped) -> None:
+    m, o = dist.full_state(wrapped, opt)  # collective under FSDP: every rank calls it
+    run.save(m, cfg.model, COMPONENT, step, o, {"micro_batches": micro, "skipped": skipped})
+    dist.barrier()
+
+
+def _save_final(model, full_model, cfg, path: Path) -> None:
+    from dalle_ar.checkpoint import save_pretrained
+
+    save_pretrained(full_model if dist.is_fsdp(model) else model, cfg.model, path, COMPONENT)
+
+
+def _resume(run: Run, wrapped, opt) -> tuple[int, int, int]:
+    if dist.is_fsdp(wrapped):
+        from safetensors.torch import load_file
+
+        from dalle_ar.checkpoint import load_train_state, set_rng_state
+
+        state = load_train_state(run.ckpt_dir)
+        weights = load_file(str(run.ckpt_dir / "model.safetensors"))
+        dist.load_full_state(wrapped, opt, weights, state["optimizer"])
+        set_rng_state(state["rng"])
+    else:
+        state = run.resume(dist.unwrap(wrapped), opt)
+    extra = state["extra"]
+    return int(state["step"]), int(extra["micro_batches"]), int(extra.get("skipped", 0))
+
+
+def _samples(cfg, info, run, model, wrapped, source, step) -> None:
+    if not (cfg.vq and cfg.text_tokenizer and cfg.sample_prompts) or dist.is_fsdp(wrapped):
+        return  # (FSDP: rank 0 alone cannot run a sharded model; sample from the saved folder)
+    if info.is_main:
+        path = run.dir / "samples" / f"step_{step:07d}.png"
+        sample_grid(model, source, cfg, path, seed=cfg.run.seed)
+        run.log_image("samples", path, step, caption=" | ".join(cfg.sample_prompts))
+    dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dalle-ar train transformer", description=__doc__)
+    ap.add_argument("--config", required=True, help="YAML config (configs/transformer_*.yaml)")
+    ap.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt/last")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(TrainTransformerConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"dalle-ar train transformer: {e}")
+        return 2
+    try:
+        metrics = train(cfg, resume=args.resume)
+    except NonFiniteLoss as e:
+        print(f"dalle-ar train transformer: {e}")
+        return 1
+    finally:
+        dist.cleanup()
+    if metrics:
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}))
+    return 0

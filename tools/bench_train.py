@@ -1,0 +1,126 @@
+"""Training throughput of the transformer (forward + backward + AdamW) against this machine's
+fp32 matmul peak, both measured in the same run. Prints one JSON object.
+
+    python tools/bench_train.py                      # benchmark shape S on the CPU
+    python tools/bench_train.py --config configs/transformer_bench_s.yaml model.layouts=full
+
+Model FLOPs count the matmuls a step must do (Transformer.flops_per_token: 3x the forward, with
+attention counted over the pairs each layer's layout lets a query see). The peak is the best of
+several square fp32 matmuls, so the fraction is of what the BLAS reaches here, not of a data sheet.
+The machine may be shared: every timed step is paired with a short peak measurement just before
+it, and `fraction_of_peak_paired` is the median of the per-step ratios (load that comes and goes
+hits both sides of a pair alike); the plain medians are reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from dalle_ar.config import load_config
+from dalle_ar.train.common import build_optimizer, pick_device
+from dalle_ar.train.transformer import TrainTransformerConfig
+from dalle_ar.transformer import Transformer, lm_loss
+
+DEFAULT_CONFIG = "configs/transformer_bench_s.yaml"
+
+
+def matmul_peak(device: torch.device, n: int = 1024, reps: int = 5, inner: int = 10) -> float:
+    """Best achieved fp32 GFLOP/s of an (n, n) @ (n, n) matmul."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = 0.0
+    for _ in range(reps + 1):
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        _sync(device)
+        best = max(best, 2 * n**3 * inner / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_train(cfg: TrainTransformerConfig, steps: int, warmup: int) -> dict:
+    device = pick_device(cfg.run.device)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).to(device).train()
+    opt = build_optimizer(model, cfg.optim, fused=True)
+    m, B = cfg.model, cfg.data.batch_size
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, m.text_vocab, (B, m.text_len), generator=g).to(device)
+    image = torch.randint(0, m.image_vocab, (B, m.image_len), generator=g).to(device)
+    lens = torch.randint(2, m.text_len + 1, (B,), generator=g).to(device)
+    tokens = torch.cat([text, image[:, :-1]], 1)
+    times, ratios = [], []
+    flops_sample = model.flops_per_token() * tokens.shape[1]
+    for i in range(warmup + steps):
+        peak = matmul_peak(device, reps=1, inner=3) if i >= warmup else 0.0
+        _sync(device)
+        t = time.perf_counter()
+        loss, _ = lm_loss(model(tokens, text_lens=lens), text, image, lens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or 1e9)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+            ratios.append(B * flops_sample / times[-1] / 1e9 / peak)
+    times.sort()
+    ratios.sort()
+    median = times[len(times) // 2]
+    return {
+        "fraction_of_peak_paired": ratios[len(ratios) // 2],
+        "step_s_median": median,
+        "step_s_best": times[0],
+        "samples_per_s": B / median,
+        "model_gflop_per_sample": flops_sample / 1e9,
+        "achieved_gflops": B * flops_sample / median / 1e9,
+        "params": model.num_params(),
+        "layouts": cfg.model.layout_kinds(),
+        "attention": model.backend.name,
+        "device": str(device),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=DEFAULT_CONFIG)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(TrainTransformerConfig, args.config, args.overrides)
+    device = pick_device(cfg.run.device)
+    peak_before = matmul_peak(device)
+    result = bench_train(cfg, args.steps, args.warmup)
+    peak_after = matmul_peak(device)
+    # the machine is shared: the peak is taken on both sides of the timing, the higher counts
+    peak = max(peak_before, peak_after)
+    result.update(
+        matmul_peak_gflops=peak,
+        matmul_peak_gflops_before_after=[peak_before, peak_after],
+        fraction_of_peak=result["achieved_gflops"] / peak,
+        batch_size=cfg.data.batch_size,
+        threads=torch.get_num_threads(),
+        cpu=platform.processor() or platform.machine(),
+        torch=torch.__version__,
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
