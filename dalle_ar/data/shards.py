@@ -349,48 +349,55 @@ def _identity(x: Any) -> Any:
     return x
 
 
-@dataclasses.dataclass(frozen=True)
-class LoaderPlan:
-    """What one loader reads and how (see `make_loader`)."""
-
-    urls: tuple[str, ...]
-    image_size: int
-    batch_size: int
-    train: bool
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    random_crop: bool = False
-    epochs: int | None = None
-
-
 class _Batches(torch.utils.data.IterableDataset):
     """Batches for one process (or one DataLoader worker) plus a report marker after each pass.
 
     Shards are split across ranks x workers; with fewer shards than slots every slot reads every
-    shard and keeps every n-th record instead, so no slot ever sits idle or repeats another."""
+    shard and keeps every n-th record instead, so no slot ever sits idle or repeats another.
+    A loader for other record types overrides `decode` and `collate` only."""
 
-    def __init__(self, plan: LoaderPlan) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        size: int,
+        batch: int,
+        train: bool,
+        buffer: int,
+        seed: int,
+        random_crop: bool,
+        epochs: int | None,
+    ) -> None:
         super().__init__()
-        self.plan, self.start_epoch = plan, 0
+        self.urls, self.size, self.batch, self.train = urls, size, batch, train
+        self.buffer, self.seed, self.random_crop, self.epochs = buffer, seed, random_crop, epochs
+        self.start_epoch = 0
+
+    def decode(
+        self, sample: dict[str, Any], rng: random.Random | None
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """Raw record -> (item, None) or (None, reason); rng is set for random crops."""
+        return decode_sample(sample, self.size, rng)
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return _collate(items)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        p = self.plan
         rank, world = _rank_world()
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         slot, slots = rank * workers + worker, world * workers
-        epochs = p.epochs if p.train else 1
+        epochs = self.epochs if self.train else 1
         pending: list[dict[str, Any]] = []
         epoch = self.start_epoch
         while epochs is None or epoch < self.start_epoch + epochs:
             report = BadDataReport()
             for item in self._records(epoch, slot, slots, report):
                 pending.append(item)
-                if len(pending) == p.batch_size:
-                    yield _collate(pending)
+                if len(pending) == self.batch:
+                    yield self.collate(pending)
                     pending = []
-            if not p.train and pending:  # evaluation keeps the last partial batch
-                yield _collate(pending)
+            if not self.train and pending:  # evaluation keeps the last partial batch
+                yield self.collate(pending)
                 pending = []
             yield {_REPORT: report.to_dict(), "epoch": epoch, "slot": slot}
             epoch += 1
@@ -398,13 +405,12 @@ class _Batches(torch.utils.data.IterableDataset):
     def _records(
         self, epoch: int, slot: int, slots: int, report: BadDataReport
     ) -> Iterator[dict[str, Any]]:
-        p = self.plan
-        rng = random.Random(f"{p.seed}-{epoch}-{slot}")
-        urls = list(p.urls)
-        if p.train:  # the same order in every slot (seeded by epoch only) before splitting
-            random.Random(f"{p.seed}-{epoch}").shuffle(urls)
+        rng = random.Random(f"{self.seed}-{epoch}-{slot}")
+        urls = list(self.urls)
+        if self.train:  # the same order in every slot (seeded by epoch only) before splitting
+            random.Random(f"{self.seed}-{epoch}").shuffle(urls)
         by_shard = len(urls) >= slots
-        crop_rng = rng if (p.train and p.random_crop) else None
+        crop_rng = rng if (self.train and self.random_crop) else None
         buf: list[dict[str, Any]] = []
         index = 0
         for i, url in enumerate(urls):
@@ -415,12 +421,12 @@ class _Batches(torch.utils.data.IterableDataset):
                 index += 1
                 if not by_shard and (index - 1) % slots != slot:
                     continue
-                item, reason = decode_sample(sample, p.image_size, crop_rng)
-                if reason:
-                    report.add(reason, sample["__key__"])
-                elif not p.train or p.shuffle_buffer <= 1:
+                item, reason = self.decode(sample, crop_rng)
+                if item is None:
+                    report.add(reason or "bad_record", sample["__key__"])
+                elif not self.train or self.buffer <= 1:
                     yield item
-                elif len(buf) < p.shuffle_buffer:
+                elif len(buf) < self.buffer:
                     buf.append(item)
                 else:
                     j = rng.randrange(len(buf))
@@ -433,24 +439,57 @@ class _Batches(torch.utils.data.IterableDataset):
 
 
 class Loader:
-    """Iterable of batches {"image": (B,3,S,S) float in [0,1], "caption", "meta", "key"}; build
-    it with `make_loader`. `report` accumulates the skipped records of every pass; each pass's
-    report is logged once, when the last worker has finished it."""
+    """Iterable of batches {"image": (B,3,S,S) float in [0,1], "caption", "meta", "key"} (see
+    `make_loader`). `report` accumulates the skipped records of every pass; each pass's report
+    is logged once, when the last worker has finished it."""
 
-    def __init__(self, plan: LoaderPlan, num_workers: int = 0) -> None:
-        self.plan, self.num_workers = plan, num_workers
-        self.dataset = _Batches(plan)
+    def __init__(
+        self,
+        urls: str | list[str],
+        image_size: int,
+        batch_size: int,
+        *,
+        train: bool,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 0,
+        seed: int = 0,
+        random_crop: bool = False,
+        epochs: int | None = None,
+    ) -> None:
+        if image_size < 1 or batch_size < 1:
+            raise ValueError(
+                f"expected image_size, batch_size >= 1, got {image_size}, {batch_size}"
+            )
+        if num_workers < 0 or shuffle_buffer < 0 or (epochs is not None and epochs < 1):
+            raise ValueError(
+                "expected num_workers >= 0, shuffle_buffer >= 0, epochs >= 1 or None, got "
+                f"{num_workers}, {shuffle_buffer}, {epochs}"
+            )
+        self.urls = expand_urls(urls)
+        if not self.urls:
+            raise ValueError(f"expected shard files, found none at {urls!r}")
+        missing = _local_missing(self.urls)
+        if missing:
+            raise ValueError(f"expected existing shard files, missing: {', '.join(missing[:5])}")
+        self.num_workers, self.train = num_workers, train
+        self.dataset = _Batches(
+            self.urls, image_size, batch_size, train, shuffle_buffer, seed, random_crop, epochs
+        )
         self.report = BadDataReport()
         self._passes = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # a new iteration continues the epoch count, so a restarted train loader reshuffles
-        self.dataset.start_epoch = self._passes if self.plan.train else 0
+        self.dataset.start_epoch = self._passes if self.train else 0
         if self.num_workers == 0:
             stream: Iterable[dict[str, Any]] = iter(self.dataset)
         else:
             stream = torch.utils.data.DataLoader(
-                self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity
+                self.dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                collate_fn=_identity,
+                pin_memory=torch.cuda.is_available(),
             )
         _, world = _rank_world()
         slots = max(1, self.num_workers)
@@ -487,23 +526,10 @@ def make_loader(
     train=True: shuffled (shard order per epoch, then a `shuffle_buffer` of records), repeated
     forever when epochs is None, full batches only. train=False: one deterministic pass, the
     last partial batch kept. Shards are split across DDP ranks and `num_workers` workers."""
-    if image_size < 1 or batch_size < 1:
-        raise ValueError(f"expected image_size, batch_size >= 1, got {image_size}, {batch_size}")
-    if num_workers < 0 or shuffle_buffer < 0 or (epochs is not None and epochs < 1):
-        raise ValueError(
-            "expected num_workers >= 0, shuffle_buffer >= 0, epochs >= 1 or None, got "
-            f"{num_workers}, {shuffle_buffer}, {epochs}"
-        )
-    expanded = expand_urls(urls)
-    if not expanded:
-        raise ValueError(f"expected shard files, found none at {urls!r}")
-    missing = _local_missing(expanded)
-    if missing:
-        raise ValueError(f"expected existing shard files, missing: {', '.join(missing[:5])}")
-    plan = LoaderPlan(
-        tuple(expanded), image_size, batch_size, train, shuffle_buffer, seed, random_crop, epochs
-    )
-    return Loader(plan, num_workers)
+    return Loader(
+        urls, image_size, batch_size, train=train, shuffle_buffer=shuffle_buffer,
+        num_workers=num_workers, seed=seed, random_crop=random_crop, epochs=epochs,
+    )  # fmt: skip
 
 
 def loader_from_config(cfg: DataConfig, split: Literal["train", "eval"], seed: int = 0) -> Loader:
