@@ -393,3 +393,27 @@ def test_ranks_split_the_data_under_torch_distributed(shapes_shards, tmp_path):
         k0, k1 = r0[which], r1[which]
         assert k0 and k1 and not set(k0) & set(k1)
         assert len(set(k0) | set(k1)) == n
+
+
+def test_jpeg_shards_of_wide_images_load_at_the_configured_size(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = [(rng.random((60, 180, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    samples = [(f"j{i}", im, f"wide {i}", {"i": i}) for i, im in enumerate(imgs)]
+    assert shards.write_shards(samples, tmp_path, "jpg", 10, image_format="jpg") == 3
+    batch = next(iter(shards.make_loader(str(tmp_path), 32, 3, train=False)))
+    assert batch["image"].shape == (3, 3, 32, 32) and batch["meta"][2] == {"i": 2}
+
+
+def test_decode_and_collate_hooks_serve_other_record_types(shapes_shards):
+    class CaptionLengths(shards._Batches):
+        def decode(self, sample, rng):
+            caption, reason = shards.read_caption(sample)
+            return (None, reason) if reason else ({"n": len(caption)}, None)
+
+        def collate(self, items):
+            return {"n": [it["n"] for it in items]}
+
+    loader = shards.make_loader(shapes_shards.eval, 32, 16, train=False)
+    loader.dataset = CaptionLengths(loader.urls, 32, 16, False, 0, 0, False, None)
+    lengths = [n for batch in loader for n in batch["n"]]
+    assert len(lengths) == 64 and min(lengths) > 5

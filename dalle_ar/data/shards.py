@@ -99,8 +99,8 @@ def _encode(ext: str, value: Any) -> bytes:
         fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[base]
         img.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
         return buf.getvalue()
-    if isinstance(value, str):
-        return value.encode("utf-8")
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value).encode("utf-8")  # e.g. KEY.cls holds a class id as text
     if base == "json" or isinstance(value, (dict, list)):
         return json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8")
     if isinstance(value, np.ndarray) and base == "npy":
@@ -299,6 +299,7 @@ def decode_sample(
         return None, "missing_image"
     try:
         with Image.open(io.BytesIO(sample[ext])) as img:
+            img.draft("RGB", (size, size))  # JPEG only: decode at a reduced scale >= size
             image = resize_crop(_to_rgb(img), size, rng)
     except Exception:  # PIL raises many types for corrupt or truncated files
         return None, "bad_image"
