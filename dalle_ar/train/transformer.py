@@ -331,6 +331,8 @@ def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> 
             for name, v in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0) + v / accum
         norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip or math.inf)
+        if hasattr(norm, "full_tensor"):  # FSDP: the norm is a DTensor over the shards
+            norm = norm.full_tensor()
         check = dist.all_reduce_sum(torch.stack([loss_sum, norm.float().to(loss_sum.device)]))
         if not bool(torch.isfinite(check).all()):
             opt.zero_grad(set_to_none=True)

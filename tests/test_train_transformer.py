@@ -1,0 +1,176 @@
+"""The transformer recipe: overfitting, exact resume, 2-process DDP against one process, skipped
+non-finite steps, refusal of another shape, and the CLI end to end on real shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dalle_ar.config import load_config
+from dalle_ar.train import dist
+from dalle_ar.train.transformer import NonFiniteLoss, TrainTransformerConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+T, GH, GW, TV, IV = 6, 3, 3, 20, 12  # text_len, grid, vocabularies
+EMPTY = torch.tensor([1, 2, 0, 0, 0, 0])
+
+
+class MemoryBatches:
+    """A deterministic global batch sequence; rank r of `world` takes its slice. Image codes are
+    a function of the text so the data can be learned."""
+
+    def __init__(self, batch: int, rank: int = 0, world: int = 1, repeat: bool = False,
+                 poison: set[int] | None = None, cond_dim: int = 0) -> None:  # fmt: skip
+        self.batch, self.rank, self.world, self.repeat = batch, rank, world, repeat
+        self.poison, self.cond_dim = poison or set(), cond_dim
+        self.empty_ids, self.empty_len = EMPTY, 2
+
+    def _global(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(0 if self.repeat else 1000 + i)
+        n = self.batch * self.world
+        text = torch.randint(3, TV, (n, T), generator=g)
+        lens = torch.randint(3, T + 1, (n,), generator=g)
+        text[:, 0] = 1
+        text[torch.arange(n), lens - 1] = 2
+        text[torch.arange(T)[None, :] >= lens[:, None]] = 0
+        image = (text[:, 1:2] * 5 + torch.arange(GH * GW)[None, :]) % IV
+        out = {"text": text, "text_lens": lens, "image": image}
+        if self.cond_dim:
+            cond = torch.randn(n, self.cond_dim, generator=g)
+            out["cond"] = cond * (float("nan") if i in self.poison else 1.0)
+        return out
+
+    def train(self, skip: int):
+        i = skip
+        while True:
+            b = self._global(i)
+            sl = slice(self.rank * self.batch, (self.rank + 1) * self.batch)
+            yield {k: v[sl] for k, v in b.items()}
+            i += 1
+
+    def eval(self):
+        return iter([self._global(10_000)])
+
+
+def config(out: Path, *extra: str) -> TrainTransformerConfig:
+    base = [
+        f"model.text_vocab={TV}", f"model.text_len={T}", f"model.image_vocab={IV}",
+        f"model.grid_h={GH}", f"model.grid_w={GW}", "model.dim=32", "model.depth=2",
+        "model.heads=2", "model.head_dim=16", "model.attn_impl=torch", "data.batch_size=4",
+        "optim.lr=3e-3", "optim.warmup_steps=2", "run.steps=6", "run.log_every=1",
+        "run.save_every=3", "run.wandb=disabled", "run.device=cpu", f"run.out_dir={out}",
+        "cond_drop=0.25",
+    ]  # fmt: skip
+    return load_config(TrainTransformerConfig, None, [*base, *extra])
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_tiny_model_overfits_one_batch(tmp_path):
+    cfg = config(tmp_path, "run.steps=120", "run.save_every=1000", "cond_drop=0",
+                 "optim.warmup_steps=5", "run.log_every=10")  # fmt: skip
+    metrics = train(cfg, MemoryBatches(4, repeat=True))
+    first, last = losses(tmp_path)[10], metrics["train/image_loss"]
+    assert last < 0.05 < first, (first, last)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    whole = train(config(tmp_path / "a"), MemoryBatches(4))
+    train(config(tmp_path / "b", "halt_after=3"), MemoryBatches(4))
+    state = torch.load(tmp_path / "b" / "ckpt" / "last" / "train_state.pt", weights_only=True)
+    assert state["step"] == 3 and state["extra"]["micro_batches"] == 3
+    assert not (tmp_path / "b" / "transformer").exists()  # not finished: no final folder yet
+    train(config(tmp_path / "b"), MemoryBatches(4), resume=True)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+    assert (tmp_path / "b" / "transformer" / "model.safetensors").is_file()
+    assert whole["step"] == 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, extra: list[str]) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    try:
+        cfg = config(Path(out), "data.batch_size=2", *extra)
+        train(cfg, MemoryBatches(2, rank=rank, world=world))
+    finally:
+        dist.cleanup()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_data_parallel_matches_one_process(tmp_path, parallel):
+    # global batch 4 in both runs, with accumulation, caption dropout and uneven text lengths
+    extra = ["optim.grad_accum=2", "run.steps=3", f"parallel={parallel}"]
+    train(config(tmp_path / "one", *extra), MemoryBatches(4))
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), extra), nprocs=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (step, one, two)
+    w1 = torch.load(tmp_path / "one" / "ckpt" / "last" / "train_state.pt", weights_only=True)
+    w2 = torch.load(tmp_path / "two" / "ckpt" / "last" / "train_state.pt", weights_only=True)
+    assert w1["step"] == w2["step"] == 3
+
+
+def test_non_finite_steps_are_skipped_and_many_stop_the_run(tmp_path):
+    cond = ["model.cond_dim=4", "model.cond_tokens=2", "cond_drop=0"]
+    metrics = train(config(tmp_path / "a", *cond), MemoryBatches(4, poison={2}, cond_dim=4))
+    assert metrics["step"] == 6 and metrics["skipped_steps"] == 1
+
+    poison = set(range(4, 100))
+    cfg = config(tmp_path / "b", *cond, "max_bad_steps=3", "run.save_every=2")
+    with pytest.raises(NonFiniteLoss, match="3 non-finite losses in a row"):
+        train(cfg, MemoryBatches(4, poison=poison, cond_dim=4))
+    state = torch.load(tmp_path / "b" / "ckpt" / "last" / "train_state.pt", weights_only=True)
+    assert state["step"] == 4  # the last good checkpoint is intact
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):
+    train(config(tmp_path, "run.steps=2"), MemoryBatches(4))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        train(config(tmp_path, "run.steps=4", "model.dim=48"), MemoryBatches(4), resume=True)
+
+
+def test_cli_end_to_end_on_shards(tmp_path, shapes_shards):
+    from dalle_ar.cli import main
+    from dalle_ar.transformer import Transformer
+    from dalle_ar.vq import VQConfig, VQTokenizer
+
+    tok, vq = tmp_path / "tok", tmp_path / "vq"
+    argv = ["train", "tokenizer", "--config", str(ROOT / "configs" / "tokenizer_tiny.yaml"),
+            f"data.train={shapes_shards.train}", f"run.out_dir={tok}"]  # fmt: skip
+    assert main(argv) == 0
+    torch.manual_seed(0)
+    vq_cfg = VQConfig(image_size=16, downsample=4, width=8, num_res_blocks=1, latent_dim=8,
+                      codebook_size=32, kmeans_init=False)  # fmt: skip
+    VQTokenizer(vq_cfg).save_pretrained(vq)
+    out = tmp_path / "run"
+    argv = ["train", "transformer", "--config", str(ROOT / "configs" / "transformer_tiny.yaml"),
+            f"data.train={shapes_shards.train}", f"data.eval={shapes_shards.eval}",
+            f"text_tokenizer={tok / 'tokenizer'}", f"vq={vq}", f"run.out_dir={out}",
+            "data_format=images", "run.steps=6", "run.save_every=3"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 6 and metrics["eval/image_loss"] > 0
+    assert (out / "samples" / "step_0000006.png").is_file()
+    model = Transformer.from_pretrained(out / "transformer")
+    assert model.cfg.grid_h == 4
+    assert main([*argv, "model.depth=0"]) == 2  # a bad config is refused before any work
