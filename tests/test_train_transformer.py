@@ -76,8 +76,8 @@ def losses(out: Path) -> dict[int, float]:
 
 
 def test_tiny_model_overfits_one_batch(tmp_path):
-    cfg = config(tmp_path, "run.steps=120", "run.save_every=1000", "cond_drop=0",
-                 "optim.warmup_steps=5", "run.log_every=10")  # fmt: skip
+    cfg = config(tmp_path, "run.steps=40", "run.save_every=1000", "cond_drop=0",
+                 "optim.lr=1e-2", "optim.warmup_steps=5", "run.log_every=10")  # fmt: skip
     metrics = train(cfg, MemoryBatches(4, repeat=True))
     first, last = losses(tmp_path)[10], metrics["train/image_loss"]
     assert last < 0.05 < first, (first, last)
