@@ -3,6 +3,7 @@ non-finite steps, refusal of another shape, and the CLI end to end on real shard
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -174,3 +175,14 @@ def test_cli_end_to_end_on_shards(tmp_path, shapes_shards):
     model = Transformer.from_pretrained(out / "transformer")
     assert model.cfg.grid_h == 4
     assert main([*argv, "model.depth=0"]) == 2  # a bad config is refused before any work
+
+    # the same recipe on pretokenized shards (tools/pretokenize.py)
+    spec = importlib.util.spec_from_file_location("pretokenize", ROOT / "tools" / "pretokenize.py")
+    pretok = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretok)
+    pretok.pretokenize(vq, shapes_shards.train, tmp_path / "tokens", "train", shard_size=64)
+    argv = [a for a in argv if not a.startswith(("data.", "data_format", "run.out_dir"))]
+    argv += [f"data.train={tmp_path / 'tokens'}", f"run.out_dir={tmp_path / 'run_tokens'}"]
+    assert main([*argv, "run.steps=3"]) == 0
+    metrics = json.loads((tmp_path / "run_tokens" / "metrics.json").read_text())
+    assert metrics["step"] == 3 and "eval/image_loss" not in metrics  # no eval shards given
