@@ -13,7 +13,7 @@ import logging
 import torch
 
 from dalle_ar.kernels.layouts import Layout
-from dalle_ar.kernels.reference import attention_sdpa, decode_reference
+from dalle_ar.kernels.reference import attention_sdpa, decode_sdpa
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -65,7 +65,7 @@ class AttentionBackend:
             from dalle_ar.kernels.decode import decode_attention
 
             return decode_attention(q, k_cache, v_cache, lengths, layout, text_lens)
-        return decode_reference(q, k_cache, v_cache, lengths, layout, text_lens, upcast=False)
+        return decode_sdpa(q, k_cache, v_cache, lengths, layout, text_lens)
 
 
 def triton_available() -> tuple[bool, str]:

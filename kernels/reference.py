@@ -96,3 +96,46 @@ def decode_reference(
     if pad is not None:
         mask = mask & pad
     return _attend(q, k_cache, v_cache, mask[:, None, None, :], scale, upcast)
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_keys(layout: Layout, n_keys: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query position p < n_keys: the keys the layout lets it see, packed to the front of a
+    row as wide as the widest one, and which entries are real (the rest point at key 0).
+    (n_keys, K) each; K is T + a row for `row`, all n_keys for `full`."""
+    pos = torch.arange(n_keys)
+    allowed = layout.allowed(pos[:, None], pos[None, :])  # (N, N)
+    width = int(allowed.sum(1).max())
+    # A stable sort of "not allowed" moves the allowed keys to the front, in key order.
+    keys = torch.sort((~allowed).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    real = torch.gather(allowed, 1, keys)
+    keys = torch.where(real, keys, 0)
+    return keys.to(device), real.to(device)
+
+
+def decode_sdpa(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    layout: Layout,
+    text_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`decode_reference(..., upcast=False)` that reads only the keys the layout lets the query
+    see (a table per (layout, cache length), built once from the rule) and runs the fused
+    scaled_dot_product_attention on them: the fast CPU decode step. A sparse layout reads T + w
+    keys instead of the whole cache, and no mask is rebuilt per step."""
+    B, H, _, D = q.shape
+    n_max = k_cache.shape[2]
+    table, real = _decode_keys(layout, n_max, str(q.device))
+    q_pos = (lengths - 1).to(table.device)  # (B,)
+    keys, mask = table[q_pos], real[q_pos]  # (B, K)
+    if text_lens is not None:
+        mask = mask & ((keys >= layout.text_len) | (keys < text_lens[:, None]))
+    # Rows of the cache seen as (B*H*N, D): one index_select per tensor, far cheaper than gather.
+    base = torch.arange(0, B * H * n_max, n_max, device=keys.device).view(B, H, 1)
+    rows = (base + keys[:, None, :]).flatten()
+    K = keys.shape[1]
+    k = k_cache.reshape(B * H * n_max, D).index_select(0, rows).view(B, H, K, D)
+    v = v_cache.reshape(B * H * n_max, D).index_select(0, rows).view(B, H, K, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
