@@ -203,12 +203,13 @@ class VQTokenizer(nn.Module):
     def codebook_size(self) -> int:
         return self.config.codebook_size
 
-    def grid_size(self, image_size: int) -> int:
-        """Side of the code grid for a square image of side `image_size`."""
+    def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """Code grid (h, w) for images of side `image_size` (or of (height, width))."""
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         f = self.config.downsample
-        if image_size < f or image_size % f != 0:
+        if len(hw) != 2 or any(s < f or s % f for s in hw):
             raise ValueError(f"image size must be a positive multiple of {f}, got {image_size}")
-        return image_size // f
+        return hw[0] // f, hw[1] // f
 
     # -- checks ----------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor) -> None:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
+from PIL import Image
 
-from dalle_ar.config import ConfigError
+from dalle_ar.config import ConfigError, load_config
+from dalle_ar.train import vq as vq_recipe
+from dalle_ar.train.common import lr_at
+from dalle_ar.train.vq import VQRecipeConfig, train
 from dalle_ar.vq import VQConfig, VQTokenizer
 
 TINY = dict(width=8, num_res_blocks=1, latent_dim=8, codebook_size=32, kmeans_iters=2)
@@ -36,7 +47,8 @@ def test_encode_decode_shapes(downsample: int, size: int, grid: int) -> None:
     model = _warm(_model(downsample=downsample, image_size=16), _images(2, size))
     codes = model.encode(_images(2, size))
     assert codes.shape == (2, grid, grid) and codes.dtype == torch.int64
-    assert model.grid_size(size) == grid
+    assert model.grid_size(size) == (grid, grid)
+    assert model.grid_size((size, 2 * size)) == (grid, 2 * grid)
     assert 0 <= codes.min() and codes.max() < model.codebook_size
     out = model.decode(codes)
     assert out.shape == (2, 3, size, size)
@@ -183,3 +195,91 @@ def test_bad_codes_raise_clearly() -> None:
     for bad, msg in cases:
         with pytest.raises(ValueError, match=msg):
             model.decode(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe (`dalle-ar train vq`) on the shared shapes fixture with configs/vq_tiny.yaml.
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "vq_tiny.yaml"
+
+
+def _overrides(shards, out: Path, *extra: str) -> list[str]:
+    return [f"data.train={shards.train}", f"data.eval={shards.eval}", f"run.out_dir={out}", *extra]
+
+
+def test_recipe_trains_evaluates_and_writes_the_component(tmp_path, shapes_shards) -> None:
+    out = tmp_path / "run"
+    cfg = load_config(
+        VQRecipeConfig, TINY_CONFIG, _overrides(shapes_shards, out, "run.eval_every=10")
+    )
+    m = train(cfg)
+    assert m["finished"] and m["step"] == cfg.run.steps == 30
+    assert 5 < m["psnr"] < 60 and 0 < m["codebook_usage"] <= 1
+    assert 1 <= m["perplexity"] <= cfg.model.codebook_size
+    assert m["eval_images"] == shapes_shards.num_eval  # the final evaluation reads everything
+    assert [h["step"] for h in m["history"]] == [10, 20, 30]
+    assert json.loads((out / "metrics.json").read_text())["psnr"] == m["psnr"]
+    assert m["timing"]["steps_per_s"] > 0
+    assert torch.load(out / "ckpt/last/train_state.pt", weights_only=True)["step"] == 30
+    vq = VQTokenizer.from_pretrained(out / "vq")
+    assert vq.config == cfg.model and bool(vq.quantizer._codebook.initted)
+    # 4 images of 16 px, enlarged 4x: originals above reconstructions with 2 px gaps.
+    grid = Image.open(out / "samples" / "recon_000030.png")
+    assert grid.size == (4 * (64 + 2) + 2, 2 * 64 + 3 * 2)
+
+
+def test_recipe_logs_to_wandb_offline(tmp_path, shapes_shards) -> None:
+    out = tmp_path / "run"
+    extra = ("run.wandb=offline", "run.steps=4", "run.sample_every=2", "run.log_every=2")
+    train(load_config(VQRecipeConfig, TINY_CONFIG, _overrides(shapes_shards, out, *extra)))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "recon_000002.png",
+        "recon_000004.png",
+    ]
+
+
+def test_bad_config_is_rejected_before_any_work(tmp_path, shapes_shards, capsys) -> None:
+    out = tmp_path / "run"
+    argv = ["--config", str(TINY_CONFIG), *_overrides(shapes_shards, out)]
+    assert vq_recipe.main([*argv, "model.bogus=1"]) == 2
+    assert "unknown config key 'model.bogus'" in capsys.readouterr().err
+    assert vq_recipe.main([*argv, "model.image_size=32"]) == 2
+    assert "must equal data.image_size=16" in capsys.readouterr().err
+    assert vq_recipe.main([*argv, "loss.recon=huber"]) == 2
+    assert not out.exists()
+
+
+def test_sigkilled_run_resumes_to_the_same_step_count(tmp_path, shapes_shards) -> None:
+    out = tmp_path / "run"
+    steps, every = 60, 5
+    argv = [sys.executable, "-m", "dalle_ar.cli", "train", "vq", "--config", str(TINY_CONFIG)]
+    argv += _overrides(shapes_shards, out, f"run.steps={steps}", f"run.save_every={every}")
+    state_file = out / "ckpt" / "last" / "train_state.pt"
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not state_file.is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
+    saved = torch.load(state_file, weights_only=True)["step"]
+    assert 0 < saved < steps and saved % every == 0
+    assert not (out / "vq").exists()  # killed before the end
+
+    done = subprocess.run([*argv, "--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"at step {saved}" in done.stderr  # continued from the last save, not from 0
+    state = torch.load(state_file, weights_only=True)
+    assert state["step"] == steps
+    # AdamW's own step counter went on from the saved optimizer state.
+    assert all(s["step"].item() == steps for s in state["optimizer"]["state"].values())
+    cfg = load_config(VQRecipeConfig, TINY_CONFIG, _overrides(shapes_shards, out))
+    last_lr = state["optimizer"]["param_groups"][0]["lr"]
+    assert last_lr == pytest.approx(lr_at(steps - 1, cfg.optim, steps))
+    assert json.loads((out / "metrics.json").read_text())["step"] == steps
+    assert VQTokenizer.from_pretrained(out / "vq").codebook_size == cfg.model.codebook_size

@@ -7,87 +7,17 @@ Each output record is `KEY.codes.npy` ((h, w) int16, or int32 above 32768 codes)
 `KEY.json`, with the keys, captions and meta of the input. Records are read in shard order in
 one deterministic pass; bad records are skipped, counted and reported once at the end (the image
 loader's rules). `OUT/PREFIX-tokens.json` records the VQ folder, the grid, the codebook size, the
-record count and the skipped records; the shards load with `dalle_ar.data.tokens`.
+record count and the skipped records; the shards load with
+`dalle_ar.data.tokens.make_token_loader`. The work is `dalle_ar.data.tokens.pretokenize`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-import torch
-from tqdm import tqdm
-
-from dalle_ar.data.shards import make_loader, write_samples
-from dalle_ar.data.tokens import CODES_EXT, codes_dtype, encode_codes
-from dalle_ar.train.common import pick_device
-from dalle_ar.vq import VQTokenizer
-
-log = logging.getLogger("pretokenize")
-
-
-def token_records(vq: VQTokenizer, batches: Any, device: torch.device) -> Iterator[dict[str, Any]]:
-    """Webdataset records {"__key__", "codes.npy", "txt", "json"} for each image of `batches`."""
-    for batch in batches:
-        codes = vq.encode(batch["image"].to(device)).cpu().numpy()  # (B, h, w)
-        for key, caption, meta, c in zip(batch["key"], batch["caption"], batch["meta"], codes):
-            yield {
-                "__key__": key,
-                CODES_EXT: encode_codes(c, vq.codebook_size),
-                "txt": caption,
-                "json": meta,
-            }
-
-
-def pretokenize(
-    vq_dir: str | Path,
-    shards: str,
-    out: str | Path,
-    prefix: str = "train",
-    image_size: int | None = None,
-    batch_size: int = 64,
-    shard_size: int = 5000,
-    device: str = "auto",
-    num_workers: int = 0,
-) -> dict[str, Any]:
-    """Encode every image of `shards` with the VQ folder `vq_dir`; returns the summary written
-    to `out/PREFIX-tokens.json`."""
-    dev = pick_device(device)
-    vq = VQTokenizer.from_pretrained(vq_dir, device=dev)
-    size = image_size or vq.config.image_size
-    grid = vq.grid_size(size)
-    loader = make_loader(shards, size, batch_size, train=False, num_workers=num_workers)
-    start = time.time()
-    bar = tqdm(desc=f"pretokenize {prefix}", unit="batch", disable=None)
-    count = write_samples(token_records(vq, _counted(loader, bar), dev), out, prefix, shard_size)
-    bar.close()
-    summary = {
-        "vq": str(Path(vq_dir).resolve()),
-        "shards": shards,
-        "prefix": prefix,
-        "image_size": size,
-        "grid": [grid, grid],
-        "codebook_size": vq.codebook_size,
-        "dtype": codes_dtype(vq.codebook_size).name,
-        "records": count,
-        "skipped": loader.report.to_dict(),
-        "seconds": round(time.time() - start, 2),
-    }
-    path = Path(out) / f"{prefix}-tokens.json"
-    path.write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def _counted(batches: Any, bar: tqdm) -> Iterator[dict[str, Any]]:
-    for batch in batches:
-        bar.update(1)
-        yield batch
+from dalle_ar.data.tokens import pretokenize
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,12 @@
-"""Token shards: images already turned into VQ codes (written by tools/pretokenize.py).
+"""Token shards: images already turned into VQ codes (`pretokenize`, tools/pretokenize.py).
 
 A record is `KEY.codes.npy` (an (h, w) int16 or int32 array of code ids), `KEY.txt` (the
 caption) and `KEY.json` (meta), so transformer training never reruns the image encoder.
 
 `make_token_loader` yields {"codes": LongTensor (B, h, w), "caption", "meta", "key"} and behaves
-like the image loader of `dalle_ar.data.shards` in everything else: the same shard split across
-ranks and workers, the same shuffle buffer and seeds, the same bad-record rules (skip, count in a
-`BadDataReport`, log once per pass) and the same pass bookkeeping (it reuses `shards.Loader`).
+like the image loader of `dalle_ar.data.shards` in everything else, because it is that loader
+with another record decoder: the same shard split across ranks and workers, the same shuffle
+buffer and seeds, the same bad-record rules (skip, count in a `BadDataReport`, log once per pass).
 """
 
 from __future__ import annotations
@@ -14,21 +14,19 @@ from __future__ import annotations
 import io
 import json
 import random
+import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from dalle_ar.data.shards import (
-    _REPORT,
-    BadDataReport,
-    Loader,
-    _Batches,
-    _rank_world,
-    _raw_samples,
-    read_caption,
-)
+from dalle_ar.data.shards import Loader, _Batches, make_loader, read_caption, write_samples
+
+if TYPE_CHECKING:
+    from dalle_ar.vq import VQTokenizer
 
 CODES_EXT = "codes.npy"
 
@@ -82,72 +80,23 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _TokenBatches(_Batches):
-    """`shards._Batches` with token records in place of images.
+    """`shards._Batches` (split, shuffle, bad-record counting) with token records for images."""
 
-    The two methods below follow `_Batches.__iter__` / `_Batches._records` line for line and
-    differ only in how a record is decoded and collated (`shards` has no hook for that);
-    tests/test_pretokenize.py checks that both loaders give the same record order."""
+    grid: tuple[int, ...] | None = None  # the first record's grid; every batch must share it
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world = _rank_world()
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        slot, slots = rank * workers + worker, world * workers
-        epochs = self.epochs if self.train else 1
-        pending: list[dict[str, Any]] = []
-        epoch = self.start_epoch
-        while epochs is None or epoch < self.start_epoch + epochs:
-            report = BadDataReport()
-            rng = random.Random(f"{self.seed}-{epoch}-{slot}")
-            for item in self._records(epoch, slot, slots, report, rng):
-                pending.append(item)
-                if len(pending) == self.batch:
-                    yield _collate(pending)
-                    pending = []
-            if not self.train and pending:  # evaluation keeps the last partial batch
-                yield _collate(pending)
-                pending = []
-            yield {_REPORT: report.to_dict(), "epoch": epoch, "slot": slot}
-            epoch += 1
+    def decode(
+        self, sample: dict[str, Any], rng: random.Random | None
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        item, reason = decode_token_sample(sample)
+        if item is None:
+            return None, reason
+        self.grid = self.grid or item["codes"].shape
+        if item["codes"].shape != self.grid:
+            return None, "codes_grid_mismatch"
+        return item, None
 
-    def _records(
-        self, epoch: int, slot: int, slots: int, report: BadDataReport, rng: random.Random
-    ) -> Iterator[dict[str, Any]]:
-        urls = list(self.urls)
-        if self.train:
-            random.Random(f"{self.seed}-{epoch}").shuffle(urls)
-        by_shard = len(urls) >= slots
-        mine = urls[slot::slots] if by_shard else urls
-        buf: list[dict[str, Any]] = []
-        grid: tuple[int, ...] | None = None  # every record of a batch must share one grid
-        index = 0
-        for url in mine:
-            shard_report = BadDataReport()
-            for sample in _raw_samples(url, shard_report):
-                index += 1
-                if not by_shard and (index - 1) % slots != slot:
-                    continue
-                item, reason = decode_token_sample(sample)
-                if item is not None:
-                    grid = grid or item["codes"].shape
-                    if item["codes"].shape != grid:
-                        item, reason = None, "codes_grid_mismatch"
-                if item is None:
-                    report.add(reason or "bad_codes", sample["__key__"])
-                    continue
-                if not self.train or self.buffer <= 1:
-                    yield item
-                    continue
-                if len(buf) < self.buffer:
-                    buf.append(item)
-                    continue
-                j = rng.randrange(len(buf))
-                buf[j], item = item, buf[j]
-                yield item
-            if by_shard or urls.index(url) % slots == slot:
-                report.merge(shard_report)
-        rng.shuffle(buf)
-        yield from buf
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return _collate(items)
 
 
 class TokenLoader(Loader):
@@ -202,3 +151,68 @@ def make_token_loader(
         seed=seed,
         epochs=epochs,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: image shards -> token shards.
+
+
+def token_records(vq: VQTokenizer, batches: Any, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Webdataset records {"__key__", "codes.npy", "txt", "json"} for each image of `batches`."""
+    for batch in batches:
+        codes = vq.encode(batch["image"].to(device)).cpu().numpy()  # (B, h, w)
+        for key, caption, meta, c in zip(batch["key"], batch["caption"], batch["meta"], codes):
+            yield {
+                "__key__": key,
+                CODES_EXT: encode_codes(c, vq.codebook_size),
+                "txt": caption,
+                "json": meta,
+            }
+
+
+def pretokenize(
+    vq_dir: str | Path,
+    shards: str,
+    out: str | Path,
+    prefix: str = "train",
+    image_size: int | None = None,
+    batch_size: int = 64,
+    shard_size: int = 5000,
+    device: str = "auto",
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Encode every image of `shards` with the VQ folder `vq_dir`; returns the summary written
+    to `out/PREFIX-tokens.json`."""
+    from dalle_ar.train.common import pick_device
+    from dalle_ar.vq import VQTokenizer  # the VQ stage: imported only when pretokenizing
+
+    dev = pick_device(device)
+    vq = VQTokenizer.from_pretrained(vq_dir, device=dev)
+    size = image_size or vq.config.image_size
+    grid = list(vq.grid_size(size))
+    loader = make_loader(shards, size, batch_size, train=False, num_workers=num_workers)
+    start = time.time()
+    bar = tqdm(desc=f"pretokenize {prefix}", unit="batch", disable=None)
+    count = write_samples(token_records(vq, _counted(loader, bar), dev), out, prefix, shard_size)
+    bar.close()
+    summary = {
+        "vq": str(Path(vq_dir).resolve()),
+        "shards": shards,
+        "prefix": prefix,
+        "image_size": size,
+        "grid": grid,
+        "codebook_size": vq.codebook_size,
+        "dtype": codes_dtype(vq.codebook_size).name,
+        "records": count,
+        "skipped": loader.report.to_dict(),
+        "seconds": round(time.time() - start, 2),
+    }
+    path = Path(out) / f"{prefix}-tokens.json"
+    path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _counted(batches: Any, bar: tqdm) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        bar.update(1)
+        yield batch

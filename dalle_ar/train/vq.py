@@ -75,8 +75,11 @@ class VQRecipeConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     loss: VQLossConfig = dataclasses.field(default_factory=VQLossConfig)
-    eval_batches: int = 0  # held-out batches per evaluation (0 = the whole split)
+    eval_batches: int = 0  # held-out batches per periodic evaluation (0 = all); the final reads all
     grid_images: int = 8  # images per reconstruction grid
+    # torch CPU threads (0 = torch's default). On a CPU shared with other jobs, 1 thread runs
+    # several times faster than 2: multi-threaded ops wait on descheduled threads.
+    cpu_threads: int = 0
 
     def validate(self) -> None:
         require(bool(self.data.train), "data.train", "must name the training shards, got ''")
@@ -87,6 +90,7 @@ class VQRecipeConfig:
         )
         require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
         require(self.grid_images >= 1, "grid_images", "must be >= 1")
+        require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0 (0 = torch's default)")
 
 
 def data_seed(seed: int, step: int) -> int:
@@ -165,6 +169,16 @@ def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -
 
 def train(cfg: VQRecipeConfig, resume: bool = False) -> dict[str, Any]:
     """Run the recipe with a validated config; returns the final metrics (also metrics.json)."""
+    threads = torch.get_num_threads()
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    try:
+        return _train(cfg, resume)
+    finally:
+        torch.set_num_threads(threads)  # a process-wide setting: leave it as it was
+
+
+def _train(cfg: VQRecipeConfig, resume: bool) -> dict[str, Any]:
     from dalle_ar.data.shards import loader_from_config  # the data stage; imported when it runs
 
     run = Run(cfg, cfg.run)
@@ -193,10 +207,10 @@ def train(cfg: VQRecipeConfig, resume: bool = False) -> dict[str, Any]:
         extra = {"elapsed_s": elapsed + time.time() - start}
         run.save(model, cfg.model, COMPONENT, step, opt, extra=extra)
 
-    def eval_and_record() -> dict[str, Any]:
+    def eval_and_record(max_batches: int) -> dict[str, Any]:
         if eval_loader is None:
             return {}
-        m = evaluate(model, eval_loader, device, cfg.eval_batches)
+        m = evaluate(model, eval_loader, device, max_batches)
         history.append({"step": step, **m})
         run.log({f"eval/{k}": v for k, v in m.items()}, step=step)
         log.info("step %d eval: %s", step, _fmt(m))
@@ -233,7 +247,7 @@ def train(cfg: VQRecipeConfig, resume: bool = False) -> dict[str, Any]:
                 )  # fmt: skip
                 pbar.set_postfix(loss=f"{stats['loss']:.4f}", used=f"{used:.2f}")
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total:
-                metrics = eval_and_record()
+                metrics = eval_and_record(cfg.eval_batches)
                 run.write_json("metrics.json", _metrics_json(metrics, history, step, False))
             if cfg.run.sample_every and step % cfg.run.sample_every == 0:
                 _write_grid(run, model, grid, step)
@@ -247,7 +261,7 @@ def train(cfg: VQRecipeConfig, resume: bool = False) -> dict[str, Any]:
         if step == start_step and not (run.ckpt_dir / "train_state.pt").is_file():
             save()
         train_s = time.time() - start
-        metrics = eval_and_record()
+        metrics = eval_and_record(0)  # the final evaluation reads the whole split
         _write_grid(run, model, grid, step)
         model.save_pretrained(run.dir / VQ_DIR)
         timing = {
