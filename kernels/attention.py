@@ -34,25 +34,29 @@ from .layouts import Layout
 
 @triton.jit
 def _rows(ORDER, offs, ok, PERMUTED: tl.constexpr):
-    # Original position of each kernel-order position (see blocks.kernel_order).
+    # Original position of each kernel-order position (see blocks.kernel_order). One return
+    # statement per helper: Triton types every return of a function alike, taken or not.
+    rows = offs
     if PERMUTED:
-        return tl.load(ORDER + offs, mask=ok, other=0)
-    return offs
+        rows = tl.load(ORDER + offs, mask=ok, other=0)
+    return rows
 
 
 @triton.jit
-def _tile(TILES, tile_id, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr):
-    # int32 offsets suffice: the tiles of any real sequence take far less than 2 GB
-    base = TILES + tile_id * (BLOCK_M * BLOCK_N)
-    if TRANSPOSED:  # (BLOCK_N, BLOCK_M) view for the dK/dV kernel
-        offs = tl.arange(0, BLOCK_N)[:, None] + tl.arange(0, BLOCK_M)[None, :] * BLOCK_N
+def _tile(TILE_BITS, tile_id, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          TRANSPOSED: tl.constexpr):  # fmt: skip
+    # One int64 word per query row, bit j = key j (blocks.py); int32 offsets suffice.
+    bits = tl.load(TILE_BITS + tile_id * BLOCK_M + tl.arange(0, BLOCK_M))  # (BM,)
+    offs_j = tl.arange(0, BLOCK_N).to(tl.int64)
+    if TRANSPOSED:  # (BLOCK_N, BLOCK_M) for the dK/dV kernel
+        allowed = ((bits[None, :] >> offs_j[:, None]) & 1) != 0
     else:
-        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    return tl.load(base + offs) != 0
+        allowed = ((bits[:, None] >> offs_j[None, :]) & 1) != 0
+    return allowed
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, K, V, ORDER, TILES, tile_id, kb, N, T, tlen, qk_scale,
+def _fwd_step(acc, l_i, m_i, q, K, V, ORDER, TILE_BITS, tile_id, kb, N, T, tlen, qk_scale,
               stride_kn, stride_vn, offs_d,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
               PERMUTED: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
@@ -69,7 +73,7 @@ def _fwd_step(acc, l_i, m_i, q, K, V, ORDER, TILES, tile_id, kb, N, T, tlen, qk_
         v = tl.load(V + rows_n[:, None] * stride_vn + offs_d[None, :])
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BM, BN)
     if PARTIAL:
-        s = tl.where(_tile(TILES, tile_id, BLOCK_M, BLOCK_N, False), s, float("-inf"))
+        s = tl.where(_tile(TILE_BITS, tile_id, BLOCK_M, BLOCK_N, False), s, float("-inf"))
     if HAS_PAD:  # text keys are in place in kernel order, so offs_n < T means a text key
         key_ok = (offs_n >= T) | (offs_n < tlen)
         s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -84,7 +88,7 @@ def _fwd_step(acc, l_i, m_i, q, K, V, ORDER, TILES, tile_id, kb, N, T, tlen, qk_
 
 @triton.jit
 def _fwd_kernel(Q, K, V, Out, LSE, ORDER, TEXT_LENS, FULL_PTR, FULL_IDX, PART_PTR, PART_IDX,
-                TILES,
+                TILE_BITS,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                 H, N, T, qk_scale,
@@ -109,12 +113,12 @@ def _fwd_kernel(Q, K, V, Out, LSE, ORDER, TEXT_LENS, FULL_PTR, FULL_IDX, PART_PT
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     for t in range(tl.load(FULL_PTR + mb), tl.load(FULL_PTR + mb + 1)):
         kb = tl.load(FULL_IDX + t)
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, ORDER, TILES, t, kb, N, T, tlen,
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, ORDER, TILE_BITS, t, kb, N, T, tlen,
                                   qk_scale, stride_kn, stride_vn, offs_d, BLOCK_M, BLOCK_N,
                                   False, PERMUTED, HAS_PAD, DOT_PREC)  # fmt: skip
     for t in range(tl.load(PART_PTR + mb), tl.load(PART_PTR + mb + 1)):
         kb = tl.load(PART_IDX + t)
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, ORDER, TILES, t, kb, N, T, tlen,
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, ORDER, TILE_BITS, t, kb, N, T, tlen,
                                   qk_scale, stride_kn, stride_vn, offs_d, BLOCK_M, BLOCK_N,
                                   True, PERMUTED, HAS_PAD, DOT_PREC)  # fmt: skip
     # A row that sees no key (only possible with text_lens == 0) gives 0 and lse = +inf, so the
@@ -147,7 +151,7 @@ def _bwd_delta_kernel(Out, DO, DELTA, stride_ob, stride_oh, stride_on,
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, key_ok, Q, DO, LSE, DELTA, ORDER, TILES, tile_id, qb, N, qk_scale,
+def _dkdv_step(dk, dv, k, v, key_ok, Q, DO, LSE, DELTA, ORDER, TILE_BITS, tile_id, qb, N, qk_scale,
                stride_qn, stride_dn, offs_d,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
                PERMUTED: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
@@ -169,7 +173,7 @@ def _dkdv_step(dk, dv, k, v, key_ok, Q, DO, LSE, DELTA, ORDER, TILES, tile_id, q
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BN, BM)
     p_t = tl.math.exp2(s_t - lse[None, :])
     if PARTIAL:
-        p_t = tl.where(_tile(TILES, tile_id, BLOCK_M, BLOCK_N, True), p_t, 0.0)
+        p_t = tl.where(_tile(TILE_BITS, tile_id, BLOCK_M, BLOCK_N, True), p_t, 0.0)
     if HAS_PAD:
         p_t = tl.where(key_ok[:, None], p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
@@ -181,7 +185,7 @@ def _dkdv_step(dk, dv, k, v, key_ok, Q, DO, LSE, DELTA, ORDER, TILES, tile_id, q
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, TEXT_LENS,
-                     T_FULL_PTR, T_FULL_IDX, T_PART_PTR, T_PART_IDX, T_PART_TILE, TILES,
+                     T_FULL_PTR, T_FULL_IDX, T_PART_PTR, T_PART_IDX, T_PART_TILE, TILE_BITS,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
                      stride_gb, stride_gh, stride_gn,
@@ -213,13 +217,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, TEXT_LENS,
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     for t in range(tl.load(T_FULL_PTR + kb), tl.load(T_FULL_PTR + kb + 1)):
         qb = tl.load(T_FULL_IDX + t)
-        dk, dv = _dkdv_step(dk, dv, k, v, key_ok, Q, DO, LSE, DELTA, ORDER, TILES, 0, qb, N,
+        dk, dv = _dkdv_step(dk, dv, k, v, key_ok, Q, DO, LSE, DELTA, ORDER, TILE_BITS, 0, qb, N,
                             qk_scale, stride_qn, stride_dn, offs_d, BLOCK_M, BLOCK_N, False,
                             PERMUTED, HAS_PAD, DOT_PREC)  # fmt: skip
     for t in range(tl.load(T_PART_PTR + kb), tl.load(T_PART_PTR + kb + 1)):
         qb = tl.load(T_PART_IDX + t)
         tile_id = tl.load(T_PART_TILE + t)
-        dk, dv = _dkdv_step(dk, dv, k, v, key_ok, Q, DO, LSE, DELTA, ORDER, TILES, tile_id, qb,
+        dk, dv = _dkdv_step(dk, dv, k, v, key_ok, Q, DO, LSE, DELTA, ORDER, TILE_BITS, tile_id, qb,
                             N, qk_scale, stride_qn, stride_dn, offs_d, BLOCK_M, BLOCK_N, True,
                             PERMUTED, HAS_PAD, DOT_PREC)  # fmt: skip
     g_offs = b * stride_gb + h * stride_gh + rows_n[:, None] * stride_gn + offs_d[None, :]
@@ -228,7 +232,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, TEXT_LENS,
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, K, V, ORDER, TILES, tile_id, kb, N, T, tlen, qk_scale,
+def _dq_step(dq, q, do, lse, delta, K, V, ORDER, TILE_BITS, tile_id, kb, N, T, tlen, qk_scale,
              stride_kn, stride_vn, offs_d,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
              PERMUTED: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
@@ -246,7 +250,7 @@ def _dq_step(dq, q, do, lse, delta, K, V, ORDER, TILES, tile_id, kb, N, T, tlen,
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BM, BN)
     p = tl.math.exp2(s - lse[:, None])
     if PARTIAL:
-        p = tl.where(_tile(TILES, tile_id, BLOCK_M, BLOCK_N, False), p, 0.0)
+        p = tl.where(_tile(TILE_BITS, tile_id, BLOCK_M, BLOCK_N, False), p, 0.0)
     if HAS_PAD:
         key_ok = (offs_n >= T) | (offs_n < tlen)
         p = tl.where(key_ok[None, :], p, 0.0)
@@ -258,7 +262,7 @@ def _dq_step(dq, q, do, lse, delta, K, V, ORDER, TILES, tile_id, kb, N, T, tlen,
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ORDER, TEXT_LENS,
-                   FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, TILES,
+                   FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, TILE_BITS,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
                    stride_gb, stride_gh, stride_gn,
@@ -286,12 +290,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ORDER, TEXT_LENS,
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     for t in range(tl.load(FULL_PTR + mb), tl.load(FULL_PTR + mb + 1)):
         kb = tl.load(FULL_IDX + t)
-        dq = _dq_step(dq, q, do, lse, delta, K, V, ORDER, TILES, t, kb, N, T, tlen, qk_scale,
+        dq = _dq_step(dq, q, do, lse, delta, K, V, ORDER, TILE_BITS, t, kb, N, T, tlen, qk_scale,
                       stride_kn, stride_vn, offs_d, BLOCK_M, BLOCK_N, False, PERMUTED, HAS_PAD,
                       DOT_PREC)  # fmt: skip
     for t in range(tl.load(PART_PTR + mb), tl.load(PART_PTR + mb + 1)):
         kb = tl.load(PART_IDX + t)
-        dq = _dq_step(dq, q, do, lse, delta, K, V, ORDER, TILES, t, kb, N, T, tlen, qk_scale,
+        dq = _dq_step(dq, q, do, lse, delta, K, V, ORDER, TILE_BITS, t, kb, N, T, tlen, qk_scale,
                       stride_kn, stride_vn, offs_d, BLOCK_M, BLOCK_N, True, PERMUTED, HAS_PAD,
                       DOT_PREC)  # fmt: skip
     tl.store(DQ + b * stride_gb + h * stride_gh + rows_m[:, None] * stride_gn + offs_d[None, :],
@@ -314,7 +318,7 @@ class _Attention(torch.autograd.Function):
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         _fwd_kernel[(bs.n_query_blocks, B * H)](
             q, k, v, o, lse, bs.order, lens, bs.full_ptr, bs.full_idx, bs.part_ptr,
-            bs.part_idx, bs.tiles, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            bs.part_idx, bs.tile_bits, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, N, layout.text_len, scale * math.log2(math.e),
             HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PERMUTED=bs.permuted,
             HAS_PAD=text_lens is not None, DOT_PREC=prec,
@@ -347,7 +351,7 @@ class _Attention(torch.autograd.Function):
         )  # fmt: skip
         _bwd_dkdv_kernel[(bs.n_key_blocks, B * H)](
             q, k, v, do, dk, dv, lse, delta, bs.order, lens, bs.t_full_ptr, bs.t_full_idx,
-            bs.t_part_ptr, bs.t_part_idx, bs.t_part_tile, bs.tiles, *_strides(q), *_strides(k),
+            bs.t_part_ptr, bs.t_part_idx, bs.t_part_tile, bs.tile_bits, *_strides(q), *_strides(k),
             *_strides(v), *_strides(do), *_strides(dk), H, N, ctx.layout.text_len, ctx.scale,
             qk_scale, **common,
         )  # fmt: skip
@@ -356,7 +360,7 @@ class _Attention(torch.autograd.Function):
             dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
             _bwd_dq_kernel[(bs.n_query_blocks, B * H)](
                 q, k, v, do, dq, lse, delta, bs.order, lens, bs.full_ptr, bs.full_idx,
-                bs.part_ptr, bs.part_idx, bs.tiles, *_strides(q), *_strides(k), *_strides(v),
+                bs.part_ptr, bs.part_idx, bs.tile_bits, *_strides(q), *_strides(k), *_strides(v),
                 *_strides(do), *_strides(dq), H, N, ctx.layout.text_len, ctx.scale, qk_scale,
                 **common,
             )  # fmt: skip

@@ -13,7 +13,10 @@ torch) on positions and reducing over blocks, then cached per (layout, n, block 
 - `BlockSparsity`: per query block the key blocks that are fully visible (no element mask) or
   partially visible (with the precomputed mask tile), as CSR arrays; the same pairs grouped per
   key block (the transposed lists the dK/dV backward kernel iterates). Fully masked blocks appear
-  in neither list and are never loaded.
+  in neither list and are never loaded. A mask tile is stored as one int64 bit row per query
+  (bit j: key j of the block), so a kernel loads block_m words instead of a block_m x block_n
+  tile: a tile of pointers costs the registers the matmul accumulators need (at 128 x 64 it made
+  the SM90 forward spill), and the same words serve the transposed (key-major) view.
 - `DecodeTables`: the decode-step mask rows and the per-row key-block visibility.
 """
 
@@ -77,14 +80,22 @@ def _csr(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ptr.int(), sel.nonzero()[:, 1].int()
 
 
+def _pack_bits(tiles: torch.Tensor) -> torch.Tensor:
+    """(t, block_m, block_n <= 64) bool -> (t, block_m) int64 words, bit j = column j. The bits
+    are disjoint, so their sum is their bitwise or (bit 63 wraps to the sign, as intended)."""
+    shifts = torch.arange(tiles.shape[-1], dtype=torch.int64)
+    return (tiles.to(torch.int64) << shifts).sum(dim=-1).contiguous()
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSparsity:
     """The block lists of one (layout, n, block_m, block_n), on one device.
 
     Row-wise (per query block m; forward and dQ kernels): key blocks
     `full_idx[full_ptr[m]:full_ptr[m+1]]` and `part_idx[part_ptr[m]:part_ptr[m+1]]`; the mask
-    tile of partial entry t is `tiles[t]`. Column-wise (per key block; dK/dV kernel): query blocks
-    `t_full_idx[t_full_ptr[j]:...]`, `t_part_idx[...]` with tile ids `t_part_tile[...]`.
+    tile of partial entry t is `tile(t)`, stored as bits in `tile_bits[t]`. Column-wise (per key
+    block; dK/dV kernel): query blocks `t_full_idx[t_full_ptr[j]:...]`, `t_part_idx[...]` with
+    tile ids `t_part_tile[...]`.
     """
 
     block_m: int  # queries per block
@@ -96,12 +107,12 @@ class BlockSparsity:
     full_idx: torch.Tensor  # (n_full,) int32 key blocks
     part_ptr: torch.Tensor  # (n_m + 1,) int32
     part_idx: torch.Tensor  # (n_part,) int32 key blocks
-    tiles: torch.Tensor  # (n_part, block_m, block_n) int8, 1 = allowed
+    tile_bits: torch.Tensor  # (n_part, block_m) int64: bit j of word i = query i sees key j
     t_full_ptr: torch.Tensor  # (n_n + 1,) int32
     t_full_idx: torch.Tensor  # (n_full,) int32 query blocks
     t_part_ptr: torch.Tensor  # (n_n + 1,) int32
     t_part_idx: torch.Tensor  # (n_part,) int32 query blocks
-    t_part_tile: torch.Tensor  # (n_part,) int32 index into `tiles`
+    t_part_tile: torch.Tensor  # (n_part,) int32 index into `tile_bits`
 
     @property
     def n_query_blocks(self) -> int:
@@ -110,6 +121,11 @@ class BlockSparsity:
     @property
     def n_key_blocks(self) -> int:
         return self.t_full_ptr.numel() - 1
+
+    def tile(self, t: int) -> torch.Tensor:
+        """(block_m, block_n) bool mask tile of partial entry t, unpacked from its bits."""
+        bits = self.tile_bits[t].cpu()
+        return (bits[:, None] >> torch.arange(self.block_n)[None, :]) & 1 == 1
 
     def visited_pairs(self) -> int:
         """(query block, key block) pairs the kernels load, out of n_m * n_n."""
@@ -137,7 +153,7 @@ def _block_sparsity(layout: Layout, n: int, block_m: int, block_n: int, device: 
         full_idx=to(full_idx),
         part_ptr=to(part_ptr),
         part_idx=to(part_idx),
-        tiles=to(tiles[partial].to(torch.int8).contiguous()),
+        tile_bits=to(_pack_bits(tiles[partial])),
         t_full_ptr=to(t_full_ptr),
         t_full_idx=to(t_full_idx),
         t_part_ptr=to(t_part_ptr),
@@ -150,8 +166,11 @@ def block_sparsity(
     layout: Layout, n: int, block_m: int, block_n: int, device: torch.device | str = "cpu"
 ) -> BlockSparsity:
     """The cached block lists for `layout` over n positions with the given block sizes."""
-    if n < 1 or block_m < 1 or block_n < 1:
-        raise ValueError(f"need n, block_m, block_n >= 1, got {n}, {block_m}, {block_n}")
+    if n < 1 or block_m < 1 or not 1 <= block_n <= 64:
+        raise ValueError(
+            f"need n >= 1, block_m >= 1, 1 <= block_n <= 64 (one int64 mask word per query), "
+            f"got {n}, {block_m}, {block_n}"
+        )
     return _block_sparsity(layout, n, block_m, block_n, str(torch.device(device)))
 
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .blocks import decode_tables
-from .launch import DecodeConfig, check_layout, check_lens, check_qkv
+from .launch import DecodeConfig, check_layout, check_lens, check_qkv, default_decode_config
 from .layouts import Layout
 
 
@@ -171,5 +171,5 @@ def decode_attention(
     check_lens(lengths, q.shape[0], q.device, "lengths")
     check_lens(text_lens, q.shape[0], q.device, "text_lens")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    config = DecodeConfig() if config is None else config
+    config = default_decode_config(q.shape[-1]) if config is None else config
     return _DecodeAttention.apply(q, k_cache, v_cache, lengths, layout, text_lens, scale, config)

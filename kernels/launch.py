@@ -19,7 +19,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
-    block_m: int  # queries per program (decode: unused)
+    block_m: int  # queries per program
     block_n: int  # keys per inner step
     num_warps: int
     num_stages: int
@@ -29,6 +29,8 @@ class BlockConfig:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        if self.block_n > 64:  # a partial block's mask row is one int64 word (blocks.py)
+            raise ValueError(f"block_n must be <= 64, got {self.block_n}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
         if self.num_stages < 1:
@@ -56,18 +58,25 @@ class DecodeConfig:
 
 
 def default_attention_config(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
-    """Block sizes for an H100-class GPU (SM90, 228 KB shared memory per SM).
+    """Launch settings for an H100 (SM90), chosen so that no kernel spills registers when
+    compiled for sm_90 (tests/test_kernel_compile.py checks this).
 
-    Forward: 128 queries x 64 keys per step keeps the tensor cores fed; D=128 needs 8 warps to
-    hold the (128, 128) fp32 accumulator without spilling. fp32 inputs double the shared memory
-    per stage, hence smaller tiles. Backward: 64 x 64, since the dK/dV kernel holds four
-    (64, D) tiles (k, v and their fp32 gradients) in registers across its whole loop.
+    fp16/bf16: 128 queries per program reuse each loaded key block across many rows; the backward
+    holds k, v and their fp32 gradients in registers for its whole loop, hence 64 x 64. D=128
+    needs 8 warps and 32-key steps to keep its (128, 128) fp32 accumulator. fp32 runs exact
+    (non-tensor-core) dots, which hold whole tiles in registers: much smaller tiles.
     """
     if dtype == torch.float32:
-        return AttentionConfig(BlockConfig(64, 32, 4, 2), BlockConfig(32, 32, 4, 2))
+        fwd = BlockConfig(32, 16, 8, 2) if head_dim >= 128 else BlockConfig(32, 32, 4, 2)
+        return AttentionConfig(fwd, BlockConfig(16, 16, 4, 2))
     if head_dim >= 128:
-        return AttentionConfig(BlockConfig(128, 64, 8, 2), BlockConfig(64, 64, 8, 2))
+        return AttentionConfig(BlockConfig(128, 32, 8, 2), BlockConfig(64, 32, 8, 2))
     return AttentionConfig(BlockConfig(128, 64, 4, 3), BlockConfig(64, 64, 4, 2))
+
+
+def default_decode_config(head_dim: int) -> DecodeConfig:
+    """64 keys per step; D=128 takes 8 warps to hold its (64, 128) key tile without spilling."""
+    return DecodeConfig(block_n=64, num_warps=8 if head_dim >= 128 else 4)
 
 
 def interpreting() -> bool:

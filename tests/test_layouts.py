@@ -116,7 +116,7 @@ def _check_block_lists(lay: Layout, n: int, bm: int, bn: int) -> None:
                 covered[m * bm : (m + 1) * bm, j * bn : (j + 1) * bn] = True
             elif (m, j) in part:
                 assert blk.any() and not blk.all()
-                tile = bs.tiles[tile_of[(m, j)]].bool()
+                tile = bs.tile(tile_of[(m, j)])
                 assert torch.equal(tile, blk)
                 covered[m * bm : (m + 1) * bm, j * bn : (j + 1) * bn] = tile
             else:
@@ -152,11 +152,21 @@ def test_block_lists_cover_exactly_the_allowed_pairs(
     _check_block_lists(lay, n, bm, bn)
 
 
+def test_64_key_blocks_use_every_bit_of_the_mask_word() -> None:
+    # bit 63 is the sign bit of the int64 word: a 64-wide tile must survive the round trip
+    lay = Layout("conv", text_len=5, grid_h=9, grid_w=11, conv_kernel=5)
+    _check_block_lists(lay, lay.seq_len, 32, 64)
+    bs = block_sparsity(lay, lay.seq_len, 32, 64)
+    assert (bs.tile_bits < 0).any()
+
+
 def test_block_sparsity_is_cached_and_checks_sizes() -> None:
     lay = Layout("row", 4, 5, 5)
     assert block_sparsity(lay, 29, 16, 16) is block_sparsity(lay, 29, 16, 16)
     with pytest.raises(ValueError, match="block_m"):
         block_sparsity(lay, 29, 0, 16)
+    with pytest.raises(ValueError, match="block_n <= 64"):
+        block_sparsity(lay, 29, 16, 128)
 
 
 @pytest.mark.parametrize("kind", LAYOUT_KINDS)
