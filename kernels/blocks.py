@@ -17,7 +17,8 @@ torch) on positions and reducing over blocks, then cached per (layout, n, block 
   (bit j: key j of the block), so a kernel loads block_m words instead of a block_m x block_n
   tile: a tile of pointers costs the registers the matmul accumulators need (at 128 x 64 it made
   the SM90 forward spill), and the same words serve the transposed (key-major) view.
-- `DecodeTables`: the decode-step mask rows and the per-row key-block visibility.
+- `DecodeTables`: per query position, the keys the decode step reads (the decode-step mask as
+  a list of allowed keys).
 """
 
 from __future__ import annotations
@@ -176,32 +177,44 @@ def block_sparsity(
 
 @dataclasses.dataclass(frozen=True)
 class DecodeTables:
-    """Decode-step masks for queries at any position < n_max over keys < n_max."""
+    """Decode-step key lists for queries at any position < n_max over a cache of n_max keys.
 
-    block_n: int  # keys per block
-    mask: torch.Tensor  # (n_max, n_max) int8: row p is the mask of a query at position p
-    block_visible: torch.Tensor  # (n_max, n_blocks) int8: row p has an allowed key in block j
+    Decoding is bound by reading the cache, so the step reads only the keys its query may see:
+    row p of `keys` lists them (ascending, `count[p]` of them, padding 0). For col that is
+    T + h keys instead of every earlier one; a layout where every position sees all earlier
+    keys (`contiguous`) needs no list: the kernel reads keys 0..p directly.
+    """
+
+    keys: (
+        torch.Tensor
+    )  # (n_max, width) int32 allowed keys per query position (unused if contiguous)
+    count: torch.Tensor  # (n_max,) int32 allowed keys per query position
+    width: int  # the most keys any position sees
+    contiguous: bool  # every position p sees exactly keys 0..p
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _decode_tables(layout: Layout, n_max: int, block_n: int, device: str) -> DecodeTables:
+def _decode_tables(layout: Layout, n_max: int, device: str) -> DecodeTables:
     pos = torch.arange(n_max)
-    mask = layout.mask_row(pos, n_max)  # (n_max, n_max)
-    n_blocks = -(-n_max // block_n)
-    padded = torch.zeros(n_max, n_blocks * block_n, dtype=torch.bool)
-    padded[:, :n_max] = mask
-    visible = padded.view(n_max, n_blocks, block_n).any(dim=-1)
+    mask = layout.mask_row(pos, n_max)  # (n_max, n_max), the rule
+    count = mask.sum(dim=1)
+    contiguous = bool(torch.equal(count, pos + 1))  # causal rule: all j <= p are allowed
+    width = int(count.max())
+    if contiguous:
+        keys = torch.zeros(1, 1, dtype=torch.int32)
+    else:  # a stable sort of "not allowed" brings the allowed keys to the front, in order
+        keys = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+        keys = torch.where(torch.arange(width)[None, :] < count[:, None], keys, 0).int()
     return DecodeTables(
-        block_n=block_n,
-        mask=mask.to(torch.int8).to(device),
-        block_visible=visible.to(torch.int8).to(device),
+        keys=keys.contiguous().to(device),
+        count=count.int().to(device),
+        width=width,
+        contiguous=contiguous,
     )
 
 
-def decode_tables(
-    layout: Layout, n_max: int, block_n: int, device: torch.device | str = "cpu"
-) -> DecodeTables:
-    """The cached decode-step masks for `layout` over a cache of n_max positions."""
-    if n_max < 1 or block_n < 1:
-        raise ValueError(f"need n_max, block_n >= 1, got {n_max}, {block_n}")
-    return _decode_tables(layout, n_max, block_n, str(torch.device(device)))
+def decode_tables(layout: Layout, n_max: int, device: torch.device | str = "cpu") -> DecodeTables:
+    """The cached decode-step key lists for `layout` over a cache of n_max positions."""
+    if n_max < 1:
+        raise ValueError(f"need n_max >= 1, got {n_max}")
+    return _decode_tables(layout, n_max, str(torch.device(device)))

@@ -1,13 +1,13 @@
 """One decode step: a single new query per sequence against a static KV cache.
 
-The query of sequence b sits at position lengths[b] - 1 and sees the cache entries its layout
-allows (mask rows from `blocks.decode_tables`, derived from `Layout.allowed`); key blocks with
-no allowed key for that position are skipped without being loaded. Decoding is bound by reading
-the cache, and with few (batch, head) pairs there are too few programs to use the GPU's memory
-bandwidth, so the key range is split across programs (flash-decoding, Dao et al. 2023): each
-split writes its normalised partial output and log-sum-exp, and a second kernel merges them.
-The grid depends only on shapes, never on the lengths' values, so the step needs no host sync
-and can be captured in a CUDA graph.
+The query of sequence b sits at position lengths[b] - 1 and reads only the cache entries its
+layout allows, listed per position by `blocks.decode_tables` (derived from `Layout.allowed`):
+for col that is T + h keys instead of every earlier one; a layout that sees all earlier keys
+reads them directly. Decoding is bound by reading the cache, and with few (batch, head) pairs
+there are too few programs to use the GPU's memory bandwidth, so the key list is split across
+programs (flash-decoding, Dao et al. 2023): each split writes its normalised partial output and
+log-sum-exp, and a second kernel merges them. The grid depends only on shapes, never on the
+lengths' values, so the step needs no host sync and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -24,19 +24,22 @@ from .layouts import Layout
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, Out, O_PART, LSE_PART, LENGTHS, TEXT_LENS, MASK,
-                         VISIBLE,
+def _decode_split_kernel(Q, K, V, Out, O_PART, LSE_PART, LENGTHS, TEXT_LENS, KEYS, COUNT,
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_ob, stride_oh,
-                         H, N_MAX, N_BLOCKS, BLOCKS_PER_SPLIT, T, qk_scale,
-                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PAD: tl.constexpr,
-                         FINAL: tl.constexpr):  # fmt: skip
+                         H, N_MAX, WIDTH, BLOCKS_PER_SPLIT, T, qk_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, INDEXED: tl.constexpr,
+                         HAS_PAD: tl.constexpr, FINAL: tl.constexpr):  # fmt: skip
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    length = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), N_MAX)  # never read past the cache
-    pos = length - 1
+    # lengths must lie in [1, N_MAX]; clamping keeps a bad value from reading out of bounds
+    pos = tl.minimum(tl.maximum(tl.load(LENGTHS + b).to(tl.int32), 1), N_MAX) - 1
+    if INDEXED:
+        count = tl.load(COUNT + pos)
+    else:
+        count = pos + 1
     offs_d = tl.arange(0, HEAD_DIM)
     offs_j = tl.arange(0, BLOCK_N)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d).to(tl.float32)
@@ -48,27 +51,27 @@ def _decode_split_kernel(Q, K, V, Out, O_PART, LSE_PART, LENGTHS, TEXT_LENS, MAS
     l_i = tl.sum(tl.zeros((BLOCK_N,), tl.float32), 0)
     acc = tl.zeros((HEAD_DIM,), tl.float32)
     lo = split * BLOCKS_PER_SPLIT
-    hi = tl.minimum(lo + BLOCKS_PER_SPLIT, tl.cdiv(length, BLOCK_N))
+    hi = tl.minimum(lo + BLOCKS_PER_SPLIT, tl.cdiv(count, BLOCK_N))
     for blk in range(lo, hi):
-        if tl.load(VISIBLE + pos.to(tl.int64) * N_BLOCKS + blk) != 0:
-            offs_n = blk * BLOCK_N + offs_j
-            ok = offs_n < length
-            allowed = tl.load(MASK + pos.to(tl.int64) * N_MAX + offs_n, mask=ok, other=0) != 0
-            if HAS_PAD:
-                allowed = allowed & ((offs_n >= T) | (offs_n < tlen))
-            k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None],
-                        other=0.0)  # fmt: skip
-            s = tl.sum(q[None, :] * k.to(tl.float32), 1) * qk_scale  # (BLOCK_N,), log2 units
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe)
-            alpha = tl.math.exp2(m_i - m_safe)
-            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None],
-                        other=0.0)  # fmt: skip
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-            m_i = m_new
+        offs = blk * BLOCK_N + offs_j
+        ok = offs < count
+        keys = offs
+        if INDEXED:
+            keys = tl.load(KEYS + pos.to(tl.int64) * WIDTH + offs, mask=ok, other=0)
+        allowed = ok
+        if HAS_PAD:
+            allowed = allowed & ((keys >= T) | (keys < tlen))
+        k = tl.load(K + keys[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.sum(q[None, :] * k.to(tl.float32), 1) * qk_scale  # (BLOCK_N,), log2 units
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe)
+        alpha = tl.math.exp2(m_i - m_safe)
+        v = tl.load(V + keys[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     if FINAL:  # a single split: write the output directly
         o = acc / l_safe
@@ -117,8 +120,8 @@ class _DecodeAttention(torch.autograd.Function):
     def forward(ctx, q, k_cache, v_cache, lengths, layout, text_lens, scale, config):
         B, H, _, D = q.shape
         n_max = k_cache.shape[2]
-        tables = decode_tables(layout, n_max, config.block_n, q.device)
-        n_blocks = triton.cdiv(n_max, config.block_n)
+        tables = decode_tables(layout, n_max, q.device)
+        n_blocks = triton.cdiv(tables.width, config.block_n)
         splits = _num_splits(config, B * H, n_blocks, q.device)
         per_split = triton.cdiv(n_blocks, splits)
         o = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
@@ -127,11 +130,11 @@ class _DecodeAttention(torch.autograd.Function):
         lse_part = torch.empty((splits, B * H) if not final else (1,), device=q.device)
         lens = lengths if text_lens is None else text_lens
         _decode_split_kernel[(splits, B * H)](
-            q, k_cache, v_cache, o, o_part, lse_part, lengths, lens, tables.mask,
-            tables.block_visible, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-            k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            o.stride(0), o.stride(1), H, n_max, n_blocks, per_split, layout.text_len,
-            scale * math.log2(math.e), HEAD_DIM=D, BLOCK_N=config.block_n,
+            q, k_cache, v_cache, o, o_part, lse_part, lengths, lens, tables.keys, tables.count,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
+            H, n_max, tables.width, per_split, layout.text_len, scale * math.log2(math.e),
+            HEAD_DIM=D, BLOCK_N=config.block_n, INDEXED=not tables.contiguous,
             HAS_PAD=text_lens is not None, FINAL=final, num_warps=config.num_warps,
             num_stages=config.num_stages,
         )  # fmt: skip

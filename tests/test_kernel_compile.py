@@ -39,7 +39,7 @@ def _compile(dtype: str, head_dim: int) -> list[dict]:
     ptr = {"ORDER": "*i32", "TILE_BITS": "*i64", "LSE": "*fp32", "DELTA": "*fp32"}
     ptr |= {n: "*i32" for n in ("FULL_PTR", "FULL_IDX", "PART_PTR", "PART_IDX", "T_PART_TILE")}
     ptr |= {n: "*i32" for n in ("T_FULL_PTR", "T_FULL_IDX", "T_PART_PTR", "T_PART_IDX")}
-    ptr |= {"O_PART": "*fp32", "LSE_PART": "*fp32", "MASK": "*i8", "VISIBLE": "*i8"}
+    ptr |= {"O_PART": "*fp32", "LSE_PART": "*fp32", "KEYS": "*i32", "COUNT": "*i32"}
     ptr |= {"LENGTHS": "*i64", "TEXT_LENS": "*i32"}
     prec = "ieee" if dtype == "fp32" else "tf32"
     jobs = []
@@ -50,8 +50,9 @@ def _compile(dtype: str, head_dim: int) -> list[dict]:
         jobs += [(att._fwd_kernel, fwd, cfg.fwd), (att._bwd_dkdv_kernel, bwd, cfg.bwd)]
         jobs += [(att._bwd_dq_kernel, bwd, cfg.bwd)]
     jobs.append((att._bwd_delta_kernel, dict(HEAD_DIM=head_dim, BLOCK_M=cfg.bwd.block_m), None))
-    for final in (False, True):
-        consts = dict(HEAD_DIM=head_dim, BLOCK_N=dcfg.block_n, HAS_PAD=True, FINAL=final)
+    for indexed, final in [(False, True), (True, False)]:
+        consts = dict(HEAD_DIM=head_dim, BLOCK_N=dcfg.block_n, INDEXED=indexed, HAS_PAD=True,
+                      FINAL=final)  # fmt: skip
         jobs.append((dec._decode_split_kernel, consts, dcfg))
     jobs.append((dec._decode_merge_kernel, dict(HEAD_DIM=head_dim, SPLITS_P2=8), None))
     out = []

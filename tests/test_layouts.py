@@ -170,12 +170,17 @@ def test_block_sparsity_is_cached_and_checks_sizes() -> None:
 
 
 @pytest.mark.parametrize("kind", LAYOUT_KINDS)
-def test_decode_tables_follow_the_rule(kind: str) -> None:
+def test_decode_tables_list_exactly_the_allowed_keys(kind: str) -> None:
     lay = Layout(kind, text_len=3, grid_h=4, grid_w=5, conv_kernel=3)
     n = lay.seq_len
-    tables = decode_tables(lay, n, block_n=8)
-    pos = torch.arange(n)
-    assert torch.equal(tables.mask.bool(), lay.mask_row(pos, n))
+    tables = decode_tables(lay, n)
+    mask = lay.mask_row(torch.arange(n), n)
+    assert torch.equal(tables.count, mask.sum(1).int())
+    assert tables.width == int(mask.sum(1).max())
+    assert tables.contiguous == (kind == "full")
     for p in range(n):
-        for j in range(tables.block_visible.shape[1]):
-            assert bool(tables.block_visible[p, j]) == bool(tables.mask[p, j * 8 : j * 8 + 8].any())
+        want = mask[p].nonzero()[:, 0].tolist()
+        got = list(range(p + 1)) if tables.contiguous else tables.keys[p, : len(want)].tolist()
+        assert got == want
+    if kind == "col":  # the point of the lists: T + (rows so far) keys, not every earlier one
+        assert tables.width == 3 + 4
