@@ -46,10 +46,12 @@ class AttentionBackend:
         layout: Layout,
         text_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.name == "triton" and q.is_cuda:
-            from dalle_ar.kernels.attention import attention
+        if self.name == "triton":
+            if q.is_cuda:
+                from dalle_ar.kernels.attention import attention
 
-            return attention(q, k, v, layout, text_lens)
+                return attention(q, k, v, layout, text_lens)
+            _warn_once("attention: Triton backend got CPU tensors; using the PyTorch path")
         return attention_sdpa(q, k, v, layout, text_lens)
 
     def decode(
@@ -61,10 +63,12 @@ class AttentionBackend:
         layout: Layout,
         text_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.name == "triton" and q.is_cuda:
-            from dalle_ar.kernels.decode import decode_attention
+        if self.name == "triton":
+            if q.is_cuda:
+                from dalle_ar.kernels.decode import decode_attention
 
-            return decode_attention(q, k_cache, v_cache, lengths, layout, text_lens)
+                return decode_attention(q, k_cache, v_cache, lengths, layout, text_lens)
+            _warn_once("attention: Triton backend got CPU tensors; using the PyTorch path")
         return decode_sdpa(q, k_cache, v_cache, lengths, layout, text_lens)
 
 

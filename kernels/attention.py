@@ -312,7 +312,8 @@ class _Attention(torch.autograd.Function):
         B, H, N, D = q.shape
         cfg = config.fwd
         bs = block_sparsity(layout, N, cfg.block_m, cfg.block_n, q.device)
-        lens = bs.order if text_lens is None else text_lens.to(torch.int32)
+        # indexed by batch in the kernels: materialise an expanded (stride 0) tensor
+        lens = bs.order if text_lens is None else text_lens.to(torch.int32).contiguous()
         o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
         prec = "ieee" if q.dtype == torch.float32 else "tf32"

@@ -128,7 +128,9 @@ class _DecodeAttention(torch.autograd.Function):
         final = splits == 1
         o_part = torch.empty((splits, B * H, D) if not final else (1,), device=q.device)
         lse_part = torch.empty((splits, B * H) if not final else (1,), device=q.device)
-        lens = lengths if text_lens is None else text_lens
+        # the kernel indexes these by batch: an expanded (stride 0) tensor must be materialised
+        lengths = lengths.contiguous()
+        lens = lengths if text_lens is None else text_lens.contiguous()
         _decode_split_kernel[(splits, B * H)](
             q, k_cache, v_cache, o, o_part, lse_part, lengths, lens, tables.keys, tables.count,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

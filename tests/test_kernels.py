@@ -152,13 +152,19 @@ def test_decode_equals_rows_of_full_attention(kind: str, num_splits: int | None)
     assert err <= 2 * base, f"decode error {err:.3g} > 2 x {base:.3g}"
 
 
-def test_decode_fp32_without_padding() -> None:
-    lay = Layout("conv", text_len=3, grid_h=4, grid_w=6, conv_kernel=3)
-    q, k, v, _ = _inputs(lay, 2, 1, 16, torch.float32, seed=4)
-    lengths = torch.tensor([20, 27], device=DEVICE)
+@pytest.mark.parametrize("kind", ["full", "conv"])
+def test_decode_fp32_shared_length(kind: str) -> None:
+    # the transformer passes one position for the whole batch as an expanded (stride 0) tensor
+    lay = Layout(kind, text_len=3, grid_h=4, grid_w=6, conv_kernel=3)
+    q, k, v, _ = _inputs(lay, 3, 1, 16, torch.float32, seed=4)
+    lengths = torch.tensor([20], device=DEVICE).expand(3)
+    text_lens = torch.tensor([2], dtype=torch.int32, device=DEVICE).expand(3)
     q_now = q[:, :, :1]
-    got = decode_attention(q_now, k, v, lengths, lay)
-    want = decode_reference(q_now, k, v, lengths, lay)
+    got = decode_attention(q_now, k, v, lengths, lay, text_lens)
+    want = decode_reference(q_now, k, v, lengths, lay, text_lens)
+    assert (got - want).abs().max().item() <= FP32_FLOOR
+    got = attention(q, k, v, lay, text_lens, config=SMALL)
+    want = attention_reference(q, k, v, lay, text_lens)
     assert (got - want).abs().max().item() <= FP32_FLOOR
 
 
