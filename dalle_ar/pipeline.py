@@ -1,0 +1,407 @@
+"""Prompt -> images: the text tokenizer, the transformer and the VQ decoder composed.
+
+A pipeline folder holds one subfolder per component and `pipeline.json` naming them:
+
+    pipe_dir/
+      pipeline.json   {"format": "dalle_ar.pipeline", "version": 1,
+                       "components": {"text_tokenizer": "text_tokenizer", "vq": "vq",
+                                      "transformer": "transformer"},
+                       "defaults": {"guidance_scale": 3.0}}          # optional sampling defaults
+      text_tokenizer/  vq/  transformer/                            # component folders
+
+    assemble("runs/pipe", "runs/tok/tokenizer", "runs/vq/vq", "runs/tf/transformer")
+    pipe = DalleAR.from_pretrained("runs/pipe")
+    out = pipe(["a small red circle at the top left"], num_samples=4, seed=0, top_k=64)
+    out.images[0].save("0.png"); out.codes  # (4, h, w); out.samples[0] = {"prompt", "seed", ..}
+
+Every sample is reproducible alone from its metadata: `pipe([prompt], seeds=[seed], ...)` gives
+the same codes and pixels whatever batch it first came from (see dalle_ar.sampling).
+
+Prompts: an empty prompt (or one of only spaces) is the unconditional sample, the input the
+model saw when its caption was dropped in training; it is allowed, with a warning. A prompt longer
+than the model's text length is truncated, with a warning. Characters the tokenizer never saw in
+training (no merge holds them) are encoded as raw bytes the model has hardly seen: warned.
+
+Optional components: `pipeline.json` may also name `clip` and `prior` folders. They are loaded
+through `dalle_ar.<name>.load_component(path)` once those modules provide it; until then the path
+is kept in `DalleAR.extra` and a warning says the component is not used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from dalle_ar.checkpoint import atomic_dir, read_component_config
+from dalle_ar.grid import to_uint8
+from dalle_ar.sampling import generate_image_tokens, sample_seeds
+from dalle_ar.text import SPECIALS, TextTokenizer
+from dalle_ar.transformer import Transformer, TransformerConfig
+from dalle_ar.vq import VQConfig, VQTokenizer
+
+log = logging.getLogger(__name__)
+
+PIPELINE_FILE = "pipeline.json"
+FORMAT = "dalle_ar.pipeline"
+REQUIRED = ("text_tokenizer", "vq", "transformer")
+OPTIONAL = ("clip", "prior")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "guidance_scale")
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "guidance_scale": 1.0,
+}
+
+
+@dataclasses.dataclass
+class PipelineOutput:
+    images: list[Image.Image]  # one RGB image per sample, prompt-major
+    codes: torch.Tensor  # (n, h, w) image codes
+    samples: list[dict[str, Any]]  # per sample: prompt, indices, seed and every sampling parameter
+
+
+class DalleAR:
+    """Text tokenizer + transformer + VQ decoder (+ hooks for CLIP and the prior)."""
+
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        vq: VQTokenizer,
+        transformer: Transformer,
+        defaults: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        check_compatible(tokenizer.vocab_size, vq.config, transformer.cfg)
+        self.transformer = transformer.eval()
+        self.vq = vq.eval()
+        t = transformer.cfg
+        if tokenizer.text_len != t.text_len:  # the model's text length decides
+            tokenizer = TextTokenizer(
+                tokenizer.hf, dataclasses.replace(tokenizer.cfg, text_len=t.text_len)
+            )
+        self.tokenizer = tokenizer
+        unknown = set(defaults or {}) - set(SAMPLING_KEYS)
+        if unknown:
+            raise ValueError(f"unknown sampling defaults {sorted(unknown)}; known: {SAMPLING_KEYS}")
+        self.defaults = {**BUILTIN_DEFAULTS, **(defaults or {})}
+        self.extra: dict[str, Any] = dict(extra or {})  # optional components (clip, prior)
+        self._known_chars = _known_chars(tokenizer)
+
+    # -- folders ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> DalleAR:
+        """Load every component named in `folder/pipeline.json`."""
+        folder = Path(folder)
+        names = read_pipeline_json(folder)
+        paths = {name: folder / sub for name, sub in names["components"].items()}
+        tok = TextTokenizer.from_pretrained(paths["text_tokenizer"])
+        vq = VQTokenizer.from_pretrained(paths["vq"], device=device)
+        tf = Transformer.from_pretrained(paths["transformer"]).to(device)
+        extra = {name: _load_optional(name, paths[name]) for name in OPTIONAL if name in paths}
+        return cls(tok, vq, tf, names.get("defaults"), extra)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write a pipeline folder (every component + pipeline.json) atomically."""
+        with atomic_dir(folder) as tmp:
+            self.tokenizer.save_pretrained(tmp / "text_tokenizer")
+            self.vq.save_pretrained(tmp / "vq")
+            self.transformer.save_pretrained(tmp / "transformer")
+            _write_json(tmp, {name: name for name in REQUIRED}, self.defaults)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.image_head.weight.device
+
+    def to(self, device: str | torch.device) -> DalleAR:
+        self.transformer.to(device)
+        self.vq.to(device)
+        return self
+
+    # -- prompts ---------------------------------------------------------------------------
+    def check_prompts(self, prompts: Sequence[str]) -> Any:
+        """Encode the prompts (a `TextBatch`), warning about empty, over-long and
+        never-seen-character prompts (see the module docstring)."""
+        prompts = list(prompts)
+        text = self.tokenizer.encode(prompts)
+        room = self.tokenizer.text_len - 2
+        for i, (p, n) in enumerate(zip(prompts, self.tokenizer.tokenize_lengths(prompts))):
+            if not p.strip():
+                log.warning("prompt %d is empty: this is an unconditional sample", i)
+            if n > room:
+                kept = self.tokenizer.decode(text.ids[i])[0]
+                log.warning(
+                    "prompt %d is %d tokens, the model reads %d: truncated to %r", i, n, room, kept
+                )
+            odd = sorted({c for c in self.tokenizer.normalize(p) if c not in self._known_chars})
+            if odd:
+                log.warning(
+                    "prompt %d has characters the tokenizer never saw in training: %s; they are "
+                    "encoded as raw bytes the model has hardly seen",
+                    i,
+                    " ".join(repr(c) for c in odd),
+                )
+        return text
+
+    # -- generation ------------------------------------------------------------------------
+    def encode_prime(self, image: Any, rows: int) -> torch.Tensor:
+        """The first `rows` rows of an image's codes (1, rows, w), for completing it (priming).
+        `image`: a PIL image, a uint8 (H, W, 3) array or a (3, H, W) tensor in [0, 1]; it is
+        resized to the model's image size."""
+        cfg = self.transformer.cfg
+        if not 0 <= rows <= cfg.grid_h:
+            raise ValueError(f"prime rows must be in [0, {cfg.grid_h}], got {rows}")
+        size = cfg.grid_h * self.vq.config.downsample, cfg.grid_w * self.vq.config.downsample
+        pil = Image.fromarray(to_uint8([image])[0]).resize(size[::-1], Image.BICUBIC)
+        x = torch.from_numpy(to_uint8([pil])).permute(0, 3, 1, 2).float().div(255)
+        return self.vq.encode(x.to(self.device))[:, :rows].cpu()
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        num_samples: int = 1,
+        seed: int | None = None,
+        seeds: Sequence[int] | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        guidance_scale: float | None = None,
+        prime_codes: torch.Tensor | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> PipelineOutput:
+        """Generate `num_samples` images per prompt. Seeds: `seeds` (one per sample), else
+        seed, seed+1, ... (prompt-major), else random ones (recorded in the metadata).
+        Sampling parameters left as None take the pipeline's defaults. prime_codes
+        (1 | n_prompts | n_samples, r, w) fixes the first r rows of codes. `batch_size` samples
+        are generated together (the output does not depend on it)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"expected a prompt or a non-empty list of prompts, got {prompts!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        cfg = self.transformer.cfg
+        if cfg.cond_len:
+            raise ValueError(
+                f"this transformer is conditioned on an embedding (cond_dim={cfg.cond_dim}) and "
+                "needs the prior to make one from the prompt; the prior is not wired in yet"
+            )
+        given = dict(
+            temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale
+        )
+        params = {k: self.defaults[k] if v is None else v for k, v in given.items()}
+        n = len(prompts) * num_samples
+        per_seed = sample_seeds(n, seed if seeds is None else seeds)
+        text = self.check_prompts(prompts)
+        ids = text.ids.repeat_interleave(num_samples, 0)
+        lens = text.mask.sum(1).repeat_interleave(num_samples, 0)
+        prime = _expand_prime(prime_codes, len(prompts), num_samples)
+        empty = self.tokenizer.encode([""])
+        chunks = range(0, n, batch_size)
+        codes = []
+        bar = tqdm(total=n * cfg.image_len, desc="tokens", unit="tok", disable=not progress)
+        for s in tqdm(chunks, desc="batches", disable=not progress or len(chunks) == 1):
+            e = min(n, s + batch_size)
+            codes.append(
+                generate_image_tokens(
+                    self.transformer,
+                    ids[s:e],
+                    text_lens=lens[s:e],
+                    empty_ids=empty.ids[0],
+                    empty_len=int(empty.mask[0].sum()),
+                    prime_codes=None if prime is None else prime[s:e],
+                    seeds=per_seed[s:e],
+                    callback=lambda *_, k=e - s: bar.update(k),
+                    **params,
+                ).cpu()
+            )
+        bar.close()
+        codes = torch.cat(codes)
+        images = self.decode(codes)
+        rows = 0 if prime is None else prime.shape[1]
+        samples = [
+            {
+                "prompt": prompts[i // num_samples],
+                "prompt_index": i // num_samples,
+                "sample_index": i % num_samples,
+                "seed": per_seed[i],
+                **params,
+                "prime_rows": rows,
+                "prime_codes": None if prime is None else prime[i].tolist(),
+            }
+            for i in range(n)
+        ]
+        return PipelineOutput(images, codes, samples)
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> list[Image.Image]:
+        """Codes (n, h, w) -> PIL images. One image per VQ call, so the pixels of a sample never
+        depend on the batch it was decoded in."""
+        out = []
+        for c in codes:
+            x = self.vq.decode(c[None].to(self.device))
+            out.append(Image.fromarray(to_uint8(x)[0]))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders.
+
+
+def check_compatible(text_vocab_size: int, vq_cfg: VQConfig, tf_cfg: TransformerConfig) -> None:
+    """Refuse components that cannot work together, naming both sizes."""
+    if vq_cfg.codebook_size != tf_cfg.image_vocab:
+        raise ValueError(
+            f"the VQ codebook has {vq_cfg.codebook_size} codes but the transformer's image_vocab "
+            f"is {tf_cfg.image_vocab}: expected equal (were they trained together?)"
+        )
+    if tf_cfg.has_text and text_vocab_size > tf_cfg.text_vocab:
+        raise ValueError(
+            f"the tokenizer has {text_vocab_size} ids but the transformer's text_vocab is "
+            f"{tf_cfg.text_vocab}: expected text_vocab >= the tokenizer's vocabulary"
+        )
+
+
+def read_pipeline_json(folder: str | Path) -> dict[str, Any]:
+    """Read and check `folder/pipeline.json`: every required component named and present."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pipeline folder {folder} does not exist")
+    f = folder / PIPELINE_FILE
+    if not f.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a pipeline folder: {PIPELINE_FILE} is missing "
+            "(write one with dalle_ar.pipeline.assemble)"
+        )
+    meta = json.loads(f.read_text())
+    comps = meta.get("components")
+    if meta.get("format") != FORMAT or not isinstance(comps, dict):
+        raise ValueError(f"{f}: expected format {FORMAT!r} with a 'components' mapping")
+    missing = [name for name in REQUIRED if name not in comps]
+    if missing:
+        raise ValueError(f"{f} names no {', '.join(missing)} component (needs {REQUIRED})")
+    for name, sub in comps.items():
+        if name not in REQUIRED + OPTIONAL:
+            raise ValueError(f"{f}: unknown component {name!r}; known: {REQUIRED + OPTIONAL}")
+        if not (folder / sub / "config.json").is_file():
+            raise FileNotFoundError(
+                f"pipeline folder {folder}: the {name} component ({sub}/) is missing or has no "
+                "config.json"
+            )
+    return meta
+
+
+def assemble(
+    folder: str | Path,
+    tokenizer_dir: str | Path,
+    vq_dir: str | Path,
+    transformer_dir: str | Path,
+    *,
+    clip_dir: str | Path | None = None,
+    prior_dir: str | Path | None = None,
+    defaults: dict[str, Any] | None = None,
+    link: bool = False,
+) -> Path:
+    """Write a pipeline folder from trained component folders, atomically: copies (or, with
+    `link`, absolute symlinks) plus pipeline.json. The components are checked against each other
+    first (vocabulary and codebook sizes)."""
+    srcs = {"text_tokenizer": tokenizer_dir, "vq": vq_dir, "transformer": transformer_dir}
+    srcs.update({k: v for k, v in (("clip", clip_dir), ("prior", prior_dir)) if v is not None})
+    srcs = {k: Path(v) for k, v in srcs.items()}
+    for name, src in srcs.items():
+        if not (src / "config.json").is_file():
+            raise FileNotFoundError(f"{name} folder {src} is missing or has no config.json")
+    tok = TextTokenizer.from_pretrained(srcs["text_tokenizer"])
+    vq_cfg = read_component_config(srcs["vq"], "vq", VQConfig)
+    tf_cfg = read_component_config(srcs["transformer"], "transformer", TransformerConfig)
+    check_compatible(tok.vocab_size, vq_cfg, tf_cfg)
+    unknown = set(defaults or {}) - set(SAMPLING_KEYS)
+    if unknown:
+        raise ValueError(f"unknown sampling defaults {sorted(unknown)}; known: {SAMPLING_KEYS}")
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        for name, src in srcs.items():
+            if link:
+                os.symlink(src.resolve(), tmp / name, target_is_directory=True)
+            else:
+                shutil.copytree(src, tmp / name)
+        _write_json(tmp, {name: name for name in srcs}, {**BUILTIN_DEFAULTS, **(defaults or {})})
+    log.info("assembled pipeline %s from %s", folder, {k: str(v) for k, v in srcs.items()})
+    return folder
+
+
+def _write_json(folder: Path, components: dict[str, str], defaults: dict[str, Any]) -> None:
+    meta = {"format": FORMAT, "version": 1, "components": components, "defaults": defaults}
+    (folder / PIPELINE_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _load_optional(name: str, path: Path) -> Any:
+    """The hook for CLIP and the prior: `dalle_ar.<name>.load_component(path)`."""
+    try:
+        module = importlib.import_module(f"dalle_ar.{name}")
+    except ImportError:
+        module = None
+    loader = getattr(module, "load_component", None)
+    if loader is None:
+        log.warning(
+            "%s component at %s is not used: dalle_ar.%s has no loader yet", name, path, name
+        )
+        return path
+    return loader(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def _expand_prime(prime: torch.Tensor | None, n_prompts: int, num: int) -> torch.Tensor | None:
+    """Prime codes (1 | n_prompts | n_prompts*num, r, w) -> one grid per sample."""
+    if prime is None:
+        return None
+    if prime.ndim != 3:
+        raise ValueError(f"prime_codes must be (n, r, w), got shape {tuple(prime.shape)}")
+    k = prime.shape[0]
+    if k == 1:
+        return prime.expand(n_prompts * num, -1, -1).long()
+    if k == n_prompts:
+        return prime.repeat_interleave(num, 0).long()
+    if k == n_prompts * num:
+        return prime.long()
+    raise ValueError(
+        f"prime_codes must hold 1, {n_prompts} (per prompt) or {n_prompts * num} (per sample) "
+        f"grids, got {k}"
+    )
+
+
+def _known_chars(tok: TextTokenizer) -> set[str]:
+    """Characters that occur in some learned merge of the tokenizer (seen in training)."""
+    dec = tok.backend.decoder
+    chars: set[str] = set()
+    for token in tok.backend.get_vocab():
+        if len(token) < 2 or token in SPECIALS:
+            continue  # the 256 single-byte tokens exist whether or not training saw them
+        chars.update(c for c in dec.decode([token]) if c != "\ufffd")
+    return chars
+
+
+__all__ = [
+    "DalleAR",
+    "PipelineOutput",
+    "assemble",
+    "check_compatible",
+    "read_pipeline_json",
+]

@@ -1,0 +1,371 @@
+"""Token-level sampling: prefill the text once, then decode one image code per step against the
+transformer's static KV cache. A few free functions with no hidden state (gpt-fast style).
+
+One call does it all:
+
+    from dalle_ar.sampling import generate_image_tokens
+    text = tok.encode(["a small red circle at the top left"])
+    codes = generate_image_tokens(
+        model, text.ids, text_lens=text.mask.sum(1), num_samples=4, temperature=1.0,
+        top_k=64, top_p=0.95, guidance_scale=3.0, empty_ids=tok.encode([""]).ids[0], seeds=0,
+    )  # (4, h, w) codes; vq.decode(codes) gives the pixels
+
+Or drive the loop yourself with the pieces (here: plain sampling, no guidance):
+
+    from dalle_ar.sampling import decode_one, logits_to_probs, prefill, sample_from_probs, uniforms
+    model.setup_cache(B)
+    u = uniforms([0, 1, 2, 3], model.cfg.image_len)        # (B, h*w): one stream per sample
+    logits = prefill(model, text.ids, text_lens=lens)       # (B, image_vocab): the first code
+    codes = []
+    for i in range(model.cfg.image_len):
+        code = sample_from_probs(logits_to_probs(logits, top_k=64), u[:, i])   # (B,)
+        codes.append(code)
+        if i + 1 < model.cfg.image_len:
+            pos = torch.tensor([model.cfg.text_positions + i])
+            logits = decode_one(model, code[:, None], pos, text_lens=lens)
+    model.clear_cache()
+
+Randomness: sample b draws every code from its own stream of uniforms, a generator seeded with
+its own seed (inverse-CDF sampling: one uniform per image position). A sample therefore depends
+only on its seed, prompt and parameters, never on the batch it was generated in, and position j
+uses the same uniform whether or not the rows before it were primed.
+
+Classifier-free guidance (Ho & Salimans 2022) runs the conditional and the unconditional stream
+(the empty caption [BOS, EOS, PAD..], or a zero embedding) in one batch of 2B and samples from
+`uncond + scale * (cond - uncond)` on the logits. `guidance_scale=1` is plain conditional
+sampling: the unconditional stream is then not computed at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dalle_ar.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+# callback(filled, total, codes): `filled` image positions of codes (B, h, w) are sampled (or
+# primed); the rest hold 0. Called once per sampled position.
+Callback = Callable[[int, int, torch.Tensor], None]
+SEED_SPACE = 2**63 - 1  # per-sample seeds drawn from a generator lie in [0, SEED_SPACE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits -> probabilities -> tokens.
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k (0 = off) and outside the nucleus (top-p: the smallest set of
+    most likely tokens whose probability reaches `top_p`; 1 = off) to -inf. (..., V)."""
+    V = logits.shape[-1]
+    if top_k and top_k < V:
+        vals, idx = torch.topk(logits, top_k, dim=-1)
+        # Scatter instead of thresholding: exactly k survive even when logits tie.
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, idx, vals)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
+        drop_sorted = before >= top_p  # the first token always stays (before = 0)
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def logits_to_probs(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """Logits (..., V) -> fp32 probabilities after temperature, top-k, then top-p."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+
+
+def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs (B, V), uniforms u (B,) in [0, 1) -> token ids (B,).
+    A token of probability 0 is never chosen; top-k 1 gives the argmax."""
+    cdf = torch.cumsum(probs.double(), dim=-1)  # (B, V); fp64 keeps u * total < total
+    target = (u.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: uncond + scale * (cond - uncond)."""
+    return uncond + scale * (cond - uncond)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds and random streams.
+
+
+def sample_seeds(
+    n: int, seeds: int | Sequence[int] | None = None, generator: torch.Generator | None = None
+) -> list[int]:
+    """One seed per sample: an int s gives s, s+1, ..., s+n-1; a sequence is taken as is (n of
+    them); otherwise seeds are drawn from `generator` (or torch's global generator)."""
+    if seeds is not None and generator is not None:
+        raise ValueError("give seeds or generator, not both")
+    if isinstance(seeds, bool):
+        raise ValueError(f"seeds must be an int or a sequence of ints, got {seeds!r}")
+    if isinstance(seeds, int):
+        return [seeds + i for i in range(n)]
+    if seeds is not None:
+        out = [int(s) for s in seeds]
+        if len(out) != n:
+            raise ValueError(f"expected one seed per sample ({n}), got {len(out)} seeds")
+        return out
+    return torch.randint(0, SEED_SPACE, (n,), generator=generator).tolist()
+
+
+def uniforms(seeds: Sequence[int], n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(len(seeds), n) fp64 uniforms in [0, 1); row b comes from a generator seeded with seeds[b]
+    on the CPU, so it is the same on every device and in every batch."""
+    rows = [torch.rand(n, generator=_generator(s), dtype=torch.float64) for s in seeds]
+    return torch.stack(rows).to(device) if rows else torch.zeros(0, n, dtype=torch.float64)
+
+
+def _generator(seed: int) -> torch.Generator:
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seeds must be in [0, 2**64), got {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model steps (the KV cache must be set up: model.setup_cache(B)).
+
+
+def prefill(
+    model: Transformer,
+    tokens: torch.Tensor,
+    *,
+    text_lens: torch.Tensor | None = None,
+    cond: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run [text ‖ primed codes] tokens (B, L) through the model in one call, filling the KV
+    cache; returns the logits (B, image_vocab) of the next image code."""
+    pos = torch.arange(tokens.shape[1], device=tokens.device)
+    return model(tokens, pos, text_lens=text_lens, cond=cond).image[:, -1]
+
+
+def decode_one(
+    model: Transformer,
+    codes: torch.Tensor,
+    input_pos: torch.Tensor,
+    *,
+    text_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One step: codes (B, 1) at token position input_pos (1,) (= text positions + image index)
+    -> logits (B, image_vocab) of the code after it."""
+    return model(codes, input_pos, text_lens=text_lens).image[:, -1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole loop.
+
+
+@torch.inference_mode()
+def generate_image_tokens(
+    model: Transformer,
+    text_ids: torch.Tensor | None,
+    *,
+    text_lens: torch.Tensor | None = None,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    guidance_scale: float = 1.0,
+    empty_ids: torch.Tensor | None = None,
+    empty_len: int = 2,
+    prime_codes: torch.Tensor | None = None,
+    seeds: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    cond: torch.Tensor | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Sample image codes for N prompts, `num_samples` each: returns (N * num_samples, h, w),
+    prompt-major (all samples of prompt 0 first).
+
+    text_ids (N, T) and text_lens (N,) come from `TextTokenizer.encode` (None for a model whose
+    embedding replaces the text); cond (N, cond_dim) is the conditioning embedding of an
+    embedding-conditioned model. prime_codes (N or N*num_samples, r, w) fixes the first r rows
+    (image completion): they are prefilled with the text and returned unchanged. Guidance
+    (guidance_scale != 1) needs empty_ids (T,), the empty caption, with empty_len valid ids.
+    seeds / generator: see `sample_seeds`. use_cache=False recomputes the whole sequence every
+    step instead of decoding against the KV cache (same tokens; the benchmark's baseline).
+    """
+    cfg = model.cfg
+    dev = model.image_head.weight.device
+    N = _check_inputs(model, text_ids, text_lens, cond, num_samples)
+    _check_params(temperature, top_k, top_p, guidance_scale)
+    B, hw, w = N * num_samples, cfg.image_len, cfg.grid_w
+    guided = guidance_scale != 1.0
+    if guided and cfg.has_text and empty_ids is None:
+        raise ValueError("guidance_scale != 1 needs empty_ids, the ids of the empty caption")
+
+    rep = lambda x: None if x is None else x.to(dev).repeat_interleave(num_samples, 0)  # noqa: E731
+    text, lens, cnd = rep(text_ids), rep(text_lens), rep(cond)
+    if text is None:
+        text = torch.zeros(B, 0, dtype=torch.long, device=dev)
+    codes = torch.zeros(B, hw, dtype=torch.long, device=dev)
+    start = 0
+    if prime_codes is not None:
+        prime = _check_prime(prime_codes, N, num_samples, cfg).to(dev)
+        start = prime.shape[1] * w
+        codes[:, :start] = prime.flatten(1)
+    if start == hw:
+        return codes.view(B, cfg.grid_h, w)
+    u = uniforms(sample_seeds(B, seeds, generator), hw, dev)  # (B, h*w)
+
+    if guided:  # [cond ‖ uncond] streams in one batch of 2B
+        if cfg.has_text:
+            empty = _check_empty(empty_ids, cfg.text_positions).to(dev)
+            text = torch.cat([text, empty.expand(B, -1)])
+            if lens is not None:
+                lens = torch.cat([lens, lens.new_full((B,), empty_len)])
+        if cnd is not None:
+            cnd = torch.cat([cnd, torch.zeros_like(cnd)])
+    nb = 2 * B if guided else B
+    if not cfg.has_text:
+        text = text.new_zeros(nb, 0)
+    T = cfg.text_positions
+
+    def next_logits(j: int, last: torch.Tensor | None) -> torch.Tensor:
+        """Logits (nb, V) for image position j; `last` (B,) is the code at j - 1."""
+        if not use_cache:
+            seq = torch.cat([text, codes[:, :j].repeat(nb // B, 1)], 1)
+            return model(seq, text_lens=lens, cond=cnd).image[:, -1]
+        if last is None:
+            seq = torch.cat([text, codes[:, :j].repeat(nb // B, 1)], 1)
+            return prefill(model, seq, text_lens=lens, cond=cnd)
+        step = last.repeat(nb // B)[:, None]  # (nb, 1)
+        return decode_one(model, step, positions[j - 1 : j], text_lens=lens)
+
+    was_training = model.training
+    model.eval()
+    positions = torch.arange(T, T + hw, device=dev)  # token position of each image code
+    if use_cache:
+        model.setup_cache(nb)
+    try:
+        last = None
+        for j in range(start, hw):
+            logits = next_logits(j, last)
+            if guided:
+                logits = guide(logits[:B], logits[B:], guidance_scale)
+            probs = logits_to_probs(logits, temperature, top_k, top_p)
+            last = sample_from_probs(probs, u[:, j])
+            codes[:, j] = last
+            if callback is not None:
+                callback(j + 1, hw, codes.view(B, cfg.grid_h, w))
+    finally:
+        if use_cache:
+            model.clear_cache()
+        model.train(was_training)
+    return codes.view(B, cfg.grid_h, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks (ValueError naming what was expected and what came).
+
+
+def _check_inputs(model, text_ids, text_lens, cond, num_samples) -> int:
+    cfg = model.cfg
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    N = None
+    if cfg.has_text:
+        if text_ids is None:
+            raise ValueError(f"this model reads text: expected text_ids (N, {cfg.text_len})")
+        if text_ids.ndim != 2 or text_ids.dtype != torch.long:
+            raise ValueError(
+                f"text_ids must be a (N, T) long tensor, got {text_ids.dtype} "
+                f"{tuple(text_ids.shape)}"
+            )
+        if text_ids.shape[1] != cfg.text_len:
+            raise ValueError(
+                f"text_ids must have the model's text_len {cfg.text_len} columns, "
+                f"got {text_ids.shape[1]}"
+            )
+        N = text_ids.shape[0]
+        if text_lens is not None:
+            if text_lens.shape != (N,):
+                raise ValueError(f"text_lens must have shape ({N},), got {tuple(text_lens.shape)}")
+            lo, hi = int(text_lens.min()), int(text_lens.max())
+            if lo < 1 or hi > cfg.text_len:
+                raise ValueError(f"text_lens must be in [1, {cfg.text_len}], got [{lo}, {hi}]")
+    elif text_ids is not None and text_ids.numel():
+        raise ValueError(
+            "this model's embedding replaces the text (cond_mode=replace): no text_ids"
+        )
+    if cfg.cond_len:
+        if cond is None or cond.ndim != 2 or cond.shape[1] != cfg.cond_dim:
+            got = None if cond is None else tuple(cond.shape)
+            raise ValueError(f"this model needs cond (N, {cfg.cond_dim}), got {got}")
+        if N is not None and cond.shape[0] != N:
+            raise ValueError(f"cond must have one row per prompt ({N}), got {cond.shape[0]}")
+        N = cond.shape[0]
+    elif cond is not None:
+        raise ValueError("cond was given but this model has cond_dim=0")
+    if N == 0:
+        raise ValueError("expected at least one prompt, got none")
+    return N
+
+
+def _check_params(temperature: float, top_k: int, top_p: float, guidance_scale: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (top_k=1 is greedy), got {temperature}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if not guidance_scale >= 0:
+        raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
+
+
+def _check_prime(prime: torch.Tensor, N: int, num_samples: int, cfg) -> torch.Tensor:
+    if prime.ndim != 3 or prime.dtype != torch.long:
+        raise ValueError(f"prime_codes must be a (N, r, w) long tensor, got {prime.dtype} "
+                         f"{tuple(prime.shape)}")  # fmt: skip
+    if prime.shape[0] not in (N, N * num_samples):
+        raise ValueError(
+            f"prime_codes must have one grid per prompt ({N}) or per sample "
+            f"({N * num_samples}), got {prime.shape[0]}"
+        )
+    if prime.shape[1] > cfg.grid_h or prime.shape[2] != cfg.grid_w:
+        raise ValueError(
+            f"prime_codes must be (N, r, {cfg.grid_w}) with r <= {cfg.grid_h}, "
+            f"got {tuple(prime.shape)}"
+        )
+    if prime.numel():
+        lo, hi = int(prime.min()), int(prime.max())
+        if lo < 0 or hi >= cfg.image_vocab:
+            raise ValueError(f"prime_codes must be in [0, {cfg.image_vocab}), got [{lo}, {hi}]")
+    if prime.shape[0] == N and num_samples > 1:
+        prime = prime.repeat_interleave(num_samples, 0)
+    return prime
+
+
+def _check_empty(empty_ids: torch.Tensor, T: int) -> torch.Tensor:
+    if empty_ids.ndim == 2 and empty_ids.shape[0] == 1:
+        empty_ids = empty_ids[0]
+    if empty_ids.shape != (T,):
+        raise ValueError(f"empty_ids must have shape ({T},), got {tuple(empty_ids.shape)}")
+    return empty_ids.long()[None]
+
+
+__all__ = [
+    "decode_one",
+    "filter_logits",
+    "generate_image_tokens",
+    "guide",
+    "logits_to_probs",
+    "prefill",
+    "sample_from_probs",
+    "sample_seeds",
+    "uniforms",
+]

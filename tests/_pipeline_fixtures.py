@@ -1,0 +1,90 @@
+"""A tiny random-weight pipeline folder for tests: a BPE tokenizer trained on a few shapes
+captions, a VQ whose codebook is k-means initialised on a few shapes scenes, and a small
+transformer. Reuse it with
+
+    from _pipeline_fixtures import build_tiny_pipeline
+
+    @pytest.fixture(scope="session")
+    def tiny_pipe(tmp_path_factory):
+        return build_tiny_pipeline(tmp_path_factory.mktemp("pipe"))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dalle_ar.data.shapes import generate
+from dalle_ar.pipeline import assemble
+from dalle_ar.text import TokenizerConfig, train_tokenizer
+from dalle_ar.transformer import Transformer, TransformerConfig
+from dalle_ar.vq import VQConfig, VQTokenizer
+
+TEXT_LEN = 12  # short, so an ordinary caption can overflow it in tests
+GRID = 4  # 4 x 4 codes; with downsample 4 the images are 16 x 16
+CODEBOOK = 32
+
+
+def tiny_transformer_config(
+    text_vocab: int = 300, image_vocab: int = CODEBOOK
+) -> TransformerConfig:
+    return TransformerConfig(
+        text_vocab=text_vocab,
+        text_len=TEXT_LEN,
+        image_vocab=image_vocab,
+        grid_h=GRID,
+        grid_w=GRID,
+        dim=32,
+        depth=2,
+        heads=2,
+        head_dim=16,
+        attn_impl="torch",
+    )
+
+
+def build_components(root: Path, seed: int = 0) -> dict[str, Path]:
+    """Write the three component folders under `root`; returns their paths by component name."""
+    torch.manual_seed(seed)
+    scenes = list(generate(64, seed=seed, split="train", size=GRID * 4))
+    tok = train_tokenizer(
+        (c for _, c, _ in scenes), TokenizerConfig(vocab_size=300, text_len=TEXT_LEN)
+    )
+    tok.save_pretrained(root / "text_tokenizer")
+
+    vq = VQTokenizer(
+        VQConfig(
+            image_size=GRID * 4,
+            width=8,
+            num_res_blocks=1,
+            latent_dim=8,
+            codebook_size=CODEBOOK,
+            kmeans_iters=2,
+        )
+    )
+    images = torch.from_numpy(np.stack([im for im, _, _ in scenes])).permute(0, 3, 1, 2)
+    vq.train()
+    with torch.no_grad():
+        vq(images.float() / 255)  # the first training pass k-means-initialises the codebook
+    vq.eval().save_pretrained(root / "vq")
+
+    # Larger-than-default init so the random model's distributions are far from uniform and
+    # temperature, top-k and guidance visibly change the samples.
+    model = Transformer(tiny_transformer_config(text_vocab=300)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(root / "transformer")
+    return {
+        "text_tokenizer": root / "text_tokenizer",
+        "vq": root / "vq",
+        "transformer": root / "transformer",
+    }
+
+
+def build_tiny_pipeline(root: Path, seed: int = 0) -> Path:
+    """Components under root/parts, assembled into the pipeline folder root/pipe."""
+    parts = build_components(root / "parts", seed)
+    return assemble(root / "pipe", parts["text_tokenizer"], parts["vq"], parts["transformer"])
