@@ -28,6 +28,7 @@ from .launch import (
     check_lens,
     check_qkv,
     default_attention_config,
+    strides,
 )
 from .layouts import Layout
 
@@ -302,10 +303,6 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ORDER, TEXT_LENS,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])  # fmt: skip
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, text_lens, scale, config):
@@ -319,7 +316,7 @@ class _Attention(torch.autograd.Function):
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         _fwd_kernel[(bs.n_query_blocks, B * H)](
             q, k, v, o, lse, bs.order, lens, bs.full_ptr, bs.full_idx, bs.part_ptr,
-            bs.part_idx, bs.tile_bits, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            bs.part_idx, bs.tile_bits, *strides(q), *strides(k), *strides(v), *strides(o),
             H, N, layout.text_len, scale * math.log2(math.e),
             HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PERMUTED=bs.permuted,
             HAS_PAD=text_lens is not None, DOT_PREC=prec,
@@ -340,7 +337,7 @@ class _Attention(torch.autograd.Function):
             do = do.contiguous()
         delta = torch.empty_like(lse)
         _bwd_delta_kernel[(triton.cdiv(N, cfg.block_m), B * H)](
-            o, do, delta, *_strides(o), *_strides(do), H, N, HEAD_DIM=D, BLOCK_M=cfg.block_m
+            o, do, delta, *strides(o), *strides(do), H, N, HEAD_DIM=D, BLOCK_M=cfg.block_m
         )
         qk_scale = ctx.scale * math.log2(math.e)
         dk = torch.empty((B, H, N, D), dtype=k.dtype, device=k.device)
@@ -352,8 +349,8 @@ class _Attention(torch.autograd.Function):
         )  # fmt: skip
         _bwd_dkdv_kernel[(bs.n_key_blocks, B * H)](
             q, k, v, do, dk, dv, lse, delta, bs.order, lens, bs.t_full_ptr, bs.t_full_idx,
-            bs.t_part_ptr, bs.t_part_idx, bs.t_part_tile, bs.tile_bits, *_strides(q), *_strides(k),
-            *_strides(v), *_strides(do), *_strides(dk), H, N, ctx.layout.text_len, ctx.scale,
+            bs.t_part_ptr, bs.t_part_idx, bs.t_part_tile, bs.tile_bits, *strides(q), *strides(k),
+            *strides(v), *strides(do), *strides(dk), H, N, ctx.layout.text_len, ctx.scale,
             qk_scale, **common,
         )  # fmt: skip
         dq = None
@@ -361,8 +358,8 @@ class _Attention(torch.autograd.Function):
             dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
             _bwd_dq_kernel[(bs.n_query_blocks, B * H)](
                 q, k, v, do, dq, lse, delta, bs.order, lens, bs.full_ptr, bs.full_idx,
-                bs.part_ptr, bs.part_idx, bs.tile_bits, *_strides(q), *_strides(k), *_strides(v),
-                *_strides(do), *_strides(dq), H, N, ctx.layout.text_len, ctx.scale, qk_scale,
+                bs.part_ptr, bs.part_idx, bs.tile_bits, *strides(q), *strides(k), *strides(v),
+                *strides(do), *strides(dq), H, N, ctx.layout.text_len, ctx.scale, qk_scale,
                 **common,
             )  # fmt: skip
         return dq, dk, dv, None, None, None, None

@@ -19,7 +19,14 @@ import triton
 import triton.language as tl
 
 from .blocks import decode_tables
-from .launch import DecodeConfig, check_layout, check_lens, check_qkv, default_decode_config
+from .launch import (
+    DecodeConfig,
+    check_layout,
+    check_lens,
+    check_qkv,
+    decode_splits,
+    default_decode_config,
+)
 from .layouts import Layout
 
 
@@ -103,18 +110,6 @@ def _decode_merge_kernel(Out, O_PART, LSE_PART, stride_ob, stride_oh, H, NUM_SPL
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, o.to(Out.dtype.element_ty))
 
 
-def _num_splits(config: DecodeConfig, n_bh: int, n_blocks: int, device: torch.device) -> int:
-    if config.num_splits is not None:
-        want = config.num_splits
-    elif device.type == "cuda":  # about two programs per SM
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(2 * sms, n_bh)
-    else:  # the interpreter: a few splits, so the merge path runs
-        want = 4
-    per_split = triton.cdiv(n_blocks, max(1, min(want, n_blocks)))
-    return triton.cdiv(n_blocks, per_split)
-
-
 class _DecodeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_cache, v_cache, lengths, layout, text_lens, scale, config):
@@ -122,7 +117,7 @@ class _DecodeAttention(torch.autograd.Function):
         n_max = k_cache.shape[2]
         tables = decode_tables(layout, n_max, q.device)
         n_blocks = triton.cdiv(tables.width, config.block_n)
-        splits = _num_splits(config, B * H, n_blocks, q.device)
+        splits = decode_splits(config, B * H, n_blocks, q.device)
         per_split = triton.cdiv(n_blocks, splits)
         o = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
         final = splits == 1

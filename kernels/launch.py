@@ -10,6 +10,7 @@ import dataclasses
 import os
 
 import torch
+import triton
 
 from .layouts import Layout
 
@@ -77,6 +78,25 @@ def default_attention_config(head_dim: int, dtype: torch.dtype) -> AttentionConf
 def default_decode_config(head_dim: int) -> DecodeConfig:
     """64 keys per step; D=128 takes 8 warps to hold its (64, 128) key tile without spilling."""
     return DecodeConfig(block_n=64, num_warps=8 if head_dim >= 128 else 4)
+
+
+def decode_splits(config: DecodeConfig, n_bh: int, n_blocks: int, device: torch.device) -> int:
+    """How many programs share one (batch, head)'s key list (flash-decoding): enough for about
+    two programs per SM, never more than the list has blocks."""
+    if config.num_splits is not None:
+        want = config.num_splits
+    elif device.type == "cuda":  # about two programs per SM
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(2 * sms, n_bh)
+    else:  # the interpreter: a few splits, so the merge path runs
+        want = 4
+    per_split = triton.cdiv(n_blocks, max(1, min(want, n_blocks)))
+    return triton.cdiv(n_blocks, per_split)
+
+
+def strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """Batch, head and position strides of a (B, H, N, D) tensor (D is unit-stride)."""
+    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def interpreting() -> bool:
