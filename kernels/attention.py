@@ -95,7 +95,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, ORDER, TEXT_LENS, FULL_PTR, FULL_IDX, PART_PT
                 H, N, T, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PERMUTED: tl.constexpr, HAS_PAD: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    mb = tl.program_id(0)
+    # Later query blocks see more keys: launch them first, so the short ones fill the tail.
+    mb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -271,7 +272,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ORDER, TEXT_LENS,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    PERMUTED: tl.constexpr, HAS_PAD: tl.constexpr,
                    DOT_PREC: tl.constexpr):  # fmt: skip
-    mb = tl.program_id(0)
+    mb = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first, as in the forward
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
