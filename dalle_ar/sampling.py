@@ -243,7 +243,7 @@ def generate_image_tokens(
         if last is None:
             seq = torch.cat([text, codes[:, :j].repeat(nb // B, 1)], 1)
             return prefill(model, seq, text_lens=lens, cond=cnd)
-        step = last.repeat(nb // B)[:, None]  # (nb, 1)
+        step = (last.repeat(2) if guided else last)[:, None]  # (nb, 1)
         return decode_one(model, step, positions[j - 1 : j], text_lens=lens)
 
     was_training = model.training

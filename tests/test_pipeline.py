@@ -1,0 +1,283 @@
+"""The pipeline folder, DalleAR, `dalle-ar sample` and the fidelity tool, on a tiny random-weight
+pipeline (tests/_pipeline_fixtures.py): outputs, reproducibility, JSON round trip, and a clear
+message for every bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _pipeline_fixtures import CODEBOOK, GRID, TEXT_LEN, build_components, tiny_transformer_config
+from PIL import Image
+
+from dalle_ar.cli import main as cli
+from dalle_ar.pipeline import DalleAR, assemble, read_pipeline_json
+from dalle_ar.transformer import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a small red circle at the top", "a blue square"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def parts(tmp_path_factory) -> dict[str, Path]:
+    return build_components(tmp_path_factory.mktemp("parts"))
+
+
+@pytest.fixture(scope="session")
+def pipe_dir(parts, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pipes") / "pipe"
+    return assemble(folder, parts["text_tokenizer"], parts["vq"], parts["transformer"])
+
+
+@pytest.fixture(scope="session")
+def pipe(pipe_dir) -> DalleAR:
+    return DalleAR.from_pretrained(pipe_dir)
+
+
+def _pixels(img) -> np.ndarray:
+    return np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else Image.open(img))
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- the pipeline ------------------------------------------------------------------------------
+
+
+def test_pipeline_folder_names_its_components(pipe_dir):
+    meta = read_pipeline_json(pipe_dir)
+    assert set(meta["components"]) == {"text_tokenizer", "vq", "transformer"}
+    for sub in meta["components"].values():
+        assert (pipe_dir / sub / "config.json").is_file()
+
+
+def test_call_returns_images_codes_and_metadata(pipe):
+    out = pipe(PROMPTS, num_samples=2, seed=5, top_k=8, guidance_scale=2.0)
+    assert len(out.images) == 4 and out.codes.shape == (4, GRID, GRID)
+    assert all(im.size == (GRID * 4, GRID * 4) and im.mode == "RGB" for im in out.images)
+    assert [s["seed"] for s in out.samples] == [5, 6, 7, 8]
+    assert [s["prompt"] for s in out.samples] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    assert out.samples[3]["sample_index"] == 1 and out.samples[3]["prompt_index"] == 1
+    assert out.samples[0]["top_k"] == 8 and out.samples[0]["guidance_scale"] == 2.0
+    assert out.samples[0]["temperature"] == 1.0  # the pipeline default
+
+
+def test_one_sample_regenerates_alone_with_the_same_pixels(pipe):
+    out = pipe(PROMPTS, num_samples=2, seed=0, top_p=0.9, guidance_scale=2.0, batch_size=3)
+    s = out.samples[3]
+    again = pipe([s["prompt"]], seeds=[s["seed"]], top_p=0.9, guidance_scale=2.0)
+    assert torch.equal(again.codes[0], out.codes[3])
+    assert np.array_equal(_pixels(again.images[0]), _pixels(out.images[3]))
+
+
+def test_save_pretrained_round_trips(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "copy")
+    other = DalleAR.from_pretrained(tmp_path / "copy")
+    a = pipe(PROMPTS[:1], num_samples=2, seed=1)
+    b = other(PROMPTS[:1], num_samples=2, seed=1)
+    assert torch.equal(a.codes, b.codes)
+
+
+def test_assemble_links_and_keeps_sampling_defaults(parts, tmp_path):
+    folder = assemble(
+        tmp_path / "linked",
+        parts["text_tokenizer"],
+        parts["vq"],
+        parts["transformer"],
+        link=True,
+        defaults={"guidance_scale": 2.5, "top_k": 4},
+    )
+    assert (folder / "vq").is_symlink()
+    pipe = DalleAR.from_pretrained(folder)
+    out = pipe(PROMPTS[:1], seed=0)
+    assert out.samples[0]["guidance_scale"] == 2.5 and out.samples[0]["top_k"] == 4
+    with pytest.raises(ValueError, match="unknown sampling defaults"):
+        assemble(tmp_path / "bad", *parts.values(), defaults={"tempreature": 1.0})
+
+
+def test_priming_keeps_the_image_rows(pipe):
+    scene = pipe(PROMPTS[:1], seed=3).images[0]
+    prime = pipe.encode_prime(scene, rows=2)
+    assert prime.shape == (1, 2, GRID)
+    out = pipe(PROMPTS, num_samples=2, seed=0, prime_codes=prime)
+    assert torch.equal(out.codes[:, :2], prime.expand(4, -1, -1))
+    assert all(s["prime_rows"] == 2 for s in out.samples)
+
+
+# -- prompts that need a word --------------------------------------------------------------
+
+
+def test_empty_prompt_is_the_unconditional_sample_with_a_warning(pipe, caplog):
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.pipeline"):
+        out = pipe([""], seed=0)
+    assert "prompt 0 is empty: this is an unconditional sample" in caplog.text
+    assert out.codes.shape == (1, GRID, GRID)
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
+    long = "a small red circle at the top left of a big blue square below a green diamond"
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.pipeline"):
+        pipe([long], seed=0)
+    assert f"the model reads {TEXT_LEN - 2}: truncated to 'a small" in caplog.text
+
+
+def test_unknown_characters_are_named_in_a_warning(pipe, caplog):
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.pipeline"):
+        pipe(["a red 🙂 circle"], seed=0)
+    assert "never saw in training: '🙂'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.pipeline"):
+        pipe(["A RED circle"], seed=0)  # upper case is normalised away: nothing to warn
+    assert "never saw" not in caplog.text
+
+
+@pytest.mark.parametrize("num", [0, -2])
+def test_num_samples_below_one_is_refused(pipe, num):
+    with pytest.raises(ValueError, match=f"num_samples must be an int >= 1, got {num}"):
+        pipe(PROMPTS, num_samples=num)
+
+
+# -- folders that do not fit -------------------------------------------------------------------
+
+
+def test_missing_pipeline_json_and_missing_component(pipe_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DalleAR.from_pretrained(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="pipeline.json is missing"):
+        DalleAR.from_pretrained(empty)
+    broken = tmp_path / "broken"
+    shutil.copytree(pipe_dir, broken)
+    shutil.rmtree(broken / "vq")
+    with pytest.raises(FileNotFoundError, match=r"the vq component \(vq/\) is missing"):
+        DalleAR.from_pretrained(broken)
+
+
+def test_mismatched_codebook_and_vocabulary_are_refused(parts, tmp_path):
+    small_vocab = Transformer(tiny_transformer_config(text_vocab=100))
+    small_vocab.save_pretrained(tmp_path / "tf_vocab")
+    with pytest.raises(ValueError, match="tokenizer has 300 ids but the transformer's text_vocab"):
+        assemble(tmp_path / "p1", parts["text_tokenizer"], parts["vq"], tmp_path / "tf_vocab")
+    other_book = Transformer(tiny_transformer_config(image_vocab=CODEBOOK * 2))
+    other_book.save_pretrained(tmp_path / "tf_book")
+    with pytest.raises(ValueError, match=f"VQ codebook has {CODEBOOK} codes but"):
+        assemble(tmp_path / "p2", parts["text_tokenizer"], parts["vq"], tmp_path / "tf_book")
+    # a hand-edited folder is checked on loading too
+    folder = tmp_path / "p3"
+    assemble(folder, *parts.values())
+    shutil.rmtree(folder / "transformer")
+    shutil.copytree(tmp_path / "tf_book", folder / "transformer")
+    with pytest.raises(ValueError, match="image_vocab is 64: expected equal"):
+        DalleAR.from_pretrained(folder)
+
+
+# -- dalle-ar sample ---------------------------------------------------------------------------
+
+
+def test_cli_writes_images_grids_and_json_that_regenerates(pipe_dir, tmp_path):
+    out = tmp_path / "out"
+    argv = ["sample", "--model", str(pipe_dir), *PROMPTS, "--num", "2", "--seed", "7"]
+    assert cli([*argv, "--top-k", "8", "--guidance", "2", "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000_00.png", "000_01.png", "001_00.png", "001_01.png",
+                     "grid_000.png", "grid_001.png", "samples.json"]  # fmt: skip
+    doc = json.loads((out / "samples.json").read_text())
+    rec = doc["samples"][3]
+    assert rec["seed"] == 10 and rec["top_k"] == 8 and rec["guidance_scale"] == 2.0
+    grid = Image.open(out / "grid_000.png")
+    assert grid.width > 2 * GRID * 4 and grid.height > GRID * 4  # tiles plus a caption
+    again = tmp_path / "again"
+    json_path = str(out / "samples.json")
+    assert cli(["sample", "--from-json", json_path, "--index", "3", "--out", str(again)]) == 0
+    assert np.array_equal(_pixels(again / "001_01.png"), _pixels(out / "001_01.png"))
+
+
+def test_cli_prompts_file_and_priming(pipe_dir, pipe, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a blue square\n\na red circle\n")
+    scene = tmp_path / "scene.png"
+    pipe(PROMPTS[:1], seed=3).images[0].save(scene)
+    out = tmp_path / "out"
+    argv = ["sample", "--model", str(pipe_dir), "--prompts-file", str(tmp_path / "prompts.txt")]
+    argv += ["--prime-image", str(scene), "--prime-rows", "1", "--out", str(out)]
+    assert cli(argv) == 0
+    doc = json.loads((out / "samples.json").read_text())
+    assert [r["prompt"] for r in doc["samples"]] == ["a blue square", "a red circle"]
+    want = pipe.encode_prime(Image.open(scene), 1)[0].tolist()
+    assert all(r["prime_codes"] == want for r in doc["samples"])
+    again = tmp_path / "again"
+    assert cli(["sample", "--from-json", str(out / "samples.json"), "--out", str(again)]) == 0
+    assert np.array_equal(_pixels(again / "000_00.png"), _pixels(out / "000_00.png"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--num", "0", "a circle"], "--num must be >= 1, got 0"),
+        ([], "expected at least one prompt"),
+        (["--prime-rows", "2", "a circle"], "--prime-rows needs --prime-image"),
+        (["--prompts-file", "/nonexistent/p.txt"], "prompts file /nonexistent/p.txt does not"),
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_a_message(pipe_dir, tmp_path, capsys, extra, message):
+    code = cli(["sample", "--model", str(pipe_dir), *extra, "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bad_model_folder_exits_2(tmp_path, capsys):
+    assert cli(["sample", "--model", str(tmp_path), "a circle", "--out", str(tmp_path / "o")]) == 2
+    assert "pipeline.json is missing" in capsys.readouterr().err
+    bad = tmp_path / "samples.json"
+    bad.write_text(json.dumps({"samples": []}))
+    assert cli(["sample", "--from-json", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "holds no samples" in capsys.readouterr().err
+
+
+# -- tools -------------------------------------------------------------------------------------
+
+
+def test_eval_fidelity_reports_both_settings_split_by_combination(pipe_dir, tmp_path, capsys):
+    tool = _tool("eval_fidelity")
+    out = tmp_path / "fid.json"
+    argv = ["--model", str(pipe_dir), "--num", "6", "--guidance", "2", "--out", str(out)]
+    assert tool.main([*argv, "--grids", str(tmp_path / "grids")]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["num"] == 6 and 0 <= rep["n_held_out"] <= 6
+    for name, scale in (("no_guidance", 1.0), ("guidance", 2.0)):
+        res = rep[name]
+        assert res["params"]["guidance_scale"] == scale
+        assert res["all"]["n"] == 6
+        assert 0.0 <= res["all"]["exact"] <= 1.0
+        n_seen = res["seen"]["n"] if res["seen"] else 0
+        n_held = res["held_out"]["n"] if res["held_out"] else 0
+        assert n_seen + n_held == 6 and n_held == rep["n_held_out"]
+        assert set(res["all"]) >= {"count", "color", "shape", "size", "position", "relation"}
+    assert (tmp_path / "grids" / "guidance.png").is_file()
+    assert tool.main(["--model", str(pipe_dir), "--num", "0"]) == 2
+
+
+def test_bench_sampling_smoke_run(capsys):
+    tool = _tool("bench_sampling")
+    assert tool.main(["--tiny", "--grids", "2,4", "--repeats", "1"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["tokens_equal"] is True and rep["speedup"] > 0
+    assert rep["scaling"]["tokens_per_image"] == [4, 16] and "exponent" in rep["scaling"]
