@@ -10,12 +10,18 @@ PyTorch computing the same thing in the kernel's dtype.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
+# Triton decides interpreter or compiler when a function is decorated, its own library included:
+# if another test module imported triton first, this process cannot interpret, and the file
+# reruns itself in a fresh process instead (test_in_a_fresh_interpreter).
+LATE = not CUDA and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+if not CUDA and not LATE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dalle_ar.kernels.attention import attention  # noqa: E402
@@ -26,10 +32,15 @@ from dalle_ar.kernels.layouts import LAYOUT_KINDS, Layout  # noqa: E402
 from dalle_ar.kernels.reference import attention_reference, decode_reference  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(
-    not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="no CUDA and TRITON_INTERPRET is not 1",
-)
+RUNS_HERE = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _kernels_run_here(request: pytest.FixtureRequest) -> None:
+    if not RUNS_HERE and request.node.originalname != "test_in_a_fresh_interpreter":
+        pytest.skip("no CUDA and no Triton interpreter in this process")
+
+
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 # Small blocks so that tiny sequences already have full, partial and skipped blocks; forward
@@ -196,6 +207,14 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at call time
     with pytest.raises(ValueError, match="CUDA"):
         attention(q, k, v, lay)
+
+
+@pytest.mark.skipif(not LATE, reason="only when triton was imported before this module")
+def test_in_a_fresh_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
 
 
 # ---- full size, GPU only -------------------------------------------------------------------
