@@ -306,8 +306,10 @@ def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> 
     stop_at = min(total, cfg.halt_after) if cfg.halt_after else total
     B = cfg.data.batch_size
     batches = source.train(skip=micro)
-    bad_in_row, t_log, last = 0, time.time(), {}
+    bad_in_row, t_log, step_log, last, out_of_time = 0, time.time(), step, {}, False
     log_path = run.dir / "train_log.jsonl"
+    if info.is_main:
+        _truncate_log(log_path, step)  # rows past the checkpoint come again after a resume
     bar = tqdm(total=stop_at, initial=step, disable=not info.is_main, desc="transformer")
     wrapped.train()
     while step < stop_at:
@@ -354,7 +356,9 @@ def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> 
         opt.zero_grad(set_to_none=True)
         step, bad_in_row = step + 1, 0
         bar.update(1)
-        if step % cfg.run.log_every == 0 or step == stop_at:
+        # every rank stops at the same step: the clocks of the processes may disagree
+        out_of_time = bool(dist.all_reduce_sum(torch.tensor(float(run.out_of_time()))) > 0)
+        if step % cfg.run.log_every == 0 or step == stop_at or out_of_time:
             vals = dist.all_reduce_sum(torch.stack([loss_sum, *parts_sum.values()])) / info.world
             dt = time.time() - t_log
             last = {
@@ -363,20 +367,17 @@ def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> 
                 "lr": opt.param_groups[0]["lr"],
                 "grad_norm": check[1].item() / info.world,
                 "skipped_steps": skipped,
-                "samples_per_s": cfg.run.log_every * accum * B * info.world / max(dt, 1e-9),
+                "samples_per_s": (step - step_log) * accum * B * info.world / max(dt, 1e-9),
             }
             last.update({f"train/{n}": v.item() for n, v in zip(parts_sum, vals[1:])})
-            t_log = time.time()
-            if info.is_main:
-                run.log(last, step)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
+            t_log, step_log = time.time(), step
+            _log_row(run, info, log_path, last, step)
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
         if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < stop_at:
-            run.log(evaluate(wrapped, source, cfg, info), step)
+            row = {"step": step, "minutes": run_minutes(run)}
+            _log_row(run, info, log_path, {**row, **evaluate(wrapped, source, cfg, info)}, step)
         if cfg.run.sample_every and step % cfg.run.sample_every == 0 and step < stop_at:
             _samples(cfg, info, run, model, wrapped, source, step)
-        out_of_time = run.out_of_time()
         if step % cfg.run.save_every == 0 or step == stop_at or out_of_time:
             _save(run, cfg, wrapped, opt, step, micro, skipped)
         if out_of_time:
@@ -395,6 +396,19 @@ def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> 
         log.info("transformer: step %d, %s", step, json.dumps(final))
     dist.barrier()
     return final
+
+
+def _log_row(run: Run, info, path: Path, row: dict[str, Any], step: int) -> None:
+    if info.is_main:
+        run.log(row, step)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if path.is_file():
+        rows = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
 
 
 def run_minutes(run: Run) -> float:
