@@ -99,6 +99,19 @@ def captioned_grid(
     return out
 
 
+def stack_vertical(images: Sequence[Image.Image]) -> Image.Image:
+    """Images one under the other, left-aligned on white (e.g. one captioned grid per prompt)."""
+    if not images:
+        raise ValueError("expected at least one image, got none")
+    out = Image.new("RGB", (max(im.width for im in images), sum(im.height for im in images)),
+                    "white")  # fmt: skip
+    y = 0
+    for im in images:
+        out.paste(im, (0, y))
+        y += im.height
+    return out
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     # Pillow's built-in font: no font file to find or download.
     try:
@@ -107,4 +120,4 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-__all__ = ["captioned_grid", "image_grid", "to_uint8"]
+__all__ = ["captioned_grid", "image_grid", "stack_vertical", "to_uint8"]

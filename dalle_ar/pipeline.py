@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dalle_ar.checkpoint import atomic_dir, read_component_config
-from dalle_ar.grid import to_uint8
+from dalle_ar.grid import captioned_grid, stack_vertical, to_uint8
 from dalle_ar.sampling import generate_image_tokens, sample_seeds
 from dalle_ar.text import SPECIALS, TextTokenizer
 from dalle_ar.transformer import Transformer, TransformerConfig
@@ -57,12 +58,7 @@ FORMAT = "dalle_ar.pipeline"
 REQUIRED = ("text_tokenizer", "vq", "transformer")
 OPTIONAL = ("clip", "prior")
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "guidance_scale")
-BUILTIN_DEFAULTS: dict[str, Any] = {
-    "temperature": 1.0,
-    "top_k": 0,
-    "top_p": 1.0,
-    "guidance_scale": 1.0,
-}
+BUILTIN_DEFAULTS: dict[str, Any] = dict(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0)
 
 
 @dataclasses.dataclass
@@ -92,10 +88,7 @@ class DalleAR:
                 tokenizer.hf, dataclasses.replace(tokenizer.cfg, text_len=t.text_len)
             )
         self.tokenizer = tokenizer
-        unknown = set(defaults or {}) - set(SAMPLING_KEYS)
-        if unknown:
-            raise ValueError(f"unknown sampling defaults {sorted(unknown)}; known: {SAMPLING_KEYS}")
-        self.defaults = {**BUILTIN_DEFAULTS, **(defaults or {})}
+        self.defaults = _with_defaults(defaults)
         self.extra: dict[str, Any] = dict(extra or {})  # optional components (clip, prior)
         self._known_chars = _known_chars(tokenizer)
 
@@ -130,28 +123,34 @@ class DalleAR:
         return self
 
     # -- prompts ---------------------------------------------------------------------------
-    def check_prompts(self, prompts: Sequence[str]) -> Any:
+    def check_prompts(self, prompts: Sequence[str], max_each: int = 3) -> Any:
         """Encode the prompts (a `TextBatch`), warning about empty, over-long and
-        never-seen-character prompts (see the module docstring)."""
+        never-seen-character prompts (see the module docstring); past `max_each` warnings of a
+        kind, one line counts the rest."""
         prompts = list(prompts)
         text = self.tokenizer.encode(prompts)
         room = self.tokenizer.text_len - 2
+        notes: dict[str, list[str]] = {"empty": [], "long": [], "odd": []}
         for i, (p, n) in enumerate(zip(prompts, self.tokenizer.tokenize_lengths(prompts))):
             if not p.strip():
-                log.warning("prompt %d is empty: this is an unconditional sample", i)
+                notes["empty"].append(f"prompt {i} is empty: this is an unconditional sample")
             if n > room:
                 kept = self.tokenizer.decode(text.ids[i])[0]
-                log.warning(
-                    "prompt %d is %d tokens, the model reads %d: truncated to %r", i, n, room, kept
+                notes["long"].append(
+                    f"prompt {i} is {n} tokens, the model reads {room}: truncated to {kept!r}"
                 )
             odd = sorted({c for c in self.tokenizer.normalize(p) if c not in self._known_chars})
             if odd:
-                log.warning(
-                    "prompt %d has characters the tokenizer never saw in training: %s; they are "
-                    "encoded as raw bytes the model has hardly seen",
-                    i,
-                    " ".join(repr(c) for c in odd),
+                notes["odd"].append(
+                    f"prompt {i} has characters the tokenizer never saw in training: "
+                    f"{' '.join(repr(c) for c in odd)}; they are encoded as raw bytes the model "
+                    "has hardly seen"
                 )
+        for kind, lines in notes.items():
+            for line in lines[:max_each]:
+                log.warning(line)
+            if len(lines) > max_each:
+                log.warning("... and %d more prompts like that (%s)", len(lines) - max_each, kind)
         return text
 
     # -- generation ------------------------------------------------------------------------
@@ -307,20 +306,21 @@ def read_pipeline_json(folder: str | Path) -> dict[str, Any]:
 
 def assemble(
     folder: str | Path,
-    tokenizer_dir: str | Path,
-    vq_dir: str | Path,
-    transformer_dir: str | Path,
+    tokenizer: str | Path,
+    vq: str | Path,
+    transformer: str | Path,
     *,
-    clip_dir: str | Path | None = None,
-    prior_dir: str | Path | None = None,
+    clip: str | Path | None = None,
+    prior: str | Path | None = None,
     defaults: dict[str, Any] | None = None,
     link: bool = False,
 ) -> Path:
-    """Write a pipeline folder from trained component folders, atomically: copies (or, with
-    `link`, absolute symlinks) plus pipeline.json. The components are checked against each other
-    first (vocabulary and codebook sizes)."""
-    srcs = {"text_tokenizer": tokenizer_dir, "vq": vq_dir, "transformer": transformer_dir}
-    srcs.update({k: v for k, v in (("clip", clip_dir), ("prior", prior_dir)) if v is not None})
+    """Write a pipeline folder from trained component folders (tokenizer, vq, transformer and
+    optionally clip, prior), atomically: copies (or, with `link`, absolute symlinks) plus
+    pipeline.json. The components are checked against each other first (vocabulary and codebook
+    sizes)."""
+    srcs = {"text_tokenizer": tokenizer, "vq": vq, "transformer": transformer}
+    srcs.update({k: v for k, v in (("clip", clip), ("prior", prior)) if v is not None})
     srcs = {k: Path(v) for k, v in srcs.items()}
     for name, src in srcs.items():
         if not (src / "config.json").is_file():
@@ -329,9 +329,7 @@ def assemble(
     vq_cfg = read_component_config(srcs["vq"], "vq", VQConfig)
     tf_cfg = read_component_config(srcs["transformer"], "transformer", TransformerConfig)
     check_compatible(tok.vocab_size, vq_cfg, tf_cfg)
-    unknown = set(defaults or {}) - set(SAMPLING_KEYS)
-    if unknown:
-        raise ValueError(f"unknown sampling defaults {sorted(unknown)}; known: {SAMPLING_KEYS}")
+    defaults = _with_defaults(defaults)
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         for name, src in srcs.items():
@@ -339,7 +337,7 @@ def assemble(
                 os.symlink(src.resolve(), tmp / name, target_is_directory=True)
             else:
                 shutil.copytree(src, tmp / name)
-        _write_json(tmp, {name: name for name in srcs}, {**BUILTIN_DEFAULTS, **(defaults or {})})
+        _write_json(tmp, {name: name for name in srcs}, defaults)
     log.info("assembled pipeline %s from %s", folder, {k: str(v) for k, v in srcs.items()})
     return folder
 
@@ -365,7 +363,78 @@ def _load_optional(name: str, path: Path) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
+# Results: grids and prompt fidelity on the shapes data.
+
+
+def save_prompt_grid(result: PipelineOutput, path: str | Path) -> Path:
+    """One PNG: per prompt, a row of its samples under the prompt as caption."""
+    groups: dict[tuple[int, str], list[Image.Image]] = {}
+    for img, meta in zip(result.images, result.samples):
+        groups.setdefault((meta["prompt_index"], meta["prompt"]), []).append(img)
+    rows = [captioned_grid(imgs, p or "(empty prompt)") for (_, p), imgs in sorted(groups.items())]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stack_vertical(rows).save(path)
+    return path
+
+
+def evaluate_fidelity(
+    pipe: DalleAR,
+    num_prompts: int = 200,
+    seed: int = 0,
+    guidance_scales: Sequence[float] = (1.0, 3.0),
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    prompt_seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """One sample per evaluation-split shapes prompt for each guidance scale (same prompts, same
+    seeds), scored by the shape checker: exact match and per attribute, over all prompts and
+    split into seen and held-out colour-shape combinations. JSON-able."""
+    from dalle_ar.data.evaluate import score_batch
+    from dalle_ar.data.shapes import prompts_for_eval
+
+    if num_prompts < 0:
+        raise ValueError(f"num_prompts must be >= 0, got {num_prompts}")
+    pairs = prompts_for_eval(num_prompts, seed=prompt_seed)
+    specs = [s for _, s in pairs]
+    held = [bool(s["held_out"]) for s in specs]
+    report: dict[str, Any] = {"num_prompts": num_prompts, "n_held_out": sum(held),
+                              "prompt_seed": prompt_seed, "seed": seed, "settings": {},
+                              "summary": {}}  # fmt: skip
+    if not num_prompts:
+        return report
+    for scale in guidance_scales:
+        t0 = time.perf_counter()
+        params = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=scale)
+        out = pipe([p for p, _ in pairs], seed=seed, batch_size=batch_size, progress=progress,
+                   **params)  # fmt: skip
+        res: dict[str, Any] = {k: out.samples[0][k] for k in SAMPLING_KEYS}
+        res["seconds"] = time.perf_counter() - t0
+        res["all"] = score_batch(out.images, specs)
+        for split, flag in (("seen", False), ("held_out", True)):
+            idx = [i for i, h in enumerate(held) if h == flag]
+            imgs = [out.images[i] for i in idx]
+            res[split] = score_batch(imgs, [specs[i] for i in idx]) if idx else None
+        report["settings"][f"{scale:g}"] = res
+        a = res["all"]
+        report["summary"][f"guidance {scale:g}"] = {
+            k: a[k] for k in ("exact", "exact_seen", "exact_held_out")
+        }
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
 # Helpers.
+
+
+def _with_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
+    unknown = set(defaults or {}) - set(SAMPLING_KEYS)
+    if unknown:
+        raise ValueError(f"unknown sampling defaults {sorted(unknown)}; known: {SAMPLING_KEYS}")
+    return {**BUILTIN_DEFAULTS, **(defaults or {})}
 
 
 def _expand_prime(prime: torch.Tensor | None, n_prompts: int, num: int) -> torch.Tensor | None:
@@ -403,5 +472,7 @@ __all__ = [
     "PipelineOutput",
     "assemble",
     "check_compatible",
+    "evaluate_fidelity",
     "read_pipeline_json",
+    "save_prompt_grid",
 ]

@@ -17,7 +17,13 @@ from _pipeline_fixtures import CODEBOOK, GRID, TEXT_LEN, build_components, tiny_
 from PIL import Image
 
 from dalle_ar.cli import main as cli
-from dalle_ar.pipeline import DalleAR, assemble, read_pipeline_json
+from dalle_ar.pipeline import (
+    DalleAR,
+    assemble,
+    evaluate_fidelity,
+    read_pipeline_json,
+    save_prompt_grid,
+)
 from dalle_ar.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,9 +105,9 @@ def test_save_pretrained_round_trips(pipe, tmp_path):
 def test_assemble_links_and_keeps_sampling_defaults(parts, tmp_path):
     folder = assemble(
         tmp_path / "linked",
-        parts["text_tokenizer"],
-        parts["vq"],
-        parts["transformer"],
+        tokenizer=parts["text_tokenizer"],
+        vq=parts["vq"],
+        transformer=parts["transformer"],
         link=True,
         defaults={"guidance_scale": 2.5, "top_k": 4},
     )
@@ -255,24 +261,39 @@ def test_cli_bad_model_folder_exits_2(tmp_path, capsys):
 # -- tools -------------------------------------------------------------------------------------
 
 
-def test_eval_fidelity_reports_both_settings_split_by_combination(pipe_dir, tmp_path, capsys):
+def test_eval_fidelity_reports_both_settings_split_by_combination(pipe_dir, tmp_path):
     tool = _tool("eval_fidelity")
     out = tmp_path / "fid.json"
     argv = ["--model", str(pipe_dir), "--num", "6", "--guidance", "2", "--out", str(out)]
-    assert tool.main([*argv, "--grids", str(tmp_path / "grids")]) == 0
+    assert tool.main(argv) == 0
     rep = json.loads(out.read_text())
-    assert rep["num"] == 6 and 0 <= rep["n_held_out"] <= 6
-    for name, scale in (("no_guidance", 1.0), ("guidance", 2.0)):
-        res = rep[name]
-        assert res["params"]["guidance_scale"] == scale
-        assert res["all"]["n"] == 6
+    assert rep["num_prompts"] == 6 and 0 <= rep["n_held_out"] <= 6
+    assert set(rep["settings"]) == {"1", "2"}
+    for key, scale in (("1", 1.0), ("2", 2.0)):
+        res = rep["settings"][key]
+        assert res["guidance_scale"] == scale and res["all"]["n"] == 6
         assert 0.0 <= res["all"]["exact"] <= 1.0
         n_seen = res["seen"]["n"] if res["seen"] else 0
         n_held = res["held_out"]["n"] if res["held_out"] else 0
         assert n_seen + n_held == 6 and n_held == rep["n_held_out"]
         assert set(res["all"]) >= {"count", "color", "shape", "size", "position", "relation"}
-    assert (tmp_path / "grids" / "guidance.png").is_file()
+        assert rep["summary"][f"guidance {key}"]["exact"] == res["all"]["exact"]
     assert tool.main(["--model", str(pipe_dir), "--num", "0"]) == 2
+
+
+def test_evaluate_fidelity_with_no_prompts_is_empty(pipe):
+    rep = evaluate_fidelity(pipe, num_prompts=0)
+    assert rep["num_prompts"] == 0 and rep["settings"] == {}
+
+
+def test_save_prompt_grid_stacks_one_captioned_row_per_prompt(pipe, tmp_path):
+    out = pipe(PROMPTS, num_samples=3, seed=0)
+    path = save_prompt_grid(out, tmp_path / "g" / "grid.png")
+    img = Image.open(path)
+    one = Image.open(
+        save_prompt_grid(pipe(PROMPTS[:1], num_samples=3, seed=0), tmp_path / "one.png")
+    )
+    assert img.width == one.width and img.height > 2 * GRID * 4 * 3
 
 
 def test_bench_sampling_smoke_run(capsys):
