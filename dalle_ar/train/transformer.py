@@ -167,41 +167,28 @@ class ShardBatches:
 
 @torch.no_grad()
 def sample_codes(model: Transformer, ids, lens, temperature: float, seed: int) -> torch.Tensor:
-    """Minimal ancestral sampling with the KV cache, (n, h*w) codes. A stopgap for the sample
-    grids only: dalle_ar.sampling (prefill / decode_one / generate) is to replace it."""
-    was_training, dev = model.training, model.image_head.weight.device
-    model.eval()
-    n, T = ids.shape
-    ids, lens = ids.to(dev), lens.to(dev)
-    g = torch.Generator(dev).manual_seed(seed)
-    model.setup_cache(n)
-    logits = model(ids, torch.arange(T, device=dev), text_lens=lens).image[:, -1]
-    codes = []
-    for i in range(model.cfg.image_len):
-        probs = torch.softmax(logits.float() / temperature, -1)
-        codes.append(torch.multinomial(probs, 1, generator=g))  # (n, 1)
-        if i + 1 < model.cfg.image_len:
-            pos = torch.tensor([T + i], device=dev)
-            logits = model(codes[-1], pos, text_lens=lens).image[:, -1]
-    model.clear_cache()
-    model.train(was_training)
-    return torch.cat(codes, 1)
+    """(n, h*w) codes for the sample grids: dalle_ar.sampling with the KV cache, sample i
+    seeded with seed + i. Leaves the model's mode as it was and no cache behind."""
+    from dalle_ar.sampling import generate_image_tokens
+
+    dev = model.image_head.weight.device
+    codes = generate_image_tokens(
+        model, ids.to(dev), text_lens=lens.to(dev), temperature=temperature, seeds=seed
+    )
+    return codes.flatten(1)
 
 
 def sample_grid(model, source: ShardBatches, cfg, path: Path, seed: int) -> None:
     """One row of decoded samples for the fixed prompts, written as a PNG."""
-    import numpy as np
-    from PIL import Image
+    from dalle_ar.grid import image_grid
 
     t = source.tok.encode(cfg.sample_prompts)
     codes = sample_codes(model, t.ids, t.mask.sum(1), cfg.sample_temperature, seed)
     m = cfg.model
     with torch.no_grad():
         imgs = source.vq.decode(codes.view(-1, m.grid_h, m.grid_w))  # (n, 3, S, S) in [0, 1]
-    row = torch.cat(list(imgs.clamp(0, 1).cpu()), dim=2)  # (3, S, n * S)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = (row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(arr).save(path)
+    image_grid(imgs, scale=1, gap=0).save(path)
 
 
 class NonFiniteLoss(RuntimeError):

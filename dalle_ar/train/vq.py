@@ -29,10 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from dalle_ar.config import (
@@ -43,6 +41,7 @@ from dalle_ar.config import (
     load_config,
     require,
 )
+from dalle_ar.grid import image_grid
 from dalle_ar.train.common import (
     Run,
     autocast_context,
@@ -147,19 +146,8 @@ def evaluate(model: VQTokenizer, batches: Any, device: torch.device, max_batches
 
 def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> Path:
     """PNG with the originals in the top row and their reconstructions below (2 px gaps)."""
-    n, _, h, w = originals.shape
-    scale = max(1, 64 // h)  # small images are enlarged (nearest) so the grid is legible
-    gap = 2
-    canvas = np.full((2 * h * scale + 3 * gap, n * (w * scale + gap) + gap, 3), 255, np.uint8)
-    for row, imgs in enumerate((originals, recons)):
-        arr = (imgs.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for i in range(n):
-            tile = arr[i].repeat(scale, 0).repeat(scale, 1)
-            y = gap + row * (h * scale + gap)
-            x = gap + i * (w * scale + gap)
-            canvas[y : y + h * scale, x : x + w * scale] = tile
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
+    image_grid(torch.cat([originals, recons]), ncols=originals.shape[0]).save(path)
     return path
 
 
