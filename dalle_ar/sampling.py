@@ -10,20 +10,28 @@ One call does it all:
         top_k=64, top_p=0.95, guidance_scale=3.0, empty_ids=tok.encode([""]).ids[0], seeds=0,
     )  # (4, h, w) codes; vq.decode(codes) gives the pixels
 
-Or drive the loop yourself with the pieces (here: plain sampling, no guidance):
+Or drive the loop yourself with the pieces (here: plain sampling of B = 4 captions, no guidance):
 
     from dalle_ar.sampling import decode_one, logits_to_probs, prefill, sample_from_probs, uniforms
-    model.setup_cache(B)
+    text = tok.encode(["a red circle"] * 4)
+    lens = text.mask.sum(1)
+    model.setup_cache(4)
     u = uniforms([0, 1, 2, 3], model.cfg.image_len)        # (B, h*w): one stream per sample
-    logits = prefill(model, text.ids, text_lens=lens)       # (B, image_vocab): the first code
     codes = []
-    for i in range(model.cfg.image_len):
-        code = sample_from_probs(logits_to_probs(logits, top_k=64), u[:, i])   # (B,)
-        codes.append(code)
-        if i + 1 < model.cfg.image_len:
-            pos = torch.tensor([model.cfg.text_positions + i])
-            logits = decode_one(model, code[:, None], pos, text_lens=lens)
+    with torch.inference_mode():
+        logits = prefill(model, text.ids, text_lens=lens)   # (B, image_vocab): the first code
+        for i in range(model.cfg.image_len):
+            code = sample_from_probs(logits_to_probs(logits, top_k=64), u[:, i])   # (B,)
+            codes.append(code)
+            if i + 1 < model.cfg.image_len:
+                pos = torch.tensor([model.cfg.text_positions + i])
+                logits = decode_one(model, code[:, None], pos, text_lens=lens)
     model.clear_cache()
+    codes = torch.stack(codes, 1).view(4, model.cfg.grid_h, model.cfg.grid_w)
+
+On a CPU, sample with one thread (torch.set_num_threads(1)): a decode step is a few small
+matrix products, and on a machine shared with other work the extra threads mostly wait for
+each other (on the 2-core development machine, 2 threads under load were 30x slower).
 
 Randomness: sample b draws every code from its own stream of uniforms, a generator seeded with
 its own seed (inverse-CDF sampling: one uniform per image position). A sample therefore depends

@@ -268,6 +268,17 @@ def test_embedding_conditioned_model_samples_with_guidance():
     assert torch.equal(got, generate_image_tokens(model, ids, use_cache=False, **kw))
 
 
+def test_model_whose_embedding_replaces_the_text_samples_from_cond_alone():
+    model = tiny_model(cond_dim=8, cond_tokens=2, cond_mode="replace")
+    cond = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(cond=cond, seeds=0, guidance_scale=2.0)
+    got = generate_image_tokens(model, None, **kw)
+    assert got.shape == (2, H, W)
+    assert torch.equal(got, generate_image_tokens(model, None, use_cache=False, **kw))
+    with pytest.raises(ValueError, match="replaces the text"):
+        generate_image_tokens(model, torch.zeros(2, T, dtype=torch.long), cond=cond)
+
+
 def test_model_state_is_left_as_it_was():
     model = tiny_model().train()
     ids, lens = prompts(1)
