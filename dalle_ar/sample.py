@@ -81,7 +81,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {path} does not exist")
-        prompts += [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+        prompts += [line for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError("expected at least one prompt (arguments or --prompts-file), got none")
     return prompts
@@ -129,7 +129,7 @@ def _sample(args: argparse.Namespace) -> int:
         )
     doc = {
         "model": str(Path(args.model).resolve()),
-        "command": ["dalle-ar", "sample", *(argv_of(args))],
+        "command": ["dalle-ar", "sample", *(_argv_of(args))],
         "samples": records,
     }
     _write_json(folder / JSON_NAME, doc)
@@ -137,7 +137,7 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def argv_of(args: argparse.Namespace) -> list[str]:
+def _argv_of(args: argparse.Namespace) -> list[str]:
     """The options of this run, for the record."""
     skip = {"prompts", "from_json", "index", "threads"}
     out = []
