@@ -15,7 +15,12 @@ import torch.multiprocessing as mp
 
 from dalle_ar.config import load_config
 from dalle_ar.train import dist
-from dalle_ar.train.transformer import NonFiniteLoss, TrainTransformerConfig, train
+from dalle_ar.train.transformer import (
+    NonFiniteLoss,
+    TrainTransformerConfig,
+    _schedule_step,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 T, GH, GW, TV, IV = 6, 3, 3, 20, 12  # text_len, grid, vocabularies
@@ -149,6 +154,23 @@ def test_non_finite_steps_are_skipped_and_many_stop_the_run(tmp_path):
         train(cfg, MemoryBatches(4, poison=poison, cond_dim=4))
     state = torch.load(tmp_path / "b" / "ckpt" / "last" / "train_state.pt", weights_only=True)
     assert state["step"] == 4  # the last good checkpoint is intact
+
+
+@pytest.mark.parametrize("name", ["tiny", "shapes", "bench_s", "paper_12b"])
+def test_shipped_configs_load(name):
+    cfg = load_config(TrainTransformerConfig, ROOT / "configs" / f"transformer_{name}.yaml")
+    assert cfg.model.seq_len == cfg.model.text_len + cfg.model.grid_h * cfg.model.grid_w
+
+
+def test_lr_schedule_can_follow_the_time_budget(tmp_path):
+    cfg = config(tmp_path, "run.steps=1010", "optim.warmup_steps=10", "run.max_minutes=10",
+                 "lr_follows_time=true")  # fmt: skip
+    assert _schedule_step(cfg, 5, minutes=9.0) == 5  # warmup counts steps
+    assert _schedule_step(cfg, 20, minutes=5.0) == 10 + 500  # half the time: half the cosine
+    assert _schedule_step(cfg, 800, minutes=1.0) == 800  # steps ahead of the clock
+    assert _schedule_step(cfg, 20, minutes=12.0) == 1010
+    off = config(tmp_path, "run.steps=1010", "run.max_minutes=10")
+    assert _schedule_step(off, 20, minutes=5.0) == 20
 
 
 def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):

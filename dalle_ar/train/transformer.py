@@ -67,6 +67,7 @@ class TrainTransformerConfig:
     sample_prompts: list[str] = dataclasses.field(default_factory=lambda: list(PROMPTS))
     sample_temperature: float = 1.0  # sample grids: softmax temperature
     halt_after: int = 0  # stop (with a checkpoint) after this step; 0 = run.steps (staged runs)
+    lr_follows_time: bool = False  # with run.max_minutes: the cosine ends when time runs out
 
     def validate(self) -> None:
         w_ok = self.text_loss_weight >= 0 and self.image_loss_weight > 0
@@ -300,7 +301,8 @@ def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> 
     bar = tqdm(total=stop_at, initial=step, disable=not info.is_main, desc="transformer")
     wrapped.train()
     while step < stop_at:
-        set_lr(opt, lr_at(step, cfg.optim, total))
+        minutes = dist.all_reduce_max(run_minutes(run))  # one clock for every rank
+        set_lr(opt, lr_at(_schedule_step(cfg, step, minutes), cfg.optim, total))
         loss_sum = torch.zeros((), device=info.device)
         parts_sum: dict[str, torch.Tensor] = {}
         for k in range(accum):
@@ -344,7 +346,7 @@ def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> 
         step, bad_in_row = step + 1, 0
         bar.update(1)
         # every rank stops at the same step: the clocks of the processes may disagree
-        out_of_time = bool(dist.all_reduce_sum(torch.tensor(float(run.out_of_time()))) > 0)
+        out_of_time = cfg.run.max_minutes > 0 and minutes > cfg.run.max_minutes
         if step % cfg.run.log_every == 0 or step == stop_at or out_of_time:
             vals = dist.all_reduce_sum(torch.stack([loss_sum, *parts_sum.values()])) / info.world
             dt = time.time() - t_log
@@ -383,6 +385,17 @@ def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> 
         log.info("transformer: step %d, %s", step, json.dumps(final))
     dist.barrier()
     return final
+
+
+def _schedule_step(cfg: TrainTransformerConfig, step: int, minutes: float) -> int:
+    """The step the LR schedule sees: after warmup, whichever of steps and wall time is further
+    through its budget, so a time-capped run ends its cosine when the time is up (the time
+    counts from this process's start)."""
+    warm, total, limit = cfg.optim.warmup_steps, cfg.run.steps, cfg.run.max_minutes
+    if not (cfg.lr_follows_time and limit > 0) or step < warm:
+        return step
+    frac = max((step - warm) / max(1, total - warm), minutes / limit)
+    return warm + int(min(1.0, frac) * (total - warm))
 
 
 def _log_row(run: Run, info, path: Path, row: dict[str, Any], step: int) -> None:
