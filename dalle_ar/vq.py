@@ -41,6 +41,7 @@ class VQConfig:
     width: int = 64  # channels at full resolution
     channel_mult: list[int] = dataclasses.field(default_factory=list)  # per level; [] = 1,2,2,..
     num_res_blocks: int = 2  # residual blocks per resolution level (encoder and decoder)
+    norm: Literal["group", "none"] = "group"  # GroupNorm in every block, or none (2x faster on CPU)
     latent_dim: int = 64  # channels the encoder hands to the quantizer
     quantizer: Literal["vq", "fsq"] = "vq"  # VectorQuantize (EMA codebook) or FSQ
     codebook_size: int = 512  # number of codes; for fsq it must equal prod(fsq_levels)
@@ -100,16 +101,16 @@ class VQConfig:
 # Network.
 
 
-def _norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
+def _norm(ch: int, kind: str) -> nn.Module:
+    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6) if kind == "group" else nn.Identity()
 
 
 class ResBlock(nn.Module):
-    def __init__(self, ch: int) -> None:
+    def __init__(self, ch: int, norm: str) -> None:
         super().__init__()
-        self.norm1 = _norm(ch)
+        self.norm1 = _norm(ch, norm)
         self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
-        self.norm2 = _norm(ch)
+        self.norm2 = _norm(ch, norm)
         self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,11 +125,11 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(3, chs[0], 3, padding=1)
         layers: list[nn.Module] = []
         for i in range(len(chs) - 1):
-            layers += [ResBlock(chs[i]) for _ in range(cfg.num_res_blocks)]
+            layers += [ResBlock(chs[i], cfg.norm) for _ in range(cfg.num_res_blocks)]
             layers.append(nn.Conv2d(chs[i], chs[i + 1], 4, stride=2, padding=1))  # halves H, W
-        layers += [ResBlock(chs[-1]) for _ in range(cfg.num_res_blocks)]
+        layers += [ResBlock(chs[-1], cfg.norm) for _ in range(cfg.num_res_blocks)]
         self.blocks = nn.Sequential(*layers)
-        self.norm_out = _norm(chs[-1])
+        self.norm_out = _norm(chs[-1], cfg.norm)
         self.conv_out = nn.Conv2d(chs[-1], cfg.latent_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,12 +152,12 @@ class Decoder(nn.Module):
         super().__init__()
         chs = cfg.channels()
         self.conv_in = nn.Conv2d(cfg.latent_dim, chs[-1], 3, padding=1)
-        layers: list[nn.Module] = [ResBlock(chs[-1]) for _ in range(cfg.num_res_blocks)]
+        layers: list[nn.Module] = [ResBlock(chs[-1], cfg.norm) for _ in range(cfg.num_res_blocks)]
         for i in reversed(range(len(chs) - 1)):
             layers.append(Upsample(chs[i + 1], chs[i]))
-            layers += [ResBlock(chs[i]) for _ in range(cfg.num_res_blocks)]
+            layers += [ResBlock(chs[i], cfg.norm) for _ in range(cfg.num_res_blocks)]
         self.blocks = nn.Sequential(*layers)
-        self.norm_out = _norm(chs[0])
+        self.norm_out = _norm(chs[0], cfg.norm)
         self.conv_out = nn.Conv2d(chs[0], 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
