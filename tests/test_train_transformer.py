@@ -204,6 +204,7 @@ def test_cli_end_to_end_on_shards(tmp_path, shapes_shards):
     model = Transformer.from_pretrained(out / "transformer")
     assert model.cfg.grid_h == 4
     assert main([*argv, "model.depth=0"]) == 2  # a bad config is refused before any work
+    assert main([*argv, f"vq={tmp_path / 'missing'}"]) == 2  # a missing folder, no traceback
 
     # the same recipe on pretokenized shards (tools/pretokenize.py)
     spec = importlib.util.spec_from_file_location("pretokenize", ROOT / "tools" / "pretokenize.py")

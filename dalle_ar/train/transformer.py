@@ -44,7 +44,7 @@ PROMPTS = [
     "a small red circle at the top left",
     "a big blue square in the centre",
     "a green triangle to the left of a yellow circle",
-    "a purple star at the bottom right",
+    "a big purple diamond at the bottom right",
 ]
 
 
@@ -466,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         metrics = train(cfg, resume=args.resume)
+    except (ConfigError, FileNotFoundError) as e:  # e.g. a missing tokenizer or VQ folder
+        print(f"dalle-ar train transformer: {e}")
+        return 2
     except NonFiniteLoss as e:
         print(f"dalle-ar train transformer: {e}")
         return 1
