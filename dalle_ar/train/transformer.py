@@ -166,30 +166,19 @@ class ShardBatches:
         return (self._convert(raw) for raw in self._loader(self.cfg.data.eval, train=False))
 
 
-@torch.no_grad()
-def sample_codes(model: Transformer, ids, lens, temperature: float, seed: int) -> torch.Tensor:
-    """(n, h*w) codes for the sample grids: dalle_ar.sampling with the KV cache, sample i
-    seeded with seed + i. Leaves the model's mode as it was and no cache behind."""
+def sample_grid(model: Transformer, source: ShardBatches, cfg, path: Path, seed: int) -> None:
+    """One row of decoded samples for the fixed prompts (no guidance), written as a PNG."""
+    from dalle_ar.grid import image_grid
     from dalle_ar.sampling import generate_image_tokens
 
-    dev = model.image_head.weight.device
-    codes = generate_image_tokens(
-        model, ids.to(dev), text_lens=lens.to(dev), temperature=temperature, seeds=seed
-    )
-    return codes.flatten(1)
-
-
-def sample_grid(model, source: ShardBatches, cfg, path: Path, seed: int) -> None:
-    """One row of decoded samples for the fixed prompts, written as a PNG."""
-    from dalle_ar.grid import image_grid
-
     t = source.tok.encode(cfg.sample_prompts)
-    codes = sample_codes(model, t.ids, t.mask.sum(1), cfg.sample_temperature, seed)
-    m = cfg.model
+    codes = generate_image_tokens(
+        model, t.ids, text_lens=t.mask.sum(1), temperature=cfg.sample_temperature, seeds=seed
+    )  # (n, h, w)
     with torch.no_grad():
-        imgs = source.vq.decode(codes.view(-1, m.grid_h, m.grid_w))  # (n, 3, S, S) in [0, 1]
+        images = source.vq.decode(codes)  # (n, 3, S, S) in [0, 1]
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(imgs, scale=1, gap=0).save(path)
+    image_grid(images).save(path)
 
 
 class NonFiniteLoss(RuntimeError):
