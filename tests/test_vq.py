@@ -16,7 +16,7 @@ from PIL import Image
 from dalle_ar.config import ConfigError, load_config
 from dalle_ar.train import vq as vq_recipe
 from dalle_ar.train.common import lr_at
-from dalle_ar.train.vq import VQRecipeConfig, train
+from dalle_ar.train.vq import VQRecipeConfig, schedule_step, train
 from dalle_ar.vq import VQConfig, VQTokenizer
 
 TINY = dict(width=8, num_res_blocks=1, latent_dim=8, codebook_size=32, kmeans_iters=2)
@@ -283,3 +283,14 @@ def test_sigkilled_run_resumes_to_the_same_step_count(tmp_path, shapes_shards) -
     assert last_lr == pytest.approx(lr_at(steps - 1, cfg.optim, steps))
     assert json.loads((out / "metrics.json").read_text())["step"] == steps
     assert VQTokenizer.from_pretrained(out / "vq").codebook_size == cfg.model.codebook_size
+
+
+def test_lr_schedule_can_follow_the_time_budget() -> None:
+    extra = ["run.steps=100", "optim.warmup_steps=10", "run.max_minutes=10"]
+    cfg = load_config(VQRecipeConfig, TINY_CONFIG, extra)
+    assert schedule_step(cfg, 50, minutes=9.0) == 50  # off: the steps alone
+    cfg.lr_follows_time = True
+    assert schedule_step(cfg, 5, minutes=9.0) == 5  # warmup always counts steps
+    assert schedule_step(cfg, 20, minutes=5.0) == 55  # half the time gone: half-way down
+    assert schedule_step(cfg, 90, minutes=1.0) == 90  # steps ahead of the clock: steps rule
+    assert schedule_step(cfg, 20, minutes=12.0) == 100  # out of time: the cosine's floor

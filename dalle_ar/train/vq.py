@@ -79,6 +79,7 @@ class VQRecipeConfig:
     # torch CPU threads (0 = torch's default). On a CPU shared with other jobs, 1 thread runs
     # several times faster than 2: multi-threaded ops wait on descheduled threads.
     cpu_threads: int = 0
+    lr_follows_time: bool = False  # with run.max_minutes: the cosine ends when time runs out
 
     def validate(self) -> None:
         require(bool(self.data.train), "data.train", "must name the training shards, got ''")
@@ -95,6 +96,17 @@ class VQRecipeConfig:
 def data_seed(seed: int, step: int) -> int:
     """Seed of the training loader for a run (re)started at `step`."""
     return seed * 1_000_003 + step
+
+
+def schedule_step(cfg: VQRecipeConfig, step: int, minutes: float) -> int:
+    """The step the LR schedule sees. With `lr_follows_time` (and run.max_minutes) it is, after
+    warmup, whichever of steps and wall time is further through its budget, so a time-capped
+    run on a slow or shared machine still ends its cosine (time counts from process start)."""
+    warm, total, limit = cfg.optim.warmup_steps, cfg.run.steps, cfg.run.max_minutes
+    if not (cfg.lr_follows_time and limit > 0) or step < warm:
+        return step
+    frac = max((step - warm) / max(1, total - warm), minutes / limit)
+    return warm + int(min(1.0, frac) * (total - warm))
 
 
 def recon_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -206,7 +218,8 @@ def _train(cfg: VQRecipeConfig, resume: bool) -> dict[str, Any]:
 
     try:
         while step < total:
-            lr = lr_at(step, cfg.optim, total)
+            minutes = (time.time() - run.start_time) / 60
+            lr = lr_at(schedule_step(cfg, step, minutes), cfg.optim, total)
             set_lr(opt, lr)
             for _ in range(accum):
                 x = next(train_batches)["image"].to(device, non_blocking=True)
