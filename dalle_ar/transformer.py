@@ -299,6 +299,9 @@ class Transformer(nn.Module):
         text_lens: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
     ) -> Logits:
+        """tokens (B, L) at token positions 0..L-1 (input_pos None: training, no cache), a
+        prefill from 0 (input_pos = arange(L)) or one decode step (L == 1, input_pos (1,) an
+        image position) -> Logits(text, image); see the module docstring."""
         cfg = self.cfg
         C, T, P = cfg.cond_len, cfg.text_positions, cfg.prefix_len
         if tokens.ndim != 2 or tokens.dtype != torch.long:
