@@ -249,6 +249,8 @@ def test_bad_config_is_rejected_before_any_work(tmp_path, shapes_shards, capsys)
     assert vq_recipe.main([*argv, "model.image_size=32"]) == 2
     assert "must equal data.image_size=16" in capsys.readouterr().err
     assert vq_recipe.main([*argv, "loss.recon=huber"]) == 2
+    assert vq_recipe.main([*argv, "--resume"]) == 2
+    assert "--resume given but" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -320,6 +320,10 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"dalle-ar train vq: {e}", file=sys.stderr)
         return 2
+    last = Path(cfg.run.out_dir) / "ckpt" / "last" / "train_state.pt"
+    if args.resume and not last.is_file():
+        print(f"dalle-ar train vq: --resume given but {last} does not exist", file=sys.stderr)
+        return 2
     m = train(cfg, resume=args.resume)
     t = m["timing"]
     line = f"vq: {t['steps']} steps ({t['steps_per_s']:.2f} steps/s)"
