@@ -132,6 +132,7 @@ def stage_tokens(cfg: MainJobConfig, p: Paths) -> None:
 
     for split in ("train", "eval"):
         pretokenize(p.vq, f"{p.data}/{split}-*.tar", p.tokens, prefix=split, device=cfg.device)
+        # (the summary file of the last split marks the stage complete)
 
 
 def stage_transformer(cfg: MainJobConfig, p: Paths, configs: Path) -> None:
@@ -161,8 +162,9 @@ def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
 
 def stage_samples(cfg: MainJobConfig, p: Paths) -> None:
     from dalle_ar.pipeline import DalleAR, evaluate_fidelity, save_prompt_grid
+    from dalle_ar.train.common import pick_device
 
-    pipe = DalleAR.from_pretrained(p.pipeline, device=cfg.device)
+    pipe = DalleAR.from_pretrained(p.pipeline, device=pick_device(cfg.device))
     result = pipe(
         cfg.prompts,
         num_samples=cfg.samples_per_prompt,
