@@ -3,7 +3,6 @@ non-finite steps, refusal of another shape, and the CLI end to end on real shard
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -206,11 +205,10 @@ def test_cli_end_to_end_on_shards(tmp_path, shapes_shards):
     assert main([*argv, "model.depth=0"]) == 2  # a bad config is refused before any work
     assert main([*argv, f"vq={tmp_path / 'missing'}"]) == 2  # a missing folder, no traceback
 
-    # the same recipe on pretokenized shards (tools/pretokenize.py)
-    spec = importlib.util.spec_from_file_location("pretokenize", ROOT / "tools" / "pretokenize.py")
-    pretok = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretok)
-    pretok.pretokenize(vq, shapes_shards.train, tmp_path / "tokens", "train", shard_size=64)
+    # the same recipe on pretokenized shards (what tools/pretokenize.py writes)
+    from dalle_ar.data.tokens import pretokenize
+
+    pretokenize(vq, shapes_shards.train, tmp_path / "tokens", "train", shard_size=64)
     argv = [a for a in argv if not a.startswith(("data.", "data_format", "run.out_dir"))]
     argv += [f"data.train={tmp_path / 'tokens'}", f"run.out_dir={tmp_path / 'run_tokens'}"]
     assert main([*argv, "run.steps=3"]) == 0
