@@ -147,7 +147,7 @@ def stage_transformer(cfg: MainJobConfig, p: Paths, configs: Path) -> None:
          *_resume_flag(p.transformer_run),
          f"data.train={p.tokens}/train-*.tar", f"data.eval={p.tokens}/eval-*.tar",
          f"text_tokenizer={p.tokenizer}", f"vq={p.vq}",
-         f"model.text_vocab={tok.vocab_size}", f"model.text_len={tok.text_len}",
+         f"model.text_vocab={tok.vocab_size}",
          f"model.image_vocab={vq.codebook_size}", f"model.grid_h={h}", f"model.grid_w={w}",
          f"run.out_dir={p.transformer_run}", f"run.max_minutes={cfg.transformer_minutes}",
          f"run.seed={cfg.seed}", f"run.device={cfg.device}", f"run.wandb={cfg.wandb}"]
