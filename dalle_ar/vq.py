@@ -290,7 +290,10 @@ class VQTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] -> codes (B, H/f, W/f); never updates the codebook."""
+        """Images (B, 3, H, W) in [0, 1] -> codes (B, H/f, W/f) int64.
+
+        Never updates a trained codebook. One exception, inside the quantizer library: a k-means
+        codebook that never saw a batch (an untrained model) is initialised by its first one."""
         self._check_images(images)
         z = self.encoder(images * 2 - 1)
         return self._quantize(z, update=False)[1]
