@@ -38,6 +38,14 @@ class AttentionBackend:
 
     name: str  # "triton" or "torch"
 
+    def _triton_for(self, q: torch.Tensor) -> bool:
+        """Whether this call runs the Triton kernels (they need CUDA tensors; said once if not)."""
+        if self.name != "triton":
+            return False
+        if not q.is_cuda:
+            _warn_once("attention: Triton backend got CPU tensors; using the PyTorch path")
+        return q.is_cuda
+
     def __call__(
         self,
         q: torch.Tensor,
@@ -46,12 +54,10 @@ class AttentionBackend:
         layout: Layout,
         text_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.name == "triton":
-            if q.is_cuda:
-                from dalle_ar.kernels.attention import attention
+        if self._triton_for(q):
+            from dalle_ar.kernels.attention import attention
 
-                return attention(q, k, v, layout, text_lens)
-            _warn_once("attention: Triton backend got CPU tensors; using the PyTorch path")
+            return attention(q, k, v, layout, text_lens)
         return attention_sdpa(q, k, v, layout, text_lens)
 
     def decode(
@@ -63,12 +69,10 @@ class AttentionBackend:
         layout: Layout,
         text_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.name == "triton":
-            if q.is_cuda:
-                from dalle_ar.kernels.decode import decode_attention
+        if self._triton_for(q):
+            from dalle_ar.kernels.decode import decode_attention
 
-                return decode_attention(q, k_cache, v_cache, lengths, layout, text_lens)
-            _warn_once("attention: Triton backend got CPU tensors; using the PyTorch path")
+            return decode_attention(q, k_cache, v_cache, lengths, layout, text_lens)
         return decode_sdpa(q, k_cache, v_cache, lengths, layout, text_lens)
 
 

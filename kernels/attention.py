@@ -44,6 +44,17 @@ def _rows(ORDER, offs, ok, PERMUTED: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(PTR, rows, ok, stride, offs_d, MASKED: tl.constexpr):
+    # (len(rows), HEAD_DIM) tile of rows `rows`; a block inside the sequence needs no bounds mask.
+    ptrs = PTR + rows[:, None] * stride + offs_d[None, :]
+    if MASKED:
+        tile = tl.load(ptrs, mask=ok[:, None], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def _tile(TILE_BITS, tile_id, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           TRANSPOSED: tl.constexpr):  # fmt: skip
     # One int64 word per query row, bit j = key j (blocks.py); int32 offsets suffice.
@@ -64,14 +75,8 @@ def _fwd_step(acc, l_i, m_i, q, K, V, ORDER, TILE_BITS, tile_id, kb, N, T, tlen,
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     rows_n = _rows(ORDER, offs_n, n_ok, PERMUTED)
-    if PARTIAL:
-        k = tl.load(K + rows_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None],
-                    other=0.0)  # fmt: skip
-        v = tl.load(V + rows_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None],
-                    other=0.0)  # fmt: skip
-    else:  # a full block lies inside the sequence: no bounds mask
-        k = tl.load(K + rows_n[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(V + rows_n[:, None] * stride_vn + offs_d[None, :])
+    k = _load_rows(K, rows_n, n_ok, stride_kn, offs_d, PARTIAL)
+    v = _load_rows(V, rows_n, n_ok, stride_vn, offs_d, PARTIAL)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BM, BN)
     if PARTIAL:
         s = tl.where(_tile(TILE_BITS, tile_id, BLOCK_M, BLOCK_N, False), s, float("-inf"))
@@ -108,7 +113,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, ORDER, TEXT_LENS, FULL_PTR, FULL_IDX, PART_PT
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < N
     rows_m = _rows(ORDER, offs_m, m_ok, PERMUTED)
-    q = tl.load(Q + rows_m[:, None] * stride_qn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    q = _load_rows(Q, rows_m, m_ok, stride_qn, offs_d, True)
     tlen = tl.load(TEXT_LENS + b) if HAS_PAD else 0
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -143,13 +148,11 @@ def _bwd_delta_kernel(Out, DO, DELTA, stride_ob, stride_oh, stride_on,
     h = (bh % H).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_m[:, None] < N
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
-                + offs_d[None, :], mask=ok, other=0.0)  # fmt: skip
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
-                 + offs_d[None, :], mask=ok, other=0.0)  # fmt: skip
+    ok = offs_m < N
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, ok, stride_on, offs_d, True)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, ok, stride_dn, offs_d, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh * N + offs_m, delta, mask=offs_m < N)
+    tl.store(DELTA + bh * N + offs_m, delta, mask=ok)
 
 
 @triton.jit
@@ -160,16 +163,12 @@ def _dkdv_step(dk, dv, k, v, key_ok, Q, DO, LSE, DELTA, ORDER, TILE_BITS, tile_i
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < N
     rows_m = _rows(ORDER, offs_m, m_ok, PERMUTED)
+    q = _load_rows(Q, rows_m, m_ok, stride_qn, offs_d, PARTIAL)
+    do = _load_rows(DO, rows_m, m_ok, stride_dn, offs_d, PARTIAL)
     if PARTIAL:
-        q = tl.load(Q + rows_m[:, None] * stride_qn + offs_d[None, :], mask=m_ok[:, None],
-                    other=0.0)  # fmt: skip
-        do = tl.load(DO + rows_m[:, None] * stride_dn + offs_d[None, :], mask=m_ok[:, None],
-                     other=0.0)  # fmt: skip
         lse = tl.load(LSE + rows_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + rows_m, mask=m_ok, other=0.0)
     else:
-        q = tl.load(Q + rows_m[:, None] * stride_qn + offs_d[None, :])
-        do = tl.load(DO + rows_m[:, None] * stride_dn + offs_d[None, :])
         lse = tl.load(LSE + rows_m)
         delta = tl.load(DELTA + rows_m)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BN, BM)
@@ -207,10 +206,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, TEXT_LENS,
     offs_d = tl.arange(0, HEAD_DIM)
     n_ok = offs_n < N
     rows_n = _rows(ORDER, offs_n, n_ok, PERMUTED)
-    kv_offs = rows_n[:, None] * stride_kn + offs_d[None, :]
-    k = tl.load(K + b * stride_kb + h * stride_kh + kv_offs, mask=n_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + rows_n[:, None] * stride_vn + offs_d[None, :],
-                mask=n_ok[:, None], other=0.0)  # fmt: skip
+    k = _load_rows(K + b * stride_kb + h * stride_kh, rows_n, n_ok, stride_kn, offs_d, True)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, rows_n, n_ok, stride_vn, offs_d, True)
     key_ok = n_ok
     if HAS_PAD:
         tlen = tl.load(TEXT_LENS + b)
@@ -241,14 +238,8 @@ def _dq_step(dq, q, do, lse, delta, K, V, ORDER, TILE_BITS, tile_id, kb, N, T, t
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     rows_n = _rows(ORDER, offs_n, n_ok, PERMUTED)
-    if PARTIAL:
-        k = tl.load(K + rows_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None],
-                    other=0.0)  # fmt: skip
-        v = tl.load(V + rows_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None],
-                    other=0.0)  # fmt: skip
-    else:
-        k = tl.load(K + rows_n[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(V + rows_n[:, None] * stride_vn + offs_d[None, :])
+    k = _load_rows(K, rows_n, n_ok, stride_kn, offs_d, PARTIAL)
+    v = _load_rows(V, rows_n, n_ok, stride_vn, offs_d, PARTIAL)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BM, BN)
     p = tl.math.exp2(s - lse[:, None])
     if PARTIAL:
@@ -282,10 +273,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ORDER, TEXT_LENS,
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < N
     rows_m = _rows(ORDER, offs_m, m_ok, PERMUTED)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :],
-                mask=m_ok[:, None], other=0.0)  # fmt: skip
-    do = tl.load(DO + b * stride_db + h * stride_dh + rows_m[:, None] * stride_dn
-                 + offs_d[None, :], mask=m_ok[:, None], other=0.0)  # fmt: skip
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows_m, m_ok, stride_qn, offs_d, True)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, rows_m, m_ok, stride_dn, offs_d, True)
     lse = tl.load(LSE + bh * N + rows_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + bh * N + rows_m, mask=m_ok, other=0.0)
     tlen = tl.load(TEXT_LENS + b) if HAS_PAD else 0

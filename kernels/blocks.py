@@ -193,6 +193,18 @@ class DecodeTables:
     contiguous: bool  # every position p sees exactly keys 0..p
 
 
+def pack_allowed(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rule rows (n, n_keys) bool -> (keys, real), each (n, width): per row the allowed keys,
+    ascending and packed to the front of a row as wide as the widest one, and which entries are
+    real (the rest point at key 0). Shared by the decode kernel's tables and the CPU decode step."""
+    count = mask.sum(dim=1)
+    width = int(count.max())
+    # A stable sort of "not allowed" brings the allowed keys to the front, in key order.
+    keys = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    real = torch.arange(width, device=mask.device)[None, :] < count[:, None]
+    return torch.where(real, keys, 0), real
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _decode_tables(layout: Layout, n_max: int, device: str) -> DecodeTables:
     pos = torch.arange(n_max)
@@ -202,9 +214,8 @@ def _decode_tables(layout: Layout, n_max: int, device: str) -> DecodeTables:
     width = int(count.max())
     if contiguous:
         keys = torch.zeros(1, 1, dtype=torch.int32)
-    else:  # a stable sort of "not allowed" brings the allowed keys to the front, in order
-        keys = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-        keys = torch.where(torch.arange(width)[None, :] < count[:, None], keys, 0).int()
+    else:
+        keys = pack_allowed(mask)[0].int()
     return DecodeTables(
         keys=keys.contiguous().to(device),
         count=count.int().to(device),

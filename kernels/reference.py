@@ -12,17 +12,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .blocks import pack_allowed
 from .layouts import Layout, key_padding
 
 
-def _mask(
-    layout: Layout, q_pos: torch.Tensor, n_keys: int, text_lens: torch.Tensor | None
-) -> torch.Tensor:
-    mask = layout.mask_row(q_pos, n_keys)[None, None]  # (1, 1, Nq, Nk)
-    pad = key_padding(text_lens, layout.text_len, n_keys)
-    if pad is not None:
-        mask = mask & pad[:, None, None, :]  # (B, 1, Nq, Nk)
-    return mask
+def _padded(mask: torch.Tensor, layout: Layout, text_lens: torch.Tensor | None) -> torch.Tensor:
+    """A (1 | B, 1, Nq, Nk) layout mask with the per-sample key padding applied: (B, 1, Nq, Nk)."""
+    pad = key_padding(text_lens, layout.text_len, mask.shape[-1])
+    return mask if pad is None else mask & pad[:, None, None, :]
 
 
 def _attend(q, k, v, mask, scale, upcast):  # (B, H, Nq, D), (B, H, Nk, D) -> (B, H, Nq, D)
@@ -47,7 +44,8 @@ def attention_reference(
     """Attention of positions 0..N-1 over keys 0..N-1 under `layout` (training / prefill)."""
     n = q.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    mask = _mask(layout, torch.arange(n, device=q.device), k.shape[2], text_lens)
+    rows = layout.mask_row(torch.arange(n, device=q.device), k.shape[2])  # (N, Nk)
+    mask = _padded(rows[None, None], layout, text_lens)
     return _attend(q, k, v, mask, scale, upcast)
 
 
@@ -67,10 +65,7 @@ def attention_sdpa(
     scaled_dot_product_attention, with the layout mask built once per (layout, n, device): the
     fast CPU path (the reference rebuilds the mask and materialises the scores every call)."""
     n = q.shape[2]
-    mask = _layout_mask(layout, n, str(q.device))[None, None]  # (1, 1, N, N)
-    pad = key_padding(text_lens, layout.text_len, n)
-    if pad is not None:
-        mask = mask & pad[:, None, None, :]  # (B, 1, N, N)
+    mask = _padded(_layout_mask(layout, n, str(q.device))[None, None], layout, text_lens)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -91,25 +86,15 @@ def decode_reference(
     keys = torch.arange(n_max, device=q.device)
     q_pos = (lengths - 1).to(keys.device)  # (B,)
     mask = layout.allowed(q_pos[:, None], keys[None, :])  # (B, N_max)
-    mask = mask & (keys[None, :] < lengths[:, None])
-    pad = key_padding(text_lens, layout.text_len, n_max)
-    if pad is not None:
-        mask = mask & pad
-    return _attend(q, k_cache, v_cache, mask[:, None, None, :], scale, upcast)
+    mask = (mask & (keys[None, :] < lengths[:, None]))[:, None, None, :]  # (B, 1, 1, N_max)
+    return _attend(q, k_cache, v_cache, _padded(mask, layout, text_lens), scale, upcast)
 
 
 @functools.lru_cache(maxsize=64)
 def _decode_keys(layout: Layout, n_keys: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query position p < n_keys: the keys the layout lets it see, packed to the front of a
-    row as wide as the widest one, and which entries are real (the rest point at key 0).
-    (n_keys, K) each; K is T + a row for `row`, all n_keys for `full`."""
-    pos = torch.arange(n_keys)
-    allowed = layout.allowed(pos[:, None], pos[None, :])  # (N, N)
-    width = int(allowed.sum(1).max())
-    # A stable sort of "not allowed" moves the allowed keys to the front, in key order.
-    keys = torch.sort((~allowed).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-    real = torch.gather(allowed, 1, keys)
-    keys = torch.where(real, keys, 0)
+    """Per query position p < n_keys: the keys the layout lets it see and which entries are real
+    (`blocks.pack_allowed`). (n_keys, K) each; K is T + a row for `row`, all n_keys for `full`."""
+    keys, real = pack_allowed(layout.mask_row(torch.arange(n_keys), n_keys))
     return keys.to(device), real.to(device)
 
 
