@@ -1,12 +1,13 @@
 """Webdataset tar shards in the img2dataset layout (`KEY.png|jpg`, `KEY.txt`, `KEY.json`).
 
 Writing: `write_samples` (generic webdataset dicts) and `write_shards` (image, caption, meta).
-Reading: `make_loader` (batches for training and evaluation), `iter_captions` (captions only).
+Reading: records (`decode_sample`, `read_caption`, `read_meta`), `iter_captions` (captions only);
+the batch loader (`make_loader`, `loader_from_config`) lives in `dalle_ar.data.loader` and is
+importable from here too.
 
 Every reader skips bad records (a corrupt or truncated image, a missing, empty or non-UTF-8
 caption, a truncated or unreadable tar) and counts them in a `BadDataReport`, which is logged once
-at the end of each pass. DataLoader workers cannot share memory, so each worker sends its counts
-through the batch stream as a marker item after each of its passes; the loader merges them.
+at the end of each pass.
 """
 
 from __future__ import annotations
@@ -25,18 +26,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 import webdataset as wds
 from PIL import Image
-
-from dalle_ar.config import DataConfig
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 # Transparent pixels are composited on this neutral grey (emoji and any RGBA input).
 BACKGROUND = (128, 128, 128)
-_REPORT = "__report__"
 MAX_KEYS = 10_000  # keys kept per reason (counts stay exact), so a long run's report stays small
 
 
@@ -286,6 +283,16 @@ def read_caption(sample: dict[str, Any]) -> tuple[str | None, str | None]:
     return (text, None) if text else (None, "empty_caption")
 
 
+def read_meta(sample: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """(meta, None) or (None, "bad_meta") for a raw sample's optional `json` member ({} if none)."""
+    if "json" not in sample:
+        return {}, None
+    try:
+        return json.loads(sample["json"].decode("utf-8")), None
+    except (UnicodeDecodeError, ValueError):
+        return None, "bad_meta"
+
+
 def decode_sample(
     sample: dict[str, Any], size: int, rng: random.Random | None = None
 ) -> tuple[dict[str, Any] | None, str | None]:
@@ -303,12 +310,9 @@ def decode_sample(
             image = resize_crop(_to_rgb(img), size, rng)
     except Exception:  # PIL raises many types for corrupt or truncated files
         return None, "bad_image"
-    meta: dict[str, Any] = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return None, "bad_meta"
+    meta, reason = read_meta(sample)
+    if reason:
+        return None, reason
     return {"image": image, "caption": caption, "meta": meta, "key": sample["__key__"]}, None
 
 
@@ -326,222 +330,15 @@ def iter_captions(urls: str | list[str], report: BadDataReport | None = None) ->
     report.log_if_any("iter_captions")
 
 
-# ----------------------------------------------------------------------------------------------
-# The loader.
+# The batch loader lives in dalle_ar.data.loader, which imports this module; its names are
+# importable from here too, resolved on first use so that neither module imports the other at
+# load time.
+_LOADER_NAMES = ("Loader", "_Batches", "loader_from_config", "make_loader")
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def __getattr__(name: str) -> Any:
+    if name in _LOADER_NAMES:
+        from dalle_ar.data import loader
 
-
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    images = torch.from_numpy(np.stack([it["image"] for it in items]))  # (B, S, S, 3) uint8
-    return {
-        "image": images.permute(0, 3, 1, 2).float().div_(255.0),  # (B, 3, S, S)
-        "caption": [it["caption"] for it in items],
-        "meta": [it["meta"] for it in items],
-        "key": [it["key"] for it in items],
-    }
-
-
-def _identity(x: Any) -> Any:
-    return x
-
-
-class _Batches(torch.utils.data.IterableDataset):
-    """Batches for one process (or one DataLoader worker) plus a report marker after each pass.
-
-    Shards are split across ranks x workers; with fewer shards than slots every slot reads every
-    shard and keeps every n-th record instead, so no slot ever sits idle or repeats another.
-    A loader for other record types overrides `decode` and `collate` only."""
-
-    def __init__(
-        self,
-        urls: list[str],
-        size: int,
-        batch: int,
-        train: bool,
-        buffer: int,
-        seed: int,
-        random_crop: bool,
-        epochs: int | None,
-    ) -> None:
-        super().__init__()
-        self.urls, self.size, self.batch, self.train = urls, size, batch, train
-        self.buffer, self.seed, self.random_crop, self.epochs = buffer, seed, random_crop, epochs
-        self.start_epoch = 0
-
-    def decode(
-        self, sample: dict[str, Any], rng: random.Random | None
-    ) -> tuple[dict[str, Any] | None, str | None]:
-        """Raw record -> (item, None) or (None, reason); rng is set for random crops."""
-        return decode_sample(sample, self.size, rng)
-
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return _collate(items)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world = _rank_world()
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        slot, slots = rank * workers + worker, world * workers
-        epochs = self.epochs if self.train else 1
-        pending: list[dict[str, Any]] = []
-        epoch = self.start_epoch
-        while epochs is None or epoch < self.start_epoch + epochs:
-            report = BadDataReport()
-            for item in self._records(epoch, slot, slots, report):
-                pending.append(item)
-                if len(pending) == self.batch:
-                    yield self.collate(pending)
-                    pending = []
-            if not self.train and pending:  # evaluation keeps the last partial batch
-                yield self.collate(pending)
-                pending = []
-            yield {_REPORT: report.to_dict(), "epoch": epoch, "slot": slot}
-            epoch += 1
-
-    def _records(
-        self, epoch: int, slot: int, slots: int, report: BadDataReport
-    ) -> Iterator[dict[str, Any]]:
-        rng = random.Random(f"{self.seed}-{epoch}-{slot}")
-        urls = list(self.urls)
-        if self.train:  # the same order in every slot (seeded by epoch only) before splitting
-            random.Random(f"{self.seed}-{epoch}").shuffle(urls)
-        by_shard = len(urls) >= slots
-        crop_rng = rng if (self.train and self.random_crop) else None
-        buf: list[dict[str, Any]] = []
-        index = 0
-        for i, url in enumerate(urls):
-            if by_shard and i % slots != slot:
-                continue
-            shard_report = BadDataReport()
-            for sample in _raw_samples(url, shard_report):
-                index += 1
-                if not by_shard and (index - 1) % slots != slot:
-                    continue
-                item, reason = self.decode(sample, crop_rng)
-                if item is None:
-                    report.add(reason or "bad_record", sample["__key__"])
-                elif not self.train or self.buffer <= 1:
-                    yield item
-                elif len(buf) < self.buffer:
-                    buf.append(item)
-                else:
-                    j = rng.randrange(len(buf))
-                    buf[j], item = item, buf[j]
-                    yield item
-            if i % slots == slot:  # shard-level errors are counted once, by the shard's owner
-                report.merge(shard_report)
-        rng.shuffle(buf)
-        yield from buf
-
-
-class Loader:
-    """Iterable of batches {"image": (B,3,S,S) float in [0,1], "caption", "meta", "key"} (see
-    `make_loader`). `report` accumulates the skipped records of every pass; each pass's report
-    is logged once, when the last worker has finished it."""
-
-    def __init__(
-        self,
-        urls: str | list[str],
-        image_size: int,
-        batch_size: int,
-        *,
-        train: bool,
-        shuffle_buffer: int = 1000,
-        num_workers: int = 0,
-        seed: int = 0,
-        random_crop: bool = False,
-        epochs: int | None = None,
-    ) -> None:
-        if image_size < 1 or batch_size < 1:
-            raise ValueError(
-                f"expected image_size, batch_size >= 1, got {image_size}, {batch_size}"
-            )
-        if num_workers < 0 or shuffle_buffer < 0 or (epochs is not None and epochs < 1):
-            raise ValueError(
-                "expected num_workers >= 0, shuffle_buffer >= 0, epochs >= 1 or None, got "
-                f"{num_workers}, {shuffle_buffer}, {epochs}"
-            )
-        self.urls = expand_urls(urls)
-        if not self.urls:
-            raise ValueError(f"expected shard files, found none at {urls!r}")
-        missing = _local_missing(self.urls)
-        if missing:
-            raise ValueError(f"expected existing shard files, missing: {', '.join(missing[:5])}")
-        self.num_workers, self.train = num_workers, train
-        self.dataset = _Batches(
-            self.urls, image_size, batch_size, train, shuffle_buffer, seed, random_crop, epochs
-        )
-        self.report = BadDataReport()
-        self._passes = 0
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        # a new iteration continues the epoch count, so a restarted train loader reshuffles
-        self.dataset.start_epoch = self._passes if self.train else 0
-        if self.num_workers == 0:
-            stream: Iterable[dict[str, Any]] = iter(self.dataset)
-        else:
-            stream = torch.utils.data.DataLoader(
-                self.dataset,
-                batch_size=None,
-                num_workers=self.num_workers,
-                collate_fn=_identity,
-                pin_memory=torch.cuda.is_available(),
-            )
-        _, world = _rank_world()
-        slots = max(1, self.num_workers)
-        per_epoch: dict[int, tuple[int, BadDataReport]] = {}
-        for item in stream:
-            if _REPORT not in item:
-                yield item
-                continue
-            epoch = int(item["epoch"])
-            seen, rep = per_epoch.pop(epoch, (0, BadDataReport()))
-            rep.merge(item[_REPORT])
-            self.report.merge(item[_REPORT])
-            if seen + 1 < slots:
-                per_epoch[epoch] = (seen + 1, rep)
-                continue
-            self._passes = max(self._passes, epoch + 1)
-            rep.log_if_any(f"data pass {epoch}" + (f" (rank-local, {world} ranks)" * (world > 1)))
-
-
-def make_loader(
-    urls: str,
-    image_size: int,
-    batch_size: int,
-    *,
-    train: bool,
-    shuffle_buffer: int = 1000,
-    num_workers: int = 0,
-    seed: int = 0,
-    random_crop: bool = False,
-    epochs: int | None = None,
-) -> Loader:
-    """Batches from webdataset shards (a path, directory, brace glob or pipe: URL).
-
-    train=True: shuffled (shard order per epoch, then a `shuffle_buffer` of records), repeated
-    forever when epochs is None, full batches only. train=False: one deterministic pass, the
-    last partial batch kept. Shards are split across DDP ranks and `num_workers` workers."""
-    return Loader(
-        urls, image_size, batch_size, train=train, shuffle_buffer=shuffle_buffer,
-        num_workers=num_workers, seed=seed, random_crop=random_crop, epochs=epochs,
-    )  # fmt: skip
-
-
-def loader_from_config(cfg: DataConfig, split: Literal["train", "eval"], seed: int = 0) -> Loader:
-    """The loader a recipe uses for `cfg.train` or `cfg.eval` (random crops only in training)."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    urls = cfg.train if split == "train" else cfg.eval
-    if not urls:
-        raise ValueError(f"data.{split} is empty: expected shard paths or URLs")
-    train = split == "train"
-    return make_loader(
-        urls, cfg.image_size, cfg.batch_size, train=train, shuffle_buffer=cfg.shuffle_buffer,
-        num_workers=cfg.num_workers, seed=seed, random_crop=cfg.random_crop and train,
-    )  # fmt: skip
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,7 @@ A record is `KEY.codes.npy` (an (h, w) int16 or int32 array of code ids), `KEY.t
 caption) and `KEY.json` (meta), so transformer training never reruns the image encoder.
 
 `make_token_loader` yields {"codes": LongTensor (B, h, w), "caption", "meta", "key"} and behaves
-like the image loader of `dalle_ar.data.shards` in everything else, because it is that loader
+like the image loader of `dalle_ar.data.loader` in everything else, because it is that loader
 with another record decoder: the same shard split across ranks and workers, the same shuffle
 buffer and seeds, the same bad-record rules (skip, count in a `BadDataReport`, log once per pass).
 """
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dalle_ar.data.shards import Loader, _Batches, make_loader, read_caption, write_samples
+from dalle_ar.data.loader import Loader, _Batches, checked_urls, make_loader
+from dalle_ar.data.shards import read_caption, read_meta, write_samples
 
 if TYPE_CHECKING:
     from dalle_ar.vq import VQTokenizer
@@ -60,12 +61,9 @@ def decode_token_sample(sample: dict[str, Any]) -> tuple[dict[str, Any] | None, 
         return None, "bad_codes"
     if codes.ndim != 2 or codes.dtype.kind not in "iu" or codes.size == 0 or codes.min() < 0:
         return None, "bad_codes"
-    meta: dict[str, Any] = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return None, "bad_meta"
+    meta, reason = read_meta(sample)
+    if reason:
+        return None, reason
     item = {"codes": codes.astype(np.int64), "caption": caption, "meta": meta}
     return item | {"key": sample["__key__"]}, None
 
@@ -80,7 +78,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _TokenBatches(_Batches):
-    """`shards._Batches` (split, shuffle, bad-record counting) with token records for images."""
+    """`loader._Batches` (split, shuffle, bad-record counting) with token records for images."""
 
     grid: tuple[int, ...] | None = None  # the first record's grid; every batch must share it
 
@@ -99,37 +97,6 @@ class _TokenBatches(_Batches):
         return _collate(items)
 
 
-class TokenLoader(Loader):
-    """Iterable of batches {"codes": (B, h, w) int64, "caption", "meta", "key"}; `report`
-    accumulates the skipped records of every pass."""
-
-    def __init__(
-        self,
-        urls: str | list[str],
-        batch_size: int,
-        *,
-        train: bool,
-        shuffle_buffer: int = 1000,
-        num_workers: int = 0,
-        seed: int = 0,
-        epochs: int | None = None,
-    ) -> None:
-        # The image loader checks the arguments and the shard list; image_size is unused here.
-        super().__init__(
-            urls,
-            1,
-            batch_size,
-            train=train,
-            shuffle_buffer=shuffle_buffer,
-            num_workers=num_workers,
-            seed=seed,
-            epochs=epochs,
-        )
-        self.dataset = _TokenBatches(
-            self.urls, 1, batch_size, train, shuffle_buffer, seed, False, epochs
-        )
-
-
 def make_token_loader(
     urls: str | list[str],
     batch_size: int,
@@ -139,18 +106,15 @@ def make_token_loader(
     num_workers: int = 0,
     seed: int = 0,
     epochs: int | None = None,
-) -> TokenLoader:
-    """Batches from token shards. train=True: shuffled, repeats (forever when epochs is None),
-    full batches only. train=False: one deterministic pass, last partial batch kept."""
-    return TokenLoader(
-        urls,
-        batch_size,
-        train=train,
-        shuffle_buffer=shuffle_buffer,
-        num_workers=num_workers,
-        seed=seed,
-        epochs=epochs,
-    )
+) -> Loader:
+    """Batches {"codes": (B, h, w) int64, "caption", "meta", "key"} from token shards; the
+    loader's `report` accumulates the skipped records of every pass. train=True: shuffled,
+    repeats (forever when epochs is None), full batches only. train=False: one deterministic
+    pass, last partial batch kept."""
+    # The image loader's checks apply; image_size is unused here (1 passes them).
+    shards = checked_urls(urls, 1, batch_size, shuffle_buffer, num_workers, epochs)
+    dataset = _TokenBatches(shards, 1, batch_size, train, shuffle_buffer, seed, False, epochs)
+    return Loader(dataset, num_workers)
 
 
 # ----------------------------------------------------------------------------------------------
