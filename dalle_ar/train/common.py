@@ -6,23 +6,26 @@ A recipe reads: parse config -> `Run(cfg)` -> build components -> loop -> `run.s
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from dalle_ar.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
-from dalle_ar.config import OptimConfig, RunConfig, save_config, to_dict
+from dalle_ar.config import ConfigError, OptimConfig, RunConfig, load_config, save_config, to_dict
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def seed_everything(seed: int) -> None:
@@ -37,6 +40,12 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("run.device=cuda but no CUDA device is available")
     return torch.device(name)
+
+
+def set_threads(n: int) -> None:
+    """torch's CPU threads for this process; n <= 0 keeps torch's default."""
+    if n > 0:
+        torch.set_num_threads(n)
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -184,3 +193,21 @@ class Run:
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", self.ckpt_dir, state["step"])
         return state
+
+
+def recipe_config(
+    cfg_type: type[T], argv: list[str] | None, prog: str, description: str, example: str
+) -> tuple[T, bool] | None:
+    """A recipe's command line, `--config FILE [--resume] [key=value ...]`: (config, resume), or
+    None after printing `prog: message` to stderr when the config does not load (the caller then
+    exits with status 2). For a recipe's `main` only: it prints."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--config", required=True, help=f"YAML config (e.g. {example})")
+    ap.add_argument("--resume", action="store_true", help="continue from run.out_dir/ckpt/last")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides (optim.lr=1e-3)")
+    args = ap.parse_args(argv)
+    try:
+        return load_config(cfg_type, args.config, args.overrides), args.resume
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None

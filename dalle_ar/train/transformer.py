@@ -7,29 +7,30 @@ Only rank 0 logs and writes. The final model is the component folder out_dir/tra
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
+import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
 
-from dalle_ar.config import ConfigError, DataConfig, OptimConfig, RunConfig, load_config, require
+from dalle_ar.config import ConfigError, DataConfig, OptimConfig, RunConfig, require
 from dalle_ar.train import dist
 from dalle_ar.train.common import (
     Run,
     autocast_context,
     build_optimizer,
     lr_at,
+    recipe_config,
     seed_everything,
     set_lr,
 )
+from dalle_ar.train.transformer_data import BatchSource, ShardBatches
 from dalle_ar.transformer import (
     COMPONENT,
     Transformer,
@@ -77,93 +78,6 @@ class TrainTransformerConfig:
         require(self.eval_batches >= 1, "eval_batches", "must be >= 1")
         require(self.halt_after >= 0, "halt_after", "must be >= 0")
         require(self.sample_temperature > 0, "sample_temperature", "must be > 0")
-
-
-class BatchSource(Protocol):
-    """Where a rank's batches come from: dicts {"text" (B,T) long, "text_lens" (B,) long,
-    "image" (B, h*w) long, optional "cond" (B, cond_dim)}."""
-
-    empty_ids: torch.Tensor  # (T,) ids of the empty caption
-    empty_len: int  # its valid ids ([BOS, EOS] = 2)
-
-    def train(self, skip: int) -> Iterator[dict[str, torch.Tensor]]: ...
-    def eval(self) -> Iterator[dict[str, torch.Tensor]] | None: ...
-
-
-class ShardBatches:
-    """Batches from token shards (dalle_ar.data.tokens) or image shards encoded by the VQ on the
-    fly; captions become fixed-length ids with the text tokenizer. Shards are split across ranks
-    by the loaders. Resuming skips the batches already consumed (exact with num_workers=0)."""
-
-    def __init__(self, cfg: TrainTransformerConfig, info: dist.DistInfo) -> None:
-        from dalle_ar.text import TextTokenizer
-
-        m = cfg.model
-        require(bool(cfg.text_tokenizer), "text_tokenizer", "needs the tokenizer folder")
-        require(bool(cfg.data.train), "data.train", "needs training shards")
-        require(
-            m.cond_len == 0,
-            "model.cond_dim",
-            "shards carry no conditioning embedding; "
-            "train an embedding-conditioned model with a source that yields 'cond'",
-        )
-        require(cfg.data_format == "tokens" or bool(cfg.vq), "vq", "data_format=images needs it")
-        self.cfg, self.device = cfg, info.device
-        self.tok = TextTokenizer.from_pretrained(cfg.text_tokenizer, text_len=m.text_len)
-        if self.tok.vocab_size > m.text_vocab:
-            raise ValueError(
-                f"tokenizer has {self.tok.vocab_size} ids, model.text_vocab is "
-                f"{m.text_vocab}: expected text_vocab >= the tokenizer's vocab"
-            )
-        empty = self.tok.encode([""])
-        self.empty_ids, self.empty_len = empty.ids[0], int(empty.mask[0].sum())
-        self.vq = None
-        if cfg.vq:
-            from dalle_ar.vq import VQTokenizer
-
-            self.vq = VQTokenizer.from_pretrained(cfg.vq, device=info.device)
-            if self.vq.codebook_size != m.image_vocab:
-                raise ValueError(
-                    f"VQ codebook has {self.vq.codebook_size} codes, "
-                    f"model.image_vocab is {m.image_vocab}: expected equal"
-                )
-
-    def _loader(self, urls: str, train: bool):
-        d, seed = self.cfg.data, self.cfg.run.seed
-        kw = dict(
-            train=train, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, seed=seed
-        )
-        if self.cfg.data_format == "tokens":
-            from dalle_ar.data.tokens import make_token_loader
-
-            return make_token_loader(urls, d.batch_size, **kw)
-        from dalle_ar.data.shards import make_loader
-
-        return make_loader(
-            urls, d.image_size, d.batch_size, random_crop=d.random_crop and train, **kw
-        )
-
-    @torch.no_grad()
-    def _convert(self, raw: dict) -> dict[str, torch.Tensor]:
-        m = self.cfg.model
-        codes = raw["codes"] if "codes" in raw else self.vq.encode(raw["image"].to(self.device))
-        if tuple(codes.shape[1:]) != (m.grid_h, m.grid_w):
-            raise ValueError(
-                f"data codes are {tuple(codes.shape[1:])} grids, the model expects "
-                f"({m.grid_h}, {m.grid_w}): check the VQ and data.image_size"
-            )
-        t = self.tok.encode(list(raw["caption"]))
-        return {"text": t.ids, "text_lens": t.mask.sum(1), "image": codes.flatten(1).long()}
-
-    def train(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
-        for i, raw in enumerate(self._loader(self.cfg.data.train, train=True)):
-            if i >= skip:
-                yield self._convert(raw)
-
-    def eval(self) -> Iterator[dict[str, torch.Tensor]] | None:
-        if not self.cfg.data.eval:
-            return None
-        return (self._convert(raw) for raw in self._loader(self.cfg.data.eval, train=False))
 
 
 def sample_grid(model: Transformer, source: ShardBatches, cfg, path: Path, seed: int) -> None:
@@ -443,23 +357,20 @@ def _samples(cfg, info, run, model, wrapped, source, step) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dalle-ar train transformer", description=__doc__)
-    ap.add_argument("--config", required=True, help="YAML config (configs/transformer_*.yaml)")
-    ap.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt/last")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(TrainTransformerConfig, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"dalle-ar train transformer: {e}")
+    prog = "dalle-ar train transformer"
+    parsed = recipe_config(
+        TrainTransformerConfig, argv, prog, __doc__, "configs/transformer_*.yaml"
+    )
+    if parsed is None:
         return 2
+    cfg, resume = parsed
     try:
-        metrics = train(cfg, resume=args.resume)
+        metrics = train(cfg, resume=resume)
     except (ConfigError, FileNotFoundError) as e:  # e.g. a missing tokenizer or VQ folder
-        print(f"dalle-ar train transformer: {e}")
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
-        print(f"dalle-ar train transformer: {e}")
+        print(f"{prog}: {e}", file=sys.stderr)
         return 1
     finally:
         dist.cleanup()

@@ -19,7 +19,6 @@ reseeded with (seed, step), so a resumed run reads a fresh, deterministic order 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -33,14 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dalle_ar.config import (
-    ConfigError,
-    DataConfig,
-    OptimConfig,
-    RunConfig,
-    load_config,
-    require,
-)
+from dalle_ar.config import DataConfig, OptimConfig, RunConfig, require
 from dalle_ar.grid import image_grid
 from dalle_ar.train.common import (
     Run,
@@ -48,6 +40,7 @@ from dalle_ar.train.common import (
     build_optimizer,
     lr_at,
     pick_device,
+    recipe_config,
     seed_everything,
     set_lr,
 )
@@ -179,7 +172,7 @@ def train(cfg: VQRecipeConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def _train(cfg: VQRecipeConfig, resume: bool) -> dict[str, Any]:
-    from dalle_ar.data.shards import loader_from_config  # the data stage; imported when it runs
+    from dalle_ar.data.loader import loader_from_config  # the data stage; imported when it runs
 
     run = Run(cfg, cfg.run)
     seed_everything(cfg.run.seed)
@@ -308,23 +301,18 @@ def _fmt(m: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="dalle-ar train vq", description="Train the VQ-VAE image tokenizer."
+    prog = "dalle-ar train vq"
+    parsed = recipe_config(
+        VQRecipeConfig, argv, prog, "Train the VQ-VAE image tokenizer.", "configs/vq_shapes.yaml"
     )
-    parser.add_argument("--config", required=True, help="YAML config (e.g. configs/vq_shapes.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from run.out_dir/ckpt/last")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides: model.codebook_size=1024")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(VQRecipeConfig, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"dalle-ar train vq: {e}", file=sys.stderr)
+    if parsed is None:
         return 2
+    cfg, resume = parsed
     last = Path(cfg.run.out_dir) / "ckpt" / "last" / "train_state.pt"
-    if args.resume and not last.is_file():
-        print(f"dalle-ar train vq: --resume given but {last} does not exist", file=sys.stderr)
+    if resume and not last.is_file():
+        print(f"{prog}: --resume given but {last} does not exist", file=sys.stderr)
         return 2
-    m = train(cfg, resume=args.resume)
+    m = train(cfg, resume=resume)
     t = m["timing"]
     line = f"vq: {t['steps']} steps ({t['steps_per_s']:.2f} steps/s)"
     if "psnr" in m:

@@ -1,0 +1,106 @@
+"""Where the transformer recipe's batches come from (`dalle_ar.train.transformer`).
+
+A source yields dicts {"text" (B, T) long, "text_lens" (B,) long, "image" (B, h*w) long, optional
+"cond" (B, cond_dim)} and knows the empty caption (classifier-free guidance drops captions to
+it). `ShardBatches` reads token shards, or image shards it encodes with the VQ on the fly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from dalle_ar.config import require
+from dalle_ar.train import dist
+
+if TYPE_CHECKING:
+    from dalle_ar.train.transformer import TrainTransformerConfig
+
+
+class BatchSource(Protocol):
+    """Where a rank's batches come from: dicts {"text" (B,T) long, "text_lens" (B,) long,
+    "image" (B, h*w) long, optional "cond" (B, cond_dim)}."""
+
+    empty_ids: torch.Tensor  # (T,) ids of the empty caption
+    empty_len: int  # its valid ids ([BOS, EOS] = 2)
+
+    def train(self, skip: int) -> Iterator[dict[str, torch.Tensor]]: ...
+    def eval(self) -> Iterator[dict[str, torch.Tensor]] | None: ...
+
+
+class ShardBatches:
+    """Batches from token shards (dalle_ar.data.tokens) or image shards encoded by the VQ on the
+    fly; captions become fixed-length ids with the text tokenizer. Shards are split across ranks
+    by the loaders. Resuming skips the batches already consumed (exact with num_workers=0)."""
+
+    def __init__(self, cfg: TrainTransformerConfig, info: dist.DistInfo) -> None:
+        from dalle_ar.text import TextTokenizer
+
+        m = cfg.model
+        require(bool(cfg.text_tokenizer), "text_tokenizer", "needs the tokenizer folder")
+        require(bool(cfg.data.train), "data.train", "needs training shards")
+        require(
+            m.cond_len == 0,
+            "model.cond_dim",
+            "shards carry no conditioning embedding; "
+            "train an embedding-conditioned model with a source that yields 'cond'",
+        )
+        require(cfg.data_format == "tokens" or bool(cfg.vq), "vq", "data_format=images needs it")
+        self.cfg, self.device = cfg, info.device
+        self.tok = TextTokenizer.from_pretrained(cfg.text_tokenizer, text_len=m.text_len)
+        if self.tok.vocab_size > m.text_vocab:
+            raise ValueError(
+                f"tokenizer has {self.tok.vocab_size} ids, model.text_vocab is "
+                f"{m.text_vocab}: expected text_vocab >= the tokenizer's vocab"
+            )
+        empty = self.tok.encode([""])
+        self.empty_ids, self.empty_len = empty.ids[0], int(empty.mask[0].sum())
+        self.vq = None
+        if cfg.vq:
+            from dalle_ar.vq import VQTokenizer
+
+            self.vq = VQTokenizer.from_pretrained(cfg.vq, device=info.device)
+            if self.vq.codebook_size != m.image_vocab:
+                raise ValueError(
+                    f"VQ codebook has {self.vq.codebook_size} codes, "
+                    f"model.image_vocab is {m.image_vocab}: expected equal"
+                )
+
+    def _loader(self, urls: str, train: bool):
+        d, seed = self.cfg.data, self.cfg.run.seed
+        kw = dict(
+            train=train, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, seed=seed
+        )
+        if self.cfg.data_format == "tokens":
+            from dalle_ar.data.tokens import make_token_loader
+
+            return make_token_loader(urls, d.batch_size, **kw)
+        from dalle_ar.data.loader import make_loader
+
+        return make_loader(
+            urls, d.image_size, d.batch_size, random_crop=d.random_crop and train, **kw
+        )
+
+    @torch.no_grad()
+    def _convert(self, raw: dict) -> dict[str, torch.Tensor]:
+        m = self.cfg.model
+        codes = raw["codes"] if "codes" in raw else self.vq.encode(raw["image"].to(self.device))
+        if tuple(codes.shape[1:]) != (m.grid_h, m.grid_w):
+            raise ValueError(
+                f"data codes are {tuple(codes.shape[1:])} grids, the model expects "
+                f"({m.grid_h}, {m.grid_w}): check the VQ and data.image_size"
+            )
+        t = self.tok.encode(list(raw["caption"]))
+        return {"text": t.ids, "text_lens": t.mask.sum(1), "image": codes.flatten(1).long()}
+
+    def train(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        for i, raw in enumerate(self._loader(self.cfg.data.train, train=True)):
+            if i >= skip:
+                yield self._convert(raw)
+
+    def eval(self) -> Iterator[dict[str, torch.Tensor]] | None:
+        if not self.cfg.data.eval:
+            return None
+        return (self._convert(raw) for raw in self._loader(self.cfg.data.eval, train=False))
