@@ -7,11 +7,14 @@ transformer. Reuse it with
     @pytest.fixture(scope="session")
     def tiny_pipe(tmp_path_factory):
         return build_tiny_pipeline(tmp_path_factory.mktemp("pipe"))
+
+Tests of single models build theirs with `tiny_transformer_config(...)` and `peaked(...)`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,13 +30,14 @@ GRID = 4  # 4 x 4 codes; with downsample 4 the images are 16 x 16
 CODEBOOK = 32
 
 
-def tiny_transformer_config(
-    text_vocab: int = 300, image_vocab: int = CODEBOOK
-) -> TransformerConfig:
-    return TransformerConfig(
-        text_vocab=text_vocab,
+def tiny_transformer_config(**overrides: Any) -> TransformerConfig:
+    """The tiny transformer of the tests (width 32, PyTorch attention path) for this pipeline's
+    tokenizer and VQ; keyword arguments replace fields (another test's text length, grid,
+    vocabularies, depth or conditioning)."""
+    base = dict(
+        text_vocab=300,
         text_len=TEXT_LEN,
-        image_vocab=image_vocab,
+        image_vocab=CODEBOOK,
         grid_h=GRID,
         grid_w=GRID,
         dim=32,
@@ -42,6 +46,17 @@ def tiny_transformer_config(
         head_dim=16,
         attn_impl="torch",
     )
+    return TransformerConfig(**{**base, **overrides})
+
+
+def peaked(model: Transformer) -> Transformer:
+    """Larger-than-default init of every matrix, so the random model's distributions are far
+    from uniform and temperature, top-k and guidance visibly change the samples."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    return model
 
 
 def build_components(root: Path, seed: int = 0) -> dict[str, Path]:
@@ -69,13 +84,7 @@ def build_components(root: Path, seed: int = 0) -> dict[str, Path]:
         vq(images.float() / 255)  # the first training pass k-means-initialises the codebook
     vq.eval().save_pretrained(root / "vq")
 
-    # Larger-than-default init so the random model's distributions are far from uniform and
-    # temperature, top-k and guidance visibly change the samples.
-    model = Transformer(tiny_transformer_config(text_vocab=300)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.3)
+    model = peaked(Transformer(tiny_transformer_config(text_vocab=300)).eval())
     model.save_pretrained(root / "transformer")
     return {
         "text_tokenizer": root / "text_tokenizer",

@@ -1,4 +1,5 @@
-"""Shared data fixtures (tiny, written once per test session, reused by every test file)."""
+"""Shared fixtures: data (tiny, written once per test session, reused by every test file) and
+one torch thread for the modules that ask for it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,3 +46,13 @@ def shapes_captions() -> list[str]:
     from dalle_ar.data.shapes import generate
 
     return [cap for _, cap, _ in generate(300, seed=0, split="train")]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (`pytestmark = pytest.mark.usefixtures("one_thread")`): the
+    test machine is shared, where two threads run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,12 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a small red circle at the top", "a blue square"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

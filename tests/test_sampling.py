@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _pipeline_fixtures import peaked, tiny_transformer_config
 from dalle_ar.kernels.layouts import Layout
 from dalle_ar.kernels.reference import decode_reference, decode_sdpa
 
@@ -22,39 +23,18 @@ from dalle_ar.sampling import (
     sample_seeds,
     uniforms,
 )
-from dalle_ar.transformer import Transformer, TransformerConfig
+from dalle_ar.transformer import Transformer
 
 T, H, W, TV, IV = 6, 3, 4, 40, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, **kw) -> Transformer:
-    cfg = dict(
-        text_vocab=TV,
-        text_len=T,
-        image_vocab=IV,
-        grid_h=H,
-        grid_w=W,
-        dim=32,
-        depth=3,
-        heads=2,
-        head_dim=16,
-        attn_impl="torch",
-    )
+    shape = dict(text_vocab=TV, text_len=T, image_vocab=IV, grid_h=H, grid_w=W, depth=3)
     torch.manual_seed(seed)
-    model = Transformer(TransformerConfig(**{**cfg, **kw})).eval()
-    with torch.no_grad():  # peaked distributions: filters and guidance change the samples
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.3)
-    return model
+    return peaked(Transformer(tiny_transformer_config(**{**shape, **kw})).eval())
 
 
 def prompts(n: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _pipeline_fixtures import tiny_transformer_config
 
 from dalle_ar.config import ConfigError, config_from_dict, load_config
 from dalle_ar.transformer import (
@@ -23,20 +24,8 @@ T, H, W = 5, 3, 4  # text positions, image grid
 
 
 def tiny(**kw) -> TransformerConfig:
-    base = dict(
-        text_vocab=40,
-        text_len=T,
-        image_vocab=24,
-        grid_h=H,
-        grid_w=W,
-        dim=32,
-        depth=3,
-        heads=2,
-        head_dim=16,
-        attn_impl="torch",
-    )
-    base.update(kw)
-    cfg = TransformerConfig(**base)
+    shape = dict(text_vocab=40, text_len=T, image_vocab=24, grid_h=H, grid_w=W, depth=3)
+    cfg = tiny_transformer_config(**{**shape, **kw})
     cfg.validate()
     return cfg
 
