@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dalle_ar.checkpoint import atomic_dir, read_component_config
-from dalle_ar.grid import captioned_grid, stack_vertical, to_uint8
+from dalle_ar.fidelity import evaluate_fidelity, save_prompt_grid  # re-exported (__all__)
+from dalle_ar.grid import to_uint8
 from dalle_ar.sampling import generate_image_tokens, sample_seeds
 from dalle_ar.text import SPECIALS, TextTokenizer
 from dalle_ar.transformer import Transformer, TransformerConfig
@@ -360,70 +360,6 @@ def _load_optional(name: str, path: Path) -> Any:
         )
         return path
     return loader(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Results: grids and prompt fidelity on the shapes data.
-
-
-def save_prompt_grid(result: PipelineOutput, path: str | Path) -> Path:
-    """One PNG: per prompt, a row of its samples under the prompt as caption."""
-    groups: dict[tuple[int, str], list[Image.Image]] = {}
-    for img, meta in zip(result.images, result.samples):
-        groups.setdefault((meta["prompt_index"], meta["prompt"]), []).append(img)
-    rows = [captioned_grid(imgs, p or "(empty prompt)") for (_, p), imgs in sorted(groups.items())]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stack_vertical(rows).save(path)
-    return path
-
-
-def evaluate_fidelity(
-    pipe: DalleAR,
-    num_prompts: int = 200,
-    seed: int = 0,
-    guidance_scales: Sequence[float] = (1.0, 3.0),
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    prompt_seed: int = 0,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """One sample per evaluation-split shapes prompt for each guidance scale (same prompts, same
-    seeds), scored by the shape checker: exact match and per attribute, over all prompts and
-    split into seen and held-out colour-shape combinations. JSON-able."""
-    from dalle_ar.data.evaluate import score_batch
-    from dalle_ar.data.shapes import prompts_for_eval
-
-    if num_prompts < 0:
-        raise ValueError(f"num_prompts must be >= 0, got {num_prompts}")
-    pairs = prompts_for_eval(num_prompts, seed=prompt_seed)
-    specs = [s for _, s in pairs]
-    held = [bool(s["held_out"]) for s in specs]
-    report: dict[str, Any] = {"num_prompts": num_prompts, "n_held_out": sum(held),
-                              "prompt_seed": prompt_seed, "seed": seed, "settings": {},
-                              "summary": {}}  # fmt: skip
-    if not num_prompts:
-        return report
-    for scale in guidance_scales:
-        t0 = time.perf_counter()
-        params = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=scale)
-        out = pipe([p for p, _ in pairs], seed=seed, batch_size=batch_size, progress=progress,
-                   **params)  # fmt: skip
-        res: dict[str, Any] = {k: out.samples[0][k] for k in SAMPLING_KEYS}
-        res["seconds"] = time.perf_counter() - t0
-        res["all"] = score_batch(out.images, specs)
-        for split, flag in (("seen", False), ("held_out", True)):
-            idx = [i for i, h in enumerate(held) if h == flag]
-            imgs = [out.images[i] for i in idx]
-            res[split] = score_batch(imgs, [specs[i] for i in idx]) if idx else None
-        report["settings"][f"{scale:g}"] = res
-        a = res["all"]
-        report["summary"][f"guidance {scale:g}"] = {
-            k: a[k] for k in ("exact", "exact_seen", "exact_held_out")
-        }
-    return report
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,10 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.threads > 0:
-        import torch
+    from dalle_ar.train.common import set_threads  # after parsing: --help stays instant
 
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     try:
         if args.from_json:
             return _regenerate(args)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from dalle_ar.sampling import generate_image_tokens
+from dalle_ar.train.common import set_threads
 from dalle_ar.transformer import Transformer, TransformerConfig
 
 SHAPE_S = TransformerConfig()  # the defaults are benchmark shape S
@@ -172,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny model: a seconds-long smoke run")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device(args.device)
     cfg = TINY if args.tiny else SHAPE_S
     if device.type != "cuda":

@@ -6,7 +6,7 @@ were seen in training and scenes holding a held-out pair.
     python tools/eval_fidelity.py --model runs/pipe --num 200 --guidance 3 --out fidelity.json
 
 Both settings use the same prompts and the same seed per prompt, so the difference is guidance.
-The work is `dalle_ar.pipeline.evaluate_fidelity`; this is its command line.
+The work is `dalle_ar.fidelity.evaluate_fidelity`; this is its command line.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from dalle_ar.pipeline import DalleAR, evaluate_fidelity
+from dalle_ar.train.common import set_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the JSON report here (it is printed too)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     try:
         pipe = DalleAR.from_pretrained(args.model, device=args.device)
         if args.num < 1:
