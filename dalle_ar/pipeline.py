@@ -20,7 +20,7 @@ the same codes and pixels whatever batch it first came from (see dalle_ar.sampli
 Prompts: an empty prompt (or one of only spaces) is the unconditional sample, the input the
 model saw when its caption was dropped in training; it is allowed, with a warning. A prompt longer
 than the model's text length is truncated, with a warning. Characters the tokenizer never saw in
-training (no merge holds them) are encoded as raw bytes the model has hardly seen: warned.
+training (not in its recorded alphabet) are encoded as raw bytes the model has hardly seen: warned.
 
 Optional components: `pipeline.json` may also name `clip` and `prior` folders. They are loaded
 through `dalle_ar.<name>.load_component(path)` once those modules provide it; until then the path
@@ -393,7 +393,10 @@ def _expand_prime(prime: torch.Tensor | None, n_prompts: int, num: int) -> torch
 
 
 def _known_chars(tok: TextTokenizer) -> set[str]:
-    """Characters that occur in some learned merge of the tokenizer (seen in training)."""
+    """Characters seen in training: the tokenizer's recorded alphabet, or (for a folder saved
+    without one) the characters that occur in some learned merge."""
+    if tok.alphabet is not None:
+        return set(tok.alphabet)
     dec = tok.backend.decoder
     chars: set[str] = set()
     for token in tok.backend.get_vocab():

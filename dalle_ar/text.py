@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 COMPONENT = "text_tokenizer"
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIALS = (PAD, BOS, EOS)  # trained first, so their ids are 0, 1, 2
+ALPHABET_FILE = "alphabet.json"  # characters of the training captions, for prompt warnings
 BYTE_ALPHABET = 256  # byte-level BPE starts from every byte value
 
 
@@ -79,7 +80,18 @@ def train_tokenizer(captions: Iterable[str], cfg: TokenizerConfig) -> TextTokeni
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(captions, trainer)
+    # The characters of the (normalized) training captions are kept with the tokenizer, so a
+    # prompt's never-seen characters can be named later (byte-level BPE encodes them silently).
+    # (A normalizer of its own: calling into `tok` while it trains would deadlock.)
+    alphabet: set[str] = set()
+    norm = _normalizer(cfg)
+
+    def tap(texts: Iterable[str]) -> Iterable[str]:
+        for text in texts:
+            alphabet.update(norm.normalize_str(text) if norm is not None else text)
+            yield text
+
+    tok.train_from_iterator(tap(captions), trainer)
     # The post-processor lets the bare transformers tokenizer add BOS/EOS the same way.
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}",
@@ -93,7 +105,7 @@ def train_tokenizer(captions: Iterable[str], cfg: TokenizerConfig) -> TextTokeni
         model_max_length=cfg.text_len,
         clean_up_tokenization_spaces=False,
     )
-    out = TextTokenizer(hf, cfg)
+    out = TextTokenizer(hf, cfg, alphabet=alphabet)
     log.info("trained BPE tokenizer: vocab size %d (target %d)", out.vocab_size, cfg.vocab_size)
     return out
 
@@ -101,10 +113,14 @@ def train_tokenizer(captions: Iterable[str], cfg: TokenizerConfig) -> TextTokeni
 class TextTokenizer:
     """Fixed-length caption encoder around a transformers fast tokenizer."""
 
-    def __init__(self, hf: PreTrainedTokenizerFast, cfg: TokenizerConfig) -> None:
+    def __init__(
+        self, hf: PreTrainedTokenizerFast, cfg: TokenizerConfig, alphabet: set[str] | None = None
+    ) -> None:
         cfg.validate()
         self.hf = hf
         self.cfg = cfg
+        # characters seen in the training captions (None for a folder saved without them)
+        self.alphabet: frozenset[str] | None = None if alphabet is None else frozenset(alphabet)
         self.backend: Tokenizer = hf.backend_tokenizer
         # A caption that contains the text "<eos>" is plain text, never the control token.
         self.backend.encode_special_tokens = True
@@ -132,6 +148,8 @@ class TextTokenizer:
             self.hf.save_pretrained(str(tmp))
             meta = {"component": COMPONENT, "config": to_dict(self.cfg)}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+            if self.alphabet is not None:
+                (tmp / ALPHABET_FILE).write_text(json.dumps(sorted(self.alphabet)))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, text_len: int | None = None) -> TextTokenizer:
@@ -146,7 +164,9 @@ class TextTokenizer:
             cfg = dataclasses.replace(cfg, text_len=text_len)
         hf = PreTrainedTokenizerFast.from_pretrained(str(path))
         hf.model_max_length = cfg.text_len
-        return cls(hf, cfg)
+        alphabet_file = path / ALPHABET_FILE
+        alphabet = set(json.loads(alphabet_file.read_text())) if alphabet_file.is_file() else None
+        return cls(hf, cfg, alphabet=alphabet)
 
     # -- encode / decode ---------------------------------------------------------------------
     def normalize(self, text: str) -> str:

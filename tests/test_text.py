@@ -285,3 +285,13 @@ def test_recipe_bad_config_fails_before_work(tmp_path: Path) -> None:
         main(["train", "tokenizer", "--config", str(TINY), "data.train=x.tar",
               f"run.out_dir={out}", "tokenizer.vocab_size=10"])  # fmt: skip
     assert not out.exists()
+
+
+def test_training_alphabet_is_recorded_and_survives_save(tmp_path: Path) -> None:
+    # "-" occurs once, so no merge holds it; it was still seen in training.
+    captions = ["Top-left: a red circle", "a red circle", "a blue square"] * 3
+    tok = train_tokenizer(captions, TokenizerConfig(vocab_size=300, min_frequency=2))
+    assert {"-", ":", "t", " "} <= tok.alphabet  # normalized (lower-cased) characters
+    assert "T" not in tok.alphabet and "😀" not in tok.alphabet
+    tok.save_pretrained(tmp_path / "tok")
+    assert TextTokenizer.from_pretrained(tmp_path / "tok").alphabet == tok.alphabet
