@@ -150,6 +150,7 @@ def stage_transformer(cfg: MainJobConfig, p: Paths, configs: Path) -> None:
          f"model.text_vocab={tok.vocab_size}",
          f"model.image_vocab={vq.codebook_size}", f"model.grid_h={h}", f"model.grid_w={w}",
          f"run.out_dir={p.transformer_run}", f"run.max_minutes={cfg.transformer_minutes}",
+         "run.steps=1000000",  # the time budget ends the run (and the LR cosine), not a count
          f"run.seed={cfg.seed}", f"run.device={cfg.device}", f"run.wandb={cfg.wandb}"]
     )  # fmt: skip
 
