@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -374,6 +375,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         dist.cleanup()
-    if metrics:
+    if metrics and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks
         print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}))
     return 0
