@@ -14,10 +14,10 @@ import torch.multiprocessing as mp
 
 from dalle_ar.config import load_config
 from dalle_ar.train import dist
+from dalle_ar.train.common import schedule_step
 from dalle_ar.train.transformer import (
     NonFiniteLoss,
     TrainTransformerConfig,
-    _schedule_step,
     train,
 )
 
@@ -164,12 +164,12 @@ def test_shipped_configs_load(name):
 def test_lr_schedule_can_follow_the_time_budget(tmp_path):
     cfg = config(tmp_path, "run.steps=1010", "optim.warmup_steps=10", "run.max_minutes=10",
                  "lr_follows_time=true")  # fmt: skip
-    assert _schedule_step(cfg, 5, minutes=9.0) == 5  # warmup counts steps
-    assert _schedule_step(cfg, 20, minutes=5.0) == 10 + 500  # half the time: half the cosine
-    assert _schedule_step(cfg, 800, minutes=1.0) == 800  # steps ahead of the clock
-    assert _schedule_step(cfg, 20, minutes=12.0) == 1010
+    assert schedule_step(cfg, 5, minutes=9.0) == 5  # warmup counts steps
+    assert schedule_step(cfg, 20, minutes=5.0) == 10 + 500  # half the time: half the cosine
+    assert schedule_step(cfg, 800, minutes=1.0) == 800  # steps ahead of the clock
+    assert schedule_step(cfg, 20, minutes=12.0) == 1010
     off = config(tmp_path, "run.steps=1010", "run.max_minutes=10")
-    assert _schedule_step(off, 20, minutes=5.0) == 20
+    assert schedule_step(off, 20, minutes=5.0) == 20
 
 
 def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):

@@ -68,6 +68,18 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * t))
 
 
+def schedule_step(cfg: Any, step: int, minutes: float) -> int:
+    """The step the LR schedule sees, for a recipe config with `optim`, `run` and
+    `lr_follows_time`. With `lr_follows_time` (and run.max_minutes) it is, after warmup, whichever
+    of steps and wall time is further through its budget, so a time-capped run on a slow or
+    shared machine still ends its cosine (time counts from this process's start)."""
+    warm, total, limit = cfg.optim.warmup_steps, cfg.run.steps, cfg.run.max_minutes
+    if not (cfg.lr_follows_time and limit > 0) or step < warm:
+        return step
+    frac = max((step - warm) / max(1, total - warm), minutes / limit)
+    return warm + int(min(1.0, frac) * (total - warm))
+
+
 def build_optimizer(
     model: torch.nn.Module, cfg: OptimConfig, fused: bool = False
 ) -> torch.optim.AdamW:

@@ -28,6 +28,7 @@ from dalle_ar.train.common import (
     build_optimizer,
     lr_at,
     recipe_config,
+    schedule_step,
     seed_everything,
     set_lr,
 )
@@ -206,7 +207,7 @@ def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> 
     wrapped.train()
     while step < stop_at:
         minutes = dist.all_reduce_max(run_minutes(run))  # one clock for every rank
-        set_lr(opt, lr_at(_schedule_step(cfg, step, minutes), cfg.optim, total))
+        set_lr(opt, lr_at(schedule_step(cfg, step, minutes), cfg.optim, total))
         loss_sum = torch.zeros((), device=info.device)
         parts_sum: dict[str, torch.Tensor] = {}
         for k in range(accum):
@@ -289,17 +290,6 @@ def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> 
         log.info("transformer: step %d, %s", step, json.dumps(final))
     dist.barrier()
     return final
-
-
-def _schedule_step(cfg: TrainTransformerConfig, step: int, minutes: float) -> int:
-    """The step the LR schedule sees: after warmup, whichever of steps and wall time is further
-    through its budget, so a time-capped run ends its cosine when the time is up (the time
-    counts from this process's start)."""
-    warm, total, limit = cfg.optim.warmup_steps, cfg.run.steps, cfg.run.max_minutes
-    if not (cfg.lr_follows_time and limit > 0) or step < warm:
-        return step
-    frac = max((step - warm) / max(1, total - warm), minutes / limit)
-    return warm + int(min(1.0, frac) * (total - warm))
 
 
 def _log_row(run: Run, info, path: Path, row: dict[str, Any], step: int) -> None:

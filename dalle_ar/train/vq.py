@@ -41,6 +41,7 @@ from dalle_ar.train.common import (
     lr_at,
     pick_device,
     recipe_config,
+    schedule_step,
     seed_everything,
     set_lr,
 )
@@ -89,17 +90,6 @@ class VQRecipeConfig:
 def data_seed(seed: int, step: int) -> int:
     """Seed of the training loader for a run (re)started at `step`."""
     return seed * 1_000_003 + step
-
-
-def schedule_step(cfg: VQRecipeConfig, step: int, minutes: float) -> int:
-    """The step the LR schedule sees. With `lr_follows_time` (and run.max_minutes) it is, after
-    warmup, whichever of steps and wall time is further through its budget, so a time-capped
-    run on a slow or shared machine still ends its cosine (time counts from process start)."""
-    warm, total, limit = cfg.optim.warmup_steps, cfg.run.steps, cfg.run.max_minutes
-    if not (cfg.lr_follows_time and limit > 0) or step < warm:
-        return step
-    frac = max((step - warm) / max(1, total - warm), minutes / limit)
-    return warm + int(min(1.0, frac) * (total - warm))
 
 
 def recon_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
