@@ -37,11 +37,15 @@ RANGE_TOLERANCE = 1e-3
 @dataclasses.dataclass
 class VQConfig:
     image_size: int = 32  # size it is trained at; any multiple of `downsample` encodes
-    downsample: int = 4  # image side / code grid side: 4 or 8 (32x32 -> 8x8 or 4x4)
+    downsample: int = 4  # image side / code grid side: 2, 4, 8 or 16 (32x32 -> 16x16 ... 2x2)
     width: int = 64  # channels at full resolution
     channel_mult: list[int] = dataclasses.field(default_factory=list)  # per level; [] = 1,2,2,..
     num_res_blocks: int = 2  # residual blocks per resolution level (encoder and decoder)
     norm: Literal["group", "none"] = "group"  # GroupNorm in every block, or none (2x faster on CPU)
+    # conv: a conv stack whose codes see neighbouring patches (and, through GroupNorm, the whole
+    # image); patch: each code is a function of its own f x f patch only (a patchify conv, then
+    # per-patch residual MLPs), so equal patches always get equal codes. See PatchEncoder.
+    encoder: Literal["conv", "patch"] = "conv"
     latent_dim: int = 64  # channels the encoder hands to the quantizer
     quantizer: Literal["vq", "fsq"] = "vq"  # VectorQuantize (EMA codebook) or FSQ
     codebook_size: int = 512  # number of codes; for fsq it must equal prod(fsq_levels)
@@ -55,7 +59,11 @@ class VQConfig:
     fsq_levels: list[int] = dataclasses.field(default_factory=lambda: [8, 8, 8])  # levels per dim
 
     def validate(self) -> None:
-        require(self.downsample in (4, 8), "downsample", f"must be 4 or 8, got {self.downsample}")
+        require(
+            self.downsample in (2, 4, 8, 16),
+            "downsample",
+            f"must be 2, 4, 8 or 16, got {self.downsample}",
+        )
         require(
             self.image_size >= self.downsample and self.image_size % self.downsample == 0,
             "image_size",
@@ -70,6 +78,7 @@ class VQConfig:
         )
         require(all(m >= 1 for m in self.channel_mult), "channel_mult", "entries must be >= 1")
         require(self.num_res_blocks >= 0, "num_res_blocks", "must be >= 0")
+        require(self.encoder in ("conv", "patch"), "encoder", f"conv|patch, got {self.encoder!r}")
         require(self.latent_dim >= 1, "latent_dim", f"must be >= 1, got {self.latent_dim}")
         require(self.codebook_size >= 2, "codebook_size", f"must be >= 2, got {self.codebook_size}")
         require(self.codebook_dim >= 0, "codebook_dim", "must be >= 0 (0 = latent_dim)")
@@ -137,6 +146,37 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, D, H/f, W/f)
 
 
+class PatchEncoder(nn.Module):
+    """Codes that depend on their own f x f patch and nothing else.
+
+    A conv encoder's codes also describe the neighbourhood (its receptive field spans several
+    patches, and GroupNorm pools over the whole image), so one plain white patch can take any of
+    hundreds of codes depending on what lies nearby. The transformer then has to predict that
+    context-dependent choice as well as the content. Here a patchify conv (kernel = stride = f)
+    and residual MLPs applied per patch (1x1 convs, no norm that pools over positions) make the
+    code a function of the patch's pixels: equal patches get equal codes. The decoder keeps its
+    receptive field and reads the neighbouring codes to draw edges. Cheaper than the conv stack,
+    and suited to flat synthetic images (the shapes data); photographs want `conv`.
+    """
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        ch = cfg.channels()[-1]
+        f = cfg.downsample
+        self.conv_in = nn.Conv2d(3, ch, f, stride=f)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.SiLU(), nn.Conv2d(ch, 2 * ch, 1), nn.SiLU(), nn.Conv2d(2 * ch, ch, 1))
+            for _ in range(max(1, cfg.num_res_blocks))
+        )
+        self.conv_out = nn.Conv2d(ch, cfg.latent_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.conv_out(F.silu(h))  # (B, D, H/f, W/f)
+
+
 class Upsample(nn.Module):
     def __init__(self, ch_in: int, ch_out: int) -> None:
         super().__init__()
@@ -192,7 +232,7 @@ class VQTokenizer(nn.Module):
         super().__init__()
         cfg.validate()
         self.config = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder = PatchEncoder(cfg) if cfg.encoder == "patch" else Encoder(cfg)
         self.decoder = Decoder(cfg)
         # The quantizer is always built for real, even under a meta-device build (loading): FSQ
         # reads its levels with .item() in its constructor and both quantizers hold constants in

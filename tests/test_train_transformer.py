@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from dalle_ar.config import load_config
 from dalle_ar.train import dist
-from dalle_ar.train.common import schedule_step
+from dalle_ar.train.common import BudgetBar, schedule_step
 from dalle_ar.train.transformer import (
     NonFiniteLoss,
     TrainTransformerConfig,
@@ -170,6 +170,18 @@ def test_lr_schedule_can_follow_the_time_budget(tmp_path):
     assert schedule_step(cfg, 20, minutes=12.0) == 1010
     off = config(tmp_path, "run.steps=1010", "run.max_minutes=10")
     assert schedule_step(off, 20, minutes=5.0) == 20
+
+
+def test_progress_bar_follows_whichever_budget_is_further_along(tmp_path):
+    cfg = config(tmp_path, "run.steps=1000000", "run.max_minutes=10")
+    bar = BudgetBar(cfg.run, 0, "t", disable=True)
+    bar.update(500, minutes=5.0)
+    assert bar.percent == pytest.approx(50.0)  # the clock, not 500 of a million steps
+    steps_only = config(tmp_path, "run.steps=200", "run.max_minutes=0")
+    bar = BudgetBar(steps_only.run, 50, "t", disable=True)
+    assert bar.percent == pytest.approx(25.0)
+    bar.update(400, minutes=99.0)
+    assert bar.percent == pytest.approx(100.0)  # never past the end
 
 
 def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):

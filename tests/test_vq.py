@@ -91,7 +91,7 @@ def test_codebook_size_and_fsq_levels() -> None:
     with pytest.raises(ConfigError, match=r"prod\(fsq_levels\) = 36"):
         VQConfig(**{**TINY, "quantizer": "fsq", "fsq_levels": [4, 3, 3]}).validate()
     with pytest.raises(ConfigError, match="downsample"):
-        VQConfig(downsample=2).validate()
+        VQConfig(downsample=3).validate()
     with pytest.raises(ConfigError, match="channel_mult"):
         VQConfig(downsample=8, channel_mult=[1, 2]).validate()
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dalle_ar.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
 from dalle_ar.config import ConfigError, OptimConfig, RunConfig, load_config, save_config, to_dict
@@ -78,6 +79,37 @@ def schedule_step(cfg: Any, step: int, minutes: float) -> int:
         return step
     frac = max((step - warm) / max(1, total - warm), minutes / limit)
     return warm + int(min(1.0, frac) * (total - warm))
+
+
+class BudgetBar:
+    """A tqdm bar over a run's budget, in percent: steps done or wall minutes used (the same
+    minutes that end the run), whichever is further along. A time-capped run whose `run.steps`
+    is out of reach (the main job's) still shows a true bar and a true time left; the step count
+    sits in the postfix."""
+
+    def __init__(self, run: RunConfig, step: int, desc: str, disable: bool | None = None) -> None:
+        self.steps, self.limit = run.steps, run.max_minutes
+        self.bar = tqdm(
+            total=100, desc=desc, disable=disable,
+            bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
+        )  # fmt: skip
+        self.percent = 0.0
+        self.update(step, 0.0)
+
+    def fraction(self, step: int, minutes: float) -> float:
+        frac = step / max(1, self.steps)
+        if self.limit > 0:
+            frac = max(frac, minutes / self.limit)
+        return min(1.0, frac)
+
+    def update(self, step: int, minutes: float, **postfix: str) -> None:
+        percent = 100 * self.fraction(step, minutes)
+        self.bar.set_postfix(step=step, **postfix, refresh=False)
+        self.bar.update(percent - self.percent)
+        self.percent = percent
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def build_optimizer(

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm import tqdm
 
 from dalle_ar.config import ConfigError, DataConfig, OptimConfig, RunConfig, require
 from dalle_ar.train import dist
 from dalle_ar.train.common import (
+    BudgetBar,
     Run,
     autocast_context,
     build_optimizer,
@@ -203,7 +203,8 @@ def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> 
     log_path = run.dir / "train_log.jsonl"
     if info.is_main:
         _truncate_log(log_path, step)  # rows past the checkpoint come again after a resume
-    bar = tqdm(total=stop_at, initial=step, disable=not info.is_main, desc="transformer")
+    bar = BudgetBar(cfg.run, step, "transformer", disable=not info.is_main)
+    postfix: dict[str, str] = {}
     wrapped.train()
     while step < stop_at:
         minutes = dist.all_reduce_max(run_minutes(run))  # one clock for every rank
@@ -249,7 +250,7 @@ def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> 
         opt.step()
         opt.zero_grad(set_to_none=True)
         step, bad_in_row = step + 1, 0
-        bar.update(1)
+        bar.update(step, minutes, **postfix)
         # every rank stops at the same step: the clocks of the processes may disagree
         out_of_time = cfg.run.max_minutes > 0 and minutes > cfg.run.max_minutes
         if step % cfg.run.log_every == 0 or step == stop_at or out_of_time:
@@ -266,7 +267,7 @@ def _loop(cfg, info, run, model, wrapped, opt, source, step, micro, skipped) -> 
             last.update({f"train/{n}": v.item() for n, v in zip(parts_sum, vals[1:])})
             t_log, step_log = time.time(), step
             _log_row(run, info, log_path, last, step)
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
+            postfix["loss"] = f"{last['loss']:.4f}"
         if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < stop_at:
             row = {"step": step, "minutes": run_minutes(run)}
             _log_row(run, info, log_path, {**row, **evaluate(wrapped, source, cfg, info)}, step)

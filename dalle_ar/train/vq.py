@@ -30,11 +30,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from dalle_ar.config import DataConfig, OptimConfig, RunConfig, require
 from dalle_ar.grid import image_grid
 from dalle_ar.train.common import (
+    BudgetBar,
     Run,
     autocast_context,
     build_optimizer,
@@ -183,7 +183,8 @@ def _train(cfg: VQRecipeConfig, resume: bool) -> dict[str, Any]:
 
     total, accum = cfg.run.steps, cfg.optim.grad_accum
     run.init_wandb("vq")
-    pbar = tqdm(total=total, initial=step, desc="vq", unit="step", disable=None)
+    pbar = BudgetBar(cfg.run, step, "vq")
+    postfix: dict[str, str] = {}
     start, start_step, metrics = time.time(), step, {}
 
     def save() -> None:
@@ -218,7 +219,7 @@ def _train(cfg: VQRecipeConfig, resume: bool) -> dict[str, Any]:
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            pbar.update(1)
+            pbar.update(step, (time.time() - run.start_time) / 60, **postfix)
             if step % cfg.run.log_every == 0 or step == total:
                 rate = (step - start_step) / max(1e-9, time.time() - start)
                 used = codes.unique().numel() / model.codebook_size
@@ -229,7 +230,7 @@ def _train(cfg: VQRecipeConfig, resume: bool) -> dict[str, Any]:
                      "train/steps_per_s": rate},
                     step=step,
                 )  # fmt: skip
-                pbar.set_postfix(loss=f"{stats['loss']:.4f}", used=f"{used:.2f}")
+                postfix = {"loss": f"{stats['loss']:.4f}", "used": f"{used:.2f}"}
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total:
                 metrics = eval_and_record(cfg.eval_batches)
                 run.write_json("metrics.json", _metrics_json(metrics, history, step, False))
