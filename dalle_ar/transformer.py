@@ -66,6 +66,12 @@ class TransformerConfig:
     cond_dim: int = 0  # size of an optional conditioning embedding (e.g. 512 for CLIP); 0 = none
     cond_tokens: int = 0  # prefix positions that embedding is projected to
     cond_mode: str = "prepend"  # prepend: [cond ‖ text ‖ image]; replace: [cond ‖ image]
+    # Code features: each image code is also described by a fixed vector (what the VQ draws for
+    # it, `VQTokenizer.code_pixels`), projected into the code's input embedding and its output
+    # weight. Codes that share colours or strokes then share parameters, which is what lets the
+    # model draw a colour-shape pair it never saw. 0 = off; -1 = the VQ's patch width 3*f*f,
+    # resolved by the training recipe from its `vq` folder before the model is built.
+    code_features: int = 0
 
     def validate(self) -> None:
         for key in ("text_vocab", "text_len", "image_vocab", "grid_h", "grid_w", "dim", "depth"):
@@ -90,6 +96,7 @@ class TransformerConfig:
             f"{self.cond_tokens}",
         )
         require(self.cond_mode in ("prepend", "replace"), "cond_mode", "must be prepend|replace")
+        require(self.code_features >= -1, "code_features", "must be >= 0, or -1 (from the VQ)")
         if isinstance(self.layouts, list):
             require(
                 len(self.layouts) == self.depth,
@@ -246,6 +253,13 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, lay, self.backend) for lay in self.layouts)
         self.ln_f = nn.LayerNorm(d)
         self.image_head = nn.Linear(d, cfg.image_vocab, bias=False)
+        if cfg.code_features:
+            if cfg.code_features < 0:
+                raise ValueError("code_features=-1 must be resolved from a VQ before building")
+            # Saved with the weights: the model folder stays self-contained.
+            self.register_buffer("code_feats", torch.zeros(cfg.image_vocab, cfg.code_features))
+            self.code_in = nn.Linear(cfg.code_features, d, bias=False)
+            self.code_out = nn.Linear(cfg.code_features, d, bias=False)
         self.grad_checkpointing = False  # set by a recipe: recompute each block in backward
         self.apply(self._init_weights)
         # GPT-2: residual output projections scaled by 1/sqrt(2 * depth) keep the stream's
@@ -260,6 +274,20 @@ class Transformer(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+    def set_code_features(self, feats: torch.Tensor) -> None:
+        """Fill the fixed per-code description (image_vocab, code_features), e.g. from
+        `VQTokenizer.code_pixels()`."""
+        want = (self.cfg.image_vocab, self.cfg.code_features)
+        if not self.cfg.code_features or tuple(feats.shape) != want:
+            raise ValueError(f"code features must have shape {want}, got {tuple(feats.shape)}")
+        self.code_feats.copy_(feats.to(self.code_feats))
+
+    def _image_logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.image_head(x)
+        if self.cfg.code_features:
+            logits = logits + x @ self.code_out(self.code_feats).t()
+        return logits
 
     # -- persistence -----------------------------------------------------------------------
     @classmethod
@@ -338,11 +366,11 @@ class Transformer(nn.Module):
 
         if decode:
             return Logits(
-                x.new_zeros(B, 0, cfg.text_vocab if cfg.has_text else 0), self.image_head(x)
+                x.new_zeros(B, 0, cfg.text_vocab if cfg.has_text else 0), self._image_logits(x)
             )
         n = x.shape[1]  # stream positions in this call: 0..n-1
         text = self.text_head(x[:, C : min(n, P - 1)]) if cfg.has_text else x.new_zeros(B, 0, 0)
-        image = self.image_head(x[:, P - 1 : n])
+        image = self._image_logits(x[:, P - 1 : n])
         return Logits(text, image)
 
     def _check_text_lens(
@@ -358,7 +386,10 @@ class Transformer(nn.Module):
 
     def _embed_image(self, codes: torch.Tensor, img_pos: torch.Tensor) -> torch.Tensor:
         w = self.cfg.grid_w
-        return self.image_emb(codes) + (self.row_emb(img_pos // w) + self.col_emb(img_pos % w))
+        x = self.image_emb(codes) + (self.row_emb(img_pos // w) + self.col_emb(img_pos % w))
+        if self.cfg.code_features:
+            x = x + self.code_in(self.code_feats[codes])
+        return x
 
     def _embed_prefix_and_image(self, tokens: torch.Tensor, cond: torch.Tensor | None):
         cfg = self.cfg

@@ -346,6 +346,17 @@ class VQTokenizer(nn.Module):
         dtype = next(self.decoder.parameters()).dtype
         return (self.decoder(q.to(dtype)) * 0.5 + 0.5).clamp(0, 1)
 
+    @torch.no_grad()
+    def code_pixels(self) -> torch.Tensor:
+        """(codebook_size, 3*f*f): what each code draws, as the centre patch of a 3x3 grid of
+        that code alone, pixels in [-1, 1]. A fixed description of the codes for the transformer
+        (`TransformerConfig.code_features`)."""
+        f, n = self.config.downsample, self.codebook_size
+        codes = torch.arange(n, device=next(self.parameters()).device)
+        grids = codes[:, None, None].expand(n, 3, 3)
+        patches = self.decode(grids)[:, :, f : 2 * f, f : 2 * f]  # (n, 3, f, f)
+        return (patches * 2 - 1).reshape(n, -1).float().cpu()
+
     # -- folders ---------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
         """Write the component folder (config.json + model.safetensors), atomically."""

@@ -44,10 +44,13 @@ def _warm(model: VQTokenizer, x: torch.Tensor) -> VQTokenizer:
 
 
 @pytest.mark.parametrize(
-    ("downsample", "size", "grid"), [(4, 16, 4), (8, 16, 2), (4, 32, 8), (8, 64, 8)]
-)
-def test_encode_decode_shapes(downsample: int, size: int, grid: int) -> None:
-    model = _warm(_model(downsample=downsample, image_size=16), _images(2, size))
+    ("downsample", "size", "grid", "encoder"),
+    [(4, 16, 4, "conv"), (8, 16, 2, "conv"), (4, 32, 8, "conv"), (8, 64, 8, "conv"),
+     (2, 16, 8, "conv"), (4, 32, 8, "patch"), (2, 16, 8, "patch")],
+)  # fmt: skip
+def test_encode_decode_shapes(downsample: int, size: int, grid: int, encoder: str) -> None:
+    model = _model(downsample=downsample, image_size=16, encoder=encoder)
+    model = _warm(model, _images(2, size))
     codes = model.encode(_images(2, size))
     assert codes.shape == (2, grid, grid) and codes.dtype == torch.int64
     assert model.grid_size(size) == (grid, grid)
@@ -94,6 +97,17 @@ def test_codebook_size_and_fsq_levels() -> None:
         VQConfig(downsample=3).validate()
     with pytest.raises(ConfigError, match="channel_mult"):
         VQConfig(downsample=8, channel_mult=[1, 2]).validate()
+
+
+def test_patch_encoder_codes_depend_on_their_own_patch_only() -> None:
+    model = _warm(_model(encoder="patch", downsample=4), _images(8, 16))
+    a, b = _images(2, 16, seed=5)
+    b[:, :4, 4:8] = a[:, :4, 4:8]  # patch (0, 1) equal, everything else differs
+    codes = model.encode(torch.stack([a, b]))
+    assert codes[0, 0, 1] == codes[1, 0, 1]
+    assert not torch.equal(codes[0], codes[1])
+    z = model.encoder(torch.stack([a, b]) * 2 - 1)
+    torch.testing.assert_close(z[0, :, 0, 1], z[1, :, 0, 1])  # the latent too, not just the code
 
 
 def test_encode_never_updates_the_codebook() -> None:

@@ -3,7 +3,7 @@ attributes back from the pixels with the shape checker and report exact-match an
 accuracy, without and with classifier-free guidance, split into scenes whose colour-shape pairs
 were seen in training and scenes holding a held-out pair.
 
-    python tools/eval_fidelity.py --model runs/pipe --num 200 --guidance 3 --out fidelity.json
+    python tools/eval_fidelity.py --model runs/pipe --num 200 --guidance 1.5 --out fidelity.json
 
 Both settings use the same prompts and the same seed per prompt, so the difference is guidance.
 The work is `dalle_ar.fidelity.evaluate_fidelity`; this is its command line.
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", required=True, help="pipeline folder")
     ap.add_argument("--num", type=int, default=200, help="evaluation prompts (default 200)")
-    ap.add_argument("--guidance", type=float, default=3.0, help="guidance scale of the guided run")
+    ap.add_argument("--guidance", type=float, default=1.5, help="guidance scale of the guided run")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of prompt 0 (then +1 ...)")
     ap.add_argument("--prompt-seed", type=int, default=0, help="which evaluation prompts")
     ap.add_argument("--temperature", type=float, help="default: the pipeline's")

@@ -160,16 +160,39 @@ def evaluate(model, source: BatchSource, cfg: TrainTransformerConfig, info) -> d
     return {"eval/image_loss": sums[0].item() / n, "eval/text_loss": sums[1].item() / n}
 
 
+def _resolve_code_features(cfg: TrainTransformerConfig) -> torch.Tensor | None:
+    """model.code_features: the VQ's per-code pixels, its width filled in for -1."""
+    if not cfg.model.code_features:
+        return None
+    if not cfg.vq:
+        raise ConfigError("config key 'model.code_features': needs the `vq` folder")
+    from dalle_ar.vq import VQTokenizer
+
+    feats = VQTokenizer.from_pretrained(cfg.vq).code_pixels()
+    if cfg.model.code_features == -1:
+        cfg.model.code_features = feats.shape[1]
+    if tuple(feats.shape) != (cfg.model.image_vocab, cfg.model.code_features):
+        raise ConfigError(
+            f"config key 'model.code_features': the VQ in {cfg.vq} gives features of shape "
+            f"{tuple(feats.shape)}, the model wants ({cfg.model.image_vocab}, "
+            f"{cfg.model.code_features})"
+        )
+    return feats
+
+
 def train(
     cfg: TrainTransformerConfig, source: BatchSource | None = None, resume: bool = False
 ) -> dict[str, Any]:
     """Run the recipe; returns the final metrics (rank 0's view)."""
     info = dist.init_distributed(cfg.run.device)
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
+    feats = _resolve_code_features(cfg)  # before Run saves the config: the width is known
     run = Run(cfg, cfg.run, rank=info.rank)
     if source is None:
         source = ShardBatches(cfg, info)
     model = Transformer(cfg.model).to(info.device)
+    if feats is not None:
+        model.set_code_features(feats)
     model.grad_checkpointing = cfg.activation_checkpointing
     wrapped = dist.wrap_model(model, info, cfg.parallel, blocks=model.blocks)
     # fused AdamW: one kernel for all tensors (sharded FSDP parameters take the plain loop)
