@@ -226,3 +226,13 @@ def test_cli_end_to_end_on_shards(tmp_path, shapes_shards):
     assert main([*argv, "run.steps=3"]) == 0
     metrics = json.loads((tmp_path / "run_tokens" / "metrics.json").read_text())
     assert metrics["step"] == 3 and "eval/image_loss" not in metrics  # no eval shards given
+
+    # code features from the VQ: the width (3 * 4 * 4) is resolved and the pixels saved
+    argv = [a for a in argv if not a.startswith("run.out_dir")]
+    feat_run = tmp_path / "run_feats"
+    assert main([*argv, f"run.out_dir={feat_run}", "run.steps=2", "model.code_features=-1"]) == 0
+    model = Transformer.from_pretrained(feat_run / "transformer")
+    assert model.cfg.code_features == 48
+    vq_model = VQTokenizer.from_pretrained(vq)
+    torch.testing.assert_close(model.code_feats, vq_model.code_pixels())
+    assert main([*argv, f"run.out_dir={feat_run}2", "model.code_features=5"]) == 2

@@ -287,6 +287,33 @@ def test_save_load_round_trip_and_wrong_shape_refused(tmp_path):
         Transformer.from_pretrained(tmp_path / "t")
 
 
+def test_code_features_shape_the_code_embeddings_and_are_saved(tmp_path):
+    model = build(code_features=6)
+    with pytest.raises(ValueError, match=r"shape \(24, 6\)"):
+        model.set_code_features(torch.zeros(24, 5))
+    feats = torch.randn(24, 6, generator=torch.Generator().manual_seed(3))
+    text, image, lens = batch()
+    tokens = torch.cat([text, image], 1)
+    with torch.no_grad():
+        before = model(tokens, text_lens=lens).image
+        model.set_code_features(feats)
+        after = model(tokens, text_lens=lens).image
+    assert (before - after).abs().max() > 1e-4  # the features reach the logits
+    model.save_pretrained(tmp_path / "t")
+    loaded = Transformer.from_pretrained(tmp_path / "t")
+    torch.testing.assert_close(loaded.code_feats, feats)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens, text_lens=lens).image, after)
+        # the cached path embeds and scores codes the same way
+        model.setup_cache(2)
+        out = model(tokens[:, : T + 2], torch.arange(T + 2), text_lens=lens)
+        step = model(image[:, 2:3], torch.tensor([T + 2]), text_lens=lens)
+    torch.testing.assert_close(out.image, after[:, :3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step.image[:, 0], after[:, 3], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="resolved from a VQ"):
+        Transformer(tiny(code_features=-1))
+
+
 def test_bad_inputs_are_refused_with_a_message():
     model = build()
     text, image, lens = batch()

@@ -110,6 +110,15 @@ def test_patch_encoder_codes_depend_on_their_own_patch_only() -> None:
     torch.testing.assert_close(z[0, :, 0, 1], z[1, :, 0, 1])  # the latent too, not just the code
 
 
+def test_code_pixels_draw_each_code() -> None:
+    model = _warm(_model(encoder="patch", downsample=4), _images(8, 16))
+    pix = model.code_pixels()
+    assert pix.shape == (32, 3 * 4 * 4) and pix.min() >= -1 and pix.max() <= 1
+    grid = torch.full((1, 3, 3), 7)
+    centre = model.decode(grid)[0, :, 4:8, 4:8] * 2 - 1
+    torch.testing.assert_close(pix[7], centre.reshape(-1))
+
+
 def test_encode_never_updates_the_codebook() -> None:
     x = _images(4)
     model = _warm(_model(), x)
