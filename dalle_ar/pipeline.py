@@ -273,6 +273,13 @@ def check_compatible(text_vocab_size: int, vq_cfg: VQConfig, tf_cfg: Transformer
             f"the tokenizer has {text_vocab_size} ids but the transformer's text_vocab is "
             f"{tf_cfg.text_vocab}: expected text_vocab >= the tokenizer's vocabulary"
         )
+    patch = 3 * vq_cfg.downsample**2
+    if tf_cfg.code_features and tf_cfg.code_features != patch:
+        raise ValueError(
+            f"the transformer describes codes with {tf_cfg.code_features} features but this VQ "
+            f"draws {patch} ({vq_cfg.downsample}x{vq_cfg.downsample} RGB patches): expected the "
+            "VQ it was trained with"
+        )
 
 
 def read_pipeline_json(folder: str | Path) -> dict[str, Any]:

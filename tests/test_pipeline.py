@@ -189,6 +189,10 @@ def test_mismatched_codebook_and_vocabulary_are_refused(parts, tmp_path):
     shutil.copytree(tmp_path / "tf_book", folder / "transformer")
     with pytest.raises(ValueError, match="image_vocab is 64: expected equal"):
         DalleAR.from_pretrained(folder)
+    other_patch = Transformer(tiny_transformer_config(code_features=5))
+    other_patch.save_pretrained(tmp_path / "tf_feats")
+    with pytest.raises(ValueError, match="describes codes with 5 features but this VQ draws"):
+        assemble(tmp_path / "p4", parts["text_tokenizer"], parts["vq"], tmp_path / "tf_feats")
 
 
 # -- dalle-ar sample ---------------------------------------------------------------------------
