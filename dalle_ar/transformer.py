@@ -68,8 +68,8 @@ class TransformerConfig:
     cond_mode: str = "prepend"  # prepend: [cond ‖ text ‖ image]; replace: [cond ‖ image]
     # Code features: each image code is also described by a fixed vector (what the VQ draws for
     # it, `VQTokenizer.code_pixels`), projected into the code's input embedding and its output
-    # weight. Codes that share colours or strokes then share parameters, which is what lets the
-    # model draw a colour-shape pair it never saw. 0 = off; -1 = the VQ's patch width 3*f*f,
+    # weight. Codes that share colours or strokes then share parameters, which helps the model
+    # draw colour-shape pairs it never saw (README). 0 = off; -1 = the VQ's patch width 3*f*f,
     # resolved by the training recipe from its `vq` folder before the model is built.
     code_features: int = 0
 
