@@ -286,7 +286,9 @@ class Transformer(nn.Module):
     def _image_logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.image_head(x)
         if self.cfg.code_features:
-            logits = logits + x @ self.code_out(self.code_feats).t()
+            # x @ code_out(feats).T, associated so that no (image_vocab, d) matrix is built:
+            # cheaper at every batch size, and a decode step's cost stays per token
+            logits = logits + (x @ self.code_out.weight) @ self.code_feats.t()
         return logits
 
     # -- persistence -----------------------------------------------------------------------

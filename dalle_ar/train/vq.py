@@ -219,7 +219,7 @@ def _train(cfg: VQRecipeConfig, resume: bool) -> dict[str, Any]:
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            pbar.update(step, (time.time() - run.start_time) / 60, **postfix)
+            pbar.update(step, minutes, **postfix)
             if step % cfg.run.log_every == 0 or step == total:
                 rate = (step - start_step) / max(1e-9, time.time() - start)
                 used = codes.unique().numel() / model.codebook_size
