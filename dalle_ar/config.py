@@ -83,7 +83,9 @@ class RunConfig:
     save_every: int = 200  # steps between checkpoints (always one at the end)
     sample_every: int = 0  # steps between sample / reconstruction grids (0 = only at the end)
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on a GPU that supports it) | fp32 | bf16
+    # auto: bf16 autocast on a GPU with bf16 (and, for the transformer, a CPU with bf16
+    # instructions: dalle_ar.train.common.uses_bf16) | fp32 | bf16
+    precision: str = "auto"
     wandb: Literal["offline", "online", "disabled"] = "offline"  # wandb mode
     wandb_project: str = "dalle_ar"  # wandb project name
 

@@ -14,7 +14,13 @@ import torch.multiprocessing as mp
 
 from dalle_ar.config import load_config
 from dalle_ar.train import dist
-from dalle_ar.train.common import BudgetBar, schedule_step
+from dalle_ar.train.common import (
+    BudgetBar,
+    autocast_context,
+    cpu_has_bf16,
+    schedule_step,
+    uses_bf16,
+)
 from dalle_ar.train.transformer import (
     NonFiniteLoss,
     TrainTransformerConfig,
@@ -126,8 +132,9 @@ def _ddp_worker(
 def test_two_process_data_parallel_matches_one_process(tmp_path, parallel):
     # global batch 4 in both runs, with accumulation, caption dropout and uneven text lengths;
     # under FSDP the two-process run also stops after step 2 and resumes from the gathered state
-    # (DDP resumes through the same single-process path the resume test covers)
-    extra = ["optim.grad_accum=2", "run.steps=3", f"parallel={parallel}"]
+    # (DDP resumes through the same single-process path the resume test covers). fp32: under
+    # bf16 autocast (precision=auto on a CPU with bf16) the sums round differently per split.
+    extra = ["optim.grad_accum=2", "run.steps=3", f"parallel={parallel}", "run.precision=fp32"]
     train(config(tmp_path / "one", *extra), MemoryBatches(4))
     two = str(tmp_path / "two")
     if parallel == "fsdp":
@@ -236,3 +243,16 @@ def test_cli_end_to_end_on_shards(tmp_path, shapes_shards):
     vq_model = VQTokenizer.from_pretrained(vq)
     torch.testing.assert_close(model.code_feats, vq_model.code_pixels())
     assert main([*argv, f"run.out_dir={feat_run}2", "model.code_features=5"]) == 2
+
+
+def test_precision_auto_uses_bf16_where_the_cpu_multiplies_it():
+    cpu = torch.device("cpu")
+    assert uses_bf16(cpu, "bf16") and not uses_bf16(cpu, "fp32", cpu_auto=True)
+    assert uses_bf16(cpu, "auto", cpu_auto=True) == cpu_has_bf16()
+    assert not uses_bf16(cpu, "auto")  # a recipe opts in (the VQ-VAE ran slower in bf16)
+    a = torch.ones(4, 4)
+    for precision, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        with autocast_context(cpu, precision):
+            assert (a @ a).dtype == want
+    with autocast_context(cpu, "auto", cpu_auto=True):
+        assert (a @ a).dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -49,12 +50,33 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a GPU that supports it (precision=auto|bf16); fp32 elsewhere."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if use_bf16:
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX flags in /proc/cpuinfo);
+    elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def uses_bf16(device: torch.device, precision: str, cpu_auto: bool = False) -> bool:
+    """precision=bf16; or auto on a GPU with bf16, and (cpu_auto) on a CPU with bf16 instructions.
+    A recipe sets cpu_auto where bf16 measured faster on such a CPU: the transformer trained
+    1.75x faster, while the VQ-VAE's small convolutions ran 1.6x slower (README)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_auto and device.type == "cpu" and cpu_has_bf16()
+
+
+def autocast_context(
+    device: torch.device, precision: str, cpu_auto: bool = False
+) -> contextlib.AbstractContextManager:
+    """bf16 autocast where `uses_bf16`; fp32 elsewhere."""
+    if uses_bf16(device, precision, cpu_auto):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

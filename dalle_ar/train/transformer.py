@@ -118,7 +118,7 @@ def _loss(model, batch, cfg, info, drop=None, text_count=None):
     prefix = text if cfg.model.has_text else text[:, :0]
     tokens = torch.cat([prefix, image[:, :-1]], 1)
     kw = {"text_lens": lens} if cfg.model.has_text else {}
-    with autocast_context(info.device, cfg.run.precision):
+    with autocast_context(info.device, cfg.run.precision, cpu_auto=True):
         out = model(tokens, cond=cond, **kw)
     return lm_loss(
         out,
