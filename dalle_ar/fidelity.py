@@ -44,12 +44,16 @@ def evaluate_fidelity(
     prompt_seed: int = 0,
     batch_size: int = 32,
     progress: bool = False,
+    composed: bool = False,
+    part_scale: float | None = None,
 ) -> dict[str, Any]:
     """One sample per evaluation-split shapes prompt for each guidance scale (same prompts, same
     seeds), scored by the shape checker: exact match and per attribute, over all prompts and
-    split into seen and held-out colour-shape combinations. JSON-able."""
+    split into seen and held-out colour-shape combinations. composed=True scores each scale
+    once more with every caption as a composed prompt (`shapes.composed_prompt`: an expert for
+    the colour and one for the shape of each object). JSON-able."""
     from dalle_ar.data.evaluate import score_batch
-    from dalle_ar.data.shapes import prompts_for_eval
+    from dalle_ar.data.shapes import composed_prompt, prompts_for_eval
     from dalle_ar.pipeline import SAMPLING_KEYS
 
     if num_prompts < 0:
@@ -62,21 +66,26 @@ def evaluate_fidelity(
                               "summary": {}}  # fmt: skip
     if not num_prompts:
         return report
-    for scale in guidance_scales:
+    runs = [(scale, False) for scale in guidance_scales]
+    runs += [(scale, True) for scale in guidance_scales if composed]
+    for scale, compose in runs:
         t0 = time.perf_counter()
-        params = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=scale)
-        out = pipe([p for p, _ in pairs], seed=seed, batch_size=batch_size, progress=progress,
-                   **params)  # fmt: skip
+        params = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=scale,
+                      part_scale=part_scale)  # fmt: skip
+        prompts = [composed_prompt(p) if compose else p for p, _ in pairs]
+        out = pipe(prompts, seed=seed, batch_size=batch_size, progress=progress, **params)
         res: dict[str, Any] = {k: out.samples[0][k] for k in SAMPLING_KEYS}
+        res["composed"] = compose
         res["seconds"] = time.perf_counter() - t0
         res["all"] = score_batch(out.images, specs)
         for split, flag in (("seen", False), ("held_out", True)):
             idx = [i for i, h in enumerate(held) if h == flag]
             imgs = [out.images[i] for i in idx]
             res[split] = score_batch(imgs, [specs[i] for i in idx]) if idx else None
-        report["settings"][f"{scale:g}"] = res
+        name = f"{scale:g}" + (" composed" if compose else "")
+        report["settings"][name] = res
         a = res["all"]
-        report["summary"][f"guidance {scale:g}"] = {
+        report["summary"][f"guidance {name}"] = {
             k: a[k] for k in ("exact", "exact_seen", "exact_held_out")
         }
     return report

@@ -57,8 +57,35 @@ PIPELINE_FILE = "pipeline.json"
 FORMAT = "dalle_ar.pipeline"
 REQUIRED = ("text_tokenizer", "vq", "transformer")
 OPTIONAL = ("clip", "prior")
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "guidance_scale")
-BUILTIN_DEFAULTS: dict[str, Any] = dict(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0)
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "guidance_scale", "part_scale")
+BUILTIN_DEFAULTS: dict[str, Any] = dict(
+    temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0, part_scale=1.0
+)
+PART_SEPARATOR = " AND "  # "scene AND part AND part::-2": a composed prompt (split_prompt)
+WEIGHT_MARK = "::"
+
+
+def split_prompt(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """A composed prompt "scene AND part AND part::w ..." -> ("scene", [("part", 1.0),
+    ("part", w), ...]). Each part is a caption naming part of the scene; sampling adds
+    part_scale * w * (part - uncond) per part to the guided logits
+    (`dalle_ar.sampling.generate_image_tokens`), a product of experts; a negative weight
+    divides an expert out. A prompt without " AND " has no parts."""
+    scene, *raw = prompt.split(PART_SEPARATOR)
+    parts = []
+    for k, part in enumerate(raw):
+        text, mark, weight = part.rpartition(WEIGHT_MARK) if WEIGHT_MARK in part else (part, "", "")
+        try:
+            w = float(weight) if mark else 1.0
+        except ValueError:
+            raise ValueError(
+                f"part {k + 1} of the composed prompt {prompt!r} ends in {mark}{weight!r}: "
+                f"expected a number after {WEIGHT_MARK}"
+            ) from None
+        if not text.strip():
+            raise ValueError(f"part {k + 1} of the composed prompt {prompt!r} is empty")
+        parts.append((text, w))
+    return scene, parts
 
 
 @dataclasses.dataclass
@@ -180,12 +207,14 @@ class DalleAR:
         prime_codes: torch.Tensor | None = None,
         batch_size: int = 16,
         progress: bool = False,
+        part_scale: float | None = None,
     ) -> PipelineOutput:
         """Generate `num_samples` images per prompt. Seeds: `seeds` (one per sample), else
         seed, seed+1, ... (prompt-major), else random ones (recorded in the metadata).
         Sampling parameters left as None take the pipeline's defaults. prime_codes
         (1 | n_prompts | n_samples, r, w) fixes the first r rows of codes. `batch_size` samples
-        are generated together (the output does not depend on it)."""
+        are generated together (the output does not depend on it). A prompt may be composed,
+        "scene AND part AND ...": see `split_prompt`; part_scale weighs its parts."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"expected a prompt or a non-empty list of prompts, got {prompts!r}")
@@ -200,36 +229,53 @@ class DalleAR:
                 "needs the prior to make one from the prompt; the prior is not wired in yet"
             )
         given = dict(
-            temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            guidance_scale=guidance_scale,
+            part_scale=part_scale,
         )
         params = {k: self.defaults[k] if v is None else v for k, v in given.items()}
         n = len(prompts) * num_samples
         per_seed = sample_seeds(n, seed if seeds is None else seeds)
-        text = self.check_prompts(prompts)
-        ids = text.ids.repeat_interleave(num_samples, 0)
-        lens = text.mask.sum(1).repeat_interleave(num_samples, 0)
+        split = [split_prompt(p) for p in prompts]
+        text = self.check_prompts([scene for scene, _ in split])
         prime = _expand_prime(prime_codes, len(prompts), num_samples)
         empty = self.tokenizer.encode([""])
-        chunks = range(0, n, batch_size)
-        codes = []
+        # Samples whose prompts have the same number of parts run together, in prompt order.
+        groups: dict[int, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(len(split[i // num_samples][1]), []).append(i)
+        chunks = [
+            (K, idx[s : s + batch_size])
+            for K, idx in sorted(groups.items())
+            for s in range(0, len(idx), batch_size)
+        ]
+        codes = torch.zeros(n, cfg.grid_h, cfg.grid_w, dtype=torch.long)
         bar = tqdm(total=n * cfg.image_len, desc="tokens", unit="tok", disable=not progress)
-        for s in tqdm(chunks, desc="batches", disable=not progress or len(chunks) == 1):
-            e = min(n, s + batch_size)
-            codes.append(
-                generate_image_tokens(
-                    self.transformer,
-                    ids[s:e],
-                    text_lens=lens[s:e],
-                    empty_ids=empty.ids[0],
-                    empty_len=int(empty.mask[0].sum()),
-                    prime_codes=None if prime is None else prime[s:e],
-                    seeds=per_seed[s:e],
-                    callback=lambda *_, k=e - s: bar.update(k),
-                    **params,
-                ).cpu()
-            )
+        for K, idx in tqdm(chunks, desc="batches", disable=not progress or len(chunks) == 1):
+            rows = [i // num_samples for i in idx]
+            part_kw = {}
+            if K:
+                parts = self.check_prompts([q for r in rows for q, _ in split[r][1]])
+                part_kw = dict(
+                    parts=parts.ids.view(len(idx), K, -1),
+                    part_lens=parts.mask.sum(1).view(len(idx), K),
+                    part_weights=torch.tensor([[w for _, w in split[r][1]] for r in rows]),
+                )
+            codes[idx] = generate_image_tokens(
+                self.transformer,
+                text.ids[rows],
+                text_lens=text.mask.sum(1)[rows],
+                empty_ids=empty.ids[0],
+                empty_len=int(empty.mask[0].sum()),
+                prime_codes=None if prime is None else prime[idx],
+                seeds=[per_seed[i] for i in idx],
+                callback=lambda *_, k=len(idx): bar.update(k),  # noqa: B008
+                **part_kw,
+                **params,
+            ).cpu()
         bar.close()
-        codes = torch.cat(codes)
         images = self.decode(codes)
         rows = 0 if prime is None else prime.shape[1]
         samples = [

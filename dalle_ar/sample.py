@@ -3,10 +3,15 @@
     dalle-ar sample --model runs/pipe "a small red circle at the top left" --num 4 --out out/
     dalle-ar sample --model runs/pipe --prompts-file prompts.txt --guidance 3 --top-k 64 --out out/
     dalle-ar sample --from-json out/samples.json --index 2 --out again/     # regenerate one image
+    dalle-ar sample --model runs/pipe --out out/ \
+        "a pink diamond, top left AND a diamond, top left AND a pink, top left"  # composed prompt
 
 Writes one PNG per sample (PPP_SS.png: prompt PPP, sample SS), a captioned grid per prompt
 (grid_PPP.png) and samples.json holding the model folder, every parameter and each sample's seed
 (and primed codes), so any image can be regenerated exactly with --from-json.
+
+A composed prompt "scene AND part AND ..." also follows each part, a caption naming part of the
+scene, weighed by --part-scale (`dalle_ar.pipeline.split_prompt`).
 
 An empty prompt is the unconditional sample (allowed, with a warning); over-long prompts are
 truncated (warning); --num < 1, an unreadable pipeline folder or components that do not fit
@@ -43,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-k", type=int, help="keep the k most likely codes (0 = off)")
     ap.add_argument("--top-p", type=float, help="nucleus: smallest set reaching p (1 = off)")
     ap.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--part-scale", type=float, help="weight of each part of a composed prompt")
     ap.add_argument("--prime-image", help="complete this image: keep its top --prime-rows rows")
     ap.add_argument("--prime-rows", type=int, default=0, help="code rows kept from --prime-image")
     ap.add_argument("--batch-size", type=int, default=16, help="samples generated together")
@@ -110,6 +116,7 @@ def _sample(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         guidance_scale=args.guidance,
+        part_scale=args.part_scale,
         prime_codes=prime,
         batch_size=args.batch_size,
         progress=True,
@@ -180,6 +187,7 @@ def _one(pipe: Any, rec: dict[str, Any]):
         top_k=rec["top_k"],
         top_p=rec["top_p"],
         guidance_scale=rec["guidance_scale"],
+        part_scale=rec.get("part_scale"),
         prime_codes=None if prime is None else torch.tensor([prime], dtype=torch.long),
     )
     return out.images[0]

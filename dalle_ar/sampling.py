@@ -107,6 +107,21 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tenso
     return uncond + scale * (cond - uncond)
 
 
+def combine(streams: torch.Tensor, scales: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Guidance over several conditions: streams (S, B, V) are the logits under S - 1 captions and,
+    last, the empty one; returns uncond + sum_i scales[i] * (streams[i] - uncond). A scale is a
+    number, or a (B,) tensor with one weight per row."""
+    if len(scales) != streams.shape[0] - 1:
+        raise ValueError(f"expected {streams.shape[0] - 1} scales, got {len(scales)}")
+    uncond = streams[-1]
+    out = uncond.clone()
+    for stream, scale in zip(streams[:-1], scales):
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(stream)[:, None]
+        out += scale * (stream - uncond)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Seeds and random streams.
 
@@ -195,6 +210,10 @@ def generate_image_tokens(
     callback: Callback | None = None,
     cond: torch.Tensor | None = None,
     use_cache: bool = True,
+    parts: torch.Tensor | None = None,
+    part_lens: torch.Tensor | None = None,
+    part_scale: float = 1.0,
+    part_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample image codes for N prompts, `num_samples` each: returns (N * num_samples, h, w),
     prompt-major (all samples of prompt 0 first).
@@ -206,18 +225,34 @@ def generate_image_tokens(
     (guidance_scale != 1) needs empty_ids (T,), the empty caption, with empty_len valid ids.
     seeds / generator: see `sample_seeds`. use_cache=False recomputes the whole sequence every
     step instead of decoding against the KV cache (same tokens; the benchmark's baseline).
+
+    Composed prompts: parts (N, K, T) with part_lens (N, K) are K more captions per prompt, each
+    naming part of the scene, with part_weights (N, K) (default 1; negative ones subtract);
+    sampling then follows `uncond + guidance_scale * (cond - uncond)
+    + part_scale * sum_k weight_k * (part_k - uncond)`, a product of experts that can draw pairs
+    no single caption was trained on (`dalle_ar.data.shapes.composed_prompt`).
     """
     cfg = model.cfg
     dev = model.image_head.weight.device
     N = _check_inputs(model, text_ids, text_lens, cond, num_samples)
     _check_params(temperature, top_k, top_p, guidance_scale)
     B, hw, w = N * num_samples, cfg.image_len, cfg.grid_w
-    guided = guidance_scale != 1.0
+    K = _check_parts(parts, part_lens, part_weights, N, cfg, part_scale)
+    guided = guidance_scale != 1.0 or K > 0
     if guided and cfg.has_text and empty_ids is None:
-        raise ValueError("guidance_scale != 1 needs empty_ids, the ids of the empty caption")
+        raise ValueError("guidance (scale != 1, or parts) needs empty_ids, the empty caption's ids")
 
     rep = lambda x: None if x is None else x.to(dev).repeat_interleave(num_samples, 0)  # noqa: E731
     text, lens, cnd = rep(text_ids), rep(text_lens), rep(cond)
+    if K:  # streams [cond ‖ part 1 ‖ .. ‖ part K], each B rows
+        text = torch.cat([text, *(rep(parts[:, k]) for k in range(K))])
+        if lens is not None:
+            lens = torch.cat([lens, *(rep(part_lens[:, k]) for k in range(K))])
+        if cnd is not None:
+            cnd = cnd.repeat(K + 1, 1)
+    weights = torch.ones(N, K) if part_weights is None else part_weights.float().cpu()
+    weights = (part_scale * weights).repeat_interleave(num_samples, 0)  # (B, K)
+    scales = [guidance_scale, *weights.T]
     if text is None:
         text = torch.zeros(B, 0, dtype=torch.long, device=dev)
     codes = torch.zeros(B, hw, dtype=torch.long, device=dev)
@@ -230,15 +265,15 @@ def generate_image_tokens(
         return codes.view(B, cfg.grid_h, w)
     u = uniforms(sample_seeds(B, seeds, generator), hw, dev)  # (B, h*w)
 
-    if guided:  # [cond ‖ uncond] streams in one batch of 2B
+    if guided:  # ... ‖ uncond]: all streams in one batch of (K + 2) * B
         if cfg.has_text:
             empty = _check_empty(empty_ids, cfg.text_positions).to(dev)
             text = torch.cat([text, empty.expand(B, -1)])
             if lens is not None:
                 lens = torch.cat([lens, lens.new_full((B,), empty_len)])
         if cnd is not None:
-            cnd = torch.cat([cnd, torch.zeros_like(cnd)])
-    nb = 2 * B if guided else B
+            cnd = torch.cat([cnd, torch.zeros_like(cnd[:B])])
+    nb = (K + 2) * B if guided else B
     if not cfg.has_text:
         text = text.new_zeros(nb, 0)
     T = cfg.text_positions
@@ -251,7 +286,7 @@ def generate_image_tokens(
         if last is None:
             seq = torch.cat([text, codes[:, :j].repeat(nb // B, 1)], 1)
             return prefill(model, seq, text_lens=lens, cond=cnd)
-        step = (last.repeat(2) if guided else last)[:, None]  # (nb, 1)
+        step = last.repeat(nb // B)[:, None]  # (nb, 1)
         return decode_one(model, step, positions[j - 1 : j], text_lens=lens)
 
     was_training = model.training
@@ -264,7 +299,7 @@ def generate_image_tokens(
         for j in range(start, hw):
             logits = next_logits(j, last)
             if guided:
-                logits = guide(logits[:B], logits[B:], guidance_scale)
+                logits = combine(logits.view(nb // B, B, -1), scales)
             probs = logits_to_probs(logits, temperature, top_k, top_p)
             last = sample_from_probs(probs, u[:, j])
             codes[:, j] = last
@@ -335,6 +370,31 @@ def _check_params(temperature: float, top_k: int, top_p: float, guidance_scale: 
         raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
 
 
+def _check_parts(parts, part_lens, part_weights, N: int, cfg, part_scale: float) -> int:
+    if parts is None:
+        if part_lens is not None or part_weights is not None:
+            raise ValueError("part_lens or part_weights were given without parts")
+        return 0
+    if not cfg.has_text:
+        raise ValueError("parts are captions: this model reads no text")
+    if parts.ndim != 3 or parts.dtype != torch.long or parts.shape[::2] != (N, cfg.text_len):
+        raise ValueError(
+            f"parts must be a (N={N}, K, T={cfg.text_len}) long tensor, got {parts.dtype} "
+            f"{tuple(parts.shape)}"
+        )
+    if part_lens is None or part_lens.shape != parts.shape[:2]:
+        got = None if part_lens is None else tuple(part_lens.shape)
+        raise ValueError(f"part_lens must have shape {tuple(parts.shape[:2])}, got {got}")
+    if part_weights is not None and part_weights.shape != parts.shape[:2]:
+        raise ValueError(
+            f"part_weights must have shape {tuple(parts.shape[:2])}, got "
+            f"{tuple(part_weights.shape)}"
+        )
+    if not part_scale >= 0:
+        raise ValueError(f"part_scale must be >= 0, got {part_scale}")
+    return parts.shape[1]
+
+
 def _check_prime(prime: torch.Tensor, N: int, num_samples: int, cfg) -> torch.Tensor:
     if prime.ndim != 3 or prime.dtype != torch.long:
         raise ValueError(f"prime_codes must be a (N, r, w) long tensor, got {prime.dtype} "
@@ -368,6 +428,7 @@ def _check_empty(empty_ids: torch.Tensor, T: int) -> torch.Tensor:
 
 __all__ = [
     "decode_one",
+    "combine",
     "filter_logits",
     "generate_image_tokens",
     "guide",

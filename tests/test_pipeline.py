@@ -23,7 +23,9 @@ from dalle_ar.pipeline import (
     evaluate_fidelity,
     read_pipeline_json,
     save_prompt_grid,
+    split_prompt,
 )
+from dalle_ar.sampling import generate_image_tokens
 from dalle_ar.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +89,56 @@ def test_one_sample_regenerates_alone_with_the_same_pixels(pipe):
     again = pipe([s["prompt"]], seeds=[s["seed"]], top_p=0.9, guidance_scale=2.0)
     assert torch.equal(again.codes[0], out.codes[3])
     assert np.array_equal(_pixels(again.images[0]), _pixels(out.images[3]))
+
+
+def test_split_prompt_and_its_errors():
+    assert split_prompt("a red circle") == ("a red circle", [])
+    assert split_prompt("top: a red circle AND a circle AND a red::-0.5") == (
+        "top: a red circle",
+        [("a circle", 1.0), ("a red", -0.5)],
+    )
+    with pytest.raises(ValueError, match="part 1 of the composed prompt"):
+        split_prompt("a red circle AND  AND a red")
+    with pytest.raises(ValueError, match="expected a number after ::"):
+        split_prompt("a red circle AND a red::lots")
+
+
+def test_composed_prompts_sample_with_their_parts(pipe):
+    """A composed prompt samples what generate_image_tokens does with its parts; prompts with
+    different numbers of parts share one call and keep their order; part_scale 0 is the plain
+    prompt; each sample regenerates alone."""
+    composed = "a small red circle AND a circle AND a red::-0.5"
+    out = pipe([composed, "a blue square", composed], seed=3, guidance_scale=1.5, batch_size=1)
+    tok = pipe.tokenizer
+    text, parts, empty = (
+        tok.encode(["a small red circle"]),
+        tok.encode(["a circle", "a red"]),
+        tok.encode([""]),
+    )
+    direct = generate_image_tokens(
+        pipe.transformer,
+        text.ids,
+        text_lens=text.mask.sum(1),
+        parts=parts.ids[None],
+        part_lens=parts.mask.sum(1)[None],
+        part_weights=torch.tensor([[1.0, -0.5]]),
+        guidance_scale=1.5,
+        empty_ids=empty.ids[0],
+        empty_len=2,
+        seeds=[3],
+    )
+    assert torch.equal(out.codes[0], direct[0])
+    plain = pipe(["a blue square"], seeds=[4], guidance_scale=1.5)
+    assert torch.equal(out.codes[1], plain.codes[0])
+    assert [s["prompt"] for s in out.samples] == [composed, "a blue square", composed]
+    assert out.samples[0]["part_scale"] == 1.0
+    again = pipe([composed], seeds=[5], guidance_scale=1.5)
+    assert torch.equal(again.codes[0], out.codes[2])
+    off = pipe([composed], seeds=[3], guidance_scale=1.5, part_scale=0.0)
+    assert torch.equal(
+        off.codes[0], pipe(["a small red circle"], seeds=[3], guidance_scale=1.5).codes[0]
+    )
+    assert not torch.equal(off.codes[0], out.codes[0])
 
 
 def test_save_pretrained_round_trips(pipe, tmp_path):
@@ -278,6 +330,13 @@ def test_eval_fidelity_reports_both_settings_split_by_combination(pipe_dir, tmp_
         assert set(res["all"]) >= {"count", "color", "shape", "size", "position", "relation"}
         assert rep["summary"][f"guidance {key}"]["exact"] == res["all"]["exact"]
     assert tool.main(["--model", str(pipe_dir), "--num", "0"]) == 2
+    argv = ["--model", str(pipe_dir), "--num", "4", "--composed", "--part-scale", "0.5"]
+    assert tool.main([*argv, "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert set(rep["settings"]) == {"1", "1.5", "1 composed", "1.5 composed"}
+    res = rep["settings"]["1.5 composed"]
+    assert res["composed"] and res["part_scale"] == 0.5 and res["all"]["n"] == 4
+    assert not rep["settings"]["1.5"]["composed"]
 
 
 def test_evaluate_fidelity_with_no_prompts_is_empty(pipe):

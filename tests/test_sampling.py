@@ -13,6 +13,7 @@ from dalle_ar.kernels.layouts import Layout
 from dalle_ar.kernels.reference import decode_reference, decode_sdpa
 
 from dalle_ar.sampling import (
+    combine,
     decode_one,
     filter_logits,
     generate_image_tokens,
@@ -97,6 +98,18 @@ def test_guide_is_uncond_plus_scale_times_difference():
     assert torch.allclose(guide(c, u, 3.0), torch.tensor([[-1.0, 9.0]]))
 
 
+def test_combine_adds_each_condition_s_push_from_the_unconditional_logits():
+    c, p, u = torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 4.0]]), torch.tensor([[2.0, 0.0]])
+    assert torch.equal(combine(torch.stack([c, u]), [3.0]), guide(c, u, 3.0))
+    two = torch.cat([c, c]), torch.cat([u, u])
+    per_row = combine(torch.stack(two), [torch.tensor([3.0, 0.0])])  # one scale per row
+    assert torch.equal(per_row, torch.cat([guide(c, u, 3.0), u]))
+    got = combine(torch.stack([c, p, u]), [1.5, 0.5])
+    assert torch.allclose(got, u + 1.5 * (c - u) + 0.5 * (p - u))
+    with pytest.raises(ValueError, match="expected 2 scales"):
+        combine(torch.stack([c, p, u]), [1.0])
+
+
 def test_seed_rules_and_streams():
     assert sample_seeds(3, 10) == [10, 11, 12]
     assert sample_seeds(2, [7, 3]) == [7, 3]
@@ -179,6 +192,38 @@ def test_guidance_scale_one_is_plain_conditional_sampling():
         model, ids, text_lens=lens, seeds=[4, 9], guidance_scale=4.0, empty_ids=EMPTY
     )
     assert not torch.equal(strong, plain)  # guidance does change the samples
+
+
+def test_composed_parts_follow_the_product_of_experts():
+    """With parts, each step samples from uncond + g (cond - uncond) + s sum_k w_k (part_k -
+    uncond), written here with the public pieces and recomputing the sequence; part_scale 0 is
+    plain guidance, and the cached loop equals recomputing."""
+    model = tiny_model()
+    ids, lens = prompts(2)
+    parts_ids, parts_lens = prompts(4, seed=7)
+    parts, plens = parts_ids.view(2, 2, T), parts_lens.view(2, 2)
+    kw = dict(text_lens=lens, seeds=[4, 9], guidance_scale=1.5, empty_ids=EMPTY)
+    weights = torch.tensor([[1.0, -2.0], [0.5, 1.0]])
+    composed = dict(parts=parts, part_lens=plens, part_scale=0.7, part_weights=weights)
+    got = generate_image_tokens(model, ids, **composed, **kw)
+    B, u = 2, uniforms([4, 9], H * W)
+    streams = torch.cat([ids, parts[:, 0], parts[:, 1], EMPTY.expand(B, -1)])
+    slens = torch.cat([lens, plens[:, 0], plens[:, 1], torch.tensor([2, 2])])
+    codes = torch.zeros(B, 0, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(H * W):
+            seq = torch.cat([streams, codes.repeat(4, 1)], 1)
+            logits = model(seq, text_lens=slens).image[:, -1].view(4, B, -1)
+            probs = logits_to_probs(combine(logits, [1.5, *(0.7 * weights.T)]))
+            codes = torch.cat([codes, sample_from_probs(probs, u[:, i])[:, None]], 1)
+    assert torch.equal(got.flatten(1), codes)
+    assert torch.equal(
+        got,
+        generate_image_tokens(model, ids, **composed, use_cache=False, **kw),
+    )
+    zero = generate_image_tokens(model, ids, parts=parts, part_lens=plens, part_scale=0.0, **kw)
+    assert torch.equal(zero, generate_image_tokens(model, ids, **kw))
+    assert not torch.equal(got, zero)  # the parts do change the samples
 
 
 def test_primed_rows_are_returned_unchanged_and_the_rest_is_sampled():
@@ -281,6 +326,9 @@ def test_model_state_is_left_as_it_was():
         (dict(prime_codes=torch.full((2, 1, W), IV)), r"prime_codes must be in \[0, 16\)"),
         (dict(text_lens=torch.tensor([0, 3])), r"text_lens must be in \[1, 6\]"),
         (dict(cond=torch.zeros(2, 4)), "cond_dim=0"),
+        (dict(parts=torch.zeros(2, 1, T - 1, dtype=torch.long)), r"parts must be a \(N=2, K"),
+        (dict(parts=torch.zeros(2, 1, T, dtype=torch.long)), "part_lens must have shape"),
+        (dict(part_lens=torch.ones(2, 1, dtype=torch.long)), "were given without parts"),
     ],
 )
 def test_bad_input_is_refused_by_name(kw, match):

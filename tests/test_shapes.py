@@ -1,5 +1,7 @@
 import json
 import random
+import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -120,3 +122,26 @@ def test_bad_input_raises_value_error():
         shapes.sample_spec(random.Random(0), "test")
     with pytest.raises(ValueError, match="size"):
         shapes.render({"objects": []}, size=4)
+
+
+def test_composed_prompt_adds_a_colour_and_a_shape_expert_per_object():
+    from dalle_ar.pipeline import split_prompt
+
+    got = shapes.composed_prompt("a big pink diamond at the top")
+    assert split_prompt(got) == (
+        "a big pink diamond at the top",
+        [("a big diamond at the top", 1.0), ("a big pink at the top", 1.0)],
+    )
+    words = lambda text: Counter(re.findall(r"[a-z]+", text))  # noqa: E731
+    for _, cap, spec in shapes.generate(40, seed=1, split="eval"):
+        scene, parts = split_prompt(shapes.composed_prompt(cap))
+        assert scene == cap and len(parts) == 2 * len(spec["objects"])
+        left_out = Counter()
+        for part, weight in parts:  # each part leaves out one word ...
+            assert weight == 1.0
+            gone = words(cap) - words(part)
+            assert sum(gone.values()) == 1 and not words(part) - words(cap)
+            left_out += gone
+        # ... and together they leave out each object's colour and shape once
+        assert left_out == Counter(o[k] for o in spec["objects"] for k in ("color", "shape"))
+    assert shapes.composed_prompt("no colours here") == "no colours here"

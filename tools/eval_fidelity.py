@@ -4,8 +4,10 @@ accuracy, without and with classifier-free guidance, split into scenes whose col
 were seen in training and scenes holding a held-out pair.
 
     python tools/eval_fidelity.py --model runs/pipe --num 200 --guidance 1.5 --out fidelity.json
+    python tools/eval_fidelity.py --model runs/pipe --composed       # + composed prompts
 
-Both settings use the same prompts and the same seed per prompt, so the difference is guidance.
+Every setting uses the same prompts and the same seed per prompt, so the difference is guidance
+(and, with --composed, the experts for each object's colour and shape).
 The work is `dalle_ar.fidelity.evaluate_fidelity`; this is its command line.
 """
 
@@ -26,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="pipeline folder")
     ap.add_argument("--num", type=int, default=200, help="evaluation prompts (default 200)")
     ap.add_argument("--guidance", type=float, default=1.5, help="guidance scale of the guided run")
+    ap.add_argument(
+        "--composed", action="store_true", help="score composed prompts too (colour and shape)"
+    )
+    ap.add_argument("--part-scale", type=float, help="weight of each part (default: pipeline's)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of prompt 0 (then +1 ...)")
     ap.add_argument("--prompt-seed", type=int, default=0, help="which evaluation prompts")
     ap.add_argument("--temperature", type=float, help="default: the pipeline's")
@@ -53,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             prompt_seed=args.prompt_seed,
             batch_size=args.batch_size,
             progress=True,
+            composed=args.composed,
+            part_scale=args.part_scale,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"eval_fidelity: {e}", file=sys.stderr)
