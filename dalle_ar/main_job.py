@@ -46,6 +46,7 @@ class MainJobConfig:
     prompts: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_PROMPTS))
     samples_per_prompt: int = 4  # images per prompt in the grid
     fidelity_prompts: int = 200  # evaluation-split prompts scored by the shape checker
+    fidelity_composed: bool = True  # score composed prompts too (shapes.composed_prompt)
     # Sampling for the grid, the fidelity scores and the pipeline folder's defaults. Guidance 1.5
     # and temperature 0.7 measured best on the shapes (README); at guidance 3 the model adds
     # stray objects.
@@ -190,6 +191,7 @@ def stage_samples(cfg: MainJobConfig, p: Paths) -> None:
         guidance_scales=(1.0, cfg.guidance_scale),
         temperature=cfg.temperature,
         top_k=cfg.top_k or None,
+        composed=cfg.fidelity_composed,
     )
     fidelity["grid"] = str(grid)
     p.fidelity.write_text(json.dumps(fidelity, indent=2))

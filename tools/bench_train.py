@@ -3,13 +3,16 @@ fp32 matmul peak, both measured in the same run. Prints one JSON object.
 
     python tools/bench_train.py                      # benchmark shape S on the CPU
     python tools/bench_train.py --config configs/transformer_bench_s.yaml model.layouts=full
+    python tools/bench_train.py --compare-bf16       # fp32 and bf16 autocast, side by side
 
 Model FLOPs count the matmuls a step must do (Transformer.flops_per_token: 3x the forward, with
 attention counted over the pairs each layer's layout lets a query see). The peak is the best of
 several square fp32 matmuls, so the fraction is of what the BLAS reaches here, not of a data sheet.
 The machine may be shared: every timed step is paired with a short peak measurement just before
 it, and `fraction_of_peak_paired` is the median of the per-step ratios (load that comes and goes
-hits both sides of a pair alike); the plain medians are reported too.
+hits both sides of a pair alike); the plain medians are reported too. With --compare-bf16 the
+same steps also run under bf16 autocast (its fractions stay relative to the fp32 peak), and
+`bf16_speedup` is the ratio of the two step times.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 import torch
 
 from dalle_ar.config import load_config
-from dalle_ar.train.common import build_optimizer, pick_device
+from dalle_ar.train.common import autocast_context, build_optimizer, pick_device, uses_bf16
 from dalle_ar.train.transformer import TrainTransformerConfig
 from dalle_ar.transformer import Transformer, lm_loss
 
@@ -66,7 +69,9 @@ def bench_train(cfg: TrainTransformerConfig, steps: int, warmup: int) -> dict:
         peak = matmul_peak(device, reps=1, inner=3) if i >= warmup else 0.0
         _sync(device)
         t = time.perf_counter()
-        loss, _ = lm_loss(model(tokens, text_lens=lens), text, image, lens)
+        with autocast_context(device, cfg.run.precision, cpu_auto=True):
+            out = model(tokens, text_lens=lens)
+        loss, _ = lm_loss(out, text, image, lens)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or 1e9)
         opt.step()
@@ -89,6 +94,7 @@ def bench_train(cfg: TrainTransformerConfig, steps: int, warmup: int) -> dict:
         "layouts": cfg.model.layout_kinds(),
         "attention": model.backend.name,
         "device": str(device),
+        "bf16_autocast": uses_bf16(device, cfg.run.precision, cpu_auto=True),
     }
 
 
@@ -98,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument(
+        "--compare-bf16", action="store_true", help="also time bf16 autocast, side by side"
+    )
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
     if args.threads:
@@ -106,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(cfg.run.device)
     peak_before = matmul_peak(device)
     result = bench_train(cfg, args.steps, args.warmup)
+    if args.compare_bf16:
+        cfg_bf16 = load_config(
+            TrainTransformerConfig, args.config, [*args.overrides, "run.precision=bf16"]
+        )
+        bf16 = bench_train(cfg_bf16, args.steps, args.warmup)
+        result["bf16"] = bf16
+        result["bf16_speedup"] = result["step_s_median"] / bf16["step_s_median"]
     peak_after = matmul_peak(device)
     # the machine is shared: the peak is taken on both sides of the timing, the higher counts
     peak = max(peak_before, peak_after)
