@@ -47,6 +47,7 @@ class MainJobConfig:
     samples_per_prompt: int = 4  # images per prompt in the grid
     fidelity_prompts: int = 200  # evaluation-split prompts scored by the shape checker
     fidelity_composed: bool = True  # score composed prompts too (shapes.composed_prompt)
+    part_scale: float = 0.5  # weight of each part of a composed prompt (README)
     # Sampling for the grid, the fidelity scores and the pipeline folder's defaults. Guidance 1.5
     # and temperature 0.7 measured best on the shapes (README); at guidance 3 the model adds
     # stray objects.
@@ -65,6 +66,7 @@ class MainJobConfig:
         require(len(self.prompts) >= 1, "prompts", "needs at least one prompt")
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         require(self.fidelity_prompts >= 0, "fidelity_prompts", "must be >= 0")
+        require(self.part_scale >= 0, "part_scale", "must be >= 0")
         require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         require(self.wandb in ("offline", "online", "disabled"), "wandb", "offline|online|disabled")
 
@@ -162,7 +164,11 @@ def stage_transformer(cfg: MainJobConfig, p: Paths, configs: Path) -> None:
 def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
     from dalle_ar.pipeline import assemble
 
-    defaults = {"guidance_scale": cfg.guidance_scale, "temperature": cfg.temperature}
+    defaults = {
+        "guidance_scale": cfg.guidance_scale,
+        "temperature": cfg.temperature,
+        "part_scale": cfg.part_scale,
+    }
     if cfg.top_k:
         defaults["top_k"] = cfg.top_k
     assemble(
@@ -192,6 +198,7 @@ def stage_samples(cfg: MainJobConfig, p: Paths) -> None:
         temperature=cfg.temperature,
         top_k=cfg.top_k or None,
         composed=cfg.fidelity_composed,
+        part_scale=cfg.part_scale,
     )
     fidelity["grid"] = str(grid)
     p.fidelity.write_text(json.dumps(fidelity, indent=2))
