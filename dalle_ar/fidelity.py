@@ -37,7 +37,7 @@ def evaluate_fidelity(
     pipe: DalleAR,
     num_prompts: int = 200,
     seed: int = 0,
-    guidance_scales: Sequence[float] = (1.0, 3.0),
+    guidance_scales: Sequence[float] = (1.0, 1.5),
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
