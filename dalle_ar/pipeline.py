@@ -33,6 +33,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -70,22 +71,27 @@ def split_prompt(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     ("part", w), ...]). Each part is a caption naming part of the scene; sampling adds
     part_scale * w * (part - uncond) per part to the guided logits
     (`dalle_ar.sampling.generate_image_tokens`), a product of experts; a negative weight
-    divides an expert out. A prompt without " AND " has no parts."""
+    divides an expert out. " AND " and a trailing "::number" are reserved; a prompt without
+    " AND " has no parts. Spaces around the scene and each part are dropped."""
     scene, *raw = prompt.split(PART_SEPARATOR)
     parts = []
     for k, part in enumerate(raw):
-        text, mark, weight = part.rpartition(WEIGHT_MARK) if WEIGHT_MARK in part else (part, "", "")
-        try:
-            w = float(weight) if mark else 1.0
-        except ValueError:
-            raise ValueError(
-                f"part {k + 1} of the composed prompt {prompt!r} ends in {mark}{weight!r}: "
-                f"expected a number after {WEIGHT_MARK}"
-            ) from None
+        text, weight = part, 1.0
+        if WEIGHT_MARK in part:
+            text, _, tail = part.rpartition(WEIGHT_MARK)
+            try:
+                weight = float(tail)
+            except ValueError:
+                weight = math.nan
+            if not math.isfinite(weight):
+                raise ValueError(
+                    f"part {k + 1} of the composed prompt {prompt!r} ends in "
+                    f"{WEIGHT_MARK}{tail!r}: expected a finite number after {WEIGHT_MARK}"
+                )
         if not text.strip():
             raise ValueError(f"part {k + 1} of the composed prompt {prompt!r} is empty")
-        parts.append((text, w))
-    return scene, parts
+        parts.append((text.strip(), weight))
+    return (scene.strip() if parts else scene), parts
 
 
 @dataclasses.dataclass
@@ -240,6 +246,9 @@ class DalleAR:
         per_seed = sample_seeds(n, seed if seeds is None else seeds)
         split = [split_prompt(p) for p in prompts]
         text = self.check_prompts([scene for scene, _ in split])
+        part_texts = sorted({q for _, parts in split for q, _ in parts})
+        if part_texts:  # warnings once per distinct part
+            self.check_prompts(part_texts)
         prime = _expand_prime(prime_codes, len(prompts), num_samples)
         empty = self.tokenizer.encode([""])
         # Samples whose prompts have the same number of parts run together, in prompt order.
@@ -257,7 +266,7 @@ class DalleAR:
             rows = [i // num_samples for i in idx]
             part_kw = {}
             if K:
-                parts = self.check_prompts([q for r in rows for q, _ in split[r][1]])
+                parts = self.tokenizer.encode([q for r in rows for q, _ in split[r][1]])
                 part_kw = dict(
                     parts=parts.ids.view(len(idx), K, -1),
                     part_lens=parts.mask.sum(1).view(len(idx), K),

@@ -40,8 +40,11 @@ uses the same uniform whether or not the rows before it were primed.
 
 Classifier-free guidance (Ho & Salimans 2022) runs the conditional and the unconditional stream
 (the empty caption [BOS, EOS, PAD..], or a zero embedding) in one batch of 2B and samples from
-`uncond + scale * (cond - uncond)` on the logits. `guidance_scale=1` is plain conditional
-sampling: the unconditional stream is then not computed at all.
+`uncond + scale * (cond - uncond)` on the logits. `guidance_scale=1` without parts is plain
+conditional sampling: the unconditional stream is then not computed at all. A composed prompt
+adds K part streams (captions naming part of the scene; a batch of (K + 2) B) and their weighted
+pushes `part_k - uncond` (`generate_image_tokens`, `combine`). With an embedding-conditioned
+model every part stream carries the prompt's embedding too.
 """
 
 from __future__ import annotations
@@ -116,7 +119,12 @@ def combine(streams: torch.Tensor, scales: Sequence[float] | torch.Tensor) -> to
     uncond = streams[-1]
     out = uncond.clone()
     for stream, scale in zip(streams[:-1], scales):
-        if isinstance(scale, torch.Tensor):
+        if isinstance(scale, torch.Tensor) and scale.ndim:
+            if scale.shape != stream.shape[:1]:
+                raise ValueError(
+                    f"a tensor scale needs one weight per row {tuple(stream.shape[:1])}, "
+                    f"got {tuple(scale.shape)}"
+                )
             scale = scale.to(stream)[:, None]
         out += scale * (stream - uncond)
     return out
@@ -235,9 +243,9 @@ def generate_image_tokens(
     cfg = model.cfg
     dev = model.image_head.weight.device
     N = _check_inputs(model, text_ids, text_lens, cond, num_samples)
-    _check_params(temperature, top_k, top_p, guidance_scale)
+    _check_params(temperature, top_k, top_p, guidance_scale, part_scale)
     B, hw, w = N * num_samples, cfg.image_len, cfg.grid_w
-    K = _check_parts(parts, part_lens, part_weights, N, cfg, part_scale)
+    K = _check_parts(parts, part_lens, part_weights, N, cfg)
     guided = guidance_scale != 1.0 or K > 0
     if guided and cfg.has_text and empty_ids is None:
         raise ValueError("guidance (scale != 1, or parts) needs empty_ids, the empty caption's ids")
@@ -250,8 +258,8 @@ def generate_image_tokens(
             lens = torch.cat([lens, *(rep(part_lens[:, k]) for k in range(K))])
         if cnd is not None:
             cnd = cnd.repeat(K + 1, 1)
-    weights = torch.ones(N, K) if part_weights is None else part_weights.float().cpu()
-    weights = (part_scale * weights).repeat_interleave(num_samples, 0)  # (B, K)
+    weights = torch.ones(N, K) if part_weights is None else part_weights.float()
+    weights = (part_scale * weights.to(dev)).repeat_interleave(num_samples, 0)  # (B, K)
     scales = [guidance_scale, *weights.T]
     if text is None:
         text = torch.zeros(B, 0, dtype=torch.long, device=dev)
@@ -359,7 +367,11 @@ def _check_inputs(model, text_ids, text_lens, cond, num_samples) -> int:
     return N
 
 
-def _check_params(temperature: float, top_k: int, top_p: float, guidance_scale: float) -> None:
+def _check_params(
+    temperature: float, top_k: int, top_p: float, guidance_scale: float, part_scale: float = 1.0
+) -> None:
+    if not part_scale >= 0:
+        raise ValueError(f"part_scale must be >= 0, got {part_scale}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (top_k=1 is greedy), got {temperature}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -370,7 +382,7 @@ def _check_params(temperature: float, top_k: int, top_p: float, guidance_scale: 
         raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
 
 
-def _check_parts(parts, part_lens, part_weights, N: int, cfg, part_scale: float) -> int:
+def _check_parts(parts, part_lens, part_weights, N: int, cfg) -> int:
     if parts is None:
         if part_lens is not None or part_weights is not None:
             raise ValueError("part_lens or part_weights were given without parts")
@@ -385,13 +397,14 @@ def _check_parts(parts, part_lens, part_weights, N: int, cfg, part_scale: float)
     if part_lens is None or part_lens.shape != parts.shape[:2]:
         got = None if part_lens is None else tuple(part_lens.shape)
         raise ValueError(f"part_lens must have shape {tuple(parts.shape[:2])}, got {got}")
+    lo, hi = int(part_lens.min()), int(part_lens.max())
+    if lo < 1 or hi > cfg.text_len:
+        raise ValueError(f"part_lens must be in [1, {cfg.text_len}], got [{lo}, {hi}]")
     if part_weights is not None and part_weights.shape != parts.shape[:2]:
         raise ValueError(
             f"part_weights must have shape {tuple(parts.shape[:2])}, got "
             f"{tuple(part_weights.shape)}"
         )
-    if not part_scale >= 0:
-        raise ValueError(f"part_scale must be >= 0, got {part_scale}")
     return parts.shape[1]
 
 

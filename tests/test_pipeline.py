@@ -99,8 +99,10 @@ def test_split_prompt_and_its_errors():
     )
     with pytest.raises(ValueError, match="part 1 of the composed prompt"):
         split_prompt("a red circle AND  AND a red")
-    with pytest.raises(ValueError, match="expected a number after ::"):
-        split_prompt("a red circle AND a red::lots")
+    assert split_prompt(" a red circle  AND  a red ::2 ") == ("a red circle", [("a red", 2.0)])
+    for bad in ("lots", "nan", "inf", "1e400"):
+        with pytest.raises(ValueError, match="expected a finite number after ::"):
+            split_prompt(f"a red circle AND a red::{bad}")
 
 
 def test_composed_prompts_sample_with_their_parts(pipe):
@@ -368,4 +370,5 @@ def test_bench_train_compares_fp32_and_bf16(capsys):
     assert tool.main([*argv, "--warmup", "1", "--compare-bf16", "data.batch_size=2"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["bf16"]["bf16_autocast"] is True and rep["bf16_speedup"] > 0
+    assert rep["bf16_autocast"] is False  # the baseline is fp32 even where auto would be bf16
     assert rep["samples_per_s"] > 0 and rep["bf16"]["samples_per_s"] > 0

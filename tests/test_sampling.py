@@ -108,6 +108,8 @@ def test_combine_adds_each_condition_s_push_from_the_unconditional_logits():
     assert torch.allclose(got, u + 1.5 * (c - u) + 0.5 * (p - u))
     with pytest.raises(ValueError, match="expected 2 scales"):
         combine(torch.stack([c, p, u]), [1.0])
+    with pytest.raises(ValueError, match="one weight per row"):
+        combine(torch.stack([c, u]), [torch.tensor([1.0, 2.0])])
 
 
 def test_seed_rules_and_streams():
@@ -328,6 +330,11 @@ def test_model_state_is_left_as_it_was():
         (dict(cond=torch.zeros(2, 4)), "cond_dim=0"),
         (dict(parts=torch.zeros(2, 1, T - 1, dtype=torch.long)), r"parts must be a \(N=2, K"),
         (dict(parts=torch.zeros(2, 1, T, dtype=torch.long)), "part_lens must have shape"),
+        (
+            dict(parts=torch.zeros(2, 1, T, dtype=torch.long), part_lens=torch.zeros(2, 1)),
+            r"part_lens must be in \[1, 6\]",
+        ),
+        (dict(part_scale=-1.0), "part_scale must be >= 0"),
         (dict(part_lens=torch.ones(2, 1, dtype=torch.long)), "were given without parts"),
     ],
 )

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(TrainTransformerConfig, args.config, args.overrides)
+    fp32 = ["run.precision=fp32"] if args.compare_bf16 else []  # the baseline is fp32 there
+    cfg = load_config(TrainTransformerConfig, args.config, [*args.overrides, *fp32])
     device = pick_device(cfg.run.device)
     peak_before = matmul_peak(device)
     result = bench_train(cfg, args.steps, args.warmup)
