@@ -246,9 +246,10 @@ class DalleAR:
         per_seed = sample_seeds(n, seed if seeds is None else seeds)
         split = [split_prompt(p) for p in prompts]
         text = self.check_prompts([scene for scene, _ in split])
+        # each distinct part is encoded (and warned about) once
         part_texts = sorted({q for _, parts in split for q, _ in parts})
-        if part_texts:  # warnings once per distinct part
-            self.check_prompts(part_texts)
+        part_row = {q: i for i, q in enumerate(part_texts)}
+        part_text = self.check_prompts(part_texts) if part_texts else None
         prime = _expand_prime(prime_codes, len(prompts), num_samples)
         empty = self.tokenizer.encode([""])
         # Samples whose prompts have the same number of parts run together, in prompt order.
@@ -266,10 +267,10 @@ class DalleAR:
             rows = [i // num_samples for i in idx]
             part_kw = {}
             if K:
-                parts = self.tokenizer.encode([q for r in rows for q, _ in split[r][1]])
+                sel = [part_row[q] for r in rows for q, _ in split[r][1]]
                 part_kw = dict(
-                    parts=parts.ids.view(len(idx), K, -1),
-                    part_lens=parts.mask.sum(1).view(len(idx), K),
+                    parts=part_text.ids[sel].view(len(idx), K, -1),
+                    part_lens=part_text.mask[sel].sum(1).view(len(idx), K),
                     part_weights=torch.tensor([[w for _, w in split[r][1]] for r in rows]),
                 )
             codes[idx] = generate_image_tokens(

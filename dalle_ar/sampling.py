@@ -346,9 +346,7 @@ def _check_inputs(model, text_ids, text_lens, cond, num_samples) -> int:
         if text_lens is not None:
             if text_lens.shape != (N,):
                 raise ValueError(f"text_lens must have shape ({N},), got {tuple(text_lens.shape)}")
-            lo, hi = int(text_lens.min()), int(text_lens.max())
-            if lo < 1 or hi > cfg.text_len:
-                raise ValueError(f"text_lens must be in [1, {cfg.text_len}], got [{lo}, {hi}]")
+            _check_lens(text_lens, cfg.text_len, "text_lens")
     elif text_ids is not None and text_ids.numel():
         raise ValueError(
             "this model's embedding replaces the text (cond_mode=replace): no text_ids"
@@ -365,6 +363,13 @@ def _check_inputs(model, text_ids, text_lens, cond, num_samples) -> int:
     if N == 0:
         raise ValueError("expected at least one prompt, got none")
     return N
+
+
+def _check_lens(lens: torch.Tensor, T: int, name: str) -> None:
+    """Caption lengths count BOS and EOS: each in [1, T]."""
+    lo, hi = int(lens.min()), int(lens.max())
+    if lo < 1 or hi > T:
+        raise ValueError(f"{name} must be in [1, {T}], got [{lo}, {hi}]")
 
 
 def _check_params(
@@ -397,9 +402,7 @@ def _check_parts(parts, part_lens, part_weights, N: int, cfg) -> int:
     if part_lens is None or part_lens.shape != parts.shape[:2]:
         got = None if part_lens is None else tuple(part_lens.shape)
         raise ValueError(f"part_lens must have shape {tuple(parts.shape[:2])}, got {got}")
-    lo, hi = int(part_lens.min()), int(part_lens.max())
-    if lo < 1 or hi > cfg.text_len:
-        raise ValueError(f"part_lens must be in [1, {cfg.text_len}], got [{lo}, {hi}]")
+    _check_lens(part_lens, cfg.text_len, "part_lens")
     if part_weights is not None and part_weights.shape != parts.shape[:2]:
         raise ValueError(
             f"part_weights must have shape {tuple(parts.shape[:2])}, got "
@@ -440,8 +443,8 @@ def _check_empty(empty_ids: torch.Tensor, T: int) -> torch.Tensor:
 
 
 __all__ = [
-    "decode_one",
     "combine",
+    "decode_one",
     "filter_logits",
     "generate_image_tokens",
     "guide",
