@@ -10,7 +10,11 @@ fastest backend). FLOPs count only the visible (query, key) pairs of each method
 4 * D per pair forward, 2.5 times that backward (five matmuls, one of them recomputing the
 scores). Then the decode step: microseconds per step and achieved memory bandwidth (bytes of
 the keys and values it must read) for B in {1, 16, 128} at full cache length, beside SDPA over
-the whole cache. GPU only: without CUDA it exits with status 2 and writes nothing.
+the whole cache. The decode bandwidth is also given as a fraction of this card's device-to-device
+copy bandwidth, measured in the same run. SDPA is timed under each of its GPU backends and the
+fastest kept. `targets` says which of the performance targets the run met. A method that fails is
+recorded with its error and the run goes on. GPU only: without CUDA it exits with status 2 and
+writes nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import functools
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -50,6 +55,56 @@ def _bench(fn, grads=None) -> float:
     return float(triton.testing.do_bench(fn, grad_to_none=grads, return_mode="median"))
 
 
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _guarded(label: str, fn, *args) -> dict:
+    """fn(*args), or {"error": ...} when it raises: one failing method must not lose the run."""
+    _log(f"[bench] {label}")
+    try:
+        return fn(*args)
+    except Exception as e:  # recorded in the JSON, and the traceback on stderr
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy of nbytes, counting bytes read plus bytes written (GB/s)."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def _sdpa_backends():
+    """(name, backend) for each SDPA GPU backend this PyTorch has."""
+    from torch.nn.attention import SDPBackend
+
+    names = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
+    return [(n.lower(), getattr(SDPBackend, n)) for n in names if hasattr(SDPBackend, n)]
+
+
+def _sdpa_causal(q, k, v, do, pairs: int, bh: int, d: int) -> dict:
+    """Dense causal SDPA timed under each backend; the fastest fwd+bwd is the baseline."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    def under(backend):
+        def fn(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        return _rates(_time_training(fn, q, k, v, do), pairs, bh, d)
+
+    per = {name: _guarded(f"sdpa {name}", under, b) for name, b in _sdpa_backends()}
+    ok = {name: r for name, r in per.items() if "error" not in r}
+    if not ok:
+        return {"error": "no SDPA backend ran", "backends": per}
+    best = min(ok, key=lambda name: ok[name]["fwdbwd_ms"])
+    return dict(ok[best], backend=best, backends=per)
+
+
 def _time_training(fn, q, k, v, do) -> dict[str, float]:
     """Forward, backward and forward+backward milliseconds of o = fn(q, k, v)."""
     grads = [q, k, v]
@@ -68,7 +123,16 @@ def _rates(times: dict[str, float], pairs: int, bh: int, d: int) -> dict[str, fl
     return out
 
 
-def _training(args: argparse.Namespace, name: str, configs: list | None) -> dict:
+def _inputs(args: argparse.Namespace, n: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v (requiring grad) and dO, (batch, heads, n, head_dim) on the GPU, seeded."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (args.batch, args.heads, n, args.head_dim)
+    dtype = DTYPES[args.dtype]
+    q, k, v, do = (torch.randn(shape, device="cuda", dtype=dtype, generator=g) for _ in range(4))
+    return (*(t.requires_grad_() for t in (q, k, v)), do)
+
+
+def _training(args: argparse.Namespace, name: str) -> dict:
     import torch.nn.functional as F
     from dalle_ar.kernels.attention import attention
     from dalle_ar.kernels.blocks import block_sparsity
@@ -79,49 +143,61 @@ def _training(args: argparse.Namespace, name: str, configs: list | None) -> dict
     dtype, d = DTYPES[args.dtype], args.head_dim
     B, H = args.batch, args.heads
     n = text_len + gh * gw
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, do = (
-        torch.randn(B, H, n, d, device="cuda", dtype=dtype, generator=g) for _ in range(4)
-    )
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    q, k, v, do = _inputs(args, n)
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     causal_pairs = n * (n + 1) // 2
     res = {"n": n, "batch": B, "heads": H, "head_dim": d, "layouts": {}}
-    res["sdpa_causal"] = _rates(_time_training(sdpa, q, k, v, do), causal_pairs, B * H, d)
+    res["sdpa_causal"] = _sdpa_causal(q, k, v, do, causal_pairs, B * H, d)
     flex = None if args.no_flex else _flex()
     cfg = default_attention_config(d, dtype)
     for kind in KINDS:
         lay = Layout(kind, text_len, gh, gw, args.conv_kernel)
         pairs = int(lay.dense_mask().sum())
         ours = functools.partial(_ours, attention, lay, cfg)
-        entry = {"triton": _rates(_time_training(ours, q, k, v, do), pairs, B * H, d)}
+        entry = {"triton": _guarded(f"{name} {kind} triton", _measure_ours, ours, q, k, v, do,
+                                    pairs, B * H, d)}  # fmt: skip
         bs = block_sparsity(lay, n, cfg.fwd.block_m, cfg.fwd.block_n)
         total = bs.n_query_blocks * bs.n_key_blocks
         entry["triton"]["fwd_blocks_visited"] = bs.visited_pairs() / total
-        with torch.no_grad():
-            out = ours(q, k, v).float()
         if kind == "full":
-            with torch.no_grad():
-                entry["triton"]["max_err_vs_sdpa"] = (
-                    (out - sdpa(q, k, v).float()).abs().max().item()
-                )
+            entry["triton"]["max_err_vs_sdpa"] = _guarded("check vs sdpa", _max_err, ours, sdpa,
+                                                          q, k, v)  # fmt: skip
         if flex is not None:
-            fn, mask = flex(lay, n)
-            entry["flex"] = _rates(_time_training(fn, q, k, v, do), pairs, B * H, d)
-            entry["flex"]["blocks_visited"] = 1.0 - mask.sparsity() / 100.0
-            with torch.no_grad():
-                entry["triton"]["max_err_vs_flex"] = (out - fn(q, k, v).float()).abs().max().item()
-        entry["speedup_fwdbwd_vs_sdpa_causal"] = (
-            res["sdpa_causal"]["fwdbwd_ms"] / entry["triton"]["fwdbwd_ms"]
-        )
-        if "flex" in entry:
-            entry["speedup_fwdbwd_vs_flex"] = (
-                entry["flex"]["fwdbwd_ms"] / entry["triton"]["fwdbwd_ms"]
-            )
-        if configs:
-            entry["sweep"] = _sweep(lay, configs, q, k, v, do, pairs, B * H, d)
+            entry["flex"] = _guarded(f"{name} {kind} flex", _measure_flex, flex, lay, n, q, k, v,
+                                     do, pairs, B * H, d)  # fmt: skip
+            fn = entry["flex"].pop("fn", None)
+            if fn is not None:
+                entry["triton"]["max_err_vs_flex"] = _guarded("check vs flex", _max_err, ours, fn,
+                                                              q, k, v)  # fmt: skip
+        _speedup(entry, "speedup_fwdbwd_vs_sdpa_causal", res["sdpa_causal"], entry["triton"])
+        _speedup(entry, "speedup_fwdbwd_vs_flex", entry.get("flex", {}), entry["triton"])
         res["layouts"][kind] = entry
+    own_full = res["layouts"]["full"]["triton"]
+    for entry in res["layouts"].values():
+        if "fwdbwd_ms" in own_full and "fwdbwd_ms" in entry["triton"]:
+            entry["wall_vs_own_full"] = entry["triton"]["fwdbwd_ms"] / own_full["fwdbwd_ms"]
     return res
+
+
+def _measure_ours(fn, q, k, v, do, pairs: int, bh: int, d: int) -> dict:
+    return _rates(_time_training(fn, q, k, v, do), pairs, bh, d)
+
+
+def _measure_flex(flex, lay, n, q, k, v, do, pairs: int, bh: int, d: int) -> dict:
+    fn, mask = flex(lay, n)
+    out = _rates(_time_training(fn, q, k, v, do), pairs, bh, d)
+    return dict(out, blocks_visited=1.0 - mask.sparsity() / 100.0, fn=fn)
+
+
+def _max_err(fn, other, q, k, v) -> float:
+    with torch.no_grad():
+        return (fn(q, k, v).float() - other(q, k, v).float()).abs().max().item()
+
+
+def _speedup(entry: dict, key: str, base: dict, ours: dict) -> None:
+    """entry[key] = base fwd+bwd time / ours, when both were measured."""
+    if "fwdbwd_ms" in base and "fwdbwd_ms" in ours:
+        entry[key] = base["fwdbwd_ms"] / ours["fwdbwd_ms"]
 
 
 def _ours(attention, lay, cfg, q, k, v):
@@ -140,6 +216,25 @@ def _flex():
         return (lambda q, k, v: compiled(q, k, v, block_mask=mask)), mask
 
     return make
+
+
+def _sweeps(args: argparse.Namespace) -> dict:
+    """Per shape and layout, the launch settings of `_sweep_configs` timed side by side."""
+    from dalle_ar.kernels.layouts import Layout
+
+    configs = _sweep_configs(args.head_dim)
+    out = {}
+    for name in args.shapes:
+        text_len, gh, gw = SHAPES[name]
+        n = text_len + gh * gw
+        q, k, v, do = _inputs(args, n)
+        for kind in KINDS:
+            lay = Layout(kind, text_len, gh, gw, args.conv_kernel)
+            pairs = int(lay.dense_mask().sum())
+            _log(f"[bench] sweep {name} {kind}")
+            bh = args.batch * args.heads
+            out[f"{name}/{kind}"] = _sweep(lay, configs, q, k, v, do, pairs, bh, args.head_dim)
+    return out
 
 
 def _sweep(lay, configs, q, k, v, do, pairs, bh, d) -> list[dict]:
@@ -168,7 +263,7 @@ def _sweep_configs(d: int) -> list:
     return [AttentionConfig(BlockConfig(*f), BlockConfig(*b)) for f, b in zip(fwd, bwd)]
 
 
-def _decode(args: argparse.Namespace) -> list[dict]:
+def _decode(args: argparse.Namespace, copy_gbps: float | None) -> list[dict]:
     import torch.nn.functional as F
     from dalle_ar.kernels.blocks import decode_tables
     from dalle_ar.kernels.decode import decode_attention
@@ -190,27 +285,77 @@ def _decode(args: argparse.Namespace) -> list[dict]:
             lay = Layout(kind, text_len, gh, gw, args.conv_kernel)
             keys = int(decode_tables(lay, n, "cuda").count[n - 1])  # keys the last query reads
             step = functools.partial(decode_attention, q, kc, vc, lengths, lay)
-            ms = _bench(step)
-            want = F.scaled_dot_product_attention(
-                q, kc, vc, attn_mask=lay.mask_row(torch.tensor([n - 1], device="cuda"), n)
-            )
-            err = (step().float() - want.float()).abs().max()
-            nbytes = 2 * B * H * keys * d * elt
-            rows.append(
-                dict(
-                    layout=kind,
-                    batch=B,
-                    heads=H,
-                    cache_len=n,
-                    keys_read=keys,
-                    us=ms * 1e3,
-                    gbps=nbytes / (ms * 1e-3) / 1e9,
-                    sdpa_dense_us=dense_ms * 1e3,
-                    sdpa_dense_gbps=dense_bytes / (dense_ms * 1e-3) / 1e9,
-                    max_err_vs_sdpa=err.item(),
-                )
-            )
+            row = dict(layout=kind, batch=B, heads=H, cache_len=n, keys_read=keys)
+            row |= _guarded(f"decode {kind} B={B}", _measure_decode, step, lay, q, kc, vc)
+            if "ms" in row:
+                gbps = 2 * B * H * keys * d * elt / (row.pop("ms") * 1e-3) / 1e9
+                row["gbps"] = gbps
+                if copy_gbps:
+                    row["fraction_of_copy_bw"] = gbps / copy_gbps
+            row["sdpa_dense_us"] = dense_ms * 1e3
+            row["sdpa_dense_gbps"] = dense_bytes / (dense_ms * 1e-3) / 1e9
+            rows.append(row)
     return rows
+
+
+def _measure_decode(step, lay, q, kc, vc) -> dict:
+    import torch.nn.functional as F
+
+    n = kc.shape[2]
+    ms = _bench(step)
+    mask = lay.mask_row(torch.tensor([n - 1], device="cuda"), n)
+    want = F.scaled_dot_product_attention(q.float(), kc.float(), vc.float(), attn_mask=mask)
+    return {"ms": ms, "us": ms * 1e3, "max_err_vs_fp32": (step().float() - want).abs().max().item()}
+
+
+def targets(result: dict) -> dict:
+    """The issue's performance targets, each with the measured figure and whether it is met
+    (None when a figure is missing)."""
+    out = {}
+
+    def put(name, value, bar, higher_is_better=True):
+        met = None if value is None else (value >= bar if higher_is_better else value <= bar)
+        out[name] = {"value": value, "bar": bar, "met": met}
+
+    for shape, res in result["training"].items():
+        lays = res["layouts"]
+        put(f"{shape}: full fwd+bwd speedup vs SDPA causal",
+            lays["full"].get("speedup_fwdbwd_vs_sdpa_causal"), 1.0)  # fmt: skip
+        for kind in ("row", "conv"):
+            put(f"{shape}: {kind} wall time / own full", lays[kind].get("wall_vs_own_full"), 0.5,
+                higher_is_better=False)  # fmt: skip
+        for kind in ("row", "col", "conv"):
+            put(f"{shape}: {kind} fwd+bwd speedup vs flex",
+                lays[kind].get("speedup_fwdbwd_vs_flex"), 1.2)  # fmt: skip
+    for r in result["decode"]:
+        if r["batch"] == 128 and r["layout"] == "full":
+            put("decode full B=128: fraction of copy bandwidth", r.get("fraction_of_copy_bw"), 0.6)
+    return out
+
+
+def _summary(result: dict) -> None:
+    def fmt(x, spec):
+        return format(x, spec) if isinstance(x, float) else "n/a"
+
+    for name, shape in result["training"].items():
+        s = shape["sdpa_causal"]
+        print(
+            f"{name} N={shape['n']}: sdpa causal ({s.get('backend', 'n/a')}) fwd+bwd "
+            f"{fmt(s.get('fwdbwd_ms'), '.3f')} ms ({fmt(s.get('fwdbwd_tflops'), '.1f')} TFLOP/s)"
+        )
+        for kind, e in shape["layouts"].items():
+            t, f = e["triton"], e.get("flex", {})
+            print(f"  {kind:5s} triton TFLOP/s fwd {fmt(t.get('fwd_tflops'), '6.1f')} bwd "
+                  f"{fmt(t.get('bwd_tflops'), '6.1f')} fwd+bwd {fmt(t.get('fwdbwd_ms'), '.3f')} ms"
+                  f" | flex fwd+bwd {fmt(f.get('fwdbwd_ms'), '.3f')} ms"
+                  f"{'  ERROR ' + t['error'] if 'error' in t else ''}")  # fmt: skip
+    for r in result["decode"]:
+        print(
+            f"decode {r['layout']:5s} B={r['batch']:4d}: {fmt(r.get('us'), '8.1f')} us "
+            f"{fmt(r.get('gbps'), '7.1f')} GB/s (sdpa dense {r['sdpa_dense_us']:.1f} us)"
+        )
+    for name, t in result["targets"].items():
+        print(f"target {name}: {fmt(t['value'], '.3f')} (bar {t['bar']}) met={t['met']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,40 +371,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import triton
 
-    configs = _sweep_configs(args.head_dim) if args.sweep else None
+    copy_gbps = copy_bandwidth_gbps()
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "dtype": args.dtype,
         "conv_kernel": args.conv_kernel,
-        "training": {name: _training(args, name, configs) for name in args.shapes},
-        "decode": _decode(args),
+        "copy_gbps": copy_gbps,
+        "training": {name: _training(args, name) for name in args.shapes},
+        "decode": _decode(args, copy_gbps),
     }
+    result["targets"] = targets(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    for name, shape in result["training"].items():
-        s = shape["sdpa_causal"]
-        print(
-            f"{name} N={shape['n']}: sdpa causal fwd+bwd {s['fwdbwd_ms']:.3f} ms "
-            f"({s['fwdbwd_tflops']:.1f} TFLOP/s)"
-        )
-        for kind, e in shape["layouts"].items():
-            t = e["triton"]
-            line = (
-                f"  {kind:5s} triton TFLOP/s fwd {t['fwd_tflops']:6.1f} bwd {t['bwd_tflops']:6.1f}"
-                f" fwd+bwd {t['fwdbwd_ms']:.3f} ms ({t['fwdbwd_tflops']:.1f} TFLOP/s)"
-            )
-            if "flex" in e:
-                line += f" | flex fwd+bwd {e['flex']['fwdbwd_ms']:.3f} ms"
-            print(line)
-    for r in result["decode"]:
-        print(
-            f"decode {r['layout']:5s} B={r['batch']:4d}: {r['us']:8.1f} us "
-            f"{r['gbps']:7.1f} GB/s (sdpa dense {r['sdpa_dense_us']:.1f} us)"
-        )
+    _summary(result)
     print(f"wrote {args.out}")
+    if args.sweep:  # after the main figures are safe on disk
+        result["sweep"] = _sweeps(args)
+        args.out.write_text(json.dumps(result, indent=2))
+        _sweep_summary(result["sweep"])
+        print(f"wrote {args.out} (with the sweep)")
     return 0
+
+
+def _sweep_summary(sweep: dict) -> None:
+    for key, rows in sweep.items():
+        timed = [r for r in rows if "fwdbwd_ms" in r]
+        if timed:
+            best = min(timed, key=lambda r: r["fwdbwd_ms"])
+            first = f"{rows[0].get('fwdbwd_ms', float('nan')):.3f}"
+            print(f"sweep {key}: fastest fwd {best['fwd']} bwd {best['bwd']} "
+                  f"{best['fwdbwd_ms']:.3f} ms (first setting {first} ms)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Everything that needs a CUDA GPU, in one run (each stage time-boxed, a failing stage does not
+# stop the next):
+#   1. the kernel tests, the `gpu`-marked full sizes included (compiled, not interpreted);
+#   2. tools/bench_attention.py with its launch-settings sweep -> attention_<gpu>.json;
+#   3. tools/bench_train.py at shape S on the GPU, Triton attention and PyTorch attention;
+#   4. tools/bench_sampling.py on the GPU.
+# Output goes to $OUT (default tools/results/<gpu>); logs beside the JSON.
+#   bash tools/gpu_check.sh
+# Uses the python3 on PATH (PYTHON overrides) and installs dalle-ar into it without dependencies
+# if it is missing: the kernels need only torch and triton; the tests need pytest and hypothesis.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+name_gpu='import re, torch; m = re.search(r"\b([A-Z]+[0-9]+)\b", torch.cuda.get_device_name())
+print(m.group(1).lower() if m else "gpu")'
+gpu=$($PY -c "$name_gpu" 2>/dev/null) || {
+  echo "gpu_check: needs a CUDA GPU" >&2
+  exit 2
+}
+out=${OUT:-tools/results/$gpu}
+mkdir -p "$out"
+if ! $PY -c "import dalle_ar.kernels" 2>/dev/null; then
+  $PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+fi
+{
+  nvidia-smi -L
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} | tee "$out/env.txt"
+
+stage() { # name seconds command...
+  local name=$1 secs=$2
+  shift 2
+  echo "== $name (at most ${secs}s)"
+  local t0=$SECONDS
+  timeout "$secs" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0))s"
+  tail -n 25 "$out/$name.log"
+}
+
+xdist=()
+$PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
+stage tests 120 $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_kernels.py \
+  tests/test_layouts.py tests/test_kernel_backend.py tests/test_kernel_compile.py
+stage attention 270 $PY tools/bench_attention.py --sweep --out "$out/attention_$gpu.json"
+for impl in triton torch; do
+  stage "train_$impl" 45 $PY tools/bench_train.py --steps 20 --compare-bf16 run.device=cuda \
+    model.attn_impl=$impl data.batch_size=64
+done
+stage sampling 50 $PY tools/bench_sampling.py --device cuda --out "$out/sampling_$gpu.json"
