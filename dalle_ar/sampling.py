@@ -222,6 +222,7 @@ def generate_image_tokens(
     part_lens: torch.Tensor | None = None,
     part_scale: float = 1.0,
     part_weights: torch.Tensor | None = None,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor:
     """Sample image codes for N prompts, `num_samples` each: returns (N * num_samples, h, w),
     prompt-major (all samples of prompt 0 first).
@@ -233,6 +234,9 @@ def generate_image_tokens(
     (guidance_scale != 1) needs empty_ids (T,), the empty caption, with empty_len valid ids.
     seeds / generator: see `sample_seeds`. use_cache=False recomputes the whole sequence every
     step instead of decoding against the KV cache (same tokens; the benchmark's baseline).
+    cuda_graph (None = on for a CUDA model with the cache): each decode step (the model, guidance,
+    filtering and the draw) is captured once in a CUDA graph and replayed per position, so a
+    step costs one launch instead of hundreds (same tokens).
 
     Composed prompts: parts (N, K, T) with part_lens (N, K) are K more captions per prompt, each
     naming part of the scene, with part_weights (N, K) (default 1; negative ones subtract);
@@ -286,30 +290,43 @@ def generate_image_tokens(
         text = text.new_zeros(nb, 0)
     T = cfg.text_positions
 
-    def next_logits(j: int, last: torch.Tensor | None) -> torch.Tensor:
-        """Logits (nb, V) for image position j; `last` (B,) is the code at j - 1."""
-        if not use_cache:
-            seq = torch.cat([text, codes[:, :j].repeat(nb // B, 1)], 1)
-            return model(seq, text_lens=lens, cond=cnd).image[:, -1]
-        if last is None:
-            seq = torch.cat([text, codes[:, :j].repeat(nb // B, 1)], 1)
-            return prefill(model, seq, text_lens=lens, cond=cnd)
+    if cuda_graph is None:
+        cuda_graph = use_cache and dev.type == "cuda"
+    if cuda_graph and (dev.type != "cuda" or not use_cache):
+        raise ValueError("cuda_graph needs a CUDA model and use_cache=True")
+
+    def draw(logits: torch.Tensor, u_j: torch.Tensor) -> torch.Tensor:
+        """Logits (nb, V) of one position -> its codes (B,)."""
+        if guided:
+            logits = combine(logits.view(nb // B, B, -1), scales)
+        return sample_from_probs(logits_to_probs(logits, temperature, top_k, top_p), u_j)
+
+    def decode_step(last: torch.Tensor, pos: torch.Tensor, u_j: torch.Tensor) -> torch.Tensor:
+        """Codes (B,) at the position after `pos` (1,), where `last` (B,) was drawn."""
         step = last.repeat(nb // B)[:, None]  # (nb, 1)
-        return decode_one(model, step, positions[j - 1 : j], text_lens=lens)
+        return draw(decode_one(model, step, pos, text_lens=lens), u_j)
+
+    def first_step(j: int) -> torch.Tensor:
+        """Codes (B,) at image position j from the text and codes before it (prefill, or the
+        whole sequence without the cache)."""
+        seq = torch.cat([text, codes[:, :j].repeat(nb // B, 1)], 1)
+        if use_cache:
+            return draw(prefill(model, seq, text_lens=lens, cond=cnd), u[:, j])
+        return draw(model(seq, text_lens=lens, cond=cnd).image[:, -1], u[:, j])
 
     was_training = model.training
     model.eval()
     positions = torch.arange(T, T + hw, device=dev)  # token position of each image code
     if use_cache:
         model.setup_cache(nb)
+    step = _GraphedStep(decode_step) if cuda_graph else decode_step
     try:
         last = None
         for j in range(start, hw):
-            logits = next_logits(j, last)
-            if guided:
-                logits = combine(logits.view(nb // B, B, -1), scales)
-            probs = logits_to_probs(logits, temperature, top_k, top_p)
-            last = sample_from_probs(probs, u[:, j])
+            if last is None or not use_cache:
+                last = first_step(j)
+            else:
+                last = step(last, positions[j - 1 : j], u[:, j])
             codes[:, j] = last
             if callback is not None:
                 callback(j + 1, hw, codes.view(B, cfg.grid_h, w))
@@ -318,6 +335,35 @@ def generate_image_tokens(
             model.clear_cache()
         model.train(was_training)
     return codes.view(B, cfg.grid_h, w)
+
+
+class _GraphedStep:
+    """`fn(last, pos, u_j)` captured in a CUDA graph at its first call, replayed after: the
+    arguments are copied into static buffers, and the result is a static buffer the next replay
+    overwrites (the caller copies it out). The first call runs fn eagerly on a side stream before
+    the capture (kernel compilation, the allocator, the cache tables) and takes that result; a
+    decode step only writes the KV cache at `pos`, so running it twice is harmless."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        self.fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            for buf, a in zip(self.inputs, args):
+                buf.copy_(a)
+            self.graph.replay()
+            return self.out
+        self.inputs = [a.clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            first = self.fn(*self.inputs)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=side):
+                self.out = self.fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        return first
 
 
 # ----------------------------------------------------------------------------------------------

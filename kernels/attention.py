@@ -377,5 +377,6 @@ def attention(
         raise ValueError(f"q and k must have the same length N, got {q.shape[2]} and {k.shape[2]}")
     check_lens(text_lens, q.shape[0], q.device, "text_lens")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    config = default_attention_config(q.shape[-1], q.dtype) if config is None else config
+    if config is None:
+        config = default_attention_config(q.shape[-1], q.dtype, layout.kind)
     return _Attention.apply(q, k, v, layout, text_lens, scale, config)

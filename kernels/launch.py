@@ -58,20 +58,29 @@ class DecodeConfig:
             raise ValueError(f"num_splits must be >= 1 or None, got {self.num_splits}")
 
 
-def default_attention_config(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
-    """Launch settings for an H100 (SM90), chosen so that no kernel spills registers when
-    compiled for sm_90 (tests/test_kernel_compile.py checks this).
+def default_attention_config(
+    head_dim: int, dtype: torch.dtype, kind: str = "full"
+) -> AttentionConfig:
+    """Launch settings for an H100 (SM90) by dtype, head dim and layout kind, chosen so that no
+    kernel spills registers when compiled for sm_90 by Triton 3.6 or 3.9
+    (tests/test_kernel_compile.py checks every layout's settings, with and without padding).
 
     fp16/bf16: 128 queries per program reuse each loaded key block across many rows; the backward
-    holds k, v and their fp32 gradients in registers for its whole loop, hence 64 x 64. D=128
-    needs 8 warps and 32-key steps to keep its (128, 128) fp32 accumulator. fp32 runs exact
-    (non-tensor-core) dots, which hold whole tiles in registers: much smaller tiles.
+    holds k, v and their fp32 gradients in registers for its whole loop, hence 64 x 64. `col`
+    reads rows through its permutation (blocks.py), whose gathered row addresses cost registers:
+    its forward takes 32-key steps (with 64, Triton 3.6 spills when the text is padded; on an
+    H200 this costs col 6%: 0.33 against 0.31 ms fwd+bwd at the paper shape). D=128 needs 8
+    warps, 32-key forward steps and 16-query backward blocks to keep its (128, 128) fp32
+    accumulators. fp32 runs exact (non-tensor-core) dots, which hold whole tiles in registers:
+    much smaller tiles. The settings against the others tried: tools/results/h200/.
     """
     if dtype == torch.float32:
-        fwd = BlockConfig(32, 16, 8, 2) if head_dim >= 128 else BlockConfig(32, 32, 4, 2)
+        fwd = BlockConfig(32, 16, 8, 2) if head_dim >= 128 else BlockConfig(32, 16, 4, 2)
         return AttentionConfig(fwd, BlockConfig(16, 16, 4, 2))
     if head_dim >= 128:
-        return AttentionConfig(BlockConfig(128, 32, 8, 2), BlockConfig(64, 32, 8, 2))
+        return AttentionConfig(BlockConfig(128, 32, 8, 2), BlockConfig(64, 16, 8, 2))
+    if kind == "col":
+        return AttentionConfig(BlockConfig(128, 32, 4, 3), BlockConfig(64, 64, 4, 2))
     return AttentionConfig(BlockConfig(128, 64, 4, 3), BlockConfig(64, 64, 4, 2))
 
 

@@ -33,7 +33,7 @@ def _compile(dtype: str, head_dim: int) -> list[dict]:
     from triton.compiler import ASTSource
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    cfg = default_attention_config(head_dim, getattr(torch, DTYPES[dtype]))
+    dt = getattr(torch, DTYPES[dtype])
     dcfg = default_decode_config(head_dim)
     el = "*" + dtype
     ptr = {"ORDER": "*i32", "TILE_BITS": "*i64", "LSE": "*fp32", "DELTA": "*fp32"}
@@ -42,14 +42,19 @@ def _compile(dtype: str, head_dim: int) -> list[dict]:
     ptr |= {"O_PART": "*fp32", "LSE_PART": "*fp32", "KEYS": "*i32", "COUNT": "*i32"}
     ptr |= {"LENGTHS": "*i64", "TEXT_LENS": "*i32"}
     prec = "ieee" if dtype == "fp32" else "tf32"
-    jobs = []
-    for permuted, pad in [(False, False), (True, True)]:
-        flags = dict(PERMUTED=permuted, HAS_PAD=pad, DOT_PREC=prec, HEAD_DIM=head_dim)
-        fwd = dict(flags, BLOCK_M=cfg.fwd.block_m, BLOCK_N=cfg.fwd.block_n)
-        bwd = dict(flags, BLOCK_M=cfg.bwd.block_m, BLOCK_N=cfg.bwd.block_n)
-        jobs += [(att._fwd_kernel, fwd, cfg.fwd), (att._bwd_dkdv_kernel, bwd, cfg.bwd)]
-        jobs += [(att._bwd_dq_kernel, bwd, cfg.bwd)]
-    jobs.append((att._bwd_delta_kernel, dict(HEAD_DIM=head_dim, BLOCK_M=cfg.bwd.block_m), None))
+    jobs, delta_blocks = [], set()
+    # col reads rows through its permutation; the other layouts share the unpermuted kernels
+    for kind, permuted in (("full", False), ("col", True)):
+        cfg = default_attention_config(head_dim, dt, kind)
+        delta_blocks.add(cfg.bwd.block_m)
+        for pad in (False, True):
+            flags = dict(PERMUTED=permuted, HAS_PAD=pad, DOT_PREC=prec, HEAD_DIM=head_dim)
+            fwd = dict(flags, BLOCK_M=cfg.fwd.block_m, BLOCK_N=cfg.fwd.block_n)
+            bwd = dict(flags, BLOCK_M=cfg.bwd.block_m, BLOCK_N=cfg.bwd.block_n)
+            jobs += [(att._fwd_kernel, fwd, cfg.fwd), (att._bwd_dkdv_kernel, bwd, cfg.bwd)]
+            jobs += [(att._bwd_dq_kernel, bwd, cfg.bwd)]
+    for block_m in sorted(delta_blocks):
+        jobs.append((att._bwd_delta_kernel, dict(HEAD_DIM=head_dim, BLOCK_M=block_m), None))
     for indexed, final in [(False, True), (True, False)]:
         consts = dict(HEAD_DIM=head_dim, BLOCK_N=dcfg.block_n, INDEXED=indexed, HAS_PAD=True,
                       FINAL=final)  # fmt: skip
@@ -111,7 +116,15 @@ def test_kernels_compile_for_sm90_without_spills(
     report: dict[str, list[dict]], dtype: str, head_dim: int
 ) -> None:
     kernels = report[f"{dtype}-{head_dim}"]
-    assert len(kernels) == 10  # fwd, dkdv, dq twice (plain; permuted + padded), delta, 3 decode
+    # fwd, dkdv and dq, each (un)permuted x (un)padded; delta; the decode split (two) and merge
+    variants = {
+        (r["kernel"], r["consts"].get("PERMUTED"), r["consts"].get("HAS_PAD")) for r in kernels
+    }
+    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        assert {v[1:] for v in variants if v[0] == name} == {
+            (p, h) for p in ("False", "True") for h in ("False", "True")
+        }
+    assert sum(r["kernel"].startswith("_decode") for r in kernels) == 3
     for r in kernels:
         assert r["stack"] == 0, f"register spill: {r}"
         assert r["smem"] <= SM90_SMEM, f"too much shared memory: {r}"

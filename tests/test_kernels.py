@@ -49,7 +49,8 @@ SMALL = AttentionConfig(BlockConfig(32, 16, 4, 2), BlockConfig(16, 32, 4, 2))
 
 # fp32 has no lower-precision PyTorch run to compare with (it is the reference itself), so a
 # floor stands in: the kernel sums in another order and uses exp2, each step O(1e-7) relative;
-# over a few hundred terms of magnitude <= ~10 (scores, gradients) that stays below 1e-5.
+# over a few hundred terms of magnitude <= ~10 (scores, gradients) that stays below 1e-5 times
+# the magnitude of the result (_assert_close scales it).
 FP32_FLOOR = 1e-5
 
 
@@ -76,13 +77,16 @@ def _errors(lay, q, k, v, do, text_lens, config=SMALL):
     got = _fwd_bwd(attention, q, k, v, do, layout=lay, text_lens=text_lens, config=config)
     err = [(g.float() - r).abs().max().item() for g, r in zip(got, ref)]
     base = [(w.float() - r).abs().max().item() for w, r in zip(low, ref)]
-    return err, base
+    scale = [r.abs().max().item() for r in ref]
+    return err, base, scale
 
 
-def _assert_close(err, base, dtype):
-    floor = FP32_FLOOR if dtype == torch.float32 else 0.0
-    for name, e, b in zip(("o", "dq", "dk", "dv"), err, base):
-        assert e <= 2 * b + floor, f"{name}: kernel error {e:.3g} > 2 x {b:.3g} + {floor}"
+def _assert_close(err, base, scale, dtype):
+    """fp32's floor is relative: its rounding grows with the magnitude of what is summed (at
+    N = 1280 some dV entries sum over a thousand rows)."""
+    for name, e, b, s in zip(("o", "dq", "dk", "dv"), err, base, scale):
+        floor = FP32_FLOOR * max(1.0, s) if dtype == torch.float32 else 0.0
+        assert e <= 2 * b + floor, f"{name}: kernel error {e:.3g} > 2 x {b:.3g} + {floor:.3g}"
 
 
 def _text_lens(b: int, text_len: int) -> torch.Tensor:
@@ -95,8 +99,8 @@ def _text_lens(b: int, text_len: int) -> torch.Tensor:
 def test_forward_backward_odd_length(kind: str, pad: bool, dtype: torch.dtype) -> None:
     lay = Layout(kind, text_len=4, grid_h=5, grid_w=5, conv_kernel=3)  # N = 29
     q, k, v, do = _inputs(lay, 2, 2, 16, dtype)
-    err, base = _errors(lay, q, k, v, do, _text_lens(2, 4) if pad else None)
-    _assert_close(err, base, dtype)
+    err, base, scale = _errors(lay, q, k, v, do, _text_lens(2, 4) if pad else None)
+    _assert_close(err, base, scale, dtype)
 
 
 @pytest.mark.parametrize(
@@ -105,8 +109,8 @@ def test_forward_backward_odd_length(kind: str, pad: bool, dtype: torch.dtype) -
 def test_head_dims_with_sparsity(kind: str, d: int, conv_kernel: int) -> None:
     lay = Layout(kind, text_len=6, grid_h=7, grid_w=6, conv_kernel=conv_kernel)  # N = 48
     q, k, v, do = _inputs(lay, 1, 2, d, torch.float16, seed=d)
-    err, base = _errors(lay, q, k, v, do, _text_lens(1, 6) + 2)
-    _assert_close(err, base, torch.float16)
+    err, base, scale = _errors(lay, q, k, v, do, _text_lens(1, 6) + 2)
+    _assert_close(err, base, scale, torch.float16)
 
 
 @pytest.mark.parametrize("kind", LAYOUT_KINDS)
@@ -117,8 +121,8 @@ def test_block_sparse_grid(kind: str) -> None:
     full, part, _ = classify_blocks(lay, lay.seq_len, 16, 16)
     assert full.any() and part.any() and (~full & ~part).any()
     q, k, v, do = _inputs(lay, 2, 1, 16, torch.float32, seed=7)
-    err, base = _errors(lay, q, k, v, do, _text_lens(2, 16) + 3, config=cfg)
-    _assert_close(err, base, torch.float32)
+    err, base, scale = _errors(lay, q, k, v, do, _text_lens(2, 16) + 3, config=cfg)
+    _assert_close(err, base, scale, torch.float32)
 
 
 def test_strided_inputs_and_default_config() -> None:
@@ -231,8 +235,8 @@ def test_gpu_paper_shape(kind: str, dtype: torch.dtype, pad: bool) -> None:
     lay = Layout(kind, **PAPER)
     q, k, v, do = _inputs(lay, 2, 4, 64, dtype, seed=5)
     lens = torch.tensor([256, 37], device=DEVICE) if pad else None
-    err, base = _errors(lay, q, k, v, do, lens, config=None)
-    _assert_close(err, base, dtype)
+    err, base, scale = _errors(lay, q, k, v, do, lens, config=None)
+    _assert_close(err, base, scale, dtype)
 
 
 @pytest.mark.parametrize("d", [16, 32, 128])
@@ -241,8 +245,8 @@ def test_gpu_paper_shape(kind: str, dtype: torch.dtype, pad: bool) -> None:
 def test_gpu_head_dims_small_shape(d: int) -> None:
     lay = Layout("conv", text_len=64, grid_h=16, grid_w=16, conv_kernel=5)  # N = 320
     q, k, v, do = _inputs(lay, 2, 4, d, torch.bfloat16, seed=d)
-    err, base = _errors(lay, q, k, v, do, _text_lens(2, 64), config=None)
-    _assert_close(err, base, torch.bfloat16)
+    err, base, scale = _errors(lay, q, k, v, do, _text_lens(2, 64), config=None)
+    _assert_close(err, base, scale, torch.bfloat16)
 
 
 @pytest.mark.parametrize("kind", LAYOUT_KINDS)

@@ -8,13 +8,16 @@ TFLOP/s of the project's kernels, of torch.nn.attention.flex_attention (compiled
 the same rule through create_block_mask) and of scaled_dot_product_attention (dense causal, its
 fastest backend). FLOPs count only the visible (query, key) pairs of each method's own mask:
 4 * D per pair forward, 2.5 times that backward (five matmuls, one of them recomputing the
-scores). Then the decode step: microseconds per step and achieved memory bandwidth (bytes of
-the keys and values it must read) for B in {1, 16, 128} at full cache length, beside SDPA over
-the whole cache. The decode bandwidth is also given as a fraction of this card's device-to-device
-copy bandwidth, measured in the same run. SDPA is timed under each of its GPU backends and the
-fastest kept. `targets` says which of the performance targets the run met. A method that fails is
-recorded with its error and the run goes on. GPU only: without CUDA it exits with status 2 and
-writes nothing.
+scores). Times are GPU time, from CUDA graphs replaying ten calls (the host's launch overhead,
+which dominates at the small shape, left out); `eager_fwdbwd_ms` / `eager_us` are the same work
+launched from Python, as an eager training step sees it. SDPA is timed under each of its GPU
+backends and the fastest kept. Then the decode step: microseconds per step and achieved memory
+bandwidth (bytes of the keys and values it must read) for B in {1, 16, 128} at full cache length,
+beside SDPA over the whole cache, and as a fraction of this card's device-to-device copy
+bandwidth, measured in the same run. `targets` says which of the performance targets the run
+met; with --sweep, `targets_best_of_sweep` does the same with each layout's fastest launch
+settings. A method that fails is recorded with its error and the run goes on. GPU only: without
+CUDA it exits with status 2 and writes nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -48,11 +52,51 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _bench(fn, grads=None) -> float:
-    """Median milliseconds of fn() (triton.testing.do_bench: warm-up, L2 flush per call)."""
+def _bench(fn, grads=None, setup=None) -> float:
+    """Median milliseconds of eager fn() (triton.testing.do_bench: warm-up, L2 flush per call),
+    launch overhead included. With setup, fn(setup()) and setup runs once, untimed."""
     import triton.testing
 
+    if setup is not None:
+        fn = functools.partial(fn, setup())
     return float(triton.testing.do_bench(fn, grad_to_none=grads, return_mode="median"))
+
+
+def _bench_graph(fn, grads=None, setup=None, inner: int = 10, reps: int = 25) -> float:
+    """Median milliseconds of fn() replayed from a CUDA graph of `inner` calls: the GPU's time,
+    without the host's launch overhead (which dominates at the small shape). Grads are reset
+    before each captured call, so every backward writes fresh gradients. setup() (untimed) runs
+    on the capture stream, as autograd replays a backward on its forward's stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        if setup is not None:
+            fn = functools.partial(fn, setup())
+        for _ in range(3):  # compiles, caches and the allocator's pools, outside the capture
+            _reset(grads)
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            for _ in range(inner):
+                _reset(grads)
+                fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    del graph
+    return float(statistics.median(times))
+
+
+def _reset(grads) -> None:
+    for t in grads or ():
+        t.grad = None
 
 
 def _log(msg: str) -> None:
@@ -105,17 +149,36 @@ def _sdpa_causal(q, k, v, do, pairs: int, bh: int, d: int) -> dict:
     return dict(ok[best], backend=best, backends=per)
 
 
-def _time_training(fn, q, k, v, do) -> dict[str, float]:
-    """Forward, backward and forward+backward milliseconds of o = fn(q, k, v)."""
+def _time_training(fn, q, k, v, do, eager: bool = True) -> dict:
+    """Forward, backward and forward+backward milliseconds of o = fn(q, k, v), from CUDA graphs;
+    with eager, also forward+backward launched from Python as a training step would be. If a
+    method cannot be captured, all three are timed eagerly and `graph_error` says why."""
     grads = [q, k, v]
-    fwd = _bench(lambda: fn(q, k, v))
-    o = fn(q, k, v)
-    bwd = _bench(lambda: o.backward(do, retain_graph=True), grads)
-    both = _bench(lambda: fn(q, k, v).backward(do), grads)
-    return {"fwd_ms": fwd, "bwd_ms": bwd, "fwdbwd_ms": both}
+    fwd = lambda: fn(q, k, v)
+    bwd = lambda o: o.backward(do, retain_graph=True)
+    both = lambda: fn(q, k, v).backward(do)
+    try:
+        out = {
+            "fwd_ms": _bench_graph(fwd),
+            "bwd_ms": _bench_graph(bwd, grads, setup=fwd),
+            "fwdbwd_ms": _bench_graph(both, grads),
+            "timing": "cuda_graph",
+        }
+    except Exception as e:  # timed eagerly instead, and said so
+        traceback.print_exc()
+        out = {
+            "fwd_ms": _bench(fwd),
+            "bwd_ms": _bench(bwd, grads, setup=fwd),
+            "fwdbwd_ms": _bench(both, grads),
+            "timing": "eager",
+            "graph_error": f"{type(e).__name__}: {e}"[:300],
+        }
+    if eager:
+        out["eager_fwdbwd_ms"] = _bench(both, grads)
+    return out
 
 
-def _rates(times: dict[str, float], pairs: int, bh: int, d: int) -> dict[str, float]:
+def _rates(times: dict, pairs: int, bh: int, d: int) -> dict:
     fwd_flops = 4.0 * d * pairs * bh
     out = dict(times, visible_pairs=pairs)
     for key, flops in (("fwd", fwd_flops), ("bwd", 2.5 * fwd_flops), ("fwdbwd", 3.5 * fwd_flops)):
@@ -149,13 +212,14 @@ def _training(args: argparse.Namespace, name: str) -> dict:
     res = {"n": n, "batch": B, "heads": H, "head_dim": d, "layouts": {}}
     res["sdpa_causal"] = _sdpa_causal(q, k, v, do, causal_pairs, B * H, d)
     flex = None if args.no_flex else _flex()
-    cfg = default_attention_config(d, dtype)
     for kind in KINDS:
         lay = Layout(kind, text_len, gh, gw, args.conv_kernel)
+        cfg = default_attention_config(d, dtype, kind)
         pairs = int(lay.dense_mask().sum())
         ours = functools.partial(_ours, attention, lay, cfg)
         entry = {"triton": _guarded(f"{name} {kind} triton", _measure_ours, ours, q, k, v, do,
                                     pairs, B * H, d)}  # fmt: skip
+        entry["triton"]["config"] = _config_lists(cfg)
         bs = block_sparsity(lay, n, cfg.fwd.block_m, cfg.fwd.block_n)
         total = bs.n_query_blocks * bs.n_key_blocks
         entry["triton"]["fwd_blocks_visited"] = bs.visited_pairs() / total
@@ -169,14 +233,21 @@ def _training(args: argparse.Namespace, name: str) -> dict:
             if fn is not None:
                 entry["triton"]["max_err_vs_flex"] = _guarded("check vs flex", _max_err, ours, fn,
                                                               q, k, v)  # fmt: skip
-        _speedup(entry, "speedup_fwdbwd_vs_sdpa_causal", res["sdpa_causal"], entry["triton"])
-        _speedup(entry, "speedup_fwdbwd_vs_flex", entry.get("flex", {}), entry["triton"])
         res["layouts"][kind] = entry
-    own_full = res["layouts"]["full"]["triton"]
-    for entry in res["layouts"].values():
-        if "fwdbwd_ms" in own_full and "fwdbwd_ms" in entry["triton"]:
-            entry["wall_vs_own_full"] = entry["triton"]["fwdbwd_ms"] / own_full["fwdbwd_ms"]
+    _ratios(res)
     return res
+
+
+def _ratios(shape: dict) -> None:
+    """Each layout's fwd+bwd speedups over SDPA causal and FlexAttention, and its wall time over
+    our own full (causal) layout, where both sides were measured."""
+    own_full = shape["layouts"]["full"]["triton"]
+    for entry in shape["layouts"].values():
+        ours = entry["triton"]
+        _speedup(entry, "speedup_fwdbwd_vs_sdpa_causal", shape["sdpa_causal"], ours)
+        _speedup(entry, "speedup_fwdbwd_vs_flex", entry.get("flex", {}), ours)
+        if "fwdbwd_ms" in own_full and "fwdbwd_ms" in ours:
+            entry["wall_vs_own_full"] = ours["fwdbwd_ms"] / own_full["fwdbwd_ms"]
 
 
 def _measure_ours(fn, q, k, v, do, pairs: int, bh: int, d: int) -> dict:
@@ -206,8 +277,18 @@ def _ours(attention, lay, cfg, q, k, v):
 
 def _flex():
     """(layout, n) -> (compiled flex_attention closure, its BlockMask), mask_mod = the rule."""
+    import torch._dynamo
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # every (shape, mask, grad mode) compiles anew; past the default limit of 8, flex_attention
+    # silently falls back to its unfused eager path, which would time something else
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+    # the backward-only timing calls backward(retain_graph=True), which donated buffers forbid
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
     compiled = torch.compile(flex_attention)
 
     def make(lay, n):
@@ -244,23 +325,47 @@ def _sweep(lay, configs, q, k, v, do, pairs, bh, d) -> list[dict]:
     for cfg in configs:
         fn = functools.partial(_ours, attention, lay, cfg)
         try:
-            rates = _rates(_time_training(fn, q, k, v, do), pairs, bh, d)
+            rates = _rates(_time_training(fn, q, k, v, do, eager=False), pairs, bh, d)
         except Exception as e:  # a setting that does not fit (shared memory) is reported
             rates = {"error": f"{type(e).__name__}: {e}"[:200]}
-        f, b = cfg.fwd, cfg.bwd
-        fwd = [f.block_m, f.block_n, f.num_warps, f.num_stages]
-        rows.append({"fwd": fwd, "bwd": [b.block_m, b.block_n, b.num_warps, b.num_stages], **rates})
+        rows.append({**_config_lists(cfg), **rates})
     return rows
+
+
+def _config_lists(cfg) -> dict:
+    """{"fwd": [block_m, block_n, num_warps, num_stages], "bwd": [...]} of an AttentionConfig."""
+    as_list = lambda c: [c.block_m, c.block_n, c.num_warps, c.num_stages]
+    return {"fwd": as_list(cfg.fwd), "bwd": as_list(cfg.bwd)}
+
+
+def best_of_sweep(result: dict) -> dict:
+    """A copy of result["training"] where each layout's Triton figures are its fastest sweep row
+    (fwd+bwd), with the ratios recomputed: what per-layout settings from the sweep would give."""
+    training = json.loads(json.dumps(result["training"]))
+    for name, shape in training.items():
+        for kind, entry in shape["layouts"].items():
+            rows = [r for r in result["sweep"].get(f"{name}/{kind}", []) if "fwdbwd_ms" in r]
+            if rows:
+                entry["triton"] = min(rows, key=lambda r: r["fwdbwd_ms"])
+        _ratios(shape)
+    return training
 
 
 def _sweep_configs(d: int) -> list:
     from dalle_ar.kernels.launch import AttentionConfig, BlockConfig
 
-    fwd = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 3)]
-    bwd = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
+    pairs = [
+        ((128, 64, 4, 3), (64, 64, 4, 2)),  # the fp16/bf16 default
+        ((128, 32, 4, 3), (32, 64, 4, 2)),  # col's default
+        ((128, 64, 8, 3), (64, 64, 4, 2)),
+        ((128, 32, 8, 2), (32, 64, 4, 2)),
+        ((64, 64, 4, 3), (64, 32, 4, 2)),
+        ((128, 64, 4, 3), (32, 64, 4, 2)),
+        ((128, 32, 4, 3), (64, 64, 4, 2)),
+    ]
     if d >= 128:
-        fwd, bwd = fwd[1:], bwd[1:]
-    return [AttentionConfig(BlockConfig(*f), BlockConfig(*b)) for f, b in zip(fwd, bwd)]
+        pairs = [((128, 32, 8, 2), (64, 16, 8, 2)), ((64, 32, 8, 2), (32, 32, 8, 2))]
+    return [AttentionConfig(BlockConfig(*f), BlockConfig(*b)) for f, b in pairs]
 
 
 def _decode(args: argparse.Namespace, copy_gbps: float | None) -> list[dict]:
@@ -279,7 +384,7 @@ def _decode(args: argparse.Namespace, copy_gbps: float | None) -> list[dict]:
         q = torch.randn(B, H, 1, d, device="cuda", dtype=dtype, generator=g)
         kc, vc = (torch.randn(B, H, n, d, device="cuda", dtype=dtype, generator=g) for _ in "kv")
         lengths = torch.full((B,), n, device="cuda", dtype=torch.long)  # full cache
-        dense_ms = _bench(functools.partial(F.scaled_dot_product_attention, q, kc, vc))
+        dense_ms = _bench_graph(functools.partial(F.scaled_dot_product_attention, q, kc, vc))
         dense_bytes = 2 * B * H * n * d * elt
         for kind in KINDS:
             lay = Layout(kind, text_len, gh, gw, args.conv_kernel)
@@ -302,10 +407,12 @@ def _measure_decode(step, lay, q, kc, vc) -> dict:
     import torch.nn.functional as F
 
     n = kc.shape[2]
-    ms = _bench(step)
+    ms = _bench_graph(step)
+    eager_us = _bench(step) * 1e3
     mask = lay.mask_row(torch.tensor([n - 1], device="cuda"), n)
     want = F.scaled_dot_product_attention(q.float(), kc.float(), vc.float(), attn_mask=mask)
-    return {"ms": ms, "us": ms * 1e3, "max_err_vs_fp32": (step().float() - want).abs().max().item()}
+    err = (step().float() - want).abs().max().item()
+    return {"ms": ms, "us": ms * 1e3, "eager_us": eager_us, "max_err_vs_fp32": err}
 
 
 def targets(result: dict) -> dict:
@@ -333,29 +440,37 @@ def targets(result: dict) -> dict:
     return out
 
 
-def _summary(result: dict) -> None:
-    def fmt(x, spec):
-        return format(x, spec) if isinstance(x, float) else "n/a"
+def _fmt(x, spec: str) -> str:
+    return format(x, spec) if isinstance(x, float) else "n/a"
 
+
+def _summary(result: dict) -> None:
     for name, shape in result["training"].items():
         s = shape["sdpa_causal"]
         print(
             f"{name} N={shape['n']}: sdpa causal ({s.get('backend', 'n/a')}) fwd+bwd "
-            f"{fmt(s.get('fwdbwd_ms'), '.3f')} ms ({fmt(s.get('fwdbwd_tflops'), '.1f')} TFLOP/s)"
+            f"{_fmt(s.get('fwdbwd_ms'), '.3f')} ms ({_fmt(s.get('fwdbwd_tflops'), '.1f')} TFLOP/s)"
         )
         for kind, e in shape["layouts"].items():
             t, f = e["triton"], e.get("flex", {})
-            print(f"  {kind:5s} triton TFLOP/s fwd {fmt(t.get('fwd_tflops'), '6.1f')} bwd "
-                  f"{fmt(t.get('bwd_tflops'), '6.1f')} fwd+bwd {fmt(t.get('fwdbwd_ms'), '.3f')} ms"
-                  f" | flex fwd+bwd {fmt(f.get('fwdbwd_ms'), '.3f')} ms"
-                  f"{'  ERROR ' + t['error'] if 'error' in t else ''}")  # fmt: skip
+            tf = [_fmt(t.get(f"{x}_tflops"), "6.1f") for x in ("fwd", "bwd")]
+            ms = _fmt(t.get("fwdbwd_ms"), ".3f")
+            line = f"  {kind:5s} triton TFLOP/s fwd {tf[0]} bwd {tf[1]} fwd+bwd {ms} ms"
+            line += f" (eager {_fmt(t.get('eager_fwdbwd_ms'), '.3f')})"
+            line += f" | flex fwd+bwd {_fmt(f.get('fwdbwd_ms'), '.3f')} ms"
+            print(line + (f"  ERROR {t['error']}" if "error" in t else ""))
     for r in result["decode"]:
         print(
-            f"decode {r['layout']:5s} B={r['batch']:4d}: {fmt(r.get('us'), '8.1f')} us "
-            f"{fmt(r.get('gbps'), '7.1f')} GB/s (sdpa dense {r['sdpa_dense_us']:.1f} us)"
+            f"decode {r['layout']:5s} B={r['batch']:4d}: {_fmt(r.get('us'), '8.1f')} us "
+            f"{_fmt(r.get('gbps'), '7.1f')} GB/s (eager {_fmt(r.get('eager_us'), '.1f')} us; "
+            f"sdpa dense {r['sdpa_dense_us']:.1f} us)"
         )
-    for name, t in result["targets"].items():
-        print(f"target {name}: {fmt(t['value'], '.3f')} (bar {t['bar']}) met={t['met']}")
+    _print_targets(result["targets"], "target")
+
+
+def _print_targets(targets: dict, label: str) -> None:
+    for name, t in targets.items():
+        print(f"{label} {name}: {_fmt(t['value'], '.3f')} (bar {t['bar']}) met={t['met']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,8 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}")
     if args.sweep:  # after the main figures are safe on disk
         result["sweep"] = _sweeps(args)
+        best = {"training": best_of_sweep(result), "decode": result["decode"]}
+        result["targets_best_of_sweep"] = targets(best)
         args.out.write_text(json.dumps(result, indent=2))
         _sweep_summary(result["sweep"])
+        _print_targets(result["targets_best_of_sweep"], "best-of-sweep target")
         print(f"wrote {args.out} (with the sweep)")
     return 0
 

@@ -1,7 +1,8 @@
 """Sampling throughput: image tokens per second with the static KV cache against recomputing the
 whole sequence every step (same model, same seeds; the sampled tokens must be equal), measured
 side by side in one run, and how the time per image grows with the grid (8x8, 16x16, 32x32).
-Prints one JSON object.
+On a GPU the cached loop replays each step from a CUDA graph (the default there), and the same
+loop launched eagerly is timed beside it. Prints one JSON object.
 
     python tools/bench_sampling.py                          # benchmark shape S, batch 8, CPU
     python tools/bench_sampling.py --grids 8,16,32 --out bench_sampling.json
@@ -123,6 +124,13 @@ def run(
             best = (codes, wall, cpu)
     codes, wall, cpu = best
     out["cached"] = rates(tokens, wall, cpu)
+    if device.type == "cuda":  # the default replays each step from a CUDA graph: time without
+        runs = [timed(model, ids, lens, device, seeds=seeds, cuda_graph=False) for _ in range(2)]
+        eager, ewall, ecpu = min(runs, key=lambda r: r[1])
+        if not torch.equal(eager, codes):
+            raise AssertionError("CUDA-graph and eager sampling drew different tokens")
+        out["cached_eager"] = rates(tokens, ewall, ecpu)
+        out["cuda_graph_speedup"] = ewall / wall
     if recompute:
         full, fwall, fcpu = timed(model, ids, lens, device, seeds=seeds, use_cache=False)
         if not torch.equal(full, codes):

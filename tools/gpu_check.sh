@@ -6,9 +6,13 @@
 #   3. tools/bench_train.py at shape S on the GPU, Triton attention and PyTorch attention;
 #   4. tools/bench_sampling.py on the GPU.
 # Output goes to $OUT (default tools/results/<gpu>); logs beside the JSON.
-#   bash tools/gpu_check.sh
+#   bash tools/gpu_check.sh                      # every stage
+#   bash tools/gpu_check.sh tests attention      # some: tests attention attention_quick (no
+#                                                #   sweep) train_triton train_torch sampling
 # Uses the python3 on PATH (PYTHON overrides) and installs dalle-ar into it without dependencies
-# if it is missing: the kernels need only torch and triton; the tests need pytest and hypothesis.
+# if it is missing: the kernels need only torch and triton; the tests need pytest and hypothesis,
+# and the sampling tests the VQ's packages: wheels in .whl/ (a machine without an index) are
+# installed into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,6 +25,10 @@ gpu=$($PY -c "$name_gpu" 2>/dev/null) || {
 }
 out=${OUT:-tools/results/$gpu}
 mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 if ! $PY -c "import dalle_ar.kernels" 2>/dev/null; then
   $PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 fi
@@ -42,11 +50,22 @@ stage() { # name seconds command...
 
 xdist=()
 $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
-stage tests 120 $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_kernels.py \
-  tests/test_layouts.py tests/test_kernel_backend.py tests/test_kernel_compile.py
-stage attention 270 $PY tools/bench_attention.py --sweep --out "$out/attention_$gpu.json"
-for impl in triton torch; do
-  stage "train_$impl" 45 $PY tools/bench_train.py --steps 20 --compare-bf16 run.device=cuda \
-    model.attn_impl=$impl data.batch_size=64
-done
-stage sampling 50 $PY tools/bench_sampling.py --device cuda --out "$out/sampling_$gpu.json"
+run_stage() {
+  case $1 in
+    tests) stage tests 150 $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+      tests/test_kernels.py tests/test_layouts.py tests/test_kernel_backend.py \
+      tests/test_kernel_compile.py tests/test_sampling.py ;;
+    attention) stage attention 330 $PY tools/bench_attention.py --sweep \
+      --out "$out/attention_$gpu.json" ;;
+    attention_quick) stage attention 200 $PY tools/bench_attention.py \
+      --out "$out/attention_$gpu.json" ;;
+    train_triton | train_torch) stage "$1" 45 $PY tools/bench_train.py --steps 20 --compare-bf16 \
+      run.device=cuda "model.attn_impl=${1#train_}" data.batch_size=64 ;;
+    sampling) stage sampling 50 $PY tools/bench_sampling.py --device cuda \
+      --out "$out/sampling_$gpu.json" ;;
+    *) echo "gpu_check: unknown stage $1" >&2 ;;
+  esac
+}
+stages=("$@")
+[[ ${#stages[@]} -gt 0 ]] || stages=(tests attention train_triton train_torch sampling)
+for s in "${stages[@]}"; do run_stage "$s"; done
