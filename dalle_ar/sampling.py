@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 # primed); the rest hold 0. Called once per sampled position.
 Callback = Callable[[int, int, torch.Tensor], None]
 SEED_SPACE = 2**63 - 1  # per-sample seeds drawn from a generator lie in [0, SEED_SPACE)
+MIN_GRAPH_STEPS = 16  # cuda_graph=None captures the decode step only for longer runs than this
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,9 +235,10 @@ def generate_image_tokens(
     (guidance_scale != 1) needs empty_ids (T,), the empty caption, with empty_len valid ids.
     seeds / generator: see `sample_seeds`. use_cache=False recomputes the whole sequence every
     step instead of decoding against the KV cache (same tokens; the benchmark's baseline).
-    cuda_graph (None = on for a CUDA model with the cache): each decode step (the model, guidance,
-    filtering and the draw) is captured once in a CUDA graph and replayed per position, so a
-    step costs one launch instead of hundreds (same tokens).
+    cuda_graph: capture each decode step (the model, guidance, filtering and the draw) once in a
+    CUDA graph and replay it per position, so that a step costs one launch instead of hundreds
+    (same tokens). None: on for a CUDA model with the cache when more than MIN_GRAPH_STEPS
+    positions are sampled.
 
     Composed prompts: parts (N, K, T) with part_lens (N, K) are K more captions per prompt, each
     naming part of the scene, with part_weights (N, K) (default 1; negative ones subtract);
@@ -251,6 +253,11 @@ def generate_image_tokens(
     B, hw, w = N * num_samples, cfg.image_len, cfg.grid_w
     K = _check_parts(parts, part_lens, part_weights, N, cfg)
     guided = guidance_scale != 1.0 or K > 0
+    if cuda_graph and (dev.type != "cuda" or not use_cache):
+        raise ValueError(
+            f"cuda_graph needs a CUDA model and use_cache=True, got a model on {dev} and "
+            f"use_cache={use_cache}"
+        )
     if guided and cfg.has_text and empty_ids is None:
         raise ValueError("guidance (scale != 1, or parts) needs empty_ids, the empty caption's ids")
 
@@ -290,11 +297,6 @@ def generate_image_tokens(
         text = text.new_zeros(nb, 0)
     T = cfg.text_positions
 
-    if cuda_graph is None:
-        cuda_graph = use_cache and dev.type == "cuda"
-    if cuda_graph and (dev.type != "cuda" or not use_cache):
-        raise ValueError("cuda_graph needs a CUDA model and use_cache=True")
-
     def draw(logits: torch.Tensor, u_j: torch.Tensor) -> torch.Tensor:
         """Logits (nb, V) of one position -> its codes (B,)."""
         if guided:
@@ -303,12 +305,12 @@ def generate_image_tokens(
 
     def decode_step(last: torch.Tensor, pos: torch.Tensor, u_j: torch.Tensor) -> torch.Tensor:
         """Codes (B,) at the position after `pos` (1,), where `last` (B,) was drawn."""
-        step = last.repeat(nb // B)[:, None]  # (nb, 1)
-        return draw(decode_one(model, step, pos, text_lens=lens), u_j)
+        tokens = last.repeat(nb // B)[:, None]  # (nb, 1)
+        return draw(decode_one(model, tokens, pos, text_lens=lens), u_j)
 
-    def first_step(j: int) -> torch.Tensor:
-        """Codes (B,) at image position j from the text and codes before it (prefill, or the
-        whole sequence without the cache)."""
+    def from_sequence(j: int) -> torch.Tensor:
+        """Codes (B,) at image position j from the text and all codes before it: the prefill,
+        or every step without the cache."""
         seq = torch.cat([text, codes[:, :j].repeat(nb // B, 1)], 1)
         if use_cache:
             return draw(prefill(model, seq, text_lens=lens, cond=cnd), u[:, j])
@@ -319,12 +321,14 @@ def generate_image_tokens(
     positions = torch.arange(T, T + hw, device=dev)  # token position of each image code
     if use_cache:
         model.setup_cache(nb)
+    if cuda_graph is None:  # a capture costs about as much as a few eager steps
+        cuda_graph = use_cache and dev.type == "cuda" and hw - start > MIN_GRAPH_STEPS
     step = _GraphedStep(decode_step) if cuda_graph else decode_step
     try:
         last = None
         for j in range(start, hw):
             if last is None or not use_cache:
-                last = first_step(j)
+                last = from_sequence(j)
             else:
                 last = step(last, positions[j - 1 : j], u[:, j])
             codes[:, j] = last
@@ -338,15 +342,18 @@ def generate_image_tokens(
 
 
 class _GraphedStep:
-    """`fn(last, pos, u_j)` captured in a CUDA graph at its first call, replayed after: the
-    arguments are copied into static buffers, and the result is a static buffer the next replay
-    overwrites (the caller copies it out). The first call runs fn eagerly on a side stream before
-    the capture (kernel compilation, the allocator, the cache tables) and takes that result; a
-    decode step only writes the KV cache at `pos`, so running it twice is harmless."""
+    """`fn(last, pos, u_j)` captured in a CUDA graph at its first call and replayed after: the
+    arguments are copied into static buffers, and the result is a static buffer that the next
+    replay overwrites (the caller copies it out first). The first call runs fn eagerly on a side
+    stream (kernel compilation, the allocator, the cache tables) and returns that result; the
+    capture that follows records the step without running it. The capture is thread-local, so
+    other threads (a data loader pinning memory, say) may use CUDA meanwhile."""
 
     def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
         self.fn = fn
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: list[torch.Tensor] = []
+        self.out: torch.Tensor | None = None
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if self.graph is not None:
@@ -359,10 +366,12 @@ class _GraphedStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             first = self.fn(*self.inputs)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=side):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 self.out = self.fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
+        first.record_stream(torch.cuda.current_stream())
+        self.graph = graph
         return first
 
 

@@ -70,7 +70,7 @@ def default_attention_config(
     reads rows through its permutation (blocks.py), whose gathered row addresses cost registers:
     its forward takes 32-key steps (with 64, Triton 3.6 spills when the text is padded; on an
     H200 this costs col 6%: 0.33 against 0.31 ms fwd+bwd at the paper shape). D=128 needs 8
-    warps, 32-key forward steps and 16-query backward blocks to keep its (128, 128) fp32
+    warps, 32-key forward steps and 16-key backward blocks to keep its (128, 128) fp32
     accumulators. fp32 runs exact (non-tensor-core) dots, which hold whole tiles in registers:
     much smaller tiles. The settings against the others tried: tools/results/h200/.
     """

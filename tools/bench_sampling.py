@@ -124,7 +124,7 @@ def run(
             best = (codes, wall, cpu)
     codes, wall, cpu = best
     out["cached"] = rates(tokens, wall, cpu)
-    if device.type == "cuda":  # the default replays each step from a CUDA graph: time without
+    if device.type == "cuda":  # the default replays each step from a CUDA graph; now without
         runs = [timed(model, ids, lens, device, seeds=seeds, cuda_graph=False) for _ in range(2)]
         eager, ewall, ecpu = min(runs, key=lambda r: r[1])
         if not torch.equal(eager, codes):

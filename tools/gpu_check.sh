@@ -37,35 +37,44 @@ fi
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } | tee "$out/env.txt"
 
-stage() { # name seconds command...
+failed=()
+stage() { # name seconds command...: stdout and stderr to $out/name.log
   local name=$1 secs=$2
   shift 2
   echo "== $name (at most ${secs}s)"
-  local t0=$SECONDS
-  timeout "$secs" "$@" >"$out/$name.log" 2>&1
-  local rc=$?
+  local t0=$SECONDS rc=0
+  timeout "$secs" "$@" >"$out/$name.log" 2>&1 || rc=$?
   echo "== $name: rc=$rc in $((SECONDS - t0))s"
   tail -n 25 "$out/$name.log"
+  [[ $rc -eq 0 ]] || failed+=("$name")
 }
 
 xdist=()
 $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
 run_stage() {
   case $1 in
-    tests) stage tests 150 $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+    tests) stage tests 150 $PY -m pytest -q -rs -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
       tests/test_kernels.py tests/test_layouts.py tests/test_kernel_backend.py \
       tests/test_kernel_compile.py tests/test_sampling.py ;;
     attention) stage attention 330 $PY tools/bench_attention.py --sweep \
       --out "$out/attention_$gpu.json" ;;
     attention_quick) stage attention 200 $PY tools/bench_attention.py \
       --out "$out/attention_$gpu.json" ;;
-    train_triton | train_torch) stage "$1" 45 $PY tools/bench_train.py --steps 20 --compare-bf16 \
-      run.device=cuda "model.attn_impl=${1#train_}" data.batch_size=64 ;;
+    train_triton | train_torch) # the JSON on stdout, the log on stderr
+      stage "$1" 45 sh -c "$PY tools/bench_train.py --steps 20 --compare-bf16 run.device=cuda \
+        model.attn_impl=${1#train_} data.batch_size=64 >'$out/${1}_$gpu.json'" ;;
     sampling) stage sampling 50 $PY tools/bench_sampling.py --device cuda \
       --out "$out/sampling_$gpu.json" ;;
-    *) echo "gpu_check: unknown stage $1" >&2 ;;
+    *)
+      echo "gpu_check: unknown stage $1" >&2
+      failed+=("$1")
+      ;;
   esac
 }
 stages=("$@")
 [[ ${#stages[@]} -gt 0 ]] || stages=(tests attention train_triton train_torch sampling)
 for s in "${stages[@]}"; do run_stage "$s"; done
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "gpu_check: failed: ${failed[*]}" >&2
+  exit 1
+fi
