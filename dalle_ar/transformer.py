@@ -45,6 +45,7 @@ from dalle_ar.config import require
 from dalle_ar.kernels.layouts import LAYOUT_KINDS, Layout
 
 COMPONENT = "transformer"
+CODE_INPUTS = ("code", "mask")  # TransformerConfig.code_input
 
 
 @dataclasses.dataclass
@@ -72,6 +73,12 @@ class TransformerConfig:
     # draw colour-shape pairs it never saw (README). 0 = off; -1 = the VQ's patch width 3*f*f,
     # resolved by the training recipe from its `vq` folder before the model is built.
     code_features: int = 0
+    # What an image position already drawn feeds the model. "code": the code's own embedding
+    # (plus its code features). "mask": only which pixels of its patch are not background white,
+    # read from the code features: never which code, nor its colour. The model then cannot learn
+    # from the drawing so far that, say, blue objects are never circles; colour and shape come
+    # from the caption. For plain white-background data (shapes, emoji); needs code features.
+    code_input: str = "code"
 
     def validate(self) -> None:
         for key in ("text_vocab", "text_len", "image_vocab", "grid_h", "grid_w", "dim", "depth"):
@@ -97,6 +104,14 @@ class TransformerConfig:
         )
         require(self.cond_mode in ("prepend", "replace"), "cond_mode", "must be prepend|replace")
         require(self.code_features >= -1, "code_features", "must be >= 0, or -1 (from the VQ)")
+        require(self.code_input in CODE_INPUTS, "code_input", f"must be one of {CODE_INPUTS}")
+        if self.code_input == "mask":
+            require(
+                self.code_features == -1
+                or (self.code_features > 0 and self.code_features % 3 == 0),
+                "code_input",
+                f"mask reads RGB code features (-1 or 3*f*f), got {self.code_features}",
+            )
         if isinstance(self.layouts, list):
             require(
                 len(self.layouts) == self.depth,
@@ -242,7 +257,8 @@ class Transformer(nn.Module):
         if cfg.cond_len:
             self.cond_proj = nn.Linear(cfg.cond_dim, cfg.cond_len * d)
             self.cond_pos_emb = nn.Embedding(cfg.cond_len, d)
-        self.image_emb = nn.Embedding(cfg.image_vocab, d)
+        if cfg.code_input == "code":
+            self.image_emb = nn.Embedding(cfg.image_vocab, d)
         self.row_emb = nn.Embedding(cfg.grid_h, d)
         self.col_emb = nn.Embedding(cfg.grid_w, d)
         self.drop = nn.Dropout(cfg.dropout)
@@ -258,7 +274,10 @@ class Transformer(nn.Module):
                 raise ValueError("code_features=-1 must be resolved from a VQ before building")
             # Saved with the weights: the model folder stays self-contained.
             self.register_buffer("code_feats", torch.zeros(cfg.image_vocab, cfg.code_features))
-            self.code_in = nn.Linear(cfg.code_features, d, bias=False)
+            if cfg.code_input == "code":
+                self.code_in = nn.Linear(cfg.code_features, d, bias=False)
+            else:  # one input per pixel of the patch: drawn or not
+                self.mask_in = nn.Linear(cfg.code_features // 3, d, bias=False)
             self.code_out = nn.Linear(cfg.code_features, d, bias=False)
         self.grad_checkpointing = False  # set by a recipe: recompute each block in backward
         self.apply(self._init_weights)
@@ -388,10 +407,21 @@ class Transformer(nn.Module):
 
     def _embed_image(self, codes: torch.Tensor, img_pos: torch.Tensor) -> torch.Tensor:
         w = self.cfg.grid_w
+        if self.cfg.code_input == "mask":
+            return self.mask_in(self._drawn(codes)) + (
+                self.row_emb(img_pos // w) + self.col_emb(img_pos % w)
+            )
         x = self.image_emb(codes) + (self.row_emb(img_pos // w) + self.col_emb(img_pos % w))
         if self.cfg.code_features:
             x = x + self.code_in(self.code_feats[codes])
         return x
+
+    def _drawn(self, codes: torch.Tensor) -> torch.Tensor:
+        """(..., f*f) 1.0 where a code's patch is drawn: a pixel whose darkest channel is below
+        0.85 of white (the code features hold pixels in [-1, 1], channel-major)."""
+        feats = self.code_feats[codes]
+        rgb = feats.view(*feats.shape[:-1], 3, -1)
+        return (rgb.amin(-2) < 0.7).to(feats.dtype)
 
     def _embed_prefix_and_image(self, tokens: torch.Tensor, cond: torch.Tensor | None):
         cfg = self.cfg

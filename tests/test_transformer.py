@@ -314,6 +314,38 @@ def test_code_features_shape_the_code_embeddings_and_are_saved(tmp_path):
         Transformer(tiny(code_features=-1))
 
 
+def test_mask_input_sees_where_codes_draw_not_which_codes(tmp_path):
+    """code_input=mask: an earlier code enters only as the mask of the pixels it draws, so two
+    codes of one mask in different colours give the same logits after them, a code with another
+    mask does not; the cached path agrees, and the mode is saved."""
+    model = build(code_features=12, code_input="mask")  # 2x2 patches: 3 channels x 4 pixels
+    assert not hasattr(model, "image_emb")
+    white = torch.ones(24, 3, 4)
+    feats = white.clone()
+    feats[1, :, :2] = torch.tensor([0.9, -0.8, -0.8])[:, None]  # red on the top two pixels
+    feats[2, :, :2] = torch.tensor([-0.8, -0.8, 0.9])[:, None]  # blue, same pixels
+    feats[3, :, 2:] = torch.tensor([-0.8, -0.8, 0.9])[:, None]  # blue, the bottom two
+    model.set_code_features(feats.flatten(1))
+    text, image, lens = batch()
+    with torch.no_grad():
+        logits = {}
+        for code in (1, 2, 3):
+            image[:, 4] = code
+            logits[code] = model(torch.cat([text, image], 1), text_lens=lens).image
+        assert torch.equal(logits[1], logits[2])
+        assert (logits[1][:, 5:] - logits[3][:, 5:]).abs().max() > 1e-4
+        model.setup_cache(2)
+        model(torch.cat([text, image[:, :4]], 1), torch.arange(T + 4), text_lens=lens)
+        step = model(image[:, 4:5], torch.tensor([T + 4]), text_lens=lens)
+    torch.testing.assert_close(step.image[:, 0], logits[3][:, 5], rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "t")
+    assert Transformer.from_pretrained(tmp_path / "t").cfg.code_input == "mask"
+    with pytest.raises(ConfigError, match="code_input"):
+        tiny(code_input="mask")  # without code features
+    with pytest.raises(ConfigError, match="code_input"):
+        tiny(code_input="pixels")
+
+
 def test_bad_inputs_are_refused_with_a_message():
     model = build()
     text, image, lens = batch()
