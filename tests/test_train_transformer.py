@@ -129,6 +129,7 @@ def _ddp_worker(
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.usefixtures("one_thread")  # as the workers: one thread count, one summation order
 def test_two_process_data_parallel_matches_one_process(tmp_path, parallel):
     # global batch 4 in both runs, with accumulation, caption dropout and uneven text lengths;
     # under FSDP the two-process run also stops after step 2 and resumes from the gathered state
