@@ -262,6 +262,7 @@ class DalleAR:
             for s in range(0, len(idx), batch_size)
         ]
         codes = torch.zeros(n, cfg.grid_h, cfg.grid_w, dtype=torch.long)
+        text_lens = text.mask.sum(1)
         bar = tqdm(total=n * cfg.image_len, desc="tokens", unit="tok", disable=not progress)
         for K, idx in tqdm(chunks, desc="batches", disable=not progress or len(chunks) == 1):
             rows = [i // num_samples for i in idx]
@@ -276,7 +277,7 @@ class DalleAR:
             codes[idx] = generate_image_tokens(
                 self.transformer,
                 text.ids[rows],
-                text_lens=text.mask.sum(1)[rows],
+                text_lens=text_lens[rows],
                 empty_ids=empty.ids[0],
                 empty_len=int(empty.mask[0].sum()),
                 prime_codes=None if prime is None else prime[idx],

@@ -407,11 +407,10 @@ class Transformer(nn.Module):
 
     def _embed_image(self, codes: torch.Tensor, img_pos: torch.Tensor) -> torch.Tensor:
         w = self.cfg.grid_w
+        pos = self.row_emb(img_pos // w) + self.col_emb(img_pos % w)
         if self.cfg.code_input == "mask":
-            return self.mask_in(self._drawn(codes)) + (
-                self.row_emb(img_pos // w) + self.col_emb(img_pos % w)
-            )
-        x = self.image_emb(codes) + (self.row_emb(img_pos // w) + self.col_emb(img_pos % w))
+            return self.mask_in(self._drawn(codes)) + pos
+        x = self.image_emb(codes) + pos
         if self.cfg.code_features:
             x = x + self.code_in(self.code_feats[codes])
         return x

@@ -111,7 +111,12 @@ def _guarded(label: str, fn, *args) -> dict:
         return fn(*args)
     except Exception as e:  # recorded in the JSON, and the traceback on stderr
         traceback.print_exc()
-        return {"error": f"{type(e).__name__}: {e}"[:300]}
+        return {"error": _error_text(e)}
+
+
+def _error_text(e: Exception) -> str:
+    """An exception as one short line for the JSON."""
+    return f"{type(e).__name__}: {e}"[:300]
 
 
 def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
@@ -158,22 +163,16 @@ def _time_training(fn, q, k, v, do, eager: bool = True) -> dict:
     fwd = lambda: fn(q, k, v)
     bwd = lambda o: o.backward(do, retain_graph=True)
     both = lambda: fn(q, k, v).backward(do)
+    times = lambda bench: {
+        "fwd_ms": bench(fwd),
+        "bwd_ms": bench(bwd, grads, setup=fwd),
+        "fwdbwd_ms": bench(both, grads),
+    }
     try:
-        out = {
-            "fwd_ms": _bench_graph(fwd),
-            "bwd_ms": _bench_graph(bwd, grads, setup=fwd),
-            "fwdbwd_ms": _bench_graph(both, grads),
-            "timing": "cuda_graph",
-        }
+        out = dict(times(_bench_graph), timing="cuda_graph")
     except Exception as e:  # timed eagerly instead, and said so
         traceback.print_exc()
-        out = {
-            "fwd_ms": _bench(fwd),
-            "bwd_ms": _bench(bwd, grads, setup=fwd),
-            "fwdbwd_ms": _bench(both, grads),
-            "timing": "eager",
-            "graph_error": f"{type(e).__name__}: {e}"[:300],
-        }
+        out = dict(times(_bench), timing="eager", graph_error=_error_text(e))
     if eager:
         out["eager_fwdbwd_ms"] = _bench(both, grads)
     return out
@@ -328,7 +327,7 @@ def _sweep(lay, configs, q, k, v, do, pairs, bh, d) -> list[dict]:
         try:
             rates = _rates(_time_training(fn, q, k, v, do, eager=False), pairs, bh, d)
         except Exception as e:  # a setting that does not fit (shared memory) is reported
-            rates = {"error": f"{type(e).__name__}: {e}"[:200]}
+            rates = {"error": _error_text(e)}
         rows.append({**_config_lists(cfg), **rates})
     return rows
 
