@@ -46,12 +46,16 @@ def evaluate_fidelity(
     progress: bool = False,
     composed: bool = False,
     part_scale: float | None = None,
+    candidates: int = 1,
+    rerank_weight: float | None = None,
 ) -> dict[str, Any]:
     """One sample per evaluation-split shapes prompt for each guidance scale (same prompts, same
     seeds), scored by the shape checker: exact match and per attribute, over all prompts and
     split into seen and held-out colour-shape combinations. composed=True scores each scale
     once more with every caption as a composed prompt (`shapes.composed_prompt`: an expert for
-    the colour and one for the shape of each object). JSON-able."""
+    the colour and one for the shape of each object). candidates=K > 1 scores the last scale once
+    more, each prompt's image now the best of K candidates (`dalle_ar.rerank`; still one image
+    per prompt, picked by the model, never by the checker). JSON-able."""
     from dalle_ar.data.evaluate import score_batch
     from dalle_ar.data.shapes import composed_prompt, prompts_for_eval
     from dalle_ar.pipeline import SAMPLING_KEYS
@@ -66,23 +70,32 @@ def evaluate_fidelity(
                               "summary": {}}  # fmt: skip
     if not num_prompts:
         return report
-    runs = [(scale, False) for scale in guidance_scales]
-    runs += [(scale, True) for scale in guidance_scales if composed]
-    for scale, compose in runs:
+    runs = [(scale, False, 1) for scale in guidance_scales]
+    runs += [(scale, True, 1) for scale in guidance_scales if composed]
+    if candidates > 1 and guidance_scales:
+        runs.append((guidance_scales[-1], False, candidates))
+    for scale, compose, k in runs:
         t0 = time.perf_counter()
         params = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=scale,
                       part_scale=part_scale)  # fmt: skip
+        if k > 1:
+            params["candidates"] = k
+            if rerank_weight is not None:
+                params["rerank_weight"] = rerank_weight
         prompts = [composed_prompt(p) if compose else p for p, _ in pairs]
         out = pipe(prompts, seed=seed, batch_size=batch_size, progress=progress, **params)
         res: dict[str, Any] = {k: out.samples[0][k] for k in SAMPLING_KEYS}
         res["composed"] = compose
+        res["candidates"] = k
+        if k > 1:
+            res["rerank_weight"] = out.samples[0]["rerank_weight"]
         res["seconds"] = time.perf_counter() - t0
         res["all"] = score_batch(out.images, specs)
         for split, flag in (("seen", False), ("held_out", True)):
             idx = [i for i, h in enumerate(held) if h == flag]
             imgs = [out.images[i] for i in idx]
             res[split] = score_batch(imgs, [specs[i] for i in idx]) if idx else None
-        name = f"{scale:g}" + (" composed" if compose else "")
+        name = f"{scale:g}" + (" composed" if compose else "") + (f" best of {k}" if k > 1 else "")
         report["settings"][name] = res
         a = res["all"]
         report["summary"][f"guidance {name}"] = {

@@ -45,8 +45,11 @@ class MainJobConfig:
     transformer_minutes: float = 12.0  # wall-time cap of the transformer stage
     prompts: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_PROMPTS))
     samples_per_prompt: int = 4  # images per prompt in the grid
-    fidelity_prompts: int = 200  # evaluation-split prompts scored by the shape checker
-    fidelity_composed: bool = True  # score composed prompts too (shapes.composed_prompt)
+    fidelity_prompts: int = 400  # evaluation-split prompts scored by the shape checker
+    fidelity_composed: bool = False  # score composed prompts too (shapes.composed_prompt)
+    # Each grid image is the best of this many candidates by the model's own caption-image score
+    # (dalle_ar.rerank), and fidelity is scored once more that way; 1 = no reranking.
+    candidates: int = 16
     part_scale: float = 0.5  # weight of each part of a composed prompt (README)
     # Sampling for the grid, the fidelity scores and the pipeline folder's defaults. Guidance 1.5
     # and temperature 0.7 measured best on the shapes (README); at guidance 3 the model adds
@@ -66,6 +69,7 @@ class MainJobConfig:
         require(len(self.prompts) >= 1, "prompts", "needs at least one prompt")
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         require(self.fidelity_prompts >= 0, "fidelity_prompts", "must be >= 0")
+        require(self.candidates >= 1, "candidates", "must be >= 1")
         require(self.part_scale >= 0, "part_scale", "must be >= 0")
         require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         require(self.wandb in ("offline", "online", "disabled"), "wandb", "offline|online|disabled")
@@ -188,6 +192,7 @@ def stage_samples(cfg: MainJobConfig, p: Paths) -> None:
         temperature=cfg.temperature,
         top_k=cfg.top_k or None,
         guidance_scale=cfg.guidance_scale,
+        candidates=cfg.candidates,
     )
     grid = save_prompt_grid(result, p.samples / "grid.png")
     fidelity = evaluate_fidelity(
@@ -199,6 +204,7 @@ def stage_samples(cfg: MainJobConfig, p: Paths) -> None:
         top_k=cfg.top_k or None,
         composed=cfg.fidelity_composed,
         part_scale=cfg.part_scale,
+        candidates=cfg.candidates,
     )
     fidelity["grid"] = str(grid)
     p.fidelity.write_text(json.dumps(fidelity, indent=2))

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from dalle_ar.checkpoint import atomic_dir, read_component_config
 from dalle_ar.fidelity import evaluate_fidelity, save_prompt_grid  # re-exported (__all__)
 from dalle_ar.grid import to_uint8
+from dalle_ar.rerank import RERANK_WEIGHT, keep_best, pmi_scores
 from dalle_ar.sampling import generate_image_tokens, sample_seeds
 from dalle_ar.text import SPECIALS, TextTokenizer
 from dalle_ar.transformer import Transformer, TransformerConfig
@@ -214,13 +215,30 @@ class DalleAR:
         batch_size: int = 16,
         progress: bool = False,
         part_scale: float | None = None,
+        candidates: int = 1,
+        rerank_weight: float = RERANK_WEIGHT,
     ) -> PipelineOutput:
         """Generate `num_samples` images per prompt. Seeds: `seeds` (one per sample), else
         seed, seed+1, ... (prompt-major), else random ones (recorded in the metadata).
         Sampling parameters left as None take the pipeline's defaults. prime_codes
         (1 | n_prompts | n_samples, r, w) fixes the first r rows of codes. `batch_size` samples
         are generated together (the output does not depend on it). A prompt may be composed,
-        "scene AND part AND ...": see `split_prompt`; part_scale weighs its parts."""
+        "scene AND part AND ...": see `split_prompt`; part_scale weighs its parts.
+
+        candidates=K > 1 draws K candidates per sample and keeps the best-scoring ones
+        (`dalle_ar.rerank`: the transformer's caption-image mutual information, rerank_weight
+        the weight of the empty caption). Seeds then count candidates (`seeds` holds one per
+        candidate), and each kept sample records its own seed: generated alone with it, it comes
+        out the same."""
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
+        if candidates > 1:
+            return self._reranked(
+                prompts, num_samples, candidates, rerank_weight, seed=seed, seeds=seeds,
+                temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
+                prime_codes=prime_codes, batch_size=batch_size, progress=progress,
+                part_scale=part_scale,
+            )  # fmt: skip
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"expected a prompt or a non-empty list of prompts, got {prompts!r}")
@@ -302,6 +320,42 @@ class DalleAR:
             for i in range(n)
         ]
         return PipelineOutput(images, codes, samples)
+
+    def _reranked(
+        self,
+        prompts: str | Sequence[str],
+        num_samples: int,
+        candidates: int,
+        weight: float,
+        prime_codes: torch.Tensor | None = None,
+        **kw: Any,
+    ) -> PipelineOutput:
+        """`num_samples` per prompt, each the best of `candidates` (see __call__)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        if prime_codes is not None and prime_codes.ndim == 3:
+            k = prime_codes.shape[0]
+            if k == len(prompts) * num_samples != len(prompts):  # one grid per sample
+                prime_codes = prime_codes.repeat_interleave(candidates, 0)
+        each = num_samples * candidates
+        out = self(prompts, num_samples=each, prime_codes=prime_codes, **kw)
+        rows = out.samples[0]["prime_rows"]
+        scenes = [split_prompt(prompts[m["prompt_index"]])[0] for m in out.samples]
+        scores = pmi_scores(
+            self.transformer, self.tokenizer, scenes, out.codes, weight=weight, start_row=rows
+        )
+        # sample j of the output is the best of candidates j*K .. j*K + K-1 (prompt-major)
+        best = keep_best(scores.view(-1, candidates), 1)[:, 0]
+        pick = (best + torch.arange(len(best)) * candidates).tolist()
+        samples = []
+        for j, i in enumerate(pick):
+            meta = dict(out.samples[i])
+            meta.update(sample_index=j % num_samples, candidate_index=int(best[j]),
+                        candidates=candidates, rerank_weight=weight,
+                        rerank_score=float(scores[i]))  # fmt: skip
+            samples.append(meta)
+        return PipelineOutput([out.images[i] for i in pick], out.codes[pick], samples)
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> list[Image.Image]:

@@ -2,6 +2,7 @@
 
     dalle-ar sample --model runs/pipe "a small red circle at the top left" --num 4 --out out/
     dalle-ar sample --model runs/pipe --prompts-file prompts.txt --guidance 3 --top-k 64 --out out/
+    dalle-ar sample --model runs/pipe "a pink diamond at the top" --candidates 16 --out out/
     dalle-ar sample --from-json out/samples.json --index 2 --out again/     # regenerate one image
     dalle-ar sample --model runs/pipe --out out/ \
         "a pink diamond, top left AND a diamond, top left AND a pink, top left"  # composed prompt
@@ -9,6 +10,10 @@
 Writes one PNG per sample (PPP_SS.png: prompt PPP, sample SS), a captioned grid per prompt
 (grid_PPP.png) and samples.json holding the model folder, every parameter and each sample's seed
 (and primed codes), so any image can be regenerated exactly with --from-json.
+
+--candidates K draws K images per sample and keeps the one whose caption explains it best (the
+transformer's caption-image mutual information, `dalle_ar.rerank`); samples.json records the
+kept candidate's own seed, so --from-json regenerates it without drawing the others.
 
 A composed prompt "scene AND part AND ..." also follows each part, a caption naming part of the
 scene, weighed by --part-scale (`dalle_ar.pipeline.split_prompt`).
@@ -49,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=float, help="nucleus: smallest set reaching p (1 = off)")
     ap.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
     ap.add_argument("--part-scale", type=float, help="weight of each part of a composed prompt")
+    ap.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        help="draw this many per sample and keep the best by caption-image mutual information",
+    )
+    ap.add_argument(
+        "--rerank-weight", type=float, help="weight of the empty caption in the rerank score"
+    )
     ap.add_argument("--prime-image", help="complete this image: keep its top --prime-rows rows")
     ap.add_argument("--prime-rows", type=int, default=0, help="code rows kept from --prime-image")
     ap.add_argument("--batch-size", type=int, default=16, help="samples generated together")
@@ -120,6 +134,8 @@ def _sample(args: argparse.Namespace) -> int:
         prime_codes=prime,
         batch_size=args.batch_size,
         progress=True,
+        candidates=args.candidates,
+        **({} if args.rerank_weight is None else {"rerank_weight": args.rerank_weight}),
     )
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -196,6 +196,26 @@ def decode_one(
     return model(codes, input_pos, text_lens=text_lens).image[:, -1]
 
 
+@torch.inference_mode()
+def image_log_likelihood(
+    model: Transformer,
+    text_ids: torch.Tensor,
+    codes: torch.Tensor,
+    *,
+    text_lens: torch.Tensor | None = None,
+    cond: torch.Tensor | None = None,
+    start_row: int = 0,
+) -> torch.Tensor:
+    """log p(codes | text) (B,): the summed log-probabilities of the image codes (B, h, w) from
+    row `start_row` on, read off one teacher-forced forward pass (no KV cache). The model's own
+    score of a finished sample, e.g. for reranking (`dalle_ar.rerank`)."""
+    flat = codes.flatten(1).to(text_ids.device)
+    tokens = torch.cat([text_ids, flat[:, :-1]], 1) if text_ids.numel() else flat[:, :-1]
+    logp = model(tokens, text_lens=text_lens, cond=cond).image.float().log_softmax(-1)
+    picked = logp.gather(-1, flat[..., None])[..., 0]  # (B, h*w)
+    return picked[:, start_row * model.cfg.grid_w :].sum(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole loop.
 

@@ -25,7 +25,8 @@ from dalle_ar.pipeline import (
     save_prompt_grid,
     split_prompt,
 )
-from dalle_ar.sampling import generate_image_tokens
+from dalle_ar.rerank import keep_best, pmi_scores
+from dalle_ar.sampling import generate_image_tokens, image_log_likelihood
 from dalle_ar.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +90,63 @@ def test_one_sample_regenerates_alone_with_the_same_pixels(pipe):
     again = pipe([s["prompt"]], seeds=[s["seed"]], top_p=0.9, guidance_scale=2.0)
     assert torch.equal(again.codes[0], out.codes[3])
     assert np.array_equal(_pixels(again.images[0]), _pixels(out.images[3]))
+
+
+def test_candidates_keep_the_best_scoring_sample_and_its_seed(pipe):
+    """candidates=K draws K per sample and keeps the one with the highest caption-image mutual
+    information; its recorded seed regenerates it alone, and its score is what pmi_scores gives."""
+    out = pipe(PROMPTS, num_samples=2, seed=4, candidates=3, guidance_scale=2.0, rerank_weight=0.7)
+    assert out.codes.shape == (4, GRID, GRID) and len(out.images) == 4
+    every = pipe(PROMPTS, num_samples=6, seed=4, guidance_scale=2.0)  # the same 12 candidates
+    prompts = [s["prompt"] for s in every.samples]
+    scores = pmi_scores(pipe.transformer, pipe.tokenizer, prompts, every.codes, weight=0.7)
+    want = keep_best(scores.view(4, 3), 1)[:, 0]  # each sample: the best of its 3 candidates
+    for j, meta in enumerate(out.samples):
+        i = j * 3 + int(want[j])
+        assert meta["prompt_index"] == j // 2 and meta["sample_index"] == j % 2
+        assert meta["candidate_index"] == int(want[j]) and meta["candidates"] == 3
+        assert meta["seed"] == every.samples[i]["seed"] and torch.equal(
+            out.codes[j], every.codes[i]
+        )
+        assert meta["rerank_score"] == pytest.approx(float(scores[i]), rel=1e-5, abs=1e-4)
+    assert scores.view(4, 3).amax(1).tolist() == [m["rerank_score"] for m in out.samples]
+    again = pipe([PROMPTS[1]], seeds=[out.samples[3]["seed"]], guidance_scale=2.0)
+    assert torch.equal(again.codes[0], out.codes[3])
+    with pytest.raises(ValueError, match="candidates"):
+        pipe(PROMPTS, candidates=0)
+    with pytest.raises(ValueError, match="rerank weight"):
+        pipe(PROMPTS, candidates=2, rerank_weight=-1.0)
+
+
+def test_pmi_scores_are_caption_minus_weighted_empty_likelihood(pipe):
+    """The score is log p(codes | caption) - w log p(codes | empty caption), whatever the batch;
+    start_row leaves the primed rows out; keep_best takes the highest, the earlier on ties."""
+    codes = pipe(PROMPTS, num_samples=2, seed=1).codes
+    prompts = [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    model, tok = pipe.transformer, pipe.tokenizer
+
+    def loglik(texts, start_row=0):
+        text = tok.encode(texts)
+        return image_log_likelihood(
+            model, text.ids, codes, text_lens=text.mask.sum(1), start_row=start_row
+        )
+
+    full = pmi_scores(model, tok, prompts, codes, weight=0.5, batch_size=3)
+    torch.testing.assert_close(full, loglik(prompts) - 0.5 * loglik([""] * 4))
+    alone = pmi_scores(model, tok, prompts, codes, weight=0.0, batch_size=1)
+    torch.testing.assert_close(alone, loglik(prompts))
+    assert (alone < 0).all()  # a sum of log-probabilities
+    later = loglik(prompts, start_row=2)
+    assert (later > alone).all()  # fewer (negative) terms
+    # by hand: the log-probability of every code under a teacher-forced forward pass
+    text = tok.encode(prompts)
+    with torch.no_grad():
+        tokens = torch.cat([text.ids, codes.flatten(1)[:, :-1]], 1)
+        logits = model(tokens, text_lens=text.mask.sum(1)).image.log_softmax(-1)
+    by_hand = logits.gather(-1, codes.flatten(1)[..., None]).sum((1, 2))
+    torch.testing.assert_close(alone, by_hand, rtol=1e-5, atol=1e-4)
+    ranks = keep_best(torch.tensor([[0.0, 2.0, 2.0, -1.0], [5.0, 1.0, 3.0, 4.0]]), 2)
+    assert ranks.tolist() == [[1, 2], [0, 3]]
 
 
 def test_split_prompt_and_its_errors():
@@ -175,6 +233,11 @@ def test_priming_keeps_the_image_rows(pipe):
     out = pipe(PROMPTS, num_samples=2, seed=0, prime_codes=prime)
     assert torch.equal(out.codes[:, :2], prime.expand(4, -1, -1))
     assert all(s["prime_rows"] == 2 for s in out.samples)
+    per_sample = torch.cat([prime, prime.flip(-1), prime, prime.flip(-1)])  # one grid per sample
+    for grids in (prime, per_sample):
+        best = pipe(PROMPTS, num_samples=2, seed=0, prime_codes=grids, candidates=2)
+        want = grids.expand(4, -1, -1)
+        assert torch.equal(best.codes[:, :2], want) and best.samples[0]["prime_rows"] == 2
 
 
 # -- prompts that need a word --------------------------------------------------------------
@@ -268,6 +331,15 @@ def test_cli_writes_images_grids_and_json_that_regenerates(pipe_dir, tmp_path):
     json_path = str(out / "samples.json")
     assert cli(["sample", "--from-json", json_path, "--index", "3", "--out", str(again)]) == 0
     assert np.array_equal(_pixels(again / "001_01.png"), _pixels(out / "001_01.png"))
+    # reranked: the kept candidate's seed is recorded, and regenerates it alone
+    best = tmp_path / "best"
+    assert cli([*argv, "--candidates", "3", "--rerank-weight", "0.5", "--out", str(best)]) == 0
+    rec = json.loads((best / "samples.json").read_text())["samples"][2]
+    assert rec["candidates"] == 3 and 0 <= rec["candidate_index"] < 3
+    assert rec["seed"] == 7 + 6 + rec["candidate_index"]  # sample 2's candidates: seeds 13..15
+    json_path = str(best / "samples.json")
+    assert cli(["sample", "--from-json", json_path, "--index", "2", "--out", str(again)]) == 0
+    assert np.array_equal(_pixels(again / "001_00.png"), _pixels(best / "001_00.png"))
 
 
 def test_cli_prompts_file_and_priming(pipe_dir, pipe, tmp_path):
@@ -339,6 +411,13 @@ def test_eval_fidelity_reports_both_settings_split_by_combination(pipe_dir, tmp_
     res = rep["settings"]["1.5 composed"]
     assert res["composed"] and res["part_scale"] == 0.5 and res["all"]["n"] == 4
     assert not rep["settings"]["1.5"]["composed"]
+    argv = ["--model", str(pipe_dir), "--num", "4", "--candidates", "3", "--rerank-weight", "1"]
+    assert tool.main([*argv, "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert set(rep["settings"]) == {"1", "1.5", "1.5 best of 3"}
+    res = rep["settings"]["1.5 best of 3"]
+    assert res["candidates"] == 3 and res["rerank_weight"] == 1.0 and res["all"]["n"] == 4
+    assert tool.main(["--model", str(pipe_dir), "--candidates", "0"]) == 2
 
 
 def test_evaluate_fidelity_with_no_prompts_is_empty(pipe):

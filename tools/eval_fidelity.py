@@ -5,9 +5,11 @@ were seen in training and scenes holding a held-out pair.
 
     python tools/eval_fidelity.py --model runs/pipe --num 200 --guidance 1.5 --out fidelity.json
     python tools/eval_fidelity.py --model runs/pipe --composed       # + composed prompts
+    python tools/eval_fidelity.py --model runs/pipe --candidates 16  # + best of 16 (reranked)
 
 Every setting uses the same prompts and the same seed per prompt, so the difference is guidance
-(and, with --composed, the experts for each object's colour and shape).
+(and, with --composed, the experts for each object's colour and shape; with --candidates K, the
+guided run once more with each prompt's image the best of K by the model's own score).
 The work is `dalle_ar.fidelity.evaluate_fidelity`; this is its command line.
 """
 
@@ -31,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--composed", action="store_true", help="score composed prompts too (colour and shape)"
     )
+    ap.add_argument(
+        "--candidates", type=int, default=1, help="also score the best of K per prompt (K > 1)"
+    )
+    ap.add_argument("--rerank-weight", type=float, help="weight of the empty caption (rerank)")
     ap.add_argument("--part-scale", type=float, help="weight of each part (default: pipeline's)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of prompt 0 (then +1 ...)")
     ap.add_argument("--prompt-seed", type=int, default=0, help="which evaluation prompts")
@@ -48,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe = DalleAR.from_pretrained(args.model, device=args.device)
         if args.num < 1:
             raise ValueError(f"--num must be >= 1, got {args.num}")
+        if args.candidates < 1:
+            raise ValueError(f"--candidates must be >= 1, got {args.candidates}")
         report = evaluate_fidelity(
             pipe,
             args.num,
@@ -61,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=True,
             composed=args.composed,
             part_scale=args.part_scale,
+            candidates=args.candidates,
+            rerank_weight=args.rerank_weight,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"eval_fidelity: {e}", file=sys.stderr)
