@@ -1,8 +1,9 @@
 """`dalle-ar pipeline [key=value ...]`: the main job, text to image end to end on the shapes data.
 
     shards -> BPE tokenizer -> VQ-VAE -> token shards -> transformer -> pipeline folder
-           -> samples for a handful of prompts (some held-out combinations) -> captioned grid
-           -> fidelity measured by the shape checker (terminal + JSON)
+           -> samples for a handful of prompts (some held-out combinations), each the best of
+              `candidates` by the model's own score (dalle_ar.rerank) -> captioned grid
+           -> fidelity measured by the shape checker, single draws and reranked (terminal + JSON)
 
 Each stage writes into `out_dir` and is skipped on a rerun once its output is complete; a training
 stage that was killed resumes from its last checkpoint. Every stage runs the same code as its own
