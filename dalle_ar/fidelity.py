@@ -54,8 +54,9 @@ def evaluate_fidelity(
     split into seen and held-out colour-shape combinations. composed=True scores each scale
     once more with every caption as a composed prompt (`shapes.composed_prompt`: an expert for
     the colour and one for the shape of each object). candidates=K > 1 scores the last scale once
-    more, each prompt's image now the best of K candidates (`dalle_ar.rerank`; still one image
-    per prompt, picked by the model, never by the checker). JSON-able."""
+    more, each prompt's image now the best of K candidates, the first of them that scale's own
+    single draw (`dalle_ar.rerank`; still one image per prompt, picked by the model, never by
+    the checker). JSON-able."""
     from dalle_ar.data.evaluate import score_batch
     from dalle_ar.data.shapes import composed_prompt, prompts_for_eval
     from dalle_ar.pipeline import SAMPLING_KEYS

@@ -225,20 +225,41 @@ class DalleAR:
         are generated together (the output does not depend on it). A prompt may be composed,
         "scene AND part AND ...": see `split_prompt`; part_scale weighs its parts.
 
-        candidates=K > 1 draws K candidates per sample and keeps the best-scoring ones
+        candidates=K > 1 draws K candidates per sample and keeps the best-scoring one
         (`dalle_ar.rerank`: the transformer's caption-image mutual information, rerank_weight
-        the weight of the empty caption). Seeds then count candidates (`seeds` holds one per
-        candidate), and each kept sample records its own seed: generated alone with it, it comes
-        out the same."""
+        the weight of the empty caption; a composed prompt is scored by its scene caption).
+        Candidate c of sample j gets seed + j + c * n_samples, so candidate 0 is the sample
+        drawn without reranking; `seeds` then holds K per sample (sample-major). Each kept
+        sample records its own seed: generated alone with it and its recorded parameters (and
+        prime codes), it comes out the same."""
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
+        kw = dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                  guidance_scale=guidance_scale, batch_size=batch_size, progress=progress,
+                  part_scale=part_scale)  # fmt: skip
         if candidates > 1:
             return self._reranked(
-                prompts, num_samples, candidates, rerank_weight, seed=seed, seeds=seeds,
-                temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
-                prime_codes=prime_codes, batch_size=batch_size, progress=progress,
-                part_scale=part_scale,
-            )  # fmt: skip
+                prompts, num_samples, candidates, rerank_weight, seed, seeds, prime_codes, **kw
+            )
+        codes, samples = self._draw(prompts, num_samples, seed, seeds, prime_codes, **kw)
+        return PipelineOutput(self.decode(codes), codes, samples)
+
+    def _draw(
+        self,
+        prompts: str | Sequence[str],
+        num_samples: int,
+        seed: int | None,
+        seeds: Sequence[int] | None,
+        prime_codes: torch.Tensor | None,
+        temperature: float | None,
+        top_k: int | None,
+        top_p: float | None,
+        guidance_scale: float | None,
+        batch_size: int,
+        progress: bool,
+        part_scale: float | None,
+    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """The codes (n, h, w) and per-sample metadata of __call__ without reranking."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"expected a prompt or a non-empty list of prompts, got {prompts!r}")
@@ -305,7 +326,6 @@ class DalleAR:
                 **params,
             ).cpu()
         bar.close()
-        images = self.decode(codes)
         rows = 0 if prime is None else prime.shape[1]
         samples = [
             {
@@ -319,7 +339,7 @@ class DalleAR:
             }
             for i in range(n)
         ]
-        return PipelineOutput(images, codes, samples)
+        return codes, samples
 
     def _reranked(
         self,
@@ -327,35 +347,63 @@ class DalleAR:
         num_samples: int,
         candidates: int,
         weight: float,
-        prime_codes: torch.Tensor | None = None,
+        seed: int | None,
+        seeds: Sequence[int] | None,
+        prime_codes: torch.Tensor | None,
         **kw: Any,
     ) -> PipelineOutput:
         """`num_samples` per prompt, each the best of `candidates` (see __call__)."""
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not (math.isfinite(weight) and weight >= 0)
+        ):
+            raise ValueError(f"rerank_weight must be a finite number >= 0, got {weight!r}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        if prime_codes is not None and prime_codes.ndim == 3:
-            k = prime_codes.shape[0]
-            if k == len(prompts) * num_samples != len(prompts):  # one grid per sample
-                prime_codes = prime_codes.repeat_interleave(candidates, 0)
-        each = num_samples * candidates
-        out = self(prompts, num_samples=each, prime_codes=prime_codes, **kw)
-        rows = out.samples[0]["prime_rows"]
-        scenes = [split_prompt(prompts[m["prompt_index"]])[0] for m in out.samples]
+        n, K = len(prompts) * num_samples, candidates
+        if seeds is not None and len(seeds) != n * K:
+            raise ValueError(
+                f"with candidates={K}, seeds holds {K} per sample ({n * K} for {n} samples), "
+                f"got {len(seeds)}"
+            )
+        if seeds is None:
+            # candidate c of sample j: seed + j + c*n, so candidate 0 is the plain sample
+            if seed is None:
+                seeds = sample_seeds(n * K)
+            else:
+                seeds = [seed + j + c * n for j in range(n) for c in range(K)]
+        if prime_codes is not None and prime_codes.ndim == 3 and len(prime_codes) == n > 1:
+            prime_codes = prime_codes.repeat_interleave(K, 0)  # one grid per sample
+        elif prime_codes is not None and len(prime_codes) not in (1, len(prompts)):
+            raise ValueError(
+                f"prime_codes must hold 1, {len(prompts)} (per prompt) or {n} (per sample) "
+                f"grids, got {len(prime_codes)}"
+            )
+        codes, metas = self._draw(prompts, num_samples * K, None, seeds, prime_codes, **kw)
+        scenes = [split_prompt(prompts[m["prompt_index"]])[0] for m in metas]
+        rows, bs = metas[0]["prime_rows"], kw["batch_size"]
         scores = pmi_scores(
-            self.transformer, self.tokenizer, scenes, out.codes, weight=weight, start_row=rows
+            self.transformer,
+            self.tokenizer,
+            scenes,
+            codes,
+            weight=weight,
+            start_row=rows,
+            batch_size=bs,
         )
         # sample j of the output is the best of candidates j*K .. j*K + K-1 (prompt-major)
-        best = keep_best(scores.view(-1, candidates), 1)[:, 0]
-        pick = (best + torch.arange(len(best)) * candidates).tolist()
+        best = keep_best(scores.view(n, K), 1)[:, 0]
+        pick = (best + torch.arange(n) * K).tolist()
         samples = []
         for j, i in enumerate(pick):
-            meta = dict(out.samples[i])
+            meta = dict(metas[i])
             meta.update(sample_index=j % num_samples, candidate_index=int(best[j]),
-                        candidates=candidates, rerank_weight=weight,
+                        candidates=K, rerank_weight=weight,
                         rerank_score=float(scores[i]))  # fmt: skip
             samples.append(meta)
-        return PipelineOutput([out.images[i] for i in pick], out.codes[pick], samples)
+        return PipelineOutput(self.decode(codes[pick]), codes[pick], samples)
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> list[Image.Image]:

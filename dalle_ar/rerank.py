@@ -19,6 +19,7 @@ lifts held-out colour-shape pairs the most (README, measured results).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -42,12 +43,15 @@ def pmi_scores(
 ) -> torch.Tensor:
     """Score (n,) of each image codes[i] (n, h, w) for prompts[i]: log p(codes | prompt) -
     weight * log p(codes | empty caption), over the rows from `start_row` on (primed rows are
-    given, not drawn). Higher is better."""
+    given, not drawn). Higher is better. A model with a conditioning embedding is not handled
+    here (its prompts need the prior first)."""
     if len(prompts) != codes.shape[0]:
         raise ValueError(f"expected one prompt per image, got {len(prompts)} and {codes.shape[0]}")
-    if not weight >= 0:
-        raise ValueError(f"rerank weight must be >= 0, got {weight}")
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"rerank weight must be a finite number >= 0, got {weight}")
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout in a score
     out = []
     for s in range(0, len(prompts), batch_size):
         chunk = codes[s : s + batch_size].to(device)
@@ -60,6 +64,7 @@ def pmi_scores(
                 image_log_likelihood(model, ids, chunk, text_lens=lens, start_row=start_row)
             )
         out.append(logps[0] - weight * logps[1] if weight else logps[0])
+    model.train(was_training)
     return torch.cat(out).cpu()
 
 

@@ -207,13 +207,20 @@ def image_log_likelihood(
     start_row: int = 0,
 ) -> torch.Tensor:
     """log p(codes | text) (B,): the summed log-probabilities of the image codes (B, h, w) from
-    row `start_row` on, read off one teacher-forced forward pass (no KV cache). The model's own
-    score of a finished sample, e.g. for reranking (`dalle_ar.rerank`)."""
-    flat = codes.flatten(1).to(text_ids.device)
-    tokens = torch.cat([text_ids, flat[:, :-1]], 1) if text_ids.numel() else flat[:, :-1]
-    logp = model(tokens, text_lens=text_lens, cond=cond).image.float().log_softmax(-1)
-    picked = logp.gather(-1, flat[..., None])[..., 0]  # (B, h*w)
-    return picked[:, start_row * model.cfg.grid_w :].sum(1)
+    row `start_row` on, read off one teacher-forced forward pass (no KV cache; the model is
+    expected in eval mode). The model's own score of a finished sample, e.g. for reranking
+    (`dalle_ar.rerank`)."""
+    if not 0 <= start_row < model.cfg.grid_h:
+        raise ValueError(f"start_row must be in [0, {model.cfg.grid_h}), got {start_row}")
+    device = next(model.parameters()).device
+    flat = codes.flatten(1).to(device)
+    text_ids = text_ids.to(device)
+    tokens = torch.cat([text_ids, flat[:, :-1]], 1) if text_ids.shape[1] else flat[:, :-1]
+    logits = model(tokens, text_lens=text_lens, cond=cond).image[:, start_row * model.cfg.grid_w :]
+    target = flat[:, start_row * model.cfg.grid_w :, None]
+    # log_softmax at the target alone: no second (B, h*w, V) tensor
+    picked = logits.gather(-1, target)[..., 0].float() - logits.float().logsumexp(-1)
+    return picked.sum(1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from dalle_ar.pipeline import (
     split_prompt,
 )
 from dalle_ar.rerank import keep_best, pmi_scores
-from dalle_ar.sampling import generate_image_tokens, image_log_likelihood
+from dalle_ar.sampling import decode_one, generate_image_tokens, image_log_likelihood, prefill
 from dalle_ar.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +97,12 @@ def test_candidates_keep_the_best_scoring_sample_and_its_seed(pipe):
     information; its recorded seed regenerates it alone, and its score is what pmi_scores gives."""
     out = pipe(PROMPTS, num_samples=2, seed=4, candidates=3, guidance_scale=2.0, rerank_weight=0.7)
     assert out.codes.shape == (4, GRID, GRID) and len(out.images) == 4
-    every = pipe(PROMPTS, num_samples=6, seed=4, guidance_scale=2.0)  # the same 12 candidates
-    prompts = [s["prompt"] for s in every.samples]
+    # candidate c of sample j has seed 4 + j + 4c: candidate 0 is the sample drawn plainly
+    prompts = [PROMPTS[j // 2] for j in range(4) for c in range(3)]
+    seeds = [4 + j + 4 * c for j in range(4) for c in range(3)]
+    every = pipe(prompts, seeds=seeds, guidance_scale=2.0)  # the 12 candidates, one by one
+    plain = pipe(PROMPTS, num_samples=2, seed=4, guidance_scale=2.0)
+    assert torch.equal(every.codes[::3], plain.codes)
     scores = pmi_scores(pipe.transformer, pipe.tokenizer, prompts, every.codes, weight=0.7)
     want = keep_best(scores.view(4, 3), 1)[:, 0]  # each sample: the best of its 3 candidates
     for j, meta in enumerate(out.samples):
@@ -110,12 +114,18 @@ def test_candidates_keep_the_best_scoring_sample_and_its_seed(pipe):
         )
         assert meta["rerank_score"] == pytest.approx(float(scores[i]), rel=1e-5, abs=1e-4)
     assert scores.view(4, 3).amax(1).tolist() == [m["rerank_score"] for m in out.samples]
+    given = pipe(PROMPTS, num_samples=2, seeds=seeds, candidates=3, guidance_scale=2.0,
+                 rerank_weight=0.7)  # fmt: skip
+    assert torch.equal(given.codes, out.codes)
+    with pytest.raises(ValueError, match="3 per sample"):
+        pipe(PROMPTS, num_samples=2, seeds=[0, 1, 2, 3], candidates=3)
     again = pipe([PROMPTS[1]], seeds=[out.samples[3]["seed"]], guidance_scale=2.0)
     assert torch.equal(again.codes[0], out.codes[3])
     with pytest.raises(ValueError, match="candidates"):
         pipe(PROMPTS, candidates=0)
-    with pytest.raises(ValueError, match="rerank weight"):
-        pipe(PROMPTS, candidates=2, rerank_weight=-1.0)
+    for bad in (-1.0, float("inf"), None):
+        with pytest.raises(ValueError, match="rerank_weight"):
+            pipe(PROMPTS, candidates=2, rerank_weight=bad)
 
 
 def test_pmi_scores_are_caption_minus_weighted_empty_likelihood(pipe):
@@ -138,13 +148,21 @@ def test_pmi_scores_are_caption_minus_weighted_empty_likelihood(pipe):
     assert (alone < 0).all()  # a sum of log-probabilities
     later = loglik(prompts, start_row=2)
     assert (later > alone).all()  # fewer (negative) terms
-    # by hand: the log-probability of every code under a teacher-forced forward pass
-    text = tok.encode(prompts)
+    # step by step, as sampling sees it: prefill, then one cached decode step per code
+    text, flat = tok.encode(prompts), codes.flatten(1)
+    lens = text.mask.sum(1)
+    model.setup_cache(4)
     with torch.no_grad():
-        tokens = torch.cat([text.ids, codes.flatten(1)[:, :-1]], 1)
-        logits = model(tokens, text_lens=text.mask.sum(1)).image.log_softmax(-1)
-    by_hand = logits.gather(-1, codes.flatten(1)[..., None]).sum((1, 2))
-    torch.testing.assert_close(alone, by_hand, rtol=1e-5, atol=1e-4)
+        steps = [prefill(model, text.ids, text_lens=lens)]
+        for i in range(flat.shape[1] - 1):
+            pos = torch.tensor([model.cfg.text_positions + i])
+            steps.append(decode_one(model, flat[:, i : i + 1], pos, text_lens=lens))
+    model.clear_cache()
+    logp = torch.stack(steps, 1).log_softmax(-1).gather(-1, flat[..., None])[..., 0]
+    torch.testing.assert_close(alone, logp.sum(1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(later, logp[:, 2 * GRID :].sum(1), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="start_row"):
+        loglik(prompts, start_row=GRID)
     ranks = keep_best(torch.tensor([[0.0, 2.0, 2.0, -1.0], [5.0, 1.0, 3.0, 4.0]]), 2)
     assert ranks.tolist() == [[1, 2], [0, 3]]
 
@@ -238,6 +256,11 @@ def test_priming_keeps_the_image_rows(pipe):
         best = pipe(PROMPTS, num_samples=2, seed=0, prime_codes=grids, candidates=2)
         want = grids.expand(4, -1, -1)
         assert torch.equal(best.codes[:, :2], want) and best.samples[0]["prime_rows"] == 2
+        prompts = [m["prompt"] for m in best.samples]
+        rows_on = pmi_scores(pipe.transformer, pipe.tokenizer, prompts, best.codes, start_row=2)
+        torch.testing.assert_close(rows_on, torch.tensor([m["rerank_score"] for m in best.samples]))
+    with pytest.raises(ValueError, match="or 4 \\(per sample\\) grids, got 3"):
+        pipe(PROMPTS, num_samples=2, prime_codes=torch.cat([prime] * 3), candidates=2)
 
 
 # -- prompts that need a word --------------------------------------------------------------
@@ -336,7 +359,7 @@ def test_cli_writes_images_grids_and_json_that_regenerates(pipe_dir, tmp_path):
     assert cli([*argv, "--candidates", "3", "--rerank-weight", "0.5", "--out", str(best)]) == 0
     rec = json.loads((best / "samples.json").read_text())["samples"][2]
     assert rec["candidates"] == 3 and 0 <= rec["candidate_index"] < 3
-    assert rec["seed"] == 7 + 6 + rec["candidate_index"]  # sample 2's candidates: seeds 13..15
+    assert rec["seed"] == 7 + 2 + 4 * rec["candidate_index"]  # sample 2: seeds 9, 13, 17
     json_path = str(best / "samples.json")
     assert cli(["sample", "--from-json", json_path, "--index", "2", "--out", str(again)]) == 0
     assert np.array_equal(_pixels(again / "001_00.png"), _pixels(best / "001_00.png"))
