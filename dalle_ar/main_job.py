@@ -25,12 +25,13 @@ from dalle_ar.config import ConfigError, load_config, require, save_config, to_d
 log = logging.getLogger(__name__)
 
 # A handful of prompts for the grid: seen and held-out colour-shape combinations
-# (dalle_ar.data.shapes.HELD_OUT_COMBOS), one- and two-object scenes.
+# (dalle_ar.data.shapes.HELD_OUT_COMBOS), one- and two-object scenes, in the captions' own words
+# (shapes.caption: the cell above the centre is "top middle" or "top").
 DEFAULT_PROMPTS = [
     "a small red circle at the top left",
     "a big blue square in the centre",
     "a large green triangle at the bottom right",
-    "a small yellow diamond in the middle of the top row",
+    "a small yellow diamond at the top middle",
     "a red square to the left of a blue circle",
     "a big purple circle above a small orange square",
 ]
