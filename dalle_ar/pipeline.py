@@ -47,7 +47,7 @@ from tqdm import tqdm
 from dalle_ar.checkpoint import atomic_dir, read_component_config
 from dalle_ar.fidelity import evaluate_fidelity, save_prompt_grid  # re-exported (__all__)
 from dalle_ar.grid import to_uint8
-from dalle_ar.rerank import RERANK_WEIGHT, keep_best, pmi_scores
+from dalle_ar.rerank import RERANK_WEIGHT, check_weight, keep_best, pmi_scores
 from dalle_ar.sampling import generate_image_tokens, sample_seeds
 from dalle_ar.text import SPECIALS, TextTokenizer
 from dalle_ar.transformer import Transformer, TransformerConfig
@@ -232,6 +232,11 @@ class DalleAR:
         drawn without reranking; `seeds` then holds K per sample (sample-major). Each kept
         sample records its own seed: generated alone with it and its recorded parameters (and
         prime codes), it comes out the same."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"expected a prompt or a non-empty list of prompts, got {prompts!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
         kw = dict(temperature=temperature, top_k=top_k, top_p=top_p,
@@ -246,7 +251,7 @@ class DalleAR:
 
     def _draw(
         self,
-        prompts: str | Sequence[str],
+        prompts: list[str],
         num_samples: int,
         seed: int | None,
         seeds: Sequence[int] | None,
@@ -259,12 +264,8 @@ class DalleAR:
         progress: bool,
         part_scale: float | None,
     ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-        """The codes (n, h, w) and per-sample metadata of __call__ without reranking."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"expected a prompt or a non-empty list of prompts, got {prompts!r}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        """The codes (n, h, w) and per-sample metadata of __call__ without reranking (prompts and
+        num_samples already checked)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         cfg = self.transformer.cfg
@@ -343,7 +344,7 @@ class DalleAR:
 
     def _reranked(
         self,
-        prompts: str | Sequence[str],
+        prompts: list[str],
         num_samples: int,
         candidates: int,
         weight: float,
@@ -353,15 +354,7 @@ class DalleAR:
         **kw: Any,
     ) -> PipelineOutput:
         """`num_samples` per prompt, each the best of `candidates` (see __call__)."""
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not (math.isfinite(weight) and weight >= 0)
-        ):
-            raise ValueError(f"rerank_weight must be a finite number >= 0, got {weight!r}")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        check_weight(weight)  # before any drawing
         n, K = len(prompts) * num_samples, candidates
         if seeds is not None and len(seeds) != n * K:
             raise ValueError(
@@ -382,7 +375,8 @@ class DalleAR:
                 f"grids, got {len(prime_codes)}"
             )
         codes, metas = self._draw(prompts, num_samples * K, None, seeds, prime_codes, **kw)
-        scenes = [split_prompt(prompts[m["prompt_index"]])[0] for m in metas]
+        scene_of = [split_prompt(p)[0] for p in prompts]
+        scenes = [scene_of[m["prompt_index"]] for m in metas]
         rows, bs = metas[0]["prime_rows"], kw["batch_size"]
         scores = pmi_scores(
             self.transformer,

@@ -47,8 +47,7 @@ def pmi_scores(
     here (its prompts need the prior first)."""
     if len(prompts) != codes.shape[0]:
         raise ValueError(f"expected one prompt per image, got {len(prompts)} and {codes.shape[0]}")
-    if not (math.isfinite(weight) and weight >= 0):
-        raise ValueError(f"rerank weight must be a finite number >= 0, got {weight}")
+    check_weight(weight)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout in a score
@@ -66,6 +65,16 @@ def pmi_scores(
         out.append(logps[0] - weight * logps[1] if weight else logps[0])
     model.train(was_training)
     return torch.cat(out).cpu()
+
+
+def check_weight(weight: float) -> None:
+    """A rerank weight is a finite number >= 0 (ValueError otherwise)."""
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not (math.isfinite(weight) and weight >= 0)
+    ):
+        raise ValueError(f"rerank_weight must be a finite number >= 0, got {weight!r}")
 
 
 def keep_best(scores: torch.Tensor, keep: int) -> torch.Tensor:
