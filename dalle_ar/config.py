@@ -84,7 +84,7 @@ class RunConfig:
     sample_every: int = 0  # steps between sample / reconstruction grids (0 = only at the end)
     device: str = "auto"  # auto | cpu | cuda
     # auto: bf16 autocast on a GPU with bf16 (and, for the transformer, a CPU with bf16
-    # instructions: dalle_ar.train.common.uses_bf16) | fp32 | bf16
+    # instructions: dalle_ar.runtime.uses_bf16) | fp32 | bf16
     precision: str = "auto"
     wandb: Literal["offline", "online", "disabled"] = "offline"  # wandb mode
     wandb_project: str = "dalle_ar"  # wandb project name

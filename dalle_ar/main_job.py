@@ -184,7 +184,7 @@ def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
 
 def stage_samples(cfg: MainJobConfig, p: Paths) -> None:
     from dalle_ar.pipeline import DalleAR, evaluate_fidelity, save_prompt_grid
-    from dalle_ar.train.common import pick_device
+    from dalle_ar.runtime import pick_device
 
     pipe = DalleAR.from_pretrained(p.pipeline, device=pick_device(cfg.device))
     result = pipe(

@@ -48,7 +48,8 @@ from dalle_ar.checkpoint import atomic_dir, read_component_config
 from dalle_ar.fidelity import evaluate_fidelity, save_prompt_grid  # re-exported (__all__)
 from dalle_ar.grid import to_uint8
 from dalle_ar.rerank import RERANK_WEIGHT, check_weight, keep_best, pmi_scores
-from dalle_ar.sampling import generate_image_tokens, sample_seeds
+from dalle_ar.runtime import sample_seeds
+from dalle_ar.sampling import generate_image_tokens
 from dalle_ar.text import SPECIALS, TextTokenizer
 from dalle_ar.transformer import Transformer, TransformerConfig
 from dalle_ar.vq import VQConfig, VQTokenizer

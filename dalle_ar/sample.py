@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from dalle_ar.train.common import set_threads  # after parsing: --help stays instant
+    from dalle_ar.runtime import set_threads  # after parsing: --help stays instant
 
     set_threads(args.threads)
     try:

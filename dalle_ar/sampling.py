@@ -54,6 +54,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from dalle_ar.runtime import sample_seeds, uniforms
 from dalle_ar.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 # callback(filled, total, codes): `filled` image positions of codes (B, h, w) are sampled (or
 # primed); the rest hold 0. Called once per sampled position.
 Callback = Callable[[int, int, torch.Tensor], None]
-SEED_SPACE = 2**63 - 1  # per-sample seeds drawn from a generator lie in [0, SEED_SPACE)
 MIN_GRAPH_STEPS = 16  # cuda_graph=None captures the decode step only for longer runs than this
 
 
@@ -129,42 +129,6 @@ def combine(streams: torch.Tensor, scales: Sequence[float] | torch.Tensor) -> to
             scale = scale.to(stream)[:, None]
         out += scale * (stream - uncond)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Seeds and random streams.
-
-
-def sample_seeds(
-    n: int, seeds: int | Sequence[int] | None = None, generator: torch.Generator | None = None
-) -> list[int]:
-    """One seed per sample: an int s gives s, s+1, ..., s+n-1; a sequence is taken as is (n of
-    them); otherwise seeds are drawn from `generator` (or torch's global generator)."""
-    if seeds is not None and generator is not None:
-        raise ValueError("give seeds or generator, not both")
-    if isinstance(seeds, bool):
-        raise ValueError(f"seeds must be an int or a sequence of ints, got {seeds!r}")
-    if isinstance(seeds, int):
-        return [seeds + i for i in range(n)]
-    if seeds is not None:
-        out = [int(s) for s in seeds]
-        if len(out) != n:
-            raise ValueError(f"expected one seed per sample ({n}), got {len(out)} seeds")
-        return out
-    return torch.randint(0, SEED_SPACE, (n,), generator=generator).tolist()
-
-
-def uniforms(seeds: Sequence[int], n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(len(seeds), n) fp64 uniforms in [0, 1); row b comes from a generator seeded with seeds[b]
-    on the CPU, so it is the same on every device and in every batch."""
-    rows = [torch.rand(n, generator=_generator(s), dtype=torch.float64) for s in seeds]
-    return torch.stack(rows).to(device) if rows else torch.zeros(0, n, dtype=torch.float64)
-
-
-def _generator(seed: int) -> torch.Generator:
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seeds must be in [0, 2**64), got {seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from _pipeline_fixtures import peaked, tiny_transformer_config
 from dalle_ar.kernels.layouts import Layout
 from dalle_ar.kernels.reference import decode_reference, decode_sdpa
 
+from dalle_ar.runtime import sample_seeds, uniforms
 from dalle_ar.sampling import (
     combine,
     decode_one,
@@ -21,8 +22,6 @@ from dalle_ar.sampling import (
     logits_to_probs,
     prefill,
     sample_from_probs,
-    sample_seeds,
-    uniforms,
 )
 from dalle_ar.transformer import Transformer
 

@@ -13,14 +13,9 @@ import torch
 import torch.multiprocessing as mp
 
 from dalle_ar.config import load_config
+from dalle_ar.runtime import autocast_context, cpu_has_bf16, uses_bf16
 from dalle_ar.train import dist
-from dalle_ar.train.common import (
-    BudgetBar,
-    autocast_context,
-    cpu_has_bf16,
-    schedule_step,
-    uses_bf16,
-)
+from dalle_ar.train.common import BudgetBar, schedule_step
 from dalle_ar.train.transformer import (
     NonFiniteLoss,
     TrainTransformerConfig,

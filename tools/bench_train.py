@@ -25,7 +25,8 @@ import time
 import torch
 
 from dalle_ar.config import load_config
-from dalle_ar.train.common import autocast_context, build_optimizer, pick_device, uses_bf16
+from dalle_ar.runtime import autocast_context, pick_device, uses_bf16
+from dalle_ar.train.common import build_optimizer
 from dalle_ar.train.transformer import TrainTransformerConfig
 from dalle_ar.transformer import Transformer, lm_loss
 

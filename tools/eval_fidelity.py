@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from dalle_ar.pipeline import DalleAR, evaluate_fidelity
-from dalle_ar.train.common import set_threads
+from dalle_ar.runtime import set_threads
 
 
 def main(argv: list[str] | None = None) -> int:

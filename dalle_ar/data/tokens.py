@@ -147,7 +147,7 @@ def pretokenize(
 ) -> dict[str, Any]:
     """Encode every image of `shards` with the VQ folder `vq_dir`; returns the summary written
     to `out/PREFIX-tokens.json`."""
-    from dalle_ar.train.common import pick_device
+    from dalle_ar.runtime import pick_device
     from dalle_ar.vq import VQTokenizer  # the VQ stage: imported only when pretokenizing
 
     dev = pick_device(device)

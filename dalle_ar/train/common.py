@@ -7,19 +7,15 @@ A recipe reads: parse config -> `Run(cfg)` -> build components -> loop -> `run.s
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -28,57 +24,6 @@ from dalle_ar.config import ConfigError, OptimConfig, RunConfig, load_config, sa
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device=cuda but no CUDA device is available")
-    return torch.device(name)
-
-
-def set_threads(n: int) -> None:
-    """torch's CPU threads for this process; n <= 0 keeps torch's default."""
-    if n > 0:
-        torch.set_num_threads(n)
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX flags in /proc/cpuinfo);
-    elsewhere bf16 is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def uses_bf16(device: torch.device, precision: str, cpu_auto: bool = False) -> bool:
-    """precision=bf16; or auto on a GPU with bf16, and (cpu_auto) on a CPU with bf16 instructions.
-    A recipe sets cpu_auto where bf16 measured faster on such a CPU: the transformer trained
-    1.75x faster, while the VQ-VAE's small convolutions ran 1.6x slower (README)."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_auto and device.type == "cpu" and cpu_has_bf16()
-
-
-def autocast_context(
-    device: torch.device, precision: str, cpu_auto: bool = False
-) -> contextlib.AbstractContextManager:
-    """bf16 autocast where `uses_bf16`; fp32 elsewhere."""
-    if uses_bf16(device, precision, cpu_auto):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dalle_ar.train.common import pick_device
+from dalle_ar.runtime import pick_device
 
 log = logging.getLogger(__name__)
 

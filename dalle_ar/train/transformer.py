@@ -20,16 +20,15 @@ from typing import Any, Literal
 import torch
 
 from dalle_ar.config import ConfigError, DataConfig, OptimConfig, RunConfig, require
+from dalle_ar.runtime import autocast_context, seed_everything
 from dalle_ar.train import dist
 from dalle_ar.train.common import (
     BudgetBar,
     Run,
-    autocast_context,
     build_optimizer,
     lr_at,
     recipe_config,
     schedule_step,
-    seed_everything,
     set_lr,
 )
 from dalle_ar.train.transformer_data import BatchSource, ShardBatches

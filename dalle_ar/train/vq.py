@@ -33,16 +33,14 @@ import torch.nn.functional as F
 
 from dalle_ar.config import DataConfig, OptimConfig, RunConfig, require
 from dalle_ar.grid import image_grid
+from dalle_ar.runtime import autocast_context, pick_device, seed_everything
 from dalle_ar.train.common import (
     BudgetBar,
     Run,
-    autocast_context,
     build_optimizer,
     lr_at,
-    pick_device,
     recipe_config,
     schedule_step,
-    seed_everything,
     set_lr,
 )
 from dalle_ar.vq import COMPONENT, VQConfig, VQTokenizer
