@@ -24,10 +24,11 @@ class ConfigError(ValueError):
     """A config key is unknown, of the wrong type or holds an impossible value."""
 
 
-def require(cond: bool, key: str, msg: str) -> None:
-    """Raise `ConfigError` for `key` unless `cond` holds."""
+def require(cond: bool, key: str, msg: str, kind: str = "config key") -> None:
+    """Raise `ConfigError` for `key` unless `cond` holds: "{kind} '{key}': {msg}". Inside a
+    config tree the key is given its full dotted name (`validate`)."""
     if not cond:
-        raise ConfigError(f"config key '{key}': {msg}")
+        raise ConfigError(f"{kind} '{key}': {msg}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,8 +195,9 @@ def validate(cfg: Any, prefix: str = "") -> None:
             check()
         except ConfigError as e:
             msg = str(e)
-            if prefix and msg.startswith("config key '"):
-                msg = "config key '" + prefix + msg[len("config key '") :]
+            kind, quote, rest = msg.partition(" '")
+            if prefix and quote and kind.endswith(("config key", "setting")):
+                msg = f"config key '{prefix}{rest}"
             raise ConfigError(msg) from None
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -121,3 +122,15 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 __all__ = ["captioned_grid", "image_grid", "stack_vertical", "to_uint8"]
+
+
+def save_prompt_grid(result: Any, path: str | Path) -> Path:
+    """One PNG: per prompt, a row of its samples under the prompt as caption."""
+    groups: dict[tuple[int, str], list[Image.Image]] = {}
+    for img, meta in zip(result.images, result.samples):
+        groups.setdefault((meta["prompt_index"], meta["prompt"]), []).append(img)
+    rows = [captioned_grid(imgs, p or "(empty prompt)") for (_, p), imgs in sorted(groups.items())]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stack_vertical(rows).save(path)
+    return path

@@ -10,7 +10,7 @@ prefers plain, likely images whatever the caption says; the second takes away wh
 expects with no caption, so what is left is how much the caption explains the image. This is
 classifier-free guidance (`uncond + scale * (cond - uncond)`, token by token) applied to whole
 samples: guidance steers each code, reranking picks among finished images. On the shapes it
-lifts held-out colour-shape pairs the most (README, measured results).
+lifts held-out colour-shape pairs the most (docs/experiments/reranking.md).
 
     pipe(prompts, candidates=8)   # 8 candidates per sample, the best-scoring one is kept
 
@@ -19,16 +19,13 @@ lifts held-out colour-shape pairs the most (README, measured results).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
-from dalle_ar.sampling import image_log_likelihood
+from dalle_ar.sampling import RERANK_WEIGHT, RerankSettings, image_log_likelihood
 from dalle_ar.text import TextTokenizer
 from dalle_ar.transformer import Transformer
-
-RERANK_WEIGHT = 0.4  # weight of log p(codes | empty caption); 0 scores by likelihood alone
 
 
 def pmi_scores(
@@ -47,7 +44,7 @@ def pmi_scores(
     here (its prompts need the prior first)."""
     if len(prompts) != codes.shape[0]:
         raise ValueError(f"expected one prompt per image, got {len(prompts)} and {codes.shape[0]}")
-    check_weight(weight)
+    RerankSettings(rerank_weight=weight).validate()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout in a score
@@ -65,16 +62,6 @@ def pmi_scores(
         out.append(logps[0] - weight * logps[1] if weight else logps[0])
     model.train(was_training)
     return torch.cat(out).cpu()
-
-
-def check_weight(weight: float) -> None:
-    """A rerank weight is a finite number >= 0 (ValueError otherwise)."""
-    if (
-        isinstance(weight, bool)
-        or not isinstance(weight, (int, float))
-        or not (math.isfinite(weight) and weight >= 0)
-    ):
-        raise ValueError(f"rerank_weight must be a finite number >= 0, got {weight!r}")
 
 
 def keep_best(scores: torch.Tensor, keep: int) -> torch.Tensor:

@@ -9,18 +9,11 @@ import torch
 
 from dalle_ar.config import DataConfig
 from dalle_ar.data import shards
-from dalle_ar.data.loader import Loader, _Batches, loader_from_config, make_loader
+from dalle_ar.data.loader import _Batches, loader_from_config, make_loader
 
 
 def _keys(batches):
     return [k for batch in batches for k in batch["key"]]
-
-
-def test_loader_names_stay_importable_from_shards():
-    assert (shards.Loader, shards._Batches) == (Loader, _Batches)
-    assert (shards.make_loader, shards.loader_from_config) == (make_loader, loader_from_config)
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        shards.nope  # noqa: B018
 
 
 def test_eval_loader_is_one_deterministic_pass_with_partial_batch(shapes_shards):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dalle_ar.main_job import main as main_job
+from dalle_ar.jobs.main import main as main_job
 from dalle_ar.pipeline import DalleAR
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,6 +25,7 @@ from dalle_ar.pipeline import (
     save_prompt_grid,
     split_prompt,
 )
+from dalle_ar.pipelines import ARPipeline, Pipeline
 from dalle_ar.rerank import keep_best, pmi_scores
 from dalle_ar.sampling import decode_one, generate_image_tokens, image_log_likelihood, prefill
 from dalle_ar.transformer import Transformer
@@ -66,11 +67,50 @@ def _tool(name: str):
 # -- the pipeline ------------------------------------------------------------------------------
 
 
-def test_pipeline_folder_names_its_components(pipe_dir):
+def test_pipeline_folder_names_its_class_and_components(pipe_dir):
     meta = read_pipeline_json(pipe_dir)
-    assert set(meta["components"]) == {"text_tokenizer", "vq", "transformer"}
-    for sub in meta["components"].values():
-        assert (pipe_dir / sub / "config.json").is_file()
+    assert meta["version"] == 2 and meta["class"] == "ARPipeline"
+    assert meta["components"] == {
+        "text_tokenizer": ["dalle_ar", "TextTokenizer"],
+        "vq": ["dalle_ar", "VQTokenizer"],
+        "transformer": ["dalle_ar", "Transformer"],
+    }
+    for name in meta["components"]:
+        assert (pipe_dir / name / "config.json").is_file()
+    assert set(meta["defaults"]) == {"ar", "rerank"}
+    assert isinstance(Pipeline.from_pretrained(pipe_dir), ARPipeline)  # the class it names
+
+
+def test_save_pretrained_writes_every_component(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "again")
+    again = Pipeline.from_pretrained(tmp_path / "again")
+    assert (
+        read_pipeline_json(tmp_path / "again")["components"]
+        == read_pipeline_json(tmp_path / "again")["components"]
+    )
+    for name in ("text_tokenizer", "vq", "transformer"):
+        assert (tmp_path / "again" / name / "config.json").is_file()
+    assert again.defaults == pipe.defaults
+    a, b = pipe(PROMPTS, seed=4, guidance_scale=2.0), again(PROMPTS, seed=4, guidance_scale=2.0)
+    assert torch.equal(a.codes, b.codes)
+
+
+def test_a_mode_refuses_a_folder_without_its_components(pipe_dir, tmp_path):
+    folder = tmp_path / "no_transformer"
+    shutil.copytree(pipe_dir, folder)
+    meta = json.loads((folder / "pipeline.json").read_text())
+    del meta["components"]["transformer"]
+    (folder / "pipeline.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"ar mode \(ARPipeline\) needs the transformer comp"):
+        ARPipeline.from_pretrained(folder)
+    meta["components"]["transformer"] = ["os", "system"]  # never a library to import from
+    (folder / "pipeline.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="library one of"):
+        Pipeline.from_pretrained(folder)
+    meta["components"]["transformer"], meta["class"] = ["dalle_ar", "Transformer"], "Nope"
+    (folder / "pipeline.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unknown pipeline class 'Nope'"):
+        Pipeline.from_pretrained(folder)
 
 
 def test_call_returns_images_codes_and_metadata(pipe):
@@ -123,7 +163,7 @@ def test_candidates_keep_the_best_scoring_sample_and_its_seed(pipe):
     assert torch.equal(again.codes[0], out.codes[3])
     with pytest.raises(ValueError, match="candidates"):
         pipe(PROMPTS, candidates=0)
-    for bad in (-1.0, float("inf"), None):
+    for bad in (-1.0, float("inf")):  # None keeps the default, as for every setting
         with pytest.raises(ValueError, match="rerank_weight"):
             pipe(PROMPTS, candidates=2, rerank_weight=bad)
 
@@ -267,7 +307,7 @@ def test_priming_keeps_the_image_rows(pipe):
 
 
 def test_empty_prompt_is_the_unconditional_sample_with_a_warning(pipe, caplog):
-    with caplog.at_level(logging.WARNING, logger="dalle_ar.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
         out = pipe([""], seed=0)
     assert "prompt 0 is empty: this is an unconditional sample" in caplog.text
     assert out.codes.shape == (1, GRID, GRID)
@@ -275,17 +315,17 @@ def test_empty_prompt_is_the_unconditional_sample_with_a_warning(pipe, caplog):
 
 def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
     long = "a small red circle at the top left of a big blue square below a green diamond"
-    with caplog.at_level(logging.WARNING, logger="dalle_ar.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
         pipe([long], seed=0)
     assert f"the model reads {TEXT_LEN - 2}: truncated to 'a small" in caplog.text
 
 
 def test_unknown_characters_are_named_in_a_warning(pipe, caplog):
-    with caplog.at_level(logging.WARNING, logger="dalle_ar.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
         pipe(["a red 🙂 circle"], seed=0)
     assert "never saw in training: '🙂'" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="dalle_ar.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
         pipe(["A RED circle"], seed=0)  # upper case is normalised away: nothing to warn
     assert "never saw" not in caplog.text
 

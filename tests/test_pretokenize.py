@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -12,22 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from dalle_ar.cli.tokens import main as tokens_cli
+from dalle_ar.cli.tokens import tokenize_shards as pretokenize
+from dalle_ar.data.loader import make_loader
 from dalle_ar.data.shapes import generate
-from dalle_ar.data.shards import make_loader, write_samples
-from dalle_ar.data.tokens import codes_dtype, encode_codes, make_token_loader, pretokenize
+from dalle_ar.data.shards import write_samples
+from dalle_ar.data.tokens import codes_dtype, encode_codes, make_token_loader
 from dalle_ar.vq import VQConfig, VQTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("pretokenize", ROOT / "tools" / "pretokenize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pretok = _load_tool()
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +141,11 @@ def test_pretokenize_skips_bad_images(tmp_path, vq_dir) -> None:
 
 def test_cli(tmp_path, vq_dir, shapes_shards, capsys) -> None:
     argv = ["--vq", str(vq_dir), "--shards", shapes_shards.eval, "--out", str(tmp_path)]
-    assert pretok.main([*argv, "--prefix", "eval", "--batch-size", "16"]) == 0
+    assert tokens_cli([*argv, "--prefix", "eval", "--batch-size", "16"]) == 0
     assert f"{shapes_shards.num_eval} records" in capsys.readouterr().out
     assert (tmp_path / "eval-000000.tar").is_file()
     bad = ["--vq", str(tmp_path / "nope"), "--shards", shapes_shards.eval, "--out", str(tmp_path)]
-    assert pretok.main(bad) == 2
+    assert tokens_cli(bad) == 2
     assert "config.json is missing" in capsys.readouterr().err
     with pytest.raises(ValueError, match="multiple of 4, got 30"):
         pretokenize(vq_dir, shapes_shards.eval, tmp_path / "x", image_size=30)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dalle_ar.data import shards
+from dalle_ar.data.loader import make_loader
 
 
 def _keys(loader):
@@ -26,16 +27,16 @@ def test_fixture_info_and_expand_urls(shapes_shards):
 def test_loader_images_match_the_written_pixels(shapes_shards):
     from dalle_ar.data.shapes import render
 
-    batch = next(iter(shards.make_loader(shapes_shards.eval, 32, 4, train=False)))
+    batch = next(iter(make_loader(shapes_shards.eval, 32, 4, train=False)))
     for img, meta in zip(batch["image"], batch["meta"]):
         expected = torch.from_numpy(render(meta, 32)).permute(2, 0, 1).float() / 255
         assert torch.equal(img, expected)
 
 
 def test_resize_and_crop_to_the_configured_size(shapes_shards):
-    batch = next(iter(shards.make_loader(shapes_shards.eval, 16, 8, train=False)))
+    batch = next(iter(make_loader(shapes_shards.eval, 16, 8, train=False)))
     assert batch["image"].shape == (8, 3, 16, 16)
-    loader = shards.make_loader(shapes_shards.train, 24, 8, train=True, random_crop=True)
+    loader = make_loader(shapes_shards.train, 24, 8, train=True, random_crop=True)
     assert next(iter(loader))["image"].shape == (8, 3, 24, 24)
 
 
@@ -55,7 +56,7 @@ def test_resize_crop_shorter_side_and_random_crop():
 
 
 def test_pipe_url_and_iter_captions(shapes_shards):
-    loader = shards.make_loader(f"pipe:cat {shapes_shards.eval}", 32, 64, train=False)
+    loader = make_loader(f"pipe:cat {shapes_shards.eval}", 32, 64, train=False)
     assert len(_keys(loader)) == 64
     caps = list(shards.iter_captions(shapes_shards.train))
     assert len(caps) == 256 and all(isinstance(c, str) and c for c in caps)
@@ -162,7 +163,7 @@ def _truncated_tar(path):
 def test_bad_records_are_skipped_counted_and_reported_once(tmp_path, caplog, workers):
     a = _broken_records_tar(tmp_path / "bad-000000.tar")
     b = _truncated_tar(tmp_path / "bad-000001.tar")
-    loader = shards.make_loader(str(tmp_path), 12, 4, train=False, num_workers=workers)
+    loader = make_loader(str(tmp_path), 12, 4, train=False, num_workers=workers)
     with caplog.at_level("WARNING", logger="dalle_ar.data.shards"):
         keys = sorted(_keys(loader))
     assert keys == ["good0", "good1", "good2", "good3"]
@@ -178,7 +179,7 @@ def test_bad_records_are_skipped_counted_and_reported_once(tmp_path, caplog, wor
 
 def test_report_accumulates_over_passes_and_logs_each_pass(tmp_path, caplog):
     _broken_records_tar(tmp_path / "bad-000000.tar")
-    loader = shards.make_loader(str(tmp_path), 12, 4, train=True, epochs=2, shuffle_buffer=2)
+    loader = make_loader(str(tmp_path), 12, 4, train=True, epochs=2, shuffle_buffer=2)
     with caplog.at_level("WARNING", logger="dalle_ar.data.shards"):
         list(loader)
     assert loader.report.counts["bad_image"] == 4  # 2 per pass
@@ -190,7 +191,7 @@ def test_truncated_tar_never_crashes(tmp_path, cut):
     path = _tar(tmp_path / "t.tar", [("k0.png", _png()), ("k0.txt", b"x"), ("k1.png", _png())])
     data = open(path, "rb").read()
     open(path, "wb").write(data[:cut])
-    loader = shards.make_loader(path, 12, 4, train=False)
+    loader = make_loader(path, 12, 4, train=False)
     keys = _keys(loader)
     assert keys in ([], ["k0"])
     assert loader.report.total >= 1
@@ -199,7 +200,7 @@ def test_truncated_tar_never_crashes(tmp_path, cut):
 def test_unreadable_shard_is_reported(tmp_path):
     bad = tmp_path / "junk.tar"
     bad.write_bytes(b"\x00\x01 not a tar file" * 10)
-    loader = shards.make_loader(str(bad), 12, 4, train=False)
+    loader = make_loader(str(bad), 12, 4, train=False)
     assert _keys(loader) == []
     assert loader.report.total == 1
 
@@ -252,7 +253,7 @@ def test_data_folder_command(tmp_path, capsys):
     assert info["counts"]["train"] + info["counts"]["eval"] == 12
     assert info["counts"]["eval"] >= 1
     assert info["skipped"]["counts"] == {"missing_caption": 1, "bad_image": 1, "empty_caption": 1}
-    keys = _keys(shards.make_loader(info["train"], 16, 4, train=False))
+    keys = _keys(make_loader(info["train"], 16, 4, train=False))
     assert len(keys) == info["counts"]["train"]
     caps = sorted(shards.iter_captions(str(out)))
     assert caps == sorted(f"picture number {i}" for i in range(12))
@@ -284,7 +285,7 @@ def test_data_shapes_command_and_bad_arguments(tmp_path):
     assert main([*argv, "--shard-size", "8", "--size", "24"]) == 0
     info = json.loads((out / "info.json").read_text())
     assert info["train"].endswith("train-{000000..000003}.tar") and info["counts"]["eval"] == 10
-    batch = next(iter(shards.make_loader(info["eval"], 24, 10, train=False)))
+    batch = next(iter(make_loader(info["eval"], 24, 10, train=False)))
     assert batch["image"].shape == (10, 3, 24, 24)
     # a smaller rebuild leaves no stale shards behind
     assert main([*argv[:3], "--num-train", "5", "--num-eval", "2"]) == 0
@@ -301,7 +302,7 @@ def test_data_emoji_command(tmp_path):
     assert main(["emoji", "--out", str(out), "--size", "16", "--shard-size", "1000"]) == 0
     info = json.loads((out / "info.json").read_text())
     assert info["counts"]["train"] + info["counts"]["eval"] >= 3000
-    batch = next(iter(shards.make_loader(info["eval"], 16, 8, train=False)))
+    batch = next(iter(make_loader(info["eval"], 16, 8, train=False)))
     assert batch["image"].shape == (8, 3, 16, 16) and all(batch["caption"])
     assert {"code", "name", "base"} <= set(batch["meta"][0])
 
@@ -311,5 +312,5 @@ def test_jpeg_shards_of_wide_images_load_at_the_configured_size(tmp_path):
     imgs = [(rng.random((60, 180, 3)) * 255).astype(np.uint8) for _ in range(3)]
     samples = [(f"j{i}", im, f"wide {i}", {"i": i}) for i, im in enumerate(imgs)]
     assert shards.write_shards(samples, tmp_path, "jpg", 10, image_format="jpg") == 3
-    batch = next(iter(shards.make_loader(str(tmp_path), 32, 3, train=False)))
+    batch = next(iter(make_loader(str(tmp_path), 32, 3, train=False)))
     assert batch["image"].shape == (3, 3, 32, 32) and batch["meta"][2] == {"i": 2}

@@ -220,8 +220,8 @@ def test_cli_end_to_end_on_shards(tmp_path, shapes_shards):
     assert main([*argv, "model.depth=0"]) == 2  # a bad config is refused before any work
     assert main([*argv, f"vq={tmp_path / 'missing'}"]) == 2  # a missing folder, no traceback
 
-    # the same recipe on pretokenized shards (what tools/pretokenize.py writes)
-    from dalle_ar.data.tokens import pretokenize
+    # the same recipe on pretokenized shards (what `dalle-ar tokens` writes)
+    from dalle_ar.cli.tokens import tokenize_shards as pretokenize
 
     pretokenize(vq, shapes_shards.train, tmp_path / "tokens", "train", shard_size=64)
     argv = [a for a in argv if not a.startswith(("data.", "data_format", "run.out_dir"))]

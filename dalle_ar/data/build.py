@@ -168,18 +168,14 @@ def _parser(kind: str) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("shapes", "emoji", "folder"):
-        print("usage: dalle-ar data shapes|emoji|folder --out DIR [options]")
-        return 2
-    kind = argv[0]
-    args = _parser(kind).parse_args(argv[1:])
+def build(kind: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Write the shards of `kind` (shapes | emoji | folder) into `out`, replacing old shards, and
+    `out/info.json`; returns the info. `args`: the options of `dalle-ar data KIND` (`options`
+    gives their defaults). ValueError for impossible options."""
     if args.shard_size < 1 or (args.size is not None and args.size < 8):
-        print(
-            f"error: expected --shard-size >= 1 and --size >= 8, got {args.shard_size}, {args.size}"
+        raise ValueError(
+            f"expected --shard-size >= 1 and --size >= 8, got {args.shard_size}, {args.size}"
         )
-        return 2
-    out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     stale = sorted(out.glob("train-*.tar")) + sorted(out.glob("eval-*.tar"))
     if stale:  # a smaller rebuild must not leave old shards that a directory URL would read
@@ -187,24 +183,20 @@ def main(argv: list[str]) -> int:
         for p in stale:
             p.unlink()
     start = time.perf_counter()
-    try:
-        if kind == "shapes":
-            if min(args.num_train, args.num_eval) < 0:
-                raise ValueError("--num-train and --num-eval must be >= 0")
-            info = build_shapes(
-                out, args.num_train, args.num_eval, args.seed, args.size, args.shard_size
-            )
-        elif kind == "emoji":
-            info = build_emoji(out, args.size, args.shard_size)
-        else:
-            if not 0 <= args.eval_fraction < 1:
-                raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
-            info = build_folder(
-                args.src, out, args.eval_fraction, args.seed, args.size, args.shard_size
-            )
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
+    if kind == "shapes":
+        if min(args.num_train, args.num_eval) < 0:
+            raise ValueError("--num-train and --num-eval must be >= 0")
+        info = build_shapes(
+            out, args.num_train, args.num_eval, args.seed, args.size, args.shard_size
+        )
+    elif kind == "emoji":
+        info = build_emoji(out, args.size, args.shard_size)
+    else:
+        if not 0 <= args.eval_fraction < 1:
+            raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+        info = build_folder(
+            args.src, out, args.eval_fraction, args.seed, args.size, args.shard_size
+        )
     info = {
         "kind": kind,
         "seed": args.seed,
@@ -216,5 +208,29 @@ def main(argv: list[str]) -> int:
         "seconds": round(time.perf_counter() - start, 2),
     }
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def options(kind: str, **given: Any) -> argparse.Namespace:
+    """The options of `dalle-ar data KIND` with their defaults, `given` put in (by dest name:
+    out, num_train, seed, ...)."""
+    args = _parser(kind).parse_args(["--out", str(given.get("out", "."))] + (
+        [str(given["src"])] if kind == "folder" else []))  # fmt: skip
+    for k, v in given.items():
+        setattr(args, k, v)
+    return args
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("shapes", "emoji", "folder"):
+        print("usage: dalle-ar data shapes|emoji|folder --out DIR [options]")
+        return 2
+    kind = argv[0]
+    args = _parser(kind).parse_args(argv[1:])
+    try:
+        info = build(kind, args.out, args)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
     print(json.dumps({k: info[k] for k in ("kind", "counts", "train", "eval", "seconds")}))
     return 0

@@ -2,8 +2,8 @@
 
 Writing: `write_samples` (generic webdataset dicts) and `write_shards` (image, caption, meta).
 Reading: records (`decode_sample`, `read_caption`, `read_meta`), `iter_captions` (captions only);
-the batch loader (`make_loader`, `loader_from_config`) lives in `dalle_ar.data.loader` and is
-importable from here too.
+the batch loader (`make_loader`, `loader_from_config`) lives in `dalle_ar.data.loader`, which
+builds on this module.
 
 Every reader skips bad records (a corrupt or truncated image, a missing, empty or non-UTF-8
 caption, a truncated or unreadable tar) and counts them in a `BadDataReport`, which is logged once
@@ -328,17 +328,3 @@ def iter_captions(urls: str | list[str], report: BadDataReport | None = None) ->
             else:
                 yield caption
     report.log_if_any("iter_captions")
-
-
-# The batch loader lives in dalle_ar.data.loader, which imports this module; its names are
-# importable from here too, resolved on first use so that neither module imports the other at
-# load time.
-_LOADER_NAMES = ("Loader", "_Batches", "loader_from_config", "make_loader")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LOADER_NAMES:
-        from dalle_ar.data import loader
-
-        return getattr(loader, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

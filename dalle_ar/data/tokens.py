@@ -1,4 +1,5 @@
-"""Token shards: images already turned into VQ codes (`pretokenize`, tools/pretokenize.py).
+"""Token shards: images already turned into VQ codes (`pretokenize`; the command is
+`dalle-ar tokens`).
 
 A record is `KEY.codes.npy` (an (h, w) int16 or int32 array of code ids), `KEY.txt` (the
 caption) and `KEY.json` (meta), so transformer training never reruns the image encoder.
@@ -135,23 +136,20 @@ def token_records(vq: VQTokenizer, batches: Any, device: torch.device) -> Iterat
 
 
 def pretokenize(
-    vq_dir: str | Path,
+    vq: VQTokenizer,
     shards: str,
     out: str | Path,
     prefix: str = "train",
     image_size: int | None = None,
     batch_size: int = 64,
     shard_size: int = 5000,
-    device: str = "auto",
     num_workers: int = 0,
+    source: str = "",
 ) -> dict[str, Any]:
-    """Encode every image of `shards` with the VQ folder `vq_dir`; returns the summary written
-    to `out/PREFIX-tokens.json`."""
-    from dalle_ar.runtime import pick_device
-    from dalle_ar.vq import VQTokenizer  # the VQ stage: imported only when pretokenizing
-
-    dev = pick_device(device)
-    vq = VQTokenizer.from_pretrained(vq_dir, device=dev)
+    """Encode every image of `shards` with the loaded VQ `vq` (on its own device); returns the
+    summary written to `out/PREFIX-tokens.json` (`source`: the VQ folder, for the record). The
+    command `dalle-ar tokens` loads the VQ from its folder and calls this."""
+    dev = next(vq.parameters()).device
     size = image_size or vq.config.image_size
     grid = list(vq.grid_size(size))
     loader = make_loader(shards, size, batch_size, train=False, num_workers=num_workers)
@@ -160,7 +158,7 @@ def pretokenize(
     count = write_samples(token_records(vq, _counted(loader, bar), dev), out, prefix, shard_size)
     bar.close()
     summary = {
-        "vq": str(Path(vq_dir).resolve()),
+        "vq": source,
         "shards": shards,
         "prefix": prefix,
         "image_size": size,

@@ -51,10 +51,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from dalle_ar.runtime import sample_seeds, uniforms
+from dalle_ar.sampling.graph import GraphedStep
+from dalle_ar.sampling.logits import combine, logits_to_probs, sample_from_probs
+from dalle_ar.sampling.settings import ARSampling, resolve
 from dalle_ar.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -63,72 +67,6 @@ log = logging.getLogger(__name__)
 # primed); the rest hold 0. Called once per sampled position.
 Callback = Callable[[int, int, torch.Tensor], None]
 MIN_GRAPH_STEPS = 16  # cuda_graph=None captures the decode step only for longer runs than this
-
-
-# ----------------------------------------------------------------------------------------------
-# Logits -> probabilities -> tokens.
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set logits outside the top-k (0 = off) and outside the nucleus (top-p: the smallest set of
-    most likely tokens whose probability reaches `top_p`; 1 = off) to -inf. (..., V)."""
-    V = logits.shape[-1]
-    if top_k and top_k < V:
-        vals, idx = torch.topk(logits, top_k, dim=-1)
-        # Scatter instead of thresholding: exactly k survive even when logits tie.
-        logits = torch.full_like(logits, float("-inf")).scatter_(-1, idx, vals)
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits.float(), dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
-        drop_sorted = before >= top_p  # the first token always stays (before = 0)
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def logits_to_probs(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
-) -> torch.Tensor:
-    """Logits (..., V) -> fp32 probabilities after temperature, top-k, then top-p."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
-
-
-def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: probs (B, V), uniforms u (B,) in [0, 1) -> token ids (B,).
-    A token of probability 0 is never chosen; top-k 1 gives the argmax."""
-    cdf = torch.cumsum(probs.double(), dim=-1)  # (B, V); fp64 keeps u * total < total
-    target = (u.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(1)
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    return idx.clamp_(max=probs.shape[-1] - 1)
-
-
-def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on logits: uncond + scale * (cond - uncond)."""
-    return uncond + scale * (cond - uncond)
-
-
-def combine(streams: torch.Tensor, scales: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """Guidance over several conditions: streams (S, B, V) are the logits under S - 1 captions and,
-    last, the empty one; returns uncond + sum_i scales[i] * (streams[i] - uncond). A scale is a
-    number, or a (B,) tensor with one weight per row."""
-    if len(scales) != streams.shape[0] - 1:
-        raise ValueError(f"expected {streams.shape[0] - 1} scales, got {len(scales)}")
-    uncond = streams[-1]
-    out = uncond.clone()
-    for stream, scale in zip(streams[:-1], scales):
-        if isinstance(scale, torch.Tensor) and scale.ndim:
-            if scale.shape != stream.shape[:1]:
-                raise ValueError(
-                    f"a tensor scale needs one weight per row {tuple(stream.shape[:1])}, "
-                    f"got {tuple(scale.shape)}"
-                )
-            scale = scale.to(stream)[:, None]
-        out += scale * (stream - uncond)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,13 +133,10 @@ def image_log_likelihood(
 def generate_image_tokens(
     model: Transformer,
     text_ids: torch.Tensor | None,
+    settings: ARSampling | None = None,
     *,
     text_lens: torch.Tensor | None = None,
     num_samples: int = 1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    guidance_scale: float = 1.0,
     empty_ids: torch.Tensor | None = None,
     empty_len: int = 2,
     prime_codes: torch.Tensor | None = None,
@@ -212,12 +147,16 @@ def generate_image_tokens(
     use_cache: bool = True,
     parts: torch.Tensor | None = None,
     part_lens: torch.Tensor | None = None,
-    part_scale: float = 1.0,
     part_weights: torch.Tensor | None = None,
     cuda_graph: bool | None = None,
+    **overrides: Any,
 ) -> torch.Tensor:
     """Sample image codes for N prompts, `num_samples` each: returns (N * num_samples, h, w),
     prompt-major (all samples of prompt 0 first).
+
+    settings: how each code is drawn (`ARSampling`: temperature, top_k, top_p, guidance_scale,
+    part_scale; default `ARSampling()`); keyword overrides of its fields (`temperature=0.7`)
+    replace them for this call. ValueError names an unknown or impossible setting.
 
     text_ids (N, T) and text_lens (N,) come from `TextTokenizer.encode` (None for a model whose
     embedding replaces the text); cond (N, cond_dim) is the conditioning embedding of an
@@ -240,7 +179,9 @@ def generate_image_tokens(
     cfg = model.cfg
     dev = model.image_head.weight.device
     N = _check_inputs(model, text_ids, text_lens, cond, num_samples)
-    _check_params(temperature, top_k, top_p, guidance_scale, part_scale)
+    s = resolve(settings or ARSampling(), **overrides)
+    temperature, top_k, top_p = s.temperature, s.top_k, s.top_p
+    guidance_scale, part_scale = s.guidance_scale, s.part_scale
     B, hw, w = N * num_samples, cfg.image_len, cfg.grid_w
     K = _check_parts(parts, part_lens, part_weights, N, cfg)
     guided = guidance_scale != 1.0 or K > 0
@@ -314,7 +255,7 @@ def generate_image_tokens(
         model.setup_cache(nb)
     if cuda_graph is None:  # a capture costs about as much as a few eager steps
         cuda_graph = use_cache and dev.type == "cuda" and hw - start > MIN_GRAPH_STEPS
-    step = _GraphedStep(decode_step) if cuda_graph else decode_step
+    step = GraphedStep(decode_step) if cuda_graph else decode_step
     try:
         last = None
         for j in range(start, hw):
@@ -330,40 +271,6 @@ def generate_image_tokens(
             model.clear_cache()
         model.train(was_training)
     return codes.view(B, cfg.grid_h, w)
-
-
-class _GraphedStep:
-    """`fn(last, pos, u_j)` captured in a CUDA graph at its first call and replayed after: the
-    arguments are copied into static buffers, and the result is a static buffer that the next
-    replay overwrites (the caller copies it out first). The first call runs fn eagerly on a side
-    stream (kernel compilation, the allocator, the cache tables) and returns that result; the
-    capture that follows records the step without running it. The capture is thread-local, so
-    other threads (a data loader pinning memory, say) may use CUDA meanwhile."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
-        self.fn = fn
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.inputs: list[torch.Tensor] = []
-        self.out: torch.Tensor | None = None
-
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        if self.graph is not None:
-            for buf, a in zip(self.inputs, args):
-                buf.copy_(a)
-            self.graph.replay()
-            return self.out
-        self.inputs = [a.clone() for a in args]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            first = self.fn(*self.inputs)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                self.out = self.fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        first.record_stream(torch.cuda.current_stream())
-        self.graph = graph
-        return first
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,21 +323,6 @@ def _check_lens(lens: torch.Tensor, T: int, name: str) -> None:
     lo, hi = int(lens.min()), int(lens.max())
     if lo < 1 or hi > T:
         raise ValueError(f"{name} must be in [1, {T}], got [{lo}, {hi}]")
-
-
-def _check_params(
-    temperature: float, top_k: int, top_p: float, guidance_scale: float, part_scale: float = 1.0
-) -> None:
-    if not part_scale >= 0:
-        raise ValueError(f"part_scale must be >= 0, got {part_scale}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (top_k=1 is greedy), got {temperature}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    if not guidance_scale >= 0:
-        raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
 
 
 def _check_parts(parts, part_lens, part_weights, N: int, cfg) -> int:
@@ -486,17 +378,3 @@ def _check_empty(empty_ids: torch.Tensor, T: int) -> torch.Tensor:
     if empty_ids.shape != (T,):
         raise ValueError(f"empty_ids must have shape ({T},), got {tuple(empty_ids.shape)}")
     return empty_ids.long()[None]
-
-
-__all__ = [
-    "combine",
-    "decode_one",
-    "filter_logits",
-    "generate_image_tokens",
-    "guide",
-    "logits_to_probs",
-    "prefill",
-    "sample_from_probs",
-    "sample_seeds",
-    "uniforms",
-]

@@ -4,8 +4,10 @@ Each subcommand lives in its own module as `main(argv: list[str]) -> int | None`
 when it runs (so `dalle-ar --help` is instant and one stage's imports never slow another).
 
     dalle-ar data shapes|emoji|folder --out DIR ...
-    dalle-ar train tokenizer|vq|transformer|clip|prior --config FILE [--resume] [key=value ...]
+    dalle-ar train tokenizer|vq|transformer --config FILE [--resume] [key=value ...]
+    dalle-ar tokens --vq DIR --shards URLS --out DIR --prefix train
     dalle-ar sample --model FOLDER "a prompt" ... --out DIR
+    dalle-ar eval fidelity --model FOLDER --num 400 --out F.json
     dalle-ar pipeline    # the main job: data -> ... -> samples; finished stages are skipped
 """
 
@@ -23,11 +25,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train tokenizer": ("dalle_ar.train.tokenizer", "train the BPE text tokenizer"),
     "train vq": ("dalle_ar.train.vq", "train the VQ-VAE image tokenizer"),
     "train transformer": ("dalle_ar.train.transformer", "train the text-to-image transformer"),
-    "train clip": ("dalle_ar.train.clip", "train the CLIP reranker"),
-    "train prior": ("dalle_ar.train.prior", "train the diffusion prior"),
-    "sample": ("dalle_ar.sample", "generate images from prompts with a pipeline folder"),
-    "pipeline": ("dalle_ar.main_job", "run the whole pipeline end to end (the main job)"),
+    "tokens": ("dalle_ar.cli.tokens", "turn image shards into VQ token shards"),
+    "sample": ("dalle_ar.cli.sample", "generate images from prompts with a pipeline folder"),
+    "eval fidelity": ("dalle_ar.cli.eval", "score a pipeline's prompt fidelity on the shapes"),
+    "pipeline": ("dalle_ar.jobs.main", "run the whole pipeline end to end (the main job)"),
 }
+TWO_WORDS = ("data", "train", "eval")  # commands that take a second word
+KEEP_WORD = ("data",)  # whose module reads the second word itself
 
 
 def _usage() -> str:
@@ -44,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     key = argv[0]
     rest = argv[1:]
-    if key in ("train", "data"):
+    if key in TWO_WORDS:
         if not rest or rest[0].startswith("-"):
             print(f"dalle-ar {key}: name what to {key} ({_choices(key)})\n\n{_usage()}")
             return 2
-        key = f"{key} {rest[0]}"
-        rest = rest[1:] if key.startswith("train") else [key.split()[1], *rest[1:]]
+        word, rest = rest[0], rest[1:]
+        if key in KEEP_WORD:
+            rest = [word, *rest]
+        key = f"{key} {word}"
     if key not in COMMANDS:
         print(f"dalle-ar: unknown command {key!r}\n\n{_usage()}", file=sys.stderr)
         return 2

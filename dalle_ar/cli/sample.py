@@ -16,7 +16,7 @@ transformer's caption-image mutual information, `dalle_ar.rerank`); samples.json
 kept candidate's own seed, so --from-json regenerates it without drawing the others.
 
 A composed prompt "scene AND part AND ..." also follows each part, a caption naming part of the
-scene, weighed by --part-scale (`dalle_ar.pipeline.split_prompt`).
+scene, weighed by --part-scale (`dalle_ar.prompts.split_prompt`).
 
 An empty prompt is the unconditional sample (allowed, with a warning); over-long prompts are
 truncated (warning); --num < 1, an unreadable pipeline folder or components that do not fit
@@ -33,6 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from dalle_ar.grid import captioned_grid
+from dalle_ar.runtime import set_threads
+from dalle_ar.sampling.settings import (
+    ARSampling,
+    RerankSettings,
+    add_arguments,
+    from_args,
+    names,
+)
 
 log = logging.getLogger(__name__)
 JSON_NAME = "samples.json"
@@ -49,20 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompts-file", help="a text file with one prompt per line")
     ap.add_argument("--num", type=int, default=1, help="samples per prompt (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="first seed; sample i gets seed + i")
-    ap.add_argument("--temperature", type=float, help="softmax temperature (> 0)")
-    ap.add_argument("--top-k", type=int, help="keep the k most likely codes (0 = off)")
-    ap.add_argument("--top-p", type=float, help="nucleus: smallest set reaching p (1 = off)")
-    ap.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
-    ap.add_argument("--part-scale", type=float, help="weight of each part of a composed prompt")
-    ap.add_argument(
-        "--candidates",
-        type=int,
-        default=1,
-        help="draw this many per sample and keep the best by caption-image mutual information",
-    )
-    ap.add_argument(
-        "--rerank-weight", type=float, help="weight of the empty caption in the rerank score"
-    )
+    add_arguments(ap, ARSampling)  # every sampling setting, from its one definition
+    add_arguments(ap, RerankSettings)
     ap.add_argument("--prime-image", help="complete this image: keep its top --prime-rows rows")
     ap.add_argument("--prime-rows", type=int, default=0, help="code rows kept from --prime-image")
     ap.add_argument("--batch-size", type=int, default=16, help="samples generated together")
@@ -82,8 +78,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from dalle_ar.runtime import set_threads  # after parsing: --help stays instant
-
     set_threads(args.threads)
     try:
         if args.from_json:
@@ -112,9 +106,9 @@ def _sample(args: argparse.Namespace) -> int:
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     prompts = _read_prompts(args)
-    from dalle_ar.pipeline import DalleAR
+    from dalle_ar.pipelines import Pipeline
 
-    pipe = DalleAR.from_pretrained(args.model, device=args.device)
+    pipe = Pipeline.from_pretrained(args.model, device=args.device)
     prime = None
     if args.prime_image:
         from PIL import Image
@@ -126,16 +120,11 @@ def _sample(args: argparse.Namespace) -> int:
         prompts,
         num_samples=args.num,
         seed=args.seed,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        guidance_scale=args.guidance,
-        part_scale=args.part_scale,
         prime_codes=prime,
         batch_size=args.batch_size,
         progress=True,
-        candidates=args.candidates,
-        **({} if args.rerank_weight is None else {"rerank_weight": args.rerank_weight}),
+        **from_args(args, ARSampling),
+        **from_args(args, RerankSettings),
     )
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -180,9 +169,9 @@ def _regenerate(args: argparse.Namespace) -> int:
     if args.index is not None and not 0 <= args.index < len(samples):
         raise ValueError(f"--index must be in [0, {len(samples)}), got {args.index}")
     chosen = samples if args.index is None else [samples[args.index]]
-    from dalle_ar.pipeline import DalleAR
+    from dalle_ar.pipelines import Pipeline
 
-    pipe = DalleAR.from_pretrained(args.model or doc["model"], device=args.device)
+    pipe = Pipeline.from_pretrained(args.model or doc["model"], device=args.device)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     for rec in chosen:
@@ -196,15 +185,13 @@ def _one(pipe: Any, rec: dict[str, Any]):
     import torch
 
     prime = rec.get("prime_codes")
+    settings = {k: rec[k] for k in names(ARSampling) if rec.get(k) is not None}
     out = pipe(
         [rec["prompt"]],
         seeds=[rec["seed"]],
-        temperature=rec["temperature"],
-        top_k=rec["top_k"],
-        top_p=rec["top_p"],
-        guidance_scale=rec["guidance_scale"],
-        part_scale=rec.get("part_scale"),
+        candidates=1,  # the record holds the kept candidate's own seed
         prime_codes=None if prime is None else torch.tensor([prime], dtype=torch.long),
+        **settings,
     )
     return out.images[0]
 
@@ -213,8 +200,3 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(path)
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main())

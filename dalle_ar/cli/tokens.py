@@ -1,0 +1,78 @@
+"""`dalle-ar tokens`: image shards -> token shards, so transformer training never reruns the image
+encoder.
+
+    dalle-ar tokens --vq runs/vq_shapes/vq --shards 'data/shapes/train-*.tar' \\
+        --out data/shapes_tokens --prefix train
+
+Each output record is `KEY.codes.npy` ((h, w) int16, or int32 above 32768 codes), `KEY.txt` and
+`KEY.json`, with the keys, captions and meta of the input. Records are read in shard order in
+one deterministic pass; bad records are skipped, counted and reported once at the end (the image
+loader's rules). `OUT/PREFIX-tokens.json` records the VQ folder, the grid, the codebook size, the
+record count and the skipped records; the shards load with
+`dalle_ar.data.tokens.make_token_loader`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from dalle_ar.data.tokens import pretokenize
+from dalle_ar.runtime import pick_device
+from dalle_ar.vq import VQTokenizer
+
+
+def tokenize_shards(
+    vq_dir: str | Path,
+    shards: str,
+    out: str | Path,
+    prefix: str = "train",
+    device: str = "auto",
+    **kw: Any,
+) -> dict[str, Any]:
+    """Load the VQ folder `vq_dir` on `device` and write the token shards of `shards` to `out`
+    (`dalle_ar.data.tokens.pretokenize`: image_size, batch_size, shard_size, num_workers)."""
+    vq = VQTokenizer.from_pretrained(vq_dir, device=pick_device(device))
+    return pretokenize(vq, shards, out, prefix, source=str(Path(vq_dir).resolve()), **kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="dalle-ar tokens",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--vq", required=True, help="VQ component folder (e.g. runs/vq_shapes/vq)")
+    p.add_argument("--shards", required=True, help="image shards: path, glob, brace range, dir")
+    p.add_argument("--out", required=True, help="output folder for the token shards")
+    p.add_argument("--prefix", default="train", help="shard name prefix (train, eval, ...)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the VQ's image_size")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    p.add_argument("--shard-size", type=int, default=5000, help="records per output shard")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
+    args = p.parse_args(argv)
+    try:
+        s = tokenize_shards(
+            args.vq,
+            args.shards,
+            args.out,
+            prefix=args.prefix,
+            device=args.device,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            num_workers=args.num_workers,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dalle-ar tokens: {e}", file=sys.stderr)
+        return 2
+    skipped = sum(s["skipped"]["counts"].values())
+    print(
+        f"dalle-ar tokens: {s['records']} records -> {args.out}/{args.prefix}-*.tar "
+        f"(grid {s['grid'][0]}x{s['grid'][1]}, {s['dtype']}, {skipped} skipped, "
+        f"{s['seconds']} s)"
+    )
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation of generated images: prompt fidelity on the shapes data (`fidelity`)."""

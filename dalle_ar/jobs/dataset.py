@@ -1,0 +1,19 @@
+"""What a data set brings to the main job: how to write its shards, which component configs train
+on it, the grid's prompts and how to score the pipeline. The stages themselves
+(`dalle_ar.jobs.main`) know none of this."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSet:
+    name: str  # the main job's `data` value
+    configs: dict[str, str]  # stage -> component YAML under the config folder
+    prompts: list[str]  # the sample grid's default prompts
+    build: Callable[[Any, Path], None]  # (main job config, out folder) -> shards + info.json
+    evaluate: Callable[[Any, Any], dict[str, Any]]  # (pipeline, main job config) -> JSON report

@@ -1,0 +1,68 @@
+"""The shapes data set, as the main job uses it: procedural 32x32 scenes of coloured shapes with
+their captions, some colour-shape pairs held out of training (`dalle_ar.data.shapes`), and prompt
+fidelity read back from the pixels by the shape checker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dalle_ar.jobs.dataset import DataSet
+
+if TYPE_CHECKING:
+    from dalle_ar.jobs.main import MainJobConfig
+
+# A handful of prompts for the grid: seen and held-out colour-shape combinations
+# (dalle_ar.data.shapes.HELD_OUT_COMBOS), one- and two-object scenes, in the captions' own words
+# (shapes.caption: the cell above the centre is "top middle" or "top").
+PROMPTS = [
+    "a small red circle at the top left",
+    "a big blue square in the centre",
+    "a large green triangle at the bottom right",
+    "a small yellow diamond at the top middle",
+    "a red square to the left of a blue circle",
+    "a big purple circle above a small orange square",
+]
+SIZE = 32  # pixels a side
+
+
+def build(cfg: MainJobConfig, out: Path) -> None:
+    """Training and evaluation shards with info.json (`dalle-ar data shapes`)."""
+    from dalle_ar.data import build as data
+
+    opts = dict(num_train=cfg.num_train, num_eval=cfg.num_eval, seed=cfg.seed, size=SIZE)
+    data.build("shapes", out, data.options("shapes", out=out, **opts))
+
+
+def evaluate(pipe: Any, cfg: MainJobConfig) -> dict[str, Any]:
+    """Prompt fidelity on `cfg.fidelity_prompts` evaluation prompts: single draws without and with
+    guidance, then reranked (best of `cfg.rerank.candidates`)."""
+    from dalle_ar.eval.fidelity import evaluate_fidelity
+
+    s = cfg.sampling
+    return evaluate_fidelity(
+        pipe,
+        num_prompts=cfg.fidelity_prompts,
+        seed=cfg.seed,
+        guidance_scales=(1.0, s.guidance_scale),
+        composed=cfg.fidelity_composed,
+        candidates=cfg.rerank.candidates,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        part_scale=s.part_scale,
+        rerank_weight=cfg.rerank.rerank_weight,
+    )
+
+
+SHAPES = DataSet(
+    name="shapes",
+    configs={
+        "tokenizer": "tokenizer_shapes.yaml",
+        "vq": "vq_shapes.yaml",
+        "transformer": "transformer_shapes.yaml",
+    },
+    prompts=PROMPTS,
+    build=build,
+    evaluate=evaluate,
+)

@@ -1,0 +1,316 @@
+"""The autoregressive mode (DALL-E): prompt -> BPE ids -> the transformer draws the image codes
+one by one -> the VQ decoder draws the pixels.
+
+    pipe = ARPipeline.from_pretrained("runs/main/pipeline")
+    out = pipe(["a small red circle at the top left"], num_samples=4, seed=0, top_k=64)
+    out.images[0].save("0.png"); out.codes  # (4, h, w); out.samples[0] = {"prompt", "seed", ..}
+
+Every sample is reproducible alone from its metadata: `pipe([prompt], seeds=[seed], ...)` gives
+the same codes and pixels whatever batch it first came from (`dalle_ar.sampling`). Prompts may be
+composed ("scene AND part AND part::w", `dalle_ar.prompts`); empty, over-long and odd-character
+prompts are warned about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from dalle_ar.checkpoint import read_component_config
+from dalle_ar.grid import to_uint8
+from dalle_ar.pipelines.base import Pipeline, PipelineOutput
+from dalle_ar.pipelines.folder import write_folder
+from dalle_ar.prompts import encode_prompts, known_chars, split_prompt
+from dalle_ar.rerank import pmi_scores
+from dalle_ar.runtime import sample_seeds
+from dalle_ar.sampling import ARSampling, RerankSettings, generate_image_tokens
+from dalle_ar.sampling.settings import resolve, split_overrides
+from dalle_ar.text import TextBatch, TextTokenizer
+from dalle_ar.transformer import Transformer, TransformerConfig
+from dalle_ar.vq import VQConfig, VQTokenizer
+
+
+class ARPipeline(Pipeline):
+    """Text tokenizer + transformer + VQ decoder: the text-conditioned autoregressive mode."""
+
+    mode: ClassVar[str] = "ar"
+    required: ClassVar[tuple[str, ...]] = ("text_tokenizer", "vq", "transformer")
+    settings: ClassVar[dict[str, type]] = {"ar": ARSampling, "rerank": RerankSettings}
+
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        vq: VQTokenizer,
+        transformer: Transformer,
+        defaults: dict[str, Any] | None = None,
+    ) -> None:
+        check_compatible(tokenizer.vocab_size, vq.config, transformer.cfg)
+        t = transformer.cfg
+        if tokenizer.text_len != t.text_len:  # the model's text length decides
+            tokenizer = TextTokenizer(
+                tokenizer.hf, dataclasses.replace(tokenizer.cfg, text_len=t.text_len)
+            )
+        parts = dict(text_tokenizer=tokenizer, vq=vq.eval(), transformer=transformer.eval())
+        super().__init__(parts, defaults)
+        self.tokenizer, self.vq, self.transformer = tokenizer, vq, transformer
+        self._known_chars = known_chars(tokenizer)
+
+    @classmethod
+    def from_components(cls, components: dict[str, Any], defaults: dict[str, Any]) -> ARPipeline:
+        c = components
+        return cls(c["text_tokenizer"], c["vq"], c["transformer"], defaults)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.image_head.weight.device
+
+    # -- prompts ---------------------------------------------------------------------------
+    def check_prompts(self, prompts: Sequence[str], max_each: int = 3) -> TextBatch:
+        """Encode the prompts, warning about the odd ones (`dalle_ar.prompts.encode_prompts`)."""
+        return encode_prompts(self.tokenizer, prompts, self._known_chars, max_each)
+
+    def encode_prime(self, image: Any, rows: int) -> torch.Tensor:
+        """The first `rows` rows of an image's codes (1, rows, w), for completing it (priming).
+        `image`: a PIL image, a uint8 (H, W, 3) array or a (3, H, W) tensor in [0, 1]; it is
+        resized to the model's image size. ValueError for rows outside [0, h]."""
+        cfg = self.transformer.cfg
+        if not 0 <= rows <= cfg.grid_h:
+            raise ValueError(f"prime rows must be in [0, {cfg.grid_h}], got {rows}")
+        size = cfg.grid_h * self.vq.config.downsample, cfg.grid_w * self.vq.config.downsample
+        pil = Image.fromarray(to_uint8([image])[0]).resize(size[::-1], Image.BICUBIC)
+        x = torch.from_numpy(to_uint8([pil])).permute(0, 3, 1, 2).float().div(255)
+        return self.vq.encode(x.to(self.device))[:, :rows].cpu()
+
+    # -- generation ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        num_samples: int = 1,
+        seed: int | None = None,
+        seeds: Sequence[int] | None = None,
+        *,
+        settings: ARSampling | None = None,
+        rerank: RerankSettings | None = None,
+        prime_codes: torch.Tensor | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+        **overrides: Any,
+    ) -> PipelineOutput:
+        """Generate `num_samples` images per prompt. Seeds: `seeds` (one per sample), else
+        seed, seed+1, ... (prompt-major), else random ones (recorded in the metadata).
+
+        settings / rerank: `ARSampling` / `RerankSettings`, default the folder's; keyword
+        overrides of their fields (`guidance_scale=1.5`, `top_k=64`, `candidates=16`,
+        `rerank_weight=0.4`; None keeps the default) replace them for this call. prime_codes
+        (1 | n_prompts | n_samples, r, w) fixes the first r rows of codes. `batch_size` samples
+        are generated together (the output does not depend on it).
+
+        candidates K > 1 draws K candidates per sample and keeps the best-scoring one
+        (`dalle_ar.rerank`: the transformer's caption-image mutual information; a composed
+        prompt is scored by its scene caption); see `Pipeline._best_of` for the seeds."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"expected a prompt or a non-empty list of prompts, got {prompts!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        ar_kw, rr_kw = split_overrides(overrides, ARSampling, RerankSettings)
+        s = resolve(settings or self.defaults["ar"], **ar_kw)
+        rr = resolve(rerank or self.defaults["rerank"], **rr_kw)
+        if self.transformer.cfg.cond_len:
+            raise ValueError(
+                f"this transformer is conditioned on an embedding (cond_dim="
+                f"{self.transformer.cfg.cond_dim}) and needs the prior to make one from the "
+                "prompt; the prior is not wired in yet"
+            )
+        n = len(prompts) * num_samples
+        kw = dict(settings=s, batch_size=batch_size, progress=progress)
+        if rr.candidates == 1:
+            prime = _expand_prime(prime_codes, len(prompts), num_samples)
+            codes, samples = self._draw(prompts, num_samples, seed, seeds, prime, **kw)
+            return PipelineOutput(self.decode(codes), codes, samples, dataclasses.asdict(s))
+        K = rr.candidates
+        if prime_codes is not None and prime_codes.ndim == 3 and len(prime_codes) == n > 1:
+            prime_codes = prime_codes.repeat_interleave(K, 0)  # one grid per sample
+        elif prime_codes is not None and len(prime_codes) not in (1, len(prompts)):
+            raise ValueError(
+                f"prime_codes must hold 1, {len(prompts)} (per prompt) or {n} (per sample) "
+                f"grids, got {len(prime_codes)}"
+            )
+        prime = _expand_prime(prime_codes, len(prompts), num_samples * K)
+
+        def draw(cand_seeds: list[int]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+            return self._draw(prompts, num_samples * K, None, cand_seeds, prime, **kw)
+
+        out = self._best_of(n, rr, seed, seeds, draw, batch_size=batch_size)
+        for j, meta in enumerate(out.samples):
+            meta["sample_index"] = j % num_samples
+        out.settings = {**dataclasses.asdict(s), **dataclasses.asdict(rr)}
+        return out
+
+    def rerank_scores(
+        self,
+        samples: list[dict[str, Any]],
+        codes: torch.Tensor,
+        rerank: RerankSettings,
+        batch_size: int = 16,
+    ) -> torch.Tensor:
+        """PMI of each candidate with its prompt's scene caption, over the rows it drew."""
+        scenes = [split_prompt(m["prompt"])[0] for m in samples]
+        return pmi_scores(
+            self.transformer, self.tokenizer, scenes, codes, weight=rerank.rerank_weight,
+            start_row=samples[0]["prime_rows"], batch_size=batch_size,
+        )  # fmt: skip
+
+    def _draw(
+        self,
+        prompts: list[str],
+        num_samples: int,
+        seed: int | None,
+        seeds: Sequence[int] | None,
+        prime: torch.Tensor | None,
+        settings: ARSampling,
+        batch_size: int,
+        progress: bool,
+    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """The codes (n, h, w) and per-sample metadata, without reranking; `prime` holds one
+        grid per sample or is None."""
+        cfg = self.transformer.cfg
+        n = len(prompts) * num_samples
+        per_seed = sample_seeds(n, seed if seeds is None else seeds)
+        split = [split_prompt(p) for p in prompts]
+        text = self.check_prompts([scene for scene, _ in split])
+        # each distinct part is encoded (and warned about) once
+        part_texts = sorted({q for _, parts in split for q, _ in parts})
+        part_row = {q: i for i, q in enumerate(part_texts)}
+        part_text = self.check_prompts(part_texts) if part_texts else None
+        empty = self.tokenizer.encode([""])
+        # Samples whose prompts have the same number of parts run together, in prompt order.
+        groups: dict[int, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(len(split[i // num_samples][1]), []).append(i)
+        chunks = [
+            (K, idx[s : s + batch_size])
+            for K, idx in sorted(groups.items())
+            for s in range(0, len(idx), batch_size)
+        ]
+        codes = torch.zeros(n, cfg.grid_h, cfg.grid_w, dtype=torch.long)
+        text_lens = text.mask.sum(1)
+        bar = tqdm(total=n * cfg.image_len, desc="tokens", unit="tok", disable=not progress)
+        for K, idx in tqdm(chunks, desc="batches", disable=not progress or len(chunks) == 1):
+            rows = [i // num_samples for i in idx]
+            part_kw = {}
+            if K:
+                sel = [part_row[q] for r in rows for q, _ in split[r][1]]
+                part_kw = dict(
+                    parts=part_text.ids[sel].view(len(idx), K, -1),
+                    part_lens=part_text.mask[sel].sum(1).view(len(idx), K),
+                    part_weights=torch.tensor([[w for _, w in split[r][1]] for r in rows]),
+                )
+            codes[idx] = generate_image_tokens(
+                self.transformer,
+                text.ids[rows],
+                settings,
+                text_lens=text_lens[rows],
+                empty_ids=empty.ids[0],
+                empty_len=int(empty.mask[0].sum()),
+                prime_codes=None if prime is None else prime[idx],
+                seeds=[per_seed[i] for i in idx],
+                callback=lambda *_, k=len(idx): bar.update(k),  # noqa: B008
+                **part_kw,
+            ).cpu()
+        bar.close()
+        rows = 0 if prime is None else prime.shape[1]
+        record = dataclasses.asdict(settings)
+        samples = [
+            {
+                "prompt": prompts[i // num_samples],
+                "prompt_index": i // num_samples,
+                "sample_index": i % num_samples,
+                "seed": per_seed[i],
+                **record,
+                "prime_rows": rows,
+                "prime_codes": None if prime is None else prime[i].tolist(),
+            }
+            for i in range(n)
+        ]
+        return codes, samples
+
+
+DalleAR = ARPipeline  # the name this class had before there were other modes
+
+
+def check_compatible(text_vocab_size: int, vq_cfg: VQConfig, tf_cfg: TransformerConfig) -> None:
+    """Refuse components that cannot work together, naming both sizes (ValueError)."""
+    if vq_cfg.codebook_size != tf_cfg.image_vocab:
+        raise ValueError(
+            f"the VQ codebook has {vq_cfg.codebook_size} codes but the transformer's image_vocab "
+            f"is {tf_cfg.image_vocab}: expected equal (were they trained together?)"
+        )
+    if tf_cfg.has_text and text_vocab_size > tf_cfg.text_vocab:
+        raise ValueError(
+            f"the tokenizer has {text_vocab_size} ids but the transformer's text_vocab is "
+            f"{tf_cfg.text_vocab}: expected text_vocab >= the tokenizer's vocabulary"
+        )
+    patch = 3 * vq_cfg.downsample**2
+    if tf_cfg.code_features and tf_cfg.code_features != patch:
+        raise ValueError(
+            f"the transformer describes codes with {tf_cfg.code_features} features but this VQ "
+            f"draws {patch} ({vq_cfg.downsample}x{vq_cfg.downsample} RGB patches): expected the "
+            "VQ it was trained with"
+        )
+
+
+def assemble(
+    folder: str | Path,
+    tokenizer: str | Path,
+    vq: str | Path,
+    transformer: str | Path,
+    *,
+    defaults: dict[str, Any] | None = None,
+    link: bool = False,
+) -> Path:
+    """Write an autoregressive pipeline folder from trained component folders, atomically:
+    copies (or, with `link`, absolute symlinks) plus pipeline.json. The components are checked
+    against each other first (vocabulary, codebook and patch sizes), and `defaults` (flat
+    `ARSampling` fields, or sections {"ar": ..., "rerank": ...}) against the settings."""
+    srcs = {"text_tokenizer": Path(tokenizer), "vq": Path(vq), "transformer": Path(transformer)}
+    for name, src in srcs.items():
+        if not (src / "config.json").is_file():
+            raise FileNotFoundError(f"{name} folder {src} is missing or has no config.json")
+    tok = TextTokenizer.from_pretrained(srcs["text_tokenizer"])
+    vq_cfg = read_component_config(srcs["vq"], "vq", VQConfig)
+    tf_cfg = read_component_config(srcs["transformer"], "transformer", TransformerConfig)
+    check_compatible(tok.vocab_size, vq_cfg, tf_cfg)
+    settings = ARPipeline._defaults(defaults)
+    pairs = {"text_tokenizer": "TextTokenizer", "vq": "VQTokenizer", "transformer": "Transformer"}
+    sources = {k: (("dalle_ar", pairs[k]), src) for k, src in srcs.items()}
+    as_json = {k: dataclasses.asdict(v) for k, v in settings.items()}
+    return write_folder(folder, "ARPipeline", sources, ARPipeline.optional, as_json, link)
+
+
+def _expand_prime(prime: torch.Tensor | None, n_prompts: int, num: int) -> torch.Tensor | None:
+    """Prime codes (1 | n_prompts | n_prompts*num, r, w) -> one grid per sample."""
+    if prime is None:
+        return None
+    if prime.ndim != 3:
+        raise ValueError(f"prime_codes must be (n, r, w), got shape {tuple(prime.shape)}")
+    k = prime.shape[0]
+    if k == 1:
+        return prime.expand(n_prompts * num, -1, -1).long()
+    if k == n_prompts:
+        return prime.repeat_interleave(num, 0).long()
+    if k == n_prompts * num:
+        return prime.long()
+    raise ValueError(
+        f"prime_codes must hold 1, {n_prompts} (per prompt) or {n_prompts * num} (per sample) "
+        f"grids, got {k}"
+    )

@@ -1,0 +1,175 @@
+"""Sampling settings, defined once: one dataclass per kind of generation.
+
+Each dataclass is the single definition of its knobs: their defaults, their checks, the command-line
+option of each (`add_arguments`), the JSON record of a sample and a pipeline folder's defaults
+(`from_dict`). The token API, the pipelines, `dalle-ar sample`, `dalle-ar eval` and the main job
+all read it, so a new knob is one new field here (and its use in the loop).
+
+    s = ARSampling(guidance_scale=1.5, temperature=0.7)
+    s = resolve(s, top_k=64, top_p=None)        # None keeps the value; unknown names are refused
+    generate_image_tokens(model, ids, s, text_lens=lens)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Any, TypeVar
+
+from dalle_ar.config import require
+
+S = TypeVar("S")
+KIND = "sampling setting"  # how errors name a field: "sampling setting 'top_k': ..."
+
+
+def _option(flag: str, help: str) -> dict[str, str]:
+    """Field metadata: the command-line flag and its help line."""
+    return {"flag": flag, "help": help}
+
+
+def _finite_at_least(value: Any, low: float) -> bool:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return ok and math.isfinite(value) and value >= low
+
+
+@dataclasses.dataclass
+class ARSampling:
+    """How the autoregressive transformer draws each image code (`sampling.generate_image_tokens`).
+
+    Classifier-free guidance: Ho & Salimans 2022; top-p (nucleus): Holtzman et al. 2020; composed
+    prompts (a product of experts): Liu et al. 2022, "Compositional Visual Generation"."""
+
+    temperature: float = dataclasses.field(
+        default=1.0, metadata=_option("--temperature", "softmax temperature (> 0)")
+    )
+    top_k: int = dataclasses.field(
+        default=0, metadata=_option("--top-k", "keep the k most likely codes (0 = off)")
+    )
+    top_p: float = dataclasses.field(
+        default=1.0, metadata=_option("--top-p", "nucleus: the smallest set reaching p (1 = off)")
+    )
+    guidance_scale: float = dataclasses.field(
+        default=1.0, metadata=_option("--guidance", "classifier-free guidance scale (1 = off)")
+    )
+    part_scale: float = dataclasses.field(
+        default=1.0, metadata=_option("--part-scale", "weight of each part of a composed prompt")
+    )
+
+    def validate(self) -> None:
+        """ConfigError (a ValueError) naming the first impossible field."""
+        t, k, p = self.temperature, self.top_k, self.top_p
+        require(_finite_at_least(t, 0) and t > 0, "temperature",
+                f"must be > 0 (top_k=1 is greedy), got {t!r}", KIND)  # fmt: skip
+        ok_k = isinstance(k, int) and not isinstance(k, bool) and k >= 0
+        require(ok_k, "top_k", f"must be an int >= 0 (0 = off), got {k!r}", KIND)
+        require(_finite_at_least(p, 0) and 0 < p <= 1, "top_p",
+                f"must be in (0, 1] (1 = off), got {p!r}", KIND)  # fmt: skip
+        g = self.guidance_scale
+        require(_finite_at_least(g, 0), "guidance_scale",
+                f"must be >= 0 (1 = no guidance), got {g!r}", KIND)  # fmt: skip
+        s = self.part_scale
+        require(_finite_at_least(s, 0), "part_scale", f"must be >= 0, got {s!r}", KIND)
+
+
+# Weight of log p(codes | empty caption), chosen on a prompt set of its own:
+# docs/experiments/reranking.md.
+RERANK_WEIGHT = 0.4
+
+
+@dataclasses.dataclass
+class RerankSettings:
+    """Best of `candidates` per sample, scored by the pipeline's reranker (`dalle_ar.rerank`:
+    the transformer's caption-image mutual information, `rerank_weight` the weight of the empty
+    caption's log-likelihood)."""
+
+    candidates: int = dataclasses.field(
+        default=1,
+        metadata=_option(
+            "--candidates", "draw this many per sample and keep the best-scoring one (1 = off)"
+        ),
+    )
+    rerank_weight: float = dataclasses.field(
+        default=RERANK_WEIGHT,
+        metadata=_option("--rerank-weight", "weight of the empty caption in the rerank score"),
+    )
+
+    def validate(self) -> None:
+        """ConfigError (a ValueError) naming the first impossible field."""
+        c, w = self.candidates, self.rerank_weight
+        ok_c = isinstance(c, int) and not isinstance(c, bool) and c >= 1
+        require(ok_c, "candidates", f"must be an int >= 1, got {c!r}", KIND)
+        require(_finite_at_least(w, 0), "rerank_weight",
+                f"must be a finite number >= 0, got {w!r}", KIND)  # fmt: skip
+
+
+def names(cls: type) -> tuple[str, ...]:
+    """The field names of a settings dataclass."""
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def resolve(base: S, **overrides: Any) -> S:
+    """`base` with the overrides that are not None put in, checked. ValueError for a name that is
+    not a field of `base`'s class, or an impossible value."""
+    unknown = sorted(set(overrides) - set(names(type(base))))
+    if unknown:
+        raise ValueError(
+            f"unknown {type(base).__name__} settings {unknown}; known: {list(names(type(base)))}"
+        )
+    given = {k: v for k, v in overrides.items() if v is not None}
+    out = dataclasses.replace(base, **given) if given else base
+    out.validate()
+    return out
+
+
+def split_overrides(overrides: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
+    """Split keyword arguments among settings classes by field name; ValueError naming any that
+    belongs to none."""
+    out: list[dict[str, Any]] = [{} for _ in classes]
+    for key, value in overrides.items():
+        owner = next((i for i, c in enumerate(classes) if key in names(c)), None)
+        if owner is None:
+            known = [n for c in classes for n in names(c)]
+            raise ValueError(f"unknown sampling setting {key!r}; known: {known}")
+        out[owner][key] = value
+    return out
+
+
+def from_dict(cls: type[S], values: dict[str, Any] | None, where: str) -> S:
+    """Settings from a JSON mapping (a samples.json record, a pipeline folder's defaults); missing
+    fields take the class defaults. ValueError naming `where` and the key for an unknown one."""
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(names(cls)))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown {cls.__name__} settings {unknown}; known: {list(names(cls))}"
+        )
+    out = cls(**values)
+    out.validate()
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field (its metadata's flag and help), default None: "not given", so the
+    pipeline folder's defaults apply."""
+    for f in dataclasses.fields(cls):
+        kind = int if f.type in (int, "int") else float
+        parser.add_argument(f.metadata["flag"], dest=f.name, type=kind, help=f.metadata["help"])
+
+
+def from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` given on the command line (see `add_arguments`)."""
+    return {n: getattr(args, n) for n in names(cls) if getattr(args, n, None) is not None}
+
+
+__all__ = [
+    "ARSampling",
+    "RERANK_WEIGHT",
+    "RerankSettings",
+    "add_arguments",
+    "from_args",
+    "from_dict",
+    "names",
+    "resolve",
+    "split_overrides",
+]
