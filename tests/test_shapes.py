@@ -125,7 +125,7 @@ def test_bad_input_raises_value_error():
 
 
 def test_composed_prompt_adds_a_colour_and_a_shape_expert_per_object():
-    from dalle_ar.pipeline import split_prompt
+    from dalle_ar.prompts import split_prompt
 
     got = shapes.composed_prompt("a big pink diamond at the top")
     assert split_prompt(got) == (

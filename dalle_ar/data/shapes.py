@@ -227,12 +227,13 @@ _PAIR = re.compile(rf"\b({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b")
 
 
 def composed_prompt(text: str) -> str:
-    """A caption as a composed prompt (`dalle_ar.pipeline.split_prompt`): the caption, then for
+    """A caption as a composed prompt (`dalle_ar.prompts.split_prompt`): the caption, then for
     each colour-shape pair in it the caption without the colour and the caption without the
     shape, "a big pink diamond at the top" -> "a big pink diamond at the top AND a big diamond at
     the top AND a big pink at the top". Sampling then multiplies in an expert for the shape and
     one for the colour of each object, which can draw pairs that no training caption named
-    (README: it helps single objects and hurts two-object scenes)."""
+    (docs/experiments/composed-prompts.md: it helps single objects and hurts two-object
+    scenes)."""
     parts = []
     for m in _PAIR.finditer(text):
         for keep in (m.group(2), m.group(1)):
