@@ -29,17 +29,16 @@ One forward path serves training, prefill and decoding (gpt-fast style):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dalle_ar.attention import IMPLS, AttentionBackend, get_backend
+from dalle_ar.attention import IMPLS, get_backend
+from dalle_ar.blocks import Block, KVCache, block_flops, check_range
 from dalle_ar.checkpoint import load_pretrained, save_pretrained
 from dalle_ar.config import require
 from dalle_ar.kernels.layouts import LAYOUT_KINDS, Layout
@@ -168,77 +167,6 @@ class TransformerConfig:
 class Logits(NamedTuple):
     text: torch.Tensor  # (B, n, text_vocab): positions whose next token is text
     image: torch.Tensor  # (B, m, image_vocab): positions whose next token is an image code
-
-
-class KVCache(nn.Module):
-    """Static per-layer cache, allocated once for the full stream and written in place."""
-
-    def __init__(
-        self, batch_size: int, heads: int, max_len: int, head_dim: int, dtype, device
-    ) -> None:
-        super().__init__()
-        shape = (batch_size, heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(
-        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, L, D) at stream positions `pos` (L,); return the whole cache."""
-        self.k.index_copy_(2, pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, pos, v.to(self.v.dtype))
-        return self.k, self.v
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: TransformerConfig, layout: Layout, backend: AttentionBackend) -> None:
-        super().__init__()
-        self.heads, self.head_dim = cfg.heads, cfg.head_dim
-        inner = cfg.heads * cfg.head_dim
-        self.qkv = nn.Linear(cfg.dim, 3 * inner, bias=False)
-        self.proj = nn.Linear(inner, cfg.dim, bias=False)
-        self.layout = layout
-        self.backend = backend
-        self.cache: KVCache | None = None
-
-    def forward(
-        self, x: torch.Tensor, pos: torch.Tensor | None, text_lens: torch.Tensor | None
-    ) -> torch.Tensor:
-        B, L, _ = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, D)
-        if pos is None:
-            y = self.backend(q, k, v, self.layout, text_lens)
-        else:
-            if self.cache is None:
-                raise ValueError("input_pos was given but no KV cache is set up (setup_cache)")
-            kc, vc = self.cache.update(pos, k, v)
-            if L > 1:  # prefill: positions 0..L-1, the fresh k, v equal the cache's head
-                y = self.backend(q, k, v, self.layout, text_lens)
-            else:
-                lengths = (pos + 1).expand(B)  # (B,) filled entries, the new one included
-                y = self.backend.decode(q.to(kc.dtype), kc, vc, lengths, self.layout, text_lens)
-                y = y.to(x.dtype)
-        y = y.transpose(1, 2).reshape(B, L, self.heads * self.head_dim)
-        return self.proj(y)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig, layout: Layout, backend: AttentionBackend) -> None:
-        super().__init__()
-        hidden = int(cfg.mlp_ratio * cfg.dim)
-        self.ln1 = nn.LayerNorm(cfg.dim)
-        self.attn = Attention(cfg, layout, backend)
-        self.ln2 = nn.LayerNorm(cfg.dim)
-        self.fc = nn.Linear(cfg.dim, hidden)
-        self.out = nn.Linear(hidden, cfg.dim)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(
-        self, x: torch.Tensor, pos: torch.Tensor | None, text_lens: torch.Tensor | None
-    ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), pos, text_lens))
-        return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
 
 
 class Transformer(nn.Module):
@@ -437,10 +365,10 @@ class Transformer(nn.Module):
             raise ValueError("cond was given but this model has cond_dim=0")
         text, image = tokens[:, :T], tokens[:, T:]
         if text.shape[1]:
-            _check_range(text, cfg.text_vocab, "text ids")
+            check_range(text, cfg.text_vocab, "text ids")
             parts.append(self.text_emb(text) + self.text_pos_emb.weight[: text.shape[1]])
         if image.shape[1]:
-            _check_range(image, cfg.image_vocab, "image codes")
+            check_range(image, cfg.image_vocab, "image codes")
             img_pos = torch.arange(image.shape[1], device=tokens.device)
             parts.append(self._embed_image(image, img_pos))
         return torch.cat(parts, dim=1)
@@ -458,112 +386,7 @@ class Transformer(nn.Module):
         forward) or the forward alone. Attention counts only the key positions each layer's
         layout lets a query see (averaged over the stream), as a sparse kernel does."""
         cfg = self.cfg
-        inner = cfg.heads * cfg.head_dim
-        hidden = int(cfg.mlp_ratio * cfg.dim)
-        per_layer = 2 * (cfg.dim * 3 * inner + inner * cfg.dim + 2 * cfg.dim * hidden)
-        n = cfg.seq_len
-        attn = 0.0
-        for lay in self.layouts:
-            visible = _visible_pairs(lay) / n  # mean keys per query
-            attn += 2 * 2 * visible * inner  # q @ k^T and p @ v
-        head = (
-            2
-            * cfg.dim
-            * (
-                (cfg.text_positions - 1) * cfg.text_vocab * cfg.has_text
-                + cfg.image_len * cfg.image_vocab
-            )
-            / n
-        )
-        fwd = cfg.depth * per_layer + attn + head
+        text_out = (cfg.text_positions - 1) * cfg.text_vocab * cfg.has_text
+        head = 2 * cfg.dim * (text_out + cfg.image_len * cfg.image_vocab) / cfg.seq_len
+        fwd = block_flops(cfg, self.layouts) + head
         return 3 * fwd if backward else fwd
-
-
-@functools.lru_cache(maxsize=64)
-def _visible_pairs(layout: Layout, chunk: int = 256) -> int:
-    # Row chunks keep the boolean mask small even at the paper's 1280 positions.
-    n, total = layout.seq_len, 0
-    keys = torch.arange(n)
-    for start in range(0, n, chunk):
-        q = torch.arange(start, min(n, start + chunk))
-        total += int(layout.allowed(q[:, None], keys[None, :]).sum())
-    return total
-
-
-def _check_range(ids: torch.Tensor, size: int, what: str) -> None:
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= size:
-        raise ValueError(f"{what} must be in [0, {size}), got values in [{lo}, {hi}]")
-
-
-# ----------------------------------------------------------------------------------------------
-# Training-side helpers that belong to this model's stream (used by the recipe and by tests).
-
-
-def lm_loss(
-    logits: Logits,
-    text: torch.Tensor | None,
-    image: torch.Tensor,
-    text_lens: torch.Tensor | None,
-    text_weight: float = 1 / 8,
-    image_weight: float = 7 / 8,
-    text_count: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted next-token cross-entropy (paper, section 2.2: 1/8 text, 7/8 image).
-
-    Each part is a mean over its own valid targets: text targets are text[:, 1:] up to the
-    sample's length (padding excluded), image targets all h*w codes. `text_count` replaces the
-    local number of valid text targets as the text normaliser: data-parallel training passes
-    global count / world size, so the averaged gradients equal those of one big batch.
-    Returns (loss, parts)."""
-    B = image.shape[0]
-    codes = image.reshape(B, -1)
-    if logits.image.shape[:2] != codes.shape:
-        raise ValueError(
-            f"image logits cover {tuple(logits.image.shape[:2])} positions, "
-            f"targets {tuple(codes.shape)}"
-        )
-    img_loss = F.cross_entropy(logits.image.float().flatten(0, 1), codes.flatten())
-    parts = {"image_loss": img_loss.detach()}
-    loss = image_weight * img_loss
-    if text is not None and logits.text.shape[1] > 0:
-        targets = text[:, 1 : 1 + logits.text.shape[1]]  # (B, n)
-        valid = torch.ones_like(targets, dtype=torch.bool)
-        if text_lens is not None:
-            idx = torch.arange(1, 1 + targets.shape[1], device=targets.device)
-            valid = idx[None, :] < text_lens[:, None]
-        ce = F.cross_entropy(logits.text.float().flatten(0, 1), targets.flatten(), reduction="none")
-        count = valid.sum() if text_count is None else text_count
-        txt_loss = (ce * valid.flatten()).sum() / count.clamp(min=1)
-        parts["text_loss"] = txt_loss.detach()
-        loss = loss + text_weight * txt_loss
-    return loss, parts
-
-
-def drop_conditioning(
-    text: torch.Tensor,
-    text_lens: torch.Tensor,
-    empty_ids: torch.Tensor,
-    empty_len: int,
-    drop: torch.Tensor,
-    cond: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Classifier-free guidance dropout: where `drop` (B,) is True a sample's text becomes the
-    empty caption (`empty_ids` (T,), e.g. [BOS, EOS, PAD...], `empty_len` valid ids) and its
-    embedding `cond` becomes zeros, the same unconditional input guidance uses when sampling.
-    The caller draws `drop` (probability p), so data-parallel ranks can slice one global draw."""
-    if empty_ids.shape != text.shape[1:]:
-        raise ValueError(
-            f"empty_ids must have shape {tuple(text.shape[1:])}, got {tuple(empty_ids.shape)}"
-        )
-    if drop.shape != text.shape[:1] or drop.dtype != torch.bool:
-        raise ValueError(
-            f"drop must be a bool tensor of shape ({text.shape[0]},), got "
-            f"{drop.dtype} {tuple(drop.shape)}"
-        )
-    drop = drop.to(text.device)
-    text = torch.where(drop[:, None], empty_ids.to(text.device)[None, :], text)
-    text_lens = torch.where(drop, text_lens.new_tensor(empty_len), text_lens)
-    if cond is not None:
-        cond = torch.where(drop[:, None], torch.zeros_like(cond), cond)
-    return text, text_lens, cond

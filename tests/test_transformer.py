@@ -11,13 +11,8 @@ import yaml
 from _pipeline_fixtures import tiny_transformer_config
 
 from dalle_ar.config import ConfigError, config_from_dict, load_config
-from dalle_ar.transformer import (
-    Logits,
-    Transformer,
-    TransformerConfig,
-    drop_conditioning,
-    lm_loss,
-)
+from dalle_ar.train.objectives import drop_conditioning, lm_loss
+from dalle_ar.transformer import Logits, Transformer, TransformerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 T, H, W = 5, 3, 4  # text positions, image grid

@@ -31,14 +31,9 @@ from dalle_ar.train.common import (
     schedule_step,
     set_lr,
 )
+from dalle_ar.train.objectives import drop_conditioning, lm_loss
 from dalle_ar.train.transformer_data import BatchSource, ShardBatches
-from dalle_ar.transformer import (
-    COMPONENT,
-    Transformer,
-    TransformerConfig,
-    drop_conditioning,
-    lm_loss,
-)
+from dalle_ar.transformer import COMPONENT, Transformer, TransformerConfig
 
 log = logging.getLogger(__name__)
 
