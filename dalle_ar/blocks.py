@@ -11,6 +11,7 @@ a prefill (L > 1, positions 0..L-1) or one decode step (L == 1) that attends to 
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -101,6 +102,32 @@ class Block(nn.Module):
         return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
 
 
+def dalle_kinds(depth: int) -> list[str]:
+    """The layout kind of each of `depth` layers in the paper's schedule (appendix B.1): row
+    attention unless (i - 2) mod 4 == 0 (layers counted from 1), then column attention; the last
+    layer is convolutional."""
+    kinds = ["col" if (i - 2) % 4 == 0 else "row" for i in range(1, depth + 1)]
+    kinds[-1] = "conv"
+    return kinds
+
+
+def init_weights(model: nn.Module, blocks: nn.ModuleList) -> None:
+    """GPT-2 initialisation of `model`: N(0, 0.02) weights of linear and embedding layers, zero
+    biases; then the residual output projections of its `blocks` drawn with std
+    0.02 / sqrt(2 * depth), which keeps the stream's variance independent of depth at init."""
+    model.apply(_init_module)
+    for block in blocks:
+        for lin in (block.attn.proj, block.out):
+            nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * len(blocks)))
+
+
+def _init_module(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
 def block_flops(cfg: TransformerConfig, layouts: list[Layout]) -> float:
     """Forward matmul FLOPs per stream position of one block per layout: the q, k, v and output
     projections and the MLP, plus attention over only the keys each layout lets a query see
@@ -132,3 +159,17 @@ def check_range(ids: torch.Tensor, size: int, what: str) -> None:
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= size:
         raise ValueError(f"{what} must be in [0, {size}), got values in [{lo}, {hi}]")
+
+
+def check_text_lens(
+    text_lens: torch.Tensor | None, B: int, has_text: bool, device: torch.device
+) -> torch.Tensor | None:
+    """text_lens (B,) as long on `device` (None stays None). Raises ValueError for another
+    shape, or when the model has no text (`has_text` False: cond_mode=replace)."""
+    if text_lens is None:
+        return None
+    if not has_text:
+        raise ValueError("text_lens was given but this model has no text (cond_mode=replace)")
+    if text_lens.shape != (B,):
+        raise ValueError(f"text_lens must have shape ({B},), got {tuple(text_lens.shape)}")
+    return text_lens.to(device=device, dtype=torch.long)

@@ -29,19 +29,28 @@ One forward path serves training, prefill and decoding (gpt-fast style):
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dalle_ar.attention import IMPLS, get_backend
-from dalle_ar.blocks import Block, KVCache, block_flops, check_range
-from dalle_ar.checkpoint import load_pretrained, save_pretrained
+from dalle_ar.blocks import (
+    Block,
+    KVCache,
+    block_flops,
+    check_range,
+    check_text_lens,
+    dalle_kinds,
+    init_weights,
+)
+from dalle_ar.checkpoint import load_pretrained, read_component_config, save_pretrained
 from dalle_ar.config import require
 from dalle_ar.kernels.layouts import LAYOUT_KINDS, Layout
+from dalle_ar.vq import drawn_masks
 
 COMPONENT = "transformer"
 CODE_INPUTS = ("code", "mask")  # TransformerConfig.code_input
@@ -73,10 +82,10 @@ class TransformerConfig:
     # resolved by the training recipe from its `vq` folder before the model is built.
     code_features: int = 0
     # What an image position already drawn feeds the model. "code": the code's own embedding
-    # (plus its code features). "mask": only which pixels of its patch are not background white,
-    # read from the code features: never which code, nor its colour. The model then cannot learn
-    # from the drawing so far that, say, blue objects are never circles; colour and shape come
-    # from the caption. For plain white-background data (shapes, emoji); needs code features.
+    # (plus its code features). "mask": only which pixels of its patch are drawn, as the VQ says
+    # (`VQTokenizer.code_masks`, given with the code features): never which code, nor its
+    # colour. The model then cannot learn from the drawing so far that, say, blue objects are
+    # never circles; colour and shape come from the caption. Needs code features.
     code_input: str = "code"
 
     def validate(self) -> None:
@@ -105,12 +114,9 @@ class TransformerConfig:
         require(self.code_features >= -1, "code_features", "must be >= 0, or -1 (from the VQ)")
         require(self.code_input in CODE_INPUTS, "code_input", f"must be one of {CODE_INPUTS}")
         if self.code_input == "mask":
-            require(
-                self.code_features == -1
-                or (self.code_features > 0 and self.code_features % 3 == 0),
-                "code_input",
-                f"mask reads RGB code features (-1 or 3*f*f), got {self.code_features}",
-            )
+            n = self.code_features
+            rgb = n == -1 or (n > 0 and n % 3 == 0)
+            require(rgb, "code_input", f"mask reads RGB code features (-1 or 3*f*f), got {n}")
         if isinstance(self.layouts, list):
             require(
                 len(self.layouts) == self.depth,
@@ -155,13 +161,7 @@ class TransformerConfig:
         """The attention layout of each layer."""
         if isinstance(self.layouts, list):
             return list(self.layouts)
-        if self.layouts != "dalle":
-            return [self.layouts] * self.depth
-        # Paper, appendix B.1: row attention unless (i - 2) mod 4 == 0 (layers counted from 1),
-        # then column attention; the last layer is convolutional.
-        kinds = ["col" if (i - 2) % 4 == 0 else "row" for i in range(1, self.depth + 1)]
-        kinds[-1] = "conv"
-        return kinds
+        return dalle_kinds(self.depth) if self.layouts == "dalle" else [self.layouts] * self.depth
 
 
 class Logits(NamedTuple):
@@ -204,30 +204,29 @@ class Transformer(nn.Module):
             self.register_buffer("code_feats", torch.zeros(cfg.image_vocab, cfg.code_features))
             if cfg.code_input == "code":
                 self.code_in = nn.Linear(cfg.code_features, d, bias=False)
-            else:  # one input per pixel of the patch: drawn or not
+            else:  # one input per pixel of the patch: drawn or not, saved like the features
+                self.register_buffer(
+                    "code_mask", torch.zeros(cfg.image_vocab, cfg.code_features // 3)
+                )
                 self.mask_in = nn.Linear(cfg.code_features // 3, d, bias=False)
             self.code_out = nn.Linear(cfg.code_features, d, bias=False)
         self.grad_checkpointing = False  # set by a recipe: recompute each block in backward
-        self.apply(self._init_weights)
-        # GPT-2: residual output projections scaled by 1/sqrt(2 * depth) keep the stream's
-        # variance independent of depth at init.
-        for block in self.blocks:
-            for lin in (block.attn.proj, block.out):
-                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * cfg.depth))
+        init_weights(self, self.blocks)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def set_code_features(self, feats: torch.Tensor) -> None:
-        """Fill the fixed per-code description (image_vocab, code_features), e.g. from
-        `VQTokenizer.code_pixels()`."""
+    def set_code_features(self, feats: torch.Tensor, masks: torch.Tensor | None = None) -> None:
+        """Fill the fixed per-code description: feats (image_vocab, code_features), e.g.
+        `VQTokenizer.code_pixels()`, and for code_input="mask" the drawn masks (image_vocab,
+        code_features // 3) of 0.0 / 1.0, `VQTokenizer.code_masks()` (not read otherwise).
+        Raises ValueError for other shapes, or when the mask input gets no masks."""
         want = (self.cfg.image_vocab, self.cfg.code_features)
         if not self.cfg.code_features or tuple(feats.shape) != want:
             raise ValueError(f"code features must have shape {want}, got {tuple(feats.shape)}")
+        if self.cfg.code_input == "mask":
+            want = (self.cfg.image_vocab, self.cfg.code_features // 3)
+            if masks is None or tuple(masks.shape) != want:
+                got = None if masks is None else tuple(masks.shape)
+                raise ValueError(f"code_input=mask needs masks of shape {want}, got {got}")
+            self.code_mask.copy_(masks.to(self.code_mask))
         self.code_feats.copy_(feats.to(self.code_feats))
 
     def _image_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,8 +240,16 @@ class Transformer(nn.Module):
     # -- persistence -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Transformer:
-        """Load a component folder; a checkpoint of another shape is refused by name."""
-        return load_pretrained(cls, TransformerConfig, path, COMPONENT)
+        """Load a component folder; a checkpoint of another shape is refused by name.
+
+        A code_input="mask" folder saved before the drawn masks were kept with the weights (no
+        `code_mask`, as in version-1 pipelines) gets them from its code features under the
+        rule it was made with, the VQ's default (`dalle_ar.vq.drawn_masks`)."""
+        if not _lacks_code_mask(Path(path)):
+            return load_pretrained(cls, TransformerConfig, path, COMPONENT)
+        model = load_pretrained(_without_code_mask, TransformerConfig, path, COMPONENT)
+        model.register_buffer("code_mask", drawn_masks(model.code_feats))
+        return model
 
     def save_pretrained(self, path: str | Path) -> None:
         save_pretrained(self, self.cfg, path, COMPONENT)
@@ -295,7 +302,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"KV cache holds batch {cache.k.shape[0]}, got batch {B}")
         if L + C > cfg.seq_len or (L == 0 and C == 0):
             raise ValueError(f"tokens cover 1..{cfg.seq_len - C} positions, got {L}")
-        text_lens = self._check_text_lens(text_lens, B, tokens.device)
+        text_lens = check_text_lens(text_lens, B, cfg.has_text, tokens.device)
 
         if decode:
             pos = input_pos + C  # (1,) stream position
@@ -322,33 +329,15 @@ class Transformer(nn.Module):
         image = self._image_logits(x[:, P - 1 : n])
         return Logits(text, image)
 
-    def _check_text_lens(
-        self, text_lens: torch.Tensor | None, B: int, device: torch.device
-    ) -> torch.Tensor | None:
-        if text_lens is None:
-            return None
-        if not self.cfg.has_text:
-            raise ValueError("text_lens was given but this model has no text (cond_mode=replace)")
-        if text_lens.shape != (B,):
-            raise ValueError(f"text_lens must have shape ({B},), got {tuple(text_lens.shape)}")
-        return text_lens.to(device=device, dtype=torch.long)
-
     def _embed_image(self, codes: torch.Tensor, img_pos: torch.Tensor) -> torch.Tensor:
         w = self.cfg.grid_w
         pos = self.row_emb(img_pos // w) + self.col_emb(img_pos % w)
         if self.cfg.code_input == "mask":
-            return self.mask_in(self._drawn(codes)) + pos
+            return self.mask_in(self.code_mask[codes]) + pos
         x = self.image_emb(codes) + pos
         if self.cfg.code_features:
             x = x + self.code_in(self.code_feats[codes])
         return x
-
-    def _drawn(self, codes: torch.Tensor) -> torch.Tensor:
-        """(..., f*f) 1.0 where a code's patch is drawn: a pixel whose darkest channel is below
-        0.85 of white (the code features hold pixels in [-1, 1], channel-major)."""
-        feats = self.code_feats[codes]
-        rgb = feats.view(*feats.shape[:-1], 3, -1)
-        return (rgb.amin(-2) < 0.7).to(feats.dtype)
 
     def _embed_prefix_and_image(self, tokens: torch.Tensor, cond: torch.Tensor | None):
         cfg = self.cfg
@@ -390,3 +379,19 @@ class Transformer(nn.Module):
         head = 2 * cfg.dim * (text_out + cfg.image_len * cfg.image_vocab) / cfg.seq_len
         fwd = block_flops(cfg, self.layouts) + head
         return 3 * fwd if backward else fwd
+
+
+def _lacks_code_mask(path: Path) -> bool:
+    """Whether the folder is a code_input="mask" one saved without its drawn masks."""
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return False  # load_pretrained says what is missing
+    cfg = read_component_config(path, COMPONENT, TransformerConfig)
+    with safe_open(str(weights), "pt") as f:
+        return cfg.code_input == "mask" and "code_mask" not in f.keys()
+
+
+def _without_code_mask(cfg: TransformerConfig) -> Transformer:
+    model = Transformer(cfg)
+    del model.code_mask  # not in the folder: derived once the features are loaded
+    return model
