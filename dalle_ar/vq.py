@@ -32,8 +32,7 @@ log = logging.getLogger(__name__)
 COMPONENT = "vq"
 # Pixel values may leave [0, 1] by this much (resampling filters overshoot slightly).
 RANGE_TOLERANCE = 1e-3
-# VQConfig.drawn_below's default, and the rule of folders saved before that field existed.
-DRAWN_BELOW = 0.85
+DRAWN_BELOW = 0.85  # VQConfig.drawn_below's default; folders saved without the field get it
 
 
 @dataclasses.dataclass
@@ -91,11 +90,8 @@ class VQConfig:
         require(0.0 < self.ema_decay < 1.0, "ema_decay", f"must be in (0, 1), got {self.ema_decay}")
         require(self.kmeans_iters >= 1, "kmeans_iters", "must be >= 1")
         require(self.threshold_ema_dead_code >= 0, "threshold_ema_dead_code", "must be >= 0")
-        require(
-            0 < self.drawn_below <= 1,
-            "drawn_below",
-            f"must be in (0, 1] (a fraction of white), got {self.drawn_below}",
-        )
+        below = self.drawn_below
+        require(0 < below <= 1, "drawn_below", f"must be in (0, 1] (of white), got {below}")
         if self.quantizer == "fsq":
             require(len(self.fsq_levels) >= 1, "fsq_levels", "needs at least one level")
             # 2 levels need FSQ's symmetry-preserving variant, which this model does not use.
@@ -237,19 +233,15 @@ def _build_quantizer(cfg: VQConfig) -> nn.Module:
 
 
 def drawn_masks(pixels: torch.Tensor, drawn_below: float = DRAWN_BELOW) -> torch.Tensor:
-    """Which pixels of each code's patch are drawn, the one place this rule is written.
+    """Which pixels of each code's patch are drawn: the one place this rule is written.
 
     pixels (n, 3*k) floating point in [-1, 1], channel-major (`VQTokenizer.code_pixels`) ->
-    (n, k) in the same dtype: 1.0 where the pixel's darkest channel is below `drawn_below` of
-    white, else 0.0. The default is the rule of VQ folders saved without `drawn_below`, and of
-    transformer folders saved without their masks. Raises ValueError for another rank, a width
-    that is not a multiple of 3, or integer pixels.
-    """
+    (n, k) in the same dtype, 1.0 where a pixel's darkest channel is below `drawn_below` of
+    white, else 0.0. The default is also the rule of transformer folders saved without masks.
+    Raises ValueError for another rank, a width not a multiple of 3, or integer pixels."""
     if pixels.ndim != 2 or pixels.shape[1] % 3 or not pixels.is_floating_point():
-        raise ValueError(
-            f"pixels must be a floating-point (n, 3*k) tensor, got {tuple(pixels.shape)} "
-            f"{pixels.dtype}"
-        )
+        got = f"{tuple(pixels.shape)} {pixels.dtype}"
+        raise ValueError(f"pixels must be a floating-point (n, 3*k) tensor, got {got}")
     rgb = pixels.reshape(pixels.shape[0], 3, -1)  # (n, 3, k)
     # The threshold moved to [-1, 1] in Python floats (0.85 -> 0.7 exactly) and compared in the
     # pixels' dtype: the masks of older folders come out bit for bit.
@@ -388,11 +380,9 @@ class VQTokenizer(nn.Module):
         patches = self.decode(grids)[:, :, f : 2 * f, f : 2 * f]  # (n, 3, f, f)
         return (patches * 2 - 1).reshape(n, -1).float().cpu()
 
-    @torch.no_grad()
     def code_masks(self) -> torch.Tensor:
-        """(codebook_size, f*f) float32 on the CPU: 1.0 where the patch `code_pixels()` draws
-        for a code is drawn under `config.drawn_below` (`drawn_masks`), else 0.0. What a
-        transformer with code_input="mask" sees of a code already drawn."""
+        """(codebook_size, f*f) float32 on the CPU: 1.0 where a code's `code_pixels()` patch is
+        drawn under `config.drawn_below` (`drawn_masks`), what code_input="mask" feeds."""
         return drawn_masks(self.code_pixels(), self.config.drawn_below)
 
     # -- folders ---------------------------------------------------------------------------
