@@ -29,20 +29,28 @@ One forward path serves training, prefill and decoding (gpt-fast style):
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dalle_ar.attention import IMPLS, AttentionBackend, get_backend
-from dalle_ar.checkpoint import load_pretrained, save_pretrained
+from dalle_ar.attention import IMPLS, get_backend
+from dalle_ar.blocks import (
+    Block,
+    KVCache,
+    block_flops,
+    check_range,
+    check_text_lens,
+    dalle_kinds,
+    init_weights,
+)
+from dalle_ar.checkpoint import load_pretrained, read_component_config, save_pretrained
 from dalle_ar.config import require
 from dalle_ar.kernels.layouts import LAYOUT_KINDS, Layout
+from dalle_ar.vq import drawn_masks
 
 COMPONENT = "transformer"
 CODE_INPUTS = ("code", "mask")  # TransformerConfig.code_input
@@ -74,10 +82,10 @@ class TransformerConfig:
     # resolved by the training recipe from its `vq` folder before the model is built.
     code_features: int = 0
     # What an image position already drawn feeds the model. "code": the code's own embedding
-    # (plus its code features). "mask": only which pixels of its patch are not background white,
-    # read from the code features: never which code, nor its colour. The model then cannot learn
-    # from the drawing so far that, say, blue objects are never circles; colour and shape come
-    # from the caption. For plain white-background data (shapes, emoji); needs code features.
+    # (plus its code features). "mask": only which pixels of its patch are drawn, as the VQ says
+    # (`VQTokenizer.code_masks`, given with the code features): never which code, nor its
+    # colour. The model then cannot learn from the drawing so far that, say, blue objects are
+    # never circles; colour and shape come from the caption. Needs code features.
     code_input: str = "code"
 
     def validate(self) -> None:
@@ -106,12 +114,9 @@ class TransformerConfig:
         require(self.code_features >= -1, "code_features", "must be >= 0, or -1 (from the VQ)")
         require(self.code_input in CODE_INPUTS, "code_input", f"must be one of {CODE_INPUTS}")
         if self.code_input == "mask":
-            require(
-                self.code_features == -1
-                or (self.code_features > 0 and self.code_features % 3 == 0),
-                "code_input",
-                f"mask reads RGB code features (-1 or 3*f*f), got {self.code_features}",
-            )
+            n = self.code_features
+            rgb = n == -1 or (n > 0 and n % 3 == 0)
+            require(rgb, "code_input", f"mask reads RGB code features (-1 or 3*f*f), got {n}")
         if isinstance(self.layouts, list):
             require(
                 len(self.layouts) == self.depth,
@@ -156,89 +161,12 @@ class TransformerConfig:
         """The attention layout of each layer."""
         if isinstance(self.layouts, list):
             return list(self.layouts)
-        if self.layouts != "dalle":
-            return [self.layouts] * self.depth
-        # Paper, appendix B.1: row attention unless (i - 2) mod 4 == 0 (layers counted from 1),
-        # then column attention; the last layer is convolutional.
-        kinds = ["col" if (i - 2) % 4 == 0 else "row" for i in range(1, self.depth + 1)]
-        kinds[-1] = "conv"
-        return kinds
+        return dalle_kinds(self.depth) if self.layouts == "dalle" else [self.layouts] * self.depth
 
 
 class Logits(NamedTuple):
     text: torch.Tensor  # (B, n, text_vocab): positions whose next token is text
     image: torch.Tensor  # (B, m, image_vocab): positions whose next token is an image code
-
-
-class KVCache(nn.Module):
-    """Static per-layer cache, allocated once for the full stream and written in place."""
-
-    def __init__(
-        self, batch_size: int, heads: int, max_len: int, head_dim: int, dtype, device
-    ) -> None:
-        super().__init__()
-        shape = (batch_size, heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(
-        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, L, D) at stream positions `pos` (L,); return the whole cache."""
-        self.k.index_copy_(2, pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, pos, v.to(self.v.dtype))
-        return self.k, self.v
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: TransformerConfig, layout: Layout, backend: AttentionBackend) -> None:
-        super().__init__()
-        self.heads, self.head_dim = cfg.heads, cfg.head_dim
-        inner = cfg.heads * cfg.head_dim
-        self.qkv = nn.Linear(cfg.dim, 3 * inner, bias=False)
-        self.proj = nn.Linear(inner, cfg.dim, bias=False)
-        self.layout = layout
-        self.backend = backend
-        self.cache: KVCache | None = None
-
-    def forward(
-        self, x: torch.Tensor, pos: torch.Tensor | None, text_lens: torch.Tensor | None
-    ) -> torch.Tensor:
-        B, L, _ = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, D)
-        if pos is None:
-            y = self.backend(q, k, v, self.layout, text_lens)
-        else:
-            if self.cache is None:
-                raise ValueError("input_pos was given but no KV cache is set up (setup_cache)")
-            kc, vc = self.cache.update(pos, k, v)
-            if L > 1:  # prefill: positions 0..L-1, the fresh k, v equal the cache's head
-                y = self.backend(q, k, v, self.layout, text_lens)
-            else:
-                lengths = (pos + 1).expand(B)  # (B,) filled entries, the new one included
-                y = self.backend.decode(q.to(kc.dtype), kc, vc, lengths, self.layout, text_lens)
-                y = y.to(x.dtype)
-        y = y.transpose(1, 2).reshape(B, L, self.heads * self.head_dim)
-        return self.proj(y)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig, layout: Layout, backend: AttentionBackend) -> None:
-        super().__init__()
-        hidden = int(cfg.mlp_ratio * cfg.dim)
-        self.ln1 = nn.LayerNorm(cfg.dim)
-        self.attn = Attention(cfg, layout, backend)
-        self.ln2 = nn.LayerNorm(cfg.dim)
-        self.fc = nn.Linear(cfg.dim, hidden)
-        self.out = nn.Linear(hidden, cfg.dim)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(
-        self, x: torch.Tensor, pos: torch.Tensor | None, text_lens: torch.Tensor | None
-    ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), pos, text_lens))
-        return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
 
 
 class Transformer(nn.Module):
@@ -276,30 +204,29 @@ class Transformer(nn.Module):
             self.register_buffer("code_feats", torch.zeros(cfg.image_vocab, cfg.code_features))
             if cfg.code_input == "code":
                 self.code_in = nn.Linear(cfg.code_features, d, bias=False)
-            else:  # one input per pixel of the patch: drawn or not
+            else:  # one input per pixel of the patch: drawn or not, saved like the features
+                self.register_buffer(
+                    "code_mask", torch.zeros(cfg.image_vocab, cfg.code_features // 3)
+                )
                 self.mask_in = nn.Linear(cfg.code_features // 3, d, bias=False)
             self.code_out = nn.Linear(cfg.code_features, d, bias=False)
         self.grad_checkpointing = False  # set by a recipe: recompute each block in backward
-        self.apply(self._init_weights)
-        # GPT-2: residual output projections scaled by 1/sqrt(2 * depth) keep the stream's
-        # variance independent of depth at init.
-        for block in self.blocks:
-            for lin in (block.attn.proj, block.out):
-                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * cfg.depth))
+        init_weights(self, self.blocks)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def set_code_features(self, feats: torch.Tensor) -> None:
-        """Fill the fixed per-code description (image_vocab, code_features), e.g. from
-        `VQTokenizer.code_pixels()`."""
+    def set_code_features(self, feats: torch.Tensor, masks: torch.Tensor | None = None) -> None:
+        """Fill the fixed per-code description: feats (image_vocab, code_features), e.g.
+        `VQTokenizer.code_pixels()`, and for code_input="mask" the drawn masks (image_vocab,
+        code_features // 3) of 0.0 / 1.0, `VQTokenizer.code_masks()` (not read otherwise).
+        Raises ValueError for other shapes, or when the mask input gets no masks."""
         want = (self.cfg.image_vocab, self.cfg.code_features)
         if not self.cfg.code_features or tuple(feats.shape) != want:
             raise ValueError(f"code features must have shape {want}, got {tuple(feats.shape)}")
+        if self.cfg.code_input == "mask":
+            want = (self.cfg.image_vocab, self.cfg.code_features // 3)
+            if masks is None or tuple(masks.shape) != want:
+                got = None if masks is None else tuple(masks.shape)
+                raise ValueError(f"code_input=mask needs masks of shape {want}, got {got}")
+            self.code_mask.copy_(masks.to(self.code_mask))
         self.code_feats.copy_(feats.to(self.code_feats))
 
     def _image_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -313,8 +240,16 @@ class Transformer(nn.Module):
     # -- persistence -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Transformer:
-        """Load a component folder; a checkpoint of another shape is refused by name."""
-        return load_pretrained(cls, TransformerConfig, path, COMPONENT)
+        """Load a component folder; a checkpoint of another shape is refused by name.
+
+        A code_input="mask" folder saved before the drawn masks were kept with the weights (no
+        `code_mask`, as in version-1 pipelines) gets them from its code features under the
+        rule it was made with, the VQ's default (`dalle_ar.vq.drawn_masks`)."""
+        if not _lacks_code_mask(Path(path)):
+            return load_pretrained(cls, TransformerConfig, path, COMPONENT)
+        model = load_pretrained(_without_code_mask, TransformerConfig, path, COMPONENT)
+        model.register_buffer("code_mask", drawn_masks(model.code_feats))
+        return model
 
     def save_pretrained(self, path: str | Path) -> None:
         save_pretrained(self, self.cfg, path, COMPONENT)
@@ -367,7 +302,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"KV cache holds batch {cache.k.shape[0]}, got batch {B}")
         if L + C > cfg.seq_len or (L == 0 and C == 0):
             raise ValueError(f"tokens cover 1..{cfg.seq_len - C} positions, got {L}")
-        text_lens = self._check_text_lens(text_lens, B, tokens.device)
+        text_lens = check_text_lens(text_lens, B, cfg.has_text, tokens.device)
 
         if decode:
             pos = input_pos + C  # (1,) stream position
@@ -394,33 +329,15 @@ class Transformer(nn.Module):
         image = self._image_logits(x[:, P - 1 : n])
         return Logits(text, image)
 
-    def _check_text_lens(
-        self, text_lens: torch.Tensor | None, B: int, device: torch.device
-    ) -> torch.Tensor | None:
-        if text_lens is None:
-            return None
-        if not self.cfg.has_text:
-            raise ValueError("text_lens was given but this model has no text (cond_mode=replace)")
-        if text_lens.shape != (B,):
-            raise ValueError(f"text_lens must have shape ({B},), got {tuple(text_lens.shape)}")
-        return text_lens.to(device=device, dtype=torch.long)
-
     def _embed_image(self, codes: torch.Tensor, img_pos: torch.Tensor) -> torch.Tensor:
         w = self.cfg.grid_w
         pos = self.row_emb(img_pos // w) + self.col_emb(img_pos % w)
         if self.cfg.code_input == "mask":
-            return self.mask_in(self._drawn(codes)) + pos
+            return self.mask_in(self.code_mask[codes]) + pos
         x = self.image_emb(codes) + pos
         if self.cfg.code_features:
             x = x + self.code_in(self.code_feats[codes])
         return x
-
-    def _drawn(self, codes: torch.Tensor) -> torch.Tensor:
-        """(..., f*f) 1.0 where a code's patch is drawn: a pixel whose darkest channel is below
-        0.85 of white (the code features hold pixels in [-1, 1], channel-major)."""
-        feats = self.code_feats[codes]
-        rgb = feats.view(*feats.shape[:-1], 3, -1)
-        return (rgb.amin(-2) < 0.7).to(feats.dtype)
 
     def _embed_prefix_and_image(self, tokens: torch.Tensor, cond: torch.Tensor | None):
         cfg = self.cfg
@@ -437,10 +354,10 @@ class Transformer(nn.Module):
             raise ValueError("cond was given but this model has cond_dim=0")
         text, image = tokens[:, :T], tokens[:, T:]
         if text.shape[1]:
-            _check_range(text, cfg.text_vocab, "text ids")
+            check_range(text, cfg.text_vocab, "text ids")
             parts.append(self.text_emb(text) + self.text_pos_emb.weight[: text.shape[1]])
         if image.shape[1]:
-            _check_range(image, cfg.image_vocab, "image codes")
+            check_range(image, cfg.image_vocab, "image codes")
             img_pos = torch.arange(image.shape[1], device=tokens.device)
             parts.append(self._embed_image(image, img_pos))
         return torch.cat(parts, dim=1)
@@ -458,112 +375,23 @@ class Transformer(nn.Module):
         forward) or the forward alone. Attention counts only the key positions each layer's
         layout lets a query see (averaged over the stream), as a sparse kernel does."""
         cfg = self.cfg
-        inner = cfg.heads * cfg.head_dim
-        hidden = int(cfg.mlp_ratio * cfg.dim)
-        per_layer = 2 * (cfg.dim * 3 * inner + inner * cfg.dim + 2 * cfg.dim * hidden)
-        n = cfg.seq_len
-        attn = 0.0
-        for lay in self.layouts:
-            visible = _visible_pairs(lay) / n  # mean keys per query
-            attn += 2 * 2 * visible * inner  # q @ k^T and p @ v
-        head = (
-            2
-            * cfg.dim
-            * (
-                (cfg.text_positions - 1) * cfg.text_vocab * cfg.has_text
-                + cfg.image_len * cfg.image_vocab
-            )
-            / n
-        )
-        fwd = cfg.depth * per_layer + attn + head
+        text_out = (cfg.text_positions - 1) * cfg.text_vocab * cfg.has_text
+        head = 2 * cfg.dim * (text_out + cfg.image_len * cfg.image_vocab) / cfg.seq_len
+        fwd = block_flops(cfg, self.layouts) + head
         return 3 * fwd if backward else fwd
 
 
-@functools.lru_cache(maxsize=64)
-def _visible_pairs(layout: Layout, chunk: int = 256) -> int:
-    # Row chunks keep the boolean mask small even at the paper's 1280 positions.
-    n, total = layout.seq_len, 0
-    keys = torch.arange(n)
-    for start in range(0, n, chunk):
-        q = torch.arange(start, min(n, start + chunk))
-        total += int(layout.allowed(q[:, None], keys[None, :]).sum())
-    return total
+def _lacks_code_mask(path: Path) -> bool:
+    """Whether the folder is a code_input="mask" one saved without its drawn masks."""
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return False  # load_pretrained says what is missing
+    cfg = read_component_config(path, COMPONENT, TransformerConfig)
+    with safe_open(str(weights), "pt") as f:
+        return cfg.code_input == "mask" and "code_mask" not in f.keys()
 
 
-def _check_range(ids: torch.Tensor, size: int, what: str) -> None:
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= size:
-        raise ValueError(f"{what} must be in [0, {size}), got values in [{lo}, {hi}]")
-
-
-# ----------------------------------------------------------------------------------------------
-# Training-side helpers that belong to this model's stream (used by the recipe and by tests).
-
-
-def lm_loss(
-    logits: Logits,
-    text: torch.Tensor | None,
-    image: torch.Tensor,
-    text_lens: torch.Tensor | None,
-    text_weight: float = 1 / 8,
-    image_weight: float = 7 / 8,
-    text_count: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted next-token cross-entropy (paper, section 2.2: 1/8 text, 7/8 image).
-
-    Each part is a mean over its own valid targets: text targets are text[:, 1:] up to the
-    sample's length (padding excluded), image targets all h*w codes. `text_count` replaces the
-    local number of valid text targets as the text normaliser: data-parallel training passes
-    global count / world size, so the averaged gradients equal those of one big batch.
-    Returns (loss, parts)."""
-    B = image.shape[0]
-    codes = image.reshape(B, -1)
-    if logits.image.shape[:2] != codes.shape:
-        raise ValueError(
-            f"image logits cover {tuple(logits.image.shape[:2])} positions, "
-            f"targets {tuple(codes.shape)}"
-        )
-    img_loss = F.cross_entropy(logits.image.float().flatten(0, 1), codes.flatten())
-    parts = {"image_loss": img_loss.detach()}
-    loss = image_weight * img_loss
-    if text is not None and logits.text.shape[1] > 0:
-        targets = text[:, 1 : 1 + logits.text.shape[1]]  # (B, n)
-        valid = torch.ones_like(targets, dtype=torch.bool)
-        if text_lens is not None:
-            idx = torch.arange(1, 1 + targets.shape[1], device=targets.device)
-            valid = idx[None, :] < text_lens[:, None]
-        ce = F.cross_entropy(logits.text.float().flatten(0, 1), targets.flatten(), reduction="none")
-        count = valid.sum() if text_count is None else text_count
-        txt_loss = (ce * valid.flatten()).sum() / count.clamp(min=1)
-        parts["text_loss"] = txt_loss.detach()
-        loss = loss + text_weight * txt_loss
-    return loss, parts
-
-
-def drop_conditioning(
-    text: torch.Tensor,
-    text_lens: torch.Tensor,
-    empty_ids: torch.Tensor,
-    empty_len: int,
-    drop: torch.Tensor,
-    cond: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Classifier-free guidance dropout: where `drop` (B,) is True a sample's text becomes the
-    empty caption (`empty_ids` (T,), e.g. [BOS, EOS, PAD...], `empty_len` valid ids) and its
-    embedding `cond` becomes zeros, the same unconditional input guidance uses when sampling.
-    The caller draws `drop` (probability p), so data-parallel ranks can slice one global draw."""
-    if empty_ids.shape != text.shape[1:]:
-        raise ValueError(
-            f"empty_ids must have shape {tuple(text.shape[1:])}, got {tuple(empty_ids.shape)}"
-        )
-    if drop.shape != text.shape[:1] or drop.dtype != torch.bool:
-        raise ValueError(
-            f"drop must be a bool tensor of shape ({text.shape[0]},), got "
-            f"{drop.dtype} {tuple(drop.shape)}"
-        )
-    drop = drop.to(text.device)
-    text = torch.where(drop[:, None], empty_ids.to(text.device)[None, :], text)
-    text_lens = torch.where(drop, text_lens.new_tensor(empty_len), text_lens)
-    if cond is not None:
-        cond = torch.where(drop[:, None], torch.zeros_like(cond), cond)
-    return text, text_lens, cond
+def _without_code_mask(cfg: TransformerConfig) -> Transformer:
+    model = Transformer(cfg)
+    del model.code_mask  # not in the folder: derived once the features are loaded
+    return model

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 COMPONENT = "vq"
 # Pixel values may leave [0, 1] by this much (resampling filters overshoot slightly).
 RANGE_TOLERANCE = 1e-3
+DRAWN_BELOW = 0.85  # VQConfig.drawn_below's default; folders saved without the field get it
 
 
 @dataclasses.dataclass
@@ -57,6 +58,10 @@ class VQConfig:
     threshold_ema_dead_code: float = 2.0  # replace codes whose EMA usage falls below (0 = off)
     rotation_trick: bool = True  # gradients through the lookup by rotation, else straight-through
     fsq_levels: list[int] = dataclasses.field(default_factory=lambda: [8, 8, 8])  # levels per dim
+    # A decoded pixel counts as drawn where its darkest channel is below this fraction of white
+    # (`drawn_masks`). Right for images on a white background, as the shapes and emoji data are;
+    # set it from the data's background. Read only by a transformer with code_input="mask".
+    drawn_below: float = DRAWN_BELOW
 
     def validate(self) -> None:
         require(
@@ -85,6 +90,8 @@ class VQConfig:
         require(0.0 < self.ema_decay < 1.0, "ema_decay", f"must be in (0, 1), got {self.ema_decay}")
         require(self.kmeans_iters >= 1, "kmeans_iters", "must be >= 1")
         require(self.threshold_ema_dead_code >= 0, "threshold_ema_dead_code", "must be >= 0")
+        below = self.drawn_below
+        require(0 < below <= 1, "drawn_below", f"must be in (0, 1] (of white), got {below}")
         if self.quantizer == "fsq":
             require(len(self.fsq_levels) >= 1, "fsq_levels", "needs at least one level")
             # 2 levels need FSQ's symmetry-preserving variant, which this model does not use.
@@ -225,6 +232,22 @@ def _build_quantizer(cfg: VQConfig) -> nn.Module:
     )
 
 
+def drawn_masks(pixels: torch.Tensor, drawn_below: float = DRAWN_BELOW) -> torch.Tensor:
+    """Which pixels of each code's patch are drawn: the one place this rule is written.
+
+    pixels (n, 3*k) floating point in [-1, 1], channel-major (`VQTokenizer.code_pixels`) ->
+    (n, k) in the same dtype, 1.0 where a pixel's darkest channel is below `drawn_below` of
+    white, else 0.0. The default is also the rule of transformer folders saved without masks.
+    Raises ValueError for another rank, a width not a multiple of 3, or integer pixels."""
+    if pixels.ndim != 2 or pixels.shape[1] % 3 or not pixels.is_floating_point():
+        got = f"{tuple(pixels.shape)} {pixels.dtype}"
+        raise ValueError(f"pixels must be a floating-point (n, 3*k) tensor, got {got}")
+    rgb = pixels.reshape(pixels.shape[0], 3, -1)  # (n, 3, k)
+    # The threshold moved to [-1, 1] in Python floats (0.85 -> 0.7 exactly) and compared in the
+    # pixels' dtype: the masks of older folders come out bit for bit.
+    return (rgb.amin(-2) < 2 * drawn_below - 1).to(pixels.dtype)
+
+
 class VQTokenizer(nn.Module):
     """Encoder + quantizer + decoder. `encode`/`decode` are the inference API; `forward` trains."""
 
@@ -356,6 +379,11 @@ class VQTokenizer(nn.Module):
         grids = codes[:, None, None].expand(n, 3, 3)
         patches = self.decode(grids)[:, :, f : 2 * f, f : 2 * f]  # (n, 3, f, f)
         return (patches * 2 - 1).reshape(n, -1).float().cpu()
+
+    def code_masks(self) -> torch.Tensor:
+        """(codebook_size, f*f) float32 on the CPU: 1.0 where a code's `code_pixels()` patch is
+        drawn under `config.drawn_below` (`drawn_masks`), what code_input="mask" feeds."""
+        return drawn_masks(self.code_pixels(), self.config.drawn_below)
 
     # -- folders ---------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:

@@ -9,17 +9,15 @@ import pytest
 import torch
 import yaml
 from _pipeline_fixtures import tiny_transformer_config
+from safetensors.torch import load_file
 
 from dalle_ar.config import ConfigError, config_from_dict, load_config
-from dalle_ar.transformer import (
-    Logits,
-    Transformer,
-    TransformerConfig,
-    drop_conditioning,
-    lm_loss,
-)
+from dalle_ar.train.objectives import drop_conditioning, lm_loss
+from dalle_ar.transformer import Logits, Transformer, TransformerConfig
+from dalle_ar.vq import VQTokenizer, drawn_masks
 
 ROOT = Path(__file__).resolve().parents[1]
+V1 = ROOT / "tests" / "data" / "pipeline_v1"  # a mask-input transformer saved without its masks
 T, H, W = 5, 3, 4  # text positions, image grid
 
 
@@ -325,7 +323,7 @@ def test_mask_input_sees_where_codes_draw_not_which_codes(tmp_path):
     feats[1, :, :2] = torch.tensor([0.9, -0.8, -0.8])[:, None]  # red on the top two pixels
     feats[2, :, :2] = torch.tensor([-0.8, -0.8, 0.9])[:, None]  # blue, same pixels
     feats[3, :, 2:] = torch.tensor([-0.8, -0.8, 0.9])[:, None]  # blue, the bottom two
-    model.set_code_features(feats.flatten(1))
+    model.set_code_features(feats.flatten(1), drawn_masks(feats.flatten(1)))
     text, image, lens = batch()
     with torch.no_grad():
         logits = {}
@@ -340,10 +338,48 @@ def test_mask_input_sees_where_codes_draw_not_which_codes(tmp_path):
     torch.testing.assert_close(step.image[:, 0], logits[3][:, 5], rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "t")
     assert Transformer.from_pretrained(tmp_path / "t").cfg.code_input == "mask"
+    with pytest.raises(ValueError, match=r"needs masks of shape \(24, 4\), got None"):
+        model.set_code_features(feats.flatten(1))
+    with pytest.raises(ValueError, match=r"needs masks of shape \(24, 4\), got \(24, 12\)"):
+        model.set_code_features(feats.flatten(1), feats.flatten(1))
     with pytest.raises(ConfigError, match="code_input"):
         tiny(code_input="mask")  # without code features
     with pytest.raises(ConfigError, match="code_input"):
         tiny(code_input="pixels")
+
+
+def _old_drawn_rule(feats: torch.Tensor) -> torch.Tensor:
+    """The drawn rule as the transformer once computed it from its code features."""
+    rgb = feats.view(*feats.shape[:-1], 3, -1)
+    return (rgb.amin(-2) < 0.7).to(feats.dtype)
+
+
+def test_a_mask_folder_saved_without_masks_derives_them_by_the_old_rule():
+    assert "code_mask" not in load_file(str(V1 / "transformer" / "model.safetensors"))
+    model = Transformer.from_pretrained(V1 / "transformer")
+    assert model.code_mask.shape == (32, 16) and model.code_mask.dtype == torch.float32
+    assert torch.equal(model.code_mask, _old_drawn_rule(model.code_feats))
+    # the same masks the folder's VQ gives for its codes
+    assert torch.equal(model.code_mask, VQTokenizer.from_pretrained(V1 / "vq").code_masks())
+
+
+def test_the_masks_are_saved_and_loaded_as_given(tmp_path):
+    model = build(code_features=12, code_input="mask")
+    g = torch.Generator().manual_seed(4)
+    feats = torch.rand(24, 12, generator=g) * 2 - 1
+    masks = (torch.rand(24, 4, generator=g) < 0.5).float()  # not what the default rule gives
+    assert not torch.equal(masks, drawn_masks(feats))
+    model.set_code_features(feats, masks)
+    model.save_pretrained(tmp_path / "t")
+    assert torch.equal(load_file(str(tmp_path / "t" / "model.safetensors"))["code_mask"], masks)
+    loaded = Transformer.from_pretrained(tmp_path / "t")
+    assert torch.equal(loaded.code_mask, masks) and torch.equal(loaded.code_feats, feats)
+    text, image, lens = batch()
+    tokens = torch.cat([text, image], 1)
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(tokens, text_lens=lens).image, model(tokens, text_lens=lens).image
+        )
 
 
 def test_bad_inputs_are_refused_with_a_message():

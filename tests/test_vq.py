@@ -17,9 +17,10 @@ from dalle_ar.config import ConfigError, load_config
 from dalle_ar.train import vq as vq_recipe
 from dalle_ar.train.common import lr_at
 from dalle_ar.train.vq import VQRecipeConfig, schedule_step, train
-from dalle_ar.vq import VQConfig, VQTokenizer
+from dalle_ar.vq import VQConfig, VQTokenizer, drawn_masks
 
 TINY = dict(width=8, num_res_blocks=1, latent_dim=8, codebook_size=32, kmeans_iters=2)
+V1_VQ = Path(__file__).resolve().parent / "data" / "pipeline_v1" / "vq"  # saved without drawn_below
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,6 +118,54 @@ def test_code_pixels_draw_each_code() -> None:
     grid = torch.full((1, 3, 3), 7)
     centre = model.decode(grid)[0, :, 4:8, 4:8] * 2 - 1
     torch.testing.assert_close(pix[7], centre.reshape(-1))
+
+
+def _old_drawn_rule(pixels: torch.Tensor) -> torch.Tensor:
+    """The rule as it was written in the transformer before it moved to the VQ."""
+    rgb = pixels.view(*pixels.shape[:-1], 3, -1)
+    return (rgb.amin(-2) < 0.7).to(pixels.dtype)
+
+
+def test_drawn_masks_by_default_are_the_old_rule_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(0)
+    pix = torch.rand(64, 3 * 16, generator=g) * 2 - 1
+    edge = torch.tensor(0.7)  # the threshold itself and its float32 neighbours
+    near = torch.stack([edge, edge.nextafter(torch.tensor(1.0)), edge.nextafter(-edge)])
+    pix[:3, :16] = near[:, None]
+    pix[:3, 16:] = 1.0  # the other two channels white: the first channel decides
+    masks = drawn_masks(pix)
+    assert masks.shape == (64, 16) and masks.dtype == torch.float32
+    assert torch.equal(masks, _old_drawn_rule(pix))
+    assert masks[:3, 0].tolist() == [0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match=r"\(n, 3\*k\)"):
+        drawn_masks(pix[:, :5])
+    with pytest.raises(ValueError, match=r"\(n, 3\*k\)"):
+        drawn_masks(pix.long())
+
+
+def test_a_folder_saved_without_drawn_below_gets_the_old_rule() -> None:
+    assert "drawn_below" not in json.loads((V1_VQ / "config.json").read_text())["config"]
+    vq = VQTokenizer.from_pretrained(V1_VQ)
+    assert vq.config.drawn_below == 0.85
+    pix = vq.code_pixels()
+    masks = vq.code_masks()
+    assert masks.shape == (32, 16) and masks.dtype == torch.float32
+    assert torch.equal(masks, _old_drawn_rule(pix))
+
+
+def test_drawn_below_sets_which_pixels_count_and_is_saved(tmp_path) -> None:
+    vq = VQTokenizer.from_pretrained(V1_VQ)
+    vq.config.drawn_below = 0.5  # threshold 0.0 in the [-1, 1] pixels
+    pix = vq.code_pixels()
+    masks = vq.code_masks()
+    assert torch.equal(masks, (pix.view(32, 3, -1).amin(-2) < 0.0).float())
+    assert not torch.equal(masks, VQTokenizer.from_pretrained(V1_VQ).code_masks())
+    vq.save_pretrained(tmp_path / "vq")
+    loaded = VQTokenizer.from_pretrained(tmp_path / "vq")
+    assert loaded.config.drawn_below == 0.5 and torch.equal(loaded.code_masks(), masks)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="drawn_below"):
+            VQConfig(drawn_below=bad).validate()
 
 
 def test_encode_never_updates_the_codebook() -> None:

@@ -27,8 +27,9 @@ import torch
 from dalle_ar.config import load_config
 from dalle_ar.runtime import autocast_context, pick_device, uses_bf16
 from dalle_ar.train.common import build_optimizer
+from dalle_ar.train.objectives import lm_loss
 from dalle_ar.train.transformer import TrainTransformerConfig
-from dalle_ar.transformer import Transformer, lm_loss
+from dalle_ar.transformer import Transformer
 
 DEFAULT_CONFIG = "configs/transformer_bench_s.yaml"
 

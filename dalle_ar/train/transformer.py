@@ -31,14 +31,9 @@ from dalle_ar.train.common import (
     schedule_step,
     set_lr,
 )
+from dalle_ar.train.objectives import drop_conditioning, lm_loss
 from dalle_ar.train.transformer_data import BatchSource, ShardBatches
-from dalle_ar.transformer import (
-    COMPONENT,
-    Transformer,
-    TransformerConfig,
-    drop_conditioning,
-    lm_loss,
-)
+from dalle_ar.transformer import COMPONENT, Transformer, TransformerConfig
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +154,17 @@ def evaluate(model, source: BatchSource, cfg: TrainTransformerConfig, info) -> d
     return {"eval/image_loss": sums[0].item() / n, "eval/text_loss": sums[1].item() / n}
 
 
-def _resolve_code_features(cfg: TrainTransformerConfig) -> torch.Tensor | None:
-    """model.code_features: the VQ's per-code pixels, its width filled in for -1."""
+def _resolve_code_features(cfg: TrainTransformerConfig) -> tuple[torch.Tensor, ...] | None:
+    """model.code_features: the VQ's per-code pixels, its width filled in for -1, and for
+    model.code_input=mask the VQ's drawn masks: the arguments of `set_code_features`."""
     if not cfg.model.code_features:
         return None
     if not cfg.vq:
         raise ConfigError("config key 'model.code_features': needs the `vq` folder")
     from dalle_ar.vq import VQTokenizer
 
-    feats = VQTokenizer.from_pretrained(cfg.vq).code_pixels()
+    vq = VQTokenizer.from_pretrained(cfg.vq)
+    feats = vq.code_pixels()
     if cfg.model.code_features == -1:
         cfg.model.code_features = feats.shape[1]
     if tuple(feats.shape) != (cfg.model.image_vocab, cfg.model.code_features):
@@ -176,7 +173,7 @@ def _resolve_code_features(cfg: TrainTransformerConfig) -> torch.Tensor | None:
             f"{tuple(feats.shape)}, the model wants ({cfg.model.image_vocab}, "
             f"{cfg.model.code_features})"
         )
-    return feats
+    return (feats, vq.code_masks()) if cfg.model.code_input == "mask" else (feats,)
 
 
 def train(
@@ -191,7 +188,7 @@ def train(
         source = ShardBatches(cfg, info)
     model = Transformer(cfg.model).to(info.device)
     if feats is not None:
-        model.set_code_features(feats)
+        model.set_code_features(*feats)
     model.grad_checkpointing = cfg.activation_checkpointing
     wrapped = dist.wrap_model(model, info, cfg.parallel, blocks=model.blocks)
     # fused AdamW: one kernel for all tensors (sharded FSDP parameters take the plain loop)

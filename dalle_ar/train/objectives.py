@@ -1,0 +1,79 @@
+"""Training objectives of the transformer's stream: the weighted next-token loss and the
+classifier-free guidance dropout of the conditioning. Used by the transformer recipe
+(dalle_ar/train/transformer.py), the training benchmark and the tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dalle_ar.transformer import Logits
+
+
+def lm_loss(
+    logits: Logits,
+    text: torch.Tensor | None,
+    image: torch.Tensor,
+    text_lens: torch.Tensor | None,
+    text_weight: float = 1 / 8,
+    image_weight: float = 7 / 8,
+    text_count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted next-token cross-entropy (paper, section 2.2: 1/8 text, 7/8 image).
+
+    Each part is a mean over its own valid targets: text targets are text[:, 1:] up to the
+    sample's length (padding excluded), image targets all h*w codes. `text_count` replaces the
+    local number of valid text targets as the text normaliser: data-parallel training passes
+    global count / world size, so the averaged gradients equal those of one big batch.
+    Returns (loss, parts)."""
+    B = image.shape[0]
+    codes = image.reshape(B, -1)
+    if logits.image.shape[:2] != codes.shape:
+        raise ValueError(
+            f"image logits cover {tuple(logits.image.shape[:2])} positions, "
+            f"targets {tuple(codes.shape)}"
+        )
+    img_loss = F.cross_entropy(logits.image.float().flatten(0, 1), codes.flatten())
+    parts = {"image_loss": img_loss.detach()}
+    loss = image_weight * img_loss
+    if text is not None and logits.text.shape[1] > 0:
+        targets = text[:, 1 : 1 + logits.text.shape[1]]  # (B, n)
+        valid = torch.ones_like(targets, dtype=torch.bool)
+        if text_lens is not None:
+            idx = torch.arange(1, 1 + targets.shape[1], device=targets.device)
+            valid = idx[None, :] < text_lens[:, None]
+        ce = F.cross_entropy(logits.text.float().flatten(0, 1), targets.flatten(), reduction="none")
+        count = valid.sum() if text_count is None else text_count
+        txt_loss = (ce * valid.flatten()).sum() / count.clamp(min=1)
+        parts["text_loss"] = txt_loss.detach()
+        loss = loss + text_weight * txt_loss
+    return loss, parts
+
+
+def drop_conditioning(
+    text: torch.Tensor,
+    text_lens: torch.Tensor,
+    empty_ids: torch.Tensor,
+    empty_len: int,
+    drop: torch.Tensor,
+    cond: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Classifier-free guidance dropout: where `drop` (B,) is True a sample's text becomes the
+    empty caption (`empty_ids` (T,), e.g. [BOS, EOS, PAD...], `empty_len` valid ids) and its
+    embedding `cond` becomes zeros, the same unconditional input guidance uses when sampling.
+    The caller draws `drop` (probability p), so data-parallel ranks can slice one global draw."""
+    if empty_ids.shape != text.shape[1:]:
+        raise ValueError(
+            f"empty_ids must have shape {tuple(text.shape[1:])}, got {tuple(empty_ids.shape)}"
+        )
+    if drop.shape != text.shape[:1] or drop.dtype != torch.bool:
+        raise ValueError(
+            f"drop must be a bool tensor of shape ({text.shape[0]},), got "
+            f"{drop.dtype} {tuple(drop.shape)}"
+        )
+    drop = drop.to(text.device)
+    text = torch.where(drop[:, None], empty_ids.to(text.device)[None, :], text)
+    text_lens = torch.where(drop, text_lens.new_tensor(empty_len), text_lens)
+    if cond is not None:
+        cond = torch.where(drop[:, None], torch.zeros_like(cond), cond)
+    return text, text_lens, cond
