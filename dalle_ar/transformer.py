@@ -78,8 +78,8 @@ class TransformerConfig:
     # Code features: each image code is also described by a fixed vector (what the VQ draws for
     # it, `VQTokenizer.code_pixels`), projected into the code's input embedding and its output
     # weight. Codes that share colours or strokes then share parameters, which helps the model
-    # draw colour-shape pairs it never saw (README). 0 = off; -1 = the VQ's patch width 3*f*f,
-    # resolved by the training recipe from its `vq` folder before the model is built.
+    # draw colour-shape pairs it never saw (docs/results.md#vq-encoder-and-code-features).
+    # 0 = off; -1 = the VQ's patch width 3*f*f, resolved by the recipe from its `vq` folder.
     code_features: int = 0
     # What an image position already drawn feeds the model. "code": the code's own embedding
     # (plus its code features). "mask": only which pixels of its patch are drawn, as the VQ says
