@@ -15,8 +15,8 @@ from PIL import Image
 
 from dalle_ar.config import ConfigError, load_config
 from dalle_ar.train import vq as vq_recipe
-from dalle_ar.train.common import lr_at
-from dalle_ar.train.vq import VQRecipeConfig, schedule_step, train
+from dalle_ar.train.common import lr_at, schedule_step
+from dalle_ar.train.vq import VQRecipeConfig, train
 from dalle_ar.vq import VQConfig, VQTokenizer
 
 TINY = dict(width=8, num_res_blocks=1, latent_dim=8, codebook_size=32, kmeans_iters=2)
