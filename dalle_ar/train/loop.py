@@ -219,10 +219,11 @@ class _Loop:
             pos.step, bad_in_row, pos.skipped,
         )  # fmt: skip
         if bad_in_row >= self.cfg.max_bad_steps:
+            kept = f"{self.run.ckpt_dir} (step {self.saved_at})" if self.saved_at >= 0 else "none"
             raise NonFiniteLoss(
-                f"{bad_in_row} non-finite losses in a row (max_bad_steps="
-                f"{self.cfg.max_bad_steps}) at step {pos.step}: stopping; the last good "
-                f"checkpoint in {self.run.ckpt_dir} is intact. Lower optim.lr or check the data."
+                f"{bad_in_row} non-finite losses in a row (max_bad_steps={self.cfg.max_bad_steps})"
+                f" at step {pos.step}: stopping; the last good checkpoint is kept: {kept}. Lower "
+                "optim.lr or check the data."
             )
 
     def _postfix(self) -> dict[str, str]:
