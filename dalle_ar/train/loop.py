@@ -14,11 +14,10 @@ every collective. One process or `torchrun --nproc_per_node=N`, unchanged.
     task = Task("name", wrapped, cfg.model, build_optimizer(model, cfg.optim), loss, batches)
     metrics = fit(cfg, task, info, resume)
 
-Files in `run.out_dir`: `config.yaml`; `ckpt/last` (weights, optimizer, step, micro-batches
-consumed, skipped steps, minutes spent, RNG of every rank; every `run.save_every` steps, at the
-end and when the time cap stops the run); `train_log.jsonl` (a "train" row per log, an "eval" row
-per evaluation); `metrics.json` (final metrics, evaluation history, timing); `samples/`;
-`wandb/`; and `NAME/`, the component, once the run has reached `run.steps` or its time cap.
+In `run.out_dir`: config.yaml; ckpt/last (weights, optimizer, step, micro-batches consumed,
+skipped steps, minutes spent, every rank's RNG); train_log.jsonl ("train" and "eval" rows);
+metrics.json (final metrics, eval history, timing); samples/; wandb/; and NAME/, the component,
+once the run has reached `run.steps` or its time cap.
 """
 
 from __future__ import annotations
@@ -29,9 +28,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -45,6 +44,13 @@ from dalle_ar.train.common import BudgetBar, Run, lr_at, schedule_step, set_lr
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
+
+
+class Source(Protocol):
+    """Where a recipe's batches come from (dicts of tensors and lists, one per micro-batch)."""
+
+    def train(self, skip: int) -> Iterator[Batch]: ...  # this rank's, the first `skip` left out
+    def eval(self) -> Iterable[Batch] | None: ...  # this rank's held-out batches, or None
 
 
 class NonFiniteLoss(RuntimeError):
@@ -263,7 +269,7 @@ class _Loop:
             row = {"step": self.pos.step, "minutes": self.minutes(), **metrics}
             self.history.append(row)
             self._write_row("eval", row)
-            log.info("step %d eval: %s", self.pos.step, _fmt(metrics))
+            log.info("step %d eval: %s", self.pos.step, json.dumps(metrics))
         return metrics
 
     def _pictures(self) -> None:
@@ -282,7 +288,17 @@ class _Loop:
             f.write(json.dumps({"kind": kind, **row}) + "\n")
 
     def _save(self) -> None:
-        pos, task = self.pos, self.task
+        """Checkpoint (every rank calls it); NonFiniteLoss instead of saving non-finite weights
+        over the last good ones."""
+        pos, task, module = self.pos, self.task, dist.unwrap(self.task.model)
+        tensors = itertools.chain(module.parameters(), module.buffers())
+        bad = sum(
+            not bool(torch.isfinite(_local(t)).all()) for t in tensors if t.is_floating_point()
+        )
+        if dist.all_reduce_sum(torch.tensor(float(bad), device=self.info.device)).item() > 0:
+            kept = f"{self.run.ckpt_dir} (step {self.saved_at})" if self.saved_at >= 0 else "none"
+            raise NonFiniteLoss(f"non-finite weights at step {pos.step}: not saved; the last good "
+                                f"checkpoint is kept: {kept}. Lower optim.lr.")  # fmt: skip
         model, optim = dist.full_state(task.model, task.optimizer)  # collective under FSDP
         extra = {"micro_batches": pos.micro, "skipped": pos.skipped, "minutes": self.minutes()}
         if self.info.distributed:  # each rank continues its own random streams on resume
@@ -300,7 +316,7 @@ class _Loop:
     def _finish(self, out_of_time: bool) -> dict[str, Any]:
         pos, task, info = self.pos, self.task, self.info
         if self.saved_at != pos.step:
-            self._save()
+            self._save()  # the component below is written only from checkpointed weights
         train_s = time.time() - self.t_start
         metrics = self._evaluate(final=True)
         self._pictures()
@@ -316,23 +332,15 @@ class _Loop:
         final = self._summary(metrics, finished) | {"timing": timing}
         if info.is_main:
             self.run.write_json("metrics.json", final)
-            log.info("%s: step %d, %s", task.name, pos.step, _fmt(final))
+            log.info("%s: %s", task.name, json.dumps({**final, "history": len(self.history)}))
         dist.barrier()
         return final
 
     def _save_component(self) -> None:
-        task, module = self.task, dist.unwrap(self.task.model)
-        tensors = itertools.chain(module.parameters(), module.buffers())
-        bad = sum(
-            not bool(torch.isfinite(_local(t)).all()) for t in tensors if t.is_floating_point()
-        )
-        if dist.all_reduce_sum(torch.tensor(float(bad), device=self.info.device)).item() > 0:
-            raise NonFiniteLoss(
-                f"non-finite weights at step {self.pos.step}: no {task.name} folder written; "
-                f"the last checkpoint is in {self.run.ckpt_dir}. Lower optim.lr."
-            )
+        """The component folder, from the weights just checkpointed (so checked finite)."""
+        task = self.task
         if not dist.is_fsdp(task.model):
-            dist.check_replicas(module)
+            dist.check_replicas(dist.unwrap(task.model))
         full, _ = dist.full_state(task.model, task.optimizer)  # collective under FSDP
         if self.info.is_main:
             folder = self.run.dir / task.name
@@ -389,8 +397,3 @@ def _batch_size(batch: Batch) -> int:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # an FSDP shard
-
-
-def _fmt(m: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()
-                     if not isinstance(v, (list, dict)))  # fmt: skip

@@ -35,7 +35,7 @@ from dalle_ar.grid import image_grid
 from dalle_ar.runtime import autocast_context
 from dalle_ar.train import dist
 from dalle_ar.train.common import build_optimizer, recipe_config
-from dalle_ar.train.loop import LoopConfig, NonFiniteLoss, Task, fit, setup
+from dalle_ar.train.loop import LoopConfig, NonFiniteLoss, Source, Task, fit, setup
 from dalle_ar.vq import COMPONENT, VQConfig, VQTokenizer
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,8 @@ class VQRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_steps,
 
 
 class ShardImages:
-    """Image batches {"image": (B, 3, S, S) in [0, 1], ...} from data.train / data.eval; under
-    DDP each rank reads its part of the shards (dalle_ar.data.loader)."""
+    """A `loop.Source` of image batches {"image": (B, 3, S, S) in [0, 1], ...} from data.train
+    and data.eval; under DDP each rank reads its part of the shards (dalle_ar.data.loader)."""
 
     def __init__(self, cfg: VQRecipeConfig) -> None:
         self.data, self.seed = cfg.data, cfg.run.seed
@@ -163,7 +163,7 @@ def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -
 
 
 def train(
-    cfg: VQRecipeConfig, source: ShardImages | None = None, resume: bool = False
+    cfg: VQRecipeConfig, source: Source | None = None, resume: bool = False
 ) -> dict[str, Any]:
     """Run the recipe with a validated config on `source` (default: the config's shards);
     returns the final metrics (also metrics.json). Raises what `loop.fit` raises."""
@@ -176,7 +176,7 @@ def train(
         torch.set_num_threads(threads)  # a process-wide setting: leave it as it was
 
 
-def _train(cfg: VQRecipeConfig, source: ShardImages, resume: bool) -> dict[str, Any]:
+def _train(cfg: VQRecipeConfig, source: Source, resume: bool) -> dict[str, Any]:
     info = setup(cfg)
     model = VQTokenizer(cfg.model).to(info.device).train()
     if info.distributed:
@@ -211,10 +211,8 @@ def _train(cfg: VQRecipeConfig, source: ShardImages, resume: bool) -> dict[str, 
         save_recon_grid(grid[0], model.decode(model.encode(grid[0])), path)
         return path, "top: original, bottom: reconstruction"
 
-    task = Task(
-        COMPONENT, wrapped, cfg.model, build_optimizer(model, cfg.optim), loss, source.train,
-        evaluate_split, pictures,
-    )  # fmt: skip
+    opt = build_optimizer(model, cfg.optim)
+    task = Task(COMPONENT, wrapped, cfg.model, opt, loss, source.train, evaluate_split, pictures)
     return fit(cfg, task, info, resume)
 
 
