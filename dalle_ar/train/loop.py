@@ -321,33 +321,34 @@ class _Loop:
         metrics = self._evaluate(final=True)
         self._pictures()
         finished = pos.step >= self.cfg.run.steps
-        if finished or out_of_time:  # halted runs (halt_after) write no component yet
-            self._save_component()
+        component = {}  # halted runs (halt_after) write no component yet
+        if finished or out_of_time:
+            component = {"component": str(self._save_component())}
         timing = {
             "steps": pos.step,
             "train_seconds_this_process": train_s,
             "train_seconds_total": 60 * pos.minutes + train_s,
             "steps_per_s": (pos.step - self.start_step) / max(train_s, 1e-9),
         }
-        final = self._summary(metrics, finished) | {"timing": timing}
+        final = self._summary(metrics, finished) | component | {"timing": timing}
         if info.is_main:
             self.run.write_json("metrics.json", final)
             log.info("%s: %s", task.name, json.dumps({**final, "history": len(self.history)}))
         dist.barrier()
         return final
 
-    def _save_component(self) -> None:
-        """The component folder, from the weights just checkpointed (so checked finite)."""
-        task = self.task
+    def _save_component(self) -> Path:
+        """out_dir/NAME from the weights just checkpointed (so checked finite)."""
+        task, folder = self.task, self.run.dir / self.task.name
         if not dist.is_fsdp(task.model):
             dist.check_replicas(dist.unwrap(task.model))
         full, _ = dist.full_state(task.model, task.optimizer)  # collective under FSDP
         if self.info.is_main:
-            folder = self.run.dir / task.name
             if task.save is not None:
                 task.save(full, folder)
             else:
                 save_pretrained(full, task.model_cfg, folder, task.name)
+        return folder
 
 
 def _resume(run: Run, task: Task, info: dist.DistInfo, accum: int) -> Position:

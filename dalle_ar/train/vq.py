@@ -40,8 +40,6 @@ from dalle_ar.vq import COMPONENT, VQConfig, VQTokenizer
 
 log = logging.getLogger(__name__)
 
-VQ_DIR = COMPONENT  # subfolder of run.out_dir holding the trained component
-
 
 @dataclasses.dataclass
 class VQLossConfig:
@@ -270,5 +268,5 @@ def main(argv: list[str]) -> int:
             f", held-out PSNR {m['psnr']:.2f} dB, codebook usage {m['codebook_usage']:.1%},"
             f" perplexity {m['perplexity']:.1f}"
         )
-    print(f"{line} -> {Path(cfg.run.out_dir) / VQ_DIR}")
+    print(f"{line} -> {m.get('component', 'no component yet (halt_after)')}")
     return 0
