@@ -129,10 +129,6 @@ class Run:
         """Wall minutes the run has spent: earlier processes plus this one."""
         return self.minutes_before + (time.time() - self.start_time) / 60
 
-    def out_of_time(self) -> bool:
-        limit = self.run_cfg.max_minutes
-        return limit > 0 and self.minutes() >= limit
-
     # -- logging ---------------------------------------------------------------------------
     def init_wandb(self, name: str) -> None:
         if not self.is_main or self.run_cfg.wandb == "disabled":
