@@ -4,23 +4,17 @@ non-finite steps, refusal of another shape, and the CLI end to end on real shard
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from _spawn import run_ranks
 
 from dalle_ar.config import load_config
 from dalle_ar.runtime import autocast_context, cpu_has_bf16, uses_bf16
-from dalle_ar.train import dist
 from dalle_ar.train.common import BudgetBar, schedule_step
-from dalle_ar.train.transformer import (
-    NonFiniteLoss,
-    TrainTransformerConfig,
-    train,
-)
+from dalle_ar.train.loop import NonFiniteLoss
+from dalle_ar.train.transformer import TrainTransformerConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 T, GH, GW, TV, IV = 6, 3, 3, 20, 12  # text_len, grid, vocabularies
@@ -104,23 +98,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert whole["step"] == 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(
-    rank: int, world: int, port: int, out: str, extra: list[str], resume: bool = False
-) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
-    try:
-        cfg = config(Path(out), "data.batch_size=2", *extra)
-        train(cfg, MemoryBatches(2, rank=rank, world=world), resume=resume)
-    finally:
-        dist.cleanup()
+def _ddp_worker(rank: int, out: str, extra: list[str], resume: bool = False) -> None:
+    cfg = config(Path(out), "data.batch_size=2", *extra)
+    train(cfg, MemoryBatches(2, rank=rank, world=2), resume=resume)
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -134,8 +114,8 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, parallel):
     train(config(tmp_path / "one", *extra), MemoryBatches(4))
     two = str(tmp_path / "two")
     if parallel == "fsdp":
-        mp.spawn(_ddp_worker, args=(2, _free_port(), two, [*extra, "halt_after=2"]), nprocs=2)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), two, extra, parallel == "fsdp"), nprocs=2)
+        run_ranks(_ddp_worker, 2, two, [*extra, "halt_after=2"])
+    run_ranks(_ddp_worker, 2, two, extra, parallel == "fsdp")
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(two) == [1, 2, 3]
     for step in one:

@@ -15,8 +15,8 @@ from PIL import Image
 
 from dalle_ar.config import ConfigError, load_config
 from dalle_ar.train import vq as vq_recipe
-from dalle_ar.train.common import lr_at
-from dalle_ar.train.vq import VQRecipeConfig, schedule_step, train
+from dalle_ar.train.common import lr_at, schedule_step
+from dalle_ar.train.vq import VQRecipeConfig, train
 from dalle_ar.vq import VQConfig, VQTokenizer, drawn_masks
 
 TINY = dict(width=8, num_res_blocks=1, latent_dim=8, codebook_size=32, kmeans_iters=2)
@@ -371,3 +371,129 @@ def test_lr_schedule_can_follow_the_time_budget() -> None:
     assert schedule_step(cfg, 20, minutes=5.0) == 55  # half the time gone: half-way down
     assert schedule_step(cfg, 90, minutes=1.0) == 90  # steps ahead of the clock: steps rule
     assert schedule_step(cfg, 20, minutes=12.0) == 100  # out of time: the cosine's floor
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe on the shared loop: exact resume, non-finite steps, two processes.
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "vq" / "model.safetensors"))
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, shapes_shards):
+    extra = ("run.steps=8", "run.save_every=100", "run.eval_every=4")
+    whole = train(
+        load_config(VQRecipeConfig, TINY_CONFIG, _overrides(shapes_shards, tmp_path / "a", *extra))
+    )
+    half = load_config(
+        VQRecipeConfig,
+        TINY_CONFIG,
+        _overrides(shapes_shards, tmp_path / "b", *extra, "halt_after=4"),
+    )
+    train(half)
+    assert not (tmp_path / "b" / "vq").exists()
+    state = torch.load(tmp_path / "b" / "ckpt" / "last" / "train_state.pt", weights_only=True)
+    assert state["step"] == 4 and state["extra"]["micro_batches"] == 4
+    rest = load_config(
+        VQRecipeConfig, TINY_CONFIG, _overrides(shapes_shards, tmp_path / "b", *extra)
+    )
+    resumed = train(rest, resume=True)
+    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for name in a:  # codebook buffers (k-means on the first batch, EMA, dead codes) included
+        assert torch.equal(a[name], b[name]), name
+    assert resumed["psnr"] == whole["psnr"]
+    assert [h["step"] for h in resumed["history"]] == [4, 8]  # the first process's eval kept
+
+
+def test_non_finite_steps_stop_the_cli_with_exit_code_1(tmp_path, shapes_shards, capsys):
+    out = tmp_path / "run"
+    argv = ["--config", str(TINY_CONFIG), *_overrides(shapes_shards, out)]
+    # an absurd learning rate: the first step leaves weights that overflow in the next forward
+    bad = ["optim.lr=1e30", "optim.warmup_steps=0", "max_bad_steps=3", "run.save_every=1"]
+    assert vq_recipe.main([*argv, *bad]) == 1
+    assert "3 non-finite losses in a row" in capsys.readouterr().err
+    state = torch.load(out / "ckpt" / "last" / "train_state.pt", weights_only=True)
+    assert state["step"] == 1 and state["extra"]["skipped"] == 0  # the last good checkpoint
+    assert not (out / "vq").exists()
+
+
+class MemoryImages:
+    """A fixed global sequence of image batches (smooth random images); rank r of `world` takes
+    its slice, so N processes see exactly what one process with the whole batch sees."""
+
+    def __init__(self, batch: int, rank: int = 0, world: int = 1) -> None:
+        self.batch, self.rank, self.world = batch, rank, world
+
+    def _global(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(1000 + i)
+        coarse = torch.rand(self.batch * self.world, 3, 4, 4, generator=g)
+        image = torch.nn.functional.interpolate(coarse, size=16, mode="bilinear")
+        return {"image": image[self.rank * self.batch : (self.rank + 1) * self.batch]}
+
+    def train(self, skip: int):
+        i = skip
+        while True:
+            yield self._global(i)
+            i += 1
+
+    def eval(self):
+        return [self._global(10_000)]
+
+
+def _vq_rank(rank: int, runs: list[tuple[str, int, list[str]]]) -> None:
+    """Rank `rank` of two trains each (out_dir, images per rank or 0 for the shards, overrides)
+    and keeps its final state as out_dir/rankR.pt."""
+    from dalle_ar.train import dist
+
+    check = dist.check_replicas
+    for out, batch, extra in runs:
+
+        def keep(model: torch.nn.Module, out: str = out) -> None:
+            torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
+            check(model)
+
+        dist.check_replicas = keep
+        cfg = load_config(VQRecipeConfig, TINY_CONFIG, [f"run.out_dir={out}", *extra])
+        train(cfg, MemoryImages(batch, rank, world=2) if batch else None)
+
+
+def test_two_processes_hold_one_codebook(tmp_path, shapes_shards):
+    from _spawn import run_ranks
+
+    steps = ["run.steps=6", "run.precision=fp32", "optim.grad_accum=2"]
+    # without sampling (uniform codebook init, no dead codes) two processes of 4 images follow
+    # one process of 8: gradients and codebook sums are the global batch's
+    plain = [*steps, "model.kmeans_init=false", "model.threshold_ema_dead_code=0"]
+    shards = _overrides(shapes_shards, tmp_path / "two", *steps)
+    run_ranks(
+        _vq_rank, 2, [(str(tmp_path / "two"), 0, shards), (str(tmp_path / "plain2"), 4, plain)]
+    )
+
+    # on the shards (each rank reads its half) with k-means initialisation, EMA and dead-code
+    # replacement: every rank ends with the same state
+    r0, r1 = (torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1))
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+    assert bool(r0["quantizer._codebook.initted"])
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["eval_images"] == shapes_shards.num_eval  # the ranks' halves summed
+    assert (tmp_path / "two" / "vq" / "model.safetensors").is_file()
+
+    one = load_config(VQRecipeConfig, TINY_CONFIG, [f"run.out_dir={tmp_path / 'plain1'}", *plain])
+    train(one, MemoryImages(8))
+    for step, loss in _losses(tmp_path / "plain1").items():
+        assert _losses(tmp_path / "plain2")[step] == pytest.approx(loss, rel=1e-5), step
+    # (not every weight: the biases ahead of a GroupNorm get a zero gradient up to rounding,
+    # which Adam scales up to full steps of different signs)
+    a, b = _final_weights(tmp_path / "plain1"), _final_weights(tmp_path / "plain2")
+    for name in [n for n in a if n.startswith("quantizer._codebook.")]:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(r) for r in (out / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}

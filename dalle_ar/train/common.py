@@ -1,7 +1,5 @@
-"""Pieces every training recipe shares: run folder, seeding, device and precision, LR schedule,
-optimizer groups, wandb logging, checkpoints and resume.
-
-A recipe reads: parse config -> `Run(cfg)` -> build components -> loop -> `run.save(...)`.
+"""Pieces the training loop (`dalle_ar.train.loop`) and the recipes share: the run folder, LR
+schedule, progress bar, optimizer groups, wandb logging, checkpoints and resume, the command line.
 """
 
 from __future__ import annotations
@@ -40,7 +38,7 @@ def schedule_step(cfg: Any, step: int, minutes: float) -> int:
     """The step the LR schedule sees, for a recipe config with `optim`, `run` and
     `lr_follows_time`. With `lr_follows_time` (and run.max_minutes) it is, after warmup, whichever
     of steps and wall time is further through its budget, so a time-capped run on a slow or
-    shared machine still ends its cosine (time counts from this process's start)."""
+    shared machine still ends its cosine. `minutes` are the run's, over every resume of it."""
     warm, total, limit = cfg.optim.warmup_steps, cfg.run.steps, cfg.run.max_minutes
     if not (cfg.lr_follows_time and limit > 0) or step < warm:
         return step
@@ -114,6 +112,7 @@ class Run:
         self.dir = Path(run.out_dir)
         self.ckpt_dir = self.dir / "ckpt" / "last"
         self.start_time = time.time()
+        self.minutes_before = 0.0  # minutes spent by earlier processes of this run (resumes)
         self._wandb = None
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -126,9 +125,9 @@ class Run:
     def has_checkpoint(self) -> bool:
         return (self.ckpt_dir / "train_state.pt").is_file()
 
-    def out_of_time(self) -> bool:
-        limit = self.run_cfg.max_minutes
-        return limit > 0 and (time.time() - self.start_time) > 60 * limit
+    def minutes(self) -> float:
+        """Wall minutes the run has spent: earlier processes plus this one."""
+        return self.minutes_before + (time.time() - self.start_time) / 60
 
     # -- logging ---------------------------------------------------------------------------
     def init_wandb(self, name: str) -> None:

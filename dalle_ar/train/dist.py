@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 from typing import Any
@@ -54,6 +55,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
         log.info("process group: rank %d of %d (%s)", rank, world, backend)
     return DistInfo(rank, world, local_rank, dev)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (its RANK variable), or the only process: the one that prints.
+    Reads the environment, so it holds after the process group is gone."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cleanup() -> None:
@@ -106,6 +113,36 @@ def all_reduce_max(value: float) -> float:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order; [obj] for one process."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """A hash of a tensor's bytes: replicas compare these instead of sending the tensors."""
+    flat = t.detach().contiguous().reshape(-1).cpu()
+    return hashlib.sha1(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def check_replicas(model: nn.Module) -> None:
+    """Raise RuntimeError naming the first parameter or buffer whose value differs between ranks
+    (replicated models only: rank 0 alone writes what every rank is meant to hold)."""
+    if not dist.is_initialized():
+        return
+    mine = {name: fingerprint(t) for name, t in model.state_dict().items()}
+    for rank, theirs in enumerate(all_gather_object(mine)):
+        diff = [name for name in mine if theirs.get(name) != mine[name]]
+        if diff:
+            raise RuntimeError(
+                f"rank {rank} and rank {dist.get_rank()} hold different values of "
+                f"{', '.join(diff[:5])}: the replicas diverged"
+            )
 
 
 def barrier() -> None:

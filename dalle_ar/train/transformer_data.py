@@ -14,20 +14,18 @@ import torch
 
 from dalle_ar.config import require
 from dalle_ar.train import dist
+from dalle_ar.train.loop import Source
 
 if TYPE_CHECKING:
     from dalle_ar.train.transformer import TrainTransformerConfig
 
 
-class BatchSource(Protocol):
-    """Where a rank's batches come from: dicts {"text" (B,T) long, "text_lens" (B,) long,
-    "image" (B, h*w) long, optional "cond" (B, cond_dim)}."""
+class BatchSource(Source, Protocol):
+    """Where a rank's batches come from (`loop.Source`): dicts {"text" (B,T) long, "text_lens"
+    (B,) long, "image" (B, h*w) long, optional "cond" (B, cond_dim)}."""
 
     empty_ids: torch.Tensor  # (T,) ids of the empty caption
     empty_len: int  # its valid ids ([BOS, EOS] = 2)
-
-    def train(self, skip: int) -> Iterator[dict[str, torch.Tensor]]: ...
-    def eval(self) -> Iterator[dict[str, torch.Tensor]] | None: ...
 
 
 class ShardBatches:

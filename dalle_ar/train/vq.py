@@ -1,53 +1,44 @@
 """Recipe: train the VQ-VAE image tokenizer on image shards.
 
     dalle-ar train vq --config configs/vq_shapes.yaml [--resume] [key=value ...]
+    torchrun --nproc_per_node=N -m dalle_ar.cli train vq --config ...   (DDP)
 
 Loss: reconstruction (L1 or MSE on [0, 1] pixels) + `commitment_weight` * ||z - sg(q)||^2 (the
 commitment term of the VQ-VAE paper, arXiv 1711.00937 eq. 3; the codebook itself follows the
-latents by EMA, so it has no loss term). AdamW with warmup + cosine decay, gradient clipping, bf16
-autocast where the run asks for it (the quantizer always runs in fp32).
+latents by EMA, so it has no loss term). bf16 autocast where the run asks for it (the quantizer
+always runs in fp32). Under DDP the codebook statistics (k-means initialisation, EMA sums,
+dead-code replacement) are taken over every rank's latents, so all ranks hold one codebook.
 
-Writes into `run.out_dir`: `config.yaml`, `ckpt/last` (weights + optimizer + step + RNG, every
-`run.save_every` steps and at the end, atomically), `samples/recon_STEP.png` (originals above
-reconstructions), `metrics.json` (held-out PSNR, codebook usage, code perplexity) and `vq/`, the
-component folder the pipeline loads.
-
-Resuming (`--resume`) restores weights, codebook, optimizer, step, LR schedule position and RNG
-from `ckpt/last`. The data position is not replayed sample by sample: the training loader is
-reseeded with (seed, step), so a resumed run reads a fresh, deterministic order of the same data.
+The loop (`dalle_ar.train.loop`) does the rest and writes into `run.out_dir`: `config.yaml`,
+`ckpt/last`, `train_log.jsonl`, `samples/recon_STEP.png` (originals above reconstructions),
+`metrics.json` (held-out PSNR, codebook usage, code perplexity, history, timing) and `vq/`, the
+component folder the pipeline loads. `--resume` continues exactly: the same data order (the
+consumed batches are skipped), LR schedule, RNG and minutes spent.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 import logging
 import math
 import sys
-import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from dalle_ar.config import DataConfig, OptimConfig, RunConfig, require
+from dalle_ar.config import DataConfig, require
 from dalle_ar.grid import image_grid
-from dalle_ar.runtime import autocast_context, pick_device, seed_everything
-from dalle_ar.train.common import (
-    BudgetBar,
-    Run,
-    build_optimizer,
-    lr_at,
-    recipe_config,
-    schedule_step,
-    set_lr,
-)
+from dalle_ar.runtime import autocast_context
+from dalle_ar.train import dist
+from dalle_ar.train.common import build_optimizer, recipe_config
+from dalle_ar.train.loop import LoopConfig, NonFiniteLoss, Source, Task, fit, setup
 from dalle_ar.vq import COMPONENT, VQConfig, VQTokenizer
 
 log = logging.getLogger(__name__)
-
-VQ_DIR = "vq"  # subfolder of run.out_dir holding the trained component
 
 
 @dataclasses.dataclass
@@ -60,20 +51,18 @@ class VQLossConfig:
 
 
 @dataclasses.dataclass
-class VQRecipeConfig:
+class VQRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_steps, halt_after
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: VQConfig = dataclasses.field(default_factory=VQConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
     loss: VQLossConfig = dataclasses.field(default_factory=VQLossConfig)
     eval_batches: int = 0  # held-out batches per periodic evaluation (0 = all); the final reads all
     grid_images: int = 8  # images per reconstruction grid
     # torch CPU threads (0 = torch's default). On a CPU shared with other jobs, 1 thread runs
     # several times faster than 2: multi-threaded ops wait on descheduled threads.
     cpu_threads: int = 0
-    lr_follows_time: bool = False  # with run.max_minutes: the cosine ends when time runs out
 
     def validate(self) -> None:
+        super().validate()
         require(bool(self.data.train), "data.train", "must name the training shards, got ''")
         require(
             self.data.image_size == self.model.image_size,
@@ -85,9 +74,23 @@ class VQRecipeConfig:
         require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0 (0 = torch's default)")
 
 
-def data_seed(seed: int, step: int) -> int:
-    """Seed of the training loader for a run (re)started at `step`."""
-    return seed * 1_000_003 + step
+class ShardImages:
+    """A `loop.Source` of image batches {"image": (B, 3, S, S) in [0, 1], ...} from data.train
+    and data.eval; under DDP each rank reads its part of the shards (dalle_ar.data.loader)."""
+
+    def __init__(self, cfg: VQRecipeConfig) -> None:
+        self.data, self.seed = cfg.data, cfg.run.seed
+
+    def train(self, skip: int) -> Iterator[dict[str, Any]]:
+        from dalle_ar.data.loader import loader_from_config  # the data stage; imported when used
+
+        batches = loader_from_config(self.data, "train", seed=self.seed)
+        return itertools.islice(iter(batches), skip, None)  # exact with num_workers=0
+
+    def eval(self) -> Iterable[dict[str, Any]] | None:
+        from dalle_ar.data.loader import loader_from_config
+
+        return loader_from_config(self.data, "eval", seed=self.seed) if self.data.eval else None
 
 
 def recon_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -101,26 +104,35 @@ def recon_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Te
 
 
 @torch.no_grad()
-def evaluate(model: VQTokenizer, batches: Any, device: torch.device, max_batches: int = 0) -> dict:
+def evaluate(
+    model: VQTokenizer,
+    batches: Iterable[dict[str, Any]],
+    device: torch.device,
+    max_batches: int = 0,
+) -> dict[str, float]:
     """Held-out PSNR (of the mean squared error over all pixels, and the mean of per-image PSNR),
-    codebook usage (fraction of codes used at least once) and code perplexity."""
+    codebook usage (fraction of codes used at least once) and code perplexity, over the first
+    `max_batches` batches of each rank (0 = all), summed over ranks. ValueError when no rank
+    read an image."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(model.codebook_size, dtype=torch.float64)
-    sq_sum, pixels, images, per_image_psnr = 0.0, 0, 0, 0.0
+    counts = torch.zeros(model.codebook_size, dtype=torch.float64, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # squared error, pixels, images, PSNR
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         x = batch["image"].to(device)
         codes = model.encode(x)
         err = (model.decode(codes) - x).double().pow(2)  # (B, 3, H, W)
-        sq_sum += err.sum().item()
-        pixels += err.numel()
-        images += x.shape[0]
         mse_img = err.flatten(1).mean(1).clamp_min(1e-10)
-        per_image_psnr += (10 * torch.log10(1 / mse_img)).sum().item()
-        counts += torch.bincount(codes.flatten().cpu(), minlength=model.codebook_size).double()
+        psnr = (10 * torch.log10(1 / mse_img)).sum()
+        sums += torch.stack(
+            [err.sum(), sums.new_tensor(err.numel()), sums.new_tensor(len(x)), psnr]
+        )
+        counts += torch.bincount(codes.flatten(), minlength=model.codebook_size).double()
     model.train(was_training)
+    sq_sum, pixels, images, per_image_psnr = dist.all_reduce_sum(sums).tolist()
+    counts = dist.all_reduce_sum(counts).cpu()
     if images == 0:
         raise ValueError("the held-out split yielded no images")
     mse = sq_sum / pixels
@@ -133,7 +145,7 @@ def evaluate(model: VQTokenizer, batches: Any, device: torch.device, max_batches
         "codebook_usage": (counts > 0).double().mean().item(),
         "codes_used": int((counts > 0).sum().item()),
         "perplexity": math.exp(entropy),
-        "eval_images": images,
+        "eval_images": int(images),
     }
 
 
@@ -148,145 +160,84 @@ def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -
 # The recipe.
 
 
-def train(cfg: VQRecipeConfig, resume: bool = False) -> dict[str, Any]:
-    """Run the recipe with a validated config; returns the final metrics (also metrics.json)."""
+def train(
+    cfg: VQRecipeConfig, source: Source | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Run the recipe with a validated config on `source` (default: the config's shards);
+    returns the final metrics (also metrics.json). Raises what `loop.fit` raises."""
     threads = torch.get_num_threads()
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     try:
-        return _train(cfg, resume)
+        return _train(cfg, source or ShardImages(cfg), resume)
     finally:
         torch.set_num_threads(threads)  # a process-wide setting: leave it as it was
 
 
-def _train(cfg: VQRecipeConfig, resume: bool) -> dict[str, Any]:
-    from dalle_ar.data.loader import loader_from_config  # the data stage; imported when it runs
+def _train(cfg: VQRecipeConfig, source: Source, resume: bool) -> dict[str, Any]:
+    info = setup(cfg)
+    model = VQTokenizer(cfg.model).to(info.device).train()
+    if info.distributed:
+        share_codebook(model)
+    wrapped = dist.wrap_model(model, info, "ddp")
+    if info.is_main:
+        log.info("vq: %d parameters, %s", sum(p.numel() for p in model.parameters()), info.device)
 
-    run = Run(cfg, cfg.run)
-    seed_everything(cfg.run.seed)
-    device = pick_device(cfg.run.device)
-    model = VQTokenizer(cfg.model).to(device).train()
-    opt = build_optimizer(model, cfg.optim)
-    step, elapsed = 0, 0.0
-    if resume:
-        state = run.resume(model, opt)
-        step, elapsed = int(state["step"]), float(state["extra"].get("elapsed_s", 0.0))
-    history = _read_history(run.dir / "metrics.json", step) if resume else []
-    log.info("vq: %d parameters, %s", sum(p.numel() for p in model.parameters()), device)
+    def loss(batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = batch["image"]
+        with autocast_context(info.device, cfg.run.precision):
+            recon, terms, codes = wrapped(x)
+        rec = recon_loss(recon.float(), x, cfg.loss.recon)
+        used = codes.unique().numel() / model.codebook_size
+        parts = {"recon": rec, "commit": terms["commit"], "batch_code_usage": torch.tensor(used)}
+        return rec + cfg.loss.commitment_weight * terms["commit"], parts
 
-    train_batches = iter(loader_from_config(cfg.data, "train", seed=data_seed(cfg.run.seed, step)))
-    eval_loader = loader_from_config(cfg.data, "eval", seed=cfg.run.seed) if cfg.data.eval else None
-    grid_source = eval_loader if eval_loader is not None else train_batches
-    grid = next(iter(grid_source))["image"][: cfg.grid_images].to(device)
-
-    total, accum = cfg.run.steps, cfg.optim.grad_accum
-    run.init_wandb("vq")
-    pbar = BudgetBar(cfg.run, step, "vq")
-    postfix: dict[str, str] = {}
-    start, start_step, metrics = time.time(), step, {}
-
-    def save() -> None:
-        extra = {"elapsed_s": elapsed + time.time() - start}
-        run.save(model, cfg.model, COMPONENT, step, opt, extra=extra)
-
-    def eval_and_record(max_batches: int) -> dict[str, Any]:
-        if eval_loader is None:
+    def evaluate_split(final: bool) -> dict[str, float]:
+        batches = source.eval()
+        if batches is None:
             return {}
-        m = evaluate(model, eval_loader, device, max_batches)
-        history.append({"step": step, **m})
-        run.log({f"eval/{k}": v for k, v in m.items()}, step=step)
-        log.info("step %d eval: %s", step, _fmt(m))
-        return m
+        return evaluate(model, batches, info.device, 0 if final else cfg.eval_batches)
 
-    try:
-        while step < total:
-            minutes = (time.time() - run.start_time) / 60
-            lr = lr_at(schedule_step(cfg, step, minutes), cfg.optim, total)
-            set_lr(opt, lr)
-            for _ in range(accum):
-                x = next(train_batches)["image"].to(device, non_blocking=True)
-                with autocast_context(device, cfg.run.precision):
-                    recon, terms, codes = model(x)
-                rec = recon_loss(recon.float(), x, cfg.loss.recon)
-                loss = rec + cfg.loss.commitment_weight * terms["commit"]
-                (loss / accum).backward()
-            if cfg.optim.grad_clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            else:
-                gnorm = torch.zeros(())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            pbar.update(step, minutes, **postfix)
-            if step % cfg.run.log_every == 0 or step == total:
-                rate = (step - start_step) / max(1e-9, time.time() - start)
-                used = codes.unique().numel() / model.codebook_size
-                stats = {"loss": loss.item(), "recon": rec.item(), "commit": terms["commit"].item()}
-                run.log(
-                    {**{f"train/{k}": v for k, v in stats.items()}, "train/lr": lr,
-                     "train/grad_norm": gnorm.item(), "train/batch_code_usage": used,
-                     "train/steps_per_s": rate},
-                    step=step,
-                )  # fmt: skip
-                postfix = {"loss": f"{stats['loss']:.4f}", "used": f"{used:.2f}"}
-            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total:
-                metrics = eval_and_record(cfg.eval_batches)
-                run.write_json("metrics.json", _metrics_json(metrics, history, step, False))
-            if cfg.run.sample_every and step % cfg.run.sample_every == 0:
-                _write_grid(run, model, grid, step)
-            out_of_time = run.out_of_time()
-            if step % cfg.run.save_every == 0 or step == total or out_of_time:
-                save()
-            if out_of_time:
-                log.warning("run.max_minutes=%g reached at step %d", cfg.run.max_minutes, step)
-                break
-        pbar.close()
-        if step == start_step and not (run.ckpt_dir / "train_state.pt").is_file():
-            save()
-        train_s = time.time() - start
-        metrics = eval_and_record(0)  # the final evaluation reads the whole split
-        _write_grid(run, model, grid, step)
-        model.save_pretrained(run.dir / VQ_DIR)
-        timing = {
-            "steps": step,
-            "train_seconds_this_process": train_s,
-            "train_seconds_total": elapsed + train_s,
-            "steps_per_s": (step - start_step) / max(train_s, 1e-9),
-        }
-        out = _metrics_json(metrics, history, step, step >= total) | {"timing": timing}
-        run.write_json("metrics.json", out)
-        return out
-    finally:
-        pbar.close()
-        run.finish()
+    grid: list[torch.Tensor] = []  # the images of every picture, read when first needed
+
+    def pictures(step: int) -> tuple[Path, str]:
+        if not grid:
+            first = next(iter(source.eval() or source.train(0)))["image"]
+            grid.append(first[: cfg.grid_images].to(info.device))
+        path = Path(cfg.run.out_dir) / "samples" / f"recon_{step:06d}.png"
+        model.eval()
+        save_recon_grid(grid[0], model.decode(model.encode(grid[0])), path)
+        return path, "top: original, bottom: reconstruction"
+
+    opt = build_optimizer(model, cfg.optim)
+    task = Task(COMPONENT, wrapped, cfg.model, opt, loss, source.train, evaluate_split, pictures)
+    return fit(cfg, task, info, resume)
 
 
-def _write_grid(run: Run, model: VQTokenizer, grid: torch.Tensor, step: int) -> None:
-    was_training = model.training
-    model.eval()
-    recon = model.decode(model.encode(grid))
-    model.train(was_training)
-    path = save_recon_grid(grid, recon, run.dir / "samples" / f"recon_{step:06d}.png")
-    run.log_image("recon", path, step, caption="top: original, bottom: reconstruction")
+def share_codebook(model: VQTokenizer) -> None:
+    """Under torch.distributed, make the EMA codebook one statistic of every rank's latents, as
+    vector-quantize-pytorch does for `VectorQuantize(sync_codebook=True)`: k-means samples drawn
+    from all ranks and its sums all-reduced, the EMA sums (cluster sizes, embedding sums)
+    all-reduced before each update, dead codes replaced by vectors drawn from all ranks. Every
+    rank then holds the same codebook, the one a single process would reach on the global batch
+    (up to sampling). The model builds its quantizer with sync_codebook=False, so the switch is
+    made here. FSQ has no codebook statistics. RuntimeError when the library's codebook lacks
+    the attributes this relies on (read from vector-quantize-pytorch 1.32)."""
+    book = getattr(model.quantizer, "_codebook", None)
+    if book is None:
+        return
+    from vector_quantize_pytorch import vector_quantize_pytorch as vqp
 
-
-def _metrics_json(m: dict, history: list[dict], step: int, finished: bool) -> dict[str, Any]:
-    return {"step": step, "finished": finished, **m, "history": history}
-
-
-def _read_history(path: Path, step: int) -> list[dict]:
-    """Evaluations of an earlier run up to `step` (a resumed run keeps its eval history)."""
-    if not path.is_file():
-        return []
-    try:
-        past = json.loads(path.read_text()).get("history", [])
-    except (ValueError, AttributeError):
-        return []
-    return [h for h in past if isinstance(h, dict) and h.get("step", step + 1) <= step]
-
-
-def _fmt(m: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+    names = ("use_ddp", "sample_fn", "replace_sample_fn", "kmeans_all_reduce_fn", "all_reduce_fn")
+    missing = [n for n in names if not hasattr(book, n)]
+    if missing or not hasattr(vqp, "sample_vectors_distributed"):
+        raise RuntimeError(
+            f"vector_quantize_pytorch's Codebook lacks {missing or 'sample_vectors_distributed'}:"
+            " cannot share the codebook across ranks with this version"
+        )
+    book.use_ddp = True
+    book.sample_fn = book.replace_sample_fn = vqp.sample_vectors_distributed
+    book.kmeans_all_reduce_fn = book.all_reduce_fn = torch.distributed.all_reduce
 
 
 def main(argv: list[str]) -> int:
@@ -301,7 +252,15 @@ def main(argv: list[str]) -> int:
     if resume and not last.is_file():
         print(f"{prog}: --resume given but {last} does not exist", file=sys.stderr)
         return 2
-    m = train(cfg, resume=resume)
+    try:
+        m = train(cfg, resume=resume)
+    except NonFiniteLoss as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.cleanup()
+    if not dist.is_main_process():
+        return 0  # under torchrun, rank 0 speaks
     t = m["timing"]
     line = f"vq: {t['steps']} steps ({t['steps_per_s']:.2f} steps/s)"
     if "psnr" in m:
@@ -309,5 +268,5 @@ def main(argv: list[str]) -> int:
             f", held-out PSNR {m['psnr']:.2f} dB, codebook usage {m['codebook_usage']:.1%},"
             f" perplexity {m['perplexity']:.1f}"
         )
-    print(f"{line} -> {Path(cfg.run.out_dir) / VQ_DIR}")
+    print(f"{line} -> {m.get('component', 'no component yet (halt_after)')}")
     return 0

@@ -1,0 +1,36 @@
+"""Run a test function in N processes joined in a gloo process group on this machine, as
+torchrun would start a recipe (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> None:
+    """Call `fn(rank, *args)` in `world` fresh processes (one torch thread each) and wait for
+    all; an exception in any of them fails the caller. `fn` must be a module-level function."""
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world)
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+    from dalle_ar.train import dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    try:
+        fn(rank, *args)
+    finally:
+        dist.cleanup()

@@ -1,0 +1,137 @@
+"""The shared training loop (dalle_ar.train.loop) on a toy task: the time budget counted over
+resumes, gradient accumulation, non-finite steps skipped with the model's buffers restored."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dalle_ar.config import load_config
+from dalle_ar.train.common import lr_at, schedule_step
+from dalle_ar.train.loop import LoopConfig, NonFiniteLoss, Task, fit, setup
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@dataclasses.dataclass
+class ToyModelConfig:
+    dim: int = 4  # input width
+
+
+class Toy(torch.nn.Module):
+    """A linear map plus a buffer its forward updates (as an EMA codebook does)."""
+
+    def __init__(self, cfg: ToyModelConfig) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(cfg.dim, 1)
+        self.register_buffer("seen", torch.zeros(cfg.dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.proj(x).squeeze(-1)
+
+
+@dataclasses.dataclass
+class ToyConfig(LoopConfig):
+    model: ToyModelConfig = dataclasses.field(default_factory=ToyModelConfig)
+    batch_size: int = 4  # samples per micro-batch
+
+
+def toy_config(out: Path, *extra: str) -> ToyConfig:
+    base = ["run.steps=6", "run.log_every=1", "run.save_every=100", "run.wandb=disabled",
+            "run.device=cpu", f"run.out_dir={out}", "optim.lr=0.1",
+            "optim.warmup_steps=0"]  # fmt: skip
+    return load_config(ToyConfig, None, [*base, *extra])
+
+
+def samples(start: int, n: int, poison: frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:
+    """Samples start..start+n-1 of a fixed sequence; sample i comes from seed i (a poisoned one
+    is NaN)."""
+    rows = [
+        torch.randn(5, generator=torch.Generator().manual_seed(i)) for i in range(start, start + n)
+    ]
+    x = torch.stack(rows)
+    for i in range(start, start + n):
+        if i in poison:
+            x[i - start] = float("nan")
+    return {"x": x[:, :4], "y": x[:, 4]}
+
+
+def toy_fit(cfg: ToyConfig, resume: bool = False, poison: frozenset[int] = frozenset()) -> dict:
+    info = setup(cfg)
+    model = Toy(cfg.model)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+    B = cfg.batch_size
+
+    def batches(skip: int):
+        i = skip
+        while True:
+            yield samples(i * B, B, poison)
+            i += 1
+
+    def loss(batch: dict, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        err = (model(batch["x"]) - batch["y"]).pow(2).mean()
+        return err, {"mse": err}
+
+    return fit(cfg, Task("toy", model, cfg.model, opt, loss, batches), info, resume)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "toy" / "model.safetensors"))
+
+
+def test_accumulation_equals_one_larger_batch(tmp_path):
+    # SGD on a mean loss: two micro-batches of 4 make the step one batch of 8 makes
+    toy_fit(toy_config(tmp_path / "a", "optim.grad_accum=2", "batch_size=4", "optim.grad_clip=0"))
+    toy_fit(toy_config(tmp_path / "b", "optim.grad_accum=1", "batch_size=8", "optim.grad_clip=0"))
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for name in ("proj.weight", "proj.bias"):
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    rows = [json.loads(r) for r in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[0]["samples_per_s"] > 0
+
+
+def test_time_budget_counts_the_minutes_of_earlier_processes(tmp_path):
+    toy_fit(toy_config(tmp_path, "halt_after=2"))
+    state_file = tmp_path / "ckpt" / "last" / "train_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert state["step"] == 2 and state["extra"]["micro_batches"] == 2
+    assert 0 < state["extra"]["minutes"] < 1
+    assert not (tmp_path / "toy").exists()  # halted, not finished: no component yet
+    state["extra"]["minutes"] = 5.0  # as if the first process had run for five minutes
+    torch.save(state, state_file)
+
+    # the schedule follows the run's minutes (5 of 6 spent), not this process's
+    cfg = toy_config(tmp_path, "halt_after=3", "run.max_minutes=6", "lr_follows_time=true",
+                     "run.steps=100")  # fmt: skip
+    m = toy_fit(cfg, resume=True)
+    assert m["step"] == 3 and m["minutes"] >= 5.0
+    lr_late, lr_early = (lr_at(schedule_step(cfg, 2, t), cfg.optim, 100) for t in (5.5, 5.0))
+    assert lr_late < m["lr"] <= lr_early
+
+    # a run resumed with no time left takes no step and writes its component
+    m = toy_fit(toy_config(tmp_path, "run.max_minutes=5"), resume=True)
+    assert m["step"] == 3 and not m["finished"] and (tmp_path / "toy").is_dir()
+    assert torch.load(state_file, weights_only=True)["step"] == 3
+
+
+def test_non_finite_steps_are_skipped_with_buffers_restored(tmp_path):
+    clean = toy_fit(toy_config(tmp_path / "clean", "run.steps=2"))
+    # micro-batch 1 (samples 4..7) is poisoned: its step is skipped, the next batch takes it
+    m = toy_fit(toy_config(tmp_path / "bad", "run.steps=2"), poison=frozenset({5}))
+    assert m["step"] == 2 and m["skipped_steps"] == 1 and clean["skipped_steps"] == 0
+    seen = weights(tmp_path / "bad")["seen"]
+    assert torch.isfinite(seen).all()  # the forward's update of the buffer was undone
+
+    out = tmp_path / "stop"
+    poison = frozenset(range(12, 1000))  # from micro-batch 3 on
+    with pytest.raises(NonFiniteLoss, match="3 non-finite losses in a row"):
+        toy_fit(toy_config(out, "max_bad_steps=3", "run.save_every=2"), poison=poison)
+    assert torch.load(out / "ckpt" / "last" / "train_state.pt", weights_only=True)["step"] == 2
+    assert not (out / "toy").exists()  # no component from a run that stopped on bad steps
