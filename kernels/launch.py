@@ -63,7 +63,7 @@ def default_attention_config(
 ) -> AttentionConfig:
     """Launch settings for an H100 (SM90) by dtype, head dim and layout kind, chosen so that no
     kernel spills registers when compiled for sm_90 by Triton 3.6 or 3.9
-    (tests/test_kernel_compile.py checks every layout's settings, with and without padding).
+    (tests/kernels/test_kernel_compile.py checks every layout's settings, with and without padding).
 
     fp16/bf16: 128 queries per program reuse each loaded key block across many rows; the backward
     holds k, v and their fp32 gradients in registers for its whole loop, hence 64 x 64. `col`

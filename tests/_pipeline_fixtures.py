@@ -25,6 +25,8 @@ from dalle_ar.text import TokenizerConfig, train_tokenizer
 from dalle_ar.transformer import Transformer, TransformerConfig
 from dalle_ar.vq import VQConfig, VQTokenizer
 
+V1_PIPELINE = Path(__file__).resolve().parent / "fixtures" / "pipeline_v1"  # version 1, committed
+V1_CODES = V1_PIPELINE.parent / "pipeline_v1_codes.json"  # the codes it gave before the change
 TEXT_LEN = 12  # short, so an ordinary caption can overflow it in tests
 GRID = 4  # 4 x 4 codes; with downsample 4 the images are 16 x 16
 CODEBOOK = 32

@@ -4,10 +4,16 @@ one torch thread for the modules that ask for it."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run in Triton's interpreter, which must be chosen before Triton is
+# first imported, by whichever test imports it first (tests/kernels/test_kernels.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @dataclasses.dataclass(frozen=True)

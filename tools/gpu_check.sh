@@ -54,8 +54,8 @@ $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
 run_stage() {
   case $1 in
     tests) stage tests 150 $PY -m pytest -q -rs -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
-      tests/test_kernels.py tests/test_layouts.py tests/test_kernel_backend.py \
-      tests/test_kernel_compile.py tests/test_sampling.py ;;
+      tests/kernels/test_kernels.py tests/kernels/test_layouts.py tests/kernels/test_kernel_backend.py \
+      tests/kernels/test_kernel_compile.py tests/sampling/test_sampling.py ;;
     attention) stage attention 330 $PY tools/bench_attention.py --sweep \
       --out "$out/attention_$gpu.json" ;;
     attention_quick) stage attention 200 $PY tools/bench_attention.py \

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _pipeline_fixtures import tiny_transformer_config
+from _pipeline_fixtures import V1_PIPELINE, tiny_transformer_config
 from safetensors.torch import load_file
 
 from dalle_ar.config import ConfigError, config_from_dict, load_config
@@ -16,8 +16,8 @@ from dalle_ar.train.objectives import drop_conditioning, lm_loss
 from dalle_ar.transformer import Logits, Transformer, TransformerConfig
 from dalle_ar.vq import VQTokenizer, drawn_masks
 
-ROOT = Path(__file__).resolve().parents[1]
-V1 = ROOT / "tests" / "data" / "pipeline_v1"  # a mask-input transformer saved without its masks
+ROOT = Path(__file__).resolve().parents[2]
+V1 = V1_PIPELINE  # a mask-input transformer saved without its masks
 T, H, W = 5, 3, 4  # text positions, image grid
 
 

@@ -14,7 +14,7 @@ import torch
 from dalle_ar.config import ConfigError, load_config
 from dalle_ar.text import TextTokenizer, TokenizerConfig, train_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tokenizer_tiny.yaml"
 
 COLOURS = ["red", "green", "blue", "yellow", "purple"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_attention.py"
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_attention.py"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")

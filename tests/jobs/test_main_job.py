@@ -13,7 +13,7 @@ import yaml
 from dalle_ar.jobs.main import main as main_job
 from dalle_ar.pipeline import DalleAR
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

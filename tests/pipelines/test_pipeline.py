@@ -30,7 +30,7 @@ from dalle_ar.rerank import keep_best, pmi_scores
 from dalle_ar.sampling import decode_one, generate_image_tokens, image_log_likelihood, prefill
 from dalle_ar.transformer import Transformer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a small red circle at the top", "a blue square"]
 
 

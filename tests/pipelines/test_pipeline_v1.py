@@ -1,24 +1,23 @@
-"""A version-1 pipeline folder (tests/data/pipeline_v1: mask input, code features, saved before
+"""A version-1 pipeline folder (tests/fixtures/pipeline_v1: mask input, code features, saved before
 the drawn masks were stored) still loads and draws the very codes it drew when it was made
-(tests/data/pipeline_v1_codes.json: per case the prompts, the call's keyword arguments and the
+(tests/fixtures/pipeline_v1_codes.json: per case the prompts, the call's keyword arguments and the
 codes)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from _pipeline_fixtures import V1_CODES, V1_PIPELINE
 
 from dalle_ar.pipeline import DalleAR
 
-DATA = Path(__file__).resolve().parent / "data"
-CASES = json.loads((DATA / "pipeline_v1_codes.json").read_text())
+CASES = json.loads((V1_CODES).read_text())
 
 
 @pytest.fixture(scope="module")
 def pipe_v1() -> DalleAR:
-    return DalleAR.from_pretrained(DATA / "pipeline_v1")
+    return DalleAR.from_pretrained(V1_PIPELINE)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -16,7 +16,7 @@ from dalle_ar.train.common import BudgetBar, schedule_step
 from dalle_ar.train.loop import NonFiniteLoss
 from dalle_ar.train.transformer import TrainTransformerConfig, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 T, GH, GW, TV, IV = 6, 3, 3, 20, 12  # text_len, grid, vocabularies
 EMPTY = torch.tensor([1, 2, 0, 0, 0, 0])
 

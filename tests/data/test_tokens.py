@@ -19,7 +19,7 @@ from dalle_ar.data.shards import write_samples
 from dalle_ar.data.tokens import codes_dtype, encode_codes, make_token_loader
 from dalle_ar.vq import VQConfig, VQTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
