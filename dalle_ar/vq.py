@@ -228,7 +228,7 @@ def _build_quantizer(cfg: VQConfig) -> nn.Module:
         straight_through=False,
         # The recipe weights the commitment term itself; the quantizer reports it unweighted.
         commitment_weight=1.0,
-        sync_codebook=False,
+        sync_codebook=None,  # built under torch.distributed (DDP): statistics of every rank
     )
 
 

@@ -176,9 +176,9 @@ def train(
 
 def _train(cfg: VQRecipeConfig, source: Source, resume: bool) -> dict[str, Any]:
     info = setup(cfg)
+    # Built after the process group exists, so that the quantizer shares its codebook statistics
+    # across ranks (k-means, EMA sums, dead-code samples: vector-quantize-pytorch's DDP mode).
     model = VQTokenizer(cfg.model).to(info.device).train()
-    if info.distributed:
-        share_codebook(model)
     wrapped = dist.wrap_model(model, info, "ddp")
     if info.is_main:
         log.info("vq: %d parameters, %s", sum(p.numel() for p in model.parameters()), info.device)
@@ -212,32 +212,6 @@ def _train(cfg: VQRecipeConfig, source: Source, resume: bool) -> dict[str, Any]:
     opt = build_optimizer(model, cfg.optim)
     task = Task(COMPONENT, wrapped, cfg.model, opt, loss, source.train, evaluate_split, pictures)
     return fit(cfg, task, info, resume)
-
-
-def share_codebook(model: VQTokenizer) -> None:
-    """Under torch.distributed, make the EMA codebook one statistic of every rank's latents, as
-    vector-quantize-pytorch does for `VectorQuantize(sync_codebook=True)`: k-means samples drawn
-    from all ranks and its sums all-reduced, the EMA sums (cluster sizes, embedding sums)
-    all-reduced before each update, dead codes replaced by vectors drawn from all ranks. Every
-    rank then holds the same codebook, the one a single process would reach on the global batch
-    (up to sampling). The model builds its quantizer with sync_codebook=False, so the switch is
-    made here. FSQ has no codebook statistics. RuntimeError when the library's codebook lacks
-    the attributes this relies on (read from vector-quantize-pytorch 1.32)."""
-    book = getattr(model.quantizer, "_codebook", None)
-    if book is None:
-        return
-    from vector_quantize_pytorch import vector_quantize_pytorch as vqp
-
-    names = ("use_ddp", "sample_fn", "replace_sample_fn", "kmeans_all_reduce_fn", "all_reduce_fn")
-    missing = [n for n in names if not hasattr(book, n)]
-    if missing or not hasattr(vqp, "sample_vectors_distributed"):
-        raise RuntimeError(
-            f"vector_quantize_pytorch's Codebook lacks {missing or 'sample_vectors_distributed'}:"
-            " cannot share the codebook across ranks with this version"
-        )
-    book.use_ddp = True
-    book.sample_fn = book.replace_sample_fn = vqp.sample_vectors_distributed
-    book.kmeans_all_reduce_fn = book.all_reduce_fn = torch.distributed.all_reduce
 
 
 def main(argv: list[str]) -> int:
