@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +19,7 @@ from torch import nn
 
 from dalle_ar.attention import AttentionBackend
 from dalle_ar.kernels.layouts import Layout
-
-if TYPE_CHECKING:  # the config lives with the model, which imports this module
-    from dalle_ar.transformer import TransformerConfig
+from dalle_ar.transformer_config import TransformerConfig
 
 
 class KVCache(nn.Module):
@@ -100,15 +97,6 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), pos, text_lens))
         return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
-
-
-def dalle_kinds(depth: int) -> list[str]:
-    """The layout kind of each of `depth` layers in the paper's schedule (appendix B.1): row
-    attention unless (i - 2) mod 4 == 0 (layers counted from 1), then column attention; the last
-    layer is convolutional."""
-    kinds = ["col" if (i - 2) % 4 == 0 else "row" for i in range(1, depth + 1)]
-    kinds[-1] = "conv"
-    return kinds
 
 
 def init_weights(model: nn.Module, blocks: nn.ModuleList) -> None:

@@ -28,7 +28,6 @@ One forward path serves training, prefill and decoding (gpt-fast style):
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,131 +36,21 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dalle_ar.attention import IMPLS, get_backend
+from dalle_ar.attention import get_backend
 from dalle_ar.blocks import (
     Block,
     KVCache,
     block_flops,
     check_range,
     check_text_lens,
-    dalle_kinds,
     init_weights,
 )
 from dalle_ar.checkpoint import load_pretrained, read_component_config, save_pretrained
-from dalle_ar.config import require
-from dalle_ar.kernels.layouts import LAYOUT_KINDS, Layout
+from dalle_ar.kernels.layouts import Layout
+from dalle_ar.transformer_config import TransformerConfig
 from dalle_ar.vq import drawn_masks
 
 COMPONENT = "transformer"
-CODE_INPUTS = ("code", "mask")  # TransformerConfig.code_input
-
-
-@dataclasses.dataclass
-class TransformerConfig:
-    text_vocab: int = 1000  # text vocabulary size (BPE ids, specials included)
-    text_len: int = 32  # T: text positions (captions padded/truncated to this)
-    image_vocab: int = 512  # image codebook size (VQ)
-    grid_h: int = 16  # image code rows h
-    grid_w: int = 16  # image code columns w
-    dim: int = 256  # model width d
-    depth: int = 4  # number of blocks
-    heads: int = 4  # attention heads
-    head_dim: int = 64  # width of one head (heads * head_dim need not equal dim)
-    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * dim
-    dropout: float = 0.0  # dropout on the embeddings and residual branches
-    layouts: str | list[str] = "dalle"  # "dalle" schedule | one kind for all layers | one per layer
-    conv_kernel: int = 3  # k of the k x k conv layout (odd)
-    attn_impl: str = "auto"  # auto | triton | torch (see dalle_ar.attention)
-    cond_dim: int = 0  # size of an optional conditioning embedding (e.g. 512 for CLIP); 0 = none
-    cond_tokens: int = 0  # prefix positions that embedding is projected to
-    cond_mode: str = "prepend"  # prepend: [cond ‖ text ‖ image]; replace: [cond ‖ image]
-    # Code features: each image code is also described by a fixed vector (what the VQ draws for
-    # it, `VQTokenizer.code_pixels`), projected into the code's input embedding and its output
-    # weight. Codes that share colours or strokes then share parameters, which helps the model
-    # draw colour-shape pairs it never saw (docs/results.md#vq-encoder-and-code-features).
-    # 0 = off; -1 = the VQ's patch width 3*f*f, resolved by the recipe from its `vq` folder.
-    code_features: int = 0
-    # What an image position already drawn feeds the model. "code": the code's own embedding
-    # (plus its code features). "mask": only which pixels of its patch are drawn, as the VQ says
-    # (`VQTokenizer.code_masks`, given with the code features): never which code, nor its
-    # colour. The model then cannot learn from the drawing so far that, say, blue objects are
-    # never circles; colour and shape come from the caption. Needs code features.
-    code_input: str = "code"
-
-    def validate(self) -> None:
-        for key in ("text_vocab", "text_len", "image_vocab", "grid_h", "grid_w", "dim", "depth"):
-            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        require(self.text_len >= 2, "text_len", f"needs room for BOS and EOS, got {self.text_len}")
-        require(self.heads >= 1 and self.head_dim >= 1, "heads/head_dim", "must be >= 1")
-        require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
-        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
-        require(
-            self.conv_kernel >= 1 and self.conv_kernel % 2 == 1,
-            "conv_kernel",
-            f"must be odd and >= 1, got {self.conv_kernel}",
-        )
-        require(self.attn_impl in IMPLS, "attn_impl", f"must be one of {IMPLS}")
-        require(
-            self.cond_dim >= 0 and self.cond_tokens >= 0, "cond_dim/cond_tokens", "must be >= 0"
-        )
-        require(
-            (self.cond_dim > 0) == (self.cond_tokens > 0),
-            "cond_tokens",
-            f"cond_dim and cond_tokens are both 0 or both > 0, got {self.cond_dim}, "
-            f"{self.cond_tokens}",
-        )
-        require(self.cond_mode in ("prepend", "replace"), "cond_mode", "must be prepend|replace")
-        require(self.code_features >= -1, "code_features", "must be >= 0, or -1 (from the VQ)")
-        require(self.code_input in CODE_INPUTS, "code_input", f"must be one of {CODE_INPUTS}")
-        if self.code_input == "mask":
-            n = self.code_features
-            rgb = n == -1 or (n > 0 and n % 3 == 0)
-            require(rgb, "code_input", f"mask reads RGB code features (-1 or 3*f*f), got {n}")
-        if isinstance(self.layouts, list):
-            require(
-                len(self.layouts) == self.depth,
-                "layouts",
-                f"a list needs one kind per layer ({self.depth}), got {len(self.layouts)}",
-            )
-            bad = [k for k in self.layouts if k not in LAYOUT_KINDS]
-            require(not bad, "layouts", f"unknown kinds {bad}; known: {LAYOUT_KINDS}")
-        else:
-            ok = self.layouts == "dalle" or self.layouts in LAYOUT_KINDS
-            require(ok, "layouts", f"must be 'dalle', one of {LAYOUT_KINDS} or a list")
-
-    # -- derived sizes ---------------------------------------------------------------------
-    @property
-    def cond_len(self) -> int:
-        """C: stream positions of the conditioning prefix."""
-        return self.cond_tokens if self.cond_dim > 0 else 0
-
-    @property
-    def has_text(self) -> bool:
-        return not (self.cond_len > 0 and self.cond_mode == "replace")
-
-    @property
-    def text_positions(self) -> int:
-        """Text token positions in the stream (0 when the embedding replaces the text)."""
-        return self.text_len if self.has_text else 0
-
-    @property
-    def prefix_len(self) -> int:
-        """P: stream positions before the first image position (the layouts' 'text')."""
-        return self.cond_len + self.text_positions
-
-    @property
-    def image_len(self) -> int:
-        return self.grid_h * self.grid_w
-
-    @property
-    def seq_len(self) -> int:
-        return self.prefix_len + self.image_len
-
-    def layout_kinds(self) -> list[str]:
-        """The attention layout of each layer."""
-        if isinstance(self.layouts, list):
-            return list(self.layouts)
-        return dalle_kinds(self.depth) if self.layouts == "dalle" else [self.layouts] * self.depth
 
 
 class Logits(NamedTuple):

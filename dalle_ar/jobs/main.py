@@ -20,9 +20,9 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
-from dalle_ar.config import ConfigError, load_config, require, save_config, to_dict
+from dalle_ar.config import ConfigError, load_config, save_config, to_dict
+from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import DataSet
 from dalle_ar.jobs.shapes import SHAPES
 from dalle_ar.sampling.settings import ARSampling, RerankSettings, names
@@ -30,45 +30,6 @@ from dalle_ar.sampling.settings import ARSampling, RerankSettings, names
 log = logging.getLogger(__name__)
 
 DATA_SETS: dict[str, DataSet] = {SHAPES.name: SHAPES}
-
-
-@dataclasses.dataclass
-class MainJobConfig:
-    out_dir: str = "runs/main"  # every stage writes below this folder
-    config_dir: str = ""  # component YAMLs; empty = the repository's configs/
-    data: Literal["shapes"] = "shapes"  # the data set (dalle_ar.jobs.DATA_SETS)
-    num_train: int = 50_000  # training images (shapes)
-    num_eval: int = 2_000  # evaluation images (held-out combinations appear only here)
-    vq_minutes: float = 3.0  # wall-time cap of the VQ-VAE stage
-    transformer_minutes: float = 12.0  # wall-time cap of the transformer stage
-    prompts: list[str] = dataclasses.field(default_factory=list)  # grid; empty = the data set's
-    samples_per_prompt: int = 4  # images per prompt in the grid
-    fidelity_prompts: int = 400  # evaluation-split prompts scored by the data set's evaluation
-    fidelity_composed: bool = False  # score composed prompts too (shapes.composed_prompt)
-    # Sampling for the grid, the evaluation and the pipeline folder's defaults. Guidance 1.5 and
-    # temperature 0.7 measured best on the shapes (docs/results.md); at guidance 3 the model adds
-    # stray objects. part_scale weighs each part of a composed prompt.
-    sampling: ARSampling = dataclasses.field(
-        default_factory=lambda: ARSampling(temperature=0.7, guidance_scale=1.5, part_scale=0.5)
-    )
-    # Each grid image is the best of this many candidates by the model's own caption-image score
-    # (dalle_ar.rerank), and the evaluation runs once more that way; 1 = no reranking.
-    rerank: RerankSettings = dataclasses.field(
-        default_factory=lambda: RerankSettings(candidates=16)
-    )
-    seed: int = 0  # data, training and sampling seed
-    device: str = "auto"  # auto | cpu | cuda
-    wandb: str = "offline"  # offline | online | disabled
-
-    def validate(self) -> None:
-        require(self.num_train >= 100, "num_train", "must be >= 100")
-        require(self.num_eval >= 10, "num_eval", "must be >= 10")
-        require(self.vq_minutes > 0, "vq_minutes", "must be > 0")
-        require(self.transformer_minutes > 0, "transformer_minutes", "must be > 0")
-        require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
-        require(self.fidelity_prompts >= 0, "fidelity_prompts", "must be >= 0")
-        require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
-        require(self.wandb in ("offline", "online", "disabled"), "wandb", "offline|online|disabled")
 
 
 # Keys the main job took before its sampling settings were grouped: `guidance_scale=2` still means

@@ -5,12 +5,10 @@ fidelity read back from the pixels by the shape checker."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import DataSet
-
-if TYPE_CHECKING:
-    from dalle_ar.jobs.main import MainJobConfig
 
 # A handful of prompts for the grid: seen and held-out colour-shape combinations
 # (dalle_ar.data.shapes.HELD_OUT_COMBOS), one- and two-object scenes, in the captions' own words

@@ -8,16 +8,13 @@ it). `ShardBatches` reads token shards, or image shards it encodes with the VQ o
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from dalle_ar.config import require
 from dalle_ar.train import dist
 from dalle_ar.train.loop import Source
-
-if TYPE_CHECKING:
-    from dalle_ar.train.transformer import TrainTransformerConfig
 
 
 class BatchSource(Source, Protocol):
@@ -33,7 +30,9 @@ class ShardBatches:
     fly; captions become fixed-length ids with the text tokenizer. Shards are split across ranks
     by the loaders. Resuming skips the batches already consumed (exact with num_workers=0)."""
 
-    def __init__(self, cfg: TrainTransformerConfig, info: dist.DistInfo) -> None:
+    def __init__(self, cfg: Any, info: dist.DistInfo) -> None:
+        # cfg: the recipe's TrainTransformerConfig (dalle_ar.train.transformer, which imports
+        # this module): model, data, text_tokenizer, vq, data_format and run.seed are read.
         from dalle_ar.text import TextTokenizer
 
         m = cfg.model
