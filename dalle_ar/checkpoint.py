@@ -29,6 +29,16 @@ from dalle_ar.config import config_from_dict, to_dict
 M = TypeVar("M", bound=torch.nn.Module)
 
 
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write `data` as indented JSON to `path` through a temporary file and one rename, so a
+    reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `path` in one rename."""

@@ -176,11 +176,33 @@ def _build(cls: type[T], values: dict, prefix: str = "") -> T:
             where = f"'{prefix}{k}'" if prefix else f"'{k}'"
             known = ", ".join(sorted(names))
             raise ConfigError(f"unknown config key {where} (known here: {known})")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in values.items():
-        kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
+        kwargs[k] = _coerce(_onto_default(fields[k], hints[k], v), hints[k], f"{prefix}{k}")
     obj = cls(**kwargs)
     return obj
+
+
+def _onto_default(field: dataclasses.Field, tp: Any, value: Any) -> Any:
+    """A partial mapping for a nested config field, laid over that field's own default (its
+    `default_factory`), so that `sampling.top_k=64` keeps the parent's other sampling values."""
+    if not (dataclasses.is_dataclass(tp) and isinstance(value, dict)):
+        return value
+    if field.default_factory is not dataclasses.MISSING:
+        base = to_dict(field.default_factory())
+    elif field.default is not dataclasses.MISSING and dataclasses.is_dataclass(field.default):
+        base = to_dict(field.default)
+    else:
+        return value
+    return _merge(base, value)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def validate(cfg: Any, prefix: str = "") -> None:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,14 @@ from typing import Any
 from dalle_ar.eval.fidelity import evaluate_fidelity
 from dalle_ar.grid import save_prompt_grid
 from dalle_ar.pipelines import ARPipeline, DalleAR, PipelineOutput, assemble, check_compatible
-from dalle_ar.pipelines.folder import PIPELINE_FILE, read_folder
-from dalle_ar.prompts import split_prompt
+from dalle_ar.pipelines.folder import FORMAT, PIPELINE_FILE, read_folder
+from dalle_ar.prompts import PART_SEPARATOR, WEIGHT_MARK, split_prompt
+from dalle_ar.sampling.settings import ARSampling, names
+
+SAMPLING_KEYS = names(ARSampling)
+BUILTIN_DEFAULTS = dataclasses.asdict(ARSampling())
+REQUIRED = ARPipeline.required
+OPTIONAL = ("clip", "prior")  # names a version-1 folder could hold (never loaded)
 
 
 def read_pipeline_json(folder: str | Path) -> dict[str, Any]:
@@ -23,6 +30,14 @@ def read_pipeline_json(folder: str | Path) -> dict[str, Any]:
 
 __all__ = [
     "ARPipeline",
+    "BUILTIN_DEFAULTS",
+    "FORMAT",
+    "OPTIONAL",
+    "PART_SEPARATOR",
+    "PIPELINE_FILE",
+    "REQUIRED",
+    "SAMPLING_KEYS",
+    "WEIGHT_MARK",
     "DalleAR",
     "PipelineOutput",
     "assemble",

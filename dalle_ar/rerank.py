@@ -44,7 +44,7 @@ def pmi_scores(
     here (its prompts need the prior first)."""
     if len(prompts) != codes.shape[0]:
         raise ValueError(f"expected one prompt per image, got {len(prompts)} and {codes.shape[0]}")
-    RerankSettings(rerank_weight=weight).validate()
+    check_weight(weight)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout in a score
@@ -62,6 +62,11 @@ def pmi_scores(
         out.append(logps[0] - weight * logps[1] if weight else logps[0])
     model.train(was_training)
     return torch.cat(out).cpu()
+
+
+def check_weight(weight: float) -> None:
+    """A rerank weight is a finite number >= 0 (ValueError otherwise; `RerankSettings`)."""
+    RerankSettings(rerank_weight=weight).validate()
 
 
 def keep_best(scores: torch.Tensor, keep: int) -> torch.Tensor:

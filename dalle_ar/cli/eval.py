@@ -21,10 +21,9 @@ import json
 import sys
 from pathlib import Path
 
+from dalle_ar.eval.fidelity import GUIDED_SCALE, evaluate_fidelity
 from dalle_ar.runtime import set_threads
 from dalle_ar.sampling.settings import ARSampling, RerankSettings, add_arguments, from_args
-
-KINDS = ("fidelity",)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,8 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--composed", action="store_true", help="score composed prompts too (colour and shape)"
     )
-    add_arguments(ap, ARSampling)  # --guidance: the guided run's scale (default 1.5)
-    add_arguments(ap, RerankSettings)  # --candidates K > 1: also the best of K per prompt
+    ap.add_argument("--guidance", type=float, default=GUIDED_SCALE,
+                    help=f"guidance scale of the guided run (default {GUIDED_SCALE})")  # fmt: skip
+    ap.add_argument(
+        "--candidates", type=int, default=1, help="also score the best of K per prompt (K > 1)"
+    )
+    add_arguments(ap, ARSampling, skip=("guidance_scale",))  # the other settings: as sampled
+    add_arguments(ap, RerankSettings, skip=("candidates",))
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of prompt 0 (then +1 ...)")
     ap.add_argument("--prompt-seed", type=int, default=0, help="which evaluation prompts")
     ap.add_argument("--batch-size", type=int, default=32, help="samples generated together")
@@ -50,36 +54,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in KINDS:  # `dalle-ar eval fidelity ...`; the word is optional here
-        argv = argv[1:]
     args = _parser().parse_args(argv)
     set_threads(args.threads)
-    from dalle_ar.eval.fidelity import evaluate_fidelity
     from dalle_ar.pipelines import Pipeline
 
-    settings = from_args(args, ARSampling)
-    guidance = settings.pop("guidance_scale", 1.5)
-    rerank = from_args(args, RerankSettings)
-    candidates = rerank.pop("candidates", 1)
+    settings = {**from_args(args, ARSampling), **from_args(args, RerankSettings)}
     try:
         if args.num < 1:
             raise ValueError(f"--num must be >= 1, got {args.num}")
-        if candidates < 1:
-            raise ValueError(f"--candidates must be >= 1, got {candidates}")
+        RerankSettings(candidates=args.candidates).validate()
         pipe = Pipeline.from_pretrained(args.model, device=args.device)
         report = evaluate_fidelity(
             pipe,
             args.num,
             seed=args.seed,
-            guidance_scales=(1.0, guidance),
+            guidance_scales=(1.0, args.guidance),
             prompt_seed=args.prompt_seed,
             batch_size=args.batch_size,
             progress=True,
             composed=args.composed,
-            candidates=candidates,
+            candidates=args.candidates,
             **settings,
-            **rerank,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"dalle-ar eval: {e}", file=sys.stderr)

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dalle_ar.checkpoint import write_json_atomic
 from dalle_ar.grid import captioned_grid
 from dalle_ar.runtime import set_threads
 from dalle_ar.sampling.settings import (
@@ -140,21 +141,22 @@ def _sample(args: argparse.Namespace) -> int:
         )
     doc = {
         "model": str(Path(args.model).resolve()),
-        "command": ["dalle-ar", "sample", *(_argv_of(args))],
+        "command": ["dalle-ar", "sample", *(_argv_of(_parser(), args))],
         "samples": records,
     }
-    _write_json(folder / JSON_NAME, doc)
+    write_json_atomic(folder / JSON_NAME, doc)
     print(f"wrote {len(records)} images, {len(prompts)} grids and {JSON_NAME} to {folder}")
     return 0
 
 
-def _argv_of(args: argparse.Namespace) -> list[str]:
-    """The options of this run, for the record."""
-    skip = {"prompts", "from_json", "index", "threads"}
+def _argv_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The options of this run as the parser spells them, for the record (it runs again)."""
+    skip = {"prompts", "from_json", "index", "threads", "help"}
+    flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
     out = []
     for k, v in vars(args).items():
         if k not in skip and v is not None:
-            out += [f"--{k.replace('_', '-')}", str(v)]
+            out += [flag[k], str(v)]
     return out + list(args.prompts)
 
 
@@ -194,9 +196,3 @@ def _one(pipe: Any, rec: dict[str, Any]):
         **settings,
     )
     return out.images[0]
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(path)

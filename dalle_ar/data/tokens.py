@@ -149,6 +149,11 @@ def pretokenize(
     """Encode every image of `shards` with the loaded VQ `vq` (on its own device); returns the
     summary written to `out/PREFIX-tokens.json` (`source`: the VQ folder, for the record). The
     command `dalle-ar tokens` loads the VQ from its folder and calls this."""
+    if isinstance(vq, (str, Path)):
+        raise TypeError(
+            f"pretokenize takes a loaded VQ, got the path {str(vq)!r}: for a VQ folder use "
+            "dalle_ar.cli.tokens.tokenize_shards (the `dalle-ar tokens` command)"
+        )
     dev = next(vq.parameters()).device
     size = image_size or vq.config.image_size
     grid = list(vq.grid_size(size))

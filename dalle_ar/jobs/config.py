@@ -6,6 +6,7 @@ import dataclasses
 from typing import Literal
 
 from dalle_ar.config import require
+from dalle_ar.eval.fidelity import GUIDED_SCALE
 from dalle_ar.sampling.settings import ARSampling, RerankSettings
 
 
@@ -26,7 +27,9 @@ class MainJobConfig:
     # temperature 0.7 measured best on the shapes (docs/results.md); at guidance 3 the model adds
     # stray objects. part_scale weighs each part of a composed prompt.
     sampling: ARSampling = dataclasses.field(
-        default_factory=lambda: ARSampling(temperature=0.7, guidance_scale=1.5, part_scale=0.5)
+        default_factory=lambda: ARSampling(
+            temperature=0.7, guidance_scale=GUIDED_SCALE, part_scale=0.5
+        )
     )
     # Each grid image is the best of this many candidates by the model's own caption-image score
     # (dalle_ar.rerank), and the evaluation runs once more that way; 1 = no reranking.

@@ -25,18 +25,20 @@ from dalle_ar.config import ConfigError, load_config, save_config, to_dict
 from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import DataSet
 from dalle_ar.jobs.shapes import SHAPES
-from dalle_ar.sampling.settings import ARSampling, RerankSettings, names
 
 log = logging.getLogger(__name__)
 
 DATA_SETS: dict[str, DataSet] = {SHAPES.name: SHAPES}
 
 
-# Keys the main job took before its sampling settings were grouped: `guidance_scale=2` still means
-# `sampling.guidance_scale=2`.
+# The keys the main job took before its sampling settings were grouped: `guidance_scale=2` still
+# means `sampling.guidance_scale=2`.
 LEGACY_KEYS = {
-    **{n: f"sampling.{n}" for n in names(ARSampling)},
-    **{n: f"rerank.{n}" for n in names(RerankSettings)},
+    "guidance_scale": "sampling.guidance_scale",
+    "temperature": "sampling.temperature",
+    "top_k": "sampling.top_k",
+    "part_scale": "sampling.part_scale",
+    "candidates": "rerank.candidates",
 }
 
 
@@ -62,10 +64,6 @@ def _repo_configs() -> Path:
     return Path(__file__).resolve().parents[2] / "configs"
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / "ckpt" / "last" / "train_state.pt").is_file()
-
-
 # ----------------------------------------------------------------------------------------------
 # Stages: each calls the functions behind its command.
 
@@ -80,6 +78,7 @@ def stage_tokenizer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
 
 def stage_vq(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     from dalle_ar.train import vq
+    from dalle_ar.train.common import has_checkpoint
 
     overrides = [
         f"data.train={p.data}/train-*.tar",
@@ -90,7 +89,7 @@ def stage_vq(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         f"run.device={cfg.device}",
         f"run.wandb={cfg.wandb}",
     ]
-    vq.train(load_config(vq.VQRecipeConfig, yaml, overrides), resume=_has_checkpoint(p.vq_run))
+    vq.train(load_config(vq.VQRecipeConfig, yaml, overrides), resume=has_checkpoint(p.vq_run))
 
 
 def stage_tokens(cfg: MainJobConfig, p: Paths) -> None:
@@ -103,6 +102,7 @@ def stage_tokens(cfg: MainJobConfig, p: Paths) -> None:
 def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     from dalle_ar.text import TextTokenizer
     from dalle_ar.train import transformer
+    from dalle_ar.train.common import has_checkpoint
     from dalle_ar.vq import VQTokenizer
 
     tok = TextTokenizer.from_pretrained(p.tokenizer)
@@ -125,13 +125,14 @@ def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         f"run.wandb={cfg.wandb}",
     ]
     rcfg = load_config(transformer.TrainTransformerConfig, yaml, overrides)
-    transformer.train(rcfg, resume=_has_checkpoint(p.transformer_run))
+    transformer.train(rcfg, resume=has_checkpoint(p.transformer_run))
 
 
 def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
     from dalle_ar.pipelines import assemble
 
-    # The folder samples as the job does, one draw per sample unless asked (candidates 1).
+    # The folder's defaults are the job's sampling settings and rerank weight; its candidates
+    # stay 1, so `dalle-ar sample --model` draws once per sample unless asked for more.
     rerank = dataclasses.replace(cfg.rerank, candidates=1)
     defaults = {"ar": dataclasses.asdict(cfg.sampling), "rerank": dataclasses.asdict(rerank)}
     assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=defaults)

@@ -4,6 +4,7 @@ fidelity read back from the pixels by the shape checker."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +38,16 @@ def evaluate(pipe: Any, cfg: MainJobConfig) -> dict[str, Any]:
     guidance, then reranked (best of `cfg.rerank.candidates`)."""
     from dalle_ar.eval.fidelity import evaluate_fidelity
 
-    s = cfg.sampling
+    settings = {**dataclasses.asdict(cfg.sampling), **dataclasses.asdict(cfg.rerank)}
+    guidance, candidates = settings.pop("guidance_scale"), settings.pop("candidates")
     return evaluate_fidelity(
         pipe,
         num_prompts=cfg.fidelity_prompts,
         seed=cfg.seed,
-        guidance_scales=(1.0, s.guidance_scale),
+        guidance_scales=(1.0, guidance),
         composed=cfg.fidelity_composed,
-        candidates=cfg.rerank.candidates,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        part_scale=s.part_scale,
-        rerank_weight=cfg.rerank.rerank_weight,
+        candidates=candidates,
+        **settings,
     )
 
 

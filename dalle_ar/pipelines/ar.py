@@ -14,6 +14,7 @@ prompts are warned about.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from dalle_ar.checkpoint import read_component_config
 from dalle_ar.grid import to_uint8
 from dalle_ar.pipelines.base import Pipeline, PipelineOutput
-from dalle_ar.pipelines.folder import write_folder
+from dalle_ar.pipelines.folder import AR_COMPONENTS, write_folder
 from dalle_ar.prompts import encode_prompts, known_chars, split_prompt
 from dalle_ar.rerank import pmi_scores
 from dalle_ar.runtime import sample_seeds
@@ -35,12 +36,14 @@ from dalle_ar.text import TextBatch, TextTokenizer
 from dalle_ar.transformer import Transformer, TransformerConfig
 from dalle_ar.vq import VQConfig, VQTokenizer
 
+log = logging.getLogger(__name__)
+
 
 class ARPipeline(Pipeline):
     """Text tokenizer + transformer + VQ decoder: the text-conditioned autoregressive mode."""
 
     mode: ClassVar[str] = "ar"
-    required: ClassVar[tuple[str, ...]] = ("text_tokenizer", "vq", "transformer")
+    required: ClassVar[tuple[str, ...]] = tuple(AR_COMPONENTS)
     settings: ClassVar[dict[str, type]] = {"ar": ARSampling, "rerank": RerankSettings}
 
     def __init__(
@@ -58,7 +61,6 @@ class ARPipeline(Pipeline):
             )
         parts = dict(text_tokenizer=tokenizer, vq=vq.eval(), transformer=transformer.eval())
         super().__init__(parts, defaults)
-        self.tokenizer, self.vq, self.transformer = tokenizer, vq, transformer
         self._known_chars = known_chars(tokenizer)
 
     @classmethod
@@ -67,8 +69,16 @@ class ARPipeline(Pipeline):
         return cls(c["text_tokenizer"], c["vq"], c["transformer"], defaults)
 
     @property
-    def device(self) -> torch.device:
-        return self.transformer.image_head.weight.device
+    def tokenizer(self) -> TextTokenizer:
+        return self.components["text_tokenizer"]
+
+    @property
+    def vq(self) -> VQTokenizer:
+        return self.components["vq"]
+
+    @property
+    def transformer(self) -> Transformer:
+        return self.components["transformer"]
 
     # -- prompts ---------------------------------------------------------------------------
     def check_prompts(self, prompts: Sequence[str], max_each: int = 3) -> TextBatch:
@@ -133,19 +143,13 @@ class ARPipeline(Pipeline):
             )
         n = len(prompts) * num_samples
         kw = dict(settings=s, batch_size=batch_size, progress=progress)
+        prime = _expand_prime(prime_codes, len(prompts), num_samples)  # one grid per sample
         if rr.candidates == 1:
-            prime = _expand_prime(prime_codes, len(prompts), num_samples)
             codes, samples = self._draw(prompts, num_samples, seed, seeds, prime, **kw)
             return PipelineOutput(self.decode(codes), codes, samples, dataclasses.asdict(s))
         K = rr.candidates
-        if prime_codes is not None and prime_codes.ndim == 3 and len(prime_codes) == n > 1:
-            prime_codes = prime_codes.repeat_interleave(K, 0)  # one grid per sample
-        elif prime_codes is not None and len(prime_codes) not in (1, len(prompts)):
-            raise ValueError(
-                f"prime_codes must hold 1, {len(prompts)} (per prompt) or {n} (per sample) "
-                f"grids, got {len(prime_codes)}"
-            )
-        prime = _expand_prime(prime_codes, len(prompts), num_samples * K)
+        if prime is not None:
+            prime = prime.repeat_interleave(K, 0)  # candidate c of sample j at j*K + c
 
         def draw(cand_seeds: list[int]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
             return self._draw(prompts, num_samples * K, None, cand_seeds, prime, **kw)
@@ -277,11 +281,19 @@ def assemble(
     *,
     defaults: dict[str, Any] | None = None,
     link: bool = False,
+    clip: str | Path | None = None,
+    prior: str | Path | None = None,
 ) -> Path:
     """Write an autoregressive pipeline folder from trained component folders, atomically:
     copies (or, with `link`, absolute symlinks) plus pipeline.json. The components are checked
     against each other first (vocabulary, codebook and patch sizes), and `defaults` (flat
-    `ARSampling` fields, or sections {"ar": ..., "rerank": ...}) against the settings."""
+    `ARSampling` fields, or sections {"ar": ..., "rerank": ...}) against the settings. `clip` and
+    `prior` are taken for old callers and left out, with a warning: this mode uses neither."""
+    for name, src in (("clip", clip), ("prior", prior)):
+        if src is not None:
+            log.warning(
+                "the %s folder %s is not written: the ar pipeline does not use one", name, src
+            )
     srcs = {"text_tokenizer": Path(tokenizer), "vq": Path(vq), "transformer": Path(transformer)}
     for name, src in srcs.items():
         if not (src / "config.json").is_file():
@@ -291,10 +303,9 @@ def assemble(
     tf_cfg = read_component_config(srcs["transformer"], "transformer", TransformerConfig)
     check_compatible(tok.vocab_size, vq_cfg, tf_cfg)
     settings = ARPipeline._defaults(defaults)
-    pairs = {"text_tokenizer": "TextTokenizer", "vq": "VQTokenizer", "transformer": "Transformer"}
-    sources = {k: (("dalle_ar", pairs[k]), src) for k, src in srcs.items()}
+    sources = {k: (("dalle_ar", AR_COMPONENTS[k]), src) for k, src in srcs.items()}
     as_json = {k: dataclasses.asdict(v) for k, v in settings.items()}
-    return write_folder(folder, "ARPipeline", sources, ARPipeline.optional, as_json, link)
+    return write_folder(folder, ARPipeline.__name__, sources, ARPipeline.optional, as_json, link)
 
 
 def _expand_prime(prime: torch.Tensor | None, n_prompts: int, num: int) -> torch.Tensor | None:

@@ -82,13 +82,14 @@ class Pipeline:
                 f"{' and '.join(lacking)} component, which pipeline folder {spec.folder} lacks "
                 f"(it holds {sorted(spec.components)})"
             )
+        defaults = target._defaults(spec.defaults, f"{spec.folder / 'pipeline.json'} defaults")
         keep = target.required + target.optional
         parts = {
             name: load_component(lib, cls_name, spec.paths[name], device)
             for name, (lib, cls_name) in spec.components.items()
             if name in keep
         }
-        return target.from_components(parts, spec.defaults)
+        return target.from_components(parts, defaults)
 
     @classmethod
     def from_components(cls, components: dict[str, Any], defaults: dict[str, Any]) -> Any:
@@ -107,20 +108,28 @@ class Pipeline:
 
     # -- settings --------------------------------------------------------------------------
     @classmethod
-    def _defaults(cls, given: dict[str, Any] | None) -> dict[str, Any]:
-        """Settings per section from a folder's defaults: {"ar": {...}, "rerank": {...}}, or the
-        flat fields of the first section (version 1). ValueError names unknown keys."""
+    def _defaults(cls, given: dict[str, Any] | None, where: str = "defaults") -> dict[str, Any]:
+        """Settings per section ({"ar": {...}, "rerank": {...}}) from a folder's or a caller's
+        defaults; the flat fields of the first section stand for that section (the form of
+        version 1 and of old callers). Sections of other modes are left to them. ValueError names
+        `where` and an unknown key."""
         given = dict(given or {})
         first = next(iter(cls.settings))
-        if given and not set(given) <= set(cls.settings):
-            flat = set(names(cls.settings[first]))
-            if not set(given) <= flat:
-                raise ValueError(
-                    f"unknown sampling defaults {sorted(set(given) - flat)}; known: "
-                    f"{sorted(flat)} (or sections {list(cls.settings)})"
-                )
+        flat = names(cls.settings[first])
+        if given and set(given) <= set(flat):
             given = {first: given}
-        return {k: from_dict(c, given.get(k), "defaults") for k, c in cls.settings.items()}
+        unknown = sorted(k for k, v in given.items() if k not in cls.settings and
+                         not isinstance(v, dict))  # fmt: skip
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown sampling defaults {unknown}; known: {list(flat)} (or sections "
+                f"{list(cls.settings)})"
+            )
+        out = {}
+        for k, c in cls.settings.items():
+            v = given.get(k)
+            out[k] = v if isinstance(v, c) else from_dict(c, v, f"{where}.{k}")
+        return out
 
     def defaults_json(self) -> dict[str, Any]:
         return {k: dataclasses.asdict(v) for k, v in self.defaults.items()}

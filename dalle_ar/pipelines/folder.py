@@ -42,10 +42,11 @@ VERSION = 2
 LIBRARIES = ("dalle_ar", "transformers", "diffusers")  # where a component class may come from
 # This project's component classes: name -> class (each has from_pretrained and save_pretrained).
 OWN_CLASSES: dict[str, type] = {c.__name__: c for c in (TextTokenizer, VQTokenizer, Transformer)}
-V1_CLASS = "ARPipeline"  # version 1 folders held the autoregressive pipeline only
-V1_COMPONENTS = {
+# The autoregressive pipeline's components and their classes: all that a version-1 folder held.
+AR_COMPONENTS = {
     "text_tokenizer": "TextTokenizer", "vq": "VQTokenizer", "transformer": "Transformer"
 }  # fmt: skip
+V1_CLASS = "ARPipeline"
 
 
 @dataclasses.dataclass
@@ -99,9 +100,9 @@ def _from_v1(folder: Path, f: Path, comps: dict, defaults: dict) -> FolderSpec:
         if name in ("clip", "prior"):  # version 1 could name them but never loaded them
             log.warning("%s: the %s component of a version-1 folder is not loaded", f, name)
             continue
-        if name not in V1_COMPONENTS:
-            raise ValueError(f"{f}: unknown component {name!r}; known: {list(V1_COMPONENTS)}")
-        pairs[name] = ("dalle_ar", V1_COMPONENTS[name])
+        if name not in AR_COMPONENTS:
+            raise ValueError(f"{f}: unknown component {name!r}; known: {list(AR_COMPONENTS)}")
+        pairs[name] = ("dalle_ar", AR_COMPONENTS[name])
         paths[name] = folder / sub
     return FolderSpec(folder, V1_CLASS, pairs, paths, defaults, 1)
 

@@ -2,7 +2,7 @@
 autoregressive loop over the transformer's static KV cache (`ar`). See `dalle_ar.sampling.ar` for
 the whole loop and for driving it step by step with the free functions re-exported here."""
 
-from dalle_ar.runtime import sample_seeds, uniforms
+from dalle_ar.runtime import SEED_SPACE, sample_seeds, uniforms
 from dalle_ar.sampling.ar import (
     MIN_GRAPH_STEPS,
     Callback,
@@ -26,6 +26,7 @@ __all__ = [
     "MIN_GRAPH_STEPS",
     "RERANK_WEIGHT",
     "RerankSettings",
+    "SEED_SPACE",
     "combine",
     "decode_one",
     "filter_logits",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_type_hints
 
 from dalle_ar.config import require
 
@@ -149,12 +149,19 @@ def from_dict(cls: type[S], values: dict[str, Any] | None, where: str) -> S:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One option per field (its metadata's flag and help), default None: "not given", so the
-    pipeline folder's defaults apply."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One option per field but those in `skip` (its metadata's flag and help), default None:
+    "not given", so the pipeline folder's defaults apply."""
+    hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        kind = int if f.type in (int, "int") else float
-        parser.add_argument(f.metadata["flag"], dest=f.name, type=kind, help=f.metadata["help"])
+        if f.name in skip:
+            continue
+        kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        if hints[f.name] is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = hints[f.name]
+        parser.add_argument(f.metadata["flag"], **kw)
 
 
 def from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -5,20 +5,36 @@ schedule, progress bar, optimizer groups, wandb logging, checkpoints and resume,
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
 
-from dalle_ar.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
+from dalle_ar.checkpoint import (
+    load_train_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_json_atomic,
+)
 from dalle_ar.config import ConfigError, OptimConfig, RunConfig, load_config, save_config, to_dict
+
+# Their old import path; they live in the floor (dalle_ar.runtime).
+from dalle_ar.runtime import (  # noqa: F401
+    autocast_context,
+    cpu_has_bf16,
+    pick_device,
+    seed_everything,
+    set_threads,
+    uses_bf16,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -110,7 +126,7 @@ class Run:
         self.run_cfg = run
         self.rank = rank
         self.dir = Path(run.out_dir)
-        self.ckpt_dir = self.dir / "ckpt" / "last"
+        self.ckpt_dir = checkpoint_dir(run.out_dir)
         self.start_time = time.time()
         self.minutes_before = 0.0  # minutes spent by earlier processes of this run (resumes)
         self._wandb = None
@@ -123,7 +139,7 @@ class Run:
         return self.rank == 0
 
     def has_checkpoint(self) -> bool:
-        return (self.ckpt_dir / "train_state.pt").is_file()
+        return has_checkpoint(self.dir)
 
     def minutes(self) -> float:
         """Wall minutes the run has spent: earlier processes plus this one."""
@@ -156,11 +172,7 @@ class Run:
             self._wandb.log({key: wandb.Image(str(path), caption=caption)}, step=step)
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
-        p = self.dir / name
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(p)
-        return p
+        return write_json_atomic(self.dir / name, data)
 
     def finish(self) -> None:
         if self._wandb is not None:
@@ -203,6 +215,59 @@ class Run:
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", self.ckpt_dir, state["step"])
         return state
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    """Where a run keeps its last checkpoint: out_dir/ckpt/last."""
+    return Path(out_dir) / "ckpt" / "last"
+
+
+def has_checkpoint(out_dir: str | Path) -> bool:
+    """Whether the run folder holds a complete checkpoint to resume from."""
+    return (checkpoint_dir(out_dir) / "train_state.pt").is_file()
+
+
+class NonFiniteLoss(RuntimeError):
+    """`max_bad_steps` non-finite steps in a row, or non-finite weights at the end; the last good
+    checkpoint is kept and no component folder is written."""
+
+
+def run_recipe(
+    cfg_type: type[T],
+    train: Callable[..., dict[str, Any]],
+    argv: list[str] | None,
+    prog: str,
+    description: str,
+    example: str,
+    report: Callable[[dict[str, Any]], str],
+) -> int:
+    """A recipe's `main`: parse `--config FILE [--resume] [key=value ...]`, refuse --resume
+    without a checkpoint, run `train(cfg, resume=...)`, and turn what a user can act on into an
+    exit status: 2 for a config, file or folder that is wrong or missing, 1 for a run stopped by
+    non-finite steps (its last good checkpoint kept). Rank 0 prints `report(metrics)`."""
+    from dalle_ar.train import dist
+
+    parsed = recipe_config(cfg_type, argv, prog, description, example)
+    if parsed is None:
+        return 2
+    cfg, resume = parsed
+    if resume and not has_checkpoint(cfg.run.out_dir):
+        print(f"{prog}: --resume given but {checkpoint_dir(cfg.run.out_dir)} holds no "
+              "checkpoint", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        metrics = train(cfg, resume=resume)
+    except (ConfigError, FileNotFoundError) as e:  # e.g. missing shards, tokenizer or VQ folder
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.cleanup()
+    if dist.is_main_process():  # under torchrun, rank 0 speaks
+        print(report(metrics))
+    return 0
 
 
 def recipe_config(

@@ -39,7 +39,7 @@ from dalle_ar.checkpoint import load_train_state, rng_state, save_pretrained, se
 from dalle_ar.config import OptimConfig, RunConfig, require
 from dalle_ar.runtime import seed_everything
 from dalle_ar.train import dist
-from dalle_ar.train.common import BudgetBar, Run, lr_at, schedule_step, set_lr
+from dalle_ar.train.common import BudgetBar, NonFiniteLoss, Run, lr_at, schedule_step, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,6 @@ class Source(Protocol):
 
     def train(self, skip: int) -> Iterator[Batch]: ...  # this rank's, the first `skip` left out
     def eval(self) -> Iterable[Batch] | None: ...  # this rank's held-out batches, or None
-
-
-class NonFiniteLoss(RuntimeError):
-    """`max_bad_steps` non-finite steps in a row, or non-finite weights at the end; the last good
-    checkpoint is kept and no component folder is written."""
 
 
 @dataclasses.dataclass
@@ -191,7 +186,7 @@ class _Loop:
         loss_sum = torch.zeros((), device=info.device)
         parts: dict[str, torch.Tensor] = {}
         for k in range(accum):
-            batch = _to(_next(batches, self.pos.micro), info.device)
+            batch = to_device(_next(batches, self.pos.micro), info.device)
             self.samples += _batch_size(batch)
             with dist.no_sync(task.model, k < accum - 1):
                 loss, terms = task.loss(batch, self.pos.micro)
@@ -388,7 +383,7 @@ def _next(batches: Iterator[Batch], micro: int) -> Batch:
         raise RuntimeError(f"the training batches ran out after {micro} micro-batches") from None
 
 
-def _to(batch: Batch, device: torch.device) -> Batch:
+def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 

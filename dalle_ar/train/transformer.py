@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,8 +19,8 @@ import torch
 from dalle_ar.config import ConfigError, DataConfig, require
 from dalle_ar.runtime import autocast_context
 from dalle_ar.train import dist
-from dalle_ar.train.common import build_optimizer, recipe_config
-from dalle_ar.train.loop import LoopConfig, NonFiniteLoss, Task, fit, setup
+from dalle_ar.train.common import build_optimizer, run_recipe
+from dalle_ar.train.loop import LoopConfig, Task, fit, setup, to_device
 from dalle_ar.train.objectives import drop_conditioning, lm_loss
 from dalle_ar.train.transformer_data import BatchSource, ShardBatches
 from dalle_ar.transformer import COMPONENT, Transformer, TransformerConfig
@@ -106,10 +105,6 @@ def _loss(model, batch, cfg, info, drop=None, text_count=None):
     )
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def evaluate(model, source: BatchSource, cfg: TrainTransformerConfig, info) -> dict[str, float]:
     """Held-out losses, summed over every rank's batches."""
@@ -121,7 +116,7 @@ def evaluate(model, source: BatchSource, cfg: TrainTransformerConfig, info) -> d
     for i, batch in enumerate(batches):
         if i >= cfg.eval_batches:
             break
-        _, parts = _loss(model, _to(batch, info.device), cfg, info)
+        _, parts = _loss(model, to_device(batch, info.device), cfg, info)
         sums += torch.stack(
             [
                 parts["image_loss"].double(),
@@ -163,8 +158,10 @@ def train(
     """Run the recipe on `source` (default: the config's shards); returns the final metrics,
     the same on every rank. Raises ConfigError / FileNotFoundError for missing folders and what
     `loop.fit` raises."""
-    feats = _resolve_code_features(cfg)  # before the loop saves the config: the width is known
     info = setup(cfg)  # the same initial weights on every rank
+    # After seeding, as before the shared loop (reading the VQ draws from the global generator),
+    # and before the loop saves the config: the width is known by then.
+    feats = _resolve_code_features(cfg)
     if source is None:
         source = ShardBatches(cfg, info)
     model = Transformer(cfg.model).to(info.device)
@@ -209,24 +206,12 @@ def train(
     return fit(cfg, task, info, resume)
 
 
+def _report(metrics: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})
+
+
 def main(argv: list[str] | None = None) -> int:
-    prog = "dalle-ar train transformer"
-    parsed = recipe_config(
-        TrainTransformerConfig, argv, prog, __doc__, "configs/transformer_*.yaml"
-    )
-    if parsed is None:
-        return 2
-    cfg, resume = parsed
-    try:
-        metrics = train(cfg, resume=resume)
-    except (ConfigError, FileNotFoundError) as e:  # e.g. a missing tokenizer or VQ folder
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 1
-    finally:
-        dist.cleanup()
-    if metrics and dist.is_main_process():  # under torchrun, rank 0 speaks
-        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}))
-    return 0
+    return run_recipe(
+        TrainTransformerConfig, train, argv, "dalle-ar train transformer", __doc__,
+        "configs/transformer_*.yaml", _report,
+    )  # fmt: skip

@@ -22,7 +22,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -34,8 +33,8 @@ from dalle_ar.config import DataConfig, require
 from dalle_ar.grid import image_grid
 from dalle_ar.runtime import autocast_context
 from dalle_ar.train import dist
-from dalle_ar.train.common import build_optimizer, recipe_config
-from dalle_ar.train.loop import LoopConfig, NonFiniteLoss, Source, Task, fit, setup
+from dalle_ar.train.common import build_optimizer, run_recipe
+from dalle_ar.train.loop import LoopConfig, Source, Task, fit, setup
 from dalle_ar.vq import COMPONENT, VQConfig, VQTokenizer
 
 log = logging.getLogger(__name__)
@@ -214,27 +213,7 @@ def _train(cfg: VQRecipeConfig, source: Source, resume: bool) -> dict[str, Any]:
     return fit(cfg, task, info, resume)
 
 
-def main(argv: list[str]) -> int:
-    prog = "dalle-ar train vq"
-    parsed = recipe_config(
-        VQRecipeConfig, argv, prog, "Train the VQ-VAE image tokenizer.", "configs/vq_shapes.yaml"
-    )
-    if parsed is None:
-        return 2
-    cfg, resume = parsed
-    last = Path(cfg.run.out_dir) / "ckpt" / "last" / "train_state.pt"
-    if resume and not last.is_file():
-        print(f"{prog}: --resume given but {last} does not exist", file=sys.stderr)
-        return 2
-    try:
-        m = train(cfg, resume=resume)
-    except NonFiniteLoss as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 1
-    finally:
-        dist.cleanup()
-    if not dist.is_main_process():
-        return 0  # under torchrun, rank 0 speaks
+def _report(m: dict[str, Any]) -> str:
     t = m["timing"]
     line = f"vq: {t['steps']} steps ({t['steps_per_s']:.2f} steps/s)"
     if "psnr" in m:
@@ -242,5 +221,11 @@ def main(argv: list[str]) -> int:
             f", held-out PSNR {m['psnr']:.2f} dB, codebook usage {m['codebook_usage']:.1%},"
             f" perplexity {m['perplexity']:.1f}"
         )
-    print(f"{line} -> {m.get('component', 'no component yet (halt_after)')}")
-    return 0
+    return f"{line} -> {m.get('component', 'no component yet (halt_after)')}"
+
+
+def main(argv: list[str]) -> int:
+    return run_recipe(
+        VQRecipeConfig, train, argv, "dalle-ar train vq", "Train the VQ-VAE image tokenizer.",
+        "configs/vq_shapes.yaml", _report,
+    )  # fmt: skip

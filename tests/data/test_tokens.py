@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from dalle_ar.cli.tokens import main as tokens_cli
-from dalle_ar.cli.tokens import tokenize_shards as pretokenize
+from dalle_ar.cli.tokens import tokenize_shards
 from dalle_ar.data.loader import make_loader
 from dalle_ar.data.shapes import generate
 from dalle_ar.data.shards import write_samples
-from dalle_ar.data.tokens import codes_dtype, encode_codes, make_token_loader
+from dalle_ar.data.tokens import codes_dtype, encode_codes, make_token_loader, pretokenize
 from dalle_ar.vq import VQConfig, VQTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def vq_dir(tmp_path_factory, shapes_shards) -> Path:
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory, shapes_shards, vq_dir) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("tokens")
-    summary = pretokenize(vq_dir, shapes_shards.train, out, "train", shard_size=64)
+    summary = tokenize_shards(vq_dir, shapes_shards.train, out, "train", shard_size=64)
     return out, summary
 
 
@@ -131,7 +131,7 @@ def test_pretokenize_skips_bad_images(tmp_path, vq_dir) -> None:
     ]
     recs.insert(1, {"__key__": "broken", "png": b"\x89PNG not really", "txt": "a broken image"})
     write_samples(recs, tmp_path / "img", "x", 10)
-    summary = pretokenize(vq_dir, str(tmp_path / "img"), tmp_path / "tok", "eval")
+    summary = tokenize_shards(vq_dir, str(tmp_path / "img"), tmp_path / "tok", "eval")
     assert summary["records"] == 3
     assert summary["skipped"]["counts"] == {"bad_image": 1}
     assert summary["skipped"]["keys"] == {"bad_image": ["broken"]}
@@ -147,8 +147,10 @@ def test_cli(tmp_path, vq_dir, shapes_shards, capsys) -> None:
     bad = ["--vq", str(tmp_path / "nope"), "--shards", shapes_shards.eval, "--out", str(tmp_path)]
     assert tokens_cli(bad) == 2
     assert "config.json is missing" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="use dalle_ar.cli.tokens.tokenize_shards"):
+        pretokenize(vq_dir, shapes_shards.eval, tmp_path / "y")
     with pytest.raises(ValueError, match="multiple of 4, got 30"):
-        pretokenize(vq_dir, shapes_shards.eval, tmp_path / "x", image_size=30)
+        tokenize_shards(vq_dir, shapes_shards.eval, tmp_path / "x", image_size=30)
 
 
 def test_codes_dtype_widens_for_large_codebooks() -> None:

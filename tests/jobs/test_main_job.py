@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dalle_ar.config import load_config
+from dalle_ar.jobs.config import MainJobConfig
+from dalle_ar.jobs.main import _upgrade
 from dalle_ar.jobs.main import main as main_job
 from dalle_ar.pipeline import DalleAR
 
@@ -55,3 +58,12 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert capsys.readouterr().out.count("done already, skipped") == 7
     assert main_job([*args, "candidates=0"]) == 2  # refused before any work
     assert main_job([*args, "no_such_key=1"]) == 2
+
+
+def test_one_sampling_key_keeps_the_jobs_other_sampling_values():
+    cfg = load_config(
+        MainJobConfig, None, _upgrade(["guidance_scale=2", "rerank.rerank_weight=0.5"])
+    )
+    assert (cfg.sampling.guidance_scale, cfg.sampling.temperature, cfg.sampling.part_scale) == (
+        2.0, 0.7, 0.5)  # fmt: skip
+    assert (cfg.rerank.candidates, cfg.rerank.rerank_weight) == (16, 0.5)

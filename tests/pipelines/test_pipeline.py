@@ -17,6 +17,7 @@ from _pipeline_fixtures import CODEBOOK, GRID, TEXT_LEN, build_components, tiny_
 from PIL import Image
 
 from dalle_ar.cli import main as cli
+from dalle_ar.cli.sample import _parser as sample_parser
 from dalle_ar.pipeline import (
     DalleAR,
     assemble,
@@ -93,6 +94,20 @@ def test_save_pretrained_writes_every_component(pipe, tmp_path):
     assert again.defaults == pipe.defaults
     a, b = pipe(PROMPTS, seed=4, guidance_scale=2.0), again(PROMPTS, seed=4, guidance_scale=2.0)
     assert torch.equal(a.codes, b.codes)
+
+
+def test_defaults_of_other_modes_are_left_to_them(pipe_dir, tmp_path):
+    folder = tmp_path / "shared"
+    shutil.copytree(pipe_dir, folder)
+    meta = json.loads((folder / "pipeline.json").read_text())
+    meta["defaults"]["ar"]["guidance_scale"] = 2.5
+    meta["defaults"]["prior"] = {"steps": 16}  # another mode's section
+    (folder / "pipeline.json").write_text(json.dumps(meta))
+    assert ARPipeline.from_pretrained(folder).defaults["ar"].guidance_scale == 2.5
+    meta["defaults"]["tempreature"] = 0.7
+    (folder / "pipeline.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"pipeline.json defaults: unknown sampling defaults \['t"):
+        ARPipeline.from_pretrained(folder)
 
 
 def test_a_mode_refuses_a_folder_without_its_components(pipe_dir, tmp_path):
@@ -388,6 +403,8 @@ def test_cli_writes_images_grids_and_json_that_regenerates(pipe_dir, tmp_path):
     doc = json.loads((out / "samples.json").read_text())
     rec = doc["samples"][3]
     assert rec["seed"] == 10 and rec["top_k"] == 8 and rec["guidance_scale"] == 2.0
+    recorded = sample_parser().parse_args(doc["command"][2:])  # the record runs again
+    assert (recorded.guidance_scale, recorded.top_k, recorded.seed) == (2.0, 8, 7)
     grid = Image.open(out / "grid_000.png")
     assert grid.width > 2 * GRID * 4 and grid.height > GRID * 4  # tiles plus a caption
     again = tmp_path / "again"

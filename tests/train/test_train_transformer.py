@@ -201,9 +201,9 @@ def test_cli_end_to_end_on_shards(tmp_path, shapes_shards):
     assert main([*argv, f"vq={tmp_path / 'missing'}"]) == 2  # a missing folder, no traceback
 
     # the same recipe on pretokenized shards (what `dalle-ar tokens` writes)
-    from dalle_ar.cli.tokens import tokenize_shards as pretokenize
+    from dalle_ar.cli.tokens import tokenize_shards
 
-    pretokenize(vq, shapes_shards.train, tmp_path / "tokens", "train", shard_size=64)
+    tokenize_shards(vq, shapes_shards.train, tmp_path / "tokens", "train", shard_size=64)
     argv = [a for a in argv if not a.startswith(("data.", "data_format", "run.out_dir"))]
     argv += [f"data.train={tmp_path / 'tokens'}", f"run.out_dir={tmp_path / 'run_tokens'}"]
     assert main([*argv, "run.steps=3"]) == 0

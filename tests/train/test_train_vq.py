@@ -251,3 +251,14 @@ def test_two_processes_hold_one_codebook(tmp_path, shapes_shards):
 def _losses(out: Path) -> dict[int, float]:
     rows = [json.loads(r) for r in (out / "train_log.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_missing_shards_exit_2_with_a_message(tmp_path, capsys):
+    from dalle_ar.train.vq import main
+
+    argv = ["--config", str(TINY_CONFIG), f"data.train={tmp_path}/none-*.tar",
+            f"run.out_dir={tmp_path / 'run'}", "run.wandb=disabled"]  # fmt: skip
+    assert main(argv) == 2
+    assert "dalle-ar train vq: " in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
