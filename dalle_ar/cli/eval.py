@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     from dalle_ar.pipelines import Pipeline
 
-    settings = {**from_args(args, ARSampling), **from_args(args, RerankSettings)}
+    settings = {
+        **from_args(args, ARSampling, skip=("guidance_scale",)),
+        **from_args(args, RerankSettings, skip=("candidates",)),
+    }
     try:
         if args.num < 1:
             raise ValueError(f"--num must be >= 1, got {args.num}")

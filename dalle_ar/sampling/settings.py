@@ -164,9 +164,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         parser.add_argument(f.metadata["flag"], **kw)
 
 
-def from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The fields of `cls` given on the command line (see `add_arguments`)."""
-    return {n: getattr(args, n) for n in names(cls) if getattr(args, n, None) is not None}
+def from_args(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of `cls` but those in `skip` given on the command line (`add_arguments`)."""
+    given = (n for n in names(cls) if n not in skip)
+    return {n: getattr(args, n) for n in given if getattr(args, n, None) is not None}
 
 
 __all__ = [

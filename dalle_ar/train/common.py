@@ -257,7 +257,7 @@ def run_recipe(
         return 2
     try:
         metrics = train(cfg, resume=resume)
-    except (ConfigError, FileNotFoundError) as e:  # e.g. missing shards, tokenizer or VQ folder
+    except (ValueError, FileNotFoundError) as e:  # a bad value or a missing shard or folder
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
