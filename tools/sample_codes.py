@@ -4,7 +4,7 @@ the files to check that a change leaves sampling bit for bit as it was.
 
     python tools/sample_codes.py runs/main/pipeline codes.json
 
-It imports only `dalle_ar.pipeline.DalleAR`, which every version of the code has.
+It imports `dalle_ar.pipeline.DalleAR` and the grid prompts, which every version of the code has.
 """
 
 import argparse
@@ -14,15 +14,11 @@ import torch
 
 from dalle_ar.pipeline import DalleAR
 
-PROMPTS = [
-    "a small red circle at the top left",
-    "a big blue square in the centre",
-    "a large green triangle at the bottom right",
-    "a small yellow diamond at the top middle",
-    "a red square to the left of a blue circle",
-    "a big purple circle above a small orange square",
-    "a red circle AND a red circle::0.5 AND a blue square::-1",
-]
+try:  # the main job's grid prompts; before dalle_ar.jobs they were dalle_ar.main_job's
+    from dalle_ar.jobs.shapes import PROMPTS as GRID
+except ImportError:
+    from dalle_ar.main_job import DEFAULT_PROMPTS as GRID
+PROMPTS = [*GRID, "a red circle AND a red circle::0.5 AND a blue square::-1"]
 
 
 def main() -> None:
