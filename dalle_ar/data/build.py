@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,7 +177,11 @@ def build(kind: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(
             f"expected --shard-size >= 1 and --size >= 8, got {args.shard_size}, {args.size}"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if kind == "shapes" and min(args.num_train, args.num_eval) < 0:
+        raise ValueError("--num-train and --num-eval must be >= 0")
+    if kind == "folder" and not 0 <= args.eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    out.mkdir(parents=True, exist_ok=True)  # checked first: nothing old is removed for a typo
     stale = sorted(out.glob("train-*.tar")) + sorted(out.glob("eval-*.tar"))
     if stale:  # a smaller rebuild must not leave old shards that a directory URL would read
         log.info("removing %d old shards from %s", len(stale), out)
@@ -184,16 +189,12 @@ def build(kind: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
             p.unlink()
     start = time.perf_counter()
     if kind == "shapes":
-        if min(args.num_train, args.num_eval) < 0:
-            raise ValueError("--num-train and --num-eval must be >= 0")
         info = build_shapes(
             out, args.num_train, args.num_eval, args.seed, args.size, args.shard_size
         )
     elif kind == "emoji":
         info = build_emoji(out, args.size, args.shard_size)
     else:
-        if not 0 <= args.eval_fraction < 1:
-            raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
         info = build_folder(
             args.src, out, args.eval_fraction, args.seed, args.size, args.shard_size
         )
@@ -230,7 +231,7 @@ def main(argv: list[str]) -> int:
     try:
         info = build(kind, args.out, args)
     except ValueError as e:
-        print(f"error: {e}")
+        print(f"dalle-ar data {kind}: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: info[k] for k in ("kind", "counts", "train", "eval", "seconds")}))
     return 0

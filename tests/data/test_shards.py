@@ -291,6 +291,8 @@ def test_data_shapes_command_and_bad_arguments(tmp_path):
     assert main([*argv[:3], "--num-train", "5", "--num-eval", "2"]) == 0
     assert sorted(p.name for p in out.glob("*.tar")) == ["eval-000000.tar", "train-000000.tar"]
     assert main(["shapes", "--out", str(out), "--shard-size", "0"]) == 2
+    assert main(["shapes", "--out", str(out), "--num-train", "-5"]) == 2  # refused first:
+    assert sorted(p.name for p in out.glob("*.tar")) == ["eval-000000.tar", "train-000000.tar"]
     assert main(["folder", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert main(["nothing"]) == 2
 
