@@ -99,12 +99,11 @@ class Pipeline:
     def save_pretrained(self, folder: str | Path) -> None:
         """Write every component this pipeline holds, and pipeline.json, atomically."""
         with atomic_dir(folder) as tmp:
-            pairs: dict[str, tuple[str, str] | None] = {}
+            pairs = {}
             for name, obj in self.components.items():
                 pairs[name] = library_of(obj)
                 obj.save_pretrained(tmp / name)
-            pairs.update({k: None for k in self.optional if k not in self.components})
-            write_json(tmp, type(self).__name__, pairs, self.defaults_json())
+            write_json(tmp, type(self).__name__, pairs, self.optional, self.defaults_json())
 
     # -- settings --------------------------------------------------------------------------
     @classmethod

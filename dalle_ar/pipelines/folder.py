@@ -154,15 +154,19 @@ def library_of(obj: Any) -> tuple[str, str]:
 def write_json(
     folder: Path,
     pipeline_class: str,
-    components: dict[str, tuple[str, str] | None],
+    components: dict[str, tuple[str, str]],
+    optional: tuple[str, ...],
     defaults: dict[str, Any],
 ) -> None:
-    """Write pipeline.json (version 2) into `folder`."""
+    """Write pipeline.json (version 2) into `folder`: the held components' (library, class)
+    pairs, and null for each `optional` one it does not hold."""
+    pairs: dict[str, list[str] | None] = {k: list(v) for k, v in components.items()}
+    pairs.update({k: None for k in optional if k not in components})
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "class": pipeline_class,
-        "components": {k: None if v is None else list(v) for k, v in components.items()},
+        "components": pairs,
         "defaults": defaults,
     }
     (folder / PIPELINE_FILE).write_text(json.dumps(meta, indent=2))
@@ -186,7 +190,6 @@ def write_folder(
                 os.symlink(Path(src).resolve(), tmp / name, target_is_directory=True)
             else:
                 shutil.copytree(src, tmp / name)
-        pairs: dict[str, tuple[str, str] | None] = {k: v[0] for k, v in sources.items()}
-        pairs.update({k: None for k in optional if k not in sources})
-        write_json(tmp, pipeline_class, pairs, defaults)
+        pairs = {k: v[0] for k, v in sources.items()}
+        write_json(tmp, pipeline_class, pairs, optional, defaults)
     return folder
