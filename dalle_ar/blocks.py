@@ -143,7 +143,11 @@ def _visible_pairs(layout: Layout, chunk: int = 256) -> int:
 
 
 def check_range(ids: torch.Tensor, size: int, what: str) -> None:
-    """Raise ValueError unless every id of the integer tensor `ids` is in [0, size)."""
+    """Raise ValueError unless every id of the integer tensor `ids` is in [0, size). Skipped
+    inside torch.compile (reading the values back would split the compiled graph); the eager
+    call of the same step checks them."""
+    if torch.compiler.is_compiling():
+        return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= size:
         raise ValueError(f"{what} must be in [0, {size}), got values in [{lo}, {hi}]")

@@ -77,13 +77,18 @@ class OptimConfig:
 class RunConfig:
     out_dir: str = "runs/default"  # run folder: config, checkpoints, samples, metrics
     steps: int = 1000  # optimizer steps in total
-    max_minutes: float = 0.0  # stop (and save) after this wall time; 0 = no limit
+    # A safety cap, not a budget: stop (and save) after this wall time, counted over every
+    # resume of the run; a run it stops is reported under-trained. 0 = no cap. The budget is
+    # `steps` (x the batch): the same config trains the same model on any machine.
+    max_minutes: float = 0.0
     seed: int = 0  # seeds torch, numpy and python
     log_every: int = 10  # steps between metric logs
     eval_every: int = 0  # steps between evaluations (0 = only at the end)
     save_every: int = 200  # steps between checkpoints (always one at the end)
     sample_every: int = 0  # steps between sample / reconstruction grids (0 = only at the end)
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 = the CPUs measured free at the start (runtime)
+    compile: bool = False  # torch.compile the training forward, where the recipe supports it
     # auto: bf16 autocast on a GPU with bf16 (and, for the transformer, a CPU with bf16
     # instructions: dalle_ar.runtime.uses_bf16) | fp32 | bf16
     precision: str = "auto"
@@ -93,6 +98,7 @@ class RunConfig:
     def validate(self) -> None:
         require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         require(self.max_minutes >= 0, "max_minutes", "must be >= 0")
+        require(self.threads >= 0, "threads", "must be >= 0 (0 = the free CPUs)")
         require(self.log_every >= 1, "log_every", "must be >= 1")
         require(self.save_every >= 1, "save_every", "must be >= 1")
         require(self.eval_every >= 0, "eval_every", "must be >= 0")

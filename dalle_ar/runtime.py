@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,10 +37,66 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def describe_machine() -> dict[str, object]:
+    """What a measured figure was measured on: the CPU's model name, its logical CPUs, whether it
+    has bf16 instructions, the GPU if any, torch's version."""
+    name = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": name, "cpus": os.cpu_count(), "cpu_bf16": cpu_has_bf16(), "gpu": gpu,
+            "torch": torch.__version__}  # fmt: skip
+
+
 def set_threads(n: int) -> None:
     """torch's CPU threads for this process; n <= 0 keeps torch's default."""
     if n > 0:
         torch.set_num_threads(n)
+
+
+def free_cpus(interval: float = 0.2) -> float:
+    """CPUs of this process's affinity set that sat idle over the next `interval` seconds, read
+    from /proc/stat (Linux); elsewhere every CPU of the set counts as free."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cpus:
+        return float(os.cpu_count() or 1)
+
+    def idle_total() -> dict[int, tuple[int, int]]:
+        out = {}
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *ticks = line.split()
+            if name.startswith("cpu") and name != "cpu" and int(name[3:]) in cpus:
+                t = [int(x) for x in ticks]
+                out[int(name[3:])] = (t[3] + t[4], sum(t[:8]))  # idle + iowait, all
+        return out
+
+    try:
+        before = idle_total()
+        time.sleep(interval)
+        after = idle_total()
+    except (OSError, ValueError, IndexError):
+        return float(len(cpus))
+    free = 0.0
+    for c, (idle, total) in after.items():
+        d_total = total - before.get(c, (idle, total))[1]
+        free += (idle - before.get(c, (idle, total))[0]) / d_total if d_total > 0 else 1.0
+    return free
+
+
+def pick_threads(n: int, share: int = 1) -> int:
+    """Threads for a CPU run: n > 0 as given; n = 0 the CPUs measured free just now
+    (`free_cpus`), split among `share` processes of one job, rounded, at least 1. On a 2-core
+    machine where another job holds one core, a 2-thread step ran many times slower than a
+    1-thread one: each op waits for its descheduled thread (docs/results.md#threads)."""
+    if n > 0:
+        return n
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else (os.cpu_count() or 1), round(free_cpus() / max(1, share))))  # fmt: skip
 
 
 @functools.cache

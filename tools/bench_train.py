@@ -4,6 +4,8 @@ fp32 matmul peak, both measured in the same run. Prints one JSON object.
     python tools/bench_train.py                      # benchmark shape S on the CPU
     python tools/bench_train.py --config configs/transformer_bench_s.yaml model.layouts=full
     python tools/bench_train.py --compare-bf16       # fp32 and bf16 autocast, side by side
+    python tools/bench_train.py --recipe --config configs/transformer_shapes.yaml \
+        --data runs/main run.precision=fp32      # the recipe as trained, variants side by side
 
 Model FLOPs count the matmuls a step must do (Transformer.flops_per_token: 3x the forward, with
 attention counted over the pairs each layer's layout lets a query see). The peak is the best of
@@ -13,13 +15,25 @@ it, and `fraction_of_peak_paired` is the median of the per-step ratios (load tha
 hits both sides of a pair alike); the plain medians are reported too. With --compare-bf16 the
 same steps also run under bf16 autocast (its fractions stay relative to the fp32 peak), and
 `bf16_speedup` is the ratio of the two step times.
+
+--recipe times the training recipe itself: the batches read from the token shards of a main-job
+folder (`--data`: its tokenizer, VQ and tokens), the loop's own step (`dalle_ar.train.loop.Loop`:
+the batch, forward, backward, clipping, AdamW, the finiteness check), with each variant's threads,
+prefetching and compilation. The variants (`--variant "NAME: key=value ..."`, default `today` and
+`config`) are built side by side and timed in turns, `--turn-steps` steps each per turn, so a load
+that comes and goes hits them alike; `samples_per_s` is each one's median over turns, and
+`speedup` the median of the per-turn ratios to the first variant. `--busy N` keeps N other
+processes spinning meanwhile (a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
+import statistics
+import tempfile
 import time
 
 import torch
@@ -32,6 +46,9 @@ from dalle_ar.train.transformer import TrainTransformerConfig
 from dalle_ar.transformer import Transformer
 
 DEFAULT_CONFIG = "configs/transformer_bench_s.yaml"
+# The recipe as the main job trained it before budgets in steps: torch's default threads (2
+# here), batches read inline, eager PyTorch.
+TODAY = "today: run.threads=2 prefetch=0 run.compile=false"
 
 
 def matmul_peak(device: torch.device, n: int = 1024, reps: int = 5, inner: int = 10) -> float:
@@ -100,6 +117,89 @@ def bench_train(cfg: TrainTransformerConfig, steps: int, warmup: int) -> dict:
     }
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
+def recipe_overrides(folder: str) -> list[str]:
+    """The transformer stage's paths and sizes in a main-job folder (dalle_ar.jobs.main)."""
+    from dalle_ar.text import TextTokenizer
+    from dalle_ar.vq import VQTokenizer
+
+    vq = VQTokenizer.from_pretrained(f"{folder}/vq_run/vq")
+    h, w = vq.grid_size(vq.config.image_size)
+    tok = TextTokenizer.from_pretrained(f"{folder}/tokenizer_run/tokenizer")
+    return [
+        f"data.train={folder}/tokens/train-*.tar", f"data.eval={folder}/tokens/eval-*.tar",
+        f"text_tokenizer={folder}/tokenizer_run/tokenizer", f"vq={folder}/vq_run/vq",
+        f"model.text_vocab={tok.vocab_size}", f"model.image_vocab={vq.codebook_size}",
+        f"model.grid_h={h}", f"model.grid_w={w}", "run.wandb=disabled",
+    ]  # fmt: skip
+
+
+def bench_recipe(args: argparse.Namespace) -> dict:
+    """The recipe's own training steps for each variant, timed in turns (see the docstring)."""
+    from dalle_ar.runtime import pick_threads
+    from dalle_ar.train import transformer
+    from dalle_ar.train.common import Run
+    from dalle_ar.train.loop import Loop, Position
+
+    base = [*recipe_overrides(args.data), *args.overrides]
+    variants = []
+    for spec in args.variant or [TODAY, "config:"]:
+        name, _, rest = spec.partition(":")
+        tmp = tempfile.mkdtemp(prefix=f"bench_{name.strip()}_")
+        over = [*base, *rest.split(), f"run.out_dir={tmp}"]
+        cfg = load_config(TrainTransformerConfig, args.config, over)
+        task, info = transformer.build(cfg)
+        threads = pick_threads(cfg.run.threads)
+        loop = Loop(cfg, task, info, Run(cfg, cfg.run), Position())
+        variants.append({"name": name.strip(), "overrides": rest.split(), "cfg": cfg,
+                         "loop": loop, "batches": loop.batches(), "threads": threads,
+                         "times": []})  # fmt: skip
+    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy)]
+    for p in spinners:
+        p.start()
+    try:
+        for turn in range(args.turns + 1):  # turn 0 warms up (and compiles)
+            for v in variants:
+                torch.set_num_threads(v["threads"])
+                t = time.perf_counter()
+                for _ in range(args.turn_steps):
+                    v["loop"].step(v["batches"])
+                if turn:
+                    v["times"].append(time.perf_counter() - t)
+    finally:
+        for p in spinners:
+            p.terminate()
+        for v in variants:
+            v["batches"].close()
+    first = variants[0]
+    out = {}
+    for v in variants:
+        B = v["cfg"].data.batch_size * v["cfg"].optim.grad_accum
+        rates = [B * args.turn_steps / t for t in v["times"]]
+        ratios = [t0 / t * B / (first["cfg"].data.batch_size * first["cfg"].optim.grad_accum)
+                  for t0, t in zip(first["times"], v["times"])]  # fmt: skip
+        out[v["name"]] = {
+            "overrides": v["overrides"],
+            "samples_per_s": statistics.median(rates),
+            "samples_per_s_turns": [round(r, 1) for r in rates],
+            "speedup": statistics.median(ratios),
+            "threads": v["threads"],
+            "batch_size": B,
+            "precision": "bf16"
+            if uses_bf16(torch.device("cpu"), v["cfg"].run.precision, cpu_auto=True)
+            else "fp32",  # fmt: skip
+        }
+    return {
+        "config": args.config, "data": args.data, "overrides": args.overrides,
+        "turns": args.turns, "turn_steps": args.turn_steps, "busy_processes": args.busy,
+        "variants": out,
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=DEFAULT_CONFIG)
@@ -109,8 +209,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--compare-bf16", action="store_true", help="also time bf16 autocast, side by side"
     )
+    ap.add_argument("--recipe", action="store_true", help="time the training recipe's steps")
+    ap.add_argument("--data", default="runs/main", help="--recipe: a main-job folder")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        help=f'--recipe: "NAME: key=value ..." (repeated; default "{TODAY}", "config:")',
+    )
+    ap.add_argument("--turns", type=int, default=5, help="--recipe: timed turns")
+    ap.add_argument("--turn-steps", type=int, default=20, help="--recipe: steps per turn")
+    ap.add_argument("--busy", type=int, default=0, help="--recipe: spinning processes meanwhile")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
+    if args.recipe:
+        result = bench_recipe(args)
+        result.update(cpu=platform.processor() or platform.machine(), torch=torch.__version__)
+        print(json.dumps(result, indent=2))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     fp32 = ["run.precision=fp32"] if args.compare_bf16 else []  # the baseline is fp32 there

@@ -17,8 +17,14 @@ class MainJobConfig:
     data: Literal["shapes"] = "shapes"  # the data set (dalle_ar.jobs.DATA_SETS)
     num_train: int = 50_000  # training images (shapes)
     num_eval: int = 2_000  # evaluation images (held-out combinations appear only here)
-    vq_minutes: float = 3.0  # wall-time cap of the VQ-VAE stage
-    transformer_minutes: float = 12.0  # wall-time cap of the transformer stage
+    # Training budgets in optimizer steps (x each config's batch); 0 = the component config's
+    # run.steps. The same config and seed train the same models on any machine.
+    vq_steps: int = 0
+    transformer_steps: int = 0
+    # Safety caps, not budgets: a stage stopped by one is reported under-trained (log, summary,
+    # table) and continues to its planned steps when the job runs again. 0 = no cap.
+    vq_max_minutes: float = 15.0
+    transformer_max_minutes: float = 45.0
     prompts: list[str] = dataclasses.field(default_factory=list)  # grid; empty = the data set's
     samples_per_prompt: int = 4  # images per prompt in the grid
     fidelity_prompts: int = 400  # evaluation-split prompts scored by the data set's evaluation
@@ -43,8 +49,8 @@ class MainJobConfig:
     def validate(self) -> None:
         require(self.num_train >= 100, "num_train", "must be >= 100")
         require(self.num_eval >= 10, "num_eval", "must be >= 10")
-        require(self.vq_minutes > 0, "vq_minutes", "must be > 0")
-        require(self.transformer_minutes > 0, "transformer_minutes", "must be > 0")
+        for key in ("vq_steps", "transformer_steps", "vq_max_minutes", "transformer_max_minutes"):
+            require(getattr(self, key) >= 0, key, "must be >= 0")
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         require(self.fidelity_prompts >= 0, "fidelity_prompts", "must be >= 0")
         require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")

@@ -6,9 +6,12 @@
            -> the data set's evaluation, single draws and reranked (terminal + JSON)
 
 Each stage writes into `out_dir` and is skipped on a rerun once its output is complete; a training
-stage that was killed resumes from its last checkpoint. Each stage calls the same functions as its
-own command (`dalle-ar data ...`, `dalle-ar train ...`, `dalle-ar tokens`), with the component
-configs of the data set (`data`, `dalle_ar.jobs.shapes`) under configs/.
+stage that was killed resumes from its last checkpoint. Training stages are sized in steps (the
+component configs' run.steps, or `vq_steps` / `transformer_steps`); their minutes are safety caps:
+a stage a cap stops is reported under-trained and continues to its planned steps on the next run.
+Each stage calls the same functions as its own command (`dalle-ar data ...`, `dalle-ar train ...`,
+`dalle-ar tokens`), with the component configs of the data set (`data`, `dalle_ar.jobs.shapes`)
+under configs/.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +29,7 @@ from dalle_ar.config import ConfigError, load_config, save_config, to_dict
 from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import DataSet
 from dalle_ar.jobs.shapes import SHAPES
+from dalle_ar.runtime import describe_machine
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ LEGACY_KEYS = {
     "top_k": "sampling.top_k",
     "part_scale": "sampling.part_scale",
     "candidates": "rerank.candidates",
+    "vq_minutes": "vq_max_minutes",  # budgets became step counts; the minutes are caps now
+    "transformer_minutes": "transformer_max_minutes",
 }
 
 
@@ -76,6 +83,15 @@ def stage_tokenizer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     tokenizer.train(load_config(tokenizer.TokenizerRecipeConfig, yaml, overrides))
 
 
+def _budget(run_dir: Path, steps: int, max_minutes: float) -> list[str]:
+    """A training stage's step budget and safety cap. The cap counts this job's minutes: a stage
+    resumed by a rerun gets it again on top of the minutes its checkpoint has spent."""
+    from dalle_ar.train.common import spent_minutes
+
+    cap = spent_minutes(run_dir) + max_minutes if max_minutes else 0
+    return [*([f"run.steps={steps}"] if steps else []), f"run.max_minutes={cap}"]
+
+
 def stage_vq(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     from dalle_ar.train import vq
     from dalle_ar.train.common import has_checkpoint
@@ -84,7 +100,7 @@ def stage_vq(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         f"data.train={p.data}/train-*.tar",
         f"data.eval={p.data}/eval-*.tar",
         f"run.out_dir={p.vq_run}",
-        f"run.max_minutes={cfg.vq_minutes}",
+        *_budget(p.vq_run, cfg.vq_steps, cfg.vq_max_minutes),
         f"run.seed={cfg.seed}",
         f"run.device={cfg.device}",
         f"run.wandb={cfg.wandb}",
@@ -118,8 +134,7 @@ def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         f"model.grid_h={h}",
         f"model.grid_w={w}",
         f"run.out_dir={p.transformer_run}",
-        f"run.max_minutes={cfg.transformer_minutes}",
-        "run.steps=1000000",  # the time budget ends the run (and the LR cosine)
+        *_budget(p.transformer_run, cfg.transformer_steps, cfg.transformer_max_minutes),
         f"run.seed={cfg.seed}",
         f"run.device={cfg.device}",
         f"run.wandb={cfg.wandb}",
@@ -157,6 +172,25 @@ def _complete(folder: Path) -> bool:
     return (folder / "config.json").is_file()
 
 
+def _trained(run_dir: Path, component: Path) -> bool:
+    """A training stage is done once its component is written from its planned steps (not an
+    under-trained one a safety cap stopped: that one resumes)."""
+    return _complete(component) and _training(run_dir).get("finished", False)
+
+
+def _training(run_dir: Path) -> dict:
+    """What a training stage's metrics.json says of its budget (empty before it has one)."""
+    f = run_dir / "metrics.json"
+    if not f.is_file():
+        return {}
+    m = json.loads(f.read_text())
+    keys = ("step", "planned_steps", "finished", "under_trained", "minutes")
+    timing = m.get("timing", {})
+    return {k: m[k] for k in keys if k in m} | {
+        k: timing[k] for k in ("steps_per_s", "threads", "precision") if k in timing
+    }
+
+
 def run_stages(cfg: MainJobConfig) -> dict:
     """Run every stage not done yet; returns the summary (also out_dir/summary.json)."""
     p = Paths(Path(cfg.out_dir))
@@ -168,37 +202,69 @@ def run_stages(cfg: MainJobConfig) -> dict:
         raise ConfigError(f"config key 'config_dir': no component configs {missing}")
     p.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, p.out / "main_job.yaml")
-    stages: list[tuple[str, Callable[[], bool], Callable[[], None]]] = [
-        ("data", lambda: (p.data / "info.json").is_file(), lambda: data.build(cfg, p.data)),
+    # (name, done, run, outputs): once a stage runs, the outputs of every later stage were made
+    # from what it replaced, so they are removed and made again (an under-trained VQ resumed by
+    # a rerun gets new token shards and a transformer trained on them)
+    stages: list[tuple[str, Callable[[], bool], Callable[[], None], list[Path]]] = [
+        ("data", lambda: (p.data / "info.json").is_file(), lambda: data.build(cfg, p.data),
+         [p.data]),
         ("tokenizer", lambda: _complete(p.tokenizer),
-         lambda: stage_tokenizer(cfg, p, yaml["tokenizer"])),
-        ("vq", lambda: _complete(p.vq), lambda: stage_vq(cfg, p, yaml["vq"])),
+         lambda: stage_tokenizer(cfg, p, yaml["tokenizer"]), [p.tokenizer_run]),
+        ("vq", lambda: _trained(p.vq_run, p.vq), lambda: stage_vq(cfg, p, yaml["vq"]),
+         [p.vq_run]),
         ("tokens", lambda: (p.tokens / "eval-tokens.json").is_file(),
-         lambda: stage_tokens(cfg, p)),
-        ("transformer", lambda: _complete(p.transformer),
-         lambda: stage_transformer(cfg, p, yaml["transformer"])),
+         lambda: stage_tokens(cfg, p), [p.tokens]),
+        ("transformer", lambda: _trained(p.transformer_run, p.transformer),
+         lambda: stage_transformer(cfg, p, yaml["transformer"]), [p.transformer_run]),
         ("pipeline", lambda: (p.pipeline / "pipeline.json").is_file(),
-         lambda: stage_pipeline(cfg, p)),
-        ("samples", lambda: p.fidelity.is_file(), lambda: stage_samples(cfg, p, data)),
+         lambda: stage_pipeline(cfg, p), [p.pipeline]),
+        ("samples", lambda: p.fidelity.is_file(), lambda: stage_samples(cfg, p, data),
+         [p.samples, p.fidelity]),
     ]  # fmt: skip
     timings: dict[str, float | str] = {}
-    start = time.perf_counter()
-    for i, (name, done, run) in enumerate(stages, 1):
-        if done():
+    start, upstream_ran = time.perf_counter(), False
+    for i, (name, done, run, outputs) in enumerate(stages, 1):
+        if not upstream_ran and done():
             print(f"[{i}/{len(stages)}] {name}: done already, skipped")
             timings[name] = "skipped"
             continue
-        print(f"[{i}/{len(stages)}] {name}: running", flush=True)
+        stale = [o for o in outputs if o.exists()] if upstream_ran else []
+        for o in stale:
+            shutil.rmtree(o) if o.is_dir() else o.unlink()
+        again = " again (an earlier stage ran)" if stale else ""
+        print(f"[{i}/{len(stages)}] {name}: running{again}", flush=True)
         t0 = time.perf_counter()
         run()
+        upstream_ran = True
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"[{i}/{len(stages)}] {name}: finished in {timings[name]} s", flush=True)
     total = round(time.perf_counter() - start, 1)
-    summary = {"config": to_dict(cfg), "stage_seconds": timings, "total_seconds": total}
+    training = {"vq": _training(p.vq_run), "transformer": _training(p.transformer_run)}
+    summary = {"config": to_dict(cfg), "machine": describe_machine(), "stage_seconds": timings,
+               "training": training, "total_seconds": total}  # fmt: skip
     if p.fidelity.is_file():
         summary["fidelity"] = json.loads(p.fidelity.read_text())
     (p.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def table(summary: dict) -> str:
+    """The stages as a terminal table: time, and for training stages the steps against the plan,
+    the precision and threads; an under-trained stage is named again below it."""
+    rows, loud = [("stage", "time", "training")], []
+    for name, secs in summary["stage_seconds"].items():
+        t = summary.get("training", {}).get(name)
+        what = ""
+        if t:
+            what = f"{t.get('step', 0):,} of {t.get('planned_steps', 0):,} steps"
+            what += f", {t.get('precision', '?')}, {t.get('threads', '?')} thread(s)"
+            if t.get("under_trained"):
+                what += ", UNDER-TRAINED"
+                loud.append(f"{name}: {t['under_trained']}; run the job again to continue")
+        rows.append((name, secs if secs == "skipped" else f"{secs} s", what))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join([*lines, *(f"WARNING {m}" for m in loud)])
 
 
 def _upgrade(overrides: list[str]) -> list[str]:
@@ -225,6 +291,7 @@ def main(argv: list[str]) -> int:
     fid = summary.get("fidelity")
     if fid:
         print(json.dumps(fid.get("summary", fid), indent=2))
+    print(table(summary))
     print(f"pipeline folder: {Path(cfg.out_dir) / 'pipeline'}")
     print(f"sample grid:     {Path(cfg.out_dir) / 'samples' / 'grid.png'}")
     print(f"summary:         {Path(cfg.out_dir) / 'summary.json'}  ({summary['total_seconds']} s)")

@@ -63,13 +63,16 @@ def schedule_step(cfg: Any, step: int, minutes: float) -> int:
 
 
 class BudgetBar:
-    """A tqdm bar over a run's budget, in percent: steps done or wall minutes used (the same
-    minutes that end the run), whichever is further along. A time-capped run whose `run.steps`
-    is out of reach (the main job's) still shows a true bar and a true time left; the step count
-    sits in the postfix."""
+    """A tqdm bar over a run's budget, in percent of `run.steps`. With `by_time` (runs whose LR
+    follows the clock, `lr_follows_time`) it is steps done or wall minutes used (the same minutes
+    that end the run), whichever is further along, so a run whose `run.steps` is out of reach
+    still shows a true bar and a true time left. The step count sits in the postfix."""
 
-    def __init__(self, run: RunConfig, step: int, desc: str, disable: bool | None = None) -> None:
-        self.steps, self.limit = run.steps, run.max_minutes
+    def __init__(
+        self, run: RunConfig, step: int, desc: str, disable: bool | None = None,
+        by_time: bool = True,
+    ) -> None:  # fmt: skip
+        self.steps, self.limit = run.steps, run.max_minutes if by_time else 0.0
         self.bar = tqdm(
             total=100, desc=desc, disable=disable,
             bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
@@ -225,6 +228,18 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
 def has_checkpoint(out_dir: str | Path) -> bool:
     """Whether the run folder holds a complete checkpoint to resume from."""
     return (checkpoint_dir(out_dir) / "train_state.pt").is_file()
+
+
+def spent_minutes(out_dir: str | Path) -> float:
+    """Wall minutes a run has spent up to its last checkpoint (0 without one)."""
+    if not has_checkpoint(out_dir):
+        return 0.0
+    return checkpoint_minutes(load_train_state(checkpoint_dir(out_dir)).get("extra", {}))
+
+
+def checkpoint_minutes(extra: dict[str, Any]) -> float:
+    """The minutes a checkpoint's `extra` records (older versions: seconds, `elapsed_s`)."""
+    return float(extra.get("minutes", extra.get("elapsed_s", 0.0) / 60))
 
 
 class NonFiniteLoss(RuntimeError):

@@ -27,6 +27,9 @@ import itertools
 import json
 import logging
 import math
+import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -37,9 +40,17 @@ from torch import nn
 
 from dalle_ar.checkpoint import load_train_state, rng_state, save_pretrained, set_rng_state
 from dalle_ar.config import OptimConfig, RunConfig, require
-from dalle_ar.runtime import seed_everything
+from dalle_ar.runtime import pick_threads, seed_everything
 from dalle_ar.train import dist
-from dalle_ar.train.common import BudgetBar, NonFiniteLoss, Run, lr_at, schedule_step, set_lr
+from dalle_ar.train.common import (
+    BudgetBar,
+    NonFiniteLoss,
+    Run,
+    checkpoint_minutes,
+    lr_at,
+    schedule_step,
+    set_lr,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +73,12 @@ class LoopConfig:
     lr_follows_time: bool = False  # with run.max_minutes: the cosine ends when time runs out
     max_bad_steps: int = 20  # non-finite steps in a row that stop the run (exit code 1)
     halt_after: int = 0  # stop (with a checkpoint) after this step; 0 = run.steps (staged runs)
+    # micro-batches read ahead in a thread while the step computes (same order); 0 = inline
+    prefetch: int = 2
 
     def validate(self) -> None:
         require(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+        require(self.prefetch >= 0, "prefetch", "must be >= 0")
         require(self.halt_after >= 0, "halt_after", "must be >= 0")
 
 
@@ -88,6 +102,7 @@ class Task:
     pictures: Callable[[int], tuple[Path, str]] | None = None
     # (full model, folder) -> writes the component; rank 0 only. None: config.json + safetensors
     save: Callable[[nn.Module, Path], None] | None = None
+    precision: str = "fp32"  # what the forward computes in ("fp32", "bf16"), for metrics.json
 
 
 @dataclasses.dataclass
@@ -113,19 +128,35 @@ def fit(cfg: LoopConfig, task: Task, info: dist.DistInfo, resume: bool = False) 
     the same on every rank.
 
     Raises FileNotFoundError (resume without a checkpoint), ValueError (a checkpoint of another
-    shape), NonFiniteLoss (see its docstring), RuntimeError (DDP replicas that differ at the end).
+    shape; a resume whose run.max_minutes the run has already spent), NonFiniteLoss (see its
+    docstring), RuntimeError (DDP replicas that differ at the end).
     """
     run = Run(cfg, cfg.run, rank=info.rank)
     pos = _resume(run, task, info, cfg.optim.grad_accum) if resume else Position()
+    limit = cfg.run.max_minutes
+    if limit > 0 and pos.minutes >= limit and pos.step < cfg.run.steps:
+        raise ValueError(
+            f"run.max_minutes={limit:g} is already spent by this run ({pos.minutes:.1f} minutes "
+            f"over its earlier processes, step {pos.step} of {cfg.run.steps}): give a larger "
+            "run.max_minutes (or 0) to continue"
+        )
     run.minutes_before = pos.minutes
+    threads = torch.get_num_threads()  # a process-wide setting: restored below
+    if info.device.type == "cpu":
+        share = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine
+        torch.set_num_threads(pick_threads(cfg.run.threads, share))
+        log.info("%s: %d CPU threads", task.name, torch.get_num_threads())
     run.init_wandb(task.name)
     try:
-        return _Loop(cfg, task, info, run, pos).train()
+        return Loop(cfg, task, info, run, pos).train()
     finally:
         run.finish()
+        torch.set_num_threads(threads)
 
 
-class _Loop:
+class Loop:
+    """One run of `fit` (tools/bench_train.py drives `batches` and `step` alone)."""
+
     def __init__(self, cfg: LoopConfig, task: Task, info: dist.DistInfo, run: Run, pos: Position):
         self.cfg, self.task, self.info, self.run, self.pos = cfg, task, info, run, pos
         self.stop_at = min(cfg.run.steps, cfg.halt_after) if cfg.halt_after else cfg.run.steps
@@ -145,8 +176,14 @@ class _Loop:
     def train(self) -> dict[str, Any]:
         cfg, pos = self.cfg, self.pos
         limit = cfg.run.max_minutes
-        batches = self.task.batches(pos.micro)
-        bar = BudgetBar(cfg.run, pos.step, self.task.name, disable=not self.info.is_main)
+        batches = self.batches()
+        bar = BudgetBar(
+            cfg.run,
+            pos.step,
+            self.task.name,
+            disable=not self.info.is_main,
+            by_time=cfg.lr_follows_time,
+        )
         self.task.model.train()
         bad_in_row, out_of_time, pending = 0, False, None
         try:
@@ -154,11 +191,10 @@ class _Loop:
                 minutes = self.minutes()
                 if limit > 0 and minutes >= limit:
                     out_of_time = True
-                    log.info("run.max_minutes=%g reached at step %d", limit, pos.step)
                     break
                 lr = lr_at(schedule_step(cfg, pos.step, minutes), cfg.optim, cfg.run.steps)
                 set_lr(self.task.optimizer, lr)
-                sums = self._step(batches)
+                sums = self.step(batches)
                 if sums is None:
                     bad_in_row, pos.skipped = bad_in_row + 1, pos.skipped + 1
                     self._refuse(bad_in_row)
@@ -172,11 +208,16 @@ class _Loop:
                 self._periodic()
         finally:
             bar.close()
+            batches.close()
         if pending is not None:  # stopped by the clock between two log rows
             self._log_train(*pending)
         return self._finish(out_of_time)
 
-    def _step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, ...] | None:
+    def batches(self) -> Prefetch:
+        """The task's micro-batches from the run's data position, read `prefetch` ahead."""
+        return Prefetch(self.task.batches(self.pos.micro), self.cfg.prefetch)
+
+    def step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, ...] | None:
         """One optimizer step over optim.grad_accum micro-batches: (loss, parts, grad norm)
         summed over ranks, or None when it was not finite (skipped, buffers restored)."""
         task, info, accum = self.task, self.info, self.cfg.optim.grad_accum
@@ -304,7 +345,8 @@ class _Loop:
 
     def _summary(self, metrics: dict[str, Any], finished: bool) -> dict[str, Any]:
         pos = self.pos
-        head = {"step": pos.step, "finished": finished, "skipped_steps": pos.skipped}
+        head = {"step": pos.step, "planned_steps": self.cfg.run.steps, "finished": finished,
+                "skipped_steps": pos.skipped}  # fmt: skip
         last = {k: v for k, v in self.last.items() if k != "step"}
         return {**head, "minutes": self.run.minutes(), **last, **metrics, "history": self.history}
 
@@ -319,16 +361,23 @@ class _Loop:
         component = {}  # halted runs (halt_after) write no component yet
         if finished or out_of_time:
             component = {"component": str(self._save_component())}
+        if out_of_time and not finished:
+            component["under_trained"] = under_trained(self.cfg.run, pos.step)
         timing = {
             "steps": pos.step,
             "train_seconds_this_process": train_s,
             "train_seconds_total": 60 * pos.minutes + train_s,
             "steps_per_s": (pos.step - self.start_step) / max(train_s, 1e-9),
+            "threads": torch.get_num_threads(),
+            "precision": task.precision,
         }
         final = self._summary(metrics, finished) | component | {"timing": timing}
         if info.is_main:
             self.run.write_json("metrics.json", final)
             log.info("%s: %s", task.name, json.dumps({**final, "history": len(self.history)}))
+            if "under_trained" in final:  # loud: the component is not what the config asked for
+                log.warning("%s %s (resume with a larger run.max_minutes to reach it)",
+                            task.name, final["under_trained"])  # fmt: skip
         dist.barrier()
         return final
 
@@ -346,6 +395,12 @@ class _Loop:
         return folder
 
 
+def under_trained(run: RunConfig, step: int) -> str:
+    """What a run stopped by its safety cap says of itself (metrics.json "under_trained", its log,
+    the main job's summary and table)."""
+    return f"under-trained: stopped by max_minutes at step {step} of {run.steps}"
+
+
 def _resume(run: Run, task: Task, info: dist.DistInfo, accum: int) -> Position:
     """Weights, optimizer and RNG from ckpt/last; the position to continue from."""
     if dist.is_fsdp(task.model):
@@ -360,10 +415,9 @@ def _resume(run: Run, task: Task, info: dist.DistInfo, accum: int) -> Position:
     extra, step = state["extra"], int(state["step"])
     rngs = extra.get("rng_ranks")
     set_rng_state(rngs[info.rank] if rngs and len(rngs) == info.world else state["rng"])
-    # checkpoints of older versions: no data position (assume full steps) and seconds, not minutes
-    minutes = extra.get("minutes", extra.get("elapsed_s", 0.0) / 60)
+    # checkpoints of older versions: no data position (assume full steps)
     micro = int(extra.get("micro_batches", step * accum))
-    return Position(step, micro, int(extra.get("skipped", 0)), float(minutes))
+    return Position(step, micro, int(extra.get("skipped", 0)), checkpoint_minutes(extra))
 
 
 def _truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
@@ -374,6 +428,61 @@ def _truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
     rows = [r for r in rows if r["step"] <= step]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return [{k: v for k, v in r.items() if k != "kind"} for r in rows if r.get("kind") == "eval"]
+
+
+class Prefetch:
+    """An iterator over `batches`, read `depth` items ahead by a thread (depth 0: read inline).
+    The order is the source's, and the loaders draw from their own seeded generators, never the
+    global ones, so a run is the same with or without it. The thread's errors are raised by
+    `next`; `close` stops it."""
+
+    _END = object()
+
+    def __init__(self, batches: Iterator[Batch], depth: int) -> None:
+        self.source, self.depth = batches, depth
+        if depth == 0:
+            return
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._fill, name="prefetch", daemon=True)
+        self.thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        try:
+            for item in self.source:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # raised again in the training thread
+            self._put(e)
+
+    def __iter__(self) -> Prefetch:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.depth == 0:
+            return next(self.source)
+        item = self.queue.get()
+        if item is self._END or isinstance(item, BaseException):
+            self._put(item)  # the thread has stopped: every later call ends the same way
+            if item is self._END:
+                raise StopIteration
+            raise item
+        return item
+
+    def close(self) -> None:
+        if self.depth:
+            self.stopped.set()
+            self.thread.join(timeout=5)
 
 
 def _next(batches: Iterator[Batch], micro: int) -> Batch:

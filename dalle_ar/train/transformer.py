@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from dalle_ar.config import ConfigError, DataConfig, require
-from dalle_ar.runtime import autocast_context
+from dalle_ar.runtime import autocast_context, uses_bf16
 from dalle_ar.train import dist
 from dalle_ar.train.common import build_optimizer, run_recipe
 from dalle_ar.train.loop import LoopConfig, Task, fit, setup, to_device
@@ -158,6 +158,15 @@ def train(
     """Run the recipe on `source` (default: the config's shards); returns the final metrics,
     the same on every rank. Raises ConfigError / FileNotFoundError for missing folders and what
     `loop.fit` raises."""
+    task, info = build(cfg, source)
+    return fit(cfg, task, info, resume)
+
+
+def build(
+    cfg: TrainTransformerConfig, source: BatchSource | None = None
+) -> tuple[Task, dist.DistInfo]:
+    """The recipe's `Task` (model, optimizer, loss, batches, evaluation, pictures) and process
+    info, seeded, ready for `loop.fit`."""
     info = setup(cfg)  # the same initial weights on every rank
     # After seeding, as before the shared loop (reading the VQ draws from the global generator),
     # and before the loop saves the config: the width is known by then.
@@ -180,6 +189,9 @@ def train(
             info.world,
         )
     B = cfg.data.batch_size
+    # torch.compile (inductor) fuses the elementwise work around the matrix products; the
+    # parameters stay the module's, so checkpoints and the saved folder are unchanged
+    forward = torch.compile(wrapped) if cfg.run.compile else wrapped
 
     def loss(batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = {**batch, "empty_ids": source.empty_ids, "empty_len": source.empty_len}
@@ -189,7 +201,7 @@ def train(
             idx = torch.arange(1, batch["text"].shape[1], device=info.device)
             lens = torch.where(drop.to(info.device), source.empty_len, batch["text_lens"])
             count = dist.all_reduce_sum((idx[None] < lens[:, None]).sum()) / info.world
-        return _loss(wrapped, batch, cfg, info, drop, count)
+        return _loss(forward, batch, cfg, info, drop, count)
 
     def pictures(step: int) -> tuple[Path, str]:
         path = Path(cfg.run.out_dir) / "samples" / f"step_{step:07d}.png"
@@ -202,8 +214,9 @@ def train(
         COMPONENT, wrapped, cfg.model, opt, loss, source.train,
         evaluate=lambda final: evaluate(wrapped, source, cfg, info),
         pictures=pictures if can_draw and not dist.is_fsdp(wrapped) else None,
+        precision="bf16" if uses_bf16(info.device, cfg.run.precision, cpu_auto=True) else "fp32",
     )  # fmt: skip
-    return fit(cfg, task, info, resume)
+    return task, info
 
 
 def _report(metrics: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from dalle_ar.config import DataConfig, require
 from dalle_ar.grid import image_grid
-from dalle_ar.runtime import autocast_context
+from dalle_ar.runtime import autocast_context, uses_bf16
 from dalle_ar.train import dist
 from dalle_ar.train.common import build_optimizer, run_recipe
 from dalle_ar.train.loop import LoopConfig, Source, Task, fit, setup
@@ -56,9 +56,6 @@ class VQRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_steps,
     loss: VQLossConfig = dataclasses.field(default_factory=VQLossConfig)
     eval_batches: int = 0  # held-out batches per periodic evaluation (0 = all); the final reads all
     grid_images: int = 8  # images per reconstruction grid
-    # torch CPU threads (0 = torch's default). On a CPU shared with other jobs, 1 thread runs
-    # several times faster than 2: multi-threaded ops wait on descheduled threads.
-    cpu_threads: int = 0
 
     def validate(self) -> None:
         super().validate()
@@ -70,7 +67,6 @@ class VQRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_steps,
         )
         require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
         require(self.grid_images >= 1, "grid_images", "must be >= 1")
-        require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0 (0 = torch's default)")
 
 
 class ShardImages:
@@ -164,16 +160,7 @@ def train(
 ) -> dict[str, Any]:
     """Run the recipe with a validated config on `source` (default: the config's shards);
     returns the final metrics (also metrics.json). Raises what `loop.fit` raises."""
-    threads = torch.get_num_threads()
-    if cfg.cpu_threads:
-        torch.set_num_threads(cfg.cpu_threads)
-    try:
-        return _train(cfg, source or ShardImages(cfg), resume)
-    finally:
-        torch.set_num_threads(threads)  # a process-wide setting: leave it as it was
-
-
-def _train(cfg: VQRecipeConfig, source: Source, resume: bool) -> dict[str, Any]:
+    source = source or ShardImages(cfg)
     info = setup(cfg)
     # Built after the process group exists, so that the quantizer shares its codebook statistics
     # across ranks (k-means, EMA sums, dead-code samples: vector-quantize-pytorch's DDP mode).
@@ -209,7 +196,9 @@ def _train(cfg: VQRecipeConfig, source: Source, resume: bool) -> dict[str, Any]:
         return path, "top: original, bottom: reconstruction"
 
     opt = build_optimizer(model, cfg.optim)
-    task = Task(COMPONENT, wrapped, cfg.model, opt, loss, source.train, evaluate_split, pictures)
+    precision = "bf16" if uses_bf16(info.device, cfg.run.precision) else "fp32"
+    task = Task(COMPONENT, wrapped, cfg.model, opt, loss, source.train, evaluate_split, pictures,
+                precision=precision)  # fmt: skip
     return fit(cfg, task, info, resume)
 
 

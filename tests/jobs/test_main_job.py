@@ -38,13 +38,16 @@ def _toy_configs(folder: Path) -> Path:
 def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     out = tmp_path / "main"
     args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
-            "num_train=200", "num_eval=20", "vq_minutes=0.05", "transformer_minutes=0.05",
+            "num_train=200", "num_eval=20", "vq_steps=3", "transformer_steps=4",
             "samples_per_prompt=2", "fidelity_prompts=4", "candidates=2", "wandb=disabled",
             "device=cpu", "prompts=[a small red circle at the top left, a blue square]",
             ]  # fmt: skip
     assert main_job(args) == 0
     printed = capsys.readouterr().out
     assert "[7/7] samples: finished" in printed
+    # the table: each training stage reached its planned steps, in the precision it says
+    assert "3 of 3 steps, fp32" in printed and "4 of 4 steps" in printed
+    assert "UNDER-TRAINED" not in printed
     pipe = DalleAR.from_pretrained(out / "pipeline")
     assert pipe(["a red circle"], seed=0).codes.shape == (1, 8, 8)
     assert (out / "samples" / "grid.png").is_file()
@@ -54,10 +57,40 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert fid["num_prompts"] == 4 and fid["settings"]["1"]["all"]["n"] == 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fidelity"]["summary"] == fid["summary"]
+    assert summary["training"]["transformer"]["step"] == 4
+    assert summary["training"]["vq"]["finished"] and summary["machine"]["cpus"] >= 1
     assert main_job(args) == 0  # everything is done: nothing runs again
     assert capsys.readouterr().out.count("done already, skipped") == 7
     assert main_job([*args, "candidates=0"]) == 2  # refused before any work
     assert main_job([*args, "no_such_key=1"]) == 2
+
+
+def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(tmp_path, capsys):
+    out = tmp_path / "main"
+    args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
+            "num_train=200", "num_eval=20", "vq_steps=2", "transformer_steps=6",
+            "samples_per_prompt=1", "fidelity_prompts=2", "candidates=1", "wandb=disabled",
+            "device=cpu", "prompts=[a red circle]"]  # fmt: skip
+    assert main_job([*args, "transformer_max_minutes=1e-9"]) == 0
+    printed = capsys.readouterr().out
+    said = json.loads((out / "summary.json").read_text())["training"]["transformer"]
+    assert said["under_trained"].startswith("under-trained: stopped by max_minutes at step")
+    assert said["step"] < 6 and "UNDER-TRAINED" in printed
+    assert f"WARNING transformer: {said['under_trained']}" in printed
+    assert (out / "fidelity.json").is_file()  # the job went on with the model it had
+
+    assert main_job(args) == 0  # the cap is the default again: the stage continues to step 6
+    printed = capsys.readouterr().out
+    assert "[5/7] transformer: running" in printed and "6 of 6 steps" in printed
+    # the pipeline and its evaluation are made again from the finished transformer
+    assert "[6/7] pipeline: running again" in printed and "[7/7] samples: running again" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["training"]["transformer"]["finished"] and "UNDER-TRAINED" not in printed
+
+
+def test_the_old_minute_budgets_are_read_as_caps():
+    cfg = load_config(MainJobConfig, None, _upgrade(["vq_minutes=3", "transformer_minutes=12"]))
+    assert (cfg.vq_max_minutes, cfg.transformer_max_minutes) == (3.0, 12.0)
 
 
 def test_one_sampling_key_keeps_the_jobs_other_sampling_values():

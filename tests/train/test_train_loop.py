@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from dalle_ar.config import load_config
 from dalle_ar.train.common import lr_at, schedule_step
-from dalle_ar.train.loop import LoopConfig, NonFiniteLoss, Task, fit, setup
+from dalle_ar.runtime import free_cpus, pick_threads
+from dalle_ar.train.loop import LoopConfig, NonFiniteLoss, Prefetch, Task, fit, setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,6 +46,7 @@ class ToyConfig(LoopConfig):
 
 def toy_config(out: Path, *extra: str) -> ToyConfig:
     base = ["run.steps=6", "run.log_every=1", "run.save_every=100", "run.wandb=disabled",
+            "run.threads=1",
             "run.device=cpu", f"run.out_dir={out}", "optim.lr=0.1",
             "optim.warmup_steps=0"]  # fmt: skip
     return load_config(ToyConfig, None, [*base, *extra])
@@ -115,10 +117,26 @@ def test_time_budget_counts_the_minutes_of_earlier_processes(tmp_path):
     lr_late, lr_early = (lr_at(schedule_step(cfg, 2, t), cfg.optim, 100) for t in (5.5, 5.0))
     assert lr_late < m["lr"] <= lr_early
 
-    # a run resumed with no time left takes no step and writes its component
-    m = toy_fit(toy_config(tmp_path, "run.max_minutes=5"), resume=True)
-    assert m["step"] == 3 and not m["finished"] and (tmp_path / "toy").is_dir()
+    # a run resumed with no time left is refused by name, before any step
+    with pytest.raises(ValueError, match=r"run.max_minutes=5 is already spent .*step 3 of 6"):
+        toy_fit(toy_config(tmp_path, "run.max_minutes=5"), resume=True)
     assert torch.load(state_file, weights_only=True)["step"] == 3
+
+
+def test_a_run_the_safety_cap_stops_says_so_and_resumes_to_its_planned_steps(tmp_path):
+    plain = toy_fit(toy_config(tmp_path / "plain", "run.steps=6"))
+    out = tmp_path / "capped"
+    m = toy_fit(toy_config(out, "run.steps=6", "run.max_minutes=1e-9"))  # stops after a step
+    said = f"under-trained: stopped by max_minutes at step {m['step']} of 6"
+    assert m["step"] < 6 and not m["finished"] and m["under_trained"] == said
+    assert json.loads((out / "metrics.json").read_text())["under_trained"] == said
+    assert (out / "toy").is_dir()  # the component, flagged, is there to use
+
+    m = toy_fit(toy_config(out, "run.steps=6", "run.max_minutes=0"), resume=True)
+    assert m["step"] == 6 and m["finished"] and "under_trained" not in m
+    assert m["planned_steps"] == plain["planned_steps"] == 6
+    for name, w in weights(out).items():  # the same weights as the run nothing stopped
+        assert torch.equal(w, weights(tmp_path / "plain")[name]), name
 
 
 def test_non_finite_steps_are_skipped_with_buffers_restored(tmp_path):
@@ -135,3 +153,38 @@ def test_non_finite_steps_are_skipped_with_buffers_restored(tmp_path):
         toy_fit(toy_config(out, "max_bad_steps=3", "run.save_every=2"), poison=poison)
     assert torch.load(out / "ckpt" / "last" / "train_state.pt", weights_only=True)["step"] == 2
     assert not (out / "toy").exists()  # no component from a run that stopped on bad steps
+
+
+def test_prefetching_keeps_the_order_and_the_result(tmp_path):
+    inline = toy_fit(toy_config(tmp_path / "inline", "prefetch=0"))
+    ahead = toy_fit(toy_config(tmp_path / "ahead", "prefetch=3"))
+    assert inline["loss"] == ahead["loss"]
+    for name, w in weights(tmp_path / "inline").items():
+        assert torch.equal(w, weights(tmp_path / "ahead")[name]), name
+
+
+def test_prefetch_raises_the_sources_error_and_ends_with_it():
+    def source():
+        yield {"x": torch.zeros(1)}
+        raise OSError("shard 3 is unreadable")
+
+    batches = Prefetch(source(), depth=2)
+    assert torch.equal(next(batches)["x"], torch.zeros(1))
+    for _ in range(2):  # raised again, never a hang
+        with pytest.raises(OSError, match="shard 3 is unreadable"):
+            next(batches)
+    batches.close()
+    finite = Prefetch(iter([1, 2, 3]), depth=1)
+    assert list(finite) == [1, 2, 3] and list(finite) == []
+    endless = Prefetch(iter(range(10**9)), depth=2)
+    assert next(endless) == 0
+    endless.close()  # stops its thread though the source never ends
+    assert not endless.thread.is_alive()
+
+
+def test_threads_follow_the_free_cpus():
+    assert pick_threads(3) == 3  # as given
+    free = free_cpus(0.1)
+    assert 0 <= free <= torch.get_num_threads() + 64
+    assert 1 <= pick_threads(0) <= max(1, round(free) + 1)
+    assert pick_threads(0, share=64) == 1  # split among many processes: still at least one
