@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from dalle_ar.config import load_config
-from dalle_ar.train.common import lr_at, schedule_step
 from dalle_ar.runtime import free_cpus, pick_threads
+from dalle_ar.train.common import lr_at, schedule_step
 from dalle_ar.train.loop import LoopConfig, NonFiniteLoss, Prefetch, Task, fit, setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
