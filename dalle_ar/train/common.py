@@ -282,6 +282,9 @@ def run_recipe(
         dist.cleanup()
     if dist.is_main_process():  # under torchrun, rank 0 speaks
         print(report(metrics))
+        if metrics.get("under_trained"):
+            print(f"{prog}: {metrics['under_trained']}; continue with --resume and a larger "
+                  "run.max_minutes (or 0)", file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -58,6 +58,20 @@ def test_recipe_trains_evaluates_and_writes_the_component(tmp_path, shapes_shard
     assert grid.size == (4 * (64 + 2) + 2, 2 * 64 + 3 * 2)
 
 
+def test_a_run_the_safety_cap_stops_is_called_under_trained(tmp_path, shapes_shards, capsys):
+    argv = _overrides(shapes_shards, tmp_path, "run.steps=8")
+    start, resume = ["--config", str(TINY_CONFIG)], ["--config", str(TINY_CONFIG), "--resume"]
+    assert vq_recipe.main([*start, *argv, "run.max_minutes=1e-9"]) == 0
+    err = capsys.readouterr().err
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["step"] < 8 and m["under_trained"] in err and "--resume" in err
+    assert vq_recipe.main([*resume, *argv, "run.max_minutes=1e-9"]) == 2  # the cap is spent
+    assert "is already spent" in capsys.readouterr().err
+    assert vq_recipe.main([*resume, *argv, "run.max_minutes=0"]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["step"] == 8 and m["finished"] and "under_trained" not in m
+
+
 def test_recipe_logs_to_wandb_offline(tmp_path, shapes_shards) -> None:
     out = tmp_path / "run"
     extra = ("run.wandb=offline", "run.steps=4", "run.sample_every=2", "run.log_every=2")
