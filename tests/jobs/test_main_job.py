@@ -4,6 +4,7 @@ reranked) are written, a rerun skips every finished stage, and a bad key stops i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -86,6 +87,26 @@ def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(tmp_p
     assert "[6/7] pipeline: running again" in printed and "[7/7] samples: running again" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["training"]["transformer"]["finished"] and "UNDER-TRAINED" not in printed
+
+
+def test_bench_train_times_the_recipe_of_a_main_job_folder(tmp_path, capsys):
+    configs, out = _toy_configs(tmp_path / "configs"), tmp_path / "main"
+    assert main_job([f"out_dir={out}", f"config_dir={configs}", "num_train=200", "num_eval=20",
+                     "vq_steps=2", "transformer_steps=2", "fidelity_prompts=0", "candidates=1",
+                     "samples_per_prompt=1", "wandb=disabled", "device=cpu",
+                     "prompts=[a red circle]"]) == 0  # fmt: skip
+    capsys.readouterr()
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "tools" / "bench_train.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    argv = ["--recipe", "--config", str(configs / "transformer_shapes.yaml"), "--data", str(out),
+            "--turns", "2", "--turn-steps", "2", "--variant", "inline: prefetch=0 run.threads=1",
+            "--variant", "ahead: prefetch=2 run.threads=1 data.batch_size=4"]  # fmt: skip
+    assert tool.main(argv) == 0
+    rep = json.loads(capsys.readouterr().out)["variants"]
+    assert list(rep) == ["inline", "ahead"] and rep["ahead"]["batch_size"] == 4
+    assert len(rep["inline"]["samples_per_s_turns"]) == 2 and rep["inline"]["speedup"] == 1
+    assert rep["ahead"]["samples_per_s"] > 0 and rep["ahead"]["threads"] == 1
 
 
 def test_the_old_minute_budgets_are_read_as_caps():
