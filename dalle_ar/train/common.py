@@ -70,7 +70,7 @@ class BudgetBar:
 
     def __init__(
         self, run: RunConfig, step: int, desc: str, disable: bool | None = None,
-        by_time: bool = True,
+        by_time: bool = False,
     ) -> None:  # fmt: skip
         self.steps, self.limit = run.steps, run.max_minutes if by_time else 0.0
         self.bar = tqdm(

@@ -157,9 +157,13 @@ def test_lr_schedule_can_follow_the_time_budget(tmp_path):
 
 def test_progress_bar_follows_whichever_budget_is_further_along(tmp_path):
     cfg = config(tmp_path, "run.steps=1000000", "run.max_minutes=10")
-    bar = BudgetBar(cfg.run, 0, "t", disable=True)
+    bar = BudgetBar(cfg.run, 0, "t", disable=True, by_time=True)  # lr_follows_time runs
     bar.update(500, minutes=5.0)
     assert bar.percent == pytest.approx(50.0)  # the clock, not 500 of a million steps
+    capped = BudgetBar(config(tmp_path, "run.steps=1000", "run.max_minutes=10").run, 0, "t",
+                       disable=True)  # fmt: skip
+    capped.update(100, minutes=5.0)
+    assert capped.percent == pytest.approx(10.0)  # a safety cap does not move the bar
     steps_only = config(tmp_path, "run.steps=200", "run.max_minutes=0")
     bar = BudgetBar(steps_only.run, 50, "t", disable=True)
     assert bar.percent == pytest.approx(25.0)
