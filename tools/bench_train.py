@@ -146,6 +146,11 @@ def bench_recipe(args: argparse.Namespace) -> dict:
     from dalle_ar.train.loop import Loop, Position
 
     base = [*recipe_overrides(args.data), *args.overrides]
+    # the other processes spin before the variants are built, so threads=0 sees them
+    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy)]
+    for p in spinners:
+        p.start()
+    time.sleep(0.5 if spinners else 0)
     variants = []
     for spec in args.variant or [TODAY, "config:"]:
         name, _, rest = spec.partition(":")
@@ -158,9 +163,6 @@ def bench_recipe(args: argparse.Namespace) -> dict:
         variants.append({"name": name.strip(), "overrides": rest.split(), "cfg": cfg,
                          "loop": loop, "batches": loop.batches(), "threads": threads,
                          "times": []})  # fmt: skip
-    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy)]
-    for p in spinners:
-        p.start()
     try:
         for turn in range(args.turns + 1):  # turn 0 warms up (and compiles)
             for v in variants:

@@ -103,6 +103,7 @@ def stage_vq(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         *_budget(p.vq_run, cfg.vq_steps, cfg.vq_max_minutes),
         f"run.seed={cfg.seed}",
         f"run.device={cfg.device}",
+        f"run.precision={cfg.precision}",
         f"run.wandb={cfg.wandb}",
     ]
     vq.train(load_config(vq.VQRecipeConfig, yaml, overrides), resume=has_checkpoint(p.vq_run))
@@ -137,6 +138,7 @@ def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         *_budget(p.transformer_run, cfg.transformer_steps, cfg.transformer_max_minutes),
         f"run.seed={cfg.seed}",
         f"run.device={cfg.device}",
+        f"run.precision={cfg.precision}",
         f"run.wandb={cfg.wandb}",
     ]
     rcfg = load_config(transformer.TrainTransformerConfig, yaml, overrides)

@@ -119,5 +119,5 @@ def test_one_sampling_key_keeps_the_jobs_other_sampling_values():
         MainJobConfig, None, _upgrade(["guidance_scale=2", "rerank.rerank_weight=0.5"])
     )
     assert (cfg.sampling.guidance_scale, cfg.sampling.temperature, cfg.sampling.part_scale) == (
-        2.0, 0.7, 0.5)  # fmt: skip
+        2.0, 0.5, 0.5)  # fmt: skip
     assert (cfg.rerank.candidates, cfg.rerank.rerank_weight) == (16, 0.5)
