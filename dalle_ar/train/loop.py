@@ -73,8 +73,10 @@ class LoopConfig:
     lr_follows_time: bool = False  # with run.max_minutes: the cosine ends when time runs out
     max_bad_steps: int = 20  # non-finite steps in a row that stop the run (exit code 1)
     halt_after: int = 0  # stop (with a checkpoint) after this step; 0 = run.steps (staged runs)
-    # micro-batches read ahead in a thread while the step computes (same order); 0 = inline
-    prefetch: int = 2
+    # micro-batches read ahead in a thread while the step computes (same order); 0 = inline. Off
+    # by default: reading a batch takes ~3% of a shapes step and the thread cost more than it hid
+    # (0.97x, docs/results.md#a-faster-cpu-recipe)
+    prefetch: int = 0
 
     def validate(self) -> None:
         require(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
