@@ -162,7 +162,7 @@ def bench_recipe(args: argparse.Namespace) -> dict:
         loop = Loop(cfg, task, info, Run(cfg, cfg.run), Position())
         variants.append({"name": name.strip(), "overrides": rest.split(), "cfg": cfg,
                          "loop": loop, "batches": loop.batches(), "threads": threads,
-                         "times": []})  # fmt: skip
+                         "times": [], "warmup": []})  # fmt: skip
     try:
         for turn in range(args.turns + 1):  # turn 0 warms up (and compiles)
             for v in variants:
@@ -170,8 +170,7 @@ def bench_recipe(args: argparse.Namespace) -> dict:
                 t = time.perf_counter()
                 for _ in range(args.turn_steps):
                     v["loop"].step(v["batches"])
-                if turn:
-                    v["times"].append(time.perf_counter() - t)
+                v["times" if turn else "warmup"].append(time.perf_counter() - t)
     finally:
         for p in spinners:
             p.terminate()
@@ -189,6 +188,7 @@ def bench_recipe(args: argparse.Namespace) -> dict:
             "samples_per_s": statistics.median(rates),
             "samples_per_s_turns": [round(r, 1) for r in rates],
             "speedup": statistics.median(ratios),
+            "warmup_seconds": round(v["warmup"][0], 2),  # turn 0: compilation, allocator
             "threads": v["threads"],
             "batch_size": B,
             "precision": "bf16"
