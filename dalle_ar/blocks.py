@@ -144,8 +144,8 @@ def _visible_pairs(layout: Layout, chunk: int = 256) -> int:
 
 def check_range(ids: torch.Tensor, size: int, what: str) -> None:
     """Raise ValueError unless every id of the integer tensor `ids` is in [0, size). Skipped
-    inside torch.compile (reading the values back would split the compiled graph); the eager
-    call of the same step checks them."""
+    inside torch.compile (reading the values back would split the compiled graph): a compiled
+    training step (run.compile) does not check its ids; the data loaders check theirs."""
     if torch.compiler.is_compiling():
         return
     lo, hi = int(ids.min()), int(ids.max())

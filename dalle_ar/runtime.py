@@ -62,29 +62,33 @@ def set_threads(n: int) -> None:
 def free_cpus(interval: float = 0.2) -> float:
     """CPUs of this process's affinity set that sat idle over the next `interval` seconds, read
     from /proc/stat (Linux); elsewhere every CPU of the set counts as free."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
     if not cpus:
         return float(os.cpu_count() or 1)
-
-    def idle_total() -> dict[int, tuple[int, int]]:
-        out = {}
-        for line in Path("/proc/stat").read_text().splitlines():
-            name, *ticks = line.split()
-            if name.startswith("cpu") and name != "cpu" and int(name[3:]) in cpus:
-                t = [int(x) for x in ticks]
-                out[int(name[3:])] = (t[3] + t[4], sum(t[:8]))  # idle + iowait, all
-        return out
-
     try:
-        before = idle_total()
+        before = Path("/proc/stat").read_text()
         time.sleep(interval)
-        after = idle_total()
+        return idle_between(before, Path("/proc/stat").read_text(), cpus)
     except (OSError, ValueError, IndexError):
         return float(len(cpus))
-    free = 0.0
-    for c, (idle, total) in after.items():
-        d_total = total - before.get(c, (idle, total))[1]
-        free += (idle - before.get(c, (idle, total))[0]) / d_total if d_total > 0 else 1.0
+
+
+def idle_between(before: str, after: str, cpus: set[int]) -> float:
+    """CPUs idle between two readings of /proc/stat (its text), summed over `cpus`: each CPU
+    adds the fraction of its ticks that were idle or iowait, 1.0 where no tick passed."""
+
+    def ticks(stat: str) -> dict[int, tuple[int, int]]:
+        out = {}
+        for line in stat.splitlines():
+            name, *t = line.split()
+            if name.startswith("cpu") and name != "cpu" and int(name[3:]) in cpus:
+                out[int(name[3:])] = (int(t[3]) + int(t[4]), sum(int(x) for x in t[:8]))
+        return out
+
+    old, free = ticks(before), 0.0
+    for c, (idle, total) in ticks(after).items():
+        idle0, total0 = old.get(c, (idle, total))
+        free += (idle - idle0) / (total - total0) if total > total0 else 1.0
     return free
 
 
@@ -92,7 +96,7 @@ def pick_threads(n: int, share: int = 1) -> int:
     """Threads for a CPU run: n > 0 as given; n = 0 the CPUs measured free just now
     (`free_cpus`), split among `share` processes of one job, rounded, at least 1. On a 2-core
     machine where another job holds one core, a 2-thread step ran many times slower than a
-    1-thread one: each op waits for its descheduled thread (docs/results.md#threads)."""
+    1-thread one: each op waits for its descheduled thread (docs/results.md#a-faster-cpu-recipe)."""
     if n > 0:
         return n
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")

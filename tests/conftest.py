@@ -62,3 +62,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def step_clock(monkeypatch):
+    """A training run's clock counts its steps: each optimizer step takes one minute
+    (`Loop.minutes`), so `run.max_minutes=2.5` stops a fresh run after step 3 on any machine."""
+    from dalle_ar.train.loop import Loop
+
+    def minutes(self: Loop) -> float:
+        return self.run.minutes_before + self.pos.step - self.start_step
+
+    monkeypatch.setattr(Loop, "minutes", minutes)

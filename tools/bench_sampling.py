@@ -7,6 +7,7 @@ loop launched eagerly is timed beside it. Prints one JSON object.
     python tools/bench_sampling.py                          # benchmark shape S, batch 8, CPU
     python tools/bench_sampling.py --grids 8,16,32 --out bench_sampling.json
     python tools/bench_sampling.py --tiny                   # seconds-long smoke run
+    python tools/bench_sampling.py --compile --no-recompute # the model under torch.compile too
 
 Shape S: dim 256, 4 layers, 4 heads x 64, 32 text tokens (vocab 1000), 16x16 image tokens
 (codebook 512), the paper's layout schedule, random weights, fp32. Both wall time and this
@@ -101,6 +102,7 @@ def run(
     recompute: bool = True,
     guided: bool = True,
     repeats: int = 2,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     model = build(cfg, device)
     ids, lens = text_batch(cfg, batch)
@@ -131,6 +133,18 @@ def run(
             raise AssertionError("CUDA-graph and eager sampling drew different tokens")
         out["cached_eager"] = rates(tokens, ewall, ecpu)
         out["cuda_graph_speedup"] = ewall / wall
+    if compiled:  # the model's forward (prefill and every decode step) under torch.compile
+        forward = model.forward
+        model.forward = torch.compile(forward)
+        t = time.perf_counter()
+        timed(model, ids, lens, device, seeds=seeds)  # compiles
+        first = time.perf_counter() - t
+        runs = [timed(model, ids, lens, device, seeds=seeds) for _ in range(repeats)]
+        model.forward = forward
+        ccodes, cwall, ccpu = min(runs, key=lambda r: r[1])
+        out["compiled"] = {**rates(tokens, cwall, ccpu), "first_call_seconds": first,
+                           "tokens_equal": torch.equal(ccodes, codes)}  # fmt: skip
+        out["compile_speedup"] = wall / cwall
     if recompute:
         full, fwall, fcpu = timed(model, ids, lens, device, seeds=seeds, use_cache=False)
         if not torch.equal(full, codes):
@@ -178,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch's default)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best kept)")
     ap.add_argument("--no-recompute", action="store_true", help="skip the slow baseline")
+    ap.add_argument("--compile", action="store_true", help="also time the model compiled")
     ap.add_argument("--tiny", action="store_true", help="a tiny model: a seconds-long smoke run")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
@@ -191,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_sampling: --batch and --grids must be >= 1", file=sys.stderr)
         return 2
     report = run(cfg, args.batch, grids, device, recompute=not args.no_recompute,
-                 repeats=args.repeats)  # fmt: skip
+                 repeats=args.repeats, compiled=args.compile)  # fmt: skip
     text = json.dumps(report, indent=2)
     if args.out:
         with open(args.out, "w") as f:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import platform
 import statistics
 import tempfile
 import time
@@ -39,7 +38,7 @@ import time
 import torch
 
 from dalle_ar.config import load_config
-from dalle_ar.runtime import autocast_context, pick_device, uses_bf16
+from dalle_ar.runtime import autocast_context, describe_machine, pick_device, uses_bf16
 from dalle_ar.train.common import build_optimizer
 from dalle_ar.train.objectives import lm_loss
 from dalle_ar.train.transformer import TrainTransformerConfig
@@ -191,9 +190,7 @@ def bench_recipe(args: argparse.Namespace) -> dict:
             "warmup_seconds": round(v["warmup"][0], 2),  # turn 0: compilation, allocator
             "threads": v["threads"],
             "batch_size": B,
-            "precision": "bf16"
-            if uses_bf16(torch.device("cpu"), v["cfg"].run.precision, cpu_auto=True)
-            else "fp32",  # fmt: skip
+            "precision": v["loop"].task.precision,
         }
     return {
         "config": args.config, "data": args.data, "overrides": args.overrides,
@@ -225,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.recipe:
         result = bench_recipe(args)
-        result.update(cpu=platform.processor() or platform.machine(), torch=torch.__version__)
+        result["machine"] = describe_machine()
         print(json.dumps(result, indent=2))
         return 0
     if args.threads:
@@ -251,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         fraction_of_peak=result["achieved_gflops"] / peak,
         batch_size=cfg.data.batch_size,
         threads=torch.get_num_threads(),
-        cpu=platform.processor() or platform.machine(),
-        torch=torch.__version__,
+        machine=describe_machine(),
     )
     print(json.dumps(result, indent=2))
     return 0

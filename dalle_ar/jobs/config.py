@@ -18,7 +18,8 @@ class MainJobConfig:
     num_train: int = 50_000  # training images (shapes)
     num_eval: int = 2_000  # evaluation images (held-out combinations appear only here)
     # Training budgets in optimizer steps (x each config's batch); 0 = the component config's
-    # run.steps. The same config and seed train the same models on any machine.
+    # run.steps. The same config and seed see the same samples on any machine; the numerics follow
+    # the precision (and float rounding).
     vq_steps: int = 0
     transformer_steps: int = 0
     # Safety caps, not budgets: a stage stopped by one is reported under-trained (log, summary,

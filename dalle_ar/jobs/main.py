@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -274,6 +275,11 @@ def _upgrade(overrides: list[str]) -> list[str]:
     out = []
     for o in overrides:
         key, eq, value = o.partition("=")
+        if eq and key.endswith("_minutes") and key in LEGACY_KEYS:  # its meaning changed
+            budget = key.replace("_minutes", "_steps")
+            print(f"dalle-ar pipeline: {key} is now {LEGACY_KEYS[key]}, a safety cap; the "
+                  f"budget is {budget} (the component config's run.steps by default)",
+                  file=sys.stderr)  # fmt: skip
         out.append(f"{LEGACY_KEYS[key]}={value}" if eq and key in LEGACY_KEYS else o)
     return out
 

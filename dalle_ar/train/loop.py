@@ -144,12 +144,12 @@ def fit(cfg: LoopConfig, task: Task, info: dist.DistInfo, resume: bool = False) 
         )
     run.minutes_before = pos.minutes
     threads = torch.get_num_threads()  # a process-wide setting: restored below
-    if info.device.type == "cpu":
-        share = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine
-        torch.set_num_threads(pick_threads(cfg.run.threads, share))
-        log.info("%s: %d CPU threads", task.name, torch.get_num_threads())
-    run.init_wandb(task.name)
     try:
+        if info.device.type == "cpu":
+            share = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine
+            torch.set_num_threads(pick_threads(cfg.run.threads, share))
+            log.info("%s: %d CPU threads", task.name, torch.get_num_threads())
+        run.init_wandb(task.name)
         return Loop(cfg, task, info, run, pos).train()
     finally:
         run.finish()
@@ -220,8 +220,8 @@ class Loop:
         return Prefetch(self.task.batches(self.pos.micro), self.cfg.prefetch)
 
     def step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, ...] | None:
-        """One optimizer step over optim.grad_accum micro-batches: (loss, parts, grad norm)
-        summed over ranks, or None when it was not finite (skipped, buffers restored)."""
+        """One optimizer step over optim.grad_accum micro-batches: (loss, grad norm, parts)
+        averaged over ranks, or None when it was not finite (skipped, buffers restored)."""
         task, info, accum = self.task, self.info, self.cfg.optim.grad_accum
         module = dist.unwrap(task.model)
         buffers = dict(module.named_buffers())
@@ -363,7 +363,7 @@ class Loop:
         component = {}  # halted runs (halt_after) write no component yet
         if finished or out_of_time:
             component = {"component": str(self._save_component())}
-        if out_of_time and not finished:
+        if out_of_time and not finished and not self.cfg.lr_follows_time:  # else time is the plan
             component["under_trained"] = under_trained(self.cfg.run, pos.step)
         timing = {
             "steps": pos.step,
@@ -433,14 +433,17 @@ def _truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
 
 
 class Prefetch:
-    """An iterator over `batches`, read `depth` items ahead by a thread (depth 0: read inline).
-    The order is the source's, and the loaders draw from their own seeded generators, never the
-    global ones, so a run is the same with or without it. The thread's errors are raised by
-    `next`; `close` stops it."""
+    """An iterator over `batches`, read ahead by a thread: up to `depth` items wait in its queue
+    and one more in its hand (depth 0: read inline, no thread). The order is the source's, and
+    the loaders draw from their own seeded generators, never the global ones, so a run is the
+    same with or without it. The thread's errors are raised by `next`; `close` stops the thread
+    (call it last: a `next` after it may wait forever). ValueError for depth < 0."""
 
     _END = object()
 
     def __init__(self, batches: Iterator[Batch], depth: int) -> None:
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be >= 0, got {depth}")
         self.source, self.depth = batches, depth
         if depth == 0:
             return

@@ -59,6 +59,7 @@ class VQRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_steps,
 
     def validate(self) -> None:
         super().validate()
+        require(not self.run.compile, "run.compile", "is for the transformer recipe, got true")
         require(bool(self.data.train), "data.train", "must name the training shards, got ''")
         require(
             self.data.image_size == self.model.image_size,

@@ -66,17 +66,19 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert main_job([*args, "no_such_key=1"]) == 2
 
 
-def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(tmp_path, capsys):
+def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
+    tmp_path, capsys, step_clock
+):
     out = tmp_path / "main"
     args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
             "num_train=200", "num_eval=20", "vq_steps=2", "transformer_steps=6",
             "samples_per_prompt=1", "fidelity_prompts=2", "candidates=1", "wandb=disabled",
             "device=cpu", "prompts=[a red circle]"]  # fmt: skip
-    assert main_job([*args, "transformer_max_minutes=1e-9"]) == 0
+    assert main_job([*args, "transformer_max_minutes=2.5"]) == 0  # a minute a step
     printed = capsys.readouterr().out
     said = json.loads((out / "summary.json").read_text())["training"]["transformer"]
-    assert said["under_trained"].startswith("under-trained: stopped by max_minutes at step")
-    assert said["step"] < 6 and "UNDER-TRAINED" in printed
+    assert said["under_trained"] == "under-trained: stopped by max_minutes at step 3 of 6"
+    assert said["step"] == 3 and "UNDER-TRAINED" in printed
     assert f"WARNING transformer: {said['under_trained']}" in printed
     assert (out / "fidelity.json").is_file()  # the job went on with the model it had
 
@@ -101,17 +103,23 @@ def test_bench_train_times_the_recipe_of_a_main_job_folder(tmp_path, capsys):
     spec.loader.exec_module(tool)
     argv = ["--recipe", "--config", str(configs / "transformer_shapes.yaml"), "--data", str(out),
             "--turns", "2", "--turn-steps", "2", "--variant", "inline: prefetch=0 run.threads=1",
-            "--variant", "ahead: prefetch=2 run.threads=1 data.batch_size=4"]  # fmt: skip
+            "--variant", "ahead: prefetch=2 run.threads=1 data.batch_size=4 run.precision=fp32",
+            "run.precision=bf16"]  # fmt: skip
     assert tool.main(argv) == 0
     rep = json.loads(capsys.readouterr().out)["variants"]
     assert list(rep) == ["inline", "ahead"] and rep["ahead"]["batch_size"] == 4
-    assert len(rep["inline"]["samples_per_s_turns"]) == 2 and rep["inline"]["speedup"] == 1
+    assert len(rep["inline"]["samples_per_s_turns"]) == 2
+    assert (rep["inline"]["precision"], rep["ahead"]["precision"]) == ("bf16", "fp32")
+    assert rep["inline"]["warmup_seconds"] > 0
     assert rep["ahead"]["samples_per_s"] > 0 and rep["ahead"]["threads"] == 1
 
 
-def test_the_old_minute_budgets_are_read_as_caps():
+def test_the_old_minute_budgets_are_read_as_caps_and_said_so(capsys):
     cfg = load_config(MainJobConfig, None, _upgrade(["vq_minutes=3", "transformer_minutes=12"]))
     assert (cfg.vq_max_minutes, cfg.transformer_max_minutes) == (3.0, 12.0)
+    err = capsys.readouterr().err
+    assert "transformer_minutes is now transformer_max_minutes, a safety cap" in err
+    assert "the budget is vq_steps" in err
 
 
 def test_one_sampling_key_keeps_the_jobs_other_sampling_values():

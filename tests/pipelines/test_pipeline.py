@@ -517,9 +517,10 @@ def test_save_prompt_grid_stacks_one_captioned_row_per_prompt(pipe, tmp_path):
 
 def test_bench_sampling_smoke_run(capsys):
     tool = _tool("bench_sampling")
-    assert tool.main(["--tiny", "--grids", "2,4", "--repeats", "1"]) == 0
+    assert tool.main(["--tiny", "--grids", "2,4", "--repeats", "1", "--compile"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["tokens_equal"] is True and rep["speedup"] > 0
+    assert rep["compiled"]["tokens_equal"] is True and rep["compile_speedup"] > 0
     assert rep["scaling"]["tokens_per_image"] == [4, 16] and "exponent" in rep["scaling"]
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from dalle_ar import runtime
 from dalle_ar.config import load_config
-from dalle_ar.runtime import free_cpus, pick_threads
+from dalle_ar.runtime import idle_between, pick_threads
 from dalle_ar.train.common import lr_at, schedule_step
 from dalle_ar.train.loop import LoopConfig, NonFiniteLoss, Prefetch, Task, fit, setup
 
@@ -123,12 +125,12 @@ def test_time_budget_counts_the_minutes_of_earlier_processes(tmp_path):
     assert torch.load(state_file, weights_only=True)["step"] == 3
 
 
-def test_a_run_the_safety_cap_stops_says_so_and_resumes_to_its_planned_steps(tmp_path):
+def test_a_run_the_safety_cap_stops_says_so_and_resumes_to_its_planned_steps(tmp_path, step_clock):
     plain = toy_fit(toy_config(tmp_path / "plain", "run.steps=6"))
     out = tmp_path / "capped"
-    m = toy_fit(toy_config(out, "run.steps=6", "run.max_minutes=1e-9"))  # stops after a step
-    said = f"under-trained: stopped by max_minutes at step {m['step']} of 6"
-    assert m["step"] < 6 and not m["finished"] and m["under_trained"] == said
+    m = toy_fit(toy_config(out, "run.steps=6", "run.max_minutes=2.5"))  # a minute a step
+    said = "under-trained: stopped by max_minutes at step 3 of 6"
+    assert m["step"] == 3 and not m["finished"] and m["under_trained"] == said
     assert json.loads((out / "metrics.json").read_text())["under_trained"] == said
     assert (out / "toy").is_dir()  # the component, flagged, is there to use
 
@@ -180,11 +182,20 @@ def test_prefetch_raises_the_sources_error_and_ends_with_it():
     assert next(endless) == 0
     endless.close()  # stops its thread though the source never ends
     assert not endless.thread.is_alive()
+    with pytest.raises(ValueError, match="prefetch depth must be >= 0, got -1"):
+        Prefetch(iter([1]), depth=-1)
 
 
-def test_threads_follow_the_free_cpus():
+def test_threads_follow_the_free_cpus(monkeypatch):
+    # /proc/stat: user nice system idle iowait irq softirq steal; cpu0 90% idle, cpu1 10%
+    before = "cpu 0 0 0 0 0 0 0 0\ncpu0 100 0 0 90 10 0 0 0\ncpu1 50 0 0 40 10 0 0 0\n"
+    after = "cpu 0 0 0 0 0 0 0 0\ncpu0 110 0 0 180 10 0 0 0\ncpu1 140 0 0 50 10 0 0 0\n"
+    assert idle_between(before, after, {0, 1}) == pytest.approx(1.0)
+    assert idle_between(before, after, {0}) == pytest.approx(0.9)
     assert pick_threads(3) == 3  # as given
-    free = free_cpus(0.1)
-    assert 0 <= free <= torch.get_num_threads() + 64
-    assert 1 <= pick_threads(0) <= max(1, round(free) + 1)
-    assert pick_threads(0, share=64) == 1  # split among many processes: still at least one
+    cpus = len(os.sched_getaffinity(0))
+    assert 0 <= runtime.free_cpus(0.05) <= cpus  # this machine, now
+    for free, want in ((0.3, 1), (1.0, 1), (2.0, min(2, cpus)), (64.0, cpus)):
+        monkeypatch.setattr(runtime, "free_cpus", lambda free=free: free)
+        assert pick_threads(0) == want, free
+    assert pick_threads(0, share=128) == 1  # split among many processes: still at least one

@@ -58,14 +58,16 @@ def test_recipe_trains_evaluates_and_writes_the_component(tmp_path, shapes_shard
     assert grid.size == (4 * (64 + 2) + 2, 2 * 64 + 3 * 2)
 
 
-def test_a_run_the_safety_cap_stops_is_called_under_trained(tmp_path, shapes_shards, capsys):
+def test_a_run_the_safety_cap_stops_is_called_under_trained(
+    tmp_path, shapes_shards, capsys, step_clock
+):
     argv = _overrides(shapes_shards, tmp_path, "run.steps=8")
     start, resume = ["--config", str(TINY_CONFIG)], ["--config", str(TINY_CONFIG), "--resume"]
-    assert vq_recipe.main([*start, *argv, "run.max_minutes=1e-9"]) == 0
+    assert vq_recipe.main([*start, *argv, "run.max_minutes=2.5"]) == 0  # a minute a step
     err = capsys.readouterr().err
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["step"] < 8 and m["under_trained"] in err and "--resume" in err
-    assert vq_recipe.main([*resume, *argv, "run.max_minutes=1e-9"]) == 2  # the cap is spent
+    assert m["step"] == 3 and m["under_trained"] in err and "--resume" in err
+    assert vq_recipe.main([*resume, *argv, "run.max_minutes=3"]) == 2  # the cap is spent
     assert "is already spent" in capsys.readouterr().err
     assert vq_recipe.main([*resume, *argv, "run.max_minutes=0"]) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
