@@ -31,6 +31,12 @@ def require(cond: bool, key: str, msg: str, kind: str = "config key") -> None:
         raise ConfigError(f"{kind} '{key}': {msg}")
 
 
+def require_precision(value: str, key: str = "precision") -> None:
+    """run.precision and the main job's precision: auto (bf16 autocast where the device has
+    bf16), fp32 or bf16 (`dalle_ar.runtime.uses_bf16`)."""
+    require(value in ("auto", "fp32", "bf16"), key, f"must be auto, fp32 or bf16, got {value!r}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared config blocks used by several recipes.
 
@@ -104,7 +110,7 @@ class RunConfig:
         require(self.eval_every >= 0, "eval_every", "must be >= 0")
         require(self.sample_every >= 0, "sample_every", "must be >= 0")
         require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
-        require(self.precision in ("auto", "fp32", "bf16"), "precision", "auto, fp32 or bf16")
+        require_precision(self.precision)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,6 +99,7 @@ def test_wrong_type_names_dotted_key(override: str, key: str) -> None:
         ("data.batch_size=0", "data.batch_size"),
         ("run.steps=-1", "run.steps"),
         ("run.device=tpu", "run.device"),
+        ("run.precision=fp16", "run.precision': must be auto, fp32 or bf16, got 'fp16"),
     ],
 )
 def test_impossible_value_names_dotted_key(override: str, key: str) -> None:

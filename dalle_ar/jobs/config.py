@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from dalle_ar.config import require
+from dalle_ar.config import require, require_precision
 from dalle_ar.eval.fidelity import GUIDED_SCALE
 from dalle_ar.sampling.settings import ARSampling, RerankSettings
 
@@ -60,5 +60,5 @@ class MainJobConfig:
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         require(self.fidelity_prompts >= 0, "fidelity_prompts", "must be >= 0")
         require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
-        require(self.precision in ("auto", "fp32", "bf16"), "precision", "auto, fp32 or bf16")
+        require_precision(self.precision)
         require(self.wandb in ("offline", "online", "disabled"), "wandb", "offline|online|disabled")

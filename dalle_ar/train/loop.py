@@ -378,7 +378,8 @@ class Loop:
             self.run.write_json("metrics.json", final)
             log.info("%s: %s", task.name, json.dumps({**final, "history": len(self.history)}))
             if "under_trained" in final:  # loud: the component is not what the config asked for
-                log.warning("%s %s (resume with a larger run.max_minutes to reach it)",
+                log.warning("%s %s (continue it: --resume with a larger run.max_minutes, or run "
+                            "the main job again)",
                             task.name, final["under_trained"])  # fmt: skip
         dist.barrier()
         return final

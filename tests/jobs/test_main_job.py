@@ -63,6 +63,8 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert main_job(args) == 0  # everything is done: nothing runs again
     assert capsys.readouterr().out.count("done already, skipped") == 7
     assert main_job([*args, "candidates=0"]) == 2  # refused before any work
+    assert main_job([*args, "precision=FP32"]) == 2
+    assert "'precision': must be auto, fp32 or bf16, got 'FP32'" in capsys.readouterr().out
     assert main_job([*args, "no_such_key=1"]) == 2
 
 
