@@ -115,6 +115,18 @@ def all_reduce_max(value: float) -> float:
     return float(t.item())
 
 
+def gather_with_local_grad(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `t` (B, ...) concatenated in rank order (world * B, ...); gradients
+    flow back to this rank's own rows only (open_clip's `gather_features` without
+    `gather_with_grad`). Equal B on every rank. `t` itself for one process."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[dist.get_rank()] = t
+    return torch.cat(parts)
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj` (picklable), in rank order; [obj] for one process."""
     if not dist.is_initialized():

@@ -1,0 +1,253 @@
+"""CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+Supervision") as transformers' `CLIPModel`: built here from a config our YAML sizes, over the
+project's own BPE tokenizer, and saved as an ordinary Hugging Face folder, so that one loader reads
+both ours and a user's own (openai or LAION checkpoints converted to Hugging Face, on disk).
+
+A CLIP folder holds `config.json` and `model.safetensors` (CLIPModel), the tokenizer's files
+(`tokenizer.json`, `tokenizer_config.json`: `AutoTokenizer`) and `preprocessor_config.json`
+(`CLIPImageProcessor`, which resizes and normalises our images). No pickle is ever loaded.
+
+Traps of CLIPModel this module steps around:
+- The text is pooled at the first end-of-text token, read from the folder's tokenizer; CLIPModel
+  itself takes the arg-max id instead when `eos_token_id == 2` (its legacy path), which is our
+  tokenizer's EOS. Every encoded caption must hold one: a caption cut before it is refused.
+- Features are projected but not normalised; `image_embeds` / `text_embeds` return unit vectors.
+- The learned temperature starts at ln(1/0.07) (`logit_scale_init_value`, CLIPConfig's default)
+  and is clamped at ln(100) by the training recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+)
+
+from dalle_ar.config import require
+from dalle_ar.text import TextTokenizer
+
+LOGIT_SCALE_MAX = math.log(100.0)  # the clamp of the learned temperature (the paper's)
+# What a CLIP folder must hold, and which part of it each file is.
+FOLDER_FILES = {
+    "config.json": "the model config",
+    "model.safetensors": "the weights (safetensors)",
+    "tokenizer_config.json": "the tokenizer",
+    "preprocessor_config.json": "the image processor",
+}
+
+
+@dataclasses.dataclass
+class CLIPSizes:
+    """The sizes of a CLIP built here (`configs/*/clip.yaml`, key `model`). The text side's
+    vocabulary, length and special tokens come from the tokenizer."""
+
+    image_size: int = 32  # pixels a side; the image processor resizes to it
+    patch_size: int = 4  # ViT patch, pixels a side
+    vision_width: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 3
+    text_width: int = 192
+    text_layers: int = 4
+    text_heads: int = 3
+    embed_dim: int = 128  # the joint embedding (projection_dim)
+    mlp_ratio: float = 4.0
+
+    def validate(self) -> None:
+        require(self.image_size >= 8, "image_size", "must be >= 8")
+        require(
+            self.patch_size >= 1 and self.image_size % self.patch_size == 0,
+            "patch_size",
+            f"must divide image_size={self.image_size}, got {self.patch_size}",
+        )
+        for side in ("vision", "text"):
+            width, heads = getattr(self, f"{side}_width"), getattr(self, f"{side}_heads")
+            require(heads >= 1 and width % heads == 0, f"{side}_heads",
+                    f"must divide {side}_width={width}, got {heads}")  # fmt: skip
+            require(getattr(self, f"{side}_layers") >= 1, f"{side}_layers", "must be >= 1")
+        require(self.embed_dim >= 1, "embed_dim", "must be >= 1")
+
+
+def clip_config(sizes: CLIPSizes, tokenizer: TextTokenizer) -> CLIPConfig:
+    """The `CLIPConfig` of a CLIP over `tokenizer` (its vocab, text_len and special ids)."""
+    sizes.validate()
+    text = CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=sizes.text_width,
+        intermediate_size=int(sizes.text_width * sizes.mlp_ratio),
+        num_hidden_layers=sizes.text_layers,
+        num_attention_heads=sizes.text_heads,
+        max_position_embeddings=tokenizer.text_len,
+        projection_dim=sizes.embed_dim,
+        pad_token_id=tokenizer.pad_id,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=sizes.vision_width,
+        intermediate_size=int(sizes.vision_width * sizes.mlp_ratio),
+        num_hidden_layers=sizes.vision_layers,
+        num_attention_heads=sizes.vision_heads,
+        image_size=sizes.image_size,
+        patch_size=sizes.patch_size,
+        projection_dim=sizes.embed_dim,
+    )
+    return CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=sizes.embed_dim
+    )
+
+
+def image_processor(image_size: int) -> CLIPImageProcessor:
+    """Resize (bicubic) to image_size, no crop beyond it, CLIP's mean and std."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+
+
+def text_embeds(
+    model: CLIPModel, ids: torch.Tensor, mask: torch.Tensor, eos_id: int
+) -> torch.Tensor:
+    """Unit text embeddings (N, embed_dim), float32: ids and mask (N, L) through the text tower,
+    pooled at each row's first `eos_id` (not CLIPModel's own pooling: see the module docstring)."""
+    hidden = model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    at = (ids == eos_id).int().argmax(1)
+    pooled = hidden[torch.arange(len(ids), device=ids.device), at]
+    return F.normalize(model.text_projection(pooled).float(), dim=-1)
+
+
+def image_embeds(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Unit image embeddings (N, embed_dim), float32, from pixel values (N, 3, S, S)."""
+    out = model.vision_model(pixel_values=pixel_values)
+    return F.normalize(model.visual_projection(out.pooler_output).float(), dim=-1)
+
+
+class CLIPPair(nn.Module):
+    """CLIPModel as trained: forward(ids, mask, pixel_values) -> (image embeds, text embeds,
+    logit scale), one call through DDP's wrapper for both towers."""
+
+    def __init__(self, clip: CLIPModel, eos_id: int) -> None:
+        super().__init__()
+        self.clip, self.eos_id = clip, eos_id
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor):
+        img = image_embeds(self.clip, pixel_values)
+        return img, text_embeds(self.clip, ids, mask, self.eos_id), self.clip.logit_scale
+
+
+class CLIP:
+    """A CLIPModel with the tokenizer and image processor of its folder.
+
+    model: CLIPModel; tokenizer: a transformers tokenizer whose encoding of a caption ends in
+    its EOS token; processor: CLIPImageProcessor.
+    """
+
+    def __init__(self, model: CLIPModel, tokenizer, processor: CLIPImageProcessor) -> None:
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError("the CLIP tokenizer has no eos_token: the text cannot be pooled")
+        self.text_len = model.config.text_config.max_position_embeddings
+
+    @classmethod
+    def build(cls, sizes: CLIPSizes, tokenizer: TextTokenizer, seed: int = 0) -> CLIP:
+        """A new CLIP over the project's tokenizer, initialised from `seed`."""
+        torch.manual_seed(seed)
+        model = CLIPModel(clip_config(sizes, tokenizer))
+        return cls(model, tokenizer.hf, image_processor(sizes.image_size))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> CLIP:
+        """Load a Hugging Face CLIP folder (ours or a user's). FileNotFoundError names each
+        missing part (`FOLDER_FILES`)."""
+        folder = Path(folder)
+        missing = [f"{name} ({what})" for name, what in FOLDER_FILES.items()
+                   if not (folder / name).is_file()]  # fmt: skip
+        if missing:
+            raise FileNotFoundError(
+                f"{folder} is not a complete CLIP folder: no {', '.join(missing)}"
+            )
+        model = CLIPModel.from_pretrained(str(folder), use_safetensors=True).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        processor = CLIPImageProcessor.from_pretrained(str(folder))
+        return cls(model, tokenizer, processor)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the folder `from_pretrained` reads (safetensors weights)."""
+        self.model.save_pretrained(str(folder), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(folder))
+        self.processor.save_pretrained(str(folder))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask (N, text_len) for the prompts. ValueError names a prompt
+        whose encoding does not end in the EOS token within text_len (it would be pooled at a
+        word, not at its end)."""
+        enc = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.text_len, return_tensors="pt")  # fmt: skip
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        has_eos = (ids == self.eos_id).any(1)
+        if not bool(has_eos.all()):
+            bad = prompts[int((~has_eos).nonzero()[0])]
+            raise ValueError(
+                f"the CLIP tokenizer cannot encode {bad!r} within {self.text_len} tokens ending "
+                "in its end-of-text token"
+            )
+        return ids, mask
+
+    def text_embeds(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Unit text embeddings (N, embed_dim), float32, pooled at each caption's first EOS."""
+        return text_embeds(self.model, ids.to(self.device), mask.to(self.device), self.eos_id)
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The processor's pixel values (N, 3, S, S), float32, for RGB PIL images."""
+        out = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        return out["pixel_values"]
+
+    def pixels_from_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] (the data loader's) -> pixel values (B, 3, S, S) on
+        their device: resized (bicubic) to the processor's crop size and normalised with its mean
+        and std, the processor's steps for a square image, without leaving the tensor."""
+        size = self.processor.crop_size["height"]
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+        mean = images.new_tensor(self.processor.image_mean)[:, None, None]
+        std = images.new_tensor(self.processor.image_std)[:, None, None]
+        return (images - mean) / std
+
+    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Unit image embeddings (N, embed_dim), float32, from `pixels`."""
+        return image_embeds(self.model, pixel_values.to(self.device))
+
+    @torch.inference_mode()
+    def score(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], batch_size: int = 64
+    ) -> torch.Tensor:
+        """CLIPScore (Hessel et al. 2021, without its w = 2.5 scale): 100 x the cosine of each
+        image with its prompt, floored at 0; (N,) float32 on the CPU. ValueError for lengths that
+        differ or a prompt the tokenizer cannot encode (before any image is processed)."""
+        if len(images) != len(prompts):
+            raise ValueError(f"score needs one prompt per image, got {len(images)} images and "
+                             f"{len(prompts)} prompts")  # fmt: skip
+        ids, mask = self.encode_text(prompts)
+        out = []
+        for i in range(0, len(images), batch_size):
+            t = self.text_embeds(ids[i : i + batch_size], mask[i : i + batch_size])
+            v = self.image_embeds(self.pixels(images[i : i + batch_size]))
+            out.append((100 * (t * v).sum(-1)).clamp(min=0).cpu())
+        return torch.cat(out) if out else torch.zeros(0)

@@ -1,0 +1,178 @@
+"""Recipe: train CLIP (`dalle_ar.clip`: transformers' CLIPModel) on image-caption shards.
+
+    dalle-ar train clip --config configs/clip_shapes.yaml [--resume] [key=value ...]
+    torchrun --nproc_per_node=N -m dalle_ar.cli train clip --config ...   (DDP)
+
+Loss: CLIP's symmetric InfoNCE over the global batch (`contrastive_loss`; under DDP every rank's
+embeddings are gathered). The learned temperature starts at ln(1/0.07) and is clamped at ln(100).
+The loop (`dalle_ar.train.loop`) does the rest and writes into `run.out_dir`: `config.yaml`,
+`ckpt/last`, `train_log.jsonl`, `metrics.json` (held-out retrieval: text->image and image->text
+top-1 / top-5 in batches of `retrieval_batch`) and `clip/`, an ordinary Hugging Face CLIP folder
+(`dalle_ar.clip.CLIP.from_pretrained`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dalle_ar.checkpoint import atomic_dir
+from dalle_ar.clip import CLIP, LOGIT_SCALE_MAX, CLIPPair, CLIPSizes
+from dalle_ar.config import DataConfig, require
+from dalle_ar.runtime import autocast_context, uses_bf16
+from dalle_ar.text import TextTokenizer
+from dalle_ar.train import dist
+from dalle_ar.train.common import build_optimizer, run_recipe
+from dalle_ar.train.loop import LoopConfig, Source, Task, fit, setup
+
+log = logging.getLogger(__name__)
+COMPONENT = "clip"
+
+
+@dataclasses.dataclass
+class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_steps, halt_after
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: CLIPSizes = dataclasses.field(default_factory=CLIPSizes)
+    text_tokenizer: str = ""  # the project's tokenizer folder (`dalle-ar train tokenizer`)
+    retrieval_batch: int = 100  # held-out retrieval is scored within batches of this many pairs
+    eval_pairs: int = 1000  # held-out pairs per periodic evaluation (0 = all); the final reads all
+
+    def validate(self) -> None:
+        super().validate()
+        require(not self.run.compile, "run.compile", "is for the transformer recipe, got true")
+        require(bool(self.data.train), "data.train", "must name the training shards, got ''")
+        require(bool(self.text_tokenizer), "text_tokenizer", "must name a tokenizer folder")
+        require(self.retrieval_batch >= 5, "retrieval_batch", "must be >= 5 (top-5)")
+        require(self.eval_pairs >= 0, "eval_pairs", "must be >= 0")
+
+
+def contrastive_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE (Radford et al. 2021, Fig. 3) over the global batch.
+
+    image_embeds, text_embeds: this rank's unit embeddings (B, D), row i of each a pair;
+    logit_scale: the learned log temperature (scalar), clamped here at ln(100). Under DDP every
+    rank's embeddings are gathered (`dist.gather_with_local_grad`) and every rank computes the
+    loss of the whole global batch, so the loss equals one process's on the global batch and
+    this rank's rows receive their whole gradient. DDP then averages the parameter gradients
+    over W ranks: multiply the loss by W before backward for the one-process gradient. Returns a
+    float32 scalar: the mean of the image->text and text->image cross-entropies.
+    """
+    img = dist.gather_with_local_grad(image_embeds.float())
+    txt = dist.gather_with_local_grad(text_embeds.float())
+    logits = logit_scale.clamp(max=LOGIT_SCALE_MAX).exp() * img @ txt.T  # (N, N)
+    target = torch.arange(len(img), device=img.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def retrieval(image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Correct retrievals (summed, float64 scalars) within one batch of N pairs of unit
+    embeddings (N, D): text->image and image->text, top-1 and top-5 (top-min(5, N))."""
+    sim = text @ image.T  # (N texts, N images)
+    k = min(5, len(sim))
+    right = torch.arange(len(sim), device=sim.device)[:, None]
+    out = {}
+    for name, s in (("t2i", sim), ("i2t", sim.T)):
+        top = s.topk(k, dim=1).indices
+        out[f"{name}_top1"] = (top[:, :1] == right).any(1).double().sum()
+        out[f"{name}_top5"] = (top == right).any(1).double().sum()
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    clip: CLIP, batches: Iterable[dict[str, Any]], size: int, max_pairs: int = 0
+) -> dict[str, float]:
+    """Held-out retrieval in batches of `size` pairs (a last, smaller batch is left out), over
+    the first `max_pairs` pairs of each rank (0 = all), summed over ranks: fractions right.
+    ValueError when no rank held a whole batch."""
+    was_training = clip.model.training
+    clip.model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    n, images, captions = 0, [], []
+    for batch in batches:
+        if "image" not in batch:
+            continue  # the loader's end-of-pass report
+        images.append(batch["image"])
+        captions += batch["caption"]
+        while len(captions) >= size and (max_pairs == 0 or n < max_pairs):
+            x = torch.cat(images)
+            img = clip.image_embeds(clip.pixels_from_tensor(x[:size].to(clip.device)))
+            txt = clip.text_embeds(*clip.encode_text(captions[:size]))
+            for k, v in retrieval(img, txt).items():
+                sums[k] = sums.get(k, 0) + v.cpu()
+            images, captions, n = [x[size:]], captions[size:], n + size
+        if max_pairs and n >= max_pairs:
+            break
+    clip.model.train(was_training)
+    names = ["t2i_top1", "t2i_top5", "i2t_top1", "i2t_top5"]
+    total = dist.all_reduce_sum(torch.tensor([float(sums.get(k, 0)) for k in names] + [n]))
+    if total[-1] == 0:
+        raise ValueError(f"the held-out split held no batch of {size} pairs")
+    return {f"retrieval_{k}": float(total[i] / total[-1]) for i, k in enumerate(names)}
+
+
+def train(
+    cfg: CLIPRecipeConfig, source: Source | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Run the recipe with a validated config on `source` (default: the config's shards);
+    returns the final metrics (also metrics.json). Raises what `loop.fit` raises."""
+    from dalle_ar.train.vq import ShardImages  # image + caption batches from data.train / eval
+
+    source = source or ShardImages(cfg)
+    info = setup(cfg)
+    tok = TextTokenizer.from_pretrained(cfg.text_tokenizer)
+    clip = CLIP.build(cfg.model, tok, seed=cfg.run.seed)
+    clip.model.to(info.device).train()
+    pair = CLIPPair(clip.model, clip.eos_id)
+    wrapped = dist.wrap_model(pair, info, "ddp")
+    if info.is_main:
+        log.info("clip: %d parameters, %s", sum(p.numel() for p in pair.parameters()), info.device)
+
+    def loss(batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids, mask = clip.encode_text(batch["caption"])
+        pixels = clip.pixels_from_tensor(batch["image"])
+        with autocast_context(info.device, cfg.run.precision):
+            img, txt, scale = wrapped(ids.to(info.device), mask.to(info.device), pixels)
+        value = contrastive_loss(img, txt, scale)
+        parts = {"contrastive": value.detach(), "temperature": scale.detach().exp()}
+        return value * info.world, parts  # DDP averages over ranks: the one-process gradient
+
+    def evaluate_split(final: bool) -> dict[str, float]:
+        batches = source.eval()
+        if batches is None:
+            return {}
+        return evaluate(clip, batches, cfg.retrieval_batch, 0 if final else cfg.eval_pairs)
+
+    def save(full: CLIPPair, folder: Path) -> None:
+        with atomic_dir(folder) as tmp:
+            CLIP(full.clip, tok.hf, clip.processor).save_pretrained(tmp)
+
+    opt = build_optimizer(pair, cfg.optim)
+    precision = "bf16" if uses_bf16(info.device, cfg.run.precision) else "fp32"
+    task = Task(COMPONENT, wrapped, cfg.model, opt, loss, source.train, evaluate_split,
+                save=save, precision=precision)  # fmt: skip
+    return fit(cfg, task, info, resume)
+
+
+def _report(m: dict[str, Any]) -> str:
+    t = m["timing"]
+    line = f"clip: {t['steps']} steps ({t['steps_per_s']:.2f} steps/s)"
+    if "retrieval_t2i_top1" in m:
+        line += (f", held-out text->image top-1 {m['retrieval_t2i_top1']:.1%}, "
+                 f"image->text top-1 {m['retrieval_i2t_top1']:.1%}")  # fmt: skip
+    return f"{line} -> {m.get('component', 'no component yet (halt_after)')}"
+
+
+def main(argv: list[str]) -> int:
+    return run_recipe(
+        CLIPRecipeConfig, train, argv, "dalle-ar train clip", "Train CLIP (CLIPModel).",
+        "configs/clip_shapes.yaml", _report,
+    )  # fmt: skip

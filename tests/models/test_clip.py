@@ -1,0 +1,91 @@
+"""CLIP as transformers' CLIPModel: built over the project's tokenizer, saved as a Hugging Face
+folder, loaded back (ours and a user's own folder), scored in the CLIPScore convention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import CLIPModel, PreTrainedTokenizerFast
+
+from dalle_ar.clip import CLIP, CLIPSizes, image_processor
+from dalle_ar.text import TokenizerConfig, train_tokenizer
+
+TINY = CLIPSizes(image_size=16, patch_size=4, vision_width=32, vision_layers=1, vision_heads=2,
+                 text_width=32, text_layers=1, text_heads=2, embed_dim=16)  # fmt: skip
+IMAGES = [Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (24, 24), (0, 0, 255))]
+PROMPTS = ["a small red circle", "a big blue square"]
+
+
+@pytest.fixture(scope="module")
+def ours(shapes_captions):
+    tok = train_tokenizer(shapes_captions, TokenizerConfig(vocab_size=300, text_len=16))
+    return CLIP.build(TINY, tok), tok
+
+
+def test_our_clip_round_trips_as_a_hugging_face_folder(ours, tmp_path):
+    clip, tok = ours
+    assert clip.model.config.text_config.eos_token_id == tok.eos_id
+    scores = clip.score(IMAGES, PROMPTS)
+    assert scores.shape == (2,) and scores.dtype == torch.float32
+    assert bool(((scores >= 0) & (scores <= 100)).all())
+    clip.save_pretrained(tmp_path / "clip")
+    assert (tmp_path / "clip" / "model.safetensors").is_file()
+    back = CLIP.from_pretrained(tmp_path / "clip")
+    assert torch.allclose(back.score(IMAGES, PROMPTS), scores, atol=1e-5)
+
+
+def test_text_is_pooled_at_the_end_of_text_token(ours):
+    clip, tok = ours
+    assert tok.eos_id == 2  # the id at which CLIPModel's own pooling takes the arg-max id instead
+    ids, mask = clip.encode_text(["a small red circle"])
+    end = int((ids[0] == tok.eos_id).nonzero()[0])
+    base = clip.text_embeds(ids, mask)
+    after, before = ids.clone(), ids.clone()
+    after[0, end + 1] = 250  # a word after the end: masked out, never pooled
+    before[0, end - 1] = 250  # a word before it changes the caption
+    with torch.inference_mode():
+        assert torch.allclose(clip.text_embeds(after, mask), base, atol=1e-6)
+        assert not torch.allclose(clip.text_embeds(before, mask), base, atol=1e-4)
+        assert torch.allclose(base.norm(dim=-1), torch.ones(1))
+
+
+def _user_folder(path):
+    """A folder as a user would bring one: a CLIPModel with its own word-level tokenizer."""
+    words = ["<pad>", "<s>", "a", "small", "red", "circle", "big", "blue", "square", "</s>"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 9)]
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", model_max_length=8)  # fmt: skip
+
+    class Words:  # what clip_config reads of a tokenizer
+        vocab_size, text_len, pad_id, bos_id, eos_id, hf = len(words), 8, 0, 1, 9, tok
+
+    torch.manual_seed(1)
+    from dalle_ar.clip import clip_config
+
+    CLIPModel(clip_config(TINY, Words)).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    image_processor(TINY.image_size).save_pretrained(str(path))
+    return path
+
+
+def test_a_users_folder_loads_and_scores(tmp_path):
+    clip = CLIP.from_pretrained(_user_folder(tmp_path / "user"))
+    assert clip.eos_id == 9 and clip.text_len == 8
+    scores = clip.score(IMAGES, PROMPTS)
+    assert scores.shape == (2,) and bool((scores >= 0).all())
+
+
+def test_an_incomplete_folder_or_bad_input_is_refused_by_name(tmp_path, ours):
+    folder = _user_folder(tmp_path / "user")
+    (folder / "preprocessor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no preprocessor_config.json \(the image"):
+        CLIP.from_pretrained(folder)
+    clip, _ = ours
+    with pytest.raises(ValueError, match="one prompt per image, got 2 images and 1 prompts"):
+        clip.score(IMAGES, PROMPTS[:1])
