@@ -2,6 +2,8 @@
 Supervision") as transformers' `CLIPModel`: built here from a config our YAML sizes, over the
 project's own BPE tokenizer, and saved as an ordinary Hugging Face folder, so that one loader reads
 both ours and a user's own (openai or LAION checkpoints converted to Hugging Face, on disk).
+Our folders load in plain transformers too, but their text must be pooled as `text_embeds` does
+(their EOS id is 2: CLIPModel's own `get_text_features` would pool at the wrong token).
 
 A CLIP folder holds `config.json` and `model.safetensors` (CLIPModel), the tokenizer's files
 (`tokenizer.json`, `tokenizer_config.json`: `AutoTokenizer`) and `preprocessor_config.json`
@@ -51,7 +53,7 @@ FOLDER_FILES = {
 
 @dataclasses.dataclass
 class CLIPSizes:
-    """The sizes of a CLIP built here (`configs/*/clip.yaml`, key `model`). The text side's
+    """The sizes of a CLIP built here (`configs/clip_*.yaml`, key `model`). The text side's
     vocabulary, length and special tokens come from the tokenizer."""
 
     image_size: int = 32  # pixels a side; the image processor resizes to it
@@ -110,7 +112,8 @@ def clip_config(sizes: CLIPSizes, tokenizer: TextTokenizer) -> CLIPConfig:
 
 
 def image_processor(image_size: int) -> CLIPImageProcessor:
-    """Resize (bicubic) to image_size, no crop beyond it, CLIP's mean and std."""
+    """Shorter side resized (bicubic) to image_size, centre-cropped to a square of it (a no-op
+    for square images), CLIP's mean and std."""
     return CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -195,19 +198,22 @@ class CLIP:
         return self.model.logit_scale.device
 
     def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and attention mask (N, text_len) for the prompts. ValueError names a prompt
-        whose encoding does not end in the EOS token within text_len (it would be pooled at a
-        word, not at its end)."""
-        enc = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             max_length=self.text_len, return_tensors="pt")  # fmt: skip
+        """Token ids and attention mask (N, text_len), int64, for the prompts. ValueError names a
+        prompt whose encoding is longer than text_len (a fast tokenizer would cut it silently and
+        still end it in EOS) or holds no EOS (it would be pooled at a word, not at its end)."""
+        prompts = list(prompts)
+        lengths = [len(x) for x in self.tokenizer(prompts)["input_ids"]]
+        for prompt, n in zip(prompts, lengths):
+            if n > self.text_len:
+                raise ValueError(f"the CLIP tokenizer encodes {prompt!r} in {n} tokens, more "
+                                 f"than the model's {self.text_len}")  # fmt: skip
+        enc = self.tokenizer(prompts, padding="max_length", max_length=self.text_len,
+                             return_tensors="pt")  # fmt: skip
         ids, mask = enc["input_ids"], enc["attention_mask"]
         has_eos = (ids == self.eos_id).any(1)
         if not bool(has_eos.all()):
             bad = prompts[int((~has_eos).nonzero()[0])]
-            raise ValueError(
-                f"the CLIP tokenizer cannot encode {bad!r} within {self.text_len} tokens ending "
-                "in its end-of-text token"
-            )
+            raise ValueError(f"the CLIP tokenizer encodes {bad!r} without its end-of-text token")
         return ids, mask
 
     def text_embeds(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -222,7 +228,10 @@ class CLIP:
     def pixels_from_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] (the data loader's) -> pixel values (B, 3, S, S) on
         their device: resized (bicubic) to the processor's crop size and normalised with its mean
-        and std, the processor's steps for a square image, without leaving the tensor."""
+        and std. This is the processor's work only for square images and a processor whose
+        resize equals its crop (ours, `image_processor`); a user's 224 px processor that resizes
+        to 256 and crops 224 sees another field of view there (use `pixels`). torch's bicubic
+        kernel is not PIL's, so the two paths differ slightly where a resize happens."""
         size = self.processor.crop_size["height"]
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 
 from dalle_ar.checkpoint import atomic_dir
@@ -55,21 +56,24 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
 def contrastive_loss(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
 ) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE (Radford et al. 2021, Fig. 3) over the global batch.
+    """CLIP's symmetric InfoNCE (Radford et al. 2021, Fig. 3) over the global batch, this rank's
+    share of it (open_clip's `local_loss`).
 
     image_embeds, text_embeds: this rank's unit embeddings (B, D), row i of each a pair;
-    logit_scale: the learned log temperature (scalar), clamped here at ln(100). Under DDP every
-    rank's embeddings are gathered (`dist.gather_with_local_grad`) and every rank computes the
-    loss of the whole global batch, so the loss equals one process's on the global batch and
-    this rank's rows receive their whole gradient. DDP then averages the parameter gradients
-    over W ranks: multiply the loss by W before backward for the one-process gradient. Returns a
-    float32 scalar: the mean of the image->text and text->image cross-entropies.
+    logit_scale: the learned log inverse temperature (scalar), clamped here at ln(100). Every
+    rank's embeddings are gathered with autograd (`dist.gather_with_grad`); this rank's images
+    are scored against every caption and its captions against every image. The mean of the
+    ranks' losses is one process's loss on the global batch, and DDP's mean of the ranks'
+    gradients its gradient. Returns a float32 scalar: the mean of the image->text and
+    text->image cross-entropies of this rank's rows.
     """
-    img = dist.gather_with_local_grad(image_embeds.float())
-    txt = dist.gather_with_local_grad(text_embeds.float())
-    logits = logit_scale.clamp(max=LOGIT_SCALE_MAX).exp() * img @ txt.T  # (N, N)
-    target = torch.arange(len(img), device=img.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    img, txt = image_embeds.float(), text_embeds.float()
+    all_img, all_txt = dist.gather_with_grad(img), dist.gather_with_grad(txt)
+    scale = logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+    start = (tdist.get_rank() if tdist.is_initialized() else 0) * len(img)  # this rank's rows
+    target = torch.arange(start, start + len(img), device=img.device)
+    i2t, t2i = scale * img @ all_txt.T, scale * txt @ all_img.T  # (B, world * B) each
+    return (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)) / 2
 
 
 def retrieval(image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -98,8 +102,6 @@ def evaluate(
     sums: dict[str, torch.Tensor] = {}
     n, images, captions = 0, [], []
     for batch in batches:
-        if "image" not in batch:
-            continue  # the loader's end-of-pass report
         images.append(batch["image"])
         captions += batch["caption"]
         while len(captions) >= size and (max_pairs == 0 or n < max_pairs):
@@ -113,7 +115,8 @@ def evaluate(
             break
     clip.model.train(was_training)
     names = ["t2i_top1", "t2i_top5", "i2t_top1", "i2t_top5"]
-    total = dist.all_reduce_sum(torch.tensor([float(sums.get(k, 0)) for k in names] + [n]))
+    counts = [float(sums.get(k, 0)) for k in names] + [n]
+    total = dist.all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=clip.device))
     if total[-1] == 0:
         raise ValueError(f"the held-out split held no batch of {size} pairs")
     return {f"retrieval_{k}": float(total[i] / total[-1]) for i, k in enumerate(names)}
@@ -142,8 +145,8 @@ def train(
         with autocast_context(info.device, cfg.run.precision):
             img, txt, scale = wrapped(ids.to(info.device), mask.to(info.device), pixels)
         value = contrastive_loss(img, txt, scale)
-        parts = {"contrastive": value.detach(), "temperature": scale.detach().exp()}
-        return value * info.world, parts  # DDP averages over ranks: the one-process gradient
+        inverse_t = scale.detach().clamp(max=LOGIT_SCALE_MAX).exp()
+        return value, {"contrastive": value.detach(), "inverse_temperature": inverse_t}
 
     def evaluate_split(final: bool) -> dict[str, float]:
         batches = source.eval()

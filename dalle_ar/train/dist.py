@@ -115,16 +115,16 @@ def all_reduce_max(value: float) -> float:
     return float(t.item())
 
 
-def gather_with_local_grad(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows of `t` (B, ...) concatenated in rank order (world * B, ...); gradients
-    flow back to this rank's own rows only (open_clip's `gather_features` without
-    `gather_with_grad`). Equal B on every rank. `t` itself for one process."""
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `t` (B, ...) concatenated in rank order (world * B, ...), with
+    autograd through the gather: the gradient of each row goes back to the rank that holds it,
+    summed over every rank's loss (torch.distributed.nn's all_gather). Equal B on every rank.
+    `t` itself for one process."""
     if not dist.is_initialized():
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.detach().contiguous())
-    parts[dist.get_rank()] = t
-    return torch.cat(parts)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t.contiguous()))
 
 
 def all_gather_object(obj: Any) -> list[Any]:

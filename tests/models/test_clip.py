@@ -79,6 +79,9 @@ def test_a_users_folder_loads_and_scores(tmp_path):
     assert clip.eos_id == 9 and clip.text_len == 8
     scores = clip.score(IMAGES, PROMPTS)
     assert scores.shape == (2,) and bool((scores >= 0).all())
+    # 7 words + BOS + EOS do not fit in 8 positions: refused, never cut silently
+    with pytest.raises(ValueError, match=r"encodes 'a small red circle a big blue' in 9 tokens"):
+        clip.score(IMAGES[:1], ["a small red circle a big blue"])
 
 
 def test_an_incomplete_folder_or_bad_input_is_refused_by_name(tmp_path, ours):

@@ -29,11 +29,12 @@ def _embeds():
     return img, txt
 
 
-def _one_process():
-    img, txt = (t.clone().requires_grad_() for t in _embeds())
-    loss = contrastive_loss(img, txt, torch.tensor(math.log(1 / 0.07)))
+def _loss_and_grads(img, txt):
+    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
+    loss = contrastive_loss(img, txt, scale)
     loss.backward()
-    return loss.detach(), img.grad, txt.grad
+    return {"loss": loss.detach(), "img": img.grad, "txt": txt.grad, "scale": scale.grad}
 
 
 def _rank(rank, out_dir):
@@ -41,21 +42,22 @@ def _rank(rank, out_dir):
 
     dist.init_distributed("cpu")
     half = slice(rank * B // 2, (rank + 1) * B // 2)
-    img, txt = (t[half].clone().requires_grad_() for t in _embeds())
-    loss = contrastive_loss(img, txt, torch.tensor(math.log(1 / 0.07)))
-    loss.backward()
-    torch.save({"loss": loss.detach(), "img": img.grad, "txt": txt.grad}, f"{out_dir}/{rank}.pt")
+    torch.save(_loss_and_grads(*(t[half] for t in _embeds())), f"{out_dir}/{rank}.pt")
 
 
 def test_two_ranks_give_the_loss_and_gradients_of_the_global_batch(tmp_path):
-    loss, g_img, g_txt = _one_process()
+    one = _loss_and_grads(*_embeds())
     run_ranks(_rank, 2, str(tmp_path))
-    for rank in range(2):
-        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+    got = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    # DDP averages the ranks' gradients: the mean over ranks is the one-process figure
+    mean = {k: (got[0][k] + got[1][k]) / 2 for k in ("loss", "scale")}
+    assert torch.allclose(mean["loss"], one["loss"], atol=1e-6)
+    assert torch.allclose(mean["scale"], one["scale"], atol=1e-6)
+    assert not torch.allclose(got[0]["loss"], got[1]["loss"])  # each rank's share differs
+    for rank in range(2):  # a row's gradient, summed over every rank's loss, lands on its rank
         half = slice(rank * B // 2, (rank + 1) * B // 2)
-        assert torch.allclose(got["loss"], loss, atol=1e-6)
-        assert torch.allclose(got["img"], g_img[half], atol=1e-6)
-        assert torch.allclose(got["txt"], g_txt[half], atol=1e-6)
+        assert torch.allclose(got[rank]["img"] / 2, one["img"][half], atol=1e-6)
+        assert torch.allclose(got[rank]["txt"] / 2, one["txt"][half], atol=1e-6)
 
 
 def test_the_temperature_is_clamped_at_100():
@@ -66,11 +68,12 @@ def test_the_temperature_is_clamped_at_100():
 
 
 def test_retrieval_counts_the_right_pairs():
-    img = torch.eye(6)
-    txt = torch.eye(6)[[0, 1, 2, 3, 5, 4]]  # texts 4 and 5 point at each other's image
-    got = retrieval(img, txt)
-    assert (float(got["t2i_top1"]), float(got["i2t_top1"])) == (4.0, 4.0)
-    assert float(got["t2i_top5"]) == 6.0  # every right image is among the 5 best
+    img = torch.eye(7)
+    # texts 4 and 5 point at each other's image, their own second (no ties above it)
+    txt = torch.eye(7)[[0, 1, 2, 3, 5, 4, 6]] + 0.1 * torch.eye(7)
+    got = {k: float(v) for k, v in retrieval(img, txt).items()}
+    assert (got["t2i_top1"], got["i2t_top1"]) == (5.0, 5.0)
+    assert (got["t2i_top5"], got["i2t_top5"]) == (7.0, 7.0)
 
 
 def _run(shards, tok, out, *extra):
@@ -81,7 +84,7 @@ def _run(shards, tok, out, *extra):
 def test_recipe_trains_resumes_exactly_and_writes_a_clip_folder(tmp_path, shapes_shards,
                                                                 shapes_captions):  # fmt: skip
     tok = tmp_path / "tok"
-    train_tokenizer(shapes_captions, TokenizerConfig(vocab_size=300, text_len=24)).save_pretrained(
+    train_tokenizer(shapes_captions, TokenizerConfig(vocab_size=300, text_len=48)).save_pretrained(
         tok
     )
     whole = tmp_path / "whole"
