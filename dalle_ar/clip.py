@@ -85,26 +85,24 @@ class CLIPSizes:
 def clip_config(sizes: CLIPSizes, tokenizer: TextTokenizer) -> CLIPConfig:
     """The `CLIPConfig` of a CLIP over `tokenizer` (its vocab, text_len and special ids)."""
     sizes.validate()
+
+    def tower(side: str) -> dict[str, int]:  # the transformer of one side: text or vision
+        width = getattr(sizes, f"{side}_width")
+        return {"hidden_size": width, "intermediate_size": int(width * sizes.mlp_ratio),
+                "num_hidden_layers": getattr(sizes, f"{side}_layers"),
+                "num_attention_heads": getattr(sizes, f"{side}_heads"),
+                "projection_dim": sizes.embed_dim}  # fmt: skip
+
     text = CLIPTextConfig(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=sizes.text_width,
-        intermediate_size=int(sizes.text_width * sizes.mlp_ratio),
-        num_hidden_layers=sizes.text_layers,
-        num_attention_heads=sizes.text_heads,
         max_position_embeddings=tokenizer.text_len,
-        projection_dim=sizes.embed_dim,
         pad_token_id=tokenizer.pad_id,
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,
+        **tower("text"),
     )
     vision = CLIPVisionConfig(
-        hidden_size=sizes.vision_width,
-        intermediate_size=int(sizes.vision_width * sizes.mlp_ratio),
-        num_hidden_layers=sizes.vision_layers,
-        num_attention_heads=sizes.vision_heads,
-        image_size=sizes.image_size,
-        patch_size=sizes.patch_size,
-        projection_dim=sizes.embed_dim,
+        image_size=sizes.image_size, patch_size=sizes.patch_size, **tower("vision")
     )
     return CLIPConfig(
         text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=sizes.embed_dim

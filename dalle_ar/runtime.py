@@ -62,7 +62,7 @@ def set_threads(n: int) -> None:
 def free_cpus(interval: float = 0.2) -> float:
     """CPUs of this process's affinity set that sat idle over the next `interval` seconds, read
     from /proc/stat (Linux); elsewhere every CPU of the set counts as free."""
-    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+    cpus = _affinity()
     if not cpus:
         return float(os.cpu_count() or 1)
     try:
@@ -99,8 +99,13 @@ def pick_threads(n: int, share: int = 1) -> int:
     1-thread one: each op waits for its descheduled thread (docs/results.md#a-faster-cpu-recipe)."""
     if n > 0:
         return n
-    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else (os.cpu_count() or 1), round(free_cpus() / max(1, share))))  # fmt: skip
+    usable = len(_affinity()) or os.cpu_count() or 1
+    return max(1, min(usable, round(free_cpus() / max(1, share))))
+
+
+def _affinity() -> set[int]:
+    """The CPUs this process may run on; empty where the OS does not say (not Linux)."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
 
 
 @functools.cache
@@ -123,6 +128,11 @@ def uses_bf16(device: torch.device, precision: str, cpu_auto: bool = False) -> b
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return cpu_auto and device.type == "cpu" and cpu_has_bf16()
+
+
+def precision_name(device: torch.device, precision: str, cpu_auto: bool = False) -> str:
+    """What a forward under `autocast_context` computes in: "bf16" or "fp32" (metrics.json)."""
+    return "bf16" if uses_bf16(device, precision, cpu_auto) else "fp32"
 
 
 def autocast_context(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from dalle_ar.checkpoint import atomic_dir
 from dalle_ar.clip import CLIP, LOGIT_SCALE_MAX, CLIPPair, CLIPSizes
 from dalle_ar.config import DataConfig, require
-from dalle_ar.runtime import autocast_context, uses_bf16
+from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.text import TextTokenizer
 from dalle_ar.train import dist
 from dalle_ar.train.common import build_optimizer, run_recipe
@@ -159,7 +159,7 @@ def train(
             CLIP(full.clip, tok.hf, clip.processor).save_pretrained(tmp)
 
     opt = build_optimizer(pair, cfg.optim)
-    precision = "bf16" if uses_bf16(info.device, cfg.run.precision) else "fp32"
+    precision = precision_name(info.device, cfg.run.precision)
     task = Task(COMPONENT, wrapped, cfg.model, opt, loss, source.train, evaluate_split,
                 save=save, precision=precision)  # fmt: skip
     return fit(cfg, task, info, resume)

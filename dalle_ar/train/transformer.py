@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from dalle_ar.config import ConfigError, DataConfig, require
-from dalle_ar.runtime import autocast_context, uses_bf16
+from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.train import dist
 from dalle_ar.train.common import build_optimizer, run_recipe
 from dalle_ar.train.loop import LoopConfig, Task, fit, setup, to_device
@@ -214,7 +214,7 @@ def build(
         COMPONENT, wrapped, cfg.model, opt, loss, source.train,
         evaluate=lambda final: evaluate(wrapped, source, cfg, info),
         pictures=pictures if can_draw and not dist.is_fsdp(wrapped) else None,
-        precision="bf16" if uses_bf16(info.device, cfg.run.precision, cpu_auto=True) else "fp32",
+        precision=precision_name(info.device, cfg.run.precision, cpu_auto=True),
     )  # fmt: skip
     return task, info
 

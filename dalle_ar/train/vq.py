@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from dalle_ar.config import DataConfig, require
 from dalle_ar.grid import image_grid
-from dalle_ar.runtime import autocast_context, uses_bf16
+from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.train import dist
 from dalle_ar.train.common import build_optimizer, run_recipe
 from dalle_ar.train.loop import LoopConfig, Source, Task, fit, setup
@@ -197,7 +197,7 @@ def train(
         return path, "top: original, bottom: reconstruction"
 
     opt = build_optimizer(model, cfg.optim)
-    precision = "bf16" if uses_bf16(info.device, cfg.run.precision) else "fp32"
+    precision = precision_name(info.device, cfg.run.precision)
     task = Task(COMPONENT, wrapped, cfg.model, opt, loss, source.train, evaluate_split, pictures,
                 precision=precision)  # fmt: skip
     return fit(cfg, task, info, resume)
