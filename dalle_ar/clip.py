@@ -51,6 +51,16 @@ FOLDER_FILES = {
 }
 
 
+def check_clip_folder(folder: str | Path) -> Path:
+    """`folder` as a Path; FileNotFoundError naming each part (`FOLDER_FILES`) it lacks."""
+    folder = Path(folder)
+    missing = [f"{name} ({what})" for name, what in FOLDER_FILES.items()
+               if not (folder / name).is_file()]  # fmt: skip
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a complete CLIP folder: no {', '.join(missing)}")
+    return folder
+
+
 @dataclasses.dataclass
 class CLIPSizes:
     """The sizes of a CLIP built here (`configs/clip_*.yaml`, key `model`). The text side's
@@ -65,6 +75,7 @@ class CLIPSizes:
     text_layers: int = 4
     text_heads: int = 3
     embed_dim: int = 128  # the joint embedding (projection_dim)
+    text_len: int = 0  # text positions; 0 = the tokenizer's text_len
     mlp_ratio: float = 4.0
 
     def validate(self) -> None:
@@ -80,10 +91,13 @@ class CLIPSizes:
                     f"must divide {side}_width={width}, got {heads}")  # fmt: skip
             require(getattr(self, f"{side}_layers") >= 1, f"{side}_layers", "must be >= 1")
         require(self.embed_dim >= 1, "embed_dim", "must be >= 1")
+        require(self.text_len == 0 or self.text_len >= 2, "text_len",
+                f"must be 0 (the tokenizer's) or >= 2, got {self.text_len}")  # fmt: skip
 
 
 def clip_config(sizes: CLIPSizes, tokenizer: TextTokenizer) -> CLIPConfig:
-    """The `CLIPConfig` of a CLIP over `tokenizer` (its vocab, text_len and special ids)."""
+    """The `CLIPConfig` of a CLIP over `tokenizer` (its vocab, special ids and, unless
+    `sizes.text_len` says otherwise, text_len)."""
     sizes.validate()
 
     def tower(side: str) -> dict[str, int]:  # the transformer of one side: text or vision
@@ -95,7 +109,7 @@ def clip_config(sizes: CLIPSizes, tokenizer: TextTokenizer) -> CLIPConfig:
 
     text = CLIPTextConfig(
         vocab_size=tokenizer.vocab_size,
-        max_position_embeddings=tokenizer.text_len,
+        max_position_embeddings=sizes.text_len or tokenizer.text_len,
         pad_token_id=tokenizer.pad_id,
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,
@@ -161,6 +175,7 @@ class CLIP:
         if self.eos_id is None:
             raise ValueError("the CLIP tokenizer has no eos_token: the text cannot be pooled")
         self.text_len = model.config.text_config.max_position_embeddings
+        self.too_long = 0  # captions the last `encode_text(truncate=True)` cut
 
     @classmethod
     def build(cls, sizes: CLIPSizes, tokenizer: TextTokenizer, seed: int = 0) -> CLIP:
@@ -173,13 +188,7 @@ class CLIP:
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> CLIP:
         """Load a Hugging Face CLIP folder (ours or a user's). FileNotFoundError names each
         missing part (`FOLDER_FILES`)."""
-        folder = Path(folder)
-        missing = [f"{name} ({what})" for name, what in FOLDER_FILES.items()
-                   if not (folder / name).is_file()]  # fmt: skip
-        if missing:
-            raise FileNotFoundError(
-                f"{folder} is not a complete CLIP folder: no {', '.join(missing)}"
-            )
+        folder = check_clip_folder(folder)
         model = CLIPModel.from_pretrained(str(folder), use_safetensors=True).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         processor = CLIPImageProcessor.from_pretrained(str(folder))
@@ -195,18 +204,28 @@ class CLIP:
     def device(self) -> torch.device:
         return self.model.logit_scale.device
 
-    def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def to(self, device: str | torch.device) -> CLIP:
+        self.model.to(device)
+        return self
+
+    def encode_text(
+        self, prompts: Sequence[str], truncate: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask (N, text_len), int64, for the prompts. ValueError names a
         prompt whose encoding is longer than text_len (a fast tokenizer would cut it silently and
-        still end it in EOS) or holds no EOS (it would be pooled at a word, not at its end)."""
+        still end it in EOS) unless `truncate` (training: cut to text_len, ending in EOS, as
+        open_clip's tokenizer does; `too_long` counts them), or one that holds no EOS (it would
+        be pooled at a word, not at its end)."""
         prompts = list(prompts)
         lengths = [len(x) for x in self.tokenizer(prompts)["input_ids"]]
-        for prompt, n in zip(prompts, lengths):
-            if n > self.text_len:
-                raise ValueError(f"the CLIP tokenizer encodes {prompt!r} in {n} tokens, more "
-                                 f"than the model's {self.text_len}")  # fmt: skip
+        long = [(p, n) for p, n in zip(prompts, lengths) if n > self.text_len]
+        if long and not truncate:
+            prompt, n = long[0]
+            raise ValueError(f"the CLIP tokenizer encodes {prompt!r} in {n} tokens, more than "
+                             f"the model's {self.text_len}")  # fmt: skip
+        self.too_long = len(long)
         enc = self.tokenizer(prompts, padding="max_length", max_length=self.text_len,
-                             return_tensors="pt")  # fmt: skip
+                             truncation=truncate, return_tensors="pt")  # fmt: skip
         ids, mask = enc["input_ids"], enc["attention_mask"]
         has_eos = (ids == self.eos_id).any(1)
         if not bool(has_eos.all()):
@@ -224,18 +243,33 @@ class CLIP:
         return out["pixel_values"]
 
     def pixels_from_tensor(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] (the data loader's) -> pixel values (B, 3, S, S) on
-        their device: resized (bicubic) to the processor's crop size and normalised with its mean
-        and std. This is the processor's work only for square images and a processor whose
-        resize equals its crop (ours, `image_processor`); a user's 224 px processor that resizes
-        to 256 and crops 224 sees another field of view there (use `pixels`). torch's bicubic
-        kernel is not PIL's, so the two paths differ slightly where a resize happens."""
-        size = self.processor.crop_size["height"]
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
-        mean = images.new_tensor(self.processor.image_mean)[:, None, None]
-        std = images.new_tensor(self.processor.image_std)[:, None, None]
-        return (images - mean) / std
+        """Images (B, 3, H, W) in [0, 1] (the data loader's, the VQ decoder's) -> pixel values
+        (B, 3, S, S) on their device, as the folder's processor makes them: resized (shorter side
+        to `size["shortest_edge"]`, or to `size`'s height and width), centre-cropped to
+        `crop_size`, normalised with its mean and std, each step only where the processor does
+        it. torch's bicubic kernel (antialiased) is not PIL's, so this and `pixels` differ
+        slightly where a resize happens."""
+        p = self.processor
+        x = images.float()
+        if p.do_resize:
+            h, w = x.shape[-2:]
+            if "shortest_edge" in p.size:
+                e = p.size["shortest_edge"]
+                out = (e, max(1, round(w * e / h))) if h <= w else (max(1, round(h * e / w)), e)
+            else:
+                out = (p.size["height"], p.size["width"])
+            if tuple(out) != (h, w):
+                x = F.interpolate(x, size=out, mode="bicubic", align_corners=False,
+                                  antialias=True).clamp(0, 1)  # fmt: skip
+        if p.do_center_crop:
+            ch, cw = p.crop_size["height"], p.crop_size["width"]
+            top, left = max(0, (x.shape[-2] - ch) // 2), max(0, (x.shape[-1] - cw) // 2)
+            x = x[..., top : top + ch, left : left + cw]
+        if p.do_normalize:
+            mean = x.new_tensor(p.image_mean)[:, None, None]
+            std = x.new_tensor(p.image_std)[:, None, None]
+            x = (x - mean) / std
+        return x
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Unit image embeddings (N, embed_dim), float32, from `pixels`."""

@@ -53,26 +53,42 @@ def _one_uint8(image: Any) -> np.ndarray:
 
 
 def image_grid(
-    images: Images, ncols: int | None = None, scale: int | None = None, gap: int = 2
+    images: Images,
+    ncols: int | None = None,
+    scale: int | None = None,
+    gap: int = 2,
+    labels: Sequence[str] | None = None,
+    font_size: int = 10,
 ) -> Image.Image:
     """Tiles in rows of `ncols` (default: all in one row), each enlarged `scale` times (default
-    max(1, 64 // H)), on a white canvas with `gap` pixels between and around them."""
+    max(1, 64 // H)), on a white canvas with `gap` pixels between and around them; `labels`
+    (one per image, e.g. its rerank score) are written under the tiles in `font_size` px."""
     arr = to_uint8(images)
     n, h, w, _ = arr.shape
     ncols = n if ncols is None else ncols
     if ncols < 1:
         raise ValueError(f"ncols must be >= 1, got {ncols}")
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"expected one label per image, got {len(labels)} for {n} images")
     scale = max(1, 64 // h) if scale is None else scale
     if scale < 1 or gap < 0:
         raise ValueError(f"expected scale >= 1 and gap >= 0, got {scale} and {gap}")
     nrows = math.ceil(n / ncols)
     th, tw = h * scale, w * scale
-    canvas = np.full((nrows * (th + gap) + gap, ncols * (tw + gap) + gap, 3), 255, np.uint8)
+    lh = font_size + 2 if labels is not None else 0  # a label's line under each tile
+    canvas = np.full((nrows * (th + lh + gap) + gap, ncols * (tw + gap) + gap, 3), 255, np.uint8)
     for i in range(n):
         r, c = divmod(i, ncols)
-        y, x = gap + r * (th + gap), gap + c * (tw + gap)
+        y, x = gap + r * (th + lh + gap), gap + c * (tw + gap)
         canvas[y : y + th, x : x + tw] = arr[i].repeat(scale, 0).repeat(scale, 1)
-    return Image.fromarray(canvas)
+    out = Image.fromarray(canvas)
+    if labels is not None:
+        draw, font = ImageDraw.Draw(out), _font(font_size)
+        for i, label in enumerate(labels):
+            r, c = divmod(i, ncols)
+            draw.text((gap + c * (tw + gap), gap + r * (th + lh + gap) + th), label, fill="black",
+                      font=font)  # fmt: skip
+    return out
 
 
 def captioned_grid(
@@ -82,9 +98,11 @@ def captioned_grid(
     scale: int | None = None,
     gap: int = 2,
     font_size: int = 12,
+    labels: Sequence[str] | None = None,
 ) -> Image.Image:
-    """`image_grid` with `caption` written above it in black, wrapped to the grid's width."""
-    grid = image_grid(images, ncols, scale, gap)
+    """`image_grid` with `caption` written above it in black, wrapped to the grid's width, and
+    `labels` under the tiles."""
+    grid = image_grid(images, ncols, scale, gap, labels)
     font = _font(font_size)
     draw = ImageDraw.Draw(grid)
     char_w = max(1.0, draw.textlength("x", font=font))
@@ -121,16 +139,39 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-__all__ = ["captioned_grid", "image_grid", "stack_vertical", "to_uint8"]
+__all__ = [
+    "captioned_grid", "image_grid", "prompt_grids", "save_prompt_grid", "score_label",
+    "stack_vertical", "to_uint8",
+]  # fmt: skip
+
+
+def score_label(meta: dict[str, Any]) -> str | None:
+    """A kept candidate's label: its reranker and score ("clip 31.2"); None for a plain sample."""
+    if "rerank_score" not in meta:
+        return None
+    return f"{meta['reranker']} {meta['rerank_score']:.3g}"
 
 
 def save_prompt_grid(result: Any, path: str | Path) -> Path:
-    """One PNG: per prompt, a row of its samples under the prompt as caption."""
-    groups: dict[tuple[int, str], list[Image.Image]] = {}
-    for img, meta in zip(result.images, result.samples):
-        groups.setdefault((meta["prompt_index"], meta["prompt"]), []).append(img)
-    rows = [captioned_grid(imgs, p or "(empty prompt)") for (_, p), imgs in sorted(groups.items())]
+    """One PNG: per prompt, a row of its samples under the prompt as caption; reranked samples
+    are labelled with their scores (`score_label`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stack_vertical(rows).save(path)
+    stack_vertical(prompt_grids(result)).save(path)
     return path
+
+
+def prompt_grids(result: Any) -> list[Image.Image]:
+    """One captioned grid per prompt of a pipeline's output, in prompt order: its samples in a
+    row, labelled with their scores when reranked."""
+    groups: dict[tuple[int, str], list[tuple[Any, str | None]]] = {}
+    for img, meta in zip(result.images, result.samples):
+        groups.setdefault((meta["prompt_index"], meta["prompt"]), []).append(
+            (img, score_label(meta))
+        )
+    out = []
+    for (_, prompt), items in sorted(groups.items()):
+        labels = [lab for _, lab in items]
+        out.append(captioned_grid([im for im, _ in items], prompt or "(empty prompt)",
+                                  labels=None if None in labels else labels))  # fmt: skip
+    return out

@@ -3,13 +3,15 @@
     dalle-ar eval fidelity --model runs/pipe --num 400 --guidance 1.5 --out fidelity.json
     dalle-ar eval fidelity --model runs/pipe --composed       # + composed prompts
     dalle-ar eval fidelity --model runs/pipe --candidates 16  # + best of 16 (reranked)
+    dalle-ar eval fidelity --model runs/pipe --candidates 16 --rerankers pmi,clip,clip+pmi
 
 One sample per evaluation-split prompt, the attributes read back from the pixels with the shape
 checker: exact-match and per-attribute accuracy, without and with classifier-free guidance, split
 into scenes whose colour-shape pairs were seen in training and scenes holding a held-out pair.
 Every setting uses the same prompts and the same seed per prompt, so the difference is guidance
 (and, with --composed, the experts for each object's colour and shape; with --candidates K, the
-guided run once more with each prompt's image the best of K by the model's own score). Sampling
+guided run once more with each prompt's image the best of K, once per reranker of --rerankers, all
+from one draw of the candidates, and how often a right image is among the K). Sampling
 settings left out take the pipeline folder's defaults. The work is
 `dalle_ar.eval.fidelity.evaluate_fidelity`.
 """
@@ -43,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
         "--candidates", type=int, default=1, help="also score the best of K per prompt (K > 1)"
     )
     add_arguments(ap, ARSampling, skip=("guidance_scale",))  # the other settings: as sampled
-    add_arguments(ap, RerankSettings, skip=("candidates",))
+    ap.add_argument(
+        "--rerankers", default="pmi", help="comma-separated, for --candidates: pmi, clip, clip+pmi"
+    )
+    add_arguments(ap, RerankSettings, skip=("candidates", "keep", "reranker"))
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of prompt 0 (then +1 ...)")
     ap.add_argument("--prompt-seed", type=int, default=0, help="which evaluation prompts")
     ap.add_argument("--batch-size", type=int, default=32, help="samples generated together")
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {
         **from_args(args, ARSampling, skip=("guidance_scale",)),
-        **from_args(args, RerankSettings, skip=("candidates",)),
+        **from_args(args, RerankSettings, skip=("candidates", "keep", "reranker")),
     }
     try:
         if args.num < 1:
@@ -77,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=True,
             composed=args.composed,
             candidates=args.candidates,
+            rerankers=tuple(r.strip() for r in args.rerankers.split(",") if r.strip()),
             **settings,
         )
     except (ValueError, FileNotFoundError) as e:

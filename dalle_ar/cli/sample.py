@@ -3,7 +3,10 @@
     dalle-ar sample --model runs/pipe "a small red circle at the top left" --num 4 --out out/
     dalle-ar sample --model runs/pipe --prompts-file prompts.txt --guidance 3 --top-k 64 --out out/
     dalle-ar sample --model runs/pipe "a pink diamond at the top" --candidates 16 --out out/
+    dalle-ar sample --model runs/pipe --prompts-file p.txt --candidates 16 --keep 4 \
+        --reranker clip --out out/                 # reranked batch generation (CLIP)
     dalle-ar sample --from-json out/samples.json --index 2 --out again/     # regenerate one image
+    dalle-ar sample --from-json out/samples.json --candidate 37 --out again/  # any candidate
     dalle-ar sample --model runs/pipe --out out/ \
         "a pink diamond, top left AND a diamond, top left AND a pink, top left"  # composed prompt
 
@@ -11,9 +14,12 @@ Writes one PNG per sample (PPP_SS.png: prompt PPP, sample SS), a captioned grid 
 (grid_PPP.png) and samples.json holding the model folder, every parameter and each sample's seed
 (and primed codes), so any image can be regenerated exactly with --from-json.
 
---candidates K draws K images per sample and keeps the one whose caption explains it best (the
-transformer's caption-image mutual information, `dalle_ar.rerank`); samples.json records the
-kept candidate's own seed, so --from-json regenerates it without drawing the others.
+--candidates N draws N images per sample and keeps the best --keep K of them (each prompt then
+gets --num x K images), scored by --reranker: pmi (the transformer's caption-image mutual
+information, `dalle_ar.rerank`), clip (CLIPScore with the pipeline's CLIP) or clip+pmi. Candidates
+are drawn in batches across prompts and scored as they come; the grids label each kept image with
+its score, and samples.json records every candidate's seed and scores ("candidates"), so any of
+them can be regenerated alone (--candidate I).
 
 A composed prompt "scene AND part AND ..." also follows each part, a caption naming part of the
 scene, weighed by --part-scale (`dalle_ar.prompts.split_prompt`).
@@ -33,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from dalle_ar.checkpoint import write_json_atomic
-from dalle_ar.grid import captioned_grid
+from dalle_ar.grid import prompt_grids
 from dalle_ar.runtime import set_threads
 from dalle_ar.sampling.settings import (
     ARSampling,
@@ -62,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(ap, RerankSettings)
     ap.add_argument("--prime-image", help="complete this image: keep its top --prime-rows rows")
     ap.add_argument("--prime-rows", type=int, default=0, help="code rows kept from --prime-image")
-    ap.add_argument("--batch-size", type=int, default=16, help="samples generated together")
+    ap.add_argument("--batch-size", type=int, help="samples generated together (default: as many "
+                    "as --memory-mb holds, at most 64)")  # fmt: skip
+    ap.add_argument("--memory-mb", type=float, default=512.0,
+                    help="memory the drawing batches may hold (default 512 MiB)")  # fmt: skip
     ap.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     ap.add_argument(
         "--threads",
@@ -73,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--from-json", help="regenerate a sample recorded in a samples.json")
     ap.add_argument("--index", type=int, help="with --from-json: which sample (default: all)")
+    ap.add_argument("--candidate", type=int, help="with --from-json: which candidate")
     ap.add_argument("--out", required=True, help="output folder")
     return ap
 
@@ -123,6 +133,7 @@ def _sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         prime_codes=prime,
         batch_size=args.batch_size,
+        memory_mb=args.memory_mb,
         progress=True,
         **from_args(args, ARSampling),
         **from_args(args, RerankSettings),
@@ -134,15 +145,13 @@ def _sample(args: argparse.Namespace) -> int:
         name = f"{meta['prompt_index']:03d}_{meta['sample_index']:02d}.png"
         img.save(folder / name)
         records.append({"index": i, "file": name, **meta})
-    for p, prompt in enumerate(prompts):
-        imgs = out.images[p * args.num : (p + 1) * args.num]
-        captioned_grid(imgs, prompt or "(empty prompt: unconditional)").save(
-            folder / f"grid_{p:03d}.png"
-        )
+    for p, grid in enumerate(prompt_grids(out)):
+        grid.save(folder / f"grid_{p:03d}.png")
     doc = {
         "model": str(Path(args.model).resolve()),
         "command": ["dalle-ar", "sample", *(_argv_of(_parser(), args))],
         "samples": records,
+        "candidates": out.candidates,  # reranked: every candidate's seed and scores
     }
     write_json_atomic(folder / JSON_NAME, doc)
     print(f"wrote {len(records)} images, {len(prompts)} grids and {JSON_NAME} to {folder}")
@@ -151,7 +160,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _argv_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     """The options of this run as the parser spells them, for the record (it runs again)."""
-    skip = {"prompts", "from_json", "index", "threads", "help"}
+    skip = {"prompts", "from_json", "index", "candidate", "threads", "help"}
     flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
     out = []
     for k, v in vars(args).items():
@@ -171,6 +180,14 @@ def _regenerate(args: argparse.Namespace) -> int:
     if args.index is not None and not 0 <= args.index < len(samples):
         raise ValueError(f"--index must be in [0, {len(samples)}), got {args.index}")
     chosen = samples if args.index is None else [samples[args.index]]
+    if args.candidate is not None:
+        cands = doc.get("candidates") or []
+        if not 0 <= args.candidate < len(cands):
+            raise ValueError(f"--candidate must be in [0, {len(cands)}) for {path}, got "
+                             f"{args.candidate}")  # fmt: skip
+        c = cands[args.candidate]  # drawn with the settings of every sample of the run
+        chosen = [{**samples[0], "prompt": c["prompt"], "seed": c["seed"], "index": -1,
+                   "file": f"candidate_{args.candidate:04d}.png"}]  # fmt: skip
     from dalle_ar.pipelines import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model or doc["model"], device=args.device)

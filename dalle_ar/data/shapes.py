@@ -269,3 +269,81 @@ def prompts_for_eval(
         if held_out is None or spec["held_out"] == held_out:
             out.append((caption(spec, rng), spec))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Attribute binding: a scene's caption against the captions that differ from it in one attribute.
+
+FOIL_KINDS = ("color", "shape", "size", "position", "relation", "swap")
+
+
+class _First:
+    """An `rng` whose every choice is the first option: one fixed wording per scene."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+def plain_caption(spec: dict[str, Any]) -> str:
+    """The scene in one fixed wording of the training templates, "a small red circle at the top
+    left" / "a big red circle to the left of a small blue square": two specs that differ in one
+    attribute get captions that differ in its words only."""
+    rng = _First()
+
+    def phrase(o: dict[str, Any]) -> str:
+        return f"a {_SIZE_WORDS[o['size']][0]} {o['color']} {o['shape']}"
+
+    objs = spec["objects"]
+    if spec.get("relation") is None:
+        return f"{phrase(objs[0])} at the {_position(objs[0]['row'], objs[0]['col'], rng)}"
+    return f"{phrase(objs[0])} {_REL_WORDS[spec['relation']][0]} {phrase(objs[1])}"
+
+
+def _holds(relation: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return {"left of": a["col"] < b["col"], "right of": a["col"] > b["col"],
+            "above": a["row"] < b["row"], "below": a["row"] > b["row"]}[relation]  # fmt: skip
+
+
+def foils(spec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Every spec whose caption differs from `spec`'s in one attribute and is false of its image,
+    by kind (`FOIL_KINDS`): another colour, shape or size of one object; another cell (one
+    object; a two-object caption names no cell); a relation that does not hold between the two
+    objects; the two objects swapped (when they differ). The probe of Winoground / ARO-style
+    binding tests (Yuksekgonul et al. 2023), on the shapes' own grammar."""
+    objs = spec["objects"]
+    out: dict[str, list[dict[str, Any]]] = {k: [] for k in FOIL_KINDS}
+
+    def with_object(i: int, **change: Any) -> dict[str, Any]:
+        new = [dict(o) for o in objs]
+        new[i].update(change)
+        return {**spec, "objects": new}
+
+    for i, o in enumerate(objs):
+        out["color"] += [with_object(i, color=c) for c in COLORS if c != o["color"]]
+        out["shape"] += [with_object(i, shape=s) for s in SHAPES if s != o["shape"]]
+        out["size"] += [with_object(i, size=z) for z in SIZES if z != o["size"]]
+    rel = spec.get("relation")
+    if rel is None:
+        here = (objs[0]["row"], objs[0]["col"])
+        out["position"] = [with_object(0, row=r, col=c) for r in range(3) for c in range(3)
+                           if (r, c) != here]  # fmt: skip
+        return out
+    a, b = objs
+    out["relation"] = [{**spec, "relation": r} for r in RELATIONS if not _holds(r, a, b)]
+    keys = ("color", "shape", "size")
+    if any(a[k] != b[k] for k in keys):
+        out["swap"] = [{**spec, "objects": [{**a, **{k: b[k] for k in keys}},
+                                            {**b, **{k: a[k] for k in keys}}]}]  # fmt: skip
+    return out
+
+
+def hard_negative(spec: dict[str, Any], rng: Any) -> str | None:
+    """A caption false of `spec`'s image that differs from a true one in one attribute: a kind
+    drawn uniformly among those `foils` has for the scene, one of its foils, worded by `caption`
+    (so as varied as the training captions). None for a spec with no foil. The hard negatives of
+    NegCLIP (Yuksekgonul et al. 2023), which teach a contrastive model the relations and
+    bindings that batches of random captions never contrast."""
+    by_kind = [v for v in foils(spec).values() if v]
+    if not by_kind:
+        return None
+    return caption(_choice(rng, _choice(rng, by_kind)), rng)

@@ -27,6 +27,7 @@ def evaluate_fidelity(
     progress: bool = False,
     composed: bool = False,
     candidates: int = 1,
+    rerankers: Sequence[str] = ("pmi",),
     **settings: Any,
 ) -> dict[str, Any]:
     """One sample per evaluation-split shapes prompt for each guidance scale (same prompts, same
@@ -35,10 +36,11 @@ def evaluate_fidelity(
     once more with every caption as a composed prompt (`shapes.composed_prompt`: an expert for
     the colour and one for the shape of each object). candidates=K > 1 scores the last scale once
     more, each prompt's image now the best of K candidates, the first of them that scale's own
-    single draw (`dalle_ar.rerank`; still one image per prompt, picked by the model, never by
-    the checker). `settings`: the pipeline's sampling settings for every run (temperature=0.7;
-    None keeps the pipeline's default). JSON-able."""
-    from dalle_ar.data.evaluate import score_batch
+    single draw (still one image per prompt, picked by a model, never by the checker): once per
+    reranker of `rerankers` ("pmi", "clip", "clip+pmi"), all from one draw of the candidates,
+    side by side, with "any of K": how often the checker finds a right image among the K (what
+    a perfect reranker would reach). `settings`: the pipeline's sampling settings for every run
+    (temperature=0.7; None keeps the pipeline's default). JSON-able."""
     from dalle_ar.data.shapes import composed_prompt, prompts_for_eval
 
     if num_prompts < 0:
@@ -51,28 +53,81 @@ def evaluate_fidelity(
                               "summary": {}}  # fmt: skip
     if not num_prompts:
         return report
-    runs = [(scale, False, 1) for scale in guidance_scales]
-    runs += [(scale, True, 1) for scale in guidance_scales if composed]
-    if candidates > 1 and guidance_scales:
-        runs.append((guidance_scales[-1], False, candidates))
-    for scale, compose, k in runs:
+    runs = [(scale, False) for scale in guidance_scales]
+    runs += [(scale, True) for scale in guidance_scales if composed]
+    for scale, compose in runs:
         t0 = time.perf_counter()
-        params = {**settings, "guidance_scale": scale, "candidates": k}
+        params = {**settings, "guidance_scale": scale, "candidates": 1}
         prompts = [composed_prompt(p) if compose else p for p, _ in pairs]
         out = pipe(prompts, seed=seed, batch_size=batch_size, progress=progress, **params)
         res: dict[str, Any] = dict(out.settings)
-        res["composed"] = compose
-        res["candidates"] = k
-        res["seconds"] = time.perf_counter() - t0
-        res["all"] = score_batch(out.images, specs)
-        for split, flag in (("seen", False), ("held_out", True)):
-            idx = [i for i, h in enumerate(held) if h == flag]
-            imgs = [out.images[i] for i in idx]
-            res[split] = score_batch(imgs, [specs[i] for i in idx]) if idx else None
-        name = f"{scale:g}" + (" composed" if compose else "") + (f" best of {k}" if k > 1 else "")
-        report["settings"][name] = res
-        a = res["all"]
-        report["summary"][f"guidance {name}"] = {
-            k: a[k] for k in ("exact", "exact_seen", "exact_held_out")
-        }
+        res.update(composed=compose, candidates=1, seconds=time.perf_counter() - t0)
+        _add(report, f"{scale:g}" + (" composed" if compose else ""), res, out.images, specs)
+    if candidates > 1 and guidance_scales:
+        _reranked(pipe, report, pairs, candidates, rerankers, guidance_scales[-1], seed,
+                  batch_size, progress, settings)  # fmt: skip
     return report
+
+
+# A kept candidate's score under each reranker (`Pipeline._rerank`'s records).
+SCORE_KEY = {"pmi": "pmi_score", "clip": "clip_score", "clip+pmi": "rerank_score"}
+
+
+def _reranked(pipe, report, pairs, k, rerankers, scale, seed, batch_size, progress, settings):
+    """Best of k by each reranker from one draw: every candidate is kept (keep=k) with every
+    score, and each reranker's pick read off them."""
+    from dalle_ar.data.evaluate import score
+
+    unknown = [r for r in rerankers if r not in SCORE_KEY]
+    if unknown:
+        raise ValueError(f"unknown rerankers {unknown}; known: {list(SCORE_KEY)}")
+    both = len(rerankers) > 1 or rerankers[0] == "clip+pmi"
+    t0 = time.perf_counter()
+    params = {**settings, "guidance_scale": scale, "candidates": k, "keep": k,
+              "reranker": "clip+pmi" if both else rerankers[0]}  # fmt: skip
+    out = pipe([p for p, _ in pairs], seed=seed, batch_size=batch_size, progress=progress,
+               **params)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    specs = [s for _, s in pairs]
+    by_prompt: dict[int, list[int]] = {}
+    for i, m in enumerate(out.samples):
+        by_prompt.setdefault(m["prompt_index"], []).append(i)
+    right = [bool(score(out.images[i], specs[m["prompt_index"]])["exact"])
+             for i, m in enumerate(out.samples)]  # fmt: skip
+    any_k = [any(right[i] for i in by_prompt[p]) for p in range(len(pairs))]
+    held = [bool(s["held_out"]) for s in specs]
+    for r in rerankers:
+        key = SCORE_KEY[r]  # the best score, ties to the earlier candidate
+        pick = [max(by_prompt[p], key=lambda i: (out.samples[i][key],
+                                                 -out.samples[i]["candidate_index"]))
+                for p in range(len(pairs))]  # fmt: skip
+        res: dict[str, Any] = dict(out.settings)
+        res.update(composed=False, candidates=k, keep=1, reranker=r, seconds=seconds,
+                   any_of_k=_split_mean(any_k, held))  # fmt: skip
+        _add(report, f"{scale:g} best of {k} by {r}", res, [out.images[i] for i in pick], specs)
+
+
+def _split_mean(flags: list[bool], held: list[bool]) -> dict[str, float | None]:
+    """Fraction true over all, seen and held-out prompts (None for an empty split)."""
+
+    def mean(xs: list[bool]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    return {"all": mean(flags), "seen": mean([f for f, h in zip(flags, held) if not h]),
+            "held_out": mean([f for f, h in zip(flags, held) if h])}  # fmt: skip
+
+
+def _add(report: dict[str, Any], name: str, res: dict[str, Any], images: list, specs: list):
+    """Score `images` against `specs` (all, seen, held-out) into report["settings"][name] and its
+    exact-match line into report["summary"]["guidance " + name]."""
+    from dalle_ar.data.evaluate import score_batch
+
+    held = [bool(s["held_out"]) for s in specs]
+    res["all"] = score_batch(images, specs)
+    for split, flag in (("seen", False), ("held_out", True)):
+        idx = [i for i, h in enumerate(held) if h == flag]
+        res[split] = score_batch([images[i] for i in idx], [specs[i] for i in idx]) if idx else None
+    report["settings"][name] = res
+    a = res["all"]
+    report["summary"][f"guidance {name}"] = {k: a[k] for k in ("exact", "exact_seen",
+                                                               "exact_held_out")}  # fmt: skip

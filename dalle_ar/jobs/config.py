@@ -22,10 +22,14 @@ class MainJobConfig:
     # the precision (and float rounding).
     vq_steps: int = 0
     transformer_steps: int = 0
+    clip_steps: int = 0
     # Safety caps, not budgets: a stage stopped by one is reported under-trained (log, summary,
     # table) and continues to its planned steps when the job runs again. 0 = no cap.
     vq_max_minutes: float = 15.0
     transformer_max_minutes: float = 45.0
+    clip_max_minutes: float = 15.0
+    # Train a CLIP (dalle_ar.clip) and rerank with it; false: no CLIP stage, PMI reranking only
+    clip: bool = True
     # auto | fp32 | bf16, for both training stages (run.precision): auto trains the transformer
     # under bf16 autocast where the CPU or GPU has bf16, the VQ-VAE in fp32 on a CPU
     precision: str = "auto"
@@ -43,10 +47,11 @@ class MainJobConfig:
             temperature=0.5, guidance_scale=GUIDED_SCALE, part_scale=0.5
         )
     )
-    # Each grid image is the best of this many candidates by the model's own caption-image score
-    # (dalle_ar.rerank), and the evaluation runs once more that way; 1 = no reranking.
+    # Each grid image is the best of `candidates` by `reranker` ("clip" needs the CLIP stage;
+    # "pmi" is the transformer's own caption-image score, dalle_ar.rerank), and the evaluation
+    # runs once more that way, by PMI, by CLIP and by both side by side; candidates 1 = none.
     rerank: RerankSettings = dataclasses.field(
-        default_factory=lambda: RerankSettings(candidates=16)
+        default_factory=lambda: RerankSettings(candidates=16, reranker="clip")
     )
     seed: int = 0  # data, training and sampling seed
     device: str = "auto"  # auto | cpu | cuda
@@ -55,10 +60,13 @@ class MainJobConfig:
     def validate(self) -> None:
         require(self.num_train >= 100, "num_train", "must be >= 100")
         require(self.num_eval >= 10, "num_eval", "must be >= 10")
-        for key in ("vq_steps", "transformer_steps", "vq_max_minutes", "transformer_max_minutes"):
+        for key in ("vq_steps", "transformer_steps", "clip_steps", "vq_max_minutes",
+                    "transformer_max_minutes", "clip_max_minutes"):  # fmt: skip
             require(getattr(self, key) >= 0, key, "must be >= 0")
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         require(self.fidelity_prompts >= 0, "fidelity_prompts", "must be >= 0")
         require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         require_precision(self.precision)
+        require(self.clip or "clip" not in self.rerank.reranker, "rerank.reranker",
+                f"is {self.rerank.reranker!r}, which needs the CLIP stage (clip=true)")  # fmt: skip
         require(self.wandb in ("offline", "online", "disabled"), "wandb", "offline|online|disabled")

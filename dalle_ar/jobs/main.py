@@ -1,9 +1,10 @@
 """`dalle-ar pipeline [--config FILE] [key=value ...]`: the main job, text to image end to end.
 
-    shards -> BPE tokenizer -> VQ-VAE -> token shards -> transformer -> pipeline folder
+    shards -> BPE tokenizer -> CLIP -> VQ-VAE -> token shards -> transformer -> pipeline folder
            -> samples for a handful of prompts (some held-out combinations), each the best of
-              `rerank.candidates` by the model's own score (dalle_ar.rerank) -> captioned grid
-           -> the data set's evaluation, single draws and reranked (terminal + JSON)
+              `rerank.candidates` by `rerank.reranker` (CLIP) -> captioned grid with the scores
+           -> the data set's evaluation: single draws, and best of the candidates by the
+              transformer's own score (PMI), by CLIP and by both (terminal + JSON)
 
 Each stage writes into `out_dir` and is skipped on a rerun once its output is complete; a training
 stage that was killed resumes from its last checkpoint. Training stages are sized in steps (the
@@ -63,6 +64,8 @@ class Paths:
         self.tokens = out / "tokens"
         self.transformer_run = out / "transformer_run"
         self.transformer = self.transformer_run / "transformer"
+        self.clip_run = out / "clip_run"
+        self.clip = self.clip_run / "clip"
         self.pipeline = out / "pipeline"
         self.samples = out / "samples"
         self.fidelity = out / "fidelity.json"
@@ -146,6 +149,25 @@ def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     transformer.train(rcfg, resume=has_checkpoint(p.transformer_run))
 
 
+def stage_clip(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
+    from dalle_ar.train import clip
+    from dalle_ar.train.common import has_checkpoint
+
+    overrides = [
+        f"data.train={p.data}/train-*.tar",
+        f"data.eval={p.data}/eval-*.tar",
+        f"text_tokenizer={p.tokenizer}",
+        f"run.out_dir={p.clip_run}",
+        *_budget(p.clip_run, cfg.clip_steps, cfg.clip_max_minutes),
+        f"run.seed={cfg.seed}",
+        f"run.device={cfg.device}",
+        f"run.precision={cfg.precision}",
+        f"run.wandb={cfg.wandb}",
+    ]
+    rcfg = load_config(clip.CLIPRecipeConfig, yaml, overrides)
+    clip.train(rcfg, resume=has_checkpoint(p.clip_run))
+
+
 def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
     from dalle_ar.pipelines import assemble
 
@@ -153,7 +175,8 @@ def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
     # stay 1, so `dalle-ar sample --model` draws once per sample unless asked for more.
     rerank = dataclasses.replace(cfg.rerank, candidates=1)
     defaults = {"ar": dataclasses.asdict(cfg.sampling), "rerank": dataclasses.asdict(rerank)}
-    assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=defaults)
+    assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=defaults,
+             clip=p.clip if cfg.clip else None)  # fmt: skip
 
 
 def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
@@ -200,6 +223,8 @@ def run_stages(cfg: MainJobConfig) -> dict:
     data = DATA_SETS[cfg.data]
     configs = Path(cfg.config_dir) if cfg.config_dir else _repo_configs()
     yaml = {stage: configs / name for stage, name in data.configs.items()}
+    if not cfg.clip:
+        yaml.pop("clip", None)
     missing = [str(f) for f in yaml.values() if not f.is_file()]
     if missing:
         raise ConfigError(f"config key 'config_dir': no component configs {missing}")
@@ -213,6 +238,8 @@ def run_stages(cfg: MainJobConfig) -> dict:
          [p.data]),
         ("tokenizer", lambda: _complete(p.tokenizer),
          lambda: stage_tokenizer(cfg, p, yaml["tokenizer"]), [p.tokenizer_run]),
+        *([("clip", lambda: _trained(p.clip_run, p.clip),
+            lambda: stage_clip(cfg, p, yaml["clip"]), [p.clip_run])] if cfg.clip else []),
         ("vq", lambda: _trained(p.vq_run, p.vq), lambda: stage_vq(cfg, p, yaml["vq"]),
          [p.vq_run]),
         ("tokens", lambda: (p.tokens / "eval-tokens.json").is_file(),
@@ -243,6 +270,8 @@ def run_stages(cfg: MainJobConfig) -> dict:
         print(f"[{i}/{len(stages)}] {name}: finished in {timings[name]} s", flush=True)
     total = round(time.perf_counter() - start, 1)
     training = {"vq": _training(p.vq_run), "transformer": _training(p.transformer_run)}
+    if cfg.clip:
+        training = {"clip": _training(p.clip_run), **training}
     summary = {"config": to_dict(cfg), "machine": describe_machine(), "stage_seconds": timings,
                "training": training, "total_seconds": total}  # fmt: skip
     if p.fidelity.is_file():

@@ -35,11 +35,14 @@ def build(cfg: MainJobConfig, out: Path) -> None:
 
 def evaluate(pipe: Any, cfg: MainJobConfig) -> dict[str, Any]:
     """Prompt fidelity on `cfg.fidelity_prompts` evaluation prompts: single draws without and with
-    guidance, then reranked (best of `cfg.rerank.candidates`)."""
+    guidance, then reranked (best of `cfg.rerank.candidates`) by PMI, and by CLIP and by both
+    when the pipeline holds one."""
     from dalle_ar.eval.fidelity import evaluate_fidelity
 
     settings = {**dataclasses.asdict(cfg.sampling), **dataclasses.asdict(cfg.rerank)}
     guidance, candidates = settings.pop("guidance_scale"), settings.pop("candidates")
+    settings.pop("keep"), settings.pop("reranker")
+    rerankers = ("pmi", "clip", "clip+pmi") if "clip" in pipe.components else ("pmi",)
     return evaluate_fidelity(
         pipe,
         num_prompts=cfg.fidelity_prompts,
@@ -47,6 +50,7 @@ def evaluate(pipe: Any, cfg: MainJobConfig) -> dict[str, Any]:
         guidance_scales=(1.0, guidance),
         composed=cfg.fidelity_composed,
         candidates=candidates,
+        rerankers=rerankers,
         **settings,
     )
 
@@ -57,6 +61,7 @@ SHAPES = DataSet(
         "tokenizer": "tokenizer_shapes.yaml",
         "vq": "vq_shapes.yaml",
         "transformer": "transformer_shapes.yaml",
+        "clip": "clip_shapes.yaml",
     },
     prompts=PROMPTS,
     build=build,

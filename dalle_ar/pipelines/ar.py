@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dalle_ar.checkpoint import read_component_config
+from dalle_ar.clip import CLIP, check_clip_folder
 from dalle_ar.grid import to_uint8
 from dalle_ar.pipelines.base import Pipeline, PipelineOutput
 from dalle_ar.pipelines.folder import AR_COMPONENTS, write_folder
@@ -37,6 +38,8 @@ from dalle_ar.transformer import Transformer, TransformerConfig
 from dalle_ar.vq import VQConfig, VQTokenizer
 
 log = logging.getLogger(__name__)
+MEMORY_MB = 512.0  # what a generation call's batches may hold, by default (`candidate_batch`)
+MAX_BATCH = 64  # samples drawn at once, at most: past it a CPU decode step gains little
 
 
 class ARPipeline(Pipeline):
@@ -44,6 +47,7 @@ class ARPipeline(Pipeline):
 
     mode: ClassVar[str] = "ar"
     required: ClassVar[tuple[str, ...]] = tuple(AR_COMPONENTS)
+    optional: ClassVar[tuple[str, ...]] = ("clip",)  # the CLIP reranker
     settings: ClassVar[dict[str, type]] = {"ar": ARSampling, "rerank": RerankSettings}
 
     def __init__(
@@ -52,6 +56,7 @@ class ARPipeline(Pipeline):
         vq: VQTokenizer,
         transformer: Transformer,
         defaults: dict[str, Any] | None = None,
+        clip: CLIP | None = None,
     ) -> None:
         check_compatible(tokenizer.vocab_size, vq.config, transformer.cfg)
         t = transformer.cfg
@@ -59,14 +64,15 @@ class ARPipeline(Pipeline):
             tokenizer = TextTokenizer(
                 tokenizer.hf, dataclasses.replace(tokenizer.cfg, text_len=t.text_len)
             )
-        parts = dict(text_tokenizer=tokenizer, vq=vq.eval(), transformer=transformer.eval())
+        parts = dict(text_tokenizer=tokenizer, vq=vq.eval(), transformer=transformer.eval(),
+                     clip=clip)  # fmt: skip
         super().__init__(parts, defaults)
         self._known_chars = known_chars(tokenizer)
 
     @classmethod
     def from_components(cls, components: dict[str, Any], defaults: dict[str, Any]) -> ARPipeline:
         c = components
-        return cls(c["text_tokenizer"], c["vq"], c["transformer"], defaults)
+        return cls(c["text_tokenizer"], c["vq"], c["transformer"], defaults, c.get("clip"))
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -109,7 +115,8 @@ class ARPipeline(Pipeline):
         settings: ARSampling | None = None,
         rerank: RerankSettings | None = None,
         prime_codes: torch.Tensor | None = None,
-        batch_size: int = 16,
+        batch_size: int | None = None,
+        memory_mb: float = MEMORY_MB,
         progress: bool = False,
         **overrides: Any,
     ) -> PipelineOutput:
@@ -117,20 +124,25 @@ class ARPipeline(Pipeline):
         seed, seed+1, ... (prompt-major), else random ones (recorded in the metadata).
 
         settings / rerank: `ARSampling` / `RerankSettings`, default the folder's; keyword
-        overrides of their fields (`guidance_scale=1.5`, `top_k=64`, `candidates=16`,
-        `rerank_weight=0.4`; None keeps the default) replace them for this call. prime_codes
+        overrides of their fields (`guidance_scale=1.5`, `top_k=64`, `candidates=16`, `keep=4`,
+        `reranker="clip"`; None keeps the default) replace them for this call. prime_codes
         (1 | n_prompts | n_samples, r, w) fixes the first r rows of codes. `batch_size` samples
-        are generated together (the output does not depend on it).
+        (or candidates) are drawn together, by default as many as `memory_mb` MiB hold (an
+        estimate, `candidate_batch`); the output does not depend on it.
 
-        candidates K > 1 draws K candidates per sample and keeps the best-scoring one
-        (`dalle_ar.rerank`: the transformer's caption-image mutual information; a composed
-        prompt is scored by its scene caption); see `Pipeline._best_of` for the seeds."""
+        candidates N > 1: each sample is the best `keep` of N candidates, so each prompt gets
+        num_samples * keep images; scored by `reranker`: "pmi" (the transformer's caption-image
+        mutual information, `dalle_ar.rerank`), "clip" (CLIPScore, needs the clip component) or
+        "clip+pmi"; a composed prompt is scored by its scene caption. `out.candidates` records
+        every candidate's seed and scores; see `Pipeline._rerank` for the seeds. ValueError
+        before any drawing for keep > candidates, an unknown reranker, a reranker without its
+        component, or a prompt the CLIP's tokenizer cannot encode."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"expected a prompt or a non-empty list of prompts, got {prompts!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ar_kw, rr_kw = split_overrides(overrides, ARSampling, RerankSettings)
         s = resolve(settings or self.defaults["ar"], **ar_kw)
@@ -141,24 +153,48 @@ class ARPipeline(Pipeline):
                 f"{self.transformer.cfg.cond_dim}) and needs the prior to make one from the "
                 "prompt; the prior is not wired in yet"
             )
+        clip_text = self.check_reranker(rr, prompts)
+        batch_size = batch_size or self.candidate_batch(s, rr, memory_mb)
         n = len(prompts) * num_samples
-        kw = dict(settings=s, batch_size=batch_size, progress=progress)
+        kw = dict(settings=s, batch_size=batch_size)
         prime = _expand_prime(prime_codes, len(prompts), num_samples)  # one grid per sample
         if rr.candidates == 1:
-            codes, samples = self._draw(prompts, num_samples, seed, seeds, prime, **kw)
+            codes, samples = self._draw(prompts, num_samples, seed, seeds, prime, progress=progress,
+                                        **kw)  # fmt: skip
             return PipelineOutput(self.decode(codes), codes, samples, dataclasses.asdict(s))
-        K = rr.candidates
-        if prime is not None:
-            prime = prime.repeat_interleave(K, 0)  # candidate c of sample j at j*K + c
+        self.check_prompts([split_prompt(p)[0] for p in prompts])  # warned once, not per batch
+        N = rr.candidates
 
-        def draw(cand_seeds: list[int]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-            return self._draw(prompts, num_samples * K, None, cand_seeds, prime, **kw)
+        def draw(numbers: list[int], cand_seeds: list[int]) -> tuple[torch.Tensor, list[dict]]:
+            samples = [f // N for f in numbers]
+            chunk = None if prime is None else prime[samples]
+            codes, metas = self._draw([prompts[j // num_samples] for j in samples], 1, None,
+                                      cand_seeds, chunk, progress=False, warn=False,
+                                      **kw)  # fmt: skip
+            for j, meta in zip(samples, metas):
+                meta.update(prompt_index=j // num_samples, sample_index=j % num_samples)
+            return codes, metas
 
-        out = self._best_of(n, rr, seed, seeds, draw, batch_size=batch_size)
-        for j, meta in enumerate(out.samples):
-            meta["sample_index"] = j % num_samples
+        out = self._rerank(n, rr, seed, seeds, draw, clip_text, batch_size, progress)
         out.settings = {**dataclasses.asdict(s), **dataclasses.asdict(rr)}
         return out
+
+    def candidate_batch(self, s: ARSampling, rr: RerankSettings, memory_mb: float) -> int:
+        """How many samples (or candidates) to draw at once within `memory_mb` MiB, at most
+        `MAX_BATCH`: an estimate from the transformer's key-value cache (one per guidance branch),
+        its logits and, for CLIP scoring, the decoded images and the CLIP's activations."""
+        if memory_mb <= 0:
+            raise ValueError(f"memory_mb must be > 0, got {memory_mb}")
+        c = self.transformer.cfg
+        branches = 2 if s.guidance_scale != 1 else 1
+        seq = c.text_len + c.grid_h * c.grid_w
+        each = 2 * c.depth * c.heads * c.head_dim * seq * 4 * branches + c.image_vocab * 4 * 2
+        clip = self.components.get("clip")
+        if rr.candidates > 1 and clip is not None and "clip" in rr.reranker:
+            v = clip.model.config.vision_config
+            tokens = (v.image_size // v.patch_size) ** 2 + 1
+            each += 3 * v.image_size**2 * 4 * 2 + 8 * tokens * v.hidden_size * 4
+        return max(1, min(MAX_BATCH, int(memory_mb * 2**20 // each)))
 
     def rerank_scores(
         self,
@@ -184,18 +220,20 @@ class ARPipeline(Pipeline):
         settings: ARSampling,
         batch_size: int,
         progress: bool,
+        warn: bool = True,
     ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """The codes (n, h, w) and per-sample metadata, without reranking; `prime` holds one
-        grid per sample or is None."""
+        grid per sample or is None; `warn`: warn about odd prompts (`check_prompts`)."""
         cfg = self.transformer.cfg
         n = len(prompts) * num_samples
         per_seed = sample_seeds(n, seed if seeds is None else seeds)
         split = [split_prompt(p) for p in prompts]
-        text = self.check_prompts([scene for scene, _ in split])
+        encode = self.check_prompts if warn else self.tokenizer.encode
+        text = encode([scene for scene, _ in split])
         # each distinct part is encoded (and warned about) once
         part_texts = sorted({q for _, parts in split for q, _ in parts})
         part_row = {q: i for i, q in enumerate(part_texts)}
-        part_text = self.check_prompts(part_texts) if part_texts else None
+        part_text = encode(part_texts) if part_texts else None
         empty = self.tokenizer.encode([""])
         # Samples whose prompts have the same number of parts run together, in prompt order.
         groups: dict[int, list[int]] = {}
@@ -287,23 +325,25 @@ def assemble(
     """Write an autoregressive pipeline folder from trained component folders, atomically:
     copies (or, with `link`, absolute symlinks) plus pipeline.json. The components are checked
     against each other first (vocabulary, codebook and patch sizes), and `defaults` (flat
-    `ARSampling` fields, or sections {"ar": ..., "rerank": ...}) against the settings. `clip` and
-    `prior` are taken for old callers and left out, with a warning: this mode uses neither."""
-    for name, src in (("clip", clip), ("prior", prior)):
-        if src is not None:
-            log.warning(
-                "the %s folder %s is not written: the ar pipeline does not use one", name, src
-            )
+    `ARSampling` fields, or sections {"ar": ..., "rerank": ...}) against the settings. `clip`: a
+    CLIP folder (ours or a user's Hugging Face one, `dalle_ar.clip.CLIP`) for the CLIP reranker,
+    checked for its parts. `prior` is taken for old callers and left out, with a warning."""
+    if prior is not None:
+        log.warning("the prior folder %s is not written: the ar pipeline does not use one", prior)
     srcs = {"text_tokenizer": Path(tokenizer), "vq": Path(vq), "transformer": Path(transformer)}
     for name, src in srcs.items():
         if not (src / "config.json").is_file():
             raise FileNotFoundError(f"{name} folder {src} is missing or has no config.json")
+    if clip is not None:
+        check_clip_folder(clip)
+        srcs["clip"] = Path(clip)
     tok = TextTokenizer.from_pretrained(srcs["text_tokenizer"])
     vq_cfg = read_component_config(srcs["vq"], "vq", VQConfig)
     tf_cfg = read_component_config(srcs["transformer"], "transformer", TransformerConfig)
     check_compatible(tok.vocab_size, vq_cfg, tf_cfg)
     settings = ARPipeline._defaults(defaults)
-    sources = {k: (("dalle_ar", AR_COMPONENTS[k]), src) for k, src in srcs.items()}
+    classes = {**AR_COMPONENTS, "clip": CLIP.__name__}
+    sources = {k: (("dalle_ar", classes[k]), src) for k, src in srcs.items()}
     as_json = {k: dataclasses.asdict(v) for k, v in settings.items()}
     return write_folder(folder, ARPipeline.__name__, sources, ARPipeline.optional, as_json, link)
 

@@ -16,10 +16,13 @@ from typing import Any, ClassVar
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from dalle_ar.checkpoint import atomic_dir
+from dalle_ar.clip import CLIP
 from dalle_ar.grid import to_uint8
 from dalle_ar.pipelines.folder import library_of, load_component, read_folder, write_json
+from dalle_ar.prompts import split_prompt
 from dalle_ar.rerank import keep_best
 from dalle_ar.runtime import sample_seeds
 from dalle_ar.sampling.settings import RerankSettings, from_dict, names
@@ -31,6 +34,9 @@ class PipelineOutput:
     codes: torch.Tensor  # (n, h, w) image codes
     samples: list[dict[str, Any]]  # per sample: prompt, indices, seed and every sampling setting
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # those of the whole call
+    # reranked calls: every candidate drawn, sample-major: prompt, prompt_index, sample,
+    # candidate_index, seed, score (and each reranker's own: clip_score, pmi_score), kept
+    candidates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class Pipeline:
@@ -141,7 +147,7 @@ class Pipeline:
 
     def to(self, device: str | torch.device) -> Pipeline:
         for c in self.components.values():
-            if isinstance(c, torch.nn.Module):
+            if isinstance(c, (torch.nn.Module, CLIP)):
                 c.to(device)
         return self
 
@@ -160,43 +166,125 @@ class Pipeline:
     def rerank_scores(
         self, samples: list[dict[str, Any]], codes: torch.Tensor, rerank: RerankSettings, **kw: Any
     ) -> torch.Tensor:
-        """Score (n,) of each candidate (higher is better). Each mode says how."""
-        raise NotImplementedError
+        """The mode's own PMI score (n,) of each candidate (higher is better)."""
+        raise NotImplementedError(f"the {self.mode} mode has no PMI reranker")
 
-    def _best_of(
+    def check_reranker(self, rerank: RerankSettings, prompts: Sequence[str]) -> Any:
+        """Before any drawing: ValueError when `rerank.reranker` needs a component this pipeline
+        lacks, or when the CLIP's tokenizer cannot encode a prompt's scene caption. Returns the
+        unit CLIP text embeddings (len(prompts), D) when the reranker uses CLIP, else None."""
+        if rerank.candidates == 1:
+            return None
+        if "clip" in rerank.reranker:
+            clip = self.components.get("clip")
+            if clip is None:
+                raise ValueError(
+                    f"reranker {rerank.reranker!r} needs a clip component, which this "
+                    f"{self.mode} pipeline lacks (assemble it with clip=FOLDER, or use "
+                    "reranker='pmi')"
+                )
+            return clip.text_embeds(*clip.encode_text([split_prompt(p)[0] for p in prompts]))
+        return None
+
+    def clip_scores(self, codes: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """CLIPScore (n,) of codes (n, h, w) decoded by the VQ, each image against its unit text
+        embedding text (n, D): 100 x cosine, floored at 0 (`dalle_ar.clip.CLIP.score`), on the
+        pixels its PNG would hold (rounded to 8 bits)."""
+        clip = self.components["clip"]
+        x = self.components["vq"].decode(codes.to(self.device)).mul(255).round().div(255)
+        v = clip.image_embeds(clip.pixels_from_tensor(x))
+        return (100 * (text.to(v.device) * v).sum(-1)).clamp(min=0).cpu()
+
+    def _rerank(
         self,
         n: int,
         rerank: RerankSettings,
         seed: int | None,
         seeds: Sequence[int] | None,
-        draw: Callable[[list[int]], tuple[torch.Tensor, list[dict[str, Any]]]],
-        **score_kw: Any,
+        draw: Callable[[list[int], list[int]], tuple[torch.Tensor, list[dict[str, Any]]]],
+        clip_text: torch.Tensor | None,
+        batch_size: int,
+        progress: bool = False,
     ) -> PipelineOutput:
-        """`n` samples, each the best of `rerank.candidates`: `draw(seeds)` gives n*K candidates
-        sample-major (candidate c of sample j at j*K + c). Candidate c of sample j gets seed
-        `seed + j + c*n`, so candidate 0 is the sample drawn without reranking; `seeds` holds K
-        per sample (sample-major). Each kept sample records its own seed, its candidate index and
-        its score."""
-        K = rerank.candidates
-        if seeds is not None and len(seeds) != n * K:
+        """`n` samples, each the best `rerank.keep` of `rerank.candidates` (N): candidate c of
+        sample j is number j*N + c; `draw(numbers, seeds)` draws those candidates, with each
+        metadata's "prompt_index" and "sample_index" those of its sample. Candidates are drawn
+        `batch_size` at a time across samples, scored as they come, and only each sample's kept
+        ones are held once its N are scored, so n*N never has to fit in memory; the kept ones
+        are decoded to pixels at the end.
+
+        Candidate c of sample j gets seed `seed + j + c*n`, so candidate 0 is the sample drawn
+        without reranking; `seeds` holds N per sample (sample-major). Each kept sample records
+        its own seed, candidate index, rank and scores; `candidates` records every candidate's."""
+        N = rerank.candidates
+        if seeds is not None and len(seeds) != n * N:
             raise ValueError(
-                f"with candidates={K}, seeds holds {K} per sample ({n * K} for {n} samples), "
+                f"with candidates={N}, seeds holds {N} per sample ({n * N} for {n} samples), "
                 f"got {len(seeds)}"
             )
         if seeds is None:
-            if seed is None:
-                seeds = sample_seeds(n * K)
-            else:
-                seeds = [seed + j + c * n for j in range(n) for c in range(K)]
-        codes, metas = draw(list(seeds))
-        scores = self.rerank_scores(metas, codes, rerank, **score_kw)
-        best = keep_best(scores.view(n, K), 1)[:, 0]
-        pick = (best + torch.arange(n) * K).tolist()
-        samples = []
-        for j, i in enumerate(pick):
-            meta = dict(metas[i])
-            meta.update(candidate_index=int(best[j]), candidates=K,
-                        rerank_weight=rerank.rerank_weight,
-                        rerank_score=float(scores[i]))  # fmt: skip
-            samples.append(meta)
-        return PipelineOutput(self.decode(codes[pick]), codes[pick], samples)
+            seeds = sample_seeds(n * N) if seed is None else [
+                seed + j + c * n for j in range(n) for c in range(N)]  # fmt: skip
+        parts = ("clip", "pmi") if rerank.reranker == "clip+pmi" else (rerank.reranker,)
+        pending: dict[int, list[tuple[int, dict[str, float], torch.Tensor, dict]]] = {}
+        kept_codes, kept, records = [], [], []
+        bar = tqdm(total=n * N, desc=f"candidates ({rerank.reranker})", unit="img",
+                   disable=not progress)  # fmt: skip
+        for start in range(0, n * N, batch_size):
+            numbers = list(range(start, min(start + batch_size, n * N)))
+            codes, metas = draw(numbers, [seeds[f] for f in numbers])
+            scores = {}
+            if "clip" in parts:
+                rows = torch.tensor([m["prompt_index"] for m in metas])
+                scores["clip"] = self.clip_scores(codes, clip_text[rows])
+            if "pmi" in parts:
+                scores["pmi"] = self.rerank_scores(metas, codes, rerank, batch_size=batch_size)
+            for row, f in enumerate(numbers):
+                j, c = divmod(f, N)
+                one = {k: float(v[row]) for k, v in scores.items()}
+                pending.setdefault(j, []).append((c, one, codes[row], metas[row]))
+                if len(pending[j]) == N:
+                    codes_j, metas_j = self._keep(pending.pop(j), rerank, parts, records)
+                    kept_codes += codes_j
+                    kept += metas_j
+            bar.update(len(numbers))
+        bar.close()
+        codes = torch.stack(kept_codes)
+        return PipelineOutput(self.decode(codes), codes, kept, candidates=records)
+
+    @staticmethod
+    def _keep(
+        cands: list[tuple[int, dict[str, float], torch.Tensor, dict]],
+        rerank: RerankSettings,
+        parts: tuple[str, ...],
+        records: list[dict[str, Any]],
+    ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        """One sample's N scored candidates -> the codes and metadata of its best `keep`; every
+        candidate's record is appended to `records`."""
+        raw = {k: torch.tensor([one[k] for _, one, _, _ in cands]) for k in parts}
+        score = raw[parts[0]] if len(parts) == 1 else sum(_zscore(v) for v in raw.values()) / 2
+        top = keep_best(score[None], rerank.keep)[0].tolist()
+        for i, (c, one, _, meta) in enumerate(cands):
+            records.append({"prompt": meta["prompt"], "prompt_index": meta["prompt_index"],
+                            "sample": meta["sample_index"], "candidate_index": c,
+                            "seed": meta["seed"], "score": float(score[i]),
+                            **{f"{k}_score": v for k, v in one.items()},
+                            "kept": i in top})  # fmt: skip
+        codes, metas = [], []
+        for rank, i in enumerate(top):
+            c, one, code, meta = cands[i]
+            meta = dict(meta)
+            meta.update(sample_index=meta["sample_index"] * rerank.keep + rank,
+                        candidate_index=c, candidates=rerank.candidates, keep=rerank.keep,
+                        rank=rank, reranker=rerank.reranker, rerank_weight=rerank.rerank_weight,
+                        rerank_score=float(score[i]),
+                        **{f"{k}_score": v for k, v in one.items()})  # fmt: skip
+            codes.append(code)
+            metas.append(meta)
+        return codes, metas
+
+
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std among one sample's candidates (0 where they are all equal)."""
+    std = x.std(unbiased=False)
+    return (x - x.mean()) / std if float(std) > 0 else torch.zeros_like(x)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from dalle_ar.checkpoint import atomic_dir
+from dalle_ar.clip import CLIP
 from dalle_ar.text import TextTokenizer
 from dalle_ar.transformer import Transformer
 from dalle_ar.vq import VQTokenizer
@@ -41,7 +42,9 @@ FORMAT = "dalle_ar.pipeline"
 VERSION = 2
 LIBRARIES = ("dalle_ar", "transformers", "diffusers")  # where a component class may come from
 # This project's component classes: name -> class (each has from_pretrained and save_pretrained).
-OWN_CLASSES: dict[str, type] = {c.__name__: c for c in (TextTokenizer, VQTokenizer, Transformer)}
+OWN_CLASSES: dict[str, type] = {
+    c.__name__: c for c in (TextTokenizer, VQTokenizer, Transformer, CLIP)
+}
 # The autoregressive pipeline's components and their classes: all that a version-1 folder held.
 AR_COMPONENTS = {
     "text_tokenizer": "TextTokenizer", "vq": "VQTokenizer", "transformer": "Transformer"
@@ -133,7 +136,7 @@ def load_component(library: str, name: str, path: Path, device: str | torch.devi
     tensor named on a mismatch, no pickle)."""
     if library == "dalle_ar":
         cls = OWN_CLASSES[name]
-        if cls is VQTokenizer:
+        if cls in (VQTokenizer, CLIP):
             return cls.from_pretrained(path, device=device)
         obj = cls.from_pretrained(path)
     else:

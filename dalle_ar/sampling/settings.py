@@ -77,28 +77,44 @@ class ARSampling:
 RERANK_WEIGHT = 0.4
 
 
+# The rerankers a pipeline may hold a component for: "pmi" (the generator's own caption-image
+# mutual information, `dalle_ar.rerank`), "clip" (CLIPScore with the pipeline's CLIP,
+# `dalle_ar.clip`) and "clip+pmi" (the mean of the two scores' z-scores among a sample's
+# candidates).
+RERANKERS = ("pmi", "clip", "clip+pmi")
+
+
 @dataclasses.dataclass
 class RerankSettings:
-    """Best of `candidates` per sample, scored by the pipeline's reranker (`dalle_ar.rerank`:
-    the transformer's caption-image mutual information, `rerank_weight` the weight of the empty
-    caption's log-likelihood)."""
+    """Reranked generation: per sample, `candidates` are drawn, scored against the prompt by
+    `reranker` and the best `keep` kept (DALL-E's CLIP reranking, Ramesh et al. 2021, sec. 2.5).
+    `rerank_weight`: the weight of the empty caption's log-likelihood in the PMI score."""
 
     candidates: int = dataclasses.field(
         default=1,
-        metadata=_option(
-            "--candidates", "draw this many per sample and keep the best-scoring one (1 = off)"
-        ),
+        metadata=_option("--candidates", "draw this many per sample and keep the best (1 = off)"),
+    )
+    keep: int = dataclasses.field(
+        default=1, metadata=_option("--keep", "how many of each sample's candidates are kept")
+    )
+    reranker: str = dataclasses.field(
+        default="pmi",
+        metadata=_option("--reranker", f"what scores candidates: {' | '.join(RERANKERS)}"),
     )
     rerank_weight: float = dataclasses.field(
         default=RERANK_WEIGHT,
-        metadata=_option("--rerank-weight", "weight of the empty caption in the rerank score"),
+        metadata=_option("--rerank-weight", "weight of the empty caption in the PMI score"),
     )
 
     def validate(self) -> None:
         """ConfigError (a ValueError) naming the first impossible field."""
-        c, w = self.candidates, self.rerank_weight
+        c, k, w = self.candidates, self.keep, self.rerank_weight
         ok_c = isinstance(c, int) and not isinstance(c, bool) and c >= 1
         require(ok_c, "candidates", f"must be an int >= 1, got {c!r}", KIND)
+        ok_k = isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= c
+        require(ok_k, "keep", f"must be an int in [1, candidates={c}], got {k!r}", KIND)
+        require(self.reranker in RERANKERS, "reranker",
+                f"must be one of {RERANKERS}, got {self.reranker!r}", KIND)  # fmt: skip
         require(_finite_at_least(w, 0), "rerank_weight",
                 f"must be a finite number >= 0, got {w!r}", KIND)  # fmt: skip
 
@@ -172,6 +188,7 @@ def from_args(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -
 
 __all__ = [
     "ARSampling",
+    "RERANKERS",
     "RERANK_WEIGHT",
     "RerankSettings",
     "add_arguments",

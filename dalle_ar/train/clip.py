@@ -7,7 +7,8 @@ Loss: CLIP's symmetric InfoNCE over the global batch (`contrastive_loss`; under 
 embeddings are gathered). The learned temperature starts at ln(1/0.07) and is clamped at ln(100).
 The loop (`dalle_ar.train.loop`) does the rest and writes into `run.out_dir`: `config.yaml`,
 `ckpt/last`, `train_log.jsonl`, `metrics.json` (held-out retrieval: text->image and image->text
-top-1 / top-5 in batches of `retrieval_batch`) and `clip/`, an ordinary Hugging Face CLIP folder
+top-1 / top-5 in batches of `retrieval_batch`; on shapes data, attribute binding,
+`attribute_binding`) and `clip/`, an ordinary Hugging Face CLIP folder
 (`dalle_ar.clip.CLIP.from_pretrained`).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,10 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
     text_tokenizer: str = ""  # the project's tokenizer folder (`dalle-ar train tokenizer`)
     retrieval_batch: int = 100  # held-out retrieval is scored within batches of this many pairs
     eval_pairs: int = 1000  # held-out pairs per periodic evaluation (0 = all); the final reads all
+    binding_images: int = 0  # shapes scenes for the final attribute-binding probe (0 = all)
+    # one hard-negative caption per shapes image (`shapes.hard_negative`, NegCLIP): without them
+    # CLIP learns a bag of words and scores a swapped relation as high as the true one
+    hard_negatives: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -51,10 +57,15 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
         require(bool(self.text_tokenizer), "text_tokenizer", "must name a tokenizer folder")
         require(self.retrieval_batch >= 5, "retrieval_batch", "must be >= 5 (top-5)")
         require(self.eval_pairs >= 0, "eval_pairs", "must be >= 0")
+        require(self.binding_images >= 0, "binding_images", "must be >= 0")
 
 
 def contrastive_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    hard_embeds: torch.Tensor | None = None,
+    hard_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE (Radford et al. 2021, Fig. 3) over the global batch, this rank's
     share of it (open_clip's `local_loss`).
@@ -73,6 +84,11 @@ def contrastive_loss(
     start = (tdist.get_rank() if tdist.is_initialized() else 0) * len(img)  # this rank's rows
     target = torch.arange(start, start + len(img), device=img.device)
     i2t, t2i = scale * img @ all_txt.T, scale * txt @ all_img.T  # (B, world * B) each
+    if hard_embeds is not None:
+        all_hard = dist.gather_with_grad(hard_embeds.float())
+        valid = dist.gather_with_grad(hard_valid.float()) > 0
+        hard = (scale * img @ all_hard.T).masked_fill(~valid, float("-inf"))
+        i2t = torch.cat([i2t, hard], 1)  # (B, 2 * world * B)
     return (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)) / 2
 
 
@@ -88,6 +104,15 @@ def retrieval(image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor
         out[f"{name}_top1"] = (top[:, :1] == right).any(1).double().sum()
         out[f"{name}_top5"] = (top == right).any(1).double().sum()
     return out
+
+
+def hard_negatives(batch: dict[str, Any]) -> list[str | None]:
+    """One hard-negative caption per sample whose metadata is a shapes spec (None for the rest),
+    drawn from a generator seeded by the sample's key: a resumed run sees the same ones."""
+    from dalle_ar.data.shapes import hard_negative
+
+    return [hard_negative(m, random.Random(f"hard-{k}")) if isinstance(m, dict) and "objects" in m
+            else None for m, k in zip(batch["meta"], batch["key"])]  # fmt: skip
 
 
 @torch.no_grad()
@@ -122,6 +147,69 @@ def evaluate(
     return {f"retrieval_{k}": float(total[i] / total[-1]) for i, k in enumerate(names)}
 
 
+@torch.no_grad()
+def attribute_binding(
+    clip: CLIP, batches: Iterable[dict[str, Any]], max_images: int = 0
+) -> dict[str, float]:
+    """Attribute binding on shapes scenes (`dalle_ar.data.shapes.foils`): for each image whose
+    metadata is a shapes spec, does its caption (`plain_caption`) score above every caption that
+    differs from it in one attribute? Over the first `max_images` such images of each rank (0 =
+    all), summed over ranks. Returns fractions right, JSON-able: `binding_{split}` (every kind
+    at once) and `binding_{kind}_{split}` for split "seen" / "held_out" (scenes without / with a
+    held-out colour-shape pair); {} when no image had a spec."""
+    from dalle_ar.data.shapes import FOIL_KINDS, foils, plain_caption
+
+    was_training = clip.model.training
+    clip.model.eval()
+    keys = [f"{k}_{s}" for s in ("seen", "held_out") for k in ("all", *FOIL_KINDS)]
+    right, total = torch.zeros(len(keys), dtype=torch.float64), torch.zeros(len(keys),
+                                                                            dtype=torch.float64)
+    n = 0
+    for batch in batches:
+        use = [i for i, m in enumerate(batch["meta"]) if isinstance(m, dict) and "objects" in m]
+        if max_images:
+            use = use[: max_images - n]
+        if not use:
+            if max_images and n >= max_images:
+                break
+            continue
+        img = clip.image_embeds(clip.pixels_from_tensor(batch["image"][use].to(clip.device)))
+        cases = [(batch["meta"][i], foils(batch["meta"][i])) for i in use]
+        texts = [plain_caption(spec) for spec, _ in cases]
+        texts += [plain_caption(f) for _, by_kind in cases for k in FOIL_KINDS for f in by_kind[k]]
+        txt = clip.text_embeds(*clip.encode_text(texts))
+        at = len(cases)
+        for row, (spec, by_kind) in enumerate(cases):
+            true = float(img[row] @ txt[row])
+            split = "held_out" if spec["held_out"] else "seen"
+            beats_all = True
+            for kind in FOIL_KINDS:
+                if not by_kind[kind]:
+                    continue
+                sims = txt[at : at + len(by_kind[kind])] @ img[row]
+                at += len(by_kind[kind])
+                ok = bool(true > sims.max())
+                beats_all &= ok
+                j = keys.index(f"{kind}_{split}")
+                right[j] += ok
+                total[j] += 1
+            j = keys.index(f"all_{split}")
+            right[j] += beats_all
+            total[j] += 1
+        n += len(use)
+        if max_images and n >= max_images:
+            break
+    clip.model.train(was_training)
+    both = dist.all_reduce_sum(torch.cat([right, total]).to(clip.device)).cpu()
+    right, total = both[: len(keys)], both[len(keys) :]
+    out = {}
+    for j, key in enumerate(keys):
+        if total[j]:
+            name = "binding_" + key.removeprefix("all_")
+            out[name] = float(right[j] / total[j])
+    return out
+
+
 def train(
     cfg: CLIPRecipeConfig, source: Source | None = None, resume: bool = False
 ) -> dict[str, Any]:
@@ -140,19 +228,33 @@ def train(
         log.info("clip: %d parameters, %s", sum(p.numel() for p in pair.parameters()), info.device)
 
     def loss(batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ids, mask = clip.encode_text(batch["caption"])
+        captions, n = list(batch["caption"]), len(batch["caption"])
+        if cfg.hard_negatives:
+            hard = hard_negatives(batch)
+            captions += [h or c for h, c in zip(hard, captions)]  # a row without one: masked
+        ids, mask = clip.encode_text(captions, truncate=True)
+        cut = torch.tensor(float(clip.too_long), device=info.device)
         pixels = clip.pixels_from_tensor(batch["image"])
         with autocast_context(info.device, cfg.run.precision):
             img, txt, scale = wrapped(ids.to(info.device), mask.to(info.device), pixels)
-        value = contrastive_loss(img, txt, scale)
+        if cfg.hard_negatives:
+            valid = torch.tensor([h is not None for h in hard], device=img.device)
+            value = contrastive_loss(img, txt[:n], scale, txt[n:], valid)
+        else:
+            value = contrastive_loss(img, txt, scale)
         inverse_t = scale.detach().clamp(max=LOGIT_SCALE_MAX).exp()
-        return value, {"contrastive": value.detach(), "inverse_temperature": inverse_t}
+        # captions_cut: over-long captions cut to the CLIP's text_len
+        return value, {"contrastive": value.detach(), "inverse_temperature": inverse_t,
+                       "captions_cut": cut}  # fmt: skip
 
     def evaluate_split(final: bool) -> dict[str, float]:
         batches = source.eval()
         if batches is None:
             return {}
-        return evaluate(clip, batches, cfg.retrieval_batch, 0 if final else cfg.eval_pairs)
+        out = evaluate(clip, batches, cfg.retrieval_batch, 0 if final else cfg.eval_pairs)
+        if final:
+            out |= attribute_binding(clip, source.eval(), cfg.binding_images)
+        return out
 
     def save(full: CLIPPair, folder: Path) -> None:
         with atomic_dir(folder) as tmp:
@@ -171,6 +273,9 @@ def _report(m: dict[str, Any]) -> str:
     if "retrieval_t2i_top1" in m:
         line += (f", held-out text->image top-1 {m['retrieval_t2i_top1']:.1%}, "
                  f"image->text top-1 {m['retrieval_i2t_top1']:.1%}")  # fmt: skip
+    if "binding_held_out" in m:
+        line += (f", attribute binding {m.get('binding_seen', 0):.1%} seen / "
+                 f"{m['binding_held_out']:.1%} held-out")  # fmt: skip
     return f"{line} -> {m.get('component', 'no component yet (halt_after)')}"
 
 

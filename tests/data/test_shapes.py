@@ -145,3 +145,39 @@ def test_composed_prompt_adds_a_colour_and_a_shape_expert_per_object():
         # ... and together they leave out each object's colour and shape once
         assert left_out == Counter(o[k] for o in spec["objects"] for k in ("color", "shape"))
     assert shapes.composed_prompt("no colours here") == "no colours here"
+
+
+def test_every_foil_is_false_of_the_image_and_changes_one_attribute():
+    """The attribute-binding probe's captions: the shape checker reads the true spec back from
+    the rendered image and refuses every foil; a foil differs in the attribute of its kind."""
+    from dalle_ar.data.evaluate import score
+
+    rng, kinds = random.Random(0), Counter()
+    for _ in range(40):
+        spec = shapes.sample_spec(rng, "eval")
+        img = shapes.render(spec)
+        assert score(img, spec)["exact"]
+        caption = shapes.plain_caption(spec)
+        for kind, foils in shapes.foils(spec).items():
+            for foil in foils:
+                kinds[kind] += 1
+                assert not score(img, foil)["exact"], (kind, foil)
+                other = shapes.plain_caption(foil)
+                assert other != caption
+        rel = shapes.foils(spec)["relation"]
+        assert len(rel) == 4 - sum(  # every relation the two objects do not stand in
+            shapes._holds(r, *spec["objects"]) for r in shapes.RELATIONS
+        ) if spec["relation"] else rel == []
+    assert set(kinds) == set(shapes.FOIL_KINDS)  # 40 scenes meet every kind
+
+
+def test_hard_negatives_are_false_and_reproducible():
+    from dalle_ar.data.evaluate import score
+
+    spec = shapes.sample_spec(random.Random(3), "train")
+    a = shapes.hard_negative(spec, random.Random("k"))
+    assert a == shapes.hard_negative(spec, random.Random("k")) and a
+    for seed in range(20):  # a caption of a foil: never a true one of the image
+        text = shapes.hard_negative(spec, random.Random(seed))
+        assert text != shapes.plain_caption(spec)
+    assert score(shapes.render(spec), spec)["exact"]

@@ -26,7 +26,8 @@ def _toy_configs(folder: Path) -> Path:
     """The tiny configs under the names the main job reads, at the shapes' 32x32 size."""
     folder.mkdir()
     for tiny, name in (("tokenizer_tiny", "tokenizer_shapes"), ("transformer_tiny",
-                       "transformer_shapes"), ("vq_tiny", "vq_shapes")):  # fmt: skip
+                       "transformer_shapes"), ("vq_tiny", "vq_shapes"),
+                       ("clip_tiny", "clip_shapes")):  # fmt: skip
         cfg = yaml.safe_load((ROOT / "configs" / f"{tiny}.yaml").read_text())
         if tiny == "vq_tiny":
             cfg["data"]["image_size"] = cfg["model"]["image_size"] = 32  # 8x8 codes
@@ -45,23 +46,28 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
             ]  # fmt: skip
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[7/7] samples: finished" in printed
+    assert "[8/8] samples: finished" in printed
     # the table: each training stage reached its planned steps, in the precision it says
     assert "3 of 3 steps, fp32" in printed and "4 of 4 steps" in printed
     assert "UNDER-TRAINED" not in printed
     pipe = DalleAR.from_pretrained(out / "pipeline")
     assert pipe(["a red circle"], seed=0).codes.shape == (1, 8, 8)
     assert (out / "samples" / "grid.png").is_file()
+    assert (out / "pipeline" / "clip" / "model.safetensors").is_file()  # reranks with CLIP
     fid = json.loads((out / "fidelity.json").read_text())
-    assert set(fid["settings"]) == {"1", "1.5", "1.5 best of 2"}
-    assert fid["settings"]["1.5 best of 2"]["candidates"] == 2
+    best = [f"1.5 best of 2 by {r}" for r in ("pmi", "clip", "clip+pmi")]
+    assert set(fid["settings"]) == {"1", "1.5", *best}
+    for name in best:  # one draw of the candidates, picked three ways
+        res = fid["settings"][name]
+        assert res["candidates"] == 2 and res["all"]["n"] == 4
+        assert res["any_of_k"]["all"] >= res["all"]["exact"]
     assert fid["num_prompts"] == 4 and fid["settings"]["1"]["all"]["n"] == 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fidelity"]["summary"] == fid["summary"]
     assert summary["training"]["transformer"]["step"] == 4
     assert summary["training"]["vq"]["finished"] and summary["machine"]["cpus"] >= 1
     assert main_job(args) == 0  # everything is done: nothing runs again
-    assert capsys.readouterr().out.count("done already, skipped") == 7
+    assert capsys.readouterr().out.count("done already, skipped") == 8
     assert main_job([*args, "candidates=0"]) == 2  # refused before any work
     assert main_job([*args, "precision=FP32"]) == 2
     assert "'precision': must be auto, fp32 or bf16, got 'FP32'" in capsys.readouterr().out
@@ -86,9 +92,10 @@ def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
 
     assert main_job(args) == 0  # the cap is the default again: the stage continues to step 6
     printed = capsys.readouterr().out
-    assert "[5/7] transformer: running" in printed and "6 of 6 steps" in printed
+    assert "[6/8] transformer: running" in printed and "6 of 6 steps" in printed
     # the pipeline and its evaluation are made again from the finished transformer
-    assert "[6/7] pipeline: running again" in printed and "[7/7] samples: running again" in printed
+    assert "[7/8] pipeline: running again" in printed and "[8/8] samples: running again" in printed
+    assert "[3/8] clip: done already" in printed  # the CLIP does not depend on the transformer
     summary = json.loads((out / "summary.json").read_text())
     assert summary["training"]["transformer"]["finished"] and "UNDER-TRAINED" not in printed
 

@@ -92,3 +92,22 @@ def test_an_incomplete_folder_or_bad_input_is_refused_by_name(tmp_path, ours):
     clip, _ = ours
     with pytest.raises(ValueError, match="one prompt per image, got 2 images and 1 prompts"):
         clip.score(IMAGES, PROMPTS[:1])
+
+
+def test_tensor_pixels_follow_the_folders_processor(ours):
+    """A processor that resizes to 24 and crops 20 (as openai's resize 224 / crop 224 pattern,
+    at toy size): the tensor path gives the processor's pixels, up to the resize kernels."""
+    from transformers import CLIPImageProcessor
+
+    clip, _ = ours
+    clip = CLIP(clip.model, clip.tokenizer, CLIPImageProcessor(
+        size={"shortest_edge": 24}, crop_size={"height": 20, "width": 20}))  # fmt: skip
+    y, x = torch.meshgrid(torch.linspace(0, 1, 40), torch.linspace(0, 1, 48), indexing="ij")
+    wave = 0.5 + 0.5 * torch.sin(3 * torch.pi * x) * torch.cos(2 * torch.pi * y)
+    smooth = torch.stack([wave, y, (x + y) / 2])[None]  # (1, 3, 40, 48) in [0, 1]
+    pil = Image.fromarray(smooth[0].mul(255).round().byte().permute(1, 2, 0).numpy())
+    a, b = clip.pixels([pil]), clip.pixels_from_tensor(smooth.mul(255).round().div(255))
+    assert a.shape == b.shape == (1, 3, 20, 20)
+    squashed = clip.pixels_from_tensor(torch.nn.functional.interpolate(smooth, size=(20, 20)))
+    ours, wrong = (a - b).abs().mean(), (a - squashed).abs().mean()  # wrong: no crop
+    assert ours < 0.06 and ours < wrong / 2

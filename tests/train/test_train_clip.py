@@ -88,10 +88,11 @@ def test_recipe_trains_resumes_exactly_and_writes_a_clip_folder(tmp_path, shapes
         tok
     )
     whole = tmp_path / "whole"
-    m = clip_recipe.train(
-        load_config(CLIPRecipeConfig, TINY_CONFIG, _run(shapes_shards, tok, whole))
-    )
+    m = clip_recipe.train(load_config(CLIPRecipeConfig, TINY_CONFIG,
+                                      _run(shapes_shards, tok, whole, "hard_negatives=true")))
     assert m["finished"] and m["step"] == 6
+    for split in ("seen", "held_out"):  # attribute binding on the shapes evaluation images
+        assert 0 <= m[f"binding_{split}"] <= m[f"binding_color_{split}"] <= 1
     for k in ("retrieval_t2i_top1", "retrieval_i2t_top5"):
         assert 0 <= m[k] <= 1
     assert m["retrieval_t2i_top5"] >= m["retrieval_t2i_top1"]
@@ -99,9 +100,33 @@ def test_recipe_trains_resumes_exactly_and_writes_a_clip_folder(tmp_path, shapes
     assert clip.eos_id == clip.model.config.text_config.eos_token_id
 
     halted = tmp_path / "halted"
-    argv = ["--config", str(TINY_CONFIG), *_run(shapes_shards, tok, halted)]
+    argv = ["--config", str(TINY_CONFIG), *_run(shapes_shards, tok, halted, "hard_negatives=true")]
     assert clip_recipe.main([*argv, "halt_after=3"]) == 0
     assert clip_recipe.main(["--resume", *argv]) == 0
     again = CLIP.from_pretrained(halted / "clip")
     for (name, a), b in zip(clip.model.state_dict().items(), again.model.state_dict().values()):
         assert torch.equal(a, b), name  # the resumed run ends where the whole one did
+
+
+def test_hard_negatives_are_captions_no_image_matches():
+    img, txt = _embeds()
+    hard = F.normalize(torch.randn(B, D, generator=torch.Generator().manual_seed(1)), dim=-1)
+    valid = torch.tensor([True, False] * (B // 2))
+    scale = torch.tensor(math.log(1 / 0.07))
+    s = scale.exp()
+    i2t = torch.cat([s * img @ txt.T, (s * img @ hard[valid].T)], 1)  # image -> every caption
+    want = (F.cross_entropy(i2t, torch.arange(B)) + F.cross_entropy(s * txt @ img.T,
+                                                                    torch.arange(B))) / 2
+    got = contrastive_loss(img, txt, scale, hard, valid)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert got > contrastive_loss(img, txt, scale)  # more captions to tell apart
+
+
+def test_hard_negatives_come_from_each_samples_spec_and_key():
+    from dalle_ar.data.shapes import generate
+
+    _, cap, spec = next(generate(1, seed=0, split="train"))
+    batch = {"meta": [spec, {}], "key": ["a", "b"], "caption": [cap, "x"]}
+    got = clip_recipe.hard_negatives(batch)
+    assert got[1] is None and got[0] and got[0] != cap
+    assert clip_recipe.hard_negatives(batch) == got  # a resumed run draws the same ones
