@@ -63,7 +63,7 @@ def check_clip_folder(folder: str | Path) -> Path:
 
 @dataclasses.dataclass
 class CLIPSizes:
-    """The sizes of a CLIP built here (`configs/clip_*.yaml`, key `model`). The text side's
+    """The sizes of a CLIP built here (`configs/<data>/clip.yaml`, key `model`). The text side's
     vocabulary, length and special tokens come from the tokenizer."""
 
     image_size: int = 32  # pixels a side; the image processor resizes to it

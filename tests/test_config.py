@@ -199,3 +199,23 @@ def test_config_from_dict_validates() -> None:
     tree["middle"]["inner"]["width"] = 7
     with pytest.raises(ConfigError, match=r"'middle\.inner\.width'"):
         config_from_dict(Top, tree)
+
+
+def test_every_data_sets_component_configs_load_with_their_recipes():
+    """configs/<data>/<component>.yaml: each loads and validates with its recipe's config (the
+    tiny ones name no shards: tests give them theirs)."""
+    from pathlib import Path
+
+    from dalle_ar.config import load_config
+    from dalle_ar.train.clip import CLIPRecipeConfig
+    from dalle_ar.train.tokenizer import TokenizerRecipeConfig
+    from dalle_ar.train.transformer import TrainTransformerConfig
+    from dalle_ar.train.vq import VQRecipeConfig
+
+    recipes = {"tokenizer": TokenizerRecipeConfig, "vq": VQRecipeConfig,
+               "transformer": TrainTransformerConfig, "clip": CLIPRecipeConfig}  # fmt: skip
+    found = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
+    assert {f.parent.name for f in found} >= {"shapes", "emoji", "tiny"}
+    for f in found:
+        assert f.stem in recipes, f"{f}: no recipe named {f.stem}"
+        load_config(recipes[f.stem], f, ["data.train=shards.tar"])  # tiny ones leave it out

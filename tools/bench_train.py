@@ -4,7 +4,7 @@ fp32 matmul peak, both measured in the same run. Prints one JSON object.
     python tools/bench_train.py                      # benchmark shape S on the CPU
     python tools/bench_train.py --config configs/transformer_bench_s.yaml model.layouts=full
     python tools/bench_train.py --compare-bf16       # fp32 and bf16 autocast, side by side
-    python tools/bench_train.py --recipe --config configs/transformer_shapes.yaml \
+    python tools/bench_train.py --recipe --config configs/shapes/transformer.yaml \
         --data runs/main run.precision=fp32      # the recipe as trained, variants side by side
 
 Model FLOPs count the matmuls a step must do (Transformer.flops_per_token: 3x the forward, with

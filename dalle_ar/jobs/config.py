@@ -13,7 +13,7 @@ from dalle_ar.sampling.settings import ARSampling, RerankSettings
 @dataclasses.dataclass
 class MainJobConfig:
     out_dir: str = "runs/main"  # every stage writes below this folder
-    config_dir: str = ""  # component YAMLs; empty = the repository's configs/
+    config_dir: str = ""  # the data set's component YAMLs; empty = configs/<data>/ here
     data: Literal["shapes"] = "shapes"  # the data set (dalle_ar.jobs.DATA_SETS)
     num_train: int = 50_000  # training images (shapes)
     num_eval: int = 2_000  # evaluation images (held-out combinations appear only here)

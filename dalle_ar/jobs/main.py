@@ -12,7 +12,7 @@ component configs' run.steps, or `vq_steps` / `transformer_steps`); their minute
 a stage a cap stops is reported under-trained and continues to its planned steps on the next run.
 Each stage calls the same functions as its own command (`dalle-ar data ...`, `dalle-ar train ...`,
 `dalle-ar tokens`), with the component configs of the data set (`data`, `dalle_ar.jobs.shapes`)
-under configs/.
+under configs/<data>/.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
     """Run every stage not done yet; returns the summary (also out_dir/summary.json)."""
     p = Paths(Path(cfg.out_dir))
     data = DATA_SETS[cfg.data]
-    configs = Path(cfg.config_dir) if cfg.config_dir else _repo_configs()
+    configs = Path(cfg.config_dir) if cfg.config_dir else _repo_configs() / data.name
     yaml = {stage: configs / name for stage, name in data.configs.items()}
     if not cfg.clip:
         yaml.pop("clip", None)

@@ -58,10 +58,10 @@ def evaluate(pipe: Any, cfg: MainJobConfig) -> dict[str, Any]:
 SHAPES = DataSet(
     name="shapes",
     configs={
-        "tokenizer": "tokenizer_shapes.yaml",
-        "vq": "vq_shapes.yaml",
-        "transformer": "transformer_shapes.yaml",
-        "clip": "clip_shapes.yaml",
+        "tokenizer": "tokenizer.yaml",
+        "vq": "vq.yaml",
+        "transformer": "transformer.yaml",
+        "clip": "clip.yaml",
     },
     prompts=PROMPTS,
     build=build,

@@ -1,6 +1,6 @@
 """Recipe: train CLIP (`dalle_ar.clip`: transformers' CLIPModel) on image-caption shards.
 
-    dalle-ar train clip --config configs/clip_shapes.yaml [--resume] [key=value ...]
+    dalle-ar train clip --config configs/shapes/clip.yaml [--resume] [key=value ...]
     torchrun --nproc_per_node=N -m dalle_ar.cli train clip --config ...   (DDP)
 
 Loss: CLIP's symmetric InfoNCE over the global batch (`contrastive_loss`; under DDP every rank's
@@ -46,9 +46,9 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
     retrieval_batch: int = 100  # held-out retrieval is scored within batches of this many pairs
     eval_pairs: int = 1000  # held-out pairs per periodic evaluation (0 = all); the final reads all
     binding_images: int = 0  # shapes scenes for the final attribute-binding probe (0 = all)
-    # one hard-negative caption per shapes image (`shapes.hard_negative`, NegCLIP): without them
-    # CLIP learns a bag of words and scores a swapped relation as high as the true one
-    hard_negatives: bool = False
+    # hard-negative captions per shapes image (`shapes.hard_negative`, NegCLIP); 0 = none.
+    # Without them CLIP learns a bag of words and scores a swapped relation as the true one.
+    hard_negatives: int = 0
 
     def validate(self) -> None:
         super().validate()
@@ -58,6 +58,7 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
         require(self.retrieval_batch >= 5, "retrieval_batch", "must be >= 5 (top-5)")
         require(self.eval_pairs >= 0, "eval_pairs", "must be >= 0")
         require(self.binding_images >= 0, "binding_images", "must be >= 0")
+        require(self.hard_negatives >= 0, "hard_negatives", "must be >= 0")
 
 
 def contrastive_loss(
@@ -77,6 +78,10 @@ def contrastive_loss(
     ranks' losses is one process's loss on the global batch, and DDP's mean of the ranks'
     gradients its gradient. Returns a float32 scalar: the mean of the image->text and
     text->image cross-entropies of this rank's rows.
+
+    hard_embeds (M, D), hard_valid (M,) bool: hard-negative captions (NegCLIP, Yuksekgonul et
+    al. 2023; M the same on every rank), gathered like the rest; every image is also scored
+    against every valid one, as captions no image matches (image->text only).
     """
     img, txt = image_embeds.float(), text_embeds.float()
     all_img, all_txt = dist.gather_with_grad(img), dist.gather_with_grad(txt)
@@ -88,7 +93,7 @@ def contrastive_loss(
         all_hard = dist.gather_with_grad(hard_embeds.float())
         valid = dist.gather_with_grad(hard_valid.float()) > 0
         hard = (scale * img @ all_hard.T).masked_fill(~valid, float("-inf"))
-        i2t = torch.cat([i2t, hard], 1)  # (B, 2 * world * B)
+        i2t = torch.cat([i2t, hard], 1)  # (B, world * (B + M))
     return (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)) / 2
 
 
@@ -106,13 +111,18 @@ def retrieval(image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor
     return out
 
 
-def hard_negatives(batch: dict[str, Any]) -> list[str | None]:
-    """One hard-negative caption per sample whose metadata is a shapes spec (None for the rest),
-    drawn from a generator seeded by the sample's key: a resumed run sees the same ones."""
+def hard_negatives(batch: dict[str, Any], per_sample: int = 1) -> list[str | None]:
+    """`per_sample` hard-negative captions for each sample whose metadata is a shapes spec (None
+    for the rest), (per_sample * B,) draw-major: draw d of sample i at d * B + i. Drawn from a
+    generator seeded by the sample's key: a resumed run sees the same ones."""
     from dalle_ar.data.shapes import hard_negative
 
-    return [hard_negative(m, random.Random(f"hard-{k}")) if isinstance(m, dict) and "objects" in m
-            else None for m, k in zip(batch["meta"], batch["key"])]  # fmt: skip
+    rngs = [random.Random(f"hard-{k}") for k in batch["key"]]
+    out = []
+    for _ in range(per_sample):
+        out += [hard_negative(m, rng) if isinstance(m, dict) and "objects" in m else None
+                for m, rng in zip(batch["meta"], rngs)]  # fmt: skip
+    return out
 
 
 @torch.no_grad()
@@ -230,8 +240,8 @@ def train(
     def loss(batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         captions, n = list(batch["caption"]), len(batch["caption"])
         if cfg.hard_negatives:
-            hard = hard_negatives(batch)
-            captions += [h or c for h, c in zip(hard, captions)]  # a row without one: masked
+            hard = hard_negatives(batch, cfg.hard_negatives)
+            captions += [h or "" for h in hard]  # a row without one: masked out of the loss
         ids, mask = clip.encode_text(captions, truncate=True)
         cut = torch.tensor(float(clip.too_long), device=info.device)
         pixels = clip.pixels_from_tensor(batch["image"])
@@ -282,5 +292,5 @@ def _report(m: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     return run_recipe(
         CLIPRecipeConfig, train, argv, "dalle-ar train clip", "Train CLIP (CLIPModel).",
-        "configs/clip_shapes.yaml", _report,
+        "configs/shapes/clip.yaml", _report,
     )  # fmt: skip

@@ -1,6 +1,6 @@
 """Recipe: train the byte-level BPE text tokenizer on the captions of a shard set.
 
-    dalle-ar train tokenizer --config configs/tokenizer_shapes.yaml [key=value ...]
+    dalle-ar train tokenizer --config configs/shapes/tokenizer.yaml [key=value ...]
 
 Writes into `run.out_dir`: `config.yaml` (the resolved config), `tokenizer/` (the tokenizer
 folder, written atomically) and `metrics.json` (captions, vocab size, ids per caption, truncated).
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="dalle-ar train tokenizer", description="Train the BPE text tokenizer."
     )
-    parser.add_argument("--config", help="YAML config file (e.g. configs/tokenizer_shapes.yaml)")
+    parser.add_argument("--config", help="YAML config file (e.g. configs/shapes/tokenizer.yaml)")
     parser.add_argument(
         "--resume", action="store_true", help="accepted for symmetry; training restarts"
     )

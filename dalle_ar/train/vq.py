@@ -1,6 +1,6 @@
 """Recipe: train the VQ-VAE image tokenizer on image shards.
 
-    dalle-ar train vq --config configs/vq_shapes.yaml [--resume] [key=value ...]
+    dalle-ar train vq --config configs/shapes/vq.yaml [--resume] [key=value ...]
     torchrun --nproc_per_node=N -m dalle_ar.cli train vq --config ...   (DDP)
 
 Loss: reconstruction (L1 or MSE on [0, 1] pixels) + `commitment_weight` * ||z - sg(q)||^2 (the
@@ -217,5 +217,5 @@ def _report(m: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     return run_recipe(
         VQRecipeConfig, train, argv, "dalle-ar train vq", "Train the VQ-VAE image tokenizer.",
-        "configs/vq_shapes.yaml", _report,
+        "configs/shapes/vq.yaml", _report,
     )  # fmt: skip

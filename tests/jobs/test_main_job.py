@@ -25,13 +25,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _toy_configs(folder: Path) -> Path:
     """The tiny configs under the names the main job reads, at the shapes' 32x32 size."""
     folder.mkdir()
-    for tiny, name in (("tokenizer_tiny", "tokenizer_shapes"), ("transformer_tiny",
-                       "transformer_shapes"), ("vq_tiny", "vq_shapes"),
-                       ("clip_tiny", "clip_shapes")):  # fmt: skip
-        cfg = yaml.safe_load((ROOT / "configs" / f"{tiny}.yaml").read_text())
-        if tiny == "vq_tiny":
+    for name in ("tokenizer", "transformer", "vq", "clip"):
+        cfg = yaml.safe_load((ROOT / "configs" / "tiny" / f"{name}.yaml").read_text())
+        if name == "vq":
             cfg["data"]["image_size"] = cfg["model"]["image_size"] = 32  # 8x8 codes
-        if tiny == "transformer_tiny":
+        if name == "transformer":
             cfg["model"].update(grid_h=8, grid_w=8, text_len=20)
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     return folder
@@ -110,7 +108,7 @@ def test_bench_train_times_the_recipe_of_a_main_job_folder(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "tools" / "bench_train.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    argv = ["--recipe", "--config", str(configs / "transformer_shapes.yaml"), "--data", str(out),
+    argv = ["--recipe", "--config", str(configs / "transformer.yaml"), "--data", str(out),
             "--turns", "2", "--turn-steps", "2", "--variant", "inline: prefetch=0 run.threads=1",
             "--variant", "ahead: prefetch=2 run.threads=1 data.batch_size=4 run.precision=fp32",
             "run.precision=bf16"]  # fmt: skip

@@ -15,7 +15,7 @@ from dalle_ar.config import ConfigError, load_config
 from dalle_ar.text import TextTokenizer, TokenizerConfig, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tokenizer_tiny.yaml"
+TINY = ROOT / "configs" / "tiny" / "tokenizer.yaml"
 
 COLOURS = ["red", "green", "blue", "yellow", "purple"]
 SHAPES = ["circle", "square", "triangle"]

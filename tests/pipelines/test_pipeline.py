@@ -527,7 +527,7 @@ def test_bench_sampling_smoke_run(capsys):
 
 def test_bench_train_compares_fp32_and_bf16(capsys):
     tool = _tool("bench_train")
-    argv = ["--config", str(ROOT / "configs" / "transformer_tiny.yaml"), "--steps", "2"]
+    argv = ["--config", str(ROOT / "configs" / "tiny" / "transformer.yaml"), "--steps", "2"]
     assert tool.main([*argv, "--warmup", "1", "--compare-bf16", "data.batch_size=2"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["bf16"]["bf16_autocast"] is True and rep["bf16_speedup"] > 0

@@ -17,7 +17,7 @@ from dalle_ar.train import clip as clip_recipe
 from dalle_ar.train.clip import CLIPRecipeConfig, contrastive_loss, retrieval
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_CONFIG = ROOT / "configs" / "clip_tiny.yaml"
+TINY_CONFIG = ROOT / "configs" / "tiny" / "clip.yaml"
 
 B, D = 8, 16
 
@@ -89,7 +89,7 @@ def test_recipe_trains_resumes_exactly_and_writes_a_clip_folder(tmp_path, shapes
     )
     whole = tmp_path / "whole"
     m = clip_recipe.train(load_config(CLIPRecipeConfig, TINY_CONFIG,
-                                      _run(shapes_shards, tok, whole, "hard_negatives=true")))
+                                      _run(shapes_shards, tok, whole, "hard_negatives=2")))
     assert m["finished"] and m["step"] == 6
     for split in ("seen", "held_out"):  # attribute binding on the shapes evaluation images
         assert 0 <= m[f"binding_{split}"] <= m[f"binding_color_{split}"] <= 1
@@ -100,7 +100,7 @@ def test_recipe_trains_resumes_exactly_and_writes_a_clip_folder(tmp_path, shapes
     assert clip.eos_id == clip.model.config.text_config.eos_token_id
 
     halted = tmp_path / "halted"
-    argv = ["--config", str(TINY_CONFIG), *_run(shapes_shards, tok, halted, "hard_negatives=true")]
+    argv = ["--config", str(TINY_CONFIG), *_run(shapes_shards, tok, halted, "hard_negatives=2")]
     assert clip_recipe.main([*argv, "halt_after=3"]) == 0
     assert clip_recipe.main(["--resume", *argv]) == 0
     again = CLIP.from_pretrained(halted / "clip")
@@ -127,6 +127,7 @@ def test_hard_negatives_come_from_each_samples_spec_and_key():
 
     _, cap, spec = next(generate(1, seed=0, split="train"))
     batch = {"meta": [spec, {}], "key": ["a", "b"], "caption": [cap, "x"]}
-    got = clip_recipe.hard_negatives(batch)
-    assert got[1] is None and got[0] and got[0] != cap
-    assert clip_recipe.hard_negatives(batch) == got  # a resumed run draws the same ones
+    got = clip_recipe.hard_negatives(batch, 3)
+    assert len(got) == 6 and got[1::2] == [None] * 3  # draw-major; no spec, no negative
+    assert all(got[0::2]) and cap not in got
+    assert clip_recipe.hard_negatives(batch, 3) == got  # a resumed run draws the same ones

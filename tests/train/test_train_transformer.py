@@ -138,9 +138,12 @@ def test_non_finite_steps_are_skipped_and_many_stop_the_run(tmp_path):
     assert state["step"] == 4  # the last good checkpoint is intact
 
 
-@pytest.mark.parametrize("name", ["tiny", "shapes", "bench_s", "paper_12b"])
+@pytest.mark.parametrize(
+    "name",
+    ["tiny/transformer", "shapes/transformer", "transformer_bench_s", "transformer_paper_12b"],
+)
 def test_shipped_configs_load(name):
-    cfg = load_config(TrainTransformerConfig, ROOT / "configs" / f"transformer_{name}.yaml")
+    cfg = load_config(TrainTransformerConfig, ROOT / "configs" / f"{name}.yaml")
     assert cfg.model.seq_len == cfg.model.text_len + cfg.model.grid_h * cfg.model.grid_w
 
 
@@ -183,7 +186,7 @@ def test_cli_end_to_end_on_shards(tmp_path, shapes_shards):
     from dalle_ar.vq import VQConfig, VQTokenizer
 
     tok, vq = tmp_path / "tok", tmp_path / "vq"
-    argv = ["train", "tokenizer", "--config", str(ROOT / "configs" / "tokenizer_tiny.yaml"),
+    argv = ["train", "tokenizer", "--config", str(ROOT / "configs" / "tiny" / "tokenizer.yaml"),
             f"data.train={shapes_shards.train}", f"run.out_dir={tok}"]  # fmt: skip
     assert main(argv) == 0
     torch.manual_seed(0)
@@ -191,7 +194,7 @@ def test_cli_end_to_end_on_shards(tmp_path, shapes_shards):
                       codebook_size=32, kmeans_init=False)  # fmt: skip
     VQTokenizer(vq_cfg).save_pretrained(vq)
     out = tmp_path / "run"
-    argv = ["train", "transformer", "--config", str(ROOT / "configs" / "transformer_tiny.yaml"),
+    argv = ["train", "transformer", "--config", str(ROOT / "configs" / "tiny" / "transformer.yaml"),
             f"data.train={shapes_shards.train}", f"data.eval={shapes_shards.eval}",
             f"text_tokenizer={tok / 'tokenizer'}", f"vq={vq}", f"run.out_dir={out}",
             "data_format=images", "run.steps=6", "run.save_every=3"]  # fmt: skip

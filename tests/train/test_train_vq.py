@@ -1,4 +1,4 @@
-"""The VQ-VAE recipe (`dalle-ar train vq`) on the shared shapes fixture with configs/vq_tiny.yaml:
+"""The VQ-VAE recipe (`dalle-ar train vq`) on the shared shapes fixture with configs/tiny/vq.yaml:
 training, wandb offline, bad configs, kill and resume, the time-following LR, exact resume,
 non-finite steps and two processes on the shared loop."""
 
@@ -27,10 +27,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------
-# The recipe (`dalle-ar train vq`) on the shared shapes fixture with configs/vq_tiny.yaml.
+# The recipe (`dalle-ar train vq`) on the shared shapes fixture with configs/tiny/vq.yaml.
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_CONFIG = ROOT / "configs" / "vq_tiny.yaml"
+TINY_CONFIG = ROOT / "configs" / "tiny" / "vq.yaml"
 
 
 def _overrides(shards, out: Path, *extra: str) -> list[str]:
