@@ -31,7 +31,7 @@ from dalle_ar.config import DataConfig, require
 from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.text import TextTokenizer
 from dalle_ar.train import dist
-from dalle_ar.train.common import build_optimizer, run_recipe
+from dalle_ar.train.common import ShardImages, build_optimizer, run_recipe
 from dalle_ar.train.loop import LoopConfig, Source, Task, fit, setup
 
 log = logging.getLogger(__name__)
@@ -225,8 +225,6 @@ def train(
 ) -> dict[str, Any]:
     """Run the recipe with a validated config on `source` (default: the config's shards);
     returns the final metrics (also metrics.json). Raises what `loop.fit` raises."""
-    from dalle_ar.train.vq import ShardImages  # image + caption batches from data.train / eval
-
     source = source or ShardImages(cfg)
     info = setup(cfg)
     tok = TextTokenizer.from_pretrained(cfg.text_tokenizer)

@@ -5,12 +5,13 @@ schedule, progress bar, optimizer groups, wandb logging, checkpoints and resume,
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -304,3 +305,23 @@ def recipe_config(
     except ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return None
+
+
+class ShardImages:
+    """A `loop.Source` of image-caption batches {"image": (B, 3, S, S) in [0, 1], "caption",
+    "meta", "key"} from a recipe's data.train and data.eval (`config.DataConfig`); under DDP each
+    rank reads its part of the shards (dalle_ar.data.loader). The VQ and CLIP recipes read it."""
+
+    def __init__(self, cfg: Any) -> None:  # any recipe config with `data` and `run.seed`
+        self.data, self.seed = cfg.data, cfg.run.seed
+
+    def train(self, skip: int) -> Iterator[dict[str, Any]]:
+        from dalle_ar.data.loader import loader_from_config  # the data stage; imported when used
+
+        batches = loader_from_config(self.data, "train", seed=self.seed)
+        return itertools.islice(iter(batches), skip, None)  # exact with num_workers=0
+
+    def eval(self) -> Iterable[dict[str, Any]] | None:
+        from dalle_ar.data.loader import loader_from_config
+
+        return loader_from_config(self.data, "eval", seed=self.seed) if self.data.eval else None

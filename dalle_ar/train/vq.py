@@ -19,10 +19,9 @@ consumed batches are skipped), LR schedule, RNG and minutes spent.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +32,7 @@ from dalle_ar.config import DataConfig, require
 from dalle_ar.grid import image_grid
 from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.train import dist
-from dalle_ar.train.common import build_optimizer, run_recipe
+from dalle_ar.train.common import ShardImages, build_optimizer, run_recipe
 from dalle_ar.train.loop import LoopConfig, Source, Task, fit, setup
 from dalle_ar.vq import COMPONENT, VQConfig, VQTokenizer
 
@@ -68,25 +67,6 @@ class VQRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_steps,
         )
         require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
         require(self.grid_images >= 1, "grid_images", "must be >= 1")
-
-
-class ShardImages:
-    """A `loop.Source` of image batches {"image": (B, 3, S, S) in [0, 1], ...} from data.train
-    and data.eval; under DDP each rank reads its part of the shards (dalle_ar.data.loader)."""
-
-    def __init__(self, cfg: VQRecipeConfig) -> None:
-        self.data, self.seed = cfg.data, cfg.run.seed
-
-    def train(self, skip: int) -> Iterator[dict[str, Any]]:
-        from dalle_ar.data.loader import loader_from_config  # the data stage; imported when used
-
-        batches = loader_from_config(self.data, "train", seed=self.seed)
-        return itertools.islice(iter(batches), skip, None)  # exact with num_workers=0
-
-    def eval(self) -> Iterable[dict[str, Any]] | None:
-        from dalle_ar.data.loader import loader_from_config
-
-        return loader_from_config(self.data, "eval", seed=self.seed) if self.data.eval else None
 
 
 def recon_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
