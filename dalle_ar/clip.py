@@ -21,6 +21,7 @@ Traps of CLIPModel this module steps around:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ from dalle_ar.config import require
 from dalle_ar.text import TextTokenizer
 
 LOGIT_SCALE_MAX = math.log(100.0)  # the clamp of the learned temperature (the paper's)
+FAST_TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # a tokenizer.json tokenizer, in 4.x and 5.x
 # What a CLIP folder must hold, and which part of it each file is.
 FOLDER_FILES = {
     "config.json": "the model config",
@@ -195,10 +197,17 @@ class CLIP:
         return cls(model, tokenizer, processor)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write the folder `from_pretrained` reads (safetensors weights)."""
+        """Write the folder `from_pretrained` reads (safetensors weights). A fast tokenizer is
+        named by the class every transformers release since 4.x knows (`FAST_TOKENIZER_CLASS`;
+        5.x writes "TokenizersBackend", which 4.x cannot load)."""
         self.model.save_pretrained(str(folder), safe_serialization=True)
         self.tokenizer.save_pretrained(str(folder))
         self.processor.save_pretrained(str(folder))
+        f = Path(folder) / "tokenizer_config.json"
+        meta = json.loads(f.read_text())
+        if meta.get("tokenizer_class") == "TokenizersBackend":
+            meta["tokenizer_class"] = FAST_TOKENIZER_CLASS
+            f.write_text(json.dumps(meta, indent=2))
 
     @property
     def device(self) -> torch.device:

@@ -68,7 +68,9 @@ def train_tokenizer(captions: Iterable[str], cfg: TokenizerConfig) -> TextTokeni
     """Train byte-level BPE on `captions` (any iterable, read once) with `cfg`."""
     cfg.validate()
     tok = Tokenizer(models.BPE())
-    tok.normalizer = _normalizer(cfg)
+    normalizer = _normalizer(cfg)
+    if normalizer is not None:  # tokenizers < 0.20 refuses None
+        tok.normalizer = normalizer
     # No prefix space: a caption's first word keeps its own tokens, and decode gives back the
     # normalized caption exactly.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -3,6 +3,8 @@ folder, loaded back (ours and a user's own folder), scored in the CLIPScore conv
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -32,6 +34,8 @@ def test_our_clip_round_trips_as_a_hugging_face_folder(ours, tmp_path):
     assert bool(((scores >= 0) & (scores <= 100)).all())
     clip.save_pretrained(tmp_path / "clip")
     assert (tmp_path / "clip" / "model.safetensors").is_file()
+    meta = json.loads((tmp_path / "clip" / "tokenizer_config.json").read_text())
+    assert meta["tokenizer_class"] == "PreTrainedTokenizerFast"  # a class transformers 4.x knows
     back = CLIP.from_pretrained(tmp_path / "clip")
     assert torch.allclose(back.score(IMAGES, PROMPTS), scores, atol=1e-5)
 
