@@ -264,7 +264,8 @@ class CLIP:
             h, w = x.shape[-2:]
             if "shortest_edge" in p.size:
                 e = p.size["shortest_edge"]
-                out = (e, max(1, round(w * e / h))) if h <= w else (max(1, round(h * e / w)), e)
+                # the longer side floored, as transformers' get_resize_output_image_size does
+                out = (e, max(1, int(w * e / h))) if h <= w else (max(1, int(h * e / w)), e)
             else:
                 out = (p.size["height"], p.size["width"])
             if tuple(out) != (h, w):
@@ -272,7 +273,10 @@ class CLIP:
                                   antialias=True).clamp(0, 1)  # fmt: skip
         if p.do_center_crop:
             ch, cw = p.crop_size["height"], p.crop_size["width"]
-            top, left = max(0, (x.shape[-2] - ch) // 2), max(0, (x.shape[-1] - cw) // 2)
+            ph, pw = max(0, ch - x.shape[-2]), max(0, cw - x.shape[-1])
+            if ph or pw:  # smaller than the crop: padded with zeros, as the processor does
+                x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+            top, left = (x.shape[-2] - ch) // 2, (x.shape[-1] - cw) // 2
             x = x[..., top : top + ch, left : left + cw]
         if p.do_normalize:
             mean = x.new_tensor(p.image_mean)[:, None, None]

@@ -7,7 +7,7 @@ side in one run, in turns. Prints one JSON object (and writes it with --out).
 
 Unscored: `pipe(prompts, num_samples=N, seed=s)`, every candidate decoded to a PIL image.
 Scored: `pipe(prompts, candidates=N, keep=1, reranker=R, seed=s)`, the same N candidates per
-prompt (candidate c of prompt j has seed s + j + c * P in both), scored as they are drawn and
+prompt (candidate c of prompt j has seed j + c * P in both), scored as they are drawn and
 only the kept one decoded. Both draw with the batch `--batch-size` (default: the pipeline's
 memory-sized batch). The prompts are the shapes evaluation split's. Wall time; on a shared
 machine it also counts the time other processes held the cores (load averages recorded).
@@ -52,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline.from_pretrained(args.model)
     prompts = [p for p, _ in prompts_for_eval(args.prompts)]
     N, n = args.candidates, args.prompts * args.candidates
-    variants = {"unscored": dict(num_samples=N)}
+    P = args.prompts  # candidate c of prompt j: seed j + c * P in every variant
+    variants = {"unscored": dict(num_samples=N, seeds=[j + c * P for j in range(P)
+                                                       for c in range(N)])}  # fmt: skip
     for r in args.rerankers.split(","):
-        variants[f"scored by {r}"] = dict(candidates=N, keep=1, reranker=r)
-    common = dict(seed=0, batch_size=args.batch_size, temperature=0.7, guidance_scale=1.5)
-    pipe(prompts[:2], **{**common, **variants["unscored"], "num_samples": 2})  # warm-up
+        variants[f"scored by {r}"] = dict(candidates=N, keep=1, reranker=r, seed=0)
+    common = dict(batch_size=args.batch_size, temperature=0.7, guidance_scale=1.5)
+    pipe(prompts[:2], num_samples=2, seed=0, **common)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in variants}
     load = [_load()]
     for _ in range(args.turns):
@@ -73,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         "images": n,
         "batch_size": args.batch_size or "memory-sized",
         "threads": args.threads,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "load_before_after": load},  # fmt: skip
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "load_before_after": load,
+        },  # fmt: skip
         "seconds_turns": times,
         "images_per_s": {k: n / v for k, v in best.items()},
         "ratio_to_unscored": {k: best["unscored"] / v for k, v in best.items()},

@@ -40,6 +40,7 @@ from typing import Any
 
 from dalle_ar.checkpoint import write_json_atomic
 from dalle_ar.grid import prompt_grids
+from dalle_ar.pipelines.ar import MAX_BATCH, MEMORY_MB
 from dalle_ar.runtime import set_threads
 from dalle_ar.sampling.settings import (
     ARSampling,
@@ -69,9 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--prime-image", help="complete this image: keep its top --prime-rows rows")
     ap.add_argument("--prime-rows", type=int, default=0, help="code rows kept from --prime-image")
     ap.add_argument("--batch-size", type=int, help="samples generated together (default: as many "
-                    "as --memory-mb holds, at most 64)")  # fmt: skip
-    ap.add_argument("--memory-mb", type=float, default=512.0,
-                    help="memory the drawing batches may hold (default 512 MiB)")  # fmt: skip
+                    f"as --memory-mb holds, at most {MAX_BATCH})")  # fmt: skip
+    ap.add_argument(
+        "--memory-mb",
+        type=float,
+        default=MEMORY_MB,
+        help=f"memory the drawing batches may hold (default {MEMORY_MB:g} MiB)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     ap.add_argument(
         "--threads",
@@ -181,12 +186,17 @@ def _regenerate(args: argparse.Namespace) -> int:
         raise ValueError(f"--index must be in [0, {len(samples)}), got {args.index}")
     chosen = samples if args.index is None else [samples[args.index]]
     if args.candidate is not None:
+        if args.index is not None:
+            raise ValueError("give --index (a sample) or --candidate (a candidate), not both")
         cands = doc.get("candidates") or []
         if not 0 <= args.candidate < len(cands):
             raise ValueError(f"--candidate must be in [0, {len(cands)}) for {path}, got "
                              f"{args.candidate}")  # fmt: skip
-        c = cands[args.candidate]  # drawn with the settings of every sample of the run
-        chosen = [{**samples[0], "prompt": c["prompt"], "seed": c["seed"], "index": -1,
+        c = cands[args.candidate]
+        # drawn with the settings and primed codes of its sample, which kept `keep` of them
+        kept = next(s for s in samples if s["prompt_index"] == c["prompt_index"]
+                    and s["sample_index"] // s.get("keep", 1) == c["sample"])  # fmt: skip
+        chosen = [{**kept, "seed": c["seed"], "index": -1,
                    "file": f"candidate_{args.candidate:04d}.png"}]  # fmt: skip
     from dalle_ar.pipelines import Pipeline
 
@@ -209,6 +219,7 @@ def _one(pipe: Any, rec: dict[str, Any]):
         [rec["prompt"]],
         seeds=[rec["seed"]],
         candidates=1,  # the record holds the kept candidate's own seed
+        keep=1,
         prime_codes=None if prime is None else torch.tensor([prime], dtype=torch.long),
         **settings,
     )

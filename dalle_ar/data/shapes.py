@@ -337,13 +337,18 @@ def foils(spec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def hard_negative(spec: dict[str, Any], rng: Any) -> str | None:
-    """A caption false of `spec`'s image that differs from a true one in one attribute: a kind
-    drawn uniformly among those `foils` has for the scene, one of its foils, worded by `caption`
-    (so as varied as the training captions). None for a spec with no foil. The hard negatives of
-    NegCLIP (Yuksekgonul et al. 2023), which teach a contrastive model the relations and
-    bindings that batches of random captions never contrast."""
+def random_foil(spec: dict[str, Any], rng: Any) -> dict[str, Any] | None:
+    """One of `spec`'s foils: a kind drawn uniformly among those `foils` has for the scene, then
+    one of its foils. None for a spec with no foil."""
     by_kind = [v for v in foils(spec).values() if v]
-    if not by_kind:
-        return None
-    return caption(_choice(rng, _choice(rng, by_kind)), rng)
+    return _choice(rng, _choice(rng, by_kind)) if by_kind else None
+
+
+def hard_negative(spec: dict[str, Any], rng: Any) -> str | None:
+    """A caption false of `spec`'s image that differs from a true one in one attribute: a
+    `random_foil` worded by `caption` (so as varied as the training captions); None for a spec
+    with no foil. The hard negatives of NegCLIP (Yuksekgonul et al. 2023), which teach a
+    contrastive model the relations and bindings that batches of random captions never
+    contrast."""
+    foil = random_foil(spec, rng)
+    return None if foil is None else caption(foil, rng)

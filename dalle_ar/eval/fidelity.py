@@ -46,6 +46,12 @@ def evaluate_fidelity(
     if num_prompts < 0:
         raise ValueError(f"num_prompts must be >= 0, got {num_prompts}")
     pairs = prompts_for_eval(num_prompts, seed=prompt_seed)
+    rerankers = tuple(rerankers)
+    if candidates > 1:  # before any drawing: names, components, prompts the CLIP can encode
+        if not rerankers:
+            raise ValueError("candidates > 1 needs at least one reranker, got none")
+        for r in rerankers:
+            pipe.check_rerank([p for p, _ in pairs], candidates=candidates, reranker=r)
     specs = [s for _, s in pairs]
     held = [bool(s["held_out"]) for s in specs]
     report: dict[str, Any] = {"num_prompts": num_prompts, "n_held_out": sum(held),
@@ -57,7 +63,7 @@ def evaluate_fidelity(
     runs += [(scale, True) for scale in guidance_scales if composed]
     for scale, compose in runs:
         t0 = time.perf_counter()
-        params = {**settings, "guidance_scale": scale, "candidates": 1}
+        params = {**settings, "guidance_scale": scale, "candidates": 1, "keep": 1}
         prompts = [composed_prompt(p) if compose else p for p, _ in pairs]
         out = pipe(prompts, seed=seed, batch_size=batch_size, progress=progress, **params)
         res: dict[str, Any] = dict(out.settings)
@@ -69,19 +75,12 @@ def evaluate_fidelity(
     return report
 
 
-# A kept candidate's score under each reranker (`Pipeline._rerank`'s records).
-SCORE_KEY = {"pmi": "pmi_score", "clip": "clip_score", "clip+pmi": "rerank_score"}
-
-
 def _reranked(pipe, report, pairs, k, rerankers, scale, seed, batch_size, progress, settings):
     """Best of k by each reranker from one draw: every candidate is kept (keep=k) with every
     score, and each reranker's pick read off them."""
     from dalle_ar.data.evaluate import score
 
-    unknown = [r for r in rerankers if r not in SCORE_KEY]
-    if unknown:
-        raise ValueError(f"unknown rerankers {unknown}; known: {list(SCORE_KEY)}")
-    both = len(rerankers) > 1 or rerankers[0] == "clip+pmi"
+    both = len(rerankers) > 1 or "+" in rerankers[0]
     t0 = time.perf_counter()
     params = {**settings, "guidance_scale": scale, "candidates": k, "keep": k,
               "reranker": "clip+pmi" if both else rerankers[0]}  # fmt: skip
@@ -97,7 +96,8 @@ def _reranked(pipe, report, pairs, k, rerankers, scale, seed, batch_size, progre
     any_k = [any(right[i] for i in by_prompt[p]) for p in range(len(pairs))]
     held = [bool(s["held_out"]) for s in specs]
     for r in rerankers:
-        key = SCORE_KEY[r]  # the best score, ties to the earlier candidate
+        # a reranker's own score, or (one of several, "clip+pmi") the call's combined one
+        key = f"{r}_score" if f"{r}_score" in out.samples[0] else "rerank_score"
         pick = [max(by_prompt[p], key=lambda i: (out.samples[i][key],
                                                  -out.samples[i]["candidate_index"]))
                 for p in range(len(pairs))]  # fmt: skip

@@ -7,7 +7,7 @@ from typing import Literal
 
 from dalle_ar.config import require, require_precision
 from dalle_ar.eval.fidelity import GUIDED_SCALE
-from dalle_ar.sampling.settings import ARSampling, RerankSettings
+from dalle_ar.sampling.settings import ARSampling, RerankSettings, reranker_parts
 
 
 @dataclasses.dataclass
@@ -67,6 +67,6 @@ class MainJobConfig:
         require(self.fidelity_prompts >= 0, "fidelity_prompts", "must be >= 0")
         require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         require_precision(self.precision)
-        require(self.clip or "clip" not in self.rerank.reranker, "rerank.reranker",
+        require(self.clip or "clip" not in reranker_parts(self.rerank.reranker), "rerank.reranker",
                 f"is {self.rerank.reranker!r}, which needs the CLIP stage (clip=true)")  # fmt: skip
         require(self.wandb in ("offline", "online", "disabled"), "wandb", "offline|online|disabled")

@@ -173,7 +173,7 @@ def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
 
     # The folder's defaults are the job's sampling settings and rerank weight; its candidates
     # stay 1, so `dalle-ar sample --model` draws once per sample unless asked for more.
-    rerank = dataclasses.replace(cfg.rerank, candidates=1)
+    rerank = dataclasses.replace(cfg.rerank, candidates=1, keep=1)
     defaults = {"ar": dataclasses.asdict(cfg.sampling), "rerank": dataclasses.asdict(rerank)}
     assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=defaults,
              clip=p.clip if cfg.clip else None)  # fmt: skip
@@ -230,42 +230,47 @@ def run_stages(cfg: MainJobConfig) -> dict:
         raise ConfigError(f"config key 'config_dir': no component configs {missing}")
     p.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, p.out / "main_job.yaml")
-    # (name, done, run, outputs): once a stage runs, the outputs of every later stage were made
-    # from what it replaced, so they are removed and made again (an under-trained VQ resumed by
-    # a rerun gets new token shards and a transformer trained on them)
-    stages: list[tuple[str, Callable[[], bool], Callable[[], None], list[Path]]] = [
-        ("data", lambda: (p.data / "info.json").is_file(), lambda: data.build(cfg, p.data),
-         [p.data]),
-        ("tokenizer", lambda: _complete(p.tokenizer),
+    # (name, needs, done, run, outputs): once a stage runs, every stage that needs it was made
+    # from what it replaced, so its outputs are removed and made again (an under-trained VQ
+    # resumed by a rerun gets new token shards and a transformer trained on them; a CLIP resumed
+    # by a rerun leaves the VQ and the transformer alone)
+    clip_stage = ("clip", {"data", "tokenizer"}, lambda: _trained(p.clip_run, p.clip),
+                  lambda: stage_clip(cfg, p, yaml["clip"]), [p.clip_run])  # fmt: skip
+    stages: list[tuple[str, set[str], Callable[[], bool], Callable[[], None], list[Path]]] = [
+        ("data", set(), lambda: (p.data / "info.json").is_file(),
+         lambda: data.build(cfg, p.data), [p.data]),
+        ("tokenizer", {"data"}, lambda: _complete(p.tokenizer),
          lambda: stage_tokenizer(cfg, p, yaml["tokenizer"]), [p.tokenizer_run]),
-        *([("clip", lambda: _trained(p.clip_run, p.clip),
-            lambda: stage_clip(cfg, p, yaml["clip"]), [p.clip_run])] if cfg.clip else []),
-        ("vq", lambda: _trained(p.vq_run, p.vq), lambda: stage_vq(cfg, p, yaml["vq"]),
+        *([clip_stage] if cfg.clip else []),
+        ("vq", {"data"}, lambda: _trained(p.vq_run, p.vq), lambda: stage_vq(cfg, p, yaml["vq"]),
          [p.vq_run]),
-        ("tokens", lambda: (p.tokens / "eval-tokens.json").is_file(),
+        ("tokens", {"data", "vq"}, lambda: (p.tokens / "eval-tokens.json").is_file(),
          lambda: stage_tokens(cfg, p), [p.tokens]),
-        ("transformer", lambda: _trained(p.transformer_run, p.transformer),
+        ("transformer", {"tokenizer", "vq", "tokens"},
+         lambda: _trained(p.transformer_run, p.transformer),
          lambda: stage_transformer(cfg, p, yaml["transformer"]), [p.transformer_run]),
-        ("pipeline", lambda: (p.pipeline / "pipeline.json").is_file(),
-         lambda: stage_pipeline(cfg, p), [p.pipeline]),
-        ("samples", lambda: p.fidelity.is_file(), lambda: stage_samples(cfg, p, data),
-         [p.samples, p.fidelity]),
+        ("pipeline", {"tokenizer", "vq", "transformer", "clip"},
+         lambda: (p.pipeline / "pipeline.json").is_file(), lambda: stage_pipeline(cfg, p),
+         [p.pipeline]),
+        ("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
+         lambda: stage_samples(cfg, p, data), [p.samples, p.fidelity]),
     ]  # fmt: skip
     timings: dict[str, float | str] = {}
-    start, upstream_ran = time.perf_counter(), False
-    for i, (name, done, run, outputs) in enumerate(stages, 1):
-        if not upstream_ran and done():
+    start, ran = time.perf_counter(), set()
+    for i, (name, needs, done, run, outputs) in enumerate(stages, 1):
+        upstream = sorted(needs & ran)
+        if not upstream and done():
             print(f"[{i}/{len(stages)}] {name}: done already, skipped")
             timings[name] = "skipped"
             continue
-        stale = [o for o in outputs if o.exists()] if upstream_ran else []
+        stale = [o for o in outputs if o.exists()] if upstream else []
         for o in stale:
             shutil.rmtree(o) if o.is_dir() else o.unlink()
-        again = " again (an earlier stage ran)" if stale else ""
+        again = f" again ({', '.join(upstream)} ran)" if stale else ""
         print(f"[{i}/{len(stages)}] {name}: running{again}", flush=True)
         t0 = time.perf_counter()
         run()
-        upstream_ran = True
+        ran.add(name)
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"[{i}/{len(stages)}] {name}: finished in {timings[name]} s", flush=True)
     total = round(time.perf_counter() - start, 1)

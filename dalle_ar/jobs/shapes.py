@@ -10,6 +10,7 @@ from typing import Any
 
 from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import DataSet
+from dalle_ar.sampling.settings import RERANKERS
 
 # A handful of prompts for the grid: seen and held-out colour-shape combinations
 # (dalle_ar.data.shapes.HELD_OUT_COMBOS), one- and two-object scenes, in the captions' own words
@@ -42,7 +43,7 @@ def evaluate(pipe: Any, cfg: MainJobConfig) -> dict[str, Any]:
     settings = {**dataclasses.asdict(cfg.sampling), **dataclasses.asdict(cfg.rerank)}
     guidance, candidates = settings.pop("guidance_scale"), settings.pop("candidates")
     settings.pop("keep"), settings.pop("reranker")
-    rerankers = ("pmi", "clip", "clip+pmi") if "clip" in pipe.components else ("pmi",)
+    rerankers = RERANKERS if "clip" in pipe.components else ("pmi",)
     return evaluate_fidelity(
         pipe,
         num_prompts=cfg.fidelity_prompts,

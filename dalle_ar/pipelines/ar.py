@@ -32,7 +32,7 @@ from dalle_ar.prompts import encode_prompts, known_chars, split_prompt
 from dalle_ar.rerank import pmi_scores
 from dalle_ar.runtime import sample_seeds
 from dalle_ar.sampling import ARSampling, RerankSettings, generate_image_tokens
-from dalle_ar.sampling.settings import resolve, split_overrides
+from dalle_ar.sampling.settings import reranker_parts, resolve, split_overrides
 from dalle_ar.text import TextBatch, TextTokenizer
 from dalle_ar.transformer import Transformer, TransformerConfig
 from dalle_ar.vq import VQConfig, VQTokenizer
@@ -162,7 +162,11 @@ class ARPipeline(Pipeline):
             codes, samples = self._draw(prompts, num_samples, seed, seeds, prime, progress=progress,
                                         **kw)  # fmt: skip
             return PipelineOutput(self.decode(codes), codes, samples, dataclasses.asdict(s))
-        self.check_prompts([split_prompt(p)[0] for p in prompts])  # warned once, not per batch
+        split = [split_prompt(p) for p in prompts]  # warned once here, not once per batch
+        self.check_prompts([scene for scene, _ in split])
+        parts = sorted({q for _, ps in split for q, _ in ps})
+        if parts:
+            self.check_prompts(parts)
         N = rr.candidates
 
         def draw(numbers: list[int], cand_seeds: list[int]) -> tuple[torch.Tensor, list[dict]]:
@@ -190,7 +194,7 @@ class ARPipeline(Pipeline):
         seq = c.text_len + c.grid_h * c.grid_w
         each = 2 * c.depth * c.heads * c.head_dim * seq * 4 * branches + c.image_vocab * 4 * 2
         clip = self.components.get("clip")
-        if rr.candidates > 1 and clip is not None and "clip" in rr.reranker:
+        if rr.candidates > 1 and clip is not None and "clip" in reranker_parts(rr.reranker):
             v = clip.model.config.vision_config
             tokens = (v.image_size // v.patch_size) ** 2 + 1
             each += 3 * v.image_size**2 * 4 * 2 + 8 * tokens * v.hidden_size * 4

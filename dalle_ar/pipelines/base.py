@@ -25,7 +25,13 @@ from dalle_ar.pipelines.folder import library_of, load_component, read_folder, w
 from dalle_ar.prompts import split_prompt
 from dalle_ar.rerank import keep_best
 from dalle_ar.runtime import sample_seeds
-from dalle_ar.sampling.settings import RerankSettings, from_dict, names
+from dalle_ar.sampling.settings import (
+    RerankSettings,
+    from_dict,
+    names,
+    reranker_parts,
+    resolve,
+)
 
 
 @dataclasses.dataclass
@@ -169,13 +175,19 @@ class Pipeline:
         """The mode's own PMI score (n,) of each candidate (higher is better)."""
         raise NotImplementedError(f"the {self.mode} mode has no PMI reranker")
 
-    def check_reranker(self, rerank: RerankSettings, prompts: Sequence[str]) -> Any:
+    def check_rerank(self, prompts: Sequence[str], **rerank: Any) -> torch.Tensor | None:
+        """`check_reranker` for the folder's rerank settings with `rerank` (RerankSettings
+        fields) put in: ValueError for impossible settings too. For callers that import no
+        settings class (the fidelity evaluation)."""
+        return self.check_reranker(resolve(self.defaults["rerank"], **rerank), prompts)
+
+    def check_reranker(self, rerank: RerankSettings, prompts: Sequence[str]) -> torch.Tensor | None:
         """Before any drawing: ValueError when `rerank.reranker` needs a component this pipeline
         lacks, or when the CLIP's tokenizer cannot encode a prompt's scene caption. Returns the
         unit CLIP text embeddings (len(prompts), D) when the reranker uses CLIP, else None."""
         if rerank.candidates == 1:
             return None
-        if "clip" in rerank.reranker:
+        if "clip" in reranker_parts(rerank.reranker):
             clip = self.components.get("clip")
             if clip is None:
                 raise ValueError(
@@ -225,7 +237,7 @@ class Pipeline:
         if seeds is None:
             seeds = sample_seeds(n * N) if seed is None else [
                 seed + j + c * n for j in range(n) for c in range(N)]  # fmt: skip
-        parts = ("clip", "pmi") if rerank.reranker == "clip+pmi" else (rerank.reranker,)
+        parts = reranker_parts(rerank.reranker)
         pending: dict[int, list[tuple[int, dict[str, float], torch.Tensor, dict]]] = {}
         kept_codes, kept, records = [], [], []
         bar = tqdm(total=n * N, desc=f"candidates ({rerank.reranker})", unit="img",
@@ -242,7 +254,7 @@ class Pipeline:
             for row, f in enumerate(numbers):
                 j, c = divmod(f, N)
                 one = {k: float(v[row]) for k, v in scores.items()}
-                pending.setdefault(j, []).append((c, one, codes[row], metas[row]))
+                pending.setdefault(j, []).append((c, one, codes[row].clone(), metas[row]))
                 if len(pending[j]) == N:
                     codes_j, metas_j = self._keep(pending.pop(j), rerank, parts, records)
                     kept_codes += codes_j

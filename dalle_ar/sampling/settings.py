@@ -84,6 +84,11 @@ RERANK_WEIGHT = 0.4
 RERANKERS = ("pmi", "clip", "clip+pmi")
 
 
+def reranker_parts(reranker: str) -> tuple[str, ...]:
+    """The scores a reranker combines: "clip+pmi" -> ("clip", "pmi"), "clip" -> ("clip",)."""
+    return tuple(reranker.split("+"))
+
+
 @dataclasses.dataclass
 class RerankSettings:
     """Reranked generation: per sample, `candidates` are drawn, scored against the prompt by
@@ -192,6 +197,7 @@ __all__ = [
     "RERANK_WEIGHT",
     "RerankSettings",
     "add_arguments",
+    "reranker_parts",
     "from_args",
     "from_dict",
     "names",

@@ -172,8 +172,10 @@ def attribute_binding(
     was_training = clip.model.training
     clip.model.eval()
     keys = [f"{k}_{s}" for s in ("seen", "held_out") for k in ("all", *FOIL_KINDS)]
-    right, total = torch.zeros(len(keys), dtype=torch.float64), torch.zeros(len(keys),
-                                                                            dtype=torch.float64)
+    right, total = (
+        torch.zeros(len(keys), dtype=torch.float64),
+        torch.zeros(len(keys), dtype=torch.float64),
+    )
     n = 0
     for batch in batches:
         use = [i for i, m in enumerate(batch["meta"]) if isinstance(m, dict) and "objects" in m]

@@ -226,5 +226,5 @@ def _report(metrics: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     return run_recipe(
         TrainTransformerConfig, train, argv, "dalle-ar train transformer", __doc__,
-        "configs/transformer_*.yaml", _report,
+        "configs/<data>/transformer.yaml", _report,
     )  # fmt: skip

@@ -165,9 +165,15 @@ def test_every_foil_is_false_of_the_image_and_changes_one_attribute():
                 other = shapes.plain_caption(foil)
                 assert other != caption
         rel = shapes.foils(spec)["relation"]
-        assert len(rel) == 4 - sum(  # every relation the two objects do not stand in
-            shapes._holds(r, *spec["objects"]) for r in shapes.RELATIONS
-        ) if spec["relation"] else rel == []
+        assert (
+            len(rel)
+            == 4
+            - sum(  # every relation the two objects do not stand in
+                shapes._holds(r, *spec["objects"]) for r in shapes.RELATIONS
+            )
+            if spec["relation"]
+            else rel == []
+        )
     assert set(kinds) == set(shapes.FOIL_KINDS)  # 40 scenes meet every kind
 
 
@@ -177,7 +183,9 @@ def test_hard_negatives_are_false_and_reproducible():
     spec = shapes.sample_spec(random.Random(3), "train")
     a = shapes.hard_negative(spec, random.Random("k"))
     assert a == shapes.hard_negative(spec, random.Random("k")) and a
-    for seed in range(20):  # a caption of a foil: never a true one of the image
-        text = shapes.hard_negative(spec, random.Random(seed))
-        assert text != shapes.plain_caption(spec)
-    assert score(shapes.render(spec), spec)["exact"]
+    img, kinds = shapes.render(spec), set()
+    for seed in range(40):  # each a foil's caption: the checker refuses the foil on the image
+        foil = shapes.random_foil(spec, random.Random(seed))
+        assert not score(img, foil)["exact"]
+        kinds |= {k for k, v in shapes.foils(spec).items() if foil in v}
+    assert len(kinds) > 1 and score(img, spec)["exact"]

@@ -92,10 +92,31 @@ def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
     printed = capsys.readouterr().out
     assert "[6/8] transformer: running" in printed and "6 of 6 steps" in printed
     # the pipeline and its evaluation are made again from the finished transformer
-    assert "[7/8] pipeline: running again" in printed and "[8/8] samples: running again" in printed
+    assert "[7/8] pipeline: running again (transformer ran)" in printed
+    assert "[8/8] samples: running again" in printed
     assert "[3/8] clip: done already" in printed  # the CLIP does not depend on the transformer
     summary = json.loads((out / "summary.json").read_text())
     assert summary["training"]["transformer"]["finished"] and "UNDER-TRAINED" not in printed
+
+
+def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
+    tmp_path, capsys, step_clock
+):
+    out = tmp_path / "main"
+    args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
+            "num_train=200", "num_eval=20", "vq_steps=2", "transformer_steps=2",
+            "samples_per_prompt=1", "fidelity_prompts=2", "candidates=2", "wandb=disabled",
+            "device=cpu", "prompts=[a red circle]"]  # fmt: skip
+    assert main_job([*args, "clip_max_minutes=2.5"]) == 0  # a minute a step: 3 of 6
+    capsys.readouterr()
+    said = json.loads((out / "summary.json").read_text())["training"]["clip"]
+    assert said["step"] == 3 and said["under_trained"]
+    assert main_job(args) == 0
+    printed = capsys.readouterr().out
+    assert "[3/8] clip: running" in printed and "6 of 6 steps" in printed
+    for stage in ("[4/8] vq", "[5/8] tokens", "[6/8] transformer"):
+        assert f"{stage}: done already, skipped" in printed
+    assert "[7/8] pipeline: running again (clip ran)" in printed
 
 
 def test_bench_train_times_the_recipe_of_a_main_job_folder(tmp_path, capsys):

@@ -117,6 +117,21 @@ def test_bad_rerank_input_is_refused_before_any_drawing(pipe, pipe_dir, monkeypa
     assert not drawn
 
 
+def test_fidelity_refuses_bad_rerankers_before_any_drawing(pipe, monkeypatch):
+    from dalle_ar.eval.fidelity import evaluate_fidelity
+
+    drawn = []
+    monkeypatch.setattr(pipe, "_draw", lambda *a, **k: drawn.append(1))
+    for rerankers, msg in (((), "at least one reranker"), (("dino",), "'reranker'")):
+        with pytest.raises(ValueError, match=msg):
+            evaluate_fidelity(pipe, 2, candidates=2, rerankers=rerankers)
+    no_clip = ARPipeline(pipe.tokenizer, pipe.vq, pipe.transformer)
+    monkeypatch.setattr(no_clip, "_draw", lambda *a, **k: drawn.append(1))
+    with pytest.raises(ValueError, match="needs a clip component"):
+        evaluate_fidelity(no_clip, 2, candidates=2, rerankers=("pmi", "clip"))
+    assert not drawn
+
+
 def test_the_batch_is_sized_to_the_memory_budget(pipe):
     s, rr = pipe.defaults["ar"], pipe.defaults["rerank"]
     assert pipe.candidate_batch(s, rr, 0.001) == 1

@@ -4,6 +4,7 @@ processes with half each give the same loss and the same gradient on every row."
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import torch
@@ -88,8 +89,11 @@ def test_recipe_trains_resumes_exactly_and_writes_a_clip_folder(tmp_path, shapes
         tok
     )
     whole = tmp_path / "whole"
-    m = clip_recipe.train(load_config(CLIPRecipeConfig, TINY_CONFIG,
-                                      _run(shapes_shards, tok, whole, "hard_negatives=2")))
+    m = clip_recipe.train(
+        load_config(
+            CLIPRecipeConfig, TINY_CONFIG, _run(shapes_shards, tok, whole, "hard_negatives=2")
+        )
+    )
     assert m["finished"] and m["step"] == 6
     for split in ("seen", "held_out"):  # attribute binding on the shapes evaluation images
         assert 0 <= m[f"binding_{split}"] <= m[f"binding_color_{split}"] <= 1
@@ -115,19 +119,21 @@ def test_hard_negatives_are_captions_no_image_matches():
     scale = torch.tensor(math.log(1 / 0.07))
     s = scale.exp()
     i2t = torch.cat([s * img @ txt.T, (s * img @ hard[valid].T)], 1)  # image -> every caption
-    want = (F.cross_entropy(i2t, torch.arange(B)) + F.cross_entropy(s * txt @ img.T,
-                                                                    torch.arange(B))) / 2
+    want = (
+        F.cross_entropy(i2t, torch.arange(B)) + F.cross_entropy(s * txt @ img.T, torch.arange(B))
+    ) / 2
     got = contrastive_loss(img, txt, scale, hard, valid)
     assert torch.allclose(got, want, atol=1e-6)
     assert got > contrastive_loss(img, txt, scale)  # more captions to tell apart
 
 
 def test_hard_negatives_come_from_each_samples_spec_and_key():
-    from dalle_ar.data.shapes import generate
+    from dalle_ar.data.shapes import generate, hard_negative
 
     _, cap, spec = next(generate(1, seed=0, split="train"))
     batch = {"meta": [spec, {}], "key": ["a", "b"], "caption": [cap, "x"]}
     got = clip_recipe.hard_negatives(batch, 3)
     assert len(got) == 6 and got[1::2] == [None] * 3  # draw-major; no spec, no negative
-    assert all(got[0::2]) and cap not in got
+    rng = random.Random("hard-a")  # the sample's key seeds its draws
+    assert got[0::2] == [hard_negative(spec, rng) for _ in range(3)]
     assert clip_recipe.hard_negatives(batch, 3) == got  # a resumed run draws the same ones
