@@ -218,9 +218,11 @@ class CLIP:
         return self
 
     def encode_text(
-        self, prompts: Sequence[str], truncate: bool = False
+        self, prompts: Sequence[str], truncate: bool = False, longest: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and attention mask (N, text_len), int64, for the prompts. ValueError names a
+        """Token ids and attention mask (N, text_len), int64, for the prompts (with `longest`,
+        (N, L) padded only to the longest prompt: the same embeddings for less work, the text
+        tower being causal and pooled at each EOS). ValueError names a
         prompt whose encoding is longer than text_len (a fast tokenizer would cut it silently and
         still end it in EOS) unless `truncate` (training: cut to text_len, ending in EOS, as
         open_clip's tokenizer does; `too_long` counts them), or one that holds no EOS (it would
@@ -233,8 +235,9 @@ class CLIP:
             raise ValueError(f"the CLIP tokenizer encodes {prompt!r} in {n} tokens, more than "
                              f"the model's {self.text_len}")  # fmt: skip
         self.too_long = len(long)
-        enc = self.tokenizer(prompts, padding="max_length", max_length=self.text_len,
-                             truncation=truncate, return_tensors="pt")  # fmt: skip
+        enc = self.tokenizer(prompts, padding="longest" if longest else "max_length",
+                             max_length=self.text_len, truncation=truncate,
+                             return_tensors="pt")  # fmt: skip
         ids, mask = enc["input_ids"], enc["attention_mask"]
         has_eos = (ids == self.eos_id).any(1)
         if not bool(has_eos.all()):

@@ -22,7 +22,9 @@ class MainJobConfig:
     # the precision (and float rounding).
     vq_steps: int = 0
     transformer_steps: int = 0
-    clip_steps: int = 0
+    # The CLIP stage's budget: a third of configs/shapes/clip.yaml's 3,000 steps keeps the job
+    # within 30 minutes on 2 CPU cores (docs/results.md#clip); 0 = the config's
+    clip_steps: int = 1000
     # Safety caps, not budgets: a stage stopped by one is reported under-trained (log, summary,
     # table) and continues to its planned steps when the job runs again. 0 = no cap.
     vq_max_minutes: float = 15.0

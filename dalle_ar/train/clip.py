@@ -189,7 +189,7 @@ def attribute_binding(
         cases = [(batch["meta"][i], foils(batch["meta"][i])) for i in use]
         texts = [plain_caption(spec) for spec, _ in cases]
         texts += [plain_caption(f) for _, by_kind in cases for k in FOIL_KINDS for f in by_kind[k]]
-        txt = clip.text_embeds(*clip.encode_text(texts))
+        txt = clip.text_embeds(*clip.encode_text(texts, longest=True))
         at = len(cases)
         for row, (spec, by_kind) in enumerate(cases):
             true = float(img[row] @ txt[row])
@@ -242,7 +242,7 @@ def train(
         if cfg.hard_negatives:
             hard = hard_negatives(batch, cfg.hard_negatives)
             captions += [h or "" for h in hard]  # a row without one: masked out of the loss
-        ids, mask = clip.encode_text(captions, truncate=True)
+        ids, mask = clip.encode_text(captions, truncate=True, longest=True)
         cut = torch.tensor(float(clip.too_long), device=info.device)
         pixels = clip.pixels_from_tensor(batch["image"])
         with autocast_context(info.device, cfg.run.precision):

@@ -38,7 +38,7 @@ def _toy_configs(folder: Path) -> Path:
 def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     out = tmp_path / "main"
     args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
-            "num_train=200", "num_eval=20", "vq_steps=3", "transformer_steps=4",
+            "num_train=200", "num_eval=20", "vq_steps=3", "clip_steps=0", "transformer_steps=4",
             "samples_per_prompt=2", "fidelity_prompts=4", "candidates=2", "wandb=disabled",
             "device=cpu", "prompts=[a small red circle at the top left, a blue square]",
             ]  # fmt: skip
@@ -77,7 +77,7 @@ def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
 ):
     out = tmp_path / "main"
     args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
-            "num_train=200", "num_eval=20", "vq_steps=2", "transformer_steps=6",
+            "num_train=200", "num_eval=20", "vq_steps=2", "clip_steps=0", "transformer_steps=6",
             "samples_per_prompt=1", "fidelity_prompts=2", "candidates=1", "wandb=disabled",
             "device=cpu", "prompts=[a red circle]"]  # fmt: skip
     assert main_job([*args, "transformer_max_minutes=2.5"]) == 0  # a minute a step
@@ -104,7 +104,7 @@ def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
 ):
     out = tmp_path / "main"
     args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
-            "num_train=200", "num_eval=20", "vq_steps=2", "transformer_steps=2",
+            "num_train=200", "num_eval=20", "vq_steps=2", "clip_steps=0", "transformer_steps=2",
             "samples_per_prompt=1", "fidelity_prompts=2", "candidates=2", "wandb=disabled",
             "device=cpu", "prompts=[a red circle]"]  # fmt: skip
     assert main_job([*args, "clip_max_minutes=2.5"]) == 0  # a minute a step: 3 of 6
@@ -122,8 +122,8 @@ def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
 def test_bench_train_times_the_recipe_of_a_main_job_folder(tmp_path, capsys):
     configs, out = _toy_configs(tmp_path / "configs"), tmp_path / "main"
     assert main_job([f"out_dir={out}", f"config_dir={configs}", "num_train=200", "num_eval=20",
-                     "vq_steps=2", "transformer_steps=2", "fidelity_prompts=0", "candidates=1",
-                     "samples_per_prompt=1", "wandb=disabled", "device=cpu",
+                     "vq_steps=2", "clip_steps=0", "transformer_steps=2", "fidelity_prompts=0",
+                     "candidates=1", "samples_per_prompt=1", "wandb=disabled", "device=cpu",
                      "prompts=[a red circle]"]) == 0  # fmt: skip
     capsys.readouterr()
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "tools" / "bench_train.py")

@@ -115,3 +115,10 @@ def test_tensor_pixels_follow_the_folders_processor(ours):
     squashed = clip.pixels_from_tensor(torch.nn.functional.interpolate(smooth, size=(20, 20)))
     ours, wrong = (a - b).abs().mean(), (a - squashed).abs().mean()  # wrong: no crop
     assert ours < 0.06 and ours < wrong / 2
+
+
+def test_padding_to_the_longest_prompt_gives_the_same_embeddings(ours):
+    clip, _ = ours
+    full, short = clip.encode_text(PROMPTS), clip.encode_text(PROMPTS, longest=True)
+    assert short[0].shape[1] < full[0].shape[1] == clip.text_len
+    assert torch.allclose(clip.text_embeds(*short), clip.text_embeds(*full), atol=1e-5)
