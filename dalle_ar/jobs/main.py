@@ -96,6 +96,14 @@ def _budget(run_dir: Path, steps: int, max_minutes: float) -> list[str]:
     return [*([f"run.steps={steps}"] if steps else []), f"run.max_minutes={cap}"]
 
 
+def _run(cfg: MainJobConfig, run_dir: Path, steps: int, max_minutes: float) -> list[str]:
+    """A training stage's run overrides: its folder, budget and cap, and the job's seed, device,
+    precision and wandb mode."""
+    return [f"run.out_dir={run_dir}", *_budget(run_dir, steps, max_minutes),
+            f"run.seed={cfg.seed}", f"run.device={cfg.device}",
+            f"run.precision={cfg.precision}", f"run.wandb={cfg.wandb}"]  # fmt: skip
+
+
 def stage_vq(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     from dalle_ar.train import vq
     from dalle_ar.train.common import has_checkpoint
@@ -103,12 +111,7 @@ def stage_vq(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     overrides = [
         f"data.train={p.data}/train-*.tar",
         f"data.eval={p.data}/eval-*.tar",
-        f"run.out_dir={p.vq_run}",
-        *_budget(p.vq_run, cfg.vq_steps, cfg.vq_max_minutes),
-        f"run.seed={cfg.seed}",
-        f"run.device={cfg.device}",
-        f"run.precision={cfg.precision}",
-        f"run.wandb={cfg.wandb}",
+        *_run(cfg, p.vq_run, cfg.vq_steps, cfg.vq_max_minutes),
     ]
     vq.train(load_config(vq.VQRecipeConfig, yaml, overrides), resume=has_checkpoint(p.vq_run))
 
@@ -138,12 +141,7 @@ def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         f"model.image_vocab={vq.codebook_size}",
         f"model.grid_h={h}",
         f"model.grid_w={w}",
-        f"run.out_dir={p.transformer_run}",
-        *_budget(p.transformer_run, cfg.transformer_steps, cfg.transformer_max_minutes),
-        f"run.seed={cfg.seed}",
-        f"run.device={cfg.device}",
-        f"run.precision={cfg.precision}",
-        f"run.wandb={cfg.wandb}",
+        *_run(cfg, p.transformer_run, cfg.transformer_steps, cfg.transformer_max_minutes),
     ]
     rcfg = load_config(transformer.TrainTransformerConfig, yaml, overrides)
     transformer.train(rcfg, resume=has_checkpoint(p.transformer_run))
@@ -157,12 +155,7 @@ def stage_clip(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         f"data.train={p.data}/train-*.tar",
         f"data.eval={p.data}/eval-*.tar",
         f"text_tokenizer={p.tokenizer}",
-        f"run.out_dir={p.clip_run}",
-        *_budget(p.clip_run, cfg.clip_steps, cfg.clip_max_minutes),
-        f"run.seed={cfg.seed}",
-        f"run.device={cfg.device}",
-        f"run.precision={cfg.precision}",
-        f"run.wandb={cfg.wandb}",
+        *_run(cfg, p.clip_run, cfg.clip_steps, cfg.clip_max_minutes),
     ]
     rcfg = load_config(clip.CLIPRecipeConfig, yaml, overrides)
     clip.train(rcfg, resume=has_checkpoint(p.clip_run))
