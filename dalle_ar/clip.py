@@ -21,6 +21,7 @@ Traps of CLIPModel this module steps around:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -212,6 +213,31 @@ class CLIP:
     @property
     def device(self) -> torch.device:
         return self.model.logit_scale.device
+
+    @property
+    def embed_dim(self) -> int:
+        """D: the size of the image and text embeddings."""
+        return int(self.model.config.projection_dim)
+
+    def identity(self) -> dict[str, str | int]:
+        """Which CLIP this is, for what is trained on its embeddings (the prior, token shards,
+        an embedding-conditioned transformer): {"config_sha256", "weights_sha256", "embed_dim"}.
+        The config hash reads the model config as JSON (sorted keys, without transformers'
+        version and dtype); the weights hash every tensor's name, dtype, shape and bytes in name
+        order."""
+        conf = self.model.config.to_dict()
+        for k in ("transformers_version", "torch_dtype", "dtype", "_name_or_path"):
+            conf.pop(k, None)
+        h = hashlib.sha256()
+        for name, t in sorted(self.model.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return {
+            "config_sha256": hashlib.sha256(json.dumps(conf, sort_keys=True).encode()).hexdigest(),
+            "weights_sha256": h.hexdigest(),
+            "embed_dim": self.embed_dim,
+        }
 
     def to(self, device: str | torch.device) -> CLIP:
         self.model.to(device)

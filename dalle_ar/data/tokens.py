@@ -2,9 +2,13 @@
 `dalle-ar tokens`).
 
 A record is `KEY.codes.npy` (an (h, w) int16 or int32 array of code ids), `KEY.txt` (the
-caption) and `KEY.json` (meta), so transformer training never reruns the image encoder.
+caption) and `KEY.json` (meta), so transformer training never reruns the image encoder. Shards
+written with a CLIP also hold `KEY.clip_img.npy` and `KEY.clip_txt.npy`: the CLIP's unit image and
+caption embeddings (D,) float32, computed once here for the prior and the embedding-conditioned
+transformer (`PREFIX-tokens.json` records which CLIP, `dalle_ar.clip.CLIP.identity`).
 
-`make_token_loader` yields {"codes": LongTensor (B, h, w), "caption", "meta", "key"} and behaves
+`make_token_loader` yields {"codes": LongTensor (B, h, w), "caption", "meta", "key"} (plus
+"clip_img", "clip_txt" (B, D) float32 when the shards hold them) and behaves
 like the image loader of `dalle_ar.data.loader` in everything else, because it is that loader
 with another record decoder: the same shard split across ranks and workers, the same shuffle
 buffer and seeds, the same bad-record rules (skip, count in a `BadDataReport`, log once per pass).
@@ -28,9 +32,11 @@ from dalle_ar.data.loader import Loader, _Batches, checked_urls, make_loader
 from dalle_ar.data.shards import read_caption, read_meta, write_samples
 
 if TYPE_CHECKING:
+    from dalle_ar.clip import CLIP
     from dalle_ar.vq import VQTokenizer
 
 CODES_EXT = "codes.npy"
+CLIP_EXTS = {"clip_img": "clip_img.npy", "clip_txt": "clip_txt.npy"}  # batch key -> record ext
 
 
 def codes_dtype(codebook_size: int) -> np.dtype:
@@ -66,22 +72,38 @@ def decode_token_sample(sample: dict[str, Any]) -> tuple[dict[str, Any] | None, 
     if reason:
         return None, reason
     item = {"codes": codes.astype(np.int64), "caption": caption, "meta": meta}
+    for name, ext in CLIP_EXTS.items():
+        if sample.get(ext) is None:
+            continue
+        try:
+            vec = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            return None, "bad_clip"
+        if vec.ndim != 1 or vec.dtype.kind != "f" or not np.isfinite(vec).all():
+            return None, "bad_clip"
+        item[name] = vec.astype(np.float32)
     return item | {"key": sample["__key__"]}, None
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+    out = {
         "codes": torch.from_numpy(np.stack([it["codes"] for it in items])),  # (B, h, w)
         "caption": [it["caption"] for it in items],
         "meta": [it["meta"] for it in items],
         "key": [it["key"] for it in items],
     }
+    for name in CLIP_EXTS:
+        if name in items[0]:
+            out[name] = torch.from_numpy(np.stack([it[name] for it in items]))  # (B, D)
+    return out
 
 
 class _TokenBatches(_Batches):
     """`loader._Batches` (split, shuffle, bad-record counting) with token records for images."""
 
     grid: tuple[int, ...] | None = None  # the first record's grid; every batch must share it
+    # the first record's CLIP embedding sizes ({} for none); every record must match them
+    embeds: dict[str, int] | None = None
 
     def decode(
         self, sample: dict[str, Any], rng: random.Random | None
@@ -92,6 +114,10 @@ class _TokenBatches(_Batches):
         self.grid = self.grid or item["codes"].shape
         if item["codes"].shape != self.grid:
             return None, "codes_grid_mismatch"
+        sizes = {k: len(item[k]) for k in CLIP_EXTS if k in item}
+        self.embeds = sizes if self.embeds is None else self.embeds
+        if sizes != self.embeds:
+            return None, "clip_embeds_mismatch"
         return item, None
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -122,17 +148,34 @@ def make_token_loader(
 # Writing: image shards -> token shards.
 
 
-def token_records(vq: VQTokenizer, batches: Any, device: torch.device) -> Iterator[dict[str, Any]]:
-    """Webdataset records {"__key__", "codes.npy", "txt", "json"} for each image of `batches`."""
+def token_records(
+    vq: VQTokenizer, batches: Any, device: torch.device, clip: CLIP | None = None
+) -> Iterator[dict[str, Any]]:
+    """Webdataset records {"__key__", "codes.npy", "txt", "json"} for each image of `batches`,
+    with a `clip` also {"clip_img.npy", "clip_txt.npy"}: its unit embeddings of the image and of
+    the caption (cut to the CLIP's text length, as in its training), (D,) float32."""
     for batch in batches:
         codes = vq.encode(batch["image"].to(device)).cpu().numpy()  # (B, h, w)
-        for key, caption, meta, c in zip(batch["key"], batch["caption"], batch["meta"], codes):
-            yield {
-                "__key__": key,
-                CODES_EXT: encode_codes(c, vq.codebook_size),
-                "txt": caption,
-                "json": meta,
-            }
+        embeds: dict[str, np.ndarray] = {}
+        if clip is not None:
+            with torch.no_grad():
+                img = clip.image_embeds(clip.pixels_from_tensor(batch["image"].to(clip.device)))
+                txt = clip.text_embeds(*clip.encode_text(batch["caption"], truncate=True))
+            embeds = {CLIP_EXTS["clip_img"]: img.cpu().numpy(),
+                      CLIP_EXTS["clip_txt"]: txt.cpu().numpy()}  # fmt: skip
+        for i, (key, caption, meta, c) in enumerate(
+            zip(batch["key"], batch["caption"], batch["meta"], codes)
+        ):
+            rec = {"__key__": key, CODES_EXT: encode_codes(c, vq.codebook_size), "txt": caption,
+                   "json": meta}  # fmt: skip
+            rec.update({ext: _npy(v[i]) for ext, v in embeds.items()})
+            yield rec
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
 
 
 def pretokenize(
@@ -145,10 +188,14 @@ def pretokenize(
     shard_size: int = 5000,
     num_workers: int = 0,
     source: str = "",
+    clip: CLIP | None = None,
+    clip_source: str = "",
 ) -> dict[str, Any]:
     """Encode every image of `shards` with the loaded VQ `vq` (on its own device); returns the
-    summary written to `out/PREFIX-tokens.json` (`source`: the VQ folder, for the record). The
-    command `dalle-ar tokens` loads the VQ from its folder and calls this."""
+    summary written to `out/PREFIX-tokens.json` (`source`: the VQ folder, for the record). With a
+    loaded `clip`, each record also holds its CLIP image and caption embeddings, and the summary
+    the CLIP's identity ("clip": `CLIP.identity()` plus "folder": `clip_source`). The command
+    `dalle-ar tokens` loads the VQ (and CLIP) from their folders and calls this."""
     if isinstance(vq, (str, Path)):
         raise TypeError(
             f"pretokenize takes a loaded VQ, got the path {str(vq)!r}: for a VQ folder use "
@@ -160,7 +207,8 @@ def pretokenize(
     loader = make_loader(shards, size, batch_size, train=False, num_workers=num_workers)
     start = time.time()
     bar = tqdm(desc=f"pretokenize {prefix}", unit="batch", disable=None)
-    count = write_samples(token_records(vq, _counted(loader, bar), dev), out, prefix, shard_size)
+    records = token_records(vq, _counted(loader, bar), dev, clip)
+    count = write_samples(records, out, prefix, shard_size)
     bar.close()
     summary = {
         "vq": source,
@@ -173,6 +221,7 @@ def pretokenize(
         "records": count,
         "skipped": loader.report.to_dict(),
         "seconds": round(time.time() - start, 2),
+        "clip": None if clip is None else {**clip.identity(), "folder": clip_source},
     }
     path = Path(out) / f"{prefix}-tokens.json"
     path.write_text(json.dumps(summary, indent=2))

@@ -160,3 +160,26 @@ def test_codes_dtype_widens_for_large_codebooks() -> None:
     assert big.dtype == np.int32 and int(big[0, 0]) == 40000
     with pytest.raises(ValueError, match=r"shape \(h, w\), got \(4,\)"):
         encode_codes(np.zeros(4, np.int64), 64)
+
+
+def test_token_shards_carry_clip_embeddings_computed_once(tmp_path, shapes_shards, vq_dir):
+    from dalle_ar.clip import CLIP, CLIPSizes
+    from dalle_ar.text import TokenizerConfig, train_tokenizer
+
+    captions = [c for _, c, _ in generate(64, seed=0, split="train")]
+    tok = train_tokenizer(captions, TokenizerConfig(vocab_size=300, text_len=32))
+    sizes = CLIPSizes(image_size=16, patch_size=4, vision_width=32, vision_layers=1,
+                      vision_heads=2, text_width=32, text_layers=1, text_heads=2, embed_dim=16)  # fmt: skip
+    clip = CLIP.build(sizes, tok)
+    clip.save_pretrained(tmp_path / "clip")
+    out = tmp_path / "tok"
+    summary = tokenize_shards(vq_dir, shapes_shards.eval, out, "eval", clip_dir=tmp_path / "clip")
+    assert summary["clip"]["weights_sha256"] == clip.identity()["weights_sha256"]
+    names = _members(sorted(out.glob("eval-*.tar"))[0])
+    assert {"000000000.clip_img.npy", "000000000.clip_txt.npy"} <= set(names)
+    batch = next(iter(make_token_loader(str(out / "eval-*.tar"), 8, train=False)))
+    assert batch["clip_img"].shape == (8, 16) and batch["clip_img"].dtype == torch.float32
+    assert torch.allclose(batch["clip_txt"].norm(dim=-1), torch.ones(8), atol=1e-5)
+    with torch.no_grad():  # the stored embeddings are the CLIP's own
+        want = clip.text_embeds(*clip.encode_text(batch["caption"], truncate=True))
+    assert torch.allclose(batch["clip_txt"], want, atol=1e-5)

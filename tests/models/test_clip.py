@@ -122,3 +122,14 @@ def test_padding_to_the_longest_prompt_gives_the_same_embeddings(ours):
     full, short = clip.encode_text(PROMPTS), clip.encode_text(PROMPTS, longest=True)
     assert short[0].shape[1] < full[0].shape[1] == clip.text_len
     assert torch.allclose(clip.text_embeds(*short), clip.text_embeds(*full), atol=1e-5)
+
+
+def test_identity_survives_a_round_trip_and_names_another_clip(ours, tmp_path):
+    clip, tok = ours
+    ident = clip.identity()
+    assert ident["embed_dim"] == TINY.embed_dim
+    clip.save_pretrained(tmp_path / "clip")
+    assert CLIP.from_pretrained(tmp_path / "clip").identity() == ident
+    other = CLIP.build(TINY, tok, seed=1).identity()  # same shape, other weights
+    assert other["config_sha256"] == ident["config_sha256"]
+    assert other["weights_sha256"] != ident["weights_sha256"]
