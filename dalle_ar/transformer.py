@@ -19,7 +19,10 @@ One forward path serves training, prefill and decoding (gpt-fast style):
   positions. With L > 1 the call is a prefill and `input_pos` must be 0..L-1; with L == 1 it is one
   decode step at an image position (the step attends to the cache through `backend.decode`).
 - `text_lens` (B,): valid text tokens per sample (BOS..EOS); keys past it are masked. Pass it on
-  every call, decode steps included. `cond` is needed whenever position 0 is in the call.
+  every call, decode steps included. `cond` is needed whenever position 0 is in the call;
+  `null_rows` (B,) bool marks the rows whose embedding is the learned null embedding instead (no
+  embedding: classifier-free guidance's unconditional input, and text mode of a model trained
+  with its embedding dropped, as DALL-E 2's decoder is; `null_cond` gives it for sampling).
 - The logits at a position predict the next token: `Logits.text` (B, n, text_vocab) for the
   positions whose next token is text, `Logits.image` (B, m, image_vocab) for those whose next token
   is an image code (the last text position predicts the first code). A decode step returns only
@@ -74,6 +77,7 @@ class Transformer(nn.Module):
         if cfg.cond_len:
             self.cond_proj = nn.Linear(cfg.cond_dim, cfg.cond_len * d)
             self.cond_pos_emb = nn.Embedding(cfg.cond_len, d)
+            self.cond_null = nn.Parameter(torch.zeros(cfg.cond_dim))  # "no embedding", learned
         if cfg.code_input == "code":
             self.image_emb = nn.Embedding(cfg.image_vocab, d)
         self.row_emb = nn.Embedding(cfg.grid_h, d)
@@ -163,6 +167,13 @@ class Transformer(nn.Module):
         for block in self.blocks:
             block.attn.cache = None
 
+    def null_cond(self, n: int) -> torch.Tensor:
+        """The learned null embedding for `n` rows, (n, cond_dim): the input that stands for
+        no embedding. ValueError for a model without a conditioning embedding."""
+        if not self.cfg.cond_len:
+            raise ValueError("this model has no conditioning embedding (cond_dim=0)")
+        return self.cond_null.detach()[None].expand(n, -1)
+
     # -- forward ---------------------------------------------------------------------------
     def forward(
         self,
@@ -171,6 +182,7 @@ class Transformer(nn.Module):
         *,
         text_lens: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
+        null_rows: torch.Tensor | None = None,
     ) -> Logits:
         """tokens (B, L) at token positions 0..L-1 (input_pos None: training, no cache), a
         prefill from 0 (input_pos = arange(L)) or one decode step (L == 1, input_pos (1,) an
@@ -198,7 +210,7 @@ class Transformer(nn.Module):
             x = self._embed_image(tokens, input_pos - T)
         else:
             pos = None if input_pos is None else torch.arange(C + L, device=tokens.device)
-            x = self._embed_prefix_and_image(tokens, cond)
+            x = self._embed_prefix_and_image(tokens, cond, null_rows)
         x = self.drop(x)  # (B, C + L or 1, d)
 
         stream_lens = None if text_lens is None else text_lens + C
@@ -228,7 +240,9 @@ class Transformer(nn.Module):
             x = x + self.code_in(self.code_feats[codes])
         return x
 
-    def _embed_prefix_and_image(self, tokens: torch.Tensor, cond: torch.Tensor | None):
+    def _embed_prefix_and_image(
+        self, tokens: torch.Tensor, cond: torch.Tensor | None, null_rows: torch.Tensor | None
+    ) -> torch.Tensor:
         cfg = self.cfg
         C, T = cfg.cond_len, cfg.text_positions
         B, L = tokens.shape
@@ -237,7 +251,14 @@ class Transformer(nn.Module):
             if cond is None or cond.shape != (B, cfg.cond_dim):
                 got = None if cond is None else tuple(cond.shape)
                 raise ValueError(f"cond must have shape ({B}, {cfg.cond_dim}), got {got}")
-            c = self.cond_proj(cond.to(self.cond_proj.weight.dtype)).view(B, C, cfg.dim)
+            cond = cond.to(self.cond_proj.weight.dtype)
+            if null_rows is not None:
+                if null_rows.shape != (B,) or null_rows.dtype != torch.bool:
+                    raise ValueError(f"null_rows must be a ({B},) bool tensor, got "
+                                     f"{null_rows.dtype} {tuple(null_rows.shape)}")  # fmt: skip
+                null = self.cond_null.to(cond.dtype)[None]
+                cond = torch.where(null_rows.to(cond.device)[:, None], null, cond)
+            c = self.cond_proj(cond).view(B, C, cfg.dim)
             parts.append(c + self.cond_pos_emb.weight)
         elif cond is not None:
             raise ValueError("cond was given but this model has cond_dim=0")

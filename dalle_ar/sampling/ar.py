@@ -39,7 +39,8 @@ only on its seed, prompt and parameters, never on the batch it was generated in,
 uses the same uniform whether or not the rows before it were primed.
 
 Classifier-free guidance (Ho & Salimans 2022) runs the conditional and the unconditional stream
-(the empty caption [BOS, EOS, PAD..], or a zero embedding) in one batch of 2B and samples from
+(the empty caption [BOS, EOS, PAD..] and the model's learned null embedding,
+`Transformer.null_cond`) in one batch of 2B and samples from
 `uncond + scale * (cond - uncond)` on the logits. `guidance_scale=1` without parts is plain
 conditional sampling: the unconditional stream is then not computed at all. A composed prompt
 adds K part streams (captions naming part of the scene; a batch of (K + 2) B) and their weighted
@@ -222,8 +223,8 @@ def generate_image_tokens(
             text = torch.cat([text, empty.expand(B, -1)])
             if lens is not None:
                 lens = torch.cat([lens, lens.new_full((B,), empty_len)])
-        if cnd is not None:
-            cnd = torch.cat([cnd, torch.zeros_like(cnd[:B])])
+        if cnd is not None:  # the learned null embedding: "no embedding"
+            cnd = torch.cat([cnd, model.null_cond(B).to(cnd)])
     nb = (K + 2) * B if guided else B
     if not cfg.has_text:
         text = text.new_zeros(nb, 0)

@@ -56,11 +56,11 @@ def drop_conditioning(
     empty_ids: torch.Tensor,
     empty_len: int,
     drop: torch.Tensor,
-    cond: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Classifier-free guidance dropout: where `drop` (B,) is True a sample's text becomes the
-    empty caption (`empty_ids` (T,), e.g. [BOS, EOS, PAD...], `empty_len` valid ids) and its
-    embedding `cond` becomes zeros, the same unconditional input guidance uses when sampling.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free guidance dropout of the caption: where `drop` (B,) is True a sample's text
+    becomes the empty caption (`empty_ids` (T,), e.g. [BOS, EOS, PAD...], `empty_len` valid ids),
+    the same unconditional input guidance uses when sampling. (A conditioning embedding is
+    dropped apart, to the model's learned null embedding: `Transformer.forward(null_rows=)`.)
     The caller draws `drop` (probability p), so data-parallel ranks can slice one global draw."""
     if empty_ids.shape != text.shape[1:]:
         raise ValueError(
@@ -74,6 +74,4 @@ def drop_conditioning(
     drop = drop.to(text.device)
     text = torch.where(drop[:, None], empty_ids.to(text.device)[None, :], text)
     text_lens = torch.where(drop, text_lens.new_tensor(empty_len), text_lens)
-    if cond is not None:
-        cond = torch.where(drop[:, None], torch.zeros_like(cond), cond)
-    return text, text_lens, cond
+    return text, text_lens

@@ -45,6 +45,11 @@ class TrainTransformerConfig(LoopConfig):  # optim, run, lr_follows_time, max_ba
     text_loss_weight: float = 0.125  # paper: 1/8 of the loss on text positions
     image_loss_weight: float = 0.875  # ... and 7/8 on image positions
     cond_drop: float = 0.1  # probability a caption is replaced by the empty one (guidance)
+    # an embedding-conditioned model (model.cond_dim > 0, fed the CLIP image embedding of token
+    # shards written with a CLIP): probability, drawn apart from the caption's, that the
+    # embedding is replaced by the learned null one. About half, so that one model serves both
+    # the prior mode (embedding and caption) and the text mode (the null embedding).
+    embed_drop: float = 0.5
     parallel: Literal["ddp", "fsdp"] = "ddp"  # data-parallel mode under torchrun
     activation_checkpointing: bool = False  # recompute each block in backward (saves memory)
     eval_batches: int = 20  # held-out batches per evaluation (per rank)
@@ -56,18 +61,24 @@ class TrainTransformerConfig(LoopConfig):  # optim, run, lr_follows_time, max_ba
         w_ok = self.text_loss_weight >= 0 and self.image_loss_weight > 0
         require(w_ok, "image_loss_weight", "loss weights must be >= 0 (image > 0)")
         require(0 <= self.cond_drop <= 1, "cond_drop", f"must be in [0, 1], got {self.cond_drop}")
+        e = self.embed_drop
+        require(0 <= e <= 1, "embed_drop", f"must be in [0, 1], got {e}")
         require(self.eval_batches >= 1, "eval_batches", "must be >= 1")
         require(self.sample_temperature > 0, "sample_temperature", "must be > 0")
 
 
 def sample_grid(model: Transformer, source: ShardBatches, cfg, path: Path, seed: int) -> None:
-    """One row of decoded samples for the fixed prompts (no guidance), written as a PNG."""
+    """One row of decoded samples for the fixed prompts (no guidance; an embedding-conditioned
+    model in text mode), written as a PNG."""
     from dalle_ar.grid import image_grid
     from dalle_ar.sampling import generate_image_tokens
 
     t = source.tok.encode(cfg.sample_prompts)
+    n = len(cfg.sample_prompts)
+    cond = model.null_cond(n) if model.cfg.cond_len else None  # text mode
     codes = generate_image_tokens(
-        model, t.ids, text_lens=t.mask.sum(1), temperature=cfg.sample_temperature, seeds=seed
+        model, t.ids, text_lens=t.mask.sum(1), temperature=cfg.sample_temperature, seeds=seed,
+        cond=cond,
     )  # (n, h, w)
     with torch.no_grad():
         images = source.vq.decode(codes)  # (n, 3, S, S) in [0, 1]
@@ -78,20 +89,23 @@ def sample_grid(model: Transformer, source: ShardBatches, cfg, path: Path, seed:
 def _drop_mask(cfg: TrainTransformerConfig, micro: int, B: int, info: dist.DistInfo):
     # One draw for the global batch, sliced by rank: N processes drop exactly the captions one
     # process with the whole batch would drop.
+    # Returns (caption dropped, embedding dropped), each (B,) bool, drawn independently.
     g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + micro)
-    draw = torch.rand(B * info.world, generator=g) < cfg.cond_drop
-    return draw[info.rank * B : (info.rank + 1) * B]
+    u = torch.rand(2, B * info.world, generator=g)[:, info.rank * B : (info.rank + 1) * B]
+    return u[0] < cfg.cond_drop, u[1] < cfg.embed_drop
 
 
-def _loss(model, batch, cfg, info, drop=None, text_count=None):
+def _loss(model, batch, cfg, info, drop=None, text_count=None, null_rows=None):
+    """drop: captions replaced by the empty one; null_rows: embeddings replaced by the null
+    one ((B,) bool each, or None)."""
     text, lens, image, cond = batch["text"], batch["text_lens"], batch["image"], batch.get("cond")
     if drop is not None:
-        text, lens, cond = drop_conditioning(
-            text, lens, batch["empty_ids"], batch["empty_len"], drop, cond
-        )
+        text, lens = drop_conditioning(text, lens, batch["empty_ids"], batch["empty_len"], drop)
     prefix = text if cfg.model.has_text else text[:, :0]
     tokens = torch.cat([prefix, image[:, :-1]], 1)
     kw = {"text_lens": lens} if cfg.model.has_text else {}
+    if cfg.model.cond_len and null_rows is not None:
+        kw["null_rows"] = null_rows.to(image.device)
     with autocast_context(info.device, cfg.run.precision, cpu_auto=True):
         out = model(tokens, cond=cond, **kw)
     return lm_loss(
@@ -107,27 +121,33 @@ def _loss(model, batch, cfg, info, drop=None, text_count=None):
 
 @torch.no_grad()
 def evaluate(model, source: BatchSource, cfg: TrainTransformerConfig, info) -> dict[str, float]:
-    """Held-out losses, summed over every rank's batches."""
+    """Held-out losses, summed over every rank's batches. An embedding-conditioned model is
+    also scored in text mode (the null embedding): `eval/image_loss_text_mode`."""
     batches = source.eval()
     if batches is None:
         return {}
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # image, text, batches
+    # image, text, batches, image in text mode
+    sums = torch.zeros(4, dtype=torch.float64, device=info.device)
     for i, batch in enumerate(batches):
         if i >= cfg.eval_batches:
             break
-        _, parts = _loss(model, to_device(batch, info.device), cfg, info)
-        sums += torch.stack(
-            [
-                parts["image_loss"].double(),
-                parts.get("text_loss", 0 * sums[0]),
-                torch.ones((), dtype=torch.float64, device=info.device),
-            ]
-        )
+        batch = to_device(batch, info.device)
+        _, parts = _loss(model, batch, cfg, info)
+        text_mode = sums[0] * 0
+        if cfg.model.cond_len:
+            rows = torch.ones(len(batch["image"]), dtype=torch.bool)
+            text_mode = _loss(model, batch, cfg, info, null_rows=rows)[1]["image_loss"].double()
+        one = torch.ones((), dtype=torch.float64, device=info.device)
+        sums += torch.stack([parts["image_loss"].double(), parts.get("text_loss", 0 * sums[0]),
+                             one, text_mode])  # fmt: skip
     model.train()
     sums = dist.all_reduce_sum(sums)
     n = max(1.0, sums[2].item())
-    return {"eval/image_loss": sums[0].item() / n, "eval/text_loss": sums[1].item() / n}
+    out = {"eval/image_loss": sums[0].item() / n, "eval/text_loss": sums[1].item() / n}
+    if cfg.model.cond_len:
+        out["eval/image_loss_text_mode"] = sums[3].item() / n
+    return out
 
 
 def _resolve_code_features(cfg: TrainTransformerConfig) -> tuple[torch.Tensor, ...] | None:
@@ -195,13 +215,13 @@ def build(
 
     def loss(batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = {**batch, "empty_ids": source.empty_ids, "empty_len": source.empty_len}
-        drop = _drop_mask(cfg, micro, B, info)
+        drop, null_rows = _drop_mask(cfg, micro, B, info)
         count = None
         if info.distributed and cfg.model.has_text:  # text positions of the global batch
             idx = torch.arange(1, batch["text"].shape[1], device=info.device)
             lens = torch.where(drop.to(info.device), source.empty_len, batch["text_lens"])
             count = dist.all_reduce_sum((idx[None] < lens[:, None]).sum()) / info.world
-        return _loss(forward, batch, cfg, info, drop, count)
+        return _loss(forward, batch, cfg, info, drop, count, null_rows)
 
     def pictures(step: int) -> tuple[Path, str]:
         path = Path(cfg.run.out_dir) / "samples" / f"step_{step:07d}.png"

@@ -27,7 +27,8 @@ class BatchSource(Source, Protocol):
 
 class ShardBatches:
     """Batches from token shards (dalle_ar.data.tokens) or image shards encoded by the VQ on the
-    fly; captions become fixed-length ids with the text tokenizer. Shards are split across ranks
+    fly; captions become fixed-length ids with the text tokenizer; for an embedding-conditioned
+    model, "cond" is each record's CLIP image embedding (token shards written with a CLIP). Shards are split across ranks
     by the loaders. Resuming skips the batches already consumed (exact with num_workers=0)."""
 
     def __init__(self, cfg: Any, info: dist.DistInfo) -> None:
@@ -39,10 +40,10 @@ class ShardBatches:
         require(bool(cfg.text_tokenizer), "text_tokenizer", "needs the tokenizer folder")
         require(bool(cfg.data.train), "data.train", "needs training shards")
         require(
-            m.cond_len == 0,
+            m.cond_len == 0 or cfg.data_format == "tokens",
             "model.cond_dim",
-            "shards carry no conditioning embedding; "
-            "train an embedding-conditioned model with a source that yields 'cond'",
+            "the conditioning embedding is read from token shards written with a CLIP "
+            "(dalle-ar tokens --clip), not from image shards",
         )
         require(cfg.data_format == "tokens" or bool(cfg.vq), "vq", "data_format=images needs it")
         self.cfg, self.device = cfg, info.device
@@ -90,7 +91,20 @@ class ShardBatches:
                 f"({m.grid_h}, {m.grid_w}): check the VQ and data.image_size"
             )
         t = self.tok.encode(list(raw["caption"]))
-        return {"text": t.ids, "text_lens": t.mask.sum(1), "image": codes.flatten(1).long()}
+        out = {"text": t.ids, "text_lens": t.mask.sum(1), "image": codes.flatten(1).long()}
+        if m.cond_len:  # the CLIP image embedding of each record (DALL-E 2's decoder input)
+            if "clip_img" not in raw:
+                raise ValueError(
+                    f"model.cond_dim={m.cond_dim}: these token shards hold no CLIP image "
+                    "embeddings; write them with `dalle-ar tokens --clip FOLDER`"
+                )
+            if raw["clip_img"].shape[1] != m.cond_dim:
+                raise ValueError(
+                    f"the shards' CLIP embeddings have {raw['clip_img'].shape[1]} dimensions, "
+                    f"model.cond_dim is {m.cond_dim}: expected equal"
+                )
+            out["cond"] = raw["clip_img"]
+        return out
 
     def train(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         for i, raw in enumerate(self._loader(self.cfg.data.train, train=True)):

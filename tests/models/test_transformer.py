@@ -223,12 +223,30 @@ def test_loss_weights_and_padding_exclusion():
 def test_drop_conditioning_replaces_text_with_the_empty_caption():
     text, _, lens = batch(B=2)
     empty = torch.tensor([1, 2, 0, 0, 0])
-    cond = torch.ones(2, 4)
-    t, n, c = drop_conditioning(text, lens, empty, 2, torch.tensor([True, False]), cond=cond)
-    assert torch.equal(t[0], empty) and n[0] == 2 and (c[0] == 0).all()
-    assert torch.equal(t[1], text[1]) and n[1] == lens[1] and torch.equal(c[1], cond[1])
+    t, n = drop_conditioning(text, lens, empty, 2, torch.tensor([True, False]))
+    assert torch.equal(t[0], empty) and n[0] == 2
+    assert torch.equal(t[1], text[1]) and n[1] == lens[1]
     with pytest.raises(ValueError, match="empty_ids must have shape"):
         drop_conditioning(text, lens, empty[:3], 2, torch.tensor([True, False]))
+
+
+def test_null_rows_take_the_learned_null_embedding():
+    model = build(cond_dim=6, cond_tokens=2)
+    with torch.no_grad():
+        model.cond_null.normal_()
+    text, image, lens = batch(B=2)
+    tokens = torch.cat([text, image[:, :-1]], 1)
+    cond = torch.randn(2, 6)
+    rows = torch.tensor([True, False])
+    with torch.no_grad():
+        got = model(tokens, text_lens=lens, cond=cond, null_rows=rows).image
+        null = model(tokens, text_lens=lens, cond=model.null_cond(2)).image
+        plain = model(tokens, text_lens=lens, cond=cond).image
+    torch.testing.assert_close(got[0], null[0])
+    torch.testing.assert_close(got[1], plain[1])
+    assert not torch.allclose(null[0], plain[0])
+    with pytest.raises(ValueError, match="no conditioning embedding"):
+        build().null_cond(1)
 
 
 # -- training aids, accounting, persistence --------------------------------------------------------
