@@ -28,8 +28,9 @@ class BatchSource(Source, Protocol):
 class ShardBatches:
     """Batches from token shards (dalle_ar.data.tokens) or image shards encoded by the VQ on the
     fly; captions become fixed-length ids with the text tokenizer; for an embedding-conditioned
-    model, "cond" is each record's CLIP image embedding (token shards written with a CLIP). Shards are split across ranks
-    by the loaders. Resuming skips the batches already consumed (exact with num_workers=0)."""
+    model, "cond" is each record's CLIP image embedding (token shards written with a CLIP).
+    Shards are split across ranks by the loaders. Resuming skips the batches already consumed
+    (exact with num_workers=0)."""
 
     def __init__(self, cfg: Any, info: dist.DistInfo) -> None:
         # cfg: the recipe's TrainTransformerConfig (dalle_ar.train.transformer, which imports

@@ -169,7 +169,8 @@ def test_token_shards_carry_clip_embeddings_computed_once(tmp_path, shapes_shard
     captions = [c for _, c, _ in generate(64, seed=0, split="train")]
     tok = train_tokenizer(captions, TokenizerConfig(vocab_size=300, text_len=32))
     sizes = CLIPSizes(image_size=16, patch_size=4, vision_width=32, vision_layers=1,
-                      vision_heads=2, text_width=32, text_layers=1, text_heads=2, embed_dim=16)  # fmt: skip
+                      vision_heads=2, text_width=32, text_layers=1, text_heads=2,
+                      embed_dim=16)  # fmt: skip
     clip = CLIP.build(sizes, tok)
     clip.save_pretrained(tmp_path / "clip")
     out = tmp_path / "tok"
