@@ -152,6 +152,17 @@ def image_embeds(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.visual_projection(out.pooler_output).float(), dim=-1)
 
 
+# Config keys that a save and load add or change without changing the model.
+VOLATILE_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype", "_name_or_path",
+                        "architectures")  # fmt: skip
+
+
+def _stable(conf: dict) -> dict:
+    """A config dict without `VOLATILE_CONFIG_KEYS`, at every level."""
+    return {k: _stable(v) if isinstance(v, dict) else v for k, v in conf.items()
+            if k not in VOLATILE_CONFIG_KEYS}  # fmt: skip
+
+
 class CLIPPair(nn.Module):
     """CLIPModel as trained: forward(ids, mask, pixel_values) -> (image embeds, text embeds,
     logit scale), one call through DDP's wrapper for both towers."""
@@ -222,12 +233,10 @@ class CLIP:
     def identity(self) -> dict[str, str | int]:
         """Which CLIP this is, for what is trained on its embeddings (the prior, token shards,
         an embedding-conditioned transformer): {"config_sha256", "weights_sha256", "embed_dim"}.
-        The config hash reads the model config as JSON (sorted keys, without transformers'
-        version and dtype); the weights hash every tensor's name, dtype, shape and bytes in name
-        order."""
-        conf = self.model.config.to_dict()
-        for k in ("transformers_version", "torch_dtype", "dtype", "_name_or_path"):
-            conf.pop(k, None)
+        The config hash reads the model config as JSON (sorted keys, without what saving and
+        loading change: `VOLATILE_CONFIG_KEYS`); the weights hash every tensor's name, dtype,
+        shape and bytes in name order."""
+        conf = _stable(self.model.config.to_dict())
         h = hashlib.sha256()
         for name, t in sorted(self.model.state_dict().items()):
             t = t.detach().cpu().contiguous()

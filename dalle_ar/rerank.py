@@ -40,8 +40,9 @@ def pmi_scores(
 ) -> torch.Tensor:
     """Score (n,) of each image codes[i] (n, h, w) for prompts[i]: log p(codes | prompt) -
     weight * log p(codes | empty caption), over the rows from `start_row` on (primed rows are
-    given, not drawn). Higher is better. A model with a conditioning embedding is not handled
-    here (its prompts need the prior first)."""
+    given, not drawn). Higher is better. A model with a conditioning embedding is scored in text
+    mode (its learned null embedding, `Transformer.null_cond`), whatever embedding drew the
+    image: the caption's information about the codes, the same for every mode."""
     if len(prompts) != codes.shape[0]:
         raise ValueError(f"expected one prompt per image, got {len(prompts)} and {codes.shape[0]}")
     check_weight(weight)
@@ -56,9 +57,9 @@ def pmi_scores(
         for batch in texts:
             text = tokenizer.encode(batch)
             ids, lens = text.ids.to(device), text.mask.sum(1).to(device)
-            logps.append(
-                image_log_likelihood(model, ids, chunk, text_lens=lens, start_row=start_row)
-            )
+            cond = model.null_cond(len(chunk)) if model.cfg.cond_len else None
+            logps.append(image_log_likelihood(model, ids, chunk, text_lens=lens, cond=cond,
+                                              start_row=start_row))  # fmt: skip
         out.append(logps[0] - weight * logps[1] if weight else logps[0])
     model.train(was_training)
     return torch.cat(out).cpu()

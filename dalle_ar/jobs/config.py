@@ -7,7 +7,7 @@ from typing import Literal
 
 from dalle_ar.config import require, require_precision
 from dalle_ar.eval.fidelity import GUIDED_SCALE
-from dalle_ar.sampling.settings import ARSampling, RerankSettings, reranker_parts
+from dalle_ar.sampling.settings import ARSampling, PriorSampling, RerankSettings, reranker_parts
 
 
 @dataclasses.dataclass
@@ -30,8 +30,16 @@ class MainJobConfig:
     vq_max_minutes: float = 15.0
     transformer_max_minutes: float = 45.0
     clip_max_minutes: float = 15.0
+    prior_steps: int = 0  # the diffusion prior's budget; 0 = configs/<data>/prior.yaml's
+    prior_max_minutes: float = 10.0
     # Train a CLIP (dalle_ar.clip) and rerank with it; false: no CLIP stage, PMI reranking only
     clip: bool = True
+    # The prior mode (DALL-E 2): token shards carry CLIP embeddings, the transformer is trained
+    # on them (dropped to a learned null embedding half the time, so the same model serves the
+    # text mode), a diffusion prior is trained, and the grid and the evaluation run in both
+    # modes. Needs clip=true.
+    prior: bool = True
+    embed_tokens: int = 2  # stream positions the CLIP image embedding is projected to
     # auto | fp32 | bf16, for both training stages (run.precision): auto trains the transformer
     # under bf16 autocast where the CPU or GPU has bf16, the VQ-VAE in fp32 on a CPU
     precision: str = "auto"
@@ -55,6 +63,7 @@ class MainJobConfig:
     rerank: RerankSettings = dataclasses.field(
         default_factory=lambda: RerankSettings(candidates=16, reranker="clip")
     )
+    prior_sampling: PriorSampling = dataclasses.field(default_factory=PriorSampling)
     seed: int = 0  # data, training and sampling seed
     device: str = "auto"  # auto | cpu | cuda
     wandb: str = "offline"  # offline | online | disabled
@@ -62,8 +71,9 @@ class MainJobConfig:
     def validate(self) -> None:
         require(self.num_train >= 100, "num_train", "must be >= 100")
         require(self.num_eval >= 10, "num_eval", "must be >= 10")
-        for key in ("vq_steps", "transformer_steps", "clip_steps", "vq_max_minutes",
-                    "transformer_max_minutes", "clip_max_minutes"):  # fmt: skip
+        for key in ("vq_steps", "transformer_steps", "clip_steps", "prior_steps",
+                    "vq_max_minutes", "transformer_max_minutes", "clip_max_minutes",
+                    "prior_max_minutes"):  # fmt: skip
             require(getattr(self, key) >= 0, key, "must be >= 0")
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         require(self.fidelity_prompts >= 0, "fidelity_prompts", "must be >= 0")
@@ -71,4 +81,6 @@ class MainJobConfig:
         require_precision(self.precision)
         require(self.clip or "clip" not in reranker_parts(self.rerank.reranker), "rerank.reranker",
                 f"is {self.rerank.reranker!r}, which needs the CLIP stage (clip=true)")  # fmt: skip
+        require(self.clip or not self.prior, "prior", "needs the CLIP stage (clip=true)")
+        require(self.embed_tokens >= 1, "embed_tokens", "must be >= 1")
         require(self.wandb in ("offline", "online", "disabled"), "wandb", "offline|online|disabled")

@@ -1,10 +1,14 @@
 """`dalle-ar pipeline [--config FILE] [key=value ...]`: the main job, text to image end to end.
 
-    shards -> BPE tokenizer -> CLIP -> VQ-VAE -> token shards -> transformer -> pipeline folder
+    shards -> BPE tokenizer -> CLIP -> VQ-VAE -> token shards (+ CLIP embeddings)
+           -> transformer (conditioned on the CLIP image embedding, or its null one)
+           -> diffusion prior -> pipeline folder
            -> samples for a handful of prompts (some held-out combinations), each the best of
-              `rerank.candidates` by `rerank.reranker` (CLIP) -> captioned grid with the scores
+              `rerank.candidates` by `rerank.reranker` (CLIP) -> captioned grids with the scores,
+              in text mode and in prior mode
            -> the data set's evaluation: single draws, and best of the candidates by the
-              transformer's own score (PMI), by CLIP and by both (terminal + JSON)
+              transformer's own score (PMI), by CLIP and by both (terminal + JSON); the prior
+              mode's single draws and best of the candidates by CLIP beside them
 
 Each stage writes into `out_dir` and is skipped on a rerun once its output is complete; a training
 stage that was killed resumes from its last checkpoint. Training stages are sized in steps (the
@@ -66,6 +70,8 @@ class Paths:
         self.transformer = self.transformer_run / "transformer"
         self.clip_run = out / "clip_run"
         self.clip = self.clip_run / "clip"
+        self.prior_run = out / "prior_run"
+        self.prior = self.prior_run / "prior"
         self.pipeline = out / "pipeline"
         self.samples = out / "samples"
         self.fidelity = out / "fidelity.json"
@@ -120,7 +126,8 @@ def stage_tokens(cfg: MainJobConfig, p: Paths) -> None:
     from dalle_ar.cli.tokens import tokenize_shards
 
     for split in ("train", "eval"):  # the summary of the last split marks the stage complete
-        tokenize_shards(p.vq, f"{p.data}/{split}-*.tar", p.tokens, split, device=cfg.device)
+        tokenize_shards(p.vq, f"{p.data}/{split}-*.tar", p.tokens, split, device=cfg.device,
+                        clip_dir=p.clip if cfg.prior else None)  # fmt: skip
 
 
 def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
@@ -143,6 +150,9 @@ def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         f"model.grid_w={w}",
         *_run(cfg, p.transformer_run, cfg.transformer_steps, cfg.transformer_max_minutes),
     ]
+    if cfg.prior:  # conditioned on each record's CLIP image embedding (the token shards')
+        dim = json.loads((p.tokens / "train-tokens.json").read_text())["clip"]["embed_dim"]
+        overrides += [f"model.cond_dim={dim}", f"model.cond_tokens={cfg.embed_tokens}"]
     rcfg = load_config(transformer.TrainTransformerConfig, yaml, overrides)
     transformer.train(rcfg, resume=has_checkpoint(p.transformer_run))
 
@@ -161,15 +171,31 @@ def stage_clip(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     clip.train(rcfg, resume=has_checkpoint(p.clip_run))
 
 
+def stage_prior(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
+    from dalle_ar.train import prior
+    from dalle_ar.train.common import has_checkpoint
+
+    overrides = [
+        f"data.train={p.tokens}/train-*.tar",
+        f"data.eval={p.tokens}/eval-*.tar",
+        f"clip={p.clip}",
+        *_run(cfg, p.prior_run, cfg.prior_steps, cfg.prior_max_minutes),
+    ]
+    rcfg = load_config(prior.PriorRecipeConfig, yaml, overrides)
+    prior.train(rcfg, resume=has_checkpoint(p.prior_run))
+
+
 def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
     from dalle_ar.pipelines import assemble
 
     # The folder's defaults are the job's sampling settings and rerank weight; its candidates
     # stay 1, so `dalle-ar sample --model` draws once per sample unless asked for more.
     rerank = dataclasses.replace(cfg.rerank, candidates=1, keep=1)
-    defaults = {"ar": dataclasses.asdict(cfg.sampling), "rerank": dataclasses.asdict(rerank)}
+    defaults = {"ar": dataclasses.asdict(cfg.sampling), "rerank": dataclasses.asdict(rerank),
+                "prior": dataclasses.asdict(cfg.prior_sampling)}  # fmt: skip
     assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=defaults,
-             clip=p.clip if cfg.clip else None)  # fmt: skip
+             clip=p.clip if cfg.clip else None,
+             prior=p.prior if cfg.prior else None)  # fmt: skip
 
 
 def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
@@ -184,6 +210,11 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
     grid = save_prompt_grid(result, p.samples / "grid.png")
     report = data.evaluate(pipe, cfg)
     report["grid"] = str(grid)
+    if cfg.prior:  # the same prompts and seeds in prior mode
+        result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, mode="prior",
+                      settings=cfg.sampling, prior_settings=cfg.prior_sampling,
+                      rerank=cfg.rerank)  # fmt: skip
+        report["grid_prior"] = str(save_prompt_grid(result, p.samples / "grid_prior.png"))
     p.fidelity.write_text(json.dumps(report, indent=2))
 
 
@@ -218,6 +249,8 @@ def run_stages(cfg: MainJobConfig) -> dict:
     yaml = {stage: configs / name for stage, name in data.configs.items()}
     if not cfg.clip:
         yaml.pop("clip", None)
+    if not cfg.prior:
+        yaml.pop("prior", None)
     missing = [str(f) for f in yaml.values() if not f.is_file()]
     if missing:
         raise ConfigError(f"config key 'config_dir': no component configs {missing}")
@@ -229,6 +262,8 @@ def run_stages(cfg: MainJobConfig) -> dict:
     # by a rerun leaves the VQ and the transformer alone)
     clip_stage = ("clip", {"data", "tokenizer"}, lambda: _trained(p.clip_run, p.clip),
                   lambda: stage_clip(cfg, p, yaml["clip"]), [p.clip_run])  # fmt: skip
+    prior_stage = ("prior", {"tokens", "clip"}, lambda: _trained(p.prior_run, p.prior),
+                   lambda: stage_prior(cfg, p, yaml["prior"]), [p.prior_run])  # fmt: skip
     stages: list[tuple[str, set[str], Callable[[], bool], Callable[[], None], list[Path]]] = [
         ("data", set(), lambda: (p.data / "info.json").is_file(),
          lambda: data.build(cfg, p.data), [p.data]),
@@ -237,12 +272,14 @@ def run_stages(cfg: MainJobConfig) -> dict:
         *([clip_stage] if cfg.clip else []),
         ("vq", {"data"}, lambda: _trained(p.vq_run, p.vq), lambda: stage_vq(cfg, p, yaml["vq"]),
          [p.vq_run]),
-        ("tokens", {"data", "vq"}, lambda: (p.tokens / "eval-tokens.json").is_file(),
-         lambda: stage_tokens(cfg, p), [p.tokens]),
+        ("tokens", {"data", "vq", *(["clip"] if cfg.prior else [])},
+         lambda: (p.tokens / "eval-tokens.json").is_file(), lambda: stage_tokens(cfg, p),
+         [p.tokens]),
         ("transformer", {"tokenizer", "vq", "tokens"},
          lambda: _trained(p.transformer_run, p.transformer),
          lambda: stage_transformer(cfg, p, yaml["transformer"]), [p.transformer_run]),
-        ("pipeline", {"tokenizer", "vq", "transformer", "clip"},
+        *([prior_stage] if cfg.prior else []),
+        ("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior"},
          lambda: (p.pipeline / "pipeline.json").is_file(), lambda: stage_pipeline(cfg, p),
          [p.pipeline]),
         ("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
@@ -270,6 +307,8 @@ def run_stages(cfg: MainJobConfig) -> dict:
     training = {"vq": _training(p.vq_run), "transformer": _training(p.transformer_run)}
     if cfg.clip:
         training = {"clip": _training(p.clip_run), **training}
+    if cfg.prior:
+        training["prior"] = _training(p.prior_run)
     summary = {"config": to_dict(cfg), "machine": describe_machine(), "stage_seconds": timings,
                "training": training, "total_seconds": total}  # fmt: skip
     if p.fidelity.is_file():

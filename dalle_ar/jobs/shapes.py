@@ -37,14 +37,15 @@ def build(cfg: MainJobConfig, out: Path) -> None:
 def evaluate(pipe: Any, cfg: MainJobConfig) -> dict[str, Any]:
     """Prompt fidelity on `cfg.fidelity_prompts` evaluation prompts: single draws without and with
     guidance, then reranked (best of `cfg.rerank.candidates`) by PMI, and by CLIP and by both
-    when the pipeline holds one."""
+    when the pipeline holds one; with a prior, the prior mode at the guided scale, single and
+    best of the candidates by CLIP, under "prior_mode" (summary keys "prior mode ...")."""
     from dalle_ar.eval.fidelity import evaluate_fidelity
 
     settings = {**dataclasses.asdict(cfg.sampling), **dataclasses.asdict(cfg.rerank)}
     guidance, candidates = settings.pop("guidance_scale"), settings.pop("candidates")
     settings.pop("keep"), settings.pop("reranker")
     rerankers = RERANKERS if "clip" in pipe.components else ("pmi",)
-    return evaluate_fidelity(
+    report = evaluate_fidelity(
         pipe,
         num_prompts=cfg.fidelity_prompts,
         seed=cfg.seed,
@@ -54,6 +55,15 @@ def evaluate(pipe: Any, cfg: MainJobConfig) -> dict[str, Any]:
         rerankers=rerankers,
         **settings,
     )
+    if "prior" in pipe.components:  # the prior mode at the guided scale, single and by CLIP
+        prior = evaluate_fidelity(
+            pipe, num_prompts=cfg.fidelity_prompts, seed=cfg.seed, guidance_scales=(guidance,),
+            candidates=candidates, rerankers=("clip",), mode="prior",
+            **settings, **dataclasses.asdict(cfg.prior_sampling),
+        )  # fmt: skip
+        report["prior_mode"] = prior
+        report["summary"].update({f"prior mode {k}": v for k, v in prior["summary"].items()})
+    return report
 
 
 SHAPES = DataSet(
@@ -63,6 +73,7 @@ SHAPES = DataSet(
         "vq": "vq.yaml",
         "transformer": "transformer.yaml",
         "clip": "clip.yaml",
+        "prior": "prior.yaml",
     },
     prompts=PROMPTS,
     build=build,

@@ -1,9 +1,18 @@
-"""The autoregressive mode (DALL-E): prompt -> BPE ids -> the transformer draws the image codes
-one by one -> the VQ decoder draws the pixels.
+"""The autoregressive modes: prompt -> BPE ids -> the transformer draws the image codes one by
+one -> the VQ decoder draws the pixels.
+
+- mode="ar" (DALL-E): the caption alone (an embedding-conditioned transformer gets its learned
+  null embedding).
+- mode="prior" (DALL-E 2): caption -> CLIP text embedding -> diffusion prior -> CLIP image
+  embedding -> the transformer draws the codes from that embedding and the caption. Needs the
+  clip and prior components and a transformer trained with the embedding (model.cond_dim).
+  `variations(images)` draws from given pictures' CLIP image embeddings; `interpolate(a, b)`
+  from the slerp between two prompts' or pictures' embeddings.
 
     pipe = ARPipeline.from_pretrained("runs/main/pipeline")
     out = pipe(["a small red circle at the top left"], num_samples=4, seed=0, top_k=64)
     out.images[0].save("0.png"); out.codes  # (4, h, w); out.samples[0] = {"prompt", "seed", ..}
+    out = pipe(["a small red circle at the top left"], mode="prior", prior_steps=25)
 
 Every sample is reproducible alone from its metadata: `pipe([prompt], seeds=[seed], ...)` gives
 the same codes and pixels whatever batch it first came from (`dalle_ar.sampling`). Prompts may be
@@ -28,11 +37,19 @@ from dalle_ar.clip import CLIP, check_clip_folder
 from dalle_ar.grid import to_uint8
 from dalle_ar.pipelines.base import Pipeline, PipelineOutput
 from dalle_ar.pipelines.folder import AR_COMPONENTS, write_folder
+from dalle_ar.prior import DiffusionPrior, check_clip
 from dalle_ar.prompts import encode_prompts, known_chars, split_prompt
 from dalle_ar.rerank import pmi_scores
 from dalle_ar.runtime import sample_seeds
 from dalle_ar.sampling import ARSampling, RerankSettings, generate_image_tokens
-from dalle_ar.sampling.settings import reranker_parts, resolve, split_overrides
+from dalle_ar.sampling.diffusion import sample_prior, slerp
+from dalle_ar.sampling.settings import (
+    PriorSampling,
+    names,
+    reranker_parts,
+    resolve,
+    split_overrides,
+)
 from dalle_ar.text import TextBatch, TextTokenizer
 from dalle_ar.transformer import Transformer, TransformerConfig
 from dalle_ar.vq import VQConfig, VQTokenizer
@@ -40,15 +57,20 @@ from dalle_ar.vq import VQConfig, VQTokenizer
 log = logging.getLogger(__name__)
 MEMORY_MB = 512.0  # what a generation call's batches may hold, by default (`candidate_batch`)
 MAX_BATCH = 64  # samples drawn at once, at most: past it a CPU decode step gains little
+MODES = ("ar", "prior")  # what draws a sample: the caption alone, or the prior's embedding too
 
 
 class ARPipeline(Pipeline):
-    """Text tokenizer + transformer + VQ decoder: the text-conditioned autoregressive mode."""
+    """Text tokenizer + transformer + VQ decoder: the autoregressive modes, "ar" (the caption
+    alone) and, with the clip and prior components, "prior" (the prior's CLIP image embedding and
+    the caption)."""
 
     mode: ClassVar[str] = "ar"
     required: ClassVar[tuple[str, ...]] = tuple(AR_COMPONENTS)
-    optional: ClassVar[tuple[str, ...]] = ("clip",)  # the CLIP reranker
-    settings: ClassVar[dict[str, type]] = {"ar": ARSampling, "rerank": RerankSettings}
+    optional: ClassVar[tuple[str, ...]] = ("clip", "prior")  # the CLIP reranker; the prior mode
+    settings: ClassVar[dict[str, type]] = {
+        "ar": ARSampling, "prior": PriorSampling, "rerank": RerankSettings
+    }  # fmt: skip
 
     def __init__(
         self,
@@ -57,22 +79,25 @@ class ARPipeline(Pipeline):
         transformer: Transformer,
         defaults: dict[str, Any] | None = None,
         clip: CLIP | None = None,
+        prior: DiffusionPrior | None = None,
     ) -> None:
         check_compatible(tokenizer.vocab_size, vq.config, transformer.cfg)
+        check_prior(transformer.cfg, clip, prior)
         t = transformer.cfg
         if tokenizer.text_len != t.text_len:  # the model's text length decides
             tokenizer = TextTokenizer(
                 tokenizer.hf, dataclasses.replace(tokenizer.cfg, text_len=t.text_len)
             )
         parts = dict(text_tokenizer=tokenizer, vq=vq.eval(), transformer=transformer.eval(),
-                     clip=clip)  # fmt: skip
+                     clip=clip, prior=None if prior is None else prior.eval())  # fmt: skip
         super().__init__(parts, defaults)
         self._known_chars = known_chars(tokenizer)
 
     @classmethod
     def from_components(cls, components: dict[str, Any], defaults: dict[str, Any]) -> ARPipeline:
         c = components
-        return cls(c["text_tokenizer"], c["vq"], c["transformer"], defaults, c.get("clip"))
+        return cls(c["text_tokenizer"], c["vq"], c["transformer"], defaults, c.get("clip"),
+                   c.get("prior"))  # fmt: skip
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -112,9 +137,12 @@ class ARPipeline(Pipeline):
         seed: int | None = None,
         seeds: Sequence[int] | None = None,
         *,
+        mode: str = "ar",
         settings: ARSampling | None = None,
+        prior_settings: PriorSampling | None = None,
         rerank: RerankSettings | None = None,
         prime_codes: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
         batch_size: int | None = None,
         memory_mb: float = MEMORY_MB,
         progress: bool = False,
@@ -123,9 +151,16 @@ class ARPipeline(Pipeline):
         """Generate `num_samples` images per prompt. Seeds: `seeds` (one per sample), else
         seed, seed+1, ... (prompt-major), else random ones (recorded in the metadata).
 
-        settings / rerank: `ARSampling` / `RerankSettings`, default the folder's; keyword
-        overrides of their fields (`guidance_scale=1.5`, `top_k=64`, `candidates=16`, `keep=4`,
-        `reranker="clip"`; None keeps the default) replace them for this call. prime_codes
+        mode: "ar" (the caption alone) or "prior" (the diffusion prior draws a CLIP image
+        embedding from the caption's CLIP text embedding, with each sample's seed, and the
+        transformer draws the codes from it and the caption; `PriorSampling`). `embeds` (one per
+        prompt, (n_prompts, D) unit CLIP image embeddings) conditions the transformer on given
+        embeddings instead (`variations`, `interpolate`).
+
+        settings / prior_settings / rerank: `ARSampling` / `PriorSampling` / `RerankSettings`,
+        default the folder's; keyword overrides of their fields (`guidance_scale=1.5`,
+        `top_k=64`, `prior_steps=25`, `candidates=16`, `keep=4`, `reranker="clip"`; None keeps
+        the default) replace them for this call. prime_codes
         (1 | n_prompts | n_samples, r, w) fixes the first r rows of codes. `batch_size` samples
         (or candidates) are drawn together, by default as many as `memory_mb` MiB hold (an
         estimate, `candidate_batch`); the output does not depend on it.
@@ -144,24 +179,26 @@ class ARPipeline(Pipeline):
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        ar_kw, rr_kw = split_overrides(overrides, ARSampling, RerankSettings)
+        ar_kw, pr_kw, rr_kw = split_overrides(overrides, ARSampling, PriorSampling, RerankSettings)
         s = resolve(settings or self.defaults["ar"], **ar_kw)
+        ps = resolve(prior_settings or self.defaults["prior"], **pr_kw)
         rr = resolve(rerank or self.defaults["rerank"], **rr_kw)
-        if self.transformer.cfg.cond_len:
-            raise ValueError(
-                f"this transformer is conditioned on an embedding (cond_dim="
-                f"{self.transformer.cfg.cond_dim}) and needs the prior to make one from the "
-                "prompt; the prior is not wired in yet"
-            )
+        cond = self._prompt_embeds(mode, prompts, embeds)  # (n_prompts, D) or None
         clip_text = self.check_reranker(rr, prompts)
+        kind = "embeds" if embeds is not None else mode
+        extra = {"mode": kind, **(dataclasses.asdict(ps) if kind == "prior" else {})}
         batch_size = batch_size or self.candidate_batch(s, rr, memory_mb)
         n = len(prompts) * num_samples
-        kw = dict(settings=s, batch_size=batch_size)
+        prior = ps if kind == "prior" else None
+        kw = dict(settings=s, batch_size=batch_size, prior=prior)
         prime = _expand_prime(prime_codes, len(prompts), num_samples)  # one grid per sample
         if rr.candidates == 1:
-            codes, samples = self._draw(prompts, num_samples, seed, seeds, prime, progress=progress,
-                                        **kw)  # fmt: skip
-            return PipelineOutput(self.decode(codes), codes, samples, dataclasses.asdict(s))
+            codes, samples = self._draw(prompts, num_samples, seed, seeds, prime, cond,
+                                        progress=progress, **kw)  # fmt: skip
+            for m in samples:
+                m.update(extra)
+            settings_json = {**dataclasses.asdict(s), **extra}
+            return PipelineOutput(self.decode(codes), codes, samples, settings_json)
         split = [split_prompt(p) for p in prompts]  # warned once here, not once per batch
         self.check_prompts([scene for scene, _ in split])
         parts = sorted({q for _, ps in split for q, _ in ps})
@@ -172,16 +209,94 @@ class ARPipeline(Pipeline):
         def draw(numbers: list[int], cand_seeds: list[int]) -> tuple[torch.Tensor, list[dict]]:
             samples = [f // N for f in numbers]
             chunk = None if prime is None else prime[samples]
-            codes, metas = self._draw([prompts[j // num_samples] for j in samples], 1, None,
-                                      cand_seeds, chunk, progress=False, warn=False,
-                                      **kw)  # fmt: skip
+            rows = [j // num_samples for j in samples]
+            codes, metas = self._draw([prompts[r] for r in rows], 1, None, cand_seeds, chunk,
+                                      None if cond is None else cond[rows], progress=False,
+                                      warn=False, **kw)  # fmt: skip
             for j, meta in zip(samples, metas):
-                meta.update(prompt_index=j // num_samples, sample_index=j % num_samples)
+                meta.update(prompt_index=j // num_samples, sample_index=j % num_samples, **extra)
             return codes, metas
 
         out = self._rerank(n, rr, seed, seeds, draw, clip_text, batch_size, progress)
-        out.settings = {**dataclasses.asdict(s), **dataclasses.asdict(rr)}
+        out.settings = {**dataclasses.asdict(s), **dataclasses.asdict(rr), **extra}
         return out
+
+    def _prompt_embeds(
+        self, mode: str, prompts: list[str], embeds: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Per prompt: the given image embeddings, the CLIP text embedding the prior starts from
+        (mode "prior"), or None (the transformer's null embedding, if it takes one). ValueError,
+        before any drawing, for an unknown mode or one this pipeline lacks a part for."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        cfg = self.transformer.cfg
+        if (mode == "prior" or embeds is not None) and not cfg.cond_len:
+            raise ValueError(
+                "this transformer takes no CLIP image embedding (model.cond_dim=0): the prior "
+                "mode and variations need one trained with it (`dalle-ar tokens --clip`, then "
+                "model.cond_dim = the CLIP's embed_dim)"
+            )
+        if embeds is not None:
+            if embeds.ndim != 2 or embeds.shape != (len(prompts), cfg.cond_dim):
+                raise ValueError(f"embeds must have shape ({len(prompts)}, {cfg.cond_dim}), got "
+                                 f"{tuple(embeds.shape)}")  # fmt: skip
+            return embeds.float().cpu()
+        if mode == "ar":
+            return None
+        missing = [k for k in ("clip", "prior") if self.components.get(k) is None]
+        if missing:
+            raise ValueError(
+                f"the prior mode needs the {' and '.join(missing)} component(s), which this "
+                "pipeline lacks (assemble it with clip=FOLDER, prior=FOLDER)"
+            )
+        clip = self.components["clip"]
+        return clip.text_embeds(*clip.encode_text([split_prompt(p)[0] for p in prompts])).cpu()
+
+    @torch.inference_mode()
+    def variations(
+        self, images: Sequence[Any], num_samples: int = 4, seed: int | None = None, **kw: Any
+    ) -> PipelineOutput:
+        """DALL-E 2's variations: `num_samples` new pictures per given picture (PIL images, or
+        (3, H, W) tensors in [0, 1]), drawn by the transformer from the picture's CLIP image
+        embedding with the empty caption. Keyword arguments as for `__call__` (guidance_scale,
+        temperature, candidates, ...). ValueError without a clip component or a transformer
+        trained with the embedding."""
+        return self(["" for _ in images], num_samples, seed, embeds=self.image_embeds(images),
+                    **kw)  # fmt: skip
+
+    @torch.inference_mode()
+    def interpolate(
+        self, a: Any, b: Any, steps: int = 5, seed: int = 0, **kw: Any
+    ) -> PipelineOutput:
+        """Pictures along the slerp between the CLIP image embeddings of `a` and `b` (each a
+        prompt, whose embedding the prior draws with `seed`, or a picture), at `steps` evenly
+        spaced points from a to b, each drawn with the same `seed` and the empty caption
+        (DALL-E 2, section 3.2). ValueError for steps < 2."""
+        if steps < 2:
+            raise ValueError(f"steps must be >= 2, got {steps}")
+        ends = [self.image_embeds([x]) if not isinstance(x, str) else self._prior_embed(x, seed, kw)
+                for x in (a, b)]  # fmt: skip
+        t = torch.linspace(0, 1, steps)
+        path = slerp(ends[0].expand(steps, -1), ends[1].expand(steps, -1), t)
+        return self([""] * steps, 1, seeds=[seed] * steps, embeds=path, **kw)
+
+    def _prior_embed(self, prompt: str, seed: int, kw: dict[str, Any]) -> torch.Tensor:
+        """The prior's image embedding (1, D) for one prompt and seed, with the call's
+        `PriorSampling` overrides taken out of `kw`."""
+        pr_kw = {k: kw.pop(k) for k in list(kw) if k in names(PriorSampling)}
+        text = self._prompt_embeds("prior", [prompt], None)
+        return sample_prior(self.components["prior"], text.to(self.device),
+                            resolve(self.defaults["prior"], **pr_kw), [seed]).cpu()  # fmt: skip
+
+    def image_embeds(self, images: Sequence[Any]) -> torch.Tensor:
+        """Unit CLIP image embeddings (n, D) of pictures (PIL images, or (3, H, W) tensors in
+        [0, 1]). ValueError without a clip component."""
+        clip = self.components.get("clip")
+        if clip is None:
+            raise ValueError("image embeddings need a clip component (assemble with clip=FOLDER)")
+        pils = [x if isinstance(x, Image.Image) else Image.fromarray(to_uint8([x])[0])
+                for x in images]  # fmt: skip
+        return clip.image_embeds(clip.pixels(pils)).cpu()
 
     def candidate_batch(self, s: ARSampling, rr: RerankSettings, memory_mb: float) -> int:
         """How many samples (or candidates) to draw at once within `memory_mb` MiB, at most
@@ -221,13 +336,18 @@ class ARPipeline(Pipeline):
         seed: int | None,
         seeds: Sequence[int] | None,
         prime: torch.Tensor | None,
+        embeds: torch.Tensor | None,
         settings: ARSampling,
         batch_size: int,
         progress: bool,
         warn: bool = True,
+        prior: PriorSampling | None = None,
     ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """The codes (n, h, w) and per-sample metadata, without reranking; `prime` holds one
-        grid per sample or is None; `warn`: warn about odd prompts (`check_prompts`)."""
+        grid per sample or is None; `warn`: warn about odd prompts (`check_prompts`). `embeds`
+        (n_prompts, D): with `prior` settings the CLIP text embeddings the prior starts from
+        (each sample draws its image embedding with its own seed), else the image embeddings
+        themselves; None: the transformer's null embedding, if it takes one."""
         cfg = self.transformer.cfg
         n = len(prompts) * num_samples
         per_seed = sample_seeds(n, seed if seeds is None else seeds)
@@ -265,6 +385,7 @@ class ARPipeline(Pipeline):
                 self.transformer,
                 text.ids[rows],
                 settings,
+                cond=self._sample_cond(embeds, rows, [per_seed[i] for i in idx], prior),
                 text_lens=text_lens[rows],
                 empty_ids=empty.ids[0],
                 empty_len=int(empty.mask[0].sum()),
@@ -289,6 +410,24 @@ class ARPipeline(Pipeline):
             for i in range(n)
         ]
         return codes, samples
+
+    def _sample_cond(
+        self,
+        embeds: torch.Tensor | None,
+        rows: list[int],
+        seeds: list[int],
+        prior: PriorSampling | None,
+    ) -> torch.Tensor | None:
+        """The transformer's conditioning embedding (len(rows), D) for samples of prompts `rows`
+        (see `_draw`), or None for a model without one."""
+        if not self.transformer.cfg.cond_len:
+            return None
+        if embeds is None:
+            return self.transformer.null_cond(len(rows))
+        e = embeds[rows].to(self.device)
+        if prior is None:
+            return e
+        return sample_prior(self.components["prior"], e, prior, seeds)
 
 
 DalleAR = ARPipeline  # the name this class had before there were other modes
@@ -315,6 +454,21 @@ def check_compatible(text_vocab_size: int, vq_cfg: VQConfig, tf_cfg: Transformer
         )
 
 
+def check_prior(tf_cfg: TransformerConfig, clip: CLIP | None, prior: DiffusionPrior | None) -> None:
+    """Refuse a prior without the CLIP it was trained on (ValueError naming both CLIPs, or the
+    missing one), or whose embeddings the transformer does not take (naming both sizes)."""
+    if prior is None:
+        return
+    if clip is None:
+        raise ValueError("the prior needs the clip component it was trained with, which is missing")
+    check_clip(prior, clip.identity())
+    if tf_cfg.cond_dim != prior.cfg.embed_dim:
+        raise ValueError(
+            f"the prior draws {prior.cfg.embed_dim}-dim CLIP image embeddings but the transformer "
+            f"takes cond_dim={tf_cfg.cond_dim}: expected one trained on that CLIP's embeddings"
+        )
+
+
 def assemble(
     folder: str | Path,
     tokenizer: str | Path,
@@ -331,9 +485,8 @@ def assemble(
     against each other first (vocabulary, codebook and patch sizes), and `defaults` (flat
     `ARSampling` fields, or sections {"ar": ..., "rerank": ...}) against the settings. `clip`: a
     CLIP folder (ours or a user's Hugging Face one, `dalle_ar.clip.CLIP`) for the CLIP reranker,
-    checked for its parts. `prior` is taken for old callers and left out, with a warning."""
-    if prior is not None:
-        log.warning("the prior folder %s is not written: the ar pipeline does not use one", prior)
+    checked for its parts. `prior`: a diffusion prior folder (`dalle-ar train prior`) for the
+    prior mode, checked against the CLIP (`check_prior`)."""
     srcs = {"text_tokenizer": Path(tokenizer), "vq": Path(vq), "transformer": Path(transformer)}
     for name, src in srcs.items():
         if not (src / "config.json").is_file():
@@ -345,8 +498,13 @@ def assemble(
     vq_cfg = read_component_config(srcs["vq"], "vq", VQConfig)
     tf_cfg = read_component_config(srcs["transformer"], "transformer", TransformerConfig)
     check_compatible(tok.vocab_size, vq_cfg, tf_cfg)
+    if prior is not None:
+        if clip is None:
+            raise ValueError("a prior needs the CLIP it was trained with: pass clip=FOLDER too")
+        srcs["prior"] = Path(prior)
+        check_prior(tf_cfg, CLIP.from_pretrained(clip), DiffusionPrior.from_pretrained(prior))
     settings = ARPipeline._defaults(defaults)
-    classes = {**AR_COMPONENTS, "clip": CLIP.__name__}
+    classes = {**AR_COMPONENTS, "clip": CLIP.__name__, "prior": DiffusionPrior.__name__}
     sources = {k: (("dalle_ar", classes[k]), src) for k, src in srcs.items()}
     as_json = {k: dataclasses.asdict(v) for k, v in settings.items()}
     return write_folder(folder, ARPipeline.__name__, sources, ARPipeline.optional, as_json, link)

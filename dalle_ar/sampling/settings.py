@@ -124,6 +124,39 @@ class RerankSettings:
                 f"must be a finite number >= 0, got {w!r}", KIND)  # fmt: skip
 
 
+@dataclasses.dataclass
+class PriorSampling:
+    """How the diffusion prior draws a CLIP image embedding for a caption
+    (`sampling.diffusion.sample_prior`): DDIM steps (Song et al. 2021), classifier-free guidance
+    (Ho & Salimans 2022), and of `embed_candidates` drawn embeddings the one closest to the
+    caption's text embedding kept (DALL-E 2, Ramesh et al. 2022, section 2.1)."""
+
+    prior_steps: int = dataclasses.field(
+        default=25, metadata=_option("--prior-steps", "DDIM steps of the diffusion prior")
+    )
+    prior_guidance: float = dataclasses.field(
+        default=2.0,
+        metadata=_option("--prior-guidance", "classifier-free guidance of the prior (1 = off)"),
+    )
+    embed_candidates: int = dataclasses.field(
+        default=2,
+        metadata=_option(
+            "--embed-candidates",
+            "draw this many image embeddings per caption, keep the closest to it (1 = off)",
+        ),
+    )
+
+    def validate(self) -> None:
+        """ConfigError (a ValueError) naming the first impossible field."""
+        n, g, k = self.prior_steps, self.prior_guidance, self.embed_candidates
+        ok_n = isinstance(n, int) and not isinstance(n, bool) and n >= 1
+        require(ok_n, "prior_steps", f"must be an int >= 1, got {n!r}", KIND)
+        require(_finite_at_least(g, 0), "prior_guidance",
+                f"must be >= 0 (1 = no guidance), got {g!r}", KIND)  # fmt: skip
+        ok_k = isinstance(k, int) and not isinstance(k, bool) and k >= 1
+        require(ok_k, "embed_candidates", f"must be an int >= 1 (1 = off), got {k!r}", KIND)
+
+
 def names(cls: type) -> tuple[str, ...]:
     """The field names of a settings dataclass."""
     return tuple(f.name for f in dataclasses.fields(cls))
@@ -193,6 +226,7 @@ def from_args(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -
 
 __all__ = [
     "ARSampling",
+    "PriorSampling",
     "RERANKERS",
     "RERANK_WEIGHT",
     "RerankSettings",

@@ -77,7 +77,11 @@ def sample_grid(model: Transformer, source: ShardBatches, cfg, path: Path, seed:
     n = len(cfg.sample_prompts)
     cond = model.null_cond(n) if model.cfg.cond_len else None  # text mode
     codes = generate_image_tokens(
-        model, t.ids, text_lens=t.mask.sum(1), temperature=cfg.sample_temperature, seeds=seed,
+        model,
+        t.ids,
+        text_lens=t.mask.sum(1),
+        temperature=cfg.sample_temperature,
+        seeds=seed,
         cond=cond,
     )  # (n, h, w)
     with torch.no_grad():

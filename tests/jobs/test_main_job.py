@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _toy_configs(folder: Path) -> Path:
     """The tiny configs under the names the main job reads, at the shapes' 32x32 size."""
     folder.mkdir()
-    for name in ("tokenizer", "transformer", "vq", "clip"):
+    for name in ("tokenizer", "transformer", "vq", "clip", "prior"):
         cfg = yaml.safe_load((ROOT / "configs" / "tiny" / f"{name}.yaml").read_text())
         if name == "vq":
             cfg["data"]["image_size"] = cfg["model"]["image_size"] = 32  # 8x8 codes
@@ -44,7 +44,7 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
             ]  # fmt: skip
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[8/8] samples: finished" in printed
+    assert "[9/9] samples: finished" in printed
     # the table: each training stage reached its planned steps, in the precision it says
     assert "3 of 3 steps, fp32" in printed and "4 of 4 steps" in printed
     assert "UNDER-TRAINED" not in printed
@@ -52,9 +52,14 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert pipe(["a red circle"], seed=0).codes.shape == (1, 8, 8)
     assert (out / "samples" / "grid.png").is_file()
     assert (out / "pipeline" / "clip" / "model.safetensors").is_file()  # reranks with CLIP
+    assert (out / "samples" / "grid_prior.png").is_file()  # the prior mode's grid
+    assert pipe(["a red circle"], seed=0, mode="prior").codes.shape == (1, 8, 8)
     fid = json.loads((out / "fidelity.json").read_text())
     best = [f"1.5 best of 2 by {r}" for r in ("pmi", "clip", "clip+pmi")]
     assert set(fid["settings"]) == {"1", "1.5", *best}
+    assert set(fid["prior_mode"]["settings"]) == {"1.5", "1.5 best of 2 by clip"}
+    assert fid["prior_mode"]["settings"]["1.5"]["mode"] == "prior"
+    assert "prior mode guidance 1.5" in fid["summary"]
     for name in best:  # one draw of the candidates, picked three ways
         res = fid["settings"][name]
         assert res["candidates"] == 2 and res["all"]["n"] == 4
@@ -64,8 +69,9 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert summary["fidelity"]["summary"] == fid["summary"]
     assert summary["training"]["transformer"]["step"] == 4
     assert summary["training"]["vq"]["finished"] and summary["machine"]["cpus"] >= 1
+    assert summary["training"]["prior"]["finished"]
     assert main_job(args) == 0  # everything is done: nothing runs again
-    assert capsys.readouterr().out.count("done already, skipped") == 8
+    assert capsys.readouterr().out.count("done already, skipped") == 9
     assert main_job([*args, "candidates=0"]) == 2  # refused before any work
     assert main_job([*args, "precision=FP32"]) == 2
     assert "'precision': must be auto, fp32 or bf16, got 'FP32'" in capsys.readouterr().out
@@ -90,11 +96,12 @@ def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
 
     assert main_job(args) == 0  # the cap is the default again: the stage continues to step 6
     printed = capsys.readouterr().out
-    assert "[6/8] transformer: running" in printed and "6 of 6 steps" in printed
+    assert "[6/9] transformer: running" in printed and "6 of 6 steps" in printed
     # the pipeline and its evaluation are made again from the finished transformer
-    assert "[7/8] pipeline: running again (transformer ran)" in printed
-    assert "[8/8] samples: running again" in printed
-    assert "[3/8] clip: done already" in printed  # the CLIP does not depend on the transformer
+    assert "[8/9] pipeline: running again (transformer ran)" in printed
+    assert "[9/9] samples: running again" in printed
+    assert "[3/9] clip: done already" in printed  # the CLIP does not depend on the transformer
+    assert "[7/9] prior: done already" in printed  # nor does the prior
     summary = json.loads((out / "summary.json").read_text())
     assert summary["training"]["transformer"]["finished"] and "UNDER-TRAINED" not in printed
 
@@ -107,6 +114,7 @@ def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
             "num_train=200", "num_eval=20", "vq_steps=2", "clip_steps=0", "transformer_steps=2",
             "samples_per_prompt=1", "fidelity_prompts=2", "candidates=2", "wandb=disabled",
             "device=cpu", "prompts=[a red circle]"]  # fmt: skip
+    args.append("prior=false")  # the prior's token shards carry the CLIP's embeddings
     assert main_job([*args, "clip_max_minutes=2.5"]) == 0  # a minute a step: 3 of 6
     capsys.readouterr()
     said = json.loads((out / "summary.json").read_text())["training"]["clip"]

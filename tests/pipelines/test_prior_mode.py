@@ -1,0 +1,124 @@
+"""The prior mode (DALL-E 2) end to end on tiny random-weight components: caption -> CLIP text
+embedding -> diffusion prior -> CLIP image embedding -> embedding-conditioned transformer ->
+codes; variations, interpolation, reranking in this mode, and the checks that refuse a prior
+with another CLIP or a transformer that takes no embedding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _pipeline_fixtures import build_components, peaked, tiny_transformer_config
+from PIL import Image
+
+from dalle_ar.clip import CLIP, CLIPSizes
+from dalle_ar.pipelines import ARPipeline, Pipeline, assemble
+from dalle_ar.prior import CLIPIdentity, DiffusionPrior, PriorConfig
+from dalle_ar.sampling.diffusion import sample_prior
+from dalle_ar.text import TextTokenizer
+from dalle_ar.transformer import Transformer
+
+PROMPTS = ["a small red circle at the top", "a blue square"]
+D = 16
+SIZES = CLIPSizes(image_size=16, patch_size=4, vision_width=32, vision_layers=1, vision_heads=2,
+                  text_width=32, text_layers=1, text_heads=2, embed_dim=D, text_len=32)  # fmt: skip
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _prior(clip: CLIP, seed: int = 0) -> DiffusionPrior:
+    torch.manual_seed(seed)
+    cfg = PriorConfig(embed_dim=D, width=32, heads=2, layers=1, num_train_timesteps=100,
+                      clip=CLIPIdentity.from_identity(clip.identity()))  # fmt: skip
+    prior = DiffusionPrior(cfg).eval()
+    with torch.no_grad():  # a prior whose output depends visibly on its input
+        for p in prior.parameters():
+            if p.ndim == 2 and p.requires_grad:
+                p.normal_(0, 0.3)
+    return prior
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prior_mode")
+    parts = build_components(root)
+    torch.manual_seed(0)
+    tf = peaked(Transformer(tiny_transformer_config(cond_dim=D, cond_tokens=1)))
+    tf.save_pretrained(parts["transformer"])
+    clip = CLIP.build(SIZES, TextTokenizer.from_pretrained(parts["text_tokenizer"]))
+    clip.save_pretrained(root / "clip")
+    _prior(clip).save_pretrained(root / "prior")
+    return {**parts, "clip": root / "clip", "prior": root / "prior", "root": root}
+
+
+@pytest.fixture(scope="module")
+def pipe(parts) -> ARPipeline:
+    folder = assemble(parts["root"] / "pipe", parts["text_tokenizer"], parts["vq"],
+                      parts["transformer"], clip=parts["clip"], prior=parts["prior"])  # fmt: skip
+    return Pipeline.from_pretrained(folder)
+
+
+def test_prior_mode_draws_from_the_priors_embedding(pipe):
+    out = pipe(PROMPTS, num_samples=2, seed=5, mode="prior", prior_steps=4, guidance_scale=2.0)
+    assert out.codes.shape == (4, 4, 4) and len(out.images) == 4
+    assert all(m["mode"] == "prior" and m["prior_steps"] == 4 for m in out.samples)
+    # by hand: the prior's embedding for each sample's seed, then the transformer on it
+    clip, prior = pipe.components["clip"], pipe.components["prior"]
+    text = clip.text_embeds(*clip.encode_text(PROMPTS)).repeat_interleave(2, 0)
+    seeds = [m["seed"] for m in out.samples]
+    settings = pipe.defaults["prior"].__class__(prior_steps=4)
+    emb = sample_prior(prior, text, settings, seeds)
+    want = pipe([p for p in PROMPTS for _ in range(2)], seeds=seeds, embeds=emb,
+                guidance_scale=2.0)  # fmt: skip
+    assert torch.equal(out.codes, want.codes)
+    # the embedding matters: text mode (the null embedding) draws other codes
+    text_mode = pipe(PROMPTS, num_samples=2, seed=5, guidance_scale=2.0)
+    assert not torch.equal(out.codes, text_mode.codes)
+    assert all(m["mode"] == "ar" for m in text_mode.samples)
+
+
+def test_prior_mode_sample_does_not_depend_on_its_batch(pipe):
+    both = pipe(PROMPTS, seed=7, mode="prior", prior_steps=3)
+    alone = pipe([PROMPTS[1]], seeds=[both.samples[1]["seed"]], mode="prior", prior_steps=3)
+    assert torch.equal(both.codes[1], alone.codes[0])
+
+
+def test_prior_mode_reranks_by_clip(pipe):
+    out = pipe(PROMPTS, seed=1, mode="prior", prior_steps=3, candidates=3, keep=1,
+               reranker="clip")  # fmt: skip
+    assert len(out.candidates) == 6 and out.codes.shape[0] == 2
+    assert all(m["mode"] == "prior" and m["candidates"] == 3 for m in out.samples)
+
+
+def test_variations_and_interpolation(pipe):
+    pics = [Image.new("RGB", (16, 16), (200, 30, 30)), Image.new("RGB", (16, 16), (30, 30, 200))]
+    out = pipe.variations(pics, num_samples=3, seed=0)
+    assert out.codes.shape == (6, 4, 4)
+    assert all(m["mode"] == "embeds" and m["prompt"] == "" for m in out.samples)
+    same = pipe.variations(pics[:1], num_samples=3, seed=0)
+    assert torch.equal(same.codes, out.codes[:3])
+    path = pipe.interpolate(PROMPTS[0], pics[1], steps=4, seed=2, prior_steps=3)
+    assert path.codes.shape == (4, 4, 4)
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        pipe.interpolate(PROMPTS[0], PROMPTS[1], steps=1)
+
+
+def test_a_prior_of_another_clip_is_refused_by_name(parts, tmp_path):
+    other = CLIP.build(SIZES, TextTokenizer.from_pretrained(parts["text_tokenizer"]), seed=1)
+    other.save_pretrained(tmp_path / "other_clip")
+    with pytest.raises(ValueError, match="the prior was trained on another CLIP"):
+        assemble(tmp_path / "pipe", parts["text_tokenizer"], parts["vq"], parts["transformer"],
+                 clip=tmp_path / "other_clip", prior=parts["prior"])  # fmt: skip
+    with pytest.raises(ValueError, match="pass clip=FOLDER too"):
+        assemble(tmp_path / "pipe2", parts["text_tokenizer"], parts["vq"], parts["transformer"],
+                 prior=parts["prior"])  # fmt: skip
+
+
+def test_prior_mode_needs_its_parts(pipe):
+    no_prior = ARPipeline(pipe.tokenizer, pipe.vq, pipe.transformer, clip=pipe.components["clip"])
+    with pytest.raises(ValueError, match="needs the prior component"):
+        no_prior(PROMPTS, mode="prior")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        pipe(PROMPTS, mode="masked-typo")
+    plain = Transformer(tiny_transformer_config())
+    text_only = ARPipeline(pipe.tokenizer, pipe.vq, plain)
+    with pytest.raises(ValueError, match="takes no CLIP image embedding"):
+        text_only(PROMPTS, mode="prior")
