@@ -4,6 +4,7 @@
     dalle-ar eval fidelity --model runs/pipe --composed       # + composed prompts
     dalle-ar eval fidelity --model runs/pipe --candidates 16  # + best of 16 (reranked)
     dalle-ar eval fidelity --model runs/pipe --candidates 16 --rerankers pmi,clip,clip+pmi
+    dalle-ar eval fidelity --model runs/pipe --mode prior --candidates 16 --rerankers clip
 
 One sample per evaluation-split prompt, the attributes read back from the pixels with the shape
 checker: exact-match and per-attribute accuracy, without and with classifier-free guidance, split
@@ -25,7 +26,13 @@ from pathlib import Path
 
 from dalle_ar.eval.fidelity import GUIDED_SCALE, evaluate_fidelity
 from dalle_ar.runtime import set_threads
-from dalle_ar.sampling.settings import ARSampling, RerankSettings, add_arguments, from_args
+from dalle_ar.sampling.settings import (
+    ARSampling,
+    PriorSampling,
+    RerankSettings,
+    add_arguments,
+    from_args,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
         "--rerankers", default="pmi", help="comma-separated, for --candidates: pmi, clip, clip+pmi"
     )
     add_arguments(ap, RerankSettings, skip=("candidates", "keep", "reranker"))
+    ap.add_argument(
+        "--mode",
+        default="ar",
+        choices=("ar", "prior"),
+        help="ar: the prompt alone; prior: the diffusion prior's embedding too",
+    )
+    add_arguments(ap, PriorSampling)  # the prior mode's settings
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of prompt 0 (then +1 ...)")
     ap.add_argument("--prompt-seed", type=int, default=0, help="which evaluation prompts")
     ap.add_argument("--batch-size", type=int, default=32, help="samples generated together")
@@ -66,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         **from_args(args, ARSampling, skip=("guidance_scale",)),
         **from_args(args, RerankSettings, skip=("candidates", "keep", "reranker")),
+        **(from_args(args, PriorSampling) if args.mode == "prior" else {}),
+        "mode": args.mode,
     }
     try:
         if args.num < 1:

@@ -1,6 +1,8 @@
 """`dalle-ar sample`: generate images from prompts with a pipeline folder.
 
     dalle-ar sample --model runs/pipe "a small red circle at the top left" --num 4 --out out/
+    dalle-ar sample --model runs/pipe "a red circle" --mode prior --prior-steps 25 --out out/
+    dalle-ar sample --model runs/pipe --variations a.png b.png --num 4 --out out/
     dalle-ar sample --model runs/pipe --prompts-file prompts.txt --guidance 3 --top-k 64 --out out/
     dalle-ar sample --model runs/pipe "a pink diamond at the top" --candidates 16 --out out/
     dalle-ar sample --model runs/pipe --prompts-file p.txt --candidates 16 --keep 4 \
@@ -20,6 +22,12 @@ information, `dalle_ar.rerank`), clip (CLIPScore with the pipeline's CLIP) or cl
 are drawn in batches across prompts and scored as they come; the grids label each kept image with
 its score, and samples.json records every candidate's seed and scores ("candidates"), so any of
 them can be regenerated alone (--candidate I).
+
+--mode prior (DALL-E 2; a pipeline with a clip and a prior component): the diffusion prior draws a
+CLIP image embedding from each prompt's CLIP text embedding (--prior-steps, --prior-guidance,
+--embed-candidates), and the transformer draws the codes from it and the prompt. --variations
+IMG ... draws --num new pictures of each given picture from its CLIP image embedding (no
+prompts).
 
 A composed prompt "scene AND part AND ..." also follows each part, a caption naming part of the
 scene, weighed by --part-scale (`dalle_ar.prompts.split_prompt`).
@@ -44,6 +52,7 @@ from dalle_ar.pipelines.ar import MAX_BATCH, MEMORY_MB
 from dalle_ar.runtime import set_threads
 from dalle_ar.sampling.settings import (
     ARSampling,
+    PriorSampling,
     RerankSettings,
     add_arguments,
     from_args,
@@ -67,6 +76,19 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="first seed; sample i gets seed + i")
     add_arguments(ap, ARSampling)  # every sampling setting, from its one definition
     add_arguments(ap, RerankSettings)
+    add_arguments(ap, PriorSampling)
+    ap.add_argument(
+        "--mode",
+        default="ar",
+        choices=("ar", "prior"),
+        help="ar: the prompt alone; prior: the prior's CLIP image embedding too",
+    )
+    ap.add_argument(
+        "--variations",
+        nargs="+",
+        metavar="IMG",
+        help="pictures to draw --num variations of (from their CLIP embeddings)",
+    )
     ap.add_argument("--prime-image", help="complete this image: keep its top --prime-rows rows")
     ap.add_argument("--prime-rows", type=int, default=0, help="code rows kept from --prime-image")
     ap.add_argument("--batch-size", type=int, help="samples generated together (default: as many "
@@ -121,6 +143,8 @@ def _sample(args: argparse.Namespace) -> int:
         raise ValueError("--model FOLDER is required (or --from-json FILE)")
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
+    if args.variations:
+        return _variations(args)
     prompts = _read_prompts(args)
     from dalle_ar.pipelines import Pipeline
 
@@ -140,9 +164,39 @@ def _sample(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         memory_mb=args.memory_mb,
         progress=True,
+        mode=args.mode,
         **from_args(args, ARSampling),
         **from_args(args, RerankSettings),
+        **from_args(args, PriorSampling),
     )
+    _write(args, out, len(prompts))
+    return 0
+
+
+def _variations(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from dalle_ar.pipelines import Pipeline
+
+    if args.prompts or args.prompts_file or args.prime_image:
+        raise ValueError("--variations takes pictures, not prompts or --prime-image")
+    missing = [f for f in args.variations if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--variations: no such picture {missing}")
+    pics = [Image.open(f).convert("RGB") for f in args.variations]
+    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    settings = {**from_args(args, ARSampling), **from_args(args, RerankSettings)}
+    out = pipe.variations(pics, num_samples=args.num, seed=args.seed,
+                          batch_size=args.batch_size, memory_mb=args.memory_mb, progress=True,
+                          **settings)  # fmt: skip
+    for m in out.samples:
+        m["prompt"] = f"variation of {Path(args.variations[m['prompt_index']]).name}"
+    _write(args, out, len(pics))
+    return 0
+
+
+def _write(args: argparse.Namespace, out: Any, n_prompts: int) -> None:
+    """The PNGs, the grid per prompt and samples.json of one call's output."""
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     records = []
@@ -159,13 +213,12 @@ def _sample(args: argparse.Namespace) -> int:
         "candidates": out.candidates,  # reranked: every candidate's seed and scores
     }
     write_json_atomic(folder / JSON_NAME, doc)
-    print(f"wrote {len(records)} images, {len(prompts)} grids and {JSON_NAME} to {folder}")
-    return 0
+    print(f"wrote {len(records)} images, {n_prompts} grids and {JSON_NAME} to {folder}")
 
 
 def _argv_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     """The options of this run as the parser spells them, for the record (it runs again)."""
-    skip = {"prompts", "from_json", "index", "candidate", "threads", "help"}
+    skip = {"prompts", "from_json", "index", "candidate", "threads", "help", "variations"}
     flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
     out = []
     for k, v in vars(args).items():
@@ -214,9 +267,14 @@ def _one(pipe: Any, rec: dict[str, Any]):
     import torch
 
     prime = rec.get("prime_codes")
-    settings = {k: rec[k] for k in names(ARSampling) if rec.get(k) is not None}
+    if rec.get("mode", "ar") not in ("ar", "prior"):
+        raise ValueError(f"sample {rec['index']} was drawn from given pictures ({rec['mode']}): "
+                         "regenerate it with --variations and its seed")  # fmt: skip
+    fields = names(ARSampling) + (names(PriorSampling) if rec.get("mode") == "prior" else ())
+    settings = {k: rec[k] for k in fields if rec.get(k) is not None}
     out = pipe(
         [rec["prompt"]],
+        mode=rec.get("mode", "ar"),
         seeds=[rec["seed"]],
         candidates=1,  # the record holds the kept candidate's own seed
         keep=1,

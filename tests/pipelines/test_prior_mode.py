@@ -5,6 +5,9 @@ with another CLIP or a transformer that takes no embedding."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from _pipeline_fixtures import build_components, peaked, tiny_transformer_config
@@ -50,10 +53,14 @@ def parts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipe(parts) -> ARPipeline:
-    folder = assemble(parts["root"] / "pipe", parts["text_tokenizer"], parts["vq"],
-                      parts["transformer"], clip=parts["clip"], prior=parts["prior"])  # fmt: skip
-    return Pipeline.from_pretrained(folder)
+def pipe_dir(parts):
+    return assemble(parts["root"] / "pipe", parts["text_tokenizer"], parts["vq"],
+                    parts["transformer"], clip=parts["clip"], prior=parts["prior"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pipe(pipe_dir) -> ARPipeline:
+    return Pipeline.from_pretrained(pipe_dir)
 
 
 def test_prior_mode_draws_from_the_priors_embedding(pipe):
@@ -122,3 +129,43 @@ def test_prior_mode_needs_its_parts(pipe):
     text_only = ARPipeline(pipe.tokenizer, pipe.vq, plain)
     with pytest.raises(ValueError, match="takes no CLIP image embedding"):
         text_only(PROMPTS, mode="prior")
+
+
+def test_sample_command_draws_in_prior_mode_and_variations(pipe_dir, tmp_path):
+    from dalle_ar.cli import main as cli
+
+    out = tmp_path / "prior"
+    assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--num", "2", "--mode", "prior",
+                "--prior-steps", "3", "--out", str(out)]) == 0  # fmt: skip
+    doc = json.loads((out / "samples.json").read_text())
+    assert [s["mode"] for s in doc["samples"]] == ["prior", "prior"]
+    assert doc["samples"][0]["prior_steps"] == 3
+    again = tmp_path / "again"  # a prior-mode sample regenerates from its record
+    assert cli(["sample", "--from-json", str(out / "samples.json"), "--index", "1",
+                "--out", str(again)]) == 0  # fmt: skip
+    a, b = Image.open(out / "000_01.png"), Image.open(again / "000_01.png")
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "red.png")
+    var = tmp_path / "var"
+    assert cli(["sample", "--model", str(pipe_dir), "--variations", str(tmp_path / "red.png"),
+                "--num", "3", "--out", str(var)]) == 0  # fmt: skip
+    assert len(list(var.glob("000_*.png"))) == 3 and (var / "grid_000.png").is_file()
+    assert cli(["sample", "--model", str(pipe_dir), "--variations", str(tmp_path / "no.png"),
+                "--out", str(var)]) == 2  # fmt: skip
+
+
+def test_variations_tool_scores_agreement_with_the_source(pipe_dir, shapes_shards, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "variations.py"
+    spec = importlib.util.spec_from_file_location("variations", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    argv = ["--model", str(pipe_dir), "--data", shapes_shards.eval, "--num", "2",
+            "--grid-images", "2", "--images", "4", "--out", str(tmp_path)]  # fmt: skip
+    assert tool.main(argv) == 0
+    report = json.loads((tmp_path / "variations.json").read_text())
+    assert report["images"] == 4 and report["variations"]["n"] == 8
+    assert 0 <= report["variations"]["exact"] <= 1 and report["sources"]["n"] == 4
+    assert Image.open(tmp_path / "variations.png").width > 16 * 3
