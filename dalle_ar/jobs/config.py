@@ -37,7 +37,7 @@ class MainJobConfig:
     # The prior mode (DALL-E 2): token shards carry CLIP embeddings, the transformer is trained
     # on them (dropped to a learned null embedding half the time, so the same model serves the
     # text mode), a diffusion prior is trained, and the grid and the evaluation run in both
-    # modes. Needs clip=true.
+    # modes. Only with the CLIP stage (clip=false drops it too: `with_prior`).
     prior: bool = True
     embed_tokens: int = 2  # stream positions the CLIP image embedding is projected to
     # auto | fp32 | bf16, for both training stages (run.precision): auto trains the transformer
@@ -68,6 +68,11 @@ class MainJobConfig:
     device: str = "auto"  # auto | cpu | cuda
     wandb: str = "offline"  # offline | online | disabled
 
+    @property
+    def with_prior(self) -> bool:
+        """Whether the job has the prior mode: `prior`, and the CLIP stage it stands on."""
+        return self.prior and self.clip
+
     def validate(self) -> None:
         require(self.num_train >= 100, "num_train", "must be >= 100")
         require(self.num_eval >= 10, "num_eval", "must be >= 10")
@@ -81,6 +86,5 @@ class MainJobConfig:
         require_precision(self.precision)
         require(self.clip or "clip" not in reranker_parts(self.rerank.reranker), "rerank.reranker",
                 f"is {self.rerank.reranker!r}, which needs the CLIP stage (clip=true)")  # fmt: skip
-        require(self.clip or not self.prior, "prior", "needs the CLIP stage (clip=true)")
         require(self.embed_tokens >= 1, "embed_tokens", "must be >= 1")
         require(self.wandb in ("offline", "online", "disabled"), "wandb", "offline|online|disabled")

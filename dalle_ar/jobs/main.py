@@ -127,7 +127,7 @@ def stage_tokens(cfg: MainJobConfig, p: Paths) -> None:
 
     for split in ("train", "eval"):  # the summary of the last split marks the stage complete
         tokenize_shards(p.vq, f"{p.data}/{split}-*.tar", p.tokens, split, device=cfg.device,
-                        clip_dir=p.clip if cfg.prior else None)  # fmt: skip
+                        clip_dir=p.clip if cfg.with_prior else None)  # fmt: skip
 
 
 def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
@@ -150,7 +150,7 @@ def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         f"model.grid_w={w}",
         *_run(cfg, p.transformer_run, cfg.transformer_steps, cfg.transformer_max_minutes),
     ]
-    if cfg.prior:  # conditioned on each record's CLIP image embedding (the token shards')
+    if cfg.with_prior:  # conditioned on each record's CLIP image embedding (the token shards')
         dim = json.loads((p.tokens / "train-tokens.json").read_text())["clip"]["embed_dim"]
         overrides += [f"model.cond_dim={dim}", f"model.cond_tokens={cfg.embed_tokens}"]
     rcfg = load_config(transformer.TrainTransformerConfig, yaml, overrides)
@@ -195,7 +195,7 @@ def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
                 "prior": dataclasses.asdict(cfg.prior_sampling)}  # fmt: skip
     assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=defaults,
              clip=p.clip if cfg.clip else None,
-             prior=p.prior if cfg.prior else None)  # fmt: skip
+             prior=p.prior if cfg.with_prior else None)  # fmt: skip
 
 
 def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
@@ -210,7 +210,7 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
     grid = save_prompt_grid(result, p.samples / "grid.png")
     report = data.evaluate(pipe, cfg)
     report["grid"] = str(grid)
-    if cfg.prior:  # the same prompts and seeds in prior mode
+    if cfg.with_prior:  # the same prompts and seeds in prior mode
         result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, mode="prior",
                       settings=cfg.sampling, prior_settings=cfg.prior_sampling,
                       rerank=cfg.rerank)  # fmt: skip
@@ -249,7 +249,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
     yaml = {stage: configs / name for stage, name in data.configs.items()}
     if not cfg.clip:
         yaml.pop("clip", None)
-    if not cfg.prior:
+    if not cfg.with_prior:
         yaml.pop("prior", None)
     missing = [str(f) for f in yaml.values() if not f.is_file()]
     if missing:
@@ -272,13 +272,13 @@ def run_stages(cfg: MainJobConfig) -> dict:
         *([clip_stage] if cfg.clip else []),
         ("vq", {"data"}, lambda: _trained(p.vq_run, p.vq), lambda: stage_vq(cfg, p, yaml["vq"]),
          [p.vq_run]),
-        ("tokens", {"data", "vq", *(["clip"] if cfg.prior else [])},
+        ("tokens", {"data", "vq", *(["clip"] if cfg.with_prior else [])},
          lambda: (p.tokens / "eval-tokens.json").is_file(), lambda: stage_tokens(cfg, p),
          [p.tokens]),
         ("transformer", {"tokenizer", "vq", "tokens"},
          lambda: _trained(p.transformer_run, p.transformer),
          lambda: stage_transformer(cfg, p, yaml["transformer"]), [p.transformer_run]),
-        *([prior_stage] if cfg.prior else []),
+        *([prior_stage] if cfg.with_prior else []),
         ("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior"},
          lambda: (p.pipeline / "pipeline.json").is_file(), lambda: stage_pipeline(cfg, p),
          [p.pipeline]),
@@ -307,7 +307,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
     training = {"vq": _training(p.vq_run), "transformer": _training(p.transformer_run)}
     if cfg.clip:
         training = {"clip": _training(p.clip_run), **training}
-    if cfg.prior:
+    if cfg.with_prior:
         training["prior"] = _training(p.prior_run)
     summary = {"config": to_dict(cfg), "machine": describe_machine(), "stage_seconds": timings,
                "training": training, "total_seconds": total}  # fmt: skip
