@@ -190,6 +190,7 @@ class CLIP:
             raise ValueError("the CLIP tokenizer has no eos_token: the text cannot be pooled")
         self.text_len = model.config.text_config.max_position_embeddings
         self.too_long = 0  # captions the last `encode_text(truncate=True)` cut
+        self._identity: dict[str, str | int] | None = None  # `identity()`, once computed
 
     @classmethod
     def build(cls, sizes: CLIPSizes, tokenizer: TextTokenizer, seed: int = 0) -> CLIP:
@@ -235,18 +236,23 @@ class CLIP:
         an embedding-conditioned transformer): {"config_sha256", "weights_sha256", "embed_dim"}.
         The config hash reads the model config as JSON (sorted keys, without what saving and
         loading change: `VOLATILE_CONFIG_KEYS`); the weights hash every tensor's name, dtype,
-        shape and bytes in name order."""
+        shape and bytes in name order. Computed once per object (hashing a large CLIP takes
+        seconds): the weights of a loaded CLIP do not change; a recipe that trains one builds
+        the folder's CLIP anew to save it."""
+        if self._identity is not None:
+            return self._identity
         conf = _stable(self.model.config.to_dict())
         h = hashlib.sha256()
         for name, t in sorted(self.model.state_dict().items()):
             t = t.detach().cpu().contiguous()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return {
+        self._identity = {
             "config_sha256": hashlib.sha256(json.dumps(conf, sort_keys=True).encode()).hexdigest(),
             "weights_sha256": h.hexdigest(),
             "embed_dim": self.embed_dim,
         }
+        return self._identity
 
     def to(self, device: str | torch.device) -> CLIP:
         self.model.to(device)

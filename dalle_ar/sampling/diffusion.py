@@ -7,12 +7,14 @@ z_t").
 
     img = sample_prior(prior, text_embeds, PriorSampling(prior_guidance=2.0), seeds=[0, 1, 2])
 
-Every sample draws its initial noise from a CPU generator seeded with its own seed, and the rest
-of the loop is deterministic, so a sample is the same alone or in any batch.
+Every sample draws its initial noise from a CPU generator seeded from its own seed
+(`prior_stream`, a stream apart from the transformer's), and the rest of the loop is
+deterministic, so a sample is the same alone or in any batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -67,7 +69,7 @@ def sample_prior(
     device = prior.net.clip_mean.device
     cond = text_embeds.float().to(device)
     text = cond.repeat_interleave(k, 0)  # (N*K, D), caption-major
-    noise = [torch.randn(k, d, generator=sample_generator(int(s))) for s in seeds]
+    noise = [torch.randn(k, d, generator=sample_generator(prior_stream(int(s)))) for s in seeds]
     x = torch.cat(noise).to(device) if noise else torch.zeros(0, d, device=device)  # (N*K, D)
 
     was_training = prior.training
@@ -84,6 +86,14 @@ def sample_prior(
     emb = F.normalize(prior.denormalise(x), dim=-1).view(n, k, d)
     best = (emb @ cond[:, :, None]).squeeze(-1).argmax(1)  # (N,): the closest to its caption
     return emb[torch.arange(n, device=device), best]
+
+
+def prior_stream(seed: int) -> int:
+    """The seed of a sample's prior noise: derived from its seed by a hash, so that the prior's
+    draws and the transformer's (`runtime.uniforms(seed)`) are separate streams, and neither
+    meets another sample's."""
+    digest = hashlib.sha256(f"dalle_ar.prior/{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:

@@ -118,12 +118,14 @@ class EmbeddingPairs:
         return torch.cat(out)
 
 
-def embedding_stats(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std (D,) of (n, D) embeddings over every rank's rows; the std
-    floored at STD_FLOOR."""
+def embedding_stats(
+    embeds: torch.Tensor, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (D,) of (n, D) embeddings over every rank's rows (summed on
+    `device`, the process group's), on the CPU; the std floored at STD_FLOOR."""
     e = embeds.double()
     sums = torch.cat([e.sum(0), (e * e).sum(0), torch.tensor([float(len(e))], dtype=e.dtype)])
-    sums = dist.all_reduce_sum(sums)
+    sums = dist.all_reduce_sum(sums.to(device)).cpu()
     d = e.shape[1]
     n = sums[-1]
     mean = sums[:d] / n
@@ -131,7 +133,7 @@ def embedding_stats(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), var.sqrt().clamp(min=STD_FLOOR).float()
 
 
-def clip_identity(cfg: PriorRecipeConfig) -> dict[str, Any]:
+def clip_identity(cfg: PriorRecipeConfig, resume: bool = True) -> dict[str, Any]:
     """The identity of the CLIP folder `cfg.clip` (`CLIP.identity()`), checked against the model
     size, a CLIP already named in `cfg.model.clip`, the shards' `*-tokens.json` and, when
     resuming, the checkpoint. ValueError naming both sides for any mismatch."""
@@ -147,7 +149,7 @@ def clip_identity(cfg: PriorRecipeConfig) -> dict[str, Any]:
         found = json.loads(summary.read_text()).get("clip")
         if isinstance(found, dict):
             named.append((str(summary), CLIPIdentity.from_identity(found)))
-    if has_checkpoint(cfg.run.out_dir):
+    if resume and has_checkpoint(cfg.run.out_dir):
         ckpt = checkpoint_dir(cfg.run.out_dir)
         named.append((f"the checkpoint {ckpt}", read_config(ckpt).clip))
     for where, other in named:
@@ -181,16 +183,24 @@ def diffusion_loss(
     img: torch.Tensor,
     txt: torch.Tensor,
     cond_drop: float,
+    generator: torch.Generator | None = None,
+    rows: slice | None = None,
 ) -> torch.Tensor:
     """The prior's loss on unit image and text embeddings (B, D): MSE between the predicted and
     the true normalised x0 at uniform timesteps, the noise added by `ddpm`; each text embedding
     replaced by zeros with probability `cond_drop`. `model`: `prior` as trained (maybe DDP-
-    wrapped). Draws from torch's global generators (saved in checkpoints)."""
+    wrapped). The timesteps, noise and drops are drawn on the CPU from `generator` (default
+    torch's global one) for the global batch and `rows` of it taken (this rank's; default
+    all), so N processes draw what one process with the whole batch would."""
     x0 = prior.normalise(img)  # (B, D)
     b, dev = len(x0), x0.device
-    t = torch.randint(0, ddpm.config.num_train_timesteps, (b,), device=dev)
-    x_t = ddpm.add_noise(x0, torch.randn_like(x0), t)
-    keep = torch.rand(b, device=dev) >= cond_drop
+    rows = rows or slice(0, b)
+    n = max(rows.stop, b)
+    t = torch.randint(0, ddpm.config.num_train_timesteps, (n,), generator=generator)[rows]
+    noise = torch.randn(n, x0.shape[1], generator=generator)[rows]
+    keep = (torch.rand(n, generator=generator) >= cond_drop)[rows]
+    t, noise, keep = t.to(dev), noise.to(dev, x0.dtype), keep.to(dev)
+    x_t = ddpm.add_noise(x0, noise, t)
     text = txt * keep[:, None]  # dropped captions: zeros
     return F.mse_loss(model(x_t, t, text).float(), x0)
 
@@ -244,12 +254,14 @@ def train(
     ValueError for a CLIP that is not the one of the shards or the checkpoint."""
     source = source or EmbeddingPairs(cfg)
     # the CLIP's identity is saved with the weights and in config.yaml
-    clip = CLIPIdentity.from_identity(clip_identity(cfg))
+    clip = CLIPIdentity.from_identity(clip_identity(cfg, resume))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, clip=clip))
     info = setup(cfg)
     prior = DiffusionPrior(cfg.model)
     pool = source.first(cfg.stats_samples)
-    prior.set_stats(*embedding_stats(pool))  # a resumed run loads the same from its checkpoint
+    prior.set_stats(
+        *embedding_stats(pool, info.device)
+    )  # a resumed run loads the same from its checkpoint
     prior.to(info.device).train()
     wrapped = dist.wrap_model(prior, info, "ddp")
     ddpm = train_scheduler(cfg.model)
@@ -258,8 +270,12 @@ def train(
                  info.device)  # fmt: skip
 
     def loss(batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        b = len(batch["img"])  # one draw for the global batch, sliced by rank
+        g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + micro)
+        rows = slice(info.rank * b, (info.rank + 1) * b)
         with autocast_context(info.device, cfg.run.precision):
-            value = diffusion_loss(wrapped, prior, ddpm, batch["img"], batch["txt"], cfg.cond_drop)
+            value = diffusion_loss(wrapped, prior, ddpm, batch["img"], batch["txt"],
+                                   cfg.cond_drop, g, rows)  # fmt: skip
         return value, {"mse": value.detach()}
 
     def evaluate_split(final: bool) -> dict[str, float]:
