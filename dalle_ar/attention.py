@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from dalle_ar.kernels.layouts import Layout
+from dalle_ar.kernels.layouts import CAUSAL_KINDS, Layout
 from dalle_ar.kernels.reference import attention_sdpa, decode_sdpa
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ class AttentionBackend:
         layout: Layout,
         text_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if layout.kind not in CAUSAL_KINDS:  # one new query against a cache of earlier keys
+            raise ValueError(f"decode steps are for causal layouts {CAUSAL_KINDS}, got "
+                             f"{layout.kind!r} (a masked generator runs whole passes)")  # fmt: skip
         if self._triton_for(q):
             from dalle_ar.kernels.decode import decode_attention
 

@@ -10,7 +10,7 @@ starting at the second, convolutional attention in the last.
 
 One forward path serves training, prefill and decoding (gpt-fast style):
 
-    model(tokens, input_pos=None, *, text_lens=None, cond=None) -> Logits(text, image)
+    model(tokens, input_pos=None, *, text_lens=None, cond=None, null_rows=None) -> Logits
 
 - `tokens` (B, L) are token positions of [text ‖ image]; the cond prefix is not in `tokens`, it
   comes from `cond` (B, cond_dim). Token position i is stream position C + i.
@@ -27,6 +27,9 @@ One forward path serves training, prefill and decoding (gpt-fast style):
   positions whose next token is text, `Logits.image` (B, m, image_vocab) for those whose next token
   is an image code (the last text position predicts the first code). A decode step returns only
   image logits.
+- A masked generator (`objective="masked"`, bidirectional layouts) takes [text ‖ all h*w codes,
+  some of them `mask_id`] and `Logits.image` (B, h*w, image_vocab) holds each image position's
+  own code: no shift, no cache (`dalle_ar.sampling.masked` runs it whole at every step).
 """
 
 from __future__ import annotations
@@ -78,8 +81,8 @@ class Transformer(nn.Module):
             self.cond_proj = nn.Linear(cfg.cond_dim, cfg.cond_len * d)
             self.cond_pos_emb = nn.Embedding(cfg.cond_len, d)
             self.cond_null = nn.Parameter(torch.zeros(cfg.cond_dim))  # "no embedding", learned
-        if cfg.code_input == "code":
-            self.image_emb = nn.Embedding(cfg.image_vocab, d)
+        if cfg.code_input == "code":  # a masked generator's [MASK] is one more input id
+            self.image_emb = nn.Embedding(cfg.image_vocab + cfg.masked, d)
         self.row_emb = nn.Embedding(cfg.grid_h, d)
         self.col_emb = nn.Embedding(cfg.grid_w, d)
         self.drop = nn.Dropout(cfg.dropout)
@@ -227,7 +230,8 @@ class Transformer(nn.Module):
             )
         n = x.shape[1]  # stream positions in this call: 0..n-1
         text = self.text_head(x[:, C : min(n, P - 1)]) if cfg.has_text else x.new_zeros(B, 0, 0)
-        image = self._image_logits(x[:, P - 1 : n])
+        # masked: each image position's own code; ar: the next position's
+        image = self._image_logits(x[:, P if cfg.masked else P - 1 : n])
         return Logits(text, image)
 
     def _embed_image(self, codes: torch.Tensor, img_pos: torch.Tensor) -> torch.Tensor:
@@ -237,7 +241,10 @@ class Transformer(nn.Module):
             return self.mask_in(self.code_mask[codes]) + pos
         x = self.image_emb(codes) + pos
         if self.cfg.code_features:
-            x = x + self.code_in(self.code_feats[codes])
+            feats = self.code_feats
+            if self.cfg.masked:  # [MASK] draws nothing: no features
+                feats = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
+            x = x + self.code_in(feats[codes])
         return x
 
     def _embed_prefix_and_image(
@@ -267,7 +274,7 @@ class Transformer(nn.Module):
             check_range(text, cfg.text_vocab, "text ids")
             parts.append(self.text_emb(text) + self.text_pos_emb.weight[: text.shape[1]])
         if image.shape[1]:
-            check_range(image, cfg.image_vocab, "image codes")
+            check_range(image, cfg.image_vocab + cfg.masked, "image codes")
             img_pos = torch.arange(image.shape[1], device=tokens.device)
             parts.append(self._embed_image(image, img_pos))
         return torch.cat(parts, dim=1)

@@ -10,6 +10,7 @@ from dalle_ar.config import require
 from dalle_ar.kernels.layouts import LAYOUT_KINDS
 
 CODE_INPUTS = ("code", "mask")  # TransformerConfig.code_input
+OBJECTIVES = ("ar", "masked")  # TransformerConfig.objective
 
 
 @dataclasses.dataclass
@@ -31,6 +32,9 @@ class TransformerConfig:
     cond_dim: int = 0  # size of an optional conditioning embedding (e.g. 512 for CLIP); 0 = none
     cond_tokens: int = 0  # prefix positions that embedding is projected to
     cond_mode: str = "prepend"  # prepend: [cond ‖ text ‖ image]; replace: [cond ‖ image]
+    # the weights hash of the CLIP whose image embeddings it was trained on (`CLIP.identity()`),
+    # filled by the recipe from the token shards; "" = not a CLIP embedding, or not known
+    cond_clip: str = ""
     # Code features: each image code is also described by a fixed vector (what the VQ draws for
     # it, `VQTokenizer.code_pixels`), projected into the code's input embedding and its output
     # weight. Codes that share colours or strokes then share parameters, which helps the model
@@ -43,6 +47,12 @@ class TransformerConfig:
     # colour. The model then cannot learn from the drawing so far that, say, blue objects are
     # never circles; colour and shape come from the caption. Needs code features.
     code_input: str = "code"
+    # What the model predicts. "ar": the next token (DALL-E). "masked": the codes at [MASK]ed
+    # image positions from every other position (absorbing-state discrete diffusion, MaskGIT,
+    # Chang et al. 2022): the input holds the codes and a [MASK] id (`mask_id` = image_vocab),
+    # the image logits are those of the image positions themselves (no shift), and every layer
+    # is bidirectional over the image ("bidir").
+    objective: str = "ar"
 
     def validate(self) -> None:
         for key in ("text_vocab", "text_len", "image_vocab", "grid_h", "grid_w", "dim", "depth"):
@@ -69,6 +79,20 @@ class TransformerConfig:
         require(self.cond_mode in ("prepend", "replace"), "cond_mode", "must be prepend|replace")
         require(self.code_features >= -1, "code_features", "must be >= 0, or -1 (from the VQ)")
         require(self.code_input in CODE_INPUTS, "code_input", f"must be one of {CODE_INPUTS}")
+        require(self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}")
+        if self.objective == "masked":
+            require(
+                self.layouts == "bidir" or self.layouts == ["bidir"] * self.depth,
+                "layouts",
+                f"a masked generator attends both ways: 'bidir', got {self.layouts!r}",
+            )
+            require(self.code_input == "code", "code_input",
+                    "a masked generator reads codes (and [MASK]), not drawn masks")  # fmt: skip
+            require(self.cond_len == 0, "cond_dim", "the masked generator takes no embedding")
+        else:
+            kinds = self.layouts if isinstance(self.layouts, list) else [self.layouts]
+            require("bidir" not in kinds, "layouts",
+                    "'bidir' sees later image codes: it is for objective=masked")  # fmt: skip
         if self.code_input == "mask":
             n = self.code_features
             rgb = n == -1 or (n > 0 and n % 3 == 0)
@@ -104,6 +128,15 @@ class TransformerConfig:
     def prefix_len(self) -> int:
         """P: stream positions before the first image position (the layouts' 'text')."""
         return self.cond_len + self.text_positions
+
+    @property
+    def masked(self) -> bool:
+        return self.objective == "masked"
+
+    @property
+    def mask_id(self) -> int:
+        """The [MASK] code of a masked generator: one past the codebook."""
+        return self.image_vocab
 
     @property
     def image_len(self) -> int:

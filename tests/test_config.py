@@ -208,6 +208,7 @@ def test_every_data_sets_component_configs_load_with_their_recipes():
 
     from dalle_ar.config import load_config
     from dalle_ar.train.clip import CLIPRecipeConfig
+    from dalle_ar.train.masked import TrainMaskedConfig
     from dalle_ar.train.prior import PriorRecipeConfig
     from dalle_ar.train.tokenizer import TokenizerRecipeConfig
     from dalle_ar.train.transformer import TrainTransformerConfig
@@ -215,7 +216,7 @@ def test_every_data_sets_component_configs_load_with_their_recipes():
 
     recipes = {"tokenizer": TokenizerRecipeConfig, "vq": VQRecipeConfig,
                "transformer": TrainTransformerConfig, "clip": CLIPRecipeConfig,
-               "prior": PriorRecipeConfig}  # fmt: skip
+               "prior": PriorRecipeConfig, "masked": TrainMaskedConfig}  # fmt: skip
     found = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
     assert {f.parent.name for f in found} >= {"shapes", "emoji", "tiny"}
     for f in found:

@@ -5,6 +5,7 @@
     dalle-ar eval fidelity --model runs/pipe --candidates 16  # + best of 16 (reranked)
     dalle-ar eval fidelity --model runs/pipe --candidates 16 --rerankers pmi,clip,clip+pmi
     dalle-ar eval fidelity --model runs/pipe --mode prior --candidates 16 --rerankers clip
+    dalle-ar eval fidelity --model runs/pipe --mode masked --steps 8  # the masked generator
 
 One sample per evaluation-split prompt, the attributes read back from the pixels with the shape
 checker: exact-match and per-attribute accuracy, without and with classifier-free guidance, split
@@ -27,7 +28,9 @@ from pathlib import Path
 from dalle_ar.eval.fidelity import GUIDED_SCALE, evaluate_fidelity
 from dalle_ar.runtime import set_threads
 from dalle_ar.sampling.settings import (
+    MASKED_SHARED,
     ARSampling,
+    MaskedSampling,
     PriorSampling,
     RerankSettings,
     add_arguments,
@@ -59,10 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--mode",
         default="ar",
-        choices=("ar", "prior"),
-        help="ar: the prompt alone; prior: the diffusion prior's embedding too",
+        choices=("ar", "prior", "masked"),
+        help="ar: the prompt alone; prior: the diffusion prior's embedding too; masked: the "
+        "masked generator",
     )
     add_arguments(ap, PriorSampling)  # the prior mode's settings
+    # the masked mode's own settings; its temperature and top-k are the options above
+    add_arguments(ap, MaskedSampling, skip=MASKED_SHARED)
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of prompt 0 (then +1 ...)")
     ap.add_argument("--prompt-seed", type=int, default=0, help="which evaluation prompts")
     ap.add_argument("--batch-size", type=int, default=32, help="samples generated together")
@@ -81,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         **from_args(args, ARSampling, skip=("guidance_scale",)),
         **from_args(args, RerankSettings, skip=("candidates", "keep", "reranker")),
         **(from_args(args, PriorSampling) if args.mode == "prior" else {}),
+        **(from_args(args, MaskedSampling, skip=MASKED_SHARED) if args.mode == "masked" else {}),
         "mode": args.mode,
     }
     try:

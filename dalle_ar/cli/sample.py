@@ -3,6 +3,9 @@
     dalle-ar sample --model runs/pipe "a small red circle at the top left" --num 4 --out out/
     dalle-ar sample --model runs/pipe "a red circle" --mode prior --prior-steps 25 --out out/
     dalle-ar sample --model runs/pipe --variations a.png b.png --num 4 --out out/
+    dalle-ar sample --model runs/pipe "a blue square" --mode masked --steps 12 --out out/
+    dalle-ar sample --model runs/pipe "a red circle at the top left" --mode masked \
+        --init scene.png --mask region.png --out out/        # inpainting: repaint the region
     dalle-ar sample --model runs/pipe --prompts-file prompts.txt --guidance 3 --top-k 64 --out out/
     dalle-ar sample --model runs/pipe "a pink diamond at the top" --candidates 16 --out out/
     dalle-ar sample --model runs/pipe --prompts-file p.txt --candidates 16 --keep 4 \
@@ -29,6 +32,11 @@ CLIP image embedding from each prompt's CLIP text embedding (--prior-steps, --pr
 IMG ... draws --num new pictures of each given picture from its CLIP image embedding (no
 prompts).
 
+--mode masked (a pipeline with a masked component): the masked generator unmasks all codes in
+--steps parallel passes (--temperature, --top-k and --guidance apply to it, and
+--confidence-temperature); with --init IMG --mask MASK it repaints the mask's region (white) of
+the picture and keeps the codes of the rest exactly.
+
 A composed prompt "scene AND part AND ..." also follows each part, a caption naming part of the
 scene, weighed by --part-scale (`dalle_ar.prompts.split_prompt`).
 
@@ -51,7 +59,9 @@ from dalle_ar.grid import prompt_grids
 from dalle_ar.pipelines.ar import MAX_BATCH, MEMORY_MB
 from dalle_ar.runtime import set_threads
 from dalle_ar.sampling.settings import (
+    MASKED_SHARED,
     ARSampling,
+    MaskedSampling,
     PriorSampling,
     RerankSettings,
     add_arguments,
@@ -77,12 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(ap, ARSampling)  # every sampling setting, from its one definition
     add_arguments(ap, RerankSettings)
     add_arguments(ap, PriorSampling)
-    ap.add_argument(
-        "--mode",
-        default="ar",
-        choices=("ar", "prior"),
-        help="ar: the prompt alone; prior: the prior's CLIP image embedding too",
-    )
+    # the masked mode's temperature, top-k and guidance are the options above
+    add_arguments(ap, MaskedSampling, skip=MASKED_SHARED)
+    ap.add_argument("--mode", default="ar", choices=("ar", "prior", "masked"),
+                    help="ar: the prompt alone; prior: the prior's CLIP image embedding too; "
+                         "masked: the masked generator, in parallel passes")  # fmt: skip
+    ap.add_argument("--init", help="--mode masked: the picture to repaint (with --mask)")
+    ap.add_argument("--mask", help="--mode masked: white where --init is repainted")
     ap.add_argument(
         "--variations",
         nargs="+",
@@ -149,6 +160,12 @@ def _sample(args: argparse.Namespace) -> int:
     from dalle_ar.pipelines import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    if (args.init is None) != (args.mask is None):
+        raise ValueError("--init and --mask go together (the picture and the region to repaint)")
+    if args.init and args.mode != "masked":
+        raise ValueError("--init/--mask repaint in --mode masked")
+    if args.mode == "masked":
+        return _masked(args, pipe, prompts)
     prime = None
     if args.prime_image:
         from PIL import Image
@@ -169,6 +186,30 @@ def _sample(args: argparse.Namespace) -> int:
         **from_args(args, RerankSettings),
         **from_args(args, PriorSampling),
     )
+    _write(args, out, len(prompts))
+    return 0
+
+
+def _masked(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> int:
+    """The masked mode: plain or inpainting (--init, --mask)."""
+    from PIL import Image
+
+    ar = from_args(args, ARSampling)
+    extra = set(ar) - set(MASKED_SHARED)
+    if extra:
+        raise ValueError(f"--mode masked takes no {sorted(extra)} (autoregressive settings)")
+    kw = {**ar, **from_args(args, MaskedSampling, skip=MASKED_SHARED),
+          **from_args(args, RerankSettings)}  # fmt: skip
+    common = dict(num_samples=args.num, seed=args.seed, batch_size=args.batch_size,
+                  memory_mb=args.memory_mb, progress=True, **kw)  # fmt: skip
+    if args.init:
+        for f in (args.init, args.mask):
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"no such picture {f}")
+        init, mask = Image.open(args.init).convert("RGB"), Image.open(args.mask)
+        out = pipe.inpaint([init] * len(prompts), [mask] * len(prompts), prompts, **common)
+    else:
+        out = pipe(prompts, mode="masked", **common)
     _write(args, out, len(prompts))
     return 0
 
@@ -267,11 +308,15 @@ def _one(pipe: Any, rec: dict[str, Any]):
     import torch
 
     prime = rec.get("prime_codes")
-    if rec.get("mode", "ar") not in ("ar", "prior"):
+    if rec.get("mode", "ar") not in ("ar", "prior", "masked"):
         raise ValueError(f"sample {rec['index']} was drawn from given pictures ({rec['mode']}): "
                          "regenerate it with --variations and its seed")  # fmt: skip
-    fields = names(ARSampling) + (names(PriorSampling) if rec.get("mode") == "prior" else ())
-    settings = {k: rec[k] for k in fields if rec.get(k) is not None}
+    mode = rec.get("mode", "ar")
+    own = {"prior": names(ARSampling) + names(PriorSampling), "masked": names(MaskedSampling)}
+    settings = {k: rec[k] for k in own.get(mode, names(ARSampling)) if rec.get(k) is not None}
+    init = rec.get("init_codes")
+    if init is not None:
+        settings["init_codes"] = torch.tensor([init], dtype=torch.long)
     out = pipe(
         [rec["prompt"]],
         mode=rec.get("mode", "ar"),

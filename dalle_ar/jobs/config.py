@@ -7,7 +7,13 @@ from typing import Literal
 
 from dalle_ar.config import require, require_precision
 from dalle_ar.eval.fidelity import GUIDED_SCALE
-from dalle_ar.sampling.settings import ARSampling, PriorSampling, RerankSettings, reranker_parts
+from dalle_ar.sampling.settings import (
+    ARSampling,
+    MaskedSampling,
+    PriorSampling,
+    RerankSettings,
+    reranker_parts,
+)
 
 
 @dataclasses.dataclass
@@ -30,7 +36,7 @@ class MainJobConfig:
     vq_max_minutes: float = 15.0
     transformer_max_minutes: float = 45.0
     clip_max_minutes: float = 15.0
-    prior_steps: int = 0  # the diffusion prior's budget; 0 = configs/<data>/prior.yaml's
+    prior_train_steps: int = 0  # the diffusion prior's budget; 0 = configs/<data>/prior.yaml's
     prior_max_minutes: float = 10.0
     # Train a CLIP (dalle_ar.clip) and rerank with it; false: no CLIP stage, PMI reranking only
     clip: bool = True
@@ -40,6 +46,13 @@ class MainJobConfig:
     # modes. Only with the CLIP stage (clip=false drops it too: `with_prior`).
     prior: bool = True
     embed_tokens: int = 2  # stream positions the CLIP image embedding is projected to
+    # The masked mode (MaskGIT): a masked generator trained on the same token shards for
+    # `masked_steps` (0 = configs/<data>/masked.yaml's, the transformer's budget), shown and
+    # scored beside the autoregressive modes. Off by default: at the transformer's budget it
+    # does not fit the job's 30 minutes on 2 CPU cores (docs/results.md#masked-mode).
+    masked: bool = False
+    masked_steps: int = 0
+    masked_max_minutes: float = 45.0
     # auto | fp32 | bf16, for both training stages (run.precision): auto trains the transformer
     # under bf16 autocast where the CPU or GPU has bf16, the VQ-VAE in fp32 on a CPU
     precision: str = "auto"
@@ -64,6 +77,9 @@ class MainJobConfig:
         default_factory=lambda: RerankSettings(candidates=16, reranker="clip")
     )
     prior_sampling: PriorSampling = dataclasses.field(default_factory=PriorSampling)
+    masked_sampling: MaskedSampling = dataclasses.field(
+        default_factory=lambda: MaskedSampling(temperature=1.0, guidance_scale=GUIDED_SCALE)
+    )
     seed: int = 0  # data, training and sampling seed
     device: str = "auto"  # auto | cpu | cuda
     wandb: str = "offline"  # offline | online | disabled
@@ -76,9 +92,9 @@ class MainJobConfig:
     def validate(self) -> None:
         require(self.num_train >= 100, "num_train", "must be >= 100")
         require(self.num_eval >= 10, "num_eval", "must be >= 10")
-        for key in ("vq_steps", "transformer_steps", "clip_steps", "prior_steps",
+        for key in ("vq_steps", "transformer_steps", "clip_steps", "prior_train_steps",
                     "vq_max_minutes", "transformer_max_minutes", "clip_max_minutes",
-                    "prior_max_minutes"):  # fmt: skip
+                    "prior_max_minutes", "masked_steps", "masked_max_minutes"):  # fmt: skip
             require(getattr(self, key) >= 0, key, "must be >= 0")
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         require(self.fidelity_prompts >= 0, "fidelity_prompts", "must be >= 0")

@@ -72,6 +72,8 @@ class Paths:
         self.clip = self.clip_run / "clip"
         self.prior_run = out / "prior_run"
         self.prior = self.prior_run / "prior"
+        self.masked_run = out / "masked_run"
+        self.masked = self.masked_run / "masked"
         self.pipeline = out / "pipeline"
         self.samples = out / "samples"
         self.fidelity = out / "fidelity.json"
@@ -130,10 +132,12 @@ def stage_tokens(cfg: MainJobConfig, p: Paths) -> None:
                         clip_dir=p.clip if cfg.with_prior else None)  # fmt: skip
 
 
-def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
+def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path, masked: bool = False) -> None:
+    """The transformer, or with `masked` the masked generator (the same recipe and data)."""
     from dalle_ar.text import TextTokenizer
     from dalle_ar.train import transformer
     from dalle_ar.train.common import has_checkpoint
+    from dalle_ar.train.masked import TrainMaskedConfig
     from dalle_ar.vq import VQTokenizer
 
     tok = TextTokenizer.from_pretrained(p.tokenizer)
@@ -148,10 +152,15 @@ def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         f"model.image_vocab={vq.codebook_size}",
         f"model.grid_h={h}",
         f"model.grid_w={w}",
-        *_run(cfg, p.transformer_run, cfg.transformer_steps, cfg.transformer_max_minutes),
     ]
+    if masked:
+        overrides += _run(cfg, p.masked_run, cfg.masked_steps, cfg.masked_max_minutes)
+        rcfg = load_config(TrainMaskedConfig, yaml, overrides)
+        transformer.train(rcfg, resume=has_checkpoint(p.masked_run))
+        return
+    overrides += _run(cfg, p.transformer_run, cfg.transformer_steps, cfg.transformer_max_minutes)
     if cfg.with_prior:  # conditioned on each record's CLIP image embedding (the token shards')
-        dim = json.loads((p.tokens / "train-tokens.json").read_text())["clip"]["embed_dim"]
+        dim = _clip_of_tokens(p)["embed_dim"]
         overrides += [f"model.cond_dim={dim}", f"model.cond_tokens={cfg.embed_tokens}"]
     rcfg = load_config(transformer.TrainTransformerConfig, yaml, overrides)
     transformer.train(rcfg, resume=has_checkpoint(p.transformer_run))
@@ -171,6 +180,30 @@ def stage_clip(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     clip.train(rcfg, resume=has_checkpoint(p.clip_run))
 
 
+def _clip_of_tokens(p: Paths) -> dict:
+    """The CLIP identity the token shards' summary records; ValueError when they hold no CLIP
+    embeddings (shards of a job run without the prior: remove `tokens/` to write them again)."""
+    f = p.tokens / "train-tokens.json"
+    clip = json.loads(f.read_text()).get("clip") if f.is_file() else None
+    if not isinstance(clip, dict):
+        raise ValueError(f"the token shards in {p.tokens} hold no CLIP embeddings: remove the "
+                         "folder so that the job writes them again with the CLIP")  # fmt: skip
+    return clip
+
+
+def _tokens_done(cfg: MainJobConfig, p: Paths) -> bool:
+    """Token shards are done once both splits are written, and, with the prior, with the
+    embeddings of the job's CLIP."""
+    f = p.tokens / "eval-tokens.json"
+    if not f.is_file():
+        return False
+    if not cfg.with_prior:
+        return True
+    clip = json.loads(f.read_text()).get("clip")
+    folder = p.clip.resolve()
+    return isinstance(clip, dict) and clip.get("folder") == str(folder)
+
+
 def stage_prior(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     from dalle_ar.train import prior
     from dalle_ar.train.common import has_checkpoint
@@ -179,7 +212,8 @@ def stage_prior(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         f"data.train={p.tokens}/train-*.tar",
         f"data.eval={p.tokens}/eval-*.tar",
         f"clip={p.clip}",
-        *_run(cfg, p.prior_run, cfg.prior_steps, cfg.prior_max_minutes),
+        f"model.embed_dim={_clip_of_tokens(p)['embed_dim']}",
+        *_run(cfg, p.prior_run, cfg.prior_train_steps, cfg.prior_max_minutes),
     ]
     rcfg = load_config(prior.PriorRecipeConfig, yaml, overrides)
     prior.train(rcfg, resume=has_checkpoint(p.prior_run))
@@ -195,7 +229,8 @@ def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
                 "prior": dataclasses.asdict(cfg.prior_sampling)}  # fmt: skip
     assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=defaults,
              clip=p.clip if cfg.clip else None,
-             prior=p.prior if cfg.with_prior else None)  # fmt: skip
+             prior=p.prior if cfg.with_prior else None,
+             masked=p.masked if cfg.masked else None)  # fmt: skip
 
 
 def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
@@ -215,6 +250,10 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
                       settings=cfg.sampling, prior_settings=cfg.prior_sampling,
                       rerank=cfg.rerank)  # fmt: skip
         report["grid_prior"] = str(save_prompt_grid(result, p.samples / "grid_prior.png"))
+    if cfg.masked:  # the same prompts and seeds in the masked mode
+        result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, mode="masked",
+                      masked_settings=cfg.masked_sampling, rerank=cfg.rerank)  # fmt: skip
+        report["grid_masked"] = str(save_prompt_grid(result, p.samples / "grid_masked.png"))
     p.fidelity.write_text(json.dumps(report, indent=2))
 
 
@@ -251,6 +290,8 @@ def run_stages(cfg: MainJobConfig) -> dict:
         yaml.pop("clip", None)
     if not cfg.with_prior:
         yaml.pop("prior", None)
+    if not cfg.masked:
+        yaml.pop("masked", None)
     missing = [str(f) for f in yaml.values() if not f.is_file()]
     if missing:
         raise ConfigError(f"config key 'config_dir': no component configs {missing}")
@@ -259,11 +300,18 @@ def run_stages(cfg: MainJobConfig) -> dict:
     # (name, needs, done, run, outputs): once a stage runs, every stage that needs it was made
     # from what it replaced, so its outputs are removed and made again (an under-trained VQ
     # resumed by a rerun gets new token shards and a transformer trained on them; a CLIP resumed
-    # by a rerun leaves the VQ and the transformer alone)
+    # by a rerun leaves the VQ alone, and the transformer too when the job has no prior mode:
+    # the prior's token shards carry the CLIP's embeddings)
     clip_stage = ("clip", {"data", "tokenizer"}, lambda: _trained(p.clip_run, p.clip),
                   lambda: stage_clip(cfg, p, yaml["clip"]), [p.clip_run])  # fmt: skip
-    prior_stage = ("prior", {"tokens", "clip"}, lambda: _trained(p.prior_run, p.prior),
+    # the prior reads the CLIP embeddings of the token shards, not their codes: a new VQ leaves
+    # it alone
+    prior_stage = ("prior", {"data", "clip"}, lambda: _trained(p.prior_run, p.prior),
                    lambda: stage_prior(cfg, p, yaml["prior"]), [p.prior_run])  # fmt: skip
+    masked_stage = ("masked", {"tokenizer", "vq", "tokens"},
+                    lambda: _trained(p.masked_run, p.masked),
+                    lambda: stage_transformer(cfg, p, yaml["masked"], masked=True),
+                    [p.masked_run])  # fmt: skip
     stages: list[tuple[str, set[str], Callable[[], bool], Callable[[], None], list[Path]]] = [
         ("data", set(), lambda: (p.data / "info.json").is_file(),
          lambda: data.build(cfg, p.data), [p.data]),
@@ -273,13 +321,13 @@ def run_stages(cfg: MainJobConfig) -> dict:
         ("vq", {"data"}, lambda: _trained(p.vq_run, p.vq), lambda: stage_vq(cfg, p, yaml["vq"]),
          [p.vq_run]),
         ("tokens", {"data", "vq", *(["clip"] if cfg.with_prior else [])},
-         lambda: (p.tokens / "eval-tokens.json").is_file(), lambda: stage_tokens(cfg, p),
-         [p.tokens]),
+         lambda: _tokens_done(cfg, p), lambda: stage_tokens(cfg, p), [p.tokens]),
         ("transformer", {"tokenizer", "vq", "tokens"},
          lambda: _trained(p.transformer_run, p.transformer),
          lambda: stage_transformer(cfg, p, yaml["transformer"]), [p.transformer_run]),
         *([prior_stage] if cfg.with_prior else []),
-        ("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior"},
+        *([masked_stage] if cfg.masked else []),
+        ("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior", "masked"},
          lambda: (p.pipeline / "pipeline.json").is_file(), lambda: stage_pipeline(cfg, p),
          [p.pipeline]),
         ("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
@@ -309,6 +357,8 @@ def run_stages(cfg: MainJobConfig) -> dict:
         training = {"clip": _training(p.clip_run), **training}
     if cfg.with_prior:
         training["prior"] = _training(p.prior_run)
+    if cfg.masked:
+        training["masked"] = _training(p.masked_run)
     summary = {"config": to_dict(cfg), "machine": describe_machine(), "stage_seconds": timings,
                "training": training, "total_seconds": total}  # fmt: skip
     if p.fidelity.is_file():

@@ -63,6 +63,16 @@ def evaluate(pipe: Any, cfg: MainJobConfig) -> dict[str, Any]:
         )  # fmt: skip
         report["prior_mode"] = prior
         report["summary"].update({f"prior mode {k}": v for k, v in prior["summary"].items()})
+    if "masked" in pipe.components:  # the masked mode, single and best of the candidates by CLIP
+        ms = dataclasses.asdict(cfg.masked_sampling)
+        scale = ms.pop("guidance_scale")
+        masked = evaluate_fidelity(
+            pipe, num_prompts=cfg.fidelity_prompts, seed=cfg.seed, guidance_scales=(scale,),
+            candidates=candidates, rerankers=("clip",) if "clip" in pipe.components else ("pmi",),
+            mode="masked", **ms,
+        )  # fmt: skip
+        report["masked_mode"] = masked
+        report["summary"].update({f"masked mode {k}": v for k, v in masked["summary"].items()})
     return report
 
 
@@ -74,6 +84,7 @@ SHAPES = DataSet(
         "transformer": "transformer.yaml",
         "clip": "clip.yaml",
         "prior": "prior.yaml",
+        "masked": "masked.yaml",
     },
     prompts=PROMPTS,
     build=build,

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -43,7 +44,9 @@ from dalle_ar.rerank import pmi_scores
 from dalle_ar.runtime import sample_seeds
 from dalle_ar.sampling import ARSampling, RerankSettings, generate_image_tokens
 from dalle_ar.sampling.diffusion import sample_prior, slerp
+from dalle_ar.sampling.masked import generate_masked
 from dalle_ar.sampling.settings import (
+    MaskedSampling,
     PriorSampling,
     names,
     reranker_parts,
@@ -57,7 +60,9 @@ from dalle_ar.vq import VQConfig, VQTokenizer
 log = logging.getLogger(__name__)
 MEMORY_MB = 512.0  # what a generation call's batches may hold, by default (`candidate_batch`)
 MAX_BATCH = 64  # samples drawn at once, at most: past it a CPU decode step gains little
-MODES = ("ar", "prior")  # what draws a sample: the caption alone, or the prior's embedding too
+# what draws a sample: the transformer from the caption alone, or from the prior's embedding
+# too, or the masked generator (parallel unmasking)
+MODES = ("ar", "prior", "masked")
 
 
 class ARPipeline(Pipeline):
@@ -67,9 +72,11 @@ class ARPipeline(Pipeline):
 
     mode: ClassVar[str] = "ar"
     required: ClassVar[tuple[str, ...]] = tuple(AR_COMPONENTS)
-    optional: ClassVar[tuple[str, ...]] = ("clip", "prior")  # the CLIP reranker; the prior mode
+    # the CLIP reranker; the prior mode; the masked mode
+    optional: ClassVar[tuple[str, ...]] = ("clip", "prior", "masked")
     settings: ClassVar[dict[str, type]] = {
-        "ar": ARSampling, "prior": PriorSampling, "rerank": RerankSettings
+        "ar": ARSampling, "prior": PriorSampling, "masked": MaskedSampling,
+        "rerank": RerankSettings,
     }  # fmt: skip
 
     def __init__(
@@ -80,16 +87,20 @@ class ARPipeline(Pipeline):
         defaults: dict[str, Any] | None = None,
         clip: CLIP | None = None,
         prior: DiffusionPrior | None = None,
+        masked: Transformer | None = None,
     ) -> None:
         check_compatible(tokenizer.vocab_size, vq.config, transformer.cfg)
         check_prior(transformer.cfg, clip, prior)
+        if masked is not None:
+            check_masked(tokenizer.vocab_size, vq.config, transformer.cfg, masked.cfg)
         t = transformer.cfg
         if tokenizer.text_len != t.text_len:  # the model's text length decides
             tokenizer = TextTokenizer(
                 tokenizer.hf, dataclasses.replace(tokenizer.cfg, text_len=t.text_len)
             )
         parts = dict(text_tokenizer=tokenizer, vq=vq.eval(), transformer=transformer.eval(),
-                     clip=clip, prior=None if prior is None else prior.eval())  # fmt: skip
+                     clip=clip, prior=None if prior is None else prior.eval(),
+                     masked=None if masked is None else masked.eval())  # fmt: skip
         super().__init__(parts, defaults)
         self._known_chars = known_chars(tokenizer)
 
@@ -97,7 +108,7 @@ class ARPipeline(Pipeline):
     def from_components(cls, components: dict[str, Any], defaults: dict[str, Any]) -> ARPipeline:
         c = components
         return cls(c["text_tokenizer"], c["vq"], c["transformer"], defaults, c.get("clip"),
-                   c.get("prior"))  # fmt: skip
+                   c.get("prior"), c.get("masked"))  # fmt: skip
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -123,10 +134,66 @@ class ARPipeline(Pipeline):
         cfg = self.transformer.cfg
         if not 0 <= rows <= cfg.grid_h:
             raise ValueError(f"prime rows must be in [0, {cfg.grid_h}], got {rows}")
-        size = cfg.grid_h * self.vq.config.downsample, cfg.grid_w * self.vq.config.downsample
-        pil = Image.fromarray(to_uint8([image])[0]).resize(size[::-1], Image.BICUBIC)
+        return self._encode_image(image)[:, :rows]
+
+    def _image_size(self) -> tuple[int, int]:
+        """(H, W) of the pictures the VQ draws for the transformer's grid."""
+        f, cfg = self.vq.config.downsample, self.transformer.cfg
+        return cfg.grid_h * f, cfg.grid_w * f
+
+    def _encode_image(self, image: Any) -> torch.Tensor:
+        """Codes (1, h, w) of a picture resized (bicubic) to the VQ's size."""
+        h, w = self._image_size()
+        pil = Image.fromarray(to_uint8([image])[0]).resize((w, h), Image.BICUBIC)
         x = torch.from_numpy(to_uint8([pil])).permute(0, 3, 1, 2).float().div(255)
-        return self.vq.encode(x.to(self.device))[:, :rows].cpu()
+        return self.vq.encode(x.to(self.device)).cpu()
+
+    def inpaint_codes(self, images: Sequence[Any], masks: Sequence[Any]) -> torch.Tensor:
+        """Start codes (n, h, w) for `inpaint`: each picture's codes, the masked generator's mask
+        id where its mask covers any pixel of the code's patch. A mask is a PIL image (any mode:
+        non-zero = repaint) or an (H, W) array (true or non-zero = repaint), resized to the
+        picture's size (nearest). ValueError for counts that differ or a mask that repaints
+        nothing."""
+        if len(images) != len(masks):
+            raise ValueError(f"one mask per picture: {len(images)} pictures, {len(masks)} masks")
+        h, w = self._image_size()
+        mask_id = self.components["masked"].cfg.mask_id if "masked" in self.components else None
+        if mask_id is None:
+            raise ValueError("inpainting needs the masked component (assemble with masked=)")
+        out = []
+        for i, (image, mask) in enumerate(zip(images, masks)):
+            m = mask if isinstance(mask, Image.Image) else Image.fromarray(
+                (np.asarray(mask) != 0).astype(np.uint8) * 255)  # fmt: skip
+            m = np.asarray(m.convert("L").resize((w, h), Image.NEAREST)) > 0  # (H, W)
+            f = self.vq.config.downsample
+            grid = torch.from_numpy(m.reshape(h // f, f, w // f, f).any(axis=(1, 3)))
+            if not grid.any():
+                raise ValueError(f"mask {i} repaints nothing")
+            out.append(torch.where(grid, mask_id, self._encode_image(image)[0]))
+        return torch.stack(out)
+
+    @torch.inference_mode()
+    def inpaint(
+        self,
+        images: Sequence[Any],
+        masks: Sequence[Any],
+        prompts: str | Sequence[str],
+        num_samples: int = 1,
+        seed: int | None = None,
+        **kw: Any,
+    ) -> PipelineOutput:
+        """Repaint the masked region of each picture to its prompt, in the masked mode: the codes
+        under the rest of the picture are kept exactly and the masked generator draws the others
+        from everything around them (outpainting: mask the border). images: PIL images or
+        (3, H, W) tensors in [0, 1], resized to the VQ's size; masks: `inpaint_codes`; prompts:
+        one per picture (or one for all). Keyword arguments as for `__call__` in the masked mode
+        (steps, temperature, guidance_scale, candidates, ...)."""
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"one prompt per picture: {len(images)} pictures, {len(prompts)} "
+                             "prompts")  # fmt: skip
+        init = self.inpaint_codes(images, masks)
+        return self(prompts, num_samples, seed, mode="masked", init_codes=init, **kw)
 
     # -- generation ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -140,8 +207,10 @@ class ARPipeline(Pipeline):
         mode: str = "ar",
         settings: ARSampling | None = None,
         prior_settings: PriorSampling | None = None,
+        masked_settings: MaskedSampling | None = None,
         rerank: RerankSettings | None = None,
         prime_codes: torch.Tensor | None = None,
+        init_codes: torch.Tensor | None = None,
         embeds: torch.Tensor | None = None,
         batch_size: int | None = None,
         memory_mb: float = MEMORY_MB,
@@ -155,7 +224,11 @@ class ARPipeline(Pipeline):
         embedding from the caption's CLIP text embedding, with each sample's seed, and the
         transformer draws the codes from it and the caption; `PriorSampling`). `embeds` (one per
         prompt, (n_prompts, D) unit CLIP image embeddings) conditions the transformer on given
-        embeddings instead (`variations`, `interpolate`).
+        embeddings instead (`variations`, `interpolate`). "masked": the masked generator unmasks
+        the codes in `MaskedSampling.steps` parallel passes (its settings take the keyword
+        overrides then: `steps=8`, `temperature=0.7`, `guidance_scale=1.5`); `init_codes`
+        (1 | n_prompts | n_samples, h, w) keeps every code that is not the generator's mask id
+        (inpainting, `inpaint`).
 
         settings / prior_settings / rerank: `ARSampling` / `PriorSampling` / `RerankSettings`,
         default the folder's; keyword overrides of their fields (`guidance_scale=1.5`,
@@ -179,25 +252,38 @@ class ARPipeline(Pipeline):
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        ar_kw, pr_kw, rr_kw = split_overrides(overrides, ARSampling, PriorSampling, RerankSettings)
-        s = resolve(settings or self.defaults["ar"], **ar_kw)
+        # the masked mode's settings take the shared names (temperature, top_k, guidance_scale)
+        first = MaskedSampling if mode == "masked" else ARSampling
+        one_kw, pr_kw, rr_kw = split_overrides(overrides, first, PriorSampling, RerankSettings)
+        s = resolve(settings or self.defaults["ar"], **({} if mode == "masked" else one_kw))
+        ms = resolve(masked_settings or self.defaults["masked"],
+                     **(one_kw if mode == "masked" else {}))  # fmt: skip
         ps = resolve(prior_settings or self.defaults["prior"], **pr_kw)
         rr = resolve(rerank or self.defaults["rerank"], **rr_kw)
         cond = self._prompt_embeds(mode, prompts, embeds)  # (n_prompts, D) or None
+        if mode == "masked" and prime_codes is not None:
+            raise ValueError("the masked mode keeps codes with init_codes (any region), not "
+                             "prime_codes")  # fmt: skip
+        if mode != "masked" and init_codes is not None:
+            raise ValueError(f"init_codes are for mode='masked', got mode={mode!r} (the "
+                             "autoregressive modes complete top rows: prime_codes)")  # fmt: skip
         clip_text = self.check_reranker(rr, prompts)
         kind = "embeds" if embeds is not None else mode
-        extra = {"mode": kind, **(dataclasses.asdict(ps) if kind == "prior" else {})}
+        own = {"prior": ps, "masked": ms}.get(kind)  # the mode's own settings, recorded
+        extra = {"mode": kind, **(dataclasses.asdict(own) if own else {})}
         batch_size = batch_size or self.candidate_batch(s, rr, memory_mb)
         n = len(prompts) * num_samples
         prior = ps if kind == "prior" else None
-        kw = dict(settings=s, batch_size=batch_size, prior=prior)
-        prime = _expand_prime(prime_codes, len(prompts), num_samples)  # one grid per sample
+        kw = dict(settings=s, batch_size=batch_size, prior=prior,
+                  masked=ms if kind == "masked" else None)  # fmt: skip
+        grids = init_codes if mode == "masked" else prime_codes
+        prime = _expand_prime(grids, len(prompts), num_samples)  # one grid per sample
         if rr.candidates == 1:
             codes, samples = self._draw(prompts, num_samples, seed, seeds, prime, cond,
                                         progress=progress, **kw)  # fmt: skip
             for m in samples:
                 m.update(extra)
-            settings_json = {**dataclasses.asdict(s), **extra}
+            settings_json = {**(dataclasses.asdict(s) if kind != "masked" else {}), **extra}
             return PipelineOutput(self.decode(codes), codes, samples, settings_json)
         split = [split_prompt(p) for p in prompts]  # warned once here, not once per batch
         self.check_prompts([scene for scene, _ in split])
@@ -218,7 +304,8 @@ class ARPipeline(Pipeline):
             return codes, metas
 
         out = self._rerank(n, rr, seed, seeds, draw, clip_text, batch_size, progress)
-        out.settings = {**dataclasses.asdict(s), **dataclasses.asdict(rr), **extra}
+        out.settings = {**(dataclasses.asdict(s) if kind != "masked" else {}),
+                        **dataclasses.asdict(rr), **extra}  # fmt: skip
         return out
 
     def _prompt_embeds(
@@ -229,6 +316,13 @@ class ARPipeline(Pipeline):
         before any drawing, for an unknown mode or one this pipeline lacks a part for."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "masked":
+            if self.components.get("masked") is None:
+                raise ValueError("the masked mode needs the masked component, which this "
+                                 "pipeline lacks (assemble it with masked=FOLDER)")  # fmt: skip
+            if embeds is not None:
+                raise ValueError("the masked generator takes no embeddings")
+            return None
         cfg = self.transformer.cfg
         if (mode == "prior" or embeds is not None) and not cfg.cond_len:
             raise ValueError(
@@ -237,9 +331,16 @@ class ARPipeline(Pipeline):
                 "model.cond_dim = the CLIP's embed_dim)"
             )
         if embeds is not None:
+            if mode == "prior":
+                raise ValueError("give mode='prior' (the prior draws the embeddings) or embeds, "
+                                 "not both")  # fmt: skip
             if embeds.ndim != 2 or embeds.shape != (len(prompts), cfg.cond_dim):
                 raise ValueError(f"embeds must have shape ({len(prompts)}, {cfg.cond_dim}), got "
                                  f"{tuple(embeds.shape)}")  # fmt: skip
+            norms = embeds.float().norm(dim=-1)
+            if not bool(((norms - 1).abs() < 1e-3).all()):
+                raise ValueError(f"embeds must be unit CLIP image embeddings, got norms in "
+                                 f"[{norms.min():.4f}, {norms.max():.4f}]")  # fmt: skip
             return embeds.float().cpu()
         if mode == "ar":
             return None
@@ -274,19 +375,18 @@ class ARPipeline(Pipeline):
         (DALL-E 2, section 3.2). ValueError for steps < 2."""
         if steps < 2:
             raise ValueError(f"steps must be >= 2, got {steps}")
-        ends = [self.image_embeds([x]) if not isinstance(x, str) else self._prior_embed(x, seed, kw)
+        ps = resolve(kw.pop("prior_settings", None) or self.defaults["prior"],
+                     **{k: kw.pop(k) for k in list(kw) if k in names(PriorSampling)})  # fmt: skip
+        ends = [self.image_embeds([x]) if not isinstance(x, str) else self._prior_embed(x, seed, ps)
                 for x in (a, b)]  # fmt: skip
         t = torch.linspace(0, 1, steps)
         path = slerp(ends[0].expand(steps, -1), ends[1].expand(steps, -1), t)
         return self([""] * steps, 1, seeds=[seed] * steps, embeds=path, **kw)
 
-    def _prior_embed(self, prompt: str, seed: int, kw: dict[str, Any]) -> torch.Tensor:
-        """The prior's image embedding (1, D) for one prompt and seed, with the call's
-        `PriorSampling` overrides taken out of `kw`."""
-        pr_kw = {k: kw.pop(k) for k in list(kw) if k in names(PriorSampling)}
+    def _prior_embed(self, prompt: str, seed: int, ps: PriorSampling) -> torch.Tensor:
+        """The prior's image embedding (1, D) for one prompt and seed."""
         text = self._prompt_embeds("prior", [prompt], None)
-        return sample_prior(self.components["prior"], text.to(self.device),
-                            resolve(self.defaults["prior"], **pr_kw), [seed]).cpu()  # fmt: skip
+        return sample_prior(self.components["prior"], text.to(self.device), ps, [seed]).cpu()
 
     def image_embeds(self, images: Sequence[Any]) -> torch.Tensor:
         """Unit CLIP image embeddings (n, D) of pictures (PIL images, or (3, H, W) tensors in
@@ -342,12 +442,14 @@ class ARPipeline(Pipeline):
         progress: bool,
         warn: bool = True,
         prior: PriorSampling | None = None,
+        masked: MaskedSampling | None = None,
     ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """The codes (n, h, w) and per-sample metadata, without reranking; `prime` holds one
         grid per sample or is None; `warn`: warn about odd prompts (`check_prompts`). `embeds`
         (n_prompts, D): with `prior` settings the CLIP text embeddings the prior starts from
         (each sample draws its image embedding with its own seed), else the image embeddings
-        themselves; None: the transformer's null embedding, if it takes one."""
+        themselves; None: the transformer's null embedding, if it takes one. `masked` settings:
+        the masked generator draws instead, `prime` then holding its init codes."""
         cfg = self.transformer.cfg
         n = len(prompts) * num_samples
         per_seed = sample_seeds(n, seed if seeds is None else seeds)
@@ -381,6 +483,17 @@ class ARPipeline(Pipeline):
                     part_lens=part_text.mask[sel].sum(1).view(len(idx), K),
                     part_weights=torch.tensor([[w for _, w in split[r][1]] for r in rows]),
                 )
+            if masked is not None:
+                if K:
+                    raise ValueError("composed prompts (AND) are for the autoregressive modes")
+                codes[idx] = generate_masked(
+                    self.components["masked"], text.ids[rows], masked,
+                    text_lens=text_lens[rows], empty_ids=empty.ids[0],
+                    empty_len=int(empty.mask[0].sum()), seeds=[per_seed[i] for i in idx],
+                    init_codes=None if prime is None else prime[idx],
+                ).cpu()  # fmt: skip
+                bar.update(len(idx) * cfg.image_len)
+                continue
             codes[idx] = generate_image_tokens(
                 self.transformer,
                 text.ids[rows],
@@ -395,8 +508,8 @@ class ARPipeline(Pipeline):
                 **part_kw,
             ).cpu()
         bar.close()
-        rows = 0 if prime is None else prime.shape[1]
-        record = dataclasses.asdict(settings)
+        rows = 0 if prime is None or masked is not None else prime.shape[1]
+        record = dataclasses.asdict(settings if masked is None else masked)
         samples = [
             {
                 "prompt": prompts[i // num_samples],
@@ -405,7 +518,9 @@ class ARPipeline(Pipeline):
                 "seed": per_seed[i],
                 **record,
                 "prime_rows": rows,
-                "prime_codes": None if prime is None else prime[i].tolist(),
+                "init_codes" if masked else "prime_codes": None
+                if prime is None
+                else prime[i].tolist(),
             }
             for i in range(n)
         ]
@@ -456,7 +571,15 @@ def check_compatible(text_vocab_size: int, vq_cfg: VQConfig, tf_cfg: Transformer
 
 def check_prior(tf_cfg: TransformerConfig, clip: CLIP | None, prior: DiffusionPrior | None) -> None:
     """Refuse a prior without the CLIP it was trained on (ValueError naming both CLIPs, or the
-    missing one), or whose embeddings the transformer does not take (naming both sizes)."""
+    missing one), or whose embeddings the transformer does not take (naming both sizes); and a
+    CLIP other than the one whose embeddings the transformer was trained on (`cond_clip`)."""
+    if clip is not None and tf_cfg.cond_len and tf_cfg.cond_clip:
+        mine = str(clip.identity()["weights_sha256"])
+        if mine != tf_cfg.cond_clip:
+            raise ValueError(
+                f"the transformer was trained on the image embeddings of another CLIP (weights "
+                f"{tf_cfg.cond_clip[:12]}) than this one (weights {mine[:12]})"
+            )
     if prior is None:
         return
     if clip is None:
@@ -469,6 +592,26 @@ def check_prior(tf_cfg: TransformerConfig, clip: CLIP | None, prior: DiffusionPr
         )
 
 
+def check_masked(
+    text_vocab_size: int, vq_cfg: VQConfig, tf_cfg: TransformerConfig, m_cfg: TransformerConfig
+) -> None:
+    """Refuse a masked generator that is not one, or that does not fit the VQ and tokenizer, or
+    reads another text length than the transformer (they share the encoded prompts): ValueError
+    naming both sides."""
+    if not m_cfg.masked:
+        raise ValueError("the masked component must be a masked generator (objective='masked'), "
+                         f"got objective={m_cfg.objective!r}")  # fmt: skip
+    check_compatible(text_vocab_size, vq_cfg, m_cfg)
+    if (m_cfg.grid_h, m_cfg.grid_w) != (tf_cfg.grid_h, tf_cfg.grid_w):
+        raise ValueError(
+            f"the masked generator draws {m_cfg.grid_h}x{m_cfg.grid_w} codes, the "
+            f"transformer {tf_cfg.grid_h}x{tf_cfg.grid_w}: expected the same VQ"
+        )
+    if m_cfg.text_len != tf_cfg.text_len:
+        raise ValueError(f"the masked generator reads {m_cfg.text_len} text positions, the "
+                         f"transformer {tf_cfg.text_len}: expected equal")  # fmt: skip
+
+
 def assemble(
     folder: str | Path,
     tokenizer: str | Path,
@@ -479,6 +622,7 @@ def assemble(
     link: bool = False,
     clip: str | Path | None = None,
     prior: str | Path | None = None,
+    masked: str | Path | None = None,
 ) -> Path:
     """Write an autoregressive pipeline folder from trained component folders, atomically:
     copies (or, with `link`, absolute symlinks) plus pipeline.json. The components are checked
@@ -486,7 +630,8 @@ def assemble(
     `ARSampling` fields, or sections {"ar": ..., "rerank": ...}) against the settings. `clip`: a
     CLIP folder (ours or a user's Hugging Face one, `dalle_ar.clip.CLIP`) for the CLIP reranker,
     checked for its parts. `prior`: a diffusion prior folder (`dalle-ar train prior`) for the
-    prior mode, checked against the CLIP (`check_prior`)."""
+    prior mode, checked against the CLIP (`check_prior`); `masked`: a masked generator folder
+    (`dalle-ar train masked`) for the masked mode (`check_masked`)."""
     srcs = {"text_tokenizer": Path(tokenizer), "vq": Path(vq), "transformer": Path(transformer)}
     for name, src in srcs.items():
         if not (src / "config.json").is_file():
@@ -502,9 +647,16 @@ def assemble(
         if clip is None:
             raise ValueError("a prior needs the CLIP it was trained with: pass clip=FOLDER too")
         srcs["prior"] = Path(prior)
-        check_prior(tf_cfg, CLIP.from_pretrained(clip), DiffusionPrior.from_pretrained(prior))
+    if clip is not None and (prior is not None or tf_cfg.cond_len):
+        loaded = None if prior is None else DiffusionPrior.from_pretrained(prior)
+        check_prior(tf_cfg, CLIP.from_pretrained(clip), loaded)
+    if masked is not None:
+        srcs["masked"] = Path(masked)
+        m_cfg = read_component_config(srcs["masked"], "transformer", TransformerConfig)
+        check_masked(tok.vocab_size, vq_cfg, tf_cfg, m_cfg)
     settings = ARPipeline._defaults(defaults)
-    classes = {**AR_COMPONENTS, "clip": CLIP.__name__, "prior": DiffusionPrior.__name__}
+    classes = {**AR_COMPONENTS, "clip": CLIP.__name__, "prior": DiffusionPrior.__name__,
+               "masked": Transformer.__name__}  # fmt: skip
     sources = {k: (("dalle_ar", classes[k]), src) for k, src in srcs.items()}
     as_json = {k: dataclasses.asdict(v) for k, v in settings.items()}
     return write_folder(folder, ARPipeline.__name__, sources, ARPipeline.optional, as_json, link)

@@ -18,12 +18,20 @@ from dalle_ar.sampling.logits import (
     logits_to_probs,
     sample_from_probs,
 )
-from dalle_ar.sampling.settings import RERANK_WEIGHT, ARSampling, RerankSettings
+from dalle_ar.sampling.settings import (
+    RERANK_WEIGHT,
+    ARSampling,
+    MaskedSampling,
+    PriorSampling,
+    RerankSettings,
+)
 
 __all__ = [
     "ARSampling",
     "Callback",
     "MIN_GRAPH_STEPS",
+    "MaskedSampling",
+    "PriorSampling",
     "RERANK_WEIGHT",
     "RerankSettings",
     "SEED_SPACE",

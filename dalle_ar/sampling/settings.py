@@ -157,6 +157,52 @@ class PriorSampling:
         require(ok_k, "embed_candidates", f"must be an int >= 1 (1 = off), got {k!r}", KIND)
 
 
+@dataclasses.dataclass
+class MaskedSampling:
+    """How the masked generator unmasks the image (`sampling.masked.generate_masked`): `steps`
+    parallel passes on a cosine schedule; at each, every masked code is drawn (temperature,
+    top-k, classifier-free guidance) and the least confident stay masked, confidence being
+    log p plus Gumbel noise scaled by `confidence_temperature` x (1 - t/T) (MaskGIT, Chang et
+    al. 2022, section 3.2 and its code's choice_temperature 4.5)."""
+
+    steps: int = dataclasses.field(
+        default=12, metadata=_option("--steps", "parallel unmasking passes of the masked mode")
+    )
+    temperature: float = dataclasses.field(
+        default=1.0, metadata=_option("--temperature", "softmax temperature (> 0)")
+    )
+    top_k: int = dataclasses.field(
+        default=0, metadata=_option("--top-k", "keep the k most likely codes (0 = off)")
+    )
+    guidance_scale: float = dataclasses.field(
+        default=1.0,
+        metadata=_option("--guidance", "classifier-free guidance scale (1 = off)"),
+    )
+    confidence_temperature: float = dataclasses.field(
+        default=4.5,
+        metadata=_option("--confidence-temperature", "Gumbel noise on the confidence, annealed"),
+    )
+
+    def validate(self) -> None:
+        """ConfigError (a ValueError) naming the first impossible field."""
+        n, t, k, g = self.steps, self.temperature, self.top_k, self.guidance_scale
+        ok_n = isinstance(n, int) and not isinstance(n, bool) and n >= 1
+        require(ok_n, "steps", f"must be an int >= 1, got {n!r}", KIND)
+        require(_finite_at_least(t, 0) and t > 0, "temperature", f"must be > 0, got {t!r}", KIND)
+        ok_k = isinstance(k, int) and not isinstance(k, bool) and k >= 0
+        require(ok_k, "top_k", f"must be an int >= 0 (0 = off), got {k!r}", KIND)
+        require(_finite_at_least(g, 0), "guidance_scale",
+                f"must be >= 0 (1 = no guidance), got {g!r}", KIND)  # fmt: skip
+        c = self.confidence_temperature
+        require(_finite_at_least(c, 0), "confidence_temperature", f"must be >= 0, got {c!r}",
+                KIND)  # fmt: skip
+
+
+# MaskedSampling's fields that share ARSampling's names and command-line flags: a command that
+# offers both takes them once, for the mode it runs.
+MASKED_SHARED = ("temperature", "top_k", "guidance_scale")
+
+
 def names(cls: type) -> tuple[str, ...]:
     """The field names of a settings dataclass."""
     return tuple(f.name for f in dataclasses.fields(cls))
@@ -226,6 +272,8 @@ def from_args(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -
 
 __all__ = [
     "ARSampling",
+    "MASKED_SHARED",
+    "MaskedSampling",
     "PriorSampling",
     "RERANKERS",
     "RERANK_WEIGHT",

@@ -75,3 +75,37 @@ def drop_conditioning(
     text = torch.where(drop[:, None], empty_ids.to(text.device)[None, :], text)
     text_lens = torch.where(drop, text_lens.new_tensor(empty_len), text_lens)
     return text, text_lens
+
+
+def mask_codes(
+    image: torch.Tensor,
+    mask_id: int,
+    generator: torch.Generator,
+    rows: slice | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked generator's training input: image codes (B, h*w) with a random share of each
+    sample's positions replaced by `mask_id`, the share cos(pi/2 * u) for u ~ U(0, 1) (MaskGIT's
+    cosine schedule, Chang et al. 2022, section 3.2; at least one position). Returns (input codes,
+    masked (B, h*w) bool). Drawn on the CPU from `generator` for the global batch and `rows` of
+    it taken (this rank's; default all), as `drop_conditioning`'s caller does."""
+    B, n = image.shape
+    rows = rows or slice(0, B)
+    total = max(rows.stop, B)
+    share = torch.cos(torch.pi / 2 * torch.rand(total, generator=generator))
+    count = (share * n).ceil().clamp(1, n).long()[rows]  # (B,)
+    order = torch.rand(total, n, generator=generator)[rows].argsort(1).argsort(1)  # ranks
+    masked = (order < count[:, None]).to(image.device)
+    return torch.where(masked, torch.full_like(image, mask_id), image), masked
+
+
+def masked_loss(
+    logits: torch.Tensor, image: torch.Tensor, masked: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy of image logits (B, h*w, V) against the true codes (B, h*w) at the masked
+    positions only (B, h*w) bool, their mean. Returns (loss, parts)."""
+    if logits.shape[:2] != image.shape or masked.shape != image.shape:
+        raise ValueError(f"logits {tuple(logits.shape)}, codes {tuple(image.shape)} and mask "
+                         f"{tuple(masked.shape)} must agree on (B, h*w)")  # fmt: skip
+    ce = F.cross_entropy(logits.float().flatten(0, 1), image.flatten(), reduction="none")
+    loss = (ce * masked.flatten()).sum() / masked.sum().clamp(min=1)
+    return loss, {"image_loss": loss.detach(), "masked_share": masked.float().mean()}

@@ -16,12 +16,13 @@ from typing import Any, Literal
 
 import torch
 
+from dalle_ar.checkpoint import save_pretrained
 from dalle_ar.config import ConfigError, DataConfig, require
 from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.train import dist
 from dalle_ar.train.common import build_optimizer, run_recipe
 from dalle_ar.train.loop import LoopConfig, Task, fit, setup, to_device
-from dalle_ar.train.objectives import drop_conditioning, lm_loss
+from dalle_ar.train.objectives import drop_conditioning, lm_loss, mask_codes, masked_loss
 from dalle_ar.train.transformer_data import BatchSource, ShardBatches
 from dalle_ar.transformer import COMPONENT, Transformer, TransformerConfig
 
@@ -69,21 +70,27 @@ class TrainTransformerConfig(LoopConfig):  # optim, run, lr_follows_time, max_ba
 
 def sample_grid(model: Transformer, source: ShardBatches, cfg, path: Path, seed: int) -> None:
     """One row of decoded samples for the fixed prompts (no guidance; an embedding-conditioned
-    model in text mode), written as a PNG."""
+    model in text mode; a masked generator at its default steps), written as a PNG."""
     from dalle_ar.grid import image_grid
     from dalle_ar.sampling import generate_image_tokens
 
     t = source.tok.encode(cfg.sample_prompts)
     n = len(cfg.sample_prompts)
-    cond = model.null_cond(n) if model.cfg.cond_len else None  # text mode
-    codes = generate_image_tokens(
-        model,
-        t.ids,
-        text_lens=t.mask.sum(1),
-        temperature=cfg.sample_temperature,
-        seeds=seed,
-        cond=cond,
-    )  # (n, h, w)
+    if model.cfg.masked:
+        from dalle_ar.sampling.masked import generate_masked
+
+        codes = generate_masked(model, t.ids, text_lens=t.mask.sum(1), seeds=seed,
+                                temperature=cfg.sample_temperature)  # fmt: skip
+    else:
+        cond = model.null_cond(n) if model.cfg.cond_len else None  # text mode
+        codes = generate_image_tokens(
+            model,
+            t.ids,
+            text_lens=t.mask.sum(1),
+            temperature=cfg.sample_temperature,
+            seeds=seed,
+            cond=cond,
+        )  # (n, h, w)
     with torch.no_grad():
         images = source.vq.decode(codes)  # (n, 3, S, S) in [0, 1]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,13 +106,19 @@ def _drop_mask(cfg: TrainTransformerConfig, micro: int, B: int, info: dist.DistI
     return u[0] < cfg.cond_drop, u[1] < cfg.embed_drop
 
 
-def _loss(model, batch, cfg, info, drop=None, text_count=None, null_rows=None):
+def _loss(model, batch, cfg, info, drop=None, text_count=None, null_rows=None, masks=None):
     """drop: captions replaced by the empty one; null_rows: embeddings replaced by the null
-    one ((B,) bool each, or None)."""
+    one ((B,) bool each, or None); masks: a masked generator's (input codes, masked) of
+    `mask_codes`."""
     text, lens, image, cond = batch["text"], batch["text_lens"], batch["image"], batch.get("cond")
     if drop is not None:
         text, lens = drop_conditioning(text, lens, batch["empty_ids"], batch["empty_len"], drop)
     prefix = text if cfg.model.has_text else text[:, :0]
+    if cfg.model.masked:
+        codes, masked = masks
+        with autocast_context(info.device, cfg.run.precision, cpu_auto=True):
+            out = model(torch.cat([prefix, codes], 1), text_lens=lens)
+        return masked_loss(out.image, image, masked)
     tokens = torch.cat([prefix, image[:, :-1]], 1)
     kw = {"text_lens": lens} if cfg.model.has_text else {}
     if cfg.model.cond_len and null_rows is not None:
@@ -137,7 +150,11 @@ def evaluate(model, source: BatchSource, cfg: TrainTransformerConfig, info) -> d
         if i >= cfg.eval_batches:
             break
         batch = to_device(batch, info.device)
-        _, parts = _loss(model, batch, cfg, info)
+        masks = None
+        if cfg.model.masked:  # the same masks at every evaluation
+            g = torch.Generator().manual_seed(i)
+            masks = mask_codes(batch["image"], cfg.model.mask_id, g)
+        _, parts = _loss(model, batch, cfg, info, masks=masks)
         text_mode = sums[0] * 0
         if cfg.model.cond_len:
             rows = torch.ones(len(batch["image"]), dtype=torch.bool)
@@ -197,6 +214,8 @@ def build(
     feats = _resolve_code_features(cfg)
     if source is None:
         source = ShardBatches(cfg, info)
+        if cfg.model.cond_len and not cfg.model.cond_clip:  # saved with the model
+            cfg.model.cond_clip = source.cond_clip()
     model = Transformer(cfg.model).to(info.device)
     if feats is not None:
         model.set_code_features(*feats)
@@ -225,7 +244,12 @@ def build(
             idx = torch.arange(1, batch["text"].shape[1], device=info.device)
             lens = torch.where(drop.to(info.device), source.empty_len, batch["text_lens"])
             count = dist.all_reduce_sum((idx[None] < lens[:, None]).sum()) / info.world
-        return _loss(forward, batch, cfg, info, drop, count, null_rows)
+        masks = None
+        if cfg.model.masked:  # one draw for the global batch, sliced by rank
+            g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + micro + 2**40)
+            rows = slice(info.rank * B, (info.rank + 1) * B)
+            masks = mask_codes(batch["image"], cfg.model.mask_id, g, rows)
+        return _loss(forward, batch, cfg, info, drop, count, null_rows, masks)
 
     def pictures(step: int) -> tuple[Path, str]:
         path = Path(cfg.run.out_dir) / "samples" / f"step_{step:07d}.png"
@@ -234,10 +258,13 @@ def build(
 
     # FSDP: rank 0 alone cannot run a sharded model; sample from the saved folder instead
     can_draw = bool(cfg.vq and cfg.text_tokenizer and cfg.sample_prompts)
+    # A masked generator is a transformer folder too, written to out_dir/masked.
+    name = "masked" if cfg.model.masked else COMPONENT
     task = Task(
-        COMPONENT, wrapped, cfg.model, opt, loss, source.train,
+        name, wrapped, cfg.model, opt, loss, source.train,
         evaluate=lambda final: evaluate(wrapped, source, cfg, info),
         pictures=pictures if can_draw and not dist.is_fsdp(wrapped) else None,
+        save=lambda full, folder: save_pretrained(full, cfg.model, folder, COMPONENT),
         precision=precision_name(info.device, cfg.run.precision, cpu_auto=True),
     )  # fmt: skip
     return task, info

@@ -107,6 +107,26 @@ class ShardBatches:
             out["cond"] = raw["clip_img"]
         return out
 
+    def cond_clip(self) -> str:
+        """The weights hash of the CLIP the token shards' embeddings come from (their
+        `*-tokens.json`), or "" when no summary names one. ValueError when they name two."""
+        import glob
+        import json
+        from pathlib import Path
+
+        found = set()
+        for urls in (self.cfg.data.train, self.cfg.data.eval):
+            if urls and "://" not in urls and not urls.startswith("pipe:"):
+                folder = Path(urls) if Path(urls).is_dir() else Path(urls).parent
+                for f in glob.glob(str(folder / "*-tokens.json")):
+                    clip = json.loads(Path(f).read_text()).get("clip")
+                    if isinstance(clip, dict):
+                        found.add(clip["weights_sha256"])
+        if len(found) > 1:
+            raise ValueError(f"the token shards' summaries name {len(found)} different CLIPs: "
+                             "train on the embeddings of one")  # fmt: skip
+        return found.pop() if found else ""
+
     def train(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         for i, raw in enumerate(self._loader(self.cfg.data.train, train=True)):
             if i >= skip:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from dalle_ar.kernels.layouts import LAYOUT_KINDS, Layout
+from dalle_ar.kernels.layouts import CAUSAL_KINDS, LAYOUT_KINDS, Layout
 from dalle_ar.kernels.reference import attention_reference, decode_reference
 
 from dalle_ar import attention as attn
@@ -57,5 +57,9 @@ def test_torch_backend_matches_reference(kind: str) -> None:
     assert torch.allclose(out, attention_reference(q, k, v, lay, text_lens), atol=1e-5)
     lengths = torch.tensor([lay.seq_len, 7])
     q1 = q[:, :, :1]
+    if kind not in CAUSAL_KINDS:  # a bidirectional layout has no decode step
+        with pytest.raises(ValueError, match="decode steps are for causal layouts"):
+            backend.decode(q1, k, v, lengths, lay, text_lens)
+        return
     got = backend.decode(q1, k, v, lengths, lay, text_lens)
     assert torch.allclose(got, decode_reference(q1, k, v, lengths, lay, text_lens), atol=1e-5)

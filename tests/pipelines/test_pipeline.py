@@ -77,10 +77,11 @@ def test_pipeline_folder_names_its_class_and_components(pipe_dir):
         "transformer": ["dalle_ar", "Transformer"],
         "clip": None,  # the optional CLIP reranker, not held
         "prior": None,  # nor the optional prior
+        "masked": None,  # nor the optional masked generator
     }
     for name in ("text_tokenizer", "vq", "transformer"):
         assert (pipe_dir / name / "config.json").is_file()
-    assert set(meta["defaults"]) == {"ar", "prior", "rerank"}
+    assert set(meta["defaults"]) == {"ar", "prior", "masked", "rerank"}
     assert isinstance(Pipeline.from_pretrained(pipe_dir), ARPipeline)  # the class it names
 
 
@@ -103,7 +104,7 @@ def test_defaults_of_other_modes_are_left_to_them(pipe_dir, tmp_path):
     shutil.copytree(pipe_dir, folder)
     meta = json.loads((folder / "pipeline.json").read_text())
     meta["defaults"]["ar"]["guidance_scale"] = 2.5
-    meta["defaults"]["masked"] = {"steps": 16}  # another mode's section
+    meta["defaults"]["cascade"] = {"steps": 16}  # another mode's section
     (folder / "pipeline.json").write_text(json.dumps(meta))
     assert ARPipeline.from_pretrained(folder).defaults["ar"].guidance_scale == 2.5
     meta["defaults"]["tempreature"] = 0.7

@@ -169,3 +169,23 @@ def test_variations_tool_scores_agreement_with_the_source(pipe_dir, shapes_shard
     assert report["images"] == 4 and report["variations"]["n"] == 8
     assert 0 <= report["variations"]["exact"] <= 1 and report["sources"]["n"] == 4
     assert Image.open(tmp_path / "variations.png").width > 16 * 3
+
+
+def test_a_transformer_trained_on_another_clips_embeddings_is_refused(parts, tmp_path):
+    tf = Transformer.from_pretrained(parts["transformer"])
+    tf.cfg.cond_clip = "0" * 64  # as if its token shards held another CLIP's embeddings
+    tf.save_pretrained(tmp_path / "transformer")
+    with pytest.raises(ValueError, match="image embeddings of another CLIP"):
+        assemble(tmp_path / "pipe", parts["text_tokenizer"], parts["vq"],
+                 tmp_path / "transformer", clip=parts["clip"])  # fmt: skip
+
+
+def test_given_embeddings_are_checked(pipe):
+    bad = torch.ones(len(PROMPTS), D)  # not unit vectors
+    with pytest.raises(ValueError, match="unit CLIP image embeddings"):
+        pipe(PROMPTS, embeds=bad)
+    good = torch.nn.functional.normalize(bad, dim=-1)
+    with pytest.raises(ValueError, match="not both"):
+        pipe(PROMPTS, embeds=good, mode="prior")
+    with pytest.raises(ValueError, match="must have shape"):
+        pipe(PROMPTS, embeds=good[:1])

@@ -10,11 +10,12 @@ import pytest
 import torch
 from _spawn import run_ranks
 
-from dalle_ar.config import load_config
+from dalle_ar.config import ConfigError, load_config
 from dalle_ar.runtime import autocast_context, cpu_has_bf16, uses_bf16
 from dalle_ar.train.common import BudgetBar, schedule_step
 from dalle_ar.train.loop import NonFiniteLoss
 from dalle_ar.train.transformer import TrainTransformerConfig, train
+from dalle_ar.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[2]
 T, GH, GW, TV, IV = 6, 3, 3, 20, 12  # text_len, grid, vocabularies
@@ -239,3 +240,25 @@ def test_precision_auto_uses_bf16_where_the_cpu_multiplies_it():
             assert (a @ a).dtype == want
     with autocast_context(cpu, "auto", cpu_auto=True):
         assert (a @ a).dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+
+
+def test_masked_generator_trains_on_the_same_recipe(tmp_path):
+    from dalle_ar.train.masked import TrainMaskedConfig
+
+    base = [
+        f"model.text_vocab={TV}", f"model.text_len={T}", f"model.image_vocab={IV}",
+        f"model.grid_h={GH}", f"model.grid_w={GW}", "model.dim=32", "model.depth=2",
+        "model.heads=2", "model.head_dim=16", "model.attn_impl=torch", "data.batch_size=4",
+        "optim.lr=1e-2", "optim.warmup_steps=5", "run.steps=200", "run.log_every=10",
+        "run.save_every=1000", "run.wandb=disabled", "run.device=cpu", f"run.out_dir={tmp_path}",
+        "cond_drop=0",
+    ]  # fmt: skip
+    cfg = load_config(TrainMaskedConfig, None, base)
+    assert cfg.model.masked and cfg.model.layouts == "bidir"
+    metrics = train(cfg, MemoryBatches(4, repeat=True))
+    first, last = losses(tmp_path)[10], metrics["train/image_loss"]
+    assert last < first / 4, (first, last)
+    model = Transformer.from_pretrained(tmp_path / "masked")  # a transformer folder
+    assert model.cfg.masked and not (tmp_path / "transformer").exists()
+    with pytest.raises(ConfigError, match="must be 'masked'"):
+        load_config(TrainMaskedConfig, None, [*base, "model.objective=ar", "model.layouts=full"])

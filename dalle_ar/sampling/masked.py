@@ -1,0 +1,138 @@
+"""Masked (absorbing-state) discrete diffusion sampling, MaskGIT style (Chang et al. 2022): start
+from an image of [MASK] codes and, in `steps` parallel passes of the bidirectional generator,
+draw every masked code and keep the most confident ones, until none is masked. The number still
+masked after pass t of T is floor(n0 * cos(pi/2 * (t+1)/T)) (the cosine schedule), n0 the
+sample's masked count at the start (all h*w, or an inpainting mask's).
+
+    codes = generate_masked(model, text.ids, MaskedSampling(steps=12), text_lens=lens,
+                            empty_ids=empty.ids[0], empty_len=2, seeds=[0, 1])   # (2, h, w)
+
+The scheduler (`MaskGITScheduler`: `set_timesteps`, `step`) is apart from the network, as in
+diffusers. diffusers' `AmusedScheduler` implements the same rule but draws the codes and the
+Gumbel noise from one generator for the whole batch, so a sample would depend on its batch;
+here every sample draws from its own stream (`runtime.uniforms(seed)`: one uniform per position
+and pass for the code, one for the Gumbel noise), so a sample is the same alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dalle_ar.runtime import sample_seeds, uniforms
+from dalle_ar.sampling.logits import combine, logits_to_probs, sample_from_probs
+from dalle_ar.sampling.settings import MaskedSampling, resolve
+from dalle_ar.transformer import Transformer
+
+
+class MaskGITScheduler:
+    """The unmasking rule of `generate_masked`, apart from the network.
+
+    set_timesteps(steps); then per pass t: step(logits, t, codes, u_code, u_gumbel) -> codes with
+    fewer masked, the count `still_masked(t)` after it."""
+
+    def __init__(self, mask_id: int, confidence_temperature: float = 4.5) -> None:
+        self.mask_id, self.confidence_temperature = mask_id, confidence_temperature
+        self.timesteps = torch.zeros(0, dtype=torch.long)
+        self.start: torch.Tensor | None = None  # (B,) masked codes at the start
+
+    def set_timesteps(self, steps: int, codes: torch.Tensor) -> None:
+        """`steps` passes over codes (B, n) whose masked positions hold `mask_id`."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.timesteps = torch.arange(steps)
+        self.start = (codes == self.mask_id).sum(1)
+
+    def still_masked(self, t: int) -> torch.Tensor:
+        """(B,) codes left masked after pass t (0 after the last)."""
+        frac = math.cos(math.pi / 2 * (t + 1) / len(self.timesteps))
+        return (self.start.double() * frac).floor().long().clamp(min=0)
+
+    def step(
+        self,
+        probs: torch.Tensor,
+        t: int,
+        codes: torch.Tensor,
+        u_code: torch.Tensor,
+        u_gumbel: torch.Tensor,
+    ) -> torch.Tensor:
+        """probs (B, n, V) of every position's code, codes (B, n) long, u_code and u_gumbel (B, n)
+        uniforms in [0, 1) -> codes (B, n): every masked code drawn (inverse CDF), the
+        `still_masked(t)` least confident of them masked again. Kept codes never change."""
+        B, n, V = probs.shape
+        masked = codes == self.mask_id
+        drawn = sample_from_probs(probs.reshape(B * n, V), u_code.reshape(-1)).view(B, n)
+        logp = probs.gather(-1, drawn[..., None])[..., 0].clamp(min=1e-30).log().double()
+        gumbel = -torch.log(-torch.log(u_gumbel.clamp(1e-12, 1 - 1e-12)))
+        scale = self.confidence_temperature * (1 - (t + 1) / len(self.timesteps))
+        conf = torch.where(masked, logp + scale * gumbel, torch.inf)  # kept: never re-masked
+        rank = conf.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least confident
+        again = rank < self.still_masked(t).to(codes.device)[:, None]
+        return torch.where(again, self.mask_id, torch.where(masked, drawn, codes))
+
+
+@torch.inference_mode()
+def generate_masked(
+    model: Transformer,
+    text_ids: torch.Tensor,
+    settings: MaskedSampling | None = None,
+    *,
+    text_lens: torch.Tensor | None = None,
+    empty_ids: torch.Tensor | None = None,
+    empty_len: int = 2,
+    seeds: int | Sequence[int] | None = None,
+    init_codes: torch.Tensor | None = None,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    **overrides,
+) -> torch.Tensor:
+    """Codes (B, h, w) for B captions text_ids (B, T) (`TextTokenizer.encode`), one sample each,
+    sample b drawn from seeds[b]'s stream. `init_codes` (B, h, w): start from these, where they
+    hold `model.cfg.mask_id` the codes are drawn and elsewhere kept exactly (inpainting); default
+    all masked. Guidance (guidance_scale != 1) runs the empty caption `empty_ids` (T,) in the
+    same batch: uncond + g * (cond - uncond) on the logits. callback(t, steps, codes) after each
+    pass. ValueError for a model that is not a masked generator, or inputs of the wrong shape."""
+    cfg = model.cfg
+    if not cfg.masked:
+        raise ValueError("generate_masked needs a masked generator (objective='masked')")
+    s = resolve(settings or MaskedSampling(), **overrides)
+    if text_ids.ndim != 2 or text_ids.shape[1] != cfg.text_len:
+        raise ValueError(f"text_ids must be (B, {cfg.text_len}), got {tuple(text_ids.shape)}")
+    B, n, dev = text_ids.shape[0], cfg.image_len, model.image_head.weight.device
+    if init_codes is None:
+        codes = torch.full((B, n), cfg.mask_id, dtype=torch.long, device=dev)
+    else:
+        if init_codes.shape != (B, cfg.grid_h, cfg.grid_w):
+            raise ValueError(f"init_codes must be ({B}, {cfg.grid_h}, {cfg.grid_w}), got "
+                             f"{tuple(init_codes.shape)}")  # fmt: skip
+        codes = init_codes.reshape(B, n).long().to(dev)
+        if int(codes.min()) < 0 or int(codes.max()) > cfg.mask_id:
+            raise ValueError(f"init_codes must be codes in [0, {cfg.image_vocab}) or the mask "
+                             f"id {cfg.mask_id}")  # fmt: skip
+    guided = s.guidance_scale != 1
+    if guided and empty_ids is None:
+        raise ValueError("guidance (scale != 1) needs empty_ids, the empty caption's ids")
+    u = uniforms(sample_seeds(B, seeds), 2 * s.steps * n, dev).view(B, 2, s.steps, n)
+    text, lens = text_ids.to(dev), None if text_lens is None else text_lens.to(dev)
+    if guided:
+        text = torch.cat([text, empty_ids.to(dev).view(1, -1).expand(B, -1)])
+        if lens is not None:
+            lens = torch.cat([lens, lens.new_full((B,), empty_len)])
+    sched = MaskGITScheduler(cfg.mask_id, s.confidence_temperature)
+    sched.set_timesteps(s.steps, codes)
+    was_training = model.training
+    model.eval()
+    try:
+        for t in sched.timesteps.tolist():
+            image = codes.repeat(2, 1) if guided else codes
+            logits = model(torch.cat([text, image], 1), text_lens=lens).image.float()
+            if guided:
+                logits = combine(logits.view(2, B, n, -1), [s.guidance_scale])
+            probs = logits_to_probs(logits, s.temperature, s.top_k)
+            codes = sched.step(probs, t, codes, u[:, 0, t], u[:, 1, t])
+            if callback is not None:
+                callback(t + 1, s.steps, codes.view(B, cfg.grid_h, cfg.grid_w))
+    finally:
+        model.train(was_training)
+    return codes.view(B, cfg.grid_h, cfg.grid_w)

@@ -1,0 +1,116 @@
+"""The masked mode end to end on tiny random-weight components: `pipe(prompts, mode="masked")`,
+inpainting (kept codes bit-identical), reranking in this mode, `dalle-ar sample --mode masked`
+with and without --init/--mask, regeneration from samples.json, and a masked component that does
+not fit refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from _pipeline_fixtures import build_components, peaked, tiny_transformer_config
+from PIL import Image
+
+from dalle_ar.cli import main as cli
+from dalle_ar.pipelines import Pipeline, assemble
+from dalle_ar.transformer import Transformer
+
+PROMPTS = ["a small red circle at the top", "a blue square"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("masked_mode")
+    parts = build_components(root)
+    torch.manual_seed(1)
+    masked = peaked(Transformer(tiny_transformer_config(layouts="bidir", objective="masked")))
+    masked.save_pretrained(root / "masked")
+    return {**parts, "masked": root / "masked", "root": root}
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(parts):
+    return assemble(parts["root"] / "pipe", parts["text_tokenizer"], parts["vq"],
+                    parts["transformer"], masked=parts["masked"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pipe(pipe_dir):
+    return Pipeline.from_pretrained(pipe_dir)
+
+
+def test_masked_mode_draws_every_code_in_parallel_passes(pipe):
+    out = pipe(PROMPTS, num_samples=2, seed=0, mode="masked", steps=3, guidance_scale=1.5)
+    assert out.codes.shape == (4, 4, 4) and len(out.images) == 4
+    assert out.codes.max() < 32  # no [MASK] left
+    assert all(m["mode"] == "masked" and m["steps"] == 3 for m in out.samples)
+    alone = pipe([PROMPTS[1]], seeds=[out.samples[3]["seed"]], mode="masked", steps=3,
+                 guidance_scale=1.5)  # fmt: skip
+    assert torch.equal(alone.codes[0], out.codes[3])
+    ar = pipe(PROMPTS, num_samples=2, seed=0)
+    assert not torch.equal(ar.codes, out.codes)
+    with pytest.raises(ValueError, match="unknown sampling setting 'top_p'"):
+        pipe(PROMPTS, mode="masked", top_p=0.9)  # an autoregressive setting
+
+
+def test_inpainting_keeps_every_code_outside_the_mask(pipe):
+    scene = Image.new("RGB", (16, 16), (90, 90, 90))
+    scene.paste((220, 30, 30), (0, 0, 8, 8))
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[8:, 8:] = True  # the bottom-right quarter: 2x2 of the 4x4 codes
+    out = pipe.inpaint([scene], [mask], "a blue square", num_samples=3, seed=2, steps=2)
+    init = pipe.inpaint_codes([scene], [mask])[0]
+    region = init == pipe.components["masked"].cfg.mask_id
+    assert int(region.sum()) == 4
+    for codes in out.codes:
+        assert torch.equal(codes[~region], init[~region])
+    with pytest.raises(ValueError, match="repaints nothing"):
+        pipe.inpaint([scene], [np.zeros((16, 16))], "a blue square")
+
+
+def test_masked_mode_reranks(pipe):
+    out = pipe(PROMPTS, seed=1, mode="masked", steps=2, candidates=3, keep=1, reranker="pmi")
+    assert len(out.candidates) == 6 and out.codes.shape[0] == 2
+    assert all(m["mode"] == "masked" for m in out.samples)
+
+
+def test_sample_command_masked_and_inpainting(pipe_dir, tmp_path):
+    out = tmp_path / "m"
+    assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--num", "2", "--mode", "masked",
+                "--steps", "3", "--temperature", "0.8", "--out", str(out)]) == 0  # fmt: skip
+    doc = json.loads((out / "samples.json").read_text())
+    assert [s["steps"] for s in doc["samples"]] == [3, 3]
+    assert doc["samples"][0]["temperature"] == 0.8
+    again = tmp_path / "again"
+    assert cli(["sample", "--from-json", str(out / "samples.json"), "--index", "1",
+                "--out", str(again)]) == 0  # fmt: skip
+    a, b = Image.open(out / "000_01.png"), Image.open(again / "000_01.png")
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    Image.new("RGB", (16, 16), (90, 90, 90)).save(tmp_path / "scene.png")
+    m = np.zeros((16, 16), dtype=np.uint8)
+    m[:8] = 255
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    inp = tmp_path / "inp"
+    assert cli(["sample", "--model", str(pipe_dir), "a red circle", "--mode", "masked",
+                "--init", str(tmp_path / "scene.png"), "--mask", str(tmp_path / "mask.png"),
+                "--out", str(inp)]) == 0  # fmt: skip
+    rec = json.loads((inp / "samples.json").read_text())["samples"][0]
+    assert len(rec["init_codes"]) == 4
+    assert cli(["sample", "--model", str(pipe_dir), "a red circle", "--init",
+                str(tmp_path / "scene.png"), "--out", str(inp)]) == 2  # fmt: skip
+
+
+def test_a_masked_component_that_does_not_fit_is_refused(parts, tmp_path):
+    ar = Transformer(tiny_transformer_config())
+    ar.save_pretrained(tmp_path / "not_masked")
+    with pytest.raises(ValueError, match="must be a masked generator"):
+        assemble(tmp_path / "p1", parts["text_tokenizer"], parts["vq"], parts["transformer"],
+                 masked=tmp_path / "not_masked")  # fmt: skip
+    other = Transformer(tiny_transformer_config(layouts="bidir", objective="masked", text_len=9))
+    other.save_pretrained(tmp_path / "other_len")
+    with pytest.raises(ValueError, match="text positions"):
+        assemble(tmp_path / "p2", parts["text_tokenizer"], parts["vq"], parts["transformer"],
+                 masked=tmp_path / "other_len")  # fmt: skip

@@ -1,0 +1,139 @@
+"""The masked generator and its sampler: no causal shift, bidirectional attention over the image,
+the cosine unmasking schedule (one step unmasks exactly the scheduled count), guidance 1 equals
+plain sampling, batch independence, kept codes untouched (inpainting), the training masks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _pipeline_fixtures import peaked, tiny_transformer_config
+
+from dalle_ar.config import ConfigError
+from dalle_ar.sampling.logits import logits_to_probs
+from dalle_ar.sampling.masked import MaskGITScheduler, generate_masked
+from dalle_ar.sampling.settings import MaskedSampling
+from dalle_ar.train.objectives import mask_codes, masked_loss
+from dalle_ar.transformer import Transformer, TransformerConfig
+
+T, H, W, TV, IV = 6, 3, 4, 40, 16
+EMPTY = torch.tensor([1, 2] + [0] * (T - 2))
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def masked_model(seed: int = 0) -> Transformer:
+    cfg = tiny_transformer_config(text_vocab=TV, text_len=T, image_vocab=IV, grid_h=H, grid_w=W,
+                                  layouts="bidir", objective="masked")  # fmt: skip
+    torch.manual_seed(seed)
+    return peaked(Transformer(cfg).eval())
+
+
+def prompts(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, TV, (n, T), generator=g)
+    lens = torch.tensor([T, 2, 4, 5][:n])
+    ids[:, 0] = 1
+    for i, k in enumerate(lens.tolist()):
+        ids[i, k - 1], ids[i, k:] = 2, 0
+    return ids, lens
+
+
+def test_the_masked_objective_reads_every_code_and_predicts_its_own_position():
+    model = masked_model()
+    ids, lens = prompts(2)
+    codes = torch.randint(0, IV, (2, H * W))
+    codes[:, 5] = model.cfg.mask_id
+    with torch.no_grad():
+        out = model(torch.cat([ids, codes], 1), text_lens=lens).image
+        later = codes.clone()
+        later[:, -1] = (later[:, -1] + 1) % IV  # a later code changes an earlier prediction
+        other = model(torch.cat([ids, later], 1), text_lens=lens).image
+    assert out.shape == (2, H * W, IV)  # one logit row per image position: no shift
+    assert not torch.allclose(out[:, 0], other[:, 0])
+    with pytest.raises(ConfigError, match="bidir"):
+        TransformerConfig(objective="masked", layouts="full").validate()
+    with pytest.raises(ConfigError, match="objective=masked"):
+        TransformerConfig(layouts="bidir").validate()
+
+
+def test_one_step_unmasks_exactly_the_scheduled_count():
+    B, n, steps = 3, H * W, 5
+    sched = MaskGITScheduler(mask_id=IV, confidence_temperature=4.5)
+    codes = torch.full((B, n), IV)
+    codes[2, :4] = 3  # an inpainting row: 4 codes kept, 8 to draw
+    sched.set_timesteps(steps, codes)
+    g = torch.Generator().manual_seed(0)
+    for t in range(steps):
+        probs = torch.softmax(torch.randn(B, n, IV, generator=g), -1)
+        before = codes.clone()
+        codes = sched.step(probs, t, codes, torch.rand(B, n, generator=g),
+                           torch.rand(B, n, generator=g))  # fmt: skip
+        start = torch.tensor([n, n, n - 4])
+        want = (start * math.cos(math.pi / 2 * (t + 1) / steps)).floor().long()
+        assert torch.equal((codes == IV).sum(1), want)
+        kept = before != IV
+        assert torch.equal(codes[kept], before[kept])  # a drawn code is never masked again
+    assert not (codes == IV).any() and torch.equal(codes[2, :4], torch.full((4,), 3))
+
+
+def test_guidance_one_equals_plain_sampling():
+    model = masked_model()
+    ids, lens = prompts(2)
+    s = MaskedSampling(steps=4, guidance_scale=1.0, temperature=0.8)
+    got = generate_masked(model, ids, s, text_lens=lens, empty_ids=EMPTY, seeds=[3, 4])
+    # by hand: the scheduler over the conditional logits alone
+    from dalle_ar.runtime import uniforms
+
+    n = H * W
+    u = uniforms([3, 4], 2 * s.steps * n).view(2, 2, s.steps, n)
+    sched = MaskGITScheduler(IV, s.confidence_temperature)
+    codes = torch.full((2, n), IV)
+    sched.set_timesteps(s.steps, codes)
+    with torch.no_grad():
+        for t in range(s.steps):
+            logits = model(torch.cat([ids, codes], 1), text_lens=lens).image.float()
+            codes = sched.step(logits_to_probs(logits, 0.8, 0), t, codes, u[:, 0, t], u[:, 1, t])
+    assert torch.equal(got.view(2, n), codes)
+    guided = generate_masked(model, ids, s, text_lens=lens, empty_ids=EMPTY, seeds=[3, 4],
+                             guidance_scale=3.0)  # fmt: skip
+    assert not torch.equal(got, guided)
+
+
+def test_a_sample_is_the_same_alone_and_in_a_batch():
+    model = masked_model()
+    ids, lens = prompts(3)
+    kw = dict(steps=4, guidance_scale=2.0, empty_ids=EMPTY)
+    batch = generate_masked(model, ids, text_lens=lens, seeds=[7, 8, 9], **kw)
+    alone = generate_masked(model, ids[1:2], text_lens=lens[1:2], seeds=[8], **kw)
+    assert torch.equal(batch[1], alone[0])
+    assert not (batch == IV).any() and batch.max() < IV
+
+
+def test_inpainting_keeps_the_codes_outside_the_mask():
+    model = masked_model()
+    ids, lens = prompts(2)
+    init = torch.randint(0, IV, (2, H, W))
+    region = torch.zeros(H, W, dtype=torch.bool)
+    region[1:, :2] = True
+    init[:, region] = IV
+    out = generate_masked(model, ids, text_lens=lens, seeds=[0, 1], init_codes=init, steps=3)
+    assert torch.equal(out[:, ~region], init[:, ~region])
+    assert not (out == IV).any()
+    with pytest.raises(ValueError, match="init_codes must be"):
+        generate_masked(model, ids, text_lens=lens, init_codes=init[:1])
+
+
+def test_training_masks_follow_the_cosine_share_and_the_global_draw():
+    image = torch.randint(0, IV, (8, H * W))
+    whole, masked = mask_codes(image, IV, torch.Generator().manual_seed(5))
+    assert (masked.sum(1) >= 1).all() and torch.equal(
+        whole[masked], torch.full_like(whole[masked], IV)
+    )
+    assert torch.equal(whole[~masked], image[~masked])
+    half, m2 = mask_codes(image[4:], IV, torch.Generator().manual_seed(5), slice(4, 8))
+    assert torch.equal(half, whole[4:]) and torch.equal(m2, masked[4:])  # rank 1 of 2
+    logits = torch.randn(8, H * W, IV)
+    loss, parts = masked_loss(logits, image, masked)
+    ce = torch.nn.functional.cross_entropy(logits[masked], image[masked])
+    assert torch.allclose(loss, ce) and 0 < parts["masked_share"] <= 1

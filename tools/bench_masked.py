@@ -1,0 +1,91 @@
+"""Masked against autoregressive sampling: images per second of the masked generator at its
+default steps (`MaskedSampling.steps`) against the transformer's KV-cached autoregressive loop,
+same-size models (the shapes transformer's width, depth and heads, random weights, fp32), same
+batch, same machine, side by side in one run (best of `--repeats` turns each), at 8x8, 16x16 and
+32x32 grids. Prints and writes one JSON object.
+
+    python tools/bench_masked.py --out tools/results/cpu/bench_masked.json
+    python tools/bench_masked.py --grids 8 --batch 4 --repeats 1      # seconds-long smoke run
+
+The autoregressive cost grows with the grid's positions (one decode step per code, each
+attending to all before it); the masked cost with the number of passes times the cost of one
+full pass (attention over every position), so the ratio grows with the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dalle_ar.runtime import describe_machine, set_threads
+from dalle_ar.sampling import generate_image_tokens
+from dalle_ar.sampling.masked import generate_masked
+from dalle_ar.sampling.settings import MaskedSampling
+from dalle_ar.transformer import Transformer, TransformerConfig
+
+# the shapes transformer's size (configs/shapes/transformer.yaml), grid set per run
+BASE = TransformerConfig(text_vocab=1000, text_len=24, image_vocab=512, dim=192, depth=4,
+                         heads=3, head_dim=64, layouts="full", attn_impl="torch")  # fmt: skip
+
+
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run(grids: list[int], batch: int, repeats: int, steps: int | None) -> dict:
+    s = MaskedSampling() if steps is None else MaskedSampling(steps=steps)
+    rows = []
+    for g in grids:
+        ar_cfg = dataclasses.replace(BASE, grid_h=g, grid_w=g)
+        m_cfg = dataclasses.replace(ar_cfg, layouts="bidir", objective="masked")
+        torch.manual_seed(0)
+        ar, masked = Transformer(ar_cfg).eval(), Transformer(m_cfg).eval()
+        ids = torch.randint(3, 300, (batch, BASE.text_len))
+        ids[:, 0], ids[:, -1] = 1, 2
+        seeds = list(range(batch))
+        t_ar = _best(lambda: generate_image_tokens(ar, ids, seeds=seeds), repeats)  # noqa: B023
+        t_m = _best(lambda: generate_masked(masked, ids, s, seeds=seeds), repeats)  # noqa: B023
+        rows.append({"grid": f"{g}x{g}", "positions": g * g, "batch": batch,
+                     "ar_images_per_s": batch / t_ar, "masked_images_per_s": batch / t_m,
+                     "masked_steps": s.steps, "speedup": t_ar / t_m,
+                     "ar_seconds": t_ar, "masked_seconds": t_m})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return {"machine": describe_machine(), "threads": torch.get_num_threads(),
+            "model": {k: getattr(BASE, k) for k in ("dim", "depth", "heads", "head_dim")},
+            "repeats": repeats, "rows": rows}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--grids", default="8,16,32", help="comma-separated grid sides")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="default: MaskedSampling's")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="write the JSON here")
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    with torch.inference_mode():
+        report = run([int(g) for g in args.grids.split(",")], args.batch, args.repeats,
+                     args.steps)  # fmt: skip
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
