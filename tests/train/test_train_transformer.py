@@ -59,7 +59,7 @@ class MemoryBatches:
         return iter([self._global(10_000)])
 
 
-def config(out: Path, *extra: str) -> TrainTransformerConfig:
+def config(out: Path, *extra: str, cls: type = TrainTransformerConfig) -> TrainTransformerConfig:
     base = [
         f"model.text_vocab={TV}", f"model.text_len={T}", f"model.image_vocab={IV}",
         f"model.grid_h={GH}", f"model.grid_w={GW}", "model.dim=32", "model.depth=2",
@@ -68,7 +68,7 @@ def config(out: Path, *extra: str) -> TrainTransformerConfig:
         "run.save_every=3", "run.wandb=disabled", "run.device=cpu", f"run.out_dir={out}",
         "cond_drop=0.25",
     ]  # fmt: skip
-    return load_config(TrainTransformerConfig, None, [*base, *extra])
+    return load_config(cls, None, [*base, *extra])
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -245,15 +245,9 @@ def test_precision_auto_uses_bf16_where_the_cpu_multiplies_it():
 def test_masked_generator_trains_on_the_same_recipe(tmp_path):
     from dalle_ar.train.masked import TrainMaskedConfig
 
-    base = [
-        f"model.text_vocab={TV}", f"model.text_len={T}", f"model.image_vocab={IV}",
-        f"model.grid_h={GH}", f"model.grid_w={GW}", "model.dim=32", "model.depth=2",
-        "model.heads=2", "model.head_dim=16", "model.attn_impl=torch", "data.batch_size=4",
-        "optim.lr=1e-2", "optim.warmup_steps=5", "run.steps=200", "run.log_every=10",
-        "run.save_every=1000", "run.wandb=disabled", "run.device=cpu", f"run.out_dir={tmp_path}",
-        "cond_drop=0",
-    ]  # fmt: skip
-    cfg = load_config(TrainMaskedConfig, None, base)
+    masked = ["optim.lr=1e-2", "optim.warmup_steps=5", "run.steps=200", "run.log_every=10",
+              "run.save_every=1000", "cond_drop=0"]  # fmt: skip
+    cfg = config(tmp_path, *masked, cls=TrainMaskedConfig)
     assert cfg.model.masked and cfg.model.layouts == "bidir"
     metrics = train(cfg, MemoryBatches(4, repeat=True))
     first, last = losses(tmp_path)[10], metrics["train/image_loss"]
@@ -261,4 +255,4 @@ def test_masked_generator_trains_on_the_same_recipe(tmp_path):
     model = Transformer.from_pretrained(tmp_path / "masked")  # a transformer folder
     assert model.cfg.masked and not (tmp_path / "transformer").exists()
     with pytest.raises(ConfigError, match="must be 'masked'"):
-        load_config(TrainMaskedConfig, None, [*base, "model.objective=ar", "model.layouts=full"])
+        config(tmp_path, "model.objective=ar", "model.layouts=full", cls=TrainMaskedConfig)
