@@ -41,7 +41,7 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
             "num_train=200", "num_eval=20", "vq_steps=3", "clip_steps=0", "transformer_steps=4",
             "samples_per_prompt=2", "fidelity_prompts=4", "candidates=2", "wandb=disabled",
             "device=cpu", "prompts=[a small red circle at the top left, a blue square]",
-            ]  # fmt: skip
+            "prior=true"]  # fmt: skip
     assert main_job(args) == 0
     printed = capsys.readouterr().out
     assert "[9/9] samples: finished" in printed
@@ -85,7 +85,7 @@ def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
     args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
             "num_train=200", "num_eval=20", "vq_steps=2", "clip_steps=0", "transformer_steps=6",
             "samples_per_prompt=1", "fidelity_prompts=2", "candidates=1", "wandb=disabled",
-            "device=cpu", "prompts=[a red circle]"]  # fmt: skip
+            "device=cpu", "prompts=[a red circle]", "prior=true"]  # fmt: skip
     assert main_job([*args, "transformer_max_minutes=2.5"]) == 0  # a minute a step
     printed = capsys.readouterr().out
     said = json.loads((out / "summary.json").read_text())["training"]["transformer"]
@@ -114,7 +114,6 @@ def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
             "num_train=200", "num_eval=20", "vq_steps=2", "clip_steps=0", "transformer_steps=2",
             "samples_per_prompt=1", "fidelity_prompts=2", "candidates=2", "wandb=disabled",
             "device=cpu", "prompts=[a red circle]"]  # fmt: skip
-    args.append("prior=false")  # the prior's token shards carry the CLIP's embeddings
     assert main_job([*args, "clip_max_minutes=2.5"]) == 0  # a minute a step: 3 of 6
     capsys.readouterr()
     said = json.loads((out / "summary.json").read_text())["training"]["clip"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dalle_ar.config import ConfigError
 from dalle_ar.prior import DiffusionPrior, PriorConfig, sample_scheduler
 from dalle_ar.runtime import sample_generator
-from dalle_ar.sampling.diffusion import sample_prior, slerp
+from dalle_ar.sampling.diffusion import prior_stream, sample_prior, slerp
 from dalle_ar.sampling.settings import PriorSampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +38,7 @@ def _manual(prior, text, seeds, steps, guidance):
     """The loop written out: one candidate per sample, guided rows run apart."""
     sched = sample_scheduler(prior.cfg)
     sched.set_timesteps(steps)
-    x = torch.cat([torch.randn(1, D, generator=sample_generator(s)) for s in seeds])
+    x = torch.cat([torch.randn(1, D, generator=sample_generator(prior_stream(s))) for s in seeds])
     with torch.no_grad():
         for t in sched.timesteps:
             ts = torch.full((len(x),), int(t))
