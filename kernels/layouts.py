@@ -11,6 +11,10 @@ Shared by every layout (DALL-E, Ramesh et al. 2021, appendix B.1): a text query 
 - row:  the image positions of its own row so far.
 - col:  the image positions of its own column so far.
 - conv: a k x k causal neighbourhood: rows r-k//2 .. r, columns c-k//2 .. c+k//2, earlier only.
+- bidir: every image position, earlier or later (the masked generator: MaskGIT, Chang et al.
+  2022, predicts masked codes from all the others). Text stays causal: no text position is
+  predicted there, so seeing later text would change nothing the model is trained on, and the
+  one rule for text keeps the text prefix's activations those of the other layouts.
 Key padding (per-sample valid text length) is applied on top, by the caller's `text_lens`.
 """
 
@@ -21,13 +25,14 @@ from typing import Literal
 
 import torch
 
-LayoutKind = Literal["full", "row", "col", "conv"]
-LAYOUT_KINDS: tuple[str, ...] = ("full", "row", "col", "conv")
+LayoutKind = Literal["full", "row", "col", "conv", "bidir"]
+LAYOUT_KINDS: tuple[str, ...] = ("full", "row", "col", "conv", "bidir")
+CAUSAL_KINDS: tuple[str, ...] = ("full", "row", "col", "conv")  # an image query sees no later one
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    kind: str  # full | row | col | conv
+    kind: str  # full | row | col | conv | bidir
     text_len: int  # T text positions (padded length)
     grid_h: int  # image rows h
     grid_w: int  # image columns w
@@ -56,6 +61,9 @@ class Layout:
         query_img = i >= T
         ri, ci = (i - T).div(w, rounding_mode="floor"), (i - T).remainder(w)
         rj, cj = (j - T).div(w, rounding_mode="floor"), (j - T).remainder(w)
+        if self.kind == "bidir":  # image queries see every image key; text stays causal
+            both_img = query_img & ~key_text
+            return (causal & key_text) | both_img
         if self.kind == "full":
             img = torch.ones_like(causal)
         elif self.kind == "row":
