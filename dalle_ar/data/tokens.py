@@ -124,6 +124,30 @@ class _TokenBatches(_Batches):
         return _collate(items)
 
 
+def token_summaries(*urls: str) -> list[Path]:
+    """The `PREFIX-tokens.json` summaries beside local token shards (`urls`: paths, globs or
+    folders; remote and `pipe:` URLs have none), sorted."""
+    out: set[Path] = set()
+    for u in urls:
+        if u and "://" not in u and not u.startswith("pipe:"):
+            folder = Path(u) if Path(u).is_dir() else Path(u).parent
+            out |= set(folder.glob("*-tokens.json"))
+    return sorted(out)
+
+
+def clip_embeddings(batch: dict[str, Any], name: str, dim: int, urls: str) -> torch.Tensor:
+    """A token batch's CLIP embeddings `name` ("clip_img" or "clip_txt"), (B, dim) float32.
+    ValueError when the shards `urls` carry none (written without a CLIP) or another size."""
+    if name not in batch:
+        raise ValueError(f"the token shards {urls} carry no CLIP embeddings ({name}): write "
+                         "them with `dalle-ar tokens --clip FOLDER`")  # fmt: skip
+    x = batch[name].float()
+    if x.shape[1:] != (dim,):
+        raise ValueError(f"the token shards {urls} carry {x.shape[1]}-dim CLIP embeddings, the "
+                         f"model takes {dim}: expected equal")  # fmt: skip
+    return x
+
+
 def make_token_loader(
     urls: str | list[str],
     batch_size: int,

@@ -59,10 +59,7 @@ def sample_prior(
     n, k = len(text_embeds), settings.embed_candidates
     if len(seeds) != n:
         raise ValueError(f"expected one seed per text embedding ({n}), got {len(seeds)}")
-    norms = text_embeds.float().norm(dim=-1)
-    if n and not bool(((norms - 1).abs() < 1e-3).all()):
-        raise ValueError(f"expected unit text embeddings, got norms in "
-                         f"[{norms.min():.4f}, {norms.max():.4f}]")  # fmt: skip
+    check_unit(text_embeds, "expected unit text embeddings")
     if settings.prior_steps > prior.cfg.num_train_timesteps:
         raise ValueError(f"prior_steps={settings.prior_steps} exceeds the prior's "
                          f"{prior.cfg.num_train_timesteps} training timesteps")  # fmt: skip
@@ -86,6 +83,14 @@ def sample_prior(
     emb = F.normalize(prior.denormalise(x), dim=-1).view(n, k, d)
     best = (emb @ cond[:, :, None]).squeeze(-1).argmax(1)  # (N,): the closest to its caption
     return emb[torch.arange(n, device=device), best]
+
+
+def check_unit(embeds: torch.Tensor, message: str) -> None:
+    """ValueError "{message}, got norms in [lo, hi]" unless every row of embeds (N, D) is a unit
+    vector (to 1e-3), as CLIP embeddings are where the prior and the transformer meet them."""
+    norms = embeds.float().norm(dim=-1)
+    if len(norms) and not bool(((norms - 1).abs() < 1e-3).all()):
+        raise ValueError(f"{message}, got norms in [{norms.min():.4f}, {norms.max():.4f}]")
 
 
 def prior_stream(seed: int) -> int:

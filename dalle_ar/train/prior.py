@@ -25,12 +25,10 @@ image embedding, and `random_cosine`, a random training image embedding; `prior_
 from __future__ import annotations
 
 import dataclasses
-import glob
 import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from dalle_ar.config import DataConfig, require
+from dalle_ar.data.tokens import clip_embeddings, make_token_loader, token_summaries
 from dalle_ar.prior import (
     CLIPIdentity,
     DiffusionPrior,
@@ -84,20 +83,11 @@ class EmbeddingPairs:
         self.data, self.seed, self.dim = cfg.data, cfg.run.seed, cfg.model.embed_dim
 
     def _batches(self, urls: str, train: bool) -> Iterator[dict[str, torch.Tensor]]:
-        from dalle_ar.data.tokens import make_token_loader  # the data stage; imported when used
-
         d = self.data
         loader = make_token_loader(urls, d.batch_size, train=train, shuffle_buffer=d.shuffle_buffer,
                                    num_workers=d.num_workers, seed=self.seed)  # fmt: skip
         for raw in loader:
-            if "clip_img" not in raw or "clip_txt" not in raw:
-                raise ValueError(f"the token shards {urls} carry no CLIP embeddings: write them "
-                                 "with `dalle-ar tokens` given the CLIP folder")  # fmt: skip
-            img, txt = raw["clip_img"].float(), raw["clip_txt"].float()
-            if img.shape[1:] != (self.dim,) or txt.shape[1:] != (self.dim,):
-                raise ValueError(f"the shards carry {tuple(img.shape[1:])} CLIP embeddings, "
-                                 f"model.embed_dim is {self.dim}: expected equal")  # fmt: skip
-            yield {"img": img, "txt": txt}
+            yield {k: clip_embeddings(raw, f"clip_{k}", self.dim, urls) for k in ("img", "txt")}
 
     def train(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         return itertools.islice(self._batches(self.data.train, True), skip, None)
@@ -145,7 +135,7 @@ def clip_identity(cfg: PriorRecipeConfig, resume: bool = True) -> dict[str, Any]
         raise ValueError(f"the CLIP {cfg.clip} has embed_dim {mine.embed_dim}, model.embed_dim "
                          f"is {cfg.model.embed_dim}: expected equal")  # fmt: skip
     named = [("model.clip of the config", cfg.model.clip)]
-    for summary in _token_summaries(cfg):
+    for summary in token_summaries(cfg.data.train, cfg.data.eval):
         found = json.loads(summary.read_text()).get("clip")
         if isinstance(found, dict):
             named.append((str(summary), CLIPIdentity.from_identity(found)))
@@ -164,16 +154,6 @@ def clip_identity(cfg: PriorRecipeConfig, resume: bool = True) -> dict[str, Any]
 
 def _key(c: CLIPIdentity) -> tuple[str, str]:
     return c.config_sha256, c.weights_sha256
-
-
-def _token_summaries(cfg: PriorRecipeConfig) -> list[Path]:
-    """The `*-tokens.json` files beside the training and evaluation shards."""
-    out: set[Path] = set()
-    for urls in (cfg.data.train, cfg.data.eval):
-        if urls and "://" not in urls and not urls.startswith("pipe:"):
-            folder = Path(urls).parent if not Path(urls).is_dir() else Path(urls)
-            out |= {Path(p) for p in glob.glob(str(folder / "*-tokens.json"))}
-    return sorted(out)
 
 
 def diffusion_loss(

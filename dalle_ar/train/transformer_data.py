@@ -94,34 +94,23 @@ class ShardBatches:
         t = self.tok.encode(list(raw["caption"]))
         out = {"text": t.ids, "text_lens": t.mask.sum(1), "image": codes.flatten(1).long()}
         if m.cond_len:  # the CLIP image embedding of each record (DALL-E 2's decoder input)
-            if "clip_img" not in raw:
-                raise ValueError(
-                    f"model.cond_dim={m.cond_dim}: these token shards hold no CLIP image "
-                    "embeddings; write them with `dalle-ar tokens --clip FOLDER`"
-                )
-            if raw["clip_img"].shape[1] != m.cond_dim:
-                raise ValueError(
-                    f"the shards' CLIP embeddings have {raw['clip_img'].shape[1]} dimensions, "
-                    f"model.cond_dim is {m.cond_dim}: expected equal"
-                )
-            out["cond"] = raw["clip_img"]
+            from dalle_ar.data.tokens import clip_embeddings
+
+            out["cond"] = clip_embeddings(raw, "clip_img", m.cond_dim, self.cfg.data.train)
         return out
 
     def cond_clip(self) -> str:
         """The weights hash of the CLIP the token shards' embeddings come from (their
         `*-tokens.json`), or "" when no summary names one. ValueError when they name two."""
-        import glob
         import json
-        from pathlib import Path
+
+        from dalle_ar.data.tokens import token_summaries
 
         found = set()
-        for urls in (self.cfg.data.train, self.cfg.data.eval):
-            if urls and "://" not in urls and not urls.startswith("pipe:"):
-                folder = Path(urls) if Path(urls).is_dir() else Path(urls).parent
-                for f in glob.glob(str(folder / "*-tokens.json")):
-                    clip = json.loads(Path(f).read_text()).get("clip")
-                    if isinstance(clip, dict):
-                        found.add(clip["weights_sha256"])
+        for f in token_summaries(self.cfg.data.train, self.cfg.data.eval):
+            clip = json.loads(f.read_text()).get("clip")
+            if isinstance(clip, dict):
+                found.add(clip["weights_sha256"])
         if len(found) > 1:
             raise ValueError(f"the token shards' summaries name {len(found)} different CLIPs: "
                              "train on the embeddings of one")  # fmt: skip
