@@ -32,6 +32,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PriorTransformer
 from torch import nn
 
+from dalle_ar import schedulers
 from dalle_ar.checkpoint import load_pretrained, read_component_config, save_pretrained
 from dalle_ar.config import require
 
@@ -172,44 +173,38 @@ def read_config(path: str | Path) -> PriorConfig:
 def train_scheduler(cfg: PriorConfig) -> DDPMScheduler:
     """The training schedule (`add_noise`): x0-prediction, unclipped (embeddings are not in
     [-1, 1])."""
-    return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule=cfg.beta_schedule,
-        prediction_type="sample",
-        clip_sample=False,
-    )
+    return schedulers.train_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, "sample", False)
 
 
 def sample_scheduler(cfg: PriorConfig) -> DDIMScheduler:
-    """The sampling schedule (DDIM, Song et al. 2021). `set_alpha_to_one`: the last step lands on
-    the predicted x0 itself. "trailing" spacing starts at the last training timestep, the one
-    whose noise is closest to pure (Lin et al. 2024, table 2)."""
-    return DDIMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule=cfg.beta_schedule,
-        prediction_type="sample",
-        clip_sample=False,
-        set_alpha_to_one=True,
-        timestep_spacing="trailing",
-    )
+    """The sampling schedule (DDIM, `dalle_ar.schedulers.sample_scheduler`), x0-prediction."""
+    return schedulers.sample_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, "sample", False)
 
 
 def check_clip(prior: DiffusionPrior, clip_identity: dict[str, Any]) -> None:
     """ValueError naming both when `prior` was trained on another CLIP than the one
-    `clip_identity` (`CLIP.identity()`) describes. A prior that records no CLIP is accepted only
-    by its embedding size."""
-    own = prior.cfg.clip
+    `clip_identity` (`CLIP.identity()`) describes (`check_identity`)."""
+    check_identity("the prior", prior.cfg.clip, prior.cfg.embed_dim, clip_identity)
+
+
+def check_identity(
+    what: str, own: CLIPIdentity, embed_dim: int, clip_identity: dict[str, Any]
+) -> None:
+    """ValueError naming both when `what` (a component that reads `embed_dim`-dim CLIP
+    embeddings and was trained on the CLIP `own`) meets another CLIP than the one
+    `clip_identity` (`CLIP.identity()`) describes. A component that records no CLIP is accepted
+    only by its embedding size."""
     other = CLIPIdentity.from_identity(clip_identity)
-    if other.embed_dim != prior.cfg.embed_dim:
-        raise ValueError(f"the prior takes {prior.cfg.embed_dim}-dim CLIP embeddings, the CLIP "
-                         f"gives {other.embed_dim}-dim ones")  # fmt: skip
+    if other.embed_dim != embed_dim:
+        raise ValueError(f"{what} takes {embed_dim}-dim CLIP embeddings, the CLIP gives "
+                         f"{other.embed_dim}-dim ones")  # fmt: skip
     if not own.config_sha256 and not own.weights_sha256:
-        log.warning("the prior records no CLIP (built outside its recipe): only its embedding "
-                    "size is checked")  # fmt: skip
+        log.warning("%s records no CLIP (built outside its recipe): only its embedding size is "
+                    "checked", what)  # fmt: skip
         return
     if (own.config_sha256, own.weights_sha256) != (other.config_sha256, other.weights_sha256):
         raise ValueError(
-            f"the prior was trained on another CLIP: prior's CLIP config {own.config_sha256[:12]}"
+            f"{what} was trained on another CLIP: its CLIP's config {own.config_sha256[:12]}"
             f" weights {own.weights_sha256[:12]}, this CLIP's config {other.config_sha256[:12]} "
             f"weights {other.weights_sha256[:12]}"
         )

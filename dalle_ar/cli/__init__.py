@@ -4,7 +4,7 @@ Each subcommand lives in its own module as `main(argv: list[str]) -> int | None`
 when it runs (so `dalle-ar --help` is instant and one stage's imports never slow another).
 
     dalle-ar data shapes|emoji|folder --out DIR ...
-    dalle-ar train tokenizer|vq|transformer|clip|prior|masked --config FILE [--resume] [k=v ...]
+    dalle-ar train tokenizer|vq|transformer|clip|prior|masked|upsampler --config FILE [k=v ...]
     dalle-ar tokens --vq DIR --shards URLS --out DIR --prefix train
     dalle-ar sample --model FOLDER "a prompt" ... --out DIR
     dalle-ar eval fidelity --model FOLDER --num 400 --out F.json
@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train clip": ("dalle_ar.train.clip", "train CLIP (transformers' CLIPModel) for reranking"),
     "train masked": ("dalle_ar.train.masked", "train the masked (MaskGIT-style) generator"),
     "train prior": ("dalle_ar.train.prior", "train the diffusion prior (CLIP text -> image emb)"),
+    "train upsampler": ("dalle_ar.train.upsampler", "train the cascade's diffusion upsampler"),
     "tokens": ("dalle_ar.cli.tokens", "turn image shards into VQ token shards"),
     "sample": ("dalle_ar.cli.sample", "generate images from prompts with a pipeline folder"),
     "eval fidelity": ("dalle_ar.cli.eval", "score a pipeline's prompt fidelity on the shapes"),

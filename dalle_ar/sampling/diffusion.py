@@ -1,5 +1,7 @@
-"""The diffusion prior's sampling loop (DALL-E 2, Ramesh et al. 2022, section 2.1): caption text
-embeddings -> CLIP image embeddings, by DDIM (Song et al. 2021, eta = 0) over the prior's
+"""The continuous-diffusion sampling loops: the prior's and the upsampler's.
+
+The prior (DALL-E 2, Ramesh et al. 2022, section 2.1): caption text embeddings -> CLIP image
+embeddings, by DDIM (Song et al. 2021, eta = 0) over the prior's
 x0-predictions, with classifier-free guidance (Ho & Salimans 2022) and, per caption, the best
 of `embed_candidates` drawn embeddings by cosine to the caption (the paper's section 2.1 and
 appendix: "we generate two samples of z_i and select the one with a higher dot product with
@@ -7,9 +9,15 @@ z_t").
 
     img = sample_prior(prior, text_embeds, PriorSampling(prior_guidance=2.0), seeds=[0, 1, 2])
 
-Every sample draws its initial noise from a CPU generator seeded from its own seed
-(`prior_stream`, a stream apart from the transformer's), and the rest of the loop is
-deterministic, so a sample is the same alone or in any batch.
+The upsampler (SR3 / Imagen): small images -> large ones by DDIM over the upsampler's
+predictions, the small image noised to the settings' augmentation level.
+
+    big = upsample_images(upsampler, small, UpsampleSampling(upsample_steps=10), seeds=[0, 1])
+
+Every sample draws its noise from a CPU generator seeded from its own seed (`stream`: the
+prior's, the upsampler's and the transformer's are separate streams), and the rest of each loop
+is deterministic, so a sample is the same alone or in any batch (up to the float rounding of
+batched convolutions in the upsampler).
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from dalle_ar import upsampler as up
 from dalle_ar.prior import DiffusionPrior, sample_scheduler
 from dalle_ar.runtime import sample_generator
-from dalle_ar.sampling.settings import PriorSampling
+from dalle_ar.sampling.settings import PriorSampling, UpsampleSampling
 
 
 def guided_x0(
@@ -94,10 +103,15 @@ def check_unit(embeds: torch.Tensor, message: str) -> None:
 
 
 def prior_stream(seed: int) -> int:
-    """The seed of a sample's prior noise: derived from its seed by a hash, so that the prior's
-    draws and the transformer's (`runtime.uniforms(seed)`) are separate streams, and neither
-    meets another sample's."""
-    digest = hashlib.sha256(f"dalle_ar.prior/{seed}".encode()).digest()
+    """The seed of a sample's prior noise (`stream("prior", seed)`)."""
+    return stream("prior", seed)
+
+
+def stream(component: str, seed: int) -> int:
+    """The seed of a sample's noise in `component`: derived from its seed by a hash, so that the
+    prior's, the upsampler's and the transformer's (`runtime.uniforms(seed)`) draws are separate
+    streams, and none meets another sample's."""
+    digest = hashlib.sha256(f"dalle_ar.{component}/{seed}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
 
 
@@ -118,3 +132,59 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Te
     wa = torch.where(near, 1 - t, torch.sin((1 - t) * omega) / safe)
     wb = torch.where(near, t, torch.sin(t * omega) / safe)
     return F.normalize(wa * a + wb * b, dim=-1)
+
+
+@torch.inference_mode()
+def upsample_images(
+    upsampler: up.Upsampler,
+    low: torch.Tensor,
+    settings: UpsampleSampling | None = None,
+    seeds: Sequence[int] = (),
+    text: torch.Tensor | None = None,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Large images (N, 3, H, W) in [-1, 1] for small ones low (N, 3, h, w) in [-1, 1], one per
+    seed (N); text (N, D) unit CLIP text embeddings of the captions when the upsampler reads
+    them. Drawn `batch_size` at a time.
+
+    ValueError for small images of another size, a seed count other than N, text the upsampler
+    does not take (or lacks), or impossible settings (`UpsampleSampling.validate`, a noise level
+    or step count past the upsampler's training schedule)."""
+    settings = settings or UpsampleSampling()
+    settings.validate()
+    cfg = upsampler.cfg
+    n, s = len(low), cfg.high_size
+    if low.ndim != 4 or low.shape[1:] != (3, cfg.low_size, cfg.low_size):
+        raise ValueError(f"the upsampler takes {cfg.low_size}x{cfg.low_size} RGB images, got a "
+                         f"batch of shape {tuple(low.shape)}")  # fmt: skip
+    if len(seeds) != n:
+        raise ValueError(f"expected one seed per image ({n}), got {len(seeds)}")
+    steps, level, T = settings.upsample_steps, settings.noise_level, cfg.num_train_timesteps
+    if steps > T or level >= T:
+        raise ValueError(f"upsample_steps={steps} and noise_level={level} must fit the "
+                         f"upsampler's {T} training timesteps")  # fmt: skip
+    if text is not None:
+        check_unit(text, "expected unit CLIP text embeddings")
+    device = next(upsampler.parameters()).device
+    out = torch.empty(n, 3, s, s)
+    was_training = upsampler.training
+    upsampler.eval()
+    try:
+        for i in range(0, n, batch_size):
+            rows = slice(i, min(i + batch_size, n))
+            gens = [sample_generator(stream("upsampler", int(q))) for q in seeds[rows]]
+            x = torch.stack([torch.randn(3, s, s, generator=g) for g in gens]).to(device)
+            aug = torch.stack([torch.randn(3, s, s, generator=g) for g in gens]).to(device)
+            level = torch.full((len(x),), settings.noise_level, device=device, dtype=torch.long)
+            cond = upsampler.condition(low[rows].float().to(device), level, aug)
+            txt = None if text is None else text[rows].float().to(device)
+            scheduler = up.sample_scheduler(cfg)
+            scheduler.set_timesteps(settings.upsample_steps)
+            for t in scheduler.timesteps:
+                ts = t.to(device, torch.long).expand(len(x))
+                pred = upsampler(x, ts, cond, level, txt)
+                x = scheduler.step(pred, t, x).prev_sample  # eta = 0: no noise added
+            out[rows] = x.clamp(-1, 1).cpu()
+    finally:
+        upsampler.train(was_training)
+    return out

@@ -198,6 +198,33 @@ class MaskedSampling:
                 KIND)  # fmt: skip
 
 
+@dataclasses.dataclass
+class UpsampleSampling:
+    """How the cascade's upsampler draws a large image from a small one
+    (`sampling.diffusion.upsample_images`): DDIM steps (Song et al. 2021, eta = 0) and the
+    noise-conditioning augmentation level of the small image, a timestep of the upsampler's
+    training schedule (Imagen, Saharia et al. 2022, section 2.5: a small level at sampling time
+    makes the upsampler robust to what the generator's small image gets wrong)."""
+
+    upsample_steps: int = dataclasses.field(
+        default=10, metadata=_option("--upsample-steps", "DDIM steps of the upsampler")
+    )
+    noise_level: int = dataclasses.field(
+        default=50,
+        metadata=_option(
+            "--noise-level", "augmentation noise on the small image, a training timestep (>= 0)"
+        ),
+    )
+
+    def validate(self) -> None:
+        """ConfigError (a ValueError) naming the first impossible field."""
+        n, a = self.upsample_steps, self.noise_level
+        ok_n = isinstance(n, int) and not isinstance(n, bool) and n >= 1
+        require(ok_n, "upsample_steps", f"must be an int >= 1, got {n!r}", KIND)
+        ok_a = isinstance(a, int) and not isinstance(a, bool) and a >= 0
+        require(ok_a, "noise_level", f"must be an int >= 0, got {a!r}", KIND)
+
+
 # MaskedSampling's fields that share ARSampling's names and command-line flags: a command that
 # offers both takes them once, for the mode it runs.
 MASKED_SHARED = ("temperature", "top_k", "guidance_scale")
@@ -278,6 +305,7 @@ __all__ = [
     "RERANKERS",
     "RERANK_WEIGHT",
     "RerankSettings",
+    "UpsampleSampling",
     "add_arguments",
     "reranker_parts",
     "from_args",
