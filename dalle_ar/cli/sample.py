@@ -10,6 +10,8 @@
     dalle-ar sample --model runs/pipe "a pink diamond at the top" --candidates 16 --out out/
     dalle-ar sample --model runs/pipe --prompts-file p.txt --candidates 16 --keep 4 \
         --reranker clip --out out/                 # reranked batch generation (CLIP)
+    dalle-ar sample --model runs/pipe "a red circle" --upsample --out out/     # the cascade
+    dalle-ar sample --model runs/pipe --upsample-images small.png --out out/  # your own pictures
     dalle-ar sample --from-json out/samples.json --index 2 --out again/     # regenerate one image
     dalle-ar sample --from-json out/samples.json --candidate 37 --out again/  # any candidate
     dalle-ar sample --model runs/pipe --out out/ \
@@ -36,6 +38,11 @@ prompts).
 --steps parallel passes (--temperature, --top-k and --guidance apply to it, and
 --confidence-temperature); with --init IMG --mask MASK it repaints the mask's region (white) of
 the picture and keeps the codes of the rest exactly.
+
+--upsample (a pipeline with an upsampler component; any mode): each kept image is then drawn
+again at the upsampler's larger size (--upsample-steps, --noise-level), from its own seed;
+reranking scores the small candidates, so only kept images are upsampled. --upsample-images
+IMG ... upsamples the given pictures (of the upsampler's small size) instead, seeds from --seed.
 
 A composed prompt "scene AND part AND ..." also follows each part, a caption naming part of the
 scene, weighed by --part-scale (`dalle_ar.prompts.split_prompt`).
@@ -64,6 +71,7 @@ from dalle_ar.sampling.settings import (
     MaskedSampling,
     PriorSampling,
     RerankSettings,
+    UpsampleSampling,
     add_arguments,
     from_args,
     names,
@@ -89,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(ap, PriorSampling)
     # the masked mode's temperature, top-k and guidance are the options above
     add_arguments(ap, MaskedSampling, skip=MASKED_SHARED)
+    add_arguments(ap, UpsampleSampling)
+    ap.add_argument("--upsample", action="store_true",
+                    help="upsample each kept image with the pipeline's upsampler")  # fmt: skip
+    ap.add_argument("--upsample-images", nargs="+", metavar="IMG",
+                    help="upsample these pictures (of the upsampler's small size)")  # fmt: skip
     ap.add_argument("--mode", default="ar", choices=("ar", "prior", "masked"),
                     help="ar: the prompt alone; prior: the prior's CLIP image embedding too; "
                          "masked: the masked generator, in parallel passes")  # fmt: skip
@@ -156,6 +169,8 @@ def _sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if args.variations:
         return _variations(args)
+    if args.upsample_images:
+        return _upsample_images(args)
     prompts = _read_prompts(args)
     from dalle_ar.pipelines import Pipeline
 
@@ -185,6 +200,7 @@ def _sample(args: argparse.Namespace) -> int:
         **from_args(args, ARSampling),
         **from_args(args, RerankSettings),
         **from_args(args, PriorSampling),
+        **_upsample_kw(args),
     )
     _write(args, out, len(prompts))
     return 0
@@ -199,7 +215,7 @@ def _masked(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> int:
     if extra:
         raise ValueError(f"--mode masked takes no {sorted(extra)} (autoregressive settings)")
     kw = {**ar, **from_args(args, MaskedSampling, skip=MASKED_SHARED),
-          **from_args(args, RerankSettings)}  # fmt: skip
+          **from_args(args, RerankSettings), **_upsample_kw(args)}  # fmt: skip
     common = dict(num_samples=args.num, seed=args.seed, batch_size=args.batch_size,
                   memory_mb=args.memory_mb, progress=True, **kw)  # fmt: skip
     if args.init:
@@ -226,13 +242,47 @@ def _variations(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--variations: no such picture {missing}")
     pics = [Image.open(f).convert("RGB") for f in args.variations]
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
-    settings = {**from_args(args, ARSampling), **from_args(args, RerankSettings)}
+    settings = {**from_args(args, ARSampling), **from_args(args, RerankSettings),
+                **_upsample_kw(args)}  # fmt: skip
     out = pipe.variations(pics, num_samples=args.num, seed=args.seed,
                           batch_size=args.batch_size, memory_mb=args.memory_mb, progress=True,
                           **settings)  # fmt: skip
     for m in out.samples:
         m["prompt"] = f"variation of {Path(args.variations[m['prompt_index']]).name}"
     _write(args, out, len(pics))
+    return 0
+
+
+def _upsample_kw(args: argparse.Namespace) -> dict[str, Any]:
+    """The cascade's keyword arguments of a generation call; ValueError for upsampling settings
+    without --upsample."""
+    given = from_args(args, UpsampleSampling)
+    if given and not args.upsample:
+        raise ValueError(f"{sorted(given)} set how to upsample: add --upsample")
+    return {"upsample": True, **given} if args.upsample else {}
+
+
+def _upsample_images(args: argparse.Namespace) -> int:
+    """--upsample-images: the given pictures upsampled, each saved under its own name."""
+    from PIL import Image
+
+    from dalle_ar.pipelines import Pipeline
+
+    if args.prompts or args.prompts_file or args.variations or args.upsample:
+        raise ValueError("--upsample-images takes pictures alone (no prompts, --variations or "
+                         "--upsample)")  # fmt: skip
+    missing = [f for f in args.upsample_images if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--upsample-images: no such picture {missing}")
+    pics = [Image.open(f).convert("RGB") for f in args.upsample_images]
+    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    seeds = [args.seed + i for i in range(len(pics))]
+    big = pipe.upsample(pics, seeds, progress=True, **from_args(args, UpsampleSampling))
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f, im in zip(args.upsample_images, big):
+        im.save(folder / f"{Path(f).stem}.png")
+    print(f"wrote {len(big)} upsampled pictures to {folder}")
     return 0
 
 
@@ -259,12 +309,14 @@ def _write(args: argparse.Namespace, out: Any, n_prompts: int) -> None:
 
 def _argv_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     """The options of this run as the parser spells them, for the record (it runs again)."""
-    skip = {"prompts", "from_json", "index", "candidate", "threads", "help", "variations"}
+    skip = {"prompts", "from_json", "index", "candidate", "threads", "help", "variations",
+            "upsample_images"}  # fmt: skip
     flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
     out = []
     for k, v in vars(args).items():
-        if k not in skip and v is not None:
-            out += [flag[k], str(v)]
+        if k in skip or v is None or v is False:
+            continue
+        out += [flag[k]] if v is True else [flag[k], str(v)]
     return out + list(args.prompts)
 
 
@@ -314,6 +366,8 @@ def _one(pipe: Any, rec: dict[str, Any]):
     mode = rec.get("mode", "ar")
     own = {"prior": names(ARSampling) + names(PriorSampling), "masked": names(MaskedSampling)}
     settings = {k: rec[k] for k in own.get(mode, names(ARSampling)) if rec.get(k) is not None}
+    if rec.get("upsample"):
+        settings.update(upsample=True, **{k: rec[k] for k in names(UpsampleSampling)})
     init = rec.get("init_codes")
     if init is not None:
         settings["init_codes"] = torch.tensor([init], dtype=torch.long)

@@ -38,7 +38,7 @@ from dalle_ar.clip import CLIP, check_clip_folder
 from dalle_ar.grid import to_uint8
 from dalle_ar.pipelines.base import Pipeline, PipelineOutput
 from dalle_ar.pipelines.folder import AR_COMPONENTS, write_folder
-from dalle_ar.prior import DiffusionPrior, check_clip
+from dalle_ar.prior import DiffusionPrior, check_clip, check_identity
 from dalle_ar.prompts import encode_prompts, known_chars, split_prompt
 from dalle_ar.rerank import pmi_scores
 from dalle_ar.runtime import sample_seeds
@@ -48,6 +48,7 @@ from dalle_ar.sampling.masked import generate_masked
 from dalle_ar.sampling.settings import (
     MaskedSampling,
     PriorSampling,
+    UpsampleSampling,
     names,
     reranker_parts,
     resolve,
@@ -55,6 +56,8 @@ from dalle_ar.sampling.settings import (
 )
 from dalle_ar.text import TextBatch, TextTokenizer
 from dalle_ar.transformer import Transformer, TransformerConfig
+from dalle_ar.upsampler import Upsampler, UpsamplerConfig
+from dalle_ar.upsampler import read_config as read_upsampler_config
 from dalle_ar.vq import VQConfig, VQTokenizer
 
 log = logging.getLogger(__name__)
@@ -72,11 +75,11 @@ class ARPipeline(Pipeline):
 
     mode: ClassVar[str] = "ar"
     required: ClassVar[tuple[str, ...]] = tuple(AR_COMPONENTS)
-    # the CLIP reranker; the prior mode; the masked mode
-    optional: ClassVar[tuple[str, ...]] = ("clip", "prior", "masked")
+    # the CLIP reranker; the prior mode; the masked mode; the cascade's upsampler
+    optional: ClassVar[tuple[str, ...]] = ("clip", "prior", "masked", "upsampler")
     settings: ClassVar[dict[str, type]] = {
         "ar": ARSampling, "prior": PriorSampling, "masked": MaskedSampling,
-        "rerank": RerankSettings,
+        "rerank": RerankSettings, "upsample": UpsampleSampling,
     }  # fmt: skip
 
     def __init__(
@@ -88,6 +91,7 @@ class ARPipeline(Pipeline):
         clip: CLIP | None = None,
         prior: DiffusionPrior | None = None,
         masked: Transformer | None = None,
+        upsampler: Upsampler | None = None,
     ) -> None:
         check_compatible(tokenizer.vocab_size, vq.config, transformer.cfg)
         check_prior(transformer.cfg, clip, prior)
@@ -100,15 +104,18 @@ class ARPipeline(Pipeline):
             )
         parts = dict(text_tokenizer=tokenizer, vq=vq.eval(), transformer=transformer.eval(),
                      clip=clip, prior=None if prior is None else prior.eval(),
-                     masked=None if masked is None else masked.eval())  # fmt: skip
+                     masked=None if masked is None else masked.eval(),
+                     upsampler=None if upsampler is None else upsampler.eval())  # fmt: skip
         super().__init__(parts, defaults)
+        if upsampler is not None:
+            check_upsampler(self._image_size(), upsampler.cfg, clip)
         self._known_chars = known_chars(tokenizer)
 
     @classmethod
     def from_components(cls, components: dict[str, Any], defaults: dict[str, Any]) -> ARPipeline:
         c = components
         return cls(c["text_tokenizer"], c["vq"], c["transformer"], defaults, c.get("clip"),
-                   c.get("prior"), c.get("masked"))  # fmt: skip
+                   c.get("prior"), c.get("masked"), c.get("upsampler"))  # fmt: skip
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -212,6 +219,8 @@ class ARPipeline(Pipeline):
         prime_codes: torch.Tensor | None = None,
         init_codes: torch.Tensor | None = None,
         embeds: torch.Tensor | None = None,
+        upsample: bool = False,
+        upsample_settings: UpsampleSampling | None = None,
         batch_size: int | None = None,
         memory_mb: float = MEMORY_MB,
         progress: bool = False,
@@ -244,7 +253,13 @@ class ARPipeline(Pipeline):
         "clip+pmi"; a composed prompt is scored by its scene caption. `out.candidates` records
         every candidate's seed and scores; see `Pipeline._rerank` for the seeds. ValueError
         before any drawing for keep > candidates, an unknown reranker, a reranker without its
-        component, or a prompt the CLIP's tokenizer cannot encode."""
+        component, or a prompt the CLIP's tokenizer cannot encode.
+
+        upsample: the cascade (Imagen): every kept image is then upsampled by the upsampler
+        component (`Pipeline.upsample`, with `UpsampleSampling` / `upsample_settings` and the
+        overrides `upsample_steps`, `noise_level`), each with its own sample's seed; reranking
+        scores the small candidates, so only kept images are upsampled. `out.images` are the
+        large ones, `out.small_images` the small ones."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"expected a prompt or a non-empty list of prompts, got {prompts!r}")
@@ -254,7 +269,10 @@ class ARPipeline(Pipeline):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         # the masked mode's settings take the shared names (temperature, top_k, guidance_scale)
         first = MaskedSampling if mode == "masked" else ARSampling
-        one_kw, pr_kw, rr_kw = split_overrides(overrides, first, PriorSampling, RerankSettings)
+        one_kw, pr_kw, rr_kw, up_kw = split_overrides(overrides, first, PriorSampling,
+                                                      RerankSettings, UpsampleSampling)  # fmt: skip
+        us = resolve(upsample_settings or self.defaults["upsample"], **up_kw)
+        self.check_upsample(upsample, prompts)
         s = resolve(settings or self.defaults["ar"], **({} if mode == "masked" else one_kw))
         ms = resolve(masked_settings or self.defaults["masked"],
                      **(one_kw if mode == "masked" else {}))  # fmt: skip
@@ -284,7 +302,8 @@ class ARPipeline(Pipeline):
             for m in samples:
                 m.update(extra)
             settings_json = {**(dataclasses.asdict(s) if kind != "masked" else {}), **extra}
-            return PipelineOutput(self.decode(codes), codes, samples, settings_json)
+            out = PipelineOutput(self.decode(codes), codes, samples, settings_json)
+            return self._upsampled(out, us, progress) if upsample else out
         split = [split_prompt(p) for p in prompts]  # warned once here, not once per batch
         self.check_prompts([scene for scene, _ in split])
         parts = sorted({q for _, ps in split for q, _ in ps})
@@ -306,7 +325,7 @@ class ARPipeline(Pipeline):
         out = self._rerank(n, rr, seed, seeds, draw, clip_text, batch_size, progress)
         out.settings = {**(dataclasses.asdict(s) if kind != "masked" else {}),
                         **dataclasses.asdict(rr), **extra}  # fmt: skip
-        return out
+        return self._upsampled(out, us, progress) if upsample else out
 
     def _prompt_embeds(
         self, mode: str, prompts: list[str], embeds: torch.Tensor | None
@@ -609,6 +628,21 @@ def check_masked(
                          f"transformer {tf_cfg.text_len}: expected equal")  # fmt: skip
 
 
+def check_upsampler(size: tuple[int, int], up_cfg: UpsamplerConfig, clip: CLIP | None) -> None:
+    """Refuse an upsampler whose small size is not the (H, W) `size` the VQ draws, or that reads
+    captions with the embeddings of another CLIP than `clip` (or without one): ValueError naming
+    both sides."""
+    low = up_cfg.low_size
+    if size != (low, low):
+        raise ValueError(f"the upsampler takes {low}x{low} pictures, the VQ draws {size[1]}x"
+                         f"{size[0]}: expected an upsampler trained for that size")  # fmt: skip
+    if up_cfg.caption_dim:
+        if clip is None:
+            raise ValueError("the upsampler reads captions through the CLIP it was trained "
+                             "with: assemble it with clip=FOLDER too")  # fmt: skip
+        check_identity("the upsampler", up_cfg.clip, up_cfg.caption_dim, clip.identity())
+
+
 def assemble(
     folder: str | Path,
     tokenizer: str | Path,
@@ -620,6 +654,7 @@ def assemble(
     clip: str | Path | None = None,
     prior: str | Path | None = None,
     masked: str | Path | None = None,
+    upsampler: str | Path | None = None,
 ) -> Path:
     """Write an autoregressive pipeline folder from trained component folders, atomically:
     copies (or, with `link`, absolute symlinks) plus pipeline.json. The components are checked
@@ -628,7 +663,8 @@ def assemble(
     CLIP folder (ours or a user's Hugging Face one, `dalle_ar.clip.CLIP`) for the CLIP reranker,
     checked for its parts. `prior`: a diffusion prior folder (`dalle-ar train prior`) for the
     prior mode, checked against the CLIP (`check_prior`); `masked`: a masked generator folder
-    (`dalle-ar train masked`) for the masked mode (`check_masked`)."""
+    (`dalle-ar train masked`) for the masked mode (`check_masked`); `upsampler`: an upsampler
+    folder (`dalle-ar train upsampler`) for the cascade (`check_upsampler`)."""
     srcs = {"text_tokenizer": Path(tokenizer), "vq": Path(vq), "transformer": Path(transformer)}
     for name, src in srcs.items():
         if not (src / "config.json").is_file():
@@ -651,9 +687,14 @@ def assemble(
         srcs["masked"] = Path(masked)
         m_cfg = read_component_config(srcs["masked"], "transformer", TransformerConfig)
         check_masked(tok.vocab_size, vq_cfg, tf_cfg, m_cfg)
+    if upsampler is not None:
+        srcs["upsampler"] = Path(upsampler)
+        f = vq_cfg.downsample
+        check_upsampler((tf_cfg.grid_h * f, tf_cfg.grid_w * f), read_upsampler_config(upsampler),
+                        None if clip is None else CLIP.from_pretrained(clip))  # fmt: skip
     settings = ARPipeline._defaults(defaults)
     classes = {**AR_COMPONENTS, "clip": CLIP.__name__, "prior": DiffusionPrior.__name__,
-               "masked": Transformer.__name__}  # fmt: skip
+               "masked": Transformer.__name__, "upsampler": Upsampler.__name__}  # fmt: skip
     sources = {k: (("dalle_ar", classes[k]), src) for k, src in srcs.items()}
     as_json = {k: dataclasses.asdict(v) for k, v in settings.items()}
     return write_folder(folder, ARPipeline.__name__, sources, ARPipeline.optional, as_json, link)

@@ -25,8 +25,10 @@ from dalle_ar.pipelines.folder import library_of, load_component, read_folder, w
 from dalle_ar.prompts import split_prompt
 from dalle_ar.rerank import keep_best
 from dalle_ar.runtime import sample_seeds
+from dalle_ar.sampling.diffusion import upsample_images
 from dalle_ar.sampling.settings import (
     RerankSettings,
+    UpsampleSampling,
     from_dict,
     names,
     reranker_parts,
@@ -43,6 +45,8 @@ class PipelineOutput:
     # reranked calls: every candidate drawn, sample-major: prompt, prompt_index, sample,
     # candidate_index, seed, score (and each reranker's own: clip_score, pmi_score), kept
     candidates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # upsampled calls (the cascade): the small images `images` were drawn from, one per sample
+    small_images: list[Image.Image] = dataclasses.field(default_factory=list)
 
 
 class Pipeline:
@@ -166,6 +170,84 @@ class Pipeline:
         for c in codes:
             x = vq.decode(c[None].to(self.device))
             out.append(Image.fromarray(to_uint8(x)[0]))
+        return out
+
+    # -- the cascade -----------------------------------------------------------------------
+    def check_upsample(self, upsample: bool, prompts: Sequence[str] | None = None) -> None:
+        """Before any drawing: ValueError when `upsample` is asked of a pipeline without the
+        upsampler component, or of a caption-reading upsampler without prompts or a CLIP."""
+        if not upsample:
+            return
+        up = self.components.get("upsampler")
+        if up is None:
+            raise ValueError(f"upsampling needs the upsampler component, which this {self.mode} "
+                             "pipeline lacks (assemble it with upsampler=FOLDER)")  # fmt: skip
+        if up.cfg.caption_dim and (prompts is None or "clip" not in self.components):
+            raise ValueError("this upsampler reads the caption: it needs the prompts and the "
+                             "pipeline's clip component")  # fmt: skip
+
+    @torch.inference_mode()
+    def upsample(
+        self,
+        images: Any,
+        seeds: Sequence[int] | None = None,
+        prompts: Sequence[str] | None = None,
+        settings: UpsampleSampling | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+        **overrides: Any,
+    ) -> list[Image.Image]:
+        """The cascade's last stage: small pictures -> large ones by the upsampler component
+        (`dalle_ar.upsampler`, SR3 / Imagen), each drawn with its own seed (default: random
+        ones). images: PIL images, uint8 (H, W, 3) arrays or an (N, 3, H, W) tensor in [0, 1],
+        of the upsampler's small size (any picture of that size: generated or a user's own);
+        prompts: one per picture, for an upsampler that reads captions. settings:
+        `UpsampleSampling`, default the folder's; keyword overrides of its fields
+        (`upsample_steps=25`, `noise_level=0`). Returns PIL images of side low_size * scale.
+        ValueError for pictures of another size, counts that differ, or what `check_upsample`
+        refuses."""
+        self.check_upsample(True, prompts)
+        up = self.components["upsampler"]
+        s = resolve(settings or self.defaults.get("upsample") or UpsampleSampling(), **overrides)
+        arr = to_uint8(images)  # (N, h, w, 3); refuses pictures of mixed sizes
+        n, h, w, _ = arr.shape
+        size = up.cfg.low_size
+        if (h, w) != (size, size):
+            raise ValueError(f"the upsampler takes {size}x{size} pictures, got {w}x{h} (resize "
+                             "them first, or use an upsampler trained for that size)")  # fmt: skip
+        seeds = sample_seeds(n) if seeds is None else list(seeds)
+        if len(seeds) != n:
+            raise ValueError(f"expected one seed per picture ({n}), got {len(seeds)}")
+        text = None
+        if up.cfg.caption_dim:
+            if len(prompts) != n:
+                raise ValueError(f"one prompt per picture: {n} pictures, {len(prompts)} prompts")
+            clip = self.components["clip"]
+            scenes = [split_prompt(p)[0] for p in prompts]
+            text = clip.text_embeds(*clip.encode_text(scenes, truncate=True))
+        low = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255).mul(2).sub(1)
+        out = []
+        for i in tqdm(range(0, n, batch_size), desc="upsample", unit="batch",
+                      disable=not progress):  # fmt: skip
+            rows = slice(i, i + batch_size)
+            big = upsample_images(up, low[rows], s, seeds[rows],
+                                  None if text is None else text[rows], batch_size)  # fmt: skip
+            out += [Image.fromarray(a) for a in to_uint8(big.add(1).div(2))]
+        return out
+
+    def _upsampled(
+        self, out: PipelineOutput, settings: UpsampleSampling, progress: bool
+    ) -> PipelineOutput:
+        """A generation's output with its (kept) images upsampled, each with its own sample's
+        seed; the small ones move to `small_images`; each record notes the settings."""
+        prompts = [m["prompt"] for m in out.samples]
+        out.small_images = out.images
+        out.images = self.upsample(out.images, [m["seed"] for m in out.samples], prompts,
+                                   settings, progress=progress)  # fmt: skip
+        record = {"upsample": True, **dataclasses.asdict(settings)}
+        for m in out.samples:
+            m.update(record)
+        out.settings.update(record)
         return out
 
     # -- reranking -------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from dalle_ar.clip import CLIP
 from dalle_ar.prior import DiffusionPrior
 from dalle_ar.text import TextTokenizer
 from dalle_ar.transformer import Transformer
+from dalle_ar.upsampler import Upsampler
 from dalle_ar.vq import VQTokenizer
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ VERSION = 2
 LIBRARIES = ("dalle_ar", "transformers", "diffusers")  # where a component class may come from
 # This project's component classes: name -> class (each has from_pretrained and save_pretrained).
 OWN_CLASSES: dict[str, type] = {
-    c.__name__: c for c in (TextTokenizer, VQTokenizer, Transformer, CLIP, DiffusionPrior)
+    c.__name__: c
+    for c in (TextTokenizer, VQTokenizer, Transformer, CLIP, DiffusionPrior, Upsampler)
 }
 # The autoregressive pipeline's components and their classes: all that a version-1 folder held.
 AR_COMPONENTS = {

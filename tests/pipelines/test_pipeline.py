@@ -78,10 +78,11 @@ def test_pipeline_folder_names_its_class_and_components(pipe_dir):
         "clip": None,  # the optional CLIP reranker, not held
         "prior": None,  # nor the optional prior
         "masked": None,  # nor the optional masked generator
+        "upsampler": None,  # nor the cascade's upsampler
     }
     for name in ("text_tokenizer", "vq", "transformer"):
         assert (pipe_dir / name / "config.json").is_file()
-    assert set(meta["defaults"]) == {"ar", "prior", "masked", "rerank"}
+    assert set(meta["defaults"]) == {"ar", "prior", "masked", "rerank", "upsample"}
     assert isinstance(Pipeline.from_pretrained(pipe_dir), ARPipeline)  # the class it names
 
 
