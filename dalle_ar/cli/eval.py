@@ -6,6 +6,7 @@
     dalle-ar eval fidelity --model runs/pipe --candidates 16 --rerankers pmi,clip,clip+pmi
     dalle-ar eval fidelity --model runs/pipe --mode prior --candidates 16 --rerankers clip
     dalle-ar eval fidelity --model runs/pipe --mode masked --steps 8  # the masked generator
+    dalle-ar eval fidelity --model runs/pipe --upsample     # + the same pictures upsampled
 
 One sample per evaluation-split prompt, the attributes read back from the pixels with the shape
 checker: exact-match and per-attribute accuracy, without and with classifier-free guidance, split
@@ -33,6 +34,7 @@ from dalle_ar.sampling.settings import (
     MaskedSampling,
     PriorSampling,
     RerankSettings,
+    UpsampleSampling,
     add_arguments,
     from_args,
 )
@@ -69,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(ap, PriorSampling)  # the prior mode's settings
     # the masked mode's own settings; its temperature and top-k are the options above
     add_arguments(ap, MaskedSampling, skip=MASKED_SHARED)
+    ap.add_argument("--upsample", action="store_true",
+                    help="score each single draw again, upsampled")  # fmt: skip
+    add_arguments(ap, UpsampleSampling)
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of prompt 0 (then +1 ...)")
     ap.add_argument("--prompt-seed", type=int, default=0, help="which evaluation prompts")
     ap.add_argument("--batch-size", type=int, default=32, help="samples generated together")
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         **(from_args(args, PriorSampling) if args.mode == "prior" else {}),
         **(from_args(args, MaskedSampling, skip=MASKED_SHARED) if args.mode == "masked" else {}),
         "mode": args.mode,
+        **({"upsample": True, **from_args(args, UpsampleSampling)} if args.upsample else {}),
     }
     try:
         if args.num < 1:

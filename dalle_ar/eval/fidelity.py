@@ -40,7 +40,9 @@ def evaluate_fidelity(
     reranker of `rerankers` ("pmi", "clip", "clip+pmi"), all from one draw of the candidates,
     side by side, with "any of K": how often the checker finds a right image among the K (what
     a perfect reranker would reach). `settings`: the pipeline's sampling settings for every run
-    (temperature=0.7; None keeps the pipeline's default). JSON-able."""
+    (temperature=0.7; None keeps the pipeline's default); with upsample=True (the cascade) each
+    single-draw run's images are scored twice, small (under its usual name) and upsampled
+    ("... upsampled"): the same pictures before and after the upsampler. JSON-able."""
     from dalle_ar.data.shapes import composed_prompt, prompts_for_eval
 
     if num_prompts < 0:
@@ -68,7 +70,11 @@ def evaluate_fidelity(
         out = pipe(prompts, seed=seed, batch_size=batch_size, progress=progress, **params)
         res: dict[str, Any] = dict(out.settings)
         res.update(composed=compose, candidates=1, seconds=time.perf_counter() - t0)
-        _add(report, f"{scale:g}" + (" composed" if compose else ""), res, out.images, specs)
+        name = f"{scale:g}" + (" composed" if compose else "")
+        if out.small_images:  # the cascade: the same pictures before and after the upsampler
+            _add(report, name, {**res, "upsample": False}, out.small_images, specs)
+            name += " upsampled"
+        _add(report, name, res, out.images, specs)
     if candidates > 1 and guidance_scales:
         _reranked(pipe, report, pairs, candidates, rerankers, guidance_scales[-1], seed,
                   batch_size, progress, settings)  # fmt: skip
@@ -82,7 +88,8 @@ def _reranked(pipe, report, pairs, k, rerankers, scale, seed, batch_size, progre
 
     both = len(rerankers) > 1 or "+" in rerankers[0]
     t0 = time.perf_counter()
-    params = {**settings, "guidance_scale": scale, "candidates": k, "keep": k,
+    # scored small (the cascade's upsampling is for the kept images, not every candidate)
+    params = {**settings, "guidance_scale": scale, "candidates": k, "keep": k, "upsample": False,
               "reranker": "clip+pmi" if both else rerankers[0]}  # fmt: skip
     out = pipe([p for p, _ in pairs], seed=seed, batch_size=batch_size, progress=progress,
                **params)  # fmt: skip

@@ -12,6 +12,7 @@ from dalle_ar.sampling.settings import (
     MaskedSampling,
     PriorSampling,
     RerankSettings,
+    UpsampleSampling,
     reranker_parts,
 )
 
@@ -56,6 +57,14 @@ class MainJobConfig:
     masked: bool = False
     masked_steps: int = 0
     masked_max_minutes: float = 45.0
+    # The cascade (Imagen): the data set's scenes at twice the size (`upsampler_images` of
+    # them), an upsampler trained on them for `upsampler_steps` (0 = configs/<data>/
+    # upsampler.yaml's), the grid shown upsampled beside the small one and the guided single
+    # draws scored once more upsampled.
+    upsampler: bool = True
+    upsampler_images: int = 20_000
+    upsampler_steps: int = 0
+    upsampler_max_minutes: float = 10.0
     # auto | fp32 | bf16, for both training stages (run.precision): auto trains the transformer
     # under bf16 autocast where the CPU or GPU has bf16, the VQ-VAE in fp32 on a CPU
     precision: str = "auto"
@@ -83,6 +92,7 @@ class MainJobConfig:
     masked_sampling: MaskedSampling = dataclasses.field(
         default_factory=lambda: MaskedSampling(temperature=1.0, guidance_scale=GUIDED_SCALE)
     )
+    upsample_sampling: UpsampleSampling = dataclasses.field(default_factory=UpsampleSampling)
     seed: int = 0  # data, training and sampling seed
     device: str = "auto"  # auto | cpu | cuda
     wandb: str = "offline"  # offline | online | disabled
@@ -97,8 +107,10 @@ class MainJobConfig:
         require(self.num_eval >= 10, "num_eval", "must be >= 10")
         for key in ("vq_steps", "transformer_steps", "clip_steps", "prior_train_steps",
                     "vq_max_minutes", "transformer_max_minutes", "clip_max_minutes",
-                    "prior_max_minutes", "masked_steps", "masked_max_minutes"):  # fmt: skip
+                    "prior_max_minutes", "masked_steps", "masked_max_minutes",
+                    "upsampler_steps", "upsampler_max_minutes"):  # fmt: skip
             require(getattr(self, key) >= 0, key, "must be >= 0")
+        require(self.upsampler_images >= 100, "upsampler_images", "must be >= 100")
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         require(self.fidelity_prompts >= 0, "fidelity_prompts", "must be >= 0")
         require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")

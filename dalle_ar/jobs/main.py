@@ -2,13 +2,14 @@
 
     shards -> BPE tokenizer -> CLIP -> VQ-VAE -> token shards (+ CLIP embeddings)
            -> transformer (conditioned on the CLIP image embedding, or its null one)
-           -> diffusion prior -> pipeline folder
+           -> diffusion prior -> upsampler (on the scenes at twice the size) -> pipeline folder
            -> samples for a handful of prompts (some held-out combinations), each the best of
               `rerank.candidates` by `rerank.reranker` (CLIP) -> captioned grids with the scores,
-              in text mode and in prior mode
+              in text mode and in prior mode, and upsampled beside the small ones
            -> the data set's evaluation: single draws, and best of the candidates by the
               transformer's own score (PMI), by CLIP and by both (terminal + JSON); the prior
-              mode's single draws and best of the candidates by CLIP beside them
+              mode's single draws and best of the candidates by CLIP beside them; the guided
+              single draws upsampled
 
 Each stage writes into `out_dir` and is skipped on a rerun once its output is complete; a training
 stage that was killed resumes from its last checkpoint. Training stages are sized in steps (the
@@ -74,6 +75,9 @@ class Paths:
         self.prior = self.prior_run / "prior"
         self.masked_run = out / "masked_run"
         self.masked = self.masked_run / "masked"
+        self.data_large = out / "data_large"
+        self.upsampler_run = out / "upsampler_run"
+        self.upsampler = self.upsampler_run / "upsampler"
         self.pipeline = out / "pipeline"
         self.samples = out / "samples"
         self.fidelity = out / "fidelity.json"
@@ -219,6 +223,19 @@ def stage_prior(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     prior.train(rcfg, resume=has_checkpoint(p.prior_run))
 
 
+def stage_upsampler(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
+    from dalle_ar.train import upsampler
+    from dalle_ar.train.common import has_checkpoint
+
+    overrides = [
+        f"data.train={p.data_large}/train-*.tar",
+        f"data.eval={p.data_large}/eval-*.tar",
+        *_run(cfg, p.upsampler_run, cfg.upsampler_steps, cfg.upsampler_max_minutes),
+    ]
+    rcfg = load_config(upsampler.UpsamplerRecipeConfig, yaml, overrides)
+    upsampler.train(rcfg, resume=has_checkpoint(p.upsampler_run))
+
+
 def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
     from dalle_ar.pipelines import assemble
 
@@ -226,11 +243,13 @@ def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
     # stay 1, so `dalle-ar sample --model` draws once per sample unless asked for more.
     rerank = dataclasses.replace(cfg.rerank, candidates=1, keep=1)
     defaults = {"ar": dataclasses.asdict(cfg.sampling), "rerank": dataclasses.asdict(rerank),
-                "prior": dataclasses.asdict(cfg.prior_sampling)}  # fmt: skip
+                "prior": dataclasses.asdict(cfg.prior_sampling),
+                "upsample": dataclasses.asdict(cfg.upsample_sampling)}  # fmt: skip
     assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=defaults,
              clip=p.clip if cfg.clip else None,
              prior=p.prior if cfg.with_prior else None,
-             masked=p.masked if cfg.masked else None)  # fmt: skip
+             masked=p.masked if cfg.masked else None,
+             upsampler=p.upsampler if cfg.upsampler else None)  # fmt: skip
 
 
 def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
@@ -240,11 +259,16 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
 
     pipe = Pipeline.from_pretrained(p.pipeline, device=pick_device(cfg.device))
     prompts = cfg.prompts or data.prompts
+    up = "upsampler" in pipe.components  # the kept images upsampled too
     result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, settings=cfg.sampling,
-                  rerank=cfg.rerank)  # fmt: skip
-    grid = save_prompt_grid(result, p.samples / "grid.png")
+                  rerank=cfg.rerank, upsample=up,
+                  upsample_settings=cfg.upsample_sampling)  # fmt: skip
+    small = dataclasses.replace(result, images=result.small_images) if up else result
+    grid = save_prompt_grid(small, p.samples / "grid.png")
     report = data.evaluate(pipe, cfg)
     report["grid"] = str(grid)
+    if up:
+        report["grid_upsampled"] = str(save_prompt_grid(result, p.samples / "grid_upsampled.png"))
     if cfg.with_prior:  # the same prompts and seeds in prior mode
         result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, mode="prior",
                       settings=cfg.sampling, prior_settings=cfg.prior_sampling,
@@ -292,6 +316,9 @@ def run_stages(cfg: MainJobConfig) -> dict:
         yaml.pop("prior", None)
     if not cfg.masked:
         yaml.pop("masked", None)
+    cascade = cfg.upsampler and data.build_large is not None
+    if not cascade:
+        yaml.pop("upsampler", None)
     missing = [str(f) for f in yaml.values() if not f.is_file()]
     if missing:
         raise ConfigError(f"config key 'config_dir': no component configs {missing}")
@@ -312,6 +339,12 @@ def run_stages(cfg: MainJobConfig) -> dict:
                     lambda: _trained(p.masked_run, p.masked),
                     lambda: stage_transformer(cfg, p, yaml["masked"], masked=True),
                     [p.masked_run])  # fmt: skip
+    cascade_stages = [
+        ("data_large", set(), lambda: (p.data_large / "info.json").is_file(),
+         lambda: data.build_large(cfg, p.data_large), [p.data_large]),
+        ("upsampler", {"data_large"}, lambda: _trained(p.upsampler_run, p.upsampler),
+         lambda: stage_upsampler(cfg, p, yaml["upsampler"]), [p.upsampler_run]),
+    ]  # fmt: skip
     stages: list[tuple[str, set[str], Callable[[], bool], Callable[[], None], list[Path]]] = [
         ("data", set(), lambda: (p.data / "info.json").is_file(),
          lambda: data.build(cfg, p.data), [p.data]),
@@ -327,7 +360,8 @@ def run_stages(cfg: MainJobConfig) -> dict:
          lambda: stage_transformer(cfg, p, yaml["transformer"]), [p.transformer_run]),
         *([prior_stage] if cfg.with_prior else []),
         *([masked_stage] if cfg.masked else []),
-        ("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior", "masked"},
+        *(cascade_stages if cascade else []),
+        ("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior", "masked", "upsampler"},
          lambda: (p.pipeline / "pipeline.json").is_file(), lambda: stage_pipeline(cfg, p),
          [p.pipeline]),
         ("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
@@ -359,6 +393,8 @@ def run_stages(cfg: MainJobConfig) -> dict:
         training["prior"] = _training(p.prior_run)
     if cfg.masked:
         training["masked"] = _training(p.masked_run)
+    if cascade:
+        training["upsampler"] = _training(p.upsampler_run)
     summary = {"config": to_dict(cfg), "machine": describe_machine(), "stage_seconds": timings,
                "training": training, "total_seconds": total}  # fmt: skip
     if p.fidelity.is_file():

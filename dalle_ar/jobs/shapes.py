@@ -34,6 +34,16 @@ def build(cfg: MainJobConfig, out: Path) -> None:
     data.build("shapes", out, data.options("shapes", out=out, **opts))
 
 
+def build_large(cfg: MainJobConfig, out: Path) -> None:
+    """The upsampler's shards: `cfg.upsampler_images` scenes rendered at twice the size, and as
+    many evaluation scenes as the small data set has (the same seed: the same first scenes)."""
+    from dalle_ar.data import build as data
+
+    opts = dict(num_train=cfg.upsampler_images, num_eval=cfg.num_eval, seed=cfg.seed,
+                size=2 * SIZE)  # fmt: skip
+    data.build("shapes", out, data.options("shapes", out=out, **opts))
+
+
 def evaluate(pipe: Any, cfg: MainJobConfig) -> dict[str, Any]:
     """Prompt fidelity on `cfg.fidelity_prompts` evaluation prompts: single draws without and with
     guidance, then reranked (best of `cfg.rerank.candidates`) by PMI, and by CLIP and by both
@@ -73,6 +83,14 @@ def evaluate(pipe: Any, cfg: MainJobConfig) -> dict[str, Any]:
         )  # fmt: skip
         report["masked_mode"] = masked
         report["summary"].update({f"masked mode {k}": v for k, v in masked["summary"].items()})
+    if "upsampler" in pipe.components:  # the guided single draws again, upsampled: same seeds
+        up = evaluate_fidelity(
+            pipe, num_prompts=cfg.fidelity_prompts, seed=cfg.seed, guidance_scales=(guidance,),
+            upsample=True, **settings, **dataclasses.asdict(cfg.upsample_sampling),
+        )  # fmt: skip
+        report["upsampled"] = up
+        name = f"guidance {guidance:g} upsampled"
+        report["summary"][name] = up["summary"][name]
     return report
 
 
@@ -85,8 +103,10 @@ SHAPES = DataSet(
         "clip": "clip.yaml",
         "prior": "prior.yaml",
         "masked": "masked.yaml",
+        "upsampler": "upsampler.yaml",
     },
     prompts=PROMPTS,
     build=build,
     evaluate=evaluate,
+    build_large=build_large,
 )

@@ -25,12 +25,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _toy_configs(folder: Path) -> Path:
     """The tiny configs under the names the main job reads, at the shapes' 32x32 size."""
     folder.mkdir()
-    for name in ("tokenizer", "transformer", "vq", "clip", "prior"):
+    for name in ("tokenizer", "transformer", "vq", "clip", "prior", "upsampler"):
         cfg = yaml.safe_load((ROOT / "configs" / "tiny" / f"{name}.yaml").read_text())
         if name == "vq":
             cfg["data"]["image_size"] = cfg["model"]["image_size"] = 32  # 8x8 codes
         if name == "transformer":
             cfg["model"].update(grid_h=8, grid_w=8, text_len=20)
+        if name == "upsampler":  # 32 -> 64 pixels
+            cfg["model"]["low_size"], cfg["data"]["image_size"] = 32, 64
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     return folder
 
@@ -41,10 +43,10 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
             "num_train=200", "num_eval=20", "vq_steps=3", "clip_steps=0", "transformer_steps=4",
             "samples_per_prompt=2", "fidelity_prompts=4", "candidates=2", "wandb=disabled",
             "device=cpu", "prompts=[a small red circle at the top left, a blue square]",
-            "prior=true"]  # fmt: skip
+            "prior=true", "upsampler_images=100", "upsample_sampling.upsample_steps=2"]  # fmt: skip
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[9/9] samples: finished" in printed
+    assert "[11/11] samples: finished" in printed
     # the table: each training stage reached its planned steps, in the precision it says
     assert "3 of 3 steps, fp32" in printed and "4 of 4 steps" in printed
     assert "UNDER-TRAINED" not in printed
@@ -53,6 +55,12 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert (out / "samples" / "grid.png").is_file()
     assert (out / "pipeline" / "clip" / "model.safetensors").is_file()  # reranks with CLIP
     assert (out / "samples" / "grid_prior.png").is_file()  # the prior mode's grid
+    # the cascade: the grid upsampled beside the small one, the guided draws scored upsampled
+    from PIL import Image
+
+    small, large = (Image.open(out / "samples" / f) for f in ("grid.png", "grid_upsampled.png"))
+    assert large.size[0] > small.size[0]
+    assert pipe(["a red circle"], seed=0, upsample=True).images[0].size == (64, 64)
     assert pipe(["a red circle"], seed=0, mode="prior").codes.shape == (1, 8, 8)
     fid = json.loads((out / "fidelity.json").read_text())
     best = [f"1.5 best of 2 by {r}" for r in ("pmi", "clip", "clip+pmi")]
@@ -60,6 +68,10 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert set(fid["prior_mode"]["settings"]) == {"1.5", "1.5 best of 2 by clip"}
     assert fid["prior_mode"]["settings"]["1.5"]["mode"] == "prior"
     assert "prior mode guidance 1.5" in fid["summary"]
+    assert fid["upsampled"]["settings"]["1.5 upsampled"]["upsample"] is True
+    # the same small pictures as the guided run's, then upsampled
+    assert fid["upsampled"]["settings"]["1.5"]["all"] == fid["settings"]["1.5"]["all"]
+    assert "guidance 1.5 upsampled" in fid["summary"]
     for name in best:  # one draw of the candidates, picked three ways
         res = fid["settings"][name]
         assert res["candidates"] == 2 and res["all"]["n"] == 4
@@ -70,8 +82,9 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert summary["training"]["transformer"]["step"] == 4
     assert summary["training"]["vq"]["finished"] and summary["machine"]["cpus"] >= 1
     assert summary["training"]["prior"]["finished"]
+    assert summary["training"]["upsampler"]["finished"]
     assert main_job(args) == 0  # everything is done: nothing runs again
-    assert capsys.readouterr().out.count("done already, skipped") == 9
+    assert capsys.readouterr().out.count("done already, skipped") == 11
     assert main_job([*args, "candidates=0"]) == 2  # refused before any work
     assert main_job([*args, "precision=FP32"]) == 2
     assert "'precision': must be auto, fp32 or bf16, got 'FP32'" in capsys.readouterr().out
@@ -85,7 +98,7 @@ def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
     args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
             "num_train=200", "num_eval=20", "vq_steps=2", "clip_steps=0", "transformer_steps=6",
             "samples_per_prompt=1", "fidelity_prompts=2", "candidates=1", "wandb=disabled",
-            "device=cpu", "prompts=[a red circle]", "prior=true"]  # fmt: skip
+            "device=cpu", "prompts=[a red circle]", "prior=true", "upsampler=false"]  # fmt: skip
     assert main_job([*args, "transformer_max_minutes=2.5"]) == 0  # a minute a step
     printed = capsys.readouterr().out
     said = json.loads((out / "summary.json").read_text())["training"]["transformer"]
@@ -113,7 +126,7 @@ def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
     args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
             "num_train=200", "num_eval=20", "vq_steps=2", "clip_steps=0", "transformer_steps=2",
             "samples_per_prompt=1", "fidelity_prompts=2", "candidates=2", "wandb=disabled",
-            "device=cpu", "prompts=[a red circle]"]  # fmt: skip
+            "device=cpu", "prompts=[a red circle]", "upsampler=false"]  # fmt: skip
     assert main_job([*args, "clip_max_minutes=2.5"]) == 0  # a minute a step: 3 of 6
     capsys.readouterr()
     said = json.loads((out / "summary.json").read_text())["training"]["clip"]
@@ -131,7 +144,7 @@ def test_bench_train_times_the_recipe_of_a_main_job_folder(tmp_path, capsys):
     assert main_job([f"out_dir={out}", f"config_dir={configs}", "num_train=200", "num_eval=20",
                      "vq_steps=2", "clip_steps=0", "transformer_steps=2", "fidelity_prompts=0",
                      "candidates=1", "samples_per_prompt=1", "wandb=disabled", "device=cpu",
-                     "prompts=[a red circle]"]) == 0  # fmt: skip
+                     "prompts=[a red circle]", "upsampler=false"]) == 0  # fmt: skip
     capsys.readouterr()
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "tools" / "bench_train.py")
     tool = importlib.util.module_from_spec(spec)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dalle_ar.config import ConfigError, load_config
 from dalle_ar.data.shapes import generate
@@ -89,3 +90,28 @@ def test_config_checks_name_the_field(tmp_path, shapes_shards):
     with pytest.raises(ConfigError, match="clip.*exactly when model.caption_dim > 0"):
         load_config(UpsamplerRecipeConfig, TINY_CONFIG,
                     _args(shapes_shards, tmp_path, "model.caption_dim=16"))  # fmt: skip
+
+
+def test_upsample_eval_tool_compares_with_plain_resizing(tmp_path, shapes_shards):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("upsample_eval", ROOT / "tools" /
+                                                  "upsample_eval.py")  # fmt: skip
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    torch.manual_seed(0)
+    Upsampler(UpsamplerConfig(low_size=16, channels=[8, 16], norm_groups=4,
+                              mid_attention=False)).save_pretrained(tmp_path / "up")  # fmt: skip
+    argv = ["--upsampler", str(tmp_path / "up"), "--data", shapes_shards.eval, "--num", "6",
+            "--steps", "2,3", "--noise-levels", "0", "--threads", "1", "--grid", "3",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert tool.main(argv) == 0
+    rep = json.loads((tmp_path / "out" / "upsample.json").read_text())
+    assert rep["images"] == 6 and rep["sizes"] == [16, 32]
+    for part in ("from_box_filter", "from_renders"):  # shapes records are rendered small too
+        rows = rep[part]
+        assert set(rows) == {"nearest", "bicubic", "lanczos", "upsampler steps=2",
+                             "upsampler steps=3", "upsampler noise_level=0"}  # fmt: skip
+        assert rows["bicubic"]["psnr"] > 15 and rows["upsampler steps=2"]["ms_per_image"] > 0
+    grid = Image.open(tmp_path / "out" / "upsample.png")
+    assert grid.size[1] > 5 * 32  # five rows: small, bicubic, Lanczos, upsampler, truth
