@@ -212,11 +212,13 @@ def test_every_data_sets_component_configs_load_with_their_recipes():
     from dalle_ar.train.prior import PriorRecipeConfig
     from dalle_ar.train.tokenizer import TokenizerRecipeConfig
     from dalle_ar.train.transformer import TrainTransformerConfig
+    from dalle_ar.train.upsampler import UpsamplerRecipeConfig
     from dalle_ar.train.vq import VQRecipeConfig
 
     recipes = {"tokenizer": TokenizerRecipeConfig, "vq": VQRecipeConfig,
                "transformer": TrainTransformerConfig, "clip": CLIPRecipeConfig,
-               "prior": PriorRecipeConfig, "masked": TrainMaskedConfig}  # fmt: skip
+               "prior": PriorRecipeConfig, "masked": TrainMaskedConfig,
+               "upsampler": UpsamplerRecipeConfig}  # fmt: skip
     found = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
     assert {f.parent.name for f in found} >= {"shapes", "emoji", "tiny"}
     for f in found:
