@@ -64,7 +64,7 @@ class MainJobConfig:
     upsampler: bool = True
     upsampler_images: int = 20_000
     upsampler_steps: int = 0
-    upsampler_max_minutes: float = 10.0
+    upsampler_max_minutes: float = 15.0
     # auto | fp32 | bf16, for both training stages (run.precision): auto trains the transformer
     # under bf16 autocast where the CPU or GPU has bf16, the VQ-VAE in fp32 on a CPU
     precision: str = "auto"

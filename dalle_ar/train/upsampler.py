@@ -9,10 +9,10 @@ large image and its small version (`dalle_ar.upsampler.downscale`, a box filter 
 bits), as SR3 and Imagen train. With `model.caption_dim` > 0 the captions' CLIP text embeddings
 (the CLIP folder `clip`) condition it too.
 
-Loss (Ho et al. 2020, with the v target of Salimans & Ho 2022 by default): the mean squared
-error between the network's prediction and its target at uniform timesteps, the small image
-noised to a uniform augmentation level in [0, `model.max_noise_level`] (Imagen's noise
-conditioning augmentation). run.precision=auto trains under bf16 autocast on a CPU with bf16
+Loss (Ho et al. 2020; the target is the clean image by default, `model.prediction_type`): the
+mean squared error between the network's prediction and its target at uniform timesteps, the
+small image noised to a uniform augmentation level in [0, `model.max_noise_level`] (Imagen's
+noise conditioning augmentation). run.precision=auto trains under bf16 autocast on a CPU with bf16
 instructions too (1.7x the steps/s of fp32 at the shapes config's size; sampling runs in fp32).
 The timesteps, noise and levels of a micro-batch are drawn for the
 global batch from one seeded CPU generator, so DDP and resume draw what one process would.
