@@ -97,6 +97,15 @@ def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def rank_rows(b: int, rank: int = 0, world: int = 1) -> tuple[int, slice]:
+    """(global batch size, this rank's rows of it) for a per-rank batch of b: draws made for the
+    global batch from one seeded generator and sliced by rank give every rank what one process
+    with the global batch would draw."""
+    if not 0 <= rank < world:
+        raise ValueError(f"expected 0 <= rank < world, got rank {rank}, world {world}")
+    return world * b, slice(rank * b, (rank + 1) * b)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         t = t.clone()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dalle_ar.train import dist
 from dalle_ar.transformer import Logits
 
 
@@ -81,16 +82,17 @@ def mask_codes(
     image: torch.Tensor,
     mask_id: int,
     generator: torch.Generator,
-    rows: slice | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The masked generator's training input: image codes (B, h*w) with a random share of each
     sample's positions replaced by `mask_id`, the share cos(pi/2 * u) for u ~ U(0, 1) (MaskGIT's
     cosine schedule, Chang et al. 2022, section 3.2; at least one position). Returns (input codes,
-    masked (B, h*w) bool). Drawn on the CPU from `generator` for the global batch and `rows` of
-    it taken (this rank's; default all), as `drop_conditioning`'s caller does."""
+    masked (B, h*w) bool). Drawn on the CPU from `generator` for the global batch (`world` ranks
+    of B rows) and this `rank`'s rows taken (`dist.rank_rows`), so N processes draw what one
+    process with the whole batch would."""
     B, n = image.shape
-    rows = rows or slice(0, B)
-    total = max(rows.stop, B)
+    total, rows = dist.rank_rows(B, rank, world)
     share = torch.cos(torch.pi / 2 * torch.rand(total, generator=generator))
     count = (share * n).ceil().clamp(1, n).long()[rows]  # (B,)
     order = torch.rand(total, n, generator=generator)[rows].argsort(1).argsort(1)  # ranks

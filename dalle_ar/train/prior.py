@@ -164,18 +164,18 @@ def diffusion_loss(
     txt: torch.Tensor,
     cond_drop: float,
     generator: torch.Generator | None = None,
-    rows: slice | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> torch.Tensor:
     """The prior's loss on unit image and text embeddings (B, D): MSE between the predicted and
     the true normalised x0 at uniform timesteps, the noise added by `ddpm`; each text embedding
     replaced by zeros with probability `cond_drop`. `model`: `prior` as trained (maybe DDP-
     wrapped). The timesteps, noise and drops are drawn on the CPU from `generator` (default
-    torch's global one) for the global batch and `rows` of it taken (this rank's; default
-    all), so N processes draw what one process with the whole batch would."""
+    torch's global one) for the global batch (`world` ranks of B rows) and this `rank`'s rows
+    taken (`dist.rank_rows`), so N processes draw what one process with the whole batch would."""
     x0 = prior.normalise(img)  # (B, D)
     b, dev = len(x0), x0.device
-    rows = rows or slice(0, b)
-    n = max(rows.stop, b)
+    n, rows = dist.rank_rows(b, rank, world)
     t = torch.randint(0, ddpm.config.num_train_timesteps, (n,), generator=generator)[rows]
     noise = torch.randn(n, x0.shape[1], generator=generator)[rows]
     keep = (torch.rand(n, generator=generator) >= cond_drop)[rows]
@@ -250,12 +250,10 @@ def train(
                  info.device)  # fmt: skip
 
     def loss(batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        b = len(batch["img"])  # one draw for the global batch, sliced by rank
         g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + micro)
-        rows = slice(info.rank * b, (info.rank + 1) * b)
         with autocast_context(info.device, cfg.run.precision):
             value = diffusion_loss(wrapped, prior, ddpm, batch["img"], batch["txt"],
-                                   cfg.cond_drop, g, rows)  # fmt: skip
+                                   cfg.cond_drop, g, info.rank, info.world)  # fmt: skip
         return value, {"mse": value.detach()}
 
     def evaluate_split(final: bool) -> dict[str, float]:

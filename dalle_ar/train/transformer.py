@@ -247,8 +247,7 @@ def build(
         masks = None
         if cfg.model.masked:  # one draw for the global batch, sliced by rank
             g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + micro + 2**40)
-            rows = slice(info.rank * B, (info.rank + 1) * B)
-            masks = mask_codes(batch["image"], cfg.model.mask_id, g, rows)
+            masks = mask_codes(batch["image"], cfg.model.mask_id, g, info.rank, info.world)
         return _loss(forward, batch, cfg, info, drop, count, null_rows, masks)
 
     def pictures(step: int) -> tuple[Path, str]:

@@ -83,18 +83,19 @@ def upsampler_loss(
     images: torch.Tensor,
     text: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    rows: slice | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> torch.Tensor:
     """The upsampler's loss on large images (B, 3, H, W) in [0, 1]: MSE between the prediction
     and its target (`prediction_type`) at uniform timesteps, the small version noised to a
     uniform level in [0, max_noise_level]. `model`: `upsampler` as trained (maybe DDP-wrapped).
     Timesteps, noise and levels are drawn on the CPU from `generator` (default torch's global
-    one) for the global batch and `rows` of it taken (this rank's; default all)."""
+    one) for the global batch (`world` ranks of B rows) and this `rank`'s rows taken
+    (`dist.rank_rows`), so N processes draw what one process with the whole batch would."""
     cfg = upsampler.cfg
     x0 = images * 2 - 1
     b, dev, shape = len(x0), x0.device, x0.shape[1:]
-    rows = rows or slice(0, b)
-    n = max(rows.stop, b)
+    n, rows = dist.rank_rows(b, rank, world)
     t = torch.randint(0, cfg.num_train_timesteps, (n,), generator=generator)[rows]
     level = torch.randint(0, cfg.max_noise_level + 1, (n,), generator=generator)[rows]
     noise = torch.randn(n, *shape, generator=generator)[rows]
@@ -196,12 +197,11 @@ def train(
             return clip.text_embeds(*clip.encode_text(captions, truncate=True))
 
     def loss(batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        b = len(batch["image"])  # one draw for the global batch, sliced by rank
         g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + micro)
-        rows = slice(info.rank * b, (info.rank + 1) * b)
         text = text_of(batch["caption"])
         with autocast_context(info.device, cfg.run.precision, cpu_auto=True):
-            value = upsampler_loss(wrapped, upsampler, ddpm, batch["image"], text, g, rows)
+            value = upsampler_loss(wrapped, upsampler, ddpm, batch["image"], text, g, info.rank,
+                                   info.world)  # fmt: skip
         return value, {"mse": value.detach()}
 
     def evaluate_split(final: bool) -> dict[str, float]:

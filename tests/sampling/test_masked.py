@@ -131,8 +131,10 @@ def test_training_masks_follow_the_cosine_share_and_the_global_draw():
         whole[masked], torch.full_like(whole[masked], IV)
     )
     assert torch.equal(whole[~masked], image[~masked])
-    half, m2 = mask_codes(image[4:], IV, torch.Generator().manual_seed(5), slice(4, 8))
-    assert torch.equal(half, whole[4:]) and torch.equal(m2, masked[4:])  # rank 1 of 2
+    for rank in (0, 1):  # each of 2 ranks draws its rows of the global batch's draw
+        rows = slice(4 * rank, 4 * rank + 4)
+        half, m2 = mask_codes(image[rows], IV, torch.Generator().manual_seed(5), rank, 2)
+        assert torch.equal(half, whole[rows]) and torch.equal(m2, masked[rows]), rank
     logits = torch.randn(8, H * W, IV)
     loss, parts = masked_loss(logits, image, masked)
     ce = torch.nn.functional.cross_entropy(logits[masked], image[masked])

@@ -164,3 +164,20 @@ def test_shards_without_clip_embeddings_are_refused(tmp_path, clip_dir):
                       _args((train, ""), clip_dir, tmp_path / "run"))  # fmt: skip
     with pytest.raises(ValueError, match="carry no CLIP embeddings"):
         prior_recipe.train(cfg)
+
+
+def test_each_rank_draws_its_rows_of_the_global_batch():
+    """The mean of 2 ranks' losses on their halves is the one process's loss on the whole batch:
+    the same timesteps, noise and caption drops per row."""
+    torch.manual_seed(0)
+    img, txt = _pairs(8, seed=3)
+    prior = DiffusionPrior(PriorConfig(embed_dim=D, width=32, heads=2, layers=1)).eval()
+    ddpm = train_scheduler(prior.cfg)
+    with torch.no_grad():
+        whole = diffusion_loss(prior, prior, ddpm, img, txt, 0.5, torch.Generator().manual_seed(7))
+        halves = [
+            diffusion_loss(prior, prior, ddpm, img[4 * r : 4 * r + 4], txt[4 * r : 4 * r + 4],
+                           0.5, torch.Generator().manual_seed(7), r, 2)
+            for r in (0, 1)
+        ]  # fmt: skip
+    assert torch.allclose(whole, sum(halves) / 2, atol=1e-6)

@@ -115,3 +115,21 @@ def test_upsample_eval_tool_compares_with_plain_resizing(tmp_path, shapes_shards
         assert rows["bicubic"]["psnr"] > 15 and rows["upsampler steps=2"]["ms_per_image"] > 0
     grid = Image.open(tmp_path / "out" / "upsample.png")
     assert grid.size[1] > 5 * 32  # five rows: small, bicubic, Lanczos, upsampler, truth
+
+
+def test_each_rank_draws_its_rows_of_the_global_batch():
+    """The loss of each of 2 ranks' halves, averaged, is the one process's loss on the whole
+    batch: the same timesteps, levels and noise per row (DDP and resume draw alike)."""
+    torch.manual_seed(0)
+    up = Upsampler(UpsamplerConfig(low_size=8, channels=[8, 16], norm_groups=4,
+                                   mid_attention=False)).eval()  # fmt: skip
+    ddpm = train_scheduler(up.cfg)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = upsampler_loss(up, up, ddpm, x, None, torch.Generator().manual_seed(7))
+        halves = [
+            upsampler_loss(up, up, ddpm, x[2 * r : 2 * r + 2], None,
+                           torch.Generator().manual_seed(7), r, 2)
+            for r in (0, 1)
+        ]  # fmt: skip
+    assert torch.allclose(whole, sum(halves) / 2, atol=1e-6)
