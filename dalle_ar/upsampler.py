@@ -18,7 +18,7 @@ where v-prediction (Salimans & Ho 2022) was at 29.9 dB after 689, its pictures s
 
     up = Upsampler(UpsamplerConfig(low_size=32, scale=2))
     cond = up.condition(low, noise_level, aug_noise)  # (B, 3, 64, 64): upsampled, augmented
-    v = up(x_t, t, cond, noise_level)                  # (B, 3, 64, 64)
+    x0 = up(x_t, t, cond, noise_level)                 # (B, 3, 64, 64): the clean image
     upsample_images(...)                               # dalle_ar.sampling.diffusion: the loop
 """
 
@@ -50,7 +50,9 @@ class UpsamplerConfig:
     channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128])  # per level
     layers_per_block: int = 1  # ResNet blocks per level
     norm_groups: int = 8  # GroupNorm groups (must divide every channel count)
-    mid_attention: bool = True  # self-attention at the lowest resolution
+    # self-attention in the lowest resolution's down and up blocks (diffusers' AttnDownBlock2D /
+    # AttnUpBlock2D), and a middle ResNet block there
+    mid_attention: bool = True
     num_train_timesteps: int = 1000  # diffusion steps of the training schedule
     beta_schedule: str = "squaredcos_cap_v2"  # Nichol & Dhariwal 2021's cosine
     prediction_type: str = "sample"  # x0-prediction; or "v_prediction", "epsilon"
@@ -101,12 +103,16 @@ class Upsampler(nn.Module):
         self.cfg = cfg
         levels = len(cfg.channels)
         caption = cfg.caption_dim > 0
+
+        def low_block(kind: str) -> str:  # the lowest level's block, with attention or not
+            return f"Attn{kind}Block2D" if cfg.mid_attention else f"{kind}Block2D"
+
         self.net = UNet2DConditionModel(
             sample_size=cfg.high_size,
             in_channels=6,  # the noisy image and the upsampled small one
             out_channels=3,
-            down_block_types=("DownBlock2D",) * levels,
-            up_block_types=("UpBlock2D",) * levels,
+            down_block_types=("DownBlock2D",) * (levels - 1) + (low_block("Down"),),
+            up_block_types=(low_block("Up"),) + ("UpBlock2D",) * (levels - 1),
             mid_block_type="UNetMidBlock2D" if cfg.mid_attention else None,
             block_out_channels=tuple(cfg.channels),
             layers_per_block=cfg.layers_per_block,
@@ -115,7 +121,7 @@ class Upsampler(nn.Module):
             addition_embed_type="text" if caption else None,  # the pooled caption embedding
             cross_attention_dim=cfg.caption_dim if caption else cfg.channels[-1],
             addition_embed_type_num_heads=1,
-            attention_head_dim=cfg.channels[-1],  # one head in the mid-block attention
+            attention_head_dim=cfg.channels[-1],  # one head in the lowest level's attention
         )
 
     def forward(
@@ -152,10 +158,7 @@ class Upsampler(nn.Module):
         [-1, 1] upsampled (bicubic, clamped to [-1, 1]) and noised to `noise_level` (B,) of the
         training schedule with `noise` (B, 3, H, W). ValueError for a small image of another
         size."""
-        h = self.cfg.low_size
-        if low.ndim != 4 or low.shape[1:] != (3, h, h):
-            raise ValueError(f"the upsampler takes {h}x{h} RGB images (B, 3, {h}, {h}), got "
-                             f"{tuple(low.shape)}")  # fmt: skip
+        check_small(self.cfg, tuple(low.shape))
         up = F.interpolate(low, scale_factor=self.cfg.scale, mode="bicubic", align_corners=False)
         return train_scheduler(self.cfg).add_noise(up.clamp(-1, 1), noise, noise_level)
 
@@ -167,6 +170,15 @@ class Upsampler(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         save_pretrained(self, self.cfg, path, COMPONENT)
+
+
+def check_small(cfg: UpsamplerConfig, shape: tuple[int, ...]) -> None:
+    """ValueError unless `shape` is a batch of the upsampler's small RGB pictures
+    (B, 3, low_size, low_size)."""
+    h = cfg.low_size
+    if len(shape) != 4 or tuple(shape[1:]) != (3, h, h):
+        raise ValueError(f"the upsampler takes {h}x{h} RGB images (B, 3, {h}, {h}), got a batch "
+                         f"of shape {tuple(shape)}")  # fmt: skip
 
 
 def downscale(images: torch.Tensor, size: int) -> torch.Tensor:

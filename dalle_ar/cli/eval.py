@@ -37,6 +37,7 @@ from dalle_ar.sampling.settings import (
     UpsampleSampling,
     add_arguments,
     from_args,
+    upsample_from_args,
 )
 
 
@@ -94,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         **(from_args(args, PriorSampling) if args.mode == "prior" else {}),
         **(from_args(args, MaskedSampling, skip=MASKED_SHARED) if args.mode == "masked" else {}),
         "mode": args.mode,
-        **({"upsample": True, **from_args(args, UpsampleSampling)} if args.upsample else {}),
     }
     try:
+        settings.update(upsample_from_args(args))
         if args.num < 1:
             raise ValueError(f"--num must be >= 1, got {args.num}")
         RerankSettings(candidates=args.candidates).validate()

@@ -55,6 +55,7 @@ each other stop with a message and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -75,6 +76,7 @@ from dalle_ar.sampling.settings import (
     add_arguments,
     from_args,
     names,
+    upsample_from_args,
 )
 
 log = logging.getLogger(__name__)
@@ -200,7 +202,7 @@ def _sample(args: argparse.Namespace) -> int:
         **from_args(args, ARSampling),
         **from_args(args, RerankSettings),
         **from_args(args, PriorSampling),
-        **_upsample_kw(args),
+        **upsample_from_args(args),
     )
     _write(args, out, len(prompts))
     return 0
@@ -215,7 +217,7 @@ def _masked(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> int:
     if extra:
         raise ValueError(f"--mode masked takes no {sorted(extra)} (autoregressive settings)")
     kw = {**ar, **from_args(args, MaskedSampling, skip=MASKED_SHARED),
-          **from_args(args, RerankSettings), **_upsample_kw(args)}  # fmt: skip
+          **from_args(args, RerankSettings), **upsample_from_args(args)}  # fmt: skip
     common = dict(num_samples=args.num, seed=args.seed, batch_size=args.batch_size,
                   memory_mb=args.memory_mb, progress=True, **kw)  # fmt: skip
     if args.init:
@@ -243,7 +245,7 @@ def _variations(args: argparse.Namespace) -> int:
     pics = [Image.open(f).convert("RGB") for f in args.variations]
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     settings = {**from_args(args, ARSampling), **from_args(args, RerankSettings),
-                **_upsample_kw(args)}  # fmt: skip
+                **upsample_from_args(args)}  # fmt: skip
     out = pipe.variations(pics, num_samples=args.num, seed=args.seed,
                           batch_size=args.batch_size, memory_mb=args.memory_mb, progress=True,
                           **settings)  # fmt: skip
@@ -253,36 +255,38 @@ def _variations(args: argparse.Namespace) -> int:
     return 0
 
 
-def _upsample_kw(args: argparse.Namespace) -> dict[str, Any]:
-    """The cascade's keyword arguments of a generation call; ValueError for upsampling settings
-    without --upsample."""
-    given = from_args(args, UpsampleSampling)
-    if given and not args.upsample:
-        raise ValueError(f"{sorted(given)} set how to upsample: add --upsample")
-    return {"upsample": True, **given} if args.upsample else {}
-
-
 def _upsample_images(args: argparse.Namespace) -> int:
-    """--upsample-images: the given pictures upsampled, each saved under its own name."""
+    """--upsample-images: the given pictures upsampled (picture i with seed --seed + i; prompts,
+    one per picture, for an upsampler that reads captions), saved as III_STEM.png with
+    upsampled.json recording each one's source, seed and settings."""
     from PIL import Image
 
     from dalle_ar.pipelines import Pipeline
 
-    if args.prompts or args.prompts_file or args.variations or args.upsample:
-        raise ValueError("--upsample-images takes pictures alone (no prompts, --variations or "
-                         "--upsample)")  # fmt: skip
+    if args.variations or args.upsample:
+        raise ValueError("--upsample-images takes pictures (and, for an upsampler that reads "
+                         "captions, one prompt each), not --variations or --upsample")  # fmt: skip
     missing = [f for f in args.upsample_images if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"--upsample-images: no such picture {missing}")
+    prompts = _read_prompts(args) if (args.prompts or args.prompts_file) else None
     pics = [Image.open(f).convert("RGB") for f in args.upsample_images]
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     seeds = [args.seed + i for i in range(len(pics))]
-    big = pipe.upsample(pics, seeds, progress=True, **from_args(args, UpsampleSampling))
+    settings = from_args(args, UpsampleSampling)
+    big = pipe.upsample(pics, seeds, prompts, progress=True, **settings)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
-    for f, im in zip(args.upsample_images, big):
-        im.save(folder / f"{Path(f).stem}.png")
-    print(f"wrote {len(big)} upsampled pictures to {folder}")
+    records = []
+    for i, (f, im) in enumerate(zip(args.upsample_images, big)):
+        name = f"{i:03d}_{Path(f).stem}.png"
+        im.save(folder / name)
+        records.append({"file": name, "source": str(Path(f).resolve()), "seed": seeds[i],
+                        "prompt": None if prompts is None else prompts[i]})  # fmt: skip
+    settings = {**dataclasses.asdict(pipe.defaults["upsample"]), **settings}
+    doc = {"model": str(Path(args.model).resolve()), "settings": settings, "pictures": records}
+    write_json_atomic(folder / "upsampled.json", doc)
+    print(f"wrote {len(big)} upsampled pictures and upsampled.json to {folder}")
     return 0
 
 
@@ -291,9 +295,13 @@ def _write(args: argparse.Namespace, out: Any, n_prompts: int) -> None:
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     records = []
+    if out.small_images:  # the cascade: the small pictures too
+        (folder / "small").mkdir(exist_ok=True)
     for i, (img, meta) in enumerate(zip(out.images, out.samples)):
         name = f"{meta['prompt_index']:03d}_{meta['sample_index']:02d}.png"
         img.save(folder / name)
+        if out.small_images:
+            out.small_images[i].save(folder / "small" / name)
         records.append({"index": i, "file": name, **meta})
     for p, grid in enumerate(prompt_grids(out)):
         grid.save(folder / f"grid_{p:03d}.png")
@@ -342,7 +350,8 @@ def _regenerate(args: argparse.Namespace) -> int:
         # drawn with the settings and primed codes of its sample, which kept `keep` of them
         kept = next(s for s in samples if s["prompt_index"] == c["prompt_index"]
                     and s["sample_index"] // s.get("keep", 1) == c["sample"])  # fmt: skip
-        chosen = [{**kept, "seed": c["seed"], "index": -1,
+        # as it was scored: small (the cascade upsamples only the kept ones)
+        chosen = [{**kept, "seed": c["seed"], "index": -1, "upsample": False,
                    "file": f"candidate_{args.candidate:04d}.png"}]  # fmt: skip
     from dalle_ar.pipelines import Pipeline
 

@@ -15,6 +15,7 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+FLAT = 1e-3  # the least mean gradient magnitude a truth counts as (a flat picture has 0)
 PSNR_CAP = 100.0  # dB: a mean squared error of 1e-10 of the peak; exact copies count as this
 
 
@@ -23,7 +24,8 @@ def image_metrics(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Te
     "psnr" in dB (Peak Signal-to-Noise Ratio, peak 1; at most PSNR_CAP, so that a mean over
     images stays finite where one is copied exactly), "ssim" (Wang et al. 2004, Gaussian window
     11, sigma 1.5) and "sharpness", the mean gradient magnitude of pred over that of truth (1 =
-    as sharp as the truth; < 1 blurrier, > 1 harsher). ValueError for shapes that differ."""
+    as sharp as the truth; < 1 blurrier, > 1 harsher; a flat truth counts as FLAT). ValueError
+    for shapes that differ."""
     if pred.shape != truth.shape or pred.ndim != 4:
         raise ValueError(f"expected two (N, 3, H, W) batches of one shape, got "
                          f"{tuple(pred.shape)} and {tuple(truth.shape)}")  # fmt: skip
@@ -31,7 +33,7 @@ def image_metrics(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Te
     psnr = peak_signal_noise_ratio(pred, truth, data_range=1.0, reduction="none", dim=(1, 2, 3))
     psnr = psnr.clamp(max=PSNR_CAP)  # an exact copy is infinitely good: counted as PSNR_CAP
     ssim = structural_similarity_index_measure(pred, truth, data_range=1.0, reduction="none")
-    sharp = gradient_magnitude(pred) / gradient_magnitude(truth).clamp_min(1e-12)
+    sharp = gradient_magnitude(pred) / gradient_magnitude(truth).clamp_min(FLAT)
     return {"psnr": psnr.float(), "ssim": ssim.float(), "sharpness": sharp.float()}
 
 

@@ -17,6 +17,6 @@ class DataSet:
     prompts: list[str]  # the sample grid's default prompts
     build: Callable[[Any, Path], None]  # (main job config, out folder) -> shards + info.json
     evaluate: Callable[[Any, Any], dict[str, Any]]  # (pipeline, main job config) -> JSON report
-    # (main job config, out folder) -> shards of the same kind of pictures at the upsampler's
-    # large size (+ info.json); None: the data set has no cascade stage
-    build_large: Callable[[Any, Path], None] | None = None
+    # (main job config, out folder, side in pixels) -> shards of the same kind of pictures at the
+    # upsampler's large size (+ info.json); None: the data set has no cascade stage
+    build_large: Callable[[Any, Path, int], None] | None = None

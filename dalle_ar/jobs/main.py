@@ -236,7 +236,7 @@ def stage_upsampler(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     upsampler.train(rcfg, resume=has_checkpoint(p.upsampler_run))
 
 
-def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
+def stage_pipeline(cfg: MainJobConfig, p: Paths, cascade: bool) -> None:
     from dalle_ar.pipelines import assemble
 
     # The folder's defaults are the job's sampling settings and rerank weight; its candidates
@@ -249,7 +249,7 @@ def stage_pipeline(cfg: MainJobConfig, p: Paths) -> None:
              clip=p.clip if cfg.clip else None,
              prior=p.prior if cfg.with_prior else None,
              masked=p.masked if cfg.masked else None,
-             upsampler=p.upsampler if cfg.upsampler else None)  # fmt: skip
+             upsampler=p.upsampler if cascade else None)  # fmt: skip
 
 
 def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
@@ -279,6 +279,22 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
                       masked_settings=cfg.masked_sampling, rerank=cfg.rerank)  # fmt: skip
         report["grid_masked"] = str(save_prompt_grid(result, p.samples / "grid_masked.png"))
     p.fidelity.write_text(json.dumps(report, indent=2))
+
+
+def _large_size(yaml: dict[str, Path]) -> int:
+    """The upsampler's large size (its config's low_size * scale), after checking that its small
+    size is the VQ's image size (what the generators draw): ConfigError naming both files."""
+    from dalle_ar.train.upsampler import UpsamplerRecipeConfig
+    from dalle_ar.train.vq import VQRecipeConfig
+
+    shards = ["data.train=shards.tar"]  # the stages give theirs; only the sizes are read here
+    up = load_config(UpsamplerRecipeConfig, yaml["upsampler"], shards).model
+    vq = load_config(VQRecipeConfig, yaml["vq"], shards).model
+    if up.low_size != vq.image_size:
+        raise ConfigError(f"config key 'model.low_size': {yaml['upsampler']} upsamples "
+                          f"{up.low_size}-px pictures, {yaml['vq']} draws {vq.image_size}-px "
+                          "ones: expected equal")  # fmt: skip
+    return up.high_size
 
 
 def _complete(folder: Path) -> bool:
@@ -316,12 +332,13 @@ def run_stages(cfg: MainJobConfig) -> dict:
         yaml.pop("prior", None)
     if not cfg.masked:
         yaml.pop("masked", None)
-    cascade = cfg.upsampler and data.build_large is not None
+    cascade = cfg.upsampler and data.build_large is not None  # the one place that decides
     if not cascade:
         yaml.pop("upsampler", None)
     missing = [str(f) for f in yaml.values() if not f.is_file()]
     if missing:
         raise ConfigError(f"config key 'config_dir': no component configs {missing}")
+    large = _large_size(yaml) if cascade else 0  # checked before any work
     p.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, p.out / "main_job.yaml")
     # (name, needs, done, run, outputs): once a stage runs, every stage that needs it was made
@@ -341,7 +358,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
                     [p.masked_run])  # fmt: skip
     cascade_stages = [
         ("data_large", set(), lambda: (p.data_large / "info.json").is_file(),
-         lambda: data.build_large(cfg, p.data_large), [p.data_large]),
+         lambda: data.build_large(cfg, p.data_large, large), [p.data_large]),
         ("upsampler", {"data_large"}, lambda: _trained(p.upsampler_run, p.upsampler),
          lambda: stage_upsampler(cfg, p, yaml["upsampler"]), [p.upsampler_run]),
     ]  # fmt: skip
@@ -362,7 +379,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
         *([masked_stage] if cfg.masked else []),
         *(cascade_stages if cascade else []),
         ("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior", "masked", "upsampler"},
-         lambda: (p.pipeline / "pipeline.json").is_file(), lambda: stage_pipeline(cfg, p),
+         lambda: (p.pipeline / "pipeline.json").is_file(), lambda: stage_pipeline(cfg, p, cascade),
          [p.pipeline]),
         ("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
          lambda: stage_samples(cfg, p, data), [p.samples, p.fidelity]),
@@ -447,7 +464,11 @@ def main(argv: list[str]) -> int:
         print(f"dalle-ar pipeline: {e}")
         return 2
     logging.getLogger().setLevel(logging.WARNING)
-    summary = run_stages(cfg)
+    try:
+        summary = run_stages(cfg)
+    except ConfigError as e:  # a component config that does not fit: before its stage's work
+        print(f"dalle-ar pipeline: {e}")
+        return 2
     fid = summary.get("fidelity")
     if fid:
         print(json.dumps(fid.get("summary", fid), indent=2))

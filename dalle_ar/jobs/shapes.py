@@ -34,13 +34,13 @@ def build(cfg: MainJobConfig, out: Path) -> None:
     data.build("shapes", out, data.options("shapes", out=out, **opts))
 
 
-def build_large(cfg: MainJobConfig, out: Path) -> None:
-    """The upsampler's shards: `cfg.upsampler_images` scenes rendered at twice the size, and as
-    many evaluation scenes as the small data set has (the same seed: the same first scenes)."""
+def build_large(cfg: MainJobConfig, out: Path, size: int) -> None:
+    """The upsampler's shards: `cfg.upsampler_images` scenes rendered at `size` pixels (the
+    upsampler's large size), and as many evaluation scenes as the small data set has (the same
+    seed: the same first scenes)."""
     from dalle_ar.data import build as data
 
-    opts = dict(num_train=cfg.upsampler_images, num_eval=cfg.num_eval, seed=cfg.seed,
-                size=2 * SIZE)  # fmt: skip
+    opts = dict(num_train=cfg.upsampler_images, num_eval=cfg.num_eval, seed=cfg.seed, size=size)
     data.build("shapes", out, data.options("shapes", out=out, **opts))
 
 

@@ -272,7 +272,7 @@ class ARPipeline(Pipeline):
         one_kw, pr_kw, rr_kw, up_kw = split_overrides(overrides, first, PriorSampling,
                                                       RerankSettings, UpsampleSampling)  # fmt: skip
         us = resolve(upsample_settings or self.defaults["upsample"], **up_kw)
-        self.check_upsample(upsample, prompts)
+        self.check_upsample(upsample, prompts, us)
         s = resolve(settings or self.defaults["ar"], **({} if mode == "masked" else one_kw))
         ms = resolve(masked_settings or self.defaults["masked"],
                      **(one_kw if mode == "masked" else {}))  # fmt: skip
@@ -690,8 +690,10 @@ def assemble(
     if upsampler is not None:
         srcs["upsampler"] = Path(upsampler)
         f = vq_cfg.downsample
-        check_upsampler((tf_cfg.grid_h * f, tf_cfg.grid_w * f), read_upsampler_config(upsampler),
-                        None if clip is None else CLIP.from_pretrained(clip))  # fmt: skip
+        up_cfg = read_upsampler_config(upsampler)
+        reads_captions = clip is not None and up_cfg.caption_dim > 0  # only then is the CLIP read
+        check_upsampler((tf_cfg.grid_h * f, tf_cfg.grid_w * f), up_cfg,
+                        CLIP.from_pretrained(clip) if reads_captions else None)  # fmt: skip
     settings = ARPipeline._defaults(defaults)
     classes = {**AR_COMPONENTS, "clip": CLIP.__name__, "prior": DiffusionPrior.__name__,
                "masked": Transformer.__name__, "upsampler": Upsampler.__name__}  # fmt: skip

@@ -25,7 +25,7 @@ from dalle_ar.pipelines.folder import library_of, load_component, read_folder, w
 from dalle_ar.prompts import split_prompt
 from dalle_ar.rerank import keep_best
 from dalle_ar.runtime import sample_seeds
-from dalle_ar.sampling.diffusion import upsample_images
+from dalle_ar.sampling.diffusion import check_upsample_settings, upsample_images
 from dalle_ar.sampling.settings import (
     RerankSettings,
     UpsampleSampling,
@@ -173,9 +173,15 @@ class Pipeline:
         return out
 
     # -- the cascade -----------------------------------------------------------------------
-    def check_upsample(self, upsample: bool, prompts: Sequence[str] | None = None) -> None:
+    def check_upsample(
+        self,
+        upsample: bool,
+        prompts: Sequence[str] | None = None,
+        settings: UpsampleSampling | None = None,
+    ) -> None:
         """Before any drawing: ValueError when `upsample` is asked of a pipeline without the
-        upsampler component, or of a caption-reading upsampler without prompts or a CLIP."""
+        upsampler component, of a caption-reading upsampler without prompts or a CLIP, or with
+        settings the upsampler's schedule cannot take (`check_upsample_settings`)."""
         if not upsample:
             return
         up = self.components.get("upsampler")
@@ -185,6 +191,7 @@ class Pipeline:
         if up.cfg.caption_dim and (prompts is None or "clip" not in self.components):
             raise ValueError("this upsampler reads the caption: it needs the prompts and the "
                              "pipeline's clip component")  # fmt: skip
+        check_upsample_settings(up.cfg, settings)
 
     @torch.inference_mode()
     def upsample(
@@ -206,9 +213,9 @@ class Pipeline:
         (`upsample_steps=25`, `noise_level=0`). Returns PIL images of side low_size * scale.
         ValueError for pictures of another size, counts that differ, or what `check_upsample`
         refuses."""
-        self.check_upsample(True, prompts)
-        up = self.components["upsampler"]
         s = resolve(settings or self.defaults.get("upsample") or UpsampleSampling(), **overrides)
+        self.check_upsample(True, prompts, s)
+        up = self.components["upsampler"]
         arr = to_uint8(images)  # (N, h, w, 3); refuses pictures of mixed sizes
         n, h, w, _ = arr.shape
         size = up.cfg.low_size

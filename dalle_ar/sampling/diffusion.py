@@ -23,6 +23,7 @@ batched convolutions in the upsampler).
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +33,8 @@ from dalle_ar import upsampler as up
 from dalle_ar.prior import DiffusionPrior, sample_scheduler
 from dalle_ar.runtime import sample_generator
 from dalle_ar.sampling.settings import PriorSampling, UpsampleSampling
+
+log = logging.getLogger(__name__)
 
 
 def guided_x0(
@@ -94,6 +97,25 @@ def sample_prior(
     return emb[torch.arange(n, device=device), best]
 
 
+def check_upsample_settings(
+    cfg: up.UpsamplerConfig, settings: UpsampleSampling | None
+) -> UpsampleSampling:
+    """The settings (default `UpsampleSampling()`), checked against the upsampler's training
+    schedule before any work: ValueError for an impossible field, more steps than training
+    timesteps or a noise level past them; a warning for a level past the training range
+    (`max_noise_level`)."""
+    settings = settings or UpsampleSampling()
+    settings.validate()
+    steps, level, T = settings.upsample_steps, settings.noise_level, cfg.num_train_timesteps
+    if steps > T or level >= T:
+        raise ValueError(f"upsample_steps={steps} and noise_level={level} must fit the "
+                         f"upsampler's {T} training timesteps")  # fmt: skip
+    if level > cfg.max_noise_level:
+        log.warning("noise_level=%d is past the levels the upsampler was trained on (up to %d)",
+                    level, cfg.max_noise_level)  # fmt: skip
+    return settings
+
+
 def check_unit(embeds: torch.Tensor, message: str) -> None:
     """ValueError "{message}, got norms in [lo, hi]" unless every row of embeds (N, D) is a unit
     vector (to 1e-3), as CLIP embeddings are where the prior and the transformer meet them."""
@@ -150,20 +172,17 @@ def upsample_images(
     ValueError for small images of another size, a seed count other than N, text the upsampler
     does not take (or lacks), or impossible settings (`UpsampleSampling.validate`, a noise level
     or step count past the upsampler's training schedule)."""
-    settings = settings or UpsampleSampling()
-    settings.validate()
     cfg = upsampler.cfg
+    settings = check_upsample_settings(cfg, settings)
     n, s = len(low), cfg.high_size
-    if low.ndim != 4 or low.shape[1:] != (3, cfg.low_size, cfg.low_size):
-        raise ValueError(f"the upsampler takes {cfg.low_size}x{cfg.low_size} RGB images, got a "
-                         f"batch of shape {tuple(low.shape)}")  # fmt: skip
+    up.check_small(cfg, tuple(low.shape))
     if len(seeds) != n:
         raise ValueError(f"expected one seed per image ({n}), got {len(seeds)}")
-    steps, level, T = settings.upsample_steps, settings.noise_level, cfg.num_train_timesteps
-    if steps > T or level >= T:
-        raise ValueError(f"upsample_steps={steps} and noise_level={level} must fit the "
-                         f"upsampler's {T} training timesteps")  # fmt: skip
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if text is not None:
+        if len(text) != n:
+            raise ValueError(f"expected one caption embedding per image ({n}), got {len(text)}")
         check_unit(text, "expected unit CLIP text embeddings")
     device = next(upsampler.parameters()).device
     out = torch.empty(n, 3, s, s)

@@ -180,3 +180,13 @@ def test_one_sampling_key_keeps_the_jobs_other_sampling_values():
     assert (cfg.sampling.guidance_scale, cfg.sampling.temperature, cfg.sampling.part_scale) == (
         2.0, 0.5, 0.5)  # fmt: skip
     assert (cfg.rerank.candidates, cfg.rerank.rerank_weight) == (16, 0.5)
+
+
+def test_an_upsampler_of_another_size_than_the_vq_is_refused_first(tmp_path, capsys):
+    configs = _toy_configs(tmp_path / "configs")
+    up = yaml.safe_load((configs / "upsampler.yaml").read_text())
+    up["model"]["low_size"], up["data"]["image_size"] = 16, 32
+    (configs / "upsampler.yaml").write_text(yaml.safe_dump(up))
+    out = tmp_path / "main"
+    assert main_job([f"out_dir={out}", f"config_dir={configs}", "wandb=disabled"]) == 2
+    assert "upsamples 16-px pictures" in capsys.readouterr().out and not out.exists()

@@ -59,7 +59,7 @@ def test_ddim_with_the_true_prediction_lands_on_x0(prediction, steps):
         pred = {"v_prediction": a * eps - s * x0, "epsilon": eps, "sample": x0}[prediction]
         x = ddim.step(pred, t, x).prev_sample
     # epsilon-prediction divides by sqrt(alpha_bar) ~ 0.006 at the first trailing timestep, so
-    # float32 rounding grows there (why the upsampler predicts v)
+    # float32 rounding grows there (why the upsampler predicts x0, or v)
     tol = 1e-2 if prediction == "epsilon" else 1e-4
     assert torch.allclose(x, x0, atol=tol), (x - x0).abs().max()
 
@@ -107,8 +107,8 @@ def test_caption_conditioning_reads_the_text():
 def test_wrong_input_is_refused_by_name():
     up = _upsampler()
     s = UpsampleSampling(upsample_steps=2)
-    with pytest.raises(ValueError, match=r"takes 8x8 RGB images, got a batch of shape "
-                                         r"\(1, 3, 16, 16\)"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"takes 8x8 RGB images \(B, 3, 8, 8\), got a "
+                                         r"batch of shape \(1, 3, 16, 16\)"):  # fmt: skip
         upsample_images(up, _low(1, 0, size=16), s, [0])
     with pytest.raises(ValueError, match=r"one seed per image \(2\), got 1"):
         upsample_images(up, _low(2, 0), s, [0])
@@ -144,3 +144,11 @@ def test_downscale_is_a_box_filter_in_8_bits():
     assert small.shape == (2, 3, 8, 8)
     assert torch.allclose(small, box, atol=0.5 / 255 + 1e-6)
     assert torch.equal(small * 255, (small * 255).round())
+
+
+def test_mid_attention_adds_self_attention_at_the_lowest_resolution():
+    def attentions(flag: bool) -> int:
+        up = Upsampler(_cfg(mid_attention=flag))
+        return sum(type(m).__name__ == "Attention" for m in up.modules())
+
+    assert attentions(False) == 0 and attentions(True) >= 2  # the down and the up block

@@ -101,12 +101,14 @@ def test_upsample_takes_a_users_own_pictures(pipe):
         pipe.upsample(pics, seeds=[0])
 
 
-def test_what_does_not_fit_is_refused_before_drawing(parts, tmp_path):
+def test_what_does_not_fit_is_refused_before_drawing(parts, pipe, tmp_path):
     plain = Pipeline.from_pretrained(
         assemble(tmp_path / "plain", parts["text_tokenizer"], parts["vq"], parts["transformer"])
     )
     with pytest.raises(ValueError, match="upsampling needs the upsampler component"):
         plain(PROMPTS, upsample=True)
+    with pytest.raises(ValueError, match="noise_level=5000 must fit the upsampler's 1000"):
+        pipe(PROMPTS, upsample=True, noise_level=5000)
     with pytest.raises(ValueError, match="the upsampler takes 8x8 pictures, the VQ draws 16x16"):
         assemble(tmp_path / "bad", parts["text_tokenizer"], parts["vq"], parts["transformer"],
                  upsampler=parts["upsampler_8"])  # fmt: skip
@@ -128,4 +130,10 @@ def test_cli_sample_upsample_and_regenerate(pipe_dir, tmp_path):
     Image.new("RGB", (16, 16), (20, 160, 40)).save(small)
     assert cli(["sample", "--model", str(pipe_dir), "--upsample-images", str(small),
                 "--out", str(tmp_path / "up")]) == 0  # fmt: skip
-    assert Image.open(tmp_path / "up" / "small.png").size == (32, 32)
+    assert Image.open(tmp_path / "up" / "000_small.png").size == (32, 32)
+    rec = json.loads((tmp_path / "up" / "upsampled.json").read_text())
+    assert rec["pictures"][0]["seed"] == 0 and rec["settings"]["upsample_steps"] == 3
+    assert Image.open(out / "small" / "000_01.png").size == (16, 16)  # the small ones kept too
+    # settings of the cascade without --upsample are refused, naming them
+    assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--noise-level", "3",
+                "--out", str(tmp_path / "x")]) == 2  # fmt: skip
