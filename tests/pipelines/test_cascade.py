@@ -137,3 +137,47 @@ def test_cli_sample_upsample_and_regenerate(pipe_dir, tmp_path):
     # settings of the cascade without --upsample are refused, naming them
     assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--noise-level", "3",
                 "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+
+
+def test_an_upsampler_that_reads_captions_goes_with_its_clip(parts, tmp_path):
+    from dalle_ar.clip import CLIP, CLIPSizes
+    from dalle_ar.prior import CLIPIdentity
+    from dalle_ar.text import TextTokenizer
+
+    sizes = CLIPSizes(
+        image_size=16,
+        patch_size=4,
+        vision_width=32,
+        vision_layers=1,
+        vision_heads=2,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        embed_dim=16,
+    )
+    tok = TextTokenizer.from_pretrained(parts["text_tokenizer"])
+    for seed in (0, 1):
+        CLIP.build(sizes, tok, seed=seed).save_pretrained(tmp_path / f"clip{seed}")
+    ident = CLIPIdentity.from_identity(CLIP.from_pretrained(tmp_path / "clip0").identity())
+    torch.manual_seed(0)
+    up = Upsampler(UpsamplerConfig(low_size=16, channels=[8, 16], norm_groups=4,
+                                   mid_attention=False, caption_dim=16, clip=ident))  # fmt: skip
+    with torch.no_grad():
+        for p in up.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    up.save_pretrained(tmp_path / "up")
+    base = (parts["text_tokenizer"], parts["vq"], parts["transformer"])
+    pipe = Pipeline.from_pretrained(assemble(tmp_path / "pipe", *base, clip=tmp_path / "clip0",
+                                             upsampler=tmp_path / "up"))  # fmt: skip
+    out = pipe(PROMPTS, seed=0, upsample=True, upsample_steps=2)
+    assert [im.size for im in out.images] == [(32, 32)] * 2
+    pics = out.small_images[:1] * 2
+    a, b = (pipe.upsample(pics, [3, 3], prompts, upsample_steps=2) for prompts in
+            (PROMPTS[:1] * 2, PROMPTS[1:] * 2))  # fmt: skip
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(b[0]))  # the caption conditions it
+    with pytest.raises(ValueError, match="reads the caption: it needs the prompts"):
+        pipe.upsample(pics)
+    with pytest.raises(ValueError, match="reads captions through the CLIP it was trained with"):
+        assemble(tmp_path / "p2", *base, upsampler=tmp_path / "up")
+    with pytest.raises(ValueError, match="the upsampler was trained on another CLIP"):
+        assemble(tmp_path / "p3", *base, clip=tmp_path / "clip1", upsampler=tmp_path / "up")

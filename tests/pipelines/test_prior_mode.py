@@ -189,3 +189,19 @@ def test_given_embeddings_are_checked(pipe):
         pipe(PROMPTS, embeds=good, mode="prior")
     with pytest.raises(ValueError, match="must have shape"):
         pipe(PROMPTS, embeds=good[:1])
+
+
+def test_the_prior_mode_ends_in_the_cascade_too(parts, tmp_path):
+    from dalle_ar.upsampler import Upsampler, UpsamplerConfig
+
+    torch.manual_seed(0)
+    Upsampler(UpsamplerConfig(low_size=16, channels=[8, 16], norm_groups=4,
+                              mid_attention=False)).save_pretrained(tmp_path / "up")  # fmt: skip
+    pipe = Pipeline.from_pretrained(assemble(
+        tmp_path / "pipe", parts["text_tokenizer"], parts["vq"], parts["transformer"],
+        clip=parts["clip"], prior=parts["prior"], upsampler=tmp_path / "up"))  # fmt: skip
+    out = pipe(["a red circle"], seed=0, mode="prior", prior_steps=3, upsample=True,
+               upsample_steps=2)  # fmt: skip
+    small = pipe(["a red circle"], seed=0, mode="prior", prior_steps=3)
+    assert out.images[0].size == (32, 32) and out.samples[0]["mode"] == "prior"
+    assert np.array_equal(np.asarray(out.small_images[0]), np.asarray(small.images[0]))
