@@ -181,3 +181,16 @@ def test_each_rank_draws_its_rows_of_the_global_batch():
             for r in (0, 1)
         ]  # fmt: skip
     assert torch.allclose(whole, sum(halves) / 2, atol=1e-6)
+
+
+def test_weight_decay_spares_the_priors_embeddings():
+    from dalle_ar.config import OptimConfig
+    from dalle_ar.train.common import build_optimizer
+
+    prior = DiffusionPrior(PriorConfig(embed_dim=D, width=32, heads=2, layers=1))
+    decay, no_decay = build_optimizer(prior, OptimConfig(weight_decay=0.1)).param_groups
+    ids = {id(p) for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    for name in ("positional_embedding", "prd_embedding"):  # bare parameters, not modules
+        assert id(getattr(prior.net, name)) in ids, name
+    assert id(prior.net.proj_in.weight) not in ids  # a matrix is decayed
