@@ -274,6 +274,10 @@ def _upsample_images(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     seeds = [args.seed + i for i in range(len(pics))]
     settings = from_args(args, UpsampleSampling)
+    up = pipe.components.get("upsampler")
+    if prompts is not None and up is not None and not up.cfg.caption_dim:
+        log.warning("this upsampler reads no captions: the prompts are not used")
+        prompts = None
     big = pipe.upsample(pics, seeds, prompts, progress=True, **settings)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ returns images with per-sample metadata (`dalle_ar.pipelines`); it imports none.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -89,7 +90,8 @@ def _reranked(pipe, report, pairs, k, rerankers, scale, seed, batch_size, progre
     both = len(rerankers) > 1 or "+" in rerankers[0]
     t0 = time.perf_counter()
     # scored small (the cascade's upsampling is for the kept images, not every candidate)
-    params = {**settings, "guidance_scale": scale, "candidates": k, "keep": k, "upsample": False,
+    settings = {k: v for k, v in settings.items() if k not in _upsampling(pipe)}
+    params = {**settings, "guidance_scale": scale, "candidates": k, "keep": k,
               "reranker": "clip+pmi" if both else rerankers[0]}  # fmt: skip
     out = pipe([p for p, _ in pairs], seed=seed, batch_size=batch_size, progress=progress,
                **params)  # fmt: skip
@@ -112,6 +114,13 @@ def _reranked(pipe, report, pairs, k, rerankers, scale, seed, batch_size, progre
         res.update(composed=False, candidates=k, keep=1, reranker=r, seconds=seconds,
                    any_of_k=_split_mean(any_k, held))  # fmt: skip
         _add(report, f"{scale:g} best of {k} by {r}", res, [out.images[i] for i in pick], specs)
+
+
+def _upsampling(pipe: Any) -> set[str]:
+    """The names of a pipeline's upsampling keywords: `upsample` and its "upsample" settings
+    section's fields (none for a pipeline without one)."""
+    section = getattr(pipe, "defaults", {}).get("upsample")
+    return {"upsample", *(dataclasses.asdict(section) if section is not None else ())}
 
 
 def _split_mean(flags: list[bool], held: list[bool]) -> dict[str, float | None]:

@@ -304,7 +304,9 @@ def upsample_from_args(args: argparse.Namespace) -> dict[str, Any]:
     options given without it."""
     given = from_args(args, UpsampleSampling)
     if given and not args.upsample:
-        raise ValueError(f"{sorted(given)} set how to upsample: add --upsample")
+        flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(UpsampleSampling)}
+        raise ValueError(f"{', '.join(flags[k] for k in sorted(given))} apply only with "
+                         "--upsample (or --upsample-images)")  # fmt: skip
     return {"upsample": True, **given} if args.upsample else {}
 
 

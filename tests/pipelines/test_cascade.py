@@ -109,6 +109,9 @@ def test_what_does_not_fit_is_refused_before_drawing(parts, pipe, tmp_path):
         plain(PROMPTS, upsample=True)
     with pytest.raises(ValueError, match="noise_level=5000 must fit the upsampler's 1000"):
         pipe(PROMPTS, upsample=True, noise_level=5000)
+    with pytest.raises(ValueError, match=r"upsampling settings \['noise_level'\] apply only "
+                                         "with upsample=True"):  # fmt: skip
+        pipe(PROMPTS, noise_level=3)
     with pytest.raises(ValueError, match="the upsampler takes 8x8 pictures, the VQ draws 16x16"):
         assemble(tmp_path / "bad", parts["text_tokenizer"], parts["vq"], parts["transformer"],
                  upsampler=parts["upsampler_8"])  # fmt: skip
