@@ -334,8 +334,9 @@ class ARPipeline(Pipeline):
         self, mode: str, prompts: list[str], embeds: torch.Tensor | None
     ) -> torch.Tensor | None:
         """Per prompt: the given image embeddings, the CLIP text embedding the prior starts from
-        (mode "prior"), or None (the transformer's null embedding, if it takes one). ValueError,
-        before any drawing, for an unknown mode or one this pipeline lacks a part for."""
+        (mode "prior"; zeros for an empty prompt, the prior's "no caption"), or None (the
+        transformer's null embedding, if it takes one). ValueError, before any drawing, for an
+        unknown mode or one this pipeline lacks a part for."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "masked":
@@ -370,7 +371,10 @@ class ARPipeline(Pipeline):
                 "pipeline lacks (assemble it with clip=FOLDER, prior=FOLDER)"
             )
         clip = self.components["clip"]
-        return clip.text_embeds(*clip.encode_text([split_prompt(p)[0] for p in prompts])).cpu()
+        scenes = [split_prompt(p)[0] for p in prompts]
+        text = clip.text_embeds(*clip.encode_text(scenes)).cpu()
+        empty = torch.tensor([not sc.strip() for sc in scenes])
+        return torch.where(empty[:, None], torch.zeros_like(text), text)  # the prior's "none"
 
     @torch.inference_mode()
     def variations(

@@ -58,10 +58,11 @@ def sample_prior(
     settings: PriorSampling | None = None,
     seeds: Sequence[int] = (),
 ) -> torch.Tensor:
-    """Unit CLIP image embeddings (N, D) for unit text embeddings (N, D), one per seed (N).
+    """Unit CLIP image embeddings (N, D) for unit text embeddings (N, D), one per seed (N); a
+    zero row is "no caption", the unconditional draw the prior learnt from its dropped captions.
 
-    ValueError for text embeddings of another shape or not unit, a seed count other than N, or
-    impossible settings (`PriorSampling.validate`)."""
+    ValueError for text embeddings of another shape or neither unit nor zero, a seed count
+    other than N, or impossible settings (`PriorSampling.validate`)."""
     settings = settings or PriorSampling()
     settings.validate()
     d = prior.cfg.embed_dim
@@ -71,7 +72,8 @@ def sample_prior(
     n, k = len(text_embeds), settings.embed_candidates
     if len(seeds) != n:
         raise ValueError(f"expected one seed per text embedding ({n}), got {len(seeds)}")
-    check_unit(text_embeds, "expected unit text embeddings")
+    given = text_embeds.float().norm(dim=-1) > 0  # zero rows: no caption
+    check_unit(text_embeds[given], "expected unit text embeddings (or zero rows: no caption)")
     if settings.prior_steps > prior.cfg.num_train_timesteps:
         raise ValueError(f"prior_steps={settings.prior_steps} exceeds the prior's "
                          f"{prior.cfg.num_train_timesteps} training timesteps")  # fmt: skip

@@ -82,6 +82,21 @@ def test_prior_mode_draws_from_the_priors_embedding(pipe):
     assert all(m["mode"] == "ar" for m in text_mode.samples)
 
 
+def test_an_empty_prompt_draws_the_priors_unconditional_embedding(pipe):
+    """An empty prompt is the prior's "no caption" (a zero text embedding, what it learnt from
+    its dropped captions), not CLIP's embedding of the empty string."""
+    prior = pipe.components["prior"]
+    settings = pipe.defaults["prior"].__class__(prior_steps=4)
+    out = pipe(["", PROMPTS[0]], seed=3, mode="prior", prior_steps=4)
+    none = sample_prior(prior, torch.zeros(1, D), settings, [out.samples[0]["seed"]])
+    want = pipe([""], seeds=[out.samples[0]["seed"]], embeds=none)
+    assert torch.equal(out.codes[0], want.codes[0])
+    clip = pipe.components["clip"]
+    as_text = sample_prior(prior, clip.text_embeds(*clip.encode_text([""])), settings,
+                           [out.samples[0]["seed"]])  # fmt: skip
+    assert not torch.allclose(none, as_text, atol=1e-4)  # the two are not the same
+
+
 def test_prior_mode_sample_does_not_depend_on_its_batch(pipe):
     both = pipe(PROMPTS, seed=7, mode="prior", prior_steps=3)
     alone = pipe([PROMPTS[1]], seeds=[both.samples[1]["seed"]], mode="prior", prior_steps=3)
