@@ -28,19 +28,22 @@ SIZE = 32  # pixels a side
 
 def build(cfg: MainJobConfig, out: Path) -> None:
     """Training and evaluation shards with info.json (`dalle-ar data shapes`)."""
-    from dalle_ar.data import build as data
-
-    opts = dict(num_train=cfg.num_train, num_eval=cfg.num_eval, seed=cfg.seed, size=SIZE)
-    data.build("shapes", out, data.options("shapes", out=out, **opts))
+    _render(cfg, out, cfg.num_train, SIZE)
 
 
 def build_large(cfg: MainJobConfig, out: Path, size: int) -> None:
     """The upsampler's shards: `cfg.upsampler_images` scenes rendered at `size` pixels (the
     upsampler's large size), and as many evaluation scenes as the small data set has (the same
     seed: the same first scenes)."""
+    _render(cfg, out, cfg.upsampler_images, size)
+
+
+def _render(cfg: MainJobConfig, out: Path, num_train: int, size: int) -> None:
+    """`num_train` training and `cfg.num_eval` evaluation scenes at `size` pixels, seeded with
+    `cfg.seed` (`dalle-ar data shapes`)."""
     from dalle_ar.data import build as data
 
-    opts = dict(num_train=cfg.upsampler_images, num_eval=cfg.num_eval, seed=cfg.seed, size=size)
+    opts = dict(num_train=num_train, num_eval=cfg.num_eval, seed=cfg.seed, size=size)
     data.build("shapes", out, data.options("shapes", out=out, **opts))
 
 

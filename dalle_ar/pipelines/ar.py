@@ -144,9 +144,7 @@ class ARPipeline(Pipeline):
         return self._encode_image(image)[:, :rows]
 
     def _image_size(self) -> tuple[int, int]:
-        """(H, W) of the pictures the VQ draws for the transformer's grid."""
-        f, cfg = self.vq.config.downsample, self.transformer.cfg
-        return cfg.grid_h * f, cfg.grid_w * f
+        return image_size(self.vq.config, self.transformer.cfg)
 
     def _encode_image(self, image: Any) -> torch.Tensor:
         """Codes (1, h, w) of a picture resized (bicubic) to the VQ's size."""
@@ -370,10 +368,8 @@ class ARPipeline(Pipeline):
                 f"the prior mode needs the {' and '.join(missing)} component(s), which this "
                 "pipeline lacks (assemble it with clip=FOLDER, prior=FOLDER)"
             )
-        clip = self.components["clip"]
-        scenes = [split_prompt(p)[0] for p in prompts]
-        text = clip.text_embeds(*clip.encode_text(scenes)).cpu()
-        empty = torch.tensor([not sc.strip() for sc in scenes])
+        text = self.scene_embeds(prompts).cpu()
+        empty = torch.tensor([not split_prompt(p)[0].strip() for p in prompts])
         return torch.where(empty[:, None], torch.zeros_like(text), text)  # the prior's "none"
 
     @torch.inference_mode()
@@ -635,6 +631,12 @@ def check_masked(
                          f"transformer {tf_cfg.text_len}: expected equal")  # fmt: skip
 
 
+def image_size(vq_cfg: VQConfig, tf_cfg: TransformerConfig) -> tuple[int, int]:
+    """(H, W) in pixels of the pictures the VQ draws for the transformer's grid."""
+    f = vq_cfg.downsample
+    return tf_cfg.grid_h * f, tf_cfg.grid_w * f
+
+
 def check_upsampler(size: tuple[int, int], up_cfg: UpsamplerConfig, clip: CLIP | None) -> None:
     """Refuse an upsampler whose small size is not the (H, W) `size` the VQ draws, or that reads
     captions with the embeddings of another CLIP than `clip` (or without one): ValueError naming
@@ -687,20 +689,20 @@ def assemble(
         if clip is None:
             raise ValueError("a prior needs the CLIP it was trained with: pass clip=FOLDER too")
         srcs["prior"] = Path(prior)
+    up_cfg = None if upsampler is None else read_upsampler_config(upsampler)
+    # the CLIP is loaded (once) only where a component reads its embeddings
+    reads_clip = prior is not None or tf_cfg.cond_len or (up_cfg and up_cfg.caption_dim)
+    loaded_clip = CLIP.from_pretrained(clip) if clip is not None and reads_clip else None
     if clip is not None and (prior is not None or tf_cfg.cond_len):
         loaded = None if prior is None else DiffusionPrior.from_pretrained(prior)
-        check_prior(tf_cfg, CLIP.from_pretrained(clip), loaded)
+        check_prior(tf_cfg, loaded_clip, loaded)
     if masked is not None:
         srcs["masked"] = Path(masked)
         m_cfg = read_component_config(srcs["masked"], "transformer", TransformerConfig)
         check_masked(tok.vocab_size, vq_cfg, tf_cfg, m_cfg)
     if upsampler is not None:
         srcs["upsampler"] = Path(upsampler)
-        f = vq_cfg.downsample
-        up_cfg = read_upsampler_config(upsampler)
-        reads_captions = clip is not None and up_cfg.caption_dim > 0  # only then is the CLIP read
-        check_upsampler((tf_cfg.grid_h * f, tf_cfg.grid_w * f), up_cfg,
-                        CLIP.from_pretrained(clip) if reads_captions else None)  # fmt: skip
+        check_upsampler(image_size(vq_cfg, tf_cfg), up_cfg, loaded_clip)
     settings = ARPipeline._defaults(defaults)
     classes = {**AR_COMPONENTS, "clip": CLIP.__name__, "prior": DiffusionPrior.__name__,
                "masked": Transformer.__name__, "upsampler": Upsampler.__name__}  # fmt: skip

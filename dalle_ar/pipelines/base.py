@@ -229,18 +229,10 @@ class Pipeline:
         if up.cfg.caption_dim:
             if len(prompts) != n:
                 raise ValueError(f"one prompt per picture: {n} pictures, {len(prompts)} prompts")
-            clip = self.components["clip"]
-            scenes = [split_prompt(p)[0] for p in prompts]
-            text = clip.text_embeds(*clip.encode_text(scenes, truncate=True))
+            text = self.scene_embeds(prompts, truncate=True)
         low = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255).mul(2).sub(1)
-        out = []
-        for i in tqdm(range(0, n, batch_size), desc="upsample", unit="batch",
-                      disable=not progress):  # fmt: skip
-            rows = slice(i, i + batch_size)
-            big = upsample_images(up, low[rows], s, seeds[rows],
-                                  None if text is None else text[rows], batch_size)  # fmt: skip
-            out += [Image.fromarray(a) for a in to_uint8(big.add(1).div(2))]
-        return out
+        big = upsample_images(up, low, s, seeds, text, batch_size, progress)
+        return [Image.fromarray(a) for a in to_uint8(big.add(1).div(2))]
 
     def _upsampled(
         self, out: PipelineOutput, settings: UpsampleSampling, progress: bool
@@ -284,8 +276,16 @@ class Pipeline:
                     f"{self.mode} pipeline lacks (assemble it with clip=FOLDER, or use "
                     "reranker='pmi')"
                 )
-            return clip.text_embeds(*clip.encode_text([split_prompt(p)[0] for p in prompts]))
+            return self.scene_embeds(prompts)
         return None
+
+    def scene_embeds(self, prompts: Sequence[str], truncate: bool = False) -> torch.Tensor:
+        """Unit CLIP text embeddings (N, D), float32, of each prompt's scene caption (a composed
+        prompt's first part, `split_prompt`), by the clip component; `truncate`: cut captions
+        longer than the CLIP reads instead of refusing them (ValueError)."""
+        clip = self.components["clip"]
+        scenes = [split_prompt(p)[0] for p in prompts]
+        return clip.text_embeds(*clip.encode_text(scenes, truncate=truncate))
 
     def clip_scores(self, codes: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """CLIPScore (n,) of codes (n, h, w) decoded by the VQ, each image against its unit text

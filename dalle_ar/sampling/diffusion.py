@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from dalle_ar import upsampler as up
 from dalle_ar.prior import DiffusionPrior, sample_scheduler
@@ -166,10 +167,11 @@ def upsample_images(
     seeds: Sequence[int] = (),
     text: torch.Tensor | None = None,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Large images (N, 3, H, W) in [-1, 1] for small ones low (N, 3, h, w) in [-1, 1], one per
     seed (N); text (N, D) unit CLIP text embeddings of the captions when the upsampler reads
-    them. Drawn `batch_size` at a time.
+    them. Drawn `batch_size` at a time (`progress`: a tqdm bar over the batches).
 
     ValueError for small images of another size, a seed count other than N, text the upsampler
     does not take (or lacks), or impossible settings (`UpsampleSampling.validate`, a noise level
@@ -188,10 +190,13 @@ def upsample_images(
         check_unit(text, "expected unit CLIP text embeddings")
     device = next(upsampler.parameters()).device
     out = torch.empty(n, 3, s, s)
+    scheduler = up.sample_scheduler(cfg)  # DDIM's step keeps no state between samples
+    scheduler.set_timesteps(settings.upsample_steps)
     was_training = upsampler.training
     upsampler.eval()
     try:
-        for i in range(0, n, batch_size):
+        for i in tqdm(range(0, n, batch_size), desc="upsample", unit="batch",
+                      disable=not progress):  # fmt: skip
             rows = slice(i, min(i + batch_size, n))
             gens = [sample_generator(stream("upsampler", int(q))) for q in seeds[rows]]
             x = torch.stack([torch.randn(3, s, s, generator=g) for g in gens]).to(device)
@@ -199,8 +204,6 @@ def upsample_images(
             level = torch.full((len(x),), settings.noise_level, device=device, dtype=torch.long)
             cond = upsampler.condition(low[rows].float().to(device), level, aug)
             txt = None if text is None else text[rows].float().to(device)
-            scheduler = up.sample_scheduler(cfg)
-            scheduler.set_timesteps(settings.upsample_steps)
             for t in scheduler.timesteps:
                 ts = t.to(device, torch.long).expand(len(x))
                 pred = upsampler(x, ts, cond, level, txt)

@@ -219,7 +219,6 @@ def train(
         path = Path(cfg.run.out_dir) / "samples" / f"upsample_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         comparison_grid(upsampler, grid[0]["image"], text_of(grid[0]["caption"])).save(path)
-        upsampler.train()
         return path, "rows: small, bicubic, upsampler, truth"
 
     opt = build_optimizer(upsampler, cfg.optim, fused=not info.distributed)
