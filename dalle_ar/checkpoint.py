@@ -88,7 +88,12 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def read_component_config(path: str | Path, component: str, config_cls: type) -> Any:
     """Read and validate the config of a component folder; refuse a folder of another kind."""
-    path = Path(path)
+    return config_from_dict(config_cls, _component_meta(Path(path), component)["config"])
+
+
+def _component_meta(path: Path, component: str) -> dict[str, Any]:
+    """A component folder's config.json; FileNotFoundError without one, ValueError for a folder
+    of another kind."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not a {component} folder: config.json is missing")
@@ -96,19 +101,25 @@ def read_component_config(path: str | Path, component: str, config_cls: type) ->
     found = meta.get("component")
     if found != component:
         raise ValueError(f"{path} holds a '{found}' component, expected '{component}'")
-    return config_from_dict(config_cls, meta["config"])
+    return meta
 
 
 def load_state_strict(
-    model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, assign: bool = True
-) -> None:
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    where: str,
+    assign: bool = True,
+    allow_missing: bool = False,
+) -> list[str]:
     """Strict load that names every missing, unexpected or mis-shaped tensor.
 
     `assign=True` (loading onto a meta-device model) swaps the tensors in; `assign=False` copies
-    into the existing parameters, which an optimizer may already hold (resume).
+    into the existing parameters, which an optimizer may already hold (resume). `allow_missing`:
+    the model's tensors that `state` lacks keep their values (fine-tuning a larger model from a
+    smaller one's folder); returns their names (empty otherwise).
     """
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    missing = [] if allow_missing else sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -124,7 +135,8 @@ def load_state_strict(
         if unexpected:
             parts.append("unexpected: " + ", ".join(unexpected[:8]))
         raise ValueError(f"checkpoint {where} does not fit this model ({' | '.join(parts)})")
-    model.load_state_dict(state, strict=True, assign=assign)
+    model.load_state_dict(state, strict=not allow_missing, assign=assign)
+    return sorted(set(own) - set(state))
 
 
 def load_pretrained(
@@ -149,6 +161,22 @@ def load_pretrained(
     if reset is not None:
         reset()
     return model.eval()
+
+
+def init_from_folder(model: torch.nn.Module, path: str | Path, component: str) -> list[str]:
+    """Start a model from a trained component folder's weights (fine-tuning): every tensor of
+    the folder is copied into the model's tensor of the same name; the model's tensors the folder
+    lacks keep their initialisation, and their names are returned. A folder of another component,
+    or with a tensor the model lacks or holds in another shape, is refused by name (ValueError),
+    as `load_state_strict` does; FileNotFoundError for a folder without weights."""
+    path = Path(path)
+    _component_meta(path, component)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path}: model.safetensors is missing")
+    with torch.no_grad():
+        return load_state_strict(model, load_file(str(weights)), str(path), assign=False,
+                                 allow_missing=True)  # fmt: skip
 
 
 def _tied_names(model: torch.nn.Module) -> list[tuple[str, str]]:

@@ -41,15 +41,21 @@ class MainJobConfig:
     prior_max_minutes: float = 10.0
     # Train a CLIP (dalle_ar.clip) and rerank with it; false: no CLIP stage, PMI reranking only
     clip: bool = True
-    # The prior mode (DALL-E 2): token shards carry CLIP embeddings, the transformer is trained
-    # on them (dropped to a learned null embedding half the time, so the same model serves the
-    # text mode), a diffusion prior is trained, and the grid and the evaluation run in both
-    # modes. Only with the CLIP stage (clip=false drops it too: `with_prior`). Off by default:
-    # the one model for both modes drew the shapes far worse in text mode than the text-only
-    # transformer (guidance 1.5: 69.8% / 29.8% seen / held-out against 93.8% / 44.7%;
-    # docs/results.md#prior-mode), and two transformers do not fit the job's 30 minutes.
+    # The prior mode (DALL-E 2): token shards carry CLIP embeddings, a diffusion prior is
+    # trained on them, and a second transformer, conditioned on the CLIP image embedding
+    # (DALL-E 2's decoder), starts from the trained text-only one and learns to read the
+    # embedding for `cond_transformer_steps` at `cond_transformer_lr` (the embedding dropped to
+    # a learned null one `cond_transformer_embed_drop` of the time); the grid and the
+    # evaluation run in both modes. Two models, not one: one model for both modes drew the
+    # shapes far worse in text mode (guidance 1.5: 69.8% / 29.8% seen / held-out against
+    # 93.8% / 44.7%; docs/results.md#prior-mode). Only with the CLIP stage (clip=false drops it
+    # too: `with_prior`). Off by default: its stages do not fit the job's 30 minutes.
     prior: bool = False
     embed_tokens: int = 2  # stream positions the CLIP image embedding is projected to
+    cond_transformer_steps: int = 2000
+    cond_transformer_lr: float = 5e-4
+    cond_transformer_embed_drop: float = 0.5
+    cond_transformer_max_minutes: float = 15.0
     # The masked mode (MaskGIT): a masked generator trained on the same token shards for
     # `masked_steps` (0 = configs/<data>/masked.yaml's, the transformer's budget), shown and
     # scored beside the autoregressive modes. Off by default: at the transformer's budget it
@@ -108,7 +114,8 @@ class MainJobConfig:
         for key in ("vq_steps", "transformer_steps", "clip_steps", "prior_train_steps",
                     "vq_max_minutes", "transformer_max_minutes", "clip_max_minutes",
                     "prior_max_minutes", "masked_steps", "masked_max_minutes",
-                    "upsampler_steps", "upsampler_max_minutes"):  # fmt: skip
+                    "upsampler_steps", "upsampler_max_minutes", "cond_transformer_steps",
+                    "cond_transformer_max_minutes"):  # fmt: skip
             require(getattr(self, key) >= 0, key, "must be >= 0")
         require(self.upsampler_images >= 100, "upsampler_images", "must be >= 100")
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
@@ -118,4 +125,7 @@ class MainJobConfig:
         require(self.clip or "clip" not in reranker_parts(self.rerank.reranker), "rerank.reranker",
                 f"is {self.rerank.reranker!r}, which needs the CLIP stage (clip=true)")  # fmt: skip
         require(self.embed_tokens >= 1, "embed_tokens", "must be >= 1")
+        require(self.cond_transformer_lr > 0, "cond_transformer_lr", "must be > 0")
+        e = self.cond_transformer_embed_drop
+        require(0 <= e <= 1, "cond_transformer_embed_drop", f"must be in [0, 1], got {e}")
         require(self.wandb in ("offline", "online", "disabled"), "wandb", "offline|online|disabled")

@@ -1,8 +1,9 @@
 """`dalle-ar pipeline [--config FILE] [key=value ...]`: the main job, text to image end to end.
 
     shards -> BPE tokenizer -> CLIP -> VQ-VAE -> token shards (+ CLIP embeddings)
-           -> transformer (conditioned on the CLIP image embedding, or its null one)
-           -> diffusion prior -> upsampler (on the scenes at twice the size) -> pipeline folder
+           -> transformer -> diffusion prior, and a second transformer conditioned on the CLIP
+              image embedding (DALL-E 2's decoder), fine-tuned from the first
+           -> upsampler (on the scenes at twice the size) -> pipeline folder
            -> samples for a handful of prompts (some held-out combinations), each the best of
               `rerank.candidates` by `rerank.reranker` (CLIP) -> captioned grids with the scores,
               in text mode and in prior mode, and upsampled beside the small ones
@@ -69,6 +70,8 @@ class Paths:
         self.tokens = out / "tokens"
         self.transformer_run = out / "transformer_run"
         self.transformer = self.transformer_run / "transformer"
+        self.cond_run = out / "cond_transformer_run"
+        self.cond_transformer = self.cond_run / "transformer"
         self.clip_run = out / "clip_run"
         self.clip = self.clip_run / "clip"
         self.prior_run = out / "prior_run"
@@ -136,8 +139,10 @@ def stage_tokens(cfg: MainJobConfig, p: Paths) -> None:
                         clip_dir=p.clip if cfg.with_prior else None)  # fmt: skip
 
 
-def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path, masked: bool = False) -> None:
-    """The transformer, or with `masked` the masked generator (the same recipe and data)."""
+def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path, kind: str = "transformer") -> None:
+    """The transformer, the masked generator (`kind` "masked": the same recipe and data) or the
+    transformer conditioned on the CLIP image embedding ("cond": the transformer fine-tuned on
+    the token shards' embeddings)."""
     from dalle_ar.text import TextTokenizer
     from dalle_ar.train import transformer
     from dalle_ar.train.common import has_checkpoint
@@ -157,17 +162,24 @@ def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path, masked: bool = F
         f"model.grid_h={h}",
         f"model.grid_w={w}",
     ]
-    if masked:
+    if kind == "masked":
         overrides += _run(cfg, p.masked_run, cfg.masked_steps, cfg.masked_max_minutes)
         rcfg = load_config(TrainMaskedConfig, yaml, overrides)
         transformer.train(rcfg, resume=has_checkpoint(p.masked_run))
         return
-    overrides += _run(cfg, p.transformer_run, cfg.transformer_steps, cfg.transformer_max_minutes)
-    if cfg.with_prior:  # conditioned on each record's CLIP image embedding (the token shards')
+    run_dir = p.cond_run if kind == "cond" else p.transformer_run
+    if kind == "cond":  # conditioned on each record's CLIP image embedding (the token shards')
         dim = _clip_of_tokens(p)["embed_dim"]
-        overrides += [f"model.cond_dim={dim}", f"model.cond_tokens={cfg.embed_tokens}"]
+        overrides += [
+            *_run(cfg, run_dir, cfg.cond_transformer_steps, cfg.cond_transformer_max_minutes),
+            f"init_from={p.transformer}", f"model.cond_dim={dim}",
+            f"model.cond_tokens={cfg.embed_tokens}", f"optim.lr={cfg.cond_transformer_lr}",
+            f"embed_drop={cfg.cond_transformer_embed_drop}",
+        ]  # fmt: skip
+    else:
+        overrides += _run(cfg, run_dir, cfg.transformer_steps, cfg.transformer_max_minutes)
     rcfg = load_config(transformer.TrainTransformerConfig, yaml, overrides)
-    transformer.train(rcfg, resume=has_checkpoint(p.transformer_run))
+    transformer.train(rcfg, resume=has_checkpoint(run_dir))
 
 
 def stage_clip(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
@@ -248,6 +260,7 @@ def stage_pipeline(cfg: MainJobConfig, p: Paths, cascade: bool) -> None:
     assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=defaults,
              clip=p.clip if cfg.clip else None,
              prior=p.prior if cfg.with_prior else None,
+             cond_transformer=p.cond_transformer if cfg.with_prior else None,
              masked=p.masked if cfg.masked else None,
              upsampler=p.upsampler if cascade else None)  # fmt: skip
 
@@ -346,6 +359,10 @@ def run_stages(cfg: MainJobConfig) -> dict:
     # resumed by a rerun gets new token shards and a transformer trained on them; a CLIP resumed
     # by a rerun leaves the VQ alone, and the transformer too when the job has no prior mode:
     # the prior's token shards carry the CLIP's embeddings)
+    cond_stage = ("cond_transformer", {"tokenizer", "vq", "tokens", "transformer"},
+                  lambda: _trained(p.cond_run, p.cond_transformer),
+                  lambda: stage_transformer(cfg, p, yaml["transformer"], "cond"),
+                  [p.cond_run])  # fmt: skip
     clip_stage = ("clip", {"data", "tokenizer"}, lambda: _trained(p.clip_run, p.clip),
                   lambda: stage_clip(cfg, p, yaml["clip"]), [p.clip_run])  # fmt: skip
     # the prior reads the CLIP embeddings of the token shards, not their codes: a new VQ leaves
@@ -354,7 +371,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
                    lambda: stage_prior(cfg, p, yaml["prior"]), [p.prior_run])  # fmt: skip
     masked_stage = ("masked", {"tokenizer", "vq", "tokens"},
                     lambda: _trained(p.masked_run, p.masked),
-                    lambda: stage_transformer(cfg, p, yaml["masked"], masked=True),
+                    lambda: stage_transformer(cfg, p, yaml["masked"], "masked"),
                     [p.masked_run])  # fmt: skip
     cascade_stages = [
         ("data_large", set(), lambda: (p.data_large / "info.json").is_file(),
@@ -375,10 +392,11 @@ def run_stages(cfg: MainJobConfig) -> dict:
         ("transformer", {"tokenizer", "vq", "tokens"},
          lambda: _trained(p.transformer_run, p.transformer),
          lambda: stage_transformer(cfg, p, yaml["transformer"]), [p.transformer_run]),
-        *([prior_stage] if cfg.with_prior else []),
+        *([prior_stage, cond_stage] if cfg.with_prior else []),
         *([masked_stage] if cfg.masked else []),
         *(cascade_stages if cascade else []),
-        ("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior", "masked", "upsampler"},
+        ("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior", "cond_transformer",
+                      "masked", "upsampler"},
          lambda: (p.pipeline / "pipeline.json").is_file(), lambda: stage_pipeline(cfg, p, cascade),
          [p.pipeline]),
         ("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
@@ -408,6 +426,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
         training = {"clip": _training(p.clip_run), **training}
     if cfg.with_prior:
         training["prior"] = _training(p.prior_run)
+        training["cond_transformer"] = _training(p.cond_run)
     if cfg.masked:
         training["masked"] = _training(p.masked_run)
     if cascade:

@@ -1,11 +1,15 @@
-"""The autoregressive modes: prompt -> BPE ids -> the transformer draws the image codes one by
-one -> the VQ decoder draws the pixels.
+"""The autoregressive pipeline: prompt -> BPE ids -> the transformer draws the image codes one by
+one -> the VQ decoder draws the pixels; the prior mode's and the masked mode's parts are in
+`dalle_ar.pipelines.prior` and `dalle_ar.pipelines.masked`, the compatibility checks in
+`dalle_ar.pipelines.compat`.
 
 - mode="ar" (DALL-E): the caption alone (an embedding-conditioned transformer gets its learned
   null embedding).
 - mode="prior" (DALL-E 2): caption -> CLIP text embedding -> diffusion prior -> CLIP image
-  embedding -> the transformer draws the codes from that embedding and the caption. Needs the
-  clip and prior components and a transformer trained with the embedding (model.cond_dim).
+  embedding -> a transformer draws the codes from that embedding and the caption. Needs the
+  clip and prior components and a transformer trained with the embedding (model.cond_dim): the
+  cond_transformer component (DALL-E 2's decoder, beside the text-only transformer), or the
+  transformer itself when one model serves both modes.
   `variations(images)` draws from given pictures' CLIP image embeddings; `interpolate(a, b)`
   from the slerp between two prompts' or pictures' embeddings.
 
@@ -28,7 +32,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -37,26 +40,34 @@ from dalle_ar.checkpoint import read_component_config
 from dalle_ar.clip import CLIP, check_clip_folder
 from dalle_ar.grid import to_uint8
 from dalle_ar.pipelines.base import Pipeline, PipelineOutput
+from dalle_ar.pipelines.compat import (
+    check_compatible,
+    check_cond_transformer,
+    check_masked,
+    check_prior,
+    check_upsampler,
+    image_size,
+)
 from dalle_ar.pipelines.folder import AR_COMPONENTS, write_folder
-from dalle_ar.prior import DiffusionPrior, check_clip, check_identity
+from dalle_ar.pipelines.masked import MaskedMode
+from dalle_ar.pipelines.prior import PriorMode
+from dalle_ar.prior import DiffusionPrior
 from dalle_ar.prompts import encode_prompts, known_chars, split_prompt
 from dalle_ar.rerank import pmi_scores
 from dalle_ar.runtime import sample_seeds
 from dalle_ar.sampling import ARSampling, RerankSettings, generate_image_tokens
-from dalle_ar.sampling.diffusion import check_unit, sample_prior, slerp
 from dalle_ar.sampling.masked import generate_masked
 from dalle_ar.sampling.settings import (
     MaskedSampling,
     PriorSampling,
     UpsampleSampling,
-    names,
     reranker_parts,
     resolve,
     split_overrides,
 )
 from dalle_ar.text import TextBatch, TextTokenizer
 from dalle_ar.transformer import Transformer, TransformerConfig
-from dalle_ar.upsampler import Upsampler, UpsamplerConfig
+from dalle_ar.upsampler import Upsampler
 from dalle_ar.upsampler import read_config as read_upsampler_config
 from dalle_ar.vq import VQConfig, VQTokenizer
 
@@ -68,15 +79,18 @@ MAX_BATCH = 64  # samples drawn at once, at most: past it a CPU decode step gain
 MODES = ("ar", "prior", "masked")
 
 
-class ARPipeline(Pipeline):
+class ARPipeline(PriorMode, MaskedMode, Pipeline):
     """Text tokenizer + transformer + VQ decoder: the autoregressive modes, "ar" (the caption
     alone) and, with the clip and prior components, "prior" (the prior's CLIP image embedding and
     the caption)."""
 
     mode: ClassVar[str] = "ar"
     required: ClassVar[tuple[str, ...]] = tuple(AR_COMPONENTS)
-    # the CLIP reranker; the prior mode; the masked mode; the cascade's upsampler
-    optional: ClassVar[tuple[str, ...]] = ("clip", "prior", "masked", "upsampler")
+    # the CLIP reranker; the prior mode (and its embedding-conditioned transformer); the masked
+    # mode; the cascade's upsampler
+    optional: ClassVar[tuple[str, ...]] = (
+        "clip", "prior", "cond_transformer", "masked", "upsampler"
+    )  # fmt: skip
     settings: ClassVar[dict[str, type]] = {
         "ar": ARSampling, "prior": PriorSampling, "masked": MaskedSampling,
         "rerank": RerankSettings, "upsample": UpsampleSampling,
@@ -92,9 +106,13 @@ class ARPipeline(Pipeline):
         prior: DiffusionPrior | None = None,
         masked: Transformer | None = None,
         upsampler: Upsampler | None = None,
+        cond_transformer: Transformer | None = None,
     ) -> None:
         check_compatible(tokenizer.vocab_size, vq.config, transformer.cfg)
-        check_prior(transformer.cfg, clip, prior)
+        if cond_transformer is not None:
+            check_cond_transformer(tokenizer.vocab_size, vq.config, transformer.cfg,
+                                   cond_transformer.cfg)  # fmt: skip
+        check_prior((cond_transformer or transformer).cfg, clip, prior)
         if masked is not None:
             check_masked(tokenizer.vocab_size, vq.config, transformer.cfg, masked.cfg)
         t = transformer.cfg
@@ -105,6 +123,8 @@ class ARPipeline(Pipeline):
         parts = dict(text_tokenizer=tokenizer, vq=vq.eval(), transformer=transformer.eval(),
                      clip=clip, prior=None if prior is None else prior.eval(),
                      masked=None if masked is None else masked.eval(),
+                     cond_transformer=None if cond_transformer is None
+                     else cond_transformer.eval(),
                      upsampler=None if upsampler is None else upsampler.eval())  # fmt: skip
         super().__init__(parts, defaults)
         if upsampler is not None:
@@ -115,7 +135,8 @@ class ARPipeline(Pipeline):
     def from_components(cls, components: dict[str, Any], defaults: dict[str, Any]) -> ARPipeline:
         c = components
         return cls(c["text_tokenizer"], c["vq"], c["transformer"], defaults, c.get("clip"),
-                   c.get("prior"), c.get("masked"), c.get("upsampler"))  # fmt: skip
+                   c.get("prior"), c.get("masked"), c.get("upsampler"),
+                   c.get("cond_transformer"))  # fmt: skip
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -153,54 +174,6 @@ class ARPipeline(Pipeline):
         x = torch.from_numpy(to_uint8([pil])).permute(0, 3, 1, 2).float().div(255)
         return self.vq.encode(x.to(self.device)).cpu()
 
-    def inpaint_codes(self, images: Sequence[Any], masks: Sequence[Any]) -> torch.Tensor:
-        """Start codes (n, h, w) for `inpaint`: each picture's codes, the masked generator's mask
-        id where its mask covers any pixel of the code's patch. A mask is a PIL image (any mode:
-        non-zero = repaint) or an (H, W) array (true or non-zero = repaint), resized to the
-        picture's size (nearest). ValueError for counts that differ or a mask that repaints
-        nothing."""
-        if len(images) != len(masks):
-            raise ValueError(f"one mask per picture: {len(images)} pictures, {len(masks)} masks")
-        h, w = self._image_size()
-        mask_id = self.components["masked"].cfg.mask_id if "masked" in self.components else None
-        if mask_id is None:
-            raise ValueError("inpainting needs the masked component (assemble with masked=)")
-        out = []
-        for i, (image, mask) in enumerate(zip(images, masks)):
-            m = mask if isinstance(mask, Image.Image) else Image.fromarray(
-                (np.asarray(mask) != 0).astype(np.uint8) * 255)  # fmt: skip
-            m = np.asarray(m.convert("L").resize((w, h), Image.NEAREST)) > 0  # (H, W)
-            f = self.vq.config.downsample
-            grid = torch.from_numpy(m.reshape(h // f, f, w // f, f).any(axis=(1, 3)))
-            if not grid.any():
-                raise ValueError(f"mask {i} repaints nothing")
-            out.append(torch.where(grid, mask_id, self._encode_image(image)[0]))
-        return torch.stack(out)
-
-    @torch.inference_mode()
-    def inpaint(
-        self,
-        images: Sequence[Any],
-        masks: Sequence[Any],
-        prompts: str | Sequence[str],
-        num_samples: int = 1,
-        seed: int | None = None,
-        **kw: Any,
-    ) -> PipelineOutput:
-        """Repaint the masked region of each picture to its prompt, in the masked mode: the codes
-        under the rest of the picture are kept exactly and the masked generator draws the others
-        from everything around them (outpainting: mask the border). images: PIL images or
-        (3, H, W) tensors in [0, 1], resized to the VQ's size; masks: `inpaint_codes`; prompts:
-        one per picture (or one for all). Keyword arguments as for `__call__` in the masked mode
-        (steps, temperature, guidance_scale, candidates, ...)."""
-        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-        if len(prompts) != len(images):
-            raise ValueError(f"one prompt per picture: {len(images)} pictures, {len(prompts)} "
-                             "prompts")  # fmt: skip
-        init = self.inpaint_codes(images, masks)
-        return self(prompts, num_samples, seed, mode="masked", init_codes=init, **kw)
-
-    # -- generation ------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(
         self,
@@ -331,10 +304,9 @@ class ARPipeline(Pipeline):
     def _prompt_embeds(
         self, mode: str, prompts: list[str], embeds: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """Per prompt: the given image embeddings, the CLIP text embedding the prior starts from
-        (mode "prior"; zeros for an empty prompt, the prior's "no caption"), or None (the
-        transformer's null embedding, if it takes one). ValueError, before any drawing, for an
-        unknown mode or one this pipeline lacks a part for."""
+        """Per prompt: the conditioning the mode starts from (`PriorMode._cond_embeds`), or None.
+        ValueError, before any drawing, for an unknown mode or one this pipeline lacks a part
+        for."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "masked":
@@ -344,78 +316,7 @@ class ARPipeline(Pipeline):
             if embeds is not None:
                 raise ValueError("the masked generator takes no embeddings")
             return None
-        cfg = self.transformer.cfg
-        if (mode == "prior" or embeds is not None) and not cfg.cond_len:
-            raise ValueError(
-                "this transformer takes no CLIP image embedding (model.cond_dim=0): the prior "
-                "mode and variations need one trained with it (`dalle-ar tokens --clip`, then "
-                "model.cond_dim = the CLIP's embed_dim)"
-            )
-        if embeds is not None:
-            if mode == "prior":
-                raise ValueError("give mode='prior' (the prior draws the embeddings) or embeds, "
-                                 "not both")  # fmt: skip
-            if embeds.ndim != 2 or embeds.shape != (len(prompts), cfg.cond_dim):
-                raise ValueError(f"embeds must have shape ({len(prompts)}, {cfg.cond_dim}), got "
-                                 f"{tuple(embeds.shape)}")  # fmt: skip
-            check_unit(embeds, "embeds must be unit CLIP image embeddings")
-            return embeds.float().cpu()
-        if mode == "ar":
-            return None
-        missing = [k for k in ("clip", "prior") if self.components.get(k) is None]
-        if missing:
-            raise ValueError(
-                f"the prior mode needs the {' and '.join(missing)} component(s), which this "
-                "pipeline lacks (assemble it with clip=FOLDER, prior=FOLDER)"
-            )
-        text = self.scene_embeds(prompts).cpu()
-        empty = torch.tensor([not split_prompt(p)[0].strip() for p in prompts])
-        return torch.where(empty[:, None], torch.zeros_like(text), text)  # the prior's "none"
-
-    @torch.inference_mode()
-    def variations(
-        self, images: Sequence[Any], num_samples: int = 4, seed: int | None = None, **kw: Any
-    ) -> PipelineOutput:
-        """DALL-E 2's variations: `num_samples` new pictures per given picture (PIL images, or
-        (3, H, W) tensors in [0, 1]), drawn by the transformer from the picture's CLIP image
-        embedding with the empty caption. Keyword arguments as for `__call__` (guidance_scale,
-        temperature, candidates, ...). ValueError without a clip component or a transformer
-        trained with the embedding."""
-        return self(["" for _ in images], num_samples, seed, embeds=self.image_embeds(images),
-                    **kw)  # fmt: skip
-
-    @torch.inference_mode()
-    def interpolate(
-        self, a: Any, b: Any, steps: int = 5, seed: int = 0, **kw: Any
-    ) -> PipelineOutput:
-        """Pictures along the slerp between the CLIP image embeddings of `a` and `b` (each a
-        prompt, whose embedding the prior draws with `seed`, or a picture), at `steps` evenly
-        spaced points from a to b, each drawn with the same `seed` and the empty caption
-        (DALL-E 2, section 3.2). ValueError for steps < 2."""
-        if steps < 2:
-            raise ValueError(f"steps must be >= 2, got {steps}")
-        ps = resolve(kw.pop("prior_settings", None) or self.defaults["prior"],
-                     **{k: kw.pop(k) for k in list(kw) if k in names(PriorSampling)})  # fmt: skip
-        ends = [self.image_embeds([x]) if not isinstance(x, str) else self._prior_embed(x, seed, ps)
-                for x in (a, b)]  # fmt: skip
-        t = torch.linspace(0, 1, steps)
-        path = slerp(ends[0].expand(steps, -1), ends[1].expand(steps, -1), t)
-        return self([""] * steps, 1, seeds=[seed] * steps, embeds=path, **kw)
-
-    def _prior_embed(self, prompt: str, seed: int, ps: PriorSampling) -> torch.Tensor:
-        """The prior's image embedding (1, D) for one prompt and seed."""
-        text = self._prompt_embeds("prior", [prompt], None)
-        return sample_prior(self.components["prior"], text.to(self.device), ps, [seed]).cpu()
-
-    def image_embeds(self, images: Sequence[Any]) -> torch.Tensor:
-        """Unit CLIP image embeddings (n, D) of pictures (PIL images, or (3, H, W) tensors in
-        [0, 1]). ValueError without a clip component."""
-        clip = self.components.get("clip")
-        if clip is None:
-            raise ValueError("image embeddings need a clip component (assemble with clip=FOLDER)")
-        pils = [x if isinstance(x, Image.Image) else Image.fromarray(to_uint8([x])[0])
-                for x in images]  # fmt: skip
-        return clip.image_embeds(clip.pixels(pils)).cpu()
+        return self._cond_embeds(mode, prompts, embeds)
 
     def candidate_batch(self, s: ARSampling, rr: RerankSettings, memory_mb: float) -> int:
         """How many samples (or candidates) to draw at once within `memory_mb` MiB, at most
@@ -470,6 +371,7 @@ class ARPipeline(Pipeline):
         themselves; None: the transformer's null embedding, if it takes one. `masked` settings:
         the masked generator draws instead, `prime` then holding its init codes."""
         cfg = self.transformer.cfg
+        model = self.transformer if embeds is None else self.cond_transformer
         n = len(prompts) * num_samples
         per_seed = sample_seeds(n, seed if seeds is None else seeds)
         split = [split_prompt(p) for p in prompts]
@@ -514,10 +416,10 @@ class ARPipeline(Pipeline):
                 bar.update(len(idx) * cfg.image_len)
                 continue
             codes[idx] = generate_image_tokens(
-                self.transformer,
+                model,
                 text.ids[rows],
                 settings,
-                cond=self._sample_cond(embeds, rows, [per_seed[i] for i in idx], prior),
+                cond=self._sample_cond(model, embeds, rows, [per_seed[i] for i in idx], prior),
                 text_lens=text_lens[rows],
                 empty_ids=empty.ids[0],
                 empty_len=int(empty.mask[0].sum()),
@@ -545,111 +447,8 @@ class ARPipeline(Pipeline):
         ]
         return codes, samples
 
-    def _sample_cond(
-        self,
-        embeds: torch.Tensor | None,
-        rows: list[int],
-        seeds: list[int],
-        prior: PriorSampling | None,
-    ) -> torch.Tensor | None:
-        """The transformer's conditioning embedding (len(rows), D) for samples of prompts `rows`
-        (see `_draw`), or None for a model without one."""
-        if not self.transformer.cfg.cond_len:
-            return None
-        if embeds is None:
-            return self.transformer.null_cond(len(rows))
-        e = embeds[rows].to(self.device)
-        if prior is None:
-            return e
-        return sample_prior(self.components["prior"], e, prior, seeds)
-
 
 DalleAR = ARPipeline  # the name this class had before there were other modes
-
-
-def check_compatible(text_vocab_size: int, vq_cfg: VQConfig, tf_cfg: TransformerConfig) -> None:
-    """Refuse components that cannot work together, naming both sizes (ValueError)."""
-    if vq_cfg.codebook_size != tf_cfg.image_vocab:
-        raise ValueError(
-            f"the VQ codebook has {vq_cfg.codebook_size} codes but the transformer's image_vocab "
-            f"is {tf_cfg.image_vocab}: expected equal (were they trained together?)"
-        )
-    if tf_cfg.has_text and text_vocab_size > tf_cfg.text_vocab:
-        raise ValueError(
-            f"the tokenizer has {text_vocab_size} ids but the transformer's text_vocab is "
-            f"{tf_cfg.text_vocab}: expected text_vocab >= the tokenizer's vocabulary"
-        )
-    patch = 3 * vq_cfg.downsample**2
-    if tf_cfg.code_features and tf_cfg.code_features != patch:
-        raise ValueError(
-            f"the transformer describes codes with {tf_cfg.code_features} features but this VQ "
-            f"draws {patch} ({vq_cfg.downsample}x{vq_cfg.downsample} RGB patches): expected the "
-            "VQ it was trained with"
-        )
-
-
-def check_prior(tf_cfg: TransformerConfig, clip: CLIP | None, prior: DiffusionPrior | None) -> None:
-    """Refuse a prior without the CLIP it was trained on (ValueError naming both CLIPs, or the
-    missing one), or whose embeddings the transformer does not take (naming both sizes); and a
-    CLIP other than the one whose embeddings the transformer was trained on (`cond_clip`)."""
-    if clip is not None and tf_cfg.cond_len and tf_cfg.cond_clip:
-        mine = str(clip.identity()["weights_sha256"])
-        if mine != tf_cfg.cond_clip:
-            raise ValueError(
-                f"the transformer was trained on the image embeddings of another CLIP (weights "
-                f"{tf_cfg.cond_clip[:12]}) than this one (weights {mine[:12]})"
-            )
-    if prior is None:
-        return
-    if clip is None:
-        raise ValueError("the prior needs the clip component it was trained with, which is missing")
-    check_clip(prior, clip.identity())
-    if tf_cfg.cond_dim != prior.cfg.embed_dim:
-        raise ValueError(
-            f"the prior draws {prior.cfg.embed_dim}-dim CLIP image embeddings but the transformer "
-            f"takes cond_dim={tf_cfg.cond_dim}: expected one trained on that CLIP's embeddings"
-        )
-
-
-def check_masked(
-    text_vocab_size: int, vq_cfg: VQConfig, tf_cfg: TransformerConfig, m_cfg: TransformerConfig
-) -> None:
-    """Refuse a masked generator that is not one, or that does not fit the VQ and tokenizer, or
-    reads another text length than the transformer (they share the encoded prompts): ValueError
-    naming both sides."""
-    if not m_cfg.masked:
-        raise ValueError("the masked component must be a masked generator (objective='masked'), "
-                         f"got objective={m_cfg.objective!r}")  # fmt: skip
-    check_compatible(text_vocab_size, vq_cfg, m_cfg)
-    if (m_cfg.grid_h, m_cfg.grid_w) != (tf_cfg.grid_h, tf_cfg.grid_w):
-        raise ValueError(
-            f"the masked generator draws {m_cfg.grid_h}x{m_cfg.grid_w} codes, the "
-            f"transformer {tf_cfg.grid_h}x{tf_cfg.grid_w}: expected the same VQ"
-        )
-    if m_cfg.text_len != tf_cfg.text_len:
-        raise ValueError(f"the masked generator reads {m_cfg.text_len} text positions, the "
-                         f"transformer {tf_cfg.text_len}: expected equal")  # fmt: skip
-
-
-def image_size(vq_cfg: VQConfig, tf_cfg: TransformerConfig) -> tuple[int, int]:
-    """(H, W) in pixels of the pictures the VQ draws for the transformer's grid."""
-    f = vq_cfg.downsample
-    return tf_cfg.grid_h * f, tf_cfg.grid_w * f
-
-
-def check_upsampler(size: tuple[int, int], up_cfg: UpsamplerConfig, clip: CLIP | None) -> None:
-    """Refuse an upsampler whose small size is not the (H, W) `size` the VQ draws, or that reads
-    captions with the embeddings of another CLIP than `clip` (or without one): ValueError naming
-    both sides."""
-    low = up_cfg.low_size
-    if size != (low, low):
-        raise ValueError(f"the upsampler takes {low}x{low} pictures, the VQ draws {size[1]}x"
-                         f"{size[0]}: expected an upsampler trained for that size")  # fmt: skip
-    if up_cfg.caption_dim:
-        if clip is None:
-            raise ValueError("the upsampler reads captions through the CLIP it was trained "
-                             "with: assemble it with clip=FOLDER too")  # fmt: skip
-        check_identity("the upsampler", up_cfg.clip, up_cfg.caption_dim, clip.identity())
 
 
 def assemble(
@@ -664,6 +463,7 @@ def assemble(
     prior: str | Path | None = None,
     masked: str | Path | None = None,
     upsampler: str | Path | None = None,
+    cond_transformer: str | Path | None = None,
 ) -> Path:
     """Write an autoregressive pipeline folder from trained component folders, atomically:
     copies (or, with `link`, absolute symlinks) plus pipeline.json. The components are checked
@@ -673,7 +473,10 @@ def assemble(
     checked for its parts. `prior`: a diffusion prior folder (`dalle-ar train prior`) for the
     prior mode, checked against the CLIP (`check_prior`); `masked`: a masked generator folder
     (`dalle-ar train masked`) for the masked mode (`check_masked`); `upsampler`: an upsampler
-    folder (`dalle-ar train upsampler`) for the cascade (`check_upsampler`)."""
+    folder (`dalle-ar train upsampler`) for the cascade (`check_upsampler`); `cond_transformer`:
+    a transformer folder trained on CLIP image embeddings (model.cond_dim; `init_from` the
+    transformer) that the prior mode draws with, so that text mode keeps the text-only
+    transformer (`check_cond_transformer`, and `check_prior` against the CLIP)."""
     srcs = {"text_tokenizer": Path(tokenizer), "vq": Path(vq), "transformer": Path(transformer)}
     for name, src in srcs.items():
         if not (src / "config.json").is_file():
@@ -685,17 +488,22 @@ def assemble(
     vq_cfg = read_component_config(srcs["vq"], "vq", VQConfig)
     tf_cfg = read_component_config(srcs["transformer"], "transformer", TransformerConfig)
     check_compatible(tok.vocab_size, vq_cfg, tf_cfg)
+    cond_cfg = tf_cfg  # the transformer the prior mode draws with
+    if cond_transformer is not None:
+        srcs["cond_transformer"] = Path(cond_transformer)
+        cond_cfg = read_component_config(cond_transformer, "transformer", TransformerConfig)
+        check_cond_transformer(tok.vocab_size, vq_cfg, tf_cfg, cond_cfg)
     if prior is not None:
         if clip is None:
             raise ValueError("a prior needs the CLIP it was trained with: pass clip=FOLDER too")
         srcs["prior"] = Path(prior)
     up_cfg = None if upsampler is None else read_upsampler_config(upsampler)
     # the CLIP is loaded (once) only where a component reads its embeddings
-    reads_clip = prior is not None or tf_cfg.cond_len or (up_cfg and up_cfg.caption_dim)
+    reads_clip = prior is not None or cond_cfg.cond_len or (up_cfg and up_cfg.caption_dim)
     loaded_clip = CLIP.from_pretrained(clip) if clip is not None and reads_clip else None
-    if clip is not None and (prior is not None or tf_cfg.cond_len):
+    if clip is not None and (prior is not None or cond_cfg.cond_len):
         loaded = None if prior is None else DiffusionPrior.from_pretrained(prior)
-        check_prior(tf_cfg, loaded_clip, loaded)
+        check_prior(cond_cfg, loaded_clip, loaded)
     if masked is not None:
         srcs["masked"] = Path(masked)
         m_cfg = read_component_config(srcs["masked"], "transformer", TransformerConfig)
@@ -705,7 +513,8 @@ def assemble(
         check_upsampler(image_size(vq_cfg, tf_cfg), up_cfg, loaded_clip)
     settings = ARPipeline._defaults(defaults)
     classes = {**AR_COMPONENTS, "clip": CLIP.__name__, "prior": DiffusionPrior.__name__,
-               "masked": Transformer.__name__, "upsampler": Upsampler.__name__}  # fmt: skip
+               "masked": Transformer.__name__, "upsampler": Upsampler.__name__,
+               "cond_transformer": Transformer.__name__}  # fmt: skip
     sources = {k: (("dalle_ar", classes[k]), src) for k, src in srcs.items()}
     as_json = {k: dataclasses.asdict(v) for k, v in settings.items()}
     return write_folder(folder, ARPipeline.__name__, sources, ARPipeline.optional, as_json, link)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from dalle_ar.checkpoint import save_pretrained
+from dalle_ar.checkpoint import init_from_folder, save_pretrained
 from dalle_ar.config import ConfigError, DataConfig, require
 from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.train import dist
@@ -51,6 +51,11 @@ class TrainTransformerConfig(LoopConfig):  # optim, run, lr_follows_time, max_ba
     # embedding is replaced by the learned null one. About half, so that one model serves both
     # the prior mode (embedding and caption) and the text mode (the null embedding).
     embed_drop: float = 0.5
+    # a transformer folder whose weights start this model (fine-tuning): every tensor it holds
+    # must exist here in the same shape; the tensors it lacks start fresh. So DALL-E 2's decoder,
+    # the transformer conditioned on the CLIP image embedding (model.cond_dim), starts from the
+    # text-only transformer and learns only to read the embedding (docs/results.md#prior-mode)
+    init_from: str = ""
     parallel: Literal["ddp", "fsdp"] = "ddp"  # data-parallel mode under torchrun
     activation_checkpointing: bool = False  # recompute each block in backward (saves memory)
     eval_batches: int = 20  # held-out batches per evaluation (per rank)
@@ -219,6 +224,14 @@ def build(
     model = Transformer(cfg.model).to(info.device)
     if feats is not None:
         model.set_code_features(*feats)
+    if cfg.init_from:  # before wrapping: every rank starts from the same weights
+        try:
+            fresh = init_from_folder(model, cfg.init_from, COMPONENT)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"config key 'init_from': {e}") from None
+        if info.is_main:
+            log.info("transformer: started from %s; fresh: %s", cfg.init_from,
+                     ", ".join(fresh) or "none")  # fmt: skip
     model.grad_checkpointing = cfg.activation_checkpointing
     wrapped = dist.wrap_model(model, info, cfg.parallel, blocks=model.blocks)
     # fused AdamW: one kernel for all tensors (sharded FSDP parameters take the plain loop)

@@ -44,10 +44,11 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
             "num_train=200", "num_eval=20", "vq_steps=3", "clip_steps=0", "transformer_steps=4",
             "samples_per_prompt=2", "fidelity_prompts=4", "candidates=2", "wandb=disabled",
             "device=cpu", "prompts=[a small red circle at the top left, a blue square]",
-            "prior=true", "upsampler_images=100", "upsample_sampling.upsample_steps=2"]  # fmt: skip
+            "prior=true", "cond_transformer_steps=2", "upsampler_images=100",
+            "upsample_sampling.upsample_steps=2"]  # fmt: skip
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[11/11] samples: finished" in printed
+    assert "[12/12] samples: finished" in printed
     # the table: each training stage reached its planned steps, in the precision it says
     assert "3 of 3 steps, fp32" in printed and "4 of 4 steps" in printed
     assert "UNDER-TRAINED" not in printed
@@ -56,6 +57,9 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert (out / "samples" / "grid.png").is_file()
     assert (out / "pipeline" / "clip" / "model.safetensors").is_file()  # reranks with CLIP
     assert (out / "samples" / "grid_prior.png").is_file()  # the prior mode's grid
+    # two transformers: text mode keeps the text-only one, the prior mode draws with the one
+    # fine-tuned from it on the CLIP image embeddings
+    assert not pipe.transformer.cfg.cond_len and pipe.cond_transformer.cfg.cond_len == 2
     # the cascade: the grid upsampled beside the small one, the guided draws scored upsampled
     from PIL import Image
 
@@ -85,9 +89,10 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert summary["training"]["transformer"]["step"] == 4
     assert summary["training"]["vq"]["finished"] and summary["machine"]["cpus"] >= 1
     assert summary["training"]["prior"]["finished"]
+    assert summary["training"]["cond_transformer"]["step"] == 2
     assert summary["training"]["upsampler"]["finished"]
     assert main_job(args) == 0  # everything is done: nothing runs again
-    assert capsys.readouterr().out.count("done already, skipped") == 11
+    assert capsys.readouterr().out.count("done already, skipped") == 12
     assert main_job([*args, "candidates=0"]) == 2  # refused before any work
     assert main_job([*args, "precision=FP32"]) == 2
     assert "'precision': must be auto, fp32 or bf16, got 'FP32'" in capsys.readouterr().out
@@ -101,7 +106,8 @@ def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
     args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
             "num_train=200", "num_eval=20", "vq_steps=2", "clip_steps=0", "transformer_steps=6",
             "samples_per_prompt=1", "fidelity_prompts=2", "candidates=1", "wandb=disabled",
-            "device=cpu", "prompts=[a red circle]", "prior=true", "upsampler=false"]  # fmt: skip
+            "device=cpu", "prompts=[a red circle]", "prior=true", "upsampler=false",
+            "cond_transformer_steps=1"]  # fmt: skip
     assert main_job([*args, "transformer_max_minutes=2.5"]) == 0  # a minute a step
     printed = capsys.readouterr().out
     said = json.loads((out / "summary.json").read_text())["training"]["transformer"]
@@ -112,12 +118,14 @@ def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
 
     assert main_job(args) == 0  # the cap is the default again: the stage continues to step 6
     printed = capsys.readouterr().out
-    assert "[6/9] transformer: running" in printed and "6 of 6 steps" in printed
-    # the pipeline and its evaluation are made again from the finished transformer
-    assert "[8/9] pipeline: running again (transformer ran)" in printed
-    assert "[9/9] samples: running again" in printed
-    assert "[3/9] clip: done already" in printed  # the CLIP does not depend on the transformer
-    assert "[7/9] prior: done already" in printed  # nor does the prior
+    assert "[6/10] transformer: running" in printed and "6 of 6 steps" in printed
+    # the fine-tuned copy, the pipeline and its evaluation are made again from the finished
+    # transformer
+    assert "[8/10] cond_transformer: running again (transformer ran)" in printed
+    assert "[9/10] pipeline: running again (cond_transformer, transformer ran)" in printed
+    assert "[10/10] samples: running again" in printed
+    assert "[3/10] clip: done already" in printed  # the CLIP does not depend on the transformer
+    assert "[7/10] prior: done already" in printed  # nor does the prior
     summary = json.loads((out / "summary.json").read_text())
     assert summary["training"]["transformer"]["finished"] and "UNDER-TRAINED" not in printed
 

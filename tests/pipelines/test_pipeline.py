@@ -77,6 +77,7 @@ def test_pipeline_folder_names_its_class_and_components(pipe_dir):
         "transformer": ["dalle_ar", "Transformer"],
         "clip": None,  # the optional CLIP reranker, not held
         "prior": None,  # nor the optional prior
+        "cond_transformer": None,  # nor the prior mode's own transformer
         "masked": None,  # nor the optional masked generator
         "upsampler": None,  # nor the cascade's upsampler
     }

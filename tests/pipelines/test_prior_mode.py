@@ -220,3 +220,40 @@ def test_the_prior_mode_ends_in_the_cascade_too(parts, tmp_path):
     small = pipe(["a red circle"], seed=0, mode="prior", prior_steps=3)
     assert out.images[0].size == (32, 32) and out.samples[0]["mode"] == "prior"
     assert np.array_equal(np.asarray(out.small_images[0]), np.asarray(small.images[0]))
+
+
+@pytest.fixture(scope="module")
+def two_models(parts):
+    """The text-only transformer beside the embedding-conditioned one (DALL-E 2's decoder)."""
+    root = parts["root"]
+    torch.manual_seed(1)
+    peaked(Transformer(tiny_transformer_config(text_vocab=300))).save_pretrained(root / "text_tf")
+    folder = assemble(root / "pipe_two", parts["text_tokenizer"], parts["vq"], root / "text_tf",
+                      clip=parts["clip"], prior=parts["prior"],
+                      cond_transformer=parts["transformer"])  # fmt: skip
+    return Pipeline.from_pretrained(folder)
+
+
+def test_with_a_cond_transformer_each_mode_draws_with_its_own_model(pipe, two_models):
+    assert two_models.cond_transformer is two_models.components["cond_transformer"]
+    assert not two_models.transformer.cfg.cond_len  # text mode: the text-only model
+    # the prior mode draws with the cond_transformer: the one-model pipeline's codes, whose
+    # transformer is the same folder
+    kw = dict(num_samples=2, seed=5, mode="prior", prior_steps=4, guidance_scale=2.0)
+    assert torch.equal(two_models(PROMPTS, **kw).codes, pipe(PROMPTS, **kw).codes)
+    # text mode draws with the text-only transformer, whatever the cond_transformer holds
+    alone = ARPipeline(two_models.tokenizer, two_models.vq, two_models.transformer)
+    got = two_models(PROMPTS, num_samples=2, seed=5, guidance_scale=2.0)
+    assert torch.equal(got.codes, alone(PROMPTS, num_samples=2, seed=5, guidance_scale=2.0).codes)
+    emb = two_models.image_embeds([Image.new("RGB", (16, 16), "red")])
+    var = two_models.variations([Image.new("RGB", (16, 16), "red")], num_samples=2, seed=1)
+    assert torch.equal(var.codes, pipe([""], num_samples=2, seed=1, embeds=emb).codes)
+
+
+def test_a_cond_transformer_must_read_an_embedding(parts, two_models):
+    root = parts["root"]
+    with pytest.raises(ValueError, match="conditioned on a CLIP image embedding.*cond_dim=0"):
+        assemble(root / "pipe_bad", parts["text_tokenizer"], parts["vq"], parts["transformer"],
+                 clip=parts["clip"], prior=parts["prior"],
+                 cond_transformer=root / "text_tf")  # fmt: skip
+    assert not (root / "pipe_bad").exists()

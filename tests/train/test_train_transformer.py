@@ -256,3 +256,27 @@ def test_masked_generator_trains_on_the_same_recipe(tmp_path):
     assert model.cfg.masked and not (tmp_path / "transformer").exists()
     with pytest.raises(ConfigError, match="must be 'masked'"):
         config(tmp_path, "model.objective=ar", "model.layouts=full", cls=TrainMaskedConfig)
+
+
+def test_init_from_starts_an_embedding_conditioned_model_from_a_trained_one(tmp_path):
+    """DALL-E 2's decoder fine-tuned from the text-only transformer: every tensor of the folder
+    is copied, the conditioning embedding's start fresh; a folder of another shape is refused
+    by name before training."""
+    from dalle_ar.train.transformer import build
+
+    train(config(tmp_path / "text"), MemoryBatches(4))
+    src = Transformer.from_pretrained(tmp_path / "text" / "transformer")
+    cond = ["model.cond_dim=5", "model.cond_tokens=2"]
+    init = f"init_from={tmp_path / 'text' / 'transformer'}"
+    task, _ = build(config(tmp_path / "cond", *cond, init), MemoryBatches(4, cond_dim=5))
+    got = task.model.state_dict()
+    for name, value in src.state_dict().items():
+        assert torch.equal(got[name], value), name
+    fresh = set(got) - set(src.state_dict())
+    assert fresh == {"cond_proj.weight", "cond_proj.bias", "cond_pos_emb.weight", "cond_null"}
+    metrics = train(config(tmp_path / "cond", *cond, init), MemoryBatches(4, cond_dim=5))
+    assert metrics["step"] == 6 and Transformer.from_pretrained(tmp_path / "cond" / "transformer")
+    with pytest.raises(ConfigError, match=r"init_from.*shape mismatch: text_emb.weight"):
+        build(config(tmp_path / "wide", init, f"model.text_vocab={TV + 4}"), MemoryBatches(4))
+    with pytest.raises(ConfigError, match="init_from.*config.json is missing"):
+        build(config(tmp_path / "none", f"init_from={tmp_path}"), MemoryBatches(4))
