@@ -7,7 +7,9 @@ Our folders load in plain transformers too, but their text must be pooled as `te
 
 A CLIP folder holds `config.json` and `model.safetensors` (CLIPModel), the tokenizer's files
 (`tokenizer.json`, `tokenizer_config.json`: `AutoTokenizer`) and `preprocessor_config.json`
-(`CLIPImageProcessor`, which resizes and normalises our images). No pickle is ever loaded.
+(`CLIPImageProcessor` settings, which resize and normalise our images; read by transformers'
+PIL backend, `CLIPImageProcessorPil`, the class transformers falls back to, with a warning,
+without torchvision). No pickle is ever loaded.
 
 Traps of CLIPModel this module steps around:
 - The text is pooled at the first end-of-text token, read from the folder's tokenizer; CLIPModel
@@ -34,7 +36,7 @@ from torch import nn
 from transformers import (
     AutoTokenizer,
     CLIPConfig,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPModel,
     CLIPTextConfig,
     CLIPVisionConfig,
@@ -126,10 +128,10 @@ def clip_config(sizes: CLIPSizes, tokenizer: TextTokenizer) -> CLIPConfig:
     )
 
 
-def image_processor(image_size: int) -> CLIPImageProcessor:
+def image_processor(image_size: int) -> CLIPImageProcessorPil:
     """Shorter side resized (bicubic) to image_size, centre-cropped to a square of it (a no-op
     for square images), CLIP's mean and std."""
-    return CLIPImageProcessor(
+    return CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
     )
@@ -180,10 +182,10 @@ class CLIP:
     """A CLIPModel with the tokenizer and image processor of its folder.
 
     model: CLIPModel; tokenizer: a transformers tokenizer whose encoding of a caption ends in
-    its EOS token; processor: CLIPImageProcessor.
+    its EOS token; processor: CLIPImageProcessorPil.
     """
 
-    def __init__(self, model: CLIPModel, tokenizer, processor: CLIPImageProcessor) -> None:
+    def __init__(self, model: CLIPModel, tokenizer, processor: CLIPImageProcessorPil) -> None:
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
@@ -206,7 +208,7 @@ class CLIP:
         folder = check_clip_folder(folder)
         model = CLIPModel.from_pretrained(str(folder), use_safetensors=True).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        processor = CLIPImageProcessor.from_pretrained(str(folder))
+        processor = CLIPImageProcessorPil.from_pretrained(str(folder))
         return cls(model, tokenizer, processor)
 
     def save_pretrained(self, folder: str | Path) -> None:

@@ -4,6 +4,8 @@ folder, loaded back (ours and a user's own folder), scored in the CLIPScore conv
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -38,6 +40,13 @@ def test_our_clip_round_trips_as_a_hugging_face_folder(ours, tmp_path):
     assert meta["tokenizer_class"] == "PreTrainedTokenizerFast"  # a class transformers 4.x knows
     back = CLIP.from_pretrained(tmp_path / "clip")
     assert torch.allclose(back.score(IMAGES, PROMPTS), scores, atol=1e-5)
+    # the processor is read by the PIL backend itself: no fallback warning on every load (a
+    # fresh process: transformers warns once per process)
+    load = f"from dalle_ar.clip import CLIP; CLIP.from_pretrained({str(tmp_path / 'clip')!r})"
+    run = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
+    assert run.returncode == 0 and "torchvision" not in run.stderr, run.stderr
+    saved = json.loads((tmp_path / "clip" / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "CLIPImageProcessor"  # what other tools read
 
 
 def test_text_is_pooled_at_the_end_of_text_token(ours):
@@ -101,10 +110,10 @@ def test_an_incomplete_folder_or_bad_input_is_refused_by_name(tmp_path, ours):
 def test_tensor_pixels_follow_the_folders_processor(ours):
     """A processor that resizes to 24 and crops 20 (as openai's resize 224 / crop 224 pattern,
     at toy size): the tensor path gives the processor's pixels, up to the resize kernels."""
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessorPil
 
     clip, _ = ours
-    clip = CLIP(clip.model, clip.tokenizer, CLIPImageProcessor(
+    clip = CLIP(clip.model, clip.tokenizer, CLIPImageProcessorPil(
         size={"shortest_edge": 24}, crop_size={"height": 20, "width": 20}))  # fmt: skip
     y, x = torch.meshgrid(torch.linspace(0, 1, 40), torch.linspace(0, 1, 48), indexing="ij")
     wave = 0.5 + 0.5 * torch.sin(3 * torch.pi * x) * torch.cos(2 * torch.pi * y)
