@@ -43,6 +43,7 @@ from transformers import (
 )
 
 from dalle_ar.config import require
+from dalle_ar.data.shards import caption_chars
 from dalle_ar.text import TextTokenizer
 
 LOGIT_SCALE_MAX = math.log(100.0)  # the clamp of the learned temperature (the paper's)
@@ -270,7 +271,8 @@ class CLIP:
         still end it in EOS) unless `truncate` (training: cut to text_len, ending in EOS, as
         open_clip's tokenizer does; `too_long` counts them), or one that holds no EOS (it would
         be pooled at a word, not at its end)."""
-        prompts = list(prompts)
+        # cut by characters first: a megabyte caption would cost a megabyte of tokens, twice
+        prompts = [p[: caption_chars(self.text_len)] for p in prompts]
         lengths = [len(x) for x in self.tokenizer(prompts)["input_ids"]]
         long = [(p, n) for p, n in zip(prompts, lengths) if n > self.text_len]
         if long and not truncate:

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerFast
 
 from dalle_ar.checkpoint import atomic_dir, read_component_config
 from dalle_ar.config import require, to_dict
+from dalle_ar.data.shards import caption_chars
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +178,14 @@ class TextTokenizer:
         return norm.normalize_str(text) if norm is not None else text
 
     def tokenize_lengths(self, captions: Sequence[str]) -> list[int]:
-        """Content tokens per caption before truncation (no BOS/EOS)."""
+        """Content tokens per caption before truncation to text_len (no BOS/EOS), of its first
+        `caption_chars(text_len)` characters."""
         return [len(e.ids) for e in self._encode_raw(_as_list(captions))]
 
     def _encode_raw(self, captions: list[str]) -> list:
-        return self.backend.encode_batch(captions, add_special_tokens=False)
+        # cut by characters first: a megabyte caption would cost a megabyte of tokens
+        limit = caption_chars(self.text_len)
+        return self.backend.encode_batch([c[:limit] for c in captions], add_special_tokens=False)
 
     def encode(self, captions: list[str] | str) -> TextBatch:
         """Captions -> `TextBatch` of (B, text_len) ids and mask; over-long ones are truncated."""

@@ -185,9 +185,7 @@ def _sample(args: argparse.Namespace) -> int:
         return _masked(args, pipe, prompts)
     prime = None
     if args.prime_image:
-        from PIL import Image
-
-        prime = pipe.encode_prime(Image.open(args.prime_image).convert("RGB"), args.prime_rows)
+        prime = pipe.encode_prime(_picture(args.prime_image), args.prime_rows)
     elif args.prime_rows:
         raise ValueError("--prime-rows needs --prime-image")
     out = pipe(
@@ -224,7 +222,7 @@ def _masked(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> int:
         for f in (args.init, args.mask):
             if not Path(f).is_file():
                 raise FileNotFoundError(f"no such picture {f}")
-        init, mask = Image.open(args.init).convert("RGB"), Image.open(args.mask)
+        init, mask = _picture(args.init), Image.open(args.mask)
         out = pipe.inpaint([init] * len(prompts), [mask] * len(prompts), prompts, **common)
     else:
         out = pipe(prompts, mode="masked", **common)
@@ -232,9 +230,19 @@ def _masked(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> int:
     return 0
 
 
-def _variations(args: argparse.Namespace) -> int:
-    from PIL import Image
+def _picture(path: str | Path) -> Any:
+    """The picture at `path` as a viewer shows it (8-bit RGB PIL image, upright, transparency on
+    the data's grey: `dalle_ar.data.shards.decode_image`, as in training); ValueError naming the
+    file and the reason when it cannot be shown."""
+    from dalle_ar.data.shards import decode_image
 
+    img, reason = decode_image(Path(path).read_bytes())
+    if reason:
+        raise ValueError(f"cannot read the picture {path}: {reason}")
+    return img
+
+
+def _variations(args: argparse.Namespace) -> int:
     from dalle_ar.pipelines import Pipeline
 
     if args.prompts or args.prompts_file or args.prime_image:
@@ -242,7 +250,7 @@ def _variations(args: argparse.Namespace) -> int:
     missing = [f for f in args.variations if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"--variations: no such picture {missing}")
-    pics = [Image.open(f).convert("RGB") for f in args.variations]
+    pics = [_picture(f) for f in args.variations]
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     settings = {**from_args(args, ARSampling), **from_args(args, RerankSettings),
                 **upsample_from_args(args)}  # fmt: skip
@@ -259,8 +267,6 @@ def _upsample_images(args: argparse.Namespace) -> int:
     """--upsample-images: the given pictures upsampled (picture i with seed --seed + i; prompts,
     one per picture, for an upsampler that reads captions), saved as III_STEM.png with
     upsampled.json recording each one's source, seed and settings."""
-    from PIL import Image
-
     from dalle_ar.pipelines import Pipeline
 
     if args.variations or args.upsample:
@@ -270,7 +276,7 @@ def _upsample_images(args: argparse.Namespace) -> int:
     if missing:
         raise FileNotFoundError(f"--upsample-images: no such picture {missing}")
     prompts = _read_prompts(args) if (args.prompts or args.prompts_file) else None
-    pics = [Image.open(f).convert("RGB") for f in args.upsample_images]
+    pics = [_picture(f) for f in args.upsample_images]
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     seeds = [args.seed + i for i in range(len(pics))]
     settings = from_args(args, UpsampleSampling)

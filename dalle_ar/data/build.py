@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import sys
@@ -21,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dalle_ar.data import shapes
-from dalle_ar.data.shards import BadDataReport, write_shards
+from dalle_ar.data.shards import BadDataReport, decode_image, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +80,21 @@ def _fraction_of(text: str, seed: int) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def _folder_record(path: Path, size: int | None) -> tuple[Any, str]:
-    """(image bytes or resized PIL image, extension); raises on an unreadable image."""
+def _folder_record(path: Path, size: int | None) -> tuple[Any, str, str | None]:
+    """(image, extension, None) or (None, "", reason) for one picture: without `size`, the
+    file's own bytes (the loader decodes them as `decode_image` does); with it, the picture as
+    a viewer shows it (`decode_image`), its shorter side cut to `size`, as PNG."""
     data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        if size is None:
-            return data, path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-        scale = size / min(img.size)
-        if scale < 1:
-            w, h = round(img.size[0] * scale), round(img.size[1] * scale)
-            img = img.resize((max(size, w), max(size, h)), Image.Resampling.LANCZOS)
-        return img.copy(), "png"
+    img, reason = decode_image(data)
+    if reason:
+        return None, "", reason
+    if size is None:
+        return data, path.suffix.lower().lstrip(".").replace("jpeg", "jpg"), None
+    scale = size / min(img.size)
+    if scale < 1:
+        w, h = round(img.size[0] * scale), round(img.size[1] * scale)
+        img = img.resize((max(size, w), max(size, h)), Image.Resampling.LANCZOS)
+    return img, "png", None
 
 
 def build_folder(
@@ -123,10 +125,9 @@ def build_folder(
             if not cap:
                 report.add("missing_caption" if not txt.is_file() else "empty_caption", rel)
                 continue
-            try:
-                image, ext = _folder_record(p, size)
-            except Exception:  # PIL raises many types for corrupt files
-                report.add("bad_image", rel)
+            image, ext, reason = _folder_record(p, size)
+            if reason:
+                report.add(reason, rel)
                 continue
             yield {"__key__": key, ext: image, "txt": cap, "json": {"source": rel}}
 

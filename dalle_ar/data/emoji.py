@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from dalle_ar.data.shards import BACKGROUND
+from dalle_ar.data.shards import to_rgb
 
 EVAL_FRACTION = 0.1  # share of base emoji held out for evaluation
 SKIN_TONES = ("1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff")
@@ -118,9 +118,7 @@ def split_of(key: str, eval_fraction: float = EVAL_FRACTION) -> Literal["train",
 def load_image(pair: EmojiPair, size: int | None = None) -> Image.Image:
     """The picture as RGB on the neutral grey, optionally resized to size x size."""
     with Image.open(pair.path) as img:
-        rgba = img.convert("RGBA")
-    bg = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-    rgb = Image.alpha_composite(bg, rgba).convert("RGB")
+        rgb = to_rgb(img)
     if size is not None and rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.LANCZOS)
     return rgb

@@ -11,6 +11,7 @@ pass's report once.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
@@ -23,9 +24,13 @@ from dalle_ar.data.shards import (
     BadDataReport,
     _local_missing,
     _raw_samples,
+    caption_chars,
     decode_sample,
     expand_urls,
+    report_key,
 )
+
+log = logging.getLogger(__name__)
 
 _REPORT = "__report__"
 
@@ -55,7 +60,9 @@ class _Batches(torch.utils.data.IterableDataset):
 
     Shards are split across ranks x workers; with fewer shards than slots every slot reads every
     shard and keeps every n-th record instead, so no slot ever sits idle or repeats another.
-    A loader for other record types overrides `decode` and `collate` only."""
+    A loader for other record types overrides `decode` and `collate` only. With `text_len`,
+    captions are cut to `caption_chars(text_len)` characters, and each cut one is logged once
+    (per process or DataLoader worker: a fresh worker of a later pass logs it again)."""
 
     def __init__(
         self,
@@ -67,17 +74,20 @@ class _Batches(torch.utils.data.IterableDataset):
         seed: int,
         random_crop: bool,
         epochs: int | None,
+        text_len: int | None = None,
     ) -> None:
         super().__init__()
         self.urls, self.size, self.batch, self.train = urls, size, batch, train
         self.buffer, self.seed, self.random_crop, self.epochs = buffer, seed, random_crop, epochs
         self.start_epoch = 0
+        self.max_chars = None if text_len is None else caption_chars(text_len)
+        self._cut_keys: set[str] = set()  # records whose caption was cut and logged
 
     def decode(
         self, sample: dict[str, Any], rng: random.Random | None
     ) -> tuple[dict[str, Any] | None, str | None]:
         """Raw record -> (item, None) or (None, reason); rng is set for random crops."""
-        return decode_sample(sample, self.size, rng)
+        return decode_sample(sample, self.size, rng, self.max_chars)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return _collate(items)
@@ -103,6 +113,17 @@ class _Batches(torch.utils.data.IterableDataset):
             yield {_REPORT: report.to_dict(), "epoch": epoch, "slot": slot}
             epoch += 1
 
+    def _log_cut_caption(self, sample: dict[str, Any]) -> None:
+        raw = sample.get("txt", b"")
+        if self.max_chars is None or len(raw) <= self.max_chars:
+            return  # never more characters than bytes
+        n = len(raw.decode("utf-8").strip())  # decoded once already: it is valid UTF-8
+        key = sample["__key__"]
+        if n > self.max_chars and key not in self._cut_keys:
+            self._cut_keys.add(key)
+            log.warning("caption of %s (%s) has %d characters: cut to %d, as the model reads "
+                        "no more", key, sample.get("__url__", "?"), n, self.max_chars)  # fmt: skip
+
     def _records(
         self, epoch: int, slot: int, slots: int, report: BadDataReport
     ) -> Iterator[dict[str, Any]]:
@@ -124,8 +145,10 @@ class _Batches(torch.utils.data.IterableDataset):
                     continue
                 item, reason = self.decode(sample, crop_rng)
                 if item is None:
-                    report.add(reason or "bad_record", sample["__key__"])
-                elif not self.train or self.buffer <= 1:
+                    report.add(reason or "bad_record", report_key(sample, reason or ""))
+                    continue
+                self._log_cut_caption(sample)
+                if not self.train or self.buffer <= 1:
                     yield item
                 elif len(buf) < self.buffer:
                     buf.append(item)
@@ -217,16 +240,18 @@ def make_loader(
     seed: int = 0,
     random_crop: bool = False,
     epochs: int | None = None,
+    text_len: int | None = None,
 ) -> Loader:
     """Batches {"image": (B,3,S,S) float in [0,1], "caption", "meta", "key"} from webdataset
-    shards (a path, directory, brace glob or pipe: URL).
+    shards (a path, directory, brace glob or pipe: URL). `text_len`: the text positions of the
+    model that reads the captions; each is cut to `shards.caption_chars(text_len)` characters.
 
     train=True: shuffled (shard order per epoch, then a `shuffle_buffer` of records), repeated
     forever when epochs is None, full batches only. train=False: one deterministic pass, the
     last partial batch kept. Shards are split across DDP ranks and `num_workers` workers."""
     shards = checked_urls(urls, image_size, batch_size, shuffle_buffer, num_workers, epochs)
     dataset = _Batches(
-        shards, image_size, batch_size, train, shuffle_buffer, seed, random_crop, epochs
+        shards, image_size, batch_size, train, shuffle_buffer, seed, random_crop, epochs, text_len
     )
     return Loader(dataset, num_workers)
 

@@ -27,13 +27,14 @@ from typing import Any, Literal
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 # Transparent pixels are composited on this neutral grey (emoji and any RGBA input).
 BACKGROUND = (128, 128, 128)
+CHARS_PER_TEXT_POSITION = 64  # caption characters kept per text position (`caption_chars`)
 MAX_KEYS = 10_000  # keys kept per reason (counts stay exact), so a long run's report stays small
 
 
@@ -196,62 +197,161 @@ def _local_missing(urls: list[str]) -> list[str]:
     ]
 
 
+class _EndTarInfo(tarfile.TarInfo):
+    """A TarInfo that keeps, on its TarFile, why the member list ended: `tarfile` ends it
+    silently at a cut, empty or corrupt header as at the end-of-archive zero block."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as e:
+            tar._end_error = e  # type: ignore[attr-defined]
+            raise
+
+
+def _ended_cleanly(tar: tarfile.TarFile) -> bool:
+    """Whether the archive ended with its two end-of-archive zero blocks (POSIX; every writer,
+    Python's tarfile included, writes both): anything else is a cut or corrupt shard."""
+    if not isinstance(getattr(tar, "_end_error", None), tarfile.EOFHeaderError):
+        return False  # a cut or corrupt header, or end of file where a header should be
+    return tar.fileobj.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE
+
+
+# Member names webdataset's tar reader skips (its meta files), by its own rule.
+_META_NAME = re.compile(r"__[^/]*__($|/)")
+
+
+def split_name(name: str) -> tuple[str | None, str]:
+    """A member name -> (key, extension) by webdataset's rule (the key ends at the first dot of
+    the file name: "d/photo.v2.png" -> ("d/photo", "v2.png")); (None, "") for a name without a
+    dot or a meta file ("__x__") that webdataset skips. The extension is lower-cased, as
+    webdataset's grouping does."""
+    if _META_NAME.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+        return None, ""
+    key, ext = wds.tariterators.base_plus_ext(name)
+    return (key, ext.lower()) if key is not None else (None, "")
+
+
+def _whole(record: dict[str, Any], report: BadDataReport) -> Iterator[dict[str, Any]]:
+    if record.pop("__duplicate__", False):
+        report.add("duplicate_member", record["__key__"])
+    else:
+        yield record
+
+
 def _raw_samples(url: str, report: BadDataReport) -> Iterator[dict[str, Any]]:
-    """Group one shard's members by key. On a tar error (truncated, unreadable) the record whose
-    member was cut off is dropped and reported as `truncated_shard` ("URL#KEY"); when the break
-    falls between members the record in progress is dropped (it may lack a member); a shard
-    that yields nothing at all is `unreadable_shard` (URL)."""
-    errors: list[Exception] = []
-    tried: list[str] = [""]  # the member whose data is being read
+    """Group one shard's members into records by key (`split_name`), in tar order.
 
-    def handler(exn: Exception) -> bool:  # webdataset's hook for tar-level errors
-        errors.append(exn)
-        return True
-
-    def select(fname: str) -> bool:  # called before a member's data is read
-        tried[0] = fname
-        return True
-
-    streams = wds.tariterators.url_opener([{"url": url}], handler=handler)
-    files = wds.tariterators.tar_file_expander(
-        streams, handler=handler, select_files=select, eof_value=None
-    )
-    current: dict[str, Any] | None = None
-    done, seen_any = "", False
-    for f in files:
-        done, seen_any = f["fname"], True
-        key, ext = wds.tariterators.base_plus_ext(f["fname"])
-        if key is None:
-            continue
-        if current is not None and current["__key__"] != key:
-            yield current
-            current = None
-        if current is None:
-            current = {"__key__": key, "__url__": url}
-        current[ext.lower()] = f["data"]
-    if not errors:
+    A record is yielded only once it is known whole: when the next record's header has been
+    read, or when the archive ends with its end-of-archive blocks. A shard that ends any other
+    way (cut anywhere, even at a member boundary, which Python's tarfile takes for the end; a
+    corrupt header; a read error) is reported as `truncated_shard`: "URL#KEY" for the record in
+    progress, which is dropped, or "URL" when none was; one whose first header cannot be read is
+    `unreadable_shard` (URL). A record holding two members of one extension is dropped as
+    `duplicate_member` (KEY)."""
+    current: dict[str, Any] | None = None  # the record being read
+    clean, seen_any = False, False
+    try:
+        with wds.gopen(url, "rb") as stream, tarfile.open(
+            fileobj=stream, mode="r|*", tarinfo=_EndTarInfo
+        ) as tar:
+            for info in tar:
+                seen_any = True
+                tar.members = []  # stream mode would keep every header of the shard
+                key, ext = split_name(info.name)
+                if not info.isreg() or key is None:
+                    continue
+                if current is not None and current["__key__"] != key:
+                    yield from _whole(current, report)  # the next record has begun
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                if ext in current:
+                    current["__duplicate__"] = True
+                current[ext] = tar.extractfile(info).read()  # ReadError when cut
+            clean = _ended_cleanly(tar)
+    except Exception as e:  # tarfile, gzip, zlib and the opener raise many types
+        log.debug("tar error in %s: %s", url, e)
+    if clean:
         if current is not None:
-            yield current
-        return
-    log.debug("tar error in %s: %s", url, errors[0])
-    cut = wds.tariterators.base_plus_ext(tried[0])[0] if tried[0] != done else None
-    if current is not None and cut is not None and cut != current["__key__"]:
-        yield current  # complete: the next record's member was the one cut off
-        current = None
-    if cut is not None or current is not None:
-        report.add("truncated_shard", f"{url}#{cut if cut is not None else current['__key__']}")
+            yield from _whole(current, report)
+    elif current is not None:
+        report.add("truncated_shard", f"{url}#{current['__key__']}")
     elif not seen_any:
         report.add("unreadable_shard", url)
     else:
         report.add("truncated_shard", url)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, BACKGROUND + (255,))
-        return Image.alpha_composite(bg, img).convert("RGB")
-    return img.convert("RGB")
+# Pillow modes of one channel wider than 8 bits whose range is known: a viewer shows
+# value / full scale as the grey level (16-bit PNG and TIFF greys open as "I;16*", or as "I" from
+# a PNG). Other "I" images and float ("F") images have no known range and are skipped.
+_FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """A PIL image of any mode and bit depth -> 8-bit RGB as an image viewer shows it: turned
+    upright by its EXIF orientation, 16-bit greys scaled (not clipped) to 8 bits, transparency
+    composited on `BACKGROUND`. ValueError for pixels of unknown range (32-bit integer or float)
+    or a mode Pillow cannot convert; Pillow's own errors for an image it cannot decode."""
+    fmt = img.format
+    img.load()
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block: viewers ignore it, so do we
+        log.debug("unreadable EXIF orientation ignored")
+    full = _FULL_SCALE.get(img.mode)
+    if full is None and img.mode == "I" and fmt == "PNG":
+        full = 65535  # Pillow opens 16-bit greyscale PNGs as 32-bit "I"
+    if full is not None:
+        grey = np.asarray(img, dtype=np.float64) * (255.0 / full)
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    elif img.mode in ("I", "F"):
+        raise ValueError(f"unknown range: cannot show {img.mode} pixels as 8-bit RGB")
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA", "P") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as e:  # e.g. LAB: Pillow has no conversion
+        raise ValueError(f"unknown range: cannot show {img.mode} pixels as RGB ({e})") from None
+
+
+def decode_image(data: bytes, size: int | None = None) -> tuple[Image.Image | None, str | None]:
+    """Image file bytes -> (8-bit RGB PIL image as a viewer shows it (`to_rgb`), None) or (None,
+    reason): "bad_image" (not an image, or corrupt or cut), "image_too_large" (over Pillow's
+    decompression-bomb limit), "unsupported_image_mode" (pixels of unknown range). With `size`,
+    a JPEG may be decoded at a reduced scale whose sides are still >= size."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if size is not None:
+                img.draft("RGB", (size, size))
+            return to_rgb(img), None
+    except Image.DecompressionBombError:
+        return None, "image_too_large"
+    except ValueError as e:
+        return None, "unsupported_image_mode" if "unknown range" in str(e) else "bad_image"
+    except Exception:  # PIL raises many types for corrupt or truncated files
+        return None, "bad_image"
+
+
+def missing_member(sample: dict[str, Any], exts: tuple[str, ...], reason: str) -> str:
+    """Why a record holds none of `exts`: "dotted_key" when it holds a `STEM.ext` member, i.e. a
+    file name with a dot before its extension (webdataset's key ends at the first dot, so
+    `photo.v2.txt` is member "v2.txt" of record "photo"), else `reason`."""
+    dotted = any(e.endswith("." + x) for e in sample for x in exts)
+    return "dotted_key" if dotted else reason
+
+
+def report_key(sample: dict[str, Any], reason: str) -> str:
+    """The name a skipped record is reported by: its key, and for "dotted_key" also its members
+    as the shard names them ("photo (photo.v2.png, photo.v2.txt)")."""
+    key = sample["__key__"]
+    if reason != "dotted_key":
+        return key
+    return f"{key} ({', '.join(sorted(f'{key}.{e}' for e in sample if not e.startswith('__')))})"
 
 
 def resize_crop(img: Image.Image, size: int, rng: random.Random | None = None) -> np.ndarray:
@@ -271,15 +371,28 @@ def resize_crop(img: Image.Image, size: int, rng: random.Random | None = None) -
     return np.asarray(img, dtype=np.uint8)
 
 
-def read_caption(sample: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(caption, None) or (None, reason) for a raw sample's `txt` member."""
+def caption_chars(text_len: int) -> int:
+    """Characters of a caption kept for a text model of `text_len` positions: captions are cut
+    to this before any tokenizer sees them, so a megabyte caption costs what a long one does.
+    A byte-level BPE token spans at most a few words (rarely over 16 characters), so 64 per
+    position leaves every position the model reads as the whole caption would fill it."""
+    return CHARS_PER_TEXT_POSITION * text_len
+
+
+def read_caption(
+    sample: dict[str, Any], max_chars: int | None = None
+) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, reason) for a raw sample's `txt` member; a caption longer than
+    `max_chars` characters (`caption_chars`) is cut to them."""
     raw = sample.get("txt")
     if raw is None:
-        return None, "missing_caption"
+        return None, missing_member(sample, ("txt",), "missing_caption")
     try:
         text = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
         return None, "bad_caption_encoding"
+    if max_chars is not None:
+        text = text[:max_chars].rstrip()
     return (text, None) if text else (None, "empty_caption")
 
 
@@ -294,37 +407,40 @@ def read_meta(sample: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None
 
 
 def decode_sample(
-    sample: dict[str, Any], size: int, rng: random.Random | None = None
+    sample: dict[str, Any],
+    size: int,
+    rng: random.Random | None = None,
+    max_chars: int | None = None,
 ) -> tuple[dict[str, Any] | None, str | None]:
     """Raw tar sample -> ({"image": uint8 (S,S,3), "caption", "meta", "key"}, None) or
-    (None, reason) when the record must be skipped."""
-    caption, reason = read_caption(sample)
+    (None, reason) when the record must be skipped; the caption is cut to `max_chars`."""
+    caption, reason = read_caption(sample, max_chars)
     if reason:
         return None, reason
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
-        return None, "missing_image"
-    try:
-        with Image.open(io.BytesIO(sample[ext])) as img:
-            img.draft("RGB", (size, size))  # JPEG only: decode at a reduced scale >= size
-            image = resize_crop(_to_rgb(img), size, rng)
-    except Exception:  # PIL raises many types for corrupt or truncated files
-        return None, "bad_image"
+        return None, missing_member(sample, IMAGE_EXTS, "missing_image")
+    img, reason = decode_image(sample[ext], size)
+    if reason:
+        return None, reason
+    image = resize_crop(img, size, rng)
     meta, reason = read_meta(sample)
     if reason:
         return None, reason
     return {"image": image, "caption": caption, "meta": meta, "key": sample["__key__"]}, None
 
 
-def iter_captions(urls: str | list[str], report: BadDataReport | None = None) -> Iterator[str]:
-    """One pass over every caption (images are not decoded); bad captions are skipped, counted in
-    `report` and logged once at the end."""
+def iter_captions(
+    urls: str | list[str], report: BadDataReport | None = None, max_chars: int | None = None
+) -> Iterator[str]:
+    """One pass over every caption, each cut to `max_chars` (images are not decoded); bad
+    captions are skipped, counted in `report` and logged once at the end."""
     report = BadDataReport() if report is None else report
     for url in expand_urls(urls):
         for sample in _raw_samples(url, report):
-            caption, reason = read_caption(sample)
+            caption, reason = read_caption(sample, max_chars)
             if reason:
-                report.add(reason, sample["__key__"])
+                report.add(reason, report_key(sample, reason))
             else:
                 yield caption
     report.log_if_any("iter_captions")

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from dalle_ar.data.loader import Loader, _Batches, checked_urls, make_loader
-from dalle_ar.data.shards import read_caption, read_meta, write_samples
+from dalle_ar.data.shards import missing_member, read_caption, read_meta, write_samples
 
 if TYPE_CHECKING:
     from dalle_ar.clip import CLIP
@@ -53,15 +53,17 @@ def encode_codes(codes: np.ndarray, codebook_size: int) -> bytes:
     return buf.getvalue()
 
 
-def decode_token_sample(sample: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+def decode_token_sample(
+    sample: dict[str, Any], max_chars: int | None = None
+) -> tuple[dict[str, Any] | None, str | None]:
     """Raw tar sample -> ({"codes": int64 (h, w), "caption", "meta", "key"}, None) or
-    (None, reason) when the record must be skipped."""
-    caption, reason = read_caption(sample)
+    (None, reason) when the record must be skipped; the caption is cut to `max_chars`."""
+    caption, reason = read_caption(sample, max_chars)
     if reason:
         return None, reason
     raw = sample.get(CODES_EXT)
     if raw is None:
-        return None, "missing_codes"
+        return None, missing_member(sample, (CODES_EXT,), "missing_codes")
     try:
         codes = np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, OSError, EOFError):
@@ -108,7 +110,7 @@ class _TokenBatches(_Batches):
     def decode(
         self, sample: dict[str, Any], rng: random.Random | None
     ) -> tuple[dict[str, Any] | None, str | None]:
-        item, reason = decode_token_sample(sample)
+        item, reason = decode_token_sample(sample, self.max_chars)
         if item is None:
             return None, reason
         self.grid = self.grid or item["codes"].shape
@@ -157,14 +159,18 @@ def make_token_loader(
     num_workers: int = 0,
     seed: int = 0,
     epochs: int | None = None,
+    text_len: int | None = None,
 ) -> Loader:
     """Batches {"codes": (B, h, w) int64, "caption", "meta", "key"} from token shards; the
-    loader's `report` accumulates the skipped records of every pass. train=True: shuffled,
+    loader's `report` accumulates the skipped records of every pass; `text_len` cuts captions
+    as `make_loader` does. train=True: shuffled,
     repeats (forever when epochs is None), full batches only. train=False: one deterministic
     pass, last partial batch kept."""
     # The image loader's checks apply; image_size is unused here (1 passes them).
     shards = checked_urls(urls, 1, batch_size, shuffle_buffer, num_workers, epochs)
-    dataset = _TokenBatches(shards, 1, batch_size, train, shuffle_buffer, seed, False, epochs)
+    dataset = _TokenBatches(
+        shards, 1, batch_size, train, shuffle_buffer, seed, False, epochs, text_len
+    )
     return Loader(dataset, num_workers)
 
 

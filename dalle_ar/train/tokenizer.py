@@ -52,11 +52,12 @@ def caption_stats(tok: TextTokenizer, captions: list[str]) -> dict[str, float | 
     }
 
 
-def read_captions(urls: str, limit: int = 0) -> list[str]:
-    """All captions of the shard set (`limit` > 0 keeps the first `limit`)."""
-    from dalle_ar.data.shards import iter_captions  # the data stage; imported when it runs
+def read_captions(urls: str, limit: int = 0, text_len: int | None = None) -> list[str]:
+    """All captions of the shard set (`limit` > 0 keeps the first `limit`), each cut to
+    `caption_chars(text_len)` characters when `text_len` is given."""
+    from dalle_ar.data.shards import caption_chars, iter_captions  # imported when it runs
 
-    it = iter_captions(urls)
+    it = iter_captions(urls, max_chars=None if text_len is None else caption_chars(text_len))
     if limit:
         it = islice(it, limit)
     return list(tqdm(it, desc="captions", unit="cap", disable=None))
@@ -67,7 +68,7 @@ def train(cfg: TokenizerRecipeConfig) -> dict[str, float | int]:
     run = Run(cfg, cfg.run)
     run.init_wandb("tokenizer")
     try:
-        captions = read_captions(cfg.data.train, cfg.max_captions)
+        captions = read_captions(cfg.data.train, cfg.max_captions, cfg.tokenizer.text_len)
         if not captions:
             raise ValueError(f"no captions found in data.train={cfg.data.train!r}")
         log.info("read %d captions from %s", len(captions), cfg.data.train)

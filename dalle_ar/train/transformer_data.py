@@ -70,8 +70,9 @@ class ShardBatches:
     def _loader(self, urls: str, train: bool):
         d, seed = self.cfg.data, self.cfg.run.seed
         kw = dict(
-            train=train, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, seed=seed
-        )
+            train=train, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, seed=seed,
+            text_len=self.cfg.model.text_len,
+        )  # fmt: skip
         if self.cfg.data_format == "tokens":
             from dalle_ar.data.tokens import make_token_loader
 

@@ -117,3 +117,21 @@ def test_decode_and_collate_hooks_serve_other_record_types(shapes_shards):
     loader.dataset = CaptionLengths(loader.urls, 32, 16, False, 0, 0, False, None)
     lengths = [n for batch in loader for n in batch["n"]]
     assert len(lengths) == 64 and min(lengths) > 5
+
+
+def test_a_huge_caption_is_cut_to_what_the_model_reads_and_warned_once(tmp_path, caplog):
+    import numpy as np
+
+    from dalle_ar.data.shards import caption_chars, write_shards
+
+    huge = "a red circle left of a blue square " * 30_000  # about 1 MB
+    img = np.full((12, 12, 3), 90, np.uint8)
+    write_shards([("big", img, huge, {}), ("small", img, "a blue square", {})], tmp_path, "c", 8)
+    loader = make_loader(str(tmp_path), 12, 2, train=True, epochs=3, shuffle_buffer=0,
+                         text_len=32)  # fmt: skip
+    with caplog.at_level("WARNING", logger="dalle_ar.data.loader"):
+        captions = [c for batch in loader for c in batch["caption"]]
+    big = [c for c in captions if c != "a blue square"]
+    assert len(big) == 3 and big[0] == huge[: caption_chars(32)].rstrip()
+    warned = [r.getMessage() for r in caplog.records if "big" in r.getMessage()]
+    assert len(warned) == 1 and f"cut to {caption_chars(32)}" in warned[0]  # once, not per pass

@@ -316,3 +316,152 @@ def test_jpeg_shards_of_wide_images_load_at_the_configured_size(tmp_path):
     assert shards.write_shards(samples, tmp_path, "jpg", 10, image_format="jpg") == 3
     batch = next(iter(make_loader(str(tmp_path), 32, 3, train=False)))
     assert batch["image"].shape == (3, 3, 32, 32) and batch["meta"][2] == {"i": 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# Images as a viewer shows them: bit depth, orientation, transparency.
+
+
+def _image_bytes(img, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_a_16_bit_grey_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+    from PIL import Image
+
+    png = _image_bytes(Image.fromarray(np.full((12, 12), 40000, np.uint16)), "PNG")
+    img, reason = shards.decode_image(png)
+    assert reason is None and img.mode == "RGB"
+    assert np.asarray(img).min() == np.asarray(img).max() == 156  # 40000 / 65535 * 255 = 155.6
+    _tar(tmp_path / "g.tar", [("g.png", png), ("g.txt", b"grey")])
+    batch = next(iter(make_loader(str(tmp_path / "g.tar"), 12, 1, train=False)))
+    assert torch.allclose(batch["image"], torch.full((1, 3, 12, 12), 156 / 255))
+
+
+def test_a_jpeg_is_turned_upright_by_its_exif_orientation():
+    from PIL import Image
+
+    arr = np.zeros((16, 32, 3), np.uint8)
+    arr[:, 16:] = 255  # left half black, right half white, 32 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to show"
+    jpg = _image_bytes(Image.fromarray(arr), "JPEG", exif=exif.tobytes(), quality=95)
+    img, reason = shards.decode_image(jpg)
+    shown = np.asarray(img)
+    assert reason is None and shown.shape == (32, 16, 3)  # portrait, as a viewer shows it
+    assert shown[:12].mean() < 20 and shown[20:].mean() > 235  # the left half is now on top
+
+
+@pytest.mark.parametrize("mode", ["LA", "P", "RGBA"])
+def test_transparent_pixels_are_composited_on_the_background(mode):
+    from PIL import Image
+
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0)).convert(mode)  # fully transparent red
+    kw = {"transparency": 0} if mode == "P" else {}  # palette entry 0 is transparent
+    img, reason = shards.decode_image(_image_bytes(img, "PNG", **kw))
+    assert reason is None
+    assert tuple(np.asarray(img)[0, 0]) == shards.BACKGROUND
+
+
+def test_pixels_of_unknown_range_are_skipped_and_counted(tmp_path):
+    from PIL import Image
+
+    tif = _image_bytes(Image.fromarray(np.full((12, 12), 0.5, np.float32)), "TIFF")
+    assert shards.decode_image(tif) == (None, "unsupported_image_mode")
+    path = _tar(tmp_path / "f.tar", [("f.tif.png", tif), ("f.txt", b"x"),
+                                     ("k.png", tif), ("k.txt", b"float pixels")])  # fmt: skip
+    loader = make_loader(path, 12, 2, train=False)
+    assert _keys(loader) == [] and loader.report.keys["unsupported_image_mode"] == ["k"]
+
+
+def test_data_folder_shows_pictures_as_a_viewer_does(tmp_path):
+    from PIL import Image
+
+    from dalle_ar.data.build import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "grey16.png").write_bytes(
+        _image_bytes(Image.fromarray(np.full((20, 20), 40000, np.uint16)), "PNG")
+    )
+    (src / "grey16.txt").write_text("a 16-bit grey picture")
+    (src / "float.tif").write_bytes(b"")  # not an image extension of the folder: ignored
+    assert main(["folder", str(src), "--out", str(tmp_path / "o"), "--size", "10",
+                 "--eval-fraction", "0"]) == 0  # fmt: skip
+    with tarfile.open(tmp_path / "o" / "train-000000.tar") as tar:
+        png = tar.extractfile("000000000.png").read()
+    assert np.asarray(Image.open(io.BytesIO(png))).min() == 156
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys and shard ends.
+
+
+def test_a_key_with_dots_is_reported_as_such(tmp_path):
+    import webdataset as wds
+
+    path = _tar(tmp_path / "d.tar", [
+        ("photo.v2.png", _png()), ("photo.v2.txt", b"a photo"),
+        ("plain.png", _png()), ("plain.txt", b"a plain key"),
+    ])  # fmt: skip
+    # webdataset's own reader groups the dotted files under the key "photo" too
+    found = [(s["__key__"], sorted(k for k in s if not k.startswith("__")))
+             for s in wds.WebDataset(path, shardshuffle=False)]  # fmt: skip
+    assert found == [("photo", ["v2.png", "v2.txt"]), ("plain", ["png", "txt"])]
+    loader = make_loader(path, 12, 4, train=False)
+    assert _keys(loader) == ["plain"]
+    assert loader.report.counts == {"dotted_key": 1}
+    assert loader.report.keys["dotted_key"] == ["photo (photo.v2.png, photo.v2.txt)"]
+    report = shards.BadDataReport()
+    assert list(shards.iter_captions(path, report)) == ["a plain key"]
+    assert report.counts == {"dotted_key": 1}
+
+
+def test_a_record_with_two_members_of_one_extension_is_skipped(tmp_path):
+    path = _tar(tmp_path / "dup.tar", [
+        ("a.png", _png()), ("a.txt", b"first"), ("a.txt", b"second"),
+        ("b.png", _png()), ("b.txt", b"fine"),
+    ])  # fmt: skip
+    loader = make_loader(path, 12, 4, train=False)
+    assert _keys(loader) == ["b"] and loader.report.keys == {"duplicate_member": ["a"]}
+
+
+def _tiny_records_tar(path):
+    """Three records of two tiny members each (a text and a JSON member)."""
+    return _tar(path, [(f"r{i}.{ext}", data) for i in range(3)
+                       for ext, data in (("txt", f"record {i}".encode()), ("json", b"{}"))])  # fmt: skip
+
+
+def test_a_shard_cut_at_a_member_boundary_is_reported(tmp_path):
+    full = open(_tiny_records_tar(tmp_path / "full.tar"), "rb").read()
+    path = tmp_path / "cut.tar"
+    path.write_bytes(full[:3072])  # r0's two members, then r1.txt: `head -c 3072`
+    report = shards.BadDataReport()
+    assert [s["__key__"] for s in shards._raw_samples(str(path), report)] == ["r0"]
+    assert report.keys == {"truncated_shard": [f"{path}#r1"]}
+
+
+def test_a_shard_cut_anywhere_yields_whole_records_or_counts_them(tmp_path):
+    src = _tiny_records_tar(tmp_path / "full.tar")
+    with tarfile.open(src) as tar:
+        first = {m.name.split(".")[0]: m.offset for m in tar if m.name.endswith(".txt")}
+        end = tar.offset  # where the two end-of-archive blocks begin
+    full = open(src, "rb").read()
+    path = str(tmp_path / "cut.tar")
+    for cut in range(end + 2 * 512 + 1):
+        open(path, "wb").write(full[:cut])
+        report = shards.BadDataReport()
+        records = list(shards._raw_samples(path, report))
+        for r in records:  # whole: both members, as written
+            i = r["__key__"][1:]
+            assert (r["txt"], r["json"]) == (f"record {i}".encode(), b"{}"), cut
+        named = {k.rsplit("#", 1)[-1] for k in report.keys.get("truncated_shard", [])}
+        for key, offset in first.items():  # every record whose header was read is accounted
+            if offset + 512 <= cut:
+                assert key in named or key in [r["__key__"] for r in records], cut
+        if cut < end + 2 * 512:
+            assert report.total == 1, cut  # the cut shard is reported, once
+        else:
+            assert report.total == 0 and len(records) == 3

@@ -295,3 +295,17 @@ def test_training_alphabet_is_recorded_and_survives_save(tmp_path: Path) -> None
     assert "T" not in tok.alphabet and "😀" not in tok.alphabet
     tok.save_pretrained(tmp_path / "tok")
     assert TextTokenizer.from_pretrained(tmp_path / "tok").alphabet == tok.alphabet
+
+
+def test_a_huge_caption_is_cut_by_characters_before_tokenizing(tok: TextTokenizer) -> None:
+    from dalle_ar.data.shards import caption_chars
+
+    huge = "a red circle left of a blue square " * 30_000  # about 1 MB
+    limit = caption_chars(tok.text_len)
+    whole = tok.backend.encode(huge[:20_000], add_special_tokens=False).ids
+    # what the model reads is what the whole caption would give ...
+    assert tok.encode([huge]).ids[0, 1:-1].tolist() == whole[: tok.text_len - 2]
+    # ... but only the first `limit` characters are tokenized
+    cut = tok.backend.encode(huge[:limit], add_special_tokens=False).ids
+    assert tok.tokenize_lengths([huge]) == [len(cut)]
+    assert tok.tokenize_lengths([huge])[0] < limit
