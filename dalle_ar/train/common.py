@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from dalle_ar.checkpoint import (
+    complete_dir,
     load_train_state,
     rng_state,
     save_checkpoint,
@@ -208,37 +209,49 @@ class Run:
         save_checkpoint(self.ckpt_dir, model, model_cfg, component, state)
 
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Restore weights, optimizer and RNG from `ckpt/last`; return the saved state."""
+        """Restore weights, optimizer and RNG from the last checkpoint (`last_checkpoint`);
+        return the saved state. FileNotFoundError without one; ValueError for weights of
+        another shape (naming the tensors)."""
         from safetensors.torch import load_file
 
         from dalle_ar.checkpoint import load_state_strict
 
-        if not self.has_checkpoint():
+        found = last_checkpoint(self.dir)
+        if found is None:
             raise FileNotFoundError(f"--resume given but {self.ckpt_dir} holds no checkpoint")
-        weights = load_file(str(self.ckpt_dir / "model.safetensors"))
-        load_state_strict(model, weights, str(self.ckpt_dir), assign=False)
-        state = load_train_state(self.ckpt_dir)
+        weights = load_file(str(found / "model.safetensors"))
+        load_state_strict(model, weights, str(found), assign=False)
+        state = load_train_state(found)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d", self.ckpt_dir, state["step"])
+        log.info("resumed from %s at step %d", found, state["step"])
         return state
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
-    """Where a run keeps its last checkpoint: out_dir/ckpt/last."""
+    """Where a run writes its last checkpoint: out_dir/ckpt/last."""
     return Path(out_dir) / "ckpt" / "last"
+
+
+def last_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint a run resumes from: out_dir/ckpt/last, or the newest whole version a
+    process killed while replacing it left beside it (`checkpoint.complete_dir`); None
+    without one."""
+    found = complete_dir(checkpoint_dir(out_dir))
+    return found if found is not None and (found / "train_state.pt").is_file() else None
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:
     """Whether the run folder holds a complete checkpoint to resume from."""
-    return (checkpoint_dir(out_dir) / "train_state.pt").is_file()
+    return last_checkpoint(out_dir) is not None
 
 
 def spent_minutes(out_dir: str | Path) -> float:
     """Wall minutes a run has spent up to its last checkpoint (0 without one)."""
-    if not has_checkpoint(out_dir):
+    found = last_checkpoint(out_dir)
+    if found is None:
         return 0.0
-    return checkpoint_minutes(load_train_state(checkpoint_dir(out_dir)).get("extra", {}))
+    return checkpoint_minutes(load_train_state(found).get("extra", {}))
 
 
 def checkpoint_minutes(extra: dict[str, Any]) -> float:

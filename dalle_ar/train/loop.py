@@ -47,6 +47,7 @@ from dalle_ar.train.common import (
     NonFiniteLoss,
     Run,
     checkpoint_minutes,
+    last_checkpoint,
     lr_at,
     schedule_step,
     set_lr,
@@ -409,10 +410,13 @@ def _resume(run: Run, task: Task, info: dist.DistInfo, accum: int) -> Position:
     if dist.is_fsdp(task.model):
         from safetensors.torch import load_file
 
-        state = load_train_state(run.ckpt_dir)
-        weights = load_file(str(run.ckpt_dir / "model.safetensors"))
+        found = last_checkpoint(run.dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume given but {run.ckpt_dir} holds no checkpoint")
+        state = load_train_state(found)
+        weights = load_file(str(found / "model.safetensors"))
         dist.load_full_state(task.model, task.optimizer, weights, state["optimizer"])
-        log.info("resumed from %s at step %d", run.ckpt_dir, state["step"])
+        log.info("resumed from %s at step %d", found, state["step"])
     else:
         state = run.resume(dist.unwrap(task.model), task.optimizer)
     extra, step = state["extra"], int(state["step"])

@@ -199,3 +199,45 @@ def test_threads_follow_the_free_cpus(monkeypatch):
         monkeypatch.setattr(runtime, "free_cpus", lambda free=free: free)
         assert pick_threads(0) == want, free
     assert pick_threads(0, share=128) == 1  # split among many processes: still at least one
+
+
+# A write of ckpt/last killed by SIGKILL at its worst moment: the old folder moved aside, the new
+# one (whole) not yet renamed into place. argv: this folder, the run folder.
+KILLED_BETWEEN_RENAMES = """
+import os, pathlib, signal, sys
+sys.path.insert(0, sys.argv[1])
+import test_train_loop as t
+rename = pathlib.Path.rename
+def rename_or_die(self, target):
+    if ".tmp-" in self.name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(self, target)
+pathlib.Path.rename = rename_or_die
+t.toy_fit(t.toy_config(pathlib.Path(sys.argv[2]), "halt_after=4"), resume=True)
+"""
+
+
+def test_a_checkpoint_write_killed_between_its_renames_resumes_from_the_new_one(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from dalle_ar.checkpoint import load_train_state
+    from dalle_ar.train import common
+
+    toy_fit(toy_config(tmp_path / "plain"))
+    out = tmp_path / "run"
+    toy_fit(toy_config(out, "halt_after=2"))
+    here = str(Path(__file__).parent)
+    killed = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, here, str(out)])
+    assert killed.returncode == -9
+    left = sorted(p.name.split("-")[0] for p in (out / "ckpt").iterdir())
+    assert left == [".last.old", ".last.tmp"]  # no ckpt/last: step 2 aside, step 4 not in place
+    assert common.has_checkpoint(out)
+    assert load_train_state(common.last_checkpoint(out))["step"] == 4
+
+    caplog.set_level("INFO", logger="dalle_ar.train.common")
+    m = toy_fit(toy_config(out), resume=True)
+    assert "at step 4" in caplog.text and m["step"] == 6
+    for name, w in weights(out).items():
+        assert torch.equal(w, weights(tmp_path / "plain")[name]), name
+    assert [p.name for p in (out / "ckpt").iterdir()] == ["last"]  # the leftovers are gone
