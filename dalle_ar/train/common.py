@@ -127,7 +127,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class Run:
-    """A run folder: resolved config, wandb, checkpoints (`ckpt/last`), metrics JSON."""
+    """A run folder: resolved config, wandb, checkpoints (`ckpt/last`), metrics JSON. Nothing
+    is written before `begin`."""
 
     def __init__(self, cfg: Any, run: RunConfig, rank: int = 0) -> None:
         self.cfg = cfg
@@ -138,9 +139,13 @@ class Run:
         self.start_time = time.time()
         self.minutes_before = 0.0  # minutes spent by earlier processes of this run (resumes)
         self._wandb = None
-        if rank == 0:
+
+    def begin(self) -> None:
+        """Create the folder and write the resolved config (`config.yaml`): called once the run
+        is accepted, so a refused resume leaves the folder as it was. Rank 0 only writes."""
+        if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.dir / "config.yaml")
+            save_config(self.cfg, self.dir / "config.yaml")
 
     @property
     def is_main(self) -> bool:
