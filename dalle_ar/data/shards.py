@@ -294,12 +294,13 @@ def read_meta(sample: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None
 
 
 def decode_sample(
-    sample: dict[str, Any], size: int, rng: random.Random | None = None
+    sample: dict[str, Any], size: int, rng: random.Random | None = None, captions: bool = True
 ) -> tuple[dict[str, Any] | None, str | None]:
     """Raw tar sample -> ({"image": uint8 (S,S,3), "caption", "meta", "key"}, None) or
-    (None, reason) when the record must be skipped."""
+    (None, reason) when the record must be skipped. captions=False: a missing or empty caption
+    is no reason (caption "")."""
     caption, reason = read_caption(sample)
-    if reason:
+    if reason and captions:
         return None, reason
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
@@ -313,7 +314,7 @@ def decode_sample(
     meta, reason = read_meta(sample)
     if reason:
         return None, reason
-    return {"image": image, "caption": caption, "meta": meta, "key": sample["__key__"]}, None
+    return {"image": image, "caption": caption or "", "meta": meta, "key": sample["__key__"]}, None
 
 
 def iter_captions(urls: str | list[str], report: BadDataReport | None = None) -> Iterator[str]:

@@ -328,21 +328,40 @@ def recipe_config(
         return None
 
 
+def training_batches(loader: Iterable[dict[str, Any]], urls: str) -> Iterator[dict[str, Any]]:
+    """The batches of an endless training loader (`dalle_ar.data.loader.Loader`) over `urls`.
+    ValueError, naming why its records were skipped, when a whole pass yielded no record: the
+    loader ends there, where it would otherwise loop forever without a batch."""
+    yield from loader
+    empty = getattr(loader, "empty_pass", None)
+    if empty is not None:
+        _, report = empty
+        why = report.summary() if report.total else "the shards hold no records"
+        raise ValueError(f"a whole pass over the training shards {urls} yielded no record: {why}")
+
+
 class ShardImages:
     """A `loop.Source` of image-caption batches {"image": (B, 3, S, S) in [0, 1], "caption",
     "meta", "key"} from a recipe's data.train and data.eval (`config.DataConfig`); under DDP each
-    rank reads its part of the shards (dalle_ar.data.loader). The VQ and CLIP recipes read it."""
+    rank reads its part of the shards (dalle_ar.data.loader). The VQ, CLIP and upsampler recipes
+    read it; `captions=False` keeps the records without a caption (caption "") for a model that
+    reads none."""
 
-    def __init__(self, cfg: Any) -> None:  # any recipe config with `data` and `run.seed`
-        self.data, self.seed = cfg.data, cfg.run.seed
+    def __init__(self, cfg: Any, captions: bool = True) -> None:  # cfg: `data` and `run.seed`
+        self.data, self.seed, self.captions = cfg.data, cfg.run.seed, captions
 
     def train(self, skip: int) -> Iterator[dict[str, Any]]:
+        """This rank's batches from the `skip`-th on; ValueError for a pass that yields none
+        (`training_batches`)."""
         from dalle_ar.data.loader import loader_from_config  # the data stage; imported when used
 
-        batches = loader_from_config(self.data, "train", seed=self.seed)
-        return itertools.islice(iter(batches), skip, None)  # exact with num_workers=0
+        loader = loader_from_config(self.data, "train", seed=self.seed, captions=self.captions)
+        batches = training_batches(loader, self.data.train)
+        return itertools.islice(batches, skip, None)  # exact: the order is fixed by the seed
 
     def eval(self) -> Iterable[dict[str, Any]] | None:
         from dalle_ar.data.loader import loader_from_config
 
-        return loader_from_config(self.data, "eval", seed=self.seed) if self.data.eval else None
+        if not self.data.eval:
+            return None
+        return loader_from_config(self.data, "eval", seed=self.seed, captions=self.captions)
