@@ -93,13 +93,16 @@ def complete_dir(path: str | Path) -> Path | None:
     `DONE` marker) or the previous version moved aside. Reads only; the next write of `path`
     removes the leftovers."""
     path = Path(path)
-    found: list[tuple[int, int, Path]] = []  # (time, preference on a tie, folder)
+    # (time, preference on a tie, folder). A finished temporary folder wins a tie with `path`:
+    # `path` took its time when it was put in place, which a finished write comes after, unless
+    # a later write's clean-up was killed, a far less likely moment
+    found: list[tuple[int, int, Path]] = []
     if path.is_dir():
-        found.append((path.stat().st_mtime_ns, 2, path))
+        found.append((path.stat().st_mtime_ns, 1, path))
     for left in _leftovers(path):
         if left.name.startswith(f".{path.name}.tmp-"):
             if (left / DONE).is_file():
-                found.append(((left / DONE).stat().st_mtime_ns, 1, left))
+                found.append(((left / DONE).stat().st_mtime_ns, 2, left))
         elif not path.is_dir():  # a moved-aside version counts only without `path`
             found.append((left.stat().st_mtime_ns, 0, left))
     return max(found)[2] if found else None
