@@ -5,7 +5,8 @@ A component folder holds `config.json` (the model config as a dict, plus `"compo
 tensors strictly, so a checkpoint of another shape is refused with the names that differ.
 Training state (optimizer, step, RNG, data position) lives beside it in `train_state.pt`, loaded
 with `weights_only=True`. Every write goes to a temporary folder that is renamed into place, so a
-killed process never leaves a half-written checkpoint.
+killed process never leaves a half-written checkpoint, and never loses the last whole one
+(`complete_dir`).
 """
 
 from __future__ import annotations
@@ -39,25 +40,72 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     return path
 
 
+DONE = ".complete"  # written last into a temporary folder of `atomic_dir`: its write finished
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `path` in one rename."""
+    """Yield a temporary folder; on success it replaces `path`.
+
+    The files are synced and a marker (`DONE`) is written last, so a finished temporary folder
+    is recognisable: a process killed between the two renames (the old `path` moved aside, the
+    new folder not yet moved in) loses nothing, and `complete_dir` finds the newest whole
+    version. Once the new folder is in place, what killed writes left beside it is removed (one
+    writer per folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
+        fsync_dir(tmp)
+        with open(tmp / DONE, "w") as f:
+            os.fsync(f.fileno())
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            tmp.rename(path)
+        except BaseException:
+            if old is not None and not path.exists():
+                old.rename(path)  # the version before stays in place
+            raise
+        (path / DONE).unlink(missing_ok=True)
+        for left in _leftovers(path):
+            shutil.rmtree(left, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _leftovers(path: Path) -> list[Path]:
+    """The temporary and moved-aside folders of `atomic_dir` writes of `path`."""
+    if not path.parent.is_dir():
+        return []
+    names = (f".{path.name}.tmp-", f".{path.name}.old-")
+    return sorted(p for p in path.parent.iterdir() if p.name.startswith(names) and p.is_dir())
+
+
+def complete_dir(path: str | Path) -> Path | None:
+    """The newest whole version of a folder `atomic_dir` writes, or None: `path` itself, or, after
+    a process was killed while replacing it, a temporary folder whose write finished (it holds the
+    `DONE` marker) or the previous version moved aside. Reads only; the next write of `path`
+    removes the leftovers."""
+    path = Path(path)
+    # (time, preference on a tie, folder). A finished temporary folder wins a tie with `path`:
+    # `path` took its time when it was put in place, which a finished write comes after, unless
+    # a later write's clean-up was killed, a far less likely moment
+    found: list[tuple[int, int, Path]] = []
+    if path.is_dir():
+        found.append((path.stat().st_mtime_ns, 1, path))
+    for left in _leftovers(path):
+        if left.name.startswith(f".{path.name}.tmp-"):
+            if (left / DONE).is_file():
+                found.append(((left / DONE).stat().st_mtime_ns, 2, left))
+        elif not path.is_dir():  # a moved-aside version counts only without `path`
+            found.append((left.stat().st_mtime_ns, 0, left))
+    return max(found)[2] if found else None
 
 
 def save_pretrained(model: torch.nn.Module, config: Any, path: str | Path, component: str) -> None:
@@ -255,11 +303,11 @@ def save_checkpoint(
     with atomic_dir(path) as tmp:
         write_component(model, config, tmp, component)
         torch.save(train_state, tmp / "train_state.pt")
-        fsync_dir(tmp)
 
 
 def fsync_dir(folder: Path) -> None:
-    for f in folder.iterdir():
+    """Flush every file under `folder` to disk."""
+    for f in folder.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

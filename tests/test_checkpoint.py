@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 from pathlib import Path
 
@@ -181,3 +182,26 @@ def test_train_state_loads_with_weights_only(tmp_path: Path) -> None:
 def test_load_train_state_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="train_state.pt"):
         load_train_state(tmp_path)
+
+
+def test_complete_dir_takes_only_a_finished_write(tmp_path: Path) -> None:
+    from dalle_ar.checkpoint import DONE, complete_dir
+
+    assert complete_dir(tmp_path / "toy") is None
+    save_pretrained(_toy(seed=1), ToyConfig(), tmp_path / "toy", "toy")
+    unfinished = tmp_path / ".toy.tmp-0000"  # killed while writing: no marker
+    unfinished.mkdir()
+    (unfinished / "model.safetensors").write_bytes(b"half")
+    assert complete_dir(tmp_path / "toy") == tmp_path / "toy"
+    finished = tmp_path / ".toy.tmp-1111"  # killed after its marker, before its renames
+    finished.mkdir()
+    (finished / DONE).touch()
+    assert complete_dir(tmp_path / "toy") == finished
+    os.utime(finished / DONE, ns=(1, 1))  # older than the folder in place: a stale leftover
+    assert complete_dir(tmp_path / "toy") == tmp_path / "toy"
+    (finished / DONE).touch()
+    (tmp_path / "toy").rename(tmp_path / ".toy.old-2222")
+    assert complete_dir(tmp_path / "toy") == finished
+    save_pretrained(_toy(seed=2), ToyConfig(), tmp_path / "toy", "toy")  # a newer one in place
+    assert [p.name for p in tmp_path.iterdir()] == ["toy"]
+    assert not (tmp_path / "toy" / DONE).exists()

@@ -4,9 +4,10 @@
 `make_loader` gives image batches; another record type (token shards, `dalle_ar.data.tokens`)
 subclasses `_Batches`, overriding `decode` and `collate`, and runs through the same `Loader`: the
 same shard split across ranks and workers, the same shuffle buffer and seeds, the same bad-record
-rules. DataLoader workers cannot share memory, so each worker sends its `BadDataReport` through
-the batch stream as a marker item after each of its passes; the loader merges them and logs each
-pass's report once.
+rules. DataLoader workers cannot share memory, so each worker sends its `BadDataReport` (and how
+many records it kept) through the batch stream as a marker item after each of its passes; the
+loader merges them, logs each pass's report once, and ends an endless training loader after a
+pass that kept no record at all (its consumer says why: `Loader.empty_pass`).
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ class _Batches(torch.utils.data.IterableDataset):
         random_crop: bool,
         epochs: int | None,
         text_len: int | None = None,
+        captions: bool = True,
     ) -> None:
         super().__init__()
         self.urls, self.size, self.batch, self.train = urls, size, batch, train
         self.buffer, self.seed, self.random_crop, self.epochs = buffer, seed, random_crop, epochs
+        self.captions = captions  # False: a record without a caption is kept (caption "")
         self.start_epoch = 0
         self.max_chars = None if text_len is None else caption_chars(text_len)
         self._cut_keys: set[str] = set()  # records whose caption was cut and logged
@@ -87,7 +90,7 @@ class _Batches(torch.utils.data.IterableDataset):
         self, sample: dict[str, Any], rng: random.Random | None
     ) -> tuple[dict[str, Any] | None, str | None]:
         """Raw record -> (item, None) or (None, reason); rng is set for random crops."""
-        return decode_sample(sample, self.size, rng, self.max_chars)
+        return decode_sample(sample, self.size, rng, self.max_chars, captions=self.captions)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return _collate(items)
@@ -101,8 +104,9 @@ class _Batches(torch.utils.data.IterableDataset):
         pending: list[dict[str, Any]] = []
         epoch = self.start_epoch
         while epochs is None or epoch < self.start_epoch + epochs:
-            report = BadDataReport()
+            report, kept = BadDataReport(), 0
             for item in self._records(epoch, slot, slots, report):
+                kept += 1
                 pending.append(item)
                 if len(pending) == self.batch:
                     yield self.collate(pending)
@@ -110,7 +114,7 @@ class _Batches(torch.utils.data.IterableDataset):
             if not self.train and pending:  # evaluation keeps the last partial batch
                 yield self.collate(pending)
                 pending = []
-            yield {_REPORT: report.to_dict(), "epoch": epoch, "slot": slot}
+            yield {_REPORT: report.to_dict(), "epoch": epoch, "slot": slot, "records": kept}
             epoch += 1
 
     def _log_cut_caption(self, sample: dict[str, Any]) -> None:
@@ -197,6 +201,8 @@ class Loader:
         self.num_workers, self.train = num_workers, dataset.train
         self.report = BadDataReport()
         self._passes = 0
+        # (pass, its report) of a training pass that kept no record; the iteration ended there
+        self.empty_pass: tuple[int, BadDataReport] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # a new iteration continues the epoch count, so a restarted train loader reshuffles
@@ -210,23 +216,30 @@ class Loader:
                 num_workers=self.num_workers,
                 collate_fn=_identity,
                 pin_memory=torch.cuda.is_available(),
+                # the workers' base seed from a generator of its own: starting them draws nothing
+                # from torch's global one, which a resumed run restores to the step it stopped at
+                generator=torch.Generator().manual_seed(self.dataset.seed),
             )
         _, world = _rank_world()
         slots = max(1, self.num_workers)
-        per_epoch: dict[int, tuple[int, BadDataReport]] = {}
+        per_epoch: dict[int, tuple[int, int, BadDataReport]] = {}
         for item in stream:
             if _REPORT not in item:
                 yield item
                 continue
             epoch = int(item["epoch"])
-            seen, rep = per_epoch.pop(epoch, (0, BadDataReport()))
+            seen, kept, rep = per_epoch.pop(epoch, (0, 0, BadDataReport()))
+            kept += int(item.get("records", 0))
             rep.merge(item[_REPORT])
             self.report.merge(item[_REPORT])
             if seen + 1 < slots:
-                per_epoch[epoch] = (seen + 1, rep)
+                per_epoch[epoch] = (seen + 1, kept, rep)
                 continue
             self._passes = max(self._passes, epoch + 1)
             rep.log_if_any(f"data pass {epoch}" + (f" (rank-local, {world} ranks)" * (world > 1)))
+            if self.train and kept == 0:  # every later pass would yield nothing as well
+                self.empty_pass = (epoch, rep)
+                return
 
 
 def make_loader(
@@ -241,23 +254,32 @@ def make_loader(
     random_crop: bool = False,
     epochs: int | None = None,
     text_len: int | None = None,
+    captions: bool = True,
 ) -> Loader:
     """Batches {"image": (B,3,S,S) float in [0,1], "caption", "meta", "key"} from webdataset
     shards (a path, directory, brace glob or pipe: URL). `text_len`: the text positions of the
     model that reads the captions; each is cut to `shards.caption_chars(text_len)` characters.
+    captions=False keeps records without a caption (caption ""), for models that read none.
 
     train=True: shuffled (shard order per epoch, then a `shuffle_buffer` of records), repeated
-    forever when epochs is None, full batches only. train=False: one deterministic pass, the
-    last partial batch kept. Shards are split across DDP ranks and `num_workers` workers."""
+    forever when epochs is None, full batches only; a pass that keeps no record ends it
+    (`Loader.empty_pass`). train=False: one deterministic pass, the last partial batch kept.
+    Shards are split across DDP ranks and `num_workers` workers. ValueError for bad arguments
+    and missing local shards."""
     shards = checked_urls(urls, image_size, batch_size, shuffle_buffer, num_workers, epochs)
     dataset = _Batches(
-        shards, image_size, batch_size, train, shuffle_buffer, seed, random_crop, epochs, text_len
+        shards, image_size, batch_size, train, shuffle_buffer, seed, random_crop, epochs,
+        text_len, captions,
     )
     return Loader(dataset, num_workers)
 
 
-def loader_from_config(cfg: DataConfig, split: Literal["train", "eval"], seed: int = 0) -> Loader:
-    """The loader a recipe uses for `cfg.train` or `cfg.eval` (random crops only in training)."""
+def loader_from_config(
+    cfg: DataConfig, split: Literal["train", "eval"], seed: int = 0, captions: bool = True
+) -> Loader:
+    """The loader a recipe uses for `cfg.train` or `cfg.eval` (random crops only in training;
+    `captions` as in `make_loader`). ValueError for an empty split or what `make_loader`
+    refuses."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     urls = cfg.train if split == "train" else cfg.eval
@@ -267,4 +289,5 @@ def loader_from_config(cfg: DataConfig, split: Literal["train", "eval"], seed: i
     return make_loader(
         urls, cfg.image_size, cfg.batch_size, train=train, shuffle_buffer=cfg.shuffle_buffer,
         num_workers=cfg.num_workers, seed=seed, random_crop=cfg.random_crop and train,
+        captions=captions,
     )  # fmt: skip

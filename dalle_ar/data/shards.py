@@ -411,11 +411,13 @@ def decode_sample(
     size: int,
     rng: random.Random | None = None,
     max_chars: int | None = None,
+    captions: bool = True,
 ) -> tuple[dict[str, Any] | None, str | None]:
     """Raw tar sample -> ({"image": uint8 (S,S,3), "caption", "meta", "key"}, None) or
-    (None, reason) when the record must be skipped; the caption is cut to `max_chars`."""
+    (None, reason) when the record must be skipped; the caption is cut to `max_chars`.
+    captions=False: a missing or empty caption is no reason (caption "")."""
     caption, reason = read_caption(sample, max_chars)
-    if reason:
+    if reason and captions:
         return None, reason
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
@@ -427,7 +429,7 @@ def decode_sample(
     meta, reason = read_meta(sample)
     if reason:
         return None, reason
-    return {"image": image, "caption": caption, "meta": meta, "key": sample["__key__"]}, None
+    return {"image": image, "caption": caption or "", "meta": meta, "key": sample["__key__"]}, None
 
 
 def iter_captions(

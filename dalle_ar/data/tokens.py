@@ -103,6 +103,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 class _TokenBatches(_Batches):
     """`loader._Batches` (split, shuffle, bad-record counting) with token records for images."""
 
+    codebook_size: int = 0  # > 0: a record with a code >= it is skipped ("code_out_of_range")
     grid: tuple[int, ...] | None = None  # the first record's grid; every batch must share it
     # the first record's CLIP embedding sizes ({} for none); every record must match them
     embeds: dict[str, int] | None = None
@@ -113,6 +114,8 @@ class _TokenBatches(_Batches):
         item, reason = decode_token_sample(sample, self.max_chars)
         if item is None:
             return None, reason
+        if self.codebook_size and int(item["codes"].max()) >= self.codebook_size:
+            return None, "code_out_of_range"
         self.grid = self.grid or item["codes"].shape
         if item["codes"].shape != self.grid:
             return None, "codes_grid_mismatch"
@@ -160,17 +163,20 @@ def make_token_loader(
     seed: int = 0,
     epochs: int | None = None,
     text_len: int | None = None,
+    codebook_size: int = 0,
 ) -> Loader:
     """Batches {"codes": (B, h, w) int64, "caption", "meta", "key"} from token shards; the
     loader's `report` accumulates the skipped records of every pass; `text_len` cuts captions
-    as `make_loader` does. train=True: shuffled,
-    repeats (forever when epochs is None), full batches only. train=False: one deterministic
-    pass, last partial batch kept."""
+    as `make_loader` does. train=True: shuffled, repeats (forever when epochs is None; a pass
+    that keeps no record ends it), full batches only. train=False: one deterministic pass, last
+    partial batch kept. codebook_size > 0: a record holding a code >= it is skipped and counted
+    ("code_out_of_range"). ValueError for bad arguments and missing local shards."""
     # The image loader's checks apply; image_size is unused here (1 passes them).
     shards = checked_urls(urls, 1, batch_size, shuffle_buffer, num_workers, epochs)
     dataset = _TokenBatches(
         shards, 1, batch_size, train, shuffle_buffer, seed, False, epochs, text_len
     )
+    dataset.codebook_size = codebook_size
     return Loader(dataset, num_workers)
 
 

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from dalle_ar.checkpoint import (
+    complete_dir,
     load_train_state,
     rng_state,
     save_checkpoint,
@@ -126,7 +127,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class Run:
-    """A run folder: resolved config, wandb, checkpoints (`ckpt/last`), metrics JSON."""
+    """A run folder: resolved config, wandb, checkpoints (`ckpt/last`), metrics JSON. Nothing
+    is written before `begin`."""
 
     def __init__(self, cfg: Any, run: RunConfig, rank: int = 0) -> None:
         self.cfg = cfg
@@ -137,9 +139,13 @@ class Run:
         self.start_time = time.time()
         self.minutes_before = 0.0  # minutes spent by earlier processes of this run (resumes)
         self._wandb = None
-        if rank == 0:
+
+    def begin(self) -> None:
+        """Create the folder and write the resolved config (`config.yaml`): called once the run
+        is accepted, so a refused resume leaves the folder as it was. Rank 0 only writes."""
+        if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.dir / "config.yaml")
+            save_config(self.cfg, self.dir / "config.yaml")
 
     @property
     def is_main(self) -> bool:
@@ -208,37 +214,49 @@ class Run:
         save_checkpoint(self.ckpt_dir, model, model_cfg, component, state)
 
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Restore weights, optimizer and RNG from `ckpt/last`; return the saved state."""
+        """Restore weights, optimizer and RNG from the last checkpoint (`last_checkpoint`);
+        return the saved state. FileNotFoundError without one; ValueError for weights of
+        another shape (naming the tensors)."""
         from safetensors.torch import load_file
 
         from dalle_ar.checkpoint import load_state_strict
 
-        if not self.has_checkpoint():
+        found = last_checkpoint(self.dir)
+        if found is None:
             raise FileNotFoundError(f"--resume given but {self.ckpt_dir} holds no checkpoint")
-        weights = load_file(str(self.ckpt_dir / "model.safetensors"))
-        load_state_strict(model, weights, str(self.ckpt_dir), assign=False)
-        state = load_train_state(self.ckpt_dir)
+        weights = load_file(str(found / "model.safetensors"))
+        load_state_strict(model, weights, str(found), assign=False)
+        state = load_train_state(found)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d", self.ckpt_dir, state["step"])
+        log.info("resumed from %s at step %d", found, state["step"])
         return state
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
-    """Where a run keeps its last checkpoint: out_dir/ckpt/last."""
+    """Where a run writes its last checkpoint: out_dir/ckpt/last."""
     return Path(out_dir) / "ckpt" / "last"
+
+
+def last_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint a run resumes from: out_dir/ckpt/last, or the newest whole version a
+    process killed while replacing it left beside it (`checkpoint.complete_dir`); None
+    without one."""
+    found = complete_dir(checkpoint_dir(out_dir))
+    return found if found is not None and (found / "train_state.pt").is_file() else None
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:
     """Whether the run folder holds a complete checkpoint to resume from."""
-    return (checkpoint_dir(out_dir) / "train_state.pt").is_file()
+    return last_checkpoint(out_dir) is not None
 
 
 def spent_minutes(out_dir: str | Path) -> float:
     """Wall minutes a run has spent up to its last checkpoint (0 without one)."""
-    if not has_checkpoint(out_dir):
+    found = last_checkpoint(out_dir)
+    if found is None:
         return 0.0
-    return checkpoint_minutes(load_train_state(checkpoint_dir(out_dir)).get("extra", {}))
+    return checkpoint_minutes(load_train_state(found).get("extra", {}))
 
 
 def checkpoint_minutes(extra: dict[str, Any]) -> float:
@@ -310,21 +328,40 @@ def recipe_config(
         return None
 
 
+def training_batches(loader: Iterable[dict[str, Any]], urls: str) -> Iterator[dict[str, Any]]:
+    """The batches of an endless training loader (`dalle_ar.data.loader.Loader`) over `urls`.
+    ValueError, naming why its records were skipped, when a whole pass yielded no record: the
+    loader ends there, where it would otherwise loop forever without a batch."""
+    yield from loader
+    empty = getattr(loader, "empty_pass", None)
+    if empty is not None:
+        _, report = empty
+        why = report.summary() if report.total else "the shards hold no records"
+        raise ValueError(f"a whole pass over the training shards {urls} yielded no record: {why}")
+
+
 class ShardImages:
     """A `loop.Source` of image-caption batches {"image": (B, 3, S, S) in [0, 1], "caption",
     "meta", "key"} from a recipe's data.train and data.eval (`config.DataConfig`); under DDP each
-    rank reads its part of the shards (dalle_ar.data.loader). The VQ and CLIP recipes read it."""
+    rank reads its part of the shards (dalle_ar.data.loader). The VQ, CLIP and upsampler recipes
+    read it; `captions=False` keeps the records without a caption (caption "") for a model that
+    reads none."""
 
-    def __init__(self, cfg: Any) -> None:  # any recipe config with `data` and `run.seed`
-        self.data, self.seed = cfg.data, cfg.run.seed
+    def __init__(self, cfg: Any, captions: bool = True) -> None:  # cfg: `data` and `run.seed`
+        self.data, self.seed, self.captions = cfg.data, cfg.run.seed, captions
 
     def train(self, skip: int) -> Iterator[dict[str, Any]]:
+        """This rank's batches from the `skip`-th on; ValueError for a pass that yields none
+        (`training_batches`)."""
         from dalle_ar.data.loader import loader_from_config  # the data stage; imported when used
 
-        batches = loader_from_config(self.data, "train", seed=self.seed)
-        return itertools.islice(iter(batches), skip, None)  # exact with num_workers=0
+        loader = loader_from_config(self.data, "train", seed=self.seed, captions=self.captions)
+        batches = training_batches(loader, self.data.train)
+        return itertools.islice(batches, skip, None)  # exact: the order is fixed by the seed
 
     def eval(self) -> Iterable[dict[str, Any]] | None:
         from dalle_ar.data.loader import loader_from_config
 
-        return loader_from_config(self.data, "eval", seed=self.seed) if self.data.eval else None
+        if not self.data.eval:
+            return None
+        return loader_from_config(self.data, "eval", seed=self.seed, captions=self.captions)

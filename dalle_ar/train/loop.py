@@ -47,6 +47,7 @@ from dalle_ar.train.common import (
     NonFiniteLoss,
     Run,
     checkpoint_minutes,
+    last_checkpoint,
     lr_at,
     schedule_step,
     set_lr,
@@ -143,6 +144,7 @@ def fit(cfg: LoopConfig, task: Task, info: dist.DistInfo, resume: bool = False) 
             "run.max_minutes (or 0) to continue"
         )
     run.minutes_before = pos.minutes
+    run.begin()  # accepted: config.yaml is written from here on
     threads = torch.get_num_threads()  # a process-wide setting: restored below
     try:
         if info.device.type == "cpu":
@@ -263,12 +265,18 @@ class Loop:
             pos.step, bad_in_row, pos.skipped,
         )  # fmt: skip
         if bad_in_row >= self.cfg.max_bad_steps:
-            kept = f"{self.run.ckpt_dir} (step {self.saved_at})" if self.saved_at >= 0 else "none"
             raise NonFiniteLoss(
                 f"{bad_in_row} non-finite losses in a row (max_bad_steps={self.cfg.max_bad_steps})"
-                f" at step {pos.step}: stopping; the last good checkpoint is kept: {kept}. Lower "
-                "optim.lr or check the data."
+                f" at step {pos.step}: stopping; {self._kept()}. Lower optim.lr or check the data."
             )
+
+    def _kept(self) -> str:
+        """What a run stopped by non-finite numbers leaves to resume from, truly."""
+        if self.saved_at < 0:
+            return (f"no checkpoint was written yet (the first comes at step "
+                    f"{self.cfg.run.save_every}), and no component")  # fmt: skip
+        found = last_checkpoint(self.run.dir) or self.run.ckpt_dir
+        return f"the last good checkpoint, step {self.saved_at}, stays in {found}"
 
     def _postfix(self) -> dict[str, str]:
         return {"loss": f"{self.last['loss']:.4f}"} if self.last else {}
@@ -334,9 +342,8 @@ class Loop:
             not bool(torch.isfinite(_local(t)).all()) for t in tensors if t.is_floating_point()
         )
         if dist.all_reduce_sum(torch.tensor(float(bad), device=self.info.device)).item() > 0:
-            kept = f"{self.run.ckpt_dir} (step {self.saved_at})" if self.saved_at >= 0 else "none"
-            raise NonFiniteLoss(f"non-finite weights at step {pos.step}: not saved; the last good "
-                                f"checkpoint is kept: {kept}. Lower optim.lr.")  # fmt: skip
+            raise NonFiniteLoss(f"non-finite weights at step {pos.step}: not saved; "
+                                f"{self._kept()}. Lower optim.lr.")  # fmt: skip
         model, optim = dist.full_state(task.model, task.optimizer)  # collective under FSDP
         extra = {"micro_batches": pos.micro, "skipped": pos.skipped, "minutes": self.minutes()}
         if self.info.distributed:  # each rank continues its own random streams on resume
@@ -409,10 +416,13 @@ def _resume(run: Run, task: Task, info: dist.DistInfo, accum: int) -> Position:
     if dist.is_fsdp(task.model):
         from safetensors.torch import load_file
 
-        state = load_train_state(run.ckpt_dir)
-        weights = load_file(str(run.ckpt_dir / "model.safetensors"))
+        found = last_checkpoint(run.dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume given but {run.ckpt_dir} holds no checkpoint")
+        state = load_train_state(found)
+        weights = load_file(str(found / "model.safetensors"))
         dist.load_full_state(task.model, task.optimizer, weights, state["optimizer"])
-        log.info("resumed from %s at step %d", run.ckpt_dir, state["step"])
+        log.info("resumed from %s at step %d", found, state["step"])
     else:
         state = run.resume(dist.unwrap(task.model), task.optimizer)
     extra, step = state["extra"], int(state["step"])
@@ -424,12 +434,30 @@ def _resume(run: Run, task: Task, info: dist.DistInfo, accum: int) -> Position:
 
 
 def _truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
-    """Drop rows past `step` (they come again after a resume); return the evaluation rows."""
+    """Drop rows past `step` (they come again after a resume) and lines that are not whole JSON
+    rows (an append cut short, as by a full disk), saying how many; return the evaluation rows."""
     if not path.is_file():
         return []
-    rows = [json.loads(r) for r in path.read_text().splitlines() if r.strip()]
+    rows, torn = [], []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            torn.append(i)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            torn.append(i)
+    if torn:
+        log.warning("%s: dropped %d torn line(s) (line %s): not whole JSON rows", path, len(torn),
+                    ", ".join(map(str, torn[:5])))  # fmt: skip
     rows = [r for r in rows if r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp = path.with_suffix(path.suffix + ".tmp")  # a kill while rewriting keeps the old log
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
     return [{k: v for k, v in r.items() if k != "kind"} for r in rows if r.get("kind") == "eval"]
 
 

@@ -48,7 +48,12 @@ from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.sampling.diffusion import sample_prior
 from dalle_ar.sampling.settings import PriorSampling
 from dalle_ar.train import dist
-from dalle_ar.train.common import build_optimizer, checkpoint_dir, has_checkpoint, run_recipe
+from dalle_ar.train.common import (
+    build_optimizer,
+    last_checkpoint,
+    run_recipe,
+    training_batches,
+)
 from dalle_ar.train.loop import LoopConfig, Task, fit, setup
 
 log = logging.getLogger(__name__)
@@ -86,7 +91,7 @@ class EmbeddingPairs:
         d = self.data
         loader = make_token_loader(urls, d.batch_size, train=train, shuffle_buffer=d.shuffle_buffer,
                                    num_workers=d.num_workers, seed=self.seed)  # fmt: skip
-        for raw in loader:
+        for raw in training_batches(loader, urls) if train else loader:
             yield {k: clip_embeddings(raw, f"clip_{k}", self.dim, urls) for k in ("img", "txt")}
 
     def train(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -139,8 +144,8 @@ def clip_identity(cfg: PriorRecipeConfig, resume: bool = True) -> dict[str, Any]
         found = json.loads(summary.read_text()).get("clip")
         if isinstance(found, dict):
             named.append((str(summary), CLIPIdentity.from_identity(found)))
-    if resume and has_checkpoint(cfg.run.out_dir):
-        ckpt = checkpoint_dir(cfg.run.out_dir)
+    ckpt = last_checkpoint(cfg.run.out_dir) if resume else None
+    if ckpt is not None:
         named.append((f"the checkpoint {ckpt}", read_config(ckpt).clip))
     for where, other in named:
         if other.config_sha256 and _key(other) != _key(mine):

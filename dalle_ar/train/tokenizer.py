@@ -66,6 +66,7 @@ def read_captions(urls: str, limit: int = 0, text_len: int | None = None) -> lis
 def train(cfg: TokenizerRecipeConfig) -> dict[str, float | int]:
     """Run the recipe with a validated config; returns the metrics written to metrics.json."""
     run = Run(cfg, cfg.run)
+    run.begin()
     run.init_wandb("tokenizer")
     try:
         captions = read_captions(cfg.data.train, cfg.max_captions, cfg.tokenizer.text_len)

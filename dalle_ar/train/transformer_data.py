@@ -30,7 +30,9 @@ class ShardBatches:
     fly; captions become fixed-length ids with the text tokenizer; for an embedding-conditioned
     model, "cond" is each record's CLIP image embedding (token shards written with a CLIP).
     Shards are split across ranks by the loaders. Resuming skips the batches already consumed
-    (exact with num_workers=0)."""
+    (exact: the loaders' order follows their seed, with or without workers). A token record
+    with a code >= model.image_vocab is skipped and counted like other bad records; a training
+    pass that yields no record is a ValueError (`common.training_batches`)."""
 
     def __init__(self, cfg: Any, info: dist.DistInfo) -> None:
         # cfg: the recipe's TrainTransformerConfig (dalle_ar.train.transformer, which imports
@@ -76,7 +78,9 @@ class ShardBatches:
         if self.cfg.data_format == "tokens":
             from dalle_ar.data.tokens import make_token_loader
 
-            return make_token_loader(urls, d.batch_size, **kw)
+            # a record with a code the model has no row for is skipped and counted
+            return make_token_loader(urls, d.batch_size, codebook_size=self.cfg.model.image_vocab,
+                                     **kw)  # fmt: skip
         from dalle_ar.data.loader import make_loader
 
         return make_loader(
@@ -118,7 +122,10 @@ class ShardBatches:
         return found.pop() if found else ""
 
     def train(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
-        for i, raw in enumerate(self._loader(self.cfg.data.train, train=True)):
+        from dalle_ar.train.common import training_batches
+
+        urls = self.cfg.data.train
+        for i, raw in enumerate(training_batches(self._loader(urls, train=True), urls)):
             if i >= skip:
                 yield self._convert(raw)
 

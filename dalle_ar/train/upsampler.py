@@ -169,7 +169,7 @@ def train(
     """Run the recipe with a validated config on `source` (default: the config's shards);
     returns the final metrics (also metrics.json). Raises what `loop.fit` raises, and ValueError
     for a CLIP whose embedding size is not model.caption_dim."""
-    source = source or ShardImages(cfg)
+    source = source or ShardImages(cfg, captions=cfg.model.caption_dim > 0)
     clip = None
     if cfg.clip:
         from dalle_ar.clip import CLIP

@@ -141,7 +141,7 @@ def train(
 ) -> dict[str, Any]:
     """Run the recipe with a validated config on `source` (default: the config's shards);
     returns the final metrics (also metrics.json). Raises what `loop.fit` raises."""
-    source = source or ShardImages(cfg)
+    source = source or ShardImages(cfg, captions=False)  # a VQ reads no caption
     info = setup(cfg)
     # Built after the process group exists, so that the quantizer shares its codebook statistics
     # across ranks (k-means, EMA sums, dead-code samples: vector-quantize-pytorch's DDP mode).

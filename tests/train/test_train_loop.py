@@ -199,3 +199,99 @@ def test_threads_follow_the_free_cpus(monkeypatch):
         monkeypatch.setattr(runtime, "free_cpus", lambda free=free: free)
         assert pick_threads(0) == want, free
     assert pick_threads(0, share=128) == 1  # split among many processes: still at least one
+
+
+# A write of ckpt/last killed by SIGKILL at its worst moment: the old folder moved aside, the new
+# one (whole) not yet renamed into place. argv: this folder, the run folder.
+KILLED_BETWEEN_RENAMES = """
+import os, pathlib, signal, sys
+sys.path.insert(0, sys.argv[1])
+import test_train_loop as t
+rename = pathlib.Path.rename
+def rename_or_die(self, target):
+    if ".tmp-" in self.name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(self, target)
+pathlib.Path.rename = rename_or_die
+t.toy_fit(t.toy_config(pathlib.Path(sys.argv[2]), "halt_after=4"), resume=True)
+"""
+
+
+def test_a_checkpoint_write_killed_between_its_renames_resumes_from_the_new_one(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from dalle_ar.checkpoint import load_train_state
+    from dalle_ar.train import common
+
+    toy_fit(toy_config(tmp_path / "plain"))
+    out = tmp_path / "run"
+    toy_fit(toy_config(out, "halt_after=2"))
+    here = str(Path(__file__).parent)
+    killed = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, here, str(out)])
+    assert killed.returncode == -9
+    left = sorted(p.name.split("-")[0] for p in (out / "ckpt").iterdir())
+    assert left == [".last.old", ".last.tmp"]  # no ckpt/last: step 2 aside, step 4 not in place
+    assert common.has_checkpoint(out)
+    assert load_train_state(common.last_checkpoint(out))["step"] == 4
+
+    caplog.set_level("INFO", logger="dalle_ar.train.common")
+    m = toy_fit(toy_config(out), resume=True)
+    assert "at step 4" in caplog.text and m["step"] == 6
+    for name, w in weights(out).items():
+        assert torch.equal(w, weights(tmp_path / "plain")[name]), name
+    assert [p.name for p in (out / "ckpt").iterdir()] == ["last"]  # the leftovers are gone
+
+
+def test_a_resumed_run_continues_the_schedule_and_the_clock(tmp_path, step_clock):
+    # the LR follows the clock (a minute a step): 4.5 minutes end the run after step 5
+    plan = ["run.steps=100", "run.max_minutes=4.5", "lr_follows_time=true",
+            "optim.warmup_steps=1"]  # fmt: skip
+    whole = toy_fit(toy_config(tmp_path / "whole", *plan))
+    out = tmp_path / "run"
+    toy_fit(toy_config(out, *plan, "halt_after=2"))
+    m = toy_fit(toy_config(out, *plan), resume=True)
+    assert m["step"] == whole["step"] == 5 and m["lr"] == whole["lr"]
+    spent = [torch.load(d / "ckpt" / "last" / "train_state.pt", weights_only=True)["extra"]
+             ["minutes"] for d in (out, tmp_path / "whole")]  # fmt: skip
+    assert spent == [5, 5]  # the minutes of the run, not of the process
+    for name, w in weights(out).items():
+        assert torch.equal(w, weights(tmp_path / "whole")[name]), name
+    rows = [json.loads(r) for r in (out / "train_log.jsonl").read_text().splitlines()]
+    lrs = [json.loads(r)["lr"] for r in (tmp_path / "whole" / "train_log.jsonl").read_text()
+           .splitlines()]  # fmt: skip
+    assert [r["lr"] for r in rows] == lrs  # one cosine, not a second one after the resume
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_none_was_written(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match="no checkpoint was written") as e:
+        toy_fit(toy_config(out, "max_bad_steps=2"), poison=frozenset(range(1000)))
+    assert "intact" not in str(e.value) and "kept" not in str(e.value)
+    assert not (out / "ckpt").exists() and not (out / "toy").exists()
+
+
+def test_a_torn_log_line_is_dropped_on_resume(tmp_path, caplog):
+    toy_fit(toy_config(tmp_path / "plain"))
+    out = tmp_path / "run"
+    toy_fit(toy_config(out, "halt_after=2"))
+    log_file = out / "train_log.jsonl"
+    with open(log_file, "a") as f:
+        f.write('{"kind": "train", "step": 3, "lo')  # the disk filled during an append
+    m = toy_fit(toy_config(out), resume=True)
+    assert m["step"] == 6 and "torn line" in caplog.text
+    rows = [json.loads(r) for r in log_file.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for name, w in weights(out).items():
+        assert torch.equal(w, weights(tmp_path / "plain")[name]), name
+
+
+def test_a_refused_resume_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    toy_fit(toy_config(out, "halt_after=2"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="shape mismatch"):
+        toy_fit(toy_config(out, "model.dim=3"), resume=True)
+    with pytest.raises(ValueError, match="is already spent"):
+        toy_fit(toy_config(out, "run.max_minutes=1e-9"), resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -280,3 +280,29 @@ def test_init_from_starts_an_embedding_conditioned_model_from_a_trained_one(tmp_
         build(config(tmp_path / "wide", init, f"model.text_vocab={TV + 4}"), MemoryBatches(4))
     with pytest.raises(ConfigError, match="init_from.*config.json is missing"):
         build(config(tmp_path / "none", f"init_from={tmp_path}"), MemoryBatches(4))
+
+
+def test_a_token_record_with_a_code_past_the_codebook_is_skipped_and_counted(
+    tmp_path, shapes_shards, caplog
+):
+    import numpy as np
+
+    from dalle_ar.cli import main
+    from dalle_ar.data.shards import write_samples
+
+    tok = tmp_path / "tok"
+    argv = ["train", "tokenizer", "--config", str(ROOT / "configs" / "tiny" / "tokenizer.yaml"),
+            f"data.train={shapes_shards.train}", f"run.out_dir={tok}"]  # fmt: skip
+    assert main(argv) == 0
+    rng = np.random.default_rng(0)
+    records = [{"__key__": f"r{i:03d}", "txt": "a red circle",
+                "codes.npy": rng.integers(0, IV, (GH, GW)).astype(np.int16)}
+               for i in range(17)]  # fmt: skip
+    records[5]["codes.npy"][1, 2] = IV  # one code past the codebook
+    write_samples(records, tmp_path / "tokens", "train", 17)
+    cfg = config(tmp_path / "run", f"data.train={tmp_path / 'tokens' / 'train-000000.tar'}",
+                 f"text_tokenizer={tok / 'tokenizer'}", "model.text_vocab=512", "run.steps=5",
+                 "data.shuffle_buffer=1")  # fmt: skip
+    metrics = train(cfg)  # 16 good records: a pass is 4 batches, step 5 starts the next pass
+    assert metrics["step"] == 5
+    assert "code_out_of_range: 1 [r005]" in caplog.text

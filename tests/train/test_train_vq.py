@@ -278,3 +278,70 @@ def test_missing_shards_exit_2_with_a_message(tmp_path, capsys):
     assert "dalle-ar train vq: " in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_a_resumed_run_continues_the_clock_schedule_and_data_order(tmp_path, shapes_shards,
+                                                                    step_clock):  # fmt: skip
+    # the LR follows the clock (a minute a step), a DataLoader worker reads the shards and the
+    # pictures read held-out images before the interruption
+    plan = ("run.steps=100", "run.max_minutes=5.5", "lr_follows_time=true", "run.save_every=100",
+            "data.num_workers=1", "run.sample_every=1", "run.eval_every=0")  # fmt: skip
+    whole = train(load_config(VQRecipeConfig, TINY_CONFIG,
+                              _overrides(shapes_shards, tmp_path / "a", *plan)))  # fmt: skip
+    argv = ["--config", str(TINY_CONFIG), *_overrides(shapes_shards, tmp_path / "b", *plan)]
+    assert vq_recipe.main([*argv, "halt_after=3"]) == 0
+    assert vq_recipe.main([*argv, "--resume"]) == 0
+    resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert resumed["step"] == whole["step"] == 6 and resumed["lr"] == whole["lr"]
+    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def _shard(folder: Path, image: bytes | None, caption: str | None) -> str:
+    """One training shard of 16 records of that image (PNG bytes, or none) and caption."""
+    from dalle_ar.data.shards import write_samples
+
+    members = {"png": image, "txt": caption}
+    records = [{"__key__": f"r{i:03d}", **{k: v for k, v in members.items() if v is not None}}
+               for i in range(16)]  # fmt: skip
+    write_samples(records, folder, "train", 16)
+    return str(folder / "train-000000.tar")
+
+
+def _png() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("caption", ["   ", None], ids=["blank_captions", "image_only"])
+def test_the_vq_trains_on_images_without_captions(tmp_path, caption):
+    shard = _shard(tmp_path / "data", _png(), caption)
+    out = tmp_path / "run"
+    argv = ["--config", str(TINY_CONFIG), f"data.train={shard}", "data.eval=",
+            f"run.out_dir={out}", "run.steps=3"]  # fmt: skip
+    assert vq_recipe.main(argv) == 0
+    assert json.loads((out / "metrics.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [("undecodable", "bad_image: 16"), ("not_a_tar", "unreadable_shard: 1")],
+)
+def test_training_data_that_yields_nothing_is_an_error_naming_why(tmp_path, capsys, caplog,
+                                                                   kind, reason):  # fmt: skip
+    if kind == "undecodable":
+        shard = _shard(tmp_path / "data", b"not a picture", "a red square")
+    else:
+        shard = str(tmp_path / "train-000000.tar")
+        Path(shard).write_text("a text file, not a tar\n")
+    argv = ["--config", str(TINY_CONFIG), f"data.train={shard}", "data.eval=",
+            f"run.out_dir={tmp_path / 'run'}", "run.steps=3"]  # fmt: skip
+    assert vq_recipe.main(argv) == 2  # not a loop that never takes a step
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dalle-ar train vq: a whole pass over the training shards")
+    assert "yielded no record" in err and reason in err
+    assert caplog.text.count("data pass") == 1  # the pass's report, said once
