@@ -121,7 +121,9 @@ class _Batches(torch.utils.data.IterableDataset):
         raw = sample.get("txt", b"")
         if self.max_chars is None or len(raw) <= self.max_chars:
             return  # never more characters than bytes
-        n = len(raw.decode("utf-8").strip())  # decoded once already: it is valid UTF-8
+        # a kept record's caption decoded once already, unless captions are not read (then a
+        # caption that is not UTF-8 is kept too, and counted here by its replaced characters)
+        n = len(raw.decode("utf-8", errors="replace").strip())
         key = sample["__key__"]
         if n > self.max_chars and key not in self._cut_keys:
             self._cut_keys.add(key)

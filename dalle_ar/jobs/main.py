@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from dalle_ar.config import ConfigError, load_config, save_config, to_dict
 from dalle_ar.jobs.config import MainJobConfig
@@ -139,7 +140,9 @@ def stage_tokens(cfg: MainJobConfig, p: Paths) -> None:
                         clip_dir=p.clip if cfg.with_prior else None)  # fmt: skip
 
 
-def stage_transformer(cfg: MainJobConfig, p: Paths, yaml: Path, kind: str = "transformer") -> None:
+def stage_transformer(
+    cfg: MainJobConfig, p: Paths, yaml: Path, kind: Literal["transformer", "masked", "cond"]
+) -> None:
     """The transformer, the masked generator (`kind` "masked": the same recipe and data) or the
     transformer conditioned on the CLIP image embedding ("cond": the transformer fine-tuned on
     the token shards' embeddings)."""
@@ -391,7 +394,8 @@ def run_stages(cfg: MainJobConfig) -> dict:
          lambda: _tokens_done(cfg, p), lambda: stage_tokens(cfg, p), [p.tokens]),
         ("transformer", {"tokenizer", "vq", "tokens"},
          lambda: _trained(p.transformer_run, p.transformer),
-         lambda: stage_transformer(cfg, p, yaml["transformer"]), [p.transformer_run]),
+         lambda: stage_transformer(cfg, p, yaml["transformer"], "transformer"),
+         [p.transformer_run]),
         *([prior_stage, cond_stage] if cfg.with_prior else []),
         *([masked_stage] if cfg.masked else []),
         *(cascade_stages if cascade else []),

@@ -263,7 +263,9 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         kind = "embeds" if embeds is not None else mode
         own = {"prior": ps, "masked": ms}.get(kind)  # the mode's own settings, recorded
         extra = {"mode": kind, **(dataclasses.asdict(own) if own else {})}
-        batch_size = batch_size or self.candidate_batch(s, rr, memory_mb)
+        drawer = {"prior": self.cond_transformer, "embeds": self.cond_transformer,
+                  "masked": self.components.get("masked")}.get(kind, self.transformer)  # fmt: skip
+        batch_size = batch_size or self.candidate_batch(s, rr, memory_mb, drawer)
         n = len(prompts) * num_samples
         prior = ps if kind == "prior" else None
         kw = dict(settings=s, batch_size=batch_size, prior=prior,
@@ -318,15 +320,22 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
             return None
         return self._cond_embeds(mode, prompts, embeds)
 
-    def candidate_batch(self, s: ARSampling, rr: RerankSettings, memory_mb: float) -> int:
+    def candidate_batch(
+        self,
+        s: ARSampling,
+        rr: RerankSettings,
+        memory_mb: float,
+        model: Transformer | None = None,
+    ) -> int:
         """How many samples (or candidates) to draw at once within `memory_mb` MiB, at most
-        `MAX_BATCH`: an estimate from the transformer's key-value cache (one per guidance branch),
-        its logits and, for CLIP scoring, the decoded images and the CLIP's activations."""
+        `MAX_BATCH`: an estimate from the key-value cache of `model`, the transformer that draws
+        (default the transformer; one cache per guidance branch), its logits and, for CLIP
+        scoring, the decoded images and the CLIP's activations."""
         if memory_mb <= 0:
             raise ValueError(f"memory_mb must be > 0, got {memory_mb}")
-        c = self.transformer.cfg
+        c = (model or self.transformer).cfg
         branches = 2 if s.guidance_scale != 1 else 1
-        seq = c.text_len + c.grid_h * c.grid_w
+        seq = c.seq_len
         each = 2 * c.depth * c.heads * c.head_dim * seq * 4 * branches + c.image_vocab * 4 * 2
         clip = self.components.get("clip")
         if rr.candidates > 1 and clip is not None and "clip" in reranker_parts(rr.reranker):

@@ -30,7 +30,8 @@ class PriorMode:
         cond_transformer component (DALL-E 2's decoder: conditioned on the CLIP image embedding,
         kept apart so that text mode keeps the text-only transformer) when the pipeline has one,
         else the transformer (one model for both modes)."""
-        return self.components.get("cond_transformer") or self.transformer
+        own = self.components.get("cond_transformer")
+        return self.transformer if own is None else own
 
     def _cond_embeds(
         self, mode: str, prompts: list[str], embeds: torch.Tensor | None

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from dalle_ar.checkpoint import init_from_folder, save_pretrained
+from dalle_ar.checkpoint import init_from_folder, read_component_config, save_pretrained
 from dalle_ar.config import ConfigError, DataConfig, require
 from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.train import dist
@@ -51,8 +51,9 @@ class TrainTransformerConfig(LoopConfig):  # optim, run, lr_follows_time, max_ba
     # embedding is replaced by the learned null one. About half, so that one model serves both
     # the prior mode (embedding and caption) and the text mode (the null embedding).
     embed_drop: float = 0.5
-    # a transformer folder whose weights start this model (fine-tuning): every tensor it holds
-    # must exist here in the same shape; the tensors it lacks start fresh. So DALL-E 2's decoder,
+    # a transformer folder whose weights start this model (fine-tuning): its config must be this
+    # model's but for the conditioning embedding (cond_*), and the tensors it lacks (the
+    # embedding's) start fresh; a resumed run reads its checkpoint instead. So DALL-E 2's decoder,
     # the transformer conditioned on the CLIP image embedding (model.cond_dim), starts from the
     # text-only transformer and learns only to read the embedding (docs/results.md#prior-mode)
     init_from: str = ""
@@ -176,6 +177,31 @@ def evaluate(model, source: BatchSource, cfg: TrainTransformerConfig, info) -> d
     return out
 
 
+def _init_from(model: Transformer, cfg: TrainTransformerConfig) -> None:
+    """Copy `cfg.init_from`'s weights into `model` (`checkpoint.init_from_folder`), after checking
+    that its config is `cfg.model` but for the conditioning embedding's fields: ConfigError naming
+    the fields that differ, or what the folder lacks."""
+    key = "config key 'init_from'"
+    try:
+        src = read_component_config(cfg.init_from, COMPONENT, TransformerConfig)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+    # the conditioning embedding, and how the run trains and computes (not what the model is)
+    ours, theirs = dataclasses.asdict(cfg.model), dataclasses.asdict(src)
+    differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours
+              if theirs[k] != ours[k] and not k.startswith("cond")
+              and k not in ("dropout", "attn_impl")]  # fmt: skip
+    if differ:
+        raise ConfigError(f"{key}: {cfg.init_from} holds another model ({'; '.join(differ)}); "
+                          "only the conditioning embedding (cond_*), dropout and attn_impl may "
+                          "differ")  # fmt: skip
+    try:
+        fresh = init_from_folder(model, cfg.init_from, COMPONENT)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+    log.info("transformer: started from %s; fresh: %s", cfg.init_from, ", ".join(fresh) or "none")
+
+
 def _resolve_code_features(cfg: TrainTransformerConfig) -> tuple[torch.Tensor, ...] | None:
     """model.code_features: the VQ's per-code pixels, its width filled in for -1, and for
     model.code_input=mask the VQ's drawn masks: the arguments of `set_code_features`."""
@@ -204,15 +230,16 @@ def train(
     """Run the recipe on `source` (default: the config's shards); returns the final metrics,
     the same on every rank. Raises ConfigError / FileNotFoundError for missing folders and what
     `loop.fit` raises."""
-    task, info = build(cfg, source)
+    task, info = build(cfg, source, init=not resume)
     return fit(cfg, task, info, resume)
 
 
 def build(
-    cfg: TrainTransformerConfig, source: BatchSource | None = None
+    cfg: TrainTransformerConfig, source: BatchSource | None = None, init: bool = True
 ) -> tuple[Task, dist.DistInfo]:
     """The recipe's `Task` (model, optimizer, loss, batches, evaluation, pictures) and process
-    info, seeded, ready for `loop.fit`."""
+    info, seeded, ready for `loop.fit`. `init`: start from `init_from`'s weights (a resume
+    loads its checkpoint instead); ConfigError for a folder of another model."""
     info = setup(cfg)  # the same initial weights on every rank
     # After seeding, as before the shared loop (reading the VQ draws from the global generator),
     # and before the loop saves the config: the width is known by then.
@@ -222,16 +249,10 @@ def build(
         if cfg.model.cond_len and not cfg.model.cond_clip:  # saved with the model
             cfg.model.cond_clip = source.cond_clip()
     model = Transformer(cfg.model).to(info.device)
-    if feats is not None:
+    if cfg.init_from and init:  # before wrapping: every rank starts from the same weights
+        _init_from(model, cfg)
+    if feats is not None:  # after: this run's VQ describes the codes
         model.set_code_features(*feats)
-    if cfg.init_from:  # before wrapping: every rank starts from the same weights
-        try:
-            fresh = init_from_folder(model, cfg.init_from, COMPONENT)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"config key 'init_from': {e}") from None
-        if info.is_main:
-            log.info("transformer: started from %s; fresh: %s", cfg.init_from,
-                     ", ".join(fresh) or "none")  # fmt: skip
     model.grad_checkpointing = cfg.activation_checkpointing
     wrapped = dist.wrap_model(model, info, cfg.parallel, blocks=model.blocks)
     # fused AdamW: one kernel for all tensors (sharded FSDP parameters take the plain loop)

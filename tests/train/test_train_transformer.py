@@ -276,10 +276,16 @@ def test_init_from_starts_an_embedding_conditioned_model_from_a_trained_one(tmp_
     assert fresh == {"cond_proj.weight", "cond_proj.bias", "cond_pos_emb.weight", "cond_null"}
     metrics = train(config(tmp_path / "cond", *cond, init), MemoryBatches(4, cond_dim=5))
     assert metrics["step"] == 6 and Transformer.from_pretrained(tmp_path / "cond" / "transformer")
-    with pytest.raises(ConfigError, match=r"init_from.*shape mismatch: text_emb.weight"):
+    # another model is refused by name before any weight is read, a missing folder too
+    with pytest.raises(ConfigError, match=r"init_from.*another model \(text_vocab: 20 there, 24"):
         build(config(tmp_path / "wide", init, f"model.text_vocab={TV + 4}"), MemoryBatches(4))
     with pytest.raises(ConfigError, match="init_from.*config.json is missing"):
         build(config(tmp_path / "none", f"init_from={tmp_path}"), MemoryBatches(4))
+    # a resumed run reads its checkpoint: the folder it started from may be gone
+    (tmp_path / "text" / "transformer" / "model.safetensors").unlink()
+    resumed = train(config(tmp_path / "cond", *cond, init, "run.steps=8"),
+                    MemoryBatches(4, cond_dim=5), resume=True)  # fmt: skip
+    assert resumed["step"] == 8
 
 
 def test_a_token_record_with_a_code_past_the_codebook_is_skipped_and_counted(
