@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -322,8 +323,8 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         """How many samples (or candidates) to draw at once within `memory_mb` MiB, at most
         `MAX_BATCH`: an estimate from the transformer's key-value cache (one per guidance branch),
         its logits and, for CLIP scoring, the decoded images and the CLIP's activations."""
-        if memory_mb <= 0:
-            raise ValueError(f"memory_mb must be > 0, got {memory_mb}")
+        if not (isinstance(memory_mb, (int, float)) and math.isfinite(memory_mb) and memory_mb > 0):
+            raise ValueError(f"memory_mb must be a finite number > 0, got {memory_mb!r}")
         c = self.transformer.cfg
         branches = 2 if s.guidance_scale != 1 else 1
         seq = c.text_len + c.grid_h * c.grid_w

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -348,6 +349,12 @@ def test_unknown_characters_are_named_in_a_warning(pipe, caplog):
     with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
         pipe(["A RED circle"], seed=0)  # upper case is normalised away: nothing to warn
     assert "never saw" not in caplog.text
+
+
+@pytest.mark.parametrize("memory_mb", [0.0, -1.0, math.inf, math.nan])
+def test_memory_budget_must_be_a_finite_positive_number(pipe, memory_mb):
+    with pytest.raises(ValueError, match=f"memory_mb must be a finite number > 0, got {memory_mb}"):
+        pipe(PROMPTS, memory_mb=memory_mb)
 
 
 @pytest.mark.parametrize("num", [0, -2])
