@@ -62,7 +62,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dalle_ar.checkpoint import write_json_atomic
+from dalle_ar.checkpoint import inside, write_json_atomic
 from dalle_ar.grid import prompt_grids
 from dalle_ar.pipelines.ar import MAX_BATCH, MEMORY_MB
 from dalle_ar.runtime import set_threads
@@ -338,14 +338,27 @@ def _argv_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[
     return out + list(args.prompts)
 
 
+RECORD_KEYS = ("index", "file", "prompt", "prompt_index", "sample_index", "seed")
+
+
 def _regenerate(args: argparse.Namespace) -> int:
     path = Path(args.from_json)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    doc = json.loads(path.read_text())
-    samples = doc.get("samples")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    samples = doc.get("samples") if isinstance(doc, dict) else None
     if not isinstance(samples, list) or not samples:
         raise ValueError(f"{path} holds no samples (expected a {JSON_NAME} from dalle-ar sample)")
+    for i, rec in enumerate(samples):
+        lacking = [k for k in RECORD_KEYS if k not in rec] if isinstance(rec, dict) else RECORD_KEYS
+        if lacking:
+            raise ValueError(f"{path}: samples[{i}] is not a sample record (it lacks "
+                             f"{', '.join(lacking)})")  # fmt: skip
+        # the record names the file it is written to: a name inside --out, never a path out of it
+        inside(args.out, rec["file"], f"{path}: samples[{i}].file")
     if args.index is not None and not 0 <= args.index < len(samples):
         raise ValueError(f"--index must be in [0, {len(samples)}), got {args.index}")
     chosen = samples if args.index is None else [samples[args.index]]
@@ -370,8 +383,10 @@ def _regenerate(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     for rec in chosen:
         img = _one(pipe, rec)
-        img.save(folder / rec["file"])
-        print(f"regenerated sample {rec['index']} ({rec['prompt']!r}) -> {folder / rec['file']}")
+        target = inside(folder, rec["file"], f"{path}: the file of sample {rec['index']}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        img.save(target)
+        print(f"regenerated sample {rec['index']} ({rec['prompt']!r}) -> {target}")
     return 0
 
 

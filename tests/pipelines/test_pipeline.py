@@ -475,6 +475,49 @@ def test_cli_bad_model_folder_exits_2(tmp_path, capsys):
     assert "holds no samples" in capsys.readouterr().err
 
 
+def test_from_json_writes_only_inside_out(pipe_dir, tmp_path, capsys):
+    """A handed samples.json naming its file outside --out (absolute, or up with "..") is refused
+    by name before any drawing, and the file it names is left as it was."""
+    out = tmp_path / "out"
+    assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--out", str(out)]) == 0
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"keep me")
+    doc = json.loads((out / "samples.json").read_text())
+    for bad in (str(victim), "../victim.png", "../../x.png", ""):
+        doc["samples"][0]["file"] = bad
+        (out / "evil.json").write_text(json.dumps(doc))
+        argv = ["sample", "--from-json", str(out / "evil.json"), "--out", str(out / "again")]
+        assert cli(argv) == 2
+        assert f"samples[0].file must be a relative path inside {out / 'again'}, got {bad!r}" in (
+            capsys.readouterr().err
+        )
+    assert victim.read_bytes() == b"keep me" and not (tmp_path / "x.png").exists()
+    assert not (out / "again").exists()  # refused before anything was written
+    doc["samples"][0] = {"file": "a.png"}  # not a record: named, no traceback
+    (out / "evil.json").write_text(json.dumps(doc))
+    assert cli(["sample", "--from-json", str(out / "evil.json"), "--out", str(out / "o")]) == 2
+    assert "samples[0] is not a sample record (it lacks index, prompt" in capsys.readouterr().err
+
+
+def test_pipeline_json_names_no_component_folder_outside_it(pipe_dir, tmp_path):
+    folder = tmp_path / "evil"
+    shutil.copytree(pipe_dir, folder)
+    shutil.copytree(pipe_dir / "vq", tmp_path / "outside_vq")
+    meta = json.loads((folder / "pipeline.json").read_text())
+    for name in ("../outside_vq", str(tmp_path / "outside_vq")):
+        bad = dict(meta, components={**meta["components"], name: ["dalle_ar", "VQTokenizer"]})
+        (folder / "pipeline.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"component name \(its folder's name\) must be a rel"):
+            Pipeline.from_pretrained(folder)
+    # version 1 named each component's subfolder: confined the same way
+    v1 = {"format": "dalle_ar.pipeline", "version": 1,
+          "components": {"text_tokenizer": "text_tokenizer", "vq": "../outside_vq",
+                         "transformer": "transformer"}}  # fmt: skip
+    (folder / "pipeline.json").write_text(json.dumps(v1))
+    with pytest.raises(ValueError, match=r"the vq component's folder must be a relative path ins"):
+        Pipeline.from_pretrained(folder)
+
+
 # -- tools -------------------------------------------------------------------------------------
 
 
