@@ -277,14 +277,28 @@ def test_recipe_on_shapes_shards(tmp_path: Path, request: pytest.FixtureRequest)
     assert tok.text_len == 32 and 300 < tok.vocab_size == metrics["vocab_size"] <= 1000
 
 
-def test_recipe_bad_config_fails_before_work(tmp_path: Path) -> None:
+def test_recipe_bad_config_fails_before_work(tmp_path: Path, capsys) -> None:
     from dalle_ar.cli import main
 
     out = tmp_path / "run"
-    with pytest.raises(ConfigError, match="'tokenizer.vocab_size'"):
-        main(["train", "tokenizer", "--config", str(TINY), "data.train=x.tar",
-              f"run.out_dir={out}", "tokenizer.vocab_size=10"])  # fmt: skip
-    assert not out.exists()
+    assert main(["train", "tokenizer", "--config", str(TINY), "data.train=x.tar",
+                 f"run.out_dir={out}", "tokenizer.vocab_size=10"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("dalle-ar train tokenizer: config key 'tokenizer.vocab_size'")
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_recipe_on_empty_captions_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    from dalle_ar.cli import main
+    from dalle_ar.data.shards import write_samples
+
+    write_samples([{"__key__": f"r{i}", "txt": " " * i} for i in range(4)], tmp_path, "train", 4)
+    shard = tmp_path / "train-000000.tar"
+    argv = ["train", "tokenizer", "--config", str(TINY), f"data.train={shard}",
+            f"run.out_dir={tmp_path / 'run'}", "run.wandb=disabled"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"dalle-ar train tokenizer: no captions found in data.train='{shard}'\n"
 
 
 def test_training_alphabet_is_recorded_and_survives_save(tmp_path: Path) -> None:

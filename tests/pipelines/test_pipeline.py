@@ -518,6 +518,19 @@ def test_pipeline_json_names_no_component_folder_outside_it(pipe_dir, tmp_path):
         Pipeline.from_pretrained(folder)
 
 
+def test_cli_device_this_machine_lacks_is_one_line_and_exit_2(pipe_dir, tmp_path, capsys):
+    argv = ["sample", "--model", str(pipe_dir), PROMPTS[0], "--out", str(tmp_path / "o")]
+    assert cli([*argv, "--device", "gpu"]) == 2
+    assert capsys.readouterr().err == (
+        "dalle-ar sample: device must be auto, cpu, cuda or cuda:N, got 'gpu'\n"
+    )
+    lacking = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    assert cli([*argv, "--device", lacking]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dalle-ar sample: device {lacking} was asked for, but ")
+    assert len(err.splitlines()) == 1
+
+
 # -- tools -------------------------------------------------------------------------------------
 
 
