@@ -311,6 +311,22 @@ def test_training_alphabet_is_recorded_and_survives_save(tmp_path: Path) -> None
     assert TextTokenizer.from_pretrained(tmp_path / "tok").alphabet == tok.alphabet
 
 
+def test_training_words_are_recorded_survive_save_and_name_unseen_ones(tmp_path: Path) -> None:
+    captions = ["Top-left: a red circle", "a red circle", "a blue square"] * 3
+    tok = train_tokenizer(captions, TokenizerConfig(vocab_size=300, min_frequency=2))
+    assert tok.words == {"top", "left", "a", "red", "circle", "blue", "square"}  # normalized
+    assert tok.unseen_words("A tiny CRIMSON circle, top left; a tiny one") == ["tiny", "crimson",
+                                                                               "one"]  # fmt: skip
+    assert tok.unseen_words("a smal red circel") == ["smal", "circel"]  # typos too
+    assert tok.unseen_words("") == [] and tok.unseen_words("a red circle") == []
+    tok.save_pretrained(tmp_path / "tok")
+    again = TextTokenizer.from_pretrained(tmp_path / "tok")
+    assert again.words == tok.words and again.with_text_len(8).words == tok.words
+    (tmp_path / "tok" / "words.json").unlink()  # a folder saved before words were recorded
+    old = TextTokenizer.from_pretrained(tmp_path / "tok")
+    assert old.words is None and old.unseen_words("a crimson ball") is None
+
+
 def test_a_huge_caption_is_cut_by_characters_before_tokenizing(tok: TextTokenizer) -> None:
     from dalle_ar.data.shards import caption_chars
 

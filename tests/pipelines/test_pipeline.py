@@ -351,6 +351,30 @@ def test_unknown_characters_are_named_in_a_warning(pipe, caplog):
     assert "never saw" not in caplog.text
 
 
+def test_unseen_words_are_named_in_a_warning_and_the_record(pipe, pipe_dir, tmp_path, caplog):
+    """Words no training caption held (the shapes captions know "tiny", "upper", "corner", not
+    "crimson" or "ball"; typos) are warned about by the API and the CLI and recorded per sample;
+    a composed prompt's parts are read without their marks."""
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
+        out = pipe(["a tiny crimson ball in the upper left corner", "a smal red circel"], seed=0)
+    assert "prompt 0 has words no training caption held: 'crimson', 'ball';" in caplog.text
+    assert "prompt 1 has words no training caption held: 'smal', 'circel';" in caplog.text
+    assert [m["unseen_words"] for m in out.samples] == [["crimson", "ball"], ["smal", "circel"]]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
+        out = pipe(["a red circle AND a red::-0.5 AND a crimson::2"], seed=0)
+    assert out.samples[0]["unseen_words"] == ["crimson"]
+    assert "'crimson'" in caplog.text and "'red'" not in caplog.text
+    assert pipe(PROMPTS, seed=0).samples[0]["unseen_words"] == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
+        assert cli(["sample", "--model", str(pipe_dir), "a crimson ball", "--candidates", "2",
+                    "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+    assert "prompt 0 has words no training caption held: 'crimson', 'ball';" in caplog.text
+    doc = json.loads((tmp_path / "o" / "samples.json").read_text())
+    assert doc["samples"][0]["unseen_words"] == ["crimson", "ball"]
+
+
 @pytest.mark.parametrize("memory_mb", [0.0, -1.0, math.inf, math.nan])
 def test_memory_budget_must_be_a_finite_positive_number(pipe, memory_mb):
     with pytest.raises(ValueError, match=f"memory_mb must be a finite number > 0, got {memory_mb}"):
