@@ -58,6 +58,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -164,11 +165,29 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def check_out(out: str | Path, flag: str = "--out") -> Path:
+    """Before any drawing: ValueError when the output folder cannot be made or written (a file of
+    that name, a file among its parents, a folder without write permission), naming it. Nothing
+    is created here: the first image written makes the folder."""
+    folder = Path(out)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == folder else f"cannot be made: {probe} is a file"
+        raise ValueError(f"{flag} {folder} {where}, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == folder else f" (in {probe})"
+        raise ValueError(f"{flag} {folder} cannot be written{where}: permission denied")
+    return folder
+
+
 def _sample(args: argparse.Namespace) -> int:
     if not args.model:
         raise ValueError("--model FOLDER is required (or --from-json FILE)")
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
+    check_out(args.out)
     if args.variations:
         return _variations(args)
     if args.upsample_images:
@@ -376,6 +395,7 @@ def _regenerate(args: argparse.Namespace) -> int:
         # as it was scored: small (the cascade upsamples only the kept ones)
         chosen = [{**kept, "seed": c["seed"], "index": -1, "upsample": False,
                    "file": f"candidate_{args.candidate:04d}.png"}]  # fmt: skip
+    check_out(args.out)
     from dalle_ar.pipelines import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model or doc["model"], device=args.device)

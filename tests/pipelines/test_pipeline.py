@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -540,6 +541,26 @@ def test_pipeline_json_names_no_component_folder_outside_it(pipe_dir, tmp_path):
     (folder / "pipeline.json").write_text(json.dumps(v1))
     with pytest.raises(ValueError, match=r"the vq component's folder must be a relative path ins"):
         Pipeline.from_pretrained(folder)
+
+
+def test_cli_output_place_is_checked_before_drawing(pipe_dir, tmp_path, capsys):
+    """--out naming a file, a path under a file, or (for a user without root) a read-only
+    folder is refused before the pipeline loads, and nothing is written."""
+    afile = tmp_path / "taken.png"
+    afile.write_bytes(b"x")
+    argv = ["sample", "--model", str(tmp_path / "no_pipeline"), PROMPTS[0]]  # never loaded
+    assert cli([*argv, "--out", str(afile)]) == 2
+    assert capsys.readouterr().err == f"dalle-ar sample: --out {afile} is a file, not a folder\n"
+    assert cli([*argv, "--out", str(afile / "sub")]) == 2
+    err = capsys.readouterr().err
+    want = f"--out {afile / 'sub'} cannot be made: {afile} is a file, not a folder"
+    assert err == f"dalle-ar sample: {want}\n"
+    assert afile.read_bytes() == b"x"
+    if os.geteuid() != 0:  # root writes into read-only folders
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert cli([*argv, "--out", str(locked / "o")]) == 2
+        assert "cannot be written (in" in capsys.readouterr().err
 
 
 def test_cli_device_this_machine_lacks_is_one_line_and_exit_2(pipe_dir, tmp_path, capsys):
