@@ -75,7 +75,7 @@ def encode_prompts(
         if not p.strip():
             notes["empty"].append(f"prompt {i} is empty: this is an unconditional sample")
         if n > room:
-            kept = tokenizer.decode(text.ids[i])[0]
+            kept, _ = tokenizer.read_back(p)  # whole characters
             notes["long"].append(
                 f"prompt {i} is {n} tokens, the model reads {room}: truncated to {kept!r}"
             )

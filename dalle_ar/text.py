@@ -191,6 +191,19 @@ class TextTokenizer:
         cfg = dataclasses.replace(self.cfg, text_len=text_len)
         return TextTokenizer(self.hf, cfg, alphabet=self.alphabet, words=self.words)
 
+    def read_back(self, text: str) -> tuple[str, bool]:
+        """(what the model reads of `text`, whether it was truncated): the normalized caption, or
+        the head of it that fits text_len, in whole characters (a cut inside a character's bytes
+        drops that character rather than showing half of it as U+FFFD)."""
+        whole = self.normalize(text)
+        body = self._encode_raw([text])[0].ids  # as `encode` cuts it, without its warning
+        if len(body) <= self.text_len - 2:
+            return whole, False
+        head = self.decode(body[: self.text_len - 2])[0]
+        while head and not whole.startswith(head) and head.endswith("\ufffd"):
+            head = head[:-1]
+        return head, True
+
     def unseen_words(self, text: str) -> list[str] | None:
         """The words (`WORD`) of `text`, normalized as the tokenizer reads it, that no training
         caption held, in order of first appearance; None for a folder saved without the record

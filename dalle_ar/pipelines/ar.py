@@ -431,6 +431,8 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         rows = 0 if prime is None or masked is not None else prime.shape[1]
         record = dataclasses.asdict(settings if masked is None else masked)
         unseen = {p: unseen_words(self.tokenizer, p) for p in prompts}
+        # what the model read of an over-long prompt's scene (captions show it), else None
+        cut = {p: self.tokenizer.read_back(scene) for p, (scene, _) in zip(prompts, split)}
         samples = [
             {
                 "prompt": prompts[i // num_samples],
@@ -438,6 +440,9 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
                 "sample_index": i % num_samples,
                 # words of the prompt no training caption held (None: the tokenizer has no record)
                 "unseen_words": unseen[prompts[i // num_samples]],
+                "truncated_to": cut[prompts[i // num_samples]][0]
+                if cut[prompts[i // num_samples]][1]
+                else None,
                 "seed": per_seed[i],
                 **record,
                 "prime_rows": rows,

@@ -327,6 +327,20 @@ def test_training_words_are_recorded_survive_save_and_name_unseen_ones(tmp_path:
     assert old.words is None and old.unseen_words("a crimson ball") is None
 
 
+def test_read_back_never_cuts_a_character_in_half(tok: TextTokenizer) -> None:
+    text = "a red " + "😀" * 8  # an unseen emoji: four byte tokens each
+    halves = 0
+    for n in range(4, 14):
+        short = TextTokenizer(tok.hf, TokenizerConfig(vocab_size=320, text_len=n))
+        raw = short.decode(short.encode(text).ids)[0]
+        head, cut = short.read_back(text)
+        halves += raw.endswith("\ufffd")
+        assert cut and "\ufffd" not in head and text.startswith(head) and raw.startswith(head)
+        assert len(head) >= len(raw) - 1  # only the broken character is dropped
+    assert halves >= 3  # most lengths end inside an emoji's bytes
+    assert tok.read_back("a red circle") == ("a red circle", False)
+
+
 def test_a_huge_caption_is_cut_by_characters_before_tokenizing(tok: TextTokenizer) -> None:
     from dalle_ar.data.shards import caption_chars
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from dalle_ar.cli import main as cli
 from dalle_ar.cli.sample import _parser as sample_parser
+from dalle_ar.grid import TRUNCATED, captioned_grid, prompt_grids
 from dalle_ar.pipeline import (
     DalleAR,
     assemble,
@@ -340,6 +341,22 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
     with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
         pipe([long], seed=0)
     assert f"the model reads {TEXT_LEN - 2}: truncated to 'a small" in caplog.text
+
+
+def test_an_over_long_prompt_is_captioned_with_what_the_model_read(pipe, caplog):
+    long = " ".join(["a small red circle at the top left of a big blue square"] * 45)  # 540 words
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
+        out = pipe([long, "a red 🙂🙂🙂🙂🙂🙂"], seed=0)
+    read = out.samples[0]["truncated_to"]
+    assert read == pipe.tokenizer.decode(pipe.tokenizer.encode(long).ids)[0] and long.startswith(
+        read
+    )
+    grid, short = prompt_grids(out)
+    assert grid.height < 300  # the whole prompt would be over 3,000 px tall
+    assert captioned_grid(out.images[:1], read + TRUNCATED).size == grid.size
+    assert out.samples[1]["truncated_to"] == "a red 🙂"  # the cut emoji's bytes are dropped
+    assert "\ufffd" not in caplog.text and "truncated to 'a red 🙂'" in caplog.text
+    assert pipe(PROMPTS[1:], seed=0).samples[0]["truncated_to"] is None  # it fits
 
 
 def test_unknown_characters_are_named_in_a_warning(pipe, caplog):
