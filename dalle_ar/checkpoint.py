@@ -43,6 +43,19 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
 DONE = ".complete"  # written last into a temporary folder of `atomic_dir`: its write finished
 
 
+def inside(folder: str | Path, name: Any, what: str) -> Path:
+    """`folder / name` for a relative path `name` read from a file a user may have been handed (a
+    samples.json, a pipeline.json): ValueError naming `what` and the value when it is not a
+    non-empty relative path that stays in `folder` (absolute, "..", a drive, a NUL byte), so
+    such a file never makes a command read or write outside its folder. Symbolic links inside
+    `folder` are followed as they are (a linked component folder is the folder's own choice)."""
+    ok = isinstance(name, str) and name.strip() and "\0" not in name and "\\" not in name
+    parts = Path(name).parts if ok else ()
+    if not ok or Path(name).is_absolute() or ".." in parts or not parts or ":" in parts[0]:
+        raise ValueError(f"{what} must be a relative path inside {folder}, got {name!r}")
+    return Path(folder) / name
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `path`.

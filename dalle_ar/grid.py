@@ -161,12 +161,23 @@ def save_prompt_grid(result: Any, path: str | Path) -> Path:
     return path
 
 
+TRUNCATED = " [... truncated: the model read no more]"
+
+
+def prompt_caption(meta: dict[str, Any]) -> str:
+    """A sample's caption: its prompt, or for an over-long one what the model read of it
+    (`truncated_to`, recorded by the pipeline) marked as truncated; never more than the model
+    read (a 500-word prompt would make a grid thousands of pixels tall)."""
+    cut = meta.get("truncated_to")
+    return meta["prompt"] if cut is None else cut + TRUNCATED
+
+
 def prompt_grids(result: Any) -> list[Image.Image]:
     """One captioned grid per prompt of a pipeline's output, in prompt order: its samples in a
     row, labelled with their scores when reranked."""
     groups: dict[tuple[int, str], list[tuple[Any, str | None]]] = {}
     for img, meta in zip(result.images, result.samples):
-        groups.setdefault((meta["prompt_index"], meta["prompt"]), []).append(
+        groups.setdefault((meta["prompt_index"], prompt_caption(meta)), []).append(
             (img, score_label(meta))
         )
     out = []

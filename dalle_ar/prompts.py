@@ -9,7 +9,9 @@ Warnings (`encode_prompts`): an empty prompt (or one of only spaces) is the unco
 the input the model saw when its caption was dropped in training: allowed, with a warning. A
 prompt longer than the model's text length is truncated, with a warning. Characters the tokenizer
 never saw in training (not in its recorded alphabet) are encoded as raw bytes the model has hardly
-seen: warned.
+seen: warned. So are words no training caption held (a typo, a word of another domain: the tokenizer
+records its training captions' words), encoded silently from pieces of other words; a tokenizer
+folder saved without that record has no word check.
 """
 
 from __future__ import annotations
@@ -61,18 +63,19 @@ def encode_prompts(
     known_chars: set[str],
     max_each: int = 3,
 ) -> TextBatch:
-    """Encode the prompts (a `TextBatch`), warning about empty, over-long and never-seen-character
-    prompts (module docstring); past `max_each` warnings of a kind, one line counts the rest.
-    `known_chars`: the characters seen in training (`known_chars(tokenizer)`, computed once)."""
+    """Encode the prompts (a `TextBatch`), warning about empty, over-long, never-seen-character and
+    unseen-word prompts (module docstring); past `max_each` warnings of a kind, one line counts
+    the rest. `known_chars`: the characters seen in training (`known_chars(tokenizer)`, computed
+    once)."""
     prompts = list(prompts)
     text = tokenizer.encode(prompts)
     room = tokenizer.text_len - 2
-    notes: dict[str, list[str]] = {"empty": [], "long": [], "odd": []}
+    notes: dict[str, list[str]] = {"empty": [], "long": [], "odd": [], "unseen": []}
     for i, (p, n) in enumerate(zip(prompts, tokenizer.tokenize_lengths(prompts))):
         if not p.strip():
             notes["empty"].append(f"prompt {i} is empty: this is an unconditional sample")
         if n > room:
-            kept = tokenizer.decode(text.ids[i])[0]
+            kept, _ = tokenizer.read_back(p)  # whole characters
             notes["long"].append(
                 f"prompt {i} is {n} tokens, the model reads {room}: truncated to {kept!r}"
             )
@@ -83,12 +86,33 @@ def encode_prompts(
                 f"{' '.join(repr(c) for c in odd)}; they are encoded as raw bytes the model "
                 "has hardly seen"
             )
+        unseen = tokenizer.unseen_words(p)
+        if unseen:
+            notes["unseen"].append(
+                f"prompt {i} has words no training caption held: "
+                f"{', '.join(repr(w) for w in unseen)}; the model has not learned them (they "
+                "are encoded from pieces of other words)"
+            )
     for kind, lines in notes.items():
         for line in lines[:max_each]:
             log.warning(line)
         if len(lines) > max_each:
             log.warning("... and %d more prompts like that (%s)", len(lines) - max_each, kind)
     return text
+
+
+def unseen_words(tokenizer: TextTokenizer, prompt: str) -> list[str] | None:
+    """The words of a prompt, composed or not (its scene and parts, without the " AND " and
+    "::w" marks), that no training caption of the tokenizer held (`TextTokenizer.unseen_words`);
+    None for a tokenizer folder without the record of its captions' words."""
+    if tokenizer.words is None:
+        return None
+    try:
+        scene, parts = split_prompt(prompt)
+    except ValueError:  # refused where it is drawn; here, the words it holds
+        scene, parts = prompt, []
+    words = [w for text in (scene, *(q for q, _ in parts)) for w in tokenizer.unseen_words(text)]
+    return list(dict.fromkeys(words))
 
 
 def known_chars(tok: TextTokenizer) -> set[str]:

@@ -28,13 +28,23 @@ SEED_SPACE = 2**63 - 1  # per-sample seeds drawn from a generator lie in [0, SEE
 # Device, threads, precision.
 
 
-def pick_device(name: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu; "cuda" without a GPU raises ValueError."""
+def pick_device(name: str | torch.device) -> torch.device:
+    """ "auto" -> cuda when available, else cpu; a device torch names ("cpu", "cuda", "cuda:1").
+    ValueError for a name that is no device, and for a CUDA device this machine lacks (no CUDA,
+    or fewer GPUs than the index)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name} was asked for, but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name} was asked for, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")  # fmt: skip
+    return dev
 
 
 def describe_machine() -> dict[str, object]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,8 @@ COMPONENT = "text_tokenizer"
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIALS = (PAD, BOS, EOS)  # trained first, so their ids are 0, 1, 2
 ALPHABET_FILE = "alphabet.json"  # characters of the training captions, for prompt warnings
+WORDS_FILE = "words.json"  # words of the training captions, for prompt warnings
+WORD = re.compile(r"\w+")  # a word: a run of letters, digits or "_" (Unicode aware)
 BYTE_ALPHABET = 256  # byte-level BPE starts from every byte value
 
 
@@ -86,12 +89,17 @@ def train_tokenizer(captions: Iterable[str], cfg: TokenizerConfig) -> TextTokeni
     # The characters of the (normalized) training captions are kept with the tokenizer, so a
     # prompt's never-seen characters can be named later (byte-level BPE encodes them silently).
     # (A normalizer of its own: calling into `tok` while it trains would deadlock.)
+    # So are their words: a prompt's unseen words ("crimson", a typo) are encoded from pieces of
+    # other words, silently, and the model has not learned what they mean.
     alphabet: set[str] = set()
+    words: set[str] = set()
     norm = _normalizer(cfg)
 
     def tap(texts: Iterable[str]) -> Iterable[str]:
         for text in texts:
-            alphabet.update(norm.normalize_str(text) if norm is not None else text)
+            seen = norm.normalize_str(text) if norm is not None else text
+            alphabet.update(seen)
+            words.update(WORD.findall(seen))
             yield text
 
     tok.train_from_iterator(tap(captions), trainer)
@@ -108,7 +116,7 @@ def train_tokenizer(captions: Iterable[str], cfg: TokenizerConfig) -> TextTokeni
         model_max_length=cfg.text_len,
         clean_up_tokenization_spaces=False,
     )
-    out = TextTokenizer(hf, cfg, alphabet=alphabet)
+    out = TextTokenizer(hf, cfg, alphabet=alphabet, words=words)
     log.info("trained BPE tokenizer: vocab size %d (target %d)", out.vocab_size, cfg.vocab_size)
     return out
 
@@ -117,13 +125,19 @@ class TextTokenizer:
     """Fixed-length caption encoder around a transformers fast tokenizer."""
 
     def __init__(
-        self, hf: PreTrainedTokenizerFast, cfg: TokenizerConfig, alphabet: set[str] | None = None
+        self,
+        hf: PreTrainedTokenizerFast,
+        cfg: TokenizerConfig,
+        alphabet: set[str] | None = None,
+        words: set[str] | None = None,
     ) -> None:
         cfg.validate()
         self.hf = hf
         self.cfg = cfg
         # characters seen in the training captions (None for a folder saved without them)
         self.alphabet: frozenset[str] | None = None if alphabet is None else frozenset(alphabet)
+        # words (`WORD`) of the normalized training captions (None for a folder saved without)
+        self.words: frozenset[str] | None = None if words is None else frozenset(words)
         self.backend: Tokenizer = hf.backend_tokenizer
         # A caption that contains the text "<eos>" is plain text, never the control token.
         self.backend.encode_special_tokens = True
@@ -153,6 +167,8 @@ class TextTokenizer:
             (tmp / "config.json").write_text(json.dumps(meta, indent=2))
             if self.alphabet is not None:
                 (tmp / ALPHABET_FILE).write_text(json.dumps(sorted(self.alphabet)))
+            if self.words is not None:
+                (tmp / WORDS_FILE).write_text(json.dumps(sorted(self.words)))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, text_len: int | None = None) -> TextTokenizer:
@@ -167,9 +183,35 @@ class TextTokenizer:
             cfg = dataclasses.replace(cfg, text_len=text_len)
         hf = PreTrainedTokenizerFast.from_pretrained(str(path))
         hf.model_max_length = cfg.text_len
-        alphabet_file = path / ALPHABET_FILE
-        alphabet = set(json.loads(alphabet_file.read_text())) if alphabet_file.is_file() else None
-        return cls(hf, cfg, alphabet=alphabet)
+        return cls(hf, cfg, alphabet=_read_set(path / ALPHABET_FILE),
+                   words=_read_set(path / WORDS_FILE))  # fmt: skip
+
+    def with_text_len(self, text_len: int) -> TextTokenizer:
+        """The same tokenizer (and record of its training captions) at another text length."""
+        cfg = dataclasses.replace(self.cfg, text_len=text_len)
+        return TextTokenizer(self.hf, cfg, alphabet=self.alphabet, words=self.words)
+
+    def read_back(self, text: str) -> tuple[str, bool]:
+        """(what the model reads of `text`, whether it was truncated): the normalized caption, or
+        the head of it that fits text_len, in whole characters (a cut inside a character's bytes
+        drops that character rather than showing half of it as U+FFFD)."""
+        whole = self.normalize(text)
+        body = self._encode_raw([text])[0].ids  # as `encode` cuts it, without its warning
+        if len(body) <= self.text_len - 2:
+            return whole, False
+        head = self.decode(body[: self.text_len - 2])[0]
+        while head and not whole.startswith(head) and head.endswith("\ufffd"):
+            head = head[:-1]
+        return head, True
+
+    def unseen_words(self, text: str) -> list[str] | None:
+        """The words (`WORD`) of `text`, normalized as the tokenizer reads it, that no training
+        caption held, in order of first appearance; None for a folder saved without the record
+        of its captions' words."""
+        if self.words is None:
+            return None
+        return list(dict.fromkeys(w for w in WORD.findall(self.normalize(text))
+                                  if w not in self.words))  # fmt: skip
 
     # -- encode / decode ---------------------------------------------------------------------
     def normalize(self, text: str) -> str:
@@ -235,6 +277,20 @@ class TextTokenizer:
         specials = {self.pad_id, self.bos_id, self.eos_id}
         rows = [[int(i) for i in r if int(i) not in specials] for r in rows]
         return self.backend.decode_batch(rows, skip_special_tokens=True)
+
+
+def _read_set(path: Path) -> set[str] | None:
+    """A JSON list of strings written by `save_pretrained`, or None where the folder lacks it (a
+    folder written before it was recorded); ValueError naming the file when it is not one."""
+    if not path.is_file():
+        return None
+    try:
+        items = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise ValueError(f"{path}: expected a JSON list of strings")
+    return set(items)
 
 
 def _as_list(captions: list[str] | str) -> list[str]:

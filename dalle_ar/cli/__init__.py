@@ -17,6 +17,8 @@ import importlib
 import logging
 import sys
 
+log = logging.getLogger(__name__)
+
 # subcommand -> (module, help). `train` and `data` take a second word.
 COMMANDS: dict[str, tuple[str, str]] = {
     "data shapes": ("dalle_ar.data.build", "write procedural shapes shards"),
@@ -64,8 +66,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dalle-ar: unknown command {key!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[key][0])
-    code = module.main(rest)
+    try:
+        code = module.main(rest)
+    except USER_ERRORS as e:
+        # What a user can cause (a bad value, a missing or unwritable file, a device this
+        # machine lacks) is one line naming it; its traceback goes to the DEBUG log.
+        log.debug("dalle-ar %s failed", key, exc_info=True)
+        print(f"dalle-ar {key}: {_one_line(e)}", file=sys.stderr)
+        return 2
     return int(code or 0)
+
+
+# Errors of the user's making, from any subcommand: ValueError (ConfigError among them) for a value
+# that is impossible, OSError for a file or folder that is missing, unreadable or unwritable.
+USER_ERRORS = (ValueError, OSError)
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (an OSError's names the path it failed on)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _choices(word: str) -> str:

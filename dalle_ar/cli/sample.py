@@ -58,11 +58,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from dalle_ar.checkpoint import write_json_atomic
+from dalle_ar.checkpoint import inside, write_json_atomic
 from dalle_ar.grid import prompt_grids
 from dalle_ar.pipelines.ar import MAX_BATCH, MEMORY_MB
 from dalle_ar.runtime import set_threads
@@ -164,11 +165,29 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def check_out(out: str | Path, flag: str = "--out") -> Path:
+    """Before any drawing: ValueError when the output folder cannot be made or written (a file of
+    that name, a file among its parents, a folder without write permission), naming it. Nothing
+    is created here: the first image written makes the folder."""
+    folder = Path(out)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == folder else f"cannot be made: {probe} is a file"
+        raise ValueError(f"{flag} {folder} {where}, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == folder else f" (in {probe})"
+        raise ValueError(f"{flag} {folder} cannot be written{where}: permission denied")
+    return folder
+
+
 def _sample(args: argparse.Namespace) -> int:
     if not args.model:
         raise ValueError("--model FOLDER is required (or --from-json FILE)")
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
+    check_out(args.out)
     if args.variations:
         return _variations(args)
     if args.upsample_images:
@@ -338,14 +357,27 @@ def _argv_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[
     return out + list(args.prompts)
 
 
+RECORD_KEYS = ("index", "file", "prompt", "prompt_index", "sample_index", "seed")
+
+
 def _regenerate(args: argparse.Namespace) -> int:
     path = Path(args.from_json)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    doc = json.loads(path.read_text())
-    samples = doc.get("samples")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    samples = doc.get("samples") if isinstance(doc, dict) else None
     if not isinstance(samples, list) or not samples:
         raise ValueError(f"{path} holds no samples (expected a {JSON_NAME} from dalle-ar sample)")
+    for i, rec in enumerate(samples):
+        lacking = [k for k in RECORD_KEYS if k not in rec] if isinstance(rec, dict) else RECORD_KEYS
+        if lacking:
+            raise ValueError(f"{path}: samples[{i}] is not a sample record (it lacks "
+                             f"{', '.join(lacking)})")  # fmt: skip
+        # the record names the file it is written to: a name inside --out, never a path out of it
+        inside(args.out, rec["file"], f"{path}: samples[{i}].file")
     if args.index is not None and not 0 <= args.index < len(samples):
         raise ValueError(f"--index must be in [0, {len(samples)}), got {args.index}")
     chosen = samples if args.index is None else [samples[args.index]]
@@ -363,6 +395,7 @@ def _regenerate(args: argparse.Namespace) -> int:
         # as it was scored: small (the cascade upsamples only the kept ones)
         chosen = [{**kept, "seed": c["seed"], "index": -1, "upsample": False,
                    "file": f"candidate_{args.candidate:04d}.png"}]  # fmt: skip
+    check_out(args.out)
     from dalle_ar.pipelines import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model or doc["model"], device=args.device)
@@ -370,8 +403,10 @@ def _regenerate(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     for rec in chosen:
         img = _one(pipe, rec)
-        img.save(folder / rec["file"])
-        print(f"regenerated sample {rec['index']} ({rec['prompt']!r}) -> {folder / rec['file']}")
+        target = inside(folder, rec["file"], f"{path}: the file of sample {rec['index']}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        img.save(target)
+        print(f"regenerated sample {rec['index']} ({rec['prompt']!r}) -> {target}")
     return 0
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,7 +53,7 @@ from dalle_ar.pipelines.folder import AR_COMPONENTS, write_folder
 from dalle_ar.pipelines.masked import MaskedMode
 from dalle_ar.pipelines.prior import PriorMode
 from dalle_ar.prior import DiffusionPrior
-from dalle_ar.prompts import encode_prompts, known_chars, split_prompt
+from dalle_ar.prompts import encode_prompts, known_chars, split_prompt, unseen_words
 from dalle_ar.rerank import pmi_scores
 from dalle_ar.runtime import sample_seeds
 from dalle_ar.sampling import ARSampling, RerankSettings, generate_image_tokens
@@ -117,9 +118,7 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
             check_masked(tokenizer.vocab_size, vq.config, transformer.cfg, masked.cfg)
         t = transformer.cfg
         if tokenizer.text_len != t.text_len:  # the model's text length decides
-            tokenizer = TextTokenizer(
-                tokenizer.hf, dataclasses.replace(tokenizer.cfg, text_len=t.text_len)
-            )
+            tokenizer = tokenizer.with_text_len(t.text_len)
         parts = dict(text_tokenizer=tokenizer, vq=vq.eval(), transformer=transformer.eval(),
                      clip=clip, prior=None if prior is None else prior.eval(),
                      masked=None if masked is None else masked.eval(),
@@ -331,8 +330,8 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         `MAX_BATCH`: an estimate from the key-value cache of `model`, the transformer that draws
         (default the transformer; one cache per guidance branch), its logits and, for CLIP
         scoring, the decoded images and the CLIP's activations."""
-        if memory_mb <= 0:
-            raise ValueError(f"memory_mb must be > 0, got {memory_mb}")
+        if not (isinstance(memory_mb, (int, float)) and math.isfinite(memory_mb) and memory_mb > 0):
+            raise ValueError(f"memory_mb must be a finite number > 0, got {memory_mb!r}")
         c = (model or self.transformer).cfg
         branches = 2 if s.guidance_scale != 1 else 1
         seq = c.seq_len
@@ -440,11 +439,19 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         bar.close()
         rows = 0 if prime is None or masked is not None else prime.shape[1]
         record = dataclasses.asdict(settings if masked is None else masked)
+        unseen = {p: unseen_words(self.tokenizer, p) for p in prompts}
+        # what the model read of an over-long prompt's scene (captions show it), else None
+        cut = {p: self.tokenizer.read_back(scene) for p, (scene, _) in zip(prompts, split)}
         samples = [
             {
                 "prompt": prompts[i // num_samples],
                 "prompt_index": i // num_samples,
                 "sample_index": i % num_samples,
+                # words of the prompt no training caption held (None: the tokenizer has no record)
+                "unseen_words": unseen[prompts[i // num_samples]],
+                "truncated_to": cut[prompts[i // num_samples]][0]
+                if cut[prompts[i // num_samples]][1]
+                else None,
                 "seed": per_seed[i],
                 **record,
                 "prime_rows": rows,

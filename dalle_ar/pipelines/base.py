@@ -24,7 +24,7 @@ from dalle_ar.grid import to_uint8
 from dalle_ar.pipelines.folder import library_of, load_component, read_folder, write_json
 from dalle_ar.prompts import split_prompt
 from dalle_ar.rerank import keep_best
-from dalle_ar.runtime import sample_seeds
+from dalle_ar.runtime import pick_device, sample_seeds
 from dalle_ar.sampling.diffusion import check_upsample_settings, upsample_images
 from dalle_ar.sampling.settings import (
     RerankSettings,
@@ -81,7 +81,9 @@ class Pipeline:
         """Load a pipeline folder. Called on `Pipeline`, it builds the class pipeline.json names;
         called on a mode's class, it builds that mode from the folder's components (shared
         between modes). A component the mode needs but the folder lacks is refused, naming both;
-        so are components that do not fit each other."""
+        so are components that do not fit each other. ValueError for a device this machine
+        lacks (`runtime.pick_device`: "auto", "cpu", "cuda", "cuda:N")."""
+        device = pick_device(device)
         spec = read_folder(folder)
         target = cls
         if cls is Pipeline:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from dalle_ar.checkpoint import atomic_dir
+from dalle_ar.checkpoint import atomic_dir, inside
 from dalle_ar.clip import CLIP
 from dalle_ar.prior import DiffusionPrior
 from dalle_ar.text import TextTokenizer
@@ -70,7 +70,8 @@ class FolderSpec:
 def read_folder(folder: str | Path) -> FolderSpec:
     """Read and check `folder/pipeline.json`: format, version, (library, class) pairs, and every
     named component's folder present with its config.json. FileNotFoundError / ValueError name
-    the folder and the component."""
+    the folder and the component; ValueError for a component folder named outside `folder`
+    (an absolute path or "..": `checkpoint.inside`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"pipeline folder {folder} does not exist")
@@ -109,7 +110,7 @@ def _from_v1(folder: Path, f: Path, comps: dict, defaults: dict) -> FolderSpec:
         if name not in AR_COMPONENTS:
             raise ValueError(f"{f}: unknown component {name!r}; known: {list(AR_COMPONENTS)}")
         pairs[name] = ("dalle_ar", AR_COMPONENTS[name])
-        paths[name] = folder / sub
+        paths[name] = inside(folder, sub, f"{f}: the {name} component's folder")
     return FolderSpec(folder, V1_CLASS, pairs, paths, defaults, 1)
 
 
@@ -127,7 +128,9 @@ def _from_v2(folder: Path, f: Path, meta: dict, comps: dict) -> FolderSpec:
         if pair[0] == "dalle_ar" and pair[1] not in OWN_CLASSES:
             raise ValueError(f"{f}: component {name!r} names an unknown class dalle_ar.{pair[1]}")
         pairs[name] = (pair[0], pair[1])
-        paths[name] = folder / name
+        paths[name] = inside(folder, name, f"{f}: component name (its folder's name)")
+        if len(Path(name).parts) != 1:
+            raise ValueError(f"{f}: component name {name!r} must be a folder name, not a path")
     cls = meta.get("class")
     if not isinstance(cls, str):
         raise ValueError(f"{f}: expected a 'class' naming the pipeline class, got {cls!r}")

@@ -58,7 +58,7 @@ import torch
 
 from dalle_ar.runtime import sample_seeds, uniforms
 from dalle_ar.sampling.graph import GraphedStep
-from dalle_ar.sampling.logits import combine, logits_to_probs, sample_from_probs
+from dalle_ar.sampling.logits import combine, logits_to_probs, nonfinite_rows, sample_from_probs
 from dalle_ar.sampling.settings import ARSampling, resolve
 from dalle_ar.transformer import Transformer
 
@@ -157,7 +157,8 @@ def generate_image_tokens(
 
     settings: how each code is drawn (`ARSampling`: temperature, top_k, top_p, guidance_scale,
     part_scale; default `ARSampling()`); keyword overrides of its fields (`temperature=0.7`)
-    replace them for this call. ValueError names an unknown or impossible setting.
+    replace them for this call. ValueError names an unknown or impossible setting, or the first
+    sample and position whose probabilities are not finite (guidance or weights that overflow).
 
     text_ids (N, T) and text_lens (N,) come from `TextTokenizer.encode` (None for a model whose
     embedding replaces the text); cond (N, cond_dim) is the conditioning embedding of an
@@ -230,24 +231,30 @@ def generate_image_tokens(
         text = text.new_zeros(nb, 0)
     T = cfg.text_positions
 
-    def draw(logits: torch.Tensor, u_j: torch.Tensor) -> torch.Tensor:
-        """Logits (nb, V) of one position -> its codes (B,)."""
+    # Per sample, the first image position whose probabilities were not finite (hw: none yet).
+    # Kept on the device and written in place, so a captured CUDA graph records it too.
+    bad_at = torch.full((B,), hw, dtype=torch.long, device=dev)
+
+    def draw(logits: torch.Tensor, u_j: torch.Tensor, j: torch.Tensor | int) -> torch.Tensor:
+        """Logits (nb, V) of image position j -> its codes (B,)."""
         if guided:
             logits = combine(logits.view(nb // B, B, -1), scales)
-        return sample_from_probs(logits_to_probs(logits, temperature, top_k, top_p), u_j)
+        probs = logits_to_probs(logits, temperature, top_k, top_p)
+        bad_at.copy_(torch.where(nonfinite_rows(probs) & (bad_at == hw), j, bad_at))
+        return sample_from_probs(probs, u_j)
 
     def decode_step(last: torch.Tensor, pos: torch.Tensor, u_j: torch.Tensor) -> torch.Tensor:
         """Codes (B,) at the position after `pos` (1,), where `last` (B,) was drawn."""
         tokens = last.repeat(nb // B)[:, None]  # (nb, 1)
-        return draw(decode_one(model, tokens, pos, text_lens=lens), u_j)
+        return draw(decode_one(model, tokens, pos, text_lens=lens), u_j, pos + 1 - T)
 
     def from_sequence(j: int) -> torch.Tensor:
         """Codes (B,) at image position j from the text and all codes before it: the prefill,
         or every step without the cache."""
         seq = torch.cat([text, codes[:, :j].repeat(nb // B, 1)], 1)
         if use_cache:
-            return draw(prefill(model, seq, text_lens=lens, cond=cnd), u[:, j])
-        return draw(model(seq, text_lens=lens, cond=cnd).image[:, -1], u[:, j])
+            return draw(prefill(model, seq, text_lens=lens, cond=cnd), u[:, j], j)
+        return draw(model(seq, text_lens=lens, cond=cnd).image[:, -1], u[:, j], j)
 
     was_training = model.training
     model.eval()
@@ -265,13 +272,32 @@ def generate_image_tokens(
             else:
                 last = step(last, positions[j - 1 : j], u[:, j])
             codes[:, j] = last
+            # A host check per step costs nothing on the CPU; on CUDA it would stall the launch
+            # queue every step, so there the loop is checked once, at its end.
+            if dev.type != "cuda":
+                _check_finite(bad_at, hw, s)
             if callback is not None:
                 callback(j + 1, hw, codes.view(B, cfg.grid_h, w))
+        _check_finite(bad_at, hw, s)
     finally:
         if use_cache:
             model.clear_cache()
         model.train(was_training)
     return codes.view(B, cfg.grid_h, w)
+
+
+def _check_finite(bad_at: torch.Tensor, hw: int, s: ARSampling) -> None:
+    """ValueError naming the first sample and image position whose probabilities were not finite
+    (`bad_at`, hw where none) and the settings that drew them."""
+    first = int(bad_at.min())
+    if first < hw:
+        b = int(bad_at.argmin())
+        raise ValueError(
+            f"sampling step at image position {first} of sample {b}: the probabilities are not "
+            f"finite (NaN or inf; temperature={s.temperature:g}, guidance_scale="
+            f"{s.guidance_scale:g}, part_scale={s.part_scale:g}): the logits left float32's "
+            "range; lower the guidance scale or raise the temperature"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,6 +49,26 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
+def nonfinite_rows(probs: torch.Tensor) -> torch.Tensor:
+    """(..., V) probabilities -> (...) bool: True where a row holds a NaN or an infinity (logits
+    that left float32's range, through guidance or temperature, or a model that gives NaN). The
+    inverse-CDF draw of such a row picks the last token whatever the model says, so a sampler
+    stops on it (`check_probs`) instead of drawing."""
+    return ~probs.isfinite().all(-1)
+
+
+def check_probs(probs: torch.Tensor, where: str) -> None:
+    """ValueError naming `where` and the first row of probs (B, ..., V) that is not finite
+    (`nonfinite_rows`)."""
+    bad = nonfinite_rows(probs).flatten(1) if probs.ndim > 2 else nonfinite_rows(probs)[:, None]
+    rows = bad.any(1).nonzero()
+    if len(rows):
+        raise ValueError(
+            f"{where}: the probabilities of sample {int(rows[0])} are not finite (NaN or inf): "
+            "the logits left float32's range; lower the guidance scale or raise the temperature"
+        )
+
+
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance on logits: uncond + scale * (cond - uncond)."""
     return uncond + scale * (cond - uncond)

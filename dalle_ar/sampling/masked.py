@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from dalle_ar.runtime import sample_seeds, uniforms
-from dalle_ar.sampling.logits import combine, logits_to_probs, sample_from_probs
+from dalle_ar.sampling.logits import check_probs, combine, logits_to_probs, sample_from_probs
 from dalle_ar.sampling.settings import MaskedSampling, resolve
 from dalle_ar.transformer import Transformer
 
@@ -92,7 +92,8 @@ def generate_masked(
     hold `model.cfg.mask_id` the codes are drawn and elsewhere kept exactly (inpainting); default
     all masked. Guidance (guidance_scale != 1) runs the empty caption `empty_ids` (T,) in the
     same batch: uncond + g * (cond - uncond) on the logits. callback(t, steps, codes) after each
-    pass. ValueError for a model that is not a masked generator, or inputs of the wrong shape."""
+    pass. ValueError for a model that is not a masked generator, inputs of the wrong shape, or a
+    pass whose probabilities are not finite (`logits.check_probs`)."""
     cfg = model.cfg
     if not cfg.masked:
         raise ValueError("generate_masked needs a masked generator (objective='masked')")
@@ -130,6 +131,7 @@ def generate_masked(
             if guided:
                 logits = combine(logits.view(2, B, n, -1), [s.guidance_scale])
             probs = logits_to_probs(logits, s.temperature, s.top_k)
+            check_probs(probs, f"masked sampling, pass {t + 1} of {s.steps}")
             codes = sched.step(probs, t, codes, u[:, 0, t], u[:, 1, t])
             if callback is not None:
                 callback(t + 1, s.steps, codes.view(B, cfg.grid_h, cfg.grid_w))

@@ -28,9 +28,21 @@ def _option(flag: str, help: str) -> dict[str, str]:
     return {"flag": flag, "help": help}
 
 
+# The lowest softmax temperature: at 1e-3 a logit gap of 0.1 is a probability ratio of e^100,
+# greedy in effect (top_k=1 is the greedy draw), and lower ones only bring the logits divided by
+# it nearer to float32's overflow (1e-45 divides any logit to inf, and every probability to NaN).
+MIN_TEMPERATURE = 1e-3
+
+
 def _finite_at_least(value: Any, low: float) -> bool:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     return ok and math.isfinite(value) and value >= low
+
+
+def _check_temperature(t: Any) -> None:
+    require(_finite_at_least(t, MIN_TEMPERATURE), "temperature",
+            f"must be a finite number >= {MIN_TEMPERATURE:g} (top_k=1 is greedy), got {t!r}",
+            KIND)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -41,7 +53,8 @@ class ARSampling:
     prompts (a product of experts): Liu et al. 2022, "Compositional Visual Generation"."""
 
     temperature: float = dataclasses.field(
-        default=1.0, metadata=_option("--temperature", "softmax temperature (> 0)")
+        default=1.0,
+        metadata=_option("--temperature", f"softmax temperature (>= {MIN_TEMPERATURE:g})"),
     )
     top_k: int = dataclasses.field(
         default=0, metadata=_option("--top-k", "keep the k most likely codes (0 = off)")
@@ -58,18 +71,18 @@ class ARSampling:
 
     def validate(self) -> None:
         """ConfigError (a ValueError) naming the first impossible field."""
-        t, k, p = self.temperature, self.top_k, self.top_p
-        require(_finite_at_least(t, 0) and t > 0, "temperature",
-                f"must be > 0 (top_k=1 is greedy), got {t!r}", KIND)  # fmt: skip
+        k, p = self.top_k, self.top_p
+        _check_temperature(self.temperature)
         ok_k = isinstance(k, int) and not isinstance(k, bool) and k >= 0
         require(ok_k, "top_k", f"must be an int >= 0 (0 = off), got {k!r}", KIND)
         require(_finite_at_least(p, 0) and 0 < p <= 1, "top_p",
                 f"must be in (0, 1] (1 = off), got {p!r}", KIND)  # fmt: skip
         g = self.guidance_scale
         require(_finite_at_least(g, 0), "guidance_scale",
-                f"must be >= 0 (1 = no guidance), got {g!r}", KIND)  # fmt: skip
+                f"must be a finite number >= 0 (1 = no guidance), got {g!r}", KIND)  # fmt: skip
         s = self.part_scale
-        require(_finite_at_least(s, 0), "part_scale", f"must be >= 0, got {s!r}", KIND)
+        require(_finite_at_least(s, 0), "part_scale",
+                f"must be a finite number >= 0, got {s!r}", KIND)  # fmt: skip
 
 
 # Weight of log p(codes | empty caption), chosen on a prompt set of its own:
@@ -152,7 +165,7 @@ class PriorSampling:
         ok_n = isinstance(n, int) and not isinstance(n, bool) and n >= 1
         require(ok_n, "prior_steps", f"must be an int >= 1, got {n!r}", KIND)
         require(_finite_at_least(g, 0), "prior_guidance",
-                f"must be >= 0 (1 = no guidance), got {g!r}", KIND)  # fmt: skip
+                f"must be a finite number >= 0 (1 = no guidance), got {g!r}", KIND)  # fmt: skip
         ok_k = isinstance(k, int) and not isinstance(k, bool) and k >= 1
         require(ok_k, "embed_candidates", f"must be an int >= 1 (1 = off), got {k!r}", KIND)
 
@@ -169,7 +182,8 @@ class MaskedSampling:
         default=12, metadata=_option("--steps", "parallel unmasking passes of the masked mode")
     )
     temperature: float = dataclasses.field(
-        default=1.0, metadata=_option("--temperature", "softmax temperature (> 0)")
+        default=1.0,
+        metadata=_option("--temperature", f"softmax temperature (>= {MIN_TEMPERATURE:g})"),
     )
     top_k: int = dataclasses.field(
         default=0, metadata=_option("--top-k", "keep the k most likely codes (0 = off)")
@@ -185,17 +199,17 @@ class MaskedSampling:
 
     def validate(self) -> None:
         """ConfigError (a ValueError) naming the first impossible field."""
-        n, t, k, g = self.steps, self.temperature, self.top_k, self.guidance_scale
+        n, k, g = self.steps, self.top_k, self.guidance_scale
         ok_n = isinstance(n, int) and not isinstance(n, bool) and n >= 1
         require(ok_n, "steps", f"must be an int >= 1, got {n!r}", KIND)
-        require(_finite_at_least(t, 0) and t > 0, "temperature", f"must be > 0, got {t!r}", KIND)
+        _check_temperature(self.temperature)
         ok_k = isinstance(k, int) and not isinstance(k, bool) and k >= 0
         require(ok_k, "top_k", f"must be an int >= 0 (0 = off), got {k!r}", KIND)
         require(_finite_at_least(g, 0), "guidance_scale",
-                f"must be >= 0 (1 = no guidance), got {g!r}", KIND)  # fmt: skip
+                f"must be a finite number >= 0 (1 = no guidance), got {g!r}", KIND)  # fmt: skip
         c = self.confidence_temperature
-        require(_finite_at_least(c, 0), "confidence_temperature", f"must be >= 0, got {c!r}",
-                KIND)  # fmt: skip
+        require(_finite_at_least(c, 0), "confidence_temperature",
+                f"must be a finite number >= 0, got {c!r}", KIND)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -313,6 +327,7 @@ def upsample_from_args(args: argparse.Namespace) -> dict[str, Any]:
 __all__ = [
     "ARSampling",
     "MASKED_SHARED",
+    "MIN_TEMPERATURE",
     "MaskedSampling",
     "PriorSampling",
     "RERANKERS",

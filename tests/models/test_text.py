@@ -277,14 +277,28 @@ def test_recipe_on_shapes_shards(tmp_path: Path, request: pytest.FixtureRequest)
     assert tok.text_len == 32 and 300 < tok.vocab_size == metrics["vocab_size"] <= 1000
 
 
-def test_recipe_bad_config_fails_before_work(tmp_path: Path) -> None:
+def test_recipe_bad_config_fails_before_work(tmp_path: Path, capsys) -> None:
     from dalle_ar.cli import main
 
     out = tmp_path / "run"
-    with pytest.raises(ConfigError, match="'tokenizer.vocab_size'"):
-        main(["train", "tokenizer", "--config", str(TINY), "data.train=x.tar",
-              f"run.out_dir={out}", "tokenizer.vocab_size=10"])  # fmt: skip
-    assert not out.exists()
+    assert main(["train", "tokenizer", "--config", str(TINY), "data.train=x.tar",
+                 f"run.out_dir={out}", "tokenizer.vocab_size=10"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("dalle-ar train tokenizer: config key 'tokenizer.vocab_size'")
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_recipe_on_empty_captions_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    from dalle_ar.cli import main
+    from dalle_ar.data.shards import write_samples
+
+    write_samples([{"__key__": f"r{i}", "txt": " " * i} for i in range(4)], tmp_path, "train", 4)
+    shard = tmp_path / "train-000000.tar"
+    argv = ["train", "tokenizer", "--config", str(TINY), f"data.train={shard}",
+            f"run.out_dir={tmp_path / 'run'}", "run.wandb=disabled"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"dalle-ar train tokenizer: no captions found in data.train='{shard}'\n"
 
 
 def test_training_alphabet_is_recorded_and_survives_save(tmp_path: Path) -> None:
@@ -295,6 +309,36 @@ def test_training_alphabet_is_recorded_and_survives_save(tmp_path: Path) -> None
     assert "T" not in tok.alphabet and "😀" not in tok.alphabet
     tok.save_pretrained(tmp_path / "tok")
     assert TextTokenizer.from_pretrained(tmp_path / "tok").alphabet == tok.alphabet
+
+
+def test_training_words_are_recorded_survive_save_and_name_unseen_ones(tmp_path: Path) -> None:
+    captions = ["Top-left: a red circle", "a red circle", "a blue square"] * 3
+    tok = train_tokenizer(captions, TokenizerConfig(vocab_size=300, min_frequency=2))
+    assert tok.words == {"top", "left", "a", "red", "circle", "blue", "square"}  # normalized
+    assert tok.unseen_words("A tiny CRIMSON circle, top left; a tiny one") == ["tiny", "crimson",
+                                                                               "one"]  # fmt: skip
+    assert tok.unseen_words("a smal red circel") == ["smal", "circel"]  # typos too
+    assert tok.unseen_words("") == [] and tok.unseen_words("a red circle") == []
+    tok.save_pretrained(tmp_path / "tok")
+    again = TextTokenizer.from_pretrained(tmp_path / "tok")
+    assert again.words == tok.words and again.with_text_len(8).words == tok.words
+    (tmp_path / "tok" / "words.json").unlink()  # a folder saved before words were recorded
+    old = TextTokenizer.from_pretrained(tmp_path / "tok")
+    assert old.words is None and old.unseen_words("a crimson ball") is None
+
+
+def test_read_back_never_cuts_a_character_in_half(tok: TextTokenizer) -> None:
+    text = "a red " + "😀" * 8  # an unseen emoji: four byte tokens each
+    halves = 0
+    for n in range(4, 14):
+        short = TextTokenizer(tok.hf, TokenizerConfig(vocab_size=320, text_len=n))
+        raw = short.decode(short.encode(text).ids)[0]
+        head, cut = short.read_back(text)
+        halves += raw.endswith("\ufffd")
+        assert cut and "\ufffd" not in head and text.startswith(head) and raw.startswith(head)
+        assert len(head) >= len(raw) - 1  # only the broken character is dropped
+    assert halves >= 3  # most lengths end inside an emoji's bytes
+    assert tok.read_back("a red circle") == ("a red circle", False)
 
 
 def test_a_huge_caption_is_cut_by_characters_before_tokenizing(tok: TextTokenizer) -> None:

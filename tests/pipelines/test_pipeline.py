@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from PIL import Image
 
 from dalle_ar.cli import main as cli
 from dalle_ar.cli.sample import _parser as sample_parser
+from dalle_ar.grid import TRUNCATED, captioned_grid, prompt_grids
 from dalle_ar.pipeline import (
     DalleAR,
     assemble,
@@ -340,6 +343,22 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
     assert f"the model reads {TEXT_LEN - 2}: truncated to 'a small" in caplog.text
 
 
+def test_an_over_long_prompt_is_captioned_with_what_the_model_read(pipe, caplog):
+    long = " ".join(["a small red circle at the top left of a big blue square"] * 45)  # 540 words
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
+        out = pipe([long, "a red 🙂🙂🙂🙂🙂🙂"], seed=0)
+    read = out.samples[0]["truncated_to"]
+    assert read == pipe.tokenizer.decode(pipe.tokenizer.encode(long).ids)[0] and long.startswith(
+        read
+    )
+    grid, short = prompt_grids(out)
+    assert grid.height < 300  # the whole prompt would be over 3,000 px tall
+    assert captioned_grid(out.images[:1], read + TRUNCATED).size == grid.size
+    assert out.samples[1]["truncated_to"] == "a red 🙂"  # the cut emoji's bytes are dropped
+    assert "\ufffd" not in caplog.text and "truncated to 'a red 🙂'" in caplog.text
+    assert pipe(PROMPTS[1:], seed=0).samples[0]["truncated_to"] is None  # it fits
+
+
 def test_unknown_characters_are_named_in_a_warning(pipe, caplog):
     with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
         pipe(["a red 🙂 circle"], seed=0)
@@ -348,6 +367,36 @@ def test_unknown_characters_are_named_in_a_warning(pipe, caplog):
     with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
         pipe(["A RED circle"], seed=0)  # upper case is normalised away: nothing to warn
     assert "never saw" not in caplog.text
+
+
+def test_unseen_words_are_named_in_a_warning_and_the_record(pipe, pipe_dir, tmp_path, caplog):
+    """Words no training caption held (the shapes captions know "tiny", "upper", "corner", not
+    "crimson" or "ball"; typos) are warned about by the API and the CLI and recorded per sample;
+    a composed prompt's parts are read without their marks."""
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
+        out = pipe(["a tiny crimson ball in the upper left corner", "a smal red circel"], seed=0)
+    assert "prompt 0 has words no training caption held: 'crimson', 'ball';" in caplog.text
+    assert "prompt 1 has words no training caption held: 'smal', 'circel';" in caplog.text
+    assert [m["unseen_words"] for m in out.samples] == [["crimson", "ball"], ["smal", "circel"]]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
+        out = pipe(["a red circle AND a red::-0.5 AND a crimson::2"], seed=0)
+    assert out.samples[0]["unseen_words"] == ["crimson"]
+    assert "'crimson'" in caplog.text and "'red'" not in caplog.text
+    assert pipe(PROMPTS, seed=0).samples[0]["unseen_words"] == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
+        assert cli(["sample", "--model", str(pipe_dir), "a crimson ball", "--candidates", "2",
+                    "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+    assert "prompt 0 has words no training caption held: 'crimson', 'ball';" in caplog.text
+    doc = json.loads((tmp_path / "o" / "samples.json").read_text())
+    assert doc["samples"][0]["unseen_words"] == ["crimson", "ball"]
+
+
+@pytest.mark.parametrize("memory_mb", [0.0, -1.0, math.inf, math.nan])
+def test_memory_budget_must_be_a_finite_positive_number(pipe, memory_mb):
+    with pytest.raises(ValueError, match=f"memory_mb must be a finite number > 0, got {memory_mb}"):
+        pipe(PROMPTS, memory_mb=memory_mb)
 
 
 @pytest.mark.parametrize("num", [0, -2])
@@ -466,6 +515,82 @@ def test_cli_bad_model_folder_exits_2(tmp_path, capsys):
     bad.write_text(json.dumps({"samples": []}))
     assert cli(["sample", "--from-json", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "holds no samples" in capsys.readouterr().err
+
+
+def test_from_json_writes_only_inside_out(pipe_dir, tmp_path, capsys):
+    """A handed samples.json naming its file outside --out (absolute, or up with "..") is refused
+    by name before any drawing, and the file it names is left as it was."""
+    out = tmp_path / "out"
+    assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--out", str(out)]) == 0
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"keep me")
+    doc = json.loads((out / "samples.json").read_text())
+    for bad in (str(victim), "../victim.png", "../../x.png", ""):
+        doc["samples"][0]["file"] = bad
+        (out / "evil.json").write_text(json.dumps(doc))
+        argv = ["sample", "--from-json", str(out / "evil.json"), "--out", str(out / "again")]
+        assert cli(argv) == 2
+        assert f"samples[0].file must be a relative path inside {out / 'again'}, got {bad!r}" in (
+            capsys.readouterr().err
+        )
+    assert victim.read_bytes() == b"keep me" and not (tmp_path / "x.png").exists()
+    assert not (out / "again").exists()  # refused before anything was written
+    doc["samples"][0] = {"file": "a.png"}  # not a record: named, no traceback
+    (out / "evil.json").write_text(json.dumps(doc))
+    assert cli(["sample", "--from-json", str(out / "evil.json"), "--out", str(out / "o")]) == 2
+    assert "samples[0] is not a sample record (it lacks index, prompt" in capsys.readouterr().err
+
+
+def test_pipeline_json_names_no_component_folder_outside_it(pipe_dir, tmp_path):
+    folder = tmp_path / "evil"
+    shutil.copytree(pipe_dir, folder)
+    shutil.copytree(pipe_dir / "vq", tmp_path / "outside_vq")
+    meta = json.loads((folder / "pipeline.json").read_text())
+    for name in ("../outside_vq", str(tmp_path / "outside_vq")):
+        bad = dict(meta, components={**meta["components"], name: ["dalle_ar", "VQTokenizer"]})
+        (folder / "pipeline.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"component name \(its folder's name\) must be a rel"):
+            Pipeline.from_pretrained(folder)
+    # version 1 named each component's subfolder: confined the same way
+    v1 = {"format": "dalle_ar.pipeline", "version": 1,
+          "components": {"text_tokenizer": "text_tokenizer", "vq": "../outside_vq",
+                         "transformer": "transformer"}}  # fmt: skip
+    (folder / "pipeline.json").write_text(json.dumps(v1))
+    with pytest.raises(ValueError, match=r"the vq component's folder must be a relative path ins"):
+        Pipeline.from_pretrained(folder)
+
+
+def test_cli_output_place_is_checked_before_drawing(pipe_dir, tmp_path, capsys):
+    """--out naming a file, a path under a file, or (for a user without root) a read-only
+    folder is refused before the pipeline loads, and nothing is written."""
+    afile = tmp_path / "taken.png"
+    afile.write_bytes(b"x")
+    argv = ["sample", "--model", str(tmp_path / "no_pipeline"), PROMPTS[0]]  # never loaded
+    assert cli([*argv, "--out", str(afile)]) == 2
+    assert capsys.readouterr().err == f"dalle-ar sample: --out {afile} is a file, not a folder\n"
+    assert cli([*argv, "--out", str(afile / "sub")]) == 2
+    err = capsys.readouterr().err
+    want = f"--out {afile / 'sub'} cannot be made: {afile} is a file, not a folder"
+    assert err == f"dalle-ar sample: {want}\n"
+    assert afile.read_bytes() == b"x"
+    if os.geteuid() != 0:  # root writes into read-only folders
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert cli([*argv, "--out", str(locked / "o")]) == 2
+        assert "cannot be written (in" in capsys.readouterr().err
+
+
+def test_cli_device_this_machine_lacks_is_one_line_and_exit_2(pipe_dir, tmp_path, capsys):
+    argv = ["sample", "--model", str(pipe_dir), PROMPTS[0], "--out", str(tmp_path / "o")]
+    assert cli([*argv, "--device", "gpu"]) == 2
+    assert capsys.readouterr().err == (
+        "dalle-ar sample: device must be auto, cpu, cuda or cuda:N, got 'gpu'\n"
+    )
+    lacking = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    assert cli([*argv, "--device", lacking]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dalle-ar sample: device {lacking} was asked for, but ")
+    assert len(err.splitlines()) == 1
 
 
 # -- tools -------------------------------------------------------------------------------------

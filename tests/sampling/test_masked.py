@@ -100,6 +100,15 @@ def test_guidance_one_equals_plain_sampling():
     assert not torch.equal(got, guided)
 
 
+def test_probabilities_that_are_not_finite_stop_the_pass_naming_it():
+    model = masked_model()
+    ids, lens = prompts(2)
+    with torch.no_grad():
+        model.image_head.weight[3, 0] = math.nan
+    with pytest.raises(ValueError, match="pass 1 of 4: the probabilities of sample 0 are not"):
+        generate_masked(model, ids, MaskedSampling(steps=4), text_lens=lens)
+
+
 def test_a_sample_is_the_same_alone_and_in_a_batch():
     model = masked_model()
     ids, lens = prompts(3)

@@ -4,7 +4,9 @@ on the CPU reference path, one thread."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import get_type_hints
 
 import pytest
 import torch
@@ -22,6 +24,13 @@ from dalle_ar.sampling import (
     logits_to_probs,
     prefill,
     sample_from_probs,
+)
+from dalle_ar.sampling.settings import (
+    ARSampling,
+    MaskedSampling,
+    PriorSampling,
+    RerankSettings,
+    UpsampleSampling,
 )
 from dalle_ar.transformer import Transformer
 
@@ -315,13 +324,16 @@ def test_model_state_is_left_as_it_was():
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        (dict(temperature=0.0), "'temperature': must be > 0"),
+        (dict(temperature=0.0), "'temperature': must be a finite number >= 0.001"),
+        (dict(temperature=1e-45), "'temperature': must be a finite number >= 0.001"),
+        (dict(guidance_scale=math.inf), "'guidance_scale': must be a finite number >= 0"),
+        (dict(top_p=math.nan), r"'top_p': must be in \(0, 1\]"),
         (dict(top_k=-1), "'top_k': must be an int >= 0"),
         (dict(top_p=0.0), r"'top_p': must be in \(0, 1\]"),
         (dict(top_p=1.5), r"'top_p': must be in \(0, 1\]"),
         (dict(num_samples=0), "num_samples must be an int >= 1"),
         (dict(guidance_scale=3.0), "needs empty_ids"),
-        (dict(guidance_scale=-1.0), "'guidance_scale': must be >= 0"),
+        (dict(guidance_scale=-1.0), "'guidance_scale': must be a finite number >= 0"),
         (dict(seeds=[1, 2, 3]), "one seed per sample"),
         (dict(prime_codes=torch.zeros(2, 1, W + 1, dtype=torch.long)), "prime_codes must be"),
         (dict(prime_codes=torch.full((2, 1, W), IV)), r"prime_codes must be in \[0, 16\)"),
@@ -333,7 +345,7 @@ def test_model_state_is_left_as_it_was():
             dict(parts=torch.zeros(2, 1, T, dtype=torch.long), part_lens=torch.zeros(2, 1)),
             r"part_lens must be in \[1, 6\]",
         ),
-        (dict(part_scale=-1.0), "sampling setting .part_scale.: must be >= 0"),
+        (dict(part_scale=-1.0), "sampling setting .part_scale.: must be a finite number >= 0"),
         (dict(part_lens=torch.ones(2, 1, dtype=torch.long)), "were given without parts"),
         (dict(cuda_graph=True), "cuda_graph needs a CUDA model"),
     ],
@@ -343,6 +355,36 @@ def test_bad_input_is_refused_by_name(kw, match):
     ids, lens = prompts(2)
     with pytest.raises(ValueError, match=match):
         generate_image_tokens(model, ids, **{"text_lens": lens, **kw})
+
+
+@pytest.mark.parametrize(
+    "cls", [ARSampling, PriorSampling, MaskedSampling, RerankSettings, UpsampleSampling]
+)
+def test_every_float_setting_is_refused_when_not_finite(cls):
+    """The one check of each settings dataclass refuses inf, -inf and NaN in every float field,
+    naming the field and the value (the CLI, the API and JSON records all come through it)."""
+    floats = [f.name for f in dataclasses.fields(cls) if get_type_hints(cls)[f.name] is float]
+    for name in floats:
+        for bad in (math.inf, -math.inf, math.nan):
+            with pytest.raises(ValueError, match=rf"'{name}': must be .*got {bad!r}"):
+                cls(**{name: bad}).validate()
+
+
+def test_probabilities_that_are_not_finite_stop_sampling_naming_the_step():
+    """A model (or guidance) whose logits are NaN at a position stops the loop there with an
+    error naming the sample and position, instead of drawing the last code everywhere."""
+    model = tiny_model()
+    ids, lens = prompts(2)
+    with torch.no_grad():
+        model.image_head.weight[3, 0] = math.nan  # every logit row is NaN from the first code
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match="image position 0 of sample 0: the probabilities"):
+            generate_image_tokens(model, ids, text_lens=lens, use_cache=use_cache)
+    # guidance that overflows float32 stops it too, past primed rows, naming the setting
+    prime = torch.zeros(2, 1, W, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"position \d+ of sample \d: .*guidance_scale=1e\+38"):
+        generate_image_tokens(tiny_model(), ids, text_lens=lens, guidance_scale=1e38,
+                              empty_ids=EMPTY, prime_codes=prime)  # fmt: skip
 
 
 def test_text_of_the_wrong_length_is_refused():

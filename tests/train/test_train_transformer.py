@@ -312,3 +312,28 @@ def test_a_token_record_with_a_code_past_the_codebook_is_skipped_and_counted(
     metrics = train(cfg)  # 16 good records: a pass is 4 batches, step 5 starts the next pass
     assert metrics["step"] == 5
     assert "code_out_of_range: 1 [r005]" in caplog.text
+
+
+def test_a_text_vocab_below_the_tokenizer_s_is_one_line_and_exit_2(tmp_path, capsys):
+    import numpy as np
+
+    from dalle_ar.cli import main
+    from dalle_ar.data.shards import write_samples
+    from dalle_ar.text import TokenizerConfig, train_tokenizer
+
+    caps = ["a red circle", "a blue square", "a green triangle"] * 4
+    train_tokenizer(caps, TokenizerConfig(vocab_size=280, text_len=T)).save_pretrained(
+        tmp_path / "tok"
+    )
+    records = [{"__key__": f"r{i}", "txt": caps[i], "codes.npy": np.zeros((GH, GW), np.int16)}
+               for i in range(8)]  # fmt: skip
+    write_samples(records, tmp_path / "tokens", "train", 8)
+    argv = ["train", "transformer", "--config", str(ROOT / "configs" / "tiny" / "transformer.yaml"),
+            f"data.train={tmp_path / 'tokens' / 'train-000000.tar'}", f"model.text_len={T}",
+            f"model.grid_h={GH}", f"model.grid_w={GW}", f"text_tokenizer={tmp_path / 'tok'}",
+            "model.text_vocab=100", f"run.out_dir={tmp_path / 'run'}",
+            "run.wandb=disabled"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("model.text_vocab is 100: expected text_vocab >= the tokenizer's vocab")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
