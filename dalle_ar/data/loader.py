@@ -270,8 +270,16 @@ def make_loader(
     and missing local shards."""
     shards = checked_urls(urls, image_size, batch_size, shuffle_buffer, num_workers, epochs)
     dataset = _Batches(
-        shards, image_size, batch_size, train, shuffle_buffer, seed, random_crop, epochs,
-        text_len, captions,
+        shards,
+        image_size,
+        batch_size,
+        train,
+        shuffle_buffer,
+        seed,
+        random_crop,
+        epochs,
+        text_len,
+        captions,
     )
     return Loader(dataset, num_workers)
 

@@ -227,7 +227,9 @@ def split_name(name: str) -> tuple[str | None, str]:
     the file name: "d/photo.v2.png" -> ("d/photo", "v2.png")); (None, "") for a name without a
     dot or a meta file ("__x__") that webdataset skips. The extension is lower-cased, as
     webdataset's grouping does."""
-    if _META_NAME.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+    if _META_NAME.match(name) or (
+        "/" not in name and name.startswith("__") and name.endswith("__")
+    ):
         return None, ""
     key, ext = wds.tariterators.base_plus_ext(name)
     return (key, ext.lower()) if key is not None else (None, "")
@@ -253,9 +255,10 @@ def _raw_samples(url: str, report: BadDataReport) -> Iterator[dict[str, Any]]:
     current: dict[str, Any] | None = None  # the record being read
     clean, seen_any = False, False
     try:
-        with wds.gopen(url, "rb") as stream, tarfile.open(
-            fileobj=stream, mode="r|*", tarinfo=_EndTarInfo
-        ) as tar:
+        with (
+            wds.gopen(url, "rb") as stream,
+            tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndTarInfo) as tar,
+        ):
             for info in tar:
                 seen_any = True
                 tar.members = []  # stream mode would keep every header of the shard
@@ -290,11 +293,18 @@ def _raw_samples(url: str, report: BadDataReport) -> Iterator[dict[str, Any]]:
 _FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
 
 
+class UnknownRange(ValueError):
+    """Pixels whose range no viewer agrees on (32-bit integer or float, or a mode Pillow cannot
+    convert to RGB): `to_rgb` cannot show them, and a loader skips them as
+    "unsupported_image_mode"."""
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """A PIL image of any mode and bit depth -> 8-bit RGB as an image viewer shows it: turned
     upright by its EXIF orientation, 16-bit greys scaled (not clipped) to 8 bits, transparency
-    composited on `BACKGROUND`. ValueError for pixels of unknown range (32-bit integer or float)
-    or a mode Pillow cannot convert; Pillow's own errors for an image it cannot decode."""
+    composited on `BACKGROUND`. UnknownRange (a ValueError) for pixels of unknown range (32-bit
+    integer or float) or a mode Pillow cannot convert; Pillow's own errors for an image it cannot
+    decode."""
     fmt = img.format
     img.load()
     try:
@@ -308,7 +318,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         grey = np.asarray(img, dtype=np.float64) * (255.0 / full)
         img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
     elif img.mode in ("I", "F"):
-        raise ValueError(f"unknown range: cannot show {img.mode} pixels as 8-bit RGB")
+        raise UnknownRange(f"unknown range: cannot show {img.mode} pixels as 8-bit RGB")
     if img.mode in ("RGBA", "RGBa", "LA", "La", "PA", "P") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
@@ -316,7 +326,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     try:
         return img.convert("RGB")
     except ValueError as e:  # e.g. LAB: Pillow has no conversion
-        raise ValueError(f"unknown range: cannot show {img.mode} pixels as RGB ({e})") from None
+        raise UnknownRange(f"unknown range: cannot show {img.mode} pixels as RGB ({e})") from None
 
 
 def decode_image(data: bytes, size: int | None = None) -> tuple[Image.Image | None, str | None]:
@@ -331,8 +341,8 @@ def decode_image(data: bytes, size: int | None = None) -> tuple[Image.Image | No
             return to_rgb(img), None
     except Image.DecompressionBombError:
         return None, "image_too_large"
-    except ValueError as e:
-        return None, "unsupported_image_mode" if "unknown range" in str(e) else "bad_image"
+    except UnknownRange:
+        return None, "unsupported_image_mode"
     except Exception:  # PIL raises many types for corrupt or truncated files
         return None, "bad_image"
 

@@ -430,8 +430,9 @@ def test_a_record_with_two_members_of_one_extension_is_skipped(tmp_path):
 
 def _tiny_records_tar(path):
     """Three records of two tiny members each (a text and a JSON member)."""
-    return _tar(path, [(f"r{i}.{ext}", data) for i in range(3)
-                       for ext, data in (("txt", f"record {i}".encode()), ("json", b"{}"))])  # fmt: skip
+    members = (("txt", "record {}"), ("json", "{{}}"))
+    return _tar(path, [(f"r{i}.{ext}", text.format(i).encode()) for i in range(3)
+                       for ext, text in members])  # fmt: skip
 
 
 def test_a_shard_cut_at_a_member_boundary_is_reported(tmp_path):
