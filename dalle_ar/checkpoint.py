@@ -12,6 +12,7 @@ killed process never leaves a half-written checkpoint, and never loses the last 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -38,6 +39,17 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in chunks: the content identity of a component whose
+    behaviour one file defines (a tokenizer's tokenizer.json, a VQ's model.safetensors), which
+    what is trained on it records. FileNotFoundError without the file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 DONE = ".complete"  # written last into a temporary folder of `atomic_dir`: its write finished

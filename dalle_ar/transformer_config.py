@@ -11,6 +11,8 @@ from dalle_ar.kernels.layouts import LAYOUT_KINDS
 
 CODE_INPUTS = ("code", "mask")  # TransformerConfig.code_input
 OBJECTIVES = ("ar", "masked")  # TransformerConfig.objective
+# what a model records of the components it was trained on (not what the model is)
+TRAINED_ON = ("cond_clip", "text_tokenizer_sha256", "vq_sha256")
 
 
 @dataclasses.dataclass
@@ -35,6 +37,12 @@ class TransformerConfig:
     # the weights hash of the CLIP whose image embeddings it was trained on (`CLIP.identity()`),
     # filled by the recipe from the token shards; "" = not a CLIP embedding, or not known
     cond_clip: str = ""
+    # the content hashes of the tokenizer (its tokenizer.json) and of the VQ (its
+    # model.safetensors) it was trained on (`dalle_ar.checkpoint.file_sha256`), filled by the
+    # recipe; a pipeline refuses others (`dalle_ar.pipelines.compat.check_trained_on`).
+    # "" = not known (a folder written before they were recorded): not checked
+    text_tokenizer_sha256: str = ""
+    vq_sha256: str = ""
     # Code features: each image code is also described by a fixed vector (what the VQ draws for
     # it, `VQTokenizer.code_pixels`), projected into the code's input embedding and its output
     # weight. Codes that share colours or strokes then share parameters, which helps the model

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
-from dalle_ar.checkpoint import load_pretrained, save_pretrained
+from dalle_ar.checkpoint import file_sha256, load_pretrained, save_pretrained
 from dalle_ar.config import require
 
 log = logging.getLogger(__name__)
@@ -262,6 +262,9 @@ class VQTokenizer(nn.Module):
         # non-persistent buffers that a checkpoint never restores. It is small.
         with torch.device("cpu"):
             self.quantizer = _build_quantizer(cfg)
+        # the content hash of the model.safetensors it was loaded from (`file_sha256`), which a
+        # model trained on its codes records; None for one built here
+        self.weights_sha256: str | None = None
 
     @property
     def codebook_size(self) -> int:
@@ -392,8 +395,10 @@ class VQTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> VQTokenizer:
-        """Load a folder written by `save_pretrained` (strict; eval mode)."""
+        """Load a folder written by `save_pretrained` (strict; eval mode); `weights_sha256` is
+        its model.safetensors' hash."""
         model = load_pretrained(cls, VQConfig, path, COMPONENT)
+        model.weights_sha256 = file_sha256(Path(path) / "model.safetensors")
         book = getattr(model.quantizer, "_codebook", None)
         if book is not None and not bool(book.initted):
             log.warning("%s: codebook saved before its k-means initialisation (untrained)", path)
