@@ -12,6 +12,7 @@ killed process never leaves a half-written checkpoint, and never loses the last 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dalle_ar.config import config_from_dict, to_dict
+from dalle_ar.config import ConfigError, config_from_dict, to_dict
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -38,6 +39,17 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in chunks: the content identity of a component whose
+    behaviour one file defines (a tokenizer's tokenizer.json, a VQ's model.safetensors), which
+    what is trained on it records. FileNotFoundError without the file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 DONE = ".complete"  # written last into a temporary folder of `atomic_dir`: its write finished
@@ -148,8 +160,15 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_component_config(path: str | Path, component: str, config_cls: type) -> Any:
-    """Read and validate the config of a component folder; refuse a folder of another kind."""
-    return config_from_dict(config_cls, _component_meta(Path(path), component)["config"])
+    """Read and validate the config of a component folder, before anything is built from it:
+    ConfigError naming the folder and the field for an impossible value, including a model too
+    large for this machine's memory (`config.require_fits_memory`, where the config counts its
+    size); ValueError for a folder of another kind; FileNotFoundError without config.json."""
+    meta = _component_meta(Path(path), component)
+    try:
+        return config_from_dict(config_cls, meta["config"])
+    except ConfigError as e:
+        raise ConfigError(f"{Path(path) / 'config.json'}: {e}") from None
 
 
 def _component_meta(path: Path, component: str) -> dict[str, Any]:

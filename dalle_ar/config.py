@@ -9,6 +9,7 @@ that raises `ConfigError` for impossible values (use `require`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -29,6 +30,63 @@ def require(cond: bool, key: str, msg: str, kind: str = "config key") -> None:
     config tree the key is given its full dotted name (`validate`)."""
     if not cond:
         raise ConfigError(f"{kind} '{key}': {msg}")
+
+
+@functools.lru_cache(maxsize=1)
+def memory_bytes() -> int | None:
+    """This machine's memory in bytes: psutil's total where it is installed, else MemTotal of
+    /proc/meminfo; None where neither tells (then no size is checked against it)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def require_fits_memory(cfg: Any, values: int, what: str, sizes: tuple[str, ...]) -> None:
+    """The one check of a model's size, made from its config before anything is built:
+    ConfigError when the `values` numbers it holds (parameters and saved buffers, counted from
+    `cfg` without building), at 4 bytes each (fp32), are more than this machine's memory
+    (`memory_bytes`), which it could then not even hold. The error names the field of `sizes`
+    furthest above its default (the likely typo), then every size, the count and the bound."""
+    mem = memory_bytes()
+    if mem is None or values * 4 <= mem:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+
+    def ratio(name: str) -> float:
+        base = defaults.get(name)
+        return getattr(cfg, name) / base if isinstance(base, (int, float)) and base > 0 else 0.0
+
+    worst = max(sizes, key=ratio)
+    listed = ", ".join(f"{k}={getattr(cfg, k)}" for k in sizes)
+    require(False, worst, f"{what} of {listed} holds {values:,} numbers, {_gb(values * 4)} in "
+            f"fp32, more than this machine's memory ({_gb(mem)})")  # fmt: skip
+
+
+def require_batch_fits(batch_size: int, sample_bytes: int, what: str) -> None:
+    """The one memory check of a batch size, made when its config is read: ConfigError for
+    `batch_size` when a batch of samples of `sample_bytes` bytes each (`what`) is more than this
+    machine's memory (`memory_bytes`). What the data set allows is checked by the loader, which
+    knows the records of a pass (`dalle_ar.data.loader`)."""
+    mem = memory_bytes()
+    if mem is None or batch_size * sample_bytes <= mem:
+        return
+    require(False, "batch_size", f"{batch_size:,} samples of {what} ({sample_bytes:,} bytes each) "
+            f"need {_gb(batch_size * sample_bytes)}, more than this machine's memory "
+            f"({_gb(mem)})")  # fmt: skip
 
 
 def require_precision(value: str, key: str = "precision") -> None:
@@ -54,6 +112,9 @@ class DataConfig:
     def validate(self) -> None:
         require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        # every recipe holds a batch of decoded images (fp32) at least
+        s = self.image_size
+        require_batch_fits(self.batch_size, 3 * s * s * 4, f"{s}x{s} RGB images in fp32")
         require(self.num_workers >= 0, "num_workers", "must be >= 0")
         require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
 

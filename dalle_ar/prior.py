@@ -181,18 +181,26 @@ def sample_scheduler(cfg: PriorConfig) -> DDIMScheduler:
     return schedulers.sample_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, "sample", False)
 
 
-def check_clip(prior: DiffusionPrior, clip_identity: dict[str, Any]) -> None:
+def check_clip(
+    prior: DiffusionPrior, clip_identity: dict[str, Any], allow_mismatch: bool = False
+) -> None:
     """ValueError naming both when `prior` was trained on another CLIP than the one
     `clip_identity` (`CLIP.identity()`) describes (`check_identity`)."""
-    check_identity("the prior", prior.cfg.clip, prior.cfg.embed_dim, clip_identity)
+    check_identity("the prior", prior.cfg.clip, prior.cfg.embed_dim, clip_identity,
+                   allow_mismatch)  # fmt: skip
 
 
 def check_identity(
-    what: str, own: CLIPIdentity, embed_dim: int, clip_identity: dict[str, Any]
+    what: str,
+    own: CLIPIdentity,
+    embed_dim: int,
+    clip_identity: dict[str, Any],
+    allow_mismatch: bool = False,
 ) -> None:
     """ValueError naming both when `what` (a component that reads `embed_dim`-dim CLIP
     embeddings and was trained on the CLIP `own`) meets another CLIP than the one
-    `clip_identity` (`CLIP.identity()`) describes. A component that records no CLIP is accepted
+    `clip_identity` (`CLIP.identity()`) describes; with `allow_mismatch` another CLIP (of the
+    same embedding size) is only warned about. A component that records no CLIP is accepted
     only by its embedding size."""
     other = CLIPIdentity.from_identity(clip_identity)
     if other.embed_dim != embed_dim:
@@ -203,8 +211,9 @@ def check_identity(
                     "checked", what)  # fmt: skip
         return
     if (own.config_sha256, own.weights_sha256) != (other.config_sha256, other.weights_sha256):
-        raise ValueError(
-            f"{what} was trained on another CLIP: its CLIP's config {own.config_sha256[:12]}"
-            f" weights {own.weights_sha256[:12]}, this CLIP's config {other.config_sha256[:12]} "
-            f"weights {other.weights_sha256[:12]}"
-        )
+        msg = (f"{what} was trained on another CLIP: its CLIP's config {own.config_sha256[:12]}"
+               f" weights {own.weights_sha256[:12]}, this CLIP's config "
+               f"{other.config_sha256[:12]} weights {other.weights_sha256[:12]}")  # fmt: skip
+        if not allow_mismatch:
+            raise ValueError(msg)
+        log.warning("%s; accepted (allow_mismatch)", msg)

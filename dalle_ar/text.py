@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tokenizers.trainers import BpeTrainer
 from transformers import PreTrainedTokenizerFast
 
-from dalle_ar.checkpoint import atomic_dir, read_component_config
+from dalle_ar.checkpoint import atomic_dir, file_sha256, read_component_config
 from dalle_ar.config import require, to_dict
 from dalle_ar.data.shards import caption_chars
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 COMPONENT = "text_tokenizer"
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIALS = (PAD, BOS, EOS)  # trained first, so their ids are 0, 1, 2
+TOKENIZER_FILE = "tokenizer.json"  # the BPE itself: its hash is the tokenizer's identity
 ALPHABET_FILE = "alphabet.json"  # characters of the training captions, for prompt warnings
 WORDS_FILE = "words.json"  # words of the training captions, for prompt warnings
 WORD = re.compile(r"\w+")  # a word: a run of letters, digits or "_" (Unicode aware)
@@ -130,6 +131,7 @@ class TextTokenizer:
         cfg: TokenizerConfig,
         alphabet: set[str] | None = None,
         words: set[str] | None = None,
+        sha256: str | None = None,
     ) -> None:
         cfg.validate()
         self.hf = hf
@@ -138,6 +140,9 @@ class TextTokenizer:
         self.alphabet: frozenset[str] | None = None if alphabet is None else frozenset(alphabet)
         # words (`WORD`) of the normalized training captions (None for a folder saved without)
         self.words: frozenset[str] | None = None if words is None else frozenset(words)
+        # the content hash of the tokenizer.json it was loaded from or saved to (`file_sha256`),
+        # which a model trained on it records; None for one only held in memory
+        self.sha256 = sha256
         self.backend: Tokenizer = hf.backend_tokenizer
         # A caption that contains the text "<eos>" is plain text, never the control token.
         self.backend.encode_special_tokens = True
@@ -169,14 +174,15 @@ class TextTokenizer:
                 (tmp / ALPHABET_FILE).write_text(json.dumps(sorted(self.alphabet)))
             if self.words is not None:
                 (tmp / WORDS_FILE).write_text(json.dumps(sorted(self.words)))
+            self.sha256 = file_sha256(tmp / TOKENIZER_FILE)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, text_len: int | None = None) -> TextTokenizer:
         """Load a folder written by `save_pretrained`; `text_len` overrides the stored one."""
         path = Path(path)
         cfg = read_component_config(path, COMPONENT, TokenizerConfig)
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{path}: tokenizer.json is missing")
+        if not (path / TOKENIZER_FILE).is_file():
+            raise FileNotFoundError(f"{path}: {TOKENIZER_FILE} is missing")
         if text_len is not None:
             if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 2:
                 raise ValueError(f"text_len must be an int >= 2 (BOS + EOS), got {text_len!r}")
@@ -184,12 +190,14 @@ class TextTokenizer:
         hf = PreTrainedTokenizerFast.from_pretrained(str(path))
         hf.model_max_length = cfg.text_len
         return cls(hf, cfg, alphabet=_read_set(path / ALPHABET_FILE),
-                   words=_read_set(path / WORDS_FILE))  # fmt: skip
+                   words=_read_set(path / WORDS_FILE),
+                   sha256=file_sha256(path / TOKENIZER_FILE))  # fmt: skip
 
     def with_text_len(self, text_len: int) -> TextTokenizer:
         """The same tokenizer (and record of its training captions) at another text length."""
         cfg = dataclasses.replace(self.cfg, text_len=text_len)
-        return TextTokenizer(self.hf, cfg, alphabet=self.alphabet, words=self.words)
+        return TextTokenizer(self.hf, cfg, alphabet=self.alphabet, words=self.words,
+                             sha256=self.sha256)  # fmt: skip
 
     def read_back(self, text: str) -> tuple[str, bool]:
         """(what the model reads of `text`, whether it was truncated): the normalized caption, or

@@ -6,11 +6,16 @@ from __future__ import annotations
 import dataclasses
 
 from dalle_ar.attention import IMPLS
-from dalle_ar.config import require
+from dalle_ar.config import require, require_fits_memory
 from dalle_ar.kernels.layouts import LAYOUT_KINDS
 
 CODE_INPUTS = ("code", "mask")  # TransformerConfig.code_input
 OBJECTIVES = ("ar", "masked")  # TransformerConfig.objective
+# what a model records of the components it was trained on (not what the model is)
+# the fields a model's size grows with (`require_fits_memory` names the one furthest out)
+SIZE_FIELDS = ("depth", "dim", "heads", "head_dim", "mlp_ratio", "text_vocab", "image_vocab",
+               "text_len", "grid_h", "grid_w", "cond_dim", "cond_tokens")  # fmt: skip
+TRAINED_ON = ("cond_clip", "text_tokenizer_sha256", "vq_sha256")
 
 
 @dataclasses.dataclass
@@ -35,6 +40,12 @@ class TransformerConfig:
     # the weights hash of the CLIP whose image embeddings it was trained on (`CLIP.identity()`),
     # filled by the recipe from the token shards; "" = not a CLIP embedding, or not known
     cond_clip: str = ""
+    # the content hashes of the tokenizer (its tokenizer.json) and of the VQ (its
+    # model.safetensors) it was trained on (`dalle_ar.checkpoint.file_sha256`), filled by the
+    # recipe; a pipeline refuses others (`dalle_ar.pipelines.compat.check_trained_on`).
+    # "" = not known (a folder written before they were recorded): not checked
+    text_tokenizer_sha256: str = ""
+    vq_sha256: str = ""
     # Code features: each image code is also described by a fixed vector (what the VQ draws for
     # it, `VQTokenizer.code_pixels`), projected into the code's input embedding and its output
     # weight. Codes that share colours or strokes then share parameters, which helps the model
@@ -108,6 +119,25 @@ class TransformerConfig:
         else:
             ok = self.layouts == "dalle" or self.layouts in LAYOUT_KINDS
             require(ok, "layouts", f"must be 'dalle', one of {LAYOUT_KINDS} or a list")
+
+        require_fits_memory(self, self.num_params(), "a transformer", SIZE_FIELDS)
+
+    def num_params(self) -> int:
+        """The parameters of the model this config builds (`Transformer.num_params`), counted
+        without building it, so that an absurd size is refused before it is allocated."""
+        d, inner, hidden = self.dim, self.heads * self.head_dim, int(self.mlp_ratio * self.dim)
+        block = 4 * d + d * 3 * inner + inner * d + d * hidden + hidden + hidden * d + d
+        n = self.depth * block + (self.grid_h + self.grid_w) * d + 2 * d + d * self.image_vocab
+        if self.has_text:
+            n += 2 * self.text_vocab * d + self.text_len * d
+        if self.cond_len:
+            n += self.cond_dim * self.cond_len * d + 2 * self.cond_len * d + self.cond_dim
+        if self.code_input == "code":
+            n += (self.image_vocab + self.masked) * d
+        f = max(0, self.code_features)  # -1: resolved from the VQ later, a small width
+        if f:
+            n += (f if self.code_input == "code" else f // 3) * d + f * d
+        return n
 
     # -- derived sizes ---------------------------------------------------------------------
     @property

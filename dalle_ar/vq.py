@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
-from dalle_ar.checkpoint import load_pretrained, save_pretrained
-from dalle_ar.config import require
+from dalle_ar.checkpoint import file_sha256, load_pretrained, save_pretrained
+from dalle_ar.config import require, require_fits_memory
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,38 @@ class VQConfig:
                 "codebook_size",
                 f"must equal prod(fsq_levels) = {size} for fsq, got {self.codebook_size}",
             )
+
+        sizes = ("codebook_size", "codebook_dim", "latent_dim", "width", "num_res_blocks")
+        require_fits_memory(self, self.num_values(), "a VQ", sizes)
+
+    def num_values(self) -> int:
+        """The numbers the VQ this config builds holds (its state: parameters and the codebook's
+        buffers), counted without building it, so that an absurd size is refused before the
+        quantizer, which is always built for real, is allocated."""
+        group = self.norm == "group"
+
+        def conv(c_in: int, c_out: int, k: int) -> int:
+            return c_in * c_out * k * k + c_out
+
+        def res(ch: int) -> int:
+            return 2 * conv(ch, ch, 3) + 4 * ch * group
+
+        chs, r, z = self.channels(), self.num_res_blocks, self.latent_dim
+        if self.encoder == "patch":
+            ch = chs[-1]
+            n = conv(3, ch, self.downsample) + max(1, r) * (conv(ch, 2 * ch, 1) +
+                                                           conv(2 * ch, ch, 1))  # fmt: skip
+        else:
+            n = conv(3, chs[0], 3) + r * res(chs[-1]) + 2 * chs[-1] * group
+            n += sum(r * res(chs[i]) + conv(chs[i], chs[i + 1], 4) for i in range(len(chs) - 1))
+        n += conv(chs[-1], z, 1)  # the encoder's output
+        n += conv(z, chs[-1], 3) + r * res(chs[-1]) + 2 * chs[0] * group + conv(chs[0], 3, 3)
+        n += sum(conv(chs[i + 1], chs[i], 3) + r * res(chs[i]) for i in range(len(chs) - 1))
+        d = len(self.fsq_levels) if self.quantizer == "fsq" else self.codebook_dim or z
+        n += 2 * z * d + d + z if d != z else 0  # projections into and out of the codebook
+        if self.quantizer == "vq":  # the EMA codebook: embed, embed_avg, cluster_size, initted
+            n += 2 * self.codebook_size * d + self.codebook_size + 1
+        return n
 
     @property
     def num_levels(self) -> int:
@@ -262,6 +294,9 @@ class VQTokenizer(nn.Module):
         # non-persistent buffers that a checkpoint never restores. It is small.
         with torch.device("cpu"):
             self.quantizer = _build_quantizer(cfg)
+        # the content hash of the model.safetensors it was loaded from (`file_sha256`), which a
+        # model trained on its codes records; None for one built here
+        self.weights_sha256: str | None = None
 
     @property
     def codebook_size(self) -> int:
@@ -392,8 +427,10 @@ class VQTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> VQTokenizer:
-        """Load a folder written by `save_pretrained` (strict; eval mode)."""
+        """Load a folder written by `save_pretrained` (strict; eval mode); `weights_sha256` is
+        its model.safetensors' hash."""
         model = load_pretrained(cls, VQConfig, path, COMPONENT)
+        model.weights_sha256 = file_sha256(Path(path) / "model.safetensors")
         book = getattr(model.quantizer, "_codebook", None)
         if book is not None and not bool(book.initted):
             log.warning("%s: codebook saved before its k-means initialisation (untrained)", path)

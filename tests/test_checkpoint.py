@@ -205,3 +205,41 @@ def test_complete_dir_takes_only_a_finished_write(tmp_path: Path) -> None:
     save_pretrained(_toy(seed=2), ToyConfig(), tmp_path / "toy", "toy")  # a newer one in place
     assert [p.name for p in tmp_path.iterdir()] == ["toy"]
     assert not (tmp_path / "toy" / DONE).exists()
+
+
+def test_a_config_counts_the_numbers_its_model_holds_without_building_it() -> None:
+    from dalle_ar.transformer import Transformer, TransformerConfig
+    from dalle_ar.vq import VQConfig, VQTokenizer
+
+    for cfg in (VQConfig(width=8, latent_dim=8), VQConfig(width=8, codebook_dim=4, norm="none"),
+                VQConfig(width=8, encoder="patch", quantizer="fsq", codebook_size=27,
+                         fsq_levels=[3, 3, 3])):  # fmt: skip
+        built = sum(v.numel() for v in VQTokenizer(cfg).state_dict().values())
+        assert cfg.num_values() == built
+    for cfg in (TransformerConfig(dim=16, depth=2, head_dim=8, attn_impl="torch"),
+                TransformerConfig(dim=16, depth=2, head_dim=8, cond_dim=8, cond_tokens=2,
+                                  code_features=12, attn_impl="torch"),
+                TransformerConfig(dim=16, depth=2, head_dim=8, objective="masked",
+                                  layouts="bidir", attn_impl="torch")):  # fmt: skip
+        assert cfg.num_params() == Transformer(cfg).num_params()
+
+
+def test_a_folder_of_absurd_sizes_is_refused_before_its_model_is_built(tmp_path: Path) -> None:
+    from _pipeline_fixtures import build_tiny_pipeline
+
+    from dalle_ar.config import ConfigError
+    from dalle_ar.pipelines import ARPipeline
+
+    pipe = build_tiny_pipeline(tmp_path)
+    for part, key, value in (("vq", "codebook_size", 10**11), ("transformer", "depth", 10**9)):
+        f = pipe / part / "config.json"
+        good = f.read_text()
+        meta = json.loads(good)
+        meta["config"][key] = value
+        f.write_text(json.dumps(meta))
+        with pytest.raises(ConfigError, match=rf"{part}/config.json: config key '{key}': a "
+                           rf"(VQ|transformer) of .*{key}={value}.* more than this machine's "
+                           "memory"):  # fmt: skip
+            ARPipeline.from_pretrained(pipe)
+        f.write_text(good)
+    assert ARPipeline.from_pretrained(pipe).vq.codebook_size == 32

@@ -224,3 +224,25 @@ def test_every_data_sets_component_configs_load_with_their_recipes():
     for f in found:
         assert f.stem in recipes, f"{f}: no recipe named {f.stem}"
         load_config(recipes[f.stem], f, ["data.train=shards.tar"])  # tiny ones leave it out
+
+
+def test_an_absurd_batch_size_is_refused_before_any_work() -> None:
+    from dalle_ar.train.transformer import TrainTransformerConfig
+
+    msg = r"config key 'data\.batch_size': 1,000,000,000,000 samples of 32x32 RGB images in fp32 "
+    with pytest.raises(ConfigError, match=msg + r"\(12,288 bytes each\) need "):
+        load_config(TrainTransformerConfig, None, ["data.batch_size=1000000000000"])
+    assert load_config(TrainTransformerConfig, None, ["data.batch_size=512"]).data.batch_size == 512
+
+
+def test_a_model_too_large_for_memory_is_refused_by_its_field() -> None:
+    from dalle_ar.train.transformer import TrainTransformerConfig
+    from dalle_ar.train.vq import VQRecipeConfig
+
+    with pytest.raises(ConfigError, match=r"config key 'model\.depth': a transformer of "
+                       r"depth=1000000000, dim=256, .* holds 788,736,000,791,040 "
+                       r"numbers, .* in fp32, more than this machine's memory"):  # fmt: skip
+        load_config(TrainTransformerConfig, None, ["model.depth=1000000000"])
+    with pytest.raises(ConfigError, match=r"config key 'model\.codebook_size': a VQ of "
+                       r"codebook_size=100000000000,"):  # fmt: skip
+        load_config(VQRecipeConfig, None, ["model.codebook_size=100000000000"])

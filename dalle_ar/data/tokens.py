@@ -248,6 +248,9 @@ def pretokenize(
     bar.close()
     summary = {
         "vq": source,
+        # the VQ's content hash (`VQTokenizer.weights_sha256`): what a transformer trained on
+        # these codes records; None for a VQ not loaded from a folder
+        "vq_sha256": getattr(vq, "weights_sha256", None),
         "shards": shards,
         "prefix": prefix,
         "image_size": size,

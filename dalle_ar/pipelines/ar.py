@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dalle_ar.checkpoint import read_component_config
+from dalle_ar.checkpoint import file_sha256, read_component_config
 from dalle_ar.clip import CLIP, check_clip_folder
 from dalle_ar.grid import to_uint8
 from dalle_ar.pipelines.base import Pipeline, PipelineOutput
@@ -46,6 +46,7 @@ from dalle_ar.pipelines.compat import (
     check_cond_transformer,
     check_masked,
     check_prior,
+    check_trained_on,
     check_upsampler,
     image_size,
 )
@@ -108,12 +109,23 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         masked: Transformer | None = None,
         upsampler: Upsampler | None = None,
         cond_transformer: Transformer | None = None,
+        allow_mismatch: bool = False,
     ) -> None:
+        """The components are checked against each other (`dalle_ar.pipelines.compat`):
+        ValueError for sizes that do not fit, and for a tokenizer, VQ or CLIP other than the one
+        a component was trained on (by the content hash it records; a folder written before
+        those records is not checked), which `allow_mismatch=True` turns into a warning."""
         check_compatible(tokenizer.vocab_size, vq.config, transformer.cfg)
+        trained = {"the transformer": transformer, "the cond_transformer": cond_transformer,
+                   "the masked generator": masked}  # fmt: skip
+        for what, model in trained.items():
+            if model is not None:
+                check_trained_on(what, model.cfg, tokenizer.sha256, vq.weights_sha256,
+                                 allow_mismatch)  # fmt: skip
         if cond_transformer is not None:
             check_cond_transformer(tokenizer.vocab_size, vq.config, transformer.cfg,
                                    cond_transformer.cfg)  # fmt: skip
-        check_prior((cond_transformer or transformer).cfg, clip, prior)
+        check_prior((cond_transformer or transformer).cfg, clip, prior, allow_mismatch)
         if masked is not None:
             check_masked(tokenizer.vocab_size, vq.config, transformer.cfg, masked.cfg)
         t = transformer.cfg
@@ -127,15 +139,17 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
                      upsampler=None if upsampler is None else upsampler.eval())  # fmt: skip
         super().__init__(parts, defaults)
         if upsampler is not None:
-            check_upsampler(self._image_size(), upsampler.cfg, clip)
+            check_upsampler(self._image_size(), upsampler.cfg, clip, allow_mismatch)
         self._known_chars = known_chars(tokenizer)
 
     @classmethod
-    def from_components(cls, components: dict[str, Any], defaults: dict[str, Any]) -> ARPipeline:
+    def from_components(
+        cls, components: dict[str, Any], defaults: dict[str, Any], allow_mismatch: bool = False
+    ) -> ARPipeline:
         c = components
         return cls(c["text_tokenizer"], c["vq"], c["transformer"], defaults, c.get("clip"),
                    c.get("prior"), c.get("masked"), c.get("upsampler"),
-                   c.get("cond_transformer"))  # fmt: skip
+                   c.get("cond_transformer"), allow_mismatch)  # fmt: skip
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -480,6 +494,7 @@ def assemble(
     masked: str | Path | None = None,
     upsampler: str | Path | None = None,
     cond_transformer: str | Path | None = None,
+    allow_mismatch: bool = False,
 ) -> Path:
     """Write an autoregressive pipeline folder from trained component folders, atomically:
     copies (or, with `link`, absolute symlinks) plus pipeline.json. The components are checked
@@ -492,7 +507,14 @@ def assemble(
     folder (`dalle-ar train upsampler`) for the cascade (`check_upsampler`); `cond_transformer`:
     a transformer folder trained on CLIP image embeddings (model.cond_dim; `init_from` the
     transformer) that the prior mode draws with, so that text mode keeps the text-only
-    transformer (`check_cond_transformer`, and `check_prior` against the CLIP)."""
+    transformer (`check_cond_transformer`, and `check_prior` against the CLIP).
+
+    Each transformer (and the masked generator) is checked against the tokenizer and VQ it was
+    trained on, and each embedding reader against its CLIP, by the content hashes it records
+    (`compat.check_trained_on`; a folder written before those records is not checked):
+    ValueError naming the part, unless `allow_mismatch=True`, which logs a warning instead.
+    ValueError, before anything is written, for components that do not fit; FileNotFoundError
+    for a missing folder."""
     srcs = {"text_tokenizer": Path(tokenizer), "vq": Path(vq), "transformer": Path(transformer)}
     for name, src in srcs.items():
         if not (src / "config.json").is_file():
@@ -504,10 +526,13 @@ def assemble(
     vq_cfg = read_component_config(srcs["vq"], "vq", VQConfig)
     tf_cfg = read_component_config(srcs["transformer"], "transformer", TransformerConfig)
     check_compatible(tok.vocab_size, vq_cfg, tf_cfg)
+    vq_sha = file_sha256(srcs["vq"] / "model.safetensors")  # once, for every transformer
+    check_trained_on("the transformer", tf_cfg, tok.sha256, vq_sha, allow_mismatch)
     cond_cfg = tf_cfg  # the transformer the prior mode draws with
     if cond_transformer is not None:
         srcs["cond_transformer"] = Path(cond_transformer)
         cond_cfg = read_component_config(cond_transformer, "transformer", TransformerConfig)
+        check_trained_on("the cond_transformer", cond_cfg, tok.sha256, vq_sha, allow_mismatch)
         check_cond_transformer(tok.vocab_size, vq_cfg, tf_cfg, cond_cfg)
     if prior is not None:
         if clip is None:
@@ -519,14 +544,15 @@ def assemble(
     loaded_clip = CLIP.from_pretrained(clip) if clip is not None and reads_clip else None
     if clip is not None and (prior is not None or cond_cfg.cond_len):
         loaded = None if prior is None else DiffusionPrior.from_pretrained(prior)
-        check_prior(cond_cfg, loaded_clip, loaded)
+        check_prior(cond_cfg, loaded_clip, loaded, allow_mismatch)
     if masked is not None:
         srcs["masked"] = Path(masked)
         m_cfg = read_component_config(srcs["masked"], "transformer", TransformerConfig)
+        check_trained_on("the masked generator", m_cfg, tok.sha256, vq_sha, allow_mismatch)
         check_masked(tok.vocab_size, vq_cfg, tf_cfg, m_cfg)
     if upsampler is not None:
         srcs["upsampler"] = Path(upsampler)
-        check_upsampler(image_size(vq_cfg, tf_cfg), up_cfg, loaded_clip)
+        check_upsampler(image_size(vq_cfg, tf_cfg), up_cfg, loaded_clip, allow_mismatch)
     settings = ARPipeline._defaults(defaults)
     classes = {**AR_COMPONENTS, "clip": CLIP.__name__, "prior": DiffusionPrior.__name__,
                "masked": Transformer.__name__, "upsampler": Upsampler.__name__,

@@ -77,12 +77,16 @@ class Pipeline:
 
     # -- folders ---------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> Any:
+    def from_pretrained(
+        cls, folder: str | Path, device: str | torch.device = "cpu", allow_mismatch: bool = False
+    ) -> Any:
         """Load a pipeline folder. Called on `Pipeline`, it builds the class pipeline.json names;
         called on a mode's class, it builds that mode from the folder's components (shared
         between modes). A component the mode needs but the folder lacks is refused, naming both;
-        so are components that do not fit each other. ValueError for a device this machine
-        lacks (`runtime.pick_device`: "auto", "cpu", "cuda", "cuda:N")."""
+        so are components that do not fit each other, or a component paired with another
+        tokenizer, VQ or CLIP than the one it was trained on (`allow_mismatch=True`: a warning
+        instead). ValueError for a device this machine lacks (`runtime.pick_device`: "auto",
+        "cpu", "cuda", "cuda:N")."""
         device = pick_device(device)
         spec = read_folder(folder)
         target = cls
@@ -107,11 +111,14 @@ class Pipeline:
             for name, (lib, cls_name) in spec.components.items()
             if name in keep
         }
-        return target.from_components(parts, defaults)
+        return target.from_components(parts, defaults, allow_mismatch)
 
     @classmethod
-    def from_components(cls, components: dict[str, Any], defaults: dict[str, Any]) -> Any:
-        """Build from loaded components (a mode whose constructor takes them by name)."""
+    def from_components(
+        cls, components: dict[str, Any], defaults: dict[str, Any], allow_mismatch: bool = False
+    ) -> Any:
+        """Build from loaded components (a mode whose constructor takes them by name);
+        `allow_mismatch` is for modes that check what their components were trained on."""
         return cls(components, defaults)
 
     def save_pretrained(self, folder: str | Path) -> None:

@@ -1,15 +1,60 @@
 """Whether trained components can work together in one pipeline: vocabulary, codebook and
-patch sizes, grids and text lengths, and the CLIP each embedding-reading component was trained
-on. Each check raises ValueError naming both sides; `assemble` runs them before it writes a
-folder, and the pipeline classes when they are built."""
+patch sizes, grids and text lengths, the tokenizer and VQ each transformer was trained on, and
+the CLIP each embedding-reading component was trained on. Each check raises ValueError naming
+both sides; `assemble` runs them before it writes a folder, and the pipeline classes when they
+are built. `allow_mismatch=True` turns a refused identity (another tokenizer, VQ or CLIP than
+the recorded one) into a logged warning, for a user who knows the two are interchangeable;
+sizes that do not fit are refused always."""
 
 from __future__ import annotations
+
+import logging
 
 from dalle_ar.clip import CLIP
 from dalle_ar.prior import DiffusionPrior, check_clip, check_identity
 from dalle_ar.transformer import TransformerConfig
 from dalle_ar.upsampler import UpsamplerConfig
 from dalle_ar.vq import VQConfig
+
+log = logging.getLogger(__name__)
+
+
+def check_recorded(
+    what: str, part: str, recorded: str, actual: str | None, allow_mismatch: bool = False
+) -> None:
+    """The one identity check: `what` was trained on the `part` whose content hash it recorded
+    (`recorded`), and meets one whose hash is `actual`. ValueError naming both hashes when they
+    differ (a warning with `allow_mismatch`). Nothing is checked when `what` records none (a
+    folder written before it was recorded) or `actual` is unknown (a part built in memory, not
+    loaded from a folder)."""
+    if not recorded or not actual:
+        log.info("%s: the %s is not checked (%s)", what, part,
+                 "no record of the one it was trained on" if not recorded
+                 else "this one was not loaded from a folder")  # fmt: skip
+        return
+    if recorded == actual:
+        return
+    msg = (f"{what} was trained on another {part} (content hash {recorded[:12]}) than this one "
+           f"({actual[:12]})")  # fmt: skip
+    if not allow_mismatch:
+        raise ValueError(f"{msg}: pair it with the {part} it was trained with, or pass "
+                         "allow_mismatch=True if you know they are interchangeable")  # fmt: skip
+    log.warning("%s; accepted (allow_mismatch)", msg)
+
+
+def check_trained_on(
+    what: str,
+    cfg: TransformerConfig,
+    tokenizer_sha256: str | None,
+    vq_sha256: str | None,
+    allow_mismatch: bool = False,
+) -> None:
+    """Refuse a tokenizer or VQ other than the ones the transformer `what` was trained on, by
+    their content hashes (`TransformerConfig.text_tokenizer_sha256`, `vq_sha256`;
+    `check_recorded`): ValueError naming the part and both hashes. A transformer folder written
+    before these were recorded is accepted unchecked."""
+    check_recorded(what, "tokenizer", cfg.text_tokenizer_sha256, tokenizer_sha256, allow_mismatch)
+    check_recorded(what, "VQ", cfg.vq_sha256, vq_sha256, allow_mismatch)
 
 
 def check_compatible(text_vocab_size: int, vq_cfg: VQConfig, tf_cfg: TransformerConfig) -> None:
@@ -33,22 +78,24 @@ def check_compatible(text_vocab_size: int, vq_cfg: VQConfig, tf_cfg: Transformer
         )
 
 
-def check_prior(tf_cfg: TransformerConfig, clip: CLIP | None, prior: DiffusionPrior | None) -> None:
+def check_prior(
+    tf_cfg: TransformerConfig,
+    clip: CLIP | None,
+    prior: DiffusionPrior | None,
+    allow_mismatch: bool = False,
+) -> None:
     """Refuse a prior without the CLIP it was trained on (ValueError naming both CLIPs, or the
     missing one), or whose embeddings the transformer does not take (naming both sizes); and a
-    CLIP other than the one whose embeddings the transformer was trained on (`cond_clip`)."""
-    if clip is not None and tf_cfg.cond_len and tf_cfg.cond_clip:
-        mine = str(clip.identity()["weights_sha256"])
-        if mine != tf_cfg.cond_clip:
-            raise ValueError(
-                f"the transformer was trained on the image embeddings of another CLIP (weights "
-                f"{tf_cfg.cond_clip[:12]}) than this one (weights {mine[:12]})"
-            )
+    CLIP other than the one whose embeddings the transformer was trained on (`cond_clip`,
+    `check_recorded`). `allow_mismatch`: another CLIP is only warned about."""
+    if clip is not None and tf_cfg.cond_len:
+        check_recorded("the transformer", "CLIP", tf_cfg.cond_clip,
+                       str(clip.identity()["weights_sha256"]), allow_mismatch)  # fmt: skip
     if prior is None:
         return
     if clip is None:
         raise ValueError("the prior needs the clip component it was trained with, which is missing")
-    check_clip(prior, clip.identity())
+    check_clip(prior, clip.identity(), allow_mismatch)
     if tf_cfg.cond_dim != prior.cfg.embed_dim:
         raise ValueError(
             f"the prior draws {prior.cfg.embed_dim}-dim CLIP image embeddings but the transformer "
@@ -105,10 +152,12 @@ def image_size(vq_cfg: VQConfig, tf_cfg: TransformerConfig) -> tuple[int, int]:
     return tf_cfg.grid_h * f, tf_cfg.grid_w * f
 
 
-def check_upsampler(size: tuple[int, int], up_cfg: UpsamplerConfig, clip: CLIP | None) -> None:
+def check_upsampler(
+    size: tuple[int, int], up_cfg: UpsamplerConfig, clip: CLIP | None, allow_mismatch: bool = False
+) -> None:
     """Refuse an upsampler whose small size is not the (H, W) `size` the VQ draws, or that reads
     captions with the embeddings of another CLIP than `clip` (or without one): ValueError naming
-    both sides."""
+    both sides (another CLIP only warned about with `allow_mismatch`)."""
     low = up_cfg.low_size
     if size != (low, low):
         raise ValueError(f"the upsampler takes {low}x{low} pictures, the VQ draws {size[1]}x"
@@ -117,4 +166,5 @@ def check_upsampler(size: tuple[int, int], up_cfg: UpsamplerConfig, clip: CLIP |
         if clip is None:
             raise ValueError("the upsampler reads captions through the CLIP it was trained "
                              "with: assemble it with clip=FOLDER too")  # fmt: skip
-        check_identity("the upsampler", up_cfg.clip, up_cfg.caption_dim, clip.identity())
+        check_identity("the upsampler", up_cfg.clip, up_cfg.caption_dim, clip.identity(),
+                       allow_mismatch)  # fmt: skip

@@ -25,6 +25,7 @@ from dalle_ar.train.loop import LoopConfig, Task, fit, setup, to_device
 from dalle_ar.train.objectives import drop_conditioning, lm_loss, mask_codes, masked_loss
 from dalle_ar.train.transformer_data import BatchSource, ShardBatches
 from dalle_ar.transformer import COMPONENT, Transformer, TransformerConfig
+from dalle_ar.transformer_config import TRAINED_ON
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +187,13 @@ def _init_from(model: Transformer, cfg: TrainTransformerConfig) -> None:
         src = read_component_config(cfg.init_from, COMPONENT, TransformerConfig)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
-    # the conditioning embedding, and how the run trains and computes (not what the model is)
+    # the conditioning embedding, and how the run trains and computes (not what the model is);
+    # the tokenizer and VQ it was trained on must be this run's, where both sides record them
     ours, theirs = dataclasses.asdict(cfg.model), dataclasses.asdict(src)
     differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours
               if theirs[k] != ours[k] and not k.startswith("cond")
-              and k not in ("dropout", "attn_impl")]  # fmt: skip
+              and k not in ("dropout", "attn_impl")
+              and not (k in TRAINED_ON and not (theirs[k] and ours[k]))]  # fmt: skip
     if differ:
         raise ConfigError(f"{key}: {cfg.init_from} holds another model ({'; '.join(differ)}); "
                           "only the conditioning embedding (cond_*), dropout and attn_impl may "
@@ -248,6 +251,10 @@ def build(
         source = ShardBatches(cfg, info)
         if cfg.model.cond_len and not cfg.model.cond_clip:  # saved with the model
             cfg.model.cond_clip = source.cond_clip()
+        # what it is trained on, saved with the model: a pipeline refuses other ones
+        tok_sha, vq_sha = source.trained_on()
+        cfg.model.text_tokenizer_sha256 = cfg.model.text_tokenizer_sha256 or tok_sha
+        cfg.model.vq_sha256 = cfg.model.vq_sha256 or vq_sha
     model = Transformer(cfg.model).to(info.device)
     if cfg.init_from and init:  # before wrapping: every rank starts from the same weights
         _init_from(model, cfg)

@@ -121,6 +121,38 @@ class ShardBatches:
                              "train on the embeddings of one")  # fmt: skip
         return found.pop() if found else ""
 
+    def trained_on(self) -> tuple[str, str]:
+        """The content hashes (tokenizer, VQ) of what this model is trained on, which it records
+        (`TransformerConfig.text_tokenizer_sha256`, `vq_sha256`): the tokenizer folder's; the VQ
+        that wrote the token shards (their `*-tokens.json`), else the `vq` folder's; "" where
+        unknown. ValueError when the shards' summaries name two VQs, or one other than the `vq`
+        folder (the codes would not be the ones that VQ decodes)."""
+        import json
+
+        from dalle_ar.data.tokens import token_summaries
+
+        own = "" if self.vq is None else self.vq.weights_sha256 or ""
+        if self.cfg.data_format != "tokens":
+            return self.tok.sha256 or "", own
+        found = {}
+        for f in token_summaries(self.cfg.data.train, self.cfg.data.eval):
+            sha = json.loads(f.read_text()).get("vq_sha256")
+            if sha:
+                found.setdefault(sha, f.name)
+        if len(found) > 1:
+            raise ValueError(
+                f"the token shards' summaries name {len(found)} different VQs "
+                f"({', '.join(sorted(found.values()))}): train on the codes of one"
+            )
+        shards = next(iter(found), "")
+        if shards and own and shards != own:
+            raise ValueError(
+                f"the token shards were written by another VQ (content hash {shards[:12]}, "
+                f"{found[shards]}) than the vq folder {self.cfg.vq} ({own[:12]}): expected the "
+                "VQ whose codes they hold"
+            )
+        return self.tok.sha256 or "", shards or own
+
     def train(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         from dalle_ar.train.common import training_batches
 

@@ -662,3 +662,51 @@ def test_bench_train_compares_fp32_and_bf16(capsys):
     assert rep["bf16"]["bf16_autocast"] is True and rep["bf16_speedup"] > 0
     assert rep["bf16_autocast"] is False  # the baseline is fp32 even where auto would be bf16
     assert rep["samples_per_s"] > 0 and rep["bf16"]["samples_per_s"] > 0
+
+
+def test_a_tokenizer_or_vq_the_transformer_was_not_trained_with_is_refused(parts, tmp_path, caplog):
+    from _pipeline_fixtures import peaked
+
+    from dalle_ar.checkpoint import file_sha256
+    from dalle_ar.data.shapes import generate
+    from dalle_ar.text import TextTokenizer, TokenizerConfig, train_tokenizer
+    from dalle_ar.vq import VQTokenizer
+
+    # a tokenizer trained apart, of the same size: it fits every size check
+    scenes = generate(64, seed=1, split="train", size=GRID * 4)
+    other = train_tokenizer(
+        (c for _, c, _ in scenes), TokenizerConfig(vocab_size=300, text_len=TEXT_LEN)
+    )
+    other.save_pretrained(tmp_path / "other_tok")
+    assert TextTokenizer.from_pretrained(tmp_path / "other_tok").vocab_size == 300
+    torch.manual_seed(1)
+    VQTokenizer(VQTokenizer.from_pretrained(parts["vq"]).config).save_pretrained(tmp_path / "vq2")
+    tok_sha = file_sha256(parts["text_tokenizer"] / "tokenizer.json")
+    vq_sha = file_sha256(parts["vq"] / "model.safetensors")
+    for name, cfg in (
+        ("tf", tiny_transformer_config()),
+        ("masked", tiny_transformer_config(objective="masked", layouts="bidir")),
+    ):
+        model = peaked(Transformer(cfg))
+        model.cfg.text_tokenizer_sha256, model.cfg.vq_sha256 = tok_sha, vq_sha  # as the recipe
+        model.save_pretrained(tmp_path / name)
+    tok, vq, tf = parts["text_tokenizer"], parts["vq"], tmp_path / "tf"
+    assemble(tmp_path / "ok", tok, vq, tf, masked=tmp_path / "masked")  # its own: accepted
+    with pytest.raises(ValueError, match=f"the transformer was trained on another tokenizer "
+                       rf"\(content hash {tok_sha[:12]}\) than this one"):  # fmt: skip
+        assemble(tmp_path / "p1", tmp_path / "other_tok", vq, tf)
+    with pytest.raises(ValueError, match="the transformer was trained on another VQ"):
+        assemble(tmp_path / "p2", tok, tmp_path / "vq2", tf)
+    with pytest.raises(ValueError, match="the masked generator was trained on another tokenizer"):
+        assemble(tmp_path / "p3", tmp_path / "other_tok", vq, parts["transformer"],
+                 masked=tmp_path / "masked")  # fmt: skip
+    # the override: a warning, and the folder is written
+    with caplog.at_level(logging.WARNING):
+        folder = assemble(tmp_path / "p4", tmp_path / "other_tok", vq, tf, allow_mismatch=True)
+    assert "another tokenizer" in caplog.text and "allow_mismatch" in caplog.text
+    # a hand-edited folder is refused on loading too, unless told
+    with pytest.raises(ValueError, match="the transformer was trained on another tokenizer"):
+        DalleAR.from_pretrained(folder)
+    assert DalleAR.from_pretrained(folder, allow_mismatch=True).tokenizer.vocab_size == 300
+    # a transformer folder without the record (written before it existed) is not checked
+    assemble(tmp_path / "p5", tmp_path / "other_tok", vq, parts["transformer"])

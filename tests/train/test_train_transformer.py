@@ -337,3 +337,46 @@ def test_a_text_vocab_below_the_tokenizer_s_is_one_line_and_exit_2(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.endswith("model.text_vocab is 100: expected text_vocab >= the tokenizer's vocab")
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_model_records_the_tokenizer_and_vq_it_was_trained_on(tmp_path):
+    import numpy as np
+
+    from dalle_ar.checkpoint import file_sha256
+    from dalle_ar.data.shards import write_samples
+    from dalle_ar.text import TokenizerConfig, train_tokenizer
+    from dalle_ar.vq import VQConfig, VQTokenizer
+
+    caps = ["a red circle", "a blue square", "a green triangle"] * 4
+    train_tokenizer(caps, TokenizerConfig(vocab_size=280, text_len=T)).save_pretrained(
+        tmp_path / "tok"
+    )
+    torch.manual_seed(0)
+    VQTokenizer(
+        VQConfig(
+            image_size=12,
+            downsample=4,
+            width=8,
+            num_res_blocks=1,
+            latent_dim=8,
+            codebook_size=IV,
+            kmeans_init=False,
+        )
+    ).save_pretrained(tmp_path / "vq")
+    records = [{"__key__": f"r{i}", "txt": caps[i], "codes.npy": np.zeros((GH, GW), np.int16)}
+               for i in range(8)]  # fmt: skip
+    write_samples(records, tmp_path / "tokens", "train", 8)
+    shards = tmp_path / "tokens" / "train-000000.tar"
+    cfg = config(tmp_path / "run", f"data.train={shards}", f"text_tokenizer={tmp_path / 'tok'}",
+                 f"vq={tmp_path / 'vq'}", "model.text_vocab=512", "run.steps=1",
+                 "sample_prompts=[]")  # fmt: skip
+    train(cfg)
+    saved = Transformer.from_pretrained(tmp_path / "run" / "transformer").cfg
+    assert saved.text_tokenizer_sha256 == file_sha256(tmp_path / "tok" / "tokenizer.json")
+    assert saved.vq_sha256 == file_sha256(tmp_path / "vq" / "model.safetensors")
+    # token shards whose summary names another VQ than the `vq` folder are refused by name
+    (tmp_path / "tokens" / "train-tokens.json").write_text(json.dumps({"vq_sha256": "ab" * 32}))
+    cfg = config(tmp_path / "run2", f"data.train={shards}", f"text_tokenizer={tmp_path / 'tok'}",
+                 f"vq={tmp_path / 'vq'}", "model.text_vocab=512", "run.steps=1")  # fmt: skip
+    with pytest.raises(ValueError, match=r"written by another VQ \(content hash abababababab"):
+        train(cfg)
