@@ -52,10 +52,10 @@ class MainJobConfig:
     # too: `with_prior`). Off by default: its stages do not fit the job's 30 minutes.
     prior: bool = False
     embed_tokens: int = 2  # stream positions the CLIP image embedding is projected to
-    cond_transformer_steps: int = 2000
-    cond_transformer_lr: float = 5e-4
-    cond_transformer_embed_drop: float = 0.5
-    cond_transformer_max_minutes: float = 15.0
+    cond_transformer_steps: int = 2000  # the fine-tuning's budget (batches of the transformer's)
+    cond_transformer_lr: float = 5e-4  # its peak LR (the transformer's own was 1e-3)
+    cond_transformer_embed_drop: float = 0.5  # share of records with the null embedding
+    cond_transformer_max_minutes: float = 15.0  # a safety cap, as the others
     # The masked mode (MaskGIT): a masked generator trained on the same token shards for
     # `masked_steps` (0 = configs/<data>/masked.yaml's, the transformer's budget), shown and
     # scored beside the autoregressive modes. Off by default: at the transformer's budget it
