@@ -166,7 +166,11 @@ def read_component_config(path: str | Path, component: str, config_cls: type) ->
     size); ValueError for a folder of another kind; FileNotFoundError without config.json."""
     meta = _component_meta(Path(path), component)
     try:
-        return config_from_dict(config_cls, meta["config"])
+        cfg = config_from_dict(config_cls, meta["config"])
+        check = getattr(cfg, "check_fits_memory", None)
+        if check is not None:  # its model is about to be built here
+            check()
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{Path(path) / 'config.json'}: {e}") from None
 

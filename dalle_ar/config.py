@@ -55,12 +55,15 @@ def _gb(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
-def require_fits_memory(cfg: Any, values: int, what: str, sizes: tuple[str, ...]) -> None:
+def require_fits_memory(
+    cfg: Any, values: int, what: str, sizes: tuple[str, ...], prefix: str = ""
+) -> None:
     """The one check of a model's size, made from its config before anything is built:
     ConfigError when the `values` numbers it holds (parameters and saved buffers, counted from
     `cfg` without building), at 4 bytes each (fp32), are more than this machine's memory
     (`memory_bytes`), which it could then not even hold. The error names the field of `sizes`
-    furthest above its default (the likely typo), then every size, the count and the bound."""
+    furthest above its default (the likely typo; as `prefix` + name, e.g. "model.depth"), then
+    every size, the count and the bound."""
     mem = memory_bytes()
     if mem is None or values * 4 <= mem:
         return
@@ -72,8 +75,8 @@ def require_fits_memory(cfg: Any, values: int, what: str, sizes: tuple[str, ...]
 
     worst = max(sizes, key=ratio)
     listed = ", ".join(f"{k}={getattr(cfg, k)}" for k in sizes)
-    require(False, worst, f"{what} of {listed} holds {values:,} numbers, {_gb(values * 4)} in "
-            f"fp32, more than this machine's memory ({_gb(mem)})")  # fmt: skip
+    require(False, prefix + worst, f"{what} of {listed} holds {values:,} numbers, "
+            f"{_gb(values * 4)} in fp32, more than this machine's memory ({_gb(mem)})")  # fmt: skip
 
 
 def require_batch_fits(batch_size: int, sample_bytes: int, what: str) -> None:

@@ -120,7 +120,12 @@ class TransformerConfig:
             ok = self.layouts == "dalle" or self.layouts in LAYOUT_KINDS
             require(ok, "layouts", f"must be 'dalle', one of {LAYOUT_KINDS} or a list")
 
-        require_fits_memory(self, self.num_params(), "a transformer", SIZE_FIELDS)
+    def check_fits_memory(self, prefix: str = "") -> None:
+        """ConfigError naming the likely field when the model this config builds could not be
+        held in this machine's memory (`config.require_fits_memory`); called where a model is
+        built here (a recipe's start, a folder's load), not by `validate`: a config may describe
+        a model for a larger machine (configs/transformer_paper_12b.yaml)."""
+        require_fits_memory(self, self.num_params(), "a transformer", SIZE_FIELDS, prefix)
 
     def num_params(self) -> int:
         """The parameters of the model this config builds (`Transformer.num_params`), counted

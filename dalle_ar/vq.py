@@ -103,8 +103,12 @@ class VQConfig:
                 f"must equal prod(fsq_levels) = {size} for fsq, got {self.codebook_size}",
             )
 
+    def check_fits_memory(self, prefix: str = "") -> None:
+        """ConfigError naming the likely field when the VQ this config builds could not be held
+        in this machine's memory (`config.require_fits_memory`); called where a model is built
+        here (a recipe's start, a folder's load), not by `validate`."""
         sizes = ("codebook_size", "codebook_dim", "latent_dim", "width", "num_res_blocks")
-        require_fits_memory(self, self.num_values(), "a VQ", sizes)
+        require_fits_memory(self, self.num_values(), "a VQ", sizes, prefix)
 
     def num_values(self) -> int:
         """The numbers the VQ this config builds holds (its state: parameters and the codebook's

@@ -236,13 +236,20 @@ def test_an_absurd_batch_size_is_refused_before_any_work() -> None:
 
 
 def test_a_model_too_large_for_memory_is_refused_by_its_field() -> None:
+    from dalle_ar.train.loop import setup
     from dalle_ar.train.transformer import TrainTransformerConfig
     from dalle_ar.train.vq import VQRecipeConfig
 
+    # a config may describe a model for a larger machine; the recipe refuses it at its start,
+    # before it joins a process group or builds anything
+    cfg = load_config(TrainTransformerConfig, None, ["model.depth=1000000000", "data.train=a.tar"])
     with pytest.raises(ConfigError, match=r"config key 'model\.depth': a transformer of "
                        r"depth=1000000000, dim=256, .* holds 788,736,000,791,040 "
                        r"numbers, .* in fp32, more than this machine's memory"):  # fmt: skip
-        load_config(TrainTransformerConfig, None, ["model.depth=1000000000"])
+        setup(cfg)
+    cfg = load_config(
+        VQRecipeConfig, None, ["model.codebook_size=100000000000", "data.train=a.tar"]
+    )
     with pytest.raises(ConfigError, match=r"config key 'model\.codebook_size': a VQ of "
                        r"codebook_size=100000000000,"):  # fmt: skip
-        load_config(VQRecipeConfig, None, ["model.codebook_size=100000000000"])
+        setup(cfg)

@@ -120,7 +120,12 @@ class Position:
 
 def setup(cfg: LoopConfig) -> dist.DistInfo:
     """Join torchrun's process group (nothing to join for one process) and seed python, numpy
-    and torch with run.seed, so every rank builds the same initial weights."""
+    and torch with run.seed, so every rank builds the same initial weights. First, ConfigError
+    when the recipe's model could not be held in this machine's memory (its config's
+    `check_fits_memory`), before any work."""
+    check = getattr(getattr(cfg, "model", None), "check_fits_memory", None)
+    if check is not None:
+        check("model.")  # named as the recipe's config key
     info = dist.init_distributed(cfg.run.device)
     seed_everything(cfg.run.seed)
     return info
