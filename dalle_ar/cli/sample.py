@@ -19,7 +19,9 @@
 
 Writes one PNG per sample (PPP_SS.png: prompt PPP, sample SS), a captioned grid per prompt
 (grid_PPP.png) and samples.json holding the model folder, every parameter and each sample's seed
-(and primed codes), so any image can be regenerated exactly with --from-json.
+(and primed codes), so any image can be regenerated exactly with --from-json. Each image is
+written as soon as it is drawn, and samples.json rewritten (atomically) to name it, so a run
+that stops keeps every image it drew, with their records; the grids come at the end.
 
 --candidates N draws N images per sample and keeps the best --keep K of them (each prompt then
 gets --num x K images), scored by --reranker: pmi (the transformer's caption-image mutual
@@ -207,6 +209,7 @@ def _sample(args: argparse.Namespace) -> int:
         prime = pipe.encode_prime(_picture(args.prime_image), args.prime_rows)
     elif args.prime_rows:
         raise ValueError("--prime-rows needs --prime-image")
+    writer = _Writer(args)
     out = pipe(
         prompts,
         num_samples=args.num,
@@ -215,13 +218,14 @@ def _sample(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         memory_mb=args.memory_mb,
         progress=True,
+        on_batch=writer,
         mode=args.mode,
         **from_args(args, ARSampling),
         **from_args(args, RerankSettings),
         **from_args(args, PriorSampling),
         **upsample_from_args(args),
     )
-    _write(args, out, len(prompts))
+    writer.finish(out, len(prompts))
     return 0
 
 
@@ -235,8 +239,9 @@ def _masked(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> int:
         raise ValueError(f"--mode masked takes no {sorted(extra)} (autoregressive settings)")
     kw = {**ar, **from_args(args, MaskedSampling, skip=MASKED_SHARED),
           **from_args(args, RerankSettings), **upsample_from_args(args)}  # fmt: skip
+    writer = _Writer(args)
     common = dict(num_samples=args.num, seed=args.seed, batch_size=args.batch_size,
-                  memory_mb=args.memory_mb, progress=True, **kw)  # fmt: skip
+                  memory_mb=args.memory_mb, progress=True, on_batch=writer, **kw)  # fmt: skip
     if args.init:
         for f in (args.init, args.mask):
             if not Path(f).is_file():
@@ -245,7 +250,7 @@ def _masked(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> int:
         out = pipe.inpaint([init] * len(prompts), [mask] * len(prompts), prompts, **common)
     else:
         out = pipe(prompts, mode="masked", **common)
-    _write(args, out, len(prompts))
+    writer.finish(out, len(prompts))
     return 0
 
 
@@ -273,12 +278,15 @@ def _variations(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     settings = {**from_args(args, ARSampling), **from_args(args, RerankSettings),
                 **upsample_from_args(args)}  # fmt: skip
+
+    def relabel(m: dict[str, Any]) -> None:
+        m["prompt"] = f"variation of {Path(args.variations[m['prompt_index']]).name}"
+
+    writer = _Writer(args, relabel)
     out = pipe.variations(pics, num_samples=args.num, seed=args.seed,
                           batch_size=args.batch_size, memory_mb=args.memory_mb, progress=True,
-                          **settings)  # fmt: skip
-    for m in out.samples:
-        m["prompt"] = f"variation of {Path(args.variations[m['prompt_index']]).name}"
-    _write(args, out, len(pics))
+                          on_batch=writer, **settings)  # fmt: skip
+    writer.finish(out, len(pics))  # the records relabelled are the output's own
     return 0
 
 
@@ -319,29 +327,45 @@ def _upsample_images(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(args: argparse.Namespace, out: Any, n_prompts: int) -> None:
-    """The PNGs, the grid per prompt and samples.json of one call's output."""
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    if out.small_images:  # the cascade: the small pictures too
-        (folder / "small").mkdir(exist_ok=True)
-    for i, (img, meta) in enumerate(zip(out.images, out.samples)):
-        name = f"{meta['prompt_index']:03d}_{meta['sample_index']:02d}.png"
-        img.save(folder / name)
-        if out.small_images:
-            out.small_images[i].save(folder / "small" / name)
-        records.append({"index": i, "file": name, **meta})
-    for p, grid in enumerate(prompt_grids(out)):
-        grid.save(folder / f"grid_{p:03d}.png")
-    doc = {
-        "model": str(Path(args.model).resolve()),
-        "command": ["dalle-ar", "sample", *(_argv_of(_parser(), args))],
-        "samples": records,
-        "candidates": out.candidates,  # reranked: every candidate's seed and scores
-    }
-    write_json_atomic(folder / JSON_NAME, doc)
-    print(f"wrote {len(records)} images, {n_prompts} grids and {JSON_NAME} to {folder}")
+class _Writer:
+    """The output of one call, written as it is drawn (the pipeline's `on_batch`): each finished
+    batch's PNGs at once, then samples.json rewritten whole and atomically
+    (`write_json_atomic`), so it is valid JSON at every moment and names exactly the images
+    written so far; a run that dies keeps what it drew. The grids come at the end (`finish`).
+    `relabel(meta)`: changes a sample's record before it is written (its prompt)."""
+
+    def __init__(self, args: argparse.Namespace, relabel: Any = None) -> None:
+        self.folder = Path(args.out)
+        self.relabel = relabel
+        self.records: list[dict[str, Any]] = []
+        self.doc = {
+            "model": str(Path(args.model).resolve()),
+            "command": ["dalle-ar", "sample", *(_argv_of(_parser(), args))],
+            "samples": self.records,
+            "candidates": [],  # reranked: every candidate's seed and scores
+        }
+
+    def __call__(self, part: Any) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if part.small_images:  # the cascade: the small pictures too
+            (self.folder / "small").mkdir(exist_ok=True)
+        for k, (img, meta) in enumerate(zip(part.images, part.samples)):
+            if self.relabel is not None:
+                self.relabel(meta)
+            name = f"{meta['prompt_index']:03d}_{meta['sample_index']:02d}.png"
+            img.save(self.folder / name)
+            if part.small_images:
+                part.small_images[k].save(self.folder / "small" / name)
+            self.records.append({"index": len(self.records), "file": name, **meta})
+        self.doc["candidates"] += part.candidates
+        write_json_atomic(self.folder / JSON_NAME, self.doc)
+
+    def finish(self, out: Any, n_prompts: int) -> None:
+        """The grid per prompt, once the call is done."""
+        for p, grid in enumerate(prompt_grids(out)):
+            grid.save(self.folder / f"grid_{p:03d}.png")
+        print(f"wrote {len(self.records)} images, {n_prompts} grids and {JSON_NAME} to "
+              f"{self.folder}")  # fmt: skip
 
 
 def _argv_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,7 +40,7 @@ from tqdm import tqdm
 from dalle_ar.checkpoint import file_sha256, read_component_config
 from dalle_ar.clip import CLIP, check_clip_folder
 from dalle_ar.grid import to_uint8
-from dalle_ar.pipelines.base import Pipeline, PipelineOutput
+from dalle_ar.pipelines.base import Finisher, OnBatch, Pipeline, PipelineOutput
 from dalle_ar.pipelines.compat import (
     check_compatible,
     check_cond_transformer,
@@ -208,6 +208,7 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         batch_size: int | None = None,
         memory_mb: float = MEMORY_MB,
         progress: bool = False,
+        on_batch: OnBatch | None = None,
         **overrides: Any,
     ) -> PipelineOutput:
         """Generate `num_samples` images per prompt. Seeds: `seeds` (one per sample), else
@@ -243,7 +244,13 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         component (`Pipeline.upsample`, with `UpsampleSampling` / `upsample_settings` and the
         overrides `upsample_steps`, `noise_level`), each with its own sample's seed; reranking
         scores the small candidates, so only kept images are upsampled. `out.images` are the
-        large ones, `out.small_images` the small ones."""
+        large ones, `out.small_images` the small ones.
+
+        on_batch(part): called with each run of finished images, in output order, as soon as
+        they are done (`dalle_ar.pipelines.base.OnBatch`): a sample drawn, a reranked sample
+        once all its candidates are scored, an upsampled one once its upsampling batch is
+        done; the images are those the call returns. What it raises stops the call and comes
+        out of it."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"expected a prompt or a non-empty list of prompts, got {prompts!r}")
@@ -285,14 +292,19 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
                   masked=ms if kind == "masked" else None)  # fmt: skip
         grids = init_codes if mode == "masked" else prime_codes
         prime = _expand_prime(grids, len(prompts), num_samples)  # one grid per sample
+        drawn_with = dataclasses.asdict(s) if kind != "masked" else {}  # the recorded settings
+        each = [p for p in prompts for _ in range(num_samples * rr.keep)]  # per output image
+        finisher = Finisher(self, each, us if upsample else None, on_batch, progress)
         if rr.candidates == 1:
-            codes, samples = self._draw(prompts, num_samples, seed, seeds, prime, cond,
-                                        progress=progress, **kw)  # fmt: skip
-            for m in samples:
-                m.update(extra)
-            settings_json = {**(dataclasses.asdict(s) if kind != "masked" else {}), **extra}
-            out = PipelineOutput(self.decode(codes), codes, samples, settings_json)
-            return self._upsampled(out, us, progress) if upsample else out
+
+            def drawn(numbers: list[int], codes: torch.Tensor, metas: list[dict]) -> None:
+                for m in metas:
+                    m.update(extra)
+                finisher.add(numbers, codes, metas)
+
+            self._draw(prompts, num_samples, seed, seeds, prime, cond, progress=progress,
+                       on_chunk=drawn, **kw)  # fmt: skip
+            return finisher.finish({**drawn_with, **extra})
         split = [split_prompt(p) for p in prompts]  # warned once here, not once per batch
         self.check_prompts([scene for scene, _ in split])
         parts = sorted({q for _, ps in split for q, _ in ps})
@@ -311,10 +323,8 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
                 meta.update(prompt_index=j // num_samples, sample_index=j % num_samples, **extra)
             return codes, metas
 
-        out = self._rerank(n, rr, seed, seeds, draw, clip_text, batch_size, progress)
-        out.settings = {**(dataclasses.asdict(s) if kind != "masked" else {}),
-                        **dataclasses.asdict(rr), **extra}  # fmt: skip
-        return self._upsampled(out, us, progress) if upsample else out
+        self._rerank(n, rr, seed, seeds, draw, clip_text, batch_size, finisher, progress)
+        return finisher.finish({**drawn_with, **dataclasses.asdict(rr), **extra})
 
     def _prompt_embeds(
         self, mode: str, prompts: list[str], embeds: torch.Tensor | None
@@ -385,9 +395,12 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         warn: bool = True,
         prior: PriorSampling | None = None,
         masked: MaskedSampling | None = None,
+        on_chunk: Callable[[list[int], torch.Tensor, list[dict[str, Any]]], None] | None = None,
     ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """The codes (n, h, w) and per-sample metadata, without reranking; `prime` holds one
-        grid per sample or is None; `warn`: warn about odd prompts (`check_prompts`). `embeds`
+        grid per sample or is None; `warn`: warn about odd prompts (`check_prompts`);
+        `on_chunk(numbers, codes, metas)`: called as each batch of samples is drawn (batches
+        group the prompts with as many parts, so they may come out of order). `embeds`
         (n_prompts, D): with `prior` settings the CLIP text embeddings the prior starts from
         (each sample draws its image embedding with its own seed), else the image embeddings
         themselves; None: the transformer's null embedding, if it takes one. `masked` settings:
@@ -413,6 +426,30 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
             for K, idx in sorted(groups.items())
             for s in range(0, len(idx), batch_size)
         ]
+        prime_rows = 0 if prime is None or masked is not None else prime.shape[1]
+        record = dataclasses.asdict(settings if masked is None else masked)
+        unseen = {p: unseen_words(self.tokenizer, p) for p in prompts}
+        # what the model read of an over-long prompt's scene (captions show it), else None
+        cut = {p: self.tokenizer.read_back(scene) for p, (scene, _) in zip(prompts, split)}
+        samples = [
+            {
+                "prompt": prompts[i // num_samples],
+                "prompt_index": i // num_samples,
+                "sample_index": i % num_samples,
+                # words of the prompt no training caption held (None: the tokenizer has no record)
+                "unseen_words": unseen[prompts[i // num_samples]],
+                "truncated_to": cut[prompts[i // num_samples]][0]
+                if cut[prompts[i // num_samples]][1]
+                else None,
+                "seed": per_seed[i],
+                **record,
+                "prime_rows": prime_rows,
+                "init_codes" if masked else "prime_codes": None
+                if prime is None
+                else prime[i].tolist(),
+            }
+            for i in range(n)
+        ]
         codes = torch.zeros(n, cfg.grid_h, cfg.grid_w, dtype=torch.long)
         text_lens = text.mask.sum(1)
         bar = tqdm(total=n * cfg.image_len, desc="tokens", unit="tok", disable=not progress)
@@ -436,45 +473,23 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
                     init_codes=None if prime is None else prime[idx],
                 ).cpu()  # fmt: skip
                 bar.update(len(idx) * cfg.image_len)
-                continue
-            codes[idx] = generate_image_tokens(
-                model,
-                text.ids[rows],
-                settings,
-                cond=self._sample_cond(model, embeds, rows, [per_seed[i] for i in idx], prior),
-                text_lens=text_lens[rows],
-                empty_ids=empty.ids[0],
-                empty_len=int(empty.mask[0].sum()),
-                prime_codes=None if prime is None else prime[idx],
-                seeds=[per_seed[i] for i in idx],
-                callback=lambda *_, k=len(idx): bar.update(k),  # noqa: B008
-                **part_kw,
-            ).cpu()
+            else:
+                codes[idx] = generate_image_tokens(
+                    model,
+                    text.ids[rows],
+                    settings,
+                    cond=self._sample_cond(model, embeds, rows, [per_seed[i] for i in idx], prior),
+                    text_lens=text_lens[rows],
+                    empty_ids=empty.ids[0],
+                    empty_len=int(empty.mask[0].sum()),
+                    prime_codes=None if prime is None else prime[idx],
+                    seeds=[per_seed[i] for i in idx],
+                    callback=lambda *_, k=len(idx): bar.update(k),  # noqa: B008
+                    **part_kw,
+                ).cpu()
+            if on_chunk is not None:
+                on_chunk(idx, codes[idx], [samples[i] for i in idx])
         bar.close()
-        rows = 0 if prime is None or masked is not None else prime.shape[1]
-        record = dataclasses.asdict(settings if masked is None else masked)
-        unseen = {p: unseen_words(self.tokenizer, p) for p in prompts}
-        # what the model read of an over-long prompt's scene (captions show it), else None
-        cut = {p: self.tokenizer.read_back(scene) for p, (scene, _) in zip(prompts, split)}
-        samples = [
-            {
-                "prompt": prompts[i // num_samples],
-                "prompt_index": i // num_samples,
-                "sample_index": i % num_samples,
-                # words of the prompt no training caption held (None: the tokenizer has no record)
-                "unseen_words": unseen[prompts[i // num_samples]],
-                "truncated_to": cut[prompts[i // num_samples]][0]
-                if cut[prompts[i // num_samples]][1]
-                else None,
-                "seed": per_seed[i],
-                **record,
-                "prime_rows": rows,
-                "init_codes" if masked else "prime_codes": None
-                if prime is None
-                else prime[i].tolist(),
-            }
-            for i in range(n)
-        ]
         return codes, samples
 
 

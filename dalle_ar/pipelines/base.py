@@ -49,6 +49,118 @@ class PipelineOutput:
     small_images: list[Image.Image] = dataclasses.field(default_factory=list)
 
 
+# A generation call's `on_batch(part)`: called with each run of finished samples, in output order,
+# as soon as they are done (pixels decoded, reranked and upsampled where asked), as a
+# `PipelineOutput` holding only them (and the candidates scored for them; no `settings`). The
+# parts hold the very objects the call returns, in order: joined, they are its output. An
+# exception it raises stops the call, after the parts already handed over.
+OnBatch = Callable[[PipelineOutput], None]
+UPSAMPLE_BATCH = 16  # the cascade's batches: pictures upsampled together
+
+
+class Finisher:
+    """Finished samples -> their output: decoded to pixels, upsampled for the cascade, and handed
+    to `on_batch` in output order as soon as every sample before them is done too. Pixels never
+    depend on the runs they come in: decoding is per image, and the cascade upsamples in the same
+    batches of `UPSAMPLE_BATCH` (in output order) as one call over them all, with the caption
+    embeddings of all outputs computed together up front.
+
+    prompts: each output's prompt (for an upsampler that reads captions); upsample: the cascade's
+    settings, or None for none."""
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        prompts: Sequence[str],
+        upsample: UpsampleSampling | None = None,
+        on_batch: OnBatch | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.pipe, self.us, self.on_batch, self.n = pipe, upsample, on_batch, len(prompts)
+        self.done: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}  # position -> (codes, meta)
+        self.next = 0  # the first position not handed on
+        self.waiting: list[tuple[int, torch.Tensor, dict[str, Any]]] = []  # for the upsampler
+        self.candidates: list[dict[str, Any]] = []  # scored, not handed on yet
+        self.parts: list[PipelineOutput] = []
+        self.text = None
+        up = pipe.components.get("upsampler")
+        if upsample is not None and up.cfg.caption_dim:
+            self.text = pipe.scene_embeds(prompts, truncate=True)
+        self.bar = tqdm(total=self.n, desc="upsample", unit="img",
+                        disable=not progress or upsample is None)  # fmt: skip
+
+    def add(
+        self,
+        positions: Sequence[int],
+        codes: torch.Tensor,
+        metas: Sequence[dict[str, Any]],
+        candidates: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        """Samples done: their output positions, codes (k, h, w) and metadata; `candidates`:
+        the candidate records scored for them."""
+        for pos, c, m in zip(positions, codes, metas):
+            self.done[pos] = (c, m)
+        self.candidates += candidates
+        run = []
+        while self.next in self.done:
+            run.append((self.next, *self.done.pop(self.next)))
+            self.next += 1
+        if not run:
+            return
+        if self.us is None:
+            codes = torch.stack([c for _, c, _ in run])
+            self._hand_on(self.pipe.decode(codes), codes, [m for _, _, m in run], [])
+            return
+        self.waiting += run
+        while len(self.waiting) >= UPSAMPLE_BATCH:
+            self._upsample(self.waiting[:UPSAMPLE_BATCH])
+            del self.waiting[:UPSAMPLE_BATCH]
+
+    def finish(self, settings: dict[str, Any]) -> PipelineOutput:
+        """The whole output, once every position is added, with the call's `settings`."""
+        if self.waiting:
+            self._upsample(self.waiting)
+            self.waiting = []
+        self.bar.close()
+        if self.next != self.n or self.done:  # a bug, not a user's error
+            raise RuntimeError(f"{self.next} of {self.n} samples finished")
+        parts = self.parts
+        out = PipelineOutput(
+            [im for p in parts for im in p.images], torch.cat([p.codes for p in parts]),
+            [m for p in parts for m in p.samples], dict(settings),
+            [c for p in parts for c in p.candidates],
+            [im for p in parts for im in p.small_images],
+        )  # fmt: skip
+        if self.us is not None:
+            out.settings.update(self._record())
+        return out
+
+    def _record(self) -> dict[str, Any]:
+        return {"upsample": True, **dataclasses.asdict(self.us)}
+
+    def _upsample(self, run: list[tuple[int, torch.Tensor, dict[str, Any]]]) -> None:
+        """One batch of the cascade: each small image upsampled with its own sample's seed; each
+        record notes the settings."""
+        codes = torch.stack([c for _, c, _ in run])
+        metas = [m for _, _, m in run]
+        small = self.pipe.decode(codes)
+        text = None if self.text is None else self.text[[pos for pos, _, _ in run]]
+        big = self.pipe._upsample_pixels(small, [m["seed"] for m in metas], text, self.us,
+                                         len(run))  # fmt: skip
+        for m in metas:
+            m.update(self._record())
+        self.bar.update(len(run))
+        self._hand_on(big, codes, metas, small)
+
+    def _hand_on(self, images: list, codes: torch.Tensor, metas: list, small: list) -> None:
+        part = PipelineOutput(images, codes, metas, candidates=self.candidates,
+                              small_images=small)  # fmt: skip
+        self.candidates = []
+        self.parts.append(part)
+        if self.on_batch is not None:
+            self.on_batch(part)
+
+
 class Pipeline:
     """Components joined for inference. Subclasses: one per generation mode."""
 
@@ -209,7 +321,7 @@ class Pipeline:
         seeds: Sequence[int] | None = None,
         prompts: Sequence[str] | None = None,
         settings: UpsampleSampling | None = None,
-        batch_size: int = 16,
+        batch_size: int = UPSAMPLE_BATCH,
         progress: bool = False,
         **overrides: Any,
     ) -> list[Image.Image]:
@@ -239,24 +351,24 @@ class Pipeline:
             if len(prompts) != n:
                 raise ValueError(f"one prompt per picture: {n} pictures, {len(prompts)} prompts")
             text = self.scene_embeds(prompts, truncate=True)
-        low = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255).mul(2).sub(1)
-        big = upsample_images(up, low, s, seeds, text, batch_size, progress)
-        return [Image.fromarray(a) for a in to_uint8(big.add(1).div(2))]
+        return self._upsample_pixels(arr, seeds, text, s, batch_size, progress)
 
-    def _upsampled(
-        self, out: PipelineOutput, settings: UpsampleSampling, progress: bool
-    ) -> PipelineOutput:
-        """A generation's output with its (kept) images upsampled, each with its own sample's
-        seed; the small ones move to `small_images`; each record notes the settings."""
-        prompts = [m["prompt"] for m in out.samples]
-        out.small_images = out.images
-        out.images = self.upsample(out.images, [m["seed"] for m in out.samples], prompts,
-                                   settings, progress=progress)  # fmt: skip
-        record = {"upsample": True, **dataclasses.asdict(settings)}
-        for m in out.samples:
-            m.update(record)
-        out.settings.update(record)
-        return out
+    def _upsample_pixels(
+        self,
+        images: Any,
+        seeds: Sequence[int],
+        text: torch.Tensor | None,
+        settings: UpsampleSampling,
+        batch_size: int,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """`upsample` of checked pictures (of the small size, one seed each), with the unit
+        caption embeddings `text` (N, D) for an upsampler that reads them."""
+        arr = to_uint8(images)
+        low = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255).mul(2).sub(1)
+        big = upsample_images(self.components["upsampler"], low, settings, seeds, text,
+                              batch_size, progress)  # fmt: skip
+        return [Image.fromarray(a) for a in to_uint8(big.add(1).div(2))]
 
     # -- reranking -------------------------------------------------------------------------
     def rerank_scores(
@@ -314,14 +426,16 @@ class Pipeline:
         draw: Callable[[list[int], list[int]], tuple[torch.Tensor, list[dict[str, Any]]]],
         clip_text: torch.Tensor | None,
         batch_size: int,
+        finisher: Finisher,
         progress: bool = False,
-    ) -> PipelineOutput:
+    ) -> None:
         """`n` samples, each the best `rerank.keep` of `rerank.candidates` (N): candidate c of
         sample j is number j*N + c; `draw(numbers, seeds)` draws those candidates, with each
         metadata's "prompt_index" and "sample_index" those of its sample. Candidates are drawn
         `batch_size` at a time across samples, scored as they come, and only each sample's kept
-        ones are held once its N are scored, so n*N never has to fit in memory; the kept ones
-        are decoded to pixels at the end.
+        ones are held once its N are scored, so n*N never has to fit in memory. A sample is done
+        when its N are scored: its kept ones go to `finisher` then (output positions j*keep ..,
+        with the records of its candidates), which makes the call's output of them.
 
         Candidate c of sample j gets seed `seed + j + c*n`, so candidate 0 is the sample drawn
         without reranking; `seeds` holds N per sample (sample-major). Each kept sample records
@@ -337,7 +451,7 @@ class Pipeline:
                 seed + j + c * n for j in range(n) for c in range(N)]  # fmt: skip
         parts = reranker_parts(rerank.reranker)
         pending: dict[int, list[tuple[int, dict[str, float], torch.Tensor, dict]]] = {}
-        kept_codes, kept, records = [], [], []
+        keep = rerank.keep
         bar = tqdm(total=n * N, desc=f"candidates ({rerank.reranker})", unit="img",
                    disable=not progress)  # fmt: skip
         for start in range(0, n * N, batch_size):
@@ -354,13 +468,12 @@ class Pipeline:
                 one = {k: float(v[row]) for k, v in scores.items()}
                 pending.setdefault(j, []).append((c, one, codes[row].clone(), metas[row]))
                 if len(pending[j]) == N:
+                    records: list[dict[str, Any]] = []
                     codes_j, metas_j = self._keep(pending.pop(j), rerank, parts, records)
-                    kept_codes += codes_j
-                    kept += metas_j
+                    finisher.add(range(j * keep, j * keep + len(codes_j)),
+                                 torch.stack(codes_j), metas_j, records)  # fmt: skip
             bar.update(len(numbers))
         bar.close()
-        codes = torch.stack(kept_codes)
-        return PipelineOutput(self.decode(codes), codes, kept, candidates=records)
 
     @staticmethod
     def _keep(

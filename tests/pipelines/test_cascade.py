@@ -77,13 +77,13 @@ def test_upsample_draws_small_then_large_in_any_mode(pipe, mode):
 
 def test_reranking_scores_small_candidates_and_upsamples_only_the_kept(pipe, monkeypatch):
     seen = []
-    real = Pipeline.upsample
+    real = Pipeline._upsample_pixels  # every upsampling goes through it
 
     def counting(self, images, *a, **kw):
         seen.append(len(images))
         return real(self, images, *a, **kw)
 
-    monkeypatch.setattr(Pipeline, "upsample", counting)
+    monkeypatch.setattr(Pipeline, "_upsample_pixels", counting)
     out = pipe(PROMPTS, seed=0, candidates=4, keep=1, reranker="pmi", upsample=True)
     assert seen == [2] and len(out.candidates) == 8
     assert [im.size for im in out.images] == [(32, 32)] * 2

@@ -20,6 +20,7 @@ from PIL import Image
 
 from dalle_ar.cli import main as cli
 from dalle_ar.cli.sample import _parser as sample_parser
+from dalle_ar.cli.sample import _Writer
 from dalle_ar.grid import TRUNCATED, captioned_grid, prompt_grids
 from dalle_ar.pipeline import (
     DalleAR,
@@ -474,6 +475,53 @@ def test_cli_writes_images_grids_and_json_that_regenerates(pipe_dir, tmp_path):
     json_path = str(best / "samples.json")
     assert cli(["sample", "--from-json", json_path, "--index", "2", "--out", str(again)]) == 0
     assert np.array_equal(_pixels(again / "001_00.png"), _pixels(best / "001_00.png"))
+
+
+class Stop(Exception):
+    """The run dies here (a kill, a full disk, a power cut)."""
+
+
+@pytest.mark.parametrize(("extra", "first"), [([], ["000_00.png", "000_01.png"]),
+                                              (["--candidates", "3"], ["000_00.png"])])  # fmt: skip
+def test_a_run_that_dies_keeps_what_it_drew(pipe_dir, pipe, tmp_path, extra, first):
+    """The CLI writes each batch as it finishes: a run stopped after its first batch leaves that
+    batch's PNGs (reranked: the first sample, done once its 3 candidates are scored, two
+    batches of 2) and a valid samples.json naming exactly them, with the pixels of the run."""
+    out = tmp_path / "out"
+    argv = ["--model", str(pipe_dir), *PROMPTS, "--num", "3", "--seed", "7", "--batch-size", "2"]
+    args = sample_parser().parse_args([*argv, *extra, "--out", str(out)])
+    writer = _Writer(args)
+
+    def dies_after_one(part):
+        writer(part)
+        raise Stop
+
+    kw = {"candidates": 3} if extra else {}
+    with pytest.raises(Stop):
+        pipe(PROMPTS, num_samples=3, seed=7, batch_size=2, on_batch=dies_after_one, **kw)
+    assert sorted(p.name for p in out.iterdir()) == [*first, "samples.json"]
+    doc = json.loads((out / "samples.json").read_text())
+    assert [r["file"] for r in doc["samples"]] == first
+    full = pipe(PROMPTS, num_samples=3, seed=7, batch_size=2, **kw)
+    for i, name in enumerate(first):
+        assert np.array_equal(_pixels(out / name), _pixels(full.images[i]))
+    assert len(doc["candidates"]) == (3 if extra else 0)  # the kept sample's own candidates
+
+
+def test_cli_streamed_files_are_the_api_images(pipe_dir, pipe, tmp_path):
+    """Written batch by batch (batches of 3 across the prompts, a composed prompt drawn apart
+    from the others), the files, their names and records are those of one call's output."""
+    prompts = [PROMPTS[0], "a blue square AND a square::0.5", PROMPTS[1]]
+    out = tmp_path / "out"
+    argv = ["sample", "--model", str(pipe_dir), *prompts, "--num", "2", "--seed", "3"]
+    assert cli([*argv, "--batch-size", "3", "--out", str(out)]) == 0
+    want = pipe(prompts, num_samples=2, seed=3)  # one batch, no callback
+    doc = json.loads((out / "samples.json").read_text())
+    names = [f"{p:03d}_{j:02d}.png" for p in range(3) for j in range(2)]
+    assert [r["file"] for r in doc["samples"]] == names
+    for i, (rec, meta) in enumerate(zip(doc["samples"], want.samples)):
+        assert rec == {"index": i, "file": names[i], **meta}
+        assert np.array_equal(_pixels(out / names[i]), _pixels(want.images[i]))
 
 
 def test_cli_prompts_file_and_priming(pipe_dir, pipe, tmp_path):
