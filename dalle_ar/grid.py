@@ -7,11 +7,19 @@ with a caption above them (one grid per prompt).
 Small images are enlarged with nearest-neighbour sampling (to about 64 pixels a side by
 default) so a 32-pixel sample stays legible; the canvas is white with `gap` pixels between and
 around the tiles.
+
+Text is written in DejaVu Sans where it is installed (Latin, Greek, Cyrillic and more; found at
+its usual paths or by fontconfig), else in Pillow's built-in font; a caption's characters the
+font has no glyph for are named in a warning (they show as boxes). No font is downloaded.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import shutil
+import subprocess
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +29,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+log = logging.getLogger(__name__)
 Images = torch.Tensor | Sequence[Any]  # (N, 3, H, W) in [0, 1], or PIL images / uint8 HWC arrays
+# DejaVu Sans where distributions put it: Debian / Ubuntu, Fedora, Arch, macOS with Homebrew
+FONT_FILES = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/opt/homebrew/share/fonts/DejaVuSans.ttf",
+)
+FONT_FAMILY = "DejaVu Sans"
+NO_CHAR = "\U0010ffff"  # a noncharacter: no font maps it, so it draws the font's "no glyph" box
 
 
 def to_uint8(images: Images) -> np.ndarray:
@@ -104,6 +122,10 @@ def captioned_grid(
     `labels` under the tiles."""
     grid = image_grid(images, ncols, scale, gap, labels)
     font = _font(font_size)
+    missing = missing_glyphs(caption, font)
+    if missing:
+        log.warning("the caption font has no glyph for %s: they show as boxes in the grid of %r",
+                    " ".join(missing), caption)  # fmt: skip
     draw = ImageDraw.Draw(grid)
     char_w = max(1.0, draw.textlength("x", font=font))
     width = max(1, int((grid.width - 2 * gap) / char_w))
@@ -131,17 +153,63 @@ def stack_vertical(images: Sequence[Image.Image]) -> Image.Image:
     return out
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    # Pillow's built-in font: no font file to find or download.
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
+
+def missing_glyphs(text: str, font: Font) -> list[str]:
+    """The distinct characters of `text` (whitespace aside), in order, that `font` has no glyph
+    for: those it draws as its "no glyph" box (the drawing of a noncharacter)."""
+    box = _drawing(font, NO_CHAR)
+    return [ch for ch in dict.fromkeys(text) if not ch.isspace() and _drawing(font, ch) == box]
+
+
+def _drawing(font: Font, ch: str) -> tuple[tuple[int, int], bytes] | None:
+    """The size and pixels of `ch` drawn in `font`; None where the font cannot take it at all
+    (Pillow's bitmap font holds Latin-1 alone)."""
+    try:
+        mask = font.getmask(ch)
+    except UnicodeEncodeError:
+        return None
+    return mask.size, bytes(mask)
+
+
+@functools.cache
+def _font(size: int) -> Font:
+    path = font_file()
+    if path is not None:
+        return ImageFont.truetype(path, size)
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the fixed-size bitmap font
         return ImageFont.load_default()
 
 
+@functools.lru_cache(maxsize=1)
+def font_file() -> str | None:
+    """DejaVu Sans's file: at a usual path, else where fontconfig (`fc-list`) finds it; None
+    (logged once: captions then cover Latin alone) where it is not installed."""
+    for path in FONT_FILES:
+        if Path(path).is_file():
+            return path
+    fc = shutil.which("fc-list")
+    if fc is not None:
+        try:
+            found = subprocess.run([fc, f"{FONT_FAMILY}:style=Book", "file"], capture_output=True,
+                                   text=True, timeout=10, check=False).stdout  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            found = ""
+        for line in found.splitlines():
+            path = line.strip().rstrip(":")
+            if path.endswith((".ttf", ".otf")) and Path(path).is_file():
+                return path
+    log.warning("%s is not installed (fonts-dejavu-core): grid captions use Pillow's built-in "
+                "font, which draws Latin letters alone", FONT_FAMILY)  # fmt: skip
+    return None
+
+
 __all__ = [
-    "captioned_grid", "image_grid", "prompt_grids", "save_prompt_grid", "score_label",
-    "stack_vertical", "to_uint8",
+    "captioned_grid", "font_file", "image_grid", "missing_glyphs", "prompt_grids",
+    "save_prompt_grid", "score_label", "stack_vertical", "to_uint8",
 ]  # fmt: skip
 
 
