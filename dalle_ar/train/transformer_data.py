@@ -7,7 +7,7 @@ it). `ShardBatches` reads token shards, or image shards it encodes with the VQ o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -104,22 +104,33 @@ class ShardBatches:
             out["cond"] = clip_embeddings(raw, "clip_img", m.cond_dim, self.cfg.data.train)
         return out
 
-    def cond_clip(self) -> str:
-        """The weights hash of the CLIP the token shards' embeddings come from (their
-        `*-tokens.json`), or "" when no summary names one. ValueError when they name two."""
+    def _recorded(self, read: Callable[[dict], str], what: str, advice: str) -> tuple[str, str]:
+        """(hash, summary file name) of what the token shards' summaries (`*-tokens.json`)
+        record: `read(summary)` gives a hash or "" per summary. ("", "") when none records one;
+        ValueError naming the files when they record two."""
         import json
 
         from dalle_ar.data.tokens import token_summaries
 
-        found = set()
+        found: dict[str, str] = {}
         for f in token_summaries(self.cfg.data.train, self.cfg.data.eval):
-            clip = json.loads(f.read_text()).get("clip")
-            if isinstance(clip, dict):
-                found.add(clip["weights_sha256"])
+            sha = read(json.loads(f.read_text()))
+            if sha:
+                found.setdefault(sha, f.name)
         if len(found) > 1:
-            raise ValueError(f"the token shards' summaries name {len(found)} different CLIPs: "
-                             "train on the embeddings of one")  # fmt: skip
-        return found.pop() if found else ""
+            raise ValueError(f"the token shards' summaries name {len(found)} different {what} "
+                             f"({', '.join(sorted(found.values()))}): {advice}")  # fmt: skip
+        return next(iter(found.items()), ("", ""))
+
+    def cond_clip(self) -> str:
+        """The weights hash of the CLIP the token shards' embeddings come from (their
+        `*-tokens.json`), or "" when no summary names one. ValueError when they name two."""
+
+        def clip_of(summary: dict) -> str:
+            clip = summary.get("clip")
+            return clip["weights_sha256"] if isinstance(clip, dict) else ""
+
+        return self._recorded(clip_of, "CLIPs", "train on the embeddings of one")[0]
 
     def trained_on(self) -> tuple[str, str]:
         """The content hashes (tokenizer, VQ) of what this model is trained on, which it records
@@ -127,28 +138,15 @@ class ShardBatches:
         that wrote the token shards (their `*-tokens.json`), else the `vq` folder's; "" where
         unknown. ValueError when the shards' summaries name two VQs, or one other than the `vq`
         folder (the codes would not be the ones that VQ decodes)."""
-        import json
-
-        from dalle_ar.data.tokens import token_summaries
-
         own = "" if self.vq is None else self.vq.weights_sha256 or ""
         if self.cfg.data_format != "tokens":
             return self.tok.sha256 or "", own
-        found = {}
-        for f in token_summaries(self.cfg.data.train, self.cfg.data.eval):
-            sha = json.loads(f.read_text()).get("vq_sha256")
-            if sha:
-                found.setdefault(sha, f.name)
-        if len(found) > 1:
-            raise ValueError(
-                f"the token shards' summaries name {len(found)} different VQs "
-                f"({', '.join(sorted(found.values()))}): train on the codes of one"
-            )
-        shards = next(iter(found), "")
+        shards, name = self._recorded(lambda summary: summary.get("vq_sha256") or "", "VQs",
+                                      "train on the codes of one")  # fmt: skip
         if shards and own and shards != own:
             raise ValueError(
                 f"the token shards were written by another VQ (content hash {shards[:12]}, "
-                f"{found[shards]}) than the vq folder {self.cfg.vq} ({own[:12]}): expected the "
+                f"{name}) than the vq folder {self.cfg.vq} ({own[:12]}): expected the "
                 "VQ whose codes they hold"
             )
         return self.tok.sha256 or "", shards or own
