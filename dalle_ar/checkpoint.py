@@ -229,9 +229,7 @@ def load_pretrained(
     """Build the model from the folder's config on the meta device and load its weights."""
     path = Path(path)
     cfg = read_component_config(path, component, config_cls)
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path}: model.safetensors is missing")
+    weights = _weights_file(path)
     with torch.device("meta"):
         model = build(cfg)
     tied = _tied_names(model)
@@ -255,12 +253,18 @@ def init_from_folder(model: torch.nn.Module, path: str | Path, component: str) -
     as `load_state_strict` does; FileNotFoundError for a folder without weights."""
     path = Path(path)
     _component_meta(path, component)
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path}: model.safetensors is missing")
+    weights = _weights_file(path)
     with torch.no_grad():
         return load_state_strict(model, load_file(str(weights)), str(path), assign=False,
                                  allow_missing=True)  # fmt: skip
+
+
+def _weights_file(path: Path) -> Path:
+    """A component folder's `model.safetensors`; FileNotFoundError without it."""
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path}: model.safetensors is missing")
+    return weights
 
 
 def _tied_names(model: torch.nn.Module) -> list[tuple[str, str]]:
