@@ -283,8 +283,7 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         kind = "embeds" if embeds is not None else mode
         own = {"prior": ps, "masked": ms}.get(kind)  # the mode's own settings, recorded
         extra = {"mode": kind, **(dataclasses.asdict(own) if own else {})}
-        drawer = {"prior": self.cond_transformer, "embeds": self.cond_transformer,
-                  "masked": self.components.get("masked")}.get(kind, self.transformer)  # fmt: skip
+        drawer = self._drawer(kind == "masked", kind in ("prior", "embeds"))
         batch_size = batch_size or self.candidate_batch(s, rr, memory_mb, drawer)
         n = len(prompts) * num_samples
         prior = ps if kind == "prior" else None
@@ -381,6 +380,14 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
             start_row=samples[0]["prime_rows"], batch_size=batch_size,
         )  # fmt: skip
 
+    def _drawer(self, masked: bool, embedded: bool) -> Transformer:
+        """The model that draws the codes: the masked generator, the transformer that reads the
+        CLIP image embedding (`cond_transformer`, for the prior mode and given embeddings) or the
+        transformer."""
+        if masked:
+            return self.components["masked"]
+        return self.cond_transformer if embedded else self.transformer
+
     def _draw(
         self,
         prompts: list[str],
@@ -406,7 +413,7 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         themselves; None: the transformer's null embedding, if it takes one. `masked` settings:
         the masked generator draws instead, `prime` then holding its init codes."""
         cfg = self.transformer.cfg
-        model = self.transformer if embeds is None else self.cond_transformer
+        model = self._drawer(masked is not None, embeds is not None)
         n = len(prompts) * num_samples
         per_seed = sample_seeds(n, seed if seeds is None else seeds)
         split = [split_prompt(p) for p in prompts]
@@ -467,7 +474,7 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
                 if K:
                     raise ValueError("composed prompts (AND) are for the autoregressive modes")
                 codes[idx] = generate_masked(
-                    self.components["masked"], text.ids[rows], masked,
+                    model, text.ids[rows], masked,
                     text_lens=text_lens[rows], empty_ids=empty.ids[0],
                     empty_len=int(empty.mask[0].sum()), seeds=[per_seed[i] for i in idx],
                     init_codes=None if prime is None else prime[idx],
