@@ -21,8 +21,10 @@ from dalle_ar.sampling.settings import (
 class MainJobConfig:
     out_dir: str = "runs/main"  # every stage writes below this folder
     config_dir: str = ""  # the data set's component YAMLs; empty = configs/<data>/ here
-    data: Literal["shapes"] = "shapes"  # the data set (dalle_ar.jobs.DATA_SETS)
-    num_train: int = 50_000  # training images (shapes)
+    # the data set (dalle_ar.jobs.main.DATA_SETS): the procedural shapes, or the emoji
+    # (configs/emoji/main.yaml)
+    data: Literal["shapes", "emoji"] = "shapes"
+    num_train: int = 50_000  # training images (shapes; the emoji set is fixed)
     num_eval: int = 2_000  # evaluation images (held-out combinations appear only here)
     # Training budgets in optimizer steps (x each config's batch); 0 = the component config's
     # run.steps. The same config and seed see the same samples on any machine; the numerics follow

@@ -16,7 +16,8 @@ class DataSet:
     configs: dict[str, str]  # stage -> component YAML under the config folder
     prompts: list[str]  # the sample grid's default prompts
     build: Callable[[Any, Path], None]  # (main job config, out folder) -> shards + info.json
-    evaluate: Callable[[Any, Any], dict[str, Any]]  # (pipeline, main job config) -> JSON report
+    # (pipeline, main job config, the folder of its shards) -> JSON report
+    evaluate: Callable[[Any, Any, Path], dict[str, Any]]
     # (main job config, out folder, side in pixels) -> shards of the same kind of pictures at the
     # upsampler's large size (+ info.json); None: the data set has no cascade stage
     build_large: Callable[[Any, Path, int], None] | None = None

@@ -37,12 +37,13 @@ from typing import Literal
 from dalle_ar.config import ConfigError, load_config, save_config, to_dict
 from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import DataSet
+from dalle_ar.jobs.emoji import EMOJI
 from dalle_ar.jobs.shapes import SHAPES
 from dalle_ar.runtime import describe_machine
 
 log = logging.getLogger(__name__)
 
-DATA_SETS: dict[str, DataSet] = {SHAPES.name: SHAPES}
+DATA_SETS: dict[str, DataSet] = {d.name: d for d in (SHAPES, EMOJI)}
 
 
 # The keys the main job took before its sampling settings were grouped: `guidance_scale=2` still
@@ -281,7 +282,7 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
                   upsample_settings=cfg.upsample_sampling)  # fmt: skip
     small = dataclasses.replace(result, images=result.small_images) if up else result
     grid = save_prompt_grid(small, p.samples / "grid.png")
-    report = data.evaluate(pipe, cfg)
+    report = data.evaluate(pipe, cfg, p.data)
     report["grid"] = str(grid)
     if up:
         report["grid_upsampled"] = str(save_prompt_grid(result, p.samples / "grid_upsampled.png"))

@@ -47,11 +47,13 @@ def _render(cfg: MainJobConfig, out: Path, num_train: int, size: int) -> None:
     data.build("shapes", out, data.options("shapes", out=out, **opts))
 
 
-def evaluate(pipe: Any, cfg: MainJobConfig) -> dict[str, Any]:
-    """Prompt fidelity on `cfg.fidelity_prompts` evaluation prompts: single draws without and with
-    guidance, then reranked (best of `cfg.rerank.candidates`) by PMI, and by CLIP and by both
-    when the pipeline holds one; with a prior, the prior mode at the guided scale, single and
-    best of the candidates by CLIP, under "prior_mode" (summary keys "prior mode ...")."""
+def evaluate(pipe: Any, cfg: MainJobConfig, shards: Path | None = None) -> dict[str, Any]:
+    """Prompt fidelity on `cfg.fidelity_prompts` evaluation prompts (drawn by the shapes
+    generator with the evaluation split's rules, not read from `shards`): single draws without
+    and with guidance, then reranked (best of `cfg.rerank.candidates`) by PMI, and by CLIP and
+    by both when the pipeline holds one; with a prior, the prior mode at the guided scale,
+    single and best of the candidates by CLIP, under "prior_mode" (summary keys "prior mode
+    ...")."""
     from dalle_ar.eval.fidelity import evaluate_fidelity
 
     settings = {**dataclasses.asdict(cfg.sampling), **dataclasses.asdict(cfg.rerank)}
