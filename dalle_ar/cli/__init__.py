@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         # What a user can cause (a bad value, a missing or unwritable file, a device this
         # machine lacks) is one line naming it; its traceback goes to the DEBUG log.
         log.debug("dalle-ar %s failed", key, exc_info=True)
-        print(f"dalle-ar {key}: {_one_line(e)}", file=sys.stderr)
+        print(f"dalle-ar {key}: {one_line(e)}", file=sys.stderr)
         return 2
     return int(code or 0)
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 USER_ERRORS = (ValueError, OSError)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """The error's message on one line (an OSError's names the path it failed on)."""
     return " ".join(str(e).split()) or type(e).__name__
 
