@@ -95,7 +95,14 @@ def build_components(root: Path, seed: int = 0) -> dict[str, Path]:
     }
 
 
-def build_tiny_pipeline(root: Path, seed: int = 0) -> Path:
-    """Components under root/parts, assembled into the pipeline folder root/pipe."""
+def build_tiny_pipeline(root: Path, seed: int = 0, masked: bool = False) -> Path:
+    """Components under root/parts, assembled into the pipeline folder root/pipe; `masked`: with
+    a tiny masked generator too (the masked mode, inpainting)."""
     parts = build_components(root / "parts", seed)
-    return assemble(root / "pipe", parts["text_tokenizer"], parts["vq"], parts["transformer"])
+    if masked:
+        torch.manual_seed(seed + 1)
+        model = Transformer(tiny_transformer_config(layouts="bidir", objective="masked"))
+        peaked(model).save_pretrained(root / "parts" / "masked")
+        parts["masked"] = root / "parts" / "masked"
+    return assemble(root / "pipe", parts["text_tokenizer"], parts["vq"], parts["transformer"],
+                    masked=parts.get("masked"))  # fmt: skip

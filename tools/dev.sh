@@ -5,6 +5,7 @@
 #   bash tools/dev.sh setup    # only the setup
 # PyTorch: a CPU build on a machine without an NVIDIA GPU (never the multi-GB CUDA wheels), the
 # default CUDA build where `nvidia-smi` finds a GPU. Set DALLE_AR_PYTHON to pick the interpreter.
+# The demo extra (gradio) is for `dalle-ar serve` and its tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${DALLE_AR_TORCH:-2.13.0}"
@@ -31,8 +32,8 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 stamp=$VENV/.dalle_ar-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
-  echo "[setup] installing dalle-ar (editable) with its dev extra"
-  pip install -q -e '.[dev]'
+  echo "[setup] installing dalle-ar (editable) with its dev and demo extras"
+  pip install -q -e '.[dev,demo]'
   touch "$stamp"
 fi
 

@@ -7,6 +7,7 @@ when it runs (so `dalle-ar --help` is instant and one stage's imports never slow
     dalle-ar train tokenizer|vq|transformer|clip|prior|masked|upsampler --config FILE [k=v ...]
     dalle-ar tokens --vq DIR --shards URLS --out DIR --prefix train
     dalle-ar sample --model FOLDER "a prompt" ... --out DIR
+    dalle-ar serve --model FOLDER    # a web page on http://127.0.0.1:7860 (the demo extra)
     dalle-ar eval fidelity --model FOLDER --num 400 --out F.json
     dalle-ar pipeline    # the main job: data -> ... -> samples; finished stages are skipped
 """
@@ -33,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train upsampler": ("dalle_ar.train.upsampler", "train the cascade's diffusion upsampler"),
     "tokens": ("dalle_ar.cli.tokens", "turn image shards into VQ token shards"),
     "sample": ("dalle_ar.cli.sample", "generate images from prompts with a pipeline folder"),
+    "serve": ("dalle_ar.cli.serve", "a local web page to try a pipeline folder (gradio)"),
     "eval fidelity": ("dalle_ar.cli.eval", "score a pipeline's prompt fidelity on the shapes"),
     "pipeline": ("dalle_ar.jobs.main", "run the whole pipeline end to end (the main job)"),
 }
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         # What a user can cause (a bad value, a missing or unwritable file, a device this
         # machine lacks) is one line naming it; its traceback goes to the DEBUG log.
         log.debug("dalle-ar %s failed", key, exc_info=True)
-        print(f"dalle-ar {key}: {_one_line(e)}", file=sys.stderr)
+        print(f"dalle-ar {key}: {one_line(e)}", file=sys.stderr)
         return 2
     return int(code or 0)
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 USER_ERRORS = (ValueError, OSError)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """The error's message on one line (an OSError's names the path it failed on)."""
     return " ".join(str(e).split()) or type(e).__name__
 

@@ -198,6 +198,28 @@ def _sample(args: argparse.Namespace) -> int:
     from dalle_ar.pipelines import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    draw(args, pipe, prompts)
+    return 0
+
+
+def command_args(model: str | Path, out: str | Path, prompts: list[str], **options: Any) -> Any:
+    """The parsed command line `dalle-ar sample --model MODEL --out OUT PROMPTS ...` with
+    `options` set as if given: option names as the parser stores them (a settings field's name,
+    `mode`, `seed`, `init`, `mask`; None = not given, the folder's default). ValueError naming
+    an option the command does not have."""
+    args = _parser().parse_args(["--model", str(model), "--out", str(out), "--", *prompts])
+    unknown = sorted(set(options) - set(vars(args)))
+    if unknown:
+        raise ValueError(f"dalle-ar sample has no options {unknown}")
+    vars(args).update(options)
+    return args
+
+
+def draw(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> Any:
+    """The images of `dalle-ar sample` (plain, reranked, in any mode, inpainting) drawn by the
+    loaded pipeline `pipe`, written to args.out as they come (PNGs, samples.json, then the
+    grids); returns the pipeline's output (`dalle_ar.pipelines.PipelineOutput`). ValueError for
+    settings or options that do not go together, before any drawing."""
     if (args.init is None) != (args.mask is None):
         raise ValueError("--init and --mask go together (the picture and the region to repaint)")
     if args.init and args.mode != "masked":
@@ -226,10 +248,10 @@ def _sample(args: argparse.Namespace) -> int:
         **upsample_from_args(args),
     )
     writer.finish(out, len(prompts))
-    return 0
+    return out
 
 
-def _masked(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> int:
+def _masked(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> Any:
     """The masked mode: plain or inpainting (--init, --mask)."""
     from PIL import Image
 
@@ -251,7 +273,7 @@ def _masked(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> int:
     else:
         out = pipe(prompts, mode="masked", **common)
     writer.finish(out, len(prompts))
-    return 0
+    return out
 
 
 def _picture(path: str | Path) -> Any:

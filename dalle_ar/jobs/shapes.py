@@ -10,7 +10,6 @@ from typing import Any
 
 from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import DataSet
-from dalle_ar.sampling.settings import RERANKERS
 
 # A handful of prompts for the grid: seen and held-out colour-shape combinations
 # (dalle_ar.data.shapes.HELD_OUT_COMBOS), one- and two-object scenes, in the captions' own words
@@ -59,7 +58,6 @@ def evaluate(pipe: Any, cfg: MainJobConfig, shards: Path | None = None) -> dict[
     settings = {**dataclasses.asdict(cfg.sampling), **dataclasses.asdict(cfg.rerank)}
     guidance, candidates = settings.pop("guidance_scale"), settings.pop("candidates")
     settings.pop("keep"), settings.pop("reranker")
-    rerankers = RERANKERS if "clip" in pipe.components else ("pmi",)
     report = evaluate_fidelity(
         pipe,
         num_prompts=cfg.fidelity_prompts,
@@ -67,7 +65,7 @@ def evaluate(pipe: Any, cfg: MainJobConfig, shards: Path | None = None) -> dict[
         guidance_scales=(1.0, guidance),
         composed=cfg.fidelity_composed,
         candidates=candidates,
-        rerankers=rerankers,
+        rerankers=pipe.rerankers,
         **settings,
     )
     if "prior" in pipe.components:  # the prior mode at the guided scale, single and by CLIP

@@ -60,6 +60,7 @@ from dalle_ar.runtime import sample_seeds
 from dalle_ar.sampling import ARSampling, RerankSettings, generate_image_tokens
 from dalle_ar.sampling.masked import generate_masked
 from dalle_ar.sampling.settings import (
+    RERANKERS,
     MaskedSampling,
     PriorSampling,
     UpsampleSampling,
@@ -162,6 +163,18 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
     @property
     def transformer(self) -> Transformer:
         return self.components["transformer"]
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes this pipeline draws in (of `MODES`): "ar" always, "prior" and "masked" where
+        it holds their component (the prior, the masked generator)."""
+        return tuple(m for m in MODES if m == "ar" or m in self.components)
+
+    @property
+    def rerankers(self) -> tuple[str, ...]:
+        """The rerankers this pipeline scores with (of `RERANKERS`): the transformer's PMI always,
+        those with CLIP where it holds the clip component (`check_reranker`)."""
+        return RERANKERS if "clip" in self.components else ("pmi",)
 
     # -- prompts ---------------------------------------------------------------------------
     def check_prompts(self, prompts: Sequence[str], max_each: int = 3) -> TextBatch:
