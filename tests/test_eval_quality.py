@@ -217,6 +217,13 @@ def test_bad_input_is_refused_before_any_drawing(pipe, pipe_dir, data, tmp_path,
     with pytest.raises(ValueError, match="need the pipeline's clip component"):
         evaluate_quality(no_clip, **ok)
     assert not drawn
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    if not _TORCH_FIDELITY_AVAILABLE:  # a plain state dict, but nothing here to read it with
+        weights = tmp_path / "inception.pth"
+        torch.save({"w": torch.zeros(1)}, weights)
+        with pytest.raises(ValueError, match="needs torch-fidelity"):
+            evaluate_quality(pipe, inception_weights=str(weights), **ok)
     out = tmp_path / "out"
     argv = ["eval", "--model", str(pipe_dir), "--data", str(tmp_path / "x.tar"), "--out", str(out)]
     assert cli(argv) == 2
