@@ -155,6 +155,13 @@ def image_embeds(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.visual_projection(out.pooler_output).float(), dim=-1)
 
 
+def clip_score(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """CLIPScore (Hessel et al. 2021, without its w = 2.5 scale; torchmetrics' `clip_score`
+    defines it the same way): 100 x the cosine of each unit image embedding (N, D) with its unit
+    text embedding (N, D), floored at 0; (N,) float32 on `image`'s device."""
+    return (100 * (text.to(image.device) * image).sum(-1)).clamp(min=0)
+
+
 # Config keys that a save and load add or change without changing the model.
 VOLATILE_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype", "_name_or_path",
                         "architectures")  # fmt: skip
@@ -351,5 +358,23 @@ class CLIP:
         for i in range(0, len(images), batch_size):
             t = self.text_embeds(ids[i : i + batch_size], mask[i : i + batch_size])
             v = self.image_embeds(self.pixels(images[i : i + batch_size]))
-            out.append((100 * (t * v).sum(-1)).clamp(min=0).cpu())
+            out.append(clip_score(v, t).cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+
+class CLIPImageFeatures(nn.Module):
+    """A CLIP's image tower as a feature extractor (torchmetrics' `FrechetInceptionDistance`
+    takes one as `feature`): images (N, 3, H, W), float in [0, 1] -> unit image embeddings
+    (N, D), float32, as `CLIP.image_embeds` of `CLIP.pixels_from_tensor` gives them.
+    `num_features` = D spares torchmetrics a dummy forward pass."""
+
+    def __init__(self, clip: CLIP) -> None:
+        super().__init__()
+        self.clip = clip  # not a submodule: the CLIP's weights stay its own
+        self.num_features = clip.embed_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"expected float images (N, 3, H, W) in [0, 1], got "
+                             f"{images.dtype} {tuple(images.shape)}")  # fmt: skip
+        return self.clip.image_embeds(self.clip.pixels_from_tensor(images))

@@ -8,20 +8,25 @@ transformer. Reuse it with
     def tiny_pipe(tmp_path_factory):
         return build_tiny_pipeline(tmp_path_factory.mktemp("pipe"))
 
-Tests of single models build theirs with `tiny_transformer_config(...)` and `peaked(...)`.
+Tests of single models build theirs with `tiny_transformer_config(...)` and `peaked(...)`;
+`build_all_modes` adds a tiny CLIP (`TINY_CLIP`), diffusion prior (`tiny_prior`) and masked
+generator, for a pipeline with every mode.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dalle_ar.clip import CLIP, CLIPSizes
 from dalle_ar.data.shapes import generate
 from dalle_ar.pipeline import assemble
-from dalle_ar.text import TokenizerConfig, train_tokenizer
+from dalle_ar.prior import CLIPIdentity, DiffusionPrior, PriorConfig
+from dalle_ar.text import TextTokenizer, TokenizerConfig, train_tokenizer
 from dalle_ar.transformer import Transformer, TransformerConfig
 from dalle_ar.vq import VQConfig, VQTokenizer
 
@@ -30,6 +35,10 @@ V1_CODES = V1_PIPELINE.parent / "pipeline_v1_codes.json"  # the codes it gave be
 TEXT_LEN = 12  # short, so an ordinary caption can overflow it in tests
 GRID = 4  # 4 x 4 codes; with downsample 4 the images are 16 x 16
 CODEBOOK = 32
+EMBED_DIM = 16  # the tiny CLIP's embeddings
+TINY_CLIP = CLIPSizes(image_size=16, patch_size=4, vision_width=32, vision_layers=1,
+                      vision_heads=2, text_width=32, text_layers=1, text_heads=2,
+                      embed_dim=EMBED_DIM, text_len=32)  # fmt: skip
 
 
 def tiny_transformer_config(**overrides: Any) -> TransformerConfig:
@@ -106,3 +115,36 @@ def build_tiny_pipeline(root: Path, seed: int = 0, masked: bool = False) -> Path
         parts["masked"] = root / "parts" / "masked"
     return assemble(root / "pipe", parts["text_tokenizer"], parts["vq"], parts["transformer"],
                     masked=parts.get("masked"))  # fmt: skip
+
+
+def tiny_prior(clip: CLIP, seed: int = 0) -> DiffusionPrior:
+    """A tiny diffusion prior for `clip`, its matrices drawn wide so that its output depends
+    visibly on its input."""
+    torch.manual_seed(seed)
+    cfg = PriorConfig(embed_dim=EMBED_DIM, width=32, heads=2, layers=1, num_train_timesteps=100,
+                      clip=CLIPIdentity.from_identity(clip.identity()))  # fmt: skip
+    prior = DiffusionPrior(cfg).eval()
+    with torch.no_grad():
+        for p in prior.parameters():
+            if p.ndim == 2 and p.requires_grad:
+                p.normal_(0, 0.3)
+    return prior
+
+
+def build_all_modes(root: Path, seed: int = 0) -> Path:
+    """A pipeline folder root/pipe with every mode: the components of `build_components`, its
+    transformer reading a CLIP image embedding too (the ar and prior modes), a tiny CLIP, a
+    prior for it and a masked generator."""
+    parts = build_components(root / "parts", seed)
+    torch.manual_seed(seed)
+    peaked(Transformer(tiny_transformer_config(cond_dim=EMBED_DIM, cond_tokens=1))).save_pretrained(
+        parts["transformer"]
+    )
+    sizes = dataclasses.replace(TINY_CLIP, text_len=64)  # room for any shapes caption
+    clip = CLIP.build(sizes, TextTokenizer.from_pretrained(parts["text_tokenizer"]), seed)
+    clip.save_pretrained(root / "clip")
+    tiny_prior(clip, seed).save_pretrained(root / "prior")
+    masked = peaked(Transformer(tiny_transformer_config(layouts="bidir", objective="masked")))
+    masked.save_pretrained(root / "masked")
+    return assemble(root / "pipe", parts["text_tokenizer"], parts["vq"], parts["transformer"],
+                    clip=root / "clip", prior=root / "prior", masked=root / "masked")  # fmt: skip

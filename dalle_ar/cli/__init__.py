@@ -1,13 +1,15 @@
 """The `dalle-ar` command.
 
-Each subcommand lives in its own module as `main(argv: list[str]) -> int | None`, imported only
-when it runs (so `dalle-ar --help` is instant and one stage's imports never slow another).
+Each subcommand lives in its own module as `main(argv: list[str]) -> int | None` (or another
+function of that form, named "module:function"), imported only when it runs (so `dalle-ar --help`
+is instant and one stage's imports never slow another).
 
     dalle-ar data shapes|emoji|folder --out DIR ...
     dalle-ar train tokenizer|vq|transformer|clip|prior|masked|upsampler --config FILE [k=v ...]
     dalle-ar tokens --vq DIR --shards URLS --out DIR --prefix train
     dalle-ar sample --model FOLDER "a prompt" ... --out DIR
     dalle-ar serve --model FOLDER    # a web page on http://127.0.0.1:7860 (the demo extra)
+    dalle-ar eval --model FOLDER --data SHARDS [--train-data SHARDS] --out DIR
     dalle-ar eval fidelity --model FOLDER --num 400 --out F.json
     dalle-ar pipeline    # the main job: data -> ... -> samples; finished stages are skipped
 """
@@ -20,7 +22,8 @@ import sys
 
 log = logging.getLogger(__name__)
 
-# subcommand -> (module, help). `train` and `data` take a second word.
+# subcommand -> ("module" or "module:function", help). `train` and `data` take a second word;
+# `eval` takes one or none.
 COMMANDS: dict[str, tuple[str, str]] = {
     "data shapes": ("dalle_ar.data.build", "write procedural shapes shards"),
     "data emoji": ("dalle_ar.data.build", "write emoji shards (Twemoji pictures, CLDR names)"),
@@ -35,10 +38,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokens": ("dalle_ar.cli.tokens", "turn image shards into VQ token shards"),
     "sample": ("dalle_ar.cli.sample", "generate images from prompts with a pipeline folder"),
     "serve": ("dalle_ar.cli.serve", "a local web page to try a pipeline folder (gradio)"),
+    "eval": ("dalle_ar.cli.eval:quality", "image quality of a pipeline on any shards, every mode"),
     "eval fidelity": ("dalle_ar.cli.eval", "score a pipeline's prompt fidelity on the shapes"),
     "pipeline": ("dalle_ar.jobs.main", "run the whole pipeline end to end (the main job)"),
 }
-TWO_WORDS = ("data", "train", "eval")  # commands that take a second word
+TWO_WORDS = ("data", "train", "eval")  # commands that take a second word (`eval`: or none)
 KEEP_WORD = ("data",)  # whose module reads the second word itself
 
 
@@ -56,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     key = argv[0]
     rest = argv[1:]
-    if key in TWO_WORDS:
+    two = f"{key} {rest[0]}" if rest else ""
+    # the second word names the command, unless the first alone is one (plain `dalle-ar eval`)
+    if key in TWO_WORDS and (two in COMMANDS or key not in COMMANDS):
         if not rest or rest[0].startswith("-"):
             print(f"dalle-ar {key}: name what to {key} ({_choices(key)})\n\n{_usage()}")
             return 2
@@ -67,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     if key not in COMMANDS:
         print(f"dalle-ar: unknown command {key!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[key][0])
+    name, _, function = COMMANDS[key][0].partition(":")
+    module = importlib.import_module(name)
     try:
-        code = module.main(rest)
+        code = getattr(module, function or "main")(rest)
     except USER_ERRORS as e:
         # What a user can cause (a bad value, a missing or unwritable file, a device this
         # machine lacks) is one line naming it; its traceback goes to the DEBUG log.

@@ -1,4 +1,10 @@
-"""`dalle-ar eval fidelity`: prompt fidelity of a pipeline on the shapes data.
+"""`dalle-ar eval` (image quality on any shards, every mode: `quality`) and `dalle-ar eval
+fidelity` (prompt fidelity on the shapes data: `main`).
+
+    dalle-ar eval --model runs/pipe --data "DIR/eval-*.tar" --train-data "DIR/train-*.tar" \
+        --num 100 --candidates 4 --out runs/eval      # DIR/eval.json and DIR/eval.md
+
+`dalle-ar eval fidelity`:
 
     dalle-ar eval fidelity --model runs/pipe --num 400 --guidance 1.5 --out fidelity.json
     dalle-ar eval fidelity --model runs/pipe --composed       # + composed prompts
@@ -124,4 +130,63 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
     print(text)
+    return 0
+
+
+def _quality_parser() -> argparse.ArgumentParser:
+    from dalle_ar.eval import quality
+
+    ap = argparse.ArgumentParser(prog="dalle-ar eval", description=quality.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--model", required=True, help="pipeline folder")
+    ap.add_argument("--data", required=True, help="evaluation shards (path, folder, glob)")
+    ap.add_argument("--train-data", help="training shards: nearest-training figures, FD floor")
+    ap.add_argument("--modes", help="comma-separated: ar, prior, masked (default: all it has)")
+    ap.add_argument("--num", type=int, default=100, help="evaluation images (default 100)")
+    ap.add_argument("--candidates", type=int, default=4,
+                    help="K: the best of K per image too, by each reranker (1: none)")  # fmt: skip
+    ap.add_argument("--inception-weights", help="FID Inception v3 weights file: Inception FID too")
+    add_arguments(ap, ARSampling)
+    add_arguments(ap, RerankSettings, skip=("candidates", "keep", "reranker"))
+    add_arguments(ap, PriorSampling)
+    add_arguments(ap, MaskedSampling, skip=MASKED_SHARED)
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed of image 0 (then +1 ...)")
+    ap.add_argument("--batch-size", type=int, default=32, help="samples generated together")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch's default)")
+    ap.add_argument("--out", required=True, help="folder for eval.json and eval.md")
+    return ap
+
+
+def quality(argv: list[str] | None = None) -> int:
+    """`dalle-ar eval`: `evaluate_quality` of a pipeline folder, written as DIR/eval.json and
+    DIR/eval.md (the table, printed too). ValueError / OSError (one line from `dalle-ar`) for
+    bad input, before the pipeline is loaded where it can be told without it."""
+    from dalle_ar.eval.quality import check_quality_args, evaluate_quality, markdown_table
+
+    args = _quality_parser().parse_args(argv)
+    set_threads(args.threads)
+    modes = None if args.modes is None else [m.strip() for m in args.modes.split(",") if m.strip()]
+    check_quality_args(args.data, args.train_data, args.num, args.candidates,
+                       args.inception_weights)  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from dalle_ar.pipelines import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    settings = {
+        **from_args(args, ARSampling),
+        **from_args(args, RerankSettings, skip=("candidates", "keep", "reranker")),
+        **from_args(args, PriorSampling),
+        **from_args(args, MaskedSampling, skip=MASKED_SHARED),
+    }
+    report = evaluate_quality(pipe, args.data, args.train_data, modes=modes, num_prompts=args.num,
+                              candidates=args.candidates, seed=args.seed,
+                              batch_size=args.batch_size, progress=True,
+                              inception_weights=args.inception_weights, **settings)  # fmt: skip
+    report = {"model": str(Path(args.model).resolve()), **report}
+    table = markdown_table(report)
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "eval.md").write_text(table)
+    print(table)
     return 0

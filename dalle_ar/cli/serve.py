@@ -32,12 +32,10 @@ from typing import Any, get_type_hints
 from dalle_ar.cli import USER_ERRORS, one_line
 from dalle_ar.cli import sample as sample_cli
 from dalle_ar.grid import score_label
+from dalle_ar.pipelines.ar import MODE_SECTIONS
 from dalle_ar.runtime import set_threads
 
 INSTALL = "pip install 'dalle-ar[demo]'"
-# The settings sections each mode draws with (sections of `ARPipeline.settings`); reranking
-# applies in every mode.
-MODE_SECTIONS = {"ar": ("ar",), "prior": ("ar", "prior"), "masked": ("masked",)}
 SECTIONS = ("ar", "prior", "masked", "rerank")  # in the order the page shows them
 # the page's fixed inputs, before the settings (the endpoint's first parameters)
 FIXED = ("prompt", "mode", "seed", "inpaint")

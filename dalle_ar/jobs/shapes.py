@@ -48,53 +48,23 @@ def _render(cfg: MainJobConfig, out: Path, num_train: int, size: int) -> None:
 
 def evaluate(pipe: Any, cfg: MainJobConfig, shards: Path | None = None) -> dict[str, Any]:
     """Prompt fidelity on `cfg.fidelity_prompts` evaluation prompts (drawn by the shapes
-    generator with the evaluation split's rules, not read from `shards`): single draws without
-    and with guidance, then reranked (best of `cfg.rerank.candidates`) by PMI, and by CLIP and
-    by both when the pipeline holds one; with a prior, the prior mode at the guided scale,
-    single and best of the candidates by CLIP, under "prior_mode" (summary keys "prior mode
-    ...")."""
-    from dalle_ar.eval.fidelity import evaluate_fidelity
+    generator with the evaluation split's rules, not read from `shards`) in every mode the pipeline
+    has (`dalle_ar.eval.quality.shapes_fidelity`): single draws without and with guidance, then
+    reranked (best of `cfg.rerank.candidates`) by PMI, and by CLIP and by both when the pipeline
+    holds one; with a prior, the prior mode at the guided scale, single and best of the
+    candidates by CLIP, under "prior_mode" (summary keys "prior mode ..."); the masked mode
+    likewise ("masked_mode", with `cfg.masked_sampling`); with an upsampler, the guided single
+    draws again, upsampled."""
+    from dalle_ar.eval.quality import mode_settings, shapes_fidelity
 
-    settings = {**dataclasses.asdict(cfg.sampling), **dataclasses.asdict(cfg.rerank)}
-    guidance, candidates = settings.pop("guidance_scale"), settings.pop("candidates")
-    settings.pop("keep"), settings.pop("reranker")
-    report = evaluate_fidelity(
-        pipe,
-        num_prompts=cfg.fidelity_prompts,
-        seed=cfg.seed,
-        guidance_scales=(1.0, guidance),
-        composed=cfg.fidelity_composed,
-        candidates=candidates,
-        rerankers=pipe.rerankers,
-        **settings,
-    )
-    if "prior" in pipe.components:  # the prior mode at the guided scale, single and by CLIP
-        prior = evaluate_fidelity(
-            pipe, num_prompts=cfg.fidelity_prompts, seed=cfg.seed, guidance_scales=(guidance,),
-            candidates=candidates, rerankers=("clip",), mode="prior",
-            **settings, **dataclasses.asdict(cfg.prior_sampling),
-        )  # fmt: skip
-        report["prior_mode"] = prior
-        report["summary"].update({f"prior mode {k}": v for k, v in prior["summary"].items()})
-    if "masked" in pipe.components:  # the masked mode, single and best of the candidates by CLIP
-        ms = dataclasses.asdict(cfg.masked_sampling)
-        scale = ms.pop("guidance_scale")
-        masked = evaluate_fidelity(
-            pipe, num_prompts=cfg.fidelity_prompts, seed=cfg.seed, guidance_scales=(scale,),
-            candidates=candidates, rerankers=("clip",) if "clip" in pipe.components else ("pmi",),
-            mode="masked", **ms,
-        )  # fmt: skip
-        report["masked_mode"] = masked
-        report["summary"].update({f"masked mode {k}": v for k, v in masked["summary"].items()})
-    if "upsampler" in pipe.components:  # the guided single draws again, upsampled: same seeds
-        up = evaluate_fidelity(
-            pipe, num_prompts=cfg.fidelity_prompts, seed=cfg.seed, guidance_scales=(guidance,),
-            upsample=True, **settings, **dataclasses.asdict(cfg.upsample_sampling),
-        )  # fmt: skip
-        report["upsampled"] = up
-        name = f"guidance {guidance:g} upsampled"
-        report["summary"][name] = up["summary"][name]
-    return report
+    settings = mode_settings(pipe, {
+        **dataclasses.asdict(cfg.sampling), "rerank_weight": cfg.rerank.rerank_weight,
+        **dataclasses.asdict(cfg.prior_sampling), **dataclasses.asdict(cfg.upsample_sampling),
+        "masked": dataclasses.asdict(cfg.masked_sampling),
+    })  # fmt: skip
+    return shapes_fidelity(pipe, cfg.fidelity_prompts, cfg.seed, settings=settings,
+                           candidates=cfg.rerank.candidates,
+                           composed=cfg.fidelity_composed)  # fmt: skip
 
 
 SHAPES = DataSet(

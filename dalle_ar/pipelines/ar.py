@@ -80,6 +80,9 @@ MAX_BATCH = 64  # samples drawn at once, at most: past it a CPU decode step gain
 # what draws a sample: the transformer from the caption alone, or from the prior's embedding
 # too, or the masked generator (parallel unmasking)
 MODES = ("ar", "prior", "masked")
+# the settings sections (of `ARPipeline.settings`) each mode draws with; reranking ("rerank")
+# and the cascade ("upsample") apply in every mode
+MODE_SECTIONS = {"ar": ("ar",), "prior": ("ar", "prior"), "masked": ("masked",)}
 
 
 class ARPipeline(PriorMode, MaskedMode, Pipeline):

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dalle_ar.checkpoint import atomic_dir
-from dalle_ar.clip import CLIP
+from dalle_ar.clip import CLIP, clip_score
 from dalle_ar.grid import to_uint8
 from dalle_ar.pipelines.folder import library_of, load_component, read_folder, write_json
 from dalle_ar.prompts import split_prompt
@@ -414,8 +414,7 @@ class Pipeline:
         pixels its PNG would hold (rounded to 8 bits)."""
         clip = self.components["clip"]
         x = self.components["vq"].decode(codes.to(self.device)).mul(255).round().div(255)
-        v = clip.image_embeds(clip.pixels_from_tensor(x))
-        return (100 * (text.to(v.device) * v).sum(-1)).clamp(min=0).cpu()
+        return clip_score(clip.image_embeds(clip.pixels_from_tensor(x)), text).cpu()
 
     def _rerank(
         self,

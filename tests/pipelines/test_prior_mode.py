@@ -10,33 +10,26 @@ import json
 import numpy as np
 import pytest
 import torch
-from _pipeline_fixtures import build_components, peaked, tiny_transformer_config
+from _pipeline_fixtures import (
+    EMBED_DIM,
+    TINY_CLIP,
+    build_components,
+    peaked,
+    tiny_prior,
+    tiny_transformer_config,
+)
 from PIL import Image
 
-from dalle_ar.clip import CLIP, CLIPSizes
+from dalle_ar.clip import CLIP
 from dalle_ar.pipelines import ARPipeline, Pipeline, assemble
-from dalle_ar.prior import CLIPIdentity, DiffusionPrior, PriorConfig
 from dalle_ar.sampling.diffusion import sample_prior
 from dalle_ar.text import TextTokenizer
 from dalle_ar.transformer import Transformer
 
 PROMPTS = ["a small red circle at the top", "a blue square"]
-D = 16
-SIZES = CLIPSizes(image_size=16, patch_size=4, vision_width=32, vision_layers=1, vision_heads=2,
-                  text_width=32, text_layers=1, text_heads=2, embed_dim=D, text_len=32)  # fmt: skip
+D = EMBED_DIM
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _prior(clip: CLIP, seed: int = 0) -> DiffusionPrior:
-    torch.manual_seed(seed)
-    cfg = PriorConfig(embed_dim=D, width=32, heads=2, layers=1, num_train_timesteps=100,
-                      clip=CLIPIdentity.from_identity(clip.identity()))  # fmt: skip
-    prior = DiffusionPrior(cfg).eval()
-    with torch.no_grad():  # a prior whose output depends visibly on its input
-        for p in prior.parameters():
-            if p.ndim == 2 and p.requires_grad:
-                p.normal_(0, 0.3)
-    return prior
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +39,9 @@ def parts(tmp_path_factory):
     torch.manual_seed(0)
     tf = peaked(Transformer(tiny_transformer_config(cond_dim=D, cond_tokens=1)))
     tf.save_pretrained(parts["transformer"])
-    clip = CLIP.build(SIZES, TextTokenizer.from_pretrained(parts["text_tokenizer"]))
+    clip = CLIP.build(TINY_CLIP, TextTokenizer.from_pretrained(parts["text_tokenizer"]))
     clip.save_pretrained(root / "clip")
-    _prior(clip).save_pretrained(root / "prior")
+    tiny_prior(clip).save_pretrained(root / "prior")
     return {**parts, "clip": root / "clip", "prior": root / "prior", "root": root}
 
 
@@ -124,7 +117,7 @@ def test_variations_and_interpolation(pipe):
 
 
 def test_a_prior_of_another_clip_is_refused_by_name(parts, tmp_path):
-    other = CLIP.build(SIZES, TextTokenizer.from_pretrained(parts["text_tokenizer"]), seed=1)
+    other = CLIP.build(TINY_CLIP, TextTokenizer.from_pretrained(parts["text_tokenizer"]), seed=1)
     other.save_pretrained(tmp_path / "other_clip")
     with pytest.raises(ValueError, match="the prior was trained on another CLIP"):
         assemble(tmp_path / "pipe", parts["text_tokenizer"], parts["vq"], parts["transformer"],
