@@ -230,3 +230,16 @@ def test_bad_input_is_refused_before_any_drawing(pipe, pipe_dir, data, tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith("dalle-ar eval: evaluation shards:") and "\n" not in err
     assert not out.exists()
+
+
+def test_single_draws_are_the_same_images_with_or_without_candidates(pipe, data, job, report):
+    """Each mode's single draws are read off its draw of K candidates (each caption's first,
+    the same seed): the same images, so the same figures, as a run that draws them alone."""
+    alone = evaluate_quality(pipe, data["eval"], data["train"], num_prompts=NUM, candidates=1,
+                             seed=job.seed, batch_size=8, **_job_settings(job))  # fmt: skip
+    rows = {r["name"]: r for r in report["rows"]}
+    assert [r["name"] for r in alone["rows"]][2:] == ["ar, single", "prior, single",
+                                                      "masked, single"]  # fmt: skip
+    for row in alone["rows"][2:]:
+        for key in ("clip_score", "r_precision", "nearest_train_cosine"):
+            assert row[key] == pytest.approx(rows[row["name"]][key], abs=1e-6), (row["name"], key)

@@ -97,23 +97,43 @@ def _reranked(pipe, report, pairs, k, rerankers, scale, seed, batch_size, progre
                **params)  # fmt: skip
     seconds = time.perf_counter() - t0
     specs = [s for _, s in pairs]
-    by_prompt: dict[int, list[int]] = {}
-    for i, m in enumerate(out.samples):
-        by_prompt.setdefault(m["prompt_index"], []).append(i)
+    by_prompt = candidates_by_prompt(out.samples)
     right = [bool(score(out.images[i], specs[m["prompt_index"]])["exact"])
              for i, m in enumerate(out.samples)]  # fmt: skip
     any_k = [any(right[i] for i in by_prompt[p]) for p in range(len(pairs))]
     held = [bool(s["held_out"]) for s in specs]
     for r in rerankers:
-        # a reranker's own score, or (one of several, "clip+pmi") the call's combined one
-        key = f"{r}_score" if f"{r}_score" in out.samples[0] else "rerank_score"
-        pick = [max(by_prompt[p], key=lambda i: (out.samples[i][key],
-                                                 -out.samples[i]["candidate_index"]))
-                for p in range(len(pairs))]  # fmt: skip
+        pick = best_by(out.samples, r)
         res: dict[str, Any] = dict(out.settings)
         res.update(composed=False, candidates=k, keep=1, reranker=r, seconds=seconds,
                    any_of_k=_split_mean(any_k, held))  # fmt: skip
         _add(report, f"{scale:g} best of {k} by {r}", res, [out.images[i] for i in pick], specs)
+
+
+def candidates_by_prompt(samples: list[dict[str, Any]]) -> list[list[int]]:
+    """The indices into `samples` (the metadata of a call that kept every candidate, keep = K)
+    of each prompt's candidates, prompt by prompt."""
+    by: dict[int, list[int]] = {}
+    for i, m in enumerate(samples):
+        by.setdefault(m["prompt_index"], []).append(i)
+    return [by[p] for p in sorted(by)]
+
+
+def best_by(samples: list[dict[str, Any]], reranker: str) -> list[int]:
+    """Each prompt's best candidate by `reranker` (an index into `samples`, the metadata of a
+    call that kept every candidate with every score): by the reranker's own score
+    ("<name>_score"), or, for a combined one ("clip+pmi") the call's own combined score; ties go
+    to the earlier candidate."""
+    key = f"{reranker}_score" if f"{reranker}_score" in samples[0] else "rerank_score"
+    return [max(idx, key=lambda i: (samples[i][key], -samples[i]["candidate_index"]))
+            for idx in candidates_by_prompt(samples)]  # fmt: skip
+
+
+def first_candidates(samples: list[dict[str, Any]]) -> list[int]:
+    """Each prompt's first candidate (candidate_index 0: the single draw of the same seed), an
+    index into `samples`."""
+    return [next(i for i in idx if samples[i]["candidate_index"] == 0)
+            for idx in candidates_by_prompt(samples)]  # fmt: skip
 
 
 def _upsampling(pipe: Any) -> set[str]:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from dalle_ar.clip import CLIPImageFeatures, clip_score
 from dalle_ar.data.loader import checked_urls, make_loader
 from dalle_ar.data.shards import iter_captions
-from dalle_ar.eval.fidelity import evaluate_fidelity
+from dalle_ar.eval.fidelity import best_by, evaluate_fidelity, first_candidates
 from dalle_ar.eval.metrics import (
     distractor_pools,
     frechet_distances,
@@ -304,8 +304,10 @@ def evaluate_quality(
     `eval_shards`; `train_shards` adds the nearest-training-image figures and the Frechet
     distance's floor (real evaluation against as many real training images, a seeded draw).
     Each mode of `modes` (default: all the pipeline has) draws one image per evaluation caption
-    (seed + i for caption i), and with `candidates` K > 1 the best of K by each of its rerankers
-    (`MODE_RERANKERS`; the pipeline's own `candidates` / `keep` / `reranker`). `settings`: the
+    (seed + i for caption i); with `candidates` K > 1 it draws K candidates per caption once,
+    every one kept with every score (the pipeline's own reranking, keep = K): its single draws
+    are each caption's first candidate (the same seed, the same image), and its best of K by
+    each of its rerankers (`MODE_RERANKERS`) are picked among the same candidates. `settings`: the
     sampling settings (`mode_settings`; the folder's defaults for the rest). inception_weights:
     a file of FID's Inception v3 weights (torch-fidelity's); then "inception_fid" too.
 
@@ -333,9 +335,9 @@ def evaluate_quality(
     if h != w:
         raise ValueError(f"the shards' loader reads square images; this pipeline draws {w}x{h}")
     real, captions = _read_eval(eval_shards, h, num_prompts)
-    runs = [(m, r) for m in modes for r in ((None,) + MODE_RERANKERS[m] * (candidates > 1))]
-    for r in {r for _, r in runs if r}:  # names, components, encodable captions: before drawing
-        pipe.check_rerank(captions, candidates=candidates, reranker=r)
+    if candidates > 1:  # names, components, encodable captions: before drawing
+        for r in {_call_reranker(m) for m in modes}:
+            pipe.check_rerank(captions, candidates=candidates, reranker=r)
     n = len(captions)
     feature = CLIPImageFeatures(clip)
     pool = sorted(set(iter_captions(eval_shards)) | set(captions))
@@ -356,17 +358,27 @@ def evaluate_quality(
     report["vq_psnr_db"] = float(vq["psnr"].mean())
     report["vq_ssim"] = float(vq["ssim"].mean())
     sets: dict[str, torch.Tensor] = {"VQ reconstructions": recon}
-    rows = [{"name": "real evaluation images", "kind": "reference", "seconds": None},
-            {"name": "VQ reconstructions", "kind": "reference", "seconds": None}]  # fmt: skip
-    for m, r in runs:
+    rows = [{"name": "real evaluation images", "kind": "reference", "draw_seconds": None},
+            {"name": "VQ reconstructions", "kind": "reference", "draw_seconds": None}]  # fmt: skip
+    for m in modes:  # one draw of K candidates per mode: its single draws and each best of K
         t0 = time.perf_counter()
-        k = candidates if r else 1
         out = pipe(captions, seed=seed, batch_size=batch_size, progress=progress, mode=m,
-                   candidates=k, keep=1, reranker=r, **per_mode[m])  # fmt: skip
-        name = f"{m}, single" if r is None else f"{m}, best of {k} by {r}"
-        sets[name] = torch.from_numpy(to_uint8(out.images)).permute(0, 3, 1, 2).float() / 255
-        rows.append({"name": name, "kind": "generated", "mode": m, "reranker": r,
-                     "candidates": k, "seconds": time.perf_counter() - t0})  # fmt: skip
+                   candidates=candidates, keep=candidates,
+                   reranker=_call_reranker(m) if candidates > 1 else None,
+                   **per_mode[m])  # fmt: skip
+        seconds = time.perf_counter() - t0
+        if candidates == 1:
+            picks = {None: list(range(len(out.images)))}
+        else:
+            picks = {None: first_candidates(out.samples),
+                     **{r: best_by(out.samples, r) for r in MODE_RERANKERS[m]}}  # fmt: skip
+        for r, idx in picks.items():
+            name = f"{m}, single" if r is None else f"{m}, best of {candidates} by {r}"
+            images = to_uint8([out.images[i] for i in idx])
+            sets[name] = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+            rows.append({"name": name, "kind": "generated", "mode": m, "reranker": r,
+                         "candidates": candidates if r else 1,
+                         "draw_seconds": seconds})  # fmt: skip
     train_embeds = None
     fd_refs: dict[str, torch.Tensor] = dict(sets)
     if train_shards is not None:
@@ -401,6 +413,12 @@ def evaluate_quality(
                                              batch_size=batch_size, progress=progress)  # fmt: skip
     report["seconds"] = time.perf_counter() - t_start
     return report
+
+
+def _call_reranker(mode: str) -> str:
+    """The reranker a mode's draw of K candidates is called with, so that every candidate carries
+    the score of each of the mode's rerankers (`MODE_RERANKERS`): "clip+pmi" for both."""
+    return "+".join(MODE_RERANKERS[mode])
 
 
 def _cell(x: Any, fmt: str) -> str:
