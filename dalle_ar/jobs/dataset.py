@@ -18,6 +18,8 @@ class DataSet:
     build: Callable[[Any, Path], None]  # (main job config, out folder) -> shards + info.json
     # (pipeline, main job config, the folder of its shards) -> JSON report
     evaluate: Callable[[Any, Any, Path], dict[str, Any]]
+    # the evaluation report as text for the terminal and out_dir/evaluation.md
+    summarize: Callable[[dict[str, Any]], str]
     # (main job config, out folder, side in pixels) -> shards of the same kind of pictures at the
     # upsampler's large size (+ info.json); None: the data set has no cascade stage
     build_large: Callable[[Any, Path, int], None] | None = None

@@ -57,6 +57,13 @@ def evaluate(pipe: Any, cfg: MainJobConfig, shards: Path) -> dict[str, Any]:
     )
 
 
+def summarize(report: dict[str, Any]) -> str:
+    """The quality report as its Markdown table (`dalle_ar.eval.quality.markdown_table`)."""
+    from dalle_ar.eval.quality import markdown_table
+
+    return markdown_table(report)
+
+
 EMOJI = DataSet(
     name="emoji",
     configs={
@@ -70,4 +77,5 @@ EMOJI = DataSet(
     prompts=PROMPTS,
     build=build,
     evaluate=evaluate,
+    summarize=summarize,
 )

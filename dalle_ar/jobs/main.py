@@ -85,7 +85,8 @@ class Paths:
         self.upsampler = self.upsampler_run / "upsampler"
         self.pipeline = out / "pipeline"
         self.samples = out / "samples"
-        self.fidelity = out / "fidelity.json"
+        self.fidelity = out / "fidelity.json"  # the data set's evaluation
+        self.evaluation = out / "evaluation.md"  # the same, as the data set summarizes it
 
 
 def _repo_configs() -> Path:
@@ -296,6 +297,7 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
                       masked_settings=cfg.masked_sampling, rerank=cfg.rerank)  # fmt: skip
         report["grid_masked"] = str(save_prompt_grid(result, p.samples / "grid_masked.png"))
     p.fidelity.write_text(json.dumps(report, indent=2))
+    p.evaluation.write_text(data.summarize(report) + "\n")
 
 
 def _large_size(yaml: dict[str, Path]) -> int:
@@ -405,7 +407,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
          lambda: (p.pipeline / "pipeline.json").is_file(), lambda: stage_pipeline(cfg, p, cascade),
          [p.pipeline]),
         ("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
-         lambda: stage_samples(cfg, p, data), [p.samples, p.fidelity]),
+         lambda: stage_samples(cfg, p, data), [p.samples, p.fidelity, p.evaluation]),
     ]  # fmt: skip
     timings: dict[str, float | str] = {}
     start, ran = time.perf_counter(), set()
@@ -493,9 +495,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:  # a component config that does not fit: before its stage's work
         print(f"dalle-ar pipeline: {e}")
         return 2
-    fid = summary.get("fidelity")
-    if fid:
-        print(json.dumps(fid.get("summary", fid), indent=2))
+    if summary.get("fidelity"):
+        print(DATA_SETS[cfg.data].summarize(summary["fidelity"]))
     print(table(summary))
     print(f"pipeline folder: {Path(cfg.out_dir) / 'pipeline'}")
     print(f"sample grid:     {Path(cfg.out_dir) / 'samples' / 'grid.png'}")

@@ -5,6 +5,7 @@ fidelity read back from the pixels by the shape checker."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,11 @@ def evaluate(pipe: Any, cfg: MainJobConfig, shards: Path | None = None) -> dict[
                            composed=cfg.fidelity_composed)  # fmt: skip
 
 
+def summarize(report: dict[str, Any]) -> str:
+    """The exact-match lines of the fidelity report (all, seen, held-out per setting), as JSON."""
+    return json.dumps(report["summary"], indent=2)
+
+
 SHAPES = DataSet(
     name="shapes",
     configs={
@@ -81,5 +87,6 @@ SHAPES = DataSet(
     prompts=PROMPTS,
     build=build,
     evaluate=evaluate,
+    summarize=summarize,
     build_large=build_large,
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +24,17 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _toy_configs(folder: Path) -> Path:
-    """The tiny configs under the names the main job reads, at the shapes' 32x32 size."""
+def _toy_configs(folder: Path, size: int = 32, grid: int = 8) -> Path:
+    """The tiny configs under the names the main job reads, for size x size pictures (the
+    shapes' 32) drawn as grid x grid codes."""
     folder.mkdir()
     for name in ("tokenizer", "transformer", "vq", "clip", "prior", "upsampler"):
         cfg = yaml.safe_load((ROOT / "configs" / "tiny" / f"{name}.yaml").read_text())
         if name == "vq":
-            cfg["data"]["image_size"] = cfg["model"]["image_size"] = 32  # 8x8 codes
+            cfg["data"]["image_size"] = cfg["model"]["image_size"] = size
+            cfg["model"]["downsample"] = size // grid
         if name == "transformer":
-            cfg["model"].update(grid_h=8, grid_w=8, text_len=20)
+            cfg["model"].update(grid_h=grid, grid_w=grid, text_len=20)
         if name == "upsampler":  # 32 -> 64 pixels
             cfg["model"]["low_size"], cfg["data"]["image_size"] = 32, 64
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
@@ -97,6 +100,37 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert main_job([*args, "precision=FP32"]) == 2
     assert "'precision': must be auto, fp32 or bf16, got 'FP32'" in capsys.readouterr().out
     assert main_job([*args, "no_such_key=1"]) == 2
+
+
+def test_the_emoji_main_job_draws_and_scores_real_pictures(tmp_path, capsys):
+    """configs/emoji/main.yaml's job at toy size: the Twemoji shards (64 px, held-out base
+    emoji), every stage, a grid of the emoji prompts and the quality evaluation on the held-out
+    names (dalle_ar.eval.quality) in place of the shapes checker."""
+    out = tmp_path / "emoji"
+    job = ROOT / "configs" / "emoji" / "main.yaml"
+    args = ["--config", str(job), f"out_dir={out}",
+            f"config_dir={_toy_configs(tmp_path / 'configs', size=64, grid=4)}",
+            "vq_steps=2", "clip_steps=0", "transformer_steps=2", "samples_per_prompt=1",
+            "fidelity_prompts=4", "rerank.candidates=2", "wandb=disabled",
+            "device=cpu"]  # fmt: skip
+    assert main_job(args) == 0
+    printed = capsys.readouterr().out
+    assert "[8/8] samples: finished" in printed
+    info = json.loads((out / "data" / "info.json").read_text())
+    assert info["kind"] == "emoji" and info["size"] == 64 and info["counts"]["eval"] >= 300
+    report = json.loads((out / "fidelity.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"real evaluation images", "VQ reconstructions", "ar, single",
+                         "ar, best of 2 by clip", "ar, best of 2 by pmi"}  # fmt: skip
+    assert report["num_images"] == 4 and math.isfinite(report["bits_per_image_token"])
+    assert 0 <= rows["ar, single"]["r_precision"] <= 1 and "fidelity" not in report
+    # the terminal and out_dir/evaluation.md show the report as its table
+    table = (out / "evaluation.md").read_text()
+    assert "| ar, best of 2 by clip |" in table and "| ar, best of 2 by clip |" in printed
+    from PIL import Image
+
+    grid = Image.open(out / "samples" / "grid.png")
+    assert grid.height > 8 * 64  # a row per prompt (eight emoji prompts), captioned
 
 
 def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
