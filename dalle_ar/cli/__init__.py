@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dalle-ar {key}: {one_line(e)}", file=sys.stderr)
         return 2
     return int(code or 0)
+
+
+def add_pipeline_arguments(ap: Any, model_help: str = "pipeline folder (pipeline.json + "
+                           "component folders)", required: bool = True) -> None:  # fmt: skip
+    """The options of every command that loads a pipeline folder: --model, --device, --threads
+    and --allow-mismatch (`load_pipeline` reads them)."""
+    ap.add_argument("--model", required=required, help=model_help)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (default 1: a decode step's matrices are small, and on a "
+                    "busy machine more threads spend their time waiting for each other; 0 = "
+                    "torch's default)")  # fmt: skip
+    ap.add_argument("--allow-mismatch", action="store_true",
+                    help="accept components trained with another tokenizer, VQ or CLIP than "
+                    "the ones in the folder (a warning, not an error): only when you know they "
+                    "are interchangeable")  # fmt: skip
+
+
+def load_pipeline(args: Any, model: str | None = None) -> Any:
+    """The pipeline folder `model` (default `args.model`) on `args.device`, with `args.threads`
+    CPU threads and `args.allow_mismatch` (`add_pipeline_arguments`). ValueError / OSError for a
+    folder that is missing, incomplete or of mismatched parts (`Pipeline.from_pretrained`)."""
+    from dalle_ar.pipelines import Pipeline
+    from dalle_ar.runtime import set_threads
+
+    set_threads(args.threads)
+    return Pipeline.from_pretrained(model or args.model, device=args.device,
+                                    allow_mismatch=args.allow_mismatch)  # fmt: skip
 
 
 # Errors of the user's making, from any subcommand: ValueError (ConfigError among them) for a value

@@ -32,6 +32,7 @@ import json
 import sys
 from pathlib import Path
 
+from dalle_ar.cli import add_pipeline_arguments, load_pipeline
 from dalle_ar.eval.fidelity import GUIDED_SCALE, evaluate_fidelity
 from dalle_ar.runtime import set_threads
 from dalle_ar.sampling.settings import (
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--model", required=True, help="pipeline folder")
+    add_pipeline_arguments(ap)  # --model, --device, --threads, --allow-mismatch
     ap.add_argument("--num", type=int, default=200, help="evaluation prompts (default 200)")
     ap.add_argument(
         "--composed", action="store_true", help="score composed prompts too (colour and shape)"
@@ -84,8 +85,6 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of prompt 0 (then +1 ...)")
     ap.add_argument("--prompt-seed", type=int, default=0, help="which evaluation prompts")
     ap.add_argument("--batch-size", type=int, default=32, help="samples generated together")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch's default)")
     ap.add_argument("--out", help="write the JSON report here (it is printed too)")
     return ap
 
@@ -93,8 +92,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     set_threads(args.threads)
-    from dalle_ar.pipelines import Pipeline
-
     settings = {
         **from_args(args, ARSampling, skip=("guidance_scale",)),
         **from_args(args, RerankSettings, skip=("candidates", "keep", "reranker")),
@@ -107,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.num < 1:
             raise ValueError(f"--num must be >= 1, got {args.num}")
         RerankSettings(candidates=args.candidates).validate()
-        pipe = Pipeline.from_pretrained(args.model, device=args.device)
+        pipe = load_pipeline(args)
         report = evaluate_fidelity(
             pipe,
             args.num,
@@ -138,7 +135,7 @@ def _quality_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="dalle-ar eval", description=quality.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--model", required=True, help="pipeline folder")
+    add_pipeline_arguments(ap)  # --model, --device, --threads, --allow-mismatch
     ap.add_argument("--data", required=True, help="evaluation shards (path, folder, glob)")
     ap.add_argument("--train-data", help="training shards: nearest-training figures, FD floor")
     ap.add_argument("--modes", help="comma-separated: ar, prior, masked (default: all it has)")
@@ -152,8 +149,6 @@ def _quality_parser() -> argparse.ArgumentParser:
     add_arguments(ap, MaskedSampling, skip=MASKED_SHARED)
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of image 0 (then +1 ...)")
     ap.add_argument("--batch-size", type=int, default=32, help="samples generated together")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch's default)")
     ap.add_argument("--out", required=True, help="folder for eval.json and eval.md")
     return ap
 
@@ -171,9 +166,7 @@ def quality(argv: list[str] | None = None) -> int:
                        args.inception_weights)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from dalle_ar.pipelines import Pipeline
-
-    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    pipe = load_pipeline(args)
     settings = {
         **from_args(args, ARSampling),
         **from_args(args, RerankSettings, skip=("candidates", "keep", "reranker")),

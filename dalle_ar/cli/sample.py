@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from dalle_ar.checkpoint import inside, write_json_atomic
+from dalle_ar.cli import add_pipeline_arguments, load_pipeline
 from dalle_ar.grid import prompt_grids
 from dalle_ar.pipelines.ar import MAX_BATCH, MEMORY_MB
 from dalle_ar.runtime import set_threads
@@ -93,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("prompts", nargs="*", help="prompts (each one quoted)")
-    ap.add_argument("--model", help="pipeline folder (pipeline.json + component folders)")
+    # --model, --device, --threads, --allow-mismatch (--model: or the one --from-json records)
+    add_pipeline_arguments(ap, required=False)
     ap.add_argument("--prompts-file", help="a text file with one prompt per line")
     ap.add_argument("--num", type=int, default=1, help="samples per prompt (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="first seed; sample i gets seed + i")
@@ -127,14 +129,6 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=MEMORY_MB,
         help=f"memory the drawing batches may hold (default {MEMORY_MB:g} MiB)",
-    )
-    ap.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads (default 1: a decode step's matrices are small, and on a busy machine "
-        "more threads spend their time waiting for each other; 0 = torch's default)",
     )
     ap.add_argument("--from-json", help="regenerate a sample recorded in a samples.json")
     ap.add_argument("--index", type=int, help="with --from-json: which sample (default: all)")
@@ -195,9 +189,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.upsample_images:
         return _upsample_images(args)
     prompts = _read_prompts(args)
-    from dalle_ar.pipelines import Pipeline
-
-    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    pipe = load_pipeline(args)
     draw(args, pipe, prompts)
     return 0
 
@@ -289,15 +281,13 @@ def _picture(path: str | Path) -> Any:
 
 
 def _variations(args: argparse.Namespace) -> int:
-    from dalle_ar.pipelines import Pipeline
-
     if args.prompts or args.prompts_file or args.prime_image:
         raise ValueError("--variations takes pictures, not prompts or --prime-image")
     missing = [f for f in args.variations if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"--variations: no such picture {missing}")
     pics = [_picture(f) for f in args.variations]
-    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    pipe = load_pipeline(args)
     settings = {**from_args(args, ARSampling), **from_args(args, RerankSettings),
                 **upsample_from_args(args)}  # fmt: skip
 
@@ -316,8 +306,6 @@ def _upsample_images(args: argparse.Namespace) -> int:
     """--upsample-images: the given pictures upsampled (picture i with seed --seed + i; prompts,
     one per picture, for an upsampler that reads captions), saved as III_STEM.png with
     upsampled.json recording each one's source, seed and settings."""
-    from dalle_ar.pipelines import Pipeline
-
     if args.variations or args.upsample:
         raise ValueError("--upsample-images takes pictures (and, for an upsampler that reads "
                          "captions, one prompt each), not --variations or --upsample")  # fmt: skip
@@ -326,7 +314,7 @@ def _upsample_images(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--upsample-images: no such picture {missing}")
     prompts = _read_prompts(args) if (args.prompts or args.prompts_file) else None
     pics = [_picture(f) for f in args.upsample_images]
-    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    pipe = load_pipeline(args)
     seeds = [args.seed + i for i in range(len(pics))]
     settings = from_args(args, UpsampleSampling)
     up = pipe.components.get("upsampler")
@@ -442,9 +430,7 @@ def _regenerate(args: argparse.Namespace) -> int:
         chosen = [{**kept, "seed": c["seed"], "index": -1, "upsample": False,
                    "file": f"candidate_{args.candidate:04d}.png"}]  # fmt: skip
     check_out(args.out)
-    from dalle_ar.pipelines import Pipeline
-
-    pipe = Pipeline.from_pretrained(args.model or doc["model"], device=args.device)
+    pipe = load_pipeline(args, args.model or doc["model"])
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     for rec in chosen:

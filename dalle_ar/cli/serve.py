@@ -29,11 +29,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from dalle_ar.cli import USER_ERRORS, one_line
+from dalle_ar.cli import USER_ERRORS, add_pipeline_arguments, load_pipeline, one_line
 from dalle_ar.cli import sample as sample_cli
 from dalle_ar.grid import score_label
 from dalle_ar.pipelines.ar import MODE_SECTIONS
-from dalle_ar.runtime import set_threads
 
 INSTALL = "pip install 'dalle-ar[demo]'"
 SECTIONS = ("ar", "prior", "masked", "rerank")  # in the order the page shows them
@@ -44,13 +43,10 @@ FIXED = ("prompt", "mode", "seed", "inpaint")
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dalle-ar serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--model", required=True, help="pipeline folder (pipeline.json + components)")
+    add_pipeline_arguments(ap)  # --model, --device, --threads, --allow-mismatch
     ap.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1: this machine only)")  # fmt: skip
     ap.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads (default 1, as sample; 0 = torch's default)")  # fmt: skip
     return ap
 
 
@@ -61,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(f"dalle-ar serve: the web page needs gradio: {INSTALL}", file=sys.stderr)
         return 2
-    from dalle_ar.pipelines import Pipeline
-
-    set_threads(args.threads)
-    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    pipe = load_pipeline(args)
     app = build_app(pipe, args.model)
     app.launch(server_name=args.host, server_port=args.port, ssr_mode=False)
     return 0

@@ -712,7 +712,9 @@ def test_bench_train_compares_fp32_and_bf16(capsys):
     assert rep["samples_per_s"] > 0 and rep["bf16"]["samples_per_s"] > 0
 
 
-def test_a_tokenizer_or_vq_the_transformer_was_not_trained_with_is_refused(parts, tmp_path, caplog):
+def test_a_tokenizer_or_vq_the_transformer_was_not_trained_with_is_refused(
+    parts, tmp_path, caplog, capsys
+):
     from _pipeline_fixtures import peaked
 
     from dalle_ar.checkpoint import file_sha256
@@ -756,5 +758,13 @@ def test_a_tokenizer_or_vq_the_transformer_was_not_trained_with_is_refused(parts
     with pytest.raises(ValueError, match="the transformer was trained on another tokenizer"):
         DalleAR.from_pretrained(folder)
     assert DalleAR.from_pretrained(folder, allow_mismatch=True).tokenizer.vocab_size == 300
+    # and so on the command line: one line naming it, or --allow-mismatch
+    from dalle_ar.cli import main as cli
+
+    argv = ["sample", "--model", str(folder), "--out", str(tmp_path / "drawn"), "a red circle"]
+    assert cli(argv) == 2
+    assert "trained on another tokenizer" in capsys.readouterr().err
+    assert cli([*argv, "--allow-mismatch"]) == 0
+    assert (tmp_path / "drawn" / "samples.json").is_file()
     # a transformer folder without the record (written before it existed) is not checked
     assemble(tmp_path / "p5", tmp_path / "other_tok", vq, parts["transformer"])
