@@ -157,8 +157,9 @@ def image_embeds(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def clip_score(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """CLIPScore (Hessel et al. 2021, without its w = 2.5 scale; torchmetrics' `clip_score`
-    defines it the same way): 100 x the cosine of each unit image embedding (N, D) with its unit
-    text embedding (N, D), floored at 0; (N,) float32 on `image`'s device."""
+    scales it the same way): 100 x the cosine of each unit image embedding (N, D) with its unit
+    text embedding (N, D), each floored at 0 as Hessel et al. do (torchmetrics floors the
+    mean); (N,) float32 on `image`'s device."""
     return (100 * (text.to(image.device) * image).sum(-1)).clamp(min=0)
 
 
@@ -377,4 +378,5 @@ class CLIPImageFeatures(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"expected float images (N, 3, H, W) in [0, 1], got "
                              f"{images.dtype} {tuple(images.shape)}")  # fmt: skip
-        return self.clip.image_embeds(self.clip.pixels_from_tensor(images))
+        # on the images' device: torchmetrics keeps the metric's sums where the images are
+        return self.clip.image_embeds(self.clip.pixels_from_tensor(images)).to(images.device)

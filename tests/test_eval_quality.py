@@ -59,17 +59,10 @@ def job() -> MainJobConfig:
     return MainJobConfig(fidelity_prompts=NUM, rerank=RerankSettings(candidates=K))
 
 
-def _job_settings(cfg: MainJobConfig) -> dict:
-    """The sampling settings of the main job's evaluation, as `evaluate_quality` keywords."""
-    return {**dataclasses.asdict(cfg.sampling), "rerank_weight": cfg.rerank.rerank_weight,
-            **dataclasses.asdict(cfg.prior_sampling),
-            "masked": dataclasses.asdict(cfg.masked_sampling)}  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def report(pipe, data, job):
     return evaluate_quality(pipe, data["eval"], data["train"], num_prompts=NUM, candidates=K,
-                            seed=job.seed, batch_size=8, **_job_settings(job))  # fmt: skip
+                            seed=job.seed, batch_size=8, **job.sampling_settings())  # fmt: skip
 
 
 def test_report_has_every_figure_finite_and_in_range(report):
@@ -236,7 +229,7 @@ def test_single_draws_are_the_same_images_with_or_without_candidates(pipe, data,
     """Each mode's single draws are read off its draw of K candidates (each caption's first,
     the same seed): the same images, so the same figures, as a run that draws them alone."""
     alone = evaluate_quality(pipe, data["eval"], data["train"], num_prompts=NUM, candidates=1,
-                             seed=job.seed, batch_size=8, **_job_settings(job))  # fmt: skip
+                             seed=job.seed, batch_size=8, **job.sampling_settings())  # fmt: skip
     rows = {r["name"]: r for r in report["rows"]}
     assert [r["name"] for r in alone["rows"]][2:] == ["ar, single", "prior, single",
                                                       "masked, single"]  # fmt: skip

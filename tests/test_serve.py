@@ -24,10 +24,11 @@ from dalle_ar.pipelines import Pipeline
 SIZE = GRID * 4  # the tiny pipeline's pictures are 16 x 16
 PROMPT = "a small red circle at the top"
 # a headless Chromium on a machine without network: without the background-networking flags it
-# waits on connections a closed network refuses
+# waits on connections a closed network refuses; /dev/shm may be small in a container
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync")  # fmt: skip
+                  "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage")  # fmt: skip
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

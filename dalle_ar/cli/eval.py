@@ -137,7 +137,8 @@ def _quality_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_pipeline_arguments(ap)  # --model, --device, --threads, --allow-mismatch
     ap.add_argument("--data", required=True, help="evaluation shards (path, folder, glob)")
-    ap.add_argument("--train-data", help="training shards: nearest-training figures, FD floor")
+    ap.add_argument("--train-data",
+                    help="training shards: nearest-training figures, real-vs-real FD")  # fmt: skip
     ap.add_argument("--modes", help="comma-separated: ar, prior, masked (default: all it has)")
     ap.add_argument("--num", type=int, default=100, help="evaluation images (default 100)")
     ap.add_argument("--candidates", type=int, default=4,

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pipe = load_pipeline(args)
     app = build_app(pipe, args.model)
-    app.launch(server_name=args.host, server_port=args.port, ssr_mode=False)
+    # share=False whatever the environment says (GRADIO_SHARE): no public tunnel
+    app.launch(server_name=args.host, server_port=args.port, ssr_mode=False, share=False)
     return 0
 
 

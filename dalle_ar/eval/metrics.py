@@ -69,12 +69,14 @@ def pil_resize(images: torch.Tensor, size: int, method: str) -> torch.Tensor:
 def distractor_pools(
     captions: Sequence[str], pool: Sequence[str], size: int, seed: int = 0
 ) -> torch.Tensor:
-    """Indices (N, R) into `pool` for CLIP R-precision: row i holds captions[i]'s own index in
-    `pool` first, then R - 1 other distinct captions of `pool`, drawn without replacement from
-    those that differ from it (Park et al. 2021, "Benchmark for Compositional Text-to-Image
-    Synthesis": R = 100, one true caption and 99 others). R = min(size, distinct captions in
-    pool); row i depends only on `seed`, i and the pool. ValueError for a caption not in `pool`,
-    or fewer than 2 distinct captions."""
+    """Indices (N, R) into `sorted(set(pool))` (the distinct captions, sorted: embed the captions in
+    that order) for CLIP R-precision: row i holds captions[i]'s own index first, then R - 1 other
+    distinct captions of `pool`, drawn without replacement from those that differ from it (Park et
+    al. 2021, "Benchmark for Compositional Text-to-Image Synthesis": R = 100, one true caption and
+    99 others). R = min(size, distinct captions in pool); row i depends only on `seed`, i and the
+    pool. ValueError for a caption not in `pool`, size < 2 or fewer than 2 distinct captions."""
+    if size < 2:
+        raise ValueError(f"R-precision pools need at least 2 captions (own + 1), got {size}")
     distinct = sorted(set(pool))
     if len(distinct) < 2:
         raise ValueError(f"R-precision needs at least 2 distinct captions, got {len(distinct)}")
@@ -92,11 +94,11 @@ def distractor_pools(
 
 
 def r_precision(image: torch.Tensor, text: torch.Tensor, pools: torch.Tensor) -> torch.Tensor:
-    """CLIP R-precision at top 1 (Xu et al. 2018, AttnGAN; Park et al. 2021; DALL-E 2 reports it
-    with CLIP): whether each image (N, D) unit embedding is closer, by cosine, to its own
-    caption than to every other caption of its pool. text: unit caption embeddings (M, D);
-    pools: (N, R) indices into text, the own caption first (`distractor_pools`). A tie with a
-    distractor counts as a miss. Returns (N,) bool; chance is 1 / R."""
+    """CLIP R-precision at top 1 (Xu et al. 2018, AttnGAN; Park et al. 2021, with CLIP): whether
+    each image (N, D) unit embedding is closer, by cosine, to its own caption than to every other
+    caption of its pool. text: unit caption embeddings (M, D); pools: (N, R) indices into text, the
+    own caption first (`distractor_pools`). A tie with a distractor counts as a miss. Returns (N,)
+    bool; chance is 1 / R."""
     if image.ndim != 2 or pools.shape[0] != image.shape[0] or pools.shape[1] < 2:
         raise ValueError(f"expected image embeddings (N, D) and pools (N, R >= 2), got "
                          f"{tuple(image.shape)} and {tuple(pools.shape)}")  # fmt: skip

@@ -3,7 +3,7 @@
 On the first N (image, caption) pairs of evaluation shards (img2dataset layout):
 
 - bits per image token: the transformer's cross-entropy of the VQ codes of each real image given
-  its caption (the image term of the training objective, `train.objectives.lm_loss`), in bits;
+  its caption (the image term of the training loss, `sampling.image_log_likelihood`), in bits;
   no guidance, no dropout; a transformer that reads a CLIP image embedding reads its null one.
 - the VQ's reconstructions: PSNR and SSIM against the images (`metrics.image_metrics`).
 - per set of N images (each mode's single draws, and its best of K by CLIP, and by PMI in the
@@ -15,8 +15,8 @@ On the first N (image, caption) pairs of evaluation shards (img2dataset layout):
   every mode, as the main job scores it (`shapes_fidelity`, which `jobs.shapes.evaluate` calls).
 
 Every figure uses the pipeline's own CLIP: it compares pipelines that share one CLIP, never
-figures measured with another. It sits with the commands, above the pipelines and the
-training recipes: it joins a pipeline's components with the training objective.
+figures measured with another. It sits with the commands, above the pipelines: it reads a
+pipeline's components and modes.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from dalle_ar.eval.metrics import (
 from dalle_ar.grid import to_uint8
 from dalle_ar.pipelines.ar import MODE_SECTIONS, MODES
 from dalle_ar.pipelines.compat import image_size
+from dalle_ar.sampling.ar import image_log_likelihood
 from dalle_ar.sampling.settings import (
     RERANKERS,
     ARSampling,
@@ -56,7 +57,6 @@ from dalle_ar.sampling.settings import (
     names,
     resolve,
 )
-from dalle_ar.train.objectives import lm_loss
 
 R_PRECISION_POOL = 100  # captions per R-precision query: its own and 99 others (Park et al. 2021)
 NEAR_COPY_QUANTILE = 0.99  # near-copy threshold: this quantile of real images' nearest cosines
@@ -177,8 +177,8 @@ def check_quality_args(
 ) -> None:
     """What `evaluate_quality` can check before a pipeline is loaded: ValueError for shards that
     are missing, num_prompts or candidates < 1, and Inception weights that are not a file, hold
-    more than tensors (torch-fidelity reads them with `torch.load(weights_only=False)`, which
-    would run any code a pickle holds: they are first read here with `weights_only=True`), or
+    more than tensors (they are first read here with `torch.load(weights_only=True)`: whatever
+    torch-fidelity's own loading does, no pickle's code runs), or
     come without torch-fidelity installed."""
     if num_prompts < 1:
         raise ValueError(f"the number of evaluation images must be >= 1, got {num_prompts}")
@@ -221,26 +221,29 @@ def bits_per_image_token(
     pipe: Any, images: torch.Tensor, captions: Sequence[str], batch_size: int = 32
 ) -> float:
     """The transformer's cross-entropy of the VQ codes of images (N, 3, H, W) in [0, 1] given
-    their captions, in bits per image token: the image term of `lm_loss` (teacher-forced, as in
-    training, without caption dropout or guidance), averaged over every code."""
+    their captions, in bits per image token: minus the teacher-forced log-likelihood the PMI
+    reranker reads (`sampling.image_log_likelihood`, the image term of the training loss),
+    without caption dropout or guidance, averaged over every code. ValueError for no images or
+    as many captions as images."""
+    if len(images) != len(captions) or not len(captions):
+        raise ValueError(f"expected as many captions as images (at least one), got "
+                         f"{len(captions)} and {len(images)}")  # fmt: skip
     model, vq, tok = pipe.transformer, pipe.vq, pipe.tokenizer
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    nats, count = 0.0, 0
     for s in range(0, len(captions), batch_size):
-        codes = vq.encode(images[s : s + batch_size].to(pipe.device)).flatten(1)  # (B, h*w)
+        codes = vq.encode(images[s : s + batch_size].to(pipe.device))  # (B, h, w)
         text = tok.encode(list(captions[s : s + batch_size]))
         ids, lens = text.ids.to(codes.device), text.mask.sum(1).to(codes.device)
-        kw: dict[str, Any] = {"text_lens": lens} if model.cfg.has_text else {}
-        if model.cfg.cond_len:  # an embedding-conditioned transformer, in text mode
-            kw["cond"] = model.null_cond(len(codes))
-        prefix = ids if model.cfg.has_text else ids[:, :0]
-        out = model(torch.cat([prefix, codes[:, :-1]], 1), **kw)
-        _, parts = lm_loss(out, None, codes, lens, text_weight=0.0, image_weight=1.0)
-        total += float(parts["image_loss"]) * codes.numel()
+        # an embedding-conditioned transformer reads its null embedding: text mode
+        cond = model.null_cond(len(codes)) if model.cfg.cond_len else None
+        if not model.cfg.has_text:
+            ids, lens = ids[:, :0], None
+        nats -= float(image_log_likelihood(model, ids, codes, text_lens=lens, cond=cond).sum())
         count += codes.numel()
     model.train(was_training)
-    return total / count / math.log(2)
+    return nats / count / math.log(2)
 
 
 def _read_eval(urls: str, size: int, n: int) -> tuple[torch.Tensor, list[str]]:
@@ -267,7 +270,8 @@ def _read_train(
     urls: str, size: int, n: int, seed: int, feature: CLIPImageFeatures, progress: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every training image's CLIP embedding (M, D), and n of the images (n, 3, size, size) drawn
-    uniformly, seeded (reservoir sampling, Algorithm R), for the Frechet distance's floor."""
+    uniformly, seeded (reservoir sampling, Algorithm R), for the Frechet distance's real-vs-real
+    reference."""
     rng = random.Random(f"train-sample-{seed}")
     keep: list[torch.Tensor] = []
     embeds, seen = [], 0
@@ -276,9 +280,9 @@ def _read_train(
         embeds.append(_embed(feature, batch["image"]))
         for x in batch["image"]:
             if len(keep) < n:
-                keep.append(x)
+                keep.append(x.clone())  # not a view that holds its whole batch
             elif (j := rng.randrange(seen + 1)) < n:
-                keep[j] = x
+                keep[j] = x.clone()
             seen += 1
         bar.update(len(batch["image"]))
     bar.close()
@@ -302,7 +306,9 @@ def evaluate_quality(
 ) -> dict[str, Any]:
     """Quality figures (see the module docstring) of `pipe` on the first `num_prompts` records of
     `eval_shards`; `train_shards` adds the nearest-training-image figures and the Frechet
-    distance's floor (real evaluation against as many real training images, a seeded draw).
+    distance's unpaired real-vs-real reference (real evaluation against as many real training
+    images, a seeded draw: the spread between two unrelated sets of real pictures at this N, not
+    a floor; the VQ reconstructions are the paired floor).
     Each mode of `modes` (default: all the pipeline has) draws one image per evaluation caption
     (seed + i for caption i); with `candidates` K > 1 it draws K candidates per caption once,
     every one kept with every score (the pipeline's own reranking, keep = K): its single draws
@@ -383,7 +389,7 @@ def evaluate_quality(
     fd_refs: dict[str, torch.Tensor] = dict(sets)
     if train_shards is not None:
         train_embeds, train_sample = _read_train(train_shards, h, n, seed, feature, progress)
-        fd_refs["real evaluation images"] = train_sample  # the floor: real against real
+        fd_refs["real evaluation images"] = train_sample  # unpaired real against real
         report["num_train_images"] = len(train_embeds)
     fds = frechet_distances(real, fd_refs, feature, batch_size=256)
     fids = (frechet_distances(real, fd_refs, 2048, 64, inception_weights)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from dalle_ar.config import require, require_precision
 from dalle_ar.eval.fidelity import GUIDED_SCALE
@@ -104,6 +104,25 @@ class MainJobConfig:
     seed: int = 0  # data, training and sampling seed
     device: str = "auto"  # auto | cpu | cuda
     wandb: str = "offline"  # offline | online | disabled
+
+    def sampling_settings(self) -> dict[str, Any]:
+        """The job's sampling settings as the evaluations take them (`eval.quality.mode_settings`
+        keywords): the autoregressive, prior and cascade fields and the rerank weight flat, the
+        masked mode's own under "masked"."""
+        return {**dataclasses.asdict(self.sampling), "rerank_weight": self.rerank.rerank_weight,
+                **dataclasses.asdict(self.prior_sampling),
+                **dataclasses.asdict(self.upsample_sampling),
+                "masked": dataclasses.asdict(self.masked_sampling)}  # fmt: skip
+
+    def pipeline_defaults(self) -> dict[str, dict[str, Any]]:
+        """The pipeline folder's defaults (`assemble(defaults=)`): every mode's sampling settings
+        and the rerank weight; its candidates stay 1, so `dalle-ar sample --model` draws once
+        per sample unless asked for more."""
+        rerank = dataclasses.replace(self.rerank, candidates=1, keep=1)
+        return {"ar": dataclasses.asdict(self.sampling), "rerank": dataclasses.asdict(rerank),
+                "prior": dataclasses.asdict(self.prior_sampling),
+                "masked": dataclasses.asdict(self.masked_sampling),
+                "upsample": dataclasses.asdict(self.upsample_sampling)}  # fmt: skip
 
     @property
     def with_prior(self) -> bool:

@@ -9,6 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# stage -> its component YAML under configs/<data>/ (a data set without a stage leaves it out)
+COMPONENT_CONFIGS = {stage: f"{stage}.yaml" for stage in (
+    "tokenizer", "vq", "transformer", "clip", "prior", "masked", "upsampler")}  # fmt: skip
+
+
+def no_check(cfg: Any) -> None:
+    """A data set that takes every main-job config its validation passes."""
+
 
 @dataclasses.dataclass(frozen=True)
 class DataSet:
@@ -23,3 +31,6 @@ class DataSet:
     # (main job config, out folder, side in pixels) -> shards of the same kind of pictures at the
     # upsampler's large size (+ info.json); None: the data set has no cascade stage
     build_large: Callable[[Any, Path, int], None] | None = None
+    # (main job config) -> None, or ConfigError for a setting the data set's stages cannot
+    # finish with, before any stage runs
+    check: Callable[[Any], None] = no_check

@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dalle_ar.config import require
 from dalle_ar.jobs.config import MainJobConfig
-from dalle_ar.jobs.dataset import DataSet
+from dalle_ar.jobs.dataset import COMPONENT_CONFIGS, DataSet
 
 # The grid's prompts: six held-out names (no variant of these emoji is in training; the
-# training set has "old man", "crying cat", "eight o'clock", "man astronaut", "heart suit"-like
-# card suits and other vegetables) and two free wordings of training emoji ("red apple",
-# "cat face").
+# training set has "old man", "crying cat", "six o'clock", "man astronaut", other flags and
+# other vegetables) and two free wordings of training emoji ("red apple", "cat face").
 PROMPTS = [
     "old woman",
     "weary cat",
@@ -42,8 +42,8 @@ def build(cfg: MainJobConfig, out: Path) -> None:
 def evaluate(pipe: Any, cfg: MainJobConfig, shards: Path) -> dict[str, Any]:
     """`dalle_ar.eval.quality.evaluate_quality` on the evaluation split in `shards` (the
     training split as its reference), `cfg.fidelity_prompts` evaluation captions, every mode the
-    pipeline has, single draws and the best of `cfg.rerank.candidates`, with the pipeline
-    folder's sampling settings (the job's own: `stage_pipeline` writes them)."""
+    pipeline has, single draws and the best of `cfg.rerank.candidates`, with the job's sampling
+    settings."""
     from dalle_ar.eval.quality import evaluate_quality
 
     return evaluate_quality(
@@ -54,7 +54,17 @@ def evaluate(pipe: Any, cfg: MainJobConfig, shards: Path) -> dict[str, Any]:
         candidates=cfg.rerank.candidates,
         seed=cfg.seed,
         progress=True,
+        **cfg.sampling_settings(),
     )
+
+
+def check(cfg: MainJobConfig) -> None:
+    """What the emoji evaluation needs, checked before any stage runs: the CLIP stage (every
+    figure is measured with the job's CLIP) and at least 2 evaluation captions (R-precision
+    needs a distractor). ConfigError naming the key."""
+    require(cfg.clip, "clip", "must be true: the emoji evaluation measures with the job's CLIP")
+    require(cfg.fidelity_prompts >= 2, "fidelity_prompts",
+            f"must be >= 2 for the emoji evaluation, got {cfg.fidelity_prompts}")  # fmt: skip
 
 
 def summarize(report: dict[str, Any]) -> str:
@@ -66,16 +76,11 @@ def summarize(report: dict[str, Any]) -> str:
 
 EMOJI = DataSet(
     name="emoji",
-    configs={
-        "tokenizer": "tokenizer.yaml",
-        "vq": "vq.yaml",
-        "transformer": "transformer.yaml",
-        "clip": "clip.yaml",
-        "prior": "prior.yaml",
-        "masked": "masked.yaml",
-    },
+    # no cascade: the art is 72 px, no larger pictures to train an upsampler on
+    configs={k: v for k, v in COMPONENT_CONFIGS.items() if k != "upsampler"},
     prompts=PROMPTS,
     build=build,
     evaluate=evaluate,
     summarize=summarize,
+    check=check,
 )

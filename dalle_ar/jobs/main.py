@@ -256,13 +256,7 @@ def stage_upsampler(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
 def stage_pipeline(cfg: MainJobConfig, p: Paths, cascade: bool) -> None:
     from dalle_ar.pipelines import assemble
 
-    # The folder's defaults are the job's sampling settings and rerank weight; its candidates
-    # stay 1, so `dalle-ar sample --model` draws once per sample unless asked for more.
-    rerank = dataclasses.replace(cfg.rerank, candidates=1, keep=1)
-    defaults = {"ar": dataclasses.asdict(cfg.sampling), "rerank": dataclasses.asdict(rerank),
-                "prior": dataclasses.asdict(cfg.prior_sampling),
-                "upsample": dataclasses.asdict(cfg.upsample_sampling)}  # fmt: skip
-    assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=defaults,
+    assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=cfg.pipeline_defaults(),
              clip=p.clip if cfg.clip else None,
              prior=p.prior if cfg.with_prior else None,
              cond_transformer=p.cond_transformer if cfg.with_prior else None,
@@ -343,6 +337,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
     """Run every stage not done yet; returns the summary (also out_dir/summary.json)."""
     p = Paths(Path(cfg.out_dir))
     data = DATA_SETS[cfg.data]
+    data.check(cfg)
     configs = Path(cfg.config_dir) if cfg.config_dir else _repo_configs() / data.name
     yaml = {stage: configs / name for stage, name in data.configs.items()}
     if not cfg.clip:

@@ -4,13 +4,12 @@ fidelity read back from the pixels by the shape checker."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from dalle_ar.jobs.config import MainJobConfig
-from dalle_ar.jobs.dataset import DataSet
+from dalle_ar.jobs.dataset import COMPONENT_CONFIGS, DataSet
 
 # A handful of prompts for the grid: seen and held-out colour-shape combinations
 # (dalle_ar.data.shapes.HELD_OUT_COMBOS), one- and two-object scenes, in the captions' own words
@@ -58,11 +57,7 @@ def evaluate(pipe: Any, cfg: MainJobConfig, shards: Path | None = None) -> dict[
     draws again, upsampled."""
     from dalle_ar.eval.quality import mode_settings, shapes_fidelity
 
-    settings = mode_settings(pipe, {
-        **dataclasses.asdict(cfg.sampling), "rerank_weight": cfg.rerank.rerank_weight,
-        **dataclasses.asdict(cfg.prior_sampling), **dataclasses.asdict(cfg.upsample_sampling),
-        "masked": dataclasses.asdict(cfg.masked_sampling),
-    })  # fmt: skip
+    settings = mode_settings(pipe, cfg.sampling_settings())
     return shapes_fidelity(pipe, cfg.fidelity_prompts, cfg.seed, settings=settings,
                            candidates=cfg.rerank.candidates,
                            composed=cfg.fidelity_composed)  # fmt: skip
@@ -75,15 +70,7 @@ def summarize(report: dict[str, Any]) -> str:
 
 SHAPES = DataSet(
     name="shapes",
-    configs={
-        "tokenizer": "tokenizer.yaml",
-        "vq": "vq.yaml",
-        "transformer": "transformer.yaml",
-        "clip": "clip.yaml",
-        "prior": "prior.yaml",
-        "masked": "masked.yaml",
-        "upsampler": "upsampler.yaml",
-    },
+    configs=COMPONENT_CONFIGS,
     prompts=PROMPTS,
     build=build,
     evaluate=evaluate,

@@ -133,6 +133,15 @@ def test_the_emoji_main_job_draws_and_scores_real_pictures(tmp_path, capsys):
     assert grid.height > 8 * 64  # a row per prompt (eight emoji prompts), captioned
 
 
+def test_the_emoji_job_refuses_settings_its_evaluation_cannot_finish_with(tmp_path, capsys):
+    job = ["--config", str(ROOT / "configs" / "emoji" / "main.yaml"), f"out_dir={tmp_path}/e"]
+    assert main_job([*job, "clip=false", "rerank.reranker=pmi"]) == 2
+    assert "config key 'clip': must be true" in capsys.readouterr().out
+    assert main_job([*job, "fidelity_prompts=1"]) == 2
+    assert "'fidelity_prompts': must be >= 2" in capsys.readouterr().out
+    assert not (tmp_path / "e").exists()  # before any work
+
+
 def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
     tmp_path, capsys, step_clock
 ):
