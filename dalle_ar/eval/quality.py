@@ -442,13 +442,19 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"- bits per image token (autoregressive transformer, real evaluation pairs): "
         f"{r['bits_per_image_token']:.4f}",
         f"- VQ reconstructions: PSNR {r['vq_psnr_db']:.2f} dB, SSIM {r['vq_ssim']:.4f}",
-        f"- R-precision: top 1 of {r['r_precision_pool']} captions (chance "
+        f"- R-precision: top 1 of {r['r_precision_pool']} captions, the image's own and "
+        f"{r['r_precision_pool'] - 1} other captions of the evaluation shards (chance "
         f"{1 / r['r_precision_pool']:.1%})",
         f"- near-copy: nearest-training cosine above "
-        f"{_cell(r['near_copy_threshold_cosine'], '.4f')} (the {NEAR_COPY_QUANTILE:.0%} quantile "
-        "of the real evaluation images')",
+        f"{r['near_copy_threshold_cosine']:.4f} (the {NEAR_COPY_QUANTILE:.0%} quantile of the "
+        "real evaluation images')" if r["near_copy_threshold_cosine"] is not None else
+        "- nearest-training figures and the real images' FD: none (they need --train-data)",
+        "- sampling: " + "; ".join(f"{m}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float)
+                                                        else f"{k} {v}"
+                                                        for k, v in r["settings"][m].items())
+                                   for m in r["modes"]),
         "",
-    ]
+    ]  # fmt: skip
     fid = any("inception_fid" in row for row in r["rows"])
     head = ["images", "CLIP score", "R-precision", "CLIP-feature FD, not Inception FID",
             *(["Inception FID"] * fid), "nearest training cosine", "near-copies"]  # fmt: skip
@@ -463,7 +469,10 @@ def markdown_table(report: dict[str, Any]) -> str:
                  _cell(row["near_copies"], ".1%")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     if "fidelity" in r:
-        lines += ["", "Shape-checker fidelity (exact match), all / seen / held-out pairs:", "",
+        n = r["fidelity"]
+        lines += ["", "Shape-checker fidelity (exact match) on "
+                  f"{n.get('num_prompts', r['num_images'])} evaluation prompts, all / seen / "
+                  f"held-out pairs ({n.get('n_held_out', '?')} with a held-out pair):", "",
                   "| setting | all | seen | held-out |", "|---|---|---|---|"]  # fmt: skip
         for name, s in r["fidelity"]["summary"].items():
             cells = [_cell(s[k], ".1%") for k in ("exact", "exact_seen", "exact_held_out")]

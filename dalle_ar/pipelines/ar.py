@@ -476,7 +476,10 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         codes = torch.zeros(n, cfg.grid_h, cfg.grid_w, dtype=torch.long)
         text_lens = text.mask.sum(1)
         bar = tqdm(total=n * cfg.image_len, desc="tokens", unit="tok", disable=not progress)
-        for K, idx in tqdm(chunks, desc="batches", disable=not progress or len(chunks) == 1):
+        # a bar over the batches only where there are several (a progress tracker that follows
+        # every tqdm, gradio's, would show a disabled one too)
+        several = progress and len(chunks) > 1
+        for K, idx in tqdm(chunks, desc="batches") if several else chunks:
             rows = [i // num_samples for i in idx]
             part_kw = {}
             if K:

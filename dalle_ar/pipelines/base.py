@@ -86,8 +86,10 @@ class Finisher:
         up = pipe.components.get("upsampler")
         if upsample is not None and up.cfg.caption_dim:
             self.text = pipe.scene_embeds(prompts, truncate=True)
+        # no bar at all where nothing is upsampled: a progress tracker that follows every tqdm
+        # (gradio's) would show a disabled one too
         self.bar = tqdm(total=self.n, desc="upsample", unit="img",
-                        disable=not progress or upsample is None)  # fmt: skip
+                        disable=not progress) if upsample is not None else None  # fmt: skip
 
     def add(
         self,
@@ -121,7 +123,8 @@ class Finisher:
         if self.waiting:
             self._upsample(self.waiting)
             self.waiting = []
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         if self.next != self.n or self.done:  # a bug, not a user's error
             raise RuntimeError(f"{self.next} of {self.n} samples finished")
         parts = self.parts
@@ -149,7 +152,8 @@ class Finisher:
                                          len(run))  # fmt: skip
         for m in metas:
             m.update(self._record())
-        self.bar.update(len(run))
+        if self.bar is not None:
+            self.bar.update(len(run))
         self._hand_on(big, codes, metas, small)
 
     def _hand_on(self, images: list, codes: torch.Tensor, metas: list, small: list) -> None:
