@@ -223,6 +223,11 @@ def test_bad_input_is_refused_before_any_drawing(pipe, pipe_dir, data, tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith("dalle-ar eval: evaluation shards:") and "\n" not in err
     assert not out.exists()
+    # a mode the pipeline lacks is found once it is loaded: still no folder left behind
+    argv = ["eval", "--model", str(pipe_dir), "--data", data["eval"], "--out", str(out),
+            "--modes", "nope"]  # fmt: skip
+    assert cli(argv) == 2
+    assert "unknown mode 'nope'" in capsys.readouterr().err and not out.exists()
 
 
 def test_single_draws_are_the_same_images_with_or_without_candidates(pipe, data, job, report):

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 from dalle_ar.cli import add_pipeline_arguments, load_pipeline
+from dalle_ar.cli.sample import check_out
 from dalle_ar.eval.fidelity import GUIDED_SCALE, evaluate_fidelity
 from dalle_ar.runtime import set_threads
 from dalle_ar.sampling.settings import (
@@ -165,8 +166,7 @@ def quality(argv: list[str] | None = None) -> int:
     modes = None if args.modes is None else [m.strip() for m in args.modes.split(",") if m.strip()]
     check_quality_args(args.data, args.train_data, args.num, args.candidates,
                        args.inception_weights)  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out(args.out)  # writable, made only once there is a report to write
     pipe = load_pipeline(args)
     settings = {
         **from_args(args, ARSampling),
@@ -180,6 +180,7 @@ def quality(argv: list[str] | None = None) -> int:
                               inception_weights=args.inception_weights, **settings)  # fmt: skip
     report = {"model": str(Path(args.model).resolve()), **report}
     table = markdown_table(report)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "eval.md").write_text(table)
     print(table)
