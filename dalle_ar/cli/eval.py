@@ -35,7 +35,6 @@ from pathlib import Path
 from dalle_ar.cli import add_pipeline_arguments, load_pipeline
 from dalle_ar.cli.sample import check_out
 from dalle_ar.eval.fidelity import GUIDED_SCALE, evaluate_fidelity
-from dalle_ar.runtime import set_threads
 from dalle_ar.sampling.settings import (
     MASKED_SHARED,
     ARSampling,
@@ -92,7 +91,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    set_threads(args.threads)
     settings = {
         **from_args(args, ARSampling, skip=("guidance_scale",)),
         **from_args(args, RerankSettings, skip=("candidates", "keep", "reranker")),
@@ -162,7 +160,6 @@ def quality(argv: list[str] | None = None) -> int:
     from dalle_ar.eval.quality import check_quality_args, evaluate_quality, markdown_table
 
     args = _quality_parser().parse_args(argv)
-    set_threads(args.threads)
     modes = None if args.modes is None else [m.strip() for m in args.modes.split(",") if m.strip()]
     check_quality_args(args.data, args.train_data, args.num, args.candidates,
                        args.inception_weights)  # fmt: skip

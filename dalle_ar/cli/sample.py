@@ -69,7 +69,6 @@ from dalle_ar.checkpoint import inside, write_json_atomic
 from dalle_ar.cli import add_pipeline_arguments, load_pipeline
 from dalle_ar.grid import prompt_grids
 from dalle_ar.pipelines.ar import MAX_BATCH, MEMORY_MB
-from dalle_ar.runtime import set_threads
 from dalle_ar.sampling.settings import (
     MASKED_SHARED,
     ARSampling,
@@ -138,8 +137,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    set_threads(args.threads)
+    args = _parser().parse_args(argv)  # threads: set by load_pipeline
     try:
         if args.from_json:
             return _regenerate(args)

@@ -49,7 +49,6 @@ from dalle_ar.pipelines.ar import MODE_SECTIONS, MODES
 from dalle_ar.pipelines.compat import image_size
 from dalle_ar.sampling.ar import image_log_likelihood
 from dalle_ar.sampling.settings import (
-    RERANKERS,
     ARSampling,
     MaskedSampling,
     PriorSampling,
@@ -147,7 +146,7 @@ def shapes_fidelity(
     report: dict[str, Any] = {"summary": {}}
     if "ar" in modes:
         report = evaluate_fidelity(pipe, guidance_scales=(1.0, guidance), composed=composed,
-                                   candidates=candidates, rerankers=RERANKERS if clip else ("pmi",),
+                                   candidates=candidates, rerankers=pipe.rerankers,
                                    **run, **ar)  # fmt: skip
     for mode in ("prior", "masked"):
         if mode not in modes:

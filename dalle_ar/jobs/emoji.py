@@ -76,11 +76,11 @@ def summarize(report: dict[str, Any]) -> str:
 
 EMOJI = DataSet(
     name="emoji",
-    # no cascade: the art is 72 px, no larger pictures to train an upsampler on
-    configs={k: v for k, v in COMPONENT_CONFIGS.items() if k != "upsampler"},
+    configs=COMPONENT_CONFIGS,
     prompts=PROMPTS,
     build=build,
     evaluate=evaluate,
     summarize=summarize,
     check=check,
+    # build_large None, no cascade: the art is 72 px, no larger pictures to train an upsampler on
 )
