@@ -42,8 +42,9 @@ from transformers import (
     CLIPVisionConfig,
 )
 
-from dalle_ar.config import require
+from dalle_ar.config import ConfigError, require, require_fits_memory
 from dalle_ar.data.shards import caption_chars
+from dalle_ar.runtime import values_by_depth
 from dalle_ar.text import TextTokenizer
 
 LOGIT_SCALE_MAX = math.log(100.0)  # the clamp of the learned temperature (the paper's)
@@ -100,6 +101,57 @@ class CLIPSizes:
         require(self.text_len == 0 or self.text_len >= 2, "text_len",
                 f"must be 0 (the tokenizer's) or >= 2, got {self.text_len}")  # fmt: skip
 
+    def check_fits_memory(self, prefix: str = "", values: int | None = None) -> None:
+        """ConfigError naming the likely field when the CLIP of these sizes could not be held in
+        this machine's memory (`config.require_fits_memory`); called where one is built here (the
+        recipe's start, a folder's load), not by `validate`. `values`: the CLIP's numbers when
+        known (a folder's config: `clip_values`); else counted over a one-id vocabulary, the
+        tokenizer's rows (vocab x text_width) being small beside the towers."""
+        if values is None:
+            stand_in = _Vocabulary(self.text_len or 2)
+            values = clip_values(clip_config(self, stand_in))  # type: ignore[arg-type]
+        sizes = tuple(f.name for f in dataclasses.fields(self) if f.name != "mlp_ratio")
+        require_fits_memory(self, values, "a CLIP", sizes, prefix)
+
+    @classmethod
+    def of(cls, config: CLIPConfig) -> CLIPSizes:
+        """The sizes of a CLIPConfig (ours or a user's), as far as these fields describe it
+        (`mlp_ratio`: the vision tower's)."""
+        t, v = config.text_config, config.vision_config
+        towers = {f"{side}_{ours}": getattr(c, theirs) for side, c in (("text", t), ("vision", v))
+                  for ours, theirs in TOWER_KEYS.items()}  # fmt: skip
+        return cls(image_size=v.image_size, patch_size=v.patch_size,
+                   embed_dim=config.projection_dim, text_len=t.max_position_embeddings,
+                   mlp_ratio=v.intermediate_size / v.hidden_size, **towers)  # fmt: skip
+
+
+# CLIPSizes' names for a tower's keys in transformers' CLIPTextConfig / CLIPVisionConfig
+TOWER_KEYS = {"width": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads"}
+
+
+class _Vocabulary:
+    """A one-id stand-in tokenizer of `text_len` positions, for counting a CLIP's numbers before
+    its tokenizer is read (`CLIPSizes.check_fits_memory`)."""
+
+    vocab_size, pad_id, bos_id, eos_id = 1, 0, 0, 0
+
+    def __init__(self, text_len: int) -> None:
+        self.text_len = text_len
+
+
+def clip_values(config: CLIPConfig) -> int:
+    """The numbers of `CLIPModel(config)`, counted on the meta device, nothing allocated
+    (`runtime.values_by_depth` over both towers' layers)."""
+
+    def build(text: int, vision: int) -> CLIPModel:
+        c = config.to_dict()
+        c["text_config"]["num_hidden_layers"] = text
+        c["vision_config"]["num_hidden_layers"] = vision
+        return CLIPModel(CLIPConfig(**c))
+
+    t, v = config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers
+    return values_by_depth(build, text=t, vision=v)
+
 
 def clip_config(sizes: CLIPSizes, tokenizer: TextTokenizer) -> CLIPConfig:
     """The `CLIPConfig` of a CLIP over `tokenizer` (its vocab, special ids and, unless
@@ -108,9 +160,8 @@ def clip_config(sizes: CLIPSizes, tokenizer: TextTokenizer) -> CLIPConfig:
 
     def tower(side: str) -> dict[str, int]:  # the transformer of one side: text or vision
         width = getattr(sizes, f"{side}_width")
-        return {"hidden_size": width, "intermediate_size": int(width * sizes.mlp_ratio),
-                "num_hidden_layers": getattr(sizes, f"{side}_layers"),
-                "num_attention_heads": getattr(sizes, f"{side}_heads"),
+        return {**{theirs: getattr(sizes, f"{side}_{ours}") for ours, theirs in TOWER_KEYS.items()},
+                "intermediate_size": int(width * sizes.mlp_ratio),
                 "projection_dim": sizes.embed_dim}  # fmt: skip
 
     text = CLIPTextConfig(
@@ -213,9 +264,17 @@ class CLIP:
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> CLIP:
         """Load a Hugging Face CLIP folder (ours or a user's). FileNotFoundError names each
-        missing part (`FOLDER_FILES`)."""
+        missing part (`FOLDER_FILES`); ConfigError for sizes this machine's memory could not
+        hold (`CLIPSizes.check_fits_memory`), before the model is built."""
         folder = check_clip_folder(folder)
-        model = CLIPModel.from_pretrained(str(folder), use_safetensors=True).to(device).eval()
+        config = CLIPConfig.from_pretrained(str(folder))
+        try:  # before anything is allocated
+            CLIPSizes.of(config).check_fits_memory(values=clip_values(config))
+        except ConfigError as e:
+            where = folder / "config.json"
+            raise ConfigError(f"{where} (sizes as clip.yaml names them): {e}") from None
+        model = CLIPModel.from_pretrained(str(folder), config=config, use_safetensors=True)
+        model = model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         processor = CLIPImageProcessorPil.from_pretrained(str(folder))
         return cls(model, tokenizer, processor)

@@ -34,28 +34,13 @@ from torch import nn
 
 from dalle_ar import schedulers
 from dalle_ar.checkpoint import load_pretrained, read_component_config, save_pretrained
-from dalle_ar.config import require
+from dalle_ar.config import require, require_fits_memory
+from dalle_ar.identity import CLIPIdentity, check_clip_identity
+from dalle_ar.runtime import values_by_depth
 
 log = logging.getLogger(__name__)
 COMPONENT = "prior"
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
-
-
-@dataclasses.dataclass
-class CLIPIdentity:
-    """Which CLIP a prior was trained on (`dalle_ar.clip.CLIP.identity()`); empty = unknown."""
-
-    config_sha256: str = ""  # the CLIP model config's hash
-    weights_sha256: str = ""  # the CLIP weights' hash
-    embed_dim: int = 0  # its projection dim (0 = unknown)
-
-    @classmethod
-    def from_identity(cls, identity: dict[str, Any]) -> CLIPIdentity:
-        """From the dict `CLIP.identity()` returns; ValueError when a key is missing."""
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in identity]
-        if missing:
-            raise ValueError(f"a CLIP identity needs {missing}, got keys {sorted(identity)}")
-        return cls(**{f.name: identity[f.name] for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass
@@ -85,6 +70,17 @@ class PriorConfig:
         d = self.clip.embed_dim
         require(d in (0, self.embed_dim), "clip.embed_dim",
                 f"must equal embed_dim={self.embed_dim} (or 0 = unknown), got {d}")  # fmt: skip
+
+    def check_fits_memory(self, prefix: str = "") -> None:
+        """ConfigError naming the likely field when the prior this config builds could not be
+        held in this machine's memory (`config.require_fits_memory`, counted on the meta device:
+        `runtime.values_by_depth`); called where a prior is built here (the recipe's start, a
+        folder's load), not by `validate`."""
+        values = values_by_depth(
+            lambda n: DiffusionPrior(dataclasses.replace(self, layers=n)), n=self.layers
+        )
+        sizes = ("embed_dim", "width", "layers")
+        require_fits_memory(self, values, "a prior", sizes, prefix)
 
 
 class DiffusionPrior(nn.Module):
@@ -185,35 +181,6 @@ def check_clip(
     prior: DiffusionPrior, clip_identity: dict[str, Any], allow_mismatch: bool = False
 ) -> None:
     """ValueError naming both when `prior` was trained on another CLIP than the one
-    `clip_identity` (`CLIP.identity()`) describes (`check_identity`)."""
-    check_identity("the prior", prior.cfg.clip, prior.cfg.embed_dim, clip_identity,
+    `clip_identity` (`CLIP.identity()`) describes (`identity.check_clip_identity`)."""
+    check_clip_identity("the prior", prior.cfg.clip, prior.cfg.embed_dim, clip_identity,
                    allow_mismatch)  # fmt: skip
-
-
-def check_identity(
-    what: str,
-    own: CLIPIdentity,
-    embed_dim: int,
-    clip_identity: dict[str, Any],
-    allow_mismatch: bool = False,
-) -> None:
-    """ValueError naming both when `what` (a component that reads `embed_dim`-dim CLIP
-    embeddings and was trained on the CLIP `own`) meets another CLIP than the one
-    `clip_identity` (`CLIP.identity()`) describes; with `allow_mismatch` another CLIP (of the
-    same embedding size) is only warned about. A component that records no CLIP is accepted
-    only by its embedding size."""
-    other = CLIPIdentity.from_identity(clip_identity)
-    if other.embed_dim != embed_dim:
-        raise ValueError(f"{what} takes {embed_dim}-dim CLIP embeddings, the CLIP gives "
-                         f"{other.embed_dim}-dim ones")  # fmt: skip
-    if not own.config_sha256 and not own.weights_sha256:
-        log.warning("%s records no CLIP (built outside its recipe): only its embedding size is "
-                    "checked", what)  # fmt: skip
-        return
-    if (own.config_sha256, own.weights_sha256) != (other.config_sha256, other.weights_sha256):
-        msg = (f"{what} was trained on another CLIP: its CLIP's config {own.config_sha256[:12]}"
-               f" weights {own.weights_sha256[:12]}, this CLIP's config "
-               f"{other.config_sha256[:12]} weights {other.weights_sha256[:12]}")  # fmt: skip
-        if not allow_mismatch:
-            raise ValueError(msg)
-        log.warning("%s; accepted (allow_mismatch)", msg)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +198,18 @@ def uniforms(seeds: Sequence[int], n: int, device: torch.device | str = "cpu") -
     on the CPU, so it is the same on every device and in every batch."""
     rows = [torch.rand(n, generator=sample_generator(s), dtype=torch.float64) for s in seeds]
     return torch.stack(rows).to(device) if rows else torch.zeros(0, n, dtype=torch.float64)
+
+
+def values_by_depth(build: Callable[..., torch.nn.Module], **depths: int) -> int:
+    """The numbers (parameters and buffers) of the model `build(**depths)` would hold, counted on
+    torch's meta device (nothing allocated) from models of depth 1 and 2: a model's size is
+    linear in each of its depths (`depths`: keyword -> layers, e.g. layers=4), and building an
+    absurd depth, even on the meta device, would itself take minutes."""
+
+    def count(**at: int) -> int:
+        with torch.device("meta"):
+            model = build(**{k: 1 for k in depths} | at)
+        return sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
+
+    base = count()
+    return base + sum((d - 1) * (count(**{k: 2}) - base) for k, d in depths.items() if d > 1)

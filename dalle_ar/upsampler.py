@@ -34,8 +34,10 @@ from torch import nn
 
 from dalle_ar import schedulers
 from dalle_ar.checkpoint import load_pretrained, read_component_config, save_pretrained
-from dalle_ar.config import require
-from dalle_ar.prior import BETA_SCHEDULES, CLIPIdentity
+from dalle_ar.config import require, require_fits_memory
+from dalle_ar.identity import CLIPIdentity
+from dalle_ar.prior import BETA_SCHEDULES
+from dalle_ar.runtime import values_by_depth
 
 COMPONENT = "upsampler"
 PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
@@ -89,6 +91,18 @@ class UpsamplerConfig:
         d = self.clip.embed_dim
         require(d in (0, self.caption_dim), "clip.embed_dim",
                 f"must equal caption_dim={self.caption_dim} (or 0 = unknown), got {d}")  # fmt: skip
+
+    def check_fits_memory(self, prefix: str = "") -> None:
+        """ConfigError naming the likely field when the upsampler this config builds could not
+        be held in this machine's memory (`config.require_fits_memory`, counted on the meta
+        device: `runtime.values_by_depth`); called where one is built here (the recipe's start,
+        a folder's load), not by `validate`."""
+        values = values_by_depth(
+            lambda n: Upsampler(dataclasses.replace(self, layers_per_block=n)),
+            n=self.layers_per_block,
+        )
+        sizes = ("channels", "layers_per_block", "caption_dim")
+        require_fits_memory(self, values, "an upsampler", sizes, prefix)
 
 
 class Upsampler(nn.Module):

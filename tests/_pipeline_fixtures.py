@@ -24,8 +24,9 @@ import torch
 
 from dalle_ar.clip import CLIP, CLIPSizes
 from dalle_ar.data.shapes import generate
+from dalle_ar.identity import CLIPIdentity
 from dalle_ar.pipeline import assemble
-from dalle_ar.prior import CLIPIdentity, DiffusionPrior, PriorConfig
+from dalle_ar.prior import DiffusionPrior, PriorConfig
 from dalle_ar.text import TextTokenizer, TokenizerConfig, train_tokenizer
 from dalle_ar.transformer import Transformer, TransformerConfig
 from dalle_ar.vq import VQConfig, VQTokenizer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,10 +20,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> None:
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 900) -> None:
     """Call `fn(rank, *args)` in `world` fresh processes (one torch thread each) and wait for
-    all; an exception in any of them fails the caller. `fn` must be a module-level function."""
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world)
+    all; an exception in any of them fails the caller, and so do ranks still running after
+    `timeout` seconds (killed: TimeoutError), where ranks wait for each other forever. `fn` must
+    be a module-level function."""
+    ranks = mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not ranks.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in ranks.processes:
+                process.kill()
+            raise TimeoutError(f"{fn.__name__}: {world} ranks still running after {timeout} s")
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple) -> None:

@@ -224,6 +224,68 @@ def test_a_config_counts_the_numbers_its_model_holds_without_building_it() -> No
         assert cfg.num_params() == Transformer(cfg).num_params()
 
 
+def test_prior_upsampler_and_clip_sizes_count_the_numbers_their_models_hold() -> None:
+    import itertools
+
+    from dalle_ar.clip import CLIPSizes, clip_config, clip_values
+    from dalle_ar.prior import DiffusionPrior, PriorConfig
+    from dalle_ar.runtime import values_by_depth
+    from dalle_ar.text import TokenizerConfig, train_tokenizer
+    from dalle_ar.upsampler import Upsampler, UpsamplerConfig
+
+    def held(model: torch.nn.Module) -> int:
+        return sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
+
+    prior = PriorConfig(embed_dim=8, width=16, heads=2, layers=3)
+    rebuilt = values_by_depth(lambda n: DiffusionPrior(dataclasses.replace(prior, layers=n)), n=3)
+    assert rebuilt == held(DiffusionPrior(prior))
+    up = UpsamplerConfig(low_size=16, channels=[8, 16], norm_groups=4, layers_per_block=3)
+    rebuilt = values_by_depth(lambda n: Upsampler(dataclasses.replace(up, layers_per_block=n)), n=3)
+    assert rebuilt == held(Upsampler(up))
+    tok = train_tokenizer(["a red circle", "a blue square"] * 20,
+                          TokenizerConfig(vocab_size=300, text_len=8))  # fmt: skip
+    sizes = CLIPSizes(image_size=16, vision_width=16, vision_layers=3, vision_heads=2,
+                      text_width=16, text_layers=2, text_heads=2, embed_dim=8)  # fmt: skip
+    config = clip_config(sizes, tok)
+    from transformers import CLIPModel
+
+    assert clip_values(config) == held(CLIPModel(config))
+    assert CLIPSizes.of(config) == dataclasses.replace(sizes, text_len=8)
+
+
+def test_a_prior_upsampler_or_clip_folder_of_absurd_sizes_is_refused_before_it_is_built(
+    tmp_path: Path,
+) -> None:
+    from dalle_ar.clip import CLIP, CLIPSizes
+    from dalle_ar.config import ConfigError
+    from dalle_ar.prior import DiffusionPrior, PriorConfig
+    from dalle_ar.text import TokenizerConfig, train_tokenizer
+    from dalle_ar.upsampler import Upsampler, UpsamplerConfig
+
+    DiffusionPrior(PriorConfig(embed_dim=8, width=16, heads=2, layers=1)).save_pretrained(
+        tmp_path / "prior"
+    )
+    Upsampler(UpsamplerConfig(low_size=16, channels=[8], norm_groups=4)).save_pretrained(
+        tmp_path / "up"
+    )
+    tok = train_tokenizer(["a red circle"] * 20, TokenizerConfig(vocab_size=300, text_len=8))
+    sizes = CLIPSizes(image_size=16, vision_width=16, vision_layers=1, vision_heads=2,
+                      text_width=16, text_layers=1, text_heads=2, embed_dim=8)  # fmt: skip
+    CLIP.build(sizes, tok).save_pretrained(tmp_path / "clip")
+    cases = ((DiffusionPrior, "prior", ("config", "layers"), "a prior"),
+             (Upsampler, "up", ("config", "layers_per_block"), "an upsampler"),
+             (CLIP, "clip", ("text_config", "num_hidden_layers"), "a CLIP"))  # fmt: skip
+    for cls, name, (section, key), what in cases:
+        f = tmp_path / name / "config.json"
+        meta = json.loads(f.read_text())
+        meta[section][key] = 10**9
+        f.write_text(json.dumps(meta))
+        named = "text_layers" if cls is CLIP else key  # a CLIP folder's sizes as clip.yaml's
+        with pytest.raises(ConfigError, match=rf"{name}/config.json.*config key '{named}': "
+                           rf"{what} of .* more than this machine's memory"):  # fmt: skip
+            cls.from_pretrained(tmp_path / name)
+
+
 def test_a_folder_of_absurd_sizes_is_refused_before_its_model_is_built(tmp_path: Path) -> None:
     from _pipeline_fixtures import build_tiny_pipeline
 

@@ -257,3 +257,17 @@ def test_a_model_too_large_for_memory_is_refused_by_its_field() -> None:
     with pytest.raises(ConfigError, match=r"config key 'model\.codebook_size': a VQ of "
                        r"codebook_size=100000000000,"):  # fmt: skip
         setup(cfg)
+    # the prior's, the upsampler's and the CLIP's recipes too, counted on the meta device
+    from dalle_ar.train.clip import CLIPRecipeConfig
+    from dalle_ar.train.prior import PriorRecipeConfig
+    from dalle_ar.train.upsampler import UpsamplerRecipeConfig
+
+    for recipe, key, what, extra in (
+        (PriorRecipeConfig, "layers", "a prior", ["clip=c"]),
+        (UpsamplerRecipeConfig, "layers_per_block", "an upsampler", ["data.image_size=64"]),
+        (CLIPRecipeConfig, "vision_layers", "a CLIP", ["text_tokenizer=t"]),
+    ):
+        cfg = load_config(recipe, None, [f"model.{key}=1000000000", "data.train=a.tar", *extra])
+        with pytest.raises(ConfigError, match=rf"config key 'model\.{key}': {what} of .*{key}="
+                           r"1000000000.* more than this machine's memory"):  # fmt: skip
+            setup(cfg)

@@ -205,6 +205,7 @@ class Loader:
         self._passes = 0
         # (pass, its report) of a training pass that kept no record; the iteration ended there
         self.empty_pass: tuple[int, BadDataReport] | None = None
+        self._said_small = False  # a pass smaller than a batch: warned once
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # a new iteration continues the epoch count, so a restarted train loader reshuffles
@@ -242,6 +243,12 @@ class Loader:
             if self.train and kept == 0:  # every later pass would yield nothing as well
                 self.empty_pass = (epoch, rep)
                 return
+            if self.train and kept < self.dataset.batch and not self._said_small:
+                self._said_small = True
+                log.warning("a pass over the training shards keeps %d records%s, fewer than a "
+                            "batch (data.batch_size=%d): each batch repeats records, drawn from "
+                            "several passes", kept, " on this rank" * (world > 1),
+                            self.dataset.batch)  # fmt: skip
 
 
 def make_loader(

@@ -40,6 +40,7 @@ from dalle_ar.jobs.dataset import DataSet
 from dalle_ar.jobs.emoji import EMOJI
 from dalle_ar.jobs.shapes import SHAPES
 from dalle_ar.runtime import describe_machine
+from dalle_ar.train.common import NonFiniteLoss
 
 log = logging.getLogger(__name__)
 
@@ -333,8 +334,15 @@ def _training(run_dir: Path) -> dict:
     }
 
 
+class StageStopped(RuntimeError):
+    """A training stage stopped by non-finite numbers (`NonFiniteLoss`), naming the stage and
+    what it kept; the job's later stages did not run."""
+
+
 def run_stages(cfg: MainJobConfig) -> dict:
-    """Run every stage not done yet; returns the summary (also out_dir/summary.json)."""
+    """Run every stage not done yet; returns the summary (also out_dir/summary.json).
+    StageStopped for a training stage stopped by non-finite numbers; ConfigError for configs
+    that do not fit."""
     p = Paths(Path(cfg.out_dir))
     data = DATA_SETS[cfg.data]
     data.check(cfg)
@@ -418,7 +426,11 @@ def run_stages(cfg: MainJobConfig) -> dict:
         again = f" again ({', '.join(upstream)} ran)" if stale else ""
         print(f"[{i}/{len(stages)}] {name}: running{again}", flush=True)
         t0 = time.perf_counter()
-        run()
+        try:
+            run()
+        except NonFiniteLoss as e:
+            raise StageStopped(f"the {name} stage stopped: {e} Run the job again to resume "
+                               "it from there once the cause is fixed.") from e  # fmt: skip
         ran.add(name)
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"[{i}/{len(stages)}] {name}: finished in {timings[name]} s", flush=True)
@@ -490,6 +502,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:  # a component config that does not fit: before its stage's work
         print(f"dalle-ar pipeline: {e}")
         return 2
+    except StageStopped as e:  # the exit status of `dalle-ar train` for the same stop
+        print(f"dalle-ar pipeline: {e}", file=sys.stderr)
+        return 1
     if summary.get("fidelity"):
         print(DATA_SETS[cfg.data].summarize(summary["fidelity"]))
     print(table(summary))

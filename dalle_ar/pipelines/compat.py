@@ -11,35 +11,13 @@ from __future__ import annotations
 import logging
 
 from dalle_ar.clip import CLIP
-from dalle_ar.prior import DiffusionPrior, check_clip, check_identity
+from dalle_ar.identity import check_clip_identity, check_recorded
+from dalle_ar.prior import DiffusionPrior, check_clip
 from dalle_ar.transformer import TransformerConfig
 from dalle_ar.upsampler import UpsamplerConfig
 from dalle_ar.vq import VQConfig
 
 log = logging.getLogger(__name__)
-
-
-def check_recorded(
-    what: str, part: str, recorded: str, actual: str | None, allow_mismatch: bool = False
-) -> None:
-    """The one identity check: `what` was trained on the `part` whose content hash it recorded
-    (`recorded`), and meets one whose hash is `actual`. ValueError naming both hashes when they
-    differ (a warning with `allow_mismatch`). Nothing is checked when `what` records none (a
-    folder written before it was recorded) or `actual` is unknown (a part built in memory, not
-    loaded from a folder)."""
-    if not recorded or not actual:
-        log.info("%s: the %s is not checked (%s)", what, part,
-                 "no record of the one it was trained on" if not recorded
-                 else "this one was not loaded from a folder")  # fmt: skip
-        return
-    if recorded == actual:
-        return
-    msg = (f"{what} was trained on another {part} (content hash {recorded[:12]}) than this one "
-           f"({actual[:12]})")  # fmt: skip
-    if not allow_mismatch:
-        raise ValueError(f"{msg}: pair it with the {part} it was trained with, or pass "
-                         "allow_mismatch=True if you know they are interchangeable")  # fmt: skip
-    log.warning("%s; accepted (allow_mismatch)", msg)
 
 
 def check_trained_on(
@@ -166,5 +144,5 @@ def check_upsampler(
         if clip is None:
             raise ValueError("the upsampler reads captions through the CLIP it was trained "
                              "with: assemble it with clip=FOLDER too")  # fmt: skip
-        check_identity("the upsampler", up_cfg.clip, up_cfg.caption_dim, clip.identity(),
+        check_clip_identity("the upsampler", up_cfg.clip, up_cfg.caption_dim, clip.identity(),
                        allow_mismatch)  # fmt: skip

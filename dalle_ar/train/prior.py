@@ -37,13 +37,8 @@ from diffusers import DDPMScheduler
 
 from dalle_ar.config import DataConfig, require
 from dalle_ar.data.tokens import clip_embeddings, make_token_loader, token_summaries
-from dalle_ar.prior import (
-    CLIPIdentity,
-    DiffusionPrior,
-    PriorConfig,
-    read_config,
-    train_scheduler,
-)
+from dalle_ar.identity import CLIPIdentity
+from dalle_ar.prior import DiffusionPrior, PriorConfig, read_config, train_scheduler
 from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.sampling.diffusion import sample_prior
 from dalle_ar.sampling.settings import PriorSampling

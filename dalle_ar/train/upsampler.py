@@ -39,7 +39,7 @@ from diffusers import DDPMScheduler
 from dalle_ar.config import DataConfig, require
 from dalle_ar.eval.metrics import image_metrics, pil_resize
 from dalle_ar.grid import image_grid
-from dalle_ar.prior import CLIPIdentity
+from dalle_ar.identity import CLIPIdentity
 from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.sampling.diffusion import upsample_images
 from dalle_ar.sampling.settings import UpsampleSampling

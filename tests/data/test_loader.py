@@ -135,3 +135,22 @@ def test_a_huge_caption_is_cut_to_what_the_model_reads_and_warned_once(tmp_path,
     assert len(big) == 3 and big[0] == huge[: caption_chars(32)].rstrip()
     warned = [r.getMessage() for r in caplog.records if "big" in r.getMessage()]
     assert len(warned) == 1 and f"cut to {caption_chars(32)}" in warned[0]  # once, not per pass
+
+
+def test_a_pass_smaller_than_a_batch_is_warned_once_and_its_records_repeat(tmp_path, caplog):
+    import numpy as np
+
+    from dalle_ar.data.shards import write_shards
+
+    pictures = [(f"k{i}", np.full((8, 8, 3), 40 * i, np.uint8), f"picture {i}", {})
+                for i in range(3)]  # fmt: skip
+    write_shards(pictures, tmp_path, "train", 8)
+    loader = make_loader(str(tmp_path), 8, 4, train=True, epochs=8, shuffle_buffer=0)
+    with caplog.at_level("WARNING", logger="dalle_ar.data.loader"):
+        batches = [b["caption"] for b in loader]
+    assert len(batches) == 6 and all(len(b) == 4 for b in batches)  # 24 records of 8 passes
+    assert sorted(batches[0]) == ["picture 0", "picture 0", "picture 1", "picture 2"]
+    warned = [r.getMessage() for r in caplog.records if "fewer than a batch" in r.getMessage()]
+    assert warned == ["a pass over the training shards keeps 3 records, fewer than a batch "
+                      "(data.batch_size=4): each batch repeats records, drawn from several "
+                      "passes"]  # fmt: skip

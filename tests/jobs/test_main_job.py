@@ -193,6 +193,22 @@ def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
     assert "[7/8] pipeline: running again (clip ran)" in printed
 
 
+def test_a_stage_stopped_by_non_finite_numbers_is_one_line_and_exit_1(tmp_path, capsys):
+    configs = _toy_configs(tmp_path / "configs")
+    vq = yaml.safe_load((configs / "vq.yaml").read_text())
+    vq["optim"]["lr"], vq["max_bad_steps"] = 1e30, 2  # the weights blow up at the first step
+    (configs / "vq.yaml").write_text(yaml.safe_dump(vq))
+    out = tmp_path / "main"
+    args = [f"out_dir={out}", f"config_dir={configs}", "num_train=200", "num_eval=20",
+            "vq_steps=10", "clip_steps=0", "transformer_steps=2", "wandb=disabled", "device=cpu",
+            "upsampler=false"]  # fmt: skip
+    assert main_job(args) == 1  # as `dalle-ar train vq` exits for the same stop
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dalle-ar pipeline: the vq stage stopped: 2 non-finite losses")
+    assert "no checkpoint was written yet" in err[-1] and "Traceback" not in "".join(err)
+    assert not (out / "vq_run" / "vq").exists() and not (out / "tokens").exists()
+
+
 def test_bench_train_times_the_recipe_of_a_main_job_folder(tmp_path, capsys):
     configs, out = _toy_configs(tmp_path / "configs"), tmp_path / "main"
     assert main_job([f"out_dir={out}", f"config_dir={configs}", "num_train=200", "num_eval=20",

@@ -144,7 +144,7 @@ def test_cli_sample_upsample_and_regenerate(pipe_dir, tmp_path):
 
 def test_an_upsampler_that_reads_captions_goes_with_its_clip(parts, tmp_path):
     from dalle_ar.clip import CLIP, CLIPSizes
-    from dalle_ar.prior import CLIPIdentity
+    from dalle_ar.identity import CLIPIdentity
     from dalle_ar.text import TextTokenizer
 
     sizes = CLIPSizes(

@@ -327,6 +327,29 @@ def test_the_vq_trains_on_images_without_captions(tmp_path, caption):
     assert json.loads((out / "metrics.json").read_text())["step"] == 3
 
 
+def _train_rank_keeping_its_error(rank: int, argv: list[str], out: str) -> None:
+    try:
+        train(load_config(VQRecipeConfig, TINY_CONFIG, argv))
+    except ValueError as e:
+        (Path(out) / f"rank{rank}.txt").write_text(str(e))
+
+
+def test_a_rank_whose_data_yields_nothing_stops_every_rank(tmp_path):
+    from _spawn import run_ranks
+
+    # two shards, one per rank: one rank reads 16 pictures, the other 16 undecodable records
+    good, bad = _shard(tmp_path / "a", _png(), "a red square"), _shard(tmp_path / "b", b"x", "x")
+    Path(bad).rename(Path(good).with_name("train-000001.tar"))
+    argv = [f"data.train={Path(good).parent}/train-*.tar", "data.eval=", "run.steps=3",
+            f"run.out_dir={tmp_path / 'run'}", "data.shuffle_buffer=0"]  # fmt: skip
+    # before, the rank without data raised alone and the other waited for it in a collective
+    run_ranks(_train_rank_keeping_its_error, 2, argv, str(tmp_path), timeout=300)
+    said = sorted((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+    assert said[0].startswith("a whole pass over the training shards") and "bad_image" in said[0]
+    assert said[1].startswith("the training data of another rank failed (rank ")
+    assert said[0] in said[1]  # the others name the failed rank's reason
+
+
 @pytest.mark.parametrize(
     "kind, reason",
     [("undecodable", "bad_image: 16"), ("not_a_tar", "unreadable_shard: 1")],
