@@ -110,7 +110,8 @@ class CLIPSizes:
         if values is None:
             stand_in = _Vocabulary(self.text_len or 2)
             values = clip_values(clip_config(self, stand_in))  # type: ignore[arg-type]
-        sizes = tuple(f.name for f in dataclasses.fields(self) if f.name != "mlp_ratio")
+        # (not patch_size: a larger patch makes a smaller model)
+        sizes = tuple(f.name for f in dataclasses.fields(self) if f.name != "patch_size")
         require_fits_memory(self, values, "a CLIP", sizes, prefix)
 
     @classmethod

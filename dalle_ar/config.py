@@ -55,6 +55,9 @@ def _gb(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
+TOO_MANY = 2**63 - 1  # the count of numbers of a model with a tensor too large to describe
+
+
 def require_fits_memory(
     cfg: Any, values: int, what: str, sizes: tuple[str, ...], prefix: str = ""
 ) -> None:
@@ -67,29 +70,44 @@ def require_fits_memory(
     mem = memory_bytes()
     if mem is None or values * 4 <= mem:
         return
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
 
-    def ratio(name: str) -> float:
-        base = defaults.get(name)
-        return getattr(cfg, name) / base if isinstance(base, (int, float)) and base > 0 else 0.0
+    def size(value: Any) -> float:  # a list of sizes (an upsampler's channels) by its largest
+        return float(max(value, default=0) if isinstance(value, (list, tuple)) else value)
+
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else
+                f.default_factory() for f in dataclasses.fields(cfg)}  # fmt: skip
+
+    def ratio(name: str) -> float:  # a default of 0 (a feature off) counts as 1
+        return size(getattr(cfg, name)) / max(size(defaults[name]), 1.0)
 
     worst = max(sizes, key=ratio)
     listed = ", ".join(f"{k}={getattr(cfg, k)}" for k in sizes)
-    require(False, prefix + worst, f"{what} of {listed} holds {values:,} numbers, "
-            f"{_gb(values * 4)} in fp32, more than this machine's memory ({_gb(mem)})")  # fmt: skip
+    held = (f"{values:,} numbers, {_gb(values * 4)} in fp32" if values < TOO_MANY
+            else "tensors too large to describe")  # fmt: skip
+    require(False, prefix + worst, f"{what} of {listed} holds {held}, more than this machine's "
+            f"memory ({_gb(mem)})")  # fmt: skip
+
+
+def require_fits(
+    count: int, each_bytes: int, key: str, what: str, kind: str = "config key"
+) -> None:
+    """The one memory check of things held at once: ConfigError for `key` ("{kind} '{key}'")
+    when `count` of them (`what`), `each_bytes` bytes each, are more than this machine's memory
+    (`memory_bytes`)."""
+    mem = memory_bytes()
+    if mem is None or count * each_bytes <= mem:
+        return
+    require(False, key, f"{count:,} {what} ({each_bytes:,} bytes each) need "
+            f"{_gb(count * each_bytes)}, more than this machine's memory ({_gb(mem)})",
+            kind)  # fmt: skip
 
 
 def require_batch_fits(batch_size: int, sample_bytes: int, what: str) -> None:
-    """The one memory check of a batch size, made when its config is read: ConfigError for
-    `batch_size` when a batch of samples of `sample_bytes` bytes each (`what`) is more than this
-    machine's memory (`memory_bytes`). What the data set allows is checked by the loader, which
-    knows the records of a pass (`dalle_ar.data.loader`)."""
-    mem = memory_bytes()
-    if mem is None or batch_size * sample_bytes <= mem:
-        return
-    require(False, "batch_size", f"{batch_size:,} samples of {what} ({sample_bytes:,} bytes each) "
-            f"need {_gb(batch_size * sample_bytes)}, more than this machine's memory "
-            f"({_gb(mem)})")  # fmt: skip
+    """The memory check of a batch size (`require_fits`), made when its config is read:
+    ConfigError for `batch_size` when a batch of samples of `sample_bytes` bytes each (`what`)
+    is more than this machine's memory. What the data set allows is checked by the loader,
+    which knows the records of a pass (`dalle_ar.data.loader`)."""
+    require_fits(batch_size, sample_bytes, "batch_size", f"samples of {what}")
 
 
 def require_precision(value: str, key: str = "precision") -> None:

@@ -65,12 +65,14 @@ def check_clip_identity(
 ) -> None:
     """`what` reads `embed_dim`-dim CLIP embeddings and was trained on the CLIP `own`; it meets
     the CLIP `clip_identity` (`CLIP.identity()`) describes. ValueError naming both sizes when the
-    embedding sizes differ (always); naming both hashes when the weights or the config differ
-    (`check_recorded`: only warned about with `allow_mismatch`). A component that records no
-    CLIP is checked by its embedding size alone."""
+    embedding sizes differ (always); naming both hashes when the weights differ, or else the
+    config (`check_recorded`: only warned about with `allow_mismatch`). A component that records
+    no CLIP is checked by its embedding size alone."""
     other = CLIPIdentity.from_identity(clip_identity)
     if other.embed_dim != embed_dim:
         raise ValueError(f"{what} takes {embed_dim}-dim CLIP embeddings, the CLIP gives "
                          f"{other.embed_dim}-dim ones")  # fmt: skip
-    check_recorded(what, "CLIP", own.weights_sha256, other.weights_sha256, allow_mismatch)
-    check_recorded(what, "CLIP config", own.config_sha256, other.config_sha256, allow_mismatch)
+    if not own.weights_sha256 or own.weights_sha256 != other.weights_sha256:
+        check_recorded(what, "CLIP", own.weights_sha256, other.weights_sha256, allow_mismatch)
+    else:  # the same weights read under another config
+        check_recorded(what, "CLIP config", own.config_sha256, other.config_sha256, allow_mismatch)

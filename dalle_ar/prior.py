@@ -24,7 +24,6 @@ The noise schedules are apart from the network (`train_scheduler`, `sample_sched
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ from dalle_ar.config import require, require_fits_memory
 from dalle_ar.identity import CLIPIdentity, check_clip_identity
 from dalle_ar.runtime import values_by_depth
 
-log = logging.getLogger(__name__)
 COMPONENT = "prior"
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
 
@@ -183,4 +181,4 @@ def check_clip(
     """ValueError naming both when `prior` was trained on another CLIP than the one
     `clip_identity` (`CLIP.identity()`) describes (`identity.check_clip_identity`)."""
     check_clip_identity("the prior", prior.cfg.clip, prior.cfg.embed_dim, clip_identity,
-                   allow_mismatch)  # fmt: skip
+                        allow_mismatch)  # fmt: skip

@@ -68,7 +68,7 @@ def encode_prompts(
     the rest. `known_chars`: the characters seen in training (`known_chars(tokenizer)`, computed
     once)."""
     prompts = list(prompts)
-    text = tokenizer.encode(prompts)
+    text = tokenizer.encode(prompts, warn=False)  # the over-long ones are said below, each
     room = tokenizer.text_len - 2
     notes: dict[str, list[str]] = {"empty": [], "long": [], "odd": [], "unseen": []}
     for i, (p, n) in enumerate(zip(prompts, tokenizer.tokenize_lengths(prompts))):

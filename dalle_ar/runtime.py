@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dalle_ar.config import TOO_MANY
+
 SEED_SPACE = 2**63 - 1  # per-sample seeds drawn from a generator lie in [0, SEED_SPACE)
 
 
@@ -204,12 +206,19 @@ def values_by_depth(build: Callable[..., torch.nn.Module], **depths: int) -> int
     """The numbers (parameters and buffers) of the model `build(**depths)` would hold, counted on
     torch's meta device (nothing allocated) from models of depth 1 and 2: a model's size is
     linear in each of its depths (`depths`: keyword -> layers, e.g. layers=4), and building an
-    absurd depth, even on the meta device, would itself take minutes."""
+    absurd depth, even on the meta device, would itself take minutes. A tensor too large for
+    torch to describe at all (an absurd width) counts as TOO_MANY numbers."""
 
     def count(**at: int) -> int:
-        with torch.device("meta"):
-            model = build(**{k: 1 for k in depths} | at)
+        try:
+            with torch.device("meta"):
+                model = build(**{k: 1 for k in depths} | at)
+        except RuntimeError as e:  # "Storage size calculation overflowed"
+            if "overflow" not in str(e):
+                raise
+            return TOO_MANY
         return sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
 
     base = count()
-    return base + sum((d - 1) * (count(**{k: 2}) - base) for k, d in depths.items() if d > 1)
+    total = base + sum((d - 1) * (count(**{k: 2}) - base) for k, d in depths.items() if d > 1)
+    return min(total, TOO_MANY)

@@ -214,12 +214,14 @@ class TextTokenizer:
 
     def unseen_words(self, text: str) -> list[str] | None:
         """The words (`WORD`) of `text`, normalized as the tokenizer reads it, that no training
-        caption held, in order of first appearance; None for a folder saved without the record
-        of its captions' words."""
+        caption held, in order of first appearance: those the model reads (`read_back`), a word
+        that text_len cuts in two whole, none after the cut; None for a folder saved without the
+        record of its captions' words."""
         if self.words is None:
             return None
-        return list(dict.fromkeys(w for w in WORD.findall(self.normalize(text))
-                                  if w not in self.words))  # fmt: skip
+        read, _ = self.read_back(text)
+        words = (m.group() for m in WORD.finditer(self.normalize(text)) if m.start() < len(read))
+        return list(dict.fromkeys(w for w in words if w not in self.words))
 
     # -- encode / decode ---------------------------------------------------------------------
     def normalize(self, text: str) -> str:
@@ -237,8 +239,9 @@ class TextTokenizer:
         limit = caption_chars(self.text_len)
         return self.backend.encode_batch([c[:limit] for c in captions], add_special_tokens=False)
 
-    def encode(self, captions: list[str] | str) -> TextBatch:
-        """Captions -> `TextBatch` of (B, text_len) ids and mask; over-long ones are truncated."""
+    def encode(self, captions: list[str] | str, warn: bool = True) -> TextBatch:
+        """Captions -> `TextBatch` of (B, text_len) ids and mask; over-long ones are truncated
+        (and counted in a warning, unless the caller says so itself: `warn=False`)."""
         captions = _as_list(captions)
         T = self.text_len
         room = T - 2  # content positions between BOS and EOS
@@ -255,6 +258,7 @@ class TextTokenizer:
             mask[row, : len(seq)] = True
         if cut:
             self.num_truncated += cut
+        if cut and warn:
             log.warning(
                 "truncated %d of %d captions to text_len=%d (%d so far)",
                 cut,

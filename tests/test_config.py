@@ -271,3 +271,14 @@ def test_a_model_too_large_for_memory_is_refused_by_its_field() -> None:
         with pytest.raises(ConfigError, match=rf"config key 'model\.{key}': {what} of .*{key}="
                            r"1000000000.* more than this machine's memory"):  # fmt: skip
             setup(cfg)
+    # a width too large for torch to describe, and a list of sizes, are named by their key too
+    cfg = load_config(PriorRecipeConfig, None, ["model.width=10000000000", "model.heads=1",
+                                                "data.train=a.tar", "clip=c"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"config key 'model\.width': a prior of .* holds "
+                       "tensors too large to describe, more than"):  # fmt: skip
+        setup(cfg)
+    wide = ["model.channels=[32, 64, 128000]", "data.train=a.tar", "data.image_size=64"]
+    cfg = load_config(UpsamplerRecipeConfig, None, wide)
+    with pytest.raises(ConfigError, match=r"config key 'model\.channels': an upsampler of "
+                       r"channels=\[32, 64, 128000\]"):  # fmt: skip
+        setup(cfg)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
@@ -225,29 +226,34 @@ class Loader:
             )
         _, world = _rank_world()
         slots = max(1, self.num_workers)
-        per_epoch: dict[int, tuple[int, int, BadDataReport]] = {}
+        # a pass's (workers seen, records kept, the fewest one worker kept, its report)
+        per_epoch: dict[int, tuple[int, int, int, BadDataReport]] = {}
         for item in stream:
             if _REPORT not in item:
                 yield item
                 continue
             epoch = int(item["epoch"])
-            seen, kept, rep = per_epoch.pop(epoch, (0, 0, BadDataReport()))
+            seen, kept, fewest, rep = per_epoch.pop(epoch, (0, 0, sys.maxsize, BadDataReport()))
             kept += int(item.get("records", 0))
+            fewest = min(fewest, int(item.get("records", 0)))
             rep.merge(item[_REPORT])
             self.report.merge(item[_REPORT])
             if seen + 1 < slots:
-                per_epoch[epoch] = (seen + 1, kept, rep)
+                per_epoch[epoch] = (seen + 1, kept, fewest, rep)
                 continue
             self._passes = max(self._passes, epoch + 1)
             rep.log_if_any(f"data pass {epoch}" + (f" (rank-local, {world} ranks)" * (world > 1)))
             if self.train and kept == 0:  # every later pass would yield nothing as well
                 self.empty_pass = (epoch, rep)
                 return
-            if self.train and kept < self.dataset.batch and not self._said_small:
+            # each worker batches its own records: one with fewer than a batch repeats them
+            if self.train and fewest < self.dataset.batch and not self._said_small:
                 self._said_small = True
-                log.warning("a pass over the training shards keeps %d records%s, fewer than a "
-                            "batch (data.batch_size=%d): each batch repeats records, drawn from "
-                            "several passes", kept, " on this rank" * (world > 1),
+                reader = " in one of its DataLoader workers" * (slots > 1)
+                log.warning("a pass over the training shards keeps %d records%s%s, fewer than a "
+                            "batch (data.batch_size=%d): its batches are filled from several "
+                            "passes, a small data set's records repeated", fewest, reader,
+                            " on this rank" * (world > 1),
                             self.dataset.batch)  # fmt: skip
 
 

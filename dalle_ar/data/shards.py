@@ -236,7 +236,9 @@ def split_name(name: str) -> tuple[str | None, str]:
 
 
 def _whole(record: dict[str, Any], report: BadDataReport) -> Iterator[dict[str, Any]]:
-    if record.pop("__duplicate__", False):
+    if record.pop("__split__", False):
+        report.add("split_record", record["__key__"])
+    elif record.pop("__duplicate__", False):
         report.add("duplicate_member", record["__key__"])
     else:
         yield record
@@ -251,8 +253,11 @@ def _raw_samples(url: str, report: BadDataReport) -> Iterator[dict[str, Any]]:
     corrupt header; a read error) is reported as `truncated_shard`: "URL#KEY" for the record in
     progress, which is dropped, or "URL" when none was; one whose first header cannot be read is
     `unreadable_shard` (URL). A record holding two members of one extension is dropped as
-    `duplicate_member` (KEY)."""
+    `duplicate_member` (KEY). A key met again after other keys (`tar cf x.tar *.png *.txt`: a
+    record's members must be adjacent, as img2dataset writes them) is dropped as `split_record`
+    (KEY); its first part, read as a record of its own, is skipped by what it lacks."""
     current: dict[str, Any] | None = None  # the record being read
+    ended: set[str] = set()  # the keys of this shard's records read so far
     clean, seen_any = False, False
     try:
         with (
@@ -266,10 +271,13 @@ def _raw_samples(url: str, report: BadDataReport) -> Iterator[dict[str, Any]]:
                 if not info.isreg() or key is None:
                     continue
                 if current is not None and current["__key__"] != key:
+                    ended.add(current["__key__"])
                     yield from _whole(current, report)  # the next record has begun
                     current = None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
+                    if key in ended:
+                        current["__split__"] = True
                 if ext in current:
                     current["__duplicate__"] = True
                 current[ext] = tar.extractfile(info).read()  # ReadError when cut

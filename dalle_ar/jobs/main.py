@@ -334,9 +334,9 @@ def _training(run_dir: Path) -> dict:
     }
 
 
-class StageStopped(RuntimeError):
-    """A training stage stopped by non-finite numbers (`NonFiniteLoss`), naming the stage and
-    what it kept; the job's later stages did not run."""
+class StageStopped(NonFiniteLoss):
+    """A training stage stopped by non-finite numbers (`NonFiniteLoss`), naming the stage, what
+    it kept and its config; the job's later stages did not run."""
 
 
 def run_stages(cfg: MainJobConfig) -> dict:
@@ -429,8 +429,10 @@ def run_stages(cfg: MainJobConfig) -> dict:
         try:
             run()
         except NonFiniteLoss as e:
-            raise StageStopped(f"the {name} stage stopped: {e} Run the job again to resume "
-                               "it from there once the cause is fixed.") from e  # fmt: skip
+            config = yaml.get("transformer" if name == "cond_transformer" else name)
+            raise StageStopped(f"the {name} stage stopped ({config}): {e} A rerun of the job "
+                               "resumes the stage from its last good checkpoint, or starts it "
+                               "over without one.") from e  # fmt: skip
         ran.add(name)
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"[{i}/{len(stages)}] {name}: finished in {timings[name]} s", flush=True)

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from dalle_ar.checkpoint import file_sha256, read_component_config
 from dalle_ar.clip import CLIP, check_clip_folder
+from dalle_ar.config import require_fits
 from dalle_ar.grid import to_uint8
 from dalle_ar.pipelines.base import Finisher, OnBatch, Pipeline, PipelineOutput
 from dalle_ar.pipelines.compat import (
@@ -75,6 +76,9 @@ from dalle_ar.upsampler import read_config as read_upsampler_config
 from dalle_ar.vq import VQConfig, VQTokenizer
 
 log = logging.getLogger(__name__)
+# about what one sample's record (its seed, settings and scores) holds in Python, for the memory
+# check of a call's output (`ARPipeline.check_output_fits`)
+RECORD_BYTES = 2048
 MEMORY_MB = 512.0  # what a generation call's batches may hold, by default (`candidate_batch`)
 MAX_BATCH = 64  # samples drawn at once, at most: past it a CPU decode step gains little
 # what draws a sample: the transformer from the caption alone, or from the prior's embedding
@@ -288,6 +292,8 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
                      **(one_kw if mode == "masked" else {}))  # fmt: skip
         ps = resolve(prior_settings or self.defaults["prior"], **pr_kw)
         rr = resolve(rerank or self.defaults["rerank"], **rr_kw)
+        scale = self.components["upsampler"].cfg.scale if upsample else 0  # checked above
+        self.check_output_fits(len(prompts), num_samples, rr, scale)
         cond = self._prompt_embeds(mode, prompts, embeds)  # (n_prompts, D) or None
         if mode == "masked" and prime_codes is not None:
             raise ValueError("the masked mode keeps codes with init_codes (any region), not "
@@ -357,6 +363,24 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
                 raise ValueError("the masked generator takes no embeddings")
             return None
         return self._cond_embeds(mode, prompts, embeds)
+
+    def check_output_fits(
+        self, n_prompts: int, num_samples: int, rr: RerankSettings, scale: int = 0
+    ) -> None:
+        """ConfigError before any drawing, naming num_samples or candidates (the larger share),
+        when what a call holds until it returns would not fit this machine's memory
+        (`config.require_fits`): each kept image (and its upsampled copy, `scale` times larger)
+        with its codes and record, and each candidate's record (`RECORD_BYTES`, about)."""
+        h, w = self._image_size()
+        cfg = self.transformer.cfg
+        image = 3 * h * w * (1 + scale * scale) + 8 * cfg.grid_h * cfg.grid_w + RECORD_BYTES
+        candidates = (rr.candidates * RECORD_BYTES if rr.candidates > 1 else 0) // rr.keep
+        key = "candidates" if candidates > image else "num_samples"
+        held = f"image(s) of {n_prompts} prompt(s) x num_samples={num_samples} x keep={rr.keep}"
+        if rr.candidates > 1:
+            held += f", each the best of candidates={rr.candidates}"
+        require_fits(n_prompts * num_samples * rr.keep, image + candidates, key,
+                     f"{held}, held until the call returns", kind="setting")  # fmt: skip
 
     def candidate_batch(
         self,

@@ -8,16 +8,12 @@ sizes that do not fit are refused always."""
 
 from __future__ import annotations
 
-import logging
-
 from dalle_ar.clip import CLIP
 from dalle_ar.identity import check_clip_identity, check_recorded
 from dalle_ar.prior import DiffusionPrior, check_clip
 from dalle_ar.transformer import TransformerConfig
 from dalle_ar.upsampler import UpsamplerConfig
 from dalle_ar.vq import VQConfig
-
-log = logging.getLogger(__name__)
 
 
 def check_trained_on(
@@ -145,4 +141,4 @@ def check_upsampler(
             raise ValueError("the upsampler reads captions through the CLIP it was trained "
                              "with: assemble it with clip=FOLDER too")  # fmt: skip
         check_clip_identity("the upsampler", up_cfg.clip, up_cfg.caption_dim, clip.identity(),
-                       allow_mismatch)  # fmt: skip
+                            allow_mismatch)  # fmt: skip

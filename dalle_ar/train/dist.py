@@ -136,6 +136,24 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(t.contiguous()))
 
 
+def raise_together(error: BaseException | None) -> None:
+    """Every rank calls this at the same point with the error it met there, or None. When any
+    rank met one, every rank raises: its own, or a ValueError naming the ranks that failed and
+    why. Without it a rank that raises alone leaves the others waiting for it in their next
+    collective, forever. One process: its own error, if any."""
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return
+    if all_reduce_max(float(error is not None)) == 0:
+        return
+    said = all_gather_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(said) if m is not None)
+    raise ValueError(f"another rank failed ({failed})")
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj` (picklable), in rank order; [obj] for one process."""
     if not dist.is_initialized():

@@ -235,8 +235,8 @@ class Loop:
         before = {n: buffers[n].detach().clone() for n in self.buffer_names}
         loss_sum = torch.zeros((), device=info.device)
         parts: dict[str, torch.Tensor] = {}
-        for k in range(accum):
-            batch = to_device(self._fetch(batches), info.device)
+        for k, batch in enumerate(self._fetch(batches, accum)):
+            batch = to_device(batch, info.device)
             self.samples += _batch_size(batch)
             with dist.no_sync(task.model, k < accum - 1):
                 loss, terms = task.loss(batch, self.pos.micro)
@@ -263,24 +263,19 @@ class Loop:
             return None
         return stats[0], stats[1], dict(zip(parts, stats[2:]))
 
-    def _fetch(self, batches: Iterator[Batch]) -> Batch:
-        """The next micro-batch. Under DDP the ranks first agree that each has one: a rank whose
-        data ended or failed (a pass that yielded nothing) would otherwise raise alone while the
-        others wait for it in their next collective, forever. Every rank then raises: the one
-        that failed its own error, the others a ValueError naming it."""
+    def _fetch(self, batches: Iterator[Batch], n: int) -> list[Batch]:
+        """The step's n micro-batches. Under DDP the ranks first agree that each has them
+        (`dist.raise_together`), once a step: a rank whose data ended or failed (a pass that
+        yielded nothing) would otherwise raise alone while the others wait for it forever."""
+        out: list[Batch] = []
         try:
-            batch, error = _next(batches, self.pos.micro), None
+            for k in range(n):
+                out.append(_next(batches, self.pos.micro + k))
+            error = None
         except Exception as e:
-            if not self.info.distributed:
-                raise
-            batch, error = None, e
-        if self.info.distributed and dist.all_reduce_max(float(error is not None)) > 0:
-            said = dist.all_gather_object(None if error is None else f"{error}")
-            if error is not None:
-                raise error
-            failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(said) if m is not None)
-            raise ValueError(f"the training data of another rank failed ({failed})")
-        return batch
+            error = e
+        dist.raise_together(error)
+        return out
 
     def _refuse(self, bad_in_row: int) -> None:
         pos = self.pos

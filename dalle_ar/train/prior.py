@@ -96,15 +96,20 @@ class EmbeddingPairs:
         return self._batches(self.data.eval, False) if self.data.eval else None
 
     def first(self, n: int) -> torch.Tensor:
-        """This rank's first n training image embeddings (n, D) in the shards' order."""
-        out, have = [], 0
-        for batch in self._batches(self.data.train, False):
-            out.append(batch["img"][: n - have])
-            have += len(out[-1])
-            if have >= n:
-                break
-        if not out:
-            raise ValueError(f"the training shards {self.data.train} hold no record")
+        """This rank's first n training image embeddings (n, D) in the shards' order. ValueError
+        on every rank when any rank's shards hold no record (`dist.raise_together`)."""
+        out, have, error = [], 0, None
+        try:
+            for batch in self._batches(self.data.train, False):
+                out.append(batch["img"][: n - have])
+                have += len(out[-1])
+                if have >= n:
+                    break
+            if not out:
+                raise ValueError(f"the training shards {self.data.train} hold no record")
+        except (ValueError, OSError) as e:
+            error = e
+        dist.raise_together(error)
         return torch.cat(out)
 
 

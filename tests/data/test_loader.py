@@ -152,5 +152,21 @@ def test_a_pass_smaller_than_a_batch_is_warned_once_and_its_records_repeat(tmp_p
     assert sorted(batches[0]) == ["picture 0", "picture 0", "picture 1", "picture 2"]
     warned = [r.getMessage() for r in caplog.records if "fewer than a batch" in r.getMessage()]
     assert warned == ["a pass over the training shards keeps 3 records, fewer than a batch "
-                      "(data.batch_size=4): each batch repeats records, drawn from several "
-                      "passes"]  # fmt: skip
+                      "(data.batch_size=4): its batches are filled from several passes, a small "
+                      "data set's records repeated"]  # fmt: skip
+    # two workers with two records each: a pass of 4 covers a batch of 3, but each worker
+    # batches its own records
+    more = [(f"m{i}", np.full((8, 8, 3), 9 * i, np.uint8), f"more {i}", {}) for i in range(2)]
+    write_shards(pictures[:2], tmp_path / "w", "a", 8)
+    write_shards(more, tmp_path / "w", "b", 8)
+    caplog.clear()
+    loader = make_loader(str(tmp_path / "w"), 8, 3, train=True, epochs=3, shuffle_buffer=0,
+                         num_workers=2)  # fmt: skip
+    with caplog.at_level("WARNING", logger="dalle_ar.data.loader"):
+        batches = [b["caption"] for b in loader]
+    assert len(batches) == 4  # 12 records, 2 passes' worth in each worker's batches
+    assert [r.getMessage() for r in caplog.records if "fewer than a batch" in r.getMessage()] == [
+        "a pass over the training shards keeps 2 records in one of its DataLoader workers, fewer "
+        "than a batch (data.batch_size=3): its batches are filled from several passes, a small "
+        "data set's records repeated"
+    ]

@@ -183,7 +183,8 @@ def test_report_accumulates_over_passes_and_logs_each_pass(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="dalle_ar.data.shards"):
         list(loader)
     assert loader.report.counts["bad_image"] == 4  # 2 per pass
-    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 2
+    passes = [r for r in caplog.records if r.name == "dalle_ar.data.shards"]
+    assert len(passes) == 2 and all(r.levelname == "WARNING" for r in passes)
 
 
 @pytest.mark.parametrize("cut", [100, 700, 1500])
@@ -426,6 +427,17 @@ def test_a_record_with_two_members_of_one_extension_is_skipped(tmp_path):
     ])  # fmt: skip
     loader = make_loader(path, 12, 4, train=False)
     assert _keys(loader) == ["b"] and loader.report.keys == {"duplicate_member": ["a"]}
+
+
+def test_a_record_whose_members_are_apart_is_reported_as_split(tmp_path):
+    # `tar cf x.tar *.png *.txt`: every picture, then every caption
+    path = _tar(tmp_path / "apart.tar", [
+        ("a.png", _png()), ("b.png", _png()), ("c.png", _png()), ("c.txt", b"whole"),
+        ("a.txt", b"first"), ("b.txt", b"second"),
+    ])  # fmt: skip
+    loader = make_loader(path, 12, 4, train=False)
+    assert _keys(loader) == ["c"]
+    assert loader.report.keys == {"missing_caption": ["a", "b"], "split_record": ["a", "b"]}
 
 
 def _tiny_records_tar(path):

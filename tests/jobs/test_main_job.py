@@ -204,7 +204,8 @@ def test_a_stage_stopped_by_non_finite_numbers_is_one_line_and_exit_1(tmp_path, 
             "upsampler=false"]  # fmt: skip
     assert main_job(args) == 1  # as `dalle-ar train vq` exits for the same stop
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("dalle-ar pipeline: the vq stage stopped: 2 non-finite losses")
+    assert err[-1].startswith(f"dalle-ar pipeline: the vq stage stopped ({configs / 'vq.yaml'}): "
+                              "2 non-finite losses")  # fmt: skip
     assert "no checkpoint was written yet" in err[-1] and "Traceback" not in "".join(err)
     assert not (out / "vq_run" / "vq").exists() and not (out / "tokens").exists()
 

@@ -313,7 +313,8 @@ def test_training_alphabet_is_recorded_and_survives_save(tmp_path: Path) -> None
 
 def test_training_words_are_recorded_survive_save_and_name_unseen_ones(tmp_path: Path) -> None:
     captions = ["Top-left: a red circle", "a red circle", "a blue square"] * 3
-    tok = train_tokenizer(captions, TokenizerConfig(vocab_size=300, min_frequency=2))
+    cfg = TokenizerConfig(vocab_size=300, min_frequency=2, text_len=64)  # no prompt cut here
+    tok = train_tokenizer(captions, cfg)
     assert tok.words == {"top", "left", "a", "red", "circle", "blue", "square"}  # normalized
     assert tok.unseen_words("A tiny CRIMSON circle, top left; a tiny one") == ["tiny", "crimson",
                                                                                "one"]  # fmt: skip
@@ -325,6 +326,22 @@ def test_training_words_are_recorded_survive_save_and_name_unseen_ones(tmp_path:
     (tmp_path / "tok" / "words.json").unlink()  # a folder saved before words were recorded
     old = TextTokenizer.from_pretrained(tmp_path / "tok")
     assert old.words is None and old.unseen_words("a crimson ball") is None
+
+
+def test_unseen_words_are_those_the_model_reads_and_a_cut_prompt_is_warned_once(caplog) -> None:
+    from dalle_ar.prompts import encode_prompts, known_chars
+
+    captions = ["a red circle", "a blue square"] * 3
+    tok = train_tokenizer(captions, TokenizerConfig(vocab_size=300, min_frequency=2, text_len=12))
+    prompt = "a red cirlce with a purpel zebrra"
+    assert tok.read_back(prompt) == ("a red cirlce wi", True)  # 10 byte-level tokens
+    # "with", cut in two, is named whole; "purpel" and "zebrra" are never read
+    assert tok.unseen_words(prompt) == ["cirlce", "with"]
+    with caplog.at_level("WARNING"):
+        encode_prompts(tok, [prompt], known_chars(tok))
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("truncated" in m for m in said) == 1  # once, not by the tokenizer as well
+    assert any("'cirlce'" in m for m in said) and not any("zebrra" in m for m in said)
 
 
 def test_read_back_never_cuts_a_character_in_half(tok: TextTokenizer) -> None:

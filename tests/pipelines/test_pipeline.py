@@ -375,10 +375,13 @@ def test_unseen_words_are_named_in_a_warning_and_the_record(pipe, pipe_dir, tmp_
     "crimson" or "ball"; typos) are warned about by the API and the CLI and recorded per sample;
     a composed prompt's parts are read without their marks."""
     with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
-        out = pipe(["a tiny crimson ball in the upper left corner", "a smal red circel"], seed=0)
+        out = pipe(["a crimson ball", "a smal red circel"], seed=0)
     assert "prompt 0 has words no training caption held: 'crimson', 'ball';" in caplog.text
     assert "prompt 1 has words no training caption held: 'smal', 'circel';" in caplog.text
     assert [m["unseen_words"] for m in out.samples] == [["crimson", "ball"], ["smal", "circel"]]
+    # the model reads "a tiny crimso" of a longer one: "ball" comes after the cut
+    long = pipe(["a tiny crimson ball in the upper left corner"], seed=0).samples[0]
+    assert long["unseen_words"] == ["crimson"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
         out = pipe(["a red circle AND a red::-0.5 AND a crimson::2"], seed=0)
@@ -626,6 +629,28 @@ def test_cli_output_place_is_checked_before_drawing(pipe_dir, tmp_path, capsys):
         locked.mkdir(mode=0o500)
         assert cli([*argv, "--out", str(locked / "o")]) == 2
         assert "cannot be written (in" in capsys.readouterr().err
+
+
+def test_an_output_too_large_for_memory_is_refused_before_drawing(pipe_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["sample", "--model", str(pipe_dir), PROMPTS[0], "--out", str(out)]
+    assert cli([*argv, "--num", "1000000000"]) == 2  # before: a MemoryError traceback
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        len(err) == 1
+        and err[0].startswith(
+            "dalle-ar sample: setting 'num_samples': 1,000,000,000 image(s) of 1 prompt(s) x "
+            "num_samples=1000000000 x keep=1, held until the call returns ("
+        )
+        and "more than this machine's memory" in err[0]
+    )
+    assert cli([*argv, "--candidates", "1000000000"]) == 2  # each candidate's record
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "dalle-ar sample: setting 'candidates': 1 image(s) of 1 prompt(s) x "
+        "num_samples=1 x keep=1, each the best of candidates=1000000000"
+    )
+    assert not list(out.glob("*.png"))
 
 
 def test_cli_device_this_machine_lacks_is_one_line_and_exit_2(pipe_dir, tmp_path, capsys):
