@@ -91,23 +91,15 @@ def require_fits_memory(
 def require_fits(
     count: int, each_bytes: int, key: str, what: str, kind: str = "config key"
 ) -> None:
-    """The one memory check of things held at once: ConfigError for `key` ("{kind} '{key}'")
-    when `count` of them (`what`), `each_bytes` bytes each, are more than this machine's memory
-    (`memory_bytes`)."""
+    """The one memory check of things held at once (a batch when its config is read, a
+    generation call's output): ConfigError for `key` ("{kind} '{key}'") when `count` of them
+    (`what`), `each_bytes` bytes each, are more than this machine's memory (`memory_bytes`)."""
     mem = memory_bytes()
     if mem is None or count * each_bytes <= mem:
         return
     require(False, key, f"{count:,} {what} ({each_bytes:,} bytes each) need "
             f"{_gb(count * each_bytes)}, more than this machine's memory ({_gb(mem)})",
             kind)  # fmt: skip
-
-
-def require_batch_fits(batch_size: int, sample_bytes: int, what: str) -> None:
-    """The memory check of a batch size (`require_fits`), made when its config is read:
-    ConfigError for `batch_size` when a batch of samples of `sample_bytes` bytes each (`what`)
-    is more than this machine's memory. What the data set allows is checked by the loader,
-    which knows the records of a pass (`dalle_ar.data.loader`)."""
-    require_fits(batch_size, sample_bytes, "batch_size", f"samples of {what}")
 
 
 def require_precision(value: str, key: str = "precision") -> None:
@@ -133,9 +125,11 @@ class DataConfig:
     def validate(self) -> None:
         require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        # every recipe holds a batch of decoded images (fp32) at least
+        # every recipe holds a batch of decoded images (fp32) at least; what the data set allows
+        # is checked by the loader, which knows the records of a pass (`dalle_ar.data.loader`)
         s = self.image_size
-        require_batch_fits(self.batch_size, 3 * s * s * 4, f"{s}x{s} RGB images in fp32")
+        require_fits(self.batch_size, 3 * s * s * 4, "batch_size",
+                     f"samples of {s}x{s} RGB images in fp32")  # fmt: skip
         require(self.num_workers >= 0, "num_workers", "must be >= 0")
         require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
 
