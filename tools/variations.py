@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid-images", type=int, default=6, help="scenes in the grid")
     ap.add_argument("--images", type=int, default=100, help="scenes in the figures")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, help="default: the pipeline folder's")
+    ap.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale; default: the pipeline folder's",
+    )
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -60,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     picked = scenes(args.data, size, max(args.images, args.grid_images))
     sources = [img for img, _, _ in picked]
     t0 = time.perf_counter()
-    out = pipe.variations(sources, num_samples=args.num, seed=args.seed, progress=True)
+    settings = {
+        k: v
+        for k, v in (("temperature", args.temperature), ("guidance_scale", args.guidance))
+        if v is not None
+    }
+    out = pipe.variations(sources, num_samples=args.num, seed=args.seed, progress=True, **settings)
     seconds = time.perf_counter() - t0
     specs = [spec for _, spec, _ in picked]
     per_variation = [specs[m["prompt_index"]] for m in out.samples]
