@@ -91,9 +91,10 @@ def generate_masked(
     sample b drawn from seeds[b]'s stream. `init_codes` (B, h, w): start from these, where they
     hold `model.cfg.mask_id` the codes are drawn and elsewhere kept exactly (inpainting); default
     all masked. Guidance (guidance_scale != 1) runs the empty caption `empty_ids` (T,) in the
-    same batch: uncond + g * (cond - uncond) on the logits. callback(t, steps, codes) after each
-    pass. ValueError for a model that is not a masked generator, inputs of the wrong shape, or a
-    pass whose probabilities are not finite (`logits.check_probs`)."""
+    same batch: uncond + g * (cond - uncond) on the logits, g the pass's scale
+    (`MaskedSampling.guidance_at`). callback(t, steps, codes) after each pass. ValueError for a
+    model that is not a masked generator, inputs of the wrong shape, or a pass whose
+    probabilities are not finite (`logits.check_probs`)."""
     cfg = model.cfg
     if not cfg.masked:
         raise ValueError("generate_masked needs a masked generator (objective='masked')")
@@ -129,7 +130,7 @@ def generate_masked(
             image = codes.repeat(2, 1) if guided else codes
             logits = model(torch.cat([text, image], 1), text_lens=lens).image.float()
             if guided:
-                logits = combine(logits.view(2, B, n, -1), [s.guidance_scale])
+                logits = combine(logits.view(2, B, n, -1), [s.guidance_at(t)])
             probs = logits_to_probs(logits, s.temperature, s.top_k)
             check_probs(probs, f"masked sampling, pass {t + 1} of {s.steps}")
             codes = sched.step(probs, t, codes, u[:, 0, t], u[:, 1, t])

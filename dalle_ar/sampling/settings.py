@@ -170,6 +170,10 @@ class PriorSampling:
         require(ok_k, "embed_candidates", f"must be an int >= 1 (1 = off), got {k!r}", KIND)
 
 
+# How the masked mode's guidance scale runs over the passes (`MaskedSampling.guidance_at`).
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
 @dataclasses.dataclass
 class MaskedSampling:
     """How the masked generator unmasks the image (`sampling.masked.generate_masked`): `steps`
@@ -196,6 +200,20 @@ class MaskedSampling:
         default=4.5,
         metadata=_option("--confidence-temperature", "Gumbel noise on the confidence, annealed"),
     )
+    guidance_schedule: str = dataclasses.field(
+        default="constant",
+        metadata=_option("--guidance-schedule", "constant: the guidance scale at every pass; "
+                         "linear: rising from 1 at the first pass to it at the last"),
+    )  # fmt: skip
+
+    def guidance_at(self, t: int) -> float:
+        """The guidance scale of pass t (0-based) of `steps`: `guidance_scale` at every pass
+        ("constant"), or rising linearly from 1 at the first to `guidance_scale` at the last
+        ("linear": guidance late, when most codes are drawn; strong guidance while the image is
+        still mostly masked harms masked diffusion, Rojas et al. 2025, arXiv:2507.08965)."""
+        if self.guidance_schedule == "constant" or self.steps == 1:
+            return self.guidance_scale
+        return 1 + (self.guidance_scale - 1) * t / (self.steps - 1)
 
     def validate(self) -> None:
         """ConfigError (a ValueError) naming the first impossible field."""
@@ -210,6 +228,9 @@ class MaskedSampling:
         c = self.confidence_temperature
         require(_finite_at_least(c, 0), "confidence_temperature",
                 f"must be a finite number >= 0, got {c!r}", KIND)  # fmt: skip
+        require(self.guidance_schedule in GUIDANCE_SCHEDULES, "guidance_schedule",
+                f"must be one of {GUIDANCE_SCHEDULES}, got {self.guidance_schedule!r}",
+                KIND)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -326,6 +347,7 @@ def upsample_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 __all__ = [
     "ARSampling",
+    "GUIDANCE_SCHEDULES",
     "MASKED_SHARED",
     "MIN_TEMPERATURE",
     "MaskedSampling",

@@ -100,6 +100,29 @@ def test_guidance_one_equals_plain_sampling():
     assert not torch.equal(got, guided)
 
 
+def test_a_linear_guidance_schedule_starts_unguided_and_ends_at_the_scale():
+    s = MaskedSampling(steps=5, guidance_scale=3.0, guidance_schedule="linear")
+    assert [s.guidance_at(t) for t in range(5)] == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert {MaskedSampling(steps=5, guidance_scale=3.0).guidance_at(t) for t in range(5)} == {3.0}
+    model = masked_model()
+    ids, lens = prompts(2)
+
+    def passes(**kw) -> list[torch.Tensor]:
+        seen: list[torch.Tensor] = []
+        generate_masked(model, ids, MaskedSampling(steps=2, temperature=0.8, **kw),
+                        text_lens=lens, empty_ids=EMPTY, seeds=[3, 4],
+                        callback=lambda t, n, codes: seen.append(codes.clone()))  # fmt: skip
+        return seen
+
+    plain, linear = passes(), passes(guidance_scale=3.0, guidance_schedule="linear")
+    constant = passes(guidance_scale=3.0)
+    assert torch.equal(linear[0], plain[0])  # the first pass is drawn at scale 1
+    assert not torch.equal(constant[0], plain[0])
+    assert not torch.equal(linear[-1], plain[-1])  # and the later ones are guided
+    with pytest.raises(ConfigError, match="guidance_schedule"):
+        MaskedSampling(guidance_schedule="cosine").validate()
+
+
 def test_probabilities_that_are_not_finite_stop_the_pass_naming_it():
     model = masked_model()
     ids, lens = prompts(2)
