@@ -129,8 +129,9 @@ def generate_masked(
         for t in sched.timesteps.tolist():
             image = codes.repeat(2, 1) if guided else codes
             logits = model(torch.cat([text, image], 1), text_lens=lens).image.float()
-            if guided:
-                logits = combine(logits.view(2, B, n, -1), [s.guidance_at(t)])
+            if guided:  # a pass at scale 1 (a rising schedule's first) is the conditional half
+                g, pair = s.guidance_at(t), logits.view(2, B, n, -1)
+                logits = pair[0] if g == 1 else combine(pair, [g])
             probs = logits_to_probs(logits, s.temperature, s.top_k)
             check_probs(probs, f"masked sampling, pass {t + 1} of {s.steps}")
             codes = sched.step(probs, t, codes, u[:, 0, t], u[:, 1, t])

@@ -202,8 +202,8 @@ class MaskedSampling:
     )
     guidance_schedule: str = dataclasses.field(
         default="constant",
-        metadata=_option("--guidance-schedule", "constant: the guidance scale at every pass; "
-                         "linear: rising from 1 at the first pass to it at the last"),
+        metadata=_option("--guidance-schedule", "constant: --guidance at every pass; linear: "
+                         "rising from 1 at the first pass to --guidance at the last"),
     )  # fmt: skip
 
     def guidance_at(self, t: int) -> float:

@@ -104,6 +104,8 @@ def test_a_linear_guidance_schedule_starts_unguided_and_ends_at_the_scale():
     s = MaskedSampling(steps=5, guidance_scale=3.0, guidance_schedule="linear")
     assert [s.guidance_at(t) for t in range(5)] == [1.0, 1.5, 2.0, 2.5, 3.0]
     assert {MaskedSampling(steps=5, guidance_scale=3.0).guidance_at(t) for t in range(5)} == {3.0}
+    one_pass = MaskedSampling(steps=1, guidance_scale=3.0, guidance_schedule="linear")
+    assert one_pass.guidance_at(0) == 3.0
     model = masked_model()
     ids, lens = prompts(2)
 
