@@ -26,6 +26,7 @@ from dalle_ar.data.evaluate import score_batch
 from dalle_ar.data.loader import make_loader
 from dalle_ar.grid import captioned_grid, stack_vertical, to_uint8
 from dalle_ar.pipelines import Pipeline
+from dalle_ar.sampling.settings import ARSampling, add_arguments, from_args
 
 
 def scenes(shards: str, size: int, n: int) -> list[tuple[torch.Tensor, dict, str]]:
@@ -52,12 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid-images", type=int, default=6, help="scenes in the grid")
     ap.add_argument("--images", type=int, default=100, help="scenes in the figures")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--temperature", type=float, help="default: the pipeline folder's")
-    ap.add_argument(
-        "--guidance",
-        type=float,
-        help="classifier-free guidance scale; default: the pipeline folder's",
-    )
+    add_arguments(ap, ARSampling)  # the sampling settings; not given: the pipeline folder's
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -66,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     picked = scenes(args.data, size, max(args.images, args.grid_images))
     sources = [img for img, _, _ in picked]
     t0 = time.perf_counter()
-    settings = {
-        k: v
-        for k, v in (("temperature", args.temperature), ("guidance_scale", args.guidance))
-        if v is not None
-    }
+    settings = from_args(args, ARSampling)
     out = pipe.variations(sources, num_samples=args.num, seed=args.seed, progress=True, **settings)
     seconds = time.perf_counter() - t0
     specs = [spec for _, spec, _ in picked]
