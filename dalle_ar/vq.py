@@ -409,6 +409,19 @@ class VQTokenizer(nn.Module):
         return (self.decoder(q.to(dtype)) * 0.5 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
+    def decode_8bit(self, codes: torch.Tensor) -> torch.Tensor:
+        """`decode`, rounded to the 8-bit levels a saved PNG holds: what a generated image is
+        when CLIP or a metric reads it. Codes (B, h, w) -> (B, 3, h*f, w*f) in [0, 1]."""
+        return self.decode(codes).mul(255).round().div(255)
+
+    @torch.no_grad()
+    def round_trip(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> their reconstructions through the codes, as
+        `decode_8bit` gives them: the VQ's version of a picture, as the generator's outputs look.
+        """
+        return self.decode_8bit(self.encode(images))
+
+    @torch.no_grad()
     def code_pixels(self) -> torch.Tensor:
         """(codebook_size, 3*f*f): what each code draws, as the centre patch of a 3x3 grid of
         that code alone, pixels in [-1, 1]. A fixed description of the codes for the transformer

@@ -356,8 +356,7 @@ def evaluate_quality(
         "r_precision_pool": int(pools.shape[1]),
     }  # fmt: skip
     with torch.inference_mode():
-        codes = pipe.vq.encode(real.to(pipe.device))
-        recon = pipe.vq.decode(codes).clamp(0, 1).mul(255).round().div(255).cpu()
+        recon = pipe.vq.round_trip(real.to(pipe.device)).cpu()
     vq = image_metrics(recon, real)
     report["bits_per_image_token"] = bits_per_image_token(pipe, real, captions, batch_size)
     report["vq_psnr_db"] = float(vq["psnr"].mean())

@@ -417,7 +417,7 @@ class Pipeline:
         embedding text (n, D): 100 x cosine, floored at 0 (`dalle_ar.clip.CLIP.score`), on the
         pixels its PNG would hold (rounded to 8 bits)."""
         clip = self.components["clip"]
-        x = self.components["vq"].decode(codes.to(self.device)).mul(255).round().div(255)
+        x = self.components["vq"].decode_8bit(codes.to(self.device))
         return clip_score(clip.image_embeds(clip.pixels_from_tensor(x)), text).cpu()
 
     def _rerank(

@@ -33,6 +33,7 @@ from dalle_ar.text import TextTokenizer
 from dalle_ar.train import dist
 from dalle_ar.train.common import ShardImages, build_optimizer, run_recipe
 from dalle_ar.train.loop import LoopConfig, Source, Task, fit, setup
+from dalle_ar.vq import VQTokenizer
 
 log = logging.getLogger(__name__)
 COMPONENT = "clip"
@@ -49,6 +50,12 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
     # hard-negative captions per shapes image (`shapes.hard_negative`, NegCLIP); 0 = none.
     # Without them CLIP learns a bag of words and scores a swapped relation as the true one.
     hard_negatives: int = 0
+    # a VQ folder (`dalle-ar train vq`) and the share of training scenes CLIP sees through its
+    # encode/decode round trip (`VQTokenizer.round_trip`) instead of as rendered: the reranker
+    # scores decoded images, whose blur and code artefacts a CLIP of clean pictures never saw.
+    # Which scenes is fixed by each one's key (a resumed run sees the same); 0 = none.
+    vq: str = ""
+    vq_round_trip: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -59,6 +66,10 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
         require(self.eval_pairs >= 0, "eval_pairs", "must be >= 0")
         require(self.binding_images >= 0, "binding_images", "must be >= 0")
         require(self.hard_negatives >= 0, "hard_negatives", "must be >= 0")
+        require(0 <= self.vq_round_trip <= 1, "vq_round_trip", "must be in [0, 1]")
+        require(bool(self.vq) == (self.vq_round_trip > 0), "vq",
+                "and vq_round_trip > 0 go together: name a VQ folder to round-trip scenes "
+                f"through, got vq={self.vq!r}, vq_round_trip={self.vq_round_trip}")  # fmt: skip
 
 
 def contrastive_loss(
@@ -109,6 +120,12 @@ def retrieval(image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor
         out[f"{name}_top1"] = (top[:, :1] == right).any(1).double().sum()
         out[f"{name}_top5"] = (top == right).any(1).double().sum()
     return out
+
+
+def round_trip_rows(keys: Iterable[str], share: float) -> list[int]:
+    """The rows of a batch (by sample key) whose scene CLIP sees through the VQ round trip: each
+    key's own draw, so a share of the training set always, the same on a resumed run."""
+    return [i for i, k in enumerate(keys) if random.Random(f"vq-{k}").random() < share]
 
 
 def hard_negatives(batch: dict[str, Any], per_sample: int = 1) -> list[str | None]:
@@ -233,6 +250,12 @@ def train(
     clip = CLIP.build(cfg.model, tok, seed=cfg.run.seed)
     clip.model.to(info.device).train()
     pair = CLIPPair(clip.model, clip.eos_id)
+    vq = None
+    if cfg.vq_round_trip:
+        vq = VQTokenizer.from_pretrained(cfg.vq, info.device)
+        f = vq.config.downsample
+        require(cfg.data.image_size % f == 0, "vq", f"codes {f}-pixel blocks, and "
+                f"data.image_size {cfg.data.image_size} is not a multiple of {f}")  # fmt: skip
     wrapped = dist.wrap_model(pair, info, "ddp")
     if info.is_main:
         log.info("clip: %d parameters, %s", sum(p.numel() for p in pair.parameters()), info.device)
@@ -244,7 +267,11 @@ def train(
             captions += [h or "" for h in hard]  # a row without one: masked out of the loss
         ids, mask = clip.encode_text(captions, truncate=True, longest=True)
         cut = torch.tensor(float(clip.too_long), device=info.device)
-        pixels = clip.pixels_from_tensor(batch["image"])
+        images = batch["image"]
+        if vq is not None and (rows := round_trip_rows(batch["key"], cfg.vq_round_trip)):
+            images = images.clone()
+            images[rows] = vq.round_trip(images[rows].to(info.device)).to(images)
+        pixels = clip.pixels_from_tensor(images)
         with autocast_context(info.device, cfg.run.precision):
             img, txt, scale = wrapped(ids.to(info.device), mask.to(info.device), pixels)
         if cfg.hard_negatives:
