@@ -82,6 +82,17 @@ def test_decode_of_encode_is_the_codebook_lookup(kw: dict) -> None:
     torch.testing.assert_close(recon.clamp(0, 1), expected, rtol=0, atol=1e-6)
 
 
+def test_round_trip_is_the_decoded_codes_on_8_bit_levels() -> None:
+    x = _images(3)
+    model = _warm(_model(), x)
+    got = model.round_trip(x)
+    assert got.shape == x.shape
+    assert torch.equal(got, model.decode_8bit(model.encode(x)))
+    assert torch.equal(got * 255, (got * 255).round())  # what a saved PNG holds
+    assert (got - model.decode(model.encode(x))).abs().max() <= 0.5 / 255 + 1e-6
+    assert not torch.equal(got, x)  # a reconstruction, not the picture
+
+
 def test_codebook_size_and_fsq_levels() -> None:
     assert _model(quantizer="fsq", fsq_levels=[4, 3, 3], codebook_size=36).codebook_size == 36
     with pytest.raises(ConfigError, match=r"prod\(fsq_levels\) = 36"):

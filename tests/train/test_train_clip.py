@@ -6,13 +6,16 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
+from _pipeline_fixtures import build_components
 from _spawn import run_ranks
 
 from dalle_ar.clip import CLIP
-from dalle_ar.config import load_config
+from dalle_ar.config import ConfigError, load_config
 from dalle_ar.text import TokenizerConfig, train_tokenizer
 from dalle_ar.train import clip as clip_recipe
 from dalle_ar.train.clip import CLIPRecipeConfig, contrastive_loss, retrieval
@@ -137,3 +140,46 @@ def test_hard_negatives_come_from_each_samples_spec_and_key():
     rng = random.Random("hard-a")  # the sample's key seeds its draws
     assert got[0::2] == [hard_negative(spec, rng) for _ in range(3)]
     assert clip_recipe.hard_negatives(batch, 3) == got  # a resumed run draws the same ones
+
+
+def test_round_trip_rows_are_each_samples_own_draw():
+    keys = [f"s{i:05d}" for i in range(2000)]
+    assert clip_recipe.round_trip_rows(keys, 0.0) == []
+    assert clip_recipe.round_trip_rows(keys, 1.0) == list(range(2000))
+    half = clip_recipe.round_trip_rows(keys, 0.5)
+    assert 900 < len(half) < 1100
+    assert clip_recipe.round_trip_rows(keys, 0.5) == half  # a resumed run sees the same
+    chosen = {keys[i] for i in half}  # a sample's draw does not depend on its batch
+    alone = [k for k in keys[::7] if clip_recipe.round_trip_rows([k], 0.5)]
+    assert alone == [k for k in keys[::7] if k in chosen]
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [(["vq_round_trip=0.5"], "vq"), (["vq=somewhere"], "vq"),
+     (["vq=somewhere", "vq_round_trip=1.5"], "vq_round_trip")],
+)  # fmt: skip
+def test_round_trip_settings_are_checked(tmp_path, extra, match):
+    names = SimpleNamespace(train="train-*.tar", eval="eval-*.tar")  # validation reads no data
+    with pytest.raises(ConfigError, match=match):
+        load_config(CLIPRecipeConfig, TINY_CONFIG, _run(names, "tok", tmp_path, *extra))
+
+
+def test_round_tripped_scenes_are_what_clip_trains_on(tmp_path, shapes_shards, shapes_captions):
+    tok = tmp_path / "tok"
+    train_tokenizer(shapes_captions, TokenizerConfig(vocab_size=300, text_len=48)).save_pretrained(
+        tok
+    )
+    vq = build_components(tmp_path / "parts")["vq"]
+    trained = {}
+    for share in (0.0, 1.0):
+        extra = [f"vq={vq}", f"vq_round_trip={share}"] if share else []
+        out = tmp_path / f"share{share}"
+        m = clip_recipe.train(
+            load_config(CLIPRecipeConfig, TINY_CONFIG,
+                        _run(shapes_shards, tok, out, "run.steps=2", *extra))
+        )  # fmt: skip
+        assert m["finished"]
+        trained[share] = CLIP.from_pretrained(m["component"]).model.state_dict()
+    # the same seed and batches: only the pixels differ, so the weights must
+    assert any(not torch.equal(a, b) for a, b in zip(trained[0.0].values(), trained[1.0].values()))
