@@ -1,6 +1,7 @@
 """`dalle-ar pipeline [--config FILE] [key=value ...]`: the main job, text to image end to end.
 
-    shards -> BPE tokenizer -> CLIP -> VQ-VAE -> token shards (+ CLIP embeddings)
+    shards -> BPE tokenizer -> VQ-VAE -> CLIP (on scenes and their VQ round trips)
+           -> token shards (+ CLIP embeddings)
            -> transformer -> diffusion prior, and a second transformer conditioned on the CLIP
               image embedding (DALL-E 2's decoder), fine-tuned from the first
            -> upsampler (on the scenes at twice the size) -> pipeline folder
@@ -198,8 +199,19 @@ def stage_clip(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         f"text_tokenizer={p.tokenizer}",
         *_run(cfg, p.clip_run, cfg.clip_steps, cfg.clip_max_minutes),
     ]
+    if _clip_round_trips(yaml):  # through the job's own VQ, trained in the stage before
+        overrides.append(f"vq={p.vq}")
     rcfg = load_config(clip.CLIPRecipeConfig, yaml, overrides)
     clip.train(rcfg, resume=has_checkpoint(p.clip_run))
+
+
+def _clip_round_trips(yaml: Path) -> bool:
+    """Whether the CLIP config trains on scenes through the VQ round trip (`vq_round_trip`):
+    then the CLIP stage needs the VQ stage."""
+    from dalle_ar.train.clip import CLIPRecipeConfig
+
+    names = ["data.train=shards.tar", "text_tokenizer=tokenizer"]  # only the share is read here
+    return load_config(CLIPRecipeConfig, yaml, names).vq_round_trip > 0
 
 
 def _clip_of_tokens(p: Paths) -> dict:
@@ -365,14 +377,17 @@ def run_stages(cfg: MainJobConfig) -> dict:
     save_config(cfg, p.out / "main_job.yaml")
     # (name, needs, done, run, outputs): once a stage runs, every stage that needs it was made
     # from what it replaced, so its outputs are removed and made again (an under-trained VQ
-    # resumed by a rerun gets new token shards and a transformer trained on them; a CLIP resumed
+    # resumed by a rerun gets new token shards and a transformer trained on them, and a new CLIP
+    # when that one learns from the VQ's round trips; a CLIP resumed
     # by a rerun leaves the VQ alone, and the transformer too when the job has no prior mode:
     # the prior's token shards carry the CLIP's embeddings)
     cond_stage = ("cond_transformer", {"tokenizer", "vq", "tokens", "transformer"},
                   lambda: _trained(p.cond_run, p.cond_transformer),
                   lambda: stage_transformer(cfg, p, yaml["transformer"], "cond"),
                   [p.cond_run])  # fmt: skip
-    clip_stage = ("clip", {"data", "tokenizer"}, lambda: _trained(p.clip_run, p.clip),
+    clip_needs = {"data", "tokenizer", *(["vq"] if cfg.clip and _clip_round_trips(yaml["clip"])
+                                          else [])}  # fmt: skip
+    clip_stage = ("clip", clip_needs, lambda: _trained(p.clip_run, p.clip),
                   lambda: stage_clip(cfg, p, yaml["clip"]), [p.clip_run])  # fmt: skip
     # the prior reads the CLIP embeddings of the token shards, not their codes: a new VQ leaves
     # it alone
@@ -393,9 +408,9 @@ def run_stages(cfg: MainJobConfig) -> dict:
          lambda: data.build(cfg, p.data), [p.data]),
         ("tokenizer", {"data"}, lambda: _complete(p.tokenizer),
          lambda: stage_tokenizer(cfg, p, yaml["tokenizer"]), [p.tokenizer_run]),
-        *([clip_stage] if cfg.clip else []),
         ("vq", {"data"}, lambda: _trained(p.vq_run, p.vq), lambda: stage_vq(cfg, p, yaml["vq"]),
          [p.vq_run]),
+        *([clip_stage] if cfg.clip else []),
         ("tokens", {"data", "vq", *(["clip"] if cfg.with_prior else [])},
          lambda: _tokens_done(cfg, p), lambda: stage_tokens(cfg, p), [p.tokens]),
         ("transformer", {"tokenizer", "vq", "tokens"},
