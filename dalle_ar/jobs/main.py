@@ -1,7 +1,7 @@
 """`dalle-ar pipeline [--config FILE] [key=value ...]`: the main job, text to image end to end.
 
-    shards -> BPE tokenizer -> VQ-VAE -> CLIP (on scenes and their VQ round trips)
-           -> token shards (+ CLIP embeddings)
+    shards -> BPE tokenizer -> VQ-VAE -> CLIP (with `vq_round_trip`, some scenes as the VQ
+           gives them back) -> token shards (+ CLIP embeddings)
            -> transformer -> diffusion prior, and a second transformer conditioned on the CLIP
               image embedding (DALL-E 2's decoder), fine-tuned from the first
            -> upsampler (on the scenes at twice the size) -> pipeline folder
@@ -210,7 +210,8 @@ def _clip_round_trips(yaml: Path) -> bool:
     then the CLIP stage needs the VQ stage."""
     from dalle_ar.train.clip import CLIPRecipeConfig
 
-    names = ["data.train=shards.tar", "text_tokenizer=tokenizer"]  # only the share is read here
+    # only the share is read here; the job hands the CLIP stage its own VQ
+    names = ["data.train=shards.tar", "text_tokenizer=tokenizer", "vq=job"]
     return load_config(CLIPRecipeConfig, yaml, names).vq_round_trip > 0
 
 
@@ -452,9 +453,9 @@ def run_stages(cfg: MainJobConfig) -> dict:
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"[{i}/{len(stages)}] {name}: finished in {timings[name]} s", flush=True)
     total = round(time.perf_counter() - start, 1)
-    training = {"vq": _training(p.vq_run), "transformer": _training(p.transformer_run)}
-    if cfg.clip:
-        training = {"clip": _training(p.clip_run), **training}
+    training = {"vq": _training(p.vq_run),  # in the stages' order
+                **({"clip": _training(p.clip_run)} if cfg.clip else {}),
+                "transformer": _training(p.transformer_run)}  # fmt: skip
     if cfg.with_prior:
         training["prior"] = _training(p.prior_run)
         training["cond_transformer"] = _training(p.cond_run)

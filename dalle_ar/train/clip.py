@@ -53,7 +53,8 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
     # a VQ folder (`dalle-ar train vq`) and the share of training scenes CLIP sees through its
     # encode/decode round trip (`VQTokenizer.round_trip`) instead of as rendered: the reranker
     # scores decoded images, whose blur and code artefacts a CLIP of clean pictures never saw.
-    # Which scenes is fixed by each one's key (a resumed run sees the same); 0 = none.
+    # Which scenes is fixed by each one's key (a resumed run sees the same); 0 = none (and `vq`
+    # is not read). The main job hands its own VQ to a config whose share is above 0.
     vq: str = ""
     vq_round_trip: float = 0.0
 
@@ -67,9 +68,9 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
         require(self.binding_images >= 0, "binding_images", "must be >= 0")
         require(self.hard_negatives >= 0, "hard_negatives", "must be >= 0")
         require(0 <= self.vq_round_trip <= 1, "vq_round_trip", "must be in [0, 1]")
-        require(bool(self.vq) == (self.vq_round_trip > 0), "vq",
-                "and vq_round_trip > 0 go together: name a VQ folder to round-trip scenes "
-                f"through, got vq={self.vq!r}, vq_round_trip={self.vq_round_trip}")  # fmt: skip
+        share = self.vq_round_trip
+        require(bool(self.vq) or not share, "vq",
+                f"must name a VQ folder for vq_round_trip={share}, got ''")  # fmt: skip
 
 
 def contrastive_loss(
@@ -267,10 +268,10 @@ def train(
             captions += [h or "" for h in hard]  # a row without one: masked out of the loss
         ids, mask = clip.encode_text(captions, truncate=True, longest=True)
         cut = torch.tensor(float(clip.too_long), device=info.device)
-        images = batch["image"]
+        images = batch["image"].to(info.device)
         if vq is not None and (rows := round_trip_rows(batch["key"], cfg.vq_round_trip)):
-            images = images.clone()
-            images[rows] = vq.round_trip(images[rows].to(info.device)).to(images)
+            images = images.clone()  # the batch's own tensor stays as the loader gave it
+            images[rows] = vq.round_trip(images[rows])
         pixels = clip.pixels_from_tensor(images)
         with autocast_context(info.device, cfg.run.precision):
             img, txt, scale = wrapped(ids.to(info.device), mask.to(info.device), pixels)

@@ -36,8 +36,6 @@ def _toy_configs(folder: Path, size: int = 32, grid: int = 8) -> Path:
             cfg["model"]["downsample"] = size // grid
         if name == "transformer":
             cfg["model"].update(grid_h=grid, grid_w=grid, text_len=20)
-        if name == "clip":  # half the scenes through the VQ round trip: the job's own VQ
-            cfg.update(vq="the job's", vq_round_trip=0.5)
         if name == "upsampler":  # 32 -> 64 pixels
             cfg["model"]["low_size"], cfg["data"]["image_size"] = 32, 64
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
@@ -62,8 +60,6 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert pipe(["a red circle"], seed=0).codes.shape == (1, 8, 8)
     assert (out / "samples" / "grid.png").is_file()
     assert (out / "pipeline" / "clip" / "model.safetensors").is_file()  # reranks with CLIP
-    clip_cfg = yaml.safe_load((out / "clip_run" / "config.yaml").read_text())
-    assert clip_cfg["vq"] == str(out / "vq_run" / "vq") and clip_cfg["vq_round_trip"] == 0.5
     assert (out / "samples" / "grid_prior.png").is_file()  # the prior mode's grid
     # two transformers: text mode keeps the text-only one, the prior mode draws with the one
     # fine-tuned from it on the CLIP image embeddings
@@ -196,11 +192,20 @@ def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
     for stage in ("[3/8] vq", "[5/8] tokens", "[6/8] transformer"):
         assert f"{stage}: done already, skipped" in printed
     assert "[7/8] pipeline: running again (clip ran)" in printed
-    # a VQ made again: this CLIP learns from its round trips, so it is made again too
+    # a VQ made again: a CLIP of rendered scenes only is left alone ...
+    shutil.rmtree(out / "vq_run" / "vq")
+    assert main_job(args) == 0
+    printed = capsys.readouterr().out
+    assert "[3/8] vq: running" in printed and "[4/8] clip: done already" in printed
+    # ... one that learns from the VQ's round trips is made again, from the job's own VQ
+    clip_yaml = tmp_path / "configs" / "clip.yaml"
+    clip_yaml.write_text(clip_yaml.read_text() + "vq_round_trip: 0.5\n")
     shutil.rmtree(out / "vq_run" / "vq")
     assert main_job(args) == 0
     printed = capsys.readouterr().out
     assert "[3/8] vq: running" in printed and "[4/8] clip: running again (vq ran)" in printed
+    clip_cfg = yaml.safe_load((out / "clip_run" / "config.yaml").read_text())
+    assert clip_cfg["vq"] == str(out / "vq_run" / "vq") and clip_cfg["vq_round_trip"] == 0.5
 
 
 def test_a_stage_stopped_by_non_finite_numbers_is_one_line_and_exit_1(tmp_path, capsys):
