@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_ar.checkpoint import write_json_atomic
 from dalle_ar.clip import CLIP
 from dalle_ar.config import DataConfig
 from dalle_ar.data.loader import loader_from_config
@@ -47,10 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"clip": args.clip, "vq": args.vq, "data": args.data}
     for name, batches in (("rendered", rendered), ("vq_round_trip", decoded)):
         report[name] = evaluate(clip, batches, 100) | attribute_binding(clip, batches)
-    text = json.dumps(report, indent=1)
-    print(text)
+    print(json.dumps(report, indent=1))
     if args.out:
-        args.out.write_text(text + "\n")
+        write_json_atomic(args.out, report)
     return 0
 
 

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from dalle_ar.checkpoint import write_json_atomic
 from dalle_ar.cli import add_pipeline_arguments, load_pipeline
 from dalle_ar.clip import CLIP, check_clip_folder
 from dalle_ar.data.evaluate import score, score_batch
@@ -89,10 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         picks = best_by([dict(m, clip_score=float(s)) for m, s in zip(out.samples, scores)],
                         "clip")  # fmt: skip
         report["by_clip"][folder] = summary([out.images[i] for i in picks])
-    text = json.dumps(report, indent=1)
-    print(text)
+    print(json.dumps(report, indent=1))
     if args.out:
-        args.out.write_text(text + "\n")
+        write_json_atomic(args.out, report)
     return 0
 
 
