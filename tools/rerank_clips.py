@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from dalle_ar.checkpoint import write_json_atomic
 from dalle_ar.cli import add_pipeline_arguments, load_pipeline
 from dalle_ar.clip import CLIP, check_clip_folder
@@ -85,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     text_by_prompt = [m["prompt_index"] for m in out.samples]
     for folder, clip in clips.items():
         pipe.components["clip"] = clip  # the pipeline's own scoring path: decoded 8-bit pixels
-        text = pipe.scene_embeds(prompts)[text_by_prompt]
-        scores = pipe.clip_scores(out.codes, text)
+        with torch.inference_mode():
+            text = pipe.scene_embeds(prompts)[text_by_prompt]
+            scores = pipe.clip_scores(out.codes, text)
         picks = best_by([dict(m, clip_score=float(s)) for m, s in zip(out.samples, scores)],
                         "clip")  # fmt: skip
         report["by_clip"][folder] = summary([out.images[i] for i in picks])
