@@ -28,9 +28,16 @@ import torch
 from dalle_ar.checkpoint import write_json_atomic
 from dalle_ar.cli import add_pipeline_arguments, load_pipeline
 from dalle_ar.clip import CLIP, check_clip_folder
-from dalle_ar.data.evaluate import score, score_batch
+from dalle_ar.data.evaluate import score
 from dalle_ar.data.shapes import prompts_for_eval
-from dalle_ar.eval.fidelity import GUIDED_SCALE, best_by, candidates_by_prompt, first_candidates
+from dalle_ar.eval.fidelity import (
+    GUIDED_SCALE,
+    best_by,
+    candidates_by_prompt,
+    first_candidates,
+    split_mean,
+    split_scores,
+)
 from dalle_ar.sampling.settings import ARSampling, add_arguments, from_args
 
 
@@ -66,23 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     right = [bool(score(out.images[i], specs[m["prompt_index"]])["exact"])
              for i, m in enumerate(out.samples)]  # fmt: skip
     any_k = [any(right[i] for i in idx) for idx in candidates_by_prompt(out.samples)]
-
-    def summary(images: list) -> dict:
-        """The checker's figures over all prompts, seen and held-out pairs (None: none)."""
-        res = {"all": score_batch(images, specs)}
-        for name, flag in (("seen", False), ("held_out", True)):
-            idx = [i for i, h in enumerate(held) if h == flag]
-            res[name] = (
-                score_batch([images[i] for i in idx], [specs[i] for i in idx]) if idx else None
-            )
-        return res
-
+    singles = [out.images[i] for i in first_candidates(out.samples)]
     report = {"model": args.model, "num_prompts": args.num, "candidates": args.candidates,
               "seed": args.seed, "settings": out.settings, "draw_seconds": draw_seconds,
-              "any_of_k": {"all": sum(any_k) / len(any_k),
-                           "held_out": (sum(a for a, h in zip(any_k, held) if h) / sum(held)
-                                        if any(held) else None)},
-              "single_draws": summary([out.images[i] for i in first_candidates(out.samples)]),
+              "any_of_k": split_mean(any_k, held),
+              "single_draws": split_scores(singles, specs),
               "by_clip": {}}  # fmt: skip
     text_by_prompt = [m["prompt_index"] for m in out.samples]
     for folder, clip in clips.items():
@@ -92,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             scores = pipe.clip_scores(out.codes, text)
         picks = best_by([dict(m, clip_score=float(s)) for m, s in zip(out.samples, scores)],
                         "clip")  # fmt: skip
-        report["by_clip"][folder] = summary([out.images[i] for i in picks])
+        report["by_clip"][folder] = split_scores([out.images[i] for i in picks], specs)
     print(json.dumps(report, indent=1))
     if args.out:
         write_json_atomic(args.out, report)

@@ -106,7 +106,7 @@ def _reranked(pipe, report, pairs, k, rerankers, scale, seed, batch_size, progre
         pick = best_by(out.samples, r)
         res: dict[str, Any] = dict(out.settings)
         res.update(composed=False, candidates=k, keep=1, reranker=r, seconds=seconds,
-                   any_of_k=_split_mean(any_k, held))  # fmt: skip
+                   any_of_k=split_mean(any_k, held))  # fmt: skip
         _add(report, f"{scale:g} best of {k} by {r}", res, [out.images[i] for i in pick], specs)
 
 
@@ -143,7 +143,7 @@ def _upsampling(pipe: Any) -> set[str]:
     return {"upsample", *(dataclasses.asdict(section) if section is not None else ())}
 
 
-def _split_mean(flags: list[bool], held: list[bool]) -> dict[str, float | None]:
+def split_mean(flags: list[bool], held: list[bool]) -> dict[str, float | None]:
     """Fraction true over all, seen and held-out prompts (None for an empty split)."""
 
     def mean(xs: list[bool]) -> float | None:
@@ -153,16 +153,24 @@ def _split_mean(flags: list[bool], held: list[bool]) -> dict[str, float | None]:
             "held_out": mean([f for f, h in zip(flags, held) if h])}  # fmt: skip
 
 
-def _add(report: dict[str, Any], name: str, res: dict[str, Any], images: list, specs: list):
-    """Score `images` against `specs` (all, seen, held-out) into report["settings"][name] and its
-    exact-match line into report["summary"]["guidance " + name]."""
+def split_scores(images: list, specs: list) -> dict[str, Any]:
+    """The shape checker's figures (`data.evaluate.score_batch`) of `images` against `specs`, over
+    all of them ("all") and split into "seen" and "held_out" colour-shape pairs (None for an
+    empty split)."""
     from dalle_ar.data.evaluate import score_batch
 
     held = [bool(s["held_out"]) for s in specs]
-    res["all"] = score_batch(images, specs)
+    res = {"all": score_batch(images, specs)}
     for split, flag in (("seen", False), ("held_out", True)):
         idx = [i for i, h in enumerate(held) if h == flag]
         res[split] = score_batch([images[i] for i in idx], [specs[i] for i in idx]) if idx else None
+    return res
+
+
+def _add(report: dict[str, Any], name: str, res: dict[str, Any], images: list, specs: list):
+    """Score `images` against `specs` (all, seen, held-out; `split_scores`) into
+    report["settings"][name] and its exact-match line into report["summary"]["guidance " + name]."""
+    res.update(split_scores(images, specs))
     report["settings"][name] = res
     a = res["all"]
     report["summary"][f"guidance {name}"] = {k: a[k] for k in ("exact", "exact_seen",

@@ -198,9 +198,8 @@ def stage_clip(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         f"data.eval={p.data}/eval-*.tar",
         f"text_tokenizer={p.tokenizer}",
         *_run(cfg, p.clip_run, cfg.clip_steps, cfg.clip_max_minutes),
+        f"vq={p.vq}",  # the job's own, trained in the stage before; read only for round trips
     ]
-    if _clip_round_trips(yaml):  # through the job's own VQ, trained in the stage before
-        overrides.append(f"vq={p.vq}")
     rcfg = load_config(clip.CLIPRecipeConfig, yaml, overrides)
     clip.train(rcfg, resume=has_checkpoint(p.clip_run))
 
