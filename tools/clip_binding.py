@@ -6,7 +6,9 @@ the decoder's blur, the pictures a reranker actually scores.
         --data "data/shapes/eval-*.tar" --out F.json
 
 The figures are the CLIP recipe's own (`train.clip.evaluate` in batches of 100,
-`train.clip.attribute_binding` on every scene); prints and writes one JSON object with both sets.
+`train.clip.attribute_binding` and `picture_binding` on every scene; the foil pictures of the
+round-tripped set go through the round trip too); prints and writes one JSON object with both
+sets.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dalle_ar.clip import CLIP
 from dalle_ar.config import DataConfig
 from dalle_ar.data.loader import loader_from_config
 from dalle_ar.runtime import set_threads
-from dalle_ar.train.clip import attribute_binding, evaluate
+from dalle_ar.train.clip import attribute_binding, evaluate, picture_binding
 from dalle_ar.vq import VQTokenizer
 
 
@@ -46,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         decoded = [dict(b, image=vq.round_trip(b["image"])) for b in rendered]
     report = {"clip": args.clip, "vq": args.vq, "data": args.data}
-    for name, batches in (("rendered", rendered), ("vq_round_trip", decoded)):
+    for name, batches, redraw in (("rendered", rendered, None),
+                                  ("vq_round_trip", decoded, vq.round_trip)):  # fmt: skip
         report[name] = evaluate(clip, batches, 100) | attribute_binding(clip, batches)
+        with torch.inference_mode():
+            report[name] |= picture_binding(clip, batches, transform=redraw)
     print(json.dumps(report, indent=1))
     if args.out:
         write_json_atomic(args.out, report)

@@ -337,11 +337,34 @@ def foils(spec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def random_foil(spec: dict[str, Any], rng: Any) -> dict[str, Any] | None:
-    """One of `spec`'s foils: a kind drawn uniformly among those `foils` has for the scene, then
-    one of its foils. None for a spec with no foil."""
-    by_kind = [v for v in foils(spec).values() if v]
+# the kinds whose foil is another picture: a relation foil names a relation the same picture
+# does not show
+IMAGE_FOIL_KINDS = ("color", "shape", "size", "position", "swap")
+
+
+def random_foil(
+    spec: dict[str, Any], rng: Any, kinds: Sequence[str] = FOIL_KINDS, seen_pairs: bool = False
+) -> dict[str, Any] | None:
+    """One of `spec`'s foils: a kind drawn uniformly among those of `kinds` that `foils` has for
+    the scene, then one of its foils; with `seen_pairs`, only foils whose every colour-shape pair
+    is seen (a foil of a training scene that stays a training scene). None when there is none."""
+    by_kind = [[f for f in v if not (seen_pairs and any(is_held_out(o["color"], o["shape"])
+                                                        for o in f["objects"]))]
+               for k, v in foils(spec).items() if k in kinds]  # fmt: skip
+    by_kind = [v for v in by_kind if v]
     return _choice(rng, _choice(rng, by_kind)) if by_kind else None
+
+
+def foil_scene(spec: dict[str, Any], rng: Any) -> dict[str, Any] | None:
+    """A scene that differs from `spec`'s in one attribute a picture shows (`IMAGE_FOIL_KINDS`)
+    and holds only seen colour-shape pairs: its spec, with `held_out` False and each object's
+    flag set. Rendered (`render`) and captioned (`caption`) it is a training pair whose picture
+    and caption are each the other scene's hardest negative. None when the scene has none."""
+    foil = random_foil(spec, rng, IMAGE_FOIL_KINDS, seen_pairs=True)
+    if foil is None:
+        return None
+    objects = [{**o, "held_out": False} for o in foil["objects"]]
+    return {**foil, "objects": objects, "held_out": False}
 
 
 def hard_negative(spec: dict[str, Any], rng: Any) -> str | None:

@@ -7,8 +7,8 @@ Loss: CLIP's symmetric InfoNCE over the global batch (`contrastive_loss`; under 
 embeddings are gathered). The learned temperature starts at ln(1/0.07) and is clamped at ln(100).
 The loop (`dalle_ar.train.loop`) does the rest and writes into `run.out_dir`: `config.yaml`,
 `ckpt/last`, `train_log.jsonl`, `metrics.json` (held-out retrieval: text->image and image->text
-top-1 / top-5 in batches of `retrieval_batch`; on shapes data, attribute binding,
-`attribute_binding`) and `clip/`, an ordinary Hugging Face CLIP folder
+top-1 / top-5 in batches of `retrieval_batch`; on shapes data, attribute binding both ways,
+`attribute_binding` and `picture_binding`) and `clip/`, an ordinary Hugging Face CLIP folder
 (`dalle_ar.clip.CLIP.from_pretrained`).
 """
 
@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
@@ -57,6 +58,12 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
     # is not read). The main job hands its own VQ to a config whose share is above 0.
     vq: str = ""
     vq_round_trip: float = 0.0
+    # join each shapes scene of a batch by a foil scene (`shapes.foil_scene`: one attribute a
+    # picture shows changed, seen colour-shape pairs only), rendered at data.image_size and
+    # captioned, so a batch of B scenes trains on 2B pairs: the two pictures of each pair of
+    # scenes are each other's hard negative, the contrast a reranker draws between candidates
+    # that differ in one shape or colour (caption-side hard negatives alone train the other way)
+    foil_scenes: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -68,6 +75,9 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
         require(self.binding_images >= 0, "binding_images", "must be >= 0")
         require(self.hard_negatives >= 0, "hard_negatives", "must be >= 0")
         require(0 <= self.vq_round_trip <= 1, "vq_round_trip", "must be in [0, 1]")
+        size = self.data.image_size
+        require(not self.foil_scenes or size >= 12, "foil_scenes",
+                f"renders scenes of >= 12 pixels, data.image_size is {size}")  # fmt: skip
         share = self.vq_round_trip
         require(bool(self.vq) or not share, "vq",
                 f"must name a VQ folder for vq_round_trip={share}, got ''")  # fmt: skip
@@ -129,6 +139,36 @@ def round_trip_rows(keys: Iterable[str], share: float) -> list[int]:
     return [i for i, k in enumerate(keys) if random.Random(f"vq-{k}").random() < share]
 
 
+def _is_scene(meta: Any) -> bool:
+    """Is a sample's metadata a shapes scene spec (`dalle_ar.data.shapes`)?"""
+    return isinstance(meta, dict) and "objects" in meta
+
+
+def with_foil_scenes(batch: dict[str, Any], size: int) -> dict[str, Any]:
+    """The batch {"image" (B, 3, S, S) in [0, 1], "caption", "meta", "key"} followed by one foil
+    scene per sample (`shapes.foil_scene`, rendered at `size`, captioned like a training scene,
+    key "KEY-foil"): 2B rows, row B + i the foil of row i. Each sample's draws come from a
+    generator seeded by its key (a resumed run sees the same foils). ValueError naming the first
+    sample that is not a shapes scene or has no foil."""
+    from dalle_ar.data.shapes import caption, foil_scene, render
+
+    images, captions, metas, keys = [], [], [], []
+    for meta, key in zip(batch["meta"], batch["key"]):
+        rng = random.Random(f"foil-{key}")
+        foil = foil_scene(meta, rng) if _is_scene(meta) else None
+        if foil is None:
+            raise ValueError(f"foil_scenes needs a shapes scene with a foil; sample {key!r} has "
+                             f"none (metadata {str(meta)[:80]})")  # fmt: skip
+        images.append(torch.from_numpy(render(foil, size)))
+        captions.append(caption(foil, rng))
+        metas.append(foil)
+        keys.append(f"{key}-foil")
+    foils = torch.stack(images).permute(0, 3, 1, 2).to(batch["image"].dtype) / 255
+    return {"image": torch.cat([batch["image"], foils.to(batch["image"].device)]),
+            "caption": [*batch["caption"], *captions], "meta": [*batch["meta"], *metas],
+            "key": [*batch["key"], *keys]}  # fmt: skip
+
+
 def hard_negatives(batch: dict[str, Any], per_sample: int = 1) -> list[str | None]:
     """`per_sample` hard-negative captions for each sample whose metadata is a shapes spec (None
     for the rest), (per_sample * B,) draw-major: draw d of sample i at d * B + i. Drawn from a
@@ -138,7 +178,7 @@ def hard_negatives(batch: dict[str, Any], per_sample: int = 1) -> list[str | Non
     rngs = [random.Random(f"hard-{k}") for k in batch["key"]]
     out = []
     for _ in range(per_sample):
-        out += [hard_negative(m, rng) if isinstance(m, dict) and "objects" in m else None
+        out += [hard_negative(m, rng) if _is_scene(m) else None
                 for m, rng in zip(batch["meta"], rngs)]  # fmt: skip
     return out
 
@@ -175,6 +215,43 @@ def evaluate(
     return {f"retrieval_{k}": float(total[i] / total[-1]) for i, k in enumerate(names)}
 
 
+def _tally(
+    verdicts: Iterable[tuple[bool, dict[str, bool]]],
+    kinds: tuple[str, ...],
+    prefix: str,
+    device: torch.device,
+) -> dict[str, float]:
+    """Fractions right from each scene's (held_out, {kind: right}), summed over ranks (counted
+    on `device` for the reduction): `{prefix}_{split}` (every kind at once) and
+    `{prefix}_{kind}_{split}` for split "seen" / "held_out"; a kind no scene had is left out."""
+    keys = [f"{k}_{s}" for s in ("seen", "held_out") for k in ("all", *kinds)]
+    right = torch.zeros(len(keys), dtype=torch.float64)
+    total = torch.zeros(len(keys), dtype=torch.float64)
+    for held_out, by_kind in verdicts:
+        split = "held_out" if held_out else "seen"
+        for kind, ok in (*by_kind.items(), ("all", all(by_kind.values()))):
+            j = keys.index(f"{kind}_{split}")
+            right[j] += ok
+            total[j] += 1
+    both = dist.all_reduce_sum(torch.cat([right, total]).to(device)).cpu()
+    right, total = both[: len(keys)], both[len(keys) :]
+    return {f"{prefix}_" + key.removeprefix("all_"): float(right[j] / total[j])
+            for j, key in enumerate(keys) if total[j]}  # fmt: skip
+
+
+def _scenes(batches: Iterable[dict[str, Any]], max_images: int) -> Iterator[tuple[dict, list[int]]]:
+    """(batch, rows holding a shapes spec) over the first `max_images` such rows (0 = all)."""
+    n = 0
+    for batch in batches:
+        if max_images and n >= max_images:
+            return
+        use = [i for i, m in enumerate(batch["meta"]) if _is_scene(m)]
+        use = use[: max_images - n] if max_images else use
+        n += len(use)
+        if use:
+            yield batch, use
+
+
 @torch.no_grad()
 def attribute_binding(
     clip: CLIP, batches: Iterable[dict[str, Any]], max_images: int = 0
@@ -189,20 +266,8 @@ def attribute_binding(
 
     was_training = clip.model.training
     clip.model.eval()
-    keys = [f"{k}_{s}" for s in ("seen", "held_out") for k in ("all", *FOIL_KINDS)]
-    right, total = (
-        torch.zeros(len(keys), dtype=torch.float64),
-        torch.zeros(len(keys), dtype=torch.float64),
-    )
-    n = 0
-    for batch in batches:
-        use = [i for i, m in enumerate(batch["meta"]) if isinstance(m, dict) and "objects" in m]
-        if max_images:
-            use = use[: max_images - n]
-        if not use:
-            if max_images and n >= max_images:
-                break
-            continue
+    verdicts = []
+    for batch, use in _scenes(batches, max_images):
         img = clip.image_embeds(clip.pixels_from_tensor(batch["image"][use].to(clip.device)))
         cases = [(batch["meta"][i], foils(batch["meta"][i])) for i in use]
         texts = [plain_caption(spec) for spec, _ in cases]
@@ -210,34 +275,57 @@ def attribute_binding(
         txt = clip.text_embeds(*clip.encode_text(texts, longest=True))
         at = len(cases)
         for row, (spec, by_kind) in enumerate(cases):
-            true = float(img[row] @ txt[row])
-            split = "held_out" if spec["held_out"] else "seen"
-            beats_all = True
+            true, ok = img[row] @ txt[row], {}
             for kind in FOIL_KINDS:
-                if not by_kind[kind]:
-                    continue
-                sims = txt[at : at + len(by_kind[kind])] @ img[row]
-                at += len(by_kind[kind])
-                ok = bool(true > sims.max())
-                beats_all &= ok
-                j = keys.index(f"{kind}_{split}")
-                right[j] += ok
-                total[j] += 1
-            j = keys.index(f"all_{split}")
-            right[j] += beats_all
-            total[j] += 1
-        n += len(use)
-        if max_images and n >= max_images:
-            break
+                if by_kind[kind]:
+                    ok[kind] = bool(true > (txt[at : at + len(by_kind[kind])] @ img[row]).max())
+                    at += len(by_kind[kind])
+            verdicts.append((bool(spec["held_out"]), ok))
     clip.model.train(was_training)
-    both = dist.all_reduce_sum(torch.cat([right, total]).to(clip.device)).cpu()
-    right, total = both[: len(keys)], both[len(keys) :]
-    out = {}
-    for j, key in enumerate(keys):
-        if total[j]:
-            name = "binding_" + key.removeprefix("all_")
-            out[name] = float(right[j] / total[j])
-    return out
+    return _tally(verdicts, FOIL_KINDS, "binding", clip.device)
+
+
+@torch.no_grad()
+def picture_binding(
+    clip: CLIP,
+    batches: Iterable[dict[str, Any]],
+    max_images: int = 0,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Attribute binding the other way, the choice a reranker makes: for each shapes scene, does
+    its caption (`plain_caption`) score its own picture above every picture of a scene that
+    differs from it in one attribute a picture shows (`shapes.foils` of `IMAGE_FOIL_KINDS`,
+    rendered at the batch's image size)? `transform` maps the foil pictures (B, 3, S, S) in
+    [0, 1] as the batches' own pictures were (a VQ round trip, say). Over the first `max_images`
+    scenes of each rank (0 = all), summed over ranks: `picture_binding_{split}` and
+    `picture_binding_{kind}_{split}`, as `attribute_binding`."""
+    from dalle_ar.data.shapes import IMAGE_FOIL_KINDS, foils, plain_caption, render
+
+    was_training = clip.model.training
+    clip.model.eval()
+    verdicts = []
+    for batch, use in _scenes(batches, max_images):
+        size = batch["image"].shape[-1]
+        specs = [batch["meta"][i] for i in use]
+        by_scene = [{k: v for k, v in foils(spec).items() if k in IMAGE_FOIL_KINDS and v}
+                    for spec in specs]  # fmt: skip
+        drawn = [render(f, size) for by_kind in by_scene for v in by_kind.values() for f in v]
+        pictures = torch.from_numpy(np.stack(drawn)).permute(0, 3, 1, 2).float() / 255
+        if transform is not None:
+            pictures = torch.cat([transform(p) for p in pictures.split(256)])
+        pictures = torch.cat([batch["image"][use], pictures])
+        img = torch.cat([clip.image_embeds(clip.pixels_from_tensor(p.to(clip.device)))
+                         for p in pictures.split(256)])  # fmt: skip
+        txt = clip.text_embeds(*clip.encode_text([plain_caption(s) for s in specs], longest=True))
+        at = len(specs)
+        for row, (spec, by_kind) in enumerate(zip(specs, by_scene)):
+            true, ok = img[row] @ txt[row], {}
+            for kind, v in by_kind.items():
+                ok[kind] = bool(true > (img[at : at + len(v)] @ txt[row]).max())
+                at += len(v)
+            verdicts.append((bool(spec["held_out"]), ok))
+    clip.model.train(was_training)
+    return _tally(verdicts, IMAGE_FOIL_KINDS, "picture_binding", clip.device)
 
 
 def train(
@@ -262,6 +350,8 @@ def train(
         log.info("clip: %d parameters, %s", sum(p.numel() for p in pair.parameters()), info.device)
 
     def loss(batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if cfg.foil_scenes:
+            batch = with_foil_scenes(batch, cfg.data.image_size)
         captions, n = list(batch["caption"]), len(batch["caption"])
         if cfg.hard_negatives:
             hard = hard_negatives(batch, cfg.hard_negatives)
@@ -292,6 +382,7 @@ def train(
         out = evaluate(clip, batches, cfg.retrieval_batch, 0 if final else cfg.eval_pairs)
         if final:
             out |= attribute_binding(clip, source.eval(), cfg.binding_images)
+            out |= picture_binding(clip, source.eval(), cfg.binding_images)
         return out
 
     def save(full: CLIPPair, folder: Path) -> None:

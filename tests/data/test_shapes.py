@@ -189,3 +189,33 @@ def test_hard_negatives_are_false_and_reproducible():
         assert not score(img, foil)["exact"]
         kinds |= {k for k, v in shapes.foils(spec).items() if foil in v}
     assert len(kinds) > 1 and score(img, spec)["exact"]
+
+
+def test_foil_scenes_are_other_pictures_of_seen_pairs_the_checker_reads():
+    """A foil scene is a training pair: another picture (no relation foil, which draws the same
+    one), every colour-shape pair seen, and its rendered picture read back by the checker as its
+    own spec and not as the scene's."""
+    from dalle_ar.data.evaluate import score
+
+    rng, kinds = random.Random(0), Counter()
+    for _ in range(60):
+        spec = shapes.sample_spec(rng, "train")
+        foil = shapes.foil_scene(spec, random.Random(repr(spec)))
+        assert foil == shapes.foil_scene(spec, random.Random(repr(spec)))  # the rng's draw
+        by_kind = shapes.foils(spec)
+        kind = next(k for k in shapes.IMAGE_FOIL_KINDS
+                    if any(f["objects"] == foil["objects"] for f in by_kind[k]))  # fmt: skip
+        kinds[kind] += 1
+        assert not foil["held_out"]
+        assert not any(shapes.is_held_out(o["color"], o["shape"]) for o in foil["objects"])
+        assert not any(o["held_out"] for o in foil["objects"])
+        img = shapes.render(foil)
+        assert not np.array_equal(img, shapes.render(spec))
+        assert score(img, foil)["exact"] and not score(img, spec)["exact"]
+    assert set(kinds) == set(shapes.IMAGE_FOIL_KINDS)  # 60 scenes meet every kind
+    # a red square's shape foils never make the held-out red triangle
+    red = {"objects": [{"color": "red", "shape": "square", "size": "small", "row": 0, "col": 0,
+                        "held_out": False}], "relation": None, "held_out": False}  # fmt: skip
+    shapes_drawn = {shapes.random_foil(red, random.Random(s), ("shape",), seen_pairs=True)
+                    ["objects"][0]["shape"] for s in range(50)}  # fmt: skip
+    assert shapes_drawn == {"circle", "diamond"}

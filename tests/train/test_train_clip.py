@@ -94,14 +94,16 @@ def test_recipe_trains_resumes_exactly_and_writes_a_clip_folder(tmp_path, shapes
         tok
     )
     whole = tmp_path / "whole"
+    extra = ("hard_negatives=2", "foil_scenes=true")  # both drawn per sample key: exact resume
     m = clip_recipe.train(
-        load_config(
-            CLIPRecipeConfig, TINY_CONFIG, _run(shapes_shards, tok, whole, "hard_negatives=2")
-        )
+        load_config(CLIPRecipeConfig, TINY_CONFIG, _run(shapes_shards, tok, whole, *extra))
     )
     assert m["finished"] and m["step"] == 6
     for split in ("seen", "held_out"):  # attribute binding on the shapes evaluation images
         assert 0 <= m[f"binding_{split}"] <= m[f"binding_color_{split}"] <= 1
+        # ... and the other way, the caption choosing its picture among rendered foils
+        assert 0 <= m[f"picture_binding_{split}"] <= m[f"picture_binding_shape_{split}"] <= 1
+    assert "picture_binding_relation_seen" not in m  # a relation foil draws the same picture
     for k in ("retrieval_t2i_top1", "retrieval_i2t_top5"):
         assert 0 <= m[k] <= 1
     assert m["retrieval_t2i_top5"] >= m["retrieval_t2i_top1"]
@@ -109,7 +111,7 @@ def test_recipe_trains_resumes_exactly_and_writes_a_clip_folder(tmp_path, shapes
     assert clip.eos_id == clip.model.config.text_config.eos_token_id
 
     halted = tmp_path / "halted"
-    argv = ["--config", str(TINY_CONFIG), *_run(shapes_shards, tok, halted, "hard_negatives=2")]
+    argv = ["--config", str(TINY_CONFIG), *_run(shapes_shards, tok, halted, *extra)]
     assert clip_recipe.main([*argv, "halt_after=3"]) == 0
     assert clip_recipe.main(["--resume", *argv]) == 0
     again = CLIP.from_pretrained(halted / "clip")
@@ -144,6 +146,28 @@ def test_hard_negatives_come_from_each_samples_spec_and_key():
     assert clip_recipe.hard_negatives(batch, 3) == got  # a resumed run draws the same ones
 
 
+def test_foil_scenes_join_each_sample_rendered_and_captioned():
+    from dalle_ar.data.shapes import generate, render
+
+    scenes = list(generate(3, seed=0, split="train"))
+    image = torch.stack([torch.from_numpy(x).permute(2, 0, 1).float() / 255 for x, _, _ in scenes])
+    batch = {"image": image, "caption": [c for _, c, _ in scenes],
+             "meta": [m for _, _, m in scenes], "key": ["a", "b", "c"]}  # fmt: skip
+    got = clip_recipe.with_foil_scenes(batch, 32)
+    assert got["image"].shape == (6, 3, 32, 32) and len(got["caption"]) == 6
+    assert got["key"] == ["a", "b", "c", "a-foil", "b-foil", "c-foil"]
+    assert torch.equal(got["image"][:3], image) and got["caption"][:3] == batch["caption"]
+    for i in range(3):  # row 3 + i: the foil of row i, drawn as its spec says
+        foil = got["meta"][3 + i]
+        want = torch.from_numpy(render(foil, 32)).permute(2, 0, 1).float() / 255
+        assert torch.equal(got["image"][3 + i], want) and foil != batch["meta"][i]
+    again = clip_recipe.with_foil_scenes(batch, 32)  # each sample's key seeds its foil
+    assert again["meta"] == got["meta"] and again["caption"] == got["caption"]
+    with pytest.raises(ValueError, match="sample 'x' has none"):
+        clip_recipe.with_foil_scenes(dict(batch, meta=[*batch["meta"][:2], {}],
+                                          key=["a", "b", "x"]), 32)  # fmt: skip
+
+
 def test_round_trip_rows_are_each_samples_own_draw():
     keys = [f"s{i:05d}" for i in range(2000)]
     assert clip_recipe.round_trip_rows(keys, 0.0) == []
@@ -159,7 +183,8 @@ def test_round_trip_rows_are_each_samples_own_draw():
 @pytest.mark.parametrize(
     "extra, match",
     [(["vq_round_trip=0.5"], "config key 'vq': must name a VQ folder"),
-     (["vq=somewhere", "vq_round_trip=1.5"], "config key 'vq_round_trip': must be in")],
+     (["vq=somewhere", "vq_round_trip=1.5"], "config key 'vq_round_trip': must be in"),
+     (["foil_scenes=true", "data.image_size=8"], "config key 'foil_scenes': renders")],
 )  # fmt: skip
 def test_round_trip_settings_are_checked(tmp_path, extra, match):
     names = SimpleNamespace(train="train-*.tar", eval="eval-*.tar")  # validation reads no data
