@@ -304,6 +304,19 @@ def _holds(relation: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
             "above": a["row"] < b["row"], "below": a["row"] > b["row"]}[relation]  # fmt: skip
 
 
+def describes(spec: dict[str, Any], scene: dict[str, Any]) -> bool:
+    """Is a caption of `spec` true of `scene`'s picture: the same objects (colour, shape, size, in
+    order) and, for one object, its cell; for two, `spec`'s relation holding between `scene`'s
+    cells (a two-object caption names no cell)."""
+    a, b = spec["objects"], scene["objects"]
+    keys = ("color", "shape", "size")
+    if len(a) != len(b) or any(x[k] != y[k] for x, y in zip(a, b) for k in keys):
+        return False
+    if spec.get("relation") is None:
+        return (a[0]["row"], a[0]["col"]) == (b[0]["row"], b[0]["col"])
+    return _holds(spec["relation"], *b)
+
+
 def foils(spec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Every spec whose caption differs from `spec`'s in one attribute and is false of its image,
     by kind (`FOIL_KINDS`): another colour, shape or size of one object; another cell (one
@@ -358,8 +371,9 @@ def random_foil(
 def foil_scene(spec: dict[str, Any], rng: Any) -> dict[str, Any] | None:
     """A scene that differs from `spec`'s in one attribute a picture shows (`IMAGE_FOIL_KINDS`)
     and holds only seen colour-shape pairs: its spec, with `held_out` False and each object's
-    flag set. Rendered (`render`) and captioned (`caption`) it is a training pair whose picture
-    and caption are each the other scene's hardest negative. None when the scene has none."""
+    `held_out` set to False. Rendered (`render`) and captioned (`caption`) it is a training pair
+    whose picture and caption are each the other scene's hardest negative. None when the scene
+    has none."""
     foil = random_foil(spec, rng, IMAGE_FOIL_KINDS, seen_pairs=True)
     if foil is None:
         return None

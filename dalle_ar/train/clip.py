@@ -59,7 +59,7 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
     vq: str = ""
     vq_round_trip: float = 0.0
     # join each shapes scene of a batch by a foil scene (`shapes.foil_scene`: one attribute a
-    # picture shows changed, seen colour-shape pairs only), rendered at data.image_size and
+    # picture shows changed, seen colour-shape pairs only), rendered at data.image_size (>= 21) and
     # captioned, so a batch of B scenes trains on 2B pairs: the two pictures of each pair of
     # scenes are each other's hard negative, the contrast a reranker draws between candidates
     # that differ in one shape or colour (caption-side hard negatives alone train the other way)
@@ -75,9 +75,9 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
         require(self.binding_images >= 0, "binding_images", "must be >= 0")
         require(self.hard_negatives >= 0, "hard_negatives", "must be >= 0")
         require(0 <= self.vq_round_trip <= 1, "vq_round_trip", "must be in [0, 1]")
-        size = self.data.image_size
-        require(not self.foil_scenes or size >= 12, "foil_scenes",
-                f"renders scenes of >= 12 pixels, data.image_size is {size}")  # fmt: skip
+        size = self.data.image_size  # below 21 pixels two shapes can draw the same pixels
+        require(not self.foil_scenes or size >= 21, "foil_scenes",
+                f"renders scenes of >= 21 pixels, data.image_size is {size}")  # fmt: skip
         share = self.vq_round_trip
         require(bool(self.vq) or not share, "vq",
                 f"must name a VQ folder for vq_round_trip={share}, got ''")  # fmt: skip
@@ -172,14 +172,20 @@ def with_foil_scenes(batch: dict[str, Any], size: int) -> dict[str, Any]:
 def hard_negatives(batch: dict[str, Any], per_sample: int = 1) -> list[str | None]:
     """`per_sample` hard-negative captions for each sample whose metadata is a shapes spec (None
     for the rest), (per_sample * B,) draw-major: draw d of sample i at d * B + i. Drawn from a
-    generator seeded by the sample's key: a resumed run sees the same ones."""
-    from dalle_ar.data.shapes import hard_negative
+    generator seeded by the sample's key: a resumed run sees the same ones. A draw whose caption
+    is true of a picture in the batch (`shapes.describes`: with foil scenes, a scene's hard
+    negative is often its foil's own caption) is None too, as every picture is scored against
+    every hard negative."""
+    from dalle_ar.data.shapes import caption, describes, random_foil
 
+    scenes = [m for m in batch["meta"] if _is_scene(m)]
     rngs = [random.Random(f"hard-{k}") for k in batch["key"]]
-    out = []
+    out: list[str | None] = []
     for _ in range(per_sample):
-        out += [hard_negative(m, rng) if _is_scene(m) else None
-                for m, rng in zip(batch["meta"], rngs)]  # fmt: skip
+        for m, rng in zip(batch["meta"], rngs):
+            foil = random_foil(m, rng) if _is_scene(m) else None  # `shapes.hard_negative`'s draws
+            text = None if foil is None else caption(foil, rng)
+            out.append(None if foil is None or any(describes(foil, s) for s in scenes) else text)
     return out
 
 
@@ -295,7 +301,7 @@ def picture_binding(
     """Attribute binding the other way, the choice a reranker makes: for each shapes scene, does
     its caption (`plain_caption`) score its own picture above every picture of a scene that
     differs from it in one attribute a picture shows (`shapes.foils` of `IMAGE_FOIL_KINDS`,
-    rendered at the batch's image size)? `transform` maps the foil pictures (B, 3, S, S) in
+    rendered at the batch's image size)? `transform` maps chunks of foil pictures (N, 3, S, S) in
     [0, 1] as the batches' own pictures were (a VQ round trip, say). Over the first `max_images`
     scenes of each rank (0 = all), summed over ranks: `picture_binding_{split}` and
     `picture_binding_{kind}_{split}`, as `attribute_binding`."""

@@ -219,3 +219,17 @@ def test_foil_scenes_are_other_pictures_of_seen_pairs_the_checker_reads():
     shapes_drawn = {shapes.random_foil(red, random.Random(s), ("shape",), seen_pairs=True)
                     ["objects"][0]["shape"] for s in range(50)}  # fmt: skip
     assert shapes_drawn == {"circle", "diamond"}
+
+
+def test_describes_reads_a_caption_against_a_picture_as_the_checker_does():
+    from dalle_ar.data.evaluate import score
+
+    rng = random.Random(5)
+    for _ in range(40):
+        scene = shapes.sample_spec(rng, "eval")
+        img = shapes.render(scene)
+        assert shapes.describes(scene, scene)
+        for foils in shapes.foils(scene).values():  # every foil is false of the picture
+            assert not any(shapes.describes(f, scene) for f in foils)
+        other = shapes.sample_spec(rng, "eval")
+        assert shapes.describes(other, scene) == bool(score(img, other)["exact"])

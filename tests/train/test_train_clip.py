@@ -16,6 +16,7 @@ from _spawn import run_ranks
 
 from dalle_ar.clip import CLIP
 from dalle_ar.config import ConfigError, load_config
+from dalle_ar.data import shapes
 from dalle_ar.text import TokenizerConfig, train_tokenizer
 from dalle_ar.train import clip as clip_recipe
 from dalle_ar.train.clip import CLIPRecipeConfig, contrastive_loss, retrieval
@@ -94,7 +95,8 @@ def test_recipe_trains_resumes_exactly_and_writes_a_clip_folder(tmp_path, shapes
         tok
     )
     whole = tmp_path / "whole"
-    extra = ("hard_negatives=2", "foil_scenes=true")  # both drawn per sample key: exact resume
+    # both drawn per sample key: exact resume; foil scenes are drawn at >= 21 pixels
+    extra = ("hard_negatives=2", "foil_scenes=true", "data.image_size=24", "model.image_size=24")
     m = clip_recipe.train(
         load_config(CLIPRecipeConfig, TINY_CONFIG, _run(shapes_shards, tok, whole, *extra))
     )
@@ -103,7 +105,6 @@ def test_recipe_trains_resumes_exactly_and_writes_a_clip_folder(tmp_path, shapes
         assert 0 <= m[f"binding_{split}"] <= m[f"binding_color_{split}"] <= 1
         # ... and the other way, the caption choosing its picture among rendered foils
         assert 0 <= m[f"picture_binding_{split}"] <= m[f"picture_binding_shape_{split}"] <= 1
-    assert "picture_binding_relation_seen" not in m  # a relation foil draws the same picture
     for k in ("retrieval_t2i_top1", "retrieval_i2t_top5"):
         assert 0 <= m[k] <= 1
     assert m["retrieval_t2i_top5"] >= m["retrieval_t2i_top1"]
@@ -166,6 +167,28 @@ def test_foil_scenes_join_each_sample_rendered_and_captioned():
     with pytest.raises(ValueError, match="sample 'x' has none"):
         clip_recipe.with_foil_scenes(dict(batch, meta=[*batch["meta"][:2], {}],
                                           key=["a", "b", "x"]), 32)  # fmt: skip
+
+
+def test_no_hard_negative_is_true_of_a_picture_in_the_batch():
+    from dalle_ar.data.shapes import describes, generate
+
+    scenes = list(generate(64, seed=1, split="train"))
+    image = torch.zeros(64, 3, 32, 32)
+    batch = {"image": image, "caption": [c for _, c, _ in scenes],
+             "meta": [m for _, _, m in scenes], "key": [f"k{i}" for i in range(64)]}  # fmt: skip
+    plain = clip_recipe.hard_negatives(batch, 3)
+    joined = clip_recipe.with_foil_scenes(batch, 32)
+    hard = clip_recipe.hard_negatives(joined, 3)
+    # a scene's hard negative is often its foil's own caption: those are dropped, the rest kept
+    assert 0 < hard.count(None) < len(hard) // 2 and plain.count(None) < hard.count(None) / 4
+    assert hard[:64] == [h if h is None or h in plain[:64] else "?" for h in hard[:64]]
+    rngs = {k: random.Random(f"hard-{k}") for k in joined["key"]}
+    for d in range(3):  # each kept draw is the scene's own; no dropped one was true of no picture
+        for i, (meta, key) in enumerate(zip(joined["meta"], joined["key"])):
+            foil = shapes.random_foil(meta, rngs[key])
+            text = shapes.caption(foil, rngs[key])
+            true_of_some = any(describes(foil, m) for m in joined["meta"])
+            assert hard[d * 128 + i] == (None if true_of_some else text)
 
 
 def test_round_trip_rows_are_each_samples_own_draw():
