@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -304,14 +304,18 @@ def _holds(relation: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
             "above": a["row"] < b["row"], "below": a["row"] > b["row"]}[relation]  # fmt: skip
 
 
+def object_attributes(spec: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    """Each object's (colour, shape, size), in order: what a caption names besides places."""
+    return tuple((o["color"], o["shape"], o["size"]) for o in spec["objects"])
+
+
 def describes(spec: dict[str, Any], scene: dict[str, Any]) -> bool:
-    """Is a caption of `spec` true of `scene`'s picture: the same objects (colour, shape, size, in
-    order) and, for one object, its cell; for two, `spec`'s relation holding between `scene`'s
-    cells (a two-object caption names no cell)."""
-    a, b = spec["objects"], scene["objects"]
-    keys = ("color", "shape", "size")
-    if len(a) != len(b) or any(x[k] != y[k] for x, y in zip(a, b) for k in keys):
+    """Is a caption of `spec` true of `scene`'s picture: the same `object_attributes` and, for one
+    object, its cell; for two, `spec`'s relation holding between `scene`'s cells (a two-object
+    caption names no cell)."""
+    if object_attributes(spec) != object_attributes(scene):
         return False
+    a, b = spec["objects"], scene["objects"]
     if spec.get("relation") is None:
         return (a[0]["row"], a[0]["col"]) == (b[0]["row"], b[0]["col"])
     return _holds(spec["relation"], *b)
@@ -381,11 +385,16 @@ def foil_scene(spec: dict[str, Any], rng: Any) -> dict[str, Any] | None:
     return {**foil, "objects": objects, "held_out": False}
 
 
-def hard_negative(spec: dict[str, Any], rng: Any) -> str | None:
+def hard_negative(
+    spec: dict[str, Any], rng: Any, refuse: Callable[[dict[str, Any]], bool] | None = None
+) -> str | None:
     """A caption false of `spec`'s image that differs from a true one in one attribute: a
     `random_foil` worded by `caption` (so as varied as the training captions); None for a spec
-    with no foil. The hard negatives of NegCLIP (Yuksekgonul et al. 2023), which teach a
-    contrastive model the relations and bindings that batches of random captions never
-    contrast."""
+    with no foil, or when `refuse` is true of the foil drawn (the draws are made all the same).
+    The hard negatives of NegCLIP (Yuksekgonul et al. 2023), which teach a contrastive model the
+    relations and bindings that batches of random captions never contrast."""
     foil = random_foil(spec, rng)
-    return None if foil is None else caption(foil, rng)
+    if foil is None:
+        return None
+    text = caption(foil, rng)
+    return None if refuse is not None and refuse(foil) else text

@@ -150,21 +150,20 @@ def with_foil_scenes(batch: dict[str, Any], size: int) -> dict[str, Any]:
     key "KEY-foil"): 2B rows, row B + i the foil of row i. Each sample's draws come from a
     generator seeded by its key (a resumed run sees the same foils). ValueError naming the first
     sample that is not a shapes scene or has no foil."""
-    from dalle_ar.data.shapes import caption, foil_scene, render
+    from dalle_ar.data.shapes import caption, foil_scene
 
-    images, captions, metas, keys = [], [], [], []
+    captions, metas, keys = [], [], []
     for meta, key in zip(batch["meta"], batch["key"]):
         rng = random.Random(f"foil-{key}")
         foil = foil_scene(meta, rng) if _is_scene(meta) else None
         if foil is None:
             raise ValueError(f"foil_scenes needs a shapes scene with a foil; sample {key!r} has "
                              f"none (metadata {str(meta)[:80]})")  # fmt: skip
-        images.append(torch.from_numpy(render(foil, size)))
         captions.append(caption(foil, rng))
         metas.append(foil)
         keys.append(f"{key}-foil")
-    foils = torch.stack(images).permute(0, 3, 1, 2).to(batch["image"].dtype) / 255
-    return {"image": torch.cat([batch["image"], foils.to(batch["image"].device)]),
+    foils = rendered(metas, size).to(batch["image"])
+    return {"image": torch.cat([batch["image"], foils]),
             "caption": [*batch["caption"], *captions], "meta": [*batch["meta"], *metas],
             "key": [*batch["key"], *keys]}  # fmt: skip
 
@@ -176,17 +175,30 @@ def hard_negatives(batch: dict[str, Any], per_sample: int = 1) -> list[str | Non
     is true of a picture in the batch (`shapes.describes`: with foil scenes, a scene's hard
     negative is often its foil's own caption) is None too, as every picture is scored against
     every hard negative."""
-    from dalle_ar.data.shapes import caption, describes, random_foil
+    from dalle_ar.data.shapes import describes, hard_negative, object_attributes
 
-    scenes = [m for m in batch["meta"] if _is_scene(m)]
+    pictures: dict[tuple, list[dict[str, Any]]] = {}  # the batch's scenes by what they show
+    for m in filter(_is_scene, batch["meta"]):
+        pictures.setdefault(object_attributes(m), []).append(m)
+
+    def true_of_one(foil: dict[str, Any]) -> bool:
+        return any(describes(foil, m) for m in pictures.get(object_attributes(foil), ()))
+
     rngs = [random.Random(f"hard-{k}") for k in batch["key"]]
-    out: list[str | None] = []
+    out = []
     for _ in range(per_sample):
-        for m, rng in zip(batch["meta"], rngs):
-            foil = random_foil(m, rng) if _is_scene(m) else None  # `shapes.hard_negative`'s draws
-            text = None if foil is None else caption(foil, rng)
-            out.append(None if foil is None or any(describes(foil, s) for s in scenes) else text)
+        out += [hard_negative(m, rng, true_of_one) if _is_scene(m) else None
+                for m, rng in zip(batch["meta"], rngs)]  # fmt: skip
     return out
+
+
+def rendered(specs: list[dict[str, Any]], size: int) -> torch.Tensor:
+    """Shapes scenes drawn by `shapes.render` at `size`: (N, 3, size, size) float32 in [0, 1], the
+    loader's layout."""
+    from dalle_ar.data.shapes import render
+
+    drawn = np.stack([render(spec, size) for spec in specs])
+    return torch.from_numpy(drawn).permute(0, 3, 1, 2).float() / 255
 
 
 @torch.no_grad()
@@ -305,7 +317,7 @@ def picture_binding(
     [0, 1] as the batches' own pictures were (a VQ round trip, say). Over the first `max_images`
     scenes of each rank (0 = all), summed over ranks: `picture_binding_{split}` and
     `picture_binding_{kind}_{split}`, as `attribute_binding`."""
-    from dalle_ar.data.shapes import IMAGE_FOIL_KINDS, foils, plain_caption, render
+    from dalle_ar.data.shapes import IMAGE_FOIL_KINDS, foils, plain_caption
 
     was_training = clip.model.training
     clip.model.eval()
@@ -315,8 +327,7 @@ def picture_binding(
         specs = [batch["meta"][i] for i in use]
         by_scene = [{k: v for k, v in foils(spec).items() if k in IMAGE_FOIL_KINDS and v}
                     for spec in specs]  # fmt: skip
-        drawn = [render(f, size) for by_kind in by_scene for v in by_kind.values() for f in v]
-        pictures = torch.from_numpy(np.stack(drawn)).permute(0, 3, 1, 2).float() / 255
+        pictures = rendered([f for by_kind in by_scene for v in by_kind.values() for f in v], size)
         if transform is not None:
             pictures = torch.cat([transform(p) for p in pictures.split(256)])
         pictures = torch.cat([batch["image"][use], pictures])
