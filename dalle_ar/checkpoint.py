@@ -245,18 +245,30 @@ def load_pretrained(
     return model.eval()
 
 
-def init_from_folder(model: torch.nn.Module, path: str | Path, component: str) -> list[str]:
+def init_from_folder(
+    model: torch.nn.Module, path: str | Path, component: str, leave_out: tuple[str, ...] = ()
+) -> tuple[list[str], list[str]]:
     """Start a model from a trained component folder's weights (fine-tuning): every tensor of
     the folder is copied into the model's tensor of the same name; the model's tensors the folder
-    lacks keep their initialisation, and their names are returned. A folder of another component,
-    or with a tensor the model lacks or holds in another shape, is refused by name (ValueError),
-    as `load_state_strict` does; FileNotFoundError for a folder without weights."""
+    lacks keep their initialisation. `leave_out`: name prefixes of the folder's tensors that are
+    not copied where the model lacks them or holds them in another shape (the parts a recipe
+    replaces). Returns (the model's tensors left as initialised, the folder's tensors left out).
+    A folder of another component, or with any other tensor the model lacks or holds in another
+    shape, is refused by name (ValueError), as `load_state_strict` does; FileNotFoundError for a
+    folder without weights."""
     path = Path(path)
     _component_meta(path, component)
-    weights = _weights_file(path)
+    state = load_file(str(_weights_file(path)))
+    own = model.state_dict()
+    dropped = sorted(
+        k for k in state
+        if k.startswith(leave_out) and (k not in own or own[k].shape != state[k].shape)
+    )  # fmt: skip
+    for k in dropped:
+        del state[k]
     with torch.no_grad():
-        return load_state_strict(model, load_file(str(weights)), str(path), assign=False,
-                                 allow_missing=True)  # fmt: skip
+        fresh = load_state_strict(model, state, str(path), assign=False, allow_missing=True)
+    return fresh, dropped
 
 
 def _weights_file(path: Path) -> Path:

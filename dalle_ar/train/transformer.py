@@ -56,7 +56,9 @@ class TrainTransformerConfig(LoopConfig):  # optim, run, lr_follows_time, max_ba
     # model's but for the conditioning embedding (cond_*), and the tensors it lacks (the
     # embedding's) start fresh; a resumed run reads its checkpoint instead. So DALL-E 2's decoder,
     # the transformer conditioned on the CLIP image embedding (model.cond_dim), starts from the
-    # text-only transformer and learns only to read the embedding (docs/results.md#prior-mode)
+    # text-only transformer and learns only to read the embedding (docs/results.md#prior-mode).
+    # A masked model may start from an autoregressive one: its body, text and positions carry
+    # over, its image input starts fresh (ADAPT_FIELDS; docs/results.md#masked-mode)
     init_from: str = ""
     parallel: Literal["ddp", "fsdp"] = "ddp"  # data-parallel mode under torchrun
     activation_checkpointing: bool = False  # recompute each block in backward (saves memory)
@@ -178,31 +180,45 @@ def evaluate(model, source: BatchSource, cfg: TrainTransformerConfig, info) -> d
     return out
 
 
+# An autoregressive model adapted into a masked one (Gong et al. 2024, "Scaling diffusion language
+# models via adaptation from autoregressive models", arXiv:2410.17891): the body, text and
+# positions carry over; what reads the image codes starts fresh, as the masked model reads
+# [MASK] too. These fields may differ then, and these tensors of the folder are left out.
+ADAPT_FIELDS = ("objective", "layouts", "code_input")
+ADAPT_LEAVE_OUT = ("image_emb.", "code_in.", "mask_in.", "code_mask")
+COND_TENSORS = ("cond_",)  # the conditioning embedding's, left out for a model without one
+
+
 def _init_from(model: Transformer, cfg: TrainTransformerConfig) -> None:
     """Copy `cfg.init_from`'s weights into `model` (`checkpoint.init_from_folder`), after checking
-    that its config is `cfg.model` but for the conditioning embedding's fields: ConfigError naming
-    the fields that differ, or what the folder lacks."""
+    that its config is `cfg.model` but for the conditioning embedding's fields, or, for a masked
+    model started from an autoregressive one, but for `ADAPT_FIELDS` too: ConfigError naming the
+    fields that differ, or what the folder lacks."""
     key = "config key 'init_from'"
     try:
         src = read_component_config(cfg.init_from, COMPONENT, TransformerConfig)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
+    adapt = cfg.model.masked and not src.masked
+    free = ("dropout", "attn_impl") + (ADAPT_FIELDS if adapt else ())
     # the conditioning embedding, and how the run trains and computes (not what the model is);
     # the tokenizer and VQ it was trained on must be this run's, where both sides record them
     ours, theirs = dataclasses.asdict(cfg.model), dataclasses.asdict(src)
     differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours
-              if theirs[k] != ours[k] and not k.startswith("cond")
-              and k not in ("dropout", "attn_impl")
+              if theirs[k] != ours[k] and not k.startswith("cond") and k not in free
               and not (k in TRAINED_ON and not (theirs[k] and ours[k]))]  # fmt: skip
     if differ:
+        also = ", an autoregressive model's objective, layouts and code_input" if adapt else ""
         raise ConfigError(f"{key}: {cfg.init_from} holds another model ({'; '.join(differ)}); "
-                          "only the conditioning embedding (cond_*), dropout and attn_impl may "
-                          "differ")  # fmt: skip
+                          f"only the conditioning embedding (cond_*), dropout and attn_impl{also} "
+                          "may differ")  # fmt: skip
+    leave_out = COND_TENSORS + (ADAPT_LEAVE_OUT if adapt else ())
     try:
-        fresh = init_from_folder(model, cfg.init_from, COMPONENT)
+        fresh, dropped = init_from_folder(model, cfg.init_from, COMPONENT, leave_out)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
-    log.info("transformer: started from %s; fresh: %s", cfg.init_from, ", ".join(fresh) or "none")
+    log.info("transformer: started from %s; fresh: %s; left out: %s", cfg.init_from,
+             ", ".join(fresh) or "none", ", ".join(dropped) or "none")  # fmt: skip
 
 
 def _resolve_code_features(cfg: TrainTransformerConfig) -> tuple[torch.Tensor, ...] | None:

@@ -288,6 +288,31 @@ def test_init_from_starts_an_embedding_conditioned_model_from_a_trained_one(tmp_
     assert resumed["step"] == 8
 
 
+def test_a_masked_model_starts_from_an_autoregressive_one(tmp_path):
+    """The body, text and positions of an embedding-conditioned autoregressive model carry over
+    into a masked one; its image input (the [MASK] row is new) and the conditioning start fresh
+    or are left out; the reverse, an autoregressive model from a masked one, is refused."""
+    from dalle_ar.train.masked import TrainMaskedConfig
+    from dalle_ar.train.transformer import build
+
+    cond = ["model.cond_dim=5", "model.cond_tokens=2"]
+    train(config(tmp_path / "ar", *cond), MemoryBatches(4, cond_dim=5))
+    src = Transformer.from_pretrained(tmp_path / "ar" / "transformer").state_dict()
+    init = f"init_from={tmp_path / 'ar' / 'transformer'}"
+    task, _ = build(config(tmp_path / "masked", init, cls=TrainMaskedConfig), MemoryBatches(4))
+    got = task.model.state_dict()
+    kept = {k for k in src if not k.startswith(("cond_", "image_emb."))}
+    assert kept and all(torch.equal(got[k], src[k]) for k in kept)
+    assert set(got) - kept == {"image_emb.weight"}  # (IV + 1, dim): the [MASK] row is new
+    assert not torch.equal(got["image_emb.weight"][:IV], src["image_emb.weight"])
+    metrics = train(config(tmp_path / "masked", init, cls=TrainMaskedConfig), MemoryBatches(4))
+    assert metrics["step"] == 6 and Transformer.from_pretrained(tmp_path / "masked" / "masked")
+    back = f"init_from={tmp_path / 'masked' / 'masked'}"
+    refused = r"another model \(layouts: 'bidir' there, 'dalle' here; objective: 'masked'"
+    with pytest.raises(ConfigError, match=refused):
+        build(config(tmp_path / "back", back), MemoryBatches(4))
+
+
 def test_a_token_record_with_a_code_past_the_codebook_is_skipped_and_counted(
     tmp_path, shapes_shards, caplog
 ):
