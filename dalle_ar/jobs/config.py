@@ -59,9 +59,12 @@ class MainJobConfig:
     cond_transformer_embed_drop: float = 0.5  # share of records with the null embedding
     cond_transformer_max_minutes: float = 15.0  # a safety cap, as the others
     # The masked mode (MaskGIT): a masked generator trained on the same token shards for
-    # `masked_steps` (0 = configs/<data>/masked.yaml's, the transformer's budget), shown and
-    # scored beside the autoregressive modes. Off by default: at the transformer's budget it
-    # does not fit the job's 30 minutes on 2 CPU cores (docs/results.md#masked-mode).
+    # `masked_steps` (0 = configs/<data>/masked.yaml's), shown and scored beside the
+    # autoregressive modes; where that config starts it from a transformer (`init_from`, the
+    # shapes' 3,000 steps) it starts from the job's own. Off by default: a masked step costs
+    # what a transformer step does, so the stage adds about 30% of the transformer stage, and
+    # the job with it has not been timed on a machine as fast as the one its 30 minutes were
+    # measured on (docs/results.md#masked-mode).
     masked: bool = False
     masked_steps: int = 0
     masked_max_minutes: float = 45.0

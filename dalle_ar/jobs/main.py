@@ -171,6 +171,8 @@ def stage_transformer(
     ]
     if kind == "masked":
         overrides += _run(cfg, p.masked_run, cfg.masked_steps, cfg.masked_max_minutes)
+        if _masked_adapts(yaml):  # started from a transformer: the job's own
+            overrides.append(f"init_from={p.transformer}")
         rcfg = load_config(TrainMaskedConfig, yaml, overrides)
         transformer.train(rcfg, resume=has_checkpoint(p.masked_run))
         return
@@ -202,6 +204,15 @@ def stage_clip(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     ]
     rcfg = load_config(clip.CLIPRecipeConfig, yaml, overrides)
     clip.train(rcfg, resume=has_checkpoint(p.clip_run))
+
+
+def _masked_adapts(yaml: Path) -> bool:
+    """Whether the masked generator's config starts it from an autoregressive transformer
+    (`init_from`): then the job starts it from its own, after the transformer stage."""
+    from dalle_ar.train.masked import TrainMaskedConfig
+
+    names = ["data.train=shards.tar", "text_tokenizer=tokenizer", "vq=job"]
+    return bool(load_config(TrainMaskedConfig, yaml, names).init_from)
 
 
 def _clip_round_trips(yaml: Path) -> bool:
@@ -393,7 +404,9 @@ def run_stages(cfg: MainJobConfig) -> dict:
     # it alone
     prior_stage = ("prior", {"data", "clip"}, lambda: _trained(p.prior_run, p.prior),
                    lambda: stage_prior(cfg, p, yaml["prior"]), [p.prior_run])  # fmt: skip
-    masked_stage = ("masked", {"tokenizer", "vq", "tokens"},
+    adapts = cfg.masked and _masked_adapts(yaml["masked"])  # started from the transformer
+    masked_needs = {"tokenizer", "vq", "tokens", *(["transformer"] if adapts else [])}
+    masked_stage = ("masked", masked_needs,
                     lambda: _trained(p.masked_run, p.masked),
                     lambda: stage_transformer(cfg, p, yaml["masked"], "masked"),
                     [p.masked_run])  # fmt: skip

@@ -29,13 +29,15 @@ def _toy_configs(folder: Path, size: int = 32, grid: int = 8) -> Path:
     """The tiny configs under the names the main job reads, for size x size pictures (the
     shapes' 32) drawn as grid x grid codes."""
     folder.mkdir()
-    for name in ("tokenizer", "transformer", "vq", "clip", "prior", "upsampler"):
+    for name in ("tokenizer", "transformer", "vq", "clip", "prior", "upsampler", "masked"):
         cfg = yaml.safe_load((ROOT / "configs" / "tiny" / f"{name}.yaml").read_text())
         if name == "vq":
             cfg["data"]["image_size"] = cfg["model"]["image_size"] = size
             cfg["model"]["downsample"] = size // grid
-        if name == "transformer":
+        if name in ("transformer", "masked"):
             cfg["model"].update(grid_h=grid, grid_w=grid, text_len=20)
+        if name == "masked":  # adapted from a transformer: the job hands it its own
+            cfg["init_from"] = "runs/transformer/transformer"
         if name == "upsampler":  # 32 -> 64 pixels
             cfg["model"]["low_size"], cfg["data"]["image_size"] = 32, 64
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
@@ -49,10 +51,10 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
             "samples_per_prompt=2", "fidelity_prompts=4", "candidates=2", "wandb=disabled",
             "device=cpu", "prompts=[a small red circle at the top left, a blue square]",
             "prior=true", "cond_transformer_steps=2", "upsampler_images=100",
-            "upsample_sampling.upsample_steps=2"]  # fmt: skip
+            "upsample_sampling.upsample_steps=2", "masked=true", "masked_steps=3"]  # fmt: skip
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[12/12] samples: finished" in printed
+    assert "[13/13] samples: finished" in printed
     # the table: each training stage reached its planned steps, in the precision it says
     assert "3 of 3 steps, fp32" in printed and "4 of 4 steps" in printed
     assert "UNDER-TRAINED" not in printed
@@ -95,8 +97,13 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert summary["training"]["prior"]["finished"]
     assert summary["training"]["cond_transformer"]["step"] == 2
     assert summary["training"]["upsampler"]["finished"]
+    # the masked generator started from the job's own transformer, and draws its grid
+    masked_run = yaml.safe_load((out / "masked_run" / "config.yaml").read_text())
+    assert masked_run["init_from"] == str(out / "transformer_run" / "transformer")
+    assert summary["training"]["masked"]["step"] == 3
+    assert (out / "samples" / "grid_masked.png").is_file()
     assert main_job(args) == 0  # everything is done: nothing runs again
-    assert capsys.readouterr().out.count("done already, skipped") == 12
+    assert capsys.readouterr().out.count("done already, skipped") == 13
     assert main_job([*args, "candidates=0"]) == 2  # refused before any work
     assert main_job([*args, "precision=FP32"]) == 2
     assert "'precision': must be auto, fp32 or bf16, got 'FP32'" in capsys.readouterr().out
