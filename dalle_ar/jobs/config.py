@@ -61,10 +61,9 @@ class MainJobConfig:
     # The masked mode (MaskGIT): a masked generator trained on the same token shards for
     # `masked_steps` (0 = configs/<data>/masked.yaml's), shown and scored beside the
     # autoregressive modes; where that config starts it from a transformer (`init_from`, the
-    # shapes' 3,000 steps) it starts from the job's own. Off by default: a masked step costs
-    # what a transformer step does, so the stage adds about 30% of the transformer stage, and
-    # the job with it has not been timed on a machine as fast as the one its 30 minutes were
-    # measured on (docs/results.md#masked-mode).
+    # shapes' 3,000 steps of the transformer's network, which the transformer stage runs 10,000
+    # of) it starts from the job's own. Off by default: the job with it has not been timed on a
+    # machine as fast as the one its 30 minutes were measured on (docs/results.md#masked-mode).
     masked: bool = False
     masked_steps: int = 0
     masked_max_minutes: float = 45.0
@@ -100,8 +99,12 @@ class MainJobConfig:
         default_factory=lambda: RerankSettings(candidates=16, reranker="clip")
     )
     prior_sampling: PriorSampling = dataclasses.field(default_factory=PriorSampling)
+    # guidance rising over the passes: on the shapes, constant guidance draws an object twice in
+    # a quarter of the seen scenes (docs/results.md#masked-mode; not measured on the emoji)
     masked_sampling: MaskedSampling = dataclasses.field(
-        default_factory=lambda: MaskedSampling(temperature=1.0, guidance_scale=GUIDED_SCALE)
+        default_factory=lambda: MaskedSampling(
+            temperature=1.0, guidance_scale=GUIDED_SCALE, guidance_schedule="linear"
+        )
     )
     upsample_sampling: UpsampleSampling = dataclasses.field(default_factory=UpsampleSampling)
     seed: int = 0  # data, training and sampling seed

@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from dalle_ar.config import ConfigError, load_config, save_config, to_dict
 from dalle_ar.jobs.config import MainJobConfig
@@ -145,11 +145,15 @@ def stage_tokens(cfg: MainJobConfig, p: Paths) -> None:
 
 
 def stage_transformer(
-    cfg: MainJobConfig, p: Paths, yaml: Path, kind: Literal["transformer", "masked", "cond"]
+    cfg: MainJobConfig,
+    p: Paths,
+    yaml: Path,
+    kind: Literal["transformer", "masked", "cond"],
+    adapt: bool = False,
 ) -> None:
-    """The transformer, the masked generator (`kind` "masked": the same recipe and data) or the
-    transformer conditioned on the CLIP image embedding ("cond": the transformer fine-tuned on
-    the token shards' embeddings)."""
+    """The transformer, the masked generator (`kind` "masked": the same recipe and data; `adapt`:
+    started from the job's transformer, `_masked_adapts`) or the transformer conditioned on the
+    CLIP image embedding ("cond": the transformer fine-tuned on the token shards' embeddings)."""
     from dalle_ar.text import TextTokenizer
     from dalle_ar.train import transformer
     from dalle_ar.train.common import has_checkpoint
@@ -171,7 +175,7 @@ def stage_transformer(
     ]
     if kind == "masked":
         overrides += _run(cfg, p.masked_run, cfg.masked_steps, cfg.masked_max_minutes)
-        if _masked_adapts(yaml):  # started from a transformer: the job's own
+        if adapt:
             overrides.append(f"init_from={p.transformer}")
         rcfg = load_config(TrainMaskedConfig, yaml, overrides)
         transformer.train(rcfg, resume=has_checkpoint(p.masked_run))
@@ -206,23 +210,26 @@ def stage_clip(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     clip.train(rcfg, resume=has_checkpoint(p.clip_run))
 
 
+def _recipe(cls: type, yaml: Path) -> Any:
+    """A stage's recipe config read from its YAML for what it says of the stage, before the job
+    hands it its paths (placeholders here)."""
+    return load_config(cls, yaml, ["data.train=shards.tar", "text_tokenizer=tokenizer", "vq=job"])
+
+
 def _masked_adapts(yaml: Path) -> bool:
     """Whether the masked generator's config starts it from an autoregressive transformer
     (`init_from`): then the job starts it from its own, after the transformer stage."""
     from dalle_ar.train.masked import TrainMaskedConfig
 
-    names = ["data.train=shards.tar", "text_tokenizer=tokenizer", "vq=job"]
-    return bool(load_config(TrainMaskedConfig, yaml, names).init_from)
+    return bool(_recipe(TrainMaskedConfig, yaml).init_from)
 
 
 def _clip_round_trips(yaml: Path) -> bool:
     """Whether the CLIP config trains on scenes through the VQ round trip (`vq_round_trip`):
-    then the CLIP stage needs the VQ stage."""
+    then the CLIP stage needs the VQ stage (the job hands it its own VQ)."""
     from dalle_ar.train.clip import CLIPRecipeConfig
 
-    # only the share is read here; the job hands the CLIP stage its own VQ
-    names = ["data.train=shards.tar", "text_tokenizer=tokenizer", "vq=job"]
-    return load_config(CLIPRecipeConfig, yaml, names).vq_round_trip > 0
+    return _recipe(CLIPRecipeConfig, yaml).vq_round_trip > 0
 
 
 def _clip_of_tokens(p: Paths) -> dict:
@@ -408,7 +415,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
     masked_needs = {"tokenizer", "vq", "tokens", *(["transformer"] if adapts else [])}
     masked_stage = ("masked", masked_needs,
                     lambda: _trained(p.masked_run, p.masked),
-                    lambda: stage_transformer(cfg, p, yaml["masked"], "masked"),
+                    lambda: stage_transformer(cfg, p, yaml["masked"], "masked", adapts),
                     [p.masked_run])  # fmt: skip
     cascade_stages = [
         ("data_large", set(), lambda: (p.data_large / "info.json").is_file(),

@@ -56,9 +56,11 @@ class TrainTransformerConfig(LoopConfig):  # optim, run, lr_follows_time, max_ba
     # model's but for the conditioning embedding (cond_*), and the tensors it lacks (the
     # embedding's) start fresh; a resumed run reads its checkpoint instead. So DALL-E 2's decoder,
     # the transformer conditioned on the CLIP image embedding (model.cond_dim), starts from the
-    # text-only transformer and learns only to read the embedding (docs/results.md#prior-mode).
-    # A masked model may start from an autoregressive one: its body, text and positions carry
-    # over, its image input starts fresh (ADAPT_FIELDS; docs/results.md#masked-mode)
+    # text-only transformer and learns only to read the embedding (docs/results.md#prior-mode);
+    # the folder's own embedding is left out where this model has none or another shape. A
+    # masked model may start from an autoregressive one: its body, text and positions carry
+    # over, the code embedding ([MASK] is one more row) starts fresh (ADAPT_FIELDS;
+    # docs/results.md#masked-mode)
     init_from: str = ""
     parallel: Literal["ddp", "fsdp"] = "ddp"  # data-parallel mode under torchrun
     activation_checkpointing: bool = False  # recompute each block in backward (saves memory)
@@ -182,18 +184,22 @@ def evaluate(model, source: BatchSource, cfg: TrainTransformerConfig, info) -> d
 
 # An autoregressive model adapted into a masked one (Gong et al. 2024, "Scaling diffusion language
 # models via adaptation from autoregressive models", arXiv:2410.17891): the body, text and
-# positions carry over; what reads the image codes starts fresh, as the masked model reads
-# [MASK] too. These fields may differ then, and these tensors of the folder are left out.
+# positions carry over; the code embedding (the masked model's has a [MASK] row) and a drawn-mask
+# input (code_input="mask", which the masked model has no use for) are left out, and a code
+# embedding the folder lacks starts fresh. These fields may differ then.
 ADAPT_FIELDS = ("objective", "layouts", "code_input")
-ADAPT_LEAVE_OUT = ("image_emb.", "code_in.", "mask_in.", "code_mask")
-COND_TENSORS = ("cond_",)  # the conditioning embedding's, left out for a model without one
+ADAPT_LEAVE_OUT = ("image_emb.", "mask_in.", "code_mask")
+# The folder's conditioning embedding, left out where the model has none or another shape
+COND_TENSORS = ("cond_",)
 
 
 def _init_from(model: Transformer, cfg: TrainTransformerConfig) -> None:
     """Copy `cfg.init_from`'s weights into `model` (`checkpoint.init_from_folder`), after checking
     that its config is `cfg.model` but for the conditioning embedding's fields, or, for a masked
     model started from an autoregressive one, but for `ADAPT_FIELDS` too: ConfigError naming the
-    fields that differ, or what the folder lacks."""
+    fields that differ, or what the folder lacks. The folder's tensors under `COND_TENSORS` (and
+    `ADAPT_LEAVE_OUT` when adapting) that the model lacks or holds in another shape are left out;
+    both lists are logged."""
     key = "config key 'init_from'"
     try:
         src = read_component_config(cfg.init_from, COMPONENT, TransformerConfig)
@@ -208,7 +214,7 @@ def _init_from(model: Transformer, cfg: TrainTransformerConfig) -> None:
               if theirs[k] != ours[k] and not k.startswith("cond") and k not in free
               and not (k in TRAINED_ON and not (theirs[k] and ours[k]))]  # fmt: skip
     if differ:
-        also = ", an autoregressive model's objective, layouts and code_input" if adapt else ""
+        also = f", an autoregressive model's {', '.join(ADAPT_FIELDS)}" if adapt else ""
         raise ConfigError(f"{key}: {cfg.init_from} holds another model ({'; '.join(differ)}); "
                           f"only the conditioning embedding (cond_*), dropout and attn_impl{also} "
                           "may differ")  # fmt: skip

@@ -307,6 +307,12 @@ def test_a_masked_model_starts_from_an_autoregressive_one(tmp_path):
     assert not torch.equal(got["image_emb.weight"][:IV], src["image_emb.weight"])
     metrics = train(config(tmp_path / "masked", init, cls=TrainMaskedConfig), MemoryBatches(4))
     assert metrics["step"] == 6 and Transformer.from_pretrained(tmp_path / "masked" / "masked")
+    # only what is listed is left out: any other tensor of another shape is still refused
+    from dalle_ar.checkpoint import init_from_folder
+
+    fresh_model = Transformer(config(tmp_path / "x", cls=TrainMaskedConfig).model)
+    with pytest.raises(ValueError, match=r"shape mismatch: image_emb.weight"):
+        init_from_folder(fresh_model, tmp_path / "ar" / "transformer", "transformer", ("cond_",))
     back = f"init_from={tmp_path / 'masked' / 'masked'}"
     refused = r"another model \(layouts: 'bidir' there, 'dalle' here; objective: 'masked'"
     with pytest.raises(ConfigError, match=refused):
