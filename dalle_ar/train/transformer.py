@@ -204,7 +204,9 @@ def _init_from(model: Transformer, cfg: TrainTransformerConfig) -> None:
     try:
         src = read_component_config(cfg.init_from, COMPONENT, TransformerConfig)
     except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"{key}: {e}") from None
+        missing = not Path(cfg.init_from).exists()
+        hint = " (no such folder: train it first, or init_from='' to start anew)" if missing else ""
+        raise ConfigError(f"{key}: {e}{hint}") from None
     adapt = cfg.model.masked and not src.masked
     free = ("dropout", "attn_impl") + (ADAPT_FIELDS if adapt else ())
     # the conditioning embedding, and how the run trains and computes (not what the model is);

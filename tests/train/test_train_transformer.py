@@ -279,8 +279,10 @@ def test_init_from_starts_an_embedding_conditioned_model_from_a_trained_one(tmp_
     # another model is refused by name before any weight is read, a missing folder too
     with pytest.raises(ConfigError, match=r"init_from.*another model \(text_vocab: 20 there, 24"):
         build(config(tmp_path / "wide", init, f"model.text_vocab={TV + 4}"), MemoryBatches(4))
-    with pytest.raises(ConfigError, match="init_from.*config.json is missing"):
+    with pytest.raises(ConfigError, match="init_from.*config.json is missing$"):
         build(config(tmp_path / "none", f"init_from={tmp_path}"), MemoryBatches(4))
+    with pytest.raises(ConfigError, match="no such folder: train it first, or init_from=''"):
+        build(config(tmp_path / "none", f"init_from={tmp_path / 'gone'}"), MemoryBatches(4))
     # a resumed run reads its checkpoint: the folder it started from may be gone
     (tmp_path / "text" / "transformer" / "model.safetensors").unlink()
     resumed = train(config(tmp_path / "cond", *cond, init, "run.steps=8"),
