@@ -304,21 +304,28 @@ def _holds(relation: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
             "above": a["row"] < b["row"], "below": a["row"] > b["row"]}[relation]  # fmt: skip
 
 
+def _looks(o: dict[str, Any]) -> tuple[str, str, str]:
+    return o["color"], o["shape"], o["size"]
+
+
 def object_attributes(spec: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
-    """Each object's (colour, shape, size), in order: what a caption names besides places."""
-    return tuple((o["color"], o["shape"], o["size"]) for o in spec["objects"])
+    """The objects' (colour, shape, size), sorted: what a caption names besides places, whatever
+    order the spec lists its objects in."""
+    return tuple(sorted(_looks(o) for o in spec["objects"]))
 
 
 def describes(spec: dict[str, Any], scene: dict[str, Any]) -> bool:
     """Is a caption of `spec` true of `scene`'s picture: the same `object_attributes` and, for one
-    object, its cell; for two, `spec`'s relation holding between `scene`'s cells (a two-object
-    caption names no cell)."""
+    object, its cell; for two, `spec`'s relation holding between `scene`'s objects that look like
+    `spec`'s first and second (in either order of `scene`'s list: "A left of B" is the picture
+    of "B right of A"; a two-object caption names no cell)."""
     if object_attributes(spec) != object_attributes(scene):
         return False
     a, b = spec["objects"], scene["objects"]
     if spec.get("relation") is None:
         return (a[0]["row"], a[0]["col"]) == (b[0]["row"], b[0]["col"])
-    return _holds(spec["relation"], *b)
+    return any(_looks(a[0]) == _looks(x) and _looks(a[1]) == _looks(y)
+               and _holds(spec["relation"], x, y) for x, y in (b, b[::-1]))  # fmt: skip
 
 
 def foils(spec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:

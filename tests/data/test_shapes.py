@@ -233,3 +233,6 @@ def test_describes_reads_a_caption_against_a_picture_as_the_checker_does():
             assert not any(shapes.describes(f, scene) for f in foils)
         other = shapes.sample_spec(rng, "eval")
         assert shapes.describes(other, scene) == bool(score(img, other)["exact"])
+        # the same picture with its objects listed the other way round
+        listed = {**scene, "objects": scene["objects"][::-1]}
+        assert shapes.describes(scene, listed) and score(shapes.render(listed), scene)["exact"]
