@@ -5,7 +5,7 @@
 #   bash tools/dev.sh setup    # only the setup
 # PyTorch: a CPU build on a machine without an NVIDIA GPU (never the multi-GB CUDA wheels), the
 # default CUDA build where `nvidia-smi` finds a GPU. Set DALLE_AR_PYTHON to pick the interpreter.
-# The demo extra (gradio) is for `dalle-ar serve` and its tests.
+# The demo extra (gradio) is for `dalle-ar serve` and its tests; the main job sets up without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${DALLE_AR_TORCH:-2.13.0}"
@@ -30,15 +30,25 @@ if ! python -c "import torch" >/dev/null 2>&1; then
       --extra-index-url https://download.pytorch.org/whl/cpu --retries 1 --timeout 15
   fi
 fi
+job="${1:-main}"
+shift || true
+# dalle-ar with its dev and demo extras; the main job needs neither (the test tools, the web
+# page), so a venv set up by it holds the package alone until another job asks for the rest.
 stamp=$VENV/.dalle_ar-installed
-if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+base=$VENV/.dalle_ar-installed-base
+fresh() { [[ -f $1 && ! pyproject.toml -nt $1 ]]; }
+if [[ $job == main ]]; then
+  if ! fresh "$stamp" && ! fresh "$base"; then
+    echo "[setup] installing dalle-ar (editable)"
+    pip install -q -e .
+    touch "$base"
+  fi
+elif ! fresh "$stamp"; then
   echo "[setup] installing dalle-ar (editable) with its dev and demo extras"
   pip install -q -e '.[dev,demo]'
   touch "$stamp"
 fi
 
-job="${1:-main}"
-shift || true
 case "$job" in
   setup) echo "[setup] done: $(python -c 'import torch; print("torch", torch.__version__)')" ;;
   main) exec dalle-ar pipeline "$@" ;;

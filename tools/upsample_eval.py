@@ -12,7 +12,9 @@ count); image i always gets seed i. Reported per method: mean PSNR (dB), SSIM an
 (mean gradient magnitude over the truth's; `dalle_ar.eval.metrics`), and for the upsampler the
 milliseconds per image on this machine (`--threads`, one batch of `--batch-size` at a time).
 Shapes records (their scene spec in the JSON) are also made small by rendering the scene at the
-small size, the pictures the generator learns from ("from_renders").
+small size, the pictures the generator learns from ("from_renders"; what an upsampler trained with
+`small_from: render` learned from). The picture shows the box-filtered small images, or with
+`--grid-from render` the renders.
 """
 
 from __future__ import annotations
@@ -23,15 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dalle_ar.data.loader import make_loader
-from dalle_ar.data.shapes import render
 from dalle_ar.eval.metrics import image_metrics, pil_resize
 from dalle_ar.grid import image_grid
 from dalle_ar.sampling.diffusion import upsample_images
 from dalle_ar.sampling.settings import UpsampleSampling
+from dalle_ar.train.upsampler import small_images
 from dalle_ar.upsampler import Upsampler, downscale
 
 PLAIN = ("nearest", "bicubic", "lanczos")
@@ -75,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grid", type=int, default=8, help="images in the picture")
+    ap.add_argument(
+        "--grid-from",
+        choices=("box", "render"),
+        default="box",
+        help="the small images of the picture (render: shapes records only)",
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     args.steps = [int(x) for x in args.steps.split(",") if x]
@@ -94,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     specs = specs[: args.num]
     if not len(truth):
         raise SystemExit(f"{args.data} holds no image")
+    shapes = all(isinstance(s, dict) and "objects" in s for s in specs)
+    if args.grid_from == "render" and not shapes:
+        raise SystemExit(f"--grid-from render: {args.data} holds no shapes scenes")
     low = downscale(truth, cfg.low_size)
     report = {
         "upsampler": str(Path(args.upsampler).resolve()),
@@ -104,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         "defaults": UpsampleSampling().__dict__,
         "from_box_filter": evaluate(up, truth, low, args),
     }
-    if all(isinstance(s, dict) and "objects" in s for s in specs):  # shapes: render it small
-        arr = np.stack([render(s, cfg.low_size) for s in specs])
-        rendered = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255)
+    if shapes:  # render each scene small
+        batch = {"image": truth, "meta": specs, "key": [str(i) for i in range(len(specs))]}
+        rendered = small_images(batch, cfg.low_size, "render")
         report["from_renders"] = evaluate(up, truth, rendered, args)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     k = min(args.grid, len(truth))
+    low = rendered if args.grid_from == "render" else low
     big, _ = _upsampled(up, low[:k], UpsampleSampling(), args.batch_size)
     rows = [pil_resize(low[:k], cfg.high_size, "nearest"), pil_resize(low[:k], cfg.high_size,
             "bicubic"), pil_resize(low[:k], cfg.high_size, "lanczos"), big, truth[:k]]  # fmt: skip

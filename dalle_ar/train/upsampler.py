@@ -5,9 +5,12 @@
 
 Data: image shards at the large size (`data.image_size` = `model.low_size * model.scale`; for
 the shapes, `dalle-ar data shapes --size 64` renders the same scenes larger). Each pair is a
-large image and its small version (`dalle_ar.upsampler.downscale`, a box filter rounded to 8
-bits), as SR3 and Imagen train. With `model.caption_dim` > 0 the captions' CLIP text embeddings
-(the CLIP folder `clip`) condition it too.
+large image and its small version (`small_from`): "box" (`dalle_ar.upsampler.downscale`, a box
+filter rounded to 8 bits, as SR3 and Imagen train) or "render" (shapes records only: the
+record's scene drawn again at the small size, `dalle_ar.data.shapes.render`: the hard-edged
+pictures a generator trained on the small scenes draws, which a box-filtered picture is not).
+With `model.caption_dim` > 0 the captions' CLIP text embeddings (the CLIP folder `clip`)
+condition it too.
 
 Loss (Ho et al. 2020; the target is the clean image by default, `model.prediction_type`): the
 mean squared error between the network's prediction and its target at uniform timesteps, the
@@ -32,11 +35,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from dalle_ar.config import DataConfig, require
+from dalle_ar.data.shapes import render
 from dalle_ar.eval.metrics import image_metrics, pil_resize
 from dalle_ar.grid import image_grid
 from dalle_ar.identity import CLIPIdentity
@@ -50,6 +55,7 @@ from dalle_ar.upsampler import COMPONENT, Upsampler, UpsamplerConfig, downscale,
 
 log = logging.getLogger(__name__)
 METRICS = ("psnr", "ssim", "sharpness")
+SMALL_FROM = ("box", "render")  # how a large training image gets its small version
 
 
 @dataclasses.dataclass
@@ -57,6 +63,7 @@ class UpsamplerRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # large-size image shards
     model: UpsamplerConfig = dataclasses.field(default_factory=UpsamplerConfig)
     clip: str = ""  # the CLIP folder whose text embeddings condition it (model.caption_dim > 0)
+    small_from: str = "box"  # box: the large image box-filtered; render: its shapes scene, small
     eval_images: int = 64  # held-out images each evaluation upsamples (0 = all)
     grid_images: int = 8  # columns of the picture
 
@@ -72,8 +79,41 @@ class UpsamplerRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad
         require(bool(self.clip) == caption, "clip",
                 "must name a CLIP folder exactly when model.caption_dim > 0, got "
                 f"clip={self.clip!r}, caption_dim={self.model.caption_dim}")  # fmt: skip
+        require(self.small_from in SMALL_FROM, "small_from",
+                f"must be one of {SMALL_FROM}, got {self.small_from!r}")  # fmt: skip
+        require(not (self.small_from == "render" and self.data.random_crop), "data.random_crop",
+                "must be false with small_from='render': the scene is drawn whole")  # fmt: skip
         require(self.eval_images >= 0, "eval_images", "must be >= 0")
         require(self.grid_images >= 1, "grid_images", "must be >= 1")
+
+
+def small_images(batch: dict[str, Any], size: int, small_from: str = "box") -> torch.Tensor:
+    """The small versions (B, 3, size, size) in [0, 1] of a batch's large images ("image",
+    (B, 3, H, W) in [0, 1]): box-filtered (`downscale`), or with small_from="render" each
+    record's shapes scene (its "meta", `dalle_ar.data.shapes`) drawn at `size` pixels. ValueError
+    naming the first record that carries no scene."""
+    if small_from == "box":
+        return downscale(batch["image"], size)
+    for key, spec in zip(batch["key"], batch["meta"]):
+        if not (isinstance(spec, dict) and "objects" in spec):
+            raise ValueError(f"small_from='render' draws each record's shapes scene small, and "
+                             f"record {key!r} carries none: shards of `dalle-ar data shapes` "
+                             "only (small_from='box' for any other pictures)")  # fmt: skip
+    arr = np.stack([render(spec, size) for spec in batch["meta"]])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255)
+
+
+def check_renders(batch: dict[str, Any], size: int) -> None:
+    """ValueError unless every large image of `batch` is its record's scene rendered at `size`
+    pixels (small_from='render' pairs it with the same scene drawn small, which is only its small
+    version when the shards hold the scenes at the large size, neither resized nor cropped)."""
+    drawn = small_images(batch, size, "render")
+    for key, a, b in zip(batch["key"], drawn, batch["image"]):
+        if a.shape != b.shape or not torch.equal(a, b.cpu()):
+            raise ValueError(f"small_from='render': record {key!r} is not its scene rendered at "
+                             f"{size} px (shards of another size, resized by the loader?); "
+                             f"render the data at data.image_size: dalle-ar data shapes --size "
+                             f"{size}")  # fmt: skip
 
 
 def upsampler_loss(
@@ -85,10 +125,12 @@ def upsampler_loss(
     generator: torch.Generator | None = None,
     rank: int = 0,
     world: int = 1,
+    low: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The upsampler's loss on large images (B, 3, H, W) in [0, 1]: MSE between the prediction
-    and its target (`prediction_type`) at uniform timesteps, the small version noised to a
-    uniform level in [0, max_noise_level]. `model`: `upsampler` as trained (maybe DDP-wrapped).
+    and its target (`prediction_type`) at uniform timesteps, their small versions `low`
+    (B, 3, h, w) in [0, 1] (default box-filtered, `downscale`) noised to a uniform level in
+    [0, max_noise_level]. `model`: `upsampler` as trained (maybe DDP-wrapped).
     Timesteps, noise and levels are drawn on the CPU from `generator` (default torch's global
     one) for the global batch (`world` ranks of B rows) and this `rank`'s rows taken
     (`dist.rank_rows`), so N processes draw what one process with the whole batch would."""
@@ -101,7 +143,7 @@ def upsampler_loss(
     noise = torch.randn(n, *shape, generator=generator)[rows]
     aug = torch.randn(n, *shape, generator=generator)[rows]
     t, level, noise, aug = t.to(dev), level.to(dev), noise.to(dev), aug.to(dev)
-    low = downscale(images, cfg.low_size) * 2 - 1
+    low = (downscale(images, cfg.low_size) if low is None else low.to(dev)) * 2 - 1
     cond = upsampler.condition(low, level, aug)
     pred = model(ddpm.add_noise(x0, noise, t), t, cond, level, text)
     if cfg.prediction_type == "v_prediction":
@@ -118,12 +160,14 @@ def evaluate(
     max_images: int = 0,
     settings: UpsampleSampling | None = None,
     text_of: Any = None,
+    small_from: str = "box",
 ) -> dict[str, float]:
     """Held-out figures over the first `max_images` images of each rank (0 = all), summed over
     ranks: the upsampler's mean `psnr`, `ssim` and `sharpness` (`dalle_ar.eval.metrics`) against
-    the true large image, from its small version (image i seeded with i), those of bicubic
-    resizing (`bicubic_*`), and `psnr_gain`. `text_of(captions)`: their unit CLIP text
-    embeddings, for an upsampler that reads captions. ValueError when no rank held an image."""
+    the true large image, from its small version (`small_images` by `small_from`; image i seeded
+    with i), those of bicubic resizing (`bicubic_*`), and `psnr_gain`. `text_of(captions)`: their
+    unit CLIP text embeddings, for an upsampler that reads captions. ValueError when no rank held
+    an image."""
     device = next(upsampler.parameters()).device
     low_size = upsampler.cfg.low_size
     sums = torch.zeros(2 * len(METRICS) + 1, dtype=torch.float64)
@@ -132,7 +176,7 @@ def evaluate(
         truth = batch["image"][: (max_images - n) if max_images else None]
         if not len(truth):
             break
-        low = downscale(truth, low_size)
+        low = small_images(batch, low_size, small_from)[: len(truth)]
         text = None if text_of is None else text_of(batch["caption"][: len(truth)])
         seeds = list(range(n, n + len(truth)))
         big = upsample_images(upsampler, low * 2 - 1, settings, seeds, text).add(1).div(2)
@@ -152,10 +196,13 @@ def evaluate(
     return out
 
 
-def comparison_grid(upsampler: Upsampler, truth: torch.Tensor, text: Any = None) -> Any:
+def comparison_grid(
+    upsampler: Upsampler, truth: torch.Tensor, text: Any = None, low: torch.Tensor | None = None
+) -> Any:
     """A PIL grid with one column per image of truth (N, 3, H, W) in [0, 1] and four rows: the
-    small version (shown with nearest-neighbour pixels), bicubic, the upsampler, the truth."""
-    low = downscale(truth, upsampler.cfg.low_size)
+    small version `low` (N, 3, h, w) in [0, 1] (default box-filtered; shown with
+    nearest-neighbour pixels), bicubic, the upsampler, the truth."""
+    low = downscale(truth, upsampler.cfg.low_size) if low is None else low
     size = truth.shape[-1]
     big = upsample_images(upsampler, low * 2 - 1, None, list(range(len(truth))), text)
     rows = [pil_resize(low, size, "nearest"), pil_resize(low, size, "bicubic"), big.add(1).div(2),
@@ -168,8 +215,16 @@ def train(
 ) -> dict[str, Any]:
     """Run the recipe with a validated config on `source` (default: the config's shards);
     returns the final metrics (also metrics.json). Raises what `loop.fit` raises, and ValueError
-    for a CLIP whose embedding size is not model.caption_dim."""
+    for a CLIP whose embedding size is not model.caption_dim or, with small_from='render', shards
+    that do not hold shapes scenes rendered at the large size (`check_renders`)."""
     source = source or ShardImages(cfg, captions=cfg.model.caption_dim > 0)
+    low_size = cfg.model.low_size
+    if cfg.small_from == "render":  # before any work: the shards hold the scenes at the large size
+        check_renders(next(iter(source.eval() or source.train(0))), cfg.model.high_size)
+
+    def small(batch: dict[str, Any]) -> torch.Tensor:
+        return small_images(batch, low_size, cfg.small_from)
+
     clip = None
     if cfg.clip:
         from dalle_ar.clip import CLIP
@@ -201,14 +256,15 @@ def train(
         text = text_of(batch["caption"])
         with autocast_context(info.device, cfg.run.precision, cpu_auto=True):
             value = upsampler_loss(wrapped, upsampler, ddpm, batch["image"], text, g, info.rank,
-                                   info.world)  # fmt: skip
+                                   info.world, small(batch))  # fmt: skip
         return value, {"mse": value.detach()}
 
     def evaluate_split(final: bool) -> dict[str, float]:
         batches = source.eval()
         if batches is None:
             return {}
-        return evaluate(upsampler, batches, cfg.eval_images, None, text_of if clip else None)
+        return evaluate(upsampler, batches, cfg.eval_images, None, text_of if clip else None,
+                        cfg.small_from)  # fmt: skip
 
     grid: list[dict[str, Any]] = []  # the images of every picture, read when first needed
 
@@ -216,9 +272,11 @@ def train(
         if not grid:
             first = next(iter(source.eval() or source.train(0)))
             grid.append({k: first[k][: cfg.grid_images] for k in ("image", "caption")})
+            grid[0]["low"] = small(first)[: cfg.grid_images]
         path = Path(cfg.run.out_dir) / "samples" / f"upsample_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        comparison_grid(upsampler, grid[0]["image"], text_of(grid[0]["caption"])).save(path)
+        g = grid[0]
+        comparison_grid(upsampler, g["image"], text_of(g["caption"]), g["low"]).save(path)
         return path, "rows: small, bicubic, upsampler, truth"
 
     opt = build_optimizer(upsampler, cfg.optim, fused=not info.distributed)

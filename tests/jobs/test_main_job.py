@@ -38,8 +38,9 @@ def _toy_configs(folder: Path, size: int = 32, grid: int = 8) -> Path:
             cfg["model"].update(grid_h=grid, grid_w=grid, text_len=20)
         if name == "masked":  # adapted from a transformer: the job hands it its own
             cfg["init_from"] = "runs/transformer/transformer"
-        if name == "upsampler":  # 32 -> 64 pixels
+        if name == "upsampler":  # 32 -> 64 pixels, each scene rendered at both (as the shapes')
             cfg["model"]["low_size"], cfg["data"]["image_size"] = 32, 64
+            cfg["small_from"] = "render"
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     return folder
 

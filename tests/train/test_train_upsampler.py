@@ -83,6 +83,41 @@ def test_recipe_trains_evaluates_and_resumes_exactly(tmp_path, shapes_shards):
         assert torch.equal(a, b), name  # the resumed run ends where the whole one did
 
 
+def test_render_pairs_draw_each_scene_small(tmp_path, shapes_shards):
+    """small_from='render': each 32-px scene is paired with the same scene drawn at 16 px (not its
+    box-filtered version), and the recipe trains on those pairs."""
+    from dalle_ar.data.loader import make_loader
+    from dalle_ar.data.shapes import render
+
+    batch = next(b for b in make_loader(shapes_shards.eval, 32, 8, train=False) if "image" in b)
+    small = recipe.small_images(batch, 16, "render")
+    for spec, got in zip(batch["meta"], small):
+        want = torch.from_numpy(render(spec, 16)).permute(2, 0, 1).float() / 255
+        assert torch.equal(got, want)
+    assert not torch.equal(small, recipe.small_images(batch, 16, "box"))
+    recipe.check_renders(batch, 32)  # the shards hold the scenes at 32 px
+    out = tmp_path / "render"
+    cfg = load_config(UpsamplerRecipeConfig, TINY_CONFIG,
+                      _args(shapes_shards, out, "small_from=render"))  # fmt: skip
+    m = recipe.train(cfg)
+    assert m["finished"] and m["bicubic_psnr"] > 5
+    assert (out / "samples" / "upsample_000006.png").is_file()
+
+
+def test_render_pairs_refuse_other_pictures_by_name(tmp_path, shapes_shards):
+    """Before any step: shards whose pictures are not the scenes at the large size (here 32-px
+    scenes read at 16), and records that carry no scene."""
+    argv = _args(shapes_shards, tmp_path / "run", "small_from=render", "model.low_size=8",
+                 "data.image_size=16")  # fmt: skip
+    cfg = load_config(UpsamplerRecipeConfig, TINY_CONFIG, argv)
+    with pytest.raises(ValueError, match=r"is not its scene rendered at 16 px.*--size 16"):
+        recipe.train(cfg)
+    assert not (tmp_path / "run" / "ckpt").exists()
+    batch = {"image": torch.zeros(1, 3, 32, 32), "meta": [{}], "key": ["pic_0"]}
+    with pytest.raises(ValueError, match=r"record 'pic_0' carries none.*small_from='box'"):
+        recipe.small_images(batch, 16, "render")
+
+
 def test_config_checks_name_the_field(tmp_path, shapes_shards):
     with pytest.raises(ConfigError, match=r"data.image_size.*low_size \* model.scale = 32, got 16"):
         load_config(UpsamplerRecipeConfig, TINY_CONFIG,
@@ -90,6 +125,13 @@ def test_config_checks_name_the_field(tmp_path, shapes_shards):
     with pytest.raises(ConfigError, match="clip.*exactly when model.caption_dim > 0"):
         load_config(UpsamplerRecipeConfig, TINY_CONFIG,
                     _args(shapes_shards, tmp_path, "model.caption_dim=16"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"small_from.*\('box', 'render'\), got 'area'"):
+        load_config(UpsamplerRecipeConfig, TINY_CONFIG,
+                    _args(shapes_shards, tmp_path, "small_from=area"))  # fmt: skip
+    with pytest.raises(ConfigError, match="data.random_crop.*small_from='render'"):
+        load_config(UpsamplerRecipeConfig, TINY_CONFIG,
+                    _args(shapes_shards, tmp_path, "small_from=render",
+                          "data.random_crop=true"))  # fmt: skip
 
 
 def test_upsample_eval_tool_compares_with_plain_resizing(tmp_path, shapes_shards):
@@ -104,7 +146,7 @@ def test_upsample_eval_tool_compares_with_plain_resizing(tmp_path, shapes_shards
                               mid_attention=False)).save_pretrained(tmp_path / "up")  # fmt: skip
     argv = ["--upsampler", str(tmp_path / "up"), "--data", shapes_shards.eval, "--num", "6",
             "--steps", "2,3", "--noise-levels", "0", "--threads", "1", "--grid", "3",
-            "--out", str(tmp_path / "out")]  # fmt: skip
+            "--grid-from", "render", "--out", str(tmp_path / "out")]  # fmt: skip
     assert tool.main(argv) == 0
     rep = json.loads((tmp_path / "out" / "upsample.json").read_text())
     assert rep["images"] == 6 and rep["sizes"] == [16, 32]
