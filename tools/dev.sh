@@ -11,6 +11,12 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION="${DALLE_AR_TORCH:-2.13.0}"
 PY="${DALLE_AR_PYTHON:-python3}"
 VENV=.venv
+job="${1:-main}"
+shift || true
+case "$job" in
+  main | test | setup) ;;
+  *) echo "usage: bash tools/dev.sh main|test|setup" >&2; exit 2 ;;
+esac
 
 if [[ ! -x $VENV/bin/python ]]; then
   echo "[setup] creating $VENV with $($PY --version)"
@@ -30,8 +36,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
       --extra-index-url https://download.pytorch.org/whl/cpu --retries 1 --timeout 15
   fi
 fi
-job="${1:-main}"
-shift || true
+
 # dalle-ar with its dev and demo extras; the main job needs neither (the test tools, the web
 # page), so a venv set up by it holds the package alone until another job asks for the rest.
 stamp=$VENV/.dalle_ar-installed
@@ -56,5 +61,4 @@ case "$job" in
     ruff check .
     exec python -m pytest -q "$@"
     ;;
-  *) echo "usage: bash tools/dev.sh main|test|setup" >&2; exit 2 ;;
 esac

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from dalle_ar.data.loader import make_loader
+from dalle_ar.data.shapes import is_scene, rendered
 from dalle_ar.eval.metrics import image_metrics, pil_resize
 from dalle_ar.grid import image_grid
 from dalle_ar.sampling.diffusion import upsample_images
 from dalle_ar.sampling.settings import UpsampleSampling
-from dalle_ar.train.upsampler import small_images
 from dalle_ar.upsampler import Upsampler, downscale
 
 PLAIN = ("nearest", "bicubic", "lanczos")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = specs[: args.num]
     if not len(truth):
         raise SystemExit(f"{args.data} holds no image")
-    shapes = all(isinstance(s, dict) and "objects" in s for s in specs)
+    shapes = all(map(is_scene, specs))
     if args.grid_from == "render" and not shapes:
         raise SystemExit(f"--grid-from render: {args.data} holds no shapes scenes")
     low = downscale(truth, cfg.low_size)
@@ -114,14 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         "defaults": UpsampleSampling().__dict__,
         "from_box_filter": evaluate(up, truth, low, args),
     }
-    if shapes:  # render each scene small
-        batch = {"image": truth, "meta": specs, "key": [str(i) for i in range(len(specs))]}
-        rendered = small_images(batch, cfg.low_size, "render")
-        report["from_renders"] = evaluate(up, truth, rendered, args)
+    renders = rendered(specs, cfg.low_size) if shapes else None  # each scene drawn small
+    if renders is not None:
+        report["from_renders"] = evaluate(up, truth, renders, args)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     k = min(args.grid, len(truth))
-    low = rendered if args.grid_from == "render" else low
+    low = renders if args.grid_from == "render" else low
     big, _ = _upsampled(up, low[:k], UpsampleSampling(), args.batch_size)
     rows = [pil_resize(low[:k], cfg.high_size, "nearest"), pil_resize(low[:k], cfg.high_size,
             "bicubic"), pil_resize(low[:k], cfg.high_size, "lanczos"), big, truth[:k]]  # fmt: skip

@@ -24,6 +24,7 @@ import torch
 
 from dalle_ar.data.evaluate import score_batch
 from dalle_ar.data.loader import make_loader
+from dalle_ar.data.shapes import is_scene
 from dalle_ar.grid import captioned_grid, stack_vertical, to_uint8
 from dalle_ar.pipelines import Pipeline
 from dalle_ar.sampling.settings import ARSampling, add_arguments, from_args
@@ -35,7 +36,7 @@ def scenes(shards: str, size: int, n: int) -> list[tuple[torch.Tensor, dict, str
     seen, held = [], []
     for batch in make_loader(shards, size, 64, train=False):
         for img, meta, cap in zip(batch["image"], batch["meta"], batch["caption"]):
-            if isinstance(meta, dict) and "objects" in meta:
+            if is_scene(meta):
                 (held if meta["held_out"] else seen).append((img, meta, cap))
         if len(seen) >= n and len(held) >= n:
             break

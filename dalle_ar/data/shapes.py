@@ -146,10 +146,19 @@ def cell_box(row: int, col: int, d: int, canvas: int) -> tuple[int, int]:
     return int(np.floor(cy - d / 2 + 0.5)), int(np.floor(cx - d / 2 + 0.5))
 
 
+MIN_SIZE = 12  # pixels a side: the smallest canvas a scene is drawn on
+
+
+def is_scene(meta: Any) -> bool:
+    """Is a record's metadata a scene spec of this generator (`sample_spec`)?"""
+    return isinstance(meta, dict) and "objects" in meta
+
+
 def render(spec: dict[str, Any], size: int = 32) -> np.ndarray:
-    """The scene as uint8 (size, size, 3)."""
-    if size < 12:
-        raise ValueError(f"size must be >= 12 pixels, got {size}")
+    """The scene as uint8 (size, size, 3). ValueError for size < MIN_SIZE or an unknown
+    colour."""
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be >= {MIN_SIZE} pixels, got {size}")
     img = np.empty((size, size, 3), np.uint8)
     img[...] = BACKGROUND_RGB
     for o in spec["objects"]:
@@ -159,6 +168,15 @@ def render(spec: dict[str, Any], size: int = 32) -> np.ndarray:
         y0, x0 = cell_box(o["row"], o["col"], d, size)
         img[y0 : y0 + d, x0 : x0 + d][shape_mask(o["shape"], d)] = COLORS[o["color"]]
     return img
+
+
+def rendered(specs: Sequence[dict[str, Any]], size: int) -> Any:
+    """The scenes drawn by `render` at `size`: a torch tensor (N, 3, size, size) float32 in
+    [0, 1] on the CPU, the loader's layout."""
+    import torch  # the generator itself needs only numpy
+
+    drawn = np.stack([render(spec, size) for spec in specs])
+    return torch.from_numpy(drawn).permute(0, 3, 1, 2).float() / 255
 
 
 # ----------------------------------------------------------------------------------------------

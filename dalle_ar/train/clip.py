@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from dalle_ar.checkpoint import atomic_dir
 from dalle_ar.clip import CLIP, LOGIT_SCALE_MAX, CLIPPair, CLIPSizes
 from dalle_ar.config import DataConfig, require
+from dalle_ar.data.shapes import is_scene, rendered
 from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.text import TextTokenizer
 from dalle_ar.train import dist
@@ -139,11 +139,6 @@ def round_trip_rows(keys: Iterable[str], share: float) -> list[int]:
     return [i for i, k in enumerate(keys) if random.Random(f"vq-{k}").random() < share]
 
 
-def _is_scene(meta: Any) -> bool:
-    """Is a sample's metadata a shapes scene spec (`dalle_ar.data.shapes`)?"""
-    return isinstance(meta, dict) and "objects" in meta
-
-
 def with_foil_scenes(batch: dict[str, Any], size: int) -> dict[str, Any]:
     """The batch {"image" (B, 3, S, S) in [0, 1], "caption", "meta", "key"} followed by one foil
     scene per sample (`shapes.foil_scene`, rendered at `size`, captioned like a training scene,
@@ -155,7 +150,7 @@ def with_foil_scenes(batch: dict[str, Any], size: int) -> dict[str, Any]:
     captions, metas, keys = [], [], []
     for meta, key in zip(batch["meta"], batch["key"]):
         rng = random.Random(f"foil-{key}")
-        foil = foil_scene(meta, rng) if _is_scene(meta) else None
+        foil = foil_scene(meta, rng) if is_scene(meta) else None
         if foil is None:
             raise ValueError(f"foil_scenes needs a shapes scene with a foil; sample {key!r} has "
                              f"none (metadata {str(meta)[:80]})")  # fmt: skip
@@ -178,7 +173,7 @@ def hard_negatives(batch: dict[str, Any], per_sample: int = 1) -> list[str | Non
     from dalle_ar.data.shapes import describes, hard_negative, object_attributes
 
     pictures: dict[tuple, list[dict[str, Any]]] = {}  # the batch's scenes by what they show
-    for m in filter(_is_scene, batch["meta"]):
+    for m in filter(is_scene, batch["meta"]):
         pictures.setdefault(object_attributes(m), []).append(m)
 
     def true_of_one(foil: dict[str, Any]) -> bool:
@@ -187,18 +182,9 @@ def hard_negatives(batch: dict[str, Any], per_sample: int = 1) -> list[str | Non
     rngs = [random.Random(f"hard-{k}") for k in batch["key"]]
     out = []
     for _ in range(per_sample):
-        out += [hard_negative(m, rng, true_of_one) if _is_scene(m) else None
+        out += [hard_negative(m, rng, true_of_one) if is_scene(m) else None
                 for m, rng in zip(batch["meta"], rngs)]  # fmt: skip
     return out
-
-
-def rendered(specs: list[dict[str, Any]], size: int) -> torch.Tensor:
-    """Shapes scenes drawn by `shapes.render` at `size`: (N, 3, size, size) float32 in [0, 1], the
-    loader's layout."""
-    from dalle_ar.data.shapes import render
-
-    drawn = np.stack([render(spec, size) for spec in specs])
-    return torch.from_numpy(drawn).permute(0, 3, 1, 2).float() / 255
 
 
 @torch.no_grad()
@@ -263,7 +249,7 @@ def _scenes(batches: Iterable[dict[str, Any]], max_images: int) -> Iterator[tupl
     for batch in batches:
         if max_images and n >= max_images:
             return
-        use = [i for i, m in enumerate(batch["meta"]) if _is_scene(m)]
+        use = [i for i, m in enumerate(batch["meta"]) if is_scene(m)]
         use = use[: max_images - n] if max_images else use
         n += len(use)
         if use:

@@ -35,13 +35,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from dalle_ar.config import DataConfig, require
-from dalle_ar.data.shapes import render
+from dalle_ar.data.shapes import MIN_SIZE, is_scene, rendered
 from dalle_ar.eval.metrics import image_metrics, pil_resize
 from dalle_ar.grid import image_grid
 from dalle_ar.identity import CLIPIdentity
@@ -81,39 +80,46 @@ class UpsamplerRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad
                 f"clip={self.clip!r}, caption_dim={self.model.caption_dim}")  # fmt: skip
         require(self.small_from in SMALL_FROM, "small_from",
                 f"must be one of {SMALL_FROM}, got {self.small_from!r}")  # fmt: skip
-        require(not (self.small_from == "render" and self.data.random_crop), "data.random_crop",
-                "must be false with small_from='render': the scene is drawn whole")  # fmt: skip
+        if self.small_from == "render":
+            require(not self.data.random_crop, "data.random_crop",
+                    "must be false with small_from='render': the scene is drawn whole")  # fmt: skip
+            require(self.model.low_size >= MIN_SIZE, "model.low_size",
+                    f"must be >= {MIN_SIZE} with small_from='render' (the smallest canvas a "
+                    f"scene is drawn on), got {self.model.low_size}")  # fmt: skip
         require(self.eval_images >= 0, "eval_images", "must be >= 0")
         require(self.grid_images >= 1, "grid_images", "must be >= 1")
 
 
 def small_images(batch: dict[str, Any], size: int, small_from: str = "box") -> torch.Tensor:
-    """The small versions (B, 3, size, size) in [0, 1] of a batch's large images ("image",
-    (B, 3, H, W) in [0, 1]): box-filtered (`downscale`), or with small_from="render" each
-    record's shapes scene (its "meta", `dalle_ar.data.shapes`) drawn at `size` pixels. ValueError
+    """The small versions (B, 3, size, size) float32 in [0, 1] of a loader batch's large images
+    ("image" (B, 3, H, W) in [0, 1], "meta", "key"): box-filtered (`downscale`, on the images'
+    device), or with small_from="render" each record's shapes scene (its "meta",
+    `shapes.rendered`, on the CPU) drawn at `size` pixels. ValueError for another small_from, or
     naming the first record that carries no scene."""
+    if small_from not in SMALL_FROM:
+        raise ValueError(f"small_from must be one of {SMALL_FROM}, got {small_from!r}")
     if small_from == "box":
         return downscale(batch["image"], size)
     for key, spec in zip(batch["key"], batch["meta"]):
-        if not (isinstance(spec, dict) and "objects" in spec):
+        if not is_scene(spec):
             raise ValueError(f"small_from='render' draws each record's shapes scene small, and "
                              f"record {key!r} carries none: shards of `dalle-ar data shapes` "
                              "only (small_from='box' for any other pictures)")  # fmt: skip
-    arr = np.stack([render(spec, size) for spec in batch["meta"]])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255)
+    return rendered(batch["meta"], size)
 
 
 def check_renders(batch: dict[str, Any], size: int) -> None:
-    """ValueError unless every large image of `batch` is its record's scene rendered at `size`
-    pixels (small_from='render' pairs it with the same scene drawn small, which is only its small
-    version when the shards hold the scenes at the large size, neither resized nor cropped)."""
+    """ValueError unless every large image of a loader batch ("image" (B, 3, size, size) in
+    [0, 1], "meta", "key") is exactly its record's scene rendered at `size` pixels: small_from=
+    'render' pairs it with the same scene drawn small, which is its small version only when the
+    shards hold the scenes at the large size, losslessly (PNG), neither resized nor cropped."""
     drawn = small_images(batch, size, "render")
     for key, a, b in zip(batch["key"], drawn, batch["image"]):
         if a.shape != b.shape or not torch.equal(a, b.cpu()):
             raise ValueError(f"small_from='render': record {key!r} is not its scene rendered at "
-                             f"{size} px (shards of another size, resized by the loader?); "
-                             f"render the data at data.image_size: dalle-ar data shapes --size "
-                             f"{size}")  # fmt: skip
+                             f"{size} px (shards of another size, resized by the loader, or a "
+                             f"lossy format?); render the data at data.image_size: dalle-ar data "
+                             f"shapes --size {size}")  # fmt: skip
 
 
 def upsampler_loss(
@@ -129,11 +135,12 @@ def upsampler_loss(
 ) -> torch.Tensor:
     """The upsampler's loss on large images (B, 3, H, W) in [0, 1]: MSE between the prediction
     and its target (`prediction_type`) at uniform timesteps, their small versions `low`
-    (B, 3, h, w) in [0, 1] (default box-filtered, `downscale`) noised to a uniform level in
-    [0, max_noise_level]. `model`: `upsampler` as trained (maybe DDP-wrapped).
-    Timesteps, noise and levels are drawn on the CPU from `generator` (default torch's global
-    one) for the global batch (`world` ranks of B rows) and this `rank`'s rows taken
-    (`dist.rank_rows`), so N processes draw what one process with the whole batch would."""
+    (B, 3, low_size, low_size) in [0, 1] (default box-filtered, `downscale`; ValueError for
+    another shape) noised to a uniform level in [0, max_noise_level]. `model`: `upsampler` as
+    trained (maybe DDP-wrapped). Timesteps, noise and levels are drawn on the CPU from
+    `generator` (default torch's global one) for the global batch (`world` ranks of B rows) and
+    this `rank`'s rows taken (`dist.rank_rows`), so N processes draw what one process with the
+    whole batch would."""
     cfg = upsampler.cfg
     x0 = images * 2 - 1
     b, dev, shape = len(x0), x0.device, x0.shape[1:]
@@ -143,6 +150,10 @@ def upsampler_loss(
     noise = torch.randn(n, *shape, generator=generator)[rows]
     aug = torch.randn(n, *shape, generator=generator)[rows]
     t, level, noise, aug = t.to(dev), level.to(dev), noise.to(dev), aug.to(dev)
+    want = (b, 3, cfg.low_size, cfg.low_size)
+    if low is not None and tuple(low.shape) != want:
+        raise ValueError(f"low must be {want}, the small versions of images, got "
+                         f"{tuple(low.shape)}")  # fmt: skip
     low = (downscale(images, cfg.low_size) if low is None else low.to(dev)) * 2 - 1
     cond = upsampler.condition(low, level, aug)
     pred = model(ddpm.add_noise(x0, noise, t), t, cond, level, text)
@@ -219,8 +230,10 @@ def train(
     that do not hold shapes scenes rendered at the large size (`check_renders`)."""
     source = source or ShardImages(cfg, captions=cfg.model.caption_dim > 0)
     low_size = cfg.model.low_size
-    if cfg.small_from == "render":  # before any work: the shards hold the scenes at the large size
-        check_renders(next(iter(source.eval() or source.train(0))), cfg.model.high_size)
+    if cfg.small_from == "render":  # before any work: the first batch of each split
+        for batches in (source.train(0), source.eval()):
+            if batches is not None:
+                check_renders(next(iter(batches)), cfg.model.high_size)
 
     def small(batch: dict[str, Any]) -> torch.Tensor:
         return small_images(batch, low_size, cfg.small_from)

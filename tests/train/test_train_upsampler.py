@@ -100,19 +100,30 @@ def test_render_pairs_draw_each_scene_small(tmp_path, shapes_shards):
     cfg = load_config(UpsamplerRecipeConfig, TINY_CONFIG,
                       _args(shapes_shards, out, "small_from=render"))  # fmt: skip
     m = recipe.train(cfg)
-    assert m["finished"] and m["bicubic_psnr"] > 5
-    assert (out / "samples" / "upsample_000006.png").is_file()
+    assert m["finished"] and (out / "samples" / "upsample_000006.png").is_file()
+    truth = next(b for b in make_loader(shapes_shards.eval, 32, cfg.eval_images, train=False)
+                 if "image" in b)  # fmt: skip
+    plain = pil_resize(recipe.small_images(truth, 16, "render"), 32, "bicubic")
+    want = image_metrics(plain, truth["image"])["psnr"].mean().item()
+    assert m["bicubic_psnr"] == pytest.approx(want, abs=1e-4)  # evaluated on render pairs too
+    boxed = pil_resize(recipe.small_images(truth, 16, "box"), 32, "bicubic")
+    assert image_metrics(boxed, truth["image"])["psnr"].mean().item() != pytest.approx(want)
 
 
 def test_render_pairs_refuse_other_pictures_by_name(tmp_path, shapes_shards):
     """Before any step: shards whose pictures are not the scenes at the large size (here 32-px
-    scenes read at 16), and records that carry no scene."""
-    argv = _args(shapes_shards, tmp_path / "run", "small_from=render", "model.low_size=8",
-                 "data.image_size=16")  # fmt: skip
+    scenes read at 24), in either split, and records that carry no scene."""
+    argv = _args(shapes_shards, tmp_path / "run", "small_from=render", "model.low_size=12",
+                 "data.image_size=24")  # fmt: skip
     cfg = load_config(UpsamplerRecipeConfig, TINY_CONFIG, argv)
-    with pytest.raises(ValueError, match=r"is not its scene rendered at 16 px.*--size 16"):
+    with pytest.raises(ValueError, match=r"is not its scene rendered at 24 px.*--size 24"):
         recipe.train(cfg)
-    assert not (tmp_path / "run" / "ckpt").exists()
+    without_eval = load_config(UpsamplerRecipeConfig, TINY_CONFIG, [*argv, "data.eval="])
+    with pytest.raises(ValueError, match=r"is not its scene rendered at 24 px"):
+        recipe.train(without_eval)  # the training split is probed too
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"small_from must be one of \('box', 'render'\)"):
+        recipe.small_images({"image": torch.zeros(1, 3, 32, 32)}, 16, "area")
     batch = {"image": torch.zeros(1, 3, 32, 32), "meta": [{}], "key": ["pic_0"]}
     with pytest.raises(ValueError, match=r"record 'pic_0' carries none.*small_from='box'"):
         recipe.small_images(batch, 16, "render")
@@ -128,6 +139,10 @@ def test_config_checks_name_the_field(tmp_path, shapes_shards):
     with pytest.raises(ConfigError, match=r"small_from.*\('box', 'render'\), got 'area'"):
         load_config(UpsamplerRecipeConfig, TINY_CONFIG,
                     _args(shapes_shards, tmp_path, "small_from=area"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"model.low_size.*>= 12 with small_from='render'"):
+        load_config(UpsamplerRecipeConfig, TINY_CONFIG,
+                    _args(shapes_shards, tmp_path, "small_from=render", "model.low_size=8",
+                          "data.image_size=16"))  # fmt: skip
     with pytest.raises(ConfigError, match="data.random_crop.*small_from='render'"):
         load_config(UpsamplerRecipeConfig, TINY_CONFIG,
                     _args(shapes_shards, tmp_path, "small_from=render",
