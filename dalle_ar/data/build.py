@@ -161,8 +161,8 @@ def _parser(kind: str) -> argparse.ArgumentParser:
         "--size",
         type=int,
         default=default_size,
-        help="image side in pixels (shapes: render size; others: shorter side, "
-        "only downscaled; default: keep the source size)",
+        help="image side in pixels (shapes: render size, default 32; others: shorter side, "
+        "only downscaled, default: keep the source size)",
     )
     # several shards per split, so DataLoader workers and DDP ranks each get whole shards
     default_shard = {"shapes": 5_000, "emoji": 500, "folder": 1_000}[kind]

@@ -424,6 +424,19 @@ def read_meta(sample: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None
         return None, "bad_meta"
 
 
+def first_image_size(urls: str | list[str]) -> tuple[int, int] | None:
+    """(width, height) in pixels of the first readable picture of the shards `urls` (local
+    paths or brace globs, `expand_urls`), as stored, before the loader resizes it; None when
+    none is read."""
+    for url in expand_urls(urls):
+        for sample in _raw_samples(url, BadDataReport()):
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            img, _ = decode_image(sample[ext]) if ext else (None, None)
+            if img is not None:
+                return img.size
+    return None
+
+
 def decode_sample(
     sample: dict[str, Any],
     size: int,

@@ -12,7 +12,7 @@ z_t").
 The upsampler (SR3 / Imagen): small images -> large ones by DDIM over the upsampler's
 predictions, the small image noised to the settings' augmentation level.
 
-    big = upsample_images(upsampler, small, UpsampleSampling(upsample_steps=10), seeds=[0, 1])
+    big = upsample_images(upsampler, small, UpsampleSampling(upsample_steps=5), seeds=[0, 1])
 
 Every sample draws its noise from a CPU generator seeded from its own seed (`stream`: the
 prior's, the upsampler's and the transformer's are separate streams), and the rest of each loop

@@ -73,6 +73,15 @@ class MaskGITScheduler:
         return torch.where(again, self.mask_id, torch.where(masked, drawn, codes))
 
 
+def corrector_groups(drawn: torch.Tensor, u: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, n) long: each drawn position's corrector group in [0, k), the drawn positions (drawn
+    (B, n) bool) of a sample split into k groups of sizes within one of each other in the random
+    order of its uniforms u (B, n); k (never a group) where not drawn."""
+    rank = torch.where(drawn, u, 2.0).argsort(1).argsort(1)  # 0 = first drawn position in order
+    group = rank * k // drawn.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(drawn, group, k)
+
+
 @torch.inference_mode()
 def generate_masked(
     model: Transformer,
@@ -115,7 +124,10 @@ def generate_masked(
     guided = s.guidance_scale != 1
     if guided and empty_ids is None:
         raise ValueError("guidance (scale != 1) needs empty_ids, the empty caption's ids")
-    u = uniforms(sample_seeds(B, seeds), 2 * s.steps * n, dev).view(B, 2, s.steps, n)
+    K = s.corrector_steps  # per sample: 2 uniforms per position and pass, then the corrector's
+    u_all = uniforms(sample_seeds(B, seeds), (2 * s.steps + 1 + K) * n, dev)
+    u = u_all[:, : 2 * s.steps * n].view(B, 2, s.steps, n)
+    u_order, u_fix = u_all[:, 2 * s.steps * n :].split([n, K * n], dim=1)
     text, lens = text_ids.to(dev), None if text_lens is None else text_lens.to(dev)
     if guided:
         text = torch.cat([text, empty_ids.to(dev).view(1, -1).expand(B, -1)])
@@ -123,20 +135,34 @@ def generate_masked(
             lens = torch.cat([lens, lens.new_full((B,), empty_len)])
     sched = MaskGITScheduler(cfg.mask_id, s.confidence_temperature)
     sched.set_timesteps(s.steps, codes)
+    drawn = codes == cfg.mask_id  # the positions this call draws; the corrector redraws only these
+    group = corrector_groups(drawn, u_order, K)
+
+    def probs_at(codes: torch.Tensor, t: int, name: str) -> torch.Tensor:
+        image = codes.repeat(2, 1) if guided else codes
+        logits = model(torch.cat([text, image], 1), text_lens=lens).image.float()
+        if guided:  # a pass at scale 1 (a rising schedule's first) is the conditional half
+            g, pair = s.guidance_at(t), logits.view(2, B, n, -1)
+            logits = pair[0] if g == 1 else combine(pair, [g])
+        probs = logits_to_probs(logits, s.temperature, s.top_k)
+        check_probs(probs, f"masked sampling, {name}")
+        return probs
+
     was_training = model.training
     model.eval()
     try:
         for t in sched.timesteps.tolist():
-            image = codes.repeat(2, 1) if guided else codes
-            logits = model(torch.cat([text, image], 1), text_lens=lens).image.float()
-            if guided:  # a pass at scale 1 (a rising schedule's first) is the conditional half
-                g, pair = s.guidance_at(t), logits.view(2, B, n, -1)
-                logits = pair[0] if g == 1 else combine(pair, [g])
-            probs = logits_to_probs(logits, s.temperature, s.top_k)
-            check_probs(probs, f"masked sampling, pass {t + 1} of {s.steps}")
+            probs = probs_at(codes, t, f"pass {t + 1} of {s.steps}")
             codes = sched.step(probs, t, codes, u[:, 0, t], u[:, 1, t])
             if callback is not None:
                 callback(t + 1, s.steps, codes.view(B, cfg.grid_h, cfg.grid_w))
+        for k in range(K):  # the corrector: group k masked again and redrawn given the rest
+            again = drawn & (group == k)
+            probs = probs_at(codes.masked_fill(again, cfg.mask_id), s.steps - 1,
+                             f"corrector pass {k + 1} of {K}")  # fmt: skip
+            u_k = u_fix[:, k * n : (k + 1) * n].reshape(-1)
+            redrawn = sample_from_probs(probs.reshape(B * n, -1), u_k).view(B, n)
+            codes = torch.where(again, redrawn, codes)
     finally:
         model.train(was_training)
     return codes.view(B, cfg.grid_h, cfg.grid_w)

@@ -122,6 +122,21 @@ def check_renders(batch: dict[str, Any], size: int) -> None:
                              f"shapes --size {size}")  # fmt: skip
 
 
+def check_large(data: DataConfig) -> None:
+    """ValueError when the first picture of data.train or data.eval is stored smaller than
+    data.image_size: the loader would stretch it, and an upsampler would learn to undo a blur
+    instead of drawing the detail of a true large picture."""
+    from dalle_ar.data.shards import first_image_size  # the data stage; imported when used
+
+    for key, urls in (("data.train", data.train), ("data.eval", data.eval)):
+        size = first_image_size(urls) if urls else None
+        if size is not None and min(size) < data.image_size:
+            raise ValueError(f"{key}: its pictures are {size[0]}x{size[1]}, smaller than "
+                             f"data.image_size {data.image_size}; an upsampler learns from true "
+                             f"large pictures (shapes: dalle-ar data shapes --size "
+                             f"{data.image_size})")  # fmt: skip
+
+
 def upsampler_loss(
     model: torch.nn.Module,
     upsampler: Upsampler,
@@ -226,10 +241,12 @@ def train(
 ) -> dict[str, Any]:
     """Run the recipe with a validated config on `source` (default: the config's shards);
     returns the final metrics (also metrics.json). Raises what `loop.fit` raises, and ValueError
-    for a CLIP whose embedding size is not model.caption_dim or, with small_from='render', shards
-    that do not hold shapes scenes rendered at the large size (`check_renders`)."""
+    for a CLIP whose embedding size is not model.caption_dim, shards whose pictures are smaller
+    than data.image_size (`check_large`) or, with small_from='render', shards that do not hold
+    shapes scenes rendered at the large size (`check_renders`)."""
     source = source or ShardImages(cfg, captions=cfg.model.caption_dim > 0)
     low_size = cfg.model.low_size
+    check_large(cfg.data)
     if cfg.small_from == "render":  # before any work: the first batch of each split
         for batches in (source.train(0), source.eval()):
             if batches is not None:

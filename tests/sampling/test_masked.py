@@ -12,7 +12,7 @@ from _pipeline_fixtures import peaked, tiny_transformer_config
 
 from dalle_ar.config import ConfigError
 from dalle_ar.sampling.logits import logits_to_probs
-from dalle_ar.sampling.masked import MaskGITScheduler, generate_masked
+from dalle_ar.sampling.masked import MaskGITScheduler, corrector_groups, generate_masked
 from dalle_ar.sampling.settings import MaskedSampling
 from dalle_ar.train.objectives import mask_codes, masked_loss
 from dalle_ar.transformer import Transformer, TransformerConfig
@@ -134,24 +134,27 @@ def test_probabilities_that_are_not_finite_stop_the_pass_naming_it():
         generate_masked(model, ids, MaskedSampling(steps=4), text_lens=lens)
 
 
-def test_a_sample_is_the_same_alone_and_in_a_batch():
+@pytest.mark.parametrize("corrector", [0, 3])
+def test_a_sample_is_the_same_alone_and_in_a_batch(corrector):
     model = masked_model()
     ids, lens = prompts(3)
-    kw = dict(steps=4, guidance_scale=2.0, empty_ids=EMPTY)
+    kw = dict(steps=4, guidance_scale=2.0, empty_ids=EMPTY, corrector_steps=corrector)
     batch = generate_masked(model, ids, text_lens=lens, seeds=[7, 8, 9], **kw)
     alone = generate_masked(model, ids[1:2], text_lens=lens[1:2], seeds=[8], **kw)
     assert torch.equal(batch[1], alone[0])
     assert not (batch == IV).any() and batch.max() < IV
 
 
-def test_inpainting_keeps_the_codes_outside_the_mask():
+@pytest.mark.parametrize("corrector", [0, 2])
+def test_inpainting_keeps_the_codes_outside_the_mask(corrector):
     model = masked_model()
     ids, lens = prompts(2)
     init = torch.randint(0, IV, (2, H, W))
     region = torch.zeros(H, W, dtype=torch.bool)
     region[1:, :2] = True
     init[:, region] = IV
-    out = generate_masked(model, ids, text_lens=lens, seeds=[0, 1], init_codes=init, steps=3)
+    out = generate_masked(model, ids, text_lens=lens, seeds=[0, 1], init_codes=init, steps=3,
+                          corrector_steps=corrector)  # fmt: skip
     assert torch.equal(out[:, ~region], init[:, ~region])
     assert not (out == IV).any()
     with pytest.raises(ValueError, match="init_codes must be"):
@@ -173,3 +176,25 @@ def test_training_masks_follow_the_cosine_share_and_the_global_draw():
     loss, parts = masked_loss(logits, image, masked)
     ce = torch.nn.functional.cross_entropy(logits[masked], image[masked])
     assert torch.allclose(loss, ce) and 0 < parts["masked_share"] <= 1
+
+
+def test_the_corrector_splits_the_drawn_codes_into_even_groups_and_redraws_them():
+    """corrector_groups: every drawn position in exactly one of k groups whose sizes differ by
+    at most one, kept positions in none; the corrector passes change the draw (a random model
+    redraws some code) and leave the unmasking passes' stream alone (corrector_steps=0 is the
+    sampler without them)."""
+    drawn = torch.tensor([[True] * 7 + [False] * 3, [False, True] * 5])
+    u = torch.rand(2, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    group = corrector_groups(drawn, u, 3)
+    assert bool((group[~drawn] == 3).all()) and bool((group[drawn] < 3).all())
+    for b in range(2):
+        sizes = torch.bincount(group[b][drawn[b]], minlength=3)
+        assert int(sizes.sum()) == int(drawn[b].sum()) and int(sizes.max() - sizes.min()) <= 1
+    model = masked_model()
+    ids, lens = prompts(3)
+    kw = dict(text_lens=lens, seeds=[4, 5, 6], steps=3, guidance_scale=1.5, empty_ids=EMPTY)
+    plain = generate_masked(model, ids, **kw)
+    assert torch.equal(plain, generate_masked(model, ids, corrector_steps=0, **kw))
+    assert not torch.equal(plain, generate_masked(model, ids, corrector_steps=4, **kw))
+    with pytest.raises(ConfigError, match="corrector_steps"):
+        generate_masked(model, ids, corrector_steps=-1, **kw)

@@ -129,6 +129,17 @@ def test_render_pairs_refuse_other_pictures_by_name(tmp_path, shapes_shards):
         recipe.small_images(batch, 16, "render")
 
 
+def test_pictures_smaller_than_the_large_size_are_refused(tmp_path, shapes_shards):
+    """32-px shards for a 32 -> 64 upsampler: the loader would stretch them, so the recipe stops
+    before any step, naming the split and both sizes (box pairs too)."""
+    argv = _args(shapes_shards, tmp_path / "run", "model.low_size=32", "data.image_size=64")
+    cfg = load_config(UpsamplerRecipeConfig, TINY_CONFIG, argv)
+    with pytest.raises(ValueError, match=r"data.train: its pictures are 32x32, smaller than "
+                                         r"data.image_size 64.*--size 64"):  # fmt: skip
+        recipe.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_checks_name_the_field(tmp_path, shapes_shards):
     with pytest.raises(ConfigError, match=r"data.image_size.*low_size \* model.scale = 32, got 16"):
         load_config(UpsamplerRecipeConfig, TINY_CONFIG,
