@@ -62,8 +62,8 @@ class MainJobConfig:
     # `masked_steps` (0 = configs/<data>/masked.yaml's), shown and scored beside the
     # autoregressive modes; where that config starts it from a transformer (`init_from`, the
     # shapes' 3,000 steps of the transformer's network, which the transformer stage runs 10,000
-    # of) it starts from the job's own. Off by default: the job with it has not been timed on a
-    # machine as fast as the one its 30 minutes were measured on (docs/results.md#masked-mode).
+    # of) it starts from the job's own. Off by default: its stage and its sampling add about 9
+    # minutes to the job's 30 (measured, docs/results.md#masked-mode).
     masked: bool = False
     masked_steps: int = 0
     masked_max_minutes: float = 45.0

@@ -11,7 +11,9 @@ The scheduler (`MaskGITScheduler`: `set_timesteps`, `step`) is apart from the ne
 diffusers. diffusers' `AmusedScheduler` implements the same rule but draws the codes and the
 Gumbel noise from one generator for the whole batch, so a sample would depend on its batch;
 here every sample draws from its own stream (`runtime.uniforms(seed)`: one uniform per position
-and pass for the code, one for the Gumbel noise), so a sample is the same alone or in any batch.
+and pass for the code, one for the Gumbel noise, then one per position for the corrector's order
+and one per position and corrector pass for its draw), so a sample is the same alone or in any
+batch, and the corrector (`MaskedSampling.corrector_steps`) leaves the passes before it alone.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ def generate_masked(
     hold `model.cfg.mask_id` the codes are drawn and elsewhere kept exactly (inpainting); default
     all masked. Guidance (guidance_scale != 1) runs the empty caption `empty_ids` (T,) in the
     same batch: uncond + g * (cond - uncond) on the logits, g the pass's scale
-    (`MaskedSampling.guidance_at`). callback(t, steps, codes) after each pass. ValueError for a
+    (`MaskedSampling.guidance_at`). callback(t, steps, codes) after each unmasking pass (not
+    after the corrector's). ValueError for a
     model that is not a masked generator, inputs of the wrong shape, or a pass whose
     probabilities are not finite (`logits.check_probs`)."""
     cfg = model.cfg

@@ -211,8 +211,8 @@ class MaskedSampling:
     )  # fmt: skip
     corrector_steps: int = dataclasses.field(
         default=0,
-        metadata=_option("--corrector-steps", "passes after the last that each redraw a random "
-                         "share of the drawn codes given the rest (0 = off)"),
+        metadata=_option("--corrector-steps", "passes after the last, each redrawing 1/K of the "
+                         "drawn codes given the rest (0 = off; 4 measured)"),
     )  # fmt: skip
 
     def guidance_at(self, t: int) -> float:

@@ -194,7 +194,10 @@ def test_the_corrector_splits_the_drawn_codes_into_even_groups_and_redraws_them(
     ids, lens = prompts(3)
     kw = dict(text_lens=lens, seeds=[4, 5, 6], steps=3, guidance_scale=1.5, empty_ids=EMPTY)
     plain = generate_masked(model, ids, **kw)
-    assert torch.equal(plain, generate_masked(model, ids, corrector_steps=0, **kw))
-    assert not torch.equal(plain, generate_masked(model, ids, corrector_steps=4, **kw))
+    seen = {}
+    keep = lambda t, n, c: seen.update({t: c.clone()})
+    corrected = generate_masked(model, ids, corrector_steps=4, callback=keep, **kw)
+    assert torch.equal(seen[3], plain)  # the unmasking passes draw what they drew without it
+    assert not torch.equal(corrected, plain)
     with pytest.raises(ConfigError, match="corrector_steps"):
         generate_masked(model, ids, corrector_steps=-1, **kw)
