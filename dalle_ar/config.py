@@ -169,7 +169,8 @@ class RunConfig:
     save_every: int = 200  # steps between checkpoints (always one at the end)
     sample_every: int = 0  # steps between sample / reconstruction grids (0 = only at the end)
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads; 0 = the CPUs measured free at the start (runtime)
+    # torch CPU threads; 0 = the CPUs free at the start, followed while it runs (runtime.CPUShare)
+    threads: int = 0
     compile: bool = False  # torch.compile the training forward, where the recipe supports it
     # auto: bf16 autocast on a GPU with bf16 (and, for the transformer, a CPU with bf16
     # instructions: dalle_ar.runtime.uses_bf16) | fp32 | bf16

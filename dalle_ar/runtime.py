@@ -116,6 +116,63 @@ def pick_threads(n: int, share: int = 1) -> int:
     return max(1, min(usable, round(free_cpus() / max(1, share))))
 
 
+class CPUShare:
+    """The threads a CPU run should have now, followed while it runs (`run.threads=0`): every
+    `every` seconds, the CPUs of this process's affinity set that other processes left it over
+    the last window (the idle ones plus the ones this process kept busy itself: /proc/stat and
+    `os.times`), rounded, at least 1. When a job's other stage running beside this one ends, the
+    count rises to take its core; when another process starts, it falls at the next window.
+
+    Falling takes effect at once (two threads on one free core wait on each other at every
+    parallel region); rising only after two windows in a row agree, so that a short pause of
+    the other process does not flip the count back and forth. Where /proc/stat is not readable
+    (not Linux), `poll` always returns None.
+    """
+
+    def __init__(self, threads: int, every: float = 10.0) -> None:
+        self.threads, self.every = threads, every
+        self.cpus = _affinity()
+        self._rise = 0  # windows in a row that asked for more
+        self._mark = self._read()
+
+    def _read(self) -> tuple[float, float, str] | None:
+        if not self.cpus:
+            return None
+        try:
+            stat = Path("/proc/stat").read_text()
+        except OSError:
+            return None
+        t = os.times()
+        return time.monotonic(), t.user + t.system, stat
+
+    def poll(self) -> int | None:
+        """The new thread count when it should change now, else None (cheap between windows)."""
+        if self._mark is None or time.monotonic() - self._mark[0] < self.every:
+            return None
+        now = self._read()
+        if now is None:
+            return None
+        (t0, own0, stat0), (t1, own1, stat1) = self._mark, now
+        self._mark = now
+        want = available_threads(stat0, stat1, self.cpus, (own1 - own0) / max(t1 - t0, 1e-9))
+        self._rise = self._rise + 1 if want > self.threads else 0
+        if want < self.threads or self._rise >= 2:
+            self.threads, self._rise = want, 0
+            return want
+        return None
+
+
+def available_threads(before: str, after: str, cpus: set[int], own: float) -> int:
+    """Threads a process may run between two readings of /proc/stat: the CPUs of `cpus` that
+    sat idle (`idle_between`) plus `own`, the CPUs this process kept busy itself over the same
+    window (CPU seconds per second), rounded, at least 1, at most len(cpus)."""
+    try:
+        free = idle_between(before, after, cpus) + own
+    except (ValueError, IndexError):
+        return len(cpus)
+    return max(1, min(len(cpus), round(free)))
+
+
 def _affinity() -> set[int]:
     """The CPUs this process may run on; empty where the OS does not say (not Linux)."""
     return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()

@@ -115,6 +115,13 @@ class MainJobConfig:
     upsample_sampling: UpsampleSampling = dataclasses.field(default_factory=UpsampleSampling)
     seed: int = 0  # data, training and sampling seed
     device: str = "auto"  # auto | cpu | cuda
+    # Stages run side by side where one needs nothing of the other (the CLIP and the upsampler
+    # beside the transformer), each in a process of its own with its share of the free CPUs; a
+    # training stage takes the CPUs the other leaves when it ends (runtime.CPUShare). 0 = 2 on
+    # a CPU with two or more free CPUs, else 1; on a GPU, one after another. On 2 CPU cores the
+    # two stages, one thread each, did X more work per second than one stage on two threads
+    # (docs/results.md#main-job).
+    lanes: int = 0
     wandb: str = "offline"  # offline | online | disabled
 
     def sampling_settings(self) -> dict[str, Any]:
@@ -154,6 +161,7 @@ class MainJobConfig:
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         require(self.fidelity_prompts >= 0, "fidelity_prompts", "must be >= 0")
         require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        require(self.lanes >= 0, "lanes", "must be >= 0 (0 = auto)")
         require_precision(self.precision)
         require(self.clip or "clip" not in reranker_parts(self.rerank.reranker), "rerank.reranker",
                 f"is {self.rerank.reranker!r}, which needs the CLIP stage (clip=true)")  # fmt: skip

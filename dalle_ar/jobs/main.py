@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from dalle_ar.config import ConfigError, load_config, save_config, to_dict
 from dalle_ar.jobs.config import MainJobConfig
@@ -369,10 +369,34 @@ class StageStopped(NonFiniteLoss):
     it kept and its config; the job's later stages did not run."""
 
 
-def run_stages(cfg: MainJobConfig) -> dict:
-    """Run every stage not done yet; returns the summary (also out_dir/summary.json).
-    StageStopped for a training stage stopped by non-finite numbers; ConfigError for configs
-    that do not fit."""
+class Stage(NamedTuple):
+    """One stage of the job: the stages it needs (by name), whether its output is complete, what
+    runs it, and what it writes (removed when a stage it needs runs again)."""
+
+    name: str
+    needs: set[str]
+    done: Callable[[], bool]
+    run: Callable[[], None]
+    outputs: list[Path]
+    after: frozenset[str] = frozenset()  # stages it reads but is not made again for
+
+    def waits_for(self) -> set[str]:
+        return self.needs | self.after
+
+
+class Plan(NamedTuple):
+    paths: Paths
+    data: DataSet
+    yaml: dict[str, Path]  # stage -> its component config
+    cascade: bool
+    stages: list[Stage]
+
+
+def plan(cfg: MainJobConfig) -> Plan:
+    """The job's stages, numbered in this order and, where several could start, started in it:
+    the chain to the transformer first (the longest stage), then what needs none of it, to run
+    beside it. ConfigError for component configs that are missing or do not fit, before any
+    work. Built again in each process that runs a stage (`_stage_process`)."""
     p = Paths(Path(cfg.out_dir))
     data = DATA_SETS[cfg.data]
     data.check(cfg)
@@ -391,86 +415,274 @@ def run_stages(cfg: MainJobConfig) -> dict:
     if missing:
         raise ConfigError(f"config key 'config_dir': no component configs {missing}")
     large = _large_size(yaml) if cascade else 0  # checked before any work
-    p.out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, p.out / "main_job.yaml")
-    # (name, needs, done, run, outputs): once a stage runs, every stage that needs it was made
+    # Once a stage runs, every stage that needs it was made
     # from what it replaced, so its outputs are removed and made again (an under-trained VQ
     # resumed by a rerun gets new token shards and a transformer trained on them, and a new CLIP
     # when that one learns from the VQ's round trips; a CLIP resumed
     # by a rerun leaves the VQ alone, and the transformer too when the job has no prior mode:
     # the prior's token shards carry the CLIP's embeddings)
-    cond_stage = ("cond_transformer", {"tokenizer", "vq", "tokens", "transformer"},
+    cond_stage = Stage("cond_transformer", {"tokenizer", "vq", "tokens", "transformer"},
                   lambda: _trained(p.cond_run, p.cond_transformer),
                   lambda: stage_transformer(cfg, p, yaml["transformer"], "cond"),
                   [p.cond_run])  # fmt: skip
     clip_needs = {"data", "tokenizer", *(["vq"] if cfg.clip and _clip_round_trips(yaml["clip"])
                                           else [])}  # fmt: skip
-    clip_stage = ("clip", clip_needs, lambda: _trained(p.clip_run, p.clip),
+    clip_stage = Stage("clip", clip_needs, lambda: _trained(p.clip_run, p.clip),
                   lambda: stage_clip(cfg, p, yaml["clip"]), [p.clip_run])  # fmt: skip
     # the prior reads the CLIP embeddings of the token shards, not their codes: a new VQ leaves
     # it alone
-    prior_stage = ("prior", {"data", "clip"}, lambda: _trained(p.prior_run, p.prior),
-                   lambda: stage_prior(cfg, p, yaml["prior"]), [p.prior_run])  # fmt: skip
+    prior_stage = Stage("prior", {"data", "clip"}, lambda: _trained(p.prior_run, p.prior),
+                   lambda: stage_prior(cfg, p, yaml["prior"]), [p.prior_run],
+                   after=frozenset({"tokens"}))  # fmt: skip
     adapts = cfg.masked and _masked_adapts(yaml["masked"])  # started from the transformer
     masked_needs = {"tokenizer", "vq", "tokens", *(["transformer"] if adapts else [])}
-    masked_stage = ("masked", masked_needs,
+    masked_stage = Stage("masked", masked_needs,
                     lambda: _trained(p.masked_run, p.masked),
                     lambda: stage_transformer(cfg, p, yaml["masked"], "masked", adapts),
                     [p.masked_run])  # fmt: skip
     cascade_stages = [
-        ("data_large", set(), lambda: (p.data_large / "info.json").is_file(),
+        Stage("data_large", set(), lambda: (p.data_large / "info.json").is_file(),
          lambda: data.build_large(cfg, p.data_large, large), [p.data_large]),
-        ("upsampler", {"data_large"}, lambda: _trained(p.upsampler_run, p.upsampler),
+        Stage("upsampler", {"data_large"}, lambda: _trained(p.upsampler_run, p.upsampler),
          lambda: stage_upsampler(cfg, p, yaml["upsampler"]), [p.upsampler_run]),
     ]  # fmt: skip
-    stages: list[tuple[str, set[str], Callable[[], bool], Callable[[], None], list[Path]]] = [
-        ("data", set(), lambda: (p.data / "info.json").is_file(),
+    stages = [
+        Stage("data", set(), lambda: (p.data / "info.json").is_file(),
          lambda: data.build(cfg, p.data), [p.data]),
-        ("tokenizer", {"data"}, lambda: _complete(p.tokenizer),
+        Stage("tokenizer", {"data"}, lambda: _complete(p.tokenizer),
          lambda: stage_tokenizer(cfg, p, yaml["tokenizer"]), [p.tokenizer_run]),
-        ("vq", {"data"}, lambda: _trained(p.vq_run, p.vq), lambda: stage_vq(cfg, p, yaml["vq"]),
-         [p.vq_run]),
-        *([clip_stage] if cfg.clip else []),
-        ("tokens", {"data", "vq", *(["clip"] if cfg.with_prior else [])},
+        Stage("vq", {"data"}, lambda: _trained(p.vq_run, p.vq),
+         lambda: stage_vq(cfg, p, yaml["vq"]), [p.vq_run]),
+        *([clip_stage] if cfg.with_prior else []),  # the token shards carry its embeddings
+        Stage("tokens", {"data", "vq", *(["clip"] if cfg.with_prior else [])},
          lambda: _tokens_done(cfg, p), lambda: stage_tokens(cfg, p), [p.tokens]),
-        ("transformer", {"tokenizer", "vq", "tokens"},
+        Stage("transformer", {"tokenizer", "vq", "tokens"},
          lambda: _trained(p.transformer_run, p.transformer),
          lambda: stage_transformer(cfg, p, yaml["transformer"], "transformer"),
          [p.transformer_run]),
         *([prior_stage, cond_stage] if cfg.with_prior else []),
         *([masked_stage] if cfg.masked else []),
+        *([clip_stage] if cfg.clip and not cfg.with_prior else []),
         *(cascade_stages if cascade else []),
-        ("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior", "cond_transformer",
+        Stage("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior", "cond_transformer",
                       "masked", "upsampler"},
          lambda: (p.pipeline / "pipeline.json").is_file(), lambda: stage_pipeline(cfg, p, cascade),
          [p.pipeline]),
-        ("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
+        Stage("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
          lambda: stage_samples(cfg, p, data), [p.samples, p.fidelity, p.evaluation]),
     ]  # fmt: skip
-    timings: dict[str, float | str] = {}
-    start, ran = time.perf_counter(), set()
-    for i, (name, needs, done, run, outputs) in enumerate(stages, 1):
-        upstream = sorted(needs & ran)
-        if not upstream and done():
-            print(f"[{i}/{len(stages)}] {name}: done already, skipped")
-            timings[name] = "skipped"
+    return Plan(p, data, yaml, cascade, stages)
+
+
+def job_lanes(cfg: MainJobConfig) -> int:
+    """How many stages run at once: `cfg.lanes`, or (0) 2 on a CPU with two or more CPUs free
+    now, else 1. On a GPU, stages run one after another."""
+    from dalle_ar.runtime import free_cpus
+
+    if cfg.device == "cuda" or (cfg.device == "auto" and _has_cuda()):
+        return 1
+    if cfg.lanes:
+        return cfg.lanes
+    return 2 if free_cpus() >= 1.5 else 1
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _begin(i: int, n: int, stage: Stage, upstream: list[str]) -> str | None:
+    """Before a stage: None (said so) when its output is complete and nothing it needs ran in
+    this job; else what to say after "running", its stale outputs removed first."""
+    if not upstream and stage.done():
+        print(f"[{i}/{n}] {stage.name}: done already, skipped")
+        return None
+    stale = [o for o in stage.outputs if o.exists()] if upstream else []
+    for o in stale:
+        shutil.rmtree(o) if o.is_dir() else o.unlink()
+    return f" again ({', '.join(upstream)} ran)" if stale else ""
+
+
+def _stopped(job: Plan, name: str, message: str) -> StageStopped:
+    config = job.yaml.get("transformer" if name == "cond_transformer" else name)
+    return StageStopped(f"the {name} stage stopped ({config}): {message} A rerun of the job "
+                        "resumes the stage from its last good checkpoint, or starts it over "
+                        "without one.")  # fmt: skip
+
+
+def _one_after_another(job: Plan, timings: dict[str, float | str]) -> None:
+    """Each stage in turn, in this process."""
+    ran: set[str] = set()
+    n = len(job.stages)
+    for i, stage in enumerate(job.stages, 1):
+        again = _begin(i, n, stage, sorted(stage.needs & ran))
+        if again is None:
+            timings[stage.name] = "skipped"
             continue
-        stale = [o for o in outputs if o.exists()] if upstream else []
-        for o in stale:
-            shutil.rmtree(o) if o.is_dir() else o.unlink()
-        again = f" again ({', '.join(upstream)} ran)" if stale else ""
-        print(f"[{i}/{len(stages)}] {name}: running{again}", flush=True)
+        print(f"[{i}/{n}] {stage.name}: running{again}", flush=True)
         t0 = time.perf_counter()
         try:
-            run()
+            stage.run()
         except NonFiniteLoss as e:
-            config = yaml.get("transformer" if name == "cond_transformer" else name)
-            raise StageStopped(f"the {name} stage stopped ({config}): {e} A rerun of the job "
-                               "resumes the stage from its last good checkpoint, or starts it "
-                               "over without one.") from e  # fmt: skip
-        ran.add(name)
-        timings[name] = round(time.perf_counter() - t0, 1)
-        print(f"[{i}/{len(stages)}] {name}: finished in {timings[name]} s", flush=True)
+            raise _stopped(job, stage.name, str(e)) from e
+        ran.add(stage.name)
+        timings[stage.name] = round(time.perf_counter() - t0, 1)
+        print(f"[{i}/{n}] {stage.name}: finished in {timings[stage.name]} s", flush=True)
+
+
+# What the processes of stages run side by side import once, in the server they are forked from
+PRELOAD = [__name__, "dalle_ar.train.transformer", "dalle_ar.train.clip", "dalle_ar.train.vq",
+           "dalle_ar.train.upsampler", "dalle_ar.pipelines"]  # fmt: skip
+
+
+class _Lanes:
+    """The stages running side by side (`_side_by_side`): their processes and result pipes."""
+
+    def __init__(self, cfg: MainJobConfig, job: Plan) -> None:
+        import multiprocessing
+
+        methods = multiprocessing.get_all_start_methods()
+        self.ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if "forkserver" in methods:  # children forked from a server that never ran torch ops
+            self.ctx.set_forkserver_preload(PRELOAD)  # (a fork after OpenMP ran can hang)
+        self.cfg, self.job = cfg, job
+        self.running: dict[Any, tuple[int, str, Any, float, Path | None]] = {}  # pipe -> stage
+        self.terminal: str | None = None  # the running stage that writes to the terminal
+
+    def start(self, i: int, stage: Stage, again: str) -> None:
+        log = self.job.paths.out / "logs" / f"{stage.name}.log" if self.terminal else None
+        reader, writer = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_stage_process, name=f"dalle-ar {stage.name}",
+                                args=(self.cfg, stage.name, writer, log))  # fmt: skip
+        proc.start()
+        writer.close()
+        beside = [r[1] for r in self.running.values()]
+        self.running[reader] = (i, stage.name, proc, time.perf_counter(), log)
+        self.terminal = self.terminal or stage.name
+        where = f" beside {', '.join(beside)}" if beside else ""
+        where += f", output in {log}" if log else ""
+        n = len(self.job.stages)
+        print(f"[{i}/{n}] {stage.name}: running{again}{where}", flush=True)
+
+    def finished(self) -> list[tuple[int, str, float]]:
+        """Wait for one or more running stages to end: (number, name, seconds) of each; the
+        stage's own error (StageStopped, ConfigError, RuntimeError) where one failed."""
+        from multiprocessing.connection import wait
+
+        out = []
+        for reader in wait(list(self.running)):
+            i, name, proc, t0, log = self.running.pop(reader)
+            try:
+                status, text = reader.recv()
+            except EOFError:  # killed before it could say
+                status, text = "error", ""
+            proc.join()
+            if name == self.terminal:
+                self.terminal = None
+            if status == "stopped":
+                raise _stopped(self.job, name, text)
+            if status == "config":
+                raise ConfigError(text)
+            if status != "ok":
+                where = f" (its output: {log})" if log else ""
+                text = text or f"its process ended with exit code {proc.exitcode}"
+                raise RuntimeError(f"the {name} stage failed{where}: {text}")
+            out.append((i, name, round(time.perf_counter() - t0, 1)))
+        return out
+
+    def stop(self) -> None:
+        """End what still runs (after a failure or an interrupt)."""
+        for _, _, proc, _, _ in self.running.values():
+            proc.terminate()
+            proc.join()
+
+
+def _side_by_side(cfg: MainJobConfig, job: Plan, lanes: int, timings: dict) -> None:
+    """Up to `lanes` stages at once, each in a process of its own, a stage starting once every
+    stage it needs has finished (in the plan's order where several could). Each process takes the
+    threads of the CPUs free when it starts, and a training stage follows them while it runs
+    (`runtime.CPUShare`): when the stage beside it ends, it takes that core too. One stage at a
+    time writes to the terminal; a stage started beside it writes to out_dir/logs/NAME.log.
+    A stage that fails stops the others (a training stage resumes from its last checkpoint on a
+    rerun)."""
+    names, n = {s.name for s in job.stages}, len(job.stages)
+    waiting = list(enumerate(job.stages, 1))
+    settled: set[str] = set()  # finished in this job, or skipped
+    ran: set[str] = set()
+    pool = _Lanes(cfg, job)
+    try:
+        while waiting or pool.running:
+            ready = next(((i, s) for i, s in waiting if s.waits_for() & names <= settled), None)
+            if ready and len(pool.running) < lanes:
+                waiting.remove(ready)
+                i, stage = ready
+                again = _begin(i, n, stage, sorted(stage.needs & ran))
+                if again is None:
+                    timings[stage.name] = "skipped"
+                    settled.add(stage.name)
+                else:
+                    pool.start(i, stage, again)
+                continue
+            if not pool.running:  # cannot happen with the plan's needs; never spin
+                raise RuntimeError(f"no stage can start: {[s.name for _, s in waiting]}")
+            for i, name, seconds in pool.finished():
+                ran.add(name)
+                settled.add(name)
+                timings[name] = seconds
+                print(f"[{i}/{n}] {name}: finished in {seconds} s", flush=True)
+    finally:
+        pool.stop()
+
+
+def _stage_process(cfg: MainJobConfig, name: str, conn: Any, log: Path | None) -> None:
+    """One stage in a process of its own (`_side_by_side`): the plan built again, the stage run
+    with the threads of the CPUs free now, what came of it sent back through `conn`."""
+    import os
+    import traceback
+
+    from dalle_ar.runtime import pick_threads, set_threads
+
+    if log is not None:  # beside another stage: its progress and messages go to its log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.environ["TQDM_MININTERVAL"] = "5"  # a progress line every 5 s, not every 0.1 s
+    logging.getLogger().setLevel(logging.WARNING)
+    set_threads(pick_threads(0))
+    try:
+        stage = next(s for s in plan(cfg).stages if s.name == name)
+        stage.run()
+        conn.send(("ok", ""))
+    except NonFiniteLoss as e:
+        conn.send(("stopped", str(e)))
+    except ConfigError as e:
+        conn.send(("config", str(e)))
+    except BaseException as e:
+        traceback.print_exc()
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def run_stages(cfg: MainJobConfig) -> dict:
+    """Run every stage not done yet, one after another or (`lanes`) side by side; returns the
+    summary (also out_dir/summary.json). StageStopped for a training stage stopped by
+    non-finite numbers; ConfigError for configs that do not fit; RuntimeError for a stage that
+    failed in a process of its own (naming the stage and where its output went)."""
+    job = plan(cfg)
+    p = job.paths
+    p.out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, p.out / "main_job.yaml")
+    lanes = job_lanes(cfg)
+    timings: dict[str, float | str] = {}
+    start = time.perf_counter()
+    if lanes == 1:
+        _one_after_another(job, timings)
+    else:
+        _side_by_side(cfg, job, lanes, timings)
     total = round(time.perf_counter() - start, 1)
     training = {"vq": _training(p.vq_run),  # in the stages' order
                 **({"clip": _training(p.clip_run)} if cfg.clip else {}),
@@ -480,10 +692,10 @@ def run_stages(cfg: MainJobConfig) -> dict:
         training["cond_transformer"] = _training(p.cond_run)
     if cfg.masked:
         training["masked"] = _training(p.masked_run)
-    if cascade:
+    if job.cascade:
         training["upsampler"] = _training(p.upsampler_run)
-    summary = {"config": to_dict(cfg), "machine": describe_machine(), "stage_seconds": timings,
-               "training": training, "total_seconds": total}  # fmt: skip
+    summary = {"config": to_dict(cfg), "machine": describe_machine(), "lanes": lanes,
+               "stage_seconds": timings, "training": training, "total_seconds": total}  # fmt: skip
     if p.fidelity.is_file():
         summary["fidelity"] = json.loads(p.fidelity.read_text())
     (p.out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -40,7 +40,7 @@ from torch import nn
 
 from dalle_ar.checkpoint import load_train_state, rng_state, save_pretrained, set_rng_state
 from dalle_ar.config import OptimConfig, RunConfig, require
-from dalle_ar.runtime import pick_threads, seed_everything
+from dalle_ar.runtime import CPUShare, pick_threads, seed_everything
 from dalle_ar.train import dist
 from dalle_ar.train.common import (
     BudgetBar,
@@ -157,7 +157,10 @@ def fit(cfg: LoopConfig, task: Task, info: dist.DistInfo, resume: bool = False) 
             torch.set_num_threads(pick_threads(cfg.run.threads, share))
             log.info("%s: %d CPU threads", task.name, torch.get_num_threads())
         run.init_wandb(task.name)
-        return Loop(cfg, task, info, run, pos).train()
+        loop = Loop(cfg, task, info, run, pos)
+        if info.device.type == "cpu" and cfg.run.threads == 0:  # 0: follow the free CPUs
+            loop.cpu_share = CPUShare(torch.get_num_threads())
+        return loop.train()
     finally:
         run.finish()
         torch.set_num_threads(threads)
@@ -173,6 +176,8 @@ class Loop:
         self.start_step, self.t_start = pos.step, time.time()
         self.t_log, self.samples = time.time(), 0  # since the last train row
         self.last: dict[str, Any] = {}  # the last train row
+        self.cpu_share: CPUShare | None = None  # set: the thread count follows the free CPUs
+        self.threads_used = {torch.get_num_threads()}
         self.log_path = run.dir / "train_log.jsonl"
         self.history = _truncate_log(self.log_path, pos.step) if info.is_main else []
         module = dist.unwrap(task.model)
@@ -215,12 +220,22 @@ class Loop:
                     self._log_train(*pending)
                     pending = None
                 self._periodic()
+                self._follow_cpus()
         finally:
             bar.close()
             batches.close()
         if pending is not None:  # stopped by the clock between two log rows
             self._log_train(*pending)
         return self._finish(out_of_time)
+
+    def _follow_cpus(self) -> None:
+        """Between two steps: take the threads the free CPUs allow now (`CPUShare`)."""
+        threads = self.cpu_share.poll() if self.cpu_share is not None else None
+        if threads is not None and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            self.threads_used.add(threads)
+            log.info("%s: %d CPU threads from step %d (the CPUs free now)", self.task.name,
+                     threads, self.pos.step)  # fmt: skip
 
     def batches(self) -> Prefetch:
         """The task's micro-batches from the run's data position, read `prefetch` ahead."""
@@ -396,7 +411,8 @@ class Loop:
             "train_seconds_this_process": train_s,
             "train_seconds_total": 60 * pos.minutes + train_s,
             "steps_per_s": (pos.step - self.start_step) / max(train_s, 1e-9),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(),  # at the end; every count it ran with:
+            "threads_used": sorted(self.threads_used),
             "precision": task.precision,
         }
         final = self._summary(metrics, finished) | component | {"timing": timing}

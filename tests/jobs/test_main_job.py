@@ -52,10 +52,15 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
             "samples_per_prompt=2", "fidelity_prompts=4", "candidates=2", "wandb=disabled",
             "device=cpu", "prompts=[a small red circle at the top left, a blue square]",
             "prior=true", "cond_transformer_steps=2", "upsampler_images=100",
-            "upsample_sampling.upsample_steps=2", "masked=true", "masked_steps=3"]  # fmt: skip
+            "upsample_sampling.upsample_steps=2", "masked=true", "masked_steps=3",
+            "lanes=2"]  # fmt: skip
     assert main_job(args) == 0
     printed = capsys.readouterr().out
     assert "[13/13] samples: finished" in printed
+    # two stages at once where one needs nothing of the other, each in a process of its own:
+    # what runs beside the terminal's stage writes to a log
+    assert "[11/13] upsampler: running beside " in printed
+    assert (out / "logs" / "upsampler.log").is_file()
     # the table: each training stage reached its planned steps, in the precision it says
     assert "3 of 3 steps, fp32" in printed and "4 of 4 steps" in printed
     assert "UNDER-TRAINED" not in printed
@@ -92,6 +97,7 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
         assert res["any_of_k"]["all"] >= res["all"]["exact"]
     assert fid["num_prompts"] == 4 and fid["settings"]["1"]["all"]["n"] == 4
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["lanes"] == 2
     assert summary["fidelity"]["summary"] == fid["summary"]
     assert summary["training"]["transformer"]["step"] == 4
     assert summary["training"]["vq"]["finished"] and summary["machine"]["cpus"] >= 1
@@ -159,7 +165,7 @@ def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
             "num_train=200", "num_eval=20", "vq_steps=2", "clip_steps=0", "transformer_steps=6",
             "samples_per_prompt=1", "fidelity_prompts=2", "candidates=1", "wandb=disabled",
             "device=cpu", "prompts=[a red circle]", "prior=true", "upsampler=false",
-            "cond_transformer_steps=1"]  # fmt: skip
+            "cond_transformer_steps=1", "lanes=1"]  # fmt: skip
     assert main_job([*args, "transformer_max_minutes=2.5"]) == 0  # a minute a step
     printed = capsys.readouterr().out
     said = json.loads((out / "summary.json").read_text())["training"]["transformer"]
@@ -189,29 +195,29 @@ def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
     args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
             "num_train=200", "num_eval=20", "vq_steps=2", "clip_steps=0", "transformer_steps=2",
             "samples_per_prompt=1", "fidelity_prompts=2", "candidates=2", "wandb=disabled",
-            "device=cpu", "prompts=[a red circle]", "upsampler=false"]  # fmt: skip
+            "device=cpu", "prompts=[a red circle]", "upsampler=false", "lanes=1"]  # fmt: skip
     assert main_job([*args, "clip_max_minutes=2.5"]) == 0  # a minute a step: 3 of 6
     capsys.readouterr()
     said = json.loads((out / "summary.json").read_text())["training"]["clip"]
     assert said["step"] == 3 and said["under_trained"]
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[4/8] clip: running" in printed and "6 of 6 steps" in printed
-    for stage in ("[3/8] vq", "[5/8] tokens", "[6/8] transformer"):
+    assert "[6/8] clip: running" in printed and "6 of 6 steps" in printed
+    for stage in ("[3/8] vq", "[4/8] tokens", "[5/8] transformer"):
         assert f"{stage}: done already, skipped" in printed
     assert "[7/8] pipeline: running again (clip ran)" in printed
     # a VQ made again: a CLIP of rendered scenes only is left alone ...
     shutil.rmtree(out / "vq_run" / "vq")
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[3/8] vq: running" in printed and "[4/8] clip: done already" in printed
+    assert "[3/8] vq: running" in printed and "[6/8] clip: done already" in printed
     # ... one that learns from the VQ's round trips is made again, from the job's own VQ
     clip_yaml = tmp_path / "configs" / "clip.yaml"
     clip_yaml.write_text(clip_yaml.read_text() + "vq_round_trip: 0.5\n")
     shutil.rmtree(out / "vq_run" / "vq")
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[3/8] vq: running" in printed and "[4/8] clip: running again (vq ran)" in printed
+    assert "[3/8] vq: running" in printed and "[6/8] clip: running again (vq ran)" in printed
     clip_cfg = yaml.safe_load((out / "clip_run" / "config.yaml").read_text())
     assert clip_cfg["vq"] == str(out / "vq_run" / "vq") and clip_cfg["vq_round_trip"] == 0.5
 
@@ -225,12 +231,29 @@ def test_a_stage_stopped_by_non_finite_numbers_is_one_line_and_exit_1(tmp_path, 
     args = [f"out_dir={out}", f"config_dir={configs}", "num_train=200", "num_eval=20",
             "vq_steps=10", "clip_steps=0", "transformer_steps=2", "wandb=disabled", "device=cpu",
             "upsampler=false"]  # fmt: skip
-    assert main_job(args) == 1  # as `dalle-ar train vq` exits for the same stop
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"dalle-ar pipeline: the vq stage stopped ({configs / 'vq.yaml'}): "
-                              "2 non-finite losses")  # fmt: skip
-    assert "no checkpoint was written yet" in err[-1] and "Traceback" not in "".join(err)
-    assert not (out / "vq_run" / "vq").exists() and not (out / "tokens").exists()
+    for lanes in (1, 2):  # in this process, and in a process of its own beside another stage
+        assert main_job([*args, f"lanes={lanes}"]) == 1  # as `dalle-ar train vq` exits
+        err = capsys.readouterr().err.strip().splitlines()
+        said = f"dalle-ar pipeline: the vq stage stopped ({configs / 'vq.yaml'}): "
+        assert err[-1].startswith(f"{said}2 non-finite losses")
+        assert "no checkpoint was written yet" in err[-1] and "Traceback" not in "".join(err)
+        assert not (out / "vq_run" / "vq").exists() and not (out / "tokens").exists()
+
+
+def test_a_stage_that_fails_in_its_own_process_is_named_and_the_job_stops(tmp_path, capsys):
+    configs = _toy_configs(tmp_path / "configs")
+    cfg = yaml.safe_load((configs / "transformer.yaml").read_text())
+    cfg["optim"]["lr"] = -1.0  # read when its stage starts, after the stages before it ran
+    (configs / "transformer.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "main"
+    args = [f"out_dir={out}", f"config_dir={configs}", "num_train=200", "num_eval=20",
+            "vq_steps=2", "clip_steps=0", "transformer_steps=2", "wandb=disabled", "device=cpu",
+            "upsampler=false", "lanes=2"]  # fmt: skip
+    assert main_job(args) == 2  # as for a config refused in this process
+    printed = capsys.readouterr().out
+    assert "dalle-ar pipeline: config key 'optim.lr'" in printed
+    assert "[4/8] tokens: finished" in printed and "transformer: finished" not in printed
+    assert not (out / "pipeline").exists()
 
 
 def test_bench_train_times_the_recipe_of_a_main_job_folder(tmp_path, capsys):

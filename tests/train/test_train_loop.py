@@ -201,6 +201,35 @@ def test_threads_follow_the_free_cpus(monkeypatch):
     assert pick_threads(0, share=128) == 1  # split among many processes: still at least one
 
 
+def test_a_run_follows_the_cpus_other_processes_leave_it(monkeypatch):
+    # two CPUs; each reading: (seconds, this process's CPU seconds, /proc/stat)
+    def stat(ticks: int, idle0: int, idle1: int) -> str:
+        return (f"cpu0 {ticks - idle0} 0 0 {idle0} 0 0 0 0\n"
+                f"cpu1 {ticks - idle1} 0 0 {idle1} 0 0 0 0\n")  # fmt: skip
+
+    readings = iter([
+        (0.0, 0.0, stat(0, 0, 0)),
+        (10.0, 10.0, stat(1000, 0, 0)),  # both CPUs busy, one of them by this process: 1 thread
+        (20.0, 20.0, stat(2000, 0, 1000)),  # the other process ended: 2 free, not yet
+        (30.0, 30.0, stat(3000, 0, 2000)),  # ... a second window agrees: 2 threads
+        (40.0, 50.0, stat(4000, 0, 2000)),  # still 2 (this process kept both busy)
+        (50.0, 60.0, stat(5000, 0, 2000)),  # another process came: 1 thread at once
+        (60.0, 70.0, stat(6000, 0, 3000)),  # a short pause of it: no change ...
+        (70.0, 80.0, stat(7000, 0, 3000)),  # ... and it is back: still 1
+    ])  # fmt: skip
+    monkeypatch.setattr(runtime, "_affinity", lambda: {0, 1})
+    monkeypatch.setattr(runtime.CPUShare, "_read", lambda self: next(readings))
+    share = runtime.CPUShare(threads=2, every=0.0)
+    assert [share.poll() for _ in range(7)] == [1, None, 2, None, 1, None, None]
+    assert share.threads == 1
+    # between windows no change; off Linux (no /proc/stat, no affinity set) never one
+    monkeypatch.setattr(runtime.CPUShare, "_read", lambda self: (0.0, 0.0, stat(0, 0, 0)))
+    assert runtime.CPUShare(threads=1, every=3600).poll() is None
+    monkeypatch.undo()  # the real readings
+    monkeypatch.setattr(runtime, "_affinity", set)
+    assert runtime.CPUShare(threads=2, every=0.0).poll() is None
+
+
 # A write of ckpt/last killed by SIGKILL at its worst moment: the old folder moved aside, the new
 # one (whole) not yet renamed into place. argv: this folder, the run folder.
 KILLED_BETWEEN_RENAMES = """
