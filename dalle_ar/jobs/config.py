@@ -118,9 +118,9 @@ class MainJobConfig:
     # Stages run side by side where one needs nothing of the other (the CLIP and the upsampler
     # beside the transformer), each in a process of its own with its share of the free CPUs; a
     # training stage takes the CPUs the other leaves when it ends (runtime.CPUShare). 0 = 2 on
-    # a CPU with two or more free CPUs, else 1; on a GPU, one after another. On 2 CPU cores the
-    # two stages, one thread each, did X more work per second than one stage on two threads
-    # (docs/results.md#main-job).
+    # a CPU with two or more free CPUs, else 1; on a GPU, one after another. On 2 CPU cores, two
+    # processes of the transformer's training step, one thread each, did 1.34x the work of one
+    # process on two threads (bf16 autocast; docs/results.md#stages-side-by-side).
     lanes: int = 0
     wandb: str = "offline"  # offline | online | disabled
 
