@@ -360,7 +360,7 @@ def _training(run_dir: Path) -> dict:
     keys = ("step", "planned_steps", "finished", "under_trained", "minutes")
     timing = m.get("timing", {})
     return {k: m[k] for k in keys if k in m} | {
-        k: timing[k] for k in ("steps_per_s", "threads", "precision") if k in timing
+        k: timing[k] for k in ("steps_per_s", "threads", "threads_used", "precision") if k in timing
     }
 
 
@@ -684,6 +684,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
     else:
         _side_by_side(cfg, job, lanes, timings)
     total = round(time.perf_counter() - start, 1)
+    timings = {s.name: timings[s.name] for s in job.stages if s.name in timings}  # plan order
     training = {"vq": _training(p.vq_run),  # in the stages' order
                 **({"clip": _training(p.clip_run)} if cfg.clip else {}),
                 "transformer": _training(p.transformer_run)}  # fmt: skip
@@ -711,7 +712,9 @@ def table(summary: dict) -> str:
         what = ""
         if t:
             what = f"{t.get('step', 0):,} of {t.get('planned_steps', 0):,} steps"
-            what += f", {t.get('precision', '?')}, {t.get('threads', '?')} thread(s)"
+            used = t.get("threads_used") or [t.get("threads", "?")]  # a run follows the CPUs
+            threads = "-".join(str(n) for n in (used if len(used) == 1 else (used[0], used[-1])))
+            what += f", {t.get('precision', '?')}, {threads} thread(s)"
             if t.get("under_trained"):
                 what += ", UNDER-TRAINED"
                 loud.append(f"{name}: {t['under_trained']}; run the job again to continue")
