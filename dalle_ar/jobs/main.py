@@ -14,8 +14,10 @@
               single draws upsampled
 
 Each stage writes into `out_dir` and is skipped on a rerun once its output is complete; a training
-stage that was killed resumes from its last checkpoint. Training stages are sized in steps (the
-component configs' run.steps, or `vq_steps` / `transformer_steps`); their minutes are safety caps:
+stage that was killed resumes from its last checkpoint. On a CPU, stages that need nothing of each
+other run side by side (`lanes`, `_side_by_side`), each in a process of its own. Training stages
+are sized in steps (the component configs' run.steps, or `vq_steps` / `transformer_steps`); their
+minutes are safety caps:
 a stage a cap stops is reported under-trained and continues to its planned steps on the next run.
 Each stage calls the same functions as its own command (`dalle-ar data ...`, `dalle-ar train ...`,
 `dalle-ar tokens`), with the component configs of the data set (`data`, `dalle_ar.jobs.shapes`)
