@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import os
 import random
 import time
@@ -118,19 +119,21 @@ def pick_threads(n: int, share: int = 1) -> int:
 
 class CPUShare:
     """The threads a CPU run should have now, followed while it runs (`run.threads=0`): every
-    `every` seconds, the CPUs of this process's affinity set that other processes left it over
-    the last window (the idle ones plus the ones this process kept busy itself: /proc/stat and
-    `os.times`), rounded, at least 1. When a job's other stage running beside this one ends, the
-    count rises to take its core; when another process starts, it falls at the next window.
+    `every` seconds, the CPUs other processes left it over the last window (`cpus_left`: the
+    idle CPUs of its affinity set, split among the `share` processes of its job, plus the ones
+    it kept busy itself). When a job's other stage running beside this one ends, the count
+    rises to take its core; when another process starts, it falls at the next window.
 
-    Falling takes effect at once (two threads on one free core wait on each other at every
-    parallel region); rising only after two windows in a row agree, so that a short pause of
-    the other process does not flip the count back and forth. Where /proc/stat is not readable
-    (not Linux), `poll` always returns None.
+    Falling takes effect at once, to the CPUs left (rounded up from 0.75), when fewer than the
+    threads less a quarter are left (two threads on one free core wait on each other at every
+    parallel region); rising only to whole CPUs left (again from 0.75) and after two windows in
+    a row agree, so that a half-free core or a short pause of the other process does not flip
+    the count back and forth. Where /proc/stat is not readable (not Linux), `poll` always
+    returns None.
     """
 
-    def __init__(self, threads: int, every: float = 10.0) -> None:
-        self.threads, self.every = threads, every
+    def __init__(self, threads: int, every: float = 10.0, share: int = 1) -> None:
+        self.threads, self.every, self.share = threads, every, share
         self.cpus = _affinity()
         self._rise = 0  # windows in a row that asked for more
         self._mark = self._read()
@@ -154,23 +157,28 @@ class CPUShare:
             return None
         (t0, own0, stat0), (t1, own1, stat1) = self._mark, now
         self._mark = now
-        want = available_threads(stat0, stat1, self.cpus, (own1 - own0) / max(t1 - t0, 1e-9))
-        self._rise = self._rise + 1 if want > self.threads else 0
-        if want < self.threads or self._rise >= 2:
-            self.threads, self._rise = want, 0
-            return want
+        own = (own1 - own0) / max(t1 - t0, 1e-9)
+        free = cpus_left(stat0, stat1, self.cpus, own, self.share)
+        if free is None:
+            return None
+        want = max(1, min(len(self.cpus), math.floor(free + 0.25)))
+        self._rise = self._rise + 1 if free >= self.threads + 0.75 else 0
+        if free < self.threads - 0.25 or self._rise >= 2:
+            self._rise = 0
+            if want != self.threads:
+                self.threads = want
+                return want
         return None
 
 
-def available_threads(before: str, after: str, cpus: set[int], own: float) -> int:
-    """Threads a process may run between two readings of /proc/stat: the CPUs of `cpus` that
-    sat idle (`idle_between`) plus `own`, the CPUs this process kept busy itself over the same
-    window (CPU seconds per second), rounded, at least 1, at most len(cpus)."""
+def cpus_left(before: str, after: str, cpus: set[int], own: float, share: int = 1) -> float | None:
+    """CPUs a process may run on between two readings of /proc/stat: the CPUs of `cpus` that sat
+    idle (`idle_between`), split among the `share` processes of its job, plus `own`, the CPUs it
+    kept busy itself over the same window (CPU seconds per second). None for unreadable text."""
     try:
-        free = idle_between(before, after, cpus) + own
+        return own + idle_between(before, after, cpus) / max(1, share)
     except (ValueError, IndexError):
-        return len(cpus)
-    return max(1, min(len(cpus), round(free)))
+        return None
 
 
 def _affinity() -> set[int]:

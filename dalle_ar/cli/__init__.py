@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval fidelity": ("dalle_ar.cli.eval", "score a pipeline's prompt fidelity on the shapes"),
     "pipeline": ("dalle_ar.jobs.main", "run the whole pipeline end to end (the main job)"),
 }
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # every command's log lines
 TWO_WORDS = ("data", "train", "eval")  # commands that take a second word (`eval`: or none)
 KEEP_WORD = ("data",)  # whose module reads the second word itself
 
@@ -55,7 +56,7 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

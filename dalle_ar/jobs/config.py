@@ -38,7 +38,7 @@ class MainJobConfig:
     # table) and continues to its planned steps when the job runs again. 0 = no cap.
     vq_max_minutes: float = 15.0
     transformer_max_minutes: float = 45.0
-    clip_max_minutes: float = 15.0
+    clip_max_minutes: float = 30.0  # 1,000 steps took 12.9 min on one thread beside the transformer
     prior_train_steps: int = 0  # the diffusion prior's budget; 0 = configs/<data>/prior.yaml's
     prior_max_minutes: float = 10.0
     # Train a CLIP (dalle_ar.clip) and rerank with it; false: no CLIP stage, PMI reranking only
@@ -118,9 +118,9 @@ class MainJobConfig:
     # Stages run side by side where one needs nothing of the other (the CLIP and the upsampler
     # beside the transformer), each in a process of its own with its share of the free CPUs; a
     # training stage takes the CPUs the other leaves when it ends (runtime.CPUShare). 0 = 2 on
-    # a CPU with two or more free CPUs, else 1; on a GPU, one after another. On 2 CPU cores, two
-    # processes of the transformer's training step, one thread each, did 1.34x the work of one
-    # process on two threads (bf16 autocast; docs/results.md#stages-side-by-side).
+    # a CPU where at least 1.5 CPUs are idle at the start, else 1; on a GPU, one after another.
+    # On 2 CPU cores, two processes of the transformer's training step, one thread each, did
+    # 1.34x the work of one process on two threads (bf16; docs/results.md#stages-side-by-side).
     lanes: int = 0
     wandb: str = "offline"  # offline | online | disabled
 

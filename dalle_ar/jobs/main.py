@@ -473,12 +473,18 @@ def plan(cfg: MainJobConfig) -> Plan:
         Stage("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
          lambda: stage_samples(cfg, p, data), [p.samples, p.fidelity, p.evaluation]),
     ]  # fmt: skip
+    names, before = {s.name for s in stages}, set()
+    for s in stages:  # the one order both runners keep: each stage after what it waits for
+        if not s.waits_for() & names <= before:
+            raise RuntimeError(f"the {s.name} stage is planned before "
+                               f"{sorted(s.waits_for() & names - before)}")  # fmt: skip
+        before.add(s.name)
     return Plan(p, data, yaml, cascade, stages)
 
 
 def job_lanes(cfg: MainJobConfig) -> int:
-    """How many stages run at once: `cfg.lanes`, or (0) 2 on a CPU with two or more CPUs free
-    now, else 1. On a GPU, stages run one after another."""
+    """How many stages run at once: `cfg.lanes`, or (0) 2 on a CPU where at least 1.5 CPUs sat
+    idle just now (`runtime.free_cpus`), else 1. On a GPU, stages run one after another."""
     from dalle_ar.runtime import free_cpus
 
     if cfg.device == "cuda" or (cfg.device == "auto" and _has_cuda()):
@@ -494,16 +500,26 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+class StageFailed(RuntimeError):
+    """A stage that failed in a process of its own (`lanes` > 1), naming the stage, what went
+    wrong and where its output went; the stages beside it were stopped."""
+
+
 def _begin(i: int, n: int, stage: Stage, upstream: list[str]) -> str | None:
     """Before a stage: None (said so) when its output is complete and nothing it needs ran in
     this job; else what to say after "running", its stale outputs removed first."""
     if not upstream and stage.done():
-        print(f"[{i}/{n}] {stage.name}: done already, skipped")
+        print(f"[{i}/{n}] {stage.name}: done already, skipped", flush=True)
         return None
     stale = [o for o in stage.outputs if o.exists()] if upstream else []
     for o in stale:
         shutil.rmtree(o) if o.is_dir() else o.unlink()
     return f" again ({', '.join(upstream)} ran)" if stale else ""
+
+
+def _finished(i: int, n: int, name: str, t0: float, timings: dict[str, float | str]) -> None:
+    timings[name] = round(time.perf_counter() - t0, 1)
+    print(f"[{i}/{n}] {name}: finished in {timings[name]} s", flush=True)
 
 
 def _stopped(job: Plan, name: str, message: str) -> StageStopped:
@@ -514,7 +530,8 @@ def _stopped(job: Plan, name: str, message: str) -> StageStopped:
 
 
 def _one_after_another(job: Plan, timings: dict[str, float | str]) -> None:
-    """Each stage in turn, in this process."""
+    """Each stage in turn, in this process (the plan's order has every stage after the ones it
+    waits for: `plan`)."""
     ran: set[str] = set()
     n = len(job.stages)
     for i, stage in enumerate(job.stages, 1):
@@ -529,13 +546,20 @@ def _one_after_another(job: Plan, timings: dict[str, float | str]) -> None:
         except NonFiniteLoss as e:
             raise _stopped(job, stage.name, str(e)) from e
         ran.add(stage.name)
-        timings[stage.name] = round(time.perf_counter() - t0, 1)
-        print(f"[{i}/{n}] {stage.name}: finished in {timings[stage.name]} s", flush=True)
+        _finished(i, n, stage.name, t0, timings)
 
 
 # What the processes of stages run side by side import once, in the server they are forked from
 PRELOAD = [__name__, "dalle_ar.train.transformer", "dalle_ar.train.clip", "dalle_ar.train.vq",
            "dalle_ar.train.upsampler", "dalle_ar.pipelines"]  # fmt: skip
+
+
+class Running(NamedTuple):
+    number: int  # the stage's [i/n]
+    name: str
+    process: Any  # multiprocessing.Process
+    started: float  # time.perf_counter()
+    log: Path | None  # where its output goes; None: the terminal
 
 
 class _Lanes:
@@ -549,70 +573,91 @@ class _Lanes:
         if "forkserver" in methods:  # children forked from a server that never ran torch ops
             self.ctx.set_forkserver_preload(PRELOAD)  # (a fork after OpenMP ran can hang)
         self.cfg, self.job = cfg, job
-        self.running: dict[Any, tuple[int, str, Any, float, Path | None]] = {}  # pipe -> stage
+        self.running: dict[Any, Running] = {}  # result pipe -> its stage
         self.terminal: str | None = None  # the running stage that writes to the terminal
 
     def start(self, i: int, stage: Stage, again: str) -> None:
-        log = self.job.paths.out / "logs" / f"{stage.name}.log" if self.terminal else None
+        log = self.job.paths.out / "logs" / f"{stage.name}.log"
+        if self.terminal is None:  # this one writes to the terminal: no log of an earlier run
+            log.unlink(missing_ok=True)
+            log, self.terminal = None, stage.name
+        beside = [r.name for r in self.running.values()]
+        where = f" beside {', '.join(beside)}" if beside else ""
+        where += f", output in {log}" if log else ""
+        print(f"[{i}/{len(self.job.stages)}] {stage.name}: running{again}{where}", flush=True)
         reader, writer = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_stage_process, name=f"dalle-ar {stage.name}",
                                 args=(self.cfg, stage.name, writer, log))  # fmt: skip
+        self.running[reader] = Running(i, stage.name, proc, time.perf_counter(), log)
         proc.start()
         writer.close()
-        beside = [r[1] for r in self.running.values()]
-        self.running[reader] = (i, stage.name, proc, time.perf_counter(), log)
-        self.terminal = self.terminal or stage.name
-        where = f" beside {', '.join(beside)}" if beside else ""
-        where += f", output in {log}" if log else ""
-        n = len(self.job.stages)
-        print(f"[{i}/{n}] {stage.name}: running{again}{where}", flush=True)
 
-    def finished(self) -> list[tuple[int, str, float]]:
-        """Wait for one or more running stages to end: (number, name, seconds) of each; the
-        stage's own error (StageStopped, ConfigError, RuntimeError) where one failed."""
+    def finished(self) -> tuple[list[Running], Exception | None]:
+        """Wait for one or more running stages to end: those that finished, and the error of
+        the first that failed (StageStopped, ConfigError or StageFailed), if one did."""
         from multiprocessing.connection import wait
 
-        out = []
+        done, error = [], None
         for reader in wait(list(self.running)):
-            i, name, proc, t0, log = self.running.pop(reader)
+            r = self.running.pop(reader)
             try:
                 status, text = reader.recv()
             except EOFError:  # killed before it could say
                 status, text = "error", ""
-            proc.join()
-            if name == self.terminal:
+            reader.close()
+            r.process.join()
+            if r.name == self.terminal:
                 self.terminal = None
-            if status == "stopped":
-                raise _stopped(self.job, name, text)
-            if status == "config":
-                raise ConfigError(text)
-            if status != "ok":
-                where = f" (its output: {log})" if log else ""
-                text = text or f"its process ended with exit code {proc.exitcode}"
-                raise RuntimeError(f"the {name} stage failed{where}: {text}")
-            out.append((i, name, round(time.perf_counter() - t0, 1)))
-        return out
+            if status == "ok":
+                done.append(r)
+            elif error is None:
+                error = self._error(r, status, text)
+        return done, error
+
+    def _error(self, r: Running, status: str, text: str) -> Exception:
+        if status == "stopped":
+            return _stopped(self.job, r.name, text)
+        if status == "config":
+            return ConfigError(text)
+        text = text or f"its process ended with exit code {r.process.exitcode}"
+        return StageFailed(f"the {r.name} stage failed: {text}"
+                           + (f" (its output: {r.log})" if r.log else ""))  # fmt: skip
 
     def stop(self) -> None:
-        """End what still runs (after a failure or an interrupt)."""
-        for _, _, proc, _, _ in self.running.values():
-            proc.terminate()
-            proc.join()
+        """End what still runs (after a failure or an interrupt), saying which."""
+        n = len(self.job.stages)
+        for r in self.running.values():
+            if r.process.is_alive():
+                r.process.terminate()
+                r.process.join(10)
+                if r.process.is_alive():
+                    r.process.kill()
+                    r.process.join()
+                print(f"[{r.number}/{n}] {r.name}: stopped; a rerun of the job resumes it",
+                      flush=True)  # fmt: skip
+        self.running.clear()
 
 
 def _side_by_side(cfg: MainJobConfig, job: Plan, lanes: int, timings: dict) -> None:
     """Up to `lanes` stages at once, each in a process of its own, a stage starting once every
-    stage it needs has finished (in the plan's order where several could). Each process takes the
-    threads of the CPUs free when it starts, and a training stage follows them while it runs
-    (`runtime.CPUShare`): when the stage beside it ends, it takes that core too. One stage at a
-    time writes to the terminal; a stage started beside it writes to out_dir/logs/NAME.log.
-    A stage that fails stops the others (a training stage resumes from its last checkpoint on a
-    rerun)."""
+    stage it waits for has finished (in the plan's order where several could). Each process
+    takes the threads of the CPUs free when it starts, and a training stage follows them while
+    it runs (`runtime.CPUShare`): when the stage beside it ends, it takes that core too. One
+    stage at a time writes to the terminal; a stage started beside it writes to
+    out_dir/logs/NAME.log. A stage that fails, an interrupt or SIGTERM stop the others (a
+    training stage resumes from its last checkpoint on a rerun)."""
+    import signal
+
     names, n = {s.name for s in job.stages}, len(job.stages)
     waiting = list(enumerate(job.stages, 1))
     settled: set[str] = set()  # finished in this job, or skipped
     ran: set[str] = set()
     pool = _Lanes(cfg, job)
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, terminated)
     try:
         while waiting or pool.running:
             ready = next(((i, s) for i, s in waiting if s.waits_for() & names <= settled), None)
@@ -626,33 +671,44 @@ def _side_by_side(cfg: MainJobConfig, job: Plan, lanes: int, timings: dict) -> N
                 else:
                     pool.start(i, stage, again)
                 continue
-            if not pool.running:  # cannot happen with the plan's needs; never spin
+            if not pool.running:  # cannot happen with the plan's order (`plan`); never spin
                 raise RuntimeError(f"no stage can start: {[s.name for _, s in waiting]}")
-            for i, name, seconds in pool.finished():
-                ran.add(name)
-                settled.add(name)
-                timings[name] = seconds
-                print(f"[{i}/{n}] {name}: finished in {seconds} s", flush=True)
+            done, error = pool.finished()
+            for r in done:
+                ran.add(r.name)
+                settled.add(r.name)
+                _finished(r.number, n, r.name, r.started, timings)
+            if error is not None:
+                raise error
     finally:
         pool.stop()
+        signal.signal(signal.SIGTERM, before)
 
 
 def _stage_process(cfg: MainJobConfig, name: str, conn: Any, log: Path | None) -> None:
     """One stage in a process of its own (`_side_by_side`): the plan built again, the stage run
-    with the threads of the CPUs free now, what came of it sent back through `conn`."""
+    with the threads of the CPUs free now, what came of it sent back through `conn`. It ends
+    when the job's process does, however that one ends."""
+    import multiprocessing
     import os
+    import threading
     import traceback
+    from multiprocessing.connection import wait
 
+    from dalle_ar.cli import LOG_FORMAT
     from dalle_ar.runtime import pick_threads, set_threads
 
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # the job killed (SIGKILL, out of memory): stop, do not train on
+        threading.Thread(target=lambda: (wait([parent.sentinel]), os._exit(1)),
+                         daemon=True).start()  # fmt: skip
     if log is not None:  # beside another stage: its progress and messages go to its log
         log.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
-        os.environ["TQDM_MININTERVAL"] = "5"  # a progress line every 5 s, not every 0.1 s
-    logging.getLogger().setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)  # the job's own level
     set_threads(pick_threads(0))
     try:
         stage = next(s for s in plan(cfg).stages if s.name == name)
@@ -662,6 +718,8 @@ def _stage_process(cfg: MainJobConfig, name: str, conn: Any, log: Path | None) -
         conn.send(("stopped", str(e)))
     except ConfigError as e:
         conn.send(("config", str(e)))
+    except KeyboardInterrupt:  # the terminal's Ctrl-C reached every stage: the job says it
+        conn.send(("error", "interrupted"))
     except BaseException as e:
         traceback.print_exc()
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -687,7 +745,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
         _side_by_side(cfg, job, lanes, timings)
     total = round(time.perf_counter() - start, 1)
     timings = {s.name: timings[s.name] for s in job.stages if s.name in timings}  # plan order
-    training = {"vq": _training(p.vq_run),  # in the stages' order
+    training = {"vq": _training(p.vq_run),
                 **({"clip": _training(p.clip_run)} if cfg.clip else {}),
                 "transformer": _training(p.transformer_run)}  # fmt: skip
     if cfg.with_prior:
@@ -756,7 +814,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:  # a component config that does not fit: before its stage's work
         print(f"dalle-ar pipeline: {e}")
         return 2
-    except StageStopped as e:  # the exit status of `dalle-ar train` for the same stop
+    except (StageStopped, StageFailed) as e:  # StageStopped: as `dalle-ar train` exits for it
         print(f"dalle-ar pipeline: {e}", file=sys.stderr)
         return 1
     if summary.get("fidelity"):

@@ -159,7 +159,7 @@ def fit(cfg: LoopConfig, task: Task, info: dist.DistInfo, resume: bool = False) 
         run.init_wandb(task.name)
         loop = Loop(cfg, task, info, run, pos)
         if info.device.type == "cpu" and cfg.run.threads == 0:  # 0: follow the free CPUs
-            loop.cpu_share = CPUShare(torch.get_num_threads())
+            loop.cpu_share = CPUShare(torch.get_num_threads(), share=share)
         return loop.train()
     finally:
         run.finish()

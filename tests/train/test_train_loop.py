@@ -216,12 +216,17 @@ def test_a_run_follows_the_cpus_other_processes_leave_it(monkeypatch):
         (50.0, 60.0, stat(5000, 0, 2000)),  # another process came: 1 thread at once
         (60.0, 70.0, stat(6000, 0, 3000)),  # a short pause of it: no change ...
         (70.0, 80.0, stat(7000, 0, 3000)),  # ... and it is back: still 1
+        (80.0, 90.0, stat(8000, 0, 3500)),  # half a core free, twice: no rise to 2
+        (90.0, 100.0, stat(9000, 0, 4000)),
     ])  # fmt: skip
     monkeypatch.setattr(runtime, "_affinity", lambda: {0, 1})
     monkeypatch.setattr(runtime.CPUShare, "_read", lambda self: next(readings))
     share = runtime.CPUShare(threads=2, every=0.0)
-    assert [share.poll() for _ in range(7)] == [1, None, 2, None, 1, None, None]
+    assert [share.poll() for _ in range(9)] == [1, None, 2, None, 1, None, None, None, None]
     assert share.threads == 1
+    # two processes of one job (DDP) split the idle CPUs: one idle CPU is half of one each
+    assert runtime.cpus_left(stat(0, 0, 0), stat(100, 0, 100), {0, 1}, 1.0, share=2) == 1.5
+    assert runtime.cpus_left("cpu0 1 2\n", "cpu0 x\n", {0}, 1.0) is None  # unreadable
     # between windows no change; off Linux (no /proc/stat, no affinity set) never one
     monkeypatch.setattr(runtime.CPUShare, "_read", lambda self: (0.0, 0.0, stat(0, 0, 0)))
     assert runtime.CPUShare(threads=1, every=3600).poll() is None
