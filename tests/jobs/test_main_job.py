@@ -260,6 +260,22 @@ def test_a_stage_that_fails_in_its_own_process_is_named_and_the_job_stops(tmp_pa
     assert not (out / "pipeline").exists()
 
 
+def test_a_stage_that_breaks_in_its_own_process_is_one_line_and_exit_1(tmp_path, capsys):
+    out = tmp_path / "main"
+    out.mkdir()
+    (out / "data").write_text("a file where the first stage writes a folder")
+    args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
+            "num_train=200", "num_eval=20", "vq_steps=2", "clip_steps=0", "transformer_steps=2",
+            "fidelity_prompts=2", "wandb=disabled", "device=cpu", "lanes=2"]  # fmt: skip
+    assert main_job(args) == 1
+    printed, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1].startswith("dalle-ar pipeline: the data stage failed: ")
+    # the stage that started beside it (needing nothing either) was stopped, and said so
+    assert "[7/10] data_large: running beside data" in printed
+    assert "[7/10] data_large: stopped; a rerun of the job resumes it" in printed
+    assert not (out / "pipeline").exists()
+
+
 def test_bench_train_times_the_recipe_of_a_main_job_folder(tmp_path, capsys):
     configs, out = _toy_configs(tmp_path / "configs"), tmp_path / "main"
     assert main_job([f"out_dir={out}", f"config_dir={configs}", "num_train=200", "num_eval=20",
