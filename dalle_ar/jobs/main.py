@@ -487,17 +487,17 @@ def job_lanes(cfg: MainJobConfig) -> int:
     idle just now (`runtime.free_cpus`), else 1. On a GPU, stages run one after another."""
     from dalle_ar.runtime import free_cpus
 
-    if cfg.device == "cuda" or (cfg.device == "auto" and _has_cuda()):
+    if _on_gpu(cfg):
         return 1
     if cfg.lanes:
         return cfg.lanes
     return 2 if free_cpus() >= 1.5 else 1
 
 
-def _has_cuda() -> bool:
+def _on_gpu(cfg: MainJobConfig) -> bool:
     import torch
 
-    return torch.cuda.is_available()
+    return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
 
 
 class StageFailed(RuntimeError):
@@ -505,11 +505,17 @@ class StageFailed(RuntimeError):
     wrong and where its output went; the stages beside it were stopped."""
 
 
+def say(line: str) -> None:
+    """One line of the job's progress on stdout. On a terminal it first clears the line a stage
+    running beside it may have left a progress bar on (that bar redraws below)."""
+    print(("\r\033[K" if sys.stdout.isatty() else "") + line, flush=True)
+
+
 def _begin(i: int, n: int, stage: Stage, upstream: list[str]) -> str | None:
     """Before a stage: None (said so) when its output is complete and nothing it needs ran in
     this job; else what to say after "running", its stale outputs removed first."""
     if not upstream and stage.done():
-        print(f"[{i}/{n}] {stage.name}: done already, skipped", flush=True)
+        say(f"[{i}/{n}] {stage.name}: done already, skipped")
         return None
     stale = [o for o in stage.outputs if o.exists()] if upstream else []
     for o in stale:
@@ -519,7 +525,7 @@ def _begin(i: int, n: int, stage: Stage, upstream: list[str]) -> str | None:
 
 def _finished(i: int, n: int, name: str, t0: float, timings: dict[str, float | str]) -> None:
     timings[name] = round(time.perf_counter() - t0, 1)
-    print(f"[{i}/{n}] {name}: finished in {timings[name]} s", flush=True)
+    say(f"[{i}/{n}] {name}: finished in {timings[name]} s")
 
 
 def _stopped(job: Plan, name: str, message: str) -> StageStopped:
@@ -539,7 +545,7 @@ def _one_after_another(job: Plan, timings: dict[str, float | str]) -> None:
         if again is None:
             timings[stage.name] = "skipped"
             continue
-        print(f"[{i}/{n}] {stage.name}: running{again}", flush=True)
+        say(f"[{i}/{n}] {stage.name}: running{again}")
         t0 = time.perf_counter()
         try:
             stage.run()
@@ -584,7 +590,7 @@ class _Lanes:
         beside = [r.name for r in self.running.values()]
         where = f" beside {', '.join(beside)}" if beside else ""
         where += f", output in {log}" if log else ""
-        print(f"[{i}/{len(self.job.stages)}] {stage.name}: running{again}{where}", flush=True)
+        say(f"[{i}/{len(self.job.stages)}] {stage.name}: running{again}{where}")
         reader, writer = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_stage_process, name=f"dalle-ar {stage.name}",
                                 args=(self.cfg, stage.name, writer, log))  # fmt: skip
@@ -633,8 +639,10 @@ class _Lanes:
                 if r.process.is_alive():
                     r.process.kill()
                     r.process.join()
-                print(f"[{r.number}/{n}] {r.name}: stopped; a rerun of the job resumes it",
-                      flush=True)  # fmt: skip
+                say(
+                    f"[{r.number}/{n}] {r.name}: stopped; a rerun of the job runs it again (a "
+                    "training stage from its last checkpoint, if it wrote one)"
+                )
         self.running.clear()
 
 
@@ -737,6 +745,11 @@ def run_stages(cfg: MainJobConfig) -> dict:
     p.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, p.out / "main_job.yaml")
     lanes = job_lanes(cfg)
+    if lanes > 1:
+        say(f"stages side by side where one needs nothing of the other: up to {lanes} at once")
+    elif not cfg.lanes and not _on_gpu(cfg):
+        say("stages one after another: fewer than 1.5 CPUs idle now (lanes=2 runs them side by "
+            "side anyway)")  # fmt: skip
     timings: dict[str, float | str] = {}
     start = time.perf_counter()
     if lanes == 1:
@@ -817,6 +830,10 @@ def main(argv: list[str]) -> int:
     except (StageStopped, StageFailed) as e:  # StageStopped: as `dalle-ar train` exits for it
         print(f"dalle-ar pipeline: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ndalle-ar pipeline: interrupted; a rerun of the job goes on from the stages it "
+              "finished", file=sys.stderr)  # fmt: skip
+        return 130
     if summary.get("fidelity"):
         print(DATA_SETS[cfg.data].summarize(summary["fidelity"]))
     print(table(summary))

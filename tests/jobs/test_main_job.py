@@ -57,6 +57,7 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert main_job(args) == 0
     printed = capsys.readouterr().out
     assert "[13/13] samples: finished" in printed
+    assert "stages side by side where one needs nothing of the other: up to 2 at once" in printed
     # two stages at once where one needs nothing of the other, each in a process of its own:
     # the first two (neither needs anything) start together, and the second writes to a log
     log = out / "logs" / "data_large.log"
@@ -272,7 +273,7 @@ def test_a_stage_that_breaks_in_its_own_process_is_one_line_and_exit_1(tmp_path,
     assert err.strip().splitlines()[-1].startswith("dalle-ar pipeline: the data stage failed: ")
     # the stage that started beside it (needing nothing either) was stopped, and said so
     assert "[7/10] data_large: running beside data" in printed
-    assert "[7/10] data_large: stopped; a rerun of the job resumes it" in printed
+    assert "[7/10] data_large: stopped; a rerun of the job runs it again" in printed
     assert not (out / "pipeline").exists()
 
 
