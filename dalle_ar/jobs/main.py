@@ -655,6 +655,7 @@ def _side_by_side(cfg: MainJobConfig, job: Plan, lanes: int, timings: dict) -> N
     out_dir/logs/NAME.log. A stage that fails, an interrupt or SIGTERM stop the others (a
     training stage resumes from its last checkpoint on a rerun)."""
     import signal
+    import threading
 
     names, n = {s.name for s in job.stages}, len(job.stages)
     waiting = list(enumerate(job.stages, 1))
@@ -665,7 +666,8 @@ def _side_by_side(cfg: MainJobConfig, job: Plan, lanes: int, timings: dict) -> N
     def terminated(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    before = signal.signal(signal.SIGTERM, terminated)
+    on_main = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    before = signal.signal(signal.SIGTERM, terminated) if on_main else None
     try:
         while waiting or pool.running:
             ready = next(((i, s) for i, s in waiting if s.waits_for() & names <= settled), None)
@@ -690,7 +692,8 @@ def _side_by_side(cfg: MainJobConfig, job: Plan, lanes: int, timings: dict) -> N
                 raise error
     finally:
         pool.stop()
-        signal.signal(signal.SIGTERM, before)
+        if on_main:
+            signal.signal(signal.SIGTERM, before)
 
 
 def _stage_process(cfg: MainJobConfig, name: str, conn: Any, log: Path | None) -> None:
