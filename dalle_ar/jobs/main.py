@@ -482,16 +482,24 @@ def plan(cfg: MainJobConfig) -> Plan:
     return Plan(p, data, yaml, cascade, stages)
 
 
+SIDE_BY_SIDE_IDLE = 1.5  # CPUs idle as the job starts for lanes=0 to run 2 stages at once
+
+
 def job_lanes(cfg: MainJobConfig) -> int:
-    """How many stages run at once: `cfg.lanes`, or (0) 2 on a CPU where at least 1.5 CPUs sat
-    idle just now (`runtime.free_cpus`), else 1. On a GPU, stages run one after another."""
+    """How many stages run at once: `cfg.lanes`, or (0) 2 on a CPU where at least
+    `SIDE_BY_SIDE_IDLE` CPUs sat idle just now (`runtime.free_cpus`), else 1 (said so). On a
+    GPU, stages run one after another."""
     from dalle_ar.runtime import free_cpus
 
     if _on_gpu(cfg):
         return 1
     if cfg.lanes:
         return cfg.lanes
-    return 2 if free_cpus() >= 1.5 else 1
+    if free_cpus() >= SIDE_BY_SIDE_IDLE:
+        return 2
+    say(f"stages one after another: fewer than {SIDE_BY_SIDE_IDLE} CPUs idle now (lanes=2 runs "
+        "them side by side anyway)")  # fmt: skip
+    return 1
 
 
 def _on_gpu(cfg: MainJobConfig) -> bool:
@@ -741,7 +749,7 @@ def _stage_process(cfg: MainJobConfig, name: str, conn: Any, log: Path | None) -
 def run_stages(cfg: MainJobConfig) -> dict:
     """Run every stage not done yet, one after another or (`lanes`) side by side; returns the
     summary (also out_dir/summary.json). StageStopped for a training stage stopped by
-    non-finite numbers; ConfigError for configs that do not fit; RuntimeError for a stage that
+    non-finite numbers; ConfigError for configs that do not fit; StageFailed for a stage that
     failed in a process of its own (naming the stage and where its output went)."""
     job = plan(cfg)
     p = job.paths
@@ -750,9 +758,6 @@ def run_stages(cfg: MainJobConfig) -> dict:
     lanes = job_lanes(cfg)
     if lanes > 1:
         say(f"stages side by side where one needs nothing of the other: up to {lanes} at once")
-    elif not cfg.lanes and not _on_gpu(cfg):
-        say("stages one after another: fewer than 1.5 CPUs idle now (lanes=2 runs them side by "
-            "side anyway)")  # fmt: skip
     timings: dict[str, float | str] = {}
     start = time.perf_counter()
     if lanes == 1:
