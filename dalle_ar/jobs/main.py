@@ -777,11 +777,28 @@ def run_stages(cfg: MainJobConfig) -> dict:
     if job.cascade:
         training["upsampler"] = _training(p.upsampler_run)
     summary = {"config": to_dict(cfg), "machine": describe_machine(), "lanes": lanes,
-               "stage_seconds": timings, "training": training, "total_seconds": total}  # fmt: skip
+               "stage_seconds": timings, "stage_seconds_when_run": _when_run(p, timings),
+               "training": training, "total_seconds": total}  # fmt: skip
     if p.fidelity.is_file():
         summary["fidelity"] = json.loads(p.fidelity.read_text())
     (p.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _when_run(p: Paths, timings: dict[str, float | str]) -> dict[str, float]:
+    """Each stage's seconds in the job that last ran it: this job's where it ran, else what the
+    folder's previous summary.json recorded (a rerun that skips a stage keeps its measured time);
+    a stage no summary timed is left out."""
+    before: dict[str, float] = {}
+    try:
+        old = json.loads((p.out / "summary.json").read_text())
+        before = {k: v for k, v in old.get("stage_seconds_when_run", old.get("stage_seconds",
+                  {})).items() if isinstance(v, (int, float))}  # fmt: skip
+    except (OSError, ValueError, AttributeError):
+        pass  # no summary yet, or one a person edited: nothing to carry over
+    return {name: secs if isinstance(secs, (int, float)) else before[name]
+            for name, secs in timings.items()
+            if isinstance(secs, (int, float)) or name in before}  # fmt: skip
 
 
 def table(summary: dict) -> str:
@@ -799,7 +816,12 @@ def table(summary: dict) -> str:
             if t.get("under_trained"):
                 what += ", UNDER-TRAINED"
                 loud.append(f"{name}: {t['under_trained']}; run the job again to continue")
-        rows.append((name, secs if secs == "skipped" else f"{secs} s", what))
+        if secs == "skipped":
+            before = summary.get("stage_seconds_when_run", {}).get(name)
+            shown = "skipped" + (f" (ran in {before} s)" if before is not None else "")
+        else:
+            shown = f"{secs} s"
+        rows.append((name, shown, what))
     widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join([*lines, *(f"WARNING {m}" for m in loud)])

@@ -115,7 +115,13 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert summary["training"]["masked"]["step"] == 3
     assert (out / "samples" / "grid_masked.png").is_file()
     assert main_job(args) == 0  # everything is done: nothing runs again
-    assert capsys.readouterr().out.count("done already, skipped") == 13
+    printed = capsys.readouterr().out
+    assert printed.count("done already, skipped") == 13
+    # the rerun's summary keeps the seconds each stage took when it ran
+    again = json.loads((out / "summary.json").read_text())
+    assert set(again["stage_seconds"].values()) == {"skipped"}
+    assert again["stage_seconds_when_run"] == summary["stage_seconds"]
+    assert f"skipped (ran in {summary['stage_seconds']['vq']} s)" in printed
     assert main_job([*args, "candidates=0"]) == 2  # refused before any work
     assert main_job([*args, "precision=FP32"]) == 2
     assert "'precision': must be auto, fp32 or bf16, got 'FP32'" in capsys.readouterr().out
@@ -275,6 +281,42 @@ def test_a_stage_that_breaks_in_its_own_process_is_one_line_and_exit_1(tmp_path,
     assert "[7/10] data_large: running beside data" in printed
     assert "[7/10] data_large: stopped; a rerun of the job runs it again" in printed
     assert not (out / "pipeline").exists()
+
+
+def test_a_stage_whose_process_is_killed_is_named_and_the_job_stops(tmp_path, capsys):
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "main"
+    args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
+            "num_train=200", "num_eval=20", "vq_steps=100000", "vq_max_minutes=1",
+            "clip_steps=0", "transformer_steps=2", "wandb=disabled", "device=cpu",
+            "upsampler=false", "lanes=2"]  # fmt: skip
+    killed = []
+
+    def kill_the_vq() -> None:  # as the kernel's OOM killer would: no word from the stage
+        end = time.monotonic() + 50
+        while not killed and time.monotonic() < end:
+            for p in multiprocessing.active_children():
+                if p.name == "dalle-ar vq" and (out / "vq_run").is_dir():  # training
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_the_vq, daemon=True)
+    killer.start()
+    assert main_job(args) == 1
+    killer.join()
+    assert killed
+    printed, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1] == (
+        "dalle-ar pipeline: the vq stage failed: its process ended with exit code -9"
+        f" (its output: {out / 'logs' / 'vq.log'})"
+    )
+    assert "tokens: running" not in printed and not (out / "pipeline").exists()
 
 
 def test_bench_train_times_the_recipe_of_a_main_job_folder(tmp_path, capsys):
