@@ -233,7 +233,12 @@ def load_pretrained(
     with torch.device("meta"):
         model = build(cfg)
     tied = _tied_names(model)
-    load_state_strict(model, load_file(str(weights)), str(path))
+    # load_file's tensors are views into one mapping of the file, most at unaligned addresses: a
+    # copy of each gives the loaded model the 64-byte-aligned memory a freshly built one has (on
+    # some CPUs the same weights unaligned take other kernel paths and compute results 1e-6 off
+    # the model that was saved) and leaves no file mapped behind the model
+    state = {k: v.clone() for k, v in load_file(str(weights)).items()}
+    load_state_strict(model, state, str(path))
     # `assign=True` gives every name its own tensor; tie the shared parameters again.
     for name, first in tied:
         owner, _, leaf = name.rpartition(".")

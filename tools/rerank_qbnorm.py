@@ -4,7 +4,7 @@ candidate matches a bank of training captions pick a right image more often?
 
     python tools/rerank_qbnorm.py draw  --model runs/main/pipeline --out draw.pt --num 400
     python tools/rerank_qbnorm.py score --model runs/main/pipeline --draw draw.pt --bank 2000 \
-        --out tools/results/cpu/rerank_qbnorm.json
+        --out tools/results/cpu/rerank_qbnorm_every_mode_job.json
 
 `draw`: the candidates of `dalle-ar eval fidelity --num 400 --guidance 1.5 --temperature 0.7
 --candidates 16` (same prompts, seeds), their codes and the shapes checker's verdicts, to a torch
@@ -104,6 +104,7 @@ def main():
             int(args.get("--prompt-seed", 0)),
         )
         return
+    t0 = time.perf_counter()
     d = torch.load(args["--draw"], weights_only=True)
     img, txt, bank, temp = scored(args["--model"], d, int(args.get("--bank", 2000)))
     pidx = torch.tensor(d["prompt_index"])
@@ -112,7 +113,17 @@ def main():
     n = len(held)
     s = (img * txt[pidx]).sum(-1)  # cosine of each candidate with its prompt
     sb = img @ bank.T  # (N, B)
-    report = {"clip_temperature": temp, "bank": len(bank), "num": n}
+    report = {
+        "clip_temperature": temp,
+        "bank": len(bank),
+        "num": n,
+        "candidates": 16,
+        "guidance_scale": 1.5,
+        "temperature": 0.7,
+        "seed": 0,
+        "draw_seconds": d["seconds"],
+        "score_seconds": time.perf_counter() - t0,
+    }
 
     def pick(scores):
         ok = []
@@ -124,8 +135,7 @@ def main():
     report["any_of_16"] = split_mean([bool(right[pidx == p].any()) for p in range(n)], held)
     report["plain"] = pick(s)
     for beta in (10, 30, temp, 100):
-        allb = torch.cat([sb, s[:, None]], 1)
-        lse = torch.logsumexp(beta * allb, 1) / beta
+        lse = torch.logsumexp(beta * sb, 1) / beta  # over the bank alone: the inverted softmax
         for lam in (0.25, 0.5, 1.0):
             report[f"qbnorm b{beta:.3g} l{lam}"] = pick(s - lam * lse)
     for k in (1, 5, 20, 100):  # hubness: mean of top-k bank similarities (CSLS-like)

@@ -786,16 +786,18 @@ def run_stages(cfg: MainJobConfig) -> dict:
 
 
 def _when_run(p: Paths, timings: dict[str, float | str]) -> dict[str, float]:
-    """Each stage's seconds in the job that last ran it: this job's where it ran, else what the
-    folder's previous summary.json recorded (a rerun that skips a stage keeps its measured time);
-    a stage no summary timed is left out."""
+    """Each stage's seconds when it last ran: this job's where it ran, else what the folder's
+    previous summary.json recorded (a rerun that skips a stage keeps its measured time; a job
+    that failed wrote no summary, so its times are not carried); a stage no summary timed is
+    left out."""
     before: dict[str, float] = {}
     try:
         old = json.loads((p.out / "summary.json").read_text())
-        before = {k: v for k, v in old.get("stage_seconds_when_run", old.get("stage_seconds",
-                  {})).items() if isinstance(v, (int, float))}  # fmt: skip
-    except (OSError, ValueError, AttributeError):
-        pass  # no summary yet, or one a person edited: nothing to carry over
+        seconds = old.get("stage_seconds_when_run", old.get("stage_seconds", {}))
+        before = {k: v for k, v in seconds.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+    except (OSError, ValueError, AttributeError, RecursionError):
+        pass  # no summary yet, or one of another shape: nothing to carry over
     return {name: secs if isinstance(secs, (int, float)) else before[name]
             for name, secs in timings.items()
             if isinstance(secs, (int, float)) or name in before}  # fmt: skip
