@@ -2,137 +2,92 @@
 CVPR 2022) against plain CLIPScore as the reranker of 16 candidates: does dividing out how well a
 candidate matches a bank of training captions pick a right image more often?
 
-    python tools/rerank_qbnorm.py draw  --model runs/main/pipeline --out draw.pt --num 400
-    python tools/rerank_qbnorm.py score --model runs/main/pipeline --draw draw.pt --bank 2000 \
-        --out tools/results/cpu/rerank_qbnorm_every_mode_job.json
+    python tools/rerank_qbnorm.py draw --model runs/main/pipeline --threads 2 --draw draw.pt \
+        --num 400
+    python tools/rerank_qbnorm.py score --model runs/main/pipeline --threads 2 --draw draw.pt \
+        --bank 2000 --out tools/results/cpu/rerank_qbnorm_every_mode_job.json
 
 `draw`: the candidates of `dalle-ar eval fidelity --num 400 --guidance 1.5 --temperature 0.7
---candidates 16` (same prompts, seeds), their codes and the shapes checker's verdicts, to a torch
-file of tensors and lists (read back with weights_only). `score`: every candidate's unit CLIP
-embedding against its prompt's and against a bank of training-split captions (never evaluation
-captions), and each variant's pick: s - lam * LSE_bank(beta * s') / beta for beta in 10, 30,
-the CLIP's own logit scale and 100, and the hubness variant s - lam * mean of the top-k bank
-similarities. Prints and writes the checker's figures (all, seen, held-out) per variant.
+--candidates 16` (same prompts, seeds), their codes, the sampling settings and the shapes
+checker's verdicts, to a torch file of tensors, lists and numbers (read back with
+weights_only). `score`: every candidate's unit CLIP embedding against its prompt's and against a
+bank of training-split captions (never evaluation captions), and each variant's pick:
+s - lam * LSE_bank(beta * s') / beta for beta in 10, 30, the CLIP's own logit scale and 100, and
+the hubness variant s - lam * mean of the top-k bank similarities. Prints and writes the
+checker's figures (all, seen, held-out) per variant.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import random
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from dalle_ar.cli import load_pipeline
+from dalle_ar.checkpoint import write_json_atomic
+from dalle_ar.cli import add_pipeline_arguments, load_pipeline
 from dalle_ar.data.evaluate import score
 from dalle_ar.data.shapes import caption, prompts_for_eval, sample_spec
-from dalle_ar.eval.fidelity import split_mean
+from dalle_ar.eval.fidelity import candidates_by_prompt, split_mean
+
+CANDIDATES, GUIDANCE, TEMPERATURE = 16, 1.5, 0.7  # the reranking bar's draw
 
 
-class A:  # load_pipeline's args
-    def __init__(self, model):
-        self.model, self.device, self.threads, self.allow_mismatch = model, "cpu", 2, False
-
-
-def draw(model, out, num, prompt_seed):
-    pipe = load_pipeline(A(model))
-    pairs = prompts_for_eval(num, seed=prompt_seed)
+def draw(pipe, path: Path, num: int, seed: int) -> None:
+    pairs = prompts_for_eval(num, seed=0)
     prompts, specs = [p for p, _ in pairs], [s for _, s in pairs]
     t0 = time.perf_counter()
-    res = pipe(
-        prompts,
-        seed=0,
-        progress=True,
-        candidates=16,
-        keep=16,
-        reranker="clip",
-        guidance_scale=1.5,
-        temperature=0.7,
-    )
+    res = pipe(prompts, seed=seed, progress=True, candidates=CANDIDATES, keep=CANDIDATES,
+               reranker="clip", guidance_scale=GUIDANCE, temperature=TEMPERATURE)  # fmt: skip
     secs = time.perf_counter() - t0
-    right = [
-        bool(score(res.images[i], specs[m["prompt_index"]])["exact"])
-        for i, m in enumerate(res.samples)
-    ]
-    torch.save(
-        {
-            "codes": res.codes,
-            "prompt_index": [m["prompt_index"] for m in res.samples],
-            "candidate_index": [m["candidate_index"] for m in res.samples],
-            "clip_score": [m["clip_score"] for m in res.samples],
-            "right": right,
-            "held": [bool(s["held_out"]) for s in specs],
-            "prompts": prompts,
-            "seconds": secs,
-        },
-        out,
-    )
+    right = [bool(score(res.images[i], specs[m["prompt_index"]])["exact"])
+             for i, m in enumerate(res.samples)]  # fmt: skip
+    torch.save({"codes": res.codes, "prompt_index": [m["prompt_index"] for m in res.samples],
+                "right": right, "held": [bool(s["held_out"]) for s in specs],
+                "prompts": prompts, "candidates": CANDIDATES, "guidance_scale": GUIDANCE,
+                "temperature": TEMPERATURE, "seed": seed, "seconds": secs}, path)  # fmt: skip
     print("drew", len(right), "in", secs)
 
 
-def bank_captions(n, seed=0):
+def bank_captions(n: int, seed: int = 0) -> list[str]:
+    """`n` training-split captions (the bank: never an evaluation caption)."""
     rng = random.Random(f"bank-{seed}")
     return [caption(sample_spec(rng, "train"), rng) for _ in range(n)]
 
 
 @torch.inference_mode()
-def scored(model, d, nbank):
-    pipe = load_pipeline(A(model))
+def embeddings(pipe, d: dict, nbank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unit CLIP embeddings of the candidates (decoded on 8-bit levels, as `Pipeline.clip_scores`
+    reads them), of their prompts' scenes and of the bank's captions."""
     clip = pipe.components["clip"]
-    img = []
-    for i in range(0, len(d["codes"]), 256):
-        x = pipe.components["vq"].decode_8bit(d["codes"][i : i + 256])
-        img.append(clip.image_embeds(clip.pixels_from_tensor(x)))
-    img = torch.cat(img)
-    txt = pipe.scene_embeds(d["prompts"])
-    bank = []
+    img = [clip.image_embeds(clip.pixels_from_tensor(pipe.components["vq"].decode_8bit(c)))
+           for c in d["codes"].split(256)]  # fmt: skip
     caps = bank_captions(nbank)
-    for i in range(0, nbank, 256):
-        bank.append(clip.text_embeds(*clip.encode_text(caps[i : i + 256])))
-    bank = torch.cat(bank)
-    temp = float(clip.model.logit_scale.exp())
-    return img, txt, bank, temp
+    bank = [clip.text_embeds(*clip.encode_text(caps[i : i + 256])) for i in range(0, nbank, 256)]
+    return torch.cat(img), pipe.scene_embeds(d["prompts"]), torch.cat(bank)
 
 
-def main():
-    cmd = sys.argv[1]
-    args = dict(zip(sys.argv[2::2], sys.argv[3::2]))
-    if cmd == "draw":
-        draw(
-            args["--model"],
-            args["--out"],
-            int(args.get("--num", 400)),
-            int(args.get("--prompt-seed", 0)),
-        )
-        return
+def rescore(pipe, d: dict, nbank: int) -> dict:
     t0 = time.perf_counter()
-    d = torch.load(args["--draw"], weights_only=True)
-    img, txt, bank, temp = scored(args["--model"], d, int(args.get("--bank", 2000)))
-    pidx = torch.tensor(d["prompt_index"])
-    right = torch.tensor(d["right"])
-    held = d["held"]
-    n = len(held)
-    s = (img * txt[pidx]).sum(-1)  # cosine of each candidate with its prompt
-    sb = img @ bank.T  # (N, B)
-    report = {
-        "clip_temperature": temp,
-        "bank": len(bank),
-        "num": n,
-        "candidates": 16,
-        "guidance_scale": 1.5,
-        "temperature": 0.7,
-        "seed": 0,
-        "draw_seconds": d["seconds"],
-        "score_seconds": time.perf_counter() - t0,
-    }
+    img, txt, bank = embeddings(pipe, d, nbank)
+    temp = float(pipe.components["clip"].model.logit_scale.exp())
+    by_prompt = candidates_by_prompt([{"prompt_index": p} for p in d["prompt_index"]])
+    right, held = torch.tensor(d["right"]), d["held"]
+    s = (img * txt[torch.tensor(d["prompt_index"])]).sum(-1)  # each candidate's cosine
+    sb = img @ bank.T  # (N, bank)
+    report = {"clip_temperature": temp, "bank": len(bank), "num": len(held),
+              **{k: d[k] for k in ("candidates", "guidance_scale", "temperature", "seed")},
+              "draw_seconds": d["seconds"]}  # fmt: skip
 
-    def pick(scores):
-        ok = []
-        for p in range(n):
-            idx = (pidx == p).nonzero().flatten()
-            ok.append(bool(right[idx[scores[idx].argmax()]]))
-        return split_mean(ok, held)
+    def pick(scores: torch.Tensor) -> dict:  # ties to the earlier candidate, as best_by
+        return split_mean([bool(right[idx[int(scores[idx].argmax())]]) for idx in by_prompt],
+                          held)  # fmt: skip
 
-    report["any_of_16"] = split_mean([bool(right[pidx == p].any()) for p in range(n)], held)
+    report["any_of_16"] = split_mean([bool(right[idx].any()) for idx in by_prompt], held)
     report["plain"] = pick(s)
     for beta in (10, 30, temp, 100):
         lse = torch.logsumexp(beta * sb, 1) / beta  # over the bank alone: the inverted softmax
@@ -142,11 +97,30 @@ def main():
         top = sb.topk(k, 1).values.mean(1)
         for lam in (0.5, 1.0):
             report[f"topk{k} l{lam}"] = pick(s - lam * top)
+    report["score_seconds"] = time.perf_counter() - t0
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=("draw", "score"))
+    add_pipeline_arguments(ap, "pipeline folder: its generator draws, its CLIP scores")
+    ap.add_argument("--draw", type=Path, required=True, help="the draw's torch file")
+    ap.add_argument("--num", type=int, default=400, help="evaluation prompts (draw)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (draw)")
+    ap.add_argument("--bank", type=int, default=2000, help="training captions in the bank")
+    ap.add_argument("--out", type=Path, help="also write the JSON here (score)")
+    args = ap.parse_args(argv)
+    pipe = load_pipeline(args)
+    if args.command == "draw":
+        draw(pipe, args.draw, args.num, args.seed)
+        return 0
+    report = rescore(pipe, torch.load(args.draw, weights_only=True), args.bank)
     print(json.dumps(report, indent=1))
-    if "--out" in args:
-        with open(args["--out"], "w") as f:
-            json.dump(report, f, indent=1)
+    if args.out:
+        write_json_atomic(args.out, report)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
