@@ -1,9 +1,10 @@
 """`dalle-ar pipeline [--config FILE] [key=value ...]`: the main job, text to image end to end.
 
-    shards -> BPE tokenizer -> VQ-VAE -> CLIP (with `vq_round_trip`, some scenes as the VQ
-           gives them back) -> token shards (+ CLIP embeddings)
-           -> transformer -> diffusion prior, and a second transformer conditioned on the CLIP
-              image embedding (DALL-E 2's decoder), fine-tuned from the first
+    shards -> BPE tokenizer -> VQ-VAE -> token shards -> transformer
+           -> CLIP (with `vq_round_trip`, some scenes as the VQ gives them back), beside the
+              transformer -> token shards with the CLIP's image embeddings
+           -> diffusion prior, and a second transformer conditioned on the CLIP image embedding
+              (DALL-E 2's decoder), fine-tuned from the first
            -> upsampler (on the scenes at twice the size) -> pipeline folder
            -> samples for a handful of prompts (some held-out combinations), each the best of
               `rerank.candidates` by `rerank.reranker` (CLIP) -> captioned grids with the scores,
@@ -74,6 +75,7 @@ class Paths:
         self.vq_run = out / "vq_run"
         self.vq = self.vq_run / "vq"
         self.tokens = out / "tokens"
+        self.clip_tokens = out / "clip_tokens"  # the same, with the CLIP's image embeddings
         self.transformer_run = out / "transformer_run"
         self.transformer = self.transformer_run / "transformer"
         self.cond_run = out / "cond_transformer_run"
@@ -138,12 +140,17 @@ def stage_vq(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     vq.train(load_config(vq.VQRecipeConfig, yaml, overrides), resume=has_checkpoint(p.vq_run))
 
 
-def stage_tokens(cfg: MainJobConfig, p: Paths) -> None:
+def stage_tokens(cfg: MainJobConfig, p: Paths, with_clip: bool = False) -> None:
+    """The VQ codes of every scene (`tokens/`, for the transformers), or the same with the job's
+    CLIP image embedding of each (`with_clip`: `clip_tokens/`, for the prior and the
+    embedding-conditioned transformer): two stages, so that the transformer need not wait for
+    the CLIP."""
     from dalle_ar.cli.tokens import tokenize_shards
 
+    out, clip = (p.clip_tokens, p.clip) if with_clip else (p.tokens, None)
     for split in ("train", "eval"):  # the summary of the last split marks the stage complete
-        tokenize_shards(p.vq, f"{p.data}/{split}-*.tar", p.tokens, split, device=cfg.device,
-                        clip_dir=p.clip if cfg.with_prior else None)  # fmt: skip
+        tokenize_shards(p.vq, f"{p.data}/{split}-*.tar", out, split, device=cfg.device,
+                        clip_dir=clip)  # fmt: skip
 
 
 def stage_transformer(
@@ -165,9 +172,10 @@ def stage_transformer(
     tok = TextTokenizer.from_pretrained(p.tokenizer)
     vq = VQTokenizer.from_pretrained(p.vq)
     h, w = vq.grid_size(vq.config.image_size)
+    shards = p.clip_tokens if kind == "cond" else p.tokens
     overrides = [
-        f"data.train={p.tokens}/train-*.tar",
-        f"data.eval={p.tokens}/eval-*.tar",
+        f"data.train={shards}/train-*.tar",
+        f"data.eval={shards}/eval-*.tar",
         f"text_tokenizer={p.tokenizer}",
         f"vq={p.vq}",
         f"model.text_vocab={tok.vocab_size}",
@@ -235,27 +243,26 @@ def _clip_round_trips(yaml: Path) -> bool:
 
 
 def _clip_of_tokens(p: Paths) -> dict:
-    """The CLIP identity the token shards' summary records; ValueError when they hold no CLIP
-    embeddings (shards of a job run without the prior: remove `tokens/` to write them again)."""
-    f = p.tokens / "train-tokens.json"
+    """The CLIP identity the summary of the token shards with embeddings records; ValueError
+    when they hold none (remove `clip_tokens/` to have them written again)."""
+    f = p.clip_tokens / "train-tokens.json"
     clip = json.loads(f.read_text()).get("clip") if f.is_file() else None
     if not isinstance(clip, dict):
-        raise ValueError(f"the token shards in {p.tokens} hold no CLIP embeddings: remove the "
-                         "folder so that the job writes them again with the CLIP")  # fmt: skip
+        raise ValueError(f"the token shards in {p.clip_tokens} hold no CLIP embeddings: remove "
+                         "the folder so that the job writes them again with the CLIP")  # fmt: skip
     return clip
 
 
-def _tokens_done(cfg: MainJobConfig, p: Paths) -> bool:
-    """Token shards are done once both splits are written, and, with the prior, with the
-    embeddings of the job's CLIP."""
-    f = p.tokens / "eval-tokens.json"
+def _tokens_done(folder: Path, clip: Path | None = None) -> bool:
+    """Token shards are done once both splits are written, and, for `clip`, with the embeddings
+    of that CLIP folder."""
+    f = folder / "eval-tokens.json"
     if not f.is_file():
         return False
-    if not cfg.with_prior:
+    if clip is None:
         return True
-    clip = json.loads(f.read_text()).get("clip")
-    folder = p.clip.resolve()
-    return isinstance(clip, dict) and clip.get("folder") == str(folder)
+    written = json.loads(f.read_text()).get("clip")
+    return isinstance(written, dict) and written.get("folder") == str(clip.resolve())
 
 
 def stage_prior(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
@@ -263,8 +270,8 @@ def stage_prior(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     from dalle_ar.train.common import has_checkpoint
 
     overrides = [
-        f"data.train={p.tokens}/train-*.tar",
-        f"data.eval={p.tokens}/eval-*.tar",
+        f"data.train={p.clip_tokens}/train-*.tar",
+        f"data.eval={p.clip_tokens}/eval-*.tar",
         f"clip={p.clip}",
         f"model.embed_dim={_clip_of_tokens(p)['embed_dim']}",
         *_run(cfg, p.prior_run, cfg.prior_train_steps, cfg.prior_max_minutes),
@@ -421,9 +428,9 @@ def plan(cfg: MainJobConfig) -> Plan:
     # from what it replaced, so its outputs are removed and made again (an under-trained VQ
     # resumed by a rerun gets new token shards and a transformer trained on them, and a new CLIP
     # when that one learns from the VQ's round trips; a CLIP resumed
-    # by a rerun leaves the VQ alone, and the transformer too when the job has no prior mode:
-    # the prior's token shards carry the CLIP's embeddings)
-    cond_stage = Stage("cond_transformer", {"tokenizer", "vq", "tokens", "transformer"},
+    # by a rerun leaves the VQ and the transformer alone, and gets new token shards with its
+    # embeddings, a new prior and a new embedding-conditioned transformer)
+    cond_stage = Stage("cond_transformer", {"tokenizer", "vq", "clip_tokens", "transformer"},
                   lambda: _trained(p.cond_run, p.cond_transformer),
                   lambda: stage_transformer(cfg, p, yaml["transformer"], "cond"),
                   [p.cond_run])  # fmt: skip
@@ -431,11 +438,14 @@ def plan(cfg: MainJobConfig) -> Plan:
                                           else [])}  # fmt: skip
     clip_stage = Stage("clip", clip_needs, lambda: _trained(p.clip_run, p.clip),
                   lambda: stage_clip(cfg, p, yaml["clip"]), [p.clip_run])  # fmt: skip
+    clip_tokens_stage = Stage("clip_tokens", {"data", "vq", "clip"},
+                         lambda: _tokens_done(p.clip_tokens, p.clip),
+                         lambda: stage_tokens(cfg, p, with_clip=True), [p.clip_tokens])  # fmt: skip
     # the prior reads the CLIP embeddings of the token shards, not their codes: a new VQ leaves
     # it alone
     prior_stage = Stage("prior", {"data", "clip"}, lambda: _trained(p.prior_run, p.prior),
                    lambda: stage_prior(cfg, p, yaml["prior"]), [p.prior_run],
-                   after=frozenset({"tokens"}))  # fmt: skip
+                   after=frozenset({"clip_tokens"}))  # fmt: skip
     adapts = cfg.masked and _masked_adapts(yaml["masked"])  # started from the transformer
     masked_needs = {"tokenizer", "vq", "tokens", *(["transformer"] if adapts else [])}
     masked_stage = Stage("masked", masked_needs,
@@ -455,16 +465,16 @@ def plan(cfg: MainJobConfig) -> Plan:
          lambda: stage_tokenizer(cfg, p, yaml["tokenizer"]), [p.tokenizer_run]),
         Stage("vq", {"data"}, lambda: _trained(p.vq_run, p.vq),
          lambda: stage_vq(cfg, p, yaml["vq"]), [p.vq_run]),
-        *([clip_stage] if cfg.with_prior else []),  # the token shards carry its embeddings
-        Stage("tokens", {"data", "vq", *(["clip"] if cfg.with_prior else [])},
-         lambda: _tokens_done(cfg, p), lambda: stage_tokens(cfg, p), [p.tokens]),
+        Stage("tokens", {"data", "vq"}, lambda: _tokens_done(p.tokens),
+         lambda: stage_tokens(cfg, p), [p.tokens]),
         Stage("transformer", {"tokenizer", "vq", "tokens"},
          lambda: _trained(p.transformer_run, p.transformer),
          lambda: stage_transformer(cfg, p, yaml["transformer"], "transformer"),
          [p.transformer_run]),
-        *([prior_stage, cond_stage] if cfg.with_prior else []),
-        *([masked_stage] if cfg.masked else []),
-        *([clip_stage] if cfg.clip and not cfg.with_prior else []),
+        *([clip_stage] if cfg.clip else []),  # beside the transformer
+        *([clip_tokens_stage, prior_stage] if cfg.with_prior else []),
+        *([masked_stage] if cfg.masked else []),  # the longer of the two after the transformer
+        *([cond_stage] if cfg.with_prior else []),
         *(cascade_stages if cascade else []),
         Stage("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior", "cond_transformer",
                       "masked", "upsampler"},

@@ -16,7 +16,7 @@ import yaml
 
 from dalle_ar.config import load_config
 from dalle_ar.jobs.config import MainJobConfig
-from dalle_ar.jobs.main import _upgrade
+from dalle_ar.jobs.main import _upgrade, plan
 from dalle_ar.jobs.main import main as main_job
 from dalle_ar.pipeline import DalleAR
 
@@ -56,12 +56,22 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
             "lanes=2"]  # fmt: skip
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[13/13] samples: finished" in printed
+    assert "[14/14] samples: finished" in printed
+    # the transformer does not wait for the CLIP: its token shards are written without the
+    # CLIP's embeddings, and those of the prior and the embedding-conditioned transformer after
+    # the CLIP, with them
+    stages = {s.name: s for s in plan(load_config(MainJobConfig, out / "main_job.yaml", [])).stages}
+    assert "clip" not in stages["tokens"].needs | stages["transformer"].needs
+    assert {"clip", "vq"} <= stages["clip_tokens"].needs
+    assert "clip_tokens" in stages["prior"].waits_for() & stages["cond_transformer"].needs
+    tokens = {f: json.loads((out / f / "train-tokens.json").read_text())
+              for f in ("tokens", "clip_tokens")}  # fmt: skip
+    assert tokens["tokens"]["clip"] is None and tokens["clip_tokens"]["clip"]["embed_dim"] > 0
     assert "stages side by side where one needs nothing of the other: up to 2 at once" in printed
     # two stages at once where one needs nothing of the other, each in a process of its own:
     # the first two (neither needs anything) start together, and the second writes to a log
     log = out / "logs" / "data_large.log"
-    assert f"[10/13] data_large: running beside data, output in {log}" in printed
+    assert f"[11/14] data_large: running beside data, output in {log}" in printed
     assert log.is_file()
     for line in printed.splitlines():  # whatever else ran beside another stage: its log too
         if ", output in " in line:
@@ -116,7 +126,7 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert (out / "samples" / "grid_masked.png").is_file()
     assert main_job(args) == 0  # everything is done: nothing runs again
     printed = capsys.readouterr().out
-    assert printed.count("done already, skipped") == 13
+    assert printed.count("done already, skipped") == 14
     # the rerun's summary keeps the seconds each stage took when it ran
     again = json.loads((out / "summary.json").read_text())
     assert set(again["stage_seconds"].values()) == {"skipped"}
@@ -187,14 +197,15 @@ def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
 
     assert main_job(args) == 0  # the cap is the default again: the stage continues to step 6
     printed = capsys.readouterr().out
-    assert "[6/10] transformer: running" in printed and "6 of 6 steps" in printed
+    assert "[5/11] transformer: running" in printed and "6 of 6 steps" in printed
     # the fine-tuned copy, the pipeline and its evaluation are made again from the finished
     # transformer
-    assert "[8/10] cond_transformer: running again (transformer ran)" in printed
-    assert "[9/10] pipeline: running again (cond_transformer, transformer ran)" in printed
-    assert "[10/10] samples: running again" in printed
-    assert "[4/10] clip: done already" in printed  # the CLIP does not depend on the transformer
-    assert "[7/10] prior: done already" in printed  # nor does the prior
+    assert "[9/11] cond_transformer: running again (transformer ran)" in printed
+    assert "[10/11] pipeline: running again (cond_transformer, transformer ran)" in printed
+    assert "[11/11] samples: running again" in printed
+    assert "[6/11] clip: done already" in printed  # the CLIP does not depend on the transformer
+    assert "[8/11] prior: done already" in printed  # nor does the prior
+    assert "[7/11] clip_tokens: done already" in printed  # nor do its token shards
     summary = json.loads((out / "summary.json").read_text())
     assert summary["training"]["transformer"]["finished"] and "UNDER-TRAINED" not in printed
 
