@@ -37,20 +37,32 @@ from dalle_ar.eval.fidelity import candidates_by_prompt, split_mean
 CANDIDATES, GUIDANCE, TEMPERATURE = 16, 1.5, 0.7  # the reranking bar's draw
 
 
-def draw(pipe, path: Path, num: int, seed: int) -> None:
-    pairs = prompts_for_eval(num, seed=0)
+def draw(
+    pipe,
+    path: Path,
+    pairs: list[tuple[str, dict]],
+    seed: int,
+    drawn_from: list[str] | None = None,
+    mode: str = "ar",
+) -> None:
+    """16 candidates for each (caption, spec) pair at the bar's settings in generation mode
+    `mode`, drawn from its caption (or from `drawn_from`'s, one per pair), each checked against
+    the pair's spec; their codes, verdicts and the settings to `path` under the pairs'
+    captions."""
     prompts, specs = [p for p, _ in pairs], [s for _, s in pairs]
     t0 = time.perf_counter()
-    res = pipe(prompts, seed=seed, progress=True, candidates=CANDIDATES, keep=CANDIDATES,
-               reranker="clip", guidance_scale=GUIDANCE, temperature=TEMPERATURE)  # fmt: skip
+    res = pipe(drawn_from or prompts, seed=seed, progress=True, candidates=CANDIDATES,
+               keep=CANDIDATES, reranker="clip", guidance_scale=GUIDANCE,
+               temperature=TEMPERATURE, mode=mode)  # fmt: skip
     secs = time.perf_counter() - t0
     right = [bool(score(res.images[i], specs[m["prompt_index"]])["exact"])
              for i, m in enumerate(res.samples)]  # fmt: skip
     torch.save({"codes": res.codes, "prompt_index": [m["prompt_index"] for m in res.samples],
                 "right": right, "held": [bool(s["held_out"]) for s in specs],
                 "prompts": prompts, "candidates": CANDIDATES, "guidance_scale": GUIDANCE,
-                "temperature": TEMPERATURE, "seed": seed, "seconds": secs}, path)  # fmt: skip
-    print("drew", len(right), "in", secs)
+                "temperature": TEMPERATURE, "seed": seed, "mode": mode,
+                "seconds": secs}, path)  # fmt: skip
+    print("drew", len(right), "candidates,", sum(right), "right, in", round(secs, 1), "s")
 
 
 def bank_captions(n: int, seed: int = 0) -> list[str]:
@@ -108,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draw", type=Path, required=True, help="the draw's torch file")
     ap.add_argument("--num", type=int, default=400, help="evaluation prompts (draw)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (draw)")
+    ap.add_argument("--mode", default="ar", help="generation mode: ar, prior, masked (draw)")
     ap.add_argument("--bank", type=int, default=2000, help="training captions in the bank")
     ap.add_argument("--out", type=Path, help="also write the JSON here (score)")
     args = ap.parse_args(argv)
     pipe = load_pipeline(args)
     if args.command == "draw":
-        draw(pipe, args.draw, args.num, args.seed)
+        draw(pipe, args.draw, prompts_for_eval(args.num, seed=0), args.seed, mode=args.mode)
         return 0
     report = rescore(pipe, torch.load(args.draw, weights_only=True), args.bank)
     print(json.dumps(report, indent=1))
