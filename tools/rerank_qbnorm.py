@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draw", type=Path, required=True, help="the draw's torch file")
     ap.add_argument("--num", type=int, default=400, help="evaluation prompts (draw)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (draw)")
-    ap.add_argument("--mode", default="ar", help="generation mode: ar, prior, masked (draw)")
+    ap.add_argument(
+        "--mode", default="ar", choices=("ar", "prior", "masked"), help="generation mode (draw)"
+    )
     ap.add_argument("--bank", type=int, default=2000, help="training captions in the bank")
     ap.add_argument("--out", type=Path, help="also write the JSON here (score)")
     args = ap.parse_args(argv)

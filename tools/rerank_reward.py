@@ -91,7 +91,11 @@ def pixel_values(pipe, clip: CLIP, codes: torch.Tensor) -> torch.Tensor:
     return torch.cat([clip.pixels_from_tensor(vq.decode_8bit(c)) for c in codes.split(256)])
 
 
-def tune(pipe, d: dict, out: Path, steps: int, lr: float, groups_per_step: int, seed: int):
+def tune(
+    pipe, d: dict, out: Path, steps: int, lr: float, groups_per_step: int, seed: int
+) -> tuple[list[list[float]], int]:
+    """Fine-tune the pipeline's CLIP on the draw's groups and save it to `out`; the per-step
+    losses (group, total) and the number of groups that train (neither all right nor all wrong)."""
     clip = pipe.components["clip"]
     model = clip.model.train().requires_grad_(True)
     by_prompt = candidates_by_prompt([{"prompt_index": p} for p in d["prompt_index"]])
@@ -129,7 +133,7 @@ def tune(pipe, d: dict, out: Path, steps: int, lr: float, groups_per_step: int, 
             tqdm.write(f"step {step} group {log[-1][0]:.3f} total {log[-1][1]:.3f}")
     model.eval()
     clip.save_pretrained(out)
-    return log
+    return log, len(groups)
 
 
 @torch.inference_mode()
@@ -162,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clips", type=Path, nargs="*", default=[], help="CLIP folders (score)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
+    if args.command == "tune" and args.clip_out is None:
+        ap.error("tune needs --clip-out, the tuned CLIP's folder")
     pipe = load_pipeline(args)
     if args.command == "draw":
         draw(pipe, args.draw[0], training_pairs(args.num, args.seed), args.seed)
@@ -173,12 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     d = merged([torch.load(f, weights_only=True) for f in args.draw])
     if args.command == "tune":
         t0 = time.perf_counter()
-        log = tune(pipe, d, args.clip_out, args.steps, args.lr, args.groups, args.seed)
+        log, mixed = tune(pipe, d, args.clip_out, args.steps, args.lr, args.groups, args.seed)
         report = {
             "steps": args.steps,
             "lr": args.lr,
             "groups": args.groups,
             "seed": args.seed,
+            "mixed_groups": mixed,
             "seconds": time.perf_counter() - t0,
             "loss": log[:: max(1, len(log) // 20)],
         }
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
              for idx in candidates_by_prompt([{"prompt_index": p} for p in d["prompt_index"]])],
             d["held"])}  # fmt: skip
         for folder in args.clips:
-            report[str(folder)] = picks(pipe, CLIP.from_pretrained(folder), d)
+            report[str(folder)] = picks(pipe, CLIP.from_pretrained(folder, args.device), d)
     print(json.dumps(report, indent=1))
     if args.out:
         write_json_atomic(args.out, report)

@@ -43,9 +43,9 @@ class MainJobConfig:
     prior_max_minutes: float = 10.0
     # Train a CLIP (dalle_ar.clip) and rerank with it; false: no CLIP stage, PMI reranking only
     clip: bool = True
-    # The prior mode (DALL-E 2): token shards carry CLIP embeddings, a diffusion prior is
-    # trained on them, and a second transformer, conditioned on the CLIP image embedding
-    # (DALL-E 2's decoder), starts from the trained text-only one and learns to read the
+    # The prior mode (DALL-E 2): token shards with the CLIP's embeddings (clip_tokens/), a
+    # diffusion prior trained on them, and a second transformer, conditioned on the CLIP image
+    # embedding (DALL-E 2's decoder), starts from the trained text-only one and learns to read the
     # embedding for `cond_transformer_steps` at `cond_transformer_lr` (the embedding dropped to
     # a learned null one `cond_transformer_embed_drop` of the time); the grid and the
     # evaluation run in both modes. Two models, not one: one model for both modes drew the

@@ -162,7 +162,7 @@ def stage_transformer(
 ) -> None:
     """The transformer, the masked generator (`kind` "masked": the same recipe and data; `adapt`:
     started from the job's transformer, `_masked_adapts`) or the transformer conditioned on the
-    CLIP image embedding ("cond": the transformer fine-tuned on the token shards' embeddings)."""
+    CLIP image embedding ("cond": the transformer fine-tuned on `clip_tokens/`' embeddings)."""
     from dalle_ar.text import TextTokenizer
     from dalle_ar.train import transformer
     from dalle_ar.train.common import has_checkpoint
@@ -191,7 +191,7 @@ def stage_transformer(
         transformer.train(rcfg, resume=has_checkpoint(p.masked_run))
         return
     run_dir = p.cond_run if kind == "cond" else p.transformer_run
-    if kind == "cond":  # conditioned on each record's CLIP image embedding (the token shards')
+    if kind == "cond":  # conditioned on each record's CLIP image embedding (`clip_tokens/`)
         dim = _clip_of_tokens(p)["embed_dim"]
         overrides += [
             *_run(cfg, run_dir, cfg.cond_transformer_steps, cfg.cond_transformer_max_minutes),
@@ -426,8 +426,9 @@ def plan(cfg: MainJobConfig) -> Plan:
     large = _large_size(yaml) if cascade else 0  # checked before any work
     # Once a stage runs, every stage that needs it was made
     # from what it replaced, so its outputs are removed and made again (an under-trained VQ
-    # resumed by a rerun gets new token shards and a transformer trained on them, and a new CLIP
-    # when that one learns from the VQ's round trips; a CLIP resumed
+    # resumed by a rerun gets new token shards in both folders, a transformer, a masked generator
+    # and an embedding-conditioned transformer trained on them, and a new CLIP when that one
+    # learns from the VQ's round trips; a CLIP resumed
     # by a rerun leaves the VQ and the transformer alone, and gets new token shards with its
     # embeddings, a new prior and a new embedding-conditioned transformer)
     cond_stage = Stage("cond_transformer", {"tokenizer", "vq", "clip_tokens", "transformer"},
@@ -765,6 +766,14 @@ def run_stages(cfg: MainJobConfig) -> dict:
     p = job.paths
     p.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, p.out / "main_job.yaml")
+    if (
+        cfg.with_prior
+        and not _tokens_done(p.clip_tokens, p.clip)
+        and _tokens_done(p.tokens, p.clip)
+    ):
+        # a folder of the layout before clip_tokens/, whose token shards hold this CLIP's
+        # embeddings: they are those shards, and the stages trained on them stay done
+        shutil.copytree(p.tokens, p.clip_tokens, dirs_exist_ok=True)
     lanes = job_lanes(cfg)
     if lanes > 1:
         say(f"stages side by side where one needs nothing of the other: up to {lanes} at once")

@@ -132,6 +132,13 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert set(again["stage_seconds"].values()) == {"skipped"}
     assert again["stage_seconds_when_run"] == summary["stage_seconds"]
     assert f"skipped (ran in {summary['stage_seconds']['vq']} s)" in printed
+    # a folder of the earlier layout (one token folder, with the CLIP's embeddings): taken as it
+    # is, nothing trained again
+    shutil.rmtree(out / "tokens")
+    (out / "clip_tokens").rename(out / "tokens")
+    assert main_job(args) == 0
+    assert capsys.readouterr().out.count("done already, skipped") == 14
+    assert (out / "clip_tokens" / "train-tokens.json").is_file()
     assert main_job([*args, "candidates=0"]) == 2  # refused before any work
     assert main_job([*args, "precision=FP32"]) == 2
     assert "'precision': must be auto, fp32 or bf16, got 'FP32'" in capsys.readouterr().out
