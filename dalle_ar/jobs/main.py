@@ -314,7 +314,7 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
     up = "upsampler" in pipe.components  # the kept images upsampled too
     result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, settings=cfg.sampling,
                   rerank=cfg.rerank, upsample=up,
-                  upsample_settings=cfg.upsample_sampling)  # fmt: skip
+                  upsample_settings=cfg.upsample_sampling, progress=True)  # fmt: skip
     small = dataclasses.replace(result, images=result.small_images) if up else result
     grid = save_prompt_grid(small, p.samples / "grid.png")
     report = data.evaluate(pipe, cfg, p.data)
@@ -324,11 +324,12 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
     if cfg.with_prior:  # the same prompts and seeds in prior mode
         result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, mode="prior",
                       settings=cfg.sampling, prior_settings=cfg.prior_sampling,
-                      rerank=cfg.rerank)  # fmt: skip
+                      rerank=cfg.rerank, progress=True)  # fmt: skip
         report["grid_prior"] = str(save_prompt_grid(result, p.samples / "grid_prior.png"))
     if cfg.masked:  # the same prompts and seeds in the masked mode
         result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, mode="masked",
-                      masked_settings=cfg.masked_sampling, rerank=cfg.rerank)  # fmt: skip
+                      masked_settings=cfg.masked_sampling, rerank=cfg.rerank,
+                      progress=True)  # fmt: skip
         report["grid_masked"] = str(save_prompt_grid(result, p.samples / "grid_masked.png"))
     p.fidelity.write_text(json.dumps(report, indent=2))
     p.evaluation.write_text(data.summarize(report) + "\n")

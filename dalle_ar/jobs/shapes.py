@@ -60,7 +60,7 @@ def evaluate(pipe: Any, cfg: MainJobConfig, shards: Path | None = None) -> dict[
     settings = mode_settings(pipe, cfg.sampling_settings())
     return shapes_fidelity(pipe, cfg.fidelity_prompts, cfg.seed, settings=settings,
                            candidates=cfg.rerank.candidates,
-                           composed=cfg.fidelity_composed)  # fmt: skip
+                           composed=cfg.fidelity_composed, progress=True)  # fmt: skip
 
 
 def summarize(report: dict[str, Any]) -> str:
