@@ -71,44 +71,63 @@ def bank_captions(n: int, seed: int = 0) -> list[str]:
     return [caption(sample_spec(rng, "train"), rng) for _ in range(n)]
 
 
+@torch.no_grad()
+def candidate_pixels(pipe, clip, codes: torch.Tensor) -> torch.Tensor:
+    """`clip`'s pixel values (N, 3, S, S) of the drawn codes (N, h, w), decoded by the pipeline's
+    VQ on 8-bit levels, as `Pipeline.clip_scores` reads them."""
+    vq = pipe.components["vq"]
+    return torch.cat([clip.pixels_from_tensor(vq.decode_8bit(c)) for c in codes.split(256)])
+
+
+def by_prompt(d: dict) -> list[list[int]]:
+    """The indices of each prompt's candidates in a draw, prompt by prompt."""
+    return candidates_by_prompt([{"prompt_index": p} for p in d["prompt_index"]])
+
+
+def any_right(d: dict) -> dict:
+    """How often a right image is among a prompt's candidates (all, seen, held-out)."""
+    right = torch.tensor(d["right"])
+    return split_mean([bool(right[idx].any()) for idx in by_prompt(d)], d["held"])
+
+
+def best_of(d: dict, scores: torch.Tensor) -> dict:
+    """How often each prompt's best candidate by `scores` (N,) is right (all, seen, held-out);
+    ties go to the earlier candidate, as `best_by`."""
+    right = torch.tensor(d["right"])
+    picked = [bool(right[idx[int(scores[idx].argmax())]]) for idx in by_prompt(d)]
+    return split_mean(picked, d["held"])
+
+
 @torch.inference_mode()
 def embeddings(pipe, d: dict, nbank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unit CLIP embeddings of the candidates (decoded on 8-bit levels, as `Pipeline.clip_scores`
-    reads them), of their prompts' scenes and of the bank's captions."""
+    """Unit CLIP embeddings of the candidates (`candidate_pixels`), of their prompts' scenes and
+    of the bank's captions."""
     clip = pipe.components["clip"]
-    img = [clip.image_embeds(clip.pixels_from_tensor(pipe.components["vq"].decode_8bit(c)))
-           for c in d["codes"].split(256)]  # fmt: skip
+    img = clip.image_embeds(candidate_pixels(pipe, clip, d["codes"]))
     caps = bank_captions(nbank)
     bank = [clip.text_embeds(*clip.encode_text(caps[i : i + 256])) for i in range(0, nbank, 256)]
-    return torch.cat(img), pipe.scene_embeds(d["prompts"]), torch.cat(bank)
+    return img, pipe.scene_embeds(d["prompts"]), torch.cat(bank)
 
 
 def rescore(pipe, d: dict, nbank: int) -> dict:
     t0 = time.perf_counter()
     img, txt, bank = embeddings(pipe, d, nbank)
     temp = float(pipe.components["clip"].model.logit_scale.exp())
-    by_prompt = candidates_by_prompt([{"prompt_index": p} for p in d["prompt_index"]])
-    right, held = torch.tensor(d["right"]), d["held"]
     s = (img * txt[torch.tensor(d["prompt_index"])]).sum(-1)  # each candidate's cosine
     sb = img @ bank.T  # (N, bank)
-    report = {"clip_temperature": temp, "bank": len(bank), "num": len(held),
+    report = {"clip_temperature": temp, "bank": len(bank), "num": len(d["held"]),
               **{k: d[k] for k in ("candidates", "guidance_scale", "temperature", "seed")},
               "draw_seconds": d["seconds"]}  # fmt: skip
-
-    def pick(scores: torch.Tensor) -> dict:  # ties to the earlier candidate, as best_by
-        return split_mean([bool(right[idx[int(scores[idx].argmax())]]) for idx in by_prompt],
-                          held)  # fmt: skip
-
-    report["any_of_16"] = split_mean([bool(right[idx].any()) for idx in by_prompt], held)
-    report["plain"] = pick(s)
+    report["any_of_16"] = any_right(d)
+    report["plain"] = best_of(d, s)
     for beta in (10, 30, temp, 100):
         lse = torch.logsumexp(beta * sb, 1) / beta  # over the bank alone: the inverted softmax
         for lam in (0.25, 0.5, 1.0):
-            report[f"qbnorm b{beta:.3g} l{lam}"] = pick(s - lam * lse)
+            report[f"qbnorm b{beta:.3g} l{lam}"] = best_of(d, s - lam * lse)
     for k in (1, 5, 20, 100):  # hubness: mean of top-k bank similarities (CSLS-like)
         top = sb.topk(k, 1).values.mean(1)
         for lam in (0.5, 1.0):
-            report[f"topk{k} l{lam}"] = pick(s - lam * top)
+            report[f"topk{k} l{lam}"] = best_of(d, s - lam * top)
     report["score_seconds"] = time.perf_counter() - t0
     return report
 

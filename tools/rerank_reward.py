@@ -38,14 +38,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rerank_qbnorm import draw  # this folder's: the same draw, other prompts
+from rerank_qbnorm import any_right, best_of, by_prompt, candidate_pixels, draw  # this folder's
 from tqdm import tqdm
 
 from dalle_ar.checkpoint import write_json_atomic
 from dalle_ar.cli import add_pipeline_arguments, load_pipeline
-from dalle_ar.clip import CLIP
+from dalle_ar.clip import CLIP, LOGIT_SCALE_MAX
 from dalle_ar.data.shapes import caption, foil_scene, sample_spec
-from dalle_ar.eval.fidelity import candidates_by_prompt, split_mean
 from dalle_ar.train.clip import contrastive_loss
 
 
@@ -84,13 +83,6 @@ def merged(draws: list[dict]) -> dict:
     }
 
 
-@torch.no_grad()
-def pixel_values(pipe, clip: CLIP, codes: torch.Tensor) -> torch.Tensor:
-    """The candidates as the pipeline's CLIP reads them: decoded on 8-bit levels, processed."""
-    vq = pipe.components["vq"]
-    return torch.cat([clip.pixels_from_tensor(vq.decode_8bit(c)) for c in codes.split(256)])
-
-
 def tune(
     pipe, d: dict, out: Path, steps: int, lr: float, groups_per_step: int, seed: int
 ) -> tuple[list[list[float]], int]:
@@ -98,11 +90,10 @@ def tune(
     losses (group, total) and the number of groups that train (neither all right nor all wrong)."""
     clip = pipe.components["clip"]
     model = clip.model.train().requires_grad_(True)
-    by_prompt = candidates_by_prompt([{"prompt_index": p} for p in d["prompt_index"]])
     right = torch.tensor(d["right"])
-    groups = [idx for idx in by_prompt if 0 < int(right[idx].sum()) < len(idx)]
-    print(len(groups), "mixed groups of", len(by_prompt), "prompts")
-    pix = pixel_values(pipe, clip, d["codes"])
+    groups = [idx for idx in by_prompt(d) if 0 < int(right[idx].sum()) < len(idx)]
+    print(len(groups), "mixed groups of", len(d["prompts"]), "prompts")
+    pix = candidate_pixels(pipe, clip, d["codes"])
     ids, mask = clip.encode_text(d["prompts"])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -114,7 +105,7 @@ def tune(
         pidx = torch.tensor([d["prompt_index"][groups[g][0]] for g in pick])  # (G,)
         img = clip.image_embeds(pix[cand])  # (sum of sizes, D)
         txt = clip.text_embeds(ids[pidx], mask[pidx])  # (G, D)
-        scale = model.logit_scale.clamp(max=4.6052).exp()
+        scale = model.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
         # every (right, wrong) pair of a group: -log sigmoid(s_right - s_wrong), ImageReward's
         # pairwise loss, averaged over the pairs of each group, then over the groups
         losses, pos = [], []
@@ -138,12 +129,10 @@ def tune(
 
 @torch.inference_mode()
 def picks(pipe, clip: CLIP, d: dict) -> dict:
-    img = clip.image_embeds(pixel_values(pipe, clip, d["codes"]))
+    """How often `clip`'s pick among each prompt's candidates is right (all, seen, held-out)."""
+    img = clip.image_embeds(candidate_pixels(pipe, clip, d["codes"]))
     txt = clip.text_embeds(*clip.encode_text(d["prompts"]))
-    s = (img * txt[torch.tensor(d["prompt_index"])]).sum(-1)
-    by_prompt = candidates_by_prompt([{"prompt_index": p} for p in d["prompt_index"]])
-    right = torch.tensor(d["right"])
-    return split_mean([bool(right[idx[int(s[idx].argmax())]]) for idx in by_prompt], d["held"])
+    return best_of(d, (img * txt[torch.tensor(d["prompt_index"])]).sum(-1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             "loss": log[:: max(1, len(log) // 20)],
         }
     else:
-        report = {"any_of_16": split_mean(
-            [bool(torch.tensor(d["right"])[idx].any())
-             for idx in candidates_by_prompt([{"prompt_index": p} for p in d["prompt_index"]])],
-            d["held"])}  # fmt: skip
+        report = {"any_of_16": any_right(d)}
         for folder in args.clips:
             report[str(folder)] = picks(pipe, CLIP.from_pretrained(folder, args.device), d)
     print(json.dumps(report, indent=1))
