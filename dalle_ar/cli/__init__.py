@@ -11,7 +11,7 @@ is instant and one stage's imports never slow another).
     dalle-ar serve --model FOLDER    # a web page on http://127.0.0.1:7860 (the demo extra)
     dalle-ar eval --model FOLDER --data SHARDS [--train-data SHARDS] --out DIR
     dalle-ar eval fidelity --model FOLDER --num 400 --out F.json
-    dalle-ar pipeline    # the main job: data -> ... -> report; finished stages are skipped
+    dalle-ar pipeline    # the main job: data -> ... -> samples; finished stages are skipped
 """
 
 from __future__ import annotations

@@ -148,12 +148,6 @@ def shapes_fidelity(
         report = evaluate_fidelity(pipe, guidance_scales=(1.0, guidance), composed=composed,
                                    candidates=candidates, rerankers=pipe.rerankers,
                                    **run, **ar)  # fmt: skip
-        if "upsampler" in pipe.components:  # the guided single draws, upsampled
-            up = evaluate_fidelity(pipe, guidance_scales=(guidance,), upsample=True, **run, **ar,
-                                   **settings["upsample"])  # fmt: skip
-            report["upsampled"] = up
-            name = f"guidance {guidance:g} upsampled"
-            report["summary"][name] = up["summary"][name]
     for mode in ("prior", "masked"):
         if mode not in modes:
             continue
@@ -164,36 +158,12 @@ def shapes_fidelity(
                                  **own)  # fmt: skip
         report[f"{mode}_mode"] = part
         report["summary"].update({f"{mode} mode {k}": v for k, v in part["summary"].items()})
-    return report
-
-
-def merge_fidelity(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One `shapes_fidelity` report from reports of one mode each, text mode first: the text
-    mode's figures at the top level, each other mode's under its own key, the summaries joined in
-    order, as one call with every mode writes them (each mode draws with its own seeds, so the
-    figures are that call's too)."""
-    report: dict[str, Any] = {"summary": {}}
-    for part in parts:
-        report["summary"].update(part["summary"])
-        report.update({k: v for k, v in part.items() if k != "summary"})
-    return report
-
-
-def merge_quality(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One `evaluate_quality` report from reports of one mode each, text mode first: the first
-    report's references and figures (each report computes the same ones: the same shards, seed
-    and CLIP), every report's generated rows in order, the modes and settings of all, the
-    shapes fidelity merged (`merge_fidelity`) and "seconds" the sum of the reports'; a key only
-    a later report has is kept too."""
-    report = dict(parts[0])
-    for part in parts[1:]:
-        report["modes"] = [*report["modes"], *part["modes"]]
-        report["settings"] = {**report["settings"], **part["settings"]}
-        report["rows"] = [*report["rows"], *(r for r in part["rows"] if r["kind"] == "generated")]
-        report["seconds"] += part["seconds"]
-        report.update({k: v for k, v in part.items() if k not in report})
-    if all("fidelity" in p for p in parts):
-        report["fidelity"] = merge_fidelity([p["fidelity"] for p in parts])
+    if "upsampler" in pipe.components and "ar" in modes:  # the guided single draws, upsampled
+        up = evaluate_fidelity(pipe, guidance_scales=(guidance,), upsample=True, **run, **ar,
+                               **settings["upsample"])  # fmt: skip
+        report["upsampled"] = up
+        name = f"guidance {guidance:g} upsampled"
+        report["summary"][name] = up["summary"][name]
     return report
 
 

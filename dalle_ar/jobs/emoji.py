@@ -62,6 +62,21 @@ def evaluate(
     )
 
 
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One quality report from reports of one mode each (`evaluate` with `modes`, text mode
+    first): the first report's reference rows and figures, every report's generated rows in
+    order, the modes, settings and seconds of all; a key only a later report has (its grid) is
+    kept too. The references are the same in each (the same shards, seed and CLIP)."""
+    report = dict(parts[0])
+    for part in parts[1:]:
+        report["modes"] = [*report["modes"], *part["modes"]]
+        report["settings"] = {**report["settings"], **part["settings"]}
+        report["rows"] = [*report["rows"], *(r for r in part["rows"] if r["kind"] == "generated")]
+        report["seconds"] += part["seconds"]
+        report.update({k: v for k, v in part.items() if k not in report})
+    return report
+
+
 def check(cfg: MainJobConfig) -> None:
     """What the emoji evaluation needs, checked before any stage runs: the CLIP stage (every
     figure is measured with the job's CLIP) and at least 2 evaluation captions (R-precision
@@ -69,14 +84,6 @@ def check(cfg: MainJobConfig) -> None:
     require(cfg.clip, "clip", "must be true: the emoji evaluation measures with the job's CLIP")
     require(cfg.fidelity_prompts >= 2, "fidelity_prompts",
             f"must be >= 2 for the emoji evaluation, got {cfg.fidelity_prompts}")  # fmt: skip
-
-
-def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The reports of `evaluate` with one mode each, text mode first, as one
-    (`dalle_ar.eval.quality.merge_quality`)."""
-    from dalle_ar.eval.quality import merge_quality
-
-    return merge_quality(parts)
 
 
 def summarize(report: dict[str, Any]) -> str:

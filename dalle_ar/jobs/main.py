@@ -12,10 +12,8 @@
               `rerank.reranker` (CLIP) -> a captioned grid with the scores (text mode's upsampled
               beside the small one), and the mode's part of the data set's evaluation: single
               draws, and best of the candidates by the transformer's own score (PMI), by CLIP and
-              by both in text mode, by CLIP (else PMI) in the others; the guided single draws
-              upsampled
-           -> the parts as one report (terminal + JSON), and the pipeline folder of every
-              component
+              by both in text mode, by CLIP in the others; the guided single draws upsampled
+           -> pipeline folder -> the parts as one report (terminal + JSON)
 
 Each stage writes into `out_dir` and is skipped on a rerun once its output is complete; a training
 stage that was killed resumes from its last checkpoint. On a CPU, stages that need nothing of each
@@ -105,10 +103,6 @@ class Paths:
     def report(self, mode: str) -> Path:
         """A generation mode's part of the evaluation (merged into `fidelity`)."""
         return self.samples / f"evaluation_{mode}.json"
-
-    def mode_pipeline(self, mode: str) -> Path:
-        """Where a mode's samples stage links the pipeline it draws with, while it runs."""
-        return self.samples / f".pipeline_{mode}"
 
 
 def _repo_configs() -> Path:
@@ -309,12 +303,6 @@ def stage_upsampler(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     upsampler.train(rcfg, resume=has_checkpoint(p.upsampler_run))
 
 
-# The components each generation mode draws with beside the tokenizer, VQ, transformer and CLIP
-# (text mode's upsampler: its grid and guided draws upsampled)
-MODE_COMPONENTS = {"ar": ("upsampler",), "prior": ("prior", "cond_transformer"),
-                   "masked": ("masked",)}  # fmt: skip
-
-
 def _modes(cfg: MainJobConfig) -> list[str]:
     """The generation modes the job trains, text mode ("ar") first."""
     return ["ar", *(["prior"] if cfg.with_prior else []), *(["masked"] if cfg.masked else [])]
@@ -323,18 +311,16 @@ def _modes(cfg: MainJobConfig) -> list[str]:
 def _assemble(
     cfg: MainJobConfig, p: Paths, folder: Path, cascade: bool, modes: list[str], link: bool = False
 ) -> None:
-    """A pipeline folder of the components `modes` draw with (`MODE_COMPONENTS`,
-    `pipelines.assemble`)."""
+    """A pipeline folder of the components `modes` draw with (`pipelines.assemble`); the
+    upsampler with text mode's."""
     from dalle_ar.pipelines import assemble
 
-    wanted = {c for m in modes for c in MODE_COMPONENTS[m]} - (
-        {"upsampler"} if not cascade else set()
-    )
-    optional = {"prior": p.prior, "cond_transformer": p.cond_transformer, "masked": p.masked,
-                "upsampler": p.upsampler}  # fmt: skip
     assemble(folder, p.tokenizer, p.vq, p.transformer, defaults=cfg.pipeline_defaults(),
              link=link, clip=p.clip if cfg.clip else None,
-             **{k: v if k in wanted else None for k, v in optional.items()})  # fmt: skip
+             prior=p.prior if "prior" in modes else None,
+             cond_transformer=p.cond_transformer if "prior" in modes else None,
+             masked=p.masked if "masked" in modes else None,
+             upsampler=p.upsampler if cascade and "ar" in modes else None)  # fmt: skip
 
 
 def stage_pipeline(cfg: MainJobConfig, p: Paths, cascade: bool) -> None:
@@ -344,27 +330,26 @@ def stage_pipeline(cfg: MainJobConfig, p: Paths, cascade: bool) -> None:
 def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet, cascade: bool, mode: str) -> None:
     """One generation mode's grid (the job's prompts, each the best of its candidates; in text
     mode upsampled beside the small ones) and its part of the data set's evaluation, drawn by a
-    pipeline of the components that mode needs (linked in `Paths.mode_pipeline`, removed once
-    done): each mode's samples start once its own components are trained, beside the others'.
-    The job's report (fidelity.json, evaluation.md) goes first: it is made again from the parts."""
+    pipeline of the components that mode needs (linked in a folder that goes once it is done):
+    each mode's samples start once its own components are trained, beside the others'."""
+    import tempfile
+
     from dalle_ar.checkpoint import write_json_atomic
     from dalle_ar.grid import save_prompt_grid
     from dalle_ar.pipelines import Pipeline
     from dalle_ar.runtime import pick_device
 
-    for stale in (p.fidelity, p.evaluation):
-        stale.unlink(missing_ok=True)
-    folder = p.mode_pipeline(mode)
-    shutil.rmtree(folder, ignore_errors=True)  # what a stopped run of the stage left
-    _assemble(cfg, p, folder, cascade, [mode], link=True)
-    pipe = Pipeline.from_pretrained(folder, device=pick_device(cfg.device))
-    up = "upsampler" in pipe.components  # the kept images upsampled too
-    result = pipe(cfg.prompts or data.prompts, cfg.samples_per_prompt, cfg.seed, mode=mode,
-                  settings=cfg.sampling, prior_settings=cfg.prior_sampling,
-                  masked_settings=cfg.masked_sampling, rerank=cfg.rerank, upsample=up,
-                  upsample_settings=cfg.upsample_sampling, progress=True)  # fmt: skip
-    report = data.evaluate(pipe, cfg, p.data, [mode])
-    shutil.rmtree(folder)
+    prompts = cfg.prompts or data.prompts
+    p.samples.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{mode}-pipeline-", dir=p.samples) as tmp:
+        _assemble(cfg, p, Path(tmp) / "pipeline", cascade, [mode], link=True)
+        pipe = Pipeline.from_pretrained(Path(tmp) / "pipeline", device=pick_device(cfg.device))
+        up = "upsampler" in pipe.components  # the kept images upsampled too
+        result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, mode=mode, settings=cfg.sampling,
+                      prior_settings=cfg.prior_sampling, masked_settings=cfg.masked_sampling,
+                      rerank=cfg.rerank, upsample=up, upsample_settings=cfg.upsample_sampling,
+                      progress=True)  # fmt: skip
+        report = data.evaluate(pipe, cfg, p.data, [mode])
     small = dataclasses.replace(result, images=result.small_images) if up else result
     report[p.grid(mode).stem] = str(save_prompt_grid(small, p.grid(mode)))
     if up:
@@ -373,13 +358,11 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet, cascade: bool, mo
 
 
 def stage_report(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
-    """The modes' parts of the evaluation as one report (`DataSet.merge`): evaluation.md as the
-    data set summarizes it, then fidelity.json (atomically: the stage is done once it is there)."""
-    from dalle_ar.checkpoint import write_json_atomic
-
+    """The modes' parts of the evaluation as one report (`DataSet.merge`): fidelity.json, and
+    evaluation.md as the data set summarizes it."""
     report = data.merge([json.loads(p.report(m).read_text()) for m in _modes(cfg)])
+    p.fidelity.write_text(json.dumps(report, indent=2))
     p.evaluation.write_text(data.summarize(report) + "\n")
-    write_json_atomic(p.fidelity, report)
 
 
 def _large_size(yaml: dict[str, Path]) -> int:
@@ -478,8 +461,7 @@ def plan(cfg: MainJobConfig) -> Plan:
     # and an embedding-conditioned transformer trained on them, and a new CLIP when that one
     # learns from the VQ's round trips; a CLIP resumed
     # by a rerun leaves the VQ and the transformer alone, and gets new token shards with its
-    # embeddings, a new prior and a new embedding-conditioned transformer; a mode's model made
-    # again gets new samples of that mode only, and a new report)
+    # embeddings, a new prior and a new embedding-conditioned transformer)
     cond_stage = Stage("cond_transformer", {"tokenizer", "vq", "clip_tokens", "transformer"},
                   lambda: _trained(p.cond_run, p.cond_transformer),
                   lambda: stage_transformer(cfg, p, yaml["transformer"], "cond"),
@@ -504,12 +486,14 @@ def plan(cfg: MainJobConfig) -> Plan:
                     [p.masked_run])  # fmt: skip
     # each mode's grid and evaluation once its own components are trained (text mode's with the
     # upsampler), so that they run beside one another and beside the training still going on
+    mode_needs = {"ar": {"upsampler"}, "prior": {"prior", "cond_transformer"},
+                  "masked": {"masked"}}  # fmt: skip
     sample_stages = [
         Stage("samples" if m == "ar" else f"samples_{m}",
-         {"tokenizer", "vq", "transformer", "clip", *MODE_COMPONENTS[m]},
+         {"tokenizer", "vq", "transformer", "clip", *mode_needs[m]},
          lambda m=m: p.report(m).is_file(),
          lambda m=m: stage_samples(cfg, p, data, cascade, m),
-         [p.report(m), p.grid(m), p.grid(m, True), p.mode_pipeline(m)])
+         [p.report(m), p.grid(m), *([p.grid(m, True)] if m == "ar" else [])])
         for m in _modes(cfg)
     ]  # fmt: skip
     cascade_stages = [

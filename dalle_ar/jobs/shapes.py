@@ -67,11 +67,15 @@ def evaluate(
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The reports of `evaluate` with one mode each, text mode first, as one
-    (`dalle_ar.eval.quality.merge_fidelity`)."""
-    from dalle_ar.eval.quality import merge_fidelity
-
-    return merge_fidelity(parts)
+    """One report from reports of one mode each (`evaluate` with `modes`, text mode first), as
+    `evaluate` of every mode at once writes it: the text mode's figures at the top level, each
+    other mode's under its own key, the summaries joined in order. Each mode draws with its own
+    seeds, so the figures are those of one call with every mode."""
+    report: dict[str, Any] = {"summary": {}}
+    for part in parts:
+        report["summary"].update(part["summary"])
+        report.update({k: v for k, v in part.items() if k != "summary"})
+    return report
 
 
 def summarize(report: dict[str, Any]) -> str:
