@@ -95,51 +95,16 @@ def _eval_captions(report) -> list[str]:
     return list(iter_captions(report["eval_data"]))
 
 
-def figures(r):
-    """A report without its wall-clock seconds."""
-    if isinstance(r, dict):
-        return {k: figures(v) for k, v in r.items() if "seconds" not in k}
-    if isinstance(r, list):
-        return [figures(v) for v in r]
-    return r
-
-
-def close(a, b) -> bool:
-    """The same report but for the last bits of its floats (features embedded in batches of
-    another make-up)."""
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(map(close, a, b))
-    if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
-    return a == b
-
-
-def test_reports_of_one_mode_each_merge_into_the_report_of_every_mode(pipe, data, report, job):
-    """The main job scores each mode in a stage of its own and merges the parts (`merge` of each
-    data set): figure for figure one call with every mode, as each mode draws with its own
-    seeds."""
-    from dalle_ar.jobs import emoji
-
-    modes = ("ar", "prior", "masked")
-    parts = [shapes.evaluate(pipe, job, modes=[m]) for m in modes]
-    assert [set(p["summary"]) & set(report["fidelity"]["summary"]) for p in parts] == [
-        set(p["summary"]) for p in parts]  # fmt: skip
-    assert figures(shapes.merge(parts)) == figures(report["fidelity"])
-    parts = [evaluate_quality(pipe, data["eval"], data["train"], modes=[m], num_prompts=NUM,
-                              candidates=K, seed=job.seed, batch_size=8,
-                              **job.sampling_settings()) for m in modes]  # fmt: skip
-    merged = emoji.merge(parts)
-    assert [r["name"] for r in merged["rows"]] == [r["name"] for r in report["rows"]]
-    assert close(figures({k: v for k, v in merged.items() if k != "fidelity"}),
-                 figures({k: v for k, v in report.items() if k != "fidelity"}))  # fmt: skip
-
-
 def test_shapes_fidelity_is_the_main_jobs_exactly(pipe, report, job):
     """The same pipeline, prompts, seeds and settings: `dalle-ar eval`'s fidelity is the main
     job's evaluation figure for figure, and its ar part that of `evaluate_fidelity` called
     directly."""
+
+    def figures(r):  # all but the wall-clock seconds
+        if isinstance(r, dict):
+            return {k: figures(v) for k, v in r.items() if k != "seconds"}
+        return r
+
     main_job = shapes.evaluate(pipe, job)
     assert figures(report["fidelity"]) == figures(main_job)
     assert {"prior_mode", "masked_mode"} <= set(main_job)

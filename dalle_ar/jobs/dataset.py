@@ -5,7 +5,7 @@ on it, the grid's prompts and how to score the pipeline. The stages themselves
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,8 @@ class DataSet:
     configs: dict[str, str]  # stage -> component YAML under the config folder
     prompts: list[str]  # the sample grid's default prompts
     build: Callable[[Any, Path], None]  # (main job config, out folder) -> shards + info.json
-    # (pipeline, main job config, the folder of its shards, the generation modes to score) ->
-    # JSON report
-    evaluate: Callable[[Any, Any, Path, Sequence[str]], dict[str, Any]]
-    # reports of one mode each, text mode first -> the report of every mode at once
-    merge: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    # (pipeline, main job config, the folder of its shards) -> JSON report
+    evaluate: Callable[[Any, Any, Path], dict[str, Any]]
     # the evaluation report as text for the terminal and out_dir/evaluation.md
     summarize: Callable[[dict[str, Any]], str]
     # (main job config, out folder, side in pixels) -> shards of the same kind of pictures at the

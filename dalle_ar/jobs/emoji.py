@@ -7,7 +7,6 @@ R-precision, CLIP-feature Fréchet distance and near-copies of training pictures
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,41 +39,23 @@ def build(cfg: MainJobConfig, out: Path) -> None:
     data.build("emoji", out, data.options("emoji", out=out, size=SIZE, seed=cfg.seed))
 
 
-def evaluate(
-    pipe: Any, cfg: MainJobConfig, shards: Path, modes: Sequence[str] | None = None
-) -> dict[str, Any]:
+def evaluate(pipe: Any, cfg: MainJobConfig, shards: Path) -> dict[str, Any]:
     """`dalle_ar.eval.quality.evaluate_quality` on the evaluation split in `shards` (the
-    training split as its reference), `cfg.fidelity_prompts` evaluation captions, each mode of
-    `modes` (default: every mode the pipeline has), single draws and the best of
-    `cfg.rerank.candidates`, with the job's sampling settings."""
+    training split as its reference), `cfg.fidelity_prompts` evaluation captions, every mode the
+    pipeline has, single draws and the best of `cfg.rerank.candidates`, with the job's sampling
+    settings."""
     from dalle_ar.eval.quality import evaluate_quality
 
     return evaluate_quality(
         pipe,
         f"{shards}/eval-*.tar",
         train_shards=f"{shards}/train-*.tar",
-        modes=modes,
         num_prompts=cfg.fidelity_prompts,
         candidates=cfg.rerank.candidates,
         seed=cfg.seed,
         progress=True,
         **cfg.sampling_settings(),
     )
-
-
-def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One quality report from reports of one mode each (`evaluate` with `modes`, text mode
-    first): the first report's reference rows and figures, every report's generated rows in
-    order, the modes, settings and seconds of all; a key only a later report has (its grid) is
-    kept too. The references are the same in each (the same shards, seed and CLIP)."""
-    report = dict(parts[0])
-    for part in parts[1:]:
-        report["modes"] = [*report["modes"], *part["modes"]]
-        report["settings"] = {**report["settings"], **part["settings"]}
-        report["rows"] = [*report["rows"], *(r for r in part["rows"] if r["kind"] == "generated")]
-        report["seconds"] += part["seconds"]
-        report.update({k: v for k, v in part.items() if k not in report})
-    return report
 
 
 def check(cfg: MainJobConfig) -> None:
@@ -99,7 +80,6 @@ EMOJI = DataSet(
     prompts=PROMPTS,
     build=build,
     evaluate=evaluate,
-    merge=merge,
     summarize=summarize,
     check=check,
     # build_large None, no cascade: the art is 72 px, no larger pictures to train an upsampler on

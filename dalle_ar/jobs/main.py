@@ -5,15 +5,14 @@
               transformer -> token shards with the CLIP's image embeddings
            -> diffusion prior, and a second transformer conditioned on the CLIP image embedding
               (DALL-E 2's decoder), fine-tuned from the first
-           -> masked generator (masked=true)
-           -> upsampler (on the scenes at twice the size)
-           -> for each mode, once its own models are trained: samples for a handful of prompts
-              (some held-out combinations), each the best of `rerank.candidates` by
-              `rerank.reranker` (CLIP) -> a captioned grid with the scores (text mode's upsampled
-              beside the small one), and the mode's part of the data set's evaluation: single
-              draws, and best of the candidates by the transformer's own score (PMI), by CLIP and
-              by both in text mode, by CLIP in the others; the guided single draws upsampled
-           -> pipeline folder -> the parts as one report (terminal + JSON)
+           -> upsampler (on the scenes at twice the size) -> pipeline folder
+           -> samples for a handful of prompts (some held-out combinations), each the best of
+              `rerank.candidates` by `rerank.reranker` (CLIP) -> captioned grids with the scores,
+              in text mode and in prior mode, and upsampled beside the small ones
+           -> the data set's evaluation: single draws, and best of the candidates by the
+              transformer's own score (PMI), by CLIP and by both (terminal + JSON); the prior
+              mode's single draws and best of the candidates by CLIP beside them; the guided
+              single draws upsampled
 
 Each stage writes into `out_dir` and is skipped on a rerun once its output is complete; a training
 stage that was killed resumes from its last checkpoint. On a CPU, stages that need nothing of each
@@ -94,15 +93,6 @@ class Paths:
         self.samples = out / "samples"
         self.fidelity = out / "fidelity.json"  # the data set's evaluation
         self.evaluation = out / "evaluation.md"  # the same, as the data set summarizes it
-
-    def grid(self, mode: str, upsampled: bool = False) -> Path:
-        """A generation mode's sample grid: grid.png (text mode), grid_prior.png, ..."""
-        name = "grid" + ("" if mode == "ar" else f"_{mode}") + ("_upsampled" if upsampled else "")
-        return self.samples / f"{name}.png"
-
-    def report(self, mode: str) -> Path:
-        """A generation mode's part of the evaluation (merged into `fidelity`)."""
-        return self.samples / f"evaluation_{mode}.json"
 
 
 def _repo_configs() -> Path:
@@ -303,64 +293,44 @@ def stage_upsampler(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     upsampler.train(rcfg, resume=has_checkpoint(p.upsampler_run))
 
 
-def _modes(cfg: MainJobConfig) -> list[str]:
-    """The generation modes the job trains, text mode ("ar") first."""
-    return ["ar", *(["prior"] if cfg.with_prior else []), *(["masked"] if cfg.masked else [])]
-
-
-def _assemble(
-    cfg: MainJobConfig, p: Paths, folder: Path, cascade: bool, modes: list[str], link: bool = False
-) -> None:
-    """A pipeline folder of the components `modes` draw with (`pipelines.assemble`); the
-    upsampler with text mode's."""
+def stage_pipeline(cfg: MainJobConfig, p: Paths, cascade: bool) -> None:
     from dalle_ar.pipelines import assemble
 
-    assemble(folder, p.tokenizer, p.vq, p.transformer, defaults=cfg.pipeline_defaults(),
-             link=link, clip=p.clip if cfg.clip else None,
-             prior=p.prior if "prior" in modes else None,
-             cond_transformer=p.cond_transformer if "prior" in modes else None,
-             masked=p.masked if "masked" in modes else None,
-             upsampler=p.upsampler if cascade and "ar" in modes else None)  # fmt: skip
+    assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=cfg.pipeline_defaults(),
+             clip=p.clip if cfg.clip else None,
+             prior=p.prior if cfg.with_prior else None,
+             cond_transformer=p.cond_transformer if cfg.with_prior else None,
+             masked=p.masked if cfg.masked else None,
+             upsampler=p.upsampler if cascade else None)  # fmt: skip
 
 
-def stage_pipeline(cfg: MainJobConfig, p: Paths, cascade: bool) -> None:
-    _assemble(cfg, p, p.pipeline, cascade, _modes(cfg))
-
-
-def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet, cascade: bool, mode: str) -> None:
-    """One generation mode's grid (the job's prompts, each the best of its candidates; in text
-    mode upsampled beside the small ones) and its part of the data set's evaluation, drawn by a
-    pipeline of the components that mode needs (linked in a folder that goes once it is done):
-    each mode's samples start once its own components are trained, beside the others'."""
-    import tempfile
-
-    from dalle_ar.checkpoint import write_json_atomic
+def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
     from dalle_ar.grid import save_prompt_grid
     from dalle_ar.pipelines import Pipeline
     from dalle_ar.runtime import pick_device
 
+    pipe = Pipeline.from_pretrained(p.pipeline, device=pick_device(cfg.device))
     prompts = cfg.prompts or data.prompts
-    p.samples.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{mode}-pipeline-", dir=p.samples) as tmp:
-        _assemble(cfg, p, Path(tmp) / "pipeline", cascade, [mode], link=True)
-        pipe = Pipeline.from_pretrained(Path(tmp) / "pipeline", device=pick_device(cfg.device))
-        up = "upsampler" in pipe.components  # the kept images upsampled too
-        result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, mode=mode, settings=cfg.sampling,
-                      prior_settings=cfg.prior_sampling, masked_settings=cfg.masked_sampling,
-                      rerank=cfg.rerank, upsample=up, upsample_settings=cfg.upsample_sampling,
-                      progress=True)  # fmt: skip
-        report = data.evaluate(pipe, cfg, p.data, [mode])
+    up = "upsampler" in pipe.components  # the kept images upsampled too
+    result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, settings=cfg.sampling,
+                  rerank=cfg.rerank, upsample=up,
+                  upsample_settings=cfg.upsample_sampling, progress=True)  # fmt: skip
     small = dataclasses.replace(result, images=result.small_images) if up else result
-    report[p.grid(mode).stem] = str(save_prompt_grid(small, p.grid(mode)))
+    grid = save_prompt_grid(small, p.samples / "grid.png")
+    report = data.evaluate(pipe, cfg, p.data)
+    report["grid"] = str(grid)
     if up:
-        report[p.grid(mode, True).stem] = str(save_prompt_grid(result, p.grid(mode, True)))
-    write_json_atomic(p.report(mode), report)
-
-
-def stage_report(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
-    """The modes' parts of the evaluation as one report (`DataSet.merge`): fidelity.json, and
-    evaluation.md as the data set summarizes it."""
-    report = data.merge([json.loads(p.report(m).read_text()) for m in _modes(cfg)])
+        report["grid_upsampled"] = str(save_prompt_grid(result, p.samples / "grid_upsampled.png"))
+    if cfg.with_prior:  # the same prompts and seeds in prior mode
+        result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, mode="prior",
+                      settings=cfg.sampling, prior_settings=cfg.prior_sampling,
+                      rerank=cfg.rerank, progress=True)  # fmt: skip
+        report["grid_prior"] = str(save_prompt_grid(result, p.samples / "grid_prior.png"))
+    if cfg.masked:  # the same prompts and seeds in the masked mode
+        result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, mode="masked",
+                      masked_settings=cfg.masked_sampling, rerank=cfg.rerank,
+                      progress=True)  # fmt: skip
+        report["grid_masked"] = str(save_prompt_grid(result, p.samples / "grid_masked.png"))
     p.fidelity.write_text(json.dumps(report, indent=2))
     p.evaluation.write_text(data.summarize(report) + "\n")
 
@@ -484,18 +454,6 @@ def plan(cfg: MainJobConfig) -> Plan:
                     lambda: _trained(p.masked_run, p.masked),
                     lambda: stage_transformer(cfg, p, yaml["masked"], "masked", adapts),
                     [p.masked_run])  # fmt: skip
-    # each mode's grid and evaluation once its own components are trained (text mode's with the
-    # upsampler), so that they run beside one another and beside the training still going on
-    mode_needs = {"ar": {"upsampler"}, "prior": {"prior", "cond_transformer"},
-                  "masked": {"masked"}}  # fmt: skip
-    sample_stages = [
-        Stage("samples" if m == "ar" else f"samples_{m}",
-         {"tokenizer", "vq", "transformer", "clip", *mode_needs[m]},
-         lambda m=m: p.report(m).is_file(),
-         lambda m=m: stage_samples(cfg, p, data, cascade, m),
-         [p.report(m), p.grid(m), *([p.grid(m, True)] if m == "ar" else [])])
-        for m in _modes(cfg)
-    ]  # fmt: skip
     cascade_stages = [
         Stage("data_large", set(), lambda: (p.data_large / "info.json").is_file(),
          lambda: data.build_large(cfg, p.data_large, large), [p.data_large]),
@@ -520,13 +478,12 @@ def plan(cfg: MainJobConfig) -> Plan:
         *([masked_stage] if cfg.masked else []),  # the longer of the two after the transformer
         *([cond_stage] if cfg.with_prior else []),
         *(cascade_stages if cascade else []),
-        *sample_stages,
         Stage("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior", "cond_transformer",
                       "masked", "upsampler"},
          lambda: (p.pipeline / "pipeline.json").is_file(), lambda: stage_pipeline(cfg, p, cascade),
          [p.pipeline]),
-        Stage("report", {s.name for s in sample_stages}, lambda: p.fidelity.is_file(),
-         lambda: stage_report(cfg, p, data), [p.fidelity, p.evaluation]),
+        Stage("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
+         lambda: stage_samples(cfg, p, data), [p.samples, p.fidelity, p.evaluation]),
     ]  # fmt: skip
     names, before = {s.name for s in stages}, set()
     for s in stages:  # the one order both runners keep: each stage after what it waits for

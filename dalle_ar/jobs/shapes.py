@@ -5,7 +5,6 @@ fidelity read back from the pixels by the shape checker."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,35 +46,21 @@ def _render(cfg: MainJobConfig, out: Path, num_train: int, size: int) -> None:
     data.build("shapes", out, data.options("shapes", out=out, **opts))
 
 
-def evaluate(
-    pipe: Any, cfg: MainJobConfig, shards: Path | None = None, modes: Sequence[str] | None = None
-) -> dict[str, Any]:
+def evaluate(pipe: Any, cfg: MainJobConfig, shards: Path | None = None) -> dict[str, Any]:
     """Prompt fidelity on `cfg.fidelity_prompts` evaluation prompts (drawn by the shapes
-    generator with the evaluation split's rules, not read from `shards`) in each mode of `modes`
-    (default: every mode the pipeline has; `dalle_ar.eval.quality.shapes_fidelity`): single
-    draws without and with guidance, then reranked (best of `cfg.rerank.candidates`) by PMI, and
-    by CLIP and by both when the pipeline holds one; with a prior, the prior mode at the guided
-    scale, single and best of the candidates by CLIP, under "prior_mode" (summary keys "prior
-    mode ..."); the masked mode likewise ("masked_mode", with `cfg.masked_sampling`); with an
-    upsampler, the guided single draws again, upsampled."""
+    generator with the evaluation split's rules, not read from `shards`) in every mode the pipeline
+    has (`dalle_ar.eval.quality.shapes_fidelity`): single draws without and with guidance, then
+    reranked (best of `cfg.rerank.candidates`) by PMI, and by CLIP and by both when the pipeline
+    holds one; with a prior, the prior mode at the guided scale, single and best of the
+    candidates by CLIP, under "prior_mode" (summary keys "prior mode ..."); the masked mode
+    likewise ("masked_mode", with `cfg.masked_sampling`); with an upsampler, the guided single
+    draws again, upsampled."""
     from dalle_ar.eval.quality import mode_settings, shapes_fidelity
 
     settings = mode_settings(pipe, cfg.sampling_settings())
     return shapes_fidelity(pipe, cfg.fidelity_prompts, cfg.seed, settings=settings,
-                           candidates=cfg.rerank.candidates, modes=modes,
+                           candidates=cfg.rerank.candidates,
                            composed=cfg.fidelity_composed, progress=True)  # fmt: skip
-
-
-def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report from reports of one mode each (`evaluate` with `modes`, text mode first), as
-    `evaluate` of every mode at once writes it: the text mode's figures at the top level, each
-    other mode's under its own key, the summaries joined in order. Each mode draws with its own
-    seeds, so the figures are those of one call with every mode."""
-    report: dict[str, Any] = {"summary": {}}
-    for part in parts:
-        report["summary"].update(part["summary"])
-        report.update({k: v for k, v in part.items() if k != "summary"})
-    return report
 
 
 def summarize(report: dict[str, Any]) -> str:
@@ -89,7 +74,6 @@ SHAPES = DataSet(
     prompts=PROMPTS,
     build=build,
     evaluate=evaluate,
-    merge=merge,
     summarize=summarize,
     build_large=build_large,
 )

@@ -56,7 +56,7 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
             "lanes=2"]  # fmt: skip
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[17/17] report: finished" in printed
+    assert "[14/14] samples: finished" in printed
     # the transformer does not wait for the CLIP: its token shards are written without the
     # CLIP's embeddings, and those of the prior and the embedding-conditioned transformer after
     # the CLIP, with them
@@ -64,12 +64,6 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert "clip" not in stages["tokens"].needs | stages["transformer"].needs
     assert {"clip", "vq"} <= stages["clip_tokens"].needs
     assert "clip_tokens" in stages["prior"].waits_for() & stages["cond_transformer"].needs
-    # each mode's samples wait for its own components only, and the report for all of them
-    assert not {"masked", "prior", "cond_transformer"} & stages["samples"].needs
-    assert not {"masked"} & stages["samples_prior"].needs
-    assert not {"prior", "cond_transformer", "upsampler"} & stages["samples_masked"].needs
-    assert {"samples", "samples_prior", "samples_masked"} == stages["report"].needs
-    assert not list((out / "samples").glob(".*"))  # the modes' linked pipelines are gone
     tokens = {f: json.loads((out / f / "train-tokens.json").read_text())
               for f in ("tokens", "clip_tokens")}  # fmt: skip
     assert tokens["tokens"]["clip"] is None and tokens["clip_tokens"]["clip"]["embed_dim"] > 0
@@ -77,7 +71,7 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     # two stages at once where one needs nothing of the other, each in a process of its own:
     # the first two (neither needs anything) start together, and the second writes to a log
     log = out / "logs" / "data_large.log"
-    assert f"[11/17] data_large: running beside data, output in {log}" in printed
+    assert f"[11/14] data_large: running beside data, output in {log}" in printed
     assert log.is_file()
     for line in printed.splitlines():  # whatever else ran beside another stage: its log too
         if ", output in " in line:
@@ -132,7 +126,7 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert (out / "samples" / "grid_masked.png").is_file()
     assert main_job(args) == 0  # everything is done: nothing runs again
     printed = capsys.readouterr().out
-    assert printed.count("done already, skipped") == 17
+    assert printed.count("done already, skipped") == 14
     # the rerun's summary keeps the seconds each stage took when it ran
     again = json.loads((out / "summary.json").read_text())
     assert set(again["stage_seconds"].values()) == {"skipped"}
@@ -143,7 +137,7 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     shutil.rmtree(out / "tokens")
     (out / "clip_tokens").rename(out / "tokens")
     assert main_job(args) == 0
-    assert capsys.readouterr().out.count("done already, skipped") == 17
+    assert capsys.readouterr().out.count("done already, skipped") == 14
     assert (out / "clip_tokens" / "train-tokens.json").is_file()
     assert main_job([*args, "candidates=0"]) == 2  # refused before any work
     assert main_job([*args, "precision=FP32"]) == 2
@@ -164,7 +158,7 @@ def test_the_emoji_main_job_draws_and_scores_real_pictures(tmp_path, capsys):
             "device=cpu"]  # fmt: skip
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[9/9] report: finished" in printed
+    assert "[8/8] samples: finished" in printed
     info = json.loads((out / "data" / "info.json").read_text())
     assert info["kind"] == "emoji" and info["size"] == 64 and info["counts"]["eval"] >= 300
     report = json.loads((out / "fidelity.json").read_text())
@@ -210,15 +204,15 @@ def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
 
     assert main_job(args) == 0  # the cap is the default again: the stage continues to step 6
     printed = capsys.readouterr().out
-    assert "[5/13] transformer: running" in printed and "6 of 6 steps" in printed
+    assert "[5/11] transformer: running" in printed and "6 of 6 steps" in printed
     # the fine-tuned copy, the pipeline and its evaluation are made again from the finished
     # transformer
-    assert "[9/13] cond_transformer: running again (transformer ran)" in printed
-    assert "[12/13] pipeline: running again (cond_transformer, transformer ran)" in printed
-    assert "[10/13] samples: running again" in printed
-    assert "[6/13] clip: done already" in printed  # the CLIP does not depend on the transformer
-    assert "[8/13] prior: done already" in printed  # nor does the prior
-    assert "[7/13] clip_tokens: done already" in printed  # nor do its token shards
+    assert "[9/11] cond_transformer: running again (transformer ran)" in printed
+    assert "[10/11] pipeline: running again (cond_transformer, transformer ran)" in printed
+    assert "[11/11] samples: running again" in printed
+    assert "[6/11] clip: done already" in printed  # the CLIP does not depend on the transformer
+    assert "[8/11] prior: done already" in printed  # nor does the prior
+    assert "[7/11] clip_tokens: done already" in printed  # nor do its token shards
     summary = json.loads((out / "summary.json").read_text())
     assert summary["training"]["transformer"]["finished"] and "UNDER-TRAINED" not in printed
 
@@ -237,22 +231,22 @@ def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
     assert said["step"] == 3 and said["under_trained"]
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[6/9] clip: running" in printed and "6 of 6 steps" in printed
-    for stage in ("[3/9] vq", "[4/9] tokens", "[5/9] transformer"):
+    assert "[6/8] clip: running" in printed and "6 of 6 steps" in printed
+    for stage in ("[3/8] vq", "[4/8] tokens", "[5/8] transformer"):
         assert f"{stage}: done already, skipped" in printed
-    assert "[8/9] pipeline: running again (clip ran)" in printed
+    assert "[7/8] pipeline: running again (clip ran)" in printed
     # a VQ made again: a CLIP of rendered scenes only is left alone ...
     shutil.rmtree(out / "vq_run" / "vq")
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[3/9] vq: running" in printed and "[6/9] clip: done already" in printed
+    assert "[3/8] vq: running" in printed and "[6/8] clip: done already" in printed
     # ... one that learns from the VQ's round trips is made again, from the job's own VQ
     clip_yaml = tmp_path / "configs" / "clip.yaml"
     clip_yaml.write_text(clip_yaml.read_text() + "vq_round_trip: 0.5\n")
     shutil.rmtree(out / "vq_run" / "vq")
     assert main_job(args) == 0
     printed = capsys.readouterr().out
-    assert "[3/9] vq: running" in printed and "[6/9] clip: running again (vq ran)" in printed
+    assert "[3/8] vq: running" in printed and "[6/8] clip: running again (vq ran)" in printed
     clip_cfg = yaml.safe_load((out / "clip_run" / "config.yaml").read_text())
     assert clip_cfg["vq"] == str(out / "vq_run" / "vq") and clip_cfg["vq_round_trip"] == 0.5
 
@@ -287,7 +281,7 @@ def test_a_stage_that_fails_in_its_own_process_is_named_and_the_job_stops(tmp_pa
     assert main_job(args) == 2  # as for a config refused in this process
     printed = capsys.readouterr().out
     assert "dalle-ar pipeline: config key 'optim.lr'" in printed
-    assert "[4/9] tokens: finished" in printed and "transformer: finished" not in printed
+    assert "[4/8] tokens: finished" in printed and "transformer: finished" not in printed
     assert not (out / "pipeline").exists()
 
 
@@ -302,8 +296,8 @@ def test_a_stage_that_breaks_in_its_own_process_is_one_line_and_exit_1(tmp_path,
     printed, err = capsys.readouterr()
     assert err.strip().splitlines()[-1].startswith("dalle-ar pipeline: the data stage failed: ")
     # the stage that started beside it (needing nothing either) was stopped, and said so
-    assert "[7/11] data_large: running beside data" in printed
-    assert "[7/11] data_large: stopped; a rerun of the job runs it again" in printed
+    assert "[7/10] data_large: running beside data" in printed
+    assert "[7/10] data_large: stopped; a rerun of the job runs it again" in printed
     assert not (out / "pipeline").exists()
 
 
