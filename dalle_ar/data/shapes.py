@@ -410,6 +410,18 @@ def foil_scene(spec: dict[str, Any], rng: Any) -> dict[str, Any] | None:
     return {**foil, "objects": objects, "held_out": False}
 
 
+def count_foils(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every scene that draws one of `spec`'s objects once more, alike in colour, shape and size,
+    in a cell no object holds: the picture of a caption with one object too many. No caption of
+    the grammar names three objects, or the same object twice in a one-object scene's place, so
+    these are pictures only (a contrastive model's text->image negatives). What a generator gets
+    wrong most on seen pairs is this: an object drawn twice (docs/results.md#masked-mode)."""
+    taken = {(o["row"], o["col"]) for o in spec["objects"]}
+    free = [(r, c) for r in range(3) for c in range(3) if (r, c) not in taken]
+    return [{**spec, "objects": [*spec["objects"], {**o, "row": r, "col": c}]}
+            for o in spec["objects"] for r, c in free]  # fmt: skip
+
+
 def hard_negative(
     spec: dict[str, Any], rng: Any, refuse: Callable[[dict[str, Any]], bool] | None = None
 ) -> str | None:

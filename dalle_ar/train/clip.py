@@ -64,6 +64,12 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
     # scenes are each other's hard negative, the contrast a reranker draws between candidates
     # that differ in one shape or colour (caption-side hard negatives alone train the other way)
     foil_scenes: bool = False
+    # score each caption of a batch against a picture of its scene with one object drawn twice
+    # (`shapes.count_foils`, rendered at data.image_size, round-tripped like the scenes) besides
+    # the batch's pictures: the text->image contrast a reranker needs against a generator's
+    # commonest seen-pair error, an extra object; no caption describes such a picture, so it is a
+    # negative only (text->image)
+    count_foils: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -76,8 +82,9 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
         require(self.hard_negatives >= 0, "hard_negatives", "must be >= 0")
         require(0 <= self.vq_round_trip <= 1, "vq_round_trip", "must be in [0, 1]")
         size = self.data.image_size  # below 21 pixels two shapes can draw the same pixels
-        require(not self.foil_scenes or size >= 21, "foil_scenes",
-                f"renders scenes of >= 21 pixels, data.image_size is {size}")  # fmt: skip
+        for key in ("foil_scenes", "count_foils"):
+            require(not getattr(self, key) or size >= 21, key,
+                    f"renders scenes of >= 21 pixels, data.image_size is {size}")  # fmt: skip
         share = self.vq_round_trip
         require(bool(self.vq) or not share, "vq",
                 f"must name a VQ folder for vq_round_trip={share}, got ''")  # fmt: skip
@@ -89,6 +96,8 @@ def contrastive_loss(
     logit_scale: torch.Tensor,
     hard_embeds: torch.Tensor | None = None,
     hard_valid: torch.Tensor | None = None,
+    foil_embeds: torch.Tensor | None = None,
+    foil_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE (Radford et al. 2021, Fig. 3) over the global batch, this rank's
     share of it (open_clip's `local_loss`).
@@ -104,6 +113,9 @@ def contrastive_loss(
     hard_embeds (M, D), hard_valid (M,) bool: hard-negative captions (NegCLIP, Yuksekgonul et
     al. 2023; M the same on every rank), gathered like the rest; every image is also scored
     against every valid one, as captions no image matches (image->text only).
+    foil_embeds (K, D), foil_valid (K,) bool: pictures no caption describes (`count_foils`; K
+    the same on every rank), gathered likewise; every caption is also scored against every
+    valid one (text->image only).
     """
     img, txt = image_embeds.float(), text_embeds.float()
     all_img, all_txt = dist.gather_with_grad(img), dist.gather_with_grad(txt)
@@ -116,6 +128,11 @@ def contrastive_loss(
         valid = dist.gather_with_grad(hard_valid.float()) > 0
         hard = (scale * img @ all_hard.T).masked_fill(~valid, float("-inf"))
         i2t = torch.cat([i2t, hard], 1)  # (B, world * (B + M))
+    if foil_embeds is not None:
+        all_foil = dist.gather_with_grad(foil_embeds.float())
+        valid = dist.gather_with_grad(foil_valid.float()) > 0
+        foil = (scale * txt @ all_foil.T).masked_fill(~valid, float("-inf"))
+        t2i = torch.cat([t2i, foil], 1)  # (B, world * (B + K))
     return (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)) / 2
 
 
@@ -161,6 +178,24 @@ def with_foil_scenes(batch: dict[str, Any], size: int) -> dict[str, Any]:
     return {"image": torch.cat([batch["image"], foils]),
             "caption": [*batch["caption"], *captions], "meta": [*batch["meta"], *metas],
             "key": [*batch["key"], *keys]}  # fmt: skip
+
+
+def count_foil_pictures(batch: dict[str, Any], size: int) -> tuple[torch.Tensor, list[bool]]:
+    """One picture per sample of the batch {"image", "caption", "meta", "key"}: its scene with one
+    object drawn twice (`shapes.count_foils`, one drawn by a generator seeded by the sample's
+    key, so a resumed run sees the same), rendered at `size` as (B, 3, size, size) in [0, 1],
+    and whether each is a negative: False for a sample without a shapes spec (its row is white)
+    and for a picture a caption of the batch describes (`shapes.describes`: a one-object scene
+    drawn twice is the picture of a two-object caption of two like objects)."""
+    from dalle_ar.data.shapes import count_foils, describes
+
+    metas = batch["meta"]
+    scenes = [m for m in metas if is_scene(m)]
+    foils = [random.Random(f"count-{k}").choice(count_foils(m)) if is_scene(m) else None
+             for m, k in zip(metas, batch["key"])]  # fmt: skip
+    valid = [f is not None and not any(describes(m, f) for m in scenes) for f in foils]
+    blank = {"objects": []}
+    return rendered([f or blank for f in foils], size).to(batch["image"]), valid
 
 
 def hard_negatives(batch: dict[str, Any], per_sample: int = 1) -> list[str | None]:
@@ -298,12 +333,13 @@ def picture_binding(
 ) -> dict[str, float]:
     """Attribute binding the other way, the choice a reranker makes: for each shapes scene, does
     its caption (`plain_caption`) score its own picture above every picture of a scene that
-    differs from it in one attribute a picture shows (`shapes.foils` of `IMAGE_FOIL_KINDS`,
-    rendered at the batch's image size)? `transform` maps chunks of foil pictures (N, 3, S, S) in
+    differs from it in one attribute a picture shows (`shapes.foils` of `IMAGE_FOIL_KINDS`) or
+    draws one of its objects twice (kind "count", `shapes.count_foils`), rendered at the batch's
+    image size? `transform` maps chunks of foil pictures (N, 3, S, S) in
     [0, 1] as the batches' own pictures were (a VQ round trip, say). Over the first `max_images`
     scenes of each rank (0 = all), summed over ranks: `picture_binding_{split}` and
     `picture_binding_{kind}_{split}`, as `attribute_binding`."""
-    from dalle_ar.data.shapes import IMAGE_FOIL_KINDS, foils, plain_caption
+    from dalle_ar.data.shapes import IMAGE_FOIL_KINDS, count_foils, foils, plain_caption
 
     was_training = clip.model.training
     clip.model.eval()
@@ -312,7 +348,7 @@ def picture_binding(
         size = batch["image"].shape[-1]
         specs = [batch["meta"][i] for i in use]
         by_scene = [{k: v for k, v in foils(spec).items() if k in IMAGE_FOIL_KINDS and v}
-                    for spec in specs]  # fmt: skip
+                    | {"count": count_foils(spec)} for spec in specs]  # fmt: skip
         pictures = rendered([f for by_kind in by_scene for v in by_kind.values() for f in v], size)
         if transform is not None:
             pictures = torch.cat([transform(p) for p in pictures.split(256)])
@@ -328,7 +364,7 @@ def picture_binding(
                 at += len(v)
             verdicts.append((bool(spec["held_out"]), ok))
     clip.model.train(was_training)
-    return _tally(verdicts, IMAGE_FOIL_KINDS, "picture_binding", clip.device)
+    return _tally(verdicts, (*IMAGE_FOIL_KINDS, "count"), "picture_binding", clip.device)
 
 
 def train(
@@ -361,18 +397,27 @@ def train(
             captions += [h or "" for h in hard]  # a row without one: masked out of the loss
         ids, mask = clip.encode_text(captions, truncate=True, longest=True)
         cut = torch.tensor(float(clip.too_long), device=info.device)
-        images = batch["image"].to(info.device)
-        if vq is not None and (rows := round_trip_rows(batch["key"], cfg.vq_round_trip)):
+        images, keys = batch["image"].to(info.device), list(batch["key"])
+        if cfg.count_foils:
+            foils, foil_valid = count_foil_pictures(batch, cfg.data.image_size)
+            images, keys = (
+                torch.cat([images, foils.to(info.device)]),
+                keys + [f"{k}-count" for k in keys],
+            )
+        if vq is not None and (rows := round_trip_rows(keys, cfg.vq_round_trip)):
             images = images.clone()  # the batch's own tensor stays as the loader gave it
             images[rows] = vq.round_trip(images[rows])
         pixels = clip.pixels_from_tensor(images)
         with autocast_context(info.device, cfg.run.precision):
             img, txt, scale = wrapped(ids.to(info.device), mask.to(info.device), pixels)
+        extra = {}
         if cfg.hard_negatives:
             valid = torch.tensor([h is not None for h in hard], device=img.device)
-            value = contrastive_loss(img, txt[:n], scale, txt[n:], valid)
-        else:
-            value = contrastive_loss(img, txt, scale)
+            extra |= {"hard_embeds": txt[n:], "hard_valid": valid}
+        if cfg.count_foils:
+            valid = torch.tensor(foil_valid, device=img.device)
+            extra |= {"foil_embeds": img[n:], "foil_valid": valid}
+        value = contrastive_loss(img[:n], txt[:n], scale, **extra)
         inverse_t = scale.detach().clamp(max=LOGIT_SCALE_MAX).exp()
         # captions_cut: over-long captions cut to the CLIP's text_len
         return value, {"contrastive": value.detach(), "inverse_temperature": inverse_t,

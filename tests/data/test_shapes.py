@@ -221,6 +221,28 @@ def test_foil_scenes_are_other_pictures_of_seen_pairs_the_checker_reads():
     assert shapes_drawn == {"circle", "diamond"}
 
 
+def test_count_foils_draw_one_object_twice_and_the_checker_counts_it():
+    """Each count foil is the scene plus a copy of one of its objects in a free cell: its
+    picture holds every object the spec names, the checker reads one object too many, and a
+    caption of the scene is true of none of them."""
+    from dalle_ar.data.evaluate import score
+
+    rng = random.Random(3)
+    for _ in range(30):
+        spec = shapes.sample_spec(rng, "eval")
+        objs, got = spec["objects"], shapes.count_foils(spec)
+        assert len(got) == len(objs) * (9 - len(objs))  # each object into each free cell
+        for foil in got:
+            assert foil["objects"][: len(objs)] == objs and len(foil["objects"]) == len(objs) + 1
+            extra = foil["objects"][-1]
+            assert any(extra == {**o, "row": extra["row"], "col": extra["col"]} for o in objs)
+            assert (extra["row"], extra["col"]) not in {(o["row"], o["col"]) for o in objs}
+            verdict = score(shapes.render(foil), spec)
+            assert not verdict["count"] and not verdict["exact"]
+            assert not shapes.describes(spec, foil)
+            assert score(shapes.render(foil), foil)["count"]  # the picture holds all of them
+
+
 def test_describes_reads_a_caption_against_a_picture_as_the_checker_does():
     from dalle_ar.data.evaluate import score
 

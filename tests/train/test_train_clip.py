@@ -135,6 +135,55 @@ def test_hard_negatives_are_captions_no_image_matches():
     assert got > contrastive_loss(img, txt, scale)  # more captions to tell apart
 
 
+def test_count_foils_are_pictures_no_caption_matches():
+    img, txt = _embeds()
+    foil = F.normalize(torch.randn(B, D, generator=torch.Generator().manual_seed(2)), dim=-1)
+    valid = torch.tensor([True, False] * (B // 2))
+    scale = torch.tensor(math.log(1 / 0.07))
+    s = scale.exp()
+    t2i = torch.cat([s * txt @ img.T, s * txt @ foil[valid].T], 1)  # caption -> every picture
+    want = (
+        F.cross_entropy(s * img @ txt.T, torch.arange(B)) + F.cross_entropy(t2i, torch.arange(B))
+    ) / 2
+    got = contrastive_loss(img, txt, scale, foil_embeds=foil, foil_valid=valid)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert got > contrastive_loss(img, txt, scale)  # more pictures to tell apart
+    hard = F.normalize(torch.randn(B, D, generator=torch.Generator().manual_seed(1)), dim=-1)
+    both = contrastive_loss(img, txt, scale, hard, valid, foil, valid)  # each on its own side
+    i2t = torch.cat([s * img @ txt.T, s * img @ hard[valid].T], 1)
+    want = (F.cross_entropy(i2t, torch.arange(B)) + F.cross_entropy(t2i, torch.arange(B))) / 2
+    assert torch.allclose(both, want, atol=1e-6)
+
+
+def test_count_foil_pictures_come_from_each_samples_spec_and_key():
+    from dalle_ar.data.shapes import RELATIONS, count_foils, generate, render
+
+    metas = [m for _, _, m in generate(4, seed=0, split="train")]
+    new = {"color": "blue", "shape": "square", "size": "small", "held_out": False}
+    assert not any(o["color"] == "blue" for m in metas for o in m["objects"])  # nothing alike
+    one = {"objects": [dict(new, row=0, col=0)], "relation": None, "held_out": False}
+    twice = random.Random("count-f").choice(count_foils(one))
+    # a two-object caption of two like objects describes the one-object scene drawn twice
+    a, b = twice["objects"]
+    rel = next(r for r in RELATIONS if shapes._holds(r, a, b))
+    twin = {"objects": [a, b], "relation": rel, "held_out": False}
+    batch = {"image": torch.zeros(7, 3, 32, 32), "caption": ["x"] * 7,
+             "meta": [*metas, {}, one, twin], "key": list("abcdefg")}  # fmt: skip
+    pictures, valid = clip_recipe.count_foil_pictures(batch, 32)
+    assert pictures.shape == (7, 3, 32, 32)
+    assert valid == [True] * 4 + [False, False, True]  # no spec; a caption of the batch's
+    assert torch.equal(pictures[4], torch.ones(3, 32, 32))  # no spec: a white, unused row
+    for i, key in enumerate(batch["key"]):  # each the foil its key draws, rendered
+        if batch["meta"][i]:
+            foil = random.Random(f"count-{key}").choice(count_foils(batch["meta"][i]))
+            want = torch.from_numpy(render(foil, 32)).permute(2, 0, 1).float() / 255
+            assert torch.equal(pictures[i], want)
+    again, _ = clip_recipe.count_foil_pictures(batch, 32)
+    assert torch.equal(again, pictures)  # a resumed run sees the same
+    # without the twin's caption in the batch, the one-object scene's foil is a negative
+    assert clip_recipe.count_foil_pictures({**batch, "meta": batch["meta"][:6]}, 32)[1][5]
+
+
 def test_hard_negatives_come_from_each_samples_spec_and_key():
     from dalle_ar.data.shapes import generate, hard_negative
 
