@@ -382,6 +382,8 @@ def foils(spec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 # the kinds whose foil is another picture: a relation foil names a relation the same picture
 # does not show
 IMAGE_FOIL_KINDS = ("color", "shape", "size", "position", "swap")
+# the kinds of picture a caption is set against: those, and one object drawn twice (`count_foils`)
+PICTURE_FOIL_KINDS = (*IMAGE_FOIL_KINDS, "count")
 
 
 def random_foil(
@@ -412,10 +414,11 @@ def foil_scene(spec: dict[str, Any], rng: Any) -> dict[str, Any] | None:
 
 def count_foils(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Every scene that draws one of `spec`'s objects once more, alike in colour, shape and size,
-    in a cell no object holds: the picture of a caption with one object too many. No caption of
-    the grammar names three objects, or the same object twice in a one-object scene's place, so
-    these are pictures only (a contrastive model's text->image negatives). What a generator gets
-    wrong most on seen pairs is this: an object drawn twice (docs/results.md#masked-mode)."""
+    in a cell no object holds: the picture of a caption with one object too many, what a
+    generator gets wrong most on seen pairs (docs/results.md#masked-mode). A two-object scene's
+    are pictures only (no caption names three objects); a one-object scene's is the picture of
+    a two-object caption of two like objects where the relation holds, so a caller that uses
+    them as pictures no caption describes checks its captions (`describes`)."""
     taken = {(o["row"], o["col"]) for o in spec["objects"]}
     free = [(r, c) for r in range(3) for c in range(3) if (r, c) not in taken]
     return [{**spec, "objects": [*spec["objects"], {**o, "row": r, "col": c}]}

@@ -67,8 +67,8 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
     # score each caption of a batch against a picture of its scene with one object drawn twice
     # (`shapes.count_foils`, rendered at data.image_size, round-tripped like the scenes) besides
     # the batch's pictures: the text->image contrast a reranker needs against a generator's
-    # commonest seen-pair error, an extra object; no caption describes such a picture, so it is a
-    # negative only (text->image)
+    # commonest seen-pair error, an extra object; a negative only (text->image), left out where
+    # a caption of the rank's batch describes it
     count_foils: bool = False
 
     def validate(self) -> None:
@@ -115,7 +115,8 @@ def contrastive_loss(
     against every valid one, as captions no image matches (image->text only).
     foil_embeds (K, D), foil_valid (K,) bool: pictures no caption describes (`count_foils`; K
     the same on every rank), gathered likewise; every caption is also scored against every
-    valid one (text->image only).
+    valid one (text->image only). Each rank's `valid` flags, like the hard negatives', are
+    checked against its own batch only.
     """
     img, txt = image_embeds.float(), text_embeds.float()
     all_img, all_txt = dist.gather_with_grad(img), dist.gather_with_grad(txt)
@@ -180,6 +181,17 @@ def with_foil_scenes(batch: dict[str, Any], size: int) -> dict[str, Any]:
             "key": [*batch["key"], *keys]}  # fmt: skip
 
 
+def _scenes_by_looks(metas: Iterable[Any]) -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
+    """spec -> the scenes among `metas` with its `shapes.object_attributes`: the only ones whose
+    caption can be true of its picture or its caption of theirs (`shapes.describes`)."""
+    from dalle_ar.data.shapes import object_attributes
+
+    by: dict[tuple, list[dict[str, Any]]] = {}
+    for m in filter(is_scene, metas):
+        by.setdefault(object_attributes(m), []).append(m)
+    return lambda spec: by.get(object_attributes(spec), [])
+
+
 def count_foil_pictures(batch: dict[str, Any], size: int) -> tuple[torch.Tensor, list[bool]]:
     """One picture per sample of the batch {"image", "caption", "meta", "key"}: its scene with one
     object drawn twice (`shapes.count_foils`, one drawn by a generator seeded by the sample's
@@ -190,10 +202,10 @@ def count_foil_pictures(batch: dict[str, Any], size: int) -> tuple[torch.Tensor,
     from dalle_ar.data.shapes import count_foils, describes
 
     metas = batch["meta"]
-    scenes = [m for m in metas if is_scene(m)]
+    by_looks = _scenes_by_looks(metas)
     foils = [random.Random(f"count-{k}").choice(count_foils(m)) if is_scene(m) else None
              for m, k in zip(metas, batch["key"])]  # fmt: skip
-    valid = [f is not None and not any(describes(m, f) for m in scenes) for f in foils]
+    valid = [f is not None and not any(describes(m, f) for m in by_looks(f)) for f in foils]
     blank = {"objects": []}
     return rendered([f or blank for f in foils], size).to(batch["image"]), valid
 
@@ -205,14 +217,12 @@ def hard_negatives(batch: dict[str, Any], per_sample: int = 1) -> list[str | Non
     is true of a picture in the batch (`shapes.describes`: with foil scenes, a scene's hard
     negative is often its foil's own caption) is None too, as every picture is scored against
     every hard negative."""
-    from dalle_ar.data.shapes import describes, hard_negative, object_attributes
+    from dalle_ar.data.shapes import describes, hard_negative
 
-    pictures: dict[tuple, list[dict[str, Any]]] = {}  # the batch's scenes by what they show
-    for m in filter(is_scene, batch["meta"]):
-        pictures.setdefault(object_attributes(m), []).append(m)
+    by_looks = _scenes_by_looks(batch["meta"])
 
     def true_of_one(foil: dict[str, Any]) -> bool:
-        return any(describes(foil, m) for m in pictures.get(object_attributes(foil), ()))
+        return any(describes(foil, m) for m in by_looks(foil))
 
     rngs = [random.Random(f"hard-{k}") for k in batch["key"]]
     out = []
@@ -259,16 +269,19 @@ def _tally(
     kinds: tuple[str, ...],
     prefix: str,
     device: torch.device,
+    overall: tuple[str, ...] | None = None,
 ) -> dict[str, float]:
     """Fractions right from each scene's (held_out, {kind: right}), summed over ranks (counted
-    on `device` for the reduction): `{prefix}_{split}` (every kind at once) and
-    `{prefix}_{kind}_{split}` for split "seen" / "held_out"; a kind no scene had is left out."""
+    on `device` for the reduction): `{prefix}_{split}` (every kind of `overall` at once, default
+    every kind) and `{prefix}_{kind}_{split}` for split "seen" / "held_out"; a kind no scene had
+    is left out."""
     keys = [f"{k}_{s}" for s in ("seen", "held_out") for k in ("all", *kinds)]
     right = torch.zeros(len(keys), dtype=torch.float64)
     total = torch.zeros(len(keys), dtype=torch.float64)
     for held_out, by_kind in verdicts:
         split = "held_out" if held_out else "seen"
-        for kind, ok in (*by_kind.items(), ("all", all(by_kind.values()))):
+        every = all(ok for k, ok in by_kind.items() if overall is None or k in overall)
+        for kind, ok in (*by_kind.items(), ("all", every)):
             j = keys.index(f"{kind}_{split}")
             right[j] += ok
             total[j] += 1
@@ -335,11 +348,18 @@ def picture_binding(
     its caption (`plain_caption`) score its own picture above every picture of a scene that
     differs from it in one attribute a picture shows (`shapes.foils` of `IMAGE_FOIL_KINDS`) or
     draws one of its objects twice (kind "count", `shapes.count_foils`), rendered at the batch's
-    image size? `transform` maps chunks of foil pictures (N, 3, S, S) in
+    image size (the count kind reported on its own, `picture_binding_count_{split}`, and not
+    in `picture_binding_{split}`)? `transform` maps chunks of foil pictures (N, 3, S, S) in
     [0, 1] as the batches' own pictures were (a VQ round trip, say). Over the first `max_images`
     scenes of each rank (0 = all), summed over ranks: `picture_binding_{split}` and
     `picture_binding_{kind}_{split}`, as `attribute_binding`."""
-    from dalle_ar.data.shapes import IMAGE_FOIL_KINDS, count_foils, foils, plain_caption
+    from dalle_ar.data.shapes import (
+        IMAGE_FOIL_KINDS,
+        PICTURE_FOIL_KINDS,
+        count_foils,
+        foils,
+        plain_caption,
+    )
 
     was_training = clip.model.training
     clip.model.eval()
@@ -364,7 +384,7 @@ def picture_binding(
                 at += len(v)
             verdicts.append((bool(spec["held_out"]), ok))
     clip.model.train(was_training)
-    return _tally(verdicts, (*IMAGE_FOIL_KINDS, "count"), "picture_binding", clip.device)
+    return _tally(verdicts, PICTURE_FOIL_KINDS, "picture_binding", clip.device, IMAGE_FOIL_KINDS)
 
 
 def train(
@@ -410,7 +430,7 @@ def train(
         pixels = clip.pixels_from_tensor(images)
         with autocast_context(info.device, cfg.run.precision):
             img, txt, scale = wrapped(ids.to(info.device), mask.to(info.device), pixels)
-        extra = {}
+        extra: dict[str, torch.Tensor] = {}
         if cfg.hard_negatives:
             valid = torch.tensor([h is not None for h in hard], device=img.device)
             extra |= {"hard_embeds": txt[n:], "hard_valid": valid}

@@ -96,7 +96,8 @@ def test_recipe_trains_resumes_exactly_and_writes_a_clip_folder(tmp_path, shapes
     )
     whole = tmp_path / "whole"
     # both drawn per sample key: exact resume; foil scenes are drawn at >= 21 pixels
-    extra = ("hard_negatives=2", "foil_scenes=true", "data.image_size=24", "model.image_size=24")
+    extra = ("hard_negatives=2", "foil_scenes=true", "count_foils=true", "data.image_size=24",
+             "model.image_size=24")  # fmt: skip
     m = clip_recipe.train(
         load_config(CLIPRecipeConfig, TINY_CONFIG, _run(shapes_shards, tok, whole, *extra))
     )
@@ -105,6 +106,7 @@ def test_recipe_trains_resumes_exactly_and_writes_a_clip_folder(tmp_path, shapes
         assert 0 <= m[f"binding_{split}"] <= m[f"binding_color_{split}"] <= 1
         # ... and the other way, the caption choosing its picture among rendered foils
         assert 0 <= m[f"picture_binding_{split}"] <= m[f"picture_binding_shape_{split}"] <= 1
+        assert 0 <= m[f"picture_binding_count_{split}"] <= 1  # reported on its own
     for k in ("retrieval_t2i_top1", "retrieval_i2t_top5"):
         assert 0 <= m[k] <= 1
     assert m["retrieval_t2i_top5"] >= m["retrieval_t2i_top1"]
@@ -256,7 +258,8 @@ def test_round_trip_rows_are_each_samples_own_draw():
     "extra, match",
     [(["vq_round_trip=0.5"], "config key 'vq': must name a VQ folder"),
      (["vq=somewhere", "vq_round_trip=1.5"], "config key 'vq_round_trip': must be in"),
-     (["foil_scenes=true", "data.image_size=8"], "config key 'foil_scenes': renders")],
+     (["foil_scenes=true", "data.image_size=8"], "config key 'foil_scenes': renders"),
+     (["count_foils=true", "data.image_size=8"], "config key 'count_foils': renders")],
 )  # fmt: skip
 def test_round_trip_settings_are_checked(tmp_path, extra, match):
     names = SimpleNamespace(train="train-*.tar", eval="eval-*.tar")  # validation reads no data
@@ -295,3 +298,12 @@ def test_round_tripped_scenes_are_what_clip_trains_on(tmp_path, shapes_shards, s
     assert all(torch.equal(a, b) for a, b in zip(trained["by_recipe"], trained["by_hand"]))
     # ... and not what it learns from the rendered ones
     assert any(not torch.equal(a, b) for a, b in zip(trained["by_recipe"], trained["rendered"]))
+
+
+def test_picture_binding_overall_figure_leaves_the_count_kind_out():
+    verdicts = [(False, {"shape": True, "count": False}), (True, {"shape": False, "count": True})]
+    kinds, cpu = ("shape", "count"), torch.device("cpu")
+    got = clip_recipe._tally(verdicts, kinds, "p", cpu, overall=("shape",))
+    assert got == {"p_seen": 1.0, "p_shape_seen": 1.0, "p_count_seen": 0.0,
+                   "p_held_out": 0.0, "p_shape_held_out": 0.0, "p_count_held_out": 1.0}  # fmt: skip
+    assert clip_recipe._tally(verdicts, kinds, "p", cpu)["p_seen"] == 0.0  # every kind at once
