@@ -99,6 +99,30 @@ def best_of(d: dict, scores: torch.Tensor) -> dict:
 
 
 @torch.inference_mode()
+def seen_misses(pipe, d: dict, scores: torch.Tensor) -> dict[str, int]:
+    """What the checker refuses in each wrong pick by `scores` (as `best_of`) for a seen-pair
+    prompt: "count" (more or fewer objects than asked), else the first wrong of colour, shape,
+    size and the cell (one object) or the relation (two). A draw's prompts are those of
+    `prompts_for_eval(num, seed=0)` (`draw` by `main`); ValueError for another draw."""
+    pairs = prompts_for_eval(len(d["prompts"]), seed=0)
+    if [p for p, _ in pairs] != list(d["prompts"]):
+        raise ValueError("the draw's prompts are not prompts_for_eval(num, seed=0)'s")
+    out: dict[str, int] = {}
+    for p, idx in enumerate(by_prompt(d)):
+        i = idx[int(scores[idx].argmax())]
+        if d["right"][i] or d["held"][p]:
+            continue
+        x = pipe.components["vq"].decode_8bit(d["codes"][i : i + 1].to(pipe.device))[0]
+        spec = pairs[p][1]
+        verdict = score(x.mul(255).round().byte().permute(1, 2, 0).cpu().numpy(), spec)
+        place = "relation" if spec.get("relation") else "position"
+        kinds = ("color", "shape", "size", place)
+        kind = "count" if not verdict["count"] else next(k for k in kinds if not verdict[k])
+        out[kind] = out.get(kind, 0) + 1
+    return out
+
+
+@torch.inference_mode()
 def embeddings(pipe, d: dict, nbank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unit CLIP embeddings of the candidates (`candidate_pixels`), of their prompts' scenes and
     of the bank's captions."""

@@ -23,8 +23,8 @@ ImageReward's pairwise one, -log sigmoid(s_right - s_wrong) over every right and
 group (s: the CLIP's logit scale times the cosine with the prompt), plus CLIP's symmetric
 contrastive loss between each group's prompt and its first right candidate across the batch,
 which keeps the captions of different scenes apart. `score`: each CLIP's pick among each
-evaluation prompt's 16 candidates as the checker reads it (all, seen, held-out), and how often a
-right one is among them.
+evaluation prompt's 16 candidates as the checker reads it (all, seen, held-out), what the
+checker refuses in its wrong seen-pair picks, and how often a right one is among them.
 """
 
 from __future__ import annotations
@@ -38,7 +38,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rerank_qbnorm import any_right, best_of, by_prompt, candidate_pixels, draw  # this folder's
+from rerank_qbnorm import (  # this folder's
+    any_right,
+    best_of,
+    by_prompt,
+    candidate_pixels,
+    draw,
+    seen_misses,
+)
 from tqdm import tqdm
 
 from dalle_ar.checkpoint import write_json_atomic
@@ -129,10 +136,12 @@ def tune(
 
 @torch.inference_mode()
 def picks(pipe, clip: CLIP, d: dict) -> dict:
-    """How often `clip`'s pick among each prompt's candidates is right (all, seen, held-out)."""
+    """How often `clip`'s pick among each prompt's candidates is right (all, seen, held-out),
+    and what the checker refuses in its wrong seen-pair picks (`seen_misses`)."""
     img = clip.image_embeds(candidate_pixels(pipe, clip, d["codes"]))
     txt = clip.text_embeds(*clip.encode_text(d["prompts"]))
-    return best_of(d, (img * txt[torch.tensor(d["prompt_index"])]).sum(-1))
+    scores = (img * txt[torch.tensor(d["prompt_index"])]).sum(-1)
+    return best_of(d, scores) | {"seen_misses": seen_misses(pipe, d, scores)}
 
 
 def main(argv: list[str] | None = None) -> int:

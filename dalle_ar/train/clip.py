@@ -84,7 +84,8 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
         size = self.data.image_size  # below 21 pixels two shapes can draw the same pixels
         for key in ("foil_scenes", "count_foils"):
             require(not getattr(self, key) or size >= 21, key,
-                    f"renders scenes of >= 21 pixels, data.image_size is {size}")  # fmt: skip
+                    f"renders scenes of >= 21 pixels, data.image_size is {size} (raise it, "
+                    f"or {key}=false)")  # fmt: skip
         share = self.vq_round_trip
         require(bool(self.vq) or not share, "vq",
                 f"must name a VQ folder for vq_round_trip={share}, got ''")  # fmt: skip
