@@ -122,11 +122,16 @@ def test_recipe_trains_resumes_exactly_and_writes_a_clip_folder(tmp_path, shapes
         assert torch.equal(a, b), name  # the resumed run ends where the whole one did
 
 
+def _extras(seed: int):
+    """Unit embeddings (B, D) of extra captions or pictures, every other one valid, and CLIP's
+    starting logit scale."""
+    extra = F.normalize(torch.randn(B, D, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    return extra, torch.tensor([True, False] * (B // 2)), torch.tensor(math.log(1 / 0.07))
+
+
 def test_hard_negatives_are_captions_no_image_matches():
     img, txt = _embeds()
-    hard = F.normalize(torch.randn(B, D, generator=torch.Generator().manual_seed(1)), dim=-1)
-    valid = torch.tensor([True, False] * (B // 2))
-    scale = torch.tensor(math.log(1 / 0.07))
+    hard, valid, scale = _extras(1)
     s = scale.exp()
     i2t = torch.cat([s * img @ txt.T, (s * img @ hard[valid].T)], 1)  # image -> every caption
     want = (
@@ -139,9 +144,7 @@ def test_hard_negatives_are_captions_no_image_matches():
 
 def test_count_foils_are_pictures_no_caption_matches():
     img, txt = _embeds()
-    foil = F.normalize(torch.randn(B, D, generator=torch.Generator().manual_seed(2)), dim=-1)
-    valid = torch.tensor([True, False] * (B // 2))
-    scale = torch.tensor(math.log(1 / 0.07))
+    foil, valid, scale = _extras(2)
     s = scale.exp()
     t2i = torch.cat([s * txt @ img.T, s * txt @ foil[valid].T], 1)  # caption -> every picture
     want = (
@@ -150,7 +153,7 @@ def test_count_foils_are_pictures_no_caption_matches():
     got = contrastive_loss(img, txt, scale, foil_embeds=foil, foil_valid=valid)
     assert torch.allclose(got, want, atol=1e-6)
     assert got > contrastive_loss(img, txt, scale)  # more pictures to tell apart
-    hard = F.normalize(torch.randn(B, D, generator=torch.Generator().manual_seed(1)), dim=-1)
+    hard = _extras(1)[0]
     both = contrastive_loss(img, txt, scale, hard, valid, foil, valid)  # each on its own side
     i2t = torch.cat([s * img @ txt.T, s * img @ hard[valid].T], 1)
     want = (F.cross_entropy(i2t, torch.arange(B)) + F.cross_entropy(t2i, torch.arange(B))) / 2
