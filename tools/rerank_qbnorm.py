@@ -76,7 +76,8 @@ def candidate_pixels(pipe, clip, codes: torch.Tensor) -> torch.Tensor:
     """`clip`'s pixel values (N, 3, S, S) of the drawn codes (N, h, w), decoded by the pipeline's
     VQ on 8-bit levels, as `Pipeline.clip_scores` reads them."""
     vq = pipe.components["vq"]
-    return torch.cat([clip.pixels_from_tensor(vq.decode_8bit(c)) for c in codes.split(256)])
+    pixels = [clip.pixels_from_tensor(vq.decode_8bit(c.to(pipe.device))) for c in codes.split(256)]
+    return torch.cat(pixels)
 
 
 def by_prompt(d: dict) -> list[list[int]]:
@@ -102,7 +103,8 @@ def best_of(d: dict, scores: torch.Tensor) -> dict:
 def seen_misses(pipe, d: dict, scores: torch.Tensor) -> dict[str, int]:
     """What the checker refuses in each wrong pick by `scores` (as `best_of`) for a seen-pair
     prompt: "count" (more or fewer objects than asked), else the first wrong of colour, shape,
-    size and the cell (one object) or the relation (two). A draw's prompts are those of
+    size and the cell (one object) or the relation (two), or "read as right" where the checker
+    passes it now (another VQ than the draw's). A draw's prompts are those of
     `prompts_for_eval(num, seed=0)` (`draw` by `main`); ValueError for another draw."""
     pairs = prompts_for_eval(len(d["prompts"]), seed=0)
     if [p for p, _ in pairs] != list(d["prompts"]):
@@ -115,11 +117,13 @@ def seen_misses(pipe, d: dict, scores: torch.Tensor) -> dict[str, int]:
         x = pipe.components["vq"].decode_8bit(d["codes"][i : i + 1].to(pipe.device))[0]
         spec = pairs[p][1]
         verdict = score(x.mul(255).round().byte().permute(1, 2, 0).cpu().numpy(), spec)
-        place = "relation" if spec.get("relation") else "position"
+        place = "position" if spec.get("relation") is None else "relation"
         kinds = ("color", "shape", "size", place)
-        kind = "count" if not verdict["count"] else next(k for k in kinds if not verdict[k])
+        # "right" on re-reading: the pipeline's VQ is not the one that drew the codes
+        first = next((k for k in kinds if not verdict[k]), "read as right")
+        kind = "count" if not verdict["count"] else first
         out[kind] = out.get(kind, 0) + 1
-    return out
+    return dict(sorted(out.items()))
 
 
 @torch.inference_mode()
