@@ -215,6 +215,10 @@ def stage_clip(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         f"text_tokenizer={p.tokenizer}",
         *_run(cfg, p.clip_run, cfg.clip_steps, cfg.clip_max_minutes),
         f"vq={p.vq}",  # the job's own, trained in the stage before; read only for round trips
+        # count foils (shapes scenes) fix the masked mode's picks and not text mode's, at a fifth
+        # more CLIP work (docs/results.md#reranked-batch-generation): on with the masked mode; a
+        # config's own `count_foils: true` holds either way
+        *(["count_foils=true"] if cfg.masked and cfg.data == "shapes" else []),
     ]
     rcfg = load_config(clip.CLIPRecipeConfig, yaml, overrides)
     clip.train(rcfg, resume=has_checkpoint(p.clip_run))

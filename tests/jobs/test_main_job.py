@@ -38,6 +38,8 @@ def _toy_configs(folder: Path, size: int = 32, grid: int = 8) -> Path:
             cfg["model"].update(grid_h=grid, grid_w=grid, text_len=20)
         if name == "masked":  # adapted from a transformer: the job hands it its own
             cfg["init_from"] = "runs/transformer/transformer"
+        if name == "clip":  # count foils (a masked job's) draw scenes of >= 21 pixels
+            cfg["data"]["image_size"] = cfg["model"]["image_size"] = 24
         if name == "upsampler":  # 32 -> 64 pixels, each scene rendered at both (as the shapes')
             cfg["model"]["low_size"], cfg["data"]["image_size"] = 32, 64
             cfg["small_from"] = "render"
@@ -67,6 +69,8 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     tokens = {f: json.loads((out / f / "train-tokens.json").read_text())
               for f in ("tokens", "clip_tokens")}  # fmt: skip
     assert tokens["tokens"]["clip"] is None and tokens["clip_tokens"]["clip"]["embed_dim"] > 0
+    # with the masked mode, the CLIP trains with count foils (its config has them off)
+    assert yaml.safe_load((out / "clip_run" / "config.yaml").read_text())["count_foils"] is True
     assert "stages side by side where one needs nothing of the other: up to 2 at once" in printed
     # two stages at once where one needs nothing of the other, each in a process of its own:
     # the first two (neither needs anything) start together, and the second writes to a log
@@ -249,6 +253,7 @@ def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
     assert "[3/8] vq: running" in printed and "[6/8] clip: running again (vq ran)" in printed
     clip_cfg = yaml.safe_load((out / "clip_run" / "config.yaml").read_text())
     assert clip_cfg["vq"] == str(out / "vq_run" / "vq") and clip_cfg["vq_round_trip"] == 0.5
+    assert clip_cfg["count_foils"] is False  # no masked mode, no count foils
 
 
 def test_a_stage_stopped_by_non_finite_numbers_is_one_line_and_exit_1(tmp_path, capsys):
