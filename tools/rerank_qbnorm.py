@@ -91,17 +91,21 @@ def any_right(d: dict) -> dict:
     return split_mean([bool(right[idx].any()) for idx in by_prompt(d)], d["held"])
 
 
+def picks_by(d: dict, scores: torch.Tensor) -> list[int]:
+    """Each prompt's best candidate by `scores` (N,), an index into the draw; ties go to the
+    earlier candidate, as `best_by`."""
+    return [idx[int(scores[idx].argmax())] for idx in by_prompt(d)]
+
+
 def best_of(d: dict, scores: torch.Tensor) -> dict:
-    """How often each prompt's best candidate by `scores` (N,) is right (all, seen, held-out);
-    ties go to the earlier candidate, as `best_by`."""
+    """How often each prompt's best candidate by `scores` (N,) is right (all, seen, held-out)."""
     right = torch.tensor(d["right"])
-    picked = [bool(right[idx[int(scores[idx].argmax())]]) for idx in by_prompt(d)]
-    return split_mean(picked, d["held"])
+    return split_mean([bool(right[i]) for i in picks_by(d, scores)], d["held"])
 
 
 @torch.inference_mode()
 def seen_misses(pipe, d: dict, scores: torch.Tensor) -> dict[str, int]:
-    """What the checker refuses in each wrong pick by `scores` (as `best_of`) for a seen-pair
+    """What the checker refuses in each wrong pick by `scores` (`picks_by`) for a seen-pair
     prompt: "count" (more or fewer objects than asked), else the first wrong of colour, shape,
     size and the cell (one object) or the relation (two), or "read as right" where the checker
     passes it now (another VQ than the draw's). A draw's prompts are those of
@@ -110,8 +114,7 @@ def seen_misses(pipe, d: dict, scores: torch.Tensor) -> dict[str, int]:
     if [p for p, _ in pairs] != list(d["prompts"]):
         raise ValueError("the draw's prompts are not prompts_for_eval(num, seed=0)'s")
     out: dict[str, int] = {}
-    for p, idx in enumerate(by_prompt(d)):
-        i = idx[int(scores[idx].argmax())]
+    for p, i in enumerate(picks_by(d, scores)):
         if d["right"][i] or d["held"][p]:
             continue
         x = pipe.components["vq"].decode_8bit(d["codes"][i : i + 1].to(pipe.device))[0]

@@ -125,16 +125,16 @@ def contrastive_loss(
     start = (tdist.get_rank() if tdist.is_initialized() else 0) * len(img)  # this rank's rows
     target = torch.arange(start, start + len(img), device=img.device)
     i2t, t2i = scale * img @ all_txt.T, scale * txt @ all_img.T  # (B, world * B) each
+
+    def with_negatives(logits, rows, extra, valid):  # every rank's valid extra columns, gathered
+        cols = dist.gather_with_grad(extra.float())
+        keep = dist.gather_with_grad(valid.float()) > 0
+        return torch.cat([logits, (scale * rows @ cols.T).masked_fill(~keep, float("-inf"))], 1)
+
     if hard_embeds is not None:
-        all_hard = dist.gather_with_grad(hard_embeds.float())
-        valid = dist.gather_with_grad(hard_valid.float()) > 0
-        hard = (scale * img @ all_hard.T).masked_fill(~valid, float("-inf"))
-        i2t = torch.cat([i2t, hard], 1)  # (B, world * (B + M))
+        i2t = with_negatives(i2t, img, hard_embeds, hard_valid)  # (B, world * (B + M))
     if foil_embeds is not None:
-        all_foil = dist.gather_with_grad(foil_embeds.float())
-        valid = dist.gather_with_grad(foil_valid.float()) > 0
-        foil = (scale * txt @ all_foil.T).masked_fill(~valid, float("-inf"))
-        t2i = torch.cat([t2i, foil], 1)  # (B, world * (B + K))
+        t2i = with_negatives(t2i, txt, foil_embeds, foil_valid)  # (B, world * (B + K))
     return (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)) / 2
 
 
