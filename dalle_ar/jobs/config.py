@@ -107,7 +107,7 @@ class MainJobConfig:
     # guidance rising over the passes (on the shapes, constant guidance draws an object twice in
     # a quarter of the seen scenes), less noise on the unmasking order than MaskGIT's 4.5, and 24
     # passes, not 12 or 16 (at 12 an object came out twice in a tenth of the seen scenes; over
-    # four sampling seeds 16 passes drew seen pairs 5.4 points under the transformer, 24 passes
+    # four sampling seeds 16 passes drew seen pairs 5.5 points under the transformer, 24 passes
     # 2.3): each raised seen and held-out pairs (docs/results.md#masked-mode; not measured on
     # emoji). At an 8x8 grid 24 passes are 3/8 of the 64 an autoregressive image takes.
     masked_sampling: MaskedSampling = dataclasses.field(
