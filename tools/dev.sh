@@ -59,6 +59,8 @@ case "$job" in
   main) exec dalle-ar pipeline "$@" ;;
   test)
     ruff check .
-    exec python -m pytest -q "$@"
+    # pytest's own script, not `python -m pytest`: that puts the repository root on sys.path,
+    # where kernels/ would stand in for the `kernels` package transformers and diffusers import
+    exec pytest -q "$@"
     ;;
 esac

@@ -56,8 +56,8 @@ class MainJobConfig:
     embed_tokens: int = 2  # stream positions the CLIP image embedding is projected to
     cond_transformer_steps: int = 2000  # the fine-tuning's budget (batches of the transformer's)
     # its peak LR (the transformer's own was 1e-3): at 5e-4 the fresh embedding path first undoes
-    # part of the copied model, and the prior mode drew held-out pairs 4-5 points under 2e-4's
-    # (two fine-tuning seeds each; docs/results.md#the-fine-tunings-learning-rate)
+    # part of the copied model, and the prior mode drew held-out pairs 4.7 points under 2e-4's on
+    # the means of two fine-tuning seeds each (docs/results.md#the-fine-tunings-learning-rate)
     cond_transformer_lr: float = 2e-4
     cond_transformer_embed_drop: float = 0.5  # share of records with the null embedding
     cond_transformer_max_minutes: float = 15.0  # a safety cap, as the others
@@ -108,8 +108,10 @@ class MainJobConfig:
     # a quarter of the seen scenes), less noise on the unmasking order than MaskGIT's 4.5, and 24
     # passes, not 12 or 16 (at 12 an object came out twice in a tenth of the seen scenes; over
     # four sampling seeds 16 passes drew seen pairs 5.5 points under the transformer, 24 passes
-    # 2.3): each raised seen and held-out pairs (docs/results.md#masked-mode; not measured on
-    # emoji). At an 8x8 grid 24 passes are 3/8 of the 64 an autoregressive image takes.
+    # 2.3): each raised seen and held-out pairs (docs/results.md#masked-mode and
+    # #passes-and-the-corrector-on-the-jobs-own-models; not measured on emoji; 24 passes stay
+    # within 3 points on the mean of four seeds only, missing on two of them). At an 8x8 grid 24
+    # passes are 3/8 of the 64 an autoregressive image takes.
     masked_sampling: MaskedSampling = dataclasses.field(
         default_factory=lambda: MaskedSampling(
             steps=24,
