@@ -4,8 +4,6 @@ one torch thread for the modules that ask for it."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
-import importlib.util
 import os
 from pathlib import Path
 
@@ -16,26 +14,6 @@ import torch
 # first imported, by whichever test imports it first (tests/kernels/test_kernels.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def _kernels_shadowed() -> bool:
-    """Is the `kernels` distribution installed (transformers needs it) while `import kernels`
-    would load this repository's kernels/ folder (shipped as dalle_ar.kernels) instead?"""
-    try:
-        importlib.metadata.distribution("kernels")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    spec = importlib.util.find_spec("kernels")
-    ours = Path(__file__).resolve().parents[1] / "kernels"
-    return spec is not None and spec.origin is not None and Path(spec.origin).parent == ours
-
-
-if _kernels_shadowed():
-    raise pytest.UsageError(
-        "the repository root is on sys.path (`python -m pytest`?), so `import kernels` finds its "
-        "kernels/ folder, not the kernels package transformers and diffusers import: run "
-        "`pytest` (or `bash tools/dev.sh test`)"
-    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,8 +59,6 @@ case "$job" in
   main) exec dalle-ar pipeline "$@" ;;
   test)
     ruff check .
-    # pytest's own script, not `python -m pytest`: that puts the repository root on sys.path,
-    # where kernels/ would stand in for the `kernels` package transformers and diffusers import
-    exec pytest -q "$@"
+    exec python -m pytest -q "$@"
     ;;
 esac

@@ -1,0 +1,30 @@
+"""The repository's kernels/ folder ships as dalle_ar.kernels; imported by the bare name from the
+repository root it must not stand in for the `kernels` package transformers imports."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_bare_name_from_the_repository_root_is_not_this_folder() -> None:
+    code = "import kernels, sys; print(kernels.__file__)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    ours = Path(run.stdout.strip()).resolve() == ROOT / "kernels" / "__init__.py"
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:  # no other package of that name: ours stays
+        assert ours
+    else:
+        assert not ours
+
+
+def test_transformers_imports_from_the_repository_root() -> None:
+    code = "from dalle_ar.clip import CLIP; import dalle_ar.kernels.attention"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
