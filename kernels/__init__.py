@@ -12,10 +12,11 @@ if __name__ == "kernels":
     import importlib.util
     import os
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    _path = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
-    if _spec is not None and _spec.loader is not None:
+    _other = _spec is not None and _spec.loader is not None and _spec.origin is not None
+    if _other and not os.path.samefile(_spec.origin, __file__):  # never this file again
         _module = importlib.util.module_from_spec(_spec)
         sys.modules["kernels"] = _module  # the import system returns what sys.modules holds
         _spec.loader.exec_module(_module)
