@@ -15,14 +15,13 @@ def test_the_bare_name_from_the_repository_root_is_not_this_folder() -> None:
     code = "import kernels, sys; print(kernels.__file__)"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    ours = Path(run.stdout.strip()).resolve() == ROOT / "kernels" / "__init__.py"
     try:
         dist = importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:  # no other package of that name: ours stays
-        assert ours
+        want = ROOT / "kernels" / "__init__.py"
     else:
-        installed = Path(dist.locate_file("kernels/__init__.py")).resolve()
-        assert Path(run.stdout.strip()).resolve() == installed
+        want = Path(dist.locate_file("kernels/__init__.py")).resolve()
+    assert Path(run.stdout.strip()).resolve() == want
 
 
 def test_transformers_imports_from_the_repository_root() -> None:
