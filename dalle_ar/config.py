@@ -102,10 +102,11 @@ def require_fits(
             kind)  # fmt: skip
 
 
-def require_precision(value: str, key: str = "precision") -> None:
-    """run.precision and the main job's precision: auto (bf16 autocast where the device has
-    bf16), fp32 or bf16 (`dalle_ar.runtime.uses_bf16`)."""
-    require(value in ("auto", "fp32", "bf16"), key, f"must be auto, fp32 or bf16, got {value!r}")
+def require_precision(value: str, key: str = "precision", kind: str = "config key") -> None:
+    """run.precision, the main job's precision and the masked mode's sampling precision: auto
+    (bf16 autocast where the device has bf16), fp32 or bf16 (`dalle_ar.runtime.uses_bf16`)."""
+    require(value in ("auto", "fp32", "bf16"), key, f"must be auto, fp32 or bf16, got {value!r}",
+            kind)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Masked against autoregressive sampling: images per second of the masked generator at its
 default steps (`MaskedSampling.steps`) against the transformer's KV-cached autoregressive loop,
-same-size models (the shapes transformer's width, depth and heads, random weights, fp32), same
-batch, same machine, side by side in one run (best of `--repeats` turns each), at 8x8, 16x16 and
-32x32 grids. Prints and writes one JSON object.
+same-size models (the shapes transformer's width, depth and heads, random weights), same batch,
+same machine, side by side in one run (best of `--repeats` turns each), at 8x8, 16x16 and 32x32
+grids. Each mode in its default precision: the autoregressive loop in fp32, the masked passes
+under `MaskedSampling.precision` "auto" (bf16 where the device has it); where that is bf16, the
+masked passes in fp32 too, beside them. Prints and writes one JSON object.
 
     python tools/bench_masked.py --out tools/results/cpu/bench_masked.json
     python tools/bench_masked.py --grids 8 --batch 4 --repeats 1      # seconds-long smoke run
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_ar.runtime import describe_machine, set_threads
+from dalle_ar.runtime import describe_machine, set_threads, uses_bf16
 from dalle_ar.sampling import generate_image_tokens
 from dalle_ar.sampling.masked import generate_masked
 from dalle_ar.sampling.settings import MaskedSampling
@@ -56,10 +58,15 @@ def run(grids: list[int], batch: int, repeats: int, steps: int | None) -> dict:
         seeds = list(range(batch))
         t_ar = _best(lambda: generate_image_tokens(ar, ids, seeds=seeds), repeats)  # noqa: B023
         t_m = _best(lambda: generate_masked(masked, ids, s, seeds=seeds), repeats)  # noqa: B023
+        auto = "bf16" if uses_bf16(ids.device, s.precision, cpu_auto=True) else "fp32"
         rows.append({"grid": f"{g}x{g}", "positions": g * g, "batch": batch,
                      "ar_images_per_s": batch / t_ar, "masked_images_per_s": batch / t_m,
-                     "masked_steps": s.steps, "speedup": t_ar / t_m,
+                     "masked_precision": auto, "masked_steps": s.steps, "speedup": t_ar / t_m,
                      "ar_seconds": t_ar, "masked_seconds": t_m})  # fmt: skip
+        if auto == "bf16":  # the same passes in fp32, for the precision's share of the speed
+            fp32 = dataclasses.replace(s, precision="fp32")
+            t_f = _best(lambda: generate_masked(masked, ids, fp32, seeds=seeds), repeats)  # noqa: B023
+            rows[-1].update(masked_fp32_images_per_s=batch / t_f, bf16_over_fp32=t_f / t_m)
         print(json.dumps(rows[-1]), flush=True)
     return {"machine": describe_machine(), "threads": torch.get_num_threads(),
             "model": {k: getattr(BASE, k) for k in ("dim", "depth", "heads", "head_dim")},

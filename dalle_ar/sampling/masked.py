@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from dalle_ar.runtime import sample_seeds, uniforms
+from dalle_ar.runtime import autocast_context, sample_seeds, uniforms
 from dalle_ar.sampling.logits import check_probs, combine, logits_to_probs, sample_from_probs
 from dalle_ar.sampling.settings import MaskedSampling, resolve
 from dalle_ar.transformer import Transformer
@@ -103,9 +103,10 @@ def generate_masked(
     hold `model.cfg.mask_id` the codes are drawn and elsewhere kept exactly (inpainting); default
     all masked. Guidance (guidance_scale != 1) runs the empty caption `empty_ids` (T,) in the
     same batch: uncond + g * (cond - uncond) on the logits, g the pass's scale
-    (`MaskedSampling.guidance_at`). callback(t, steps, codes) after each unmasking pass (not
-    after the corrector's). ValueError for a
-    model that is not a masked generator, inputs of the wrong shape, or a pass whose
+    (`MaskedSampling.guidance_at`). The network runs under bf16 autocast where
+    `MaskedSampling.precision` asks for it (`runtime.uses_bf16`); the logits are read in fp32.
+    callback(t, steps, codes) after each unmasking pass (not after the corrector's). ValueError
+    for a model that is not a masked generator, inputs of the wrong shape, or a pass whose
     probabilities are not finite (`logits.check_probs`)."""
     cfg = model.cfg
     if not cfg.masked:
@@ -143,7 +144,8 @@ def generate_masked(
 
     def probs_at(codes: torch.Tensor, t: int, name: str) -> torch.Tensor:
         image = codes.repeat(2, 1) if guided else codes
-        logits = model(torch.cat([text, image], 1), text_lens=lens).image.float()
+        with autocast_context(dev, s.precision, cpu_auto=True):
+            logits = model(torch.cat([text, image], 1), text_lens=lens).image.float()
         if guided:  # a pass at scale 1 (a rising schedule's first) is the conditional half
             g, pair = s.guidance_at(t), logits.view(2, B, n, -1)
             logits = pair[0] if g == 1 else combine(pair, [g])

@@ -17,7 +17,7 @@ import dataclasses
 import math
 from typing import Any, TypeVar, get_type_hints
 
-from dalle_ar.config import require
+from dalle_ar.config import require, require_precision
 
 S = TypeVar("S")
 KIND = "sampling setting"  # how errors name a field: "sampling setting 'top_k': ..."
@@ -214,6 +214,18 @@ class MaskedSampling:
         metadata=_option("--corrector-steps", "passes after the last, each redrawing 1/K of the "
                          "drawn codes given the rest (0 = off; 4 measured)"),
     )  # fmt: skip
+    # Every pass runs the whole sequence through the network (no KV cache): matmuls large
+    # enough for bf16 to pay on a CPU with bf16 instructions (2.8x the images/s of fp32 at the
+    # main job's evaluation batch, 1.5-2.4x at batch 1 and 8, with the same fidelity over four
+    # seeds; docs/results.md#masked-mode), where the autoregressive mode's one-code decode steps
+    # ran 3x slower in bf16 and stay in fp32. On a GPU, auto is bf16 where it has bf16 (as in
+    # training; not measured there).
+    precision: str = dataclasses.field(
+        default="auto",
+        metadata=_option("--precision", "the network's passes: auto (bf16 autocast where the "
+                         "device has bf16, a CPU's bf16 instructions included; else fp32), fp32 "
+                         "or bf16"),
+    )  # fmt: skip
 
     def guidance_at(self, t: int) -> float:
         """The guidance scale of pass t (0-based) of `steps`: `guidance_scale` at every pass
@@ -243,6 +255,7 @@ class MaskedSampling:
         require(self.guidance_schedule in GUIDANCE_SCHEDULES, "guidance_schedule",
                 f"must be one of {GUIDANCE_SCHEDULES}, got {self.guidance_schedule!r}",
                 KIND)  # fmt: skip
+        require_precision(self.precision, "precision", KIND)
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ from PIL import Image
 
 from dalle_ar.cli import main as cli
 from dalle_ar.pipelines import Pipeline, assemble
+from dalle_ar.runtime import uses_bf16
 from dalle_ar.transformer import Transformer
 
 PROMPTS = ["a small red circle at the top", "a blue square"]
@@ -47,6 +48,10 @@ def test_masked_mode_draws_every_code_in_parallel_passes(pipe):
     assert out.codes.shape == (4, 4, 4) and len(out.images) == 4
     assert out.codes.max() < 32  # no [MASK] left
     assert all(m["mode"] == "masked" and m["steps"] == 3 for m in out.samples)
+    ran = "bf16" if uses_bf16(torch.device("cpu"), "auto", cpu_auto=True) else "fp32"
+    assert {m["precision"] for m in out.samples} == {ran}  # "auto" recorded as it ran
+    fp32 = pipe([PROMPTS[0]], seed=0, mode="masked", steps=3, precision="fp32")
+    assert fp32.samples[0]["precision"] == "fp32"
     alone = pipe([PROMPTS[1]], seeds=[out.samples[3]["seed"]], mode="masked", steps=3,
                  guidance_scale=1.5)  # fmt: skip
     assert torch.equal(alone.codes[0], out.codes[3])

@@ -11,6 +11,7 @@ import torch
 from _pipeline_fixtures import peaked, tiny_transformer_config
 
 from dalle_ar.config import ConfigError
+from dalle_ar.runtime import uses_bf16
 from dalle_ar.sampling.logits import logits_to_probs
 from dalle_ar.sampling.masked import MaskGITScheduler, corrector_groups, generate_masked
 from dalle_ar.sampling.settings import MaskedSampling
@@ -134,11 +135,28 @@ def test_probabilities_that_are_not_finite_stop_the_pass_naming_it():
         generate_masked(model, ids, MaskedSampling(steps=4), text_lens=lens)
 
 
-@pytest.mark.parametrize("corrector", [0, 3])
-def test_a_sample_is_the_same_alone_and_in_a_batch(corrector):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def test_the_network_runs_in_the_asked_precision_and_the_logits_are_read_in_fp32(precision):
+    model = masked_model()
+    ids, lens = prompts(2)
+    seen = []
+    model.image_head.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    codes = generate_masked(model, ids, MaskedSampling(steps=2, precision=precision),
+                            text_lens=lens, seeds=[0, 1])  # fmt: skip
+    bf16 = precision == "bf16" or (precision == "auto" and uses_bf16(torch.device("cpu"), "auto",
+                                                                     cpu_auto=True))  # fmt: skip
+    assert seen == [torch.bfloat16 if bf16 else torch.float32] * 2
+    assert codes.dtype == torch.long and not (codes == IV).any()
+    with pytest.raises(ConfigError, match="sampling setting 'precision': must be auto, fp32"):
+        MaskedSampling(precision="fp16").validate()
+
+
+@pytest.mark.parametrize("corrector,precision", [(0, "fp32"), (3, "fp32"), (3, "bf16")])
+def test_a_sample_is_the_same_alone_and_in_a_batch(corrector, precision):
     model = masked_model()
     ids, lens = prompts(3)
-    kw = dict(steps=4, guidance_scale=2.0, empty_ids=EMPTY, corrector_steps=corrector)
+    kw = dict(steps=4, guidance_scale=2.0, empty_ids=EMPTY, corrector_steps=corrector,
+              precision=precision)  # fmt: skip
     batch = generate_masked(model, ids, text_lens=lens, seeds=[7, 8, 9], **kw)
     alone = generate_masked(model, ids[1:2], text_lens=lens[1:2], seeds=[8], **kw)
     assert torch.equal(batch[1], alone[0])
