@@ -102,11 +102,14 @@ def require_fits(
             kind)  # fmt: skip
 
 
+# run.precision, the main job's precision and the masked mode's sampling precision: auto (bf16
+# autocast where the device has bf16), fp32 or bf16 (`dalle_ar.runtime.uses_bf16`)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def require_precision(value: str, key: str = "precision", kind: str = "config key") -> None:
-    """run.precision, the main job's precision and the masked mode's sampling precision: auto
-    (bf16 autocast where the device has bf16), fp32 or bf16 (`dalle_ar.runtime.uses_bf16`)."""
-    require(value in ("auto", "fp32", "bf16"), key, f"must be auto, fp32 or bf16, got {value!r}",
-            kind)  # fmt: skip
+    """ConfigError unless `value` is one of `PRECISIONS`."""
+    require(value in PRECISIONS, key, f"must be auto, fp32 or bf16, got {value!r}", kind)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ same-size models (the shapes transformer's width, depth and heads, random weight
 same machine, side by side in one run (best of `--repeats` turns each), at 8x8, 16x16 and 32x32
 grids. Each mode in its default precision: the autoregressive loop in fp32, the masked passes
 under `MaskedSampling.precision` "auto" (bf16 where the device has it); where that is bf16, the
-masked passes in fp32 too, beside them. Prints and writes one JSON object.
+masked passes in fp32 and the autoregressive loop in bf16 too, beside them. Prints and writes one
+JSON object.
 
     python tools/bench_masked.py --out tools/results/cpu/bench_masked.json
     python tools/bench_masked.py --grids 8 --batch 4 --repeats 1      # seconds-long smoke run
@@ -25,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from dalle_ar.runtime import describe_machine, set_threads, uses_bf16
+from dalle_ar.runtime import describe_machine, set_threads
 from dalle_ar.sampling import generate_image_tokens
-from dalle_ar.sampling.masked import generate_masked
+from dalle_ar.sampling.masked import generate_masked, masked_precision
 from dalle_ar.sampling.settings import MaskedSampling
 from dalle_ar.transformer import Transformer, TransformerConfig
 
@@ -45,6 +46,13 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
+def _ar_bf16(model: Transformer, ids: torch.Tensor, seeds: list[int]) -> None:
+    """The autoregressive loop under bf16 autocast (not its default: its one-code decode steps
+    are matrix-vector work)."""
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+        generate_image_tokens(model, ids, seeds=seeds)
+
+
 def run(grids: list[int], batch: int, repeats: int, steps: int | None) -> dict:
     s = MaskedSampling() if steps is None else MaskedSampling(steps=steps)
     rows = []
@@ -58,15 +66,17 @@ def run(grids: list[int], batch: int, repeats: int, steps: int | None) -> dict:
         seeds = list(range(batch))
         t_ar = _best(lambda: generate_image_tokens(ar, ids, seeds=seeds), repeats)  # noqa: B023
         t_m = _best(lambda: generate_masked(masked, ids, s, seeds=seeds), repeats)  # noqa: B023
-        auto = "bf16" if uses_bf16(ids.device, s.precision, cpu_auto=True) else "fp32"
+        auto = masked_precision(ids.device, s.precision)
         rows.append({"grid": f"{g}x{g}", "positions": g * g, "batch": batch,
                      "ar_images_per_s": batch / t_ar, "masked_images_per_s": batch / t_m,
                      "masked_precision": auto, "masked_steps": s.steps, "speedup": t_ar / t_m,
                      "ar_seconds": t_ar, "masked_seconds": t_m})  # fmt: skip
-        if auto == "bf16":  # the same passes in fp32, for the precision's share of the speed
+        if auto == "bf16":  # the passes in fp32 and the decode steps in bf16, beside them
             fp32 = dataclasses.replace(s, precision="fp32")
             t_f = _best(lambda: generate_masked(masked, ids, fp32, seeds=seeds), repeats)  # noqa: B023
-            rows[-1].update(masked_fp32_images_per_s=batch / t_f, bf16_over_fp32=t_f / t_m)
+            t_ab = _best(lambda: _ar_bf16(ar, ids, seeds), repeats)  # noqa: B023
+            rows[-1].update(masked_fp32_images_per_s=batch / t_f, bf16_over_fp32=t_f / t_m,
+                            ar_bf16_images_per_s=batch / t_ab)  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     return {"machine": describe_machine(), "threads": torch.get_num_threads(),
             "model": {k: getattr(BASE, k) for k in ("dim", "depth", "heads", "head_dim")},

@@ -450,6 +450,8 @@ def _one(pipe: Any, rec: dict[str, Any]):
     mode = rec.get("mode", "ar")
     own = {"prior": names(ARSampling) + names(PriorSampling), "masked": names(MaskedSampling)}
     settings = {k: rec[k] for k in own.get(mode, names(ARSampling)) if rec.get(k) is not None}
+    if mode == "masked":  # a record from before `MaskedSampling.precision` was drawn in fp32
+        settings.setdefault("precision", "fp32")
     if rec.get("upsample"):
         settings.update(upsample=True, **{k: rec[k] for k in names(UpsampleSampling)})
     init = rec.get("init_codes")

@@ -162,10 +162,11 @@ def build_app(pipe: Any, model: str | Path, out_dir: str | Path | None = None) -
 
 def _control(gr: Any, cls: type, s: _Setting, default: Any, choices: dict[str, tuple]) -> Any:
     """The input of one settings field: a number (int fields round to integers) or, for a field
-    with `choices`, a dropdown; labelled with its name, its command-line help below."""
+    with `choices` (the pipeline's) or choices of its own (its metadata's), a dropdown; labelled
+    with its name, its command-line help below."""
     label, info = s.key.replace("_", " "), s.field.metadata["help"]
-    if s.field.name in choices:
-        options = list(choices[s.field.name])
+    options = list(choices.get(s.field.name, s.field.metadata.get("choices", ())))
+    if options:
         value = default if default in options else options[0]
         return gr.Dropdown(options, value=value, label=label, info=info)
     precision = 0 if get_type_hints(cls)[s.field.name] is int else None

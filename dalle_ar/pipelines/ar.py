@@ -57,9 +57,9 @@ from dalle_ar.pipelines.prior import PriorMode
 from dalle_ar.prior import DiffusionPrior
 from dalle_ar.prompts import encode_prompts, known_chars, split_prompt, unseen_words
 from dalle_ar.rerank import pmi_scores
-from dalle_ar.runtime import precision_name, sample_seeds
+from dalle_ar.runtime import sample_seeds
 from dalle_ar.sampling import ARSampling, RerankSettings, generate_image_tokens
-from dalle_ar.sampling.masked import generate_masked
+from dalle_ar.sampling.masked import generate_masked, masked_precision
 from dalle_ar.sampling.settings import (
     RERANKERS,
     MaskedSampling,
@@ -291,7 +291,7 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         ms = resolve(masked_settings or self.defaults["masked"],
                      **(one_kw if mode == "masked" else {}))  # fmt: skip
         # recorded as run: "auto" becomes the precision this device runs it in
-        ms = resolve(ms, precision=precision_name(self.device, ms.precision, cpu_auto=True))
+        ms = resolve(ms, precision=masked_precision(self.device, ms.precision))
         ps = resolve(prior_settings or self.defaults["prior"], **pr_kw)
         rr = resolve(rerank or self.defaults["rerank"], **rr_kw)
         scale = self.components["upsampler"].cfg.scale if upsample else 0  # checked above

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from dalle_ar.runtime import autocast_context, sample_seeds, uniforms
+from dalle_ar.runtime import precision_name, sample_seeds, uniforms
 from dalle_ar.sampling.logits import check_probs, combine, logits_to_probs, sample_from_probs
 from dalle_ar.sampling.settings import MaskedSampling, resolve
 from dalle_ar.transformer import Transformer
@@ -84,6 +84,21 @@ def corrector_groups(drawn: torch.Tensor, u: torch.Tensor, k: int) -> torch.Tens
     return torch.where(drawn, group, k)
 
 
+def masked_precision(device: torch.device, precision: str) -> str:
+    """What the masked generator's passes run in on `device` for `MaskedSampling.precision`:
+    "bf16" for bf16, and for auto where the device has bf16, a CPU's bf16 instructions included
+    (`runtime.uses_bf16` with cpu_auto: a whole pass is matrix-matrix work that bf16 speeds up
+    there); else "fp32". The pipeline records this, not "auto"."""
+    return precision_name(device, precision, cpu_auto=True)
+
+
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast, or autocast off (fp32 even inside a caller's autocast)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
 @torch.inference_mode()
 def generate_masked(
     model: Transformer,
@@ -103,8 +118,8 @@ def generate_masked(
     hold `model.cfg.mask_id` the codes are drawn and elsewhere kept exactly (inpainting); default
     all masked. Guidance (guidance_scale != 1) runs the empty caption `empty_ids` (T,) in the
     same batch: uncond + g * (cond - uncond) on the logits, g the pass's scale
-    (`MaskedSampling.guidance_at`). The network runs under bf16 autocast where
-    `MaskedSampling.precision` asks for it (`runtime.uses_bf16`); the logits are read in fp32.
+    (`MaskedSampling.guidance_at`). The network runs in `masked_precision` (bf16 autocast, or
+    fp32 with autocast off); its logits are cast to fp32 before guidance and the softmax.
     callback(t, steps, codes) after each unmasking pass (not after the corrector's). ValueError
     for a model that is not a masked generator, inputs of the wrong shape, or a pass whose
     probabilities are not finite (`logits.check_probs`)."""
@@ -137,6 +152,7 @@ def generate_masked(
         text = torch.cat([text, empty_ids.to(dev).view(1, -1).expand(B, -1)])
         if lens is not None:
             lens = torch.cat([lens, lens.new_full((B,), empty_len)])
+    precision = masked_precision(dev, s.precision)
     sched = MaskGITScheduler(cfg.mask_id, s.confidence_temperature)
     sched.set_timesteps(s.steps, codes)
     drawn = codes == cfg.mask_id  # the positions this call draws; the corrector redraws only these
@@ -144,7 +160,7 @@ def generate_masked(
 
     def probs_at(codes: torch.Tensor, t: int, name: str) -> torch.Tensor:
         image = codes.repeat(2, 1) if guided else codes
-        with autocast_context(dev, s.precision, cpu_auto=True):
+        with _autocast(dev, precision):
             logits = model(torch.cat([text, image], 1), text_lens=lens).image.float()
         if guided:  # a pass at scale 1 (a rising schedule's first) is the conditional half
             g, pair = s.guidance_at(t), logits.view(2, B, n, -1)

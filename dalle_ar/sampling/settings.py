@@ -17,15 +17,16 @@ import dataclasses
 import math
 from typing import Any, TypeVar, get_type_hints
 
-from dalle_ar.config import require, require_precision
+from dalle_ar.config import PRECISIONS, require, require_precision
 
 S = TypeVar("S")
 KIND = "sampling setting"  # how errors name a field: "sampling setting 'top_k': ..."
 
 
-def _option(flag: str, help: str) -> dict[str, str]:
-    """Field metadata: the command-line flag and its help line."""
-    return {"flag": flag, "help": help}
+def _option(flag: str, help: str, choices: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Field metadata: the command-line flag, its help line and, for a field with a fixed set
+    of values, those (the command line's and the web page's choices)."""
+    return {"flag": flag, "help": help, **({"choices": choices} if choices else {})}
 
 
 # The lowest softmax temperature: at 1e-3 a logit gap of 0.1 is a probability ratio of e^100,
@@ -209,24 +210,26 @@ class MaskedSampling:
     guidance_schedule: str = dataclasses.field(
         default="constant",
         metadata=_option("--guidance-schedule", "constant: --guidance at every pass; linear: "
-                         "rising from 1 at the first pass to --guidance at the last"),
+                         "rising from 1 at the first pass to --guidance at the last",
+                         GUIDANCE_SCHEDULES),
     )  # fmt: skip
     corrector_steps: int = dataclasses.field(
         default=0,
         metadata=_option("--corrector-steps", "passes after the last, each redrawing 1/K of the "
                          "drawn codes given the rest (0 = off; 4 measured)"),
     )  # fmt: skip
-    # Every pass runs the whole sequence through the network (no KV cache): matmuls large
-    # enough for bf16 to pay on a CPU with bf16 instructions (2.8x the images/s of fp32 at the
-    # main job's evaluation batch, 1.5-2.4x at batch 1 and 8, with the same fidelity over four
-    # seeds; docs/results.md#masked-mode), where the autoregressive mode's one-code decode steps
-    # ran 3x slower in bf16 and stay in fp32. On a GPU, auto is bf16 where it has bf16 (as in
-    # training; not measured there).
+    # Every pass runs the whole sequence through the network (no KV cache): matrix-matrix work
+    # that bf16 speeds up on a CPU with bf16 instructions (`masked.masked_precision`): 2.3x the
+    # images/s of fp32 at the main job's evaluation batch, 1.35-2.2x at batch 1 and 8
+    # (docs/results.md#masked-mode), the same fidelity over four seeds
+    # (#passes-and-the-corrector-on-the-jobs-own-models); the autoregressive loop's decode steps
+    # ran at 0.4-0.95x in bf16 and stay in fp32. On a GPU auto is bf16 where it has bf16, as in
+    # training (not measured there).
     precision: str = dataclasses.field(
         default="auto",
         metadata=_option("--precision", "the network's passes: auto (bf16 autocast where the "
                          "device has bf16, a CPU's bf16 instructions included; else fp32), fp32 "
-                         "or bf16"),
+                         "or bf16", PRECISIONS),
     )  # fmt: skip
 
     def guidance_at(self, t: int) -> float:
@@ -352,6 +355,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = hints[f.name]
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
         parser.add_argument(f.metadata["flag"], **kw)
 
 

@@ -14,8 +14,8 @@ from _pipeline_fixtures import build_components, peaked, tiny_transformer_config
 from PIL import Image
 
 from dalle_ar.cli import main as cli
-from dalle_ar.pipelines import Pipeline, assemble
-from dalle_ar.runtime import uses_bf16
+from dalle_ar.pipelines import Pipeline, ar, assemble
+from dalle_ar.sampling.masked import masked_precision
 from dalle_ar.transformer import Transformer
 
 PROMPTS = ["a small red circle at the top", "a blue square"]
@@ -48,7 +48,7 @@ def test_masked_mode_draws_every_code_in_parallel_passes(pipe):
     assert out.codes.shape == (4, 4, 4) and len(out.images) == 4
     assert out.codes.max() < 32  # no [MASK] left
     assert all(m["mode"] == "masked" and m["steps"] == 3 for m in out.samples)
-    ran = "bf16" if uses_bf16(torch.device("cpu"), "auto", cpu_auto=True) else "fp32"
+    ran = masked_precision(torch.device("cpu"), "auto")
     assert {m["precision"] for m in out.samples} == {ran}  # "auto" recorded as it ran
     fp32 = pipe([PROMPTS[0]], seed=0, mode="masked", steps=3, precision="fp32")
     assert fp32.samples[0]["precision"] == "fp32"
@@ -82,7 +82,7 @@ def test_masked_mode_reranks(pipe):
     assert all(m["mode"] == "masked" for m in out.samples)
 
 
-def test_sample_command_masked_and_inpainting(pipe_dir, tmp_path):
+def test_sample_command_masked_and_inpainting(pipe_dir, tmp_path, monkeypatch):
     out = tmp_path / "m"
     assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--num", "2", "--mode", "masked",
                 "--steps", "3", "--temperature", "0.8", "--out", str(out)]) == 0  # fmt: skip
@@ -94,6 +94,18 @@ def test_sample_command_masked_and_inpainting(pipe_dir, tmp_path):
                 "--out", str(again)]) == 0  # fmt: skip
     a, b = Image.open(out / "000_01.png"), Image.open(again / "000_01.png")
     assert np.array_equal(np.asarray(a), np.asarray(b))
+    old = tmp_path / "old"  # a record from before the precision setting: drawn in fp32
+    assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--mode", "masked", "--steps",
+                "3", "--precision", "fp32", "--out", str(old)]) == 0  # fmt: skip
+    doc = json.loads((old / "samples.json").read_text())
+    assert doc["samples"][0].pop("precision") == "fp32"
+    (old / "samples.json").write_text(json.dumps(doc))
+    asked = []  # what the regeneration asks the masked mode for
+    monkeypatch.setattr(ar, "masked_precision", lambda d, p: asked.append(p) or "fp32")
+    assert cli(["sample", "--from-json", str(old / "samples.json"), "--out", str(again)]) == 0
+    assert asked == ["fp32"]
+    assert np.array_equal(np.asarray(Image.open(old / "000_00.png")),
+                          np.asarray(Image.open(again / "000_00.png")))  # fmt: skip
     Image.new("RGB", (16, 16), (90, 90, 90)).save(tmp_path / "scene.png")
     m = np.zeros((16, 16), dtype=np.uint8)
     m[:8] = 255

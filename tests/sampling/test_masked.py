@@ -10,10 +10,15 @@ import pytest
 import torch
 from _pipeline_fixtures import peaked, tiny_transformer_config
 
+from dalle_ar import runtime
 from dalle_ar.config import ConfigError
-from dalle_ar.runtime import uses_bf16
 from dalle_ar.sampling.logits import logits_to_probs
-from dalle_ar.sampling.masked import MaskGITScheduler, corrector_groups, generate_masked
+from dalle_ar.sampling.masked import (
+    MaskGITScheduler,
+    corrector_groups,
+    generate_masked,
+    masked_precision,
+)
 from dalle_ar.sampling.settings import MaskedSampling
 from dalle_ar.train.objectives import mask_codes, masked_loss
 from dalle_ar.transformer import Transformer, TransformerConfig
@@ -135,18 +140,28 @@ def test_probabilities_that_are_not_finite_stop_the_pass_naming_it():
         generate_masked(model, ids, MaskedSampling(steps=4), text_lens=lens)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
-def test_the_network_runs_in_the_asked_precision_and_the_logits_are_read_in_fp32(precision):
+CASES = [("fp32", True, "fp32"), ("bf16", False, "bf16"), ("auto", True, "bf16"),
+         ("auto", False, "fp32")]  # fmt: skip
+
+
+@pytest.mark.parametrize("precision,has_bf16,ran", CASES)
+def test_the_passes_run_in_the_precision_asked_for_even_inside_an_autocast(
+    precision, has_bf16, ran, monkeypatch
+):
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: has_bf16)
+    assert masked_precision(torch.device("cpu"), precision) == ran
     model = masked_model()
     ids, lens = prompts(2)
     seen = []
     model.image_head.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    codes = generate_masked(model, ids, MaskedSampling(steps=2, precision=precision),
-                            text_lens=lens, seeds=[0, 1])  # fmt: skip
-    bf16 = precision == "bf16" or (precision == "auto" and uses_bf16(torch.device("cpu"), "auto",
-                                                                     cpu_auto=True))  # fmt: skip
-    assert seen == [torch.bfloat16 if bf16 else torch.float32] * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's: fp32 stays fp32
+        codes = generate_masked(model, ids, MaskedSampling(steps=2, precision=precision),
+                                text_lens=lens, seeds=[0, 1])  # fmt: skip
+    assert seen == [torch.bfloat16 if ran == "bf16" else torch.float32] * 2
     assert codes.dtype == torch.long and not (codes == IV).any()
+
+
+def test_a_precision_other_than_auto_fp32_or_bf16_is_refused():
     with pytest.raises(ConfigError, match="sampling setting 'precision': must be auto, fp32"):
         MaskedSampling(precision="fp16").validate()
 
