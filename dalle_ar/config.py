@@ -109,7 +109,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def require_precision(value: str, key: str = "precision", kind: str = "config key") -> None:
     """ConfigError unless `value` is one of `PRECISIONS`."""
-    require(value in PRECISIONS, key, f"must be auto, fp32 or bf16, got {value!r}", kind)
+    names = f"{', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}"
+    require(value in PRECISIONS, key, f"must be {names}, got {value!r}", kind)
 
 
 # ----------------------------------------------------------------------------------------------

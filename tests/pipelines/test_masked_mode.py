@@ -120,6 +120,13 @@ def test_sample_command_masked_and_inpainting(pipe_dir, tmp_path, monkeypatch):
                 str(tmp_path / "scene.png"), "--out", str(inp)]) == 2  # fmt: skip
 
 
+def test_the_command_line_refuses_a_precision_it_does_not_know(pipe_dir, capsys):
+    with pytest.raises(SystemExit):
+        cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--mode", "masked", "--precision",
+             "fp16"])  # fmt: skip
+    assert "--precision: invalid choice: 'fp16'" in capsys.readouterr().err
+
+
 def test_a_masked_component_that_does_not_fit_is_refused(parts, tmp_path):
     ar = Transformer(tiny_transformer_config())
     ar.save_pretrained(tmp_path / "not_masked")
