@@ -153,6 +153,12 @@ class MainJobConfig:
                 "upsample": dataclasses.asdict(self.upsample_sampling)}  # fmt: skip
 
     @property
+    def count_foils(self) -> bool:
+        """Whether the CLIP stage trains with count foils (`train.clip`'s `count_foils`): with
+        the masked mode on the shapes, whose best-of-16 picks they fix."""
+        return self.clip and self.masked and self.data == "shapes"
+
+    @property
     def with_prior(self) -> bool:
         """Whether the job has the prior mode: `prior`, and the CLIP stage it stands on."""
         return self.prior and self.clip

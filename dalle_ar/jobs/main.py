@@ -218,7 +218,7 @@ def stage_clip(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         # count foils (shapes scenes) fix the masked mode's picks and not text mode's, at a fifth
         # more CLIP work (docs/results.md#reranked-batch-generation): on with the masked mode; a
         # config's own `count_foils: true` holds either way
-        *(["count_foils=true"] if cfg.masked and cfg.data == "shapes" else []),
+        *(["count_foils=true"] if cfg.count_foils else []),
     ]
     rcfg = load_config(clip.CLIPRecipeConfig, yaml, overrides)
     clip.train(rcfg, resume=has_checkpoint(p.clip_run))
@@ -355,6 +355,19 @@ def _large_size(yaml: dict[str, Path]) -> int:
     return up.high_size
 
 
+def _check_count_foils(yaml: Path) -> None:
+    """ConfigError naming the job's own key, before any work, for a CLIP config whose scenes are
+    too small for the count foils the masked mode trains it with."""
+    from dalle_ar.train.clip import FOIL_MIN_SIZE, CLIPRecipeConfig
+
+    size = _recipe(CLIPRecipeConfig, yaml).data.image_size
+    if size < FOIL_MIN_SIZE:
+        raise ConfigError(f"config key 'masked': trains the CLIP with count foils, which render "
+                          f"scenes of >= {FOIL_MIN_SIZE} pixels; {yaml} has data.image_size "
+                          f"{size} (masked=false, clip=false, or a CLIP config of larger "
+                          "scenes)")  # fmt: skip
+
+
 def _complete(folder: Path) -> bool:
     return (folder / "config.json").is_file()
 
@@ -429,6 +442,8 @@ def plan(cfg: MainJobConfig) -> Plan:
     if missing:
         raise ConfigError(f"config key 'config_dir': no component configs {missing}")
     large = _large_size(yaml) if cascade else 0  # checked before any work
+    if cfg.count_foils:
+        _check_count_foils(yaml["clip"])
     # Once a stage runs, every stage that needs it was made
     # from what it replaced, so its outputs are removed and made again (an under-trained VQ
     # resumed by a rerun gets new token shards in both folders, a transformer, a masked generator

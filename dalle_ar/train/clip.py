@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 COMPONENT = "clip"
 
 
+# The smallest scenes foil scenes are rendered at (`foil_scenes`, `count_foils`): below it two
+# shapes can draw the same pixels, and a foil the same picture as its scene.
+FOIL_MIN_SIZE = 21
+
+
 @dataclasses.dataclass
 class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_steps, halt_after
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -81,11 +86,11 @@ class CLIPRecipeConfig(LoopConfig):  # optim, run, lr_follows_time, max_bad_step
         require(self.binding_images >= 0, "binding_images", "must be >= 0")
         require(self.hard_negatives >= 0, "hard_negatives", "must be >= 0")
         require(0 <= self.vq_round_trip <= 1, "vq_round_trip", "must be in [0, 1]")
-        size = self.data.image_size  # below 21 pixels two shapes can draw the same pixels
+        size = self.data.image_size
         for key in ("foil_scenes", "count_foils"):
-            require(not getattr(self, key) or size >= 21, key,
-                    f"renders scenes of >= 21 pixels, data.image_size is {size} (raise it, "
-                    f"or {key}=false)")  # fmt: skip
+            require(not getattr(self, key) or size >= FOIL_MIN_SIZE, key,
+                    f"renders scenes of >= {FOIL_MIN_SIZE} pixels, data.image_size is {size} "
+                    f"(raise it, or {key}=false)")  # fmt: skip
         share = self.vq_round_trip
         require(bool(self.vq) or not share, "vq",
                 f"must name a VQ folder for vq_round_trip={share}, got ''")  # fmt: skip

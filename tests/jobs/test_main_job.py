@@ -390,3 +390,16 @@ def test_an_upsampler_of_another_size_than_the_vq_is_refused_first(tmp_path, cap
     out = tmp_path / "main"
     assert main_job([f"out_dir={out}", f"config_dir={configs}", "wandb=disabled"]) == 2
     assert "upsamples 16-px pictures" in capsys.readouterr().out and not out.exists()
+
+
+def test_count_foils_on_scenes_too_small_are_refused_before_any_work(tmp_path, capsys):
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny"  # 16-px scenes
+    out = tmp_path / "main"
+    assert main_job([f"out_dir={out}", f"config_dir={tiny}", "masked=true", "upsampler=false",
+                     "wandb=disabled"]) == 2  # fmt: skip
+    said = capsys.readouterr().out
+    assert "config key 'masked': trains the CLIP with count foils" in said
+    assert "data.image_size 16" in said and not out.exists()
+    # without the CLIP stage there is nothing to refuse
+    plan(MainJobConfig(out_dir=str(out), config_dir=str(tiny), masked=True, clip=False,
+                       upsampler=False))  # fmt: skip
