@@ -1,7 +1,8 @@
 """`dalle-ar serve` on a tiny pipeline (with the masked mode): the page's HTTP endpoint draws the
 images `pipe(...)` draws and the samples.json `dalle-ar sample` writes; a bad setting is an error
 naming it and the server answers the next request; inpainting; a headless Chromium presses
-Generate and gets an image; without gradio the command says what to install."""
+Generate and gets an image; settings with a fixed set of values are dropdowns; without gradio
+the command says what to install."""
 
 from __future__ import annotations
 
@@ -83,6 +84,22 @@ def test_the_endpoint_draws_what_the_pipeline_draws_and_records_it(client, pipe,
     assert cli(["sample", "--from-json", record, "--index", "1", "--out", str(tmp_path)]) == 0
     again = Image.open(tmp_path / doc["samples"][1]["file"])
     assert np.array_equal(np.asarray(again), np.asarray(want.images[1]))
+
+
+def test_settings_with_a_fixed_set_of_values_are_dropdowns_of_those(
+    pipe, pipe_dir, client, tmp_path
+):
+    from dalle_ar.cli.serve import build_app
+
+    app = build_app(pipe, pipe_dir, tmp_path)
+    offered = {c["props"]["label"]: [v for v, _ in c["props"]["choices"]]
+               for c in app.get_config_file()["components"]
+               if c["type"] == "dropdown" and "choices" in c.get("props", {})}  # fmt: skip
+    assert offered["precision"] == ["auto", "fp32", "bf16"]
+    assert offered["guidance schedule"] == ["constant", "linear"]
+    assert offered["reranker"] == list(pipe.rerankers)  # the pipeline's own, not every reranker
+    _, record = _generate(client, mode="masked", seed=1, precision="fp32")
+    assert json.loads(open(record).read())["samples"][0]["precision"] == "fp32"
 
 
 @pytest.mark.parametrize(
