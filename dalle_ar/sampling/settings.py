@@ -145,7 +145,7 @@ class PriorSampling:
     (Ho & Salimans 2022), and of `embed_candidates` drawn embeddings the one closest to the
     caption's text embedding kept (DALL-E 2, Ramesh et al. 2022, section 2.1). 10 steps drew
     the shapes as 25 did (prior mode fidelity over four seeds, and the prior's cosine to the true
-    embedding) at 1.6x the prior mode's speed (docs/results.md#the-priors-sampling-steps)."""
+    embedding) at 1.4-1.6x the prior mode's speed (docs/results.md#the-priors-sampling-steps)."""
 
     prior_steps: int = dataclasses.field(
         default=10, metadata=_option("--prior-steps", "DDIM steps of the diffusion prior")
