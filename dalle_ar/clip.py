@@ -42,6 +42,7 @@ from transformers import (
     CLIPVisionConfig,
 )
 
+from dalle_ar.checkpoint import file_sha256
 from dalle_ar.config import ConfigError, require, require_fits_memory
 from dalle_ar.data.shards import caption_chars
 from dalle_ar.runtime import values_by_depth
@@ -254,6 +255,9 @@ class CLIP:
         self.text_len = model.config.text_config.max_position_embeddings
         self.too_long = 0  # captions the last `encode_text(truncate=True)` cut
         self._identity: dict[str, str | int] | None = None  # `identity()`, once computed
+        # the content hash of the model.safetensors it was loaded from (`file_sha256`): what
+        # says, without loading it, that a folder still holds these weights; None when built
+        self.file_sha256: str | None = None
 
     @classmethod
     def build(cls, sizes: CLIPSizes, tokenizer: TextTokenizer, seed: int = 0) -> CLIP:
@@ -278,7 +282,9 @@ class CLIP:
         model = model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         processor = CLIPImageProcessorPil.from_pretrained(str(folder))
-        return cls(model, tokenizer, processor)
+        clip = cls(model, tokenizer, processor)
+        clip.file_sha256 = file_sha256(folder / "model.safetensors")
+        return clip
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the folder `from_pretrained` reads (safetensors weights). A fast tokenizer is

@@ -230,7 +230,8 @@ def pretokenize(
     """Encode every image of `shards` with the loaded VQ `vq` (on its own device); returns the
     summary written to `out/PREFIX-tokens.json` (`source`: the VQ folder, for the record). With a
     loaded `clip`, each record also holds its CLIP image and caption embeddings, and the summary
-    the CLIP's identity ("clip": `CLIP.identity()` plus "folder": `clip_source`). The command
+    the CLIP's identity ("clip": `CLIP.identity()` plus "folder": `clip_source` and
+    "file_sha256": `CLIP.file_sha256`). The command
     `dalle-ar tokens` loads the VQ (and CLIP) from their folders and calls this."""
     if isinstance(vq, (str, Path)):
         raise TypeError(
@@ -246,6 +247,9 @@ def pretokenize(
     records = token_records(vq, _counted(loader, bar), dev, clip)
     count = write_samples(records, out, prefix, shard_size)
     bar.close()
+    clip_record = None
+    if clip is not None:
+        clip_record = {**clip.identity(), "folder": clip_source, "file_sha256": clip.file_sha256}
     summary = {
         "vq": source,
         # the VQ's content hash (`VQTokenizer.weights_sha256`): what a transformer trained on
@@ -260,7 +264,9 @@ def pretokenize(
         "records": count,
         "skipped": loader.report.to_dict(),
         "seconds": round(time.time() - start, 2),
-        "clip": None if clip is None else {**clip.identity(), "folder": clip_source},
+        # the CLIP's identity, where it was read from and the content hash of that folder's
+        # weights file (`CLIP.file_sha256`; None for a CLIP not loaded from a folder)
+        "clip": clip_record,
     }
     path = Path(out) / f"{prefix}-tokens.json"
     path.write_text(json.dumps(summary, indent=2))

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from dalle_ar.checkpoint import file_sha256
 from dalle_ar.config import ConfigError, load_config, save_config, to_dict
 from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import DataSet
@@ -259,14 +260,22 @@ def _clip_of_tokens(p: Paths) -> dict:
 
 def _tokens_done(folder: Path, clip: Path | None = None) -> bool:
     """Token shards are done once both splits are written, and, for `clip`, with the embeddings
-    of that CLIP folder."""
+    of the weights that CLIP folder holds: the content hash of its model.safetensors against the
+    one they record (`CLIP.file_sha256`), so that a job folder moved or copied elsewhere keeps
+    its shards and what was trained on them; shards written before that hash was recorded
+    compare the folder's path."""
     f = folder / "eval-tokens.json"
     if not f.is_file():
         return False
     if clip is None:
         return True
     written = json.loads(f.read_text()).get("clip")
-    return isinstance(written, dict) and written.get("folder") == str(clip.resolve())
+    if not isinstance(written, dict):
+        return False
+    if written.get("file_sha256"):
+        weights = clip / "model.safetensors"
+        return weights.is_file() and written["file_sha256"] == file_sha256(weights)
+    return written.get("folder") == str(clip.resolve())
 
 
 def stage_prior(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from dalle_ar.checkpoint import file_sha256
 from dalle_ar.cli.tokens import main as tokens_cli
 from dalle_ar.cli.tokens import tokenize_shards
 from dalle_ar.data.loader import make_loader
@@ -176,6 +177,8 @@ def test_token_shards_carry_clip_embeddings_computed_once(tmp_path, shapes_shard
     out = tmp_path / "tok"
     summary = tokenize_shards(vq_dir, shapes_shards.eval, out, "eval", clip_dir=tmp_path / "clip")
     assert summary["clip"]["weights_sha256"] == clip.identity()["weights_sha256"]
+    # and the folder's weights file, which says without loading it that it still holds them
+    assert summary["clip"]["file_sha256"] == file_sha256(tmp_path / "clip" / "model.safetensors")
     names = _members(sorted(out.glob("eval-*.tar"))[0])
     assert {"000000000.clip_img.npy", "000000000.clip_txt.npy"} <= set(names)
     batch = next(iter(make_token_loader(str(out / "eval-*.tar"), 8, train=False)))

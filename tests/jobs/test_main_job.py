@@ -143,6 +143,25 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert main_job(args) == 0
     assert capsys.readouterr().out.count("done already, skipped") == 14
     assert (out / "clip_tokens" / "train-tokens.json").is_file()
+    # the folder moved elsewhere: its token shards hold the same CLIP's embeddings, by the
+    # content of its weights, and nothing trains again
+    moved = tmp_path / "moved" / "main"
+    moved.parent.mkdir()
+    out.rename(moved)
+    moved_args = [f"out_dir={moved}" if a.startswith("out_dir=") else a for a in args]
+    assert main_job(moved_args) == 0
+    assert capsys.readouterr().out.count("done already, skipped") == 14
+    # a CLIP whose weights changed: its token shards, the prior and the embedding-conditioned
+    # transformer are made again
+    summary_tokens = moved / "clip_tokens" / "eval-tokens.json"
+    record = json.loads(summary_tokens.read_text())
+    record["clip"]["file_sha256"] = "0" * 64
+    summary_tokens.write_text(json.dumps(record))
+    stages = {s.name: s for s in plan(load_config(MainJobConfig, moved / "main_job.yaml",
+                                                  [])).stages}  # fmt: skip
+    assert not stages["clip_tokens"].done() and stages["tokens"].done()
+    out = moved
+    args = moved_args
     assert main_job([*args, "candidates=0"]) == 2  # refused before any work
     assert main_job([*args, "precision=FP32"]) == 2
     assert "'precision': must be auto, fp32 or bf16, got 'FP32'" in capsys.readouterr().out
