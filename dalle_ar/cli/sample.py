@@ -68,7 +68,7 @@ from typing import Any
 from dalle_ar.checkpoint import inside, write_json_atomic
 from dalle_ar.cli import add_pipeline_arguments, load_pipeline
 from dalle_ar.grid import prompt_grids
-from dalle_ar.pipelines.ar import MAX_BATCH, MEMORY_MB
+from dalle_ar.pipelines.ar import MAX_BATCH, MEMORY_MB, check_mode_settings
 from dalle_ar.sampling.settings import (
     MASKED_SHARED,
     ARSampling,
@@ -214,6 +214,7 @@ def draw(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> Any:
         raise ValueError("--init and --mask go together (the picture and the region to repaint)")
     if args.init and args.mode != "masked":
         raise ValueError("--init/--mask repaint in --mode masked")
+    check_mode_settings(args.mode, _mode_settings(args), flags=True)  # else they'd be ignored
     if args.mode == "masked":
         return _masked(args, pipe, prompts)
     prime = None
@@ -241,14 +242,17 @@ def draw(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> Any:
     return out
 
 
+def _mode_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of the modes' own classes given on the command line."""
+    return {**from_args(args, ARSampling), **from_args(args, PriorSampling),
+            **from_args(args, MaskedSampling, skip=MASKED_SHARED)}  # fmt: skip
+
+
 def _masked(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> Any:
     """The masked mode: plain or inpainting (--init, --mask)."""
     from PIL import Image
 
-    ar = from_args(args, ARSampling)
-    extra = set(ar) - set(MASKED_SHARED)
-    if extra:
-        raise ValueError(f"--mode masked takes no {sorted(extra)} (autoregressive settings)")
+    ar = from_args(args, ARSampling)  # the shared ones only: `draw` checked the rest
     kw = {**ar, **from_args(args, MaskedSampling, skip=MASKED_SHARED),
           **from_args(args, RerankSettings), **upsample_from_args(args)}  # fmt: skip
     writer = _Writer(args)
@@ -284,6 +288,8 @@ def _variations(args: argparse.Namespace) -> int:
     missing = [f for f in args.variations if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"--variations: no such picture {missing}")
+    # the pictures' CLIP embeddings drive the transformer, as the prior's do in the prior mode
+    check_mode_settings("ar", _mode_settings(args), flags=True, call="--variations")
     pics = [_picture(f) for f in args.variations]
     pipe = load_pipeline(args)
     settings = {**from_args(args, ARSampling), **from_args(args, RerankSettings),

@@ -65,6 +65,7 @@ from dalle_ar.sampling.settings import (
     MaskedSampling,
     PriorSampling,
     UpsampleSampling,
+    names,
     reranker_parts,
     resolve,
     split_overrides,
@@ -87,6 +88,32 @@ MODES = ("ar", "prior", "masked")
 # the settings sections (of `ARPipeline.settings`) each mode draws with; reranking ("rerank")
 # and the cascade ("upsample") apply in every mode
 MODE_SECTIONS = {"ar": ("ar",), "prior": ("ar", "prior"), "masked": ("masked",)}
+
+
+def check_mode_settings(mode: str, given: Any, flags: bool = False, call: str = "") -> None:
+    """ValueError, before any drawing, naming each setting in `given` (names) that `mode` does
+    not draw with but another mode does (`MODE_SECTIONS`), which the call would otherwise
+    ignore: by its field name, or (`flags`) by its command-line flag; `call` names the call in
+    the message (default: the mode). An unknown mode, and names no mode has, are left to the
+    caller's own checks."""
+    if mode not in MODE_SECTIONS:
+        return
+    classes = {m: [ARPipeline.settings[sec] for sec in secs] for m, secs in MODE_SECTIONS.items()}
+    own = {n for cls in classes[mode] for n in names(cls)}
+    owners: dict[str, list[str]] = {}
+    label: dict[str, str] = {}
+    for other, of_mode in classes.items():
+        for cls in of_mode:
+            for f in dataclasses.fields(cls):
+                if f.name in given and f.name not in own:
+                    owners.setdefault(f.name, []).append(other)
+                    label.setdefault(f.name, f.metadata["flag"] if flags else repr(f.name))
+    if owners:
+        what = "; ".join(f"{label[n]} is a setting of the {' and '.join(owners[n])} "
+                         f"mode{'s' if len(owners[n]) > 1 else ''}"
+                         for n in sorted(owners))  # fmt: skip
+        where = call or (f"--mode {mode}" if flags else f"mode={mode!r}")
+        raise ValueError(f"{what}, not of {where}, which would ignore it")
 
 
 class ARPipeline(PriorMode, MaskedMode, Pipeline):
@@ -278,6 +305,7 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_mode_settings(mode, overrides)  # another mode's setting would be ignored
         # the masked mode's settings take the shared names (temperature, top_k, guidance_scale)
         first = MaskedSampling if mode == "masked" else ARSampling
         one_kw, pr_kw, rr_kw, up_kw = split_overrides(overrides, first, PriorSampling,

@@ -57,8 +57,17 @@ def test_masked_mode_draws_every_code_in_parallel_passes(pipe):
     assert torch.equal(alone.codes[0], out.codes[3])
     ar = pipe(PROMPTS, num_samples=2, seed=0)
     assert not torch.equal(ar.codes, out.codes)
-    with pytest.raises(ValueError, match="unknown sampling setting 'top_p'"):
-        pipe(PROMPTS, mode="masked", top_p=0.9)  # an autoregressive setting
+    # another mode's setting, which the call would ignore, is refused by name
+    with pytest.raises(ValueError, match="'top_p' is a setting of the ar and prior modes, not "
+                                         "of mode='masked'"):  # fmt: skip
+        pipe(PROMPTS, mode="masked", top_p=0.9)
+    with pytest.raises(ValueError, match="'steps' is a setting of the masked mode, not of "
+                                         "mode='ar'"):  # fmt: skip
+        pipe(PROMPTS, steps=3)
+    with pytest.raises(ValueError, match="'prior_steps' is a setting of the prior mode"):
+        pipe(PROMPTS, mode="masked", prior_steps=5)
+    with pytest.raises(ValueError, match="unknown sampling setting 'no_such'"):
+        pipe(PROMPTS, mode="masked", no_such=1)
 
 
 def test_inpainting_keeps_every_code_outside_the_mask(pipe):
@@ -118,6 +127,28 @@ def test_sample_command_masked_and_inpainting(pipe_dir, tmp_path, monkeypatch):
     assert len(rec["init_codes"]) == 4
     assert cli(["sample", "--model", str(pipe_dir), "a red circle", "--init",
                 str(tmp_path / "scene.png"), "--out", str(inp)]) == 2  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mode", "flags", "message"),
+    [
+        ("ar", ["--steps", "3"], "--steps is a setting of the masked mode, not of --mode ar"),
+        ("ar", ["--precision", "bf16"], "--precision is a setting of the masked mode"),
+        ("masked", ["--top-p", "0.9"],
+         "--top-p is a setting of the ar and prior modes, not of --mode masked"),
+        ("masked", ["--prior-steps", "5", "--corrector-steps", "1"],
+         "--prior-steps is a setting of the prior mode, not of --mode masked"),
+        ("prior", ["--confidence-temperature", "2"],
+         "--confidence-temperature is a setting of the masked mode, not of --mode prior"),
+    ],
+)  # fmt: skip
+def test_the_command_line_refuses_another_modes_flags(pipe_dir, tmp_path, capsys, mode, flags,
+                                                      message):  # fmt: skip
+    out = tmp_path / "never"
+    assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--mode", mode, *flags,
+                "--out", str(out)]) == 2  # fmt: skip
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # refused before any drawing
 
 
 def test_the_command_line_refuses_a_precision_it_does_not_know(pipe_dir, capsys):
