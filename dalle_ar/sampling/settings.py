@@ -118,7 +118,7 @@ class RerankSettings:
     )
     reranker: str = dataclasses.field(
         default="pmi",
-        metadata=_option("--reranker", f"what scores candidates: {' | '.join(RERANKERS)}"),
+        metadata=_option("--reranker", "what scores candidates", RERANKERS),
     )
     rerank_weight: float = dataclasses.field(
         default=RERANK_WEIGHT,

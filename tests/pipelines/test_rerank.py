@@ -117,6 +117,16 @@ def test_bad_rerank_input_is_refused_before_any_drawing(pipe, pipe_dir, monkeypa
     assert not drawn
 
 
+def test_the_command_line_offers_the_rerankers_there_are(pipe_dir, capsys):
+    with pytest.raises(SystemExit):
+        cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--candidates", "2", "--reranker",
+             "dino", "--out", "never"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--reranker: invalid choice: 'dino'" in err
+    offered = err.split("choose from ")[1].split(")")[0].replace("'", "").split(", ")
+    assert offered == ["pmi", "clip", "clip+pmi"]
+
+
 def test_fidelity_refuses_bad_rerankers_before_any_drawing(pipe, monkeypatch):
     from dalle_ar.eval.fidelity import evaluate_fidelity
 
