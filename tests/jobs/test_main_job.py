@@ -199,6 +199,28 @@ def test_the_emoji_main_job_draws_and_scores_real_pictures(tmp_path, capsys):
     assert grid.height > 8 * 64  # a row per prompt (eight emoji prompts), captioned
 
 
+def test_the_quick_job_has_every_mode_on_smaller_budgets():
+    """configs/shapes/quick.yaml loads and plans every stage of the job with every mode, each
+    training stage on fewer steps than the main job's (0 there: the component config's)."""
+    quick = load_config(MainJobConfig, ROOT / "configs" / "shapes" / "quick.yaml", [])
+    job = plan(quick)
+    assert [s.name for s in job.stages] == [
+        "data", "tokenizer", "vq", "tokens", "transformer", "clip", "clip_tokens", "prior",
+        "masked", "cond_transformer", "data_large", "upsampler", "pipeline", "samples"]  # fmt: skip
+    full = MainJobConfig()
+
+    def steps(cfg: MainJobConfig, key: str, stage: str) -> int:
+        own = yaml.safe_load(job.yaml[stage].read_text())["run"]["steps"]
+        return getattr(cfg, key) or own
+
+    for key, stage in (("vq_steps", "vq"), ("transformer_steps", "transformer"),
+                       ("clip_steps", "clip"), ("prior_train_steps", "prior"),
+                       ("masked_steps", "masked"), ("upsampler_steps", "upsampler")):  # fmt: skip
+        assert 0 < steps(quick, key, stage) < steps(full, key, stage), key
+    assert quick.cond_transformer_steps < full.cond_transformer_steps
+    assert quick.num_train < full.num_train and quick.fidelity_prompts < full.fidelity_prompts
+
+
 def test_the_emoji_job_refuses_settings_its_evaluation_cannot_finish_with(tmp_path, capsys):
     job = ["--config", str(ROOT / "configs" / "emoji" / "main.yaml"), f"out_dir={tmp_path}/e"]
     assert main_job([*job, "clip=false", "rerank.reranker=pmi"]) == 2
