@@ -223,10 +223,10 @@ def test_every_data_sets_component_configs_load_with_their_recipes():
     found = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
     assert {f.parent.name for f in found} >= {"shapes", "emoji", "tiny"}
     for f in found:
-        if f.stem == "main":  # a data set's main job (dalle-ar pipeline --config)
-            assert load_config(MainJobConfig, f, []).data == f.parent.name
+        if f.stem not in recipes:  # a data set's main job (dalle-ar pipeline --config): main,
+            # quick; a misnamed component config has keys a main job does not take
+            assert load_config(MainJobConfig, f, []).data == f.parent.name, f
             continue
-        assert f.stem in recipes, f"{f}: no recipe named {f.stem}"
         load_config(recipes[f.stem], f, ["data.train=shards.tar"])  # tiny ones leave it out
 
 
