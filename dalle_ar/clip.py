@@ -255,9 +255,8 @@ class CLIP:
         self.text_len = model.config.text_config.max_position_embeddings
         self.too_long = 0  # captions the last `encode_text(truncate=True)` cut
         self._identity: dict[str, str | int] | None = None  # `identity()`, once computed
-        # the content hash of the model.safetensors it was loaded from (`file_sha256`): what
-        # says, without loading it, that a folder still holds these weights; None when built
-        self.file_sha256: str | None = None
+        self.folder: Path | None = None  # the folder it was loaded from; None when built
+        self._file_sha256: str | None = None  # `file_sha256`, once computed
 
     @classmethod
     def build(cls, sizes: CLIPSizes, tokenizer: TextTokenizer, seed: int = 0) -> CLIP:
@@ -283,8 +282,17 @@ class CLIP:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         processor = CLIPImageProcessorPil.from_pretrained(str(folder))
         clip = cls(model, tokenizer, processor)
-        clip.file_sha256 = file_sha256(folder / "model.safetensors")
+        clip.folder = folder
         return clip
+
+    @property
+    def file_sha256(self) -> str | None:
+        """The content hash of the model.safetensors it was loaded from (`checkpoint.file_sha256`,
+        read on first use): what says, without loading the folder, that it still holds these
+        weights (the token shards with its embeddings record it); None for a CLIP built here."""
+        if self._file_sha256 is None and self.folder is not None:
+            self._file_sha256 = file_sha256(self.folder / "model.safetensors")
+        return self._file_sha256
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the folder `from_pretrained` reads (safetensors weights). A fast tokenizer is

@@ -33,8 +33,9 @@ import sys
 from pathlib import Path
 
 from dalle_ar.cli import add_pipeline_arguments, load_pipeline
-from dalle_ar.cli.sample import check_out
+from dalle_ar.cli.sample import check_out, mode_settings_given
 from dalle_ar.eval.fidelity import GUIDED_SCALE, evaluate_fidelity
+from dalle_ar.pipelines.ar import check_mode_settings
 from dalle_ar.sampling.settings import (
     MASKED_SHARED,
     ARSampling,
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         "mode": args.mode,
     }
     try:
+        # another mode's flag would be ignored
+        check_mode_settings(args.mode, mode_settings_given(args), flags=True)
         settings.update(upsample_from_args(args))
         if args.num < 1:
             raise ValueError(f"--num must be >= 1, got {args.num}")

@@ -68,7 +68,12 @@ from typing import Any
 from dalle_ar.checkpoint import inside, write_json_atomic
 from dalle_ar.cli import add_pipeline_arguments, load_pipeline
 from dalle_ar.grid import prompt_grids
-from dalle_ar.pipelines.ar import MAX_BATCH, MEMORY_MB, check_mode_settings
+from dalle_ar.pipelines.ar import (
+    MAX_BATCH,
+    MEMORY_MB,
+    check_mode_settings,
+    mode_setting_names,
+)
 from dalle_ar.sampling.settings import (
     MASKED_SHARED,
     ARSampling,
@@ -187,6 +192,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.upsample_images:
         return _upsample_images(args)
     prompts = _read_prompts(args)
+    check_mode_settings(args.mode, mode_settings_given(args), flags=True)  # before loading
     pipe = load_pipeline(args)
     draw(args, pipe, prompts)
     return 0
@@ -214,7 +220,7 @@ def draw(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> Any:
         raise ValueError("--init and --mask go together (the picture and the region to repaint)")
     if args.init and args.mode != "masked":
         raise ValueError("--init/--mask repaint in --mode masked")
-    check_mode_settings(args.mode, _mode_settings(args), flags=True)  # else they'd be ignored
+    check_mode_settings(args.mode, mode_settings_given(args), flags=True)  # else they'd be ignored
     if args.mode == "masked":
         return _masked(args, pipe, prompts)
     prime = None
@@ -242,8 +248,9 @@ def draw(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> Any:
     return out
 
 
-def _mode_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings of the modes' own classes given on the command line."""
+def mode_settings_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of the modes' own classes (autoregressive, prior, masked) given on a command
+    line of `add_arguments` options, for `check_mode_settings`."""
     return {**from_args(args, ARSampling), **from_args(args, PriorSampling),
             **from_args(args, MaskedSampling, skip=MASKED_SHARED)}  # fmt: skip
 
@@ -289,7 +296,10 @@ def _variations(args: argparse.Namespace) -> int:
     if missing:
         raise FileNotFoundError(f"--variations: no such picture {missing}")
     # the pictures' CLIP embeddings drive the transformer, as the prior's do in the prior mode
-    check_mode_settings("ar", _mode_settings(args), flags=True, call="--variations")
+    if args.mode != "ar":
+        raise ValueError(f"--variations draws from the pictures' CLIP embeddings, not in "
+                         f"--mode {args.mode}")  # fmt: skip
+    check_mode_settings("ar", mode_settings_given(args), flags=True, call="--variations")
     pics = [_picture(f) for f in args.variations]
     pipe = load_pipeline(args)
     settings = {**from_args(args, ARSampling), **from_args(args, RerankSettings),
@@ -454,8 +464,7 @@ def _one(pipe: Any, rec: dict[str, Any]):
         raise ValueError(f"sample {rec['index']} was drawn from given pictures ({rec['mode']}): "
                          "regenerate it with --variations and its seed")  # fmt: skip
     mode = rec.get("mode", "ar")
-    own = {"prior": names(ARSampling) + names(PriorSampling), "masked": names(MaskedSampling)}
-    settings = {k: rec[k] for k in own.get(mode, names(ARSampling)) if rec.get(k) is not None}
+    settings = {k: rec[k] for k in mode_setting_names(mode) if rec.get(k) is not None}
     if mode == "masked":  # a record from before `MaskedSampling.precision` was drawn in fp32
         settings.setdefault("precision", "fp32")
     if rec.get("upsample"):

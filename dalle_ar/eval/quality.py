@@ -45,14 +45,10 @@ from dalle_ar.eval.metrics import (
     r_precision,
 )
 from dalle_ar.grid import to_uint8
-from dalle_ar.pipelines.ar import MODE_SECTIONS, MODES
+from dalle_ar.pipelines.ar import MODE_SECTIONS, MODES, ARPipeline
 from dalle_ar.pipelines.compat import image_size
 from dalle_ar.sampling.ar import image_log_likelihood
 from dalle_ar.sampling.settings import (
-    ARSampling,
-    MaskedSampling,
-    PriorSampling,
-    UpsampleSampling,
     names,
     resolve,
 )
@@ -62,8 +58,8 @@ NEAR_COPY_QUANTILE = 0.99  # near-copy threshold: this quantile of real images' 
 FD_KEY = "clip_feature_fd_not_inception_fid"
 # What each mode reranks by: CLIP in every mode, the transformer's PMI in the autoregressive one.
 MODE_RERANKERS = {"ar": ("clip", "pmi"), "prior": ("clip",), "masked": ("clip",)}
-SECTION_CLASSES = {"ar": ARSampling, "prior": PriorSampling, "masked": MaskedSampling,
-                   "upsample": UpsampleSampling}  # fmt: skip
+# the settings sections the evaluation resolves: every mode's and the cascade's
+SECTION_CLASSES = {k: ARPipeline.settings[k] for k in (*MODES, "upsample")}
 
 
 def mode_settings(pipe: Any, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:

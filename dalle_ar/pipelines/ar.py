@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -90,30 +90,42 @@ MODES = ("ar", "prior", "masked")
 MODE_SECTIONS = {"ar": ("ar",), "prior": ("ar", "prior"), "masked": ("masked",)}
 
 
-def check_mode_settings(mode: str, given: Any, flags: bool = False, call: str = "") -> None:
-    """ValueError, before any drawing, naming each setting in `given` (names) that `mode` does
-    not draw with but another mode does (`MODE_SECTIONS`), which the call would otherwise
-    ignore: by its field name, or (`flags`) by its command-line flag; `call` names the call in
-    the message (default: the mode). An unknown mode, and names no mode has, are left to the
-    caller's own checks."""
+def mode_classes(mode: str) -> list[type]:
+    """The settings classes `mode` draws with (`MODE_SECTIONS`, `ARPipeline.settings`); reranking
+    and the cascade's serve every mode besides. KeyError for an unknown mode."""
+    return [ARPipeline.settings[section] for section in MODE_SECTIONS[mode]]
+
+
+def mode_setting_names(mode: str) -> tuple[str, ...]:
+    """The names of the sampling settings `mode` draws with (`mode_classes`)."""
+    return tuple(n for cls in mode_classes(mode) for n in names(cls))
+
+
+def check_mode_settings(
+    mode: str, given: Collection[str], flags: bool = False, call: str = ""
+) -> None:
+    """ValueError, before any drawing, naming the settings among `given` (setting names) that
+    `mode` does not draw with but another mode does (`MODE_SECTIONS`), which the call would
+    otherwise ignore: by field name, or (`flags`) by command-line flag, each with the modes it
+    belongs to; `call` names the call in the message (default: the mode). An unknown mode, and
+    names no mode has, are left to the caller's own checks."""
     if mode not in MODE_SECTIONS:
         return
-    classes = {m: [ARPipeline.settings[sec] for sec in secs] for m, secs in MODE_SECTIONS.items()}
-    own = {n for cls in classes[mode] for n in names(cls)}
+    own = set(mode_setting_names(mode))
     owners: dict[str, list[str]] = {}
     label: dict[str, str] = {}
-    for other, of_mode in classes.items():
-        for cls in of_mode:
+    for other in MODE_SECTIONS:
+        for cls in mode_classes(other):
             for f in dataclasses.fields(cls):
                 if f.name in given and f.name not in own:
                     owners.setdefault(f.name, []).append(other)
                     label.setdefault(f.name, f.metadata["flag"] if flags else repr(f.name))
     if owners:
-        what = "; ".join(f"{label[n]} is a setting of the {' and '.join(owners[n])} "
-                         f"mode{'s' if len(owners[n]) > 1 else ''}"
-                         for n in sorted(owners))  # fmt: skip
         where = call or (f"--mode {mode}" if flags else f"mode={mode!r}")
-        raise ValueError(f"{what}, not of {where}, which would ignore it")
+        what = ", ".join(f"{label[n]} ({' and '.join(owners[n])} mode"
+                         f"{'s' if len(owners[n]) > 1 else ''})"
+                         for n in sorted(owners))  # fmt: skip
+        raise ValueError(f"{where} would ignore settings of other modes: {what}")
 
 
 class ARPipeline(PriorMode, MaskedMode, Pipeline):
@@ -285,7 +297,8 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         "clip+pmi"; a composed prompt is scored by its scene caption. `out.candidates` records
         every candidate's seed and scores; see `Pipeline._rerank` for the seeds. ValueError
         before any drawing for keep > candidates, an unknown reranker, a reranker without its
-        component, or a prompt the CLIP's tokenizer cannot encode.
+        component, a prompt the CLIP's tokenizer cannot encode, or a keyword of another mode's
+        settings than `mode`'s (`check_mode_settings`), which the call would ignore.
 
         upsample: the cascade (Imagen): every kept image is then upsampled by the upsampler
         component (`Pipeline.upsample`, with `UpsampleSampling` / `upsample_settings` and the
@@ -305,7 +318,9 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        check_mode_settings(mode, overrides)  # another mode's setting would be ignored
+        # another mode's setting would be ignored (None keeps the default: nothing to ignore)
+        check_mode_settings(mode, [k for k, v in overrides.items() if v is not None],
+                            call="given embeddings" if embeds is not None else "")  # fmt: skip
         # the masked mode's settings take the shared names (temperature, top_k, guidance_scale)
         first = MaskedSampling if mode == "masked" else ARSampling
         one_kw, pr_kw, rr_kw, up_kw = split_overrides(overrides, first, PriorSampling,

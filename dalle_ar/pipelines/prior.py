@@ -75,8 +75,9 @@ class PriorMode:
         """DALL-E 2's variations: `num_samples` new pictures per given picture (PIL images, or
         (3, H, W) tensors in [0, 1]), drawn by the transformer from the picture's CLIP image
         embedding with the empty caption. Keyword arguments as for `__call__` (guidance_scale,
-        temperature, candidates, ...). ValueError without a clip component or a transformer
-        trained with the embedding."""
+        temperature, candidates, ...; the autoregressive mode's: a prior or masked setting is
+        refused). ValueError without a clip component or a transformer trained with the
+        embedding."""
         return self(["" for _ in images], num_samples, seed, embeds=self.image_embeds(images),
                     **kw)  # fmt: skip
 

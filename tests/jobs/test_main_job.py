@@ -151,8 +151,8 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     moved_args = [f"out_dir={moved}" if a.startswith("out_dir=") else a for a in args]
     assert main_job(moved_args) == 0
     assert capsys.readouterr().out.count("done already, skipped") == 14
-    # a CLIP whose weights changed: its token shards, the prior and the embedding-conditioned
-    # transformer are made again
+    # shards that hold another CLIP's embeddings than the folder's weights are not done (the
+    # job writes them again, and trains the embedding-conditioned transformer on them)
     summary_tokens = moved / "clip_tokens" / "eval-tokens.json"
     record = json.loads(summary_tokens.read_text())
     record["clip"]["file_sha256"] = "0" * 64
@@ -197,6 +197,37 @@ def test_the_emoji_main_job_draws_and_scores_real_pictures(tmp_path, capsys):
 
     grid = Image.open(out / "samples" / "grid.png")
     assert grid.height > 8 * 64  # a row per prompt (eight emoji prompts), captioned
+
+
+def test_token_shards_with_clip_embeddings_are_done_for_that_clips_weights(tmp_path):
+    """`_tokens_done` with a CLIP folder: its weights file's hash against the recorded one; the
+    folder's path for shards written before the hash was recorded; not done without weights."""
+    from dalle_ar.checkpoint import file_sha256
+    from dalle_ar.jobs.main import _tokens_done
+
+    clip, shards = tmp_path / "clip", tmp_path / "tokens"
+    clip.mkdir()
+    shards.mkdir()
+    (clip / "model.safetensors").write_bytes(b"weights")
+
+    def record(**clip_record: object) -> None:
+        (shards / "eval-tokens.json").write_text(json.dumps({"clip": clip_record}))
+
+    record(folder="/elsewhere/clip", file_sha256=file_sha256(clip / "model.safetensors"))
+    assert _tokens_done(shards, clip) and _tokens_done(shards)
+    (clip / "model.safetensors").write_bytes(b"other weights")
+    assert not _tokens_done(shards, clip)
+    record(folder=str(clip.resolve()))  # written before the hash: the path decides
+    assert _tokens_done(shards, clip)
+    record(folder="/elsewhere/clip", file_sha256=None)
+    assert not _tokens_done(shards, clip)
+    record(folder=str(clip.resolve()), file_sha256="0" * 64)
+    (clip / "model.safetensors").unlink()
+    assert not _tokens_done(shards, clip)
+    record()
+    assert not _tokens_done(shards, clip)  # no CLIP recorded at all
+    (shards / "eval-tokens.json").write_text(json.dumps({"clip": None}))
+    assert not _tokens_done(shards, clip) and _tokens_done(shards)
 
 
 def test_the_quick_job_has_every_mode_on_smaller_budgets():

@@ -58,14 +58,22 @@ def test_masked_mode_draws_every_code_in_parallel_passes(pipe):
     ar = pipe(PROMPTS, num_samples=2, seed=0)
     assert not torch.equal(ar.codes, out.codes)
     # another mode's setting, which the call would ignore, is refused by name
-    with pytest.raises(ValueError, match="'top_p' is a setting of the ar and prior modes, not "
-                                         "of mode='masked'"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"mode='masked' would ignore settings of other modes: "
+                                         r"'top_p' \(ar and prior modes\)"):  # fmt: skip
         pipe(PROMPTS, mode="masked", top_p=0.9)
-    with pytest.raises(ValueError, match="'steps' is a setting of the masked mode, not of "
-                                         "mode='ar'"):  # fmt: skip
-        pipe(PROMPTS, steps=3)
-    with pytest.raises(ValueError, match="'prior_steps' is a setting of the prior mode"):
+    both = r"'prior_steps' \(prior mode\), 'steps' \(masked mode\)"
+    with pytest.raises(
+        ValueError, match=r"mode='ar' would ignore settings of other modes: " + both
+    ):
+        pipe(PROMPTS, steps=3, prior_steps=5)
+    with pytest.raises(ValueError, match=r"'prior_steps' \(prior mode\)"):
         pipe(PROMPTS, mode="masked", prior_steps=5)
+    # None keeps the default: nothing to ignore
+    assert pipe([PROMPTS[0]], seed=0, mode="masked", steps=2, prior_steps=None).codes.shape == (
+        1,
+        4,
+        4,
+    )
     with pytest.raises(ValueError, match="unknown sampling setting 'no_such'"):
         pipe(PROMPTS, mode="masked", no_such=1)
 
@@ -132,14 +140,16 @@ def test_sample_command_masked_and_inpainting(pipe_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("mode", "flags", "message"),
     [
-        ("ar", ["--steps", "3"], "--steps is a setting of the masked mode, not of --mode ar"),
-        ("ar", ["--precision", "bf16"], "--precision is a setting of the masked mode"),
+        ("ar", ["--steps", "3"],
+         "--mode ar would ignore settings of other modes: --steps (masked mode)"),
+        ("ar", ["--precision", "bf16"], "--precision (masked mode)"),
         ("masked", ["--top-p", "0.9"],
-         "--top-p is a setting of the ar and prior modes, not of --mode masked"),
+         "--mode masked would ignore settings of other modes: --top-p (ar and prior modes)"),
         ("masked", ["--prior-steps", "5", "--corrector-steps", "1"],
-         "--prior-steps is a setting of the prior mode, not of --mode masked"),
+         "--mode masked would ignore settings of other modes: --prior-steps (prior mode)"),
         ("prior", ["--confidence-temperature", "2"],
-         "--confidence-temperature is a setting of the masked mode, not of --mode prior"),
+         "--mode prior would ignore settings of other modes: --confidence-temperature (masked "
+         "mode)"),
     ],
 )  # fmt: skip
 def test_the_command_line_refuses_another_modes_flags(pipe_dir, tmp_path, capsys, mode, flags,
@@ -149,6 +159,10 @@ def test_the_command_line_refuses_another_modes_flags(pipe_dir, tmp_path, capsys
                 "--out", str(out)]) == 2  # fmt: skip
     assert message in capsys.readouterr().err
     assert not out.exists()  # refused before any drawing
+    # and so does the fidelity evaluation, which would draw without them
+    assert cli(["eval", "fidelity", "--model", str(pipe_dir), "--num", "2", "--mode", mode,
+                *flags]) == 2  # fmt: skip
+    assert message in capsys.readouterr().err
 
 
 def test_the_command_line_refuses_a_precision_it_does_not_know(pipe_dir, capsys):

@@ -114,6 +114,10 @@ def test_variations_and_interpolation(pipe):
     assert path.codes.shape == (4, 4, 4)
     with pytest.raises(ValueError, match="steps must be >= 2"):
         pipe.interpolate(PROMPTS[0], PROMPTS[1], steps=1)
+    # the given pictures' embeddings stand in for the prior's: its settings have nothing to do
+    with pytest.raises(ValueError, match=r"given embeddings would ignore settings of other "
+                                         r"modes: 'prior_steps' \(prior mode\)"):  # fmt: skip
+        pipe.variations(pics, prior_steps=3)
 
 
 def test_a_prior_of_another_clip_is_refused_by_name(parts, tmp_path):
@@ -139,7 +143,7 @@ def test_prior_mode_needs_its_parts(pipe):
         text_only(PROMPTS, mode="prior")
 
 
-def test_sample_command_draws_in_prior_mode_and_variations(pipe_dir, tmp_path):
+def test_sample_command_draws_in_prior_mode_and_variations(pipe_dir, tmp_path, capsys):
     from dalle_ar.cli import main as cli
 
     out = tmp_path / "prior"
@@ -160,6 +164,15 @@ def test_sample_command_draws_in_prior_mode_and_variations(pipe_dir, tmp_path):
     assert len(list(var.glob("000_*.png"))) == 3 and (var / "grid_000.png").is_file()
     assert cli(["sample", "--model", str(pipe_dir), "--variations", str(tmp_path / "no.png"),
                 "--out", str(var)]) == 2  # fmt: skip
+    # variations draw from the pictures' embeddings: neither another mode nor its settings
+    red = str(tmp_path / "red.png")
+    assert cli(["sample", "--model", str(pipe_dir), "--variations", red, "--mode", "prior",
+                "--out", str(tmp_path / "v2")]) == 2  # fmt: skip
+    assert "not in --mode prior" in capsys.readouterr().err
+    assert cli(["sample", "--model", str(pipe_dir), "--variations", red, "--prior-steps", "3",
+                "--out", str(tmp_path / "v2")]) == 2  # fmt: skip
+    assert "--variations would ignore settings of other modes: --prior-steps (prior mode)" in (
+        capsys.readouterr().err)  # fmt: skip
 
 
 def test_variations_tool_scores_agreement_with_the_source(pipe_dir, shapes_shards, tmp_path):
