@@ -410,6 +410,15 @@ RECORD_KEYS = ("index", "file", "prompt", "prompt_index", "sample_index", "seed"
 
 def _regenerate(args: argparse.Namespace) -> int:
     path = Path(args.from_json)
+    given = [*mode_settings_given(args), *from_args(args, RerankSettings),
+             *from_args(args, UpsampleSampling)]  # fmt: skip
+    if given or args.prompts or args.prompts_file:
+        flags = {f.name: f.metadata["flag"] for cls in (ARSampling, PriorSampling, MaskedSampling,
+                 RerankSettings, UpsampleSampling) for f in dataclasses.fields(cls)}  # fmt: skip
+        what = [flags[n] for n in given] + (["prompts"] if args.prompts or args.prompts_file
+                                            else [])  # fmt: skip
+        raise ValueError(f"--from-json draws each sample again as its record says: it takes no "
+                         f"{', '.join(what)} (draw anew without --from-json)")  # fmt: skip
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:

@@ -297,8 +297,9 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         "clip+pmi"; a composed prompt is scored by its scene caption. `out.candidates` records
         every candidate's seed and scores; see `Pipeline._rerank` for the seeds. ValueError
         before any drawing for keep > candidates, an unknown reranker, a reranker without its
-        component, a prompt the CLIP's tokenizer cannot encode, or a keyword of another mode's
-        settings than `mode`'s (`check_mode_settings`), which the call would ignore.
+        component, a prompt the CLIP's tokenizer cannot encode, or a settings keyword
+        (`check_mode_settings`) or object of another mode than `mode`, which the call would
+        ignore.
 
         upsample: the cascade (Imagen): every kept image is then upsampled by the upsampler
         component (`Pipeline.upsample`, with `UpsampleSampling` / `upsample_settings` and the
@@ -319,8 +320,18 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         # another mode's setting would be ignored (None keeps the default: nothing to ignore)
-        check_mode_settings(mode, [k for k, v in overrides.items() if v is not None],
-                            call="given embeddings" if embeds is not None else "")  # fmt: skip
+        call = "given embeddings" if embeds is not None else ""
+        check_mode_settings(mode, [k for k, v in overrides.items() if v is not None], call=call)
+        objects = {"ar": ("settings", settings), "prior": ("prior_settings", prior_settings),
+                   "masked": ("masked_settings", masked_settings)}  # fmt: skip
+        used = MODE_SECTIONS.get(mode, ())
+        if embeds is not None:  # the given embeddings stand in for the prior's
+            used = tuple(section for section in used if section != "prior")
+        unused = [name for section, (name, obj) in objects.items()
+                  if obj is not None and section not in used]  # fmt: skip
+        if unused and mode in MODE_SECTIONS:
+            raise ValueError(f"{call or f'mode={mode!r}'} would ignore {', '.join(unused)} (the "
+                             "settings of another mode)")  # fmt: skip
         # the masked mode's settings take the shared names (temperature, top_k, guidance_scale)
         first = MaskedSampling if mode == "masked" else ARSampling
         one_kw, pr_kw, rr_kw, up_kw = split_overrides(overrides, first, PriorSampling,

@@ -68,6 +68,14 @@ def test_masked_mode_draws_every_code_in_parallel_passes(pipe):
         pipe(PROMPTS, steps=3, prior_steps=5)
     with pytest.raises(ValueError, match=r"'prior_steps' \(prior mode\)"):
         pipe(PROMPTS, mode="masked", prior_steps=5)
+    # and so is another mode's settings object
+    from dalle_ar.sampling.settings import ARSampling, MaskedSampling, PriorSampling
+
+    with pytest.raises(ValueError, match=r"mode='ar' would ignore masked_settings \(the settings "
+                                         r"of another mode\)"):  # fmt: skip
+        pipe(PROMPTS, masked_settings=MaskedSampling(steps=2))
+    with pytest.raises(ValueError, match="mode='masked' would ignore settings, prior_settings"):
+        pipe(PROMPTS, mode="masked", settings=ARSampling(), prior_settings=PriorSampling())
     # None keeps the default: nothing to ignore
     assert pipe([PROMPTS[0]], seed=0, mode="masked", steps=2, prior_steps=None).codes.shape == (
         1,
@@ -99,7 +107,7 @@ def test_masked_mode_reranks(pipe):
     assert all(m["mode"] == "masked" for m in out.samples)
 
 
-def test_sample_command_masked_and_inpainting(pipe_dir, tmp_path, monkeypatch):
+def test_sample_command_masked_and_inpainting(pipe_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "m"
     assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--num", "2", "--mode", "masked",
                 "--steps", "3", "--temperature", "0.8", "--out", str(out)]) == 0  # fmt: skip
@@ -111,6 +119,11 @@ def test_sample_command_masked_and_inpainting(pipe_dir, tmp_path, monkeypatch):
                 "--out", str(again)]) == 0  # fmt: skip
     a, b = Image.open(out / "000_01.png"), Image.open(again / "000_01.png")
     assert np.array_equal(np.asarray(a), np.asarray(b))
+    # a regeneration draws as recorded: a setting given beside it would be ignored, so is refused
+    assert cli(["sample", "--from-json", str(out / "samples.json"), "--temperature", "0.9",
+                "--steps", "4", "--out", str(tmp_path / "never")]) == 2  # fmt: skip
+    assert "--from-json draws each sample again as its record says: it takes no --temperature, " \
+           "--steps" in capsys.readouterr().err  # fmt: skip
     old = tmp_path / "old"  # a record from before the precision setting: drawn in fp32
     assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--mode", "masked", "--steps",
                 "3", "--precision", "fp32", "--out", str(old)]) == 0  # fmt: skip
