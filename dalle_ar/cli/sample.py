@@ -82,6 +82,7 @@ from dalle_ar.sampling.settings import (
     RerankSettings,
     UpsampleSampling,
     add_arguments,
+    flags,
     from_args,
     names,
     upsample_from_args,
@@ -194,6 +195,7 @@ def _sample(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     check_mode_settings(args.mode, mode_settings_given(args), flags=True)  # before loading
     pipe = load_pipeline(args)
+    check_rerank_flags(args, pipe)  # the command line's (the web page sends every setting)
     draw(args, pipe, prompts)
     return 0
 
@@ -246,6 +248,18 @@ def draw(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> Any:
     )
     writer.finish(out, len(prompts))
     return out
+
+
+def check_rerank_flags(args: argparse.Namespace, pipe: Any) -> None:
+    """ValueError when --reranker or --rerank-weight is given but each sample is one candidate
+    (--candidates, else the folder's default, is 1): nothing is reranked, so they would be
+    ignored."""
+    given = from_args(args, RerankSettings)
+    candidates = given.get("candidates", pipe.defaults["rerank"].candidates)
+    ranking = [flags(RerankSettings)[k] for k in ("reranker", "rerank_weight") if k in given]
+    if candidates == 1 and ranking:
+        raise ValueError(f"{', '.join(ranking)} rank the candidates of each sample: give "
+                         "--candidates N > 1 (each sample is one candidate now)")  # fmt: skip
 
 
 def mode_settings_given(args: argparse.Namespace) -> dict[str, Any]:
@@ -302,6 +316,7 @@ def _variations(args: argparse.Namespace) -> int:
     check_mode_settings("ar", mode_settings_given(args), flags=True, call="--variations")
     pics = [_picture(f) for f in args.variations]
     pipe = load_pipeline(args)
+    check_rerank_flags(args, pipe)
     settings = {**from_args(args, ARSampling), **from_args(args, RerankSettings),
                 **upsample_from_args(args)}  # fmt: skip
 
@@ -413,10 +428,9 @@ def _regenerate(args: argparse.Namespace) -> int:
     given = [*mode_settings_given(args), *from_args(args, RerankSettings),
              *from_args(args, UpsampleSampling)]  # fmt: skip
     if given or args.prompts or args.prompts_file:
-        flags = {f.name: f.metadata["flag"] for cls in (ARSampling, PriorSampling, MaskedSampling,
-                 RerankSettings, UpsampleSampling) for f in dataclasses.fields(cls)}  # fmt: skip
-        what = [flags[n] for n in given] + (["prompts"] if args.prompts or args.prompts_file
-                                            else [])  # fmt: skip
+        flag = flags(ARSampling, PriorSampling, MaskedSampling, RerankSettings, UpsampleSampling)
+        what = [flag[n] for n in given] + (["prompts"] if args.prompts or args.prompts_file
+                                           else [])  # fmt: skip
         raise ValueError(f"--from-json draws each sample again as its record says: it takes no "
                          f"{', '.join(what)} (draw anew without --from-json)")  # fmt: skip
     if not path.is_file():

@@ -360,6 +360,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         parser.add_argument(f.metadata["flag"], **kw)
 
 
+def flags(*classes: type) -> dict[str, str]:
+    """Each field of `classes` -> its command-line flag (`add_arguments`)."""
+    return {f.name: f.metadata["flag"] for cls in classes for f in dataclasses.fields(cls)}
+
+
 def from_args(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The fields of `cls` but those in `skip` given on the command line (`add_arguments`)."""
     given = (n for n in names(cls) if n not in skip)
@@ -372,8 +377,8 @@ def upsample_from_args(args: argparse.Namespace) -> dict[str, Any]:
     options given without it."""
     given = from_args(args, UpsampleSampling)
     if given and not args.upsample:
-        flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(UpsampleSampling)}
-        raise ValueError(f"{', '.join(flags[k] for k in sorted(given))} apply only with "
+        flag = flags(UpsampleSampling)
+        raise ValueError(f"{', '.join(flag[k] for k in sorted(given))} apply only with "
                          "--upsample (or --upsample-images)")  # fmt: skip
     return {"upsample": True, **given} if args.upsample else {}
 
@@ -391,6 +396,7 @@ __all__ = [
     "UpsampleSampling",
     "add_arguments",
     "reranker_parts",
+    "flags",
     "from_args",
     "from_dict",
     "names",

@@ -117,7 +117,7 @@ def test_bad_rerank_input_is_refused_before_any_drawing(pipe, pipe_dir, monkeypa
     assert not drawn
 
 
-def test_the_command_line_offers_the_rerankers_there_are(pipe_dir, capsys):
+def test_the_command_line_offers_the_rerankers_there_are(pipe_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--candidates", "2", "--reranker",
              "dino", "--out", "never"])  # fmt: skip
@@ -125,6 +125,13 @@ def test_the_command_line_offers_the_rerankers_there_are(pipe_dir, capsys):
     assert "--reranker: invalid choice: 'dino'" in err
     offered = err.split("choose from ")[1].split(")")[0].replace("'", "").split(", ")
     assert offered == ["pmi", "clip", "clip+pmi"]
+    # one candidate per sample (the folder's default): nothing to rank, so the ranking's
+    # flags would be ignored
+    assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--reranker", "clip",
+                "--rerank-weight", "0.5", "--out", str(tmp_path / "never")]) == 2  # fmt: skip
+    assert "--reranker, --rerank-weight rank the candidates of each sample: give --candidates " \
+           "N > 1" in capsys.readouterr().err  # fmt: skip
+    assert not (tmp_path / "never").exists()
 
 
 def test_fidelity_refuses_bad_rerankers_before_any_drawing(pipe, monkeypatch):
