@@ -331,19 +331,23 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
     small = dataclasses.replace(result, images=result.small_images) if up else result
     grid = save_prompt_grid(small, p.samples / "grid.png")
     report = data.evaluate(pipe, cfg, p.data)
-    report["grid"] = str(grid)
+
+    def where(path: Path) -> str:  # in the job folder, which may be moved
+        return str(path.relative_to(p.out))
+
+    report["grid"] = where(grid)
     if up:
-        report["grid_upsampled"] = str(save_prompt_grid(result, p.samples / "grid_upsampled.png"))
+        report["grid_upsampled"] = where(save_prompt_grid(result, p.samples / "grid_upsampled.png"))
     if cfg.with_prior:  # the same prompts and seeds in prior mode
         result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, mode="prior",
                       settings=cfg.sampling, prior_settings=cfg.prior_sampling,
                       rerank=cfg.rerank, progress=True)  # fmt: skip
-        report["grid_prior"] = str(save_prompt_grid(result, p.samples / "grid_prior.png"))
+        report["grid_prior"] = where(save_prompt_grid(result, p.samples / "grid_prior.png"))
     if cfg.masked:  # the same prompts and seeds in the masked mode
         result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, mode="masked",
                       masked_settings=cfg.masked_sampling, rerank=cfg.rerank,
                       progress=True)  # fmt: skip
-        report["grid_masked"] = str(save_prompt_grid(result, p.samples / "grid_masked.png"))
+        report["grid_masked"] = where(save_prompt_grid(result, p.samples / "grid_masked.png"))
     p.fidelity.write_text(json.dumps(report, indent=2))
     p.evaluation.write_text(data.summarize(report) + "\n")
 

@@ -4,7 +4,6 @@ fidelity read back from the pixels by the shape checker."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +63,18 @@ def evaluate(pipe: Any, cfg: MainJobConfig, shards: Path | None = None) -> dict[
 
 
 def summarize(report: dict[str, Any]) -> str:
-    """The exact-match lines of the fidelity report (all, seen, held-out per setting), as JSON."""
-    return json.dumps(report["summary"], indent=2)
+    """The fidelity report's exact-match shares per setting (all, seen and held-out
+    colour-shape pairs), as a Markdown table for the terminal and out_dir/evaluation.md."""
+    n, held_out = report.get("num_prompts"), report.get("n_held_out")
+    title = "prompt fidelity (shape checker, exact match)"
+    if isinstance(n, int) and isinstance(held_out, int):
+        title += f", {n} evaluation prompts: {n - held_out} seen, {held_out} held-out pairs"
+    rows = [title, "", "| setting | all | seen | held-out |", "|---|---|---|---|"]
+    for name, shares in report["summary"].items():
+        cells = [shares.get(k) for k in ("exact", "exact_seen", "exact_held_out")]
+        shown = " | ".join("" if c is None else f"{100 * c:.1f}%" for c in cells)
+        rows.append(f"| {name} | {shown} |")
+    return "\n".join(rows)
 
 
 SHAPES = DataSet(

@@ -115,6 +115,13 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
         assert res["candidates"] == 2 and res["all"]["n"] == 4
         assert res["any_of_k"]["all"] >= res["all"]["exact"]
     assert fid["num_prompts"] == 4 and fid["settings"]["1"]["all"]["n"] == 4
+    # the grids named inside the job folder, which may be moved
+    assert fid["grid"] == "samples/grid.png" and fid["grid_masked"] == "samples/grid_masked.png"
+    # the terminal and evaluation.md show the exact-match shares as a table, one row a setting
+    table = (out / "evaluation.md").read_text()
+    seen = 100 * fid["summary"]["prior mode guidance 1.5"]["exact_seen"]
+    assert "| setting | all | seen | held-out |" in table and "| setting | all |" in printed
+    assert "| prior mode guidance 1.5 | " in table and f"| {seen:.1f}% |" in table
     summary = json.loads((out / "summary.json").read_text())
     assert summary["lanes"] == 2
     assert summary["fidelity"]["summary"] == fid["summary"]
