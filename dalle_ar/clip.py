@@ -287,9 +287,11 @@ class CLIP:
 
     @property
     def file_sha256(self) -> str | None:
-        """The content hash of the model.safetensors it was loaded from (`checkpoint.file_sha256`,
-        read on first use): what says, without loading the folder, that it still holds these
-        weights (the token shards with its embeddings record it); None for a CLIP built here."""
+        """The content hash of the model.safetensors of the folder it was loaded from
+        (`checkpoint.file_sha256`), read on first use, so read it while the folder is as it was
+        loaded: what says, without loading the folder, that it holds these weights (the token
+        shards with its embeddings record it); None for a CLIP built here. FileNotFoundError
+        when the file is gone."""
         if self._file_sha256 is None and self.folder is not None:
             self._file_sha256 = file_sha256(self.folder / "model.safetensors")
         return self._file_sha256

@@ -51,7 +51,10 @@ scene, weighed by --part-scale (`dalle_ar.prompts.split_prompt`).
 
 An empty prompt is the unconditional sample (allowed, with a warning); over-long prompts are
 truncated (warning); --num < 1, an unreadable pipeline folder or components that do not fit
-each other stop with a message and exit status 2.
+each other stop with a message and exit status 2, and so does what would be ignored, before any
+drawing: a setting of another mode than --mode's (--steps with --mode ar), --reranker or
+--rerank-weight without --candidates N > 1, sampling flags or prompts beside --from-json, and
+--variations in a --mode other than ar.
 """
 
 from __future__ import annotations
@@ -222,7 +225,8 @@ def draw(args: argparse.Namespace, pipe: Any, prompts: list[str]) -> Any:
         raise ValueError("--init and --mask go together (the picture and the region to repaint)")
     if args.init and args.mode != "masked":
         raise ValueError("--init/--mask repaint in --mode masked")
-    check_mode_settings(args.mode, mode_settings_given(args), flags=True)  # else they'd be ignored
+    # else they'd be ignored (the command checked before loading; the web page draws here too)
+    check_mode_settings(args.mode, mode_settings_given(args), flags=True)
     if args.mode == "masked":
         return _masked(args, pipe, prompts)
     prime = None
@@ -258,8 +262,8 @@ def check_rerank_flags(args: argparse.Namespace, pipe: Any) -> None:
     candidates = given.get("candidates", pipe.defaults["rerank"].candidates)
     ranking = [flags(RerankSettings)[k] for k in ("reranker", "rerank_weight") if k in given]
     if candidates == 1 and ranking:
-        raise ValueError(f"{', '.join(ranking)} rank the candidates of each sample: give "
-                         "--candidates N > 1 (each sample is one candidate now)")  # fmt: skip
+        raise ValueError(f"{', '.join(ranking)} apply only with --candidates N > 1 (each "
+                         "sample is one candidate now: nothing is ranked)")  # fmt: skip
 
 
 def mode_settings_given(args: argparse.Namespace) -> dict[str, Any]:

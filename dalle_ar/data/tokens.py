@@ -239,6 +239,8 @@ def pretokenize(
             "dalle_ar.cli.tokens.tokenize_shards (the `dalle-ar tokens` command)"
         )
     dev = next(vq.parameters()).device
+    # the CLIP folder's weights file as the encoding starts (`CLIP.file_sha256`), for the record
+    clip_file_sha256 = None if clip is None else clip.file_sha256
     size = image_size or vq.config.image_size
     grid = list(vq.grid_size(size))
     loader = make_loader(shards, size, batch_size, train=False, num_workers=num_workers)
@@ -249,7 +251,7 @@ def pretokenize(
     bar.close()
     clip_record = None
     if clip is not None:
-        clip_record = {**clip.identity(), "folder": clip_source, "file_sha256": clip.file_sha256}
+        clip_record = {**clip.identity(), "folder": clip_source, "file_sha256": clip_file_sha256}
     summary = {
         "vq": source,
         # the VQ's content hash (`VQTokenizer.weights_sha256`): what a transformer trained on

@@ -91,8 +91,8 @@ MODE_SECTIONS = {"ar": ("ar",), "prior": ("ar", "prior"), "masked": ("masked",)}
 
 
 def mode_classes(mode: str) -> list[type]:
-    """The settings classes `mode` draws with (`MODE_SECTIONS`, `ARPipeline.settings`); reranking
-    and the cascade's serve every mode besides. KeyError for an unknown mode."""
+    """The settings classes `mode` draws with (`MODE_SECTIONS`, `ARPipeline.settings`), without
+    the reranking and cascade settings every mode takes. KeyError for an unknown mode."""
     return [ARPipeline.settings[section] for section in MODE_SECTIONS[mode]]
 
 
@@ -319,19 +319,20 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        # another mode's setting would be ignored (None keeps the default: nothing to ignore)
-        call = "given embeddings" if embeds is not None else ""
-        check_mode_settings(mode, [k for k, v in overrides.items() if v is not None], call=call)
-        objects = {"ar": ("settings", settings), "prior": ("prior_settings", prior_settings),
-                   "masked": ("masked_settings", masked_settings)}  # fmt: skip
-        used = MODE_SECTIONS.get(mode, ())
-        if embeds is not None:  # the given embeddings stand in for the prior's
-            used = tuple(section for section in used if section != "prior")
-        unused = [name for section, (name, obj) in objects.items()
-                  if obj is not None and section not in used]  # fmt: skip
-        if unused and mode in MODE_SECTIONS:
-            raise ValueError(f"{call or f'mode={mode!r}'} would ignore {', '.join(unused)} (the "
-                             "settings of another mode)")  # fmt: skip
+        # another mode's setting would be ignored (None keeps the default: nothing to ignore);
+        # given embeddings draw in mode "ar" (another mode with them is refused further on)
+        if embeds is None or mode == "ar":
+            call = "given embeddings" if embeds is not None else f"mode={mode!r}"
+            check_mode_settings(mode, [k for k, v in overrides.items() if v is not None],
+                                call=call)  # fmt: skip
+            objects = {"settings": ("ar", settings), "prior_settings": ("prior", prior_settings),
+                       "masked_settings": ("masked", masked_settings)}  # fmt: skip
+            used = MODE_SECTIONS.get(mode, ()) if embeds is None else MODE_SECTIONS["ar"]
+            unused = [f"{name}= ({type(obj).__name__})" for name, (section, obj) in objects.items()
+                      if obj is not None and section not in used]  # fmt: skip
+            if unused and mode in MODE_SECTIONS:
+                raise ValueError(f"{call} would ignore settings of other modes: "
+                                 f"{', '.join(unused)}")  # fmt: skip
         # the masked mode's settings take the shared names (temperature, top_k, guidance_scale)
         first = MaskedSampling if mode == "masked" else ARSampling
         one_kw, pr_kw, rr_kw, up_kw = split_overrides(overrides, first, PriorSampling,

@@ -71,11 +71,16 @@ def test_masked_mode_draws_every_code_in_parallel_passes(pipe):
     # and so is another mode's settings object
     from dalle_ar.sampling.settings import ARSampling, MaskedSampling, PriorSampling
 
-    with pytest.raises(ValueError, match=r"mode='ar' would ignore masked_settings \(the settings "
-                                         r"of another mode\)"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"mode='ar' would ignore settings of other modes: "
+                                         r"masked_settings= \(MaskedSampling\)"):  # fmt: skip
         pipe(PROMPTS, masked_settings=MaskedSampling(steps=2))
-    with pytest.raises(ValueError, match="mode='masked' would ignore settings, prior_settings"):
+    with pytest.raises(ValueError, match=r"mode='masked' would ignore settings of other modes: "
+                                         r"settings= \(ARSampling\), prior_settings= "
+                                         r"\(PriorSampling\)"):  # fmt: skip
         pipe(PROMPTS, mode="masked", settings=ARSampling(), prior_settings=PriorSampling())
+    # embeddings given to another mode than ar: refused as such, not for its settings
+    with pytest.raises(ValueError, match="takes no embeddings"):
+        pipe(PROMPTS, mode="masked", embeds=torch.zeros(2, 8), settings=ARSampling())
     # None keeps the default: nothing to ignore
     assert pipe([PROMPTS[0]], seed=0, mode="masked", steps=2, prior_steps=None).codes.shape == (
         1,

@@ -129,8 +129,8 @@ def test_the_command_line_offers_the_rerankers_there_are(pipe_dir, tmp_path, cap
     # flags would be ignored
     assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--reranker", "clip",
                 "--rerank-weight", "0.5", "--out", str(tmp_path / "never")]) == 2  # fmt: skip
-    assert "--reranker, --rerank-weight rank the candidates of each sample: give --candidates " \
-           "N > 1" in capsys.readouterr().err  # fmt: skip
+    assert "--reranker, --rerank-weight apply only with --candidates N > 1" in (
+        capsys.readouterr().err)  # fmt: skip
     assert not (tmp_path / "never").exists()
 
 
