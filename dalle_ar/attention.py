@@ -21,10 +21,10 @@ _warned: set[str] = set()
 IMPLS = ("auto", "triton", "torch")
 
 
-def _warn_once(msg: str) -> None:
+def _warn_once(msg: str, level: int = logging.WARNING) -> None:
     if msg not in _warned:
         _warned.add(msg)
-        log.warning(msg)
+        log.log(level, msg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,5 +106,9 @@ def get_backend(impl: str = "auto", device: torch.device | str | None = None) ->
         return AttentionBackend("triton")
     if ok and (device is None or on_cuda):
         return AttentionBackend("triton")
-    _warn_once(f"attention: using the PyTorch reference path ({why or 'model is not on CUDA'})")
+    # on a machine without CUDA it is the path there is: said at INFO, not as a warning on
+    # every command; a GPU the kernels cannot run on, or a model kept off it, is warned about
+    expected = not torch.cuda.is_available()
+    _warn_once(f"attention: using the PyTorch reference path ({why or 'model is not on CUDA'})",
+               logging.INFO if expected else logging.WARNING)  # fmt: skip
     return AttentionBackend("torch")
