@@ -35,7 +35,7 @@ from pathlib import Path
 from dalle_ar.cli import add_pipeline_arguments, load_pipeline
 from dalle_ar.cli.sample import check_out, mode_settings_given
 from dalle_ar.eval.fidelity import GUIDED_SCALE, evaluate_fidelity
-from dalle_ar.pipelines.ar import check_mode_settings
+from dalle_ar.pipelines.ar import MODES, check_mode_settings
 from dalle_ar.sampling.settings import (
     MASKED_SHARED,
     ARSampling,
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--mode",
         default="ar",
-        choices=("ar", "prior", "masked"),
+        choices=MODES,
         help="ar: the prompt alone; prior: the diffusion prior's embedding too; masked: the "
         "masked generator",
     )

@@ -74,6 +74,7 @@ from dalle_ar.grid import prompt_grids
 from dalle_ar.pipelines.ar import (
     MAX_BATCH,
     MEMORY_MB,
+    MODES,
     check_mode_settings,
     mode_setting_names,
 )
@@ -117,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="upsample each kept image with the pipeline's upsampler")  # fmt: skip
     ap.add_argument("--upsample-images", nargs="+", metavar="IMG",
                     help="upsample these pictures (of the upsampler's small size)")  # fmt: skip
-    ap.add_argument("--mode", default="ar", choices=("ar", "prior", "masked"),
+    ap.add_argument("--mode", default="ar", choices=MODES,
                     help="ar: the prompt alone; prior: the prior's CLIP image embedding too; "
                          "masked: the masked generator, in parallel passes")  # fmt: skip
     ap.add_argument("--init", help="--mode masked: the picture to repaint (with --mask)")
@@ -487,7 +488,7 @@ def _one(pipe: Any, rec: dict[str, Any]):
     import torch
 
     prime = rec.get("prime_codes")
-    if rec.get("mode", "ar") not in ("ar", "prior", "masked"):
+    if rec.get("mode", "ar") not in MODES:
         raise ValueError(f"sample {rec['index']} was drawn from given pictures ({rec['mode']}): "
                          "regenerate it with --variations and its seed")  # fmt: skip
     mode = rec.get("mode", "ar")
