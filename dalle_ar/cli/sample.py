@@ -53,8 +53,9 @@ An empty prompt is the unconditional sample (allowed, with a warning); over-long
 truncated (warning); --num < 1, an unreadable pipeline folder or components that do not fit
 each other stop with a message and exit status 2, and so does what would be ignored, before any
 drawing: a setting of another mode than --mode's (--steps with --mode ar), --reranker or
---rerank-weight without --candidates N > 1, sampling flags or prompts beside --from-json, and
---variations in a --mode other than ar.
+--rerank-weight without --candidates N > 1, options beside --from-json that would change what it
+draws (prompts, --num, --seed, --mode, sampling flags), and --variations in a --mode other than
+ar.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # threads: set by load_pipeline
     try:
         if args.from_json:
+            _check_regeneration_options(argv)
             return _regenerate(args)
         return _sample(args)
     except (ValueError, FileNotFoundError) as e:
@@ -428,16 +430,28 @@ def _argv_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[
 RECORD_KEYS = ("index", "file", "prompt", "prompt_index", "sample_index", "seed")
 
 
+# what --from-json takes besides: where and how it draws, not what (the drawing is batch-invariant)
+REGENERATION_OPTIONS = ("from_json", "index", "candidate", "out", "model", "device", "threads",
+                        "allow_mismatch", "batch_size", "memory_mb")  # fmt: skip
+
+
+def _check_regeneration_options(argv: list[str] | None) -> None:
+    """ValueError naming every option given beside --from-json that would change what is drawn
+    (prompts, --num, --seed, --mode, sampling settings, priming, inpainting, upsampling): the
+    regeneration draws each sample as its record says, so it would ignore them."""
+    ap = _parser()
+    for action in ap._actions:  # only what the command line names is parsed into the namespace
+        action.default = argparse.SUPPRESS
+    given = vars(ap.parse_args(argv))
+    names = {a.dest: (a.option_strings or [a.dest])[0] for a in ap._actions}
+    ignored = [names[d] for d in given if d not in REGENERATION_OPTIONS]
+    if ignored:
+        raise ValueError(f"--from-json draws each sample again as its record says: it takes no "
+                         f"{', '.join(ignored)} (draw anew without --from-json)")  # fmt: skip
+
+
 def _regenerate(args: argparse.Namespace) -> int:
     path = Path(args.from_json)
-    given = [*mode_settings_given(args), *from_args(args, RerankSettings),
-             *from_args(args, UpsampleSampling)]  # fmt: skip
-    if given or args.prompts or args.prompts_file:
-        flag = flags(ARSampling, PriorSampling, MaskedSampling, RerankSettings, UpsampleSampling)
-        what = [flag[n] for n in given] + (["prompts"] if args.prompts or args.prompts_file
-                                           else [])  # fmt: skip
-        raise ValueError(f"--from-json draws each sample again as its record says: it takes no "
-                         f"{', '.join(what)} (draw anew without --from-json)")  # fmt: skip
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:

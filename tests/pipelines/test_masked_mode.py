@@ -129,6 +129,13 @@ def test_sample_command_masked_and_inpainting(pipe_dir, tmp_path, monkeypatch, c
                 "--steps", "4", "--out", str(tmp_path / "never")]) == 2  # fmt: skip
     assert "--from-json draws each sample again as its record says: it takes no --temperature, " \
            "--steps" in capsys.readouterr().err  # fmt: skip
+    assert cli(["sample", "--from-json", str(out / "samples.json"), "--seed", "5", "--num", "2",
+                "--mode", "masked", "a prompt", "--out", str(tmp_path / "never")]) == 2  # fmt: skip
+    assert "it takes no --seed, --num, --mode, prompts" in capsys.readouterr().err
+    # where and how it draws are its own: batches do not change a sample
+    assert cli(["sample", "--from-json", str(out / "samples.json"), "--index", "1",
+                "--batch-size", "1", "--out", str(again)]) == 0  # fmt: skip
+    assert np.array_equal(np.asarray(a), np.asarray(Image.open(again / "000_01.png")))
     old = tmp_path / "old"  # a record from before the precision setting: drawn in fp32
     assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--mode", "masked", "--steps",
                 "3", "--precision", "fp32", "--out", str(old)]) == 0  # fmt: skip
