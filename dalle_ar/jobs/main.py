@@ -557,17 +557,20 @@ class StageFailed(RuntimeError):
     wrong and where its output went; the stages beside it were stopped."""
 
 
-def say(line: str) -> None:
+def say(line: str, bar_open: bool = False) -> None:
     """One line of the job's progress on stdout. On a terminal it first clears the line a stage
-    running beside it may have left a progress bar on (that bar redraws below)."""
-    print(("\r\033[K" if sys.stdout.isatty() else "") + line, flush=True)
+    running beside it may have left a progress bar on (that bar redraws below); elsewhere (a
+    log file), with `bar_open` (a stage that writes to the terminal is running), it starts a
+    line of its own, so that it does not end that stage's progress-bar line."""
+    lead = "\r\033[K" if sys.stdout.isatty() else ("\n" if bar_open else "")
+    print(lead + line, flush=True)
 
 
-def _begin(i: int, n: int, stage: Stage, upstream: list[str]) -> str | None:
+def _begin(i: int, n: int, stage: Stage, upstream: list[str], bar_open: bool = False) -> str | None:
     """Before a stage: None (said so) when its output is complete and nothing it needs ran in
     this job; else what to say after "running", its stale outputs removed first."""
     if not upstream and stage.done():
-        say(f"[{i}/{n}] {stage.name}: done already, skipped")
+        say(f"[{i}/{n}] {stage.name}: done already, skipped", bar_open)
         return None
     stale = [o for o in stage.outputs if o.exists()] if upstream else []
     for o in stale:
@@ -575,9 +578,11 @@ def _begin(i: int, n: int, stage: Stage, upstream: list[str]) -> str | None:
     return f" again ({', '.join(upstream)} ran)" if stale else ""
 
 
-def _finished(i: int, n: int, name: str, t0: float, timings: dict[str, float | str]) -> None:
+def _finished(
+    i: int, n: int, name: str, t0: float, timings: dict[str, float | str], bar_open: bool = False
+) -> None:
     timings[name] = round(time.perf_counter() - t0, 1)
-    say(f"[{i}/{n}] {name}: finished in {timings[name]} s")
+    say(f"[{i}/{n}] {name}: finished in {timings[name]} s", bar_open)
 
 
 def _stopped(job: Plan, name: str, message: str) -> StageStopped:
@@ -642,7 +647,7 @@ class _Lanes:
         beside = [r.name for r in self.running.values()]
         where = f" beside {', '.join(beside)}" if beside else ""
         where += f", output in {log}" if log else ""
-        say(f"[{i}/{len(self.job.stages)}] {stage.name}: running{again}{where}")
+        say(f"[{i}/{len(self.job.stages)}] {stage.name}: running{again}{where}", log is not None)
         reader, writer = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_stage_process, name=f"dalle-ar {stage.name}",
                                 args=(self.cfg, stage.name, writer, log))  # fmt: skip
@@ -726,7 +731,7 @@ def _side_by_side(cfg: MainJobConfig, job: Plan, lanes: int, timings: dict) -> N
             if ready and len(pool.running) < lanes:
                 waiting.remove(ready)
                 i, stage = ready
-                again = _begin(i, n, stage, sorted(stage.needs & ran))
+                again = _begin(i, n, stage, sorted(stage.needs & ran), pool.terminal is not None)
                 if again is None:
                     timings[stage.name] = "skipped"
                     settled.add(stage.name)
@@ -739,7 +744,7 @@ def _side_by_side(cfg: MainJobConfig, job: Plan, lanes: int, timings: dict) -> N
             for r in done:
                 ran.add(r.name)
                 settled.add(r.name)
-                _finished(r.number, n, r.name, r.started, timings)
+                _finished(r.number, n, r.name, r.started, timings, pool.terminal is not None)
             if error is not None:
                 raise error
     finally:

@@ -206,6 +206,16 @@ def test_the_emoji_main_job_draws_and_scores_real_pictures(tmp_path, capsys):
     assert grid.height > 8 * 64  # a row per prompt (eight emoji prompts), captioned
 
 
+def test_a_line_said_beside_a_running_bar_starts_a_line_of_its_own(capsys):
+    """Not on a terminal (a log file), a stage that ends beside the one whose progress bar is
+    on does not end that bar's line."""
+    from dalle_ar.jobs.main import say
+
+    say("[6/14] clip: finished in 1.0 s", bar_open=True)
+    say("[7/14] prior: running")
+    assert capsys.readouterr().out == "\n[6/14] clip: finished in 1.0 s\n[7/14] prior: running\n"
+
+
 def test_token_shards_with_clip_embeddings_are_done_for_that_clips_weights(tmp_path):
     """`_tokens_done` with a CLIP folder: its weights file's hash against the recorded one; the
     folder's path for shards written before the hash was recorded; not done without weights."""
