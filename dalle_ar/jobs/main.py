@@ -327,7 +327,8 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
     up = "upsampler" in pipe.components  # the kept images upsampled too
     result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, settings=cfg.sampling,
                   rerank=cfg.rerank, upsample=up,
-                  upsample_settings=cfg.upsample_sampling, progress=True)  # fmt: skip
+                  upsample_settings=cfg.upsample_sampling if up else None,
+                  progress=True)  # fmt: skip
     small = dataclasses.replace(result, images=result.small_images) if up else result
     grid = save_prompt_grid(small, p.samples / "grid.png")
     report = data.evaluate(pipe, cfg, p.data)

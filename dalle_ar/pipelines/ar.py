@@ -337,9 +337,9 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         first = MaskedSampling if mode == "masked" else ARSampling
         one_kw, pr_kw, rr_kw, up_kw = split_overrides(overrides, first, PriorSampling,
                                                       RerankSettings, UpsampleSampling)  # fmt: skip
-        if up_kw and not upsample:  # a keyword that would be ignored
-            raise ValueError(f"upsampling settings {sorted(up_kw)} apply only with "
-                             "upsample=True")  # fmt: skip
+        if (up_kw or upsample_settings is not None) and not upsample:  # would be ignored
+            what = sorted(up_kw) if up_kw else "upsample_settings="
+            raise ValueError(f"upsampling settings {what} apply only with upsample=True")
         us = resolve(upsample_settings or self.defaults["upsample"], **up_kw)
         self.check_upsample(upsample, prompts, us)
         s = resolve(settings or self.defaults["ar"], **({} if mode == "masked" else one_kw))

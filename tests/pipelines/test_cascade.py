@@ -112,6 +112,11 @@ def test_what_does_not_fit_is_refused_before_drawing(parts, pipe, tmp_path):
     with pytest.raises(ValueError, match=r"upsampling settings \['noise_level'\] apply only "
                                          "with upsample=True"):  # fmt: skip
         pipe(PROMPTS, noise_level=3)
+    from dalle_ar.sampling.settings import UpsampleSampling
+
+    with pytest.raises(ValueError, match="upsampling settings upsample_settings= apply only with "
+                                         "upsample=True"):  # fmt: skip
+        pipe(PROMPTS, upsample_settings=UpsampleSampling(upsample_steps=2))
     with pytest.raises(ValueError, match="the upsampler takes 8x8 pictures, the VQ draws 16x16"):
         assemble(tmp_path / "bad", parts["text_tokenizer"], parts["vq"], parts["transformer"],
                  upsampler=parts["upsampler_8"])  # fmt: skip
