@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         **from_args(args, ARSampling, skip=("guidance_scale",)),
         **from_args(args, RerankSettings, skip=("candidates", "keep", "reranker")),
-        **(from_args(args, PriorSampling) if args.mode == "prior" else {}),
-        **(from_args(args, MaskedSampling, skip=MASKED_SHARED) if args.mode == "masked" else {}),
+        # another mode's are refused below (`check_mode_settings`)
+        **from_args(args, PriorSampling),
+        **from_args(args, MaskedSampling, skip=MASKED_SHARED),
         "mode": args.mode,
     }
     try:

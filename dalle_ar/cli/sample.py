@@ -261,9 +261,9 @@ def check_rerank_flags(args: argparse.Namespace, pipe: Any) -> None:
     """ValueError when --reranker or --rerank-weight is given but each sample is one candidate
     (--candidates, else the folder's default, is 1): nothing is reranked, so they would be
     ignored."""
-    given = from_args(args, RerankSettings)
+    given, flag = from_args(args, RerankSettings), flags(RerankSettings)
     candidates = given.get("candidates", pipe.defaults["rerank"].candidates)
-    ranking = [flags(RerankSettings)[k] for k in ("reranker", "rerank_weight") if k in given]
+    ranking = [flag[k] for k in ("reranker", "rerank_weight") if k in given]
     if candidates == 1 and ranking:
         raise ValueError(f"{', '.join(ranking)} apply only with --candidates N > 1 (each "
                          "sample is one candidate now: nothing is ranked)")  # fmt: skip

@@ -327,10 +327,10 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
                                 call=call)  # fmt: skip
             objects = {"settings": ("ar", settings), "prior_settings": ("prior", prior_settings),
                        "masked_settings": ("masked", masked_settings)}  # fmt: skip
-            used = MODE_SECTIONS.get(mode, ()) if embeds is None else MODE_SECTIONS["ar"]
+            used = MODE_SECTIONS.get(mode)  # None: an unknown mode, refused further on
             unused = [f"{name}= ({type(obj).__name__})" for name, (section, obj) in objects.items()
-                      if obj is not None and section not in used]  # fmt: skip
-            if unused and mode in MODE_SECTIONS:
+                      if obj is not None and used is not None and section not in used]  # fmt: skip
+            if unused:
                 raise ValueError(f"{call} would ignore settings of other modes: "
                                  f"{', '.join(unused)}")  # fmt: skip
         # the masked mode's settings take the shared names (temperature, top_k, guidance_scale)
