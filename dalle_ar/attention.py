@@ -32,7 +32,9 @@ class AttentionBackend:
     """Callable attention for one implementation.
 
     `backend(q, k, v, layout, text_lens)`: positions 0..N-1 attend to keys 0..N-1 (training and
-    prefill). `backend.decode(q, k_cache, v_cache, lengths, layout, text_lens)`: one query per
+    prefill); with `q_start` > 0, queries q_start..N-1 of a chunk after a cached prefix, q (B, H,
+    N - q_start, D).
+    `backend.decode(q, k_cache, v_cache, lengths, layout, text_lens)`: one query per
     sequence at position lengths-1 against a static KV cache. Shapes (B, H, N, D).
     """
 
@@ -53,12 +55,13 @@ class AttentionBackend:
         v: torch.Tensor,
         layout: Layout,
         text_lens: torch.Tensor | None = None,
+        q_start: int = 0,
     ) -> torch.Tensor:
         if self._triton_for(q):
             from dalle_ar.kernels.attention import attention
 
-            return attention(q, k, v, layout, text_lens)
-        return attention_sdpa(q, k, v, layout, text_lens)
+            return attention(q, k, v, layout, text_lens, q_start=q_start)
+        return attention_sdpa(q, k, v, layout, text_lens, q_start)
 
     def decode(
         self,

@@ -363,6 +363,7 @@ def attention(
     text_lens: torch.Tensor | None = None,
     scale: float | None = None,
     config: AttentionConfig | None = None,
+    q_start: int = 0,
 ) -> torch.Tensor:
     """Block-sparse attention of positions 0..N-1 over keys 0..N-1 under `layout`.
 
@@ -370,8 +371,21 @@ def attention(
     unit last stride. text_lens: (B,) valid text length per sample (key padding), or None.
     Returns (B, H, N, D) in the inputs' dtype; differentiable in q, k, v. CUDA tensors, or CPU
     tensors when TRITON_INTERPRET=1.
+
+    q_start > 0: a chunk after a cached prefix, q (B, H, N - q_start, D) at positions
+    q_start..N-1 against k, v (B, H, N, D); returns (B, H, N - q_start, D). The kernels run the
+    full N rows with zero queries for the prefix, whose query blocks see only the prefix's keys
+    (the layouts keep text causal), and the prefix rows are dropped.
     """
     check_layout(layout)
+    if q_start:
+        if not 0 < q_start < k.shape[2] or q.shape[2] != k.shape[2] - q_start:
+            raise ValueError(f"a chunk from q_start={q_start} against {k.shape[2]} keys needs "
+                             f"{k.shape[2] - q_start} queries, got {q.shape[2]}")  # fmt: skip
+        pad = q.new_zeros(q.shape[0], q.shape[1], q_start, q.shape[3])
+        return attention(torch.cat([pad, q], 2), k, v, layout, text_lens, scale, config)[
+            :, :, q_start:
+        ]
     check_qkv(q, k, v, ("q", "k", "v"))
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"q and k must have the same length N, got {q.shape[2]} and {k.shape[2]}")

@@ -40,18 +40,22 @@ def attention_reference(
     text_lens: torch.Tensor | None = None,
     scale: float | None = None,
     upcast: bool = True,
+    q_start: int = 0,
 ) -> torch.Tensor:
-    """Attention of positions 0..N-1 over keys 0..N-1 under `layout` (training / prefill)."""
-    n = q.shape[2]
+    """Attention of positions q_start..q_start+Nq-1 over keys 0..Nk-1 under `layout`: q (B, H, Nq,
+    D), k, v (B, H, Nk, D). q_start 0 and Nq == Nk: training / prefill; q_start > 0: a chunk of
+    queries after a cached prefix (`Transformer.forward_image`)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    rows = layout.mask_row(torch.arange(n, device=q.device), k.shape[2])  # (N, Nk)
+    pos = torch.arange(q_start, q_start + q.shape[2], device=q.device)
+    rows = layout.mask_row(pos, k.shape[2])  # (Nq, Nk)
     mask = _padded(rows[None, None], layout, text_lens)
     return _attend(q, k, v, mask, scale, upcast)
 
 
 @functools.lru_cache(maxsize=64)
-def _layout_mask(layout: Layout, n: int, device: str) -> torch.Tensor:
-    return layout.dense_mask(n, device=device)
+def _layout_rows(layout: Layout, start: int, n_q: int, n_k: int, device: str) -> torch.Tensor:
+    """The layout's mask rows (n_q, n_k) for queries start..start+n_q-1, built once."""
+    return layout.mask_row(torch.arange(start, start + n_q, device=device), n_k)
 
 
 def attention_sdpa(
@@ -60,12 +64,14 @@ def attention_sdpa(
     v: torch.Tensor,
     layout: Layout,
     text_lens: torch.Tensor | None = None,
+    q_start: int = 0,
 ) -> torch.Tensor:
     """`attention_reference(..., upcast=False)` through PyTorch's fused
-    scaled_dot_product_attention, with the layout mask built once per (layout, n, device): the
-    fast CPU path (the reference rebuilds the mask and materialises the scores every call)."""
-    n = q.shape[2]
-    mask = _padded(_layout_mask(layout, n, str(q.device))[None, None], layout, text_lens)
+    scaled_dot_product_attention, with the layout mask built once per (layout, shape, device):
+    the fast CPU path (the reference rebuilds the mask and materialises the scores every call).
+    A chunk (q_start > 0) computes only its own query rows."""
+    rows = _layout_rows(layout, q_start, q.shape[2], k.shape[2], str(q.device))
+    mask = _padded(rows[None, None], layout, text_lens)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

@@ -161,7 +161,7 @@ def generate_masked(
     def probs_at(codes: torch.Tensor, t: int, name: str) -> torch.Tensor:
         image = codes.repeat(2, 1) if guided else codes
         with _autocast(dev, precision):
-            logits = model(torch.cat([text, image], 1), text_lens=lens).image.float()
+            logits = model.forward_image(image, text_lens=lens).float()
         if guided:  # a pass at scale 1 (a rising schedule's first) is the conditional half
             g, pair = s.guidance_at(t), logits.view(2, B, n, -1)
             logits = pair[0] if g == 1 else combine(pair, [g])
@@ -171,7 +171,12 @@ def generate_masked(
 
     was_training = model.training
     model.eval()
+    # The text prefix sees no image position: computed once here, read from the KV cache by
+    # every pass (in the precision of the passes).
+    model.setup_cache(text.shape[0], dtype=torch.bfloat16 if precision == "bf16" else None)
     try:
+        with _autocast(dev, precision):
+            model.prefill_prefix(text, text_lens=lens)
         for t in sched.timesteps.tolist():
             probs = probs_at(codes, t, f"pass {t + 1} of {s.steps}")
             codes = sched.step(probs, t, codes, u[:, 0, t], u[:, 1, t])
@@ -185,5 +190,6 @@ def generate_masked(
             redrawn = sample_from_probs(probs.reshape(B * n, -1), u_k).view(B, n)
             codes = torch.where(again, redrawn, codes)
     finally:
+        model.clear_cache()
         model.train(was_training)
     return codes.view(B, cfg.grid_h, cfg.grid_w)

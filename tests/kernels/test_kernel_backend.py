@@ -65,3 +65,14 @@ def test_torch_backend_matches_reference(kind: str) -> None:
         return
     got = backend.decode(q1, k, v, lengths, lay, text_lens)
     assert torch.allclose(got, decode_reference(q1, k, v, lengths, lay, text_lens), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", LAYOUT_KINDS)
+def test_torch_backend_chunk_after_a_prefix_matches_those_rows_of_the_reference(kind: str) -> None:
+    lay = Layout(kind, text_len=4, grid_h=3, grid_w=4, conv_kernel=3)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(3, 2, 2, lay.seq_len, 16, generator=g)
+    text_lens = torch.tensor([2, 4])
+    out = attn.get_backend("torch")(q[:, :, 4:], k, v, lay, text_lens, q_start=4)
+    want = attention_reference(q, k, v, lay, text_lens)[:, :, 4:]
+    assert out.shape == want.shape and torch.allclose(out, want, atol=1e-5)

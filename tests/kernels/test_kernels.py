@@ -271,3 +271,23 @@ def test_gpu_decode_paper_shape(kind: str, batch: int) -> None:
     err = (got.float() - want).abs().max().item()
     base = (low.float() - want).abs().max().item()
     assert err <= 2 * base, f"decode error {err:.3g} > 2 x {base:.3g}"
+
+
+@pytest.mark.parametrize("kind", LAYOUT_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_chunk_after_a_cached_prefix_equals_those_rows_of_full_attention(
+    kind: str, dtype: torch.dtype
+) -> None:
+    # the masked sampler's pass: image queries only, against the prefix's cached keys and theirs
+    lay = Layout(kind, text_len=5, grid_h=4, grid_w=4, conv_kernel=3)
+    q, k, v, _ = _inputs(lay, 2, 2, 16, dtype, seed=5)
+    lens = torch.tensor([5, 2], device=DEVICE)
+    T = lay.text_len
+    want = attention_reference(q.float(), k.float(), v.float(), lay, lens)[:, :, T:]
+    got = attention(q[:, :, T:], k, v, lay, lens, config=SMALL, q_start=T)
+    assert got.shape == (2, 2, lay.seq_len - T, 16)
+    low = attention_reference(q[:, :, T:], k, v, lay, lens, upcast=False, q_start=T)
+    err, base = (got.float() - want).abs().max().item(), (low.float() - want).abs().max().item()
+    _assert_close([err], [base], [want.abs().max().item()], dtype)
+    with pytest.raises(ValueError, match="needs 16 queries"):
+        attention(q[:, :, T + 1 :], k, v, lay, lens, q_start=T)

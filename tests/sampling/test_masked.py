@@ -131,6 +131,41 @@ def test_a_linear_guidance_schedule_starts_unguided_and_ends_at_the_scale():
         MaskedSampling(guidance_schedule="cosine").validate()
 
 
+def test_a_pass_over_the_image_after_a_prefilled_prefix_equals_the_whole_pass():
+    # the sampler computes the text once and each pass over the image positions only
+    model = masked_model()
+    ids, lens = prompts(3)
+    codes = torch.randint(0, IV + 1, (3, H * W))  # mask_id (IV) included
+    with torch.no_grad():
+        whole = model(torch.cat([ids, codes], 1), text_lens=lens).image
+        model.setup_cache(3)
+        model.prefill_prefix(ids, text_lens=lens)
+        first = model.forward_image(codes, text_lens=lens)
+        again = model.forward_image(codes.flip(1), text_lens=lens)  # overwrites the image keys
+        back = model.forward_image(codes, text_lens=lens)
+    assert torch.allclose(first, whole, atol=1e-5) and torch.allclose(back, whole, atol=1e-5)
+    assert not torch.allclose(again, whole, atol=1e-3)
+    with pytest.raises(ValueError, match="KV cache holds batch 3, got batch 2"):
+        model.forward_image(codes[:2], text_lens=lens[:2])
+    model.setup_cache(3)
+    with pytest.raises(ValueError, match="prefill them first"):
+        model.forward_image(codes, text_lens=lens)
+    model.clear_cache()
+    with pytest.raises(ValueError, match="no KV cache is set up"):
+        model.forward_image(codes, text_lens=lens)
+
+
+def test_the_prefix_is_computed_once_per_call_not_once_per_pass():
+    model = masked_model()
+    ids, lens = prompts(2)
+    rows = []
+    model.text_emb.register_forward_hook(lambda m, i, out: rows.append(out.shape[0]))
+    generate_masked(model, ids, MaskedSampling(steps=4, guidance_scale=2.0), text_lens=lens,
+                    empty_ids=EMPTY, seeds=[0, 1])  # fmt: skip
+    assert rows == [4]  # one prefill of the 2 captions and their 2 empty ones, for 4 passes
+    assert model.blocks[0].attn.cache is None  # the cache is released
+
+
 def test_probabilities_that_are_not_finite_stop_the_pass_naming_it():
     model = masked_model()
     ids, lens = prompts(2)
