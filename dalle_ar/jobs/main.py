@@ -834,28 +834,44 @@ def run_stages(cfg: MainJobConfig) -> dict:
         training["masked"] = _training(p.masked_run)
     if job.cascade:
         training["upsampler"] = _training(p.upsampler_run)
+    before = _previous_summary(p)
+    ran = any(not isinstance(v, str) for v in timings.values())
+    when = total if ran else _seconds(before).get("total")  # every stage done before: its time
     summary = {"config": to_dict(cfg), "machine": describe_machine(), "lanes": lanes,
-               "stage_seconds": timings, "stage_seconds_when_run": _when_run(p, timings),
-               "training": training, "total_seconds": total}  # fmt: skip
+               "stage_seconds": timings, "stage_seconds_when_run": _when_run(before, timings),
+               "training": training, "total_seconds": total,
+               "total_seconds_when_run": when}  # fmt: skip
     if p.fidelity.is_file():
         summary["fidelity"] = json.loads(p.fidelity.read_text())
     (p.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _when_run(p: Paths, timings: dict[str, float | str]) -> dict[str, float]:
+def _previous_summary(p: Paths) -> dict:
+    """The folder's summary.json before this run, or {} (none yet, or not a JSON object)."""
+    try:
+        old = json.loads((p.out / "summary.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return old if isinstance(old, dict) else {}
+
+
+def _seconds(old: dict) -> dict[str, float]:
+    """What a previous summary timed when it ran: each stage's seconds and "total" (older
+    summaries: their stage_seconds and total_seconds); entries that are not numbers dropped."""
+    stages = old.get("stage_seconds_when_run", old.get("stage_seconds", {}))
+    found = {**(stages if isinstance(stages, dict) else {}),
+             "total": old.get("total_seconds_when_run", old.get("total_seconds"))}  # fmt: skip
+    return {k: v for k, v in found.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+
+
+def _when_run(old: dict, timings: dict[str, float | str]) -> dict[str, float]:
     """Each stage's seconds when it last ran: this job's where it ran, else what the folder's
     previous summary.json recorded (a rerun that skips a stage keeps its measured time; a job
     that failed wrote no summary, so its times are not carried); a stage no summary timed is
     left out."""
-    before: dict[str, float] = {}
-    try:
-        old = json.loads((p.out / "summary.json").read_text())
-        seconds = old.get("stage_seconds_when_run", old.get("stage_seconds", {}))
-        before = {k: v for k, v in seconds.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
-    except (OSError, ValueError, AttributeError, RecursionError):
-        pass  # no summary yet, or one of another shape: nothing to carry over
+    before = _seconds(old)
     return {name: secs if isinstance(secs, (int, float)) else before[name]
             for name, secs in timings.items()
             if isinstance(secs, (int, float)) or name in before}  # fmt: skip
@@ -929,5 +945,8 @@ def main(argv: list[str]) -> int:
     print(table(summary))
     print(f"pipeline folder: {Path(cfg.out_dir) / 'pipeline'}")
     print(f"sample grid:     {Path(cfg.out_dir) / 'samples' / 'grid.png'}")
-    print(f"summary:         {Path(cfg.out_dir) / 'summary.json'}  ({summary['total_seconds']} s)")
+    took, when = f"{summary['total_seconds']} s", summary["total_seconds_when_run"]
+    if when not in (None, summary["total_seconds"]):  # every stage was done before
+        took += f"; the job took {when} s when it ran"
+    print(f"summary:         {Path(cfg.out_dir) / 'summary.json'}  ({took})")
     return 0

@@ -143,6 +143,10 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert set(again["stage_seconds"].values()) == {"skipped"}
     assert again["stage_seconds_when_run"] == summary["stage_seconds"]
     assert f"skipped (ran in {summary['stage_seconds']['vq']} s)" in printed
+    # and the job's own time: this run's, and the run that did the work's
+    assert summary["total_seconds_when_run"] == summary["total_seconds"] > 0
+    assert again["total_seconds_when_run"] == summary["total_seconds"] != again["total_seconds"]
+    assert f"the job took {summary['total_seconds']} s when it ran" in printed
     # a folder of the earlier layout (one token folder, with the CLIP's embeddings): taken as it
     # is, nothing trained again
     shutil.rmtree(out / "tokens")
