@@ -74,7 +74,8 @@ class AttentionBackend:
     ) -> torch.Tensor:
         if layout.kind not in CAUSAL_KINDS:  # one new query against a cache of earlier keys
             raise ValueError(f"decode steps are for causal layouts {CAUSAL_KINDS}, got "
-                             f"{layout.kind!r} (a masked generator runs whole passes)")  # fmt: skip
+                             f"{layout.kind!r} (a masked generator's passes cover the whole "
+                             "image)")  # fmt: skip
         if self._triton_for(q):
             from dalle_ar.kernels.decode import decode_attention
 

@@ -29,7 +29,7 @@ One forward path serves training, prefill and decoding (gpt-fast style):
   image logits.
 - A masked generator (`objective="masked"`, bidirectional layouts) takes [text ‖ all h*w codes,
   some of them `mask_id`] and `Logits.image` (B, h*w, image_vocab) holds each image position's
-  own code: no shift. Sampling prefills the text prefix once and runs each pass over the image
+  own code: no shift. Sampling prefills the caption once and runs each pass over the image
   positions only (`forward_image`), since no text position sees an image one.
 """
 
@@ -108,7 +108,6 @@ class Transformer(nn.Module):
                 self.mask_in = nn.Linear(cfg.code_features // 3, d, bias=False)
             self.code_out = nn.Linear(cfg.code_features, d, bias=False)
         self.grad_checkpointing = False  # set by a recipe: recompute each block in backward
-        self._prefilled = 0  # stream positions the last prefill wrote into the KV cache
         init_weights(self, self.blocks)
 
     def set_code_features(self, feats: torch.Tensor, masks: torch.Tensor | None = None) -> None:
@@ -167,12 +166,10 @@ class Transformer(nn.Module):
         for block in self.blocks:
             a = block.attn
             a.cache = KVCache(batch_size, a.heads, self.cfg.seq_len, a.head_dim, dtype, device)
-        self._prefilled = 0
 
     def clear_cache(self) -> None:
         for block in self.blocks:
             block.attn.cache = None
-        self._prefilled = 0
 
     def null_cond(self, n: int) -> torch.Tensor:
         """The learned null embedding for `n` rows, (n, cond_dim): the input that stands for
@@ -216,8 +213,6 @@ class Transformer(nn.Module):
         else:
             pos = None if input_pos is None else torch.arange(C + L, device=tokens.device)
             x = self._embed_prefix_and_image(tokens, cond, null_rows)
-            if pos is not None:
-                self._prefilled = C + L
         x = self._blocks(self.drop(x), pos, text_lens)  # (B, C + L or 1, d)
 
         if decode:
@@ -230,34 +225,20 @@ class Transformer(nn.Module):
         image = self._image_logits(x[:, P if cfg.masked else P - 1 : n])
         return Logits(text, image)
 
-    def prefill_prefix(self, text: torch.Tensor, *, text_lens: torch.Tensor | None = None) -> None:
-        """Write the prefix's keys and values (text ids (B, T), T = `text_positions`) into the KV
-        cache set up for batch B, computing no logits: what `forward_image` passes read. A model
-        with a conditioning prefix takes it through `forward(..., input_pos=...)` instead.
-        ValueError for text of the wrong shape or a cache of another batch."""
-        cfg = self.cfg
-        if cfg.cond_len or text.ndim != 2 or text.shape[1] != cfg.text_positions:
-            raise ValueError(f"prefill_prefix takes text ids (B, {cfg.text_positions}) of a model "
-                             f"without a conditioning prefix, got {tuple(text.shape)}")  # fmt: skip
-        self._check_cache(text.shape[0])
-        text_lens = check_text_lens(text_lens, text.shape[0], cfg.has_text, text.device)
-        x = self.drop(self._embed_prefix_and_image(text, None, None))
-        self._blocks(x, torch.arange(cfg.prefix_len, device=text.device), text_lens)
-        self._prefilled = cfg.prefix_len
-
     def forward_image(
         self, codes: torch.Tensor, *, text_lens: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """A masked generator's pass over every image position with the prefix read from the KV
+        """A masked generator's pass over every image position with the caption's read from the KV
         cache: codes (B, h*w) long, `mask_id` included -> image logits (B, h*w, image_vocab),
         each position's own code, as `forward(tokens).image` gives for the same [text ‖ codes].
 
-        The prefix (C + T positions) is computed once per sampling call by `prefill_prefix` (or a
-        prefill through `forward`) after `setup_cache(B)`; each pass then computes only the image
-        positions and overwrites their cached keys and values. Valid because no
-        prefix position sees an image one in any layout (text is causal, `kernels/layouts.py`).
-        ValueError for a model that is not a masked generator, codes of the wrong shape or
-        range, or no prefill of this batch in the cache."""
+        The caption's T positions are computed once per sampling call by a prefill,
+        `forward(text, input_pos=arange(T))` after `setup_cache(B)`; each pass then computes only
+        the image positions and overwrites their cached keys and values (the cache spans the
+        whole stream, as for autoregressive sampling). Valid because no text position sees an
+        image one in any layout (text is causal, `kernels/layouts.py`). ValueError for a model
+        that is not a masked generator, codes of the wrong shape or range, or no prefill of
+        this batch in the cache."""
         cfg = self.cfg
         if not cfg.masked:
             raise ValueError("forward_image is a masked generator's pass (objective='masked')")
@@ -265,10 +246,11 @@ class Transformer(nn.Module):
             raise ValueError(f"codes must be (B, {cfg.image_len}), got {tuple(codes.shape)}")
         B, P = codes.shape[0], cfg.prefix_len
         self._check_cache(B)
-        if self._prefilled < P:
-            raise ValueError(f"forward_image reads the {P} prefix positions from the KV cache: "
-                             "prefill them first (setup_cache, then prefill_prefix)")  # fmt: skip
-        check_range(codes, cfg.image_vocab + 1, "image codes")
+        if self.blocks[-1].attn.cache.filled < P:  # the last layer is written last
+            raise ValueError(f"forward_image reads the caption's {P} positions from the KV cache: "
+                             "prefill them first (setup_cache, then forward(text, input_pos="
+                             "arange(T)))")  # fmt: skip
+        check_range(codes, cfg.image_vocab + cfg.masked, "image codes")
         text_lens = check_text_lens(text_lens, B, cfg.has_text, codes.device)
         img_pos = torch.arange(cfg.image_len, device=codes.device)
         x = self.drop(self._embed_image(codes, img_pos))
@@ -278,7 +260,7 @@ class Transformer(nn.Module):
     def _check_cache(self, batch: int) -> None:
         cache = self.blocks[0].attn.cache
         if cache is None:
-            raise ValueError("input_pos was given but no KV cache is set up (setup_cache)")
+            raise ValueError("no KV cache is set up (setup_cache)")
         if cache.k.shape[0] != batch:
             raise ValueError(f"KV cache holds batch {cache.k.shape[0]}, got batch {batch}")
 
@@ -290,7 +272,7 @@ class Transformer(nn.Module):
         stream_lens = None if text_lens is None else text_lens + self.cfg.cond_len
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, pos, stream_lens, use_reentrant=False)
+                x = checkpoint(block, x, pos, stream_lens, start, use_reentrant=False)
             else:
                 x = block(x, pos, stream_lens, start)
         return self.ln_f(x)

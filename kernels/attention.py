@@ -30,7 +30,7 @@ from .launch import (
     default_attention_config,
     strides,
 )
-from .layouts import Layout
+from .layouts import Layout, check_chunk
 
 
 @triton.jit
@@ -378,10 +378,8 @@ def attention(
     (the layouts keep text causal), and the prefix rows are dropped.
     """
     check_layout(layout)
+    check_chunk(q_start, q.shape[2], k.shape[2])
     if q_start:
-        if not 0 < q_start < k.shape[2] or q.shape[2] != k.shape[2] - q_start:
-            raise ValueError(f"a chunk from q_start={q_start} against {k.shape[2]} keys needs "
-                             f"{k.shape[2] - q_start} queries, got {q.shape[2]}")  # fmt: skip
         pad = q.new_zeros(q.shape[0], q.shape[1], q_start, q.shape[3])
         return attention(torch.cat([pad, q], 2), k, v, layout, text_lens, scale, config)[
             :, :, q_start:

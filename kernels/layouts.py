@@ -88,6 +88,15 @@ class Layout:
         return self.allowed(q_pos[:, None], keys[None, :])
 
 
+def check_chunk(q_start: int, n_q: int, n_k: int) -> None:
+    """A chunk of n_q queries at positions q_start..q_start+n_q-1 against keys 0..n_k-1 (the
+    chunk's own keys last), q_start != 0: ValueError unless 0 < q_start and q_start + n_q ==
+    n_k. (q_start 0 is a whole sequence, whose shapes the callers check themselves.)"""
+    if q_start and (q_start < 0 or q_start + n_q != n_k):
+        raise ValueError(f"a chunk from q_start={q_start} against {n_k} keys needs "
+                         f"{n_k - q_start} queries, got {n_q}")  # fmt: skip
+
+
 def key_padding(text_lens: torch.Tensor | None, text_len: int, n_keys: int) -> torch.Tensor | None:
     """(B, n_keys) True where a key is usable: text keys past the sample's valid length are not."""
     if text_lens is None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .blocks import pack_allowed
-from .layouts import Layout, key_padding
+from .layouts import Layout, check_chunk, key_padding
 
 
 def _padded(mask: torch.Tensor, layout: Layout, text_lens: torch.Tensor | None) -> torch.Tensor:
@@ -45,6 +45,7 @@ def attention_reference(
     """Attention of positions q_start..q_start+Nq-1 over keys 0..Nk-1 under `layout`: q (B, H, Nq,
     D), k, v (B, H, Nk, D). q_start 0 and Nq == Nk: training / prefill; q_start > 0: a chunk of
     queries after a cached prefix (`Transformer.forward_image`)."""
+    check_chunk(q_start, q.shape[2], k.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     pos = torch.arange(q_start, q_start + q.shape[2], device=q.device)
     rows = layout.mask_row(pos, k.shape[2])  # (Nq, Nk)
@@ -70,6 +71,7 @@ def attention_sdpa(
     scaled_dot_product_attention, with the layout mask built once per (layout, shape, device):
     the fast CPU path (the reference rebuilds the mask and materialises the scores every call).
     A chunk (q_start > 0) computes only its own query rows."""
+    check_chunk(q_start, q.shape[2], k.shape[2])
     rows = _layout_rows(layout, q_start, q.shape[2], k.shape[2], str(q.device))
     mask = _padded(rows[None, None], layout, text_lens)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -59,8 +59,8 @@ def _ar_bf16(model: Transformer, ids: torch.Tensor, seeds: list[int]) -> None:
 
 class WholePasses:
     """The masked generator as the sampler ran it before the prefix was cached: every pass over
-    the whole stream, the text prefix included (`prefill_prefix` only remembers the text). For
-    the side-by-side column `masked_whole_passes_images_per_s`."""
+    the whole stream, the caption included (its prefill only remembers the text). For the
+    side-by-side column `masked_whole_passes_images_per_s`."""
 
     def __init__(self, model: Transformer) -> None:
         self.model, self.text = model, None
@@ -68,7 +68,7 @@ class WholePasses:
     def __getattr__(self, name: str):
         return getattr(self.model, name)
 
-    def prefill_prefix(self, text: torch.Tensor, *, text_lens: torch.Tensor | None = None) -> None:
+    def __call__(self, text: torch.Tensor, input_pos: torch.Tensor, **_) -> None:
         self.text = text
 
     def forward_image(self, codes: torch.Tensor, *, text_lens: torch.Tensor | None = None):

@@ -835,8 +835,11 @@ def run_stages(cfg: MainJobConfig) -> dict:
     if job.cascade:
         training["upsampler"] = _training(p.upsampler_run)
     before = _previous_summary(p)
+    # total_seconds: this run's wall time; total_seconds_when_run: the wall time of the last run
+    # that did work (this one, unless it found every stage done; after a partial rerun, this
+    # run's, while stage_seconds_when_run keeps each stage's own)
     ran = any(not isinstance(v, str) for v in timings.values())
-    when = total if ran else _seconds(before).get("total")  # every stage done before: its time
+    when = total if ran else _seconds(before).get("total")
     summary = {"config": to_dict(cfg), "machine": describe_machine(), "lanes": lanes,
                "stage_seconds": timings, "stage_seconds_when_run": _when_run(before, timings),
                "training": training, "total_seconds": total,
@@ -858,12 +861,19 @@ def _previous_summary(p: Paths) -> dict:
 
 def _seconds(old: dict) -> dict[str, float]:
     """What a previous summary timed when it ran: each stage's seconds and "total" (older
-    summaries: their stage_seconds and total_seconds); entries that are not numbers dropped."""
-    stages = old.get("stage_seconds_when_run", old.get("stage_seconds", {}))
-    found = {**(stages if isinstance(stages, dict) else {}),
-             "total": old.get("total_seconds_when_run", old.get("total_seconds"))}  # fmt: skip
-    return {k: v for k, v in found.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+    summaries: their stage_seconds, and their total_seconds where a stage ran); entries that
+    are not numbers dropped."""
+
+    def numbers(d: object) -> dict[str, float]:
+        return {k: v for k, v in (d.items() if isinstance(d, dict) else ())
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+
+    stages = numbers(old.get("stage_seconds_when_run", old.get("stage_seconds")))
+    if "total_seconds_when_run" in old:
+        total = old["total_seconds_when_run"]
+    else:  # written before the field: its total is the job's where some stage ran in it
+        total = old.get("total_seconds") if numbers(old.get("stage_seconds")) else None
+    return {**stages, **numbers({"total": total})}
 
 
 def _when_run(old: dict, timings: dict[str, float | str]) -> dict[str, float]:
@@ -946,7 +956,7 @@ def main(argv: list[str]) -> int:
     print(f"pipeline folder: {Path(cfg.out_dir) / 'pipeline'}")
     print(f"sample grid:     {Path(cfg.out_dir) / 'samples' / 'grid.png'}")
     took, when = f"{summary['total_seconds']} s", summary["total_seconds_when_run"]
-    if when not in (None, summary["total_seconds"]):  # every stage was done before
+    if when is not None and set(summary["stage_seconds"].values()) == {"skipped"}:
         took += f"; the job took {when} s when it ran"
     print(f"summary:         {Path(cfg.out_dir) / 'summary.json'}  ({took})")
     return 0

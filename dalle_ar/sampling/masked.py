@@ -120,7 +120,9 @@ def generate_masked(
     same batch: uncond + g * (cond - uncond) on the logits, g the pass's scale
     (`MaskedSampling.guidance_at`). The network runs in `masked_precision` (bf16 autocast, or
     fp32 with autocast off); its logits are cast to fp32 before guidance and the softmax.
-    callback(t, steps, codes) after each unmasking pass (not after the corrector's). ValueError
+    callback(t, steps, codes) after each unmasking pass (not after the corrector's). The call
+    sets up the model's KV cache for its batch (the captions' keys and values, computed once)
+    and releases it at the end. ValueError
     for a model that is not a masked generator, inputs of the wrong shape, or a pass whose
     probabilities are not finite (`logits.check_probs`)."""
     cfg = model.cfg
@@ -171,12 +173,12 @@ def generate_masked(
 
     was_training = model.training
     model.eval()
-    # The text prefix sees no image position: computed once here, read from the KV cache by
-    # every pass (in the precision of the passes).
-    model.setup_cache(text.shape[0], dtype=torch.bfloat16 if precision == "bf16" else None)
     try:
+        # The caption sees no image position: computed once here, read from the KV cache by
+        # every pass (in the precision of the passes).
+        model.setup_cache(text.shape[0], dtype=torch.bfloat16 if precision == "bf16" else None)
         with _autocast(dev, precision):
-            model.prefill_prefix(text, text_lens=lens)
+            model(text, torch.arange(text.shape[1], device=dev), text_lens=lens)
         for t in sched.timesteps.tolist():
             probs = probs_at(codes, t, f"pass {t + 1} of {s.steps}")
             codes = sched.step(probs, t, codes, u[:, 0, t], u[:, 1, t])
