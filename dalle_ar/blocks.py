@@ -80,6 +80,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, D)
         if pos is None:
+            if start:
+                raise ValueError("a chunk (start > 0) reads the KV cache: pass its positions")
             y = self.backend(q, k, v, self.layout, text_lens)
         else:
             if self.cache is None:

@@ -236,12 +236,19 @@ class Transformer(nn.Module):
         `forward(text, input_pos=arange(T))` after `setup_cache(B)`; each pass then computes only
         the image positions and overwrites their cached keys and values (the cache spans the
         whole stream, as for autoregressive sampling). Valid because no text position sees an
-        image one in any layout (text is causal, `kernels/layouts.py`). ValueError for a model
-        that is not a masked generator, codes of the wrong shape or range, or no prefill of
-        this batch in the cache."""
+        image one in any layout (text is causal, `kernels/layouts.py`). For sampling only: under
+        `torch.no_grad` or `torch.inference_mode` (the cache keeps no gradient history), and not
+        through `nn.Module.__call__` (the model's own forward hooks do not run). ValueError for a
+        model that is not a masked generator, gradients on, codes of the wrong shape or range,
+        or no prefill of this batch in the cache."""
         cfg = self.cfg
         if not cfg.masked:
             raise ValueError("forward_image is a masked generator's pass (objective='masked')")
+        if torch.is_grad_enabled():
+            raise ValueError(
+                "forward_image is for sampling: call it under torch.no_grad() or "
+                "torch.inference_mode() (the KV cache keeps no gradients)"
+            )
         if codes.ndim != 2 or codes.shape[1] != cfg.image_len:
             raise ValueError(f"codes must be (B, {cfg.image_len}), got {tuple(codes.shape)}")
         B, P = codes.shape[0], cfg.prefix_len

@@ -378,6 +378,7 @@ def attention(
     (the layouts keep text causal), and the prefix rows are dropped.
     """
     check_layout(layout)
+    check_qkv(q, k, v, ("q", "k", "v"))
     check_chunk(q_start, q.shape[2], k.shape[2])
     if q_start:
         pad = q.new_zeros(q.shape[0], q.shape[1], q_start, q.shape[3])

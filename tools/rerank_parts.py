@@ -18,7 +18,9 @@ each fact.
 `draw`: as rerank_qbnorm's, on `prompts_for_eval(first + num)[first:]` (prompts the first draw
 does not hold) and another sampling seed, for a check of the weights chosen on the first draw.
 `score`: every variant on both draws (all / seen / held-out): the caption alone, the caption plus
-lam times the mean of its parts, the parts' mean alone, the minimum over caption and parts.
+lam times the mean of its parts, the parts' mean alone, the minimum of the caption's score and
+the two parts' means. The caption's score is the cosine, which ranks as the pipeline's CLIPScore
+(100 x cosine, floored at 0) does.
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@
               mode's single draws and best of the candidates by CLIP beside them; the guided
               single draws upsampled
 
-Each stage writes into `out_dir` and is skipped on a rerun once its output is complete; a training
-stage that was killed resumes from its last checkpoint. On a CPU, stages that need nothing of each
+Each stage writes into `out_dir` and is skipped on a rerun once its output is complete and the
+job settings it is made from (`MADE_FROM`) are those it ran with (`stage_settings.json`); a
+changed setting runs it again, and every stage that needs it. A training stage that was killed
+resumes from its last checkpoint. On a CPU, stages that need nothing of each
 other run side by side (`lanes`, `_side_by_side`), each in a process of its own. Training stages
 are sized in steps (the component configs' run.steps, or `vq_steps` / `transformer_steps`); their
 minutes are safety caps:
@@ -38,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from dalle_ar.checkpoint import file_sha256
+from dalle_ar.checkpoint import file_sha256, write_json_atomic
 from dalle_ar.config import ConfigError, load_config, save_config, to_dict
 from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import DataSet
@@ -410,9 +412,32 @@ class StageStopped(NonFiniteLoss):
     it kept and its config; the job's later stages did not run."""
 
 
+# The main-job settings each stage's output is made from (beside the stages it needs, which
+# run it again when they run). Not here, as they change how a stage runs and not what it makes:
+# out_dir, config_dir (the component YAMLs' contents are not compared), the *_max_minutes caps,
+# precision, device, lanes, wandb. `count_foils` (derived: a CLIP beside the masked mode).
+MADE_FROM: dict[str, tuple[str, ...]] = {
+    "data": ("data", "num_train", "num_eval", "seed"),
+    "vq": ("vq_steps",),
+    "transformer": ("transformer_steps",),
+    "clip": ("clip_steps", "count_foils"),
+    "prior": ("prior_train_steps",),
+    "cond_transformer": ("embed_tokens", "cond_transformer_steps", "cond_transformer_lr",
+                         "cond_transformer_embed_drop"),
+    "masked": ("masked_steps",),
+    "data_large": ("upsampler_images", "seed"),
+    "upsampler": ("upsampler_steps",),
+    "pipeline": ("clip", "prior", "masked", "upsampler", "sampling", "rerank", "prior_sampling",
+                 "masked_sampling", "upsample_sampling"),
+    "samples": ("prompts", "samples_per_prompt", "fidelity_prompts", "fidelity_composed"),
+}  # fmt: skip
+STAGE_SETTINGS = "stage_settings.json"  # in out_dir: each finished stage's MADE_FROM values
+
+
 class Stage(NamedTuple):
     """One stage of the job: the stages it needs (by name), whether its output is complete, what
-    runs it, and what it writes (removed when a stage it needs runs again)."""
+    runs it, what it writes (removed when a stage it needs runs again) and the values of the
+    settings it is made from (`MADE_FROM`)."""
 
     name: str
     needs: set[str]
@@ -420,6 +445,7 @@ class Stage(NamedTuple):
     run: Callable[[], None]
     outputs: list[Path]
     after: frozenset[str] = frozenset()  # stages it reads but is not made again for
+    made_from: dict[str, Any] | None = None  # set by `plan`
 
     def waits_for(self) -> set[str]:
         return self.needs | self.after
@@ -518,6 +544,9 @@ def plan(cfg: MainJobConfig) -> Plan:
         Stage("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
          lambda: stage_samples(cfg, p, data), [p.samples, p.fidelity, p.evaluation]),
     ]  # fmt: skip
+    values = {**to_dict(cfg), "count_foils": cfg.count_foils}
+    stages = [s._replace(made_from={k: values[k] for k in MADE_FROM.get(s.name, ())})
+              for s in stages]  # fmt: skip
     names, before = {s.name for s in stages}, set()
     for s in stages:  # the one order both runners keep: each stage after what it waits for
         if not s.waits_for() & names <= before:
@@ -567,16 +596,59 @@ def say(line: str, bar_open: bool = False) -> None:
     print(lead + line, flush=True)
 
 
-def _begin(i: int, n: int, stage: Stage, upstream: list[str], bar_open: bool = False) -> str | None:
-    """Before a stage: None (said so) when its output is complete and nothing it needs ran in
-    this job; else what to say after "running", its stale outputs removed first."""
-    if not upstream and stage.done():
+def _begin(
+    i: int, n: int, stage: Stage, upstream: list[str], ran_with: dict, bar_open: bool = False
+) -> str | None:
+    """Before a stage: None (said so) when its output is complete, it ran with the settings it
+    is made from now (`ran_with`, by stage: `_ran_with`) and nothing it needs ran in this job;
+    else what to say after "running", its stale outputs removed first."""
+    changed = _changed(stage, ran_with.get(stage.name)) if stage.done() else []
+    if not upstream and not changed and stage.done():
         say(f"[{i}/{n}] {stage.name}: done already, skipped", bar_open)
         return None
-    stale = [o for o in stage.outputs if o.exists()] if upstream else []
+    stale = [o for o in stage.outputs if o.exists()] if upstream or changed else []
     for o in stale:
         shutil.rmtree(o) if o.is_dir() else o.unlink()
-    return f" again ({', '.join(upstream)} ran)" if stale else ""
+    why = [f"{', '.join(upstream)} ran"] if upstream else []
+    why += [f"settings changed: {'; '.join(changed)}"] if changed else []
+    return f" again ({'; '.join(why)})" if stale else ""
+
+
+def _changed(stage: Stage, before: dict | None) -> list[str]:
+    """The settings `stage` is made from whose values differ from `before` (what it ran with),
+    as "key: old -> new"; [] where nothing is known of its run."""
+    if not isinstance(before, dict):
+        return []
+    now = stage.made_from or {}
+    return [f"{k}: {_short(before.get(k))} -> {_short(v)}" for k, v in now.items()
+            if k in before and before[k] != v]  # fmt: skip
+
+
+def _short(value: Any) -> str:
+    """A setting's value for one line: a settings section by the keys that differ is too long,
+    so sections read as their JSON, cut at 60 characters."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _ran_with(p: Paths, previous: dict) -> dict[str, dict]:
+    """What each stage of the folder ran with: `stage_settings.json`, and for a stage it does not
+    hold (a folder from before it was written), the job config the folder held before this run
+    (`previous`, its main_job.yaml) read through MADE_FROM."""
+    try:
+        recorded = json.loads((p.out / STAGE_SETTINGS).read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    recorded = recorded if isinstance(recorded, dict) else {}
+    return {name: recorded.get(name, {k: previous[k] for k in keys if k in previous})
+            for name, keys in MADE_FROM.items()}  # fmt: skip
+
+
+def _record(job: Plan, name: str, ran_with: dict) -> None:
+    """A stage finished: what it ran with into `ran_with` and `stage_settings.json`."""
+    stage = next(s for s in job.stages if s.name == name)
+    ran_with[name] = stage.made_from or {}
+    write_json_atomic(job.paths.out / STAGE_SETTINGS, ran_with)
 
 
 def _finished(
@@ -593,13 +665,13 @@ def _stopped(job: Plan, name: str, message: str) -> StageStopped:
                         "without one.")  # fmt: skip
 
 
-def _one_after_another(job: Plan, timings: dict[str, float | str]) -> None:
+def _one_after_another(job: Plan, timings: dict[str, float | str], ran_with: dict) -> None:
     """Each stage in turn, in this process (the plan's order has every stage after the ones it
     waits for: `plan`)."""
     ran: set[str] = set()
     n = len(job.stages)
     for i, stage in enumerate(job.stages, 1):
-        again = _begin(i, n, stage, sorted(stage.needs & ran))
+        again = _begin(i, n, stage, sorted(stage.needs & ran), ran_with)
         if again is None:
             timings[stage.name] = "skipped"
             continue
@@ -611,6 +683,7 @@ def _one_after_another(job: Plan, timings: dict[str, float | str]) -> None:
             raise _stopped(job, stage.name, str(e)) from e
         ran.add(stage.name)
         _finished(i, n, stage.name, t0, timings)
+        _record(job, stage.name, ran_with)
 
 
 # What the processes of stages run side by side import once, in the server they are forked from
@@ -704,7 +777,7 @@ class _Lanes:
         self.running.clear()
 
 
-def _side_by_side(cfg: MainJobConfig, job: Plan, lanes: int, timings: dict) -> None:
+def _side_by_side(cfg: MainJobConfig, job: Plan, lanes: int, timings: dict, ran_with: dict) -> None:
     """Up to `lanes` stages at once, each in a process of its own, a stage starting once every
     stage it waits for has finished (in the plan's order where several could). Each process
     takes the threads of the CPUs free when it starts, and a training stage follows them while
@@ -732,7 +805,8 @@ def _side_by_side(cfg: MainJobConfig, job: Plan, lanes: int, timings: dict) -> N
             if ready and len(pool.running) < lanes:
                 waiting.remove(ready)
                 i, stage = ready
-                again = _begin(i, n, stage, sorted(stage.needs & ran), pool.terminal is not None)
+                again = _begin(i, n, stage, sorted(stage.needs & ran), ran_with,
+                               pool.terminal is not None)  # fmt: skip
                 if again is None:
                     timings[stage.name] = "skipped"
                     settled.add(stage.name)
@@ -746,6 +820,7 @@ def _side_by_side(cfg: MainJobConfig, job: Plan, lanes: int, timings: dict) -> N
                 ran.add(r.name)
                 settled.add(r.name)
                 _finished(r.number, n, r.name, r.started, timings, pool.terminal is not None)
+                _record(job, r.name, ran_with)
             if error is not None:
                 raise error
     finally:
@@ -804,6 +879,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
     job = plan(cfg)
     p = job.paths
     p.out.mkdir(parents=True, exist_ok=True)
+    ran_with = _ran_with(p, _previous_config(p))  # before main_job.yaml holds this run's
     save_config(cfg, p.out / "main_job.yaml")
     if (
         cfg.with_prior
@@ -819,9 +895,9 @@ def run_stages(cfg: MainJobConfig) -> dict:
     timings: dict[str, float | str] = {}
     start = time.perf_counter()
     if lanes == 1:
-        _one_after_another(job, timings)
+        _one_after_another(job, timings, ran_with)
     else:
-        _side_by_side(cfg, job, lanes, timings)
+        _side_by_side(cfg, job, lanes, timings, ran_with)
     total = round(time.perf_counter() - start, 1)
     timings = {s.name: timings[s.name] for s in job.stages if s.name in timings}  # plan order
     training = {"vq": _training(p.vq_run),
@@ -848,6 +924,17 @@ def run_stages(cfg: MainJobConfig) -> dict:
         summary["fidelity"] = json.loads(p.fidelity.read_text())
     (p.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _previous_config(p: Paths) -> dict:
+    """The job config the folder held before this run (main_job.yaml), or {}."""
+    import yaml
+
+    try:
+        old = yaml.safe_load((p.out / "main_job.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return old if isinstance(old, dict) else {}
 
 
 def _previous_summary(p: Paths) -> dict:
@@ -957,6 +1044,6 @@ def main(argv: list[str]) -> int:
     print(f"sample grid:     {Path(cfg.out_dir) / 'samples' / 'grid.png'}")
     took, when = f"{summary['total_seconds']} s", summary["total_seconds_when_run"]
     if when is not None and set(summary["stage_seconds"].values()) == {"skipped"}:
-        took += f"; the job took {when} s when it ran"
+        took += f"; the last run that did work took {when} s"
     print(f"summary:         {Path(cfg.out_dir) / 'summary.json'}  ({took})")
     return 0

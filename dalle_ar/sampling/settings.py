@@ -218,7 +218,8 @@ class MaskedSampling:
         metadata=_option("--corrector-steps", "passes after the last, each redrawing 1/K of the "
                          "drawn codes given the rest (0 = off; 4 measured)"),
     )  # fmt: skip
-    # Every pass runs the whole sequence through the network (no KV cache): matrix-matrix work
+    # Every pass runs all image positions through the network (the caption's keys and values
+    # computed once, from the KV cache): matrix-matrix work
     # that bf16 speeds up on a CPU with bf16 instructions (`masked.masked_precision`): 2.3x the
     # images/s of fp32 at the main job's evaluation batch, 1.35-2.2x at batch 1 and 8
     # (docs/results.md#masked-mode), the same fidelity over four seeds

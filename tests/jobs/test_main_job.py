@@ -16,7 +16,7 @@ import yaml
 
 from dalle_ar.config import load_config
 from dalle_ar.jobs.config import MainJobConfig
-from dalle_ar.jobs.main import _upgrade, plan
+from dalle_ar.jobs.main import STAGE_SETTINGS, _seconds, _upgrade, plan
 from dalle_ar.jobs.main import main as main_job
 from dalle_ar.pipeline import DalleAR
 
@@ -146,7 +146,7 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     # and the job's own time: this run's, and the run that did the work's
     assert summary["total_seconds_when_run"] == summary["total_seconds"] > 0
     assert again["total_seconds_when_run"] == summary["total_seconds"] != again["total_seconds"]
-    assert f"the job took {summary['total_seconds']} s when it ran" in printed
+    assert f"the last run that did work took {summary['total_seconds']} s" in printed
     # a folder of the earlier layout (one token folder, with the CLIP's embeddings): taken as it
     # is, nothing trained again
     shutil.rmtree(out / "tokens")
@@ -251,6 +251,17 @@ def test_token_shards_with_clip_embeddings_are_done_for_that_clips_weights(tmp_p
     assert not _tokens_done(shards, clip) and _tokens_done(shards)
 
 
+def test_a_summary_written_before_the_when_run_total_gives_its_total_only_where_a_stage_ran():
+    ran = {"stage_seconds": {"vq": 12.5, "samples": "skipped"}, "total_seconds": 30.0}
+    assert _seconds(ran) == {"vq": 12.5, "total": 30.0}
+    rerun = {"stage_seconds": {"vq": "skipped"}, "total_seconds": 0.4}  # its 0.4 s is no job's
+    assert _seconds(rerun) == {}
+    now = {"stage_seconds_when_run": {"vq": 12.5}, "stage_seconds": {"vq": "skipped"},
+           "total_seconds": 0.4, "total_seconds_when_run": 30.0}  # fmt: skip
+    assert _seconds(now) == {"vq": 12.5, "total": 30.0}
+    assert _seconds({"stage_seconds": [1], "total_seconds": True}) == {}  # another shape
+
+
 def test_the_quick_job_has_every_mode_on_smaller_budgets():
     """configs/shapes/quick.yaml loads and plans every stage of the job with every mode, each
     training stage on fewer steps than the main job's (0 there: the component config's)."""
@@ -312,6 +323,40 @@ def test_a_stage_its_safety_cap_stops_is_reported_and_continued_by_a_rerun(
     assert "[7/11] clip_tokens: done already" in printed  # nor do its token shards
     summary = json.loads((out / "summary.json").read_text())
     assert summary["training"]["transformer"]["finished"] and "UNDER-TRAINED" not in printed
+
+
+def test_a_rerun_with_changed_settings_makes_what_they_change_again(tmp_path, capsys):
+    out = tmp_path / "main"
+    args = [f"out_dir={out}", f"config_dir={_toy_configs(tmp_path / 'configs')}",
+            "num_train=100", "num_eval=20", "vq_steps=2", "transformer_steps=2", "clip=false",
+            "rerank.reranker=pmi", "samples_per_prompt=1", "fidelity_prompts=2",
+            "candidates=1", "wandb=disabled", "device=cpu", "prompts=[a red circle]",
+            "upsampler=false", "lanes=1"]  # fmt: skip
+    assert main_job(args) == 0
+    capsys.readouterr()
+    assert json.loads((out / STAGE_SETTINGS).read_text())["samples"]["fidelity_prompts"] == 2
+    # what the evaluation reads: only the samples stage runs again, and says why
+    assert main_job([*args, "fidelity_prompts=4", "lanes=2", "wandb=offline"]) == 0
+    printed = capsys.readouterr().out
+    assert "[7/7] samples: running again (settings changed: fidelity_prompts: 2 -> 4)" in printed
+    assert printed.count("done already, skipped") == 6  # lanes and wandb change no output
+    assert json.loads((out / "fidelity.json").read_text())["num_prompts"] == 4
+    # a sampling default: the pipeline folder that records it, and its samples
+    assert main_job([*args, "fidelity_prompts=4", "sampling.temperature=0.9"]) == 0
+    printed = capsys.readouterr().out
+    assert "[6/7] pipeline: running again (settings changed: sampling: " in printed
+    assert "[7/7] samples: running again (pipeline ran)" in printed
+    assert json.loads((out / "pipeline" / "pipeline.json").read_text())["defaults"]["ar"][
+        "temperature"] == 0.9  # fmt: skip
+    # a folder written before the record: the main_job.yaml it held stands in for it
+    (out / STAGE_SETTINGS).unlink()
+    assert main_job([*args, "fidelity_prompts=4", "sampling.temperature=0.9",
+                     "transformer_steps=3"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "[5/7] transformer: running again (settings changed: transformer_steps: 2 -> 3)" in (
+        printed)  # fmt: skip
+    assert "[3/7] vq: done already, skipped" in printed
+    assert "3 of 3 steps" in printed
 
 
 def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
