@@ -378,6 +378,27 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(out))  # tuples -> lists, so a reload compares equal
 
 
+def settings_help(cls: type, width: int = 79) -> str:
+    """The keys a config dataclass takes on the command line, with their defaults, for a
+    command's --help: `key=default` for the top-level fields, then each nested section's
+    `section.key=default` in a paragraph of its own, wrapped at `width` columns."""
+    import textwrap
+
+    def shown(v: Any) -> str:
+        return v if isinstance(v, str) and v else json.dumps(v)
+
+    flat, sections = [], []
+    for key, value in to_dict(cls()).items():
+        if isinstance(value, dict):
+            sections.append([f"{key}.{k}={shown(v)}" for k, v in value.items()])
+        else:
+            flat.append(f"{key}={shown(value)}")
+    wrap = functools.partial(textwrap.fill, width=width, initial_indent="  ",
+                             subsequent_indent="  ", break_long_words=False,
+                             break_on_hyphens=False)  # fmt: skip
+    return "\n".join(wrap("  ".join(items)) for items in [flat, *sections])
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (it loads back with `load_config`)."""
     p = Path(path)

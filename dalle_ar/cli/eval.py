@@ -1,4 +1,4 @@
-"""`dalle-ar eval` (image quality on any shards, every mode: `quality`) and `dalle-ar eval
+r"""`dalle-ar eval` (image quality on any shards, every mode: `quality`) and `dalle-ar eval
 fidelity` (prompt fidelity on the shapes data: `main`).
 
     dalle-ar eval --model runs/pipe --data "DIR/eval-*.tar" --train-data "DIR/train-*.tar" \

@@ -1,4 +1,4 @@
-"""`dalle-ar sample`: generate images from prompts with a pipeline folder.
+r"""`dalle-ar sample`: generate images from prompts with a pipeline folder.
 
     dalle-ar sample --model runs/pipe "a small red circle at the top left" --num 4 --out out/
     dalle-ar sample --model runs/pipe "a red circle" --mode prior --prior-steps 25 --out out/

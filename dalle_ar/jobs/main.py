@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from dalle_ar.checkpoint import file_sha256, write_json_atomic
-from dalle_ar.config import ConfigError, load_config, save_config, to_dict
+from dalle_ar.config import ConfigError, load_config, save_config, settings_help, to_dict
 from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import DataSet
 from dalle_ar.jobs.emoji import EMOJI
@@ -380,8 +380,8 @@ def _check_count_foils(yaml: Path) -> None:
     if size < FOIL_MIN_SIZE:
         raise ConfigError(f"config key 'masked': trains the CLIP with count foils, which render "
                           f"scenes of >= {FOIL_MIN_SIZE} pixels; {yaml} has data.image_size "
-                          f"{size} (masked=false, clip=false, or a CLIP config of larger "
-                          "scenes)")  # fmt: skip
+                          f"{size} (masked=false; clip=false with rerank.reranker=pmi; or a "
+                          "CLIP config of larger scenes)")  # fmt: skip
 
 
 def _complete(folder: Path) -> bool:
@@ -1015,7 +1015,13 @@ def _upgrade(overrides: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="dalle-ar pipeline", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="dalle-ar pipeline",
+        description=__doc__.split("\n")[0],
+        epilog="settings (key=value; a --config YAML sets the same keys), with their "
+        "defaults:\n" + settings_help(MainJobConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--config", help="a main-job YAML (fields: MainJobConfig)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides (e.g. out_dir=runs/x)")
     args = ap.parse_args(argv)

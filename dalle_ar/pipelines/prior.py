@@ -41,6 +41,13 @@ class PriorMode:
         "no caption"), or None (the transformer's null embedding, if it takes one). ValueError,
         before any drawing, for a part this pipeline lacks or embeddings of the wrong shape."""
         cfg = self.cond_transformer.cfg
+        missing = [k for k in ("clip", "prior") if self.components.get(k) is None]
+        if mode == "prior" and missing:  # said first: what the folder lacks
+            raise ValueError(
+                f"the prior mode needs the {' and '.join(missing)} component(s), which this "
+                f"pipeline lacks (its modes: {', '.join(self.modes)}; assemble it with "
+                "clip=FOLDER, prior=FOLDER)"
+            )
         if (mode == "prior" or embeds is not None) and not cfg.cond_len:
             raise ValueError(
                 "this transformer takes no CLIP image embedding (model.cond_dim=0): the prior "
@@ -58,12 +65,6 @@ class PriorMode:
             return embeds.float().cpu()
         if mode != "prior":
             return None
-        missing = [k for k in ("clip", "prior") if self.components.get(k) is None]
-        if missing:
-            raise ValueError(
-                f"the prior mode needs the {' and '.join(missing)} component(s), which this "
-                "pipeline lacks (assemble it with clip=FOLDER, prior=FOLDER)"
-            )
         text = self.scene_embeds(prompts).cpu()
         empty = torch.tensor([not split_prompt(p)[0].strip() for p in prompts])
         return torch.where(empty[:, None], torch.zeros_like(text), text)  # the prior's "none"

@@ -503,6 +503,15 @@ def test_bench_train_times_the_recipe_of_a_main_job_folder(tmp_path, capsys):
     assert rep["ahead"]["samples_per_s"] > 0 and rep["ahead"]["threads"] == 1
 
 
+def test_the_help_lists_every_setting_with_its_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        main_job(["--help"])
+    printed = capsys.readouterr().out
+    assert e.value.code == 0
+    for key in ("fidelity_prompts=400", "lanes=0", "masked_sampling.steps=24", "rerank.keep=1"):
+        assert key in printed
+
+
 def test_the_old_minute_budgets_are_read_as_caps_and_said_so(capsys):
     cfg = load_config(MainJobConfig, None, _upgrade(["vq_minutes=3", "transformer_minutes=12"]))
     assert (cfg.vq_max_minutes, cfg.transformer_max_minutes) == (3.0, 12.0)

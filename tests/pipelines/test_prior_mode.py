@@ -139,8 +139,10 @@ def test_prior_mode_needs_its_parts(pipe):
         pipe(PROMPTS, mode="masked-typo")
     plain = Transformer(tiny_transformer_config())
     text_only = ARPipeline(pipe.tokenizer, pipe.vq, plain)
+    with pytest.raises(ValueError, match="needs the clip and prior component.*modes: ar;"):
+        text_only(PROMPTS, mode="prior")  # what the folder lacks, said first
     with pytest.raises(ValueError, match="takes no CLIP image embedding"):
-        text_only(PROMPTS, mode="prior")
+        text_only(PROMPTS, embeds=torch.nn.functional.normalize(torch.randn(len(PROMPTS), 8)))
 
 
 def test_sample_command_draws_in_prior_mode_and_variations(pipe_dir, tmp_path, capsys):
