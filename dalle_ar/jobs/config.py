@@ -50,8 +50,8 @@ class MainJobConfig:
     # a learned null one `cond_transformer_embed_drop` of the time); the grid and the
     # evaluation run in both modes. Two models, not one: one model for both modes drew the
     # shapes far worse in text mode (guidance 1.5: 69.8% / 29.8% seen / held-out against
-    # 93.8% / 44.7%; docs/results.md#prior-mode). Only with the CLIP stage (clip=false drops it
-    # too: `with_prior`). Off by default: its stages do not fit the job's 30 minutes.
+    # 93.8% / 44.7%; docs/results.md#prior-mode). It stands on the CLIP stage (prior=true with
+    # clip=false is refused). Off by default: its stages do not fit the job's 30 minutes.
     prior: bool = False
     embed_tokens: int = 2  # stream positions the CLIP image embedding is projected to
     cond_transformer_steps: int = 2000  # the fine-tuning's budget (batches of the transformer's)
@@ -180,6 +180,8 @@ class MainJobConfig:
         require_precision(self.precision)
         require(self.clip or "clip" not in reranker_parts(self.rerank.reranker), "rerank.reranker",
                 f"is {self.rerank.reranker!r}, which needs the CLIP stage (clip=true)")  # fmt: skip
+        require(self.clip or not self.prior, "prior",
+                "needs the CLIP stage (clip=true): it draws CLIP image embeddings")  # fmt: skip
         require(self.embed_tokens >= 1, "embed_tokens", "must be >= 1")
         require(self.cond_transformer_lr > 0, "cond_transformer_lr", "must be > 0")
         e = self.cond_transformer_embed_drop

@@ -432,6 +432,10 @@ MADE_FROM: dict[str, tuple[str, ...]] = {
     "samples": ("prompts", "samples_per_prompt", "fidelity_prompts", "fidelity_composed"),
 }  # fmt: skip
 STAGE_SETTINGS = "stage_settings.json"  # in out_dir: each finished stage's MADE_FROM values
+# A budget of 0 steps is its component config's run.steps: compared as that number
+BUDGET_OF = {"vq_steps": "vq", "transformer_steps": "transformer", "clip_steps": "clip",
+             "prior_train_steps": "prior", "masked_steps": "masked",
+             "upsampler_steps": "upsampler"}  # fmt: skip
 
 
 class Stage(NamedTuple):
@@ -544,7 +548,7 @@ def plan(cfg: MainJobConfig) -> Plan:
         Stage("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
          lambda: stage_samples(cfg, p, data), [p.samples, p.fidelity, p.evaluation]),
     ]  # fmt: skip
-    values = {**to_dict(cfg), "count_foils": cfg.count_foils}
+    values = _budgets({**to_dict(cfg), "count_foils": cfg.count_foils}, yaml)
     stages = [s._replace(made_from={k: values[k] for k in MADE_FROM.get(s.name, ())})
               for s in stages]  # fmt: skip
     names, before = {s.name for s in stages}, set()
@@ -614,32 +618,48 @@ def _begin(
     return f" again ({'; '.join(why)})" if stale else ""
 
 
+def _budgets(values: dict, yaml: dict[str, Path]) -> dict:
+    """`values` with each budget of 0 steps (`BUDGET_OF`) read as its component config's
+    run.steps, where the config says: the same budget either way compares equal."""
+    import yaml as yaml_lib
+
+    out = dict(values)
+    for key, stage in BUDGET_OF.items():
+        if out.get(key) == 0 and stage in yaml:
+            run = (yaml_lib.safe_load(yaml[stage].read_text()) or {}).get("run") or {}
+            out[key] = run.get("steps", 0)
+    return out
+
+
 def _changed(stage: Stage, before: dict | None) -> list[str]:
     """The settings `stage` is made from whose values differ from `before` (what it ran with),
-    as "key: old -> new"; [] where nothing is known of its run."""
+    as "key: old -> new", a settings section by its keys ("sampling.temperature: 0.5 -> 0.9");
+    [] where nothing is known of its run."""
     if not isinstance(before, dict):
         return []
-    now = stage.made_from or {}
-    return [f"{k}: {_short(before.get(k))} -> {_short(v)}" for k, v in now.items()
-            if k in before and before[k] != v]  # fmt: skip
+    out = []
+    for k, v in (stage.made_from or {}).items():
+        old = before.get(k)
+        if k not in before or old == v:
+            continue
+        if isinstance(v, dict) and isinstance(old, dict):
+            out += [f"{k}.{s}: {json.dumps(old.get(s))} -> {json.dumps(v.get(s))}"
+                    for s in sorted(v.keys() | old.keys()) if old.get(s) != v.get(s)]  # fmt: skip
+        else:
+            out.append(f"{k}: {json.dumps(old)} -> {json.dumps(v)}")
+    return out
 
 
-def _short(value: Any) -> str:
-    """A setting's value for one line: a settings section by the keys that differ is too long,
-    so sections read as their JSON, cut at 60 characters."""
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _ran_with(p: Paths, previous: dict) -> dict[str, dict]:
+def _ran_with(p: Paths, previous: dict, yaml: dict[str, Path]) -> dict[str, dict]:
     """What each stage of the folder ran with: `stage_settings.json`, and for a stage it does not
     hold (a folder from before it was written), the job config the folder held before this run
-    (`previous`, its main_job.yaml) read through MADE_FROM."""
+    (`previous`, its main_job.yaml) read through MADE_FROM and `_budgets`."""
     try:
         recorded = json.loads((p.out / STAGE_SETTINGS).read_text())
     except (OSError, ValueError):
         recorded = {}
     recorded = recorded if isinstance(recorded, dict) else {}
+    previous = _budgets(previous, yaml)
     return {name: recorded.get(name, {k: previous[k] for k in keys if k in previous})
             for name, keys in MADE_FROM.items()}  # fmt: skip
 
@@ -879,7 +899,7 @@ def run_stages(cfg: MainJobConfig) -> dict:
     job = plan(cfg)
     p = job.paths
     p.out.mkdir(parents=True, exist_ok=True)
-    ran_with = _ran_with(p, _previous_config(p))  # before main_job.yaml holds this run's
+    ran_with = _ran_with(p, _previous_config(p), job.yaml)  # before main_job.yaml holds this run's
     save_config(cfg, p.out / "main_job.yaml")
     if (
         cfg.with_prior
@@ -1019,7 +1039,9 @@ def main(argv: list[str]) -> int:
         prog="dalle-ar pipeline",
         description=__doc__.split("\n")[0],
         epilog="settings (key=value; a --config YAML sets the same keys), with their "
-        "defaults:\n" + settings_help(MainJobConfig),
+        "defaults:\n" + settings_help(MainJobConfig) + "\nwhat each means: README.md (the main "
+        "job) and the comments of MainJobConfig (dalle_ar/jobs/config.py); a budget of 0 steps "
+        "is the component config's run.steps",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--config", help="a main-job YAML (fields: MainJobConfig)")

@@ -344,7 +344,8 @@ def test_a_rerun_with_changed_settings_makes_what_they_change_again(tmp_path, ca
     # a sampling default: the pipeline folder that records it, and its samples
     assert main_job([*args, "fidelity_prompts=4", "sampling.temperature=0.9"]) == 0
     printed = capsys.readouterr().out
-    assert "[6/7] pipeline: running again (settings changed: sampling: " in printed
+    assert ("[6/7] pipeline: running again (settings changed: sampling.temperature: 0.5 -> 0.9)"
+            in printed)  # fmt: skip
     assert "[7/7] samples: running again (pipeline ran)" in printed
     assert json.loads((out / "pipeline" / "pipeline.json").read_text())["defaults"]["ar"][
         "temperature"] == 0.9  # fmt: skip
@@ -357,6 +358,14 @@ def test_a_rerun_with_changed_settings_makes_what_they_change_again(tmp_path, ca
         printed)  # fmt: skip
     assert "[3/7] vq: done already, skipped" in printed
     assert "3 of 3 steps" in printed
+    # a budget of 0 steps is the component config's run.steps, and compares as that number
+    zero = plan(load_config(MainJobConfig, out / "main_job.yaml", ["transformer_steps=0"]))
+    steps = yaml.safe_load((tmp_path / "configs" / "transformer.yaml").read_text())["run"]["steps"]
+    assert next(s for s in zero.stages if s.name == "transformer").made_from == {
+        "transformer_steps": steps}  # fmt: skip
+    # the prior mode stands on the CLIP stage: refused without it, before any work
+    assert main_job([*args, "prior=true"]) == 2
+    assert "config key 'prior': needs the CLIP stage (clip=true)" in capsys.readouterr().out
 
 
 def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
