@@ -1069,7 +1069,8 @@ def main(argv: list[str]) -> int:
         print(DATA_SETS[cfg.data].summarize(summary["fidelity"]))
     print(table(summary))
     print(f"pipeline folder: {Path(cfg.out_dir) / 'pipeline'}")
-    print(f"sample grid:     {Path(cfg.out_dir) / 'samples' / 'grid.png'}")
+    grids = sorted((Path(cfg.out_dir) / "samples").glob("grid*.png"))  # one per mode, upsampled
+    print(f"sample grids:    {', '.join(str(g) for g in grids)}")
     took, when = f"{summary['total_seconds']} s", summary["total_seconds_when_run"]
     if when is not None and set(summary["stage_seconds"].values()) == {"skipped"}:
         took += f"; the last run that did work took {when} s"

@@ -135,6 +135,8 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert masked_run["init_from"] == str(out / "transformer_run" / "transformer")
     assert summary["training"]["masked"]["step"] == 3
     assert (out / "samples" / "grid_masked.png").is_file()
+    # the end of the job names every grid
+    assert f"{out / 'samples' / 'grid_masked.png'}, {out / 'samples' / 'grid_prior.png'}" in printed
     assert main_job(args) == 0  # everything is done: nothing runs again
     printed = capsys.readouterr().out
     assert printed.count("done already, skipped") == 14
