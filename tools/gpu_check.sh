@@ -55,7 +55,7 @@ run_stage() {
   case $1 in
     tests) stage tests 150 $PY -m pytest -q -rs -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
       tests/kernels/test_kernels.py tests/kernels/test_layouts.py tests/kernels/test_kernel_backend.py \
-      tests/kernels/test_kernel_compile.py tests/sampling/test_sampling.py ;;
+      tests/kernels/test_kernel_compile.py tests/sampling/test_sampling.py tests/sampling/test_masked.py ;;
     attention) stage attention 330 $PY tools/bench_attention.py --sweep \
       --out "$out/attention_$gpu.json" ;;
     attention_quick) stage attention 200 $PY tools/bench_attention.py \

@@ -174,6 +174,25 @@ def test_the_cached_caption_draws_the_codes_whole_passes_draw(precision, guidanc
     assert torch.equal(generate_masked(model, ids, s, **kw), cached)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_cached_caption_through_the_triton_kernels_equals_the_whole_pass():
+    cfg = tiny_transformer_config(text_vocab=TV, text_len=T, image_vocab=IV, grid_h=H,
+                                  grid_w=W, layouts="bidir", objective="masked",
+                                  attn_impl="triton")  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg).cuda().eval()
+    ids, lens = (t.cuda() for t in prompts(3))
+    codes = torch.randint(0, IV + 1, (3, H * W), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        whole = model(torch.cat([ids, codes], 1), text_lens=lens).image.float()
+        model.setup_cache(3, dtype=torch.bfloat16)
+        model(ids, torch.arange(T, device="cuda"), text_lens=lens)
+        chunk = model.forward_image(codes, text_lens=lens).float()
+    model.clear_cache()
+    assert torch.allclose(chunk, whole, atol=5e-2, rtol=5e-2)
+
+
 def test_the_prefix_is_computed_once_per_call_not_once_per_pass():
     model = masked_model()
     ids, lens = prompts(2)
