@@ -158,11 +158,6 @@ class MainJobConfig:
         the masked mode on the shapes, whose best-of-16 picks they fix."""
         return self.clip and self.masked and self.data == "shapes"
 
-    @property
-    def with_prior(self) -> bool:
-        """Whether the job has the prior mode: `prior`, and the CLIP stage it stands on."""
-        return self.prior and self.clip
-
     def validate(self) -> None:
         require(self.num_train >= 100, "num_train", "must be >= 100")
         require(self.num_eval >= 10, "num_eval", "must be >= 10")

@@ -40,6 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from yaml import YAMLError, safe_load
+
 from dalle_ar.checkpoint import file_sha256, write_json_atomic
 from dalle_ar.config import ConfigError, load_config, save_config, settings_help, to_dict
 from dalle_ar.jobs.config import MainJobConfig
@@ -313,8 +315,8 @@ def stage_pipeline(cfg: MainJobConfig, p: Paths, cascade: bool) -> None:
 
     assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=cfg.pipeline_defaults(),
              clip=p.clip if cfg.clip else None,
-             prior=p.prior if cfg.with_prior else None,
-             cond_transformer=p.cond_transformer if cfg.with_prior else None,
+             prior=p.prior if cfg.prior else None,
+             cond_transformer=p.cond_transformer if cfg.prior else None,
              masked=p.masked if cfg.masked else None,
              upsampler=p.upsampler if cascade else None)  # fmt: skip
 
@@ -341,7 +343,7 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
     report["grid"] = where(grid)
     if up:
         report["grid_upsampled"] = where(save_prompt_grid(result, p.samples / "grid_upsampled.png"))
-    if cfg.with_prior:  # the same prompts and seeds in prior mode
+    if cfg.prior:  # the same prompts and seeds in prior mode
         result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, mode="prior",
                       settings=cfg.sampling, prior_settings=cfg.prior_sampling,
                       rerank=cfg.rerank, progress=True)  # fmt: skip
@@ -461,6 +463,7 @@ class Plan(NamedTuple):
     yaml: dict[str, Path]  # stage -> its component config
     cascade: bool
     stages: list[Stage]
+    config_steps: dict[str, int]  # a budget key of BUDGET_OF -> its component config's run.steps
 
 
 def plan(cfg: MainJobConfig) -> Plan:
@@ -475,7 +478,7 @@ def plan(cfg: MainJobConfig) -> Plan:
     yaml = {stage: configs / name for stage, name in data.configs.items()}
     if not cfg.clip:
         yaml.pop("clip", None)
-    if not cfg.with_prior:
+    if not cfg.prior:
         yaml.pop("prior", None)
     if not cfg.masked:
         yaml.pop("masked", None)
@@ -537,9 +540,9 @@ def plan(cfg: MainJobConfig) -> Plan:
          lambda: stage_transformer(cfg, p, yaml["transformer"], "transformer"),
          [p.transformer_run]),
         *([clip_stage] if cfg.clip else []),  # beside the transformer
-        *([clip_tokens_stage, prior_stage] if cfg.with_prior else []),
+        *([clip_tokens_stage, prior_stage] if cfg.prior else []),
         *([masked_stage] if cfg.masked else []),  # the longer of the two after the transformer
-        *([cond_stage] if cfg.with_prior else []),
+        *([cond_stage] if cfg.prior else []),
         *(cascade_stages if cascade else []),
         Stage("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior", "cond_transformer",
                       "masked", "upsampler"},
@@ -548,7 +551,8 @@ def plan(cfg: MainJobConfig) -> Plan:
         Stage("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
          lambda: stage_samples(cfg, p, data), [p.samples, p.fidelity, p.evaluation]),
     ]  # fmt: skip
-    values = _budgets({**to_dict(cfg), "count_foils": cfg.count_foils}, yaml)
+    config_steps = _config_steps(yaml)
+    values = _budgets({**to_dict(cfg), "count_foils": cfg.count_foils}, config_steps)
     stages = [s._replace(made_from={k: values[k] for k in MADE_FROM.get(s.name, ())})
               for s in stages]  # fmt: skip
     names, before = {s.name for s in stages}, set()
@@ -557,7 +561,7 @@ def plan(cfg: MainJobConfig) -> Plan:
             raise RuntimeError(f"the {s.name} stage is planned before "
                                f"{sorted(s.waits_for() & names - before)}")  # fmt: skip
         before.add(s.name)
-    return Plan(p, data, yaml, cascade, stages)
+    return Plan(p, data, yaml, cascade, stages, config_steps)
 
 
 SIDE_BY_SIDE_IDLE = 1.5  # CPUs idle as the job starts for lanes=0 to run 2 stages at once
@@ -606,8 +610,9 @@ def _begin(
     """Before a stage: None (said so) when its output is complete, it ran with the settings it
     is made from now (`ran_with`, by stage: `_ran_with`) and nothing it needs ran in this job;
     else what to say after "running", its stale outputs removed first."""
-    changed = _changed(stage, ran_with.get(stage.name)) if stage.done() else []
-    if not upstream and not changed and stage.done():
+    done = stage.done()  # may hash a CLIP's weights file (`_tokens_done`): asked once
+    changed = _changed(stage, ran_with.get(stage.name)) if done else []
+    if not upstream and not changed and done:
         say(f"[{i}/{n}] {stage.name}: done already, skipped", bar_open)
         return None
     stale = [o for o in stage.outputs if o.exists()] if upstream or changed else []
@@ -618,17 +623,23 @@ def _begin(
     return f" again ({'; '.join(why)})" if stale else ""
 
 
-def _budgets(values: dict, yaml: dict[str, Path]) -> dict:
-    """`values` with each budget of 0 steps (`BUDGET_OF`) read as its component config's
-    run.steps, where the config says: the same budget either way compares equal."""
-    import yaml as yaml_lib
-
-    out = dict(values)
+def _config_steps(yaml: dict[str, Path]) -> dict[str, int]:
+    """Each budget key of `BUDGET_OF` whose stage the job has -> the run.steps its component
+    config sets (read once, by `plan`); a config that sets none is left out."""
+    steps = {}
     for key, stage in BUDGET_OF.items():
-        if out.get(key) == 0 and stage in yaml:
-            run = (yaml_lib.safe_load(yaml[stage].read_text()) or {}).get("run") or {}
-            out[key] = run.get("steps", 0)
-    return out
+        if stage in yaml:
+            run = _mapping(yaml[stage], safe_load).get("run")
+            if isinstance(run, dict) and "steps" in run:
+                steps[key] = run["steps"]
+    return steps
+
+
+def _budgets(values: dict, config_steps: dict[str, int]) -> dict:
+    """`values` with each budget of 0 steps read as its component config's run.steps
+    (`config_steps`), where the config says: the same budget either way compares equal."""
+    return {k: config_steps.get(k, 0) if k in BUDGET_OF and v == 0 else v
+            for k, v in values.items()}  # fmt: skip
 
 
 def _changed(stage: Stage, before: dict | None) -> list[str]:
@@ -650,16 +661,12 @@ def _changed(stage: Stage, before: dict | None) -> list[str]:
     return out
 
 
-def _ran_with(p: Paths, previous: dict, yaml: dict[str, Path]) -> dict[str, dict]:
+def _ran_with(p: Paths, previous: dict, config_steps: dict[str, int]) -> dict[str, dict]:
     """What each stage of the folder ran with: `stage_settings.json`, and for a stage it does not
     hold (a folder from before it was written), the job config the folder held before this run
     (`previous`, its main_job.yaml) read through MADE_FROM and `_budgets`."""
-    try:
-        recorded = json.loads((p.out / STAGE_SETTINGS).read_text())
-    except (OSError, ValueError):
-        recorded = {}
-    recorded = recorded if isinstance(recorded, dict) else {}
-    previous = _budgets(previous, yaml)
+    recorded = _mapping(p.out / STAGE_SETTINGS, json.loads)
+    previous = _budgets(previous, config_steps)
     return {name: recorded.get(name, {k: previous[k] for k in keys if k in previous})
             for name, keys in MADE_FROM.items()}  # fmt: skip
 
@@ -899,13 +906,10 @@ def run_stages(cfg: MainJobConfig) -> dict:
     job = plan(cfg)
     p = job.paths
     p.out.mkdir(parents=True, exist_ok=True)
-    ran_with = _ran_with(p, _previous_config(p), job.yaml)  # before main_job.yaml holds this run's
+    # before main_job.yaml holds this run's
+    ran_with = _ran_with(p, _mapping(p.out / "main_job.yaml", safe_load), job.config_steps)
     save_config(cfg, p.out / "main_job.yaml")
-    if (
-        cfg.with_prior
-        and not _tokens_done(p.clip_tokens, p.clip)
-        and _tokens_done(p.tokens, p.clip)
-    ):
+    if cfg.prior and not _tokens_done(p.clip_tokens, p.clip) and _tokens_done(p.tokens, p.clip):
         # a folder of the layout before clip_tokens/, whose token shards hold this CLIP's
         # embeddings: they are those shards, and the stages trained on them stay done
         shutil.copytree(p.tokens, p.clip_tokens, dirs_exist_ok=True)
@@ -923,14 +927,14 @@ def run_stages(cfg: MainJobConfig) -> dict:
     training = {"vq": _training(p.vq_run),
                 **({"clip": _training(p.clip_run)} if cfg.clip else {}),
                 "transformer": _training(p.transformer_run)}  # fmt: skip
-    if cfg.with_prior:
+    if cfg.prior:
         training["prior"] = _training(p.prior_run)
         training["cond_transformer"] = _training(p.cond_run)
     if cfg.masked:
         training["masked"] = _training(p.masked_run)
     if job.cascade:
         training["upsampler"] = _training(p.upsampler_run)
-    before = _previous_summary(p)
+    before = _mapping(p.out / "summary.json", json.loads)
     # total_seconds: this run's wall time; total_seconds_when_run: the wall time of the last run
     # that did work (this one, unless it found every stage done; after a partial rerun, this
     # run's, while stage_seconds_when_run keeps each stage's own)
@@ -946,24 +950,14 @@ def run_stages(cfg: MainJobConfig) -> dict:
     return summary
 
 
-def _previous_config(p: Paths) -> dict:
-    """The job config the folder held before this run (main_job.yaml), or {}."""
-    import yaml
-
+def _mapping(path: Path, parse: Callable[[str], Any]) -> dict:
+    """The mapping a file of the job folder holds, parsed by `parse` (json.loads, safe_load),
+    or {}: no such file yet, one that does not parse, or not a mapping (nothing to carry over)."""
     try:
-        old = yaml.safe_load((p.out / "main_job.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        found = parse(path.read_text())
+    except (OSError, ValueError, YAMLError, RecursionError):
         return {}
-    return old if isinstance(old, dict) else {}
-
-
-def _previous_summary(p: Paths) -> dict:
-    """The folder's summary.json before this run, or {} (none yet, or not a JSON object)."""
-    try:
-        old = json.loads((p.out / "summary.json").read_text())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return old if isinstance(old, dict) else {}
+    return found if isinstance(found, dict) else {}
 
 
 def _seconds(old: dict) -> dict[str, float]:
