@@ -14,13 +14,12 @@ sets.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from dalle_ar.checkpoint import write_json_atomic
+from dalle_ar.cli import print_report
 from dalle_ar.clip import CLIP
 from dalle_ar.config import DataConfig
 from dalle_ar.data.loader import loader_from_config
@@ -53,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         report[name] = evaluate(clip, batches, 100) | attribute_binding(clip, batches)
         with torch.inference_mode():
             report[name] |= picture_binding(clip, batches, transform=redraw)
-    print(json.dumps(report, indent=1))
-    if args.out:
-        write_json_atomic(args.out, report)
-    return 0
+    return print_report(report, args.out)
 
 
 if __name__ == "__main__":

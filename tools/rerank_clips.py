@@ -18,15 +18,13 @@ figures (all, seen, held-out) of its picks.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from dalle_ar.checkpoint import write_json_atomic
-from dalle_ar.cli import add_pipeline_arguments, load_pipeline
+from dalle_ar.cli import add_pipeline_arguments, load_pipeline, print_report
 from dalle_ar.clip import CLIP, check_clip_folder
 from dalle_ar.data.evaluate import score
 from dalle_ar.data.shapes import prompts_for_eval
@@ -88,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         picks = best_by([dict(m, clip_score=float(s)) for m, s in zip(out.samples, scores)],
                         "clip")  # fmt: skip
         report["by_clip"][folder] = split_scores([out.images[i] for i in picks], specs)
-    print(json.dumps(report, indent=1))
-    if args.out:
-        write_json_atomic(args.out, report)
-    return 0
+    return print_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ the two parts' means. The caption's score is the cosine, which ranks as the pipe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,8 +33,7 @@ from pathlib import Path
 import torch
 from rerank_qbnorm import any_right, best_of, candidate_pixels, draw
 
-from dalle_ar.checkpoint import write_json_atomic
-from dalle_ar.cli import add_pipeline_arguments, load_pipeline
+from dalle_ar.cli import add_pipeline_arguments, load_pipeline, print_report
 from dalle_ar.data.shapes import composed_prompt, prompts_for_eval
 from dalle_ar.prompts import split_prompt
 
@@ -106,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             d = torch.load(path, weights_only=True)
             report[name] = variants(d, *part_scores(pipe, d))
     report["score_seconds"] = time.perf_counter() - t0
-    print(json.dumps(report, indent=1))
-    if args.out:
-        write_json_atomic(args.out, report)
-    return 0
+    return print_report(report, args.out)
 
 
 if __name__ == "__main__":

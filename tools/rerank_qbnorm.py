@@ -20,7 +20,6 @@ checker's figures (all, seen, held-out) per variant.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -28,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_ar.checkpoint import write_json_atomic
-from dalle_ar.cli import add_pipeline_arguments, load_pipeline
+from dalle_ar.cli import add_pipeline_arguments, load_pipeline, print_report
 from dalle_ar.data.evaluate import score
 from dalle_ar.data.shapes import caption, prompts_for_eval, sample_spec
 from dalle_ar.eval.fidelity import candidates_by_prompt, split_mean
@@ -181,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         draw(pipe, args.draw, prompts_for_eval(args.num, seed=0), args.seed, mode=args.mode)
         return 0
     report = rescore(pipe, torch.load(args.draw, weights_only=True), args.bank)
-    print(json.dumps(report, indent=1))
-    if args.out:
-        write_json_atomic(args.out, report)
-    return 0
+    return print_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ checker refuses in its wrong seen-pair picks, and how often a right one is among
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -48,8 +47,7 @@ from rerank_qbnorm import (  # this folder's
 )
 from tqdm import tqdm
 
-from dalle_ar.checkpoint import write_json_atomic
-from dalle_ar.cli import add_pipeline_arguments, load_pipeline
+from dalle_ar.cli import add_pipeline_arguments, load_pipeline, print_report
 from dalle_ar.clip import CLIP, LOGIT_SCALE_MAX
 from dalle_ar.data.shapes import caption, foil_scene, sample_spec
 from dalle_ar.train.clip import contrastive_loss
@@ -191,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"any_of_16": any_right(d)}
         for folder in args.clips:
             report[str(folder)] = picks(pipe, CLIP.from_pretrained(folder, args.device), d)
-    print(json.dumps(report, indent=1))
-    if args.out:
-        write_json_atomic(args.out, report)
-    return 0
+    return print_report(report, args.out)
 
 
 if __name__ == "__main__":

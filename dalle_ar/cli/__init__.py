@@ -17,8 +17,10 @@ is instant and one stage's imports never slow another).
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,17 @@ def load_pipeline(args: Any, model: str | None = None) -> Any:
     set_threads(args.threads)
     return Pipeline.from_pretrained(model or args.model, device=args.device,
                                     allow_mismatch=args.allow_mismatch)  # fmt: skip
+
+
+def print_report(report: dict, out: str | Path | None = None) -> int:
+    """Print a measurement's report as JSON and, with `out`, write it there too (atomically,
+    `checkpoint.write_json_atomic`); returns 0, the exit code of the script's `main`."""
+    from dalle_ar.checkpoint import write_json_atomic
+
+    print(json.dumps(report, indent=1))
+    if out:
+        write_json_atomic(out, report)
+    return 0
 
 
 # Errors of the user's making, from any subcommand: ValueError (ConfigError among them) for a value
