@@ -556,7 +556,12 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         ]
         codes = torch.zeros(n, cfg.grid_h, cfg.grid_w, dtype=torch.long)
         text_lens = text.mask.sum(1)
-        bar = tqdm(total=n * cfg.image_len, desc="tokens", unit="tok", disable=not progress)
+        # the codes drawn, not those kept: primed rows, or an inpainting's kept region
+        if masked is not None and prime is not None:
+            to_draw = int((prime == cfg.mask_id).sum())
+        else:
+            to_draw = n * (cfg.image_len - prime_rows * cfg.grid_w)
+        bar = tqdm(total=to_draw, desc="tokens", unit="tok", disable=not progress)
         # a bar over the batches only where there are several (a progress tracker that follows
         # every tqdm, gradio's, would show a disabled one too)
         several = progress and len(chunks) > 1
@@ -573,13 +578,20 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
             if masked is not None:
                 if K:
                     raise ValueError("composed prompts (AND) are for the autoregressive modes")
+                left = [len(idx) * cfg.image_len if prime is None
+                        else int((prime[idx] == cfg.mask_id).sum())]  # fmt: skip
+
+                def unmasked(t: int, steps: int, now: torch.Tensor, left=left) -> None:
+                    still = int((now == cfg.mask_id).sum())
+                    bar.update(left[0] - still)
+                    left[0] = still
+
                 codes[idx] = generate_masked(
                     model, text.ids[rows], masked,
                     text_lens=text_lens[rows], empty_ids=empty.ids[0],
                     empty_len=int(empty.mask[0].sum()), seeds=[per_seed[i] for i in idx],
-                    init_codes=None if prime is None else prime[idx],
+                    init_codes=None if prime is None else prime[idx], callback=unmasked,
                 ).cpu()  # fmt: skip
-                bar.update(len(idx) * cfg.image_len)
             else:
                 codes[idx] = generate_image_tokens(
                     model,

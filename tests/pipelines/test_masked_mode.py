@@ -106,6 +106,18 @@ def test_inpainting_keeps_every_code_outside_the_mask(pipe):
         pipe.inpaint([scene], [np.zeros((16, 16))], "a blue square")
 
 
+def test_the_progress_bar_counts_the_codes_drawn(pipe, capsys):
+    """The bar counts the codes drawn: an inpainting's kept codes are not work."""
+    scene = Image.new("RGB", (16, 16), (90, 90, 90))
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[8:, 8:] = True  # 4 of the 16 codes
+    pipe.inpaint([scene], [mask], "a blue square", num_samples=3, seed=2, steps=2, progress=True)
+    bars = capsys.readouterr().err.replace("\r", "\n")
+    assert "tokens: 100%" in bars and "12/12" in bars
+    pipe(PROMPTS, seed=1, mode="masked", steps=4, progress=True)
+    assert "32/32" in capsys.readouterr().err  # 2 prompts of 16 codes
+
+
 def test_masked_mode_reranks(pipe):
     out = pipe(PROMPTS, seed=1, mode="masked", steps=2, candidates=3, keep=1, reranker="pmi")
     assert len(out.candidates) == 6 and out.codes.shape[0] == 2
