@@ -57,7 +57,7 @@ def pmi_scores(
         for batch in texts:
             text = tokenizer.encode(batch)
             ids, lens = text.ids.to(device), text.mask.sum(1).to(device)
-            cond = model.null_cond(len(chunk)) if model.cfg.cond_len else None
+            cond = model.null_cond(len(chunk)) if model.cfg.takes_cond else None
             logps.append(image_log_likelihood(model, ids, chunk, text_lens=lens, cond=cond,
                                               start_row=start_row))  # fmt: skip
         out.append(logps[0] - weight * logps[1] if weight else logps[0])

@@ -13,7 +13,9 @@ One forward path serves training, prefill and decoding (gpt-fast style):
     model(tokens, input_pos=None, *, text_lens=None, cond=None, null_rows=None) -> Logits
 
 - `tokens` (B, L) are token positions of [text ‖ image]; the cond prefix is not in `tokens`, it
-  comes from `cond` (B, cond_dim). Token position i is stream position C + i.
+  comes from `cond` (B, cond_dim). Token position i is stream position C + i. With
+  `cond_mode="add"` there is no prefix (C = 0): the embedding's projection is added to every
+  text position's input instead.
 - `input_pos=None`: the tokens are positions 0..L-1 and no cache is touched (training).
 - `input_pos` given (after `setup_cache`): k, v are written into the static cache at those token
   positions. With L > 1 the call is a prefill and `input_pos` must be 0..L-1; with L == 1 it is one
@@ -78,9 +80,10 @@ class Transformer(nn.Module):
             self.text_emb = nn.Embedding(cfg.text_vocab, d)
             self.text_pos_emb = nn.Embedding(cfg.text_len, d)
             self.text_head = nn.Linear(d, cfg.text_vocab, bias=False)
-        if cfg.cond_len:
-            self.cond_proj = nn.Linear(cfg.cond_dim, cfg.cond_len * d)
-            self.cond_pos_emb = nn.Embedding(cfg.cond_len, d)
+        if cfg.takes_cond:
+            self.cond_proj = nn.Linear(cfg.cond_dim, max(1, cfg.cond_len) * d)
+            if cfg.cond_len:
+                self.cond_pos_emb = nn.Embedding(cfg.cond_len, d)
             self.cond_null = nn.Parameter(torch.zeros(cfg.cond_dim))  # "no embedding", learned
         if cfg.code_input == "code":  # a masked generator's [MASK] is one more input id
             self.image_emb = nn.Embedding(cfg.image_vocab + cfg.masked, d)
@@ -109,6 +112,8 @@ class Transformer(nn.Module):
             self.code_out = nn.Linear(cfg.code_features, d, bias=False)
         self.grad_checkpointing = False  # set by a recipe: recompute each block in backward
         init_weights(self, self.blocks)
+        if cfg.takes_cond and not cfg.cond_len:  # cond_mode=add: starts as a text-only model
+            nn.init.zeros_(self.cond_proj.weight)
 
     def set_code_features(self, feats: torch.Tensor, masks: torch.Tensor | None = None) -> None:
         """Fill the fixed per-code description: feats (image_vocab, code_features), e.g.
@@ -174,7 +179,7 @@ class Transformer(nn.Module):
     def null_cond(self, n: int) -> torch.Tensor:
         """The learned null embedding for `n` rows, (n, cond_dim): the input that stands for
         no embedding. ValueError for a model without a conditioning embedding."""
-        if not self.cfg.cond_len:
+        if not self.cfg.takes_cond:
             raise ValueError("this model has no conditioning embedding (cond_dim=0)")
         return self.cond_null.detach()[None].expand(n, -1)
 
@@ -304,7 +309,7 @@ class Transformer(nn.Module):
         C, T = cfg.cond_len, cfg.text_positions
         B, L = tokens.shape
         parts = []
-        if C:
+        if cfg.takes_cond:
             if cond is None or cond.shape != (B, cfg.cond_dim):
                 got = None if cond is None else tuple(cond.shape)
                 raise ValueError(f"cond must have shape ({B}, {cfg.cond_dim}), got {got}")
@@ -315,14 +320,16 @@ class Transformer(nn.Module):
                                      f"{null_rows.dtype} {tuple(null_rows.shape)}")  # fmt: skip
                 null = self.cond_null.to(cond.dtype)[None]
                 cond = torch.where(null_rows.to(cond.device)[:, None], null, cond)
-            c = self.cond_proj(cond).view(B, C, cfg.dim)
-            parts.append(c + self.cond_pos_emb.weight)
+            c = self.cond_proj(cond).view(B, max(1, C), cfg.dim)
+            if C:
+                parts.append(c + self.cond_pos_emb.weight)
         elif cond is not None:
             raise ValueError("cond was given but this model has cond_dim=0")
         text, image = tokens[:, :T], tokens[:, T:]
         if text.shape[1]:
             check_range(text, cfg.text_vocab, "text ids")
-            parts.append(self.text_emb(text) + self.text_pos_emb.weight[: text.shape[1]])
+            x = self.text_emb(text) + self.text_pos_emb.weight[: text.shape[1]]
+            parts.append(x if C or not cfg.takes_cond else x + c)  # cond_mode=add
         if image.shape[1]:
             check_range(image, cfg.image_vocab + cfg.masked, "image codes")
             img_pos = torch.arange(image.shape[1], device=tokens.device)

@@ -11,6 +11,7 @@ from dalle_ar.kernels.layouts import LAYOUT_KINDS
 
 CODE_INPUTS = ("code", "mask")  # TransformerConfig.code_input
 OBJECTIVES = ("ar", "masked")  # TransformerConfig.objective
+COND_MODES = ("prepend", "replace", "add")  # TransformerConfig.cond_mode
 # what a model records of the components it was trained on (not what the model is)
 # the fields a model's size grows with (`require_fits_memory` names the one furthest out)
 SIZE_FIELDS = ("depth", "dim", "heads", "head_dim", "mlp_ratio", "text_vocab", "image_vocab",
@@ -35,8 +36,12 @@ class TransformerConfig:
     conv_kernel: int = 3  # k of the k x k conv layout (odd)
     attn_impl: str = "auto"  # auto | triton | torch (see dalle_ar.attention)
     cond_dim: int = 0  # size of an optional conditioning embedding (e.g. 512 for CLIP); 0 = none
-    cond_tokens: int = 0  # prefix positions that embedding is projected to
-    cond_mode: str = "prepend"  # prepend: [cond ‖ text ‖ image]; replace: [cond ‖ image]
+    cond_tokens: int = 0  # prefix positions that embedding is projected to (0 with cond_mode=add)
+    # prepend: [cond ‖ text ‖ image]; replace: [cond ‖ image]; add: [text ‖ image] with the
+    # embedding's projection added to every caption position's input, the projection starting
+    # at zero, so that a model fine-tuned from a text-only one starts as that model (ControlNet's
+    # zero-initialised layers, Zhang et al. 2023); sampling then needs it only in the prefill
+    cond_mode: str = "prepend"
     # the weights hash of the CLIP whose image embeddings it was trained on (`CLIP.identity()`),
     # filled by the recipe from the token shards; "" = not a CLIP embedding, or not known
     cond_clip: str = ""
@@ -81,13 +86,18 @@ class TransformerConfig:
         require(
             self.cond_dim >= 0 and self.cond_tokens >= 0, "cond_dim/cond_tokens", "must be >= 0"
         )
-        require(
-            (self.cond_dim > 0) == (self.cond_tokens > 0),
-            "cond_tokens",
-            f"cond_dim and cond_tokens are both 0 or both > 0, got {self.cond_dim}, "
-            f"{self.cond_tokens}",
-        )
-        require(self.cond_mode in ("prepend", "replace"), "cond_mode", "must be prepend|replace")
+        require(self.cond_mode in COND_MODES, "cond_mode", f"must be one of {COND_MODES}")
+        if self.cond_mode == "add":
+            require(self.cond_tokens == 0, "cond_tokens",
+                    "cond_mode=add puts the embedding on the caption's positions: no prefix "
+                    f"positions (cond_tokens=0), got {self.cond_tokens}")  # fmt: skip
+        else:
+            require(
+                (self.cond_dim > 0) == (self.cond_tokens > 0),
+                "cond_tokens",
+                f"cond_dim and cond_tokens are both 0 or both > 0, got {self.cond_dim}, "
+                f"{self.cond_tokens}",
+            )
         require(self.code_features >= -1, "code_features", "must be >= 0, or -1 (from the VQ)")
         require(self.code_input in CODE_INPUTS, "code_input", f"must be one of {CODE_INPUTS}")
         require(self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}")
@@ -99,7 +109,7 @@ class TransformerConfig:
             )
             require(self.code_input == "code", "code_input",
                     "a masked generator reads codes (and [MASK]), not drawn masks")  # fmt: skip
-            require(self.cond_len == 0, "cond_dim", "the masked generator takes no embedding")
+            require(not self.takes_cond, "cond_dim", "the masked generator takes no embedding")
         else:
             kinds = self.layouts if isinstance(self.layouts, list) else [self.layouts]
             require("bidir" not in kinds, "layouts",
@@ -135,8 +145,9 @@ class TransformerConfig:
         n = self.depth * block + (self.grid_h + self.grid_w) * d + 2 * d + d * self.image_vocab
         if self.has_text:
             n += 2 * self.text_vocab * d + self.text_len * d
-        if self.cond_len:
-            n += self.cond_dim * self.cond_len * d + 2 * self.cond_len * d + self.cond_dim
+        if self.takes_cond:  # projection, its bias, prefix positions, the null embedding
+            out = max(1, self.cond_len) * d
+            n += self.cond_dim * out + out + self.cond_len * d + self.cond_dim
         if self.code_input == "code":
             n += (self.image_vocab + self.masked) * d
         f = max(0, self.code_features)  # -1: resolved from the VQ later, a small width
@@ -146,9 +157,14 @@ class TransformerConfig:
 
     # -- derived sizes ---------------------------------------------------------------------
     @property
+    def takes_cond(self) -> bool:
+        """Whether the model reads a conditioning embedding (`cond`, (B, cond_dim))."""
+        return self.cond_dim > 0
+
+    @property
     def cond_len(self) -> int:
-        """C: stream positions of the conditioning prefix."""
-        return self.cond_tokens if self.cond_dim > 0 else 0
+        """C: stream positions of the conditioning prefix (0 with cond_mode=add)."""
+        return self.cond_tokens if self.takes_cond and self.cond_mode != "add" else 0
 
     @property
     def has_text(self) -> bool:

@@ -232,7 +232,7 @@ def bits_per_image_token(
         text = tok.encode(list(captions[s : s + batch_size]))
         ids, lens = text.ids.to(codes.device), text.mask.sum(1).to(codes.device)
         # an embedding-conditioned transformer reads its null embedding: text mode
-        cond = model.null_cond(len(codes)) if model.cfg.cond_len else None
+        cond = model.null_cond(len(codes)) if model.cfg.takes_cond else None
         if not model.cfg.has_text:
             ids, lens = ids[:, :0], None
         nats -= float(image_log_likelihood(model, ids, codes, text_lens=lens, cond=cond).sum())

@@ -674,9 +674,9 @@ def assemble(
         srcs["prior"] = Path(prior)
     up_cfg = None if upsampler is None else read_upsampler_config(upsampler)
     # the CLIP is loaded (once) only where a component reads its embeddings
-    reads_clip = prior is not None or cond_cfg.cond_len or (up_cfg and up_cfg.caption_dim)
+    reads_clip = prior is not None or cond_cfg.takes_cond or (up_cfg and up_cfg.caption_dim)
     loaded_clip = CLIP.from_pretrained(clip) if clip is not None and reads_clip else None
-    if clip is not None and (prior is not None or cond_cfg.cond_len):
+    if clip is not None and (prior is not None or cond_cfg.takes_cond):
         loaded = None if prior is None else DiffusionPrior.from_pretrained(prior)
         check_prior(cond_cfg, loaded_clip, loaded, allow_mismatch)
     if masked is not None:

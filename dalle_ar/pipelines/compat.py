@@ -62,7 +62,7 @@ def check_prior(
     missing one), or whose embeddings the transformer does not take (naming both sizes); and a
     CLIP other than the one whose embeddings the transformer was trained on (`cond_clip`,
     `check_recorded`). `allow_mismatch`: another CLIP is only warned about."""
-    if clip is not None and tf_cfg.cond_len:
+    if clip is not None and tf_cfg.takes_cond:
         check_recorded("the transformer", "CLIP", tf_cfg.cond_clip,
                        str(clip.identity()["weights_sha256"]), allow_mismatch)  # fmt: skip
     if prior is None:
@@ -95,7 +95,7 @@ def check_cond_transformer(
     """Refuse a cond_transformer that is not an autoregressive transformer reading a CLIP image
     embedding, or that does not fit the VQ and tokenizer, or reads another text length than the
     transformer: ValueError naming both sides."""
-    if c_cfg.masked or not c_cfg.cond_len:
+    if c_cfg.masked or not c_cfg.takes_cond:
         raise ValueError(
             "the cond_transformer component must be an autoregressive transformer conditioned on "
             f"a CLIP image embedding, got objective={c_cfg.objective!r}, cond_dim={c_cfg.cond_dim}"

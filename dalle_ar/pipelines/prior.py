@@ -48,7 +48,7 @@ class PriorMode:
                 f"pipeline lacks (its modes: {', '.join(self.modes)}; assemble it with "
                 "clip=FOLDER, prior=FOLDER)"
             )
-        if (mode == "prior" or embeds is not None) and not cfg.cond_len:
+        if (mode == "prior" or embeds is not None) and not cfg.takes_cond:
             raise ValueError(
                 "this transformer takes no CLIP image embedding (model.cond_dim=0): the prior "
                 "mode and variations need one trained with it (`dalle-ar tokens --clip`, then "
@@ -125,7 +125,7 @@ class PriorMode:
     ) -> torch.Tensor | None:
         """`model`'s conditioning embedding (len(rows), D) for samples of prompts `rows` (see
         `_draw`), or None for a model without one."""
-        if not model.cfg.cond_len:
+        if not model.cfg.takes_cond:
             return None
         if embeds is None:
             return model.null_cond(len(rows))

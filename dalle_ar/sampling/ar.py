@@ -331,7 +331,7 @@ def _check_inputs(model, text_ids, text_lens, cond, num_samples) -> int:
         raise ValueError(
             "this model's embedding replaces the text (cond_mode=replace): no text_ids"
         )
-    if cfg.cond_len:
+    if cfg.takes_cond:
         if cond is None or cond.ndim != 2 or cond.shape[1] != cfg.cond_dim:
             got = None if cond is None else tuple(cond.shape)
             raise ValueError(f"this model needs cond (N, {cfg.cond_dim}), got {got}")

@@ -62,6 +62,10 @@ class TrainTransformerConfig(LoopConfig):  # optim, run, lr_follows_time, max_ba
     # over, the code embedding ([MASK] is one more row) starts fresh (ADAPT_FIELDS;
     # docs/results.md#masked-mode)
     init_from: str = ""
+    # train only the conditioning embedding's tensors (cond_*: its projection and null
+    # embedding) and keep every other tensor init_from's: the body stays the text-only model's,
+    # so with model.cond_mode=add and the null embedding at zero it draws as that model does
+    freeze_body: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"  # data-parallel mode under torchrun
     activation_checkpointing: bool = False  # recompute each block in backward (saves memory)
     eval_batches: int = 20  # held-out batches per evaluation (per rank)
@@ -76,6 +80,10 @@ class TrainTransformerConfig(LoopConfig):  # optim, run, lr_follows_time, max_ba
         e = self.embed_drop
         require(0 <= e <= 1, "embed_drop", f"must be in [0, 1], got {e}")
         require(self.eval_batches >= 1, "eval_batches", "must be >= 1")
+        if self.freeze_body:
+            require(bool(self.init_from) and self.model.takes_cond, "freeze_body",
+                    "trains only the conditioning embedding (model.cond_dim > 0) on a body "
+                    "from init_from: set both")  # fmt: skip
         require(self.sample_temperature > 0, "sample_temperature", "must be > 0")
 
 
@@ -93,7 +101,7 @@ def sample_grid(model: Transformer, source: ShardBatches, cfg, path: Path, seed:
         codes = generate_masked(model, t.ids, text_lens=t.mask.sum(1), seeds=seed,
                                 temperature=cfg.sample_temperature)  # fmt: skip
     else:
-        cond = model.null_cond(n) if model.cfg.cond_len else None  # text mode
+        cond = model.null_cond(n) if model.cfg.takes_cond else None  # text mode
         codes = generate_image_tokens(
             model,
             t.ids,
@@ -132,7 +140,7 @@ def _loss(model, batch, cfg, info, drop=None, text_count=None, null_rows=None, m
         return masked_loss(out.image, image, masked)
     tokens = torch.cat([prefix, image[:, :-1]], 1)
     kw = {"text_lens": lens} if cfg.model.has_text else {}
-    if cfg.model.cond_len and null_rows is not None:
+    if cfg.model.takes_cond and null_rows is not None:
         kw["null_rows"] = null_rows.to(image.device)
     with autocast_context(info.device, cfg.run.precision, cpu_auto=True):
         out = model(tokens, cond=cond, **kw)
@@ -167,7 +175,7 @@ def evaluate(model, source: BatchSource, cfg: TrainTransformerConfig, info) -> d
             masks = mask_codes(batch["image"], cfg.model.mask_id, g)
         _, parts = _loss(model, batch, cfg, info, masks=masks)
         text_mode = sums[0] * 0
-        if cfg.model.cond_len:
+        if cfg.model.takes_cond:
             rows = torch.ones(len(batch["image"]), dtype=torch.bool)
             text_mode = _loss(model, batch, cfg, info, null_rows=rows)[1]["image_loss"].double()
         one = torch.ones((), dtype=torch.float64, device=info.device)
@@ -177,7 +185,7 @@ def evaluate(model, source: BatchSource, cfg: TrainTransformerConfig, info) -> d
     sums = dist.all_reduce_sum(sums)
     n = max(1.0, sums[2].item())
     out = {"eval/image_loss": sums[0].item() / n, "eval/text_loss": sums[1].item() / n}
-    if cfg.model.cond_len:
+    if cfg.model.takes_cond:
         out["eval/image_loss_text_mode"] = sums[3].item() / n
     return out
 
@@ -273,7 +281,7 @@ def build(
     feats = _resolve_code_features(cfg)
     if source is None:
         source = ShardBatches(cfg, info)
-        if cfg.model.cond_len and not cfg.model.cond_clip:  # saved with the model
+        if cfg.model.takes_cond and not cfg.model.cond_clip:  # saved with the model
             cfg.model.cond_clip = source.cond_clip()
         # what it is trained on, saved with the model: a pipeline refuses other ones
         tok_sha, vq_sha = source.trained_on()
@@ -285,6 +293,9 @@ def build(
     if feats is not None:  # after: this run's VQ describes the codes
         model.set_code_features(*feats)
     model.grad_checkpointing = cfg.activation_checkpointing
+    if cfg.freeze_body:  # before wrapping: DDP and the optimizer see only what is trained
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(name.startswith(t) for t in COND_TENSORS))
     wrapped = dist.wrap_model(model, info, cfg.parallel, blocks=model.blocks)
     # fused AdamW: one kernel for all tensors (sharded FSDP parameters take the plain loop)
     opt = build_optimizer(wrapped, cfg.optim, fused=not dist.is_fsdp(wrapped))

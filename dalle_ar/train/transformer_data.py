@@ -43,7 +43,7 @@ class ShardBatches:
         require(bool(cfg.text_tokenizer), "text_tokenizer", "needs the tokenizer folder")
         require(bool(cfg.data.train), "data.train", "needs training shards")
         require(
-            m.cond_len == 0 or cfg.data_format == "tokens",
+            not m.takes_cond or cfg.data_format == "tokens",
             "model.cond_dim",
             "the conditioning embedding is read from token shards written with a CLIP "
             "(dalle-ar tokens --clip), not from image shards",
@@ -98,7 +98,7 @@ class ShardBatches:
             )
         t = self.tok.encode(list(raw["caption"]))
         out = {"text": t.ids, "text_lens": t.mask.sum(1), "image": codes.flatten(1).long()}
-        if m.cond_len:  # the CLIP image embedding of each record (DALL-E 2's decoder input)
+        if m.takes_cond:  # the CLIP image embedding of each record (DALL-E 2's decoder input)
             from dalle_ar.data.tokens import clip_embeddings
 
             out["cond"] = clip_embeddings(raw, "clip_img", m.cond_dim, self.cfg.data.train)

@@ -164,19 +164,21 @@ def test_cache_is_not_saved_and_needs_setup():
 # -- conditioning embedding ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["prepend", "replace"])
+@pytest.mark.parametrize("mode", ["prepend", "replace", "add"])
 def test_cond_embedding_conditions_and_decodes(mode):
-    model = build(cond_dim=6, cond_tokens=2, cond_mode=mode)
+    model = build(cond_dim=6, cond_tokens=0 if mode == "add" else 2, cond_mode=mode)
+    if mode == "add":  # it starts at zero (the next test): give it weights to read the input
+        torch.nn.init.normal_(model.cond_proj.weight, std=0.1)
     text, image, lens = batch()
     g = torch.Generator().manual_seed(3)
     cond = torch.randn(2, 6, generator=g)
-    prefix = text if mode == "prepend" else text[:, :0]
-    lens = lens if mode == "prepend" else None
+    prefix = text[:, :0] if mode == "replace" else text
+    lens = None if mode == "replace" else lens
     n_text = prefix.shape[1]
     with torch.no_grad():
         full = model(torch.cat([prefix, image[:, :-1]], 1), text_lens=lens, cond=cond)
         assert full.image.shape == (2, H * W, 24)
-        assert full.text.shape[1] == (T - 1 if mode == "prepend" else 0)
+        assert full.text.shape[1] == (0 if mode == "replace" else T - 1)
         other = model(torch.cat([prefix, image[:, :-1]], 1), text_lens=lens, cond=cond + 1)
         assert (other.image - full.image).abs().max() > 1e-4
         model.setup_cache(2)
@@ -186,6 +188,31 @@ def test_cond_embedding_conditions_and_decodes(mode):
             step = model(image[:, i : i + 1], torch.tensor([n_text + i]), text_lens=lens)
             steps.append(step.image[:, 0])
     torch.testing.assert_close(torch.stack(steps, 1), full.image, rtol=1e-5, atol=1e-5)
+
+
+def test_added_embedding_starts_as_the_text_only_model():
+    """cond_mode=add: the projection starts at zero, so a model given a text-only model's
+    weights draws exactly as it does, whatever the embedding; training then moves it."""
+    text_only = build()
+    model = build(seed=1, cond_dim=6, cond_mode="add")
+    assert model.cfg.cond_len == 0 and model.cfg.prefix_len == T
+    missing, unexpected = model.load_state_dict(text_only.state_dict(), strict=False)
+    assert sorted(missing) == ["cond_null", "cond_proj.bias", "cond_proj.weight"]
+    assert not unexpected
+    text, image, lens = batch()
+    tokens = torch.cat([text, image[:, :-1]], 1)
+    cond = torch.randn(2, 6, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = text_only(tokens, text_lens=lens)
+        got = model(tokens, text_lens=lens, cond=cond)
+    torch.testing.assert_close(got.image, want.image, rtol=0, atol=0)
+    torch.testing.assert_close(got.text, want.text, rtol=0, atol=0)
+    loss = model(tokens, text_lens=lens, cond=cond).image.logsumexp(-1).mean()
+    loss.backward()
+    assert model.cond_proj.weight.grad.abs().max() > 0  # the embedding is learned from step 1
+    with pytest.raises(ConfigError, match=r"cond_mode=add .* \(cond_tokens=0\)"):
+        tiny(cond_dim=6, cond_tokens=2, cond_mode="add")
+    assert tiny(cond_dim=6, cond_mode="add").num_params() == model.num_params()
 
 
 def test_cond_is_required_and_checked():

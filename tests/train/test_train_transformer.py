@@ -290,6 +290,25 @@ def test_init_from_starts_an_embedding_conditioned_model_from_a_trained_one(tmp_
     assert resumed["step"] == 8
 
 
+def test_freeze_body_trains_only_the_added_embedding(tmp_path):
+    """cond_mode=add with freeze_body: the body stays the text-only model's, tensor for
+    tensor, while the embedding's projection and null embedding learn; asked without init_from
+    or without an embedding, it is refused by name."""
+    train(config(tmp_path / "text"), MemoryBatches(4))
+    src = Transformer.from_pretrained(tmp_path / "text" / "transformer")
+    cond = ["model.cond_dim=5", "model.cond_mode=add", "freeze_body=true", "optim.lr=1e-2",
+            f"init_from={tmp_path / 'text' / 'transformer'}"]  # fmt: skip
+    train(config(tmp_path / "cond", *cond), MemoryBatches(4, cond_dim=5))
+    tuned = Transformer.from_pretrained(tmp_path / "cond" / "transformer")
+    for name, value in src.state_dict().items():
+        assert torch.equal(tuned.state_dict()[name], value), name
+    assert tuned.cond_proj.weight.abs().max() > 0  # started at zero, trained
+    with pytest.raises(ConfigError, match="freeze_body.*init_from"):
+        config(tmp_path / "x", "model.cond_dim=5", "model.cond_mode=add", "freeze_body=true")
+    with pytest.raises(ConfigError, match="freeze_body.*cond_dim > 0"):
+        config(tmp_path / "x", "freeze_body=true", cond[-1])
+
+
 def test_a_masked_model_starts_from_an_autoregressive_one(tmp_path):
     """The body, text and positions of an embedding-conditioned autoregressive model carry over
     into a masked one; its image input (the [MASK] row is new) and the conditioning start fresh
