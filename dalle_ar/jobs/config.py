@@ -44,13 +44,15 @@ class MainJobConfig:
     # Train a CLIP (dalle_ar.clip) and rerank with it; false: no CLIP stage, PMI reranking only
     clip: bool = True
     # The prior mode (DALL-E 2): token shards with the CLIP's embeddings (clip_tokens/), a
-    # diffusion prior trained on them, and a second transformer, conditioned on the CLIP image
-    # embedding (DALL-E 2's decoder), starts from the trained text-only one and learns to read the
-    # embedding for `cond_transformer_steps` at `cond_transformer_lr` (the embedding dropped to
-    # a learned null one `cond_transformer_embed_drop` of the time); the grid and the
-    # evaluation run in both modes. Two models, not one: one model for both modes drew the
-    # shapes far worse in text mode (guidance 1.5: 69.8% / 29.8% seen / held-out against
-    # 93.8% / 44.7%; docs/results.md#prior-mode). It stands on the CLIP stage (prior=true with
+    # diffusion prior trained on them, and the transformer fine-tuned to read the CLIP image
+    # embedding too (DALL-E 2's decoder): it starts from the trained text-only one and learns to
+    # read the embedding for `cond_transformer_steps` at `cond_transformer_lr` (the embedding
+    # dropped to a learned null one `cond_transformer_embed_drop` of the time). That one model
+    # then draws in both modes, text mode with the null embedding: fine-tuned so, it draws text
+    # mode's shapes as the text-only one does (docs/results.md#one-transformer-for-both-modes),
+    # where one trained from scratch with the embedding drew them far worse (guidance 1.5:
+    # 69.8% / 29.8% seen / held-out against 93.8% / 44.7%; docs/results.md#prior-mode). The grid
+    # and the evaluation run in both modes. It stands on the CLIP stage (prior=true with
     # clip=false is refused). Off by default: its stages do not fit the job's 30 minutes.
     prior: bool = False
     embed_tokens: int = 2  # stream positions the CLIP image embedding is projected to

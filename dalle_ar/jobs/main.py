@@ -313,10 +313,10 @@ def stage_upsampler(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
 def stage_pipeline(cfg: MainJobConfig, p: Paths, cascade: bool) -> None:
     from dalle_ar.pipelines import assemble
 
-    assemble(p.pipeline, p.tokenizer, p.vq, p.transformer, defaults=cfg.pipeline_defaults(),
-             clip=p.clip if cfg.clip else None,
+    # with the prior mode, its fine-tuned transformer serves text mode too (MainJobConfig.prior)
+    assemble(p.pipeline, p.tokenizer, p.vq, p.cond_transformer if cfg.prior else p.transformer,
+             defaults=cfg.pipeline_defaults(), clip=p.clip if cfg.clip else None,
              prior=p.prior if cfg.prior else None,
-             cond_transformer=p.cond_transformer if cfg.prior else None,
              masked=p.masked if cfg.masked else None,
              upsampler=p.upsampler if cascade else None)  # fmt: skip
 

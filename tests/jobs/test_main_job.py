@@ -88,9 +88,10 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert (out / "samples" / "grid.png").is_file()
     assert (out / "pipeline" / "clip" / "model.safetensors").is_file()  # reranks with CLIP
     assert (out / "samples" / "grid_prior.png").is_file()  # the prior mode's grid
-    # two transformers: text mode keeps the text-only one, the prior mode draws with the one
-    # fine-tuned from it on the CLIP image embeddings
-    assert not pipe.transformer.cfg.cond_len and pipe.cond_transformer.cfg.cond_len == 2
+    # one transformer for both modes: the one fine-tuned from the text-only one on the CLIP
+    # image embeddings (text mode draws with its null embedding)
+    assert pipe.transformer.cfg.cond_len == 2 and "cond_transformer" not in pipe.components
+    assert not (out / "pipeline" / "cond_transformer").exists()
     # the cascade: the grid upsampled beside the small one, the guided draws scored upsampled
     from PIL import Image
 
