@@ -81,7 +81,7 @@ class Transformer(nn.Module):
             self.text_pos_emb = nn.Embedding(cfg.text_len, d)
             self.text_head = nn.Linear(d, cfg.text_vocab, bias=False)
         if cfg.takes_cond:
-            self.cond_proj = nn.Linear(cfg.cond_dim, max(1, cfg.cond_len) * d)
+            self.cond_proj = nn.Linear(cfg.cond_dim, cfg.cond_vectors * d)
             if cfg.cond_len:
                 self.cond_pos_emb = nn.Embedding(cfg.cond_len, d)
             self.cond_null = nn.Parameter(torch.zeros(cfg.cond_dim))  # "no embedding", learned
@@ -112,7 +112,7 @@ class Transformer(nn.Module):
             self.code_out = nn.Linear(cfg.code_features, d, bias=False)
         self.grad_checkpointing = False  # set by a recipe: recompute each block in backward
         init_weights(self, self.blocks)
-        if cfg.takes_cond and not cfg.cond_len:  # cond_mode=add: starts as a text-only model
+        if cfg.adds_cond:  # starts as a text-only model (TransformerConfig.cond_mode)
             nn.init.zeros_(self.cond_proj.weight)
 
     def set_code_features(self, feats: torch.Tensor, masks: torch.Tensor | None = None) -> None:
@@ -320,7 +320,7 @@ class Transformer(nn.Module):
                                      f"{null_rows.dtype} {tuple(null_rows.shape)}")  # fmt: skip
                 null = self.cond_null.to(cond.dtype)[None]
                 cond = torch.where(null_rows.to(cond.device)[:, None], null, cond)
-            c = self.cond_proj(cond).view(B, max(1, C), cfg.dim)
+            c = self.cond_proj(cond).view(B, cfg.cond_vectors, cfg.dim)
             if C:
                 parts.append(c + self.cond_pos_emb.weight)
         elif cond is not None:
@@ -329,7 +329,7 @@ class Transformer(nn.Module):
         if text.shape[1]:
             check_range(text, cfg.text_vocab, "text ids")
             x = self.text_emb(text) + self.text_pos_emb.weight[: text.shape[1]]
-            parts.append(x if C or not cfg.takes_cond else x + c)  # cond_mode=add
+            parts.append(x + c if cfg.adds_cond else x)
         if image.shape[1]:
             check_range(image, cfg.image_vocab + cfg.masked, "image codes")
             img_pos = torch.arange(image.shape[1], device=tokens.device)

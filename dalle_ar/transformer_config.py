@@ -88,6 +88,8 @@ class TransformerConfig:
         )
         require(self.cond_mode in COND_MODES, "cond_mode", f"must be one of {COND_MODES}")
         if self.cond_mode == "add":
+            add_needs = "add adds a conditioning embedding to the caption: set cond_dim > 0"
+            require(self.cond_dim > 0, "cond_mode", add_needs)
             require(self.cond_tokens == 0, "cond_tokens",
                     "cond_mode=add puts the embedding on the caption's positions: no prefix "
                     f"positions (cond_tokens=0), got {self.cond_tokens}")  # fmt: skip
@@ -146,7 +148,7 @@ class TransformerConfig:
         if self.has_text:
             n += 2 * self.text_vocab * d + self.text_len * d
         if self.takes_cond:  # projection, its bias, prefix positions, the null embedding
-            out = max(1, self.cond_len) * d
+            out = self.cond_vectors * d
             n += self.cond_dim * out + out + self.cond_len * d + self.cond_dim
         if self.code_input == "code":
             n += (self.image_vocab + self.masked) * d
@@ -162,9 +164,21 @@ class TransformerConfig:
         return self.cond_dim > 0
 
     @property
+    def adds_cond(self) -> bool:
+        """Whether the embedding is added to the caption's positions (cond_mode=add), not made
+        into positions of its own."""
+        return self.takes_cond and self.cond_mode == "add"
+
+    @property
     def cond_len(self) -> int:
         """C: stream positions of the conditioning prefix (0 with cond_mode=add)."""
-        return self.cond_tokens if self.takes_cond and self.cond_mode != "add" else 0
+        return self.cond_tokens if self.takes_cond and not self.adds_cond else 0
+
+    @property
+    def cond_vectors(self) -> int:
+        """The d-wide vectors the embedding is projected to: one per prefix position, or the
+        one added to every caption position."""
+        return 1 if self.adds_cond else self.cond_len
 
     @property
     def has_text(self) -> bool:

@@ -23,10 +23,10 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from dalle_ar.cli import print_report
 from dalle_ar.runtime import describe_machine, set_threads
 from dalle_ar.sampling import generate_image_tokens
 from dalle_ar.sampling.masked import generate_masked, masked_precision
@@ -123,12 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         report = run([int(g) for g in args.grids.split(",")], args.batch, args.repeats,
                      args.steps)  # fmt: skip
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return print_report(report, args.out)
 
 
 if __name__ == "__main__":

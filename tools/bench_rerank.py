@@ -16,7 +16,6 @@ machine it also counts the time other processes held the cores (load averages re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_ar.cli import print_report
 from dalle_ar.data.shapes import prompts_for_eval
 from dalle_ar.pipelines import Pipeline
 from dalle_ar.runtime import set_threads
@@ -85,12 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "images_per_s": {k: n / v for k, v in best.items()},
         "ratio_to_unscored": {k: best["unscored"] / v for k, v in best.items()},
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return print_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from dalle_ar.cli import print_report
 from dalle_ar.runtime import set_threads
 from dalle_ar.sampling import generate_image_tokens
 from dalle_ar.transformer import Transformer, TransformerConfig
@@ -207,12 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = run(cfg, args.batch, grids, device, recompute=not args.no_recompute,
                  repeats=args.repeats, compiled=args.compile)  # fmt: skip
-    text = json.dumps(report, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
-    return 0
+    return print_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -119,12 +119,14 @@ def load_pipeline(args: Any, model: str | None = None) -> Any:
 
 
 def print_report(report: dict, out: str | Path | None = None) -> int:
-    """Print a measurement's report as JSON and, with `out`, write it there too (atomically,
-    `checkpoint.write_json_atomic`); returns 0, the exit code of the script's `main`."""
+    """Print a measurement's report as JSON and, with `out`, write the same there too (its
+    folder made, the file written atomically: `checkpoint.write_json_atomic`); returns 0, the
+    exit code of the command's or script's `main`."""
     from dalle_ar.checkpoint import write_json_atomic
 
-    print(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=2))
     if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out, report)
     return 0
 

@@ -32,7 +32,7 @@ import json
 import sys
 from pathlib import Path
 
-from dalle_ar.cli import add_pipeline_arguments, load_pipeline
+from dalle_ar.cli import add_pipeline_arguments, load_pipeline, print_report
 from dalle_ar.cli.sample import check_out, mode_settings_given
 from dalle_ar.eval.fidelity import GUIDED_SCALE, evaluate_fidelity
 from dalle_ar.pipelines.ar import MODES, check_mode_settings
@@ -125,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dalle-ar eval: {e}", file=sys.stderr)
         return 2
     report = {"model": str(Path(args.model).resolve()), **report}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return print_report(report, args.out)
 
 
 def _quality_parser() -> argparse.ArgumentParser:

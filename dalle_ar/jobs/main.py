@@ -3,8 +3,8 @@
     shards -> BPE tokenizer -> VQ-VAE -> token shards -> transformer
            -> CLIP (with `vq_round_trip`, some scenes as the VQ gives them back), beside the
               transformer -> token shards with the CLIP's image embeddings
-           -> diffusion prior, and a second transformer conditioned on the CLIP image embedding
-              (DALL-E 2's decoder), fine-tuned from the first
+           -> diffusion prior, and the transformer fine-tuned to read the CLIP image embedding
+              too (DALL-E 2's decoder), which then draws both modes
            -> upsampler (on the scenes at twice the size) -> pipeline folder
            -> samples for a handful of prompts (some held-out combinations), each the best of
               `rerank.candidates` by `rerank.reranker` (CLIP) -> captioned grids with the scores,
@@ -321,6 +321,14 @@ def stage_pipeline(cfg: MainJobConfig, p: Paths, cascade: bool) -> None:
              upsampler=p.upsampler if cascade else None)  # fmt: skip
 
 
+def _assembled(p: Paths) -> bool:
+    """The pipeline stage's done check: its folder is written, and not with the two transformers
+    a prior-mode job assembled before one served both modes (such a folder is made again)."""
+    return (p.pipeline / "pipeline.json").is_file() and not (
+        p.pipeline / "cond_transformer"
+    ).exists()
+
+
 def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
     from dalle_ar.grid import save_prompt_grid
     from dalle_ar.pipelines import Pipeline
@@ -546,7 +554,7 @@ def plan(cfg: MainJobConfig) -> Plan:
         *(cascade_stages if cascade else []),
         Stage("pipeline", {"tokenizer", "vq", "transformer", "clip", "prior", "cond_transformer",
                       "masked", "upsampler"},
-         lambda: (p.pipeline / "pipeline.json").is_file(), lambda: stage_pipeline(cfg, p, cascade),
+         lambda: _assembled(p), lambda: stage_pipeline(cfg, p, cascade),
          [p.pipeline]),
         Stage("samples", {"pipeline"}, lambda: p.fidelity.is_file(),
          lambda: stage_samples(cfg, p, data), [p.samples, p.fidelity, p.evaluation]),

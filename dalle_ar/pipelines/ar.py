@@ -578,19 +578,13 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
             if masked is not None:
                 if K:
                     raise ValueError("composed prompts (AND) are for the autoregressive modes")
-                left = [len(idx) * cfg.image_len if prime is None
-                        else int((prime[idx] == cfg.mask_id).sum())]  # fmt: skip
-
-                def unmasked(t: int, steps: int, now: torch.Tensor, left=left) -> None:
-                    still = int((now == cfg.mask_id).sum())
-                    bar.update(left[0] - still)
-                    left[0] = still
-
+                start = len(idx) * cfg.image_len if prime is None else prime[idx]
+                counter = _unmasked_counter(bar, cfg.mask_id, start) if progress else None
                 codes[idx] = generate_masked(
                     model, text.ids[rows], masked,
                     text_lens=text_lens[rows], empty_ids=empty.ids[0],
                     empty_len=int(empty.mask[0].sum()), seeds=[per_seed[i] for i in idx],
-                    init_codes=None if prime is None else prime[idx], callback=unmasked,
+                    init_codes=None if prime is None else prime[idx], callback=counter,
                 ).cpu()  # fmt: skip
             else:
                 codes[idx] = generate_image_tokens(
@@ -603,7 +597,7 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
                     empty_len=int(empty.mask[0].sum()),
                     prime_codes=None if prime is None else prime[idx],
                     seeds=[per_seed[i] for i in idx],
-                    callback=lambda *_, k=len(idx): bar.update(k),  # noqa: B008
+                    callback=(lambda *_, k=len(idx): bar.update(k)) if progress else None,  # noqa: B008
                     **part_kw,
                 ).cpu()
             if on_chunk is not None:
@@ -694,6 +688,21 @@ def assemble(
     sources = {k: (("dalle_ar", classes[k]), src) for k, src in srcs.items()}
     as_json = {k: dataclasses.asdict(v) for k, v in settings.items()}
     return write_folder(folder, ARPipeline.__name__, sources, ARPipeline.optional, as_json, link)
+
+
+def _unmasked_counter(bar: Any, mask_id: int, start: int | torch.Tensor) -> Callable[..., None]:
+    """A `generate_masked` callback that moves `bar` by the codes each pass unmasked; `start`:
+    the codes masked at first, or the init codes holding them."""
+    if isinstance(start, torch.Tensor):
+        start = int((start == mask_id).sum())
+    left = [start]
+
+    def count(t: int, steps: int, codes: torch.Tensor) -> None:
+        still = int((codes == mask_id).sum())
+        bar.update(left[0] - still)
+        left[0] = still
+
+    return count
 
 
 def _expand_prime(prime: torch.Tensor | None, n_prompts: int, num: int) -> torch.Tensor | None:

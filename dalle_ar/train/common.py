@@ -216,7 +216,7 @@ class Run:
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore weights, optimizer and RNG from the last checkpoint (`last_checkpoint`);
         return the saved state. FileNotFoundError without one; ValueError for weights of
-        another shape (naming the tensors)."""
+        another shape (naming the tensors), or an optimizer over other parameters."""
         from safetensors.torch import load_file
 
         from dalle_ar.checkpoint import load_state_strict
@@ -227,7 +227,14 @@ class Run:
         weights = load_file(str(found / "model.safetensors"))
         load_state_strict(model, weights, str(found), assign=False)
         state = load_train_state(found)
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # torch's words name no setting
+            raise ValueError(
+                f"the checkpoint in {found} trained other parameters than this run would "
+                f"({e}): a setting that chooses them (freeze_body, say) differs from the run's "
+                "own; resume with the run's settings, or start a new run (init_from=...)"
+            ) from None
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", found, state["step"])
         return state

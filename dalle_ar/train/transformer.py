@@ -63,8 +63,10 @@ class TrainTransformerConfig(LoopConfig):  # optim, run, lr_follows_time, max_ba
     # docs/results.md#masked-mode)
     init_from: str = ""
     # train only the conditioning embedding's tensors (cond_*: its projection and null
-    # embedding) and keep every other tensor init_from's: the body stays the text-only model's,
-    # so with model.cond_mode=add and the null embedding at zero it draws as that model does
+    # embedding) and keep every other tensor init_from's: the body stays the text-only model's
+    # (with model.cond_mode=add the model starts as that one; its text mode then moves only by
+    # what the null embedding and the projection's bias learn). It learned next to nothing of
+    # the embedding (docs/results.md#one-transformer-for-both-modes)
     freeze_body: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"  # data-parallel mode under torchrun
     activation_checkpointing: bool = False  # recompute each block in backward (saves memory)

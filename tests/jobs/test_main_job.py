@@ -174,6 +174,11 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path, capsys):
     stages = {s.name: s for s in plan(load_config(MainJobConfig, moved / "main_job.yaml",
                                                   [])).stages}  # fmt: skip
     assert not stages["clip_tokens"].done() and stages["tokens"].done()
+    # a pipeline folder with the two transformers a prior-mode job made before is made again
+    assert stages["pipeline"].done()
+    (moved / "pipeline" / "cond_transformer").mkdir()
+    assert not stages["pipeline"].done()
+    (moved / "pipeline" / "cond_transformer").rmdir()
     out = moved
     args = moved_args
     assert main_job([*args, "candidates=0"]) == 2  # refused before any work

@@ -212,6 +212,8 @@ def test_added_embedding_starts_as_the_text_only_model():
     assert model.cond_proj.weight.grad.abs().max() > 0  # the embedding is learned from step 1
     with pytest.raises(ConfigError, match=r"cond_mode=add .* \(cond_tokens=0\)"):
         tiny(cond_dim=6, cond_tokens=2, cond_mode="add")
+    with pytest.raises(ConfigError, match="'cond_mode': add .* cond_dim > 0"):
+        tiny(cond_mode="add")
     assert tiny(cond_dim=6, cond_mode="add").num_params() == model.num_params()
 
 

@@ -308,11 +308,13 @@ def test_assemble_links_and_keeps_sampling_defaults(parts, tmp_path):
         assemble(tmp_path / "bad", *parts.values(), defaults={"tempreature": 1.0})
 
 
-def test_priming_keeps_the_image_rows(pipe):
+def test_priming_keeps_the_image_rows(pipe, capsys):
     scene = pipe(PROMPTS[:1], seed=3).images[0]
     prime = pipe.encode_prime(scene, rows=2)
     assert prime.shape == (1, 2, GRID)
-    out = pipe(PROMPTS, num_samples=2, seed=0, prime_codes=prime)
+    out = pipe(PROMPTS, num_samples=2, seed=0, prime_codes=prime, progress=True)
+    drawn = 4 * (GRID - 2) * GRID  # the progress bar counts the codes drawn, not the kept rows
+    assert f" {drawn}/{drawn} " in capsys.readouterr().err
     assert torch.equal(out.codes[:, :2], prime.expand(4, -1, -1))
     assert all(s["prime_rows"] == 2 for s in out.samples)
     per_sample = torch.cat([prime, prime.flip(-1), prime, prime.flip(-1)])  # one grid per sample

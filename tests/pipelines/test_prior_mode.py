@@ -230,6 +230,27 @@ def test_the_prior_mode_ends_in_the_cascade_too(parts, tmp_path):
     assert np.array_equal(np.asarray(out.small_images[0]), np.asarray(small.images[0]))
 
 
+def test_an_embedding_added_to_the_caption_draws_in_both_modes(parts, tmp_path):
+    """A transformer with cond_mode=add in a pipeline: the prior mode's embedding changes the
+    draws, text mode draws with the null embedding and reranks by PMI."""
+    torch.manual_seed(2)
+    peaked(Transformer(tiny_transformer_config(cond_dim=D, cond_mode="add"))).save_pretrained(
+        tmp_path / "add_tf"
+    )
+    folder = assemble(tmp_path / "pipe", parts["text_tokenizer"], parts["vq"], tmp_path / "add_tf",
+                      clip=parts["clip"], prior=parts["prior"])  # fmt: skip
+    pipe = Pipeline.from_pretrained(folder)
+    assert (
+        pipe.transformer.cfg.adds_cond
+        and pipe.transformer.cfg.prefix_len == pipe.transformer.cfg.text_len
+    )
+    kw = dict(num_samples=2, seed=5, guidance_scale=2.0)
+    prior, text = pipe(PROMPTS, mode="prior", prior_steps=3, **kw), pipe(PROMPTS, **kw)
+    assert not torch.equal(prior.codes, text.codes)
+    best = pipe(PROMPTS, seed=1, candidates=3, keep=1, reranker="pmi")
+    assert best.codes.shape[0] == 2 and all(m["rerank_score"] is not None for m in best.samples)
+
+
 @pytest.fixture(scope="module")
 def two_models(parts):
     """The text-only transformer beside the embedding-conditioned one (DALL-E 2's decoder)."""
@@ -244,7 +265,7 @@ def two_models(parts):
 
 def test_with_a_cond_transformer_each_mode_draws_with_its_own_model(pipe, two_models):
     assert two_models.cond_transformer is two_models.components["cond_transformer"]
-    assert not two_models.transformer.cfg.cond_len  # text mode: the text-only model
+    assert not two_models.transformer.cfg.takes_cond  # text mode: the text-only model
     # the prior mode draws with the cond_transformer: the one-model pipeline's codes, whose
     # transformer is the same folder
     kw = dict(num_samples=2, seed=5, mode="prior", prior_steps=4, guidance_scale=2.0)

@@ -303,6 +303,11 @@ def test_freeze_body_trains_only_the_added_embedding(tmp_path):
     for name, value in src.state_dict().items():
         assert torch.equal(tuned.state_dict()[name], value), name
     assert tuned.cond_proj.weight.abs().max() > 0  # started at zero, trained
+    # resumed with the body unfrozen: refused by name, not with torch's optimizer words
+    with pytest.raises(ValueError, match="trained other parameters .*freeze_body"):
+        unfrozen = [c for c in cond if not c.startswith("freeze_body")]
+        train(config(tmp_path / "cond", *unfrozen, "run.steps=8"),
+              MemoryBatches(4, cond_dim=5), resume=True)  # fmt: skip
     with pytest.raises(ConfigError, match="freeze_body.*init_from"):
         config(tmp_path / "x", "model.cond_dim=5", "model.cond_mode=add", "freeze_body=true")
     with pytest.raises(ConfigError, match="freeze_body.*cond_dim > 0"):
