@@ -154,6 +154,7 @@ class TextTokenizer:
         self.bos_id: int = ids[BOS]
         self.eos_id: int = ids[EOS]
         self.num_truncated = 0  # captions cut to fit text_len, over the tokenizer's lifetime
+        self._warned_at = 0  # num_truncated when it was last said: said again once it doubles
 
     @property
     def text_len(self) -> int:
@@ -241,7 +242,8 @@ class TextTokenizer:
 
     def encode(self, captions: list[str] | str, warn: bool = True) -> TextBatch:
         """Captions -> `TextBatch` of (B, text_len) ids and mask; over-long ones are truncated
-        (and counted in a warning, unless the caller says so itself: `warn=False`)."""
+        (and counted in a warning, said again each time the count doubles, unless the caller
+        says so itself: `warn=False`)."""
         captions = _as_list(captions)
         T = self.text_len
         room = T - 2  # content positions between BOS and EOS
@@ -258,9 +260,12 @@ class TextTokenizer:
             mask[row, : len(seq)] = True
         if cut:
             self.num_truncated += cut
-        if cut and warn:
+        if cut and warn and self.num_truncated >= 2 * self._warned_at:  # a training run's
+            # batches would say it at every step
+            self._warned_at = self.num_truncated
             log.warning(
-                "truncated %d of %d captions to text_len=%d (%d so far)",
+                "truncated %d of %d captions to text_len=%d (%d so far; said again when that "
+                "count doubles)",
                 cut,
                 len(captions),
                 T,

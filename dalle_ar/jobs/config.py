@@ -175,10 +175,10 @@ class MainJobConfig:
         require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         require(self.lanes >= 0, "lanes", "must be >= 0 (0 = auto)")
         require_precision(self.precision)
-        require(self.clip or "clip" not in reranker_parts(self.rerank.reranker), "rerank.reranker",
-                f"is {self.rerank.reranker!r}, which needs the CLIP stage (clip=true)")  # fmt: skip
         require(self.clip or not self.prior, "prior",
                 "needs the CLIP stage (clip=true): it draws CLIP image embeddings")  # fmt: skip
+        require(self.clip or "clip" not in reranker_parts(self.rerank.reranker), "rerank.reranker",
+                f"is {self.rerank.reranker!r}, which needs the CLIP stage (clip=true)")  # fmt: skip
         require(self.embed_tokens >= 1, "embed_tokens", "must be >= 1")
         require(self.cond_transformer_lr > 0, "cond_transformer_lr", "must be > 0")
         e = self.cond_transformer_embed_drop

@@ -415,7 +415,8 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         if mode == "masked":
             if self.components.get("masked") is None:
                 raise ValueError("the masked mode needs the masked component, which this "
-                                 "pipeline lacks (assemble it with masked=FOLDER)")  # fmt: skip
+                                 "pipeline lacks (assemble it with masked=FOLDER, or run the main "
+                                 "job with masked=true)")  # fmt: skip
             if embeds is not None:
                 raise ValueError("the masked generator takes no embeddings")
             return None

@@ -30,7 +30,8 @@ class MaskedMode:
         h, w = self._image_size()
         mask_id = self.components["masked"].cfg.mask_id if "masked" in self.components else None
         if mask_id is None:
-            raise ValueError("inpainting needs the masked component (assemble with masked=)")
+            raise ValueError("inpainting needs the masked component (assemble with "
+                             "masked=FOLDER, or run the main job with masked=true)")  # fmt: skip
         out = []
         for i, (image, mask) in enumerate(zip(images, masks)):
             m = mask if isinstance(mask, Image.Image) else Image.fromarray(

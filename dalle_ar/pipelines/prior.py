@@ -46,7 +46,7 @@ class PriorMode:
             raise ValueError(
                 f"the prior mode needs the {' and '.join(missing)} component(s), which this "
                 f"pipeline lacks (its modes: {', '.join(self.modes)}; assemble it with "
-                "clip=FOLDER, prior=FOLDER)"
+                "clip=FOLDER, prior=FOLDER, or run the main job with prior=true)"
             )
         if (mode == "prior" or embeds is not None) and not cfg.takes_cond:
             raise ValueError(

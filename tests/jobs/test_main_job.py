@@ -374,6 +374,9 @@ def test_a_rerun_with_changed_settings_makes_what_they_change_again(tmp_path, ca
     # the prior mode stands on the CLIP stage: refused without it, before any work
     assert main_job([*args, "prior=true"]) == 2
     assert "config key 'prior': needs the CLIP stage (clip=true)" in capsys.readouterr().out
+    # said first where the CLIP reranker is asked for too: the mode is what needs the stage
+    assert main_job([*args, "prior=true", "rerank.reranker=clip"]) == 2
+    assert "config key 'prior': needs the CLIP stage (clip=true)" in capsys.readouterr().out
 
 
 def test_a_clip_continued_by_a_rerun_leaves_the_vq_and_the_transformer_alone(
