@@ -357,7 +357,8 @@ class CLIP:
         be pooled at a word, not at its end)."""
         # cut by characters first: a megabyte caption would cost a megabyte of tokens, twice
         prompts = [p[: caption_chars(self.text_len)] for p in prompts]
-        lengths = [len(x) for x in self.tokenizer(prompts)["input_ids"]]
+        # measured here, said below: transformers' own over-length warning would repeat it
+        lengths = [len(x) for x in self.tokenizer(prompts, verbose=False)["input_ids"]]
         long = [(p, n) for p, n in zip(prompts, lengths) if n > self.text_len]
         if long and not truncate:
             prompt, n = long[0]

@@ -3,7 +3,9 @@ folder, loaded back (ours and a user's own folder), scored in the CLIPScore conv
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import subprocess
 import sys
 
@@ -85,6 +87,17 @@ def _user_folder(path):
     tok.save_pretrained(str(path))
     image_processor(TINY.image_size).save_pretrained(str(path))
     return path
+
+
+def test_a_clip_reading_more_text_than_its_tokenizer_s_says_nothing_of_it(shapes_captions, caplog):
+    """A CLIP may read longer captions than the tokenizer it was built on (configs/tiny: 48
+    against 16): transformers' over-length warning, sized to the tokenizer, would be wrong."""
+    tok = train_tokenizer(shapes_captions, TokenizerConfig(vocab_size=300, text_len=8))
+    clip = CLIP.build(dataclasses.replace(TINY, text_len=32), tok)
+    with caplog.at_level(logging.WARNING):
+        ids, mask = clip.encode_text(["a small red circle left of a big blue square"])
+    assert ids.shape == (1, 32) and int(mask.sum()) > 8 and clip.too_long == 0
+    assert "longer than the specified maximum" not in caplog.text
 
 
 def test_a_users_folder_loads_and_scores(tmp_path):
