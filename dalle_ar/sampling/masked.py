@@ -180,8 +180,12 @@ def generate_masked(
         with _autocast(dev, precision):
             model(text, torch.arange(text.shape[1], device=dev), text_lens=lens)
         for t in sched.timesteps.tolist():
-            probs = probs_at(codes, t, f"pass {t + 1} of {s.steps}")
-            codes = sched.step(probs, t, codes, u[:, 0, t], u[:, 1, t])
+            # a pass that unmasks no code in any row would give the codes back: not run (the
+            # schedule's first passes round down so at times; an inpainting of a few codes with
+            # many steps, mostly). Its uniforms are its own, so the others draw as before
+            if not bool((sched.still_masked(t) == (codes == cfg.mask_id).sum(1)).all()):
+                probs = probs_at(codes, t, f"pass {t + 1} of {s.steps}")
+                codes = sched.step(probs, t, codes, u[:, 0, t], u[:, 1, t])
             if callback is not None:
                 callback(t + 1, s.steps, codes.view(B, cfg.grid_h, cfg.grid_w))
         for k in range(K):  # the corrector: group k masked again and redrawn given the rest

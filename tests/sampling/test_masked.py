@@ -83,6 +83,39 @@ def test_one_step_unmasks_exactly_the_scheduled_count():
     assert not (codes == IV).any() and torch.equal(codes[2, :4], torch.full((4,), 3))
 
 
+def test_a_pass_that_unmasks_nothing_gives_the_codes_back_and_is_not_run(monkeypatch):
+    sched = MaskGITScheduler(mask_id=IV, confidence_temperature=4.5)
+    codes = torch.randint(0, IV, (1, H * W))
+    codes[0, :3] = IV  # an inpainting of 3 codes in 12 passes: most unmask nothing
+    sched.set_timesteps(12, codes)
+    left = [3] + [int(sched.still_masked(t)[0]) for t in range(12)]
+    idle = [t for t in range(12) if left[t + 1] == left[t]]
+    assert len(idle) == 9  # 3 codes in 12 passes: 3 passes unmask one each
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(1, H * W, IV, generator=g), -1)
+    u = torch.rand(2, 1, H * W, generator=g)
+    t = idle[0]
+    now = codes.clone()
+    now[0, : 3 - left[t]] = 5  # the codes as they stand before that pass
+    assert torch.equal(sched.step(probs, t, now, u[0], u[1]), now)
+    # generate_masked runs only the passes that unmask something, and a sample draws the same
+    # whether a batch beside it needs the passes it skips or not
+    model = masked_model()
+    ids, lens = prompts(2)
+    init = torch.randint(0, IV, (2, H, W))
+    init[0].view(-1)[:3] = IV
+    init[1].view(-1)[:] = IV
+    passes = []
+    real = model.forward_image
+    monkeypatch.setattr(model, "forward_image", lambda c, text_lens: passes.append(1) or real(
+        c, text_lens=text_lens))  # fmt: skip
+    kw = dict(text_lens=lens[:1], seeds=[0], steps=12)
+    alone = generate_masked(model, ids[:1], init_codes=init[:1], **kw)
+    assert len(passes) == 12 - len(idle) == 3
+    both = generate_masked(model, ids, init_codes=init, text_lens=lens, seeds=[0, 1], steps=12)
+    assert torch.equal(both[:1], alone)
+
+
 def test_guidance_one_equals_plain_sampling():
     model = masked_model()
     ids, lens = prompts(2)
