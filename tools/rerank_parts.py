@@ -25,15 +25,14 @@ the two parts' means. The caption's score is the cosine, which ranks as the pipe
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
-from rerank_qbnorm import any_right, best_of, candidate_pixels, draw
+from rerank_qbnorm import any_right, best_of, candidate_pixels, draw, draw_score_parser
 
-from dalle_ar.cli import add_pipeline_arguments, load_pipeline, print_report
+from dalle_ar.cli import load_pipeline, print_report
 from dalle_ar.data.shapes import composed_prompt, prompts_for_eval
 from dalle_ar.prompts import split_prompt
 
@@ -82,14 +81,9 @@ def variants(d: dict, s_cap, s_shape, s_colour) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=("draw", "score"))
-    add_pipeline_arguments(ap, "pipeline folder: its generator draws, its CLIP scores")
-    ap.add_argument("--draw", type=Path, required=True, help="the draw's torch file")
+    ap = draw_score_parser(__doc__, seed=1)
     ap.add_argument("--check", type=Path, help="a second draw, to check the chosen weights")
     ap.add_argument("--first", type=int, default=400, help="evaluation prompts skipped (draw)")
-    ap.add_argument("--num", type=int, default=400, help="evaluation prompts (draw)")
-    ap.add_argument("--seed", type=int, default=1, help="sampling seed (draw)")
     ap.add_argument("--out", type=Path, help="also write the JSON here (score)")
     args = ap.parse_args(argv)
     pipe = load_pipeline(args)

@@ -161,13 +161,21 @@ def rescore(pipe, d: dict, nbank: int) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def draw_score_parser(doc: str, seed: int = 0) -> argparse.ArgumentParser:
+    """The options of a tool that draws candidates once (`draw`) and scores them again
+    (`score`): the command, the pipeline folder, the draw's file, the evaluation prompts and the
+    sampling seed (this tool's and rerank_parts.py's)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("command", choices=("draw", "score"))
     add_pipeline_arguments(ap, "pipeline folder: its generator draws, its CLIP scores")
     ap.add_argument("--draw", type=Path, required=True, help="the draw's torch file")
     ap.add_argument("--num", type=int, default=400, help="evaluation prompts (draw)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed (draw)")
+    ap.add_argument("--seed", type=int, default=seed, help="sampling seed (draw)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = draw_score_parser(__doc__)
     ap.add_argument(
         "--mode", default="ar", choices=("ar", "prior", "masked"), help="generation mode (draw)"
     )

@@ -579,7 +579,8 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
             if masked is not None:
                 if K:
                     raise ValueError("composed prompts (AND) are for the autoregressive modes")
-                start = len(idx) * cfg.image_len if prime is None else prime[idx]
+                start = len(idx) * cfg.image_len if prime is None else int(
+                    (prime[idx] == cfg.mask_id).sum())  # fmt: skip
                 counter = _unmasked_counter(bar, cfg.mask_id, start) if progress else None
                 codes[idx] = generate_masked(
                     model, text.ids[rows], masked,
@@ -691,11 +692,9 @@ def assemble(
     return write_folder(folder, ARPipeline.__name__, sources, ARPipeline.optional, as_json, link)
 
 
-def _unmasked_counter(bar: Any, mask_id: int, start: int | torch.Tensor) -> Callable[..., None]:
-    """A `generate_masked` callback that moves `bar` by the codes each pass unmasked; `start`:
-    the codes masked at first, or the init codes holding them."""
-    if isinstance(start, torch.Tensor):
-        start = int((start == mask_id).sum())
+def _unmasked_counter(bar: Any, mask_id: int, start: int) -> Callable[..., None]:
+    """A `generate_masked` callback that moves `bar` by the codes each pass unmasked, of the
+    `start` codes masked at first."""
     left = [start]
 
     def count(t: int, steps: int, codes: torch.Tensor) -> None:
