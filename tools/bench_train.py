@@ -122,7 +122,7 @@ def _spin() -> None:
 
 
 def recipe_overrides(folder: str) -> list[str]:
-    """The transformer stage's paths and sizes in a main-job folder (dalle_ar.jobs.main)."""
+    """The transformer stage's paths and sizes in a main-job folder (dalle_ar.jobs.stages)."""
     from dalle_ar.text import TextTokenizer
     from dalle_ar.vq import VQTokenizer
 

@@ -1,2 +1,4 @@
-"""Jobs: the main job's stages (`main`), data-set agnostic, and what each data set brings
-(`shapes`: its shards, component configs, grid prompts and evaluation)."""
+"""Jobs: the main job, data-set agnostic: its command (`main`), its stages (`stages`), the order
+they run in and what each is made from (`plan`), and running them one after another or side by
+side (`run`); and what each data set brings (`shapes`, `emoji`: its shards, component configs,
+grid prompts and evaluation)."""

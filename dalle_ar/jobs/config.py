@@ -21,7 +21,7 @@ from dalle_ar.sampling.settings import (
 class MainJobConfig:
     out_dir: str = "runs/main"  # every stage writes below this folder
     config_dir: str = ""  # the data set's component YAMLs; empty = configs/<data>/ here
-    # the data set (dalle_ar.jobs.main.DATA_SETS): the procedural shapes, or the emoji
+    # the data set (dalle_ar.jobs.plan.DATA_SETS): the procedural shapes, or the emoji
     # (configs/emoji/main.yaml)
     data: Literal["shapes", "emoji"] = "shapes"
     num_train: int = 50_000  # training images (shapes; the emoji set is fixed)

@@ -1,6 +1,6 @@
 """What a data set brings to the main job: how to write its shards, which component configs train
 on it, the grid's prompts and how to score the pipeline. The stages themselves
-(`dalle_ar.jobs.main`) know none of this."""
+(`dalle_ar.jobs.stages`) know none of this."""
 
 from __future__ import annotations
 

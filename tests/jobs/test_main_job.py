@@ -16,8 +16,9 @@ import yaml
 
 from dalle_ar.config import load_config
 from dalle_ar.jobs.config import MainJobConfig
-from dalle_ar.jobs.main import STAGE_SETTINGS, _seconds, _upgrade, plan
+from dalle_ar.jobs.main import _seconds, _upgrade
 from dalle_ar.jobs.main import main as main_job
+from dalle_ar.jobs.plan import STAGE_SETTINGS, plan
 from dalle_ar.pipeline import DalleAR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,7 +222,7 @@ def test_the_emoji_main_job_draws_and_scores_real_pictures(tmp_path, capsys):
 def test_a_line_said_beside_a_running_bar_starts_a_line_of_its_own(capsys):
     """Not on a terminal (a log file), a stage that ends beside the one whose progress bar is
     on does not end that bar's line."""
-    from dalle_ar.jobs.main import say
+    from dalle_ar.jobs.run import say
 
     say("[6/14] clip: finished in 1.0 s", bar_open=True)
     say("[7/14] prior: running")
@@ -229,10 +230,10 @@ def test_a_line_said_beside_a_running_bar_starts_a_line_of_its_own(capsys):
 
 
 def test_token_shards_with_clip_embeddings_are_done_for_that_clips_weights(tmp_path):
-    """`_tokens_done` with a CLIP folder: its weights file's hash against the recorded one; the
+    """`tokens_done` with a CLIP folder: its weights file's hash against the recorded one; the
     folder's path for shards written before the hash was recorded; not done without weights."""
     from dalle_ar.checkpoint import file_sha256
-    from dalle_ar.jobs.main import _tokens_done
+    from dalle_ar.jobs.stages import tokens_done
 
     clip, shards = tmp_path / "clip", tmp_path / "tokens"
     clip.mkdir()
@@ -243,20 +244,20 @@ def test_token_shards_with_clip_embeddings_are_done_for_that_clips_weights(tmp_p
         (shards / "eval-tokens.json").write_text(json.dumps({"clip": clip_record}))
 
     record(folder="/elsewhere/clip", file_sha256=file_sha256(clip / "model.safetensors"))
-    assert _tokens_done(shards, clip) and _tokens_done(shards)
+    assert tokens_done(shards, clip) and tokens_done(shards)
     (clip / "model.safetensors").write_bytes(b"other weights")
-    assert not _tokens_done(shards, clip)
+    assert not tokens_done(shards, clip)
     record(folder=str(clip.resolve()))  # written before the hash: the path decides
-    assert _tokens_done(shards, clip)
+    assert tokens_done(shards, clip)
     record(folder="/elsewhere/clip", file_sha256=None)
-    assert not _tokens_done(shards, clip)
+    assert not tokens_done(shards, clip)
     record(folder=str(clip.resolve()), file_sha256="0" * 64)
     (clip / "model.safetensors").unlink()
-    assert not _tokens_done(shards, clip)
+    assert not tokens_done(shards, clip)
     record()
-    assert not _tokens_done(shards, clip)  # no CLIP recorded at all
+    assert not tokens_done(shards, clip)  # no CLIP recorded at all
     (shards / "eval-tokens.json").write_text(json.dumps({"clip": None}))
-    assert not _tokens_done(shards, clip) and _tokens_done(shards)
+    assert not tokens_done(shards, clip) and tokens_done(shards)
 
 
 def test_a_summary_written_before_the_when_run_total_gives_its_total_only_where_a_stage_ran():
