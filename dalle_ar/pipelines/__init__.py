@@ -8,8 +8,10 @@ Modes: `ARPipeline` (text -> codes one by one, DALL-E; also known as `DalleAR`).
 format is `dalle_ar.pipelines.folder`.
 """
 
-from dalle_ar.pipelines.ar import ARPipeline, DalleAR, assemble, check_compatible
+from dalle_ar.pipelines.ar import ARPipeline, DalleAR
+from dalle_ar.pipelines.assemble import assemble
 from dalle_ar.pipelines.base import Pipeline, PipelineOutput
+from dalle_ar.pipelines.compat import check_compatible
 from dalle_ar.pipelines.folder import FolderSpec, read_folder
 
 __all__ = [
