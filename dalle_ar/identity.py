@@ -40,7 +40,7 @@ def check_recorded(
 
 @dataclasses.dataclass
 class CLIPIdentity:
-    """Which CLIP a component was trained on (`dalle_ar.clip.CLIP.identity()`); empty =
+    """Which CLIP a component was trained on (`dalle_ar.models.clip.CLIP.identity()`); empty =
     unknown."""
 
     config_sha256: str = ""  # the CLIP model config's hash

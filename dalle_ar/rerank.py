@@ -23,9 +23,9 @@ from collections.abc import Sequence
 
 import torch
 
+from dalle_ar.models.transformer import Transformer
 from dalle_ar.sampling import RERANK_WEIGHT, RerankSettings, image_log_likelihood
 from dalle_ar.text import TextTokenizer
-from dalle_ar.transformer import Transformer
 
 
 def pmi_scores(

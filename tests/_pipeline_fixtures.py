@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dalle_ar.clip import CLIP, CLIPSizes
 from dalle_ar.data.shapes import generate
 from dalle_ar.identity import CLIPIdentity
+from dalle_ar.models.clip import CLIP, CLIPSizes
+from dalle_ar.models.prior import DiffusionPrior, PriorConfig
+from dalle_ar.models.transformer import Transformer, TransformerConfig
+from dalle_ar.models.vq import VQConfig, VQTokenizer
 from dalle_ar.pipeline import assemble
-from dalle_ar.prior import DiffusionPrior, PriorConfig
 from dalle_ar.text import TextTokenizer, TokenizerConfig, train_tokenizer
-from dalle_ar.transformer import Transformer, TransformerConfig
-from dalle_ar.vq import VQConfig, VQTokenizer
 
 V1_PIPELINE = Path(__file__).resolve().parent / "fixtures" / "pipeline_v1"  # version 1, committed
 V1_CODES = V1_PIPELINE.parent / "pipeline_v1_codes.json"  # the codes it gave before the change

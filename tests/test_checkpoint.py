@@ -208,8 +208,8 @@ def test_complete_dir_takes_only_a_finished_write(tmp_path: Path) -> None:
 
 
 def test_a_config_counts_the_numbers_its_model_holds_without_building_it() -> None:
-    from dalle_ar.transformer import Transformer, TransformerConfig
-    from dalle_ar.vq import VQConfig, VQTokenizer
+    from dalle_ar.models.transformer import Transformer, TransformerConfig
+    from dalle_ar.models.vq import VQConfig, VQTokenizer
 
     for cfg in (VQConfig(width=8, latent_dim=8), VQConfig(width=8, codebook_dim=4, norm="none"),
                 VQConfig(width=8, encoder="patch", quantizer="fsq", codebook_size=27,
@@ -227,11 +227,11 @@ def test_a_config_counts_the_numbers_its_model_holds_without_building_it() -> No
 def test_prior_upsampler_and_clip_sizes_count_the_numbers_their_models_hold() -> None:
     import itertools
 
-    from dalle_ar.clip import CLIPSizes, clip_config, clip_values
-    from dalle_ar.prior import DiffusionPrior, PriorConfig
+    from dalle_ar.models.clip import CLIPSizes, clip_config, clip_values
+    from dalle_ar.models.prior import DiffusionPrior, PriorConfig
+    from dalle_ar.models.upsampler import Upsampler, UpsamplerConfig
     from dalle_ar.runtime import values_by_depth
     from dalle_ar.text import TokenizerConfig, train_tokenizer
-    from dalle_ar.upsampler import Upsampler, UpsamplerConfig
 
     def held(model: torch.nn.Module) -> int:
         return sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
@@ -256,11 +256,11 @@ def test_prior_upsampler_and_clip_sizes_count_the_numbers_their_models_hold() ->
 def test_a_prior_upsampler_or_clip_folder_of_absurd_sizes_is_refused_before_it_is_built(
     tmp_path: Path,
 ) -> None:
-    from dalle_ar.clip import CLIP, CLIPSizes
     from dalle_ar.config import ConfigError
-    from dalle_ar.prior import DiffusionPrior, PriorConfig
+    from dalle_ar.models.clip import CLIP, CLIPSizes
+    from dalle_ar.models.prior import DiffusionPrior, PriorConfig
+    from dalle_ar.models.upsampler import Upsampler, UpsamplerConfig
     from dalle_ar.text import TokenizerConfig, train_tokenizer
-    from dalle_ar.upsampler import Upsampler, UpsamplerConfig
 
     DiffusionPrior(PriorConfig(embed_dim=8, width=16, heads=2, layers=1)).save_pretrained(
         tmp_path / "prior"

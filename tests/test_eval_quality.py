@@ -14,7 +14,6 @@ import torch
 from _pipeline_fixtures import build_all_modes
 
 from dalle_ar.cli import main as cli
-from dalle_ar.clip import CLIPImageFeatures
 from dalle_ar.data.build import main as build_data
 from dalle_ar.eval.fidelity import evaluate_fidelity
 from dalle_ar.eval.metrics import distractor_pools, frechet_distances, r_precision
@@ -26,6 +25,7 @@ from dalle_ar.eval.quality import (
 )
 from dalle_ar.jobs import shapes
 from dalle_ar.jobs.config import MainJobConfig
+from dalle_ar.models.clip import CLIPImageFeatures
 from dalle_ar.pipelines import ARPipeline, Pipeline
 from dalle_ar.sampling import RerankSettings, image_log_likelihood
 from dalle_ar.sampling.settings import RERANKERS

@@ -4,6 +4,7 @@ contracts in pyproject.toml, and grimp's import graph)."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,13 @@ def test_kernels_import_nothing_above_them():
             above = [n for n in names if n.split(".")[0] == "dalle_ar"]
             bad += [f"{path.name}: {n}" for n in above if not n.startswith("dalle_ar.kernels")]
     assert not bad
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists the packages one by one (kernels/ ships as dalle_ar.kernels): a folder
+    of dalle_ar/ left out of the list imports from a source checkout but not once installed."""
+    toml = (ROOT / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"(dalle_ar[\w.]*)"', toml.split("packages = [", 1)[1].split("]")[0]))
+    folders = {".".join(p.parent.relative_to(ROOT).parts)
+               for p in (ROOT / "dalle_ar").rglob("__init__.py")}  # fmt: skip
+    assert folders | {"dalle_ar.kernels"} == listed

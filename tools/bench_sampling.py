@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from dalle_ar.cli import print_report
+from dalle_ar.models.transformer import Transformer, TransformerConfig
 from dalle_ar.runtime import set_threads
 from dalle_ar.sampling import generate_image_tokens
-from dalle_ar.transformer import Transformer, TransformerConfig
 
 SHAPE_S = TransformerConfig()  # the defaults are benchmark shape S
 TINY = TransformerConfig(

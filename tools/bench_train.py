@@ -38,11 +38,11 @@ import time
 import torch
 
 from dalle_ar.config import load_config
+from dalle_ar.models.transformer import Transformer
 from dalle_ar.runtime import autocast_context, describe_machine, pick_device, uses_bf16
 from dalle_ar.train.common import build_optimizer
 from dalle_ar.train.objectives import lm_loss
 from dalle_ar.train.transformer import TrainTransformerConfig
-from dalle_ar.transformer import Transformer
 
 DEFAULT_CONFIG = "configs/transformer_bench_s.yaml"
 # The recipe as the main job trained it before budgets in steps: torch's default threads (2
@@ -123,8 +123,8 @@ def _spin() -> None:
 
 def recipe_overrides(folder: str) -> list[str]:
     """The transformer stage's paths and sizes in a main-job folder (dalle_ar.jobs.stages)."""
+    from dalle_ar.models.vq import VQTokenizer
     from dalle_ar.text import TextTokenizer
-    from dalle_ar.vq import VQTokenizer
 
     vq = VQTokenizer.from_pretrained(f"{folder}/vq_run/vq")
     h, w = vq.grid_size(vq.config.image_size)

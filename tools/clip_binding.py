@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from dalle_ar.cli import print_report
-from dalle_ar.clip import CLIP
 from dalle_ar.config import DataConfig
 from dalle_ar.data.loader import loader_from_config
+from dalle_ar.models.clip import CLIP
+from dalle_ar.models.vq import VQTokenizer
 from dalle_ar.runtime import set_threads
 from dalle_ar.train.clip import attribute_binding, evaluate, picture_binding
-from dalle_ar.vq import VQTokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from dalle_ar.cli import add_pipeline_arguments, load_pipeline, print_report
-from dalle_ar.clip import CLIP, check_clip_folder
 from dalle_ar.data.evaluate import score
 from dalle_ar.data.shapes import prompts_for_eval
 from dalle_ar.eval.fidelity import (
@@ -36,6 +35,7 @@ from dalle_ar.eval.fidelity import (
     split_mean,
     split_scores,
 )
+from dalle_ar.models.clip import CLIP, check_clip_folder
 from dalle_ar.sampling.settings import ARSampling, add_arguments, from_args
 
 

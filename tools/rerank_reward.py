@@ -48,8 +48,8 @@ from rerank_qbnorm import (  # this folder's
 from tqdm import tqdm
 
 from dalle_ar.cli import add_pipeline_arguments, load_pipeline, print_report
-from dalle_ar.clip import CLIP, LOGIT_SCALE_MAX
 from dalle_ar.data.shapes import caption, foil_scene, sample_spec
+from dalle_ar.models.clip import CLIP, LOGIT_SCALE_MAX
 from dalle_ar.train.clip import contrastive_loss
 
 

@@ -5,17 +5,16 @@
         # -> DIR/upsample.json, DIR/upsample.png
 
 Each of the first `--num` evaluation images (the true large picture) is made small with the
-upsampler's own box filter (`dalle_ar.upsampler.downscale`) and brought back to the large size by
-nearest-neighbour, bicubic and Lanczos resizing (PIL) and by the upsampler, at each of `--steps`
-DDIM step counts (at the default noise level) and each of `--noise-levels` (at the default step
-count); image i always gets seed i. Reported per method: mean PSNR (dB), SSIM and edge sharpness
-(mean gradient magnitude over the truth's; `dalle_ar.eval.metrics`), and for the upsampler the
-milliseconds per image on this machine (`--threads`, one batch of `--batch-size` at a time).
-Shapes records (their scene spec in the JSON) are also made small by rendering the scene at the
-small size, the pictures the generator learns from ("from_renders"; what an upsampler trained with
-`small_from: render` learned from). The picture shows the box-filtered small images, or with
-`--grid-from render` the renders.
-"""
+upsampler's own box filter (`dalle_ar.models.upsampler.downscale`) and brought back to the large
+size by nearest-neighbour, bicubic and Lanczos resizing (PIL) and by the upsampler, at each of
+`--steps` DDIM step counts (at the default noise level) and each of `--noise-levels` (at the
+default step count); image i always gets seed i. Reported per method: mean PSNR (dB), SSIM and edge
+sharpness (mean gradient magnitude over the truth's; `dalle_ar.eval.metrics`), and for the
+upsampler the milliseconds per image on this machine (`--threads`, one batch of `--batch-size` at a
+time). Shapes records (their scene spec in the JSON) are also made small by rendering the scene at
+the small size, the pictures the generator learns from ("from_renders"; what an upsampler trained
+with `small_from: render` learned from). The picture shows the box-filtered small images, or with
+`--grid-from render` the renders. """
 
 from __future__ import annotations
 
@@ -31,9 +30,9 @@ from dalle_ar.data.loader import make_loader
 from dalle_ar.data.shapes import is_scene, rendered
 from dalle_ar.eval.metrics import image_metrics, pil_resize
 from dalle_ar.grid import image_grid
+from dalle_ar.models.upsampler import Upsampler, downscale
 from dalle_ar.sampling.diffusion import upsample_images
 from dalle_ar.sampling.settings import UpsampleSampling
-from dalle_ar.upsampler import Upsampler, downscale
 
 PLAIN = ("nearest", "bicubic", "lanczos")
 

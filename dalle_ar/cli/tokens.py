@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from dalle_ar.data.tokens import pretokenize
+from dalle_ar.models.vq import VQTokenizer
 from dalle_ar.runtime import pick_device
-from dalle_ar.vq import VQTokenizer
 
 
 def tokenize_shards(
@@ -41,7 +41,7 @@ def tokenize_shards(
     vq = VQTokenizer.from_pretrained(vq_dir, device=dev)
     clip, clip_source = None, ""
     if clip_dir:
-        from dalle_ar.clip import CLIP
+        from dalle_ar.models.clip import CLIP
 
         clip = CLIP.from_pretrained(clip_dir, device=dev)
         clip_source = str(Path(clip_dir).resolve())

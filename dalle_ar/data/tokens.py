@@ -5,7 +5,7 @@ A record is `KEY.codes.npy` (an (h, w) int16 or int32 array of code ids), `KEY.t
 caption) and `KEY.json` (meta), so transformer training never reruns the image encoder. Shards
 written with a CLIP also hold `KEY.clip_img.npy` and `KEY.clip_txt.npy`: the CLIP's unit image and
 caption embeddings (D,) float32, computed once here for the prior and the embedding-conditioned
-transformer (`PREFIX-tokens.json` records which CLIP, `dalle_ar.clip.CLIP.identity`).
+transformer (`PREFIX-tokens.json` records which CLIP, `dalle_ar.models.clip.CLIP.identity`).
 
 `make_token_loader` yields {"codes": LongTensor (B, h, w), "caption", "meta", "key"} (plus
 "clip_img", "clip_txt" (B, D) float32 when the shards hold them) and behaves
@@ -32,8 +32,8 @@ from dalle_ar.data.loader import Loader, _Batches, checked_urls, make_loader
 from dalle_ar.data.shards import missing_member, read_caption, read_meta, write_samples
 
 if TYPE_CHECKING:
-    from dalle_ar.clip import CLIP
-    from dalle_ar.vq import VQTokenizer
+    from dalle_ar.models.clip import CLIP
+    from dalle_ar.models.vq import VQTokenizer
 
 CODES_EXT = "codes.npy"
 CLIP_EXTS = {"clip_img": "clip_img.npy", "clip_txt": "clip_txt.npy"}  # batch key -> record ext

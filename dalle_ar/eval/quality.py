@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dalle_ar.clip import CLIPImageFeatures, clip_score
 from dalle_ar.data.loader import checked_urls, make_loader
 from dalle_ar.data.shards import iter_captions
 from dalle_ar.eval.fidelity import best_by, evaluate_fidelity, first_candidates
@@ -45,6 +44,7 @@ from dalle_ar.eval.metrics import (
     r_precision,
 )
 from dalle_ar.grid import to_uint8
+from dalle_ar.models.clip import CLIPImageFeatures, clip_score
 from dalle_ar.pipelines.ar import MODE_SECTIONS, MODES, ARPipeline
 from dalle_ar.pipelines.compat import image_size
 from dalle_ar.sampling.ar import image_log_likelihood

@@ -41,7 +41,8 @@ class MainJobConfig:
     clip_max_minutes: float = 30.0  # 1,000 steps took 12.9 min on one thread beside the transformer
     prior_train_steps: int = 0  # the diffusion prior's budget; 0 = configs/<data>/prior.yaml's
     prior_max_minutes: float = 10.0
-    # Train a CLIP (dalle_ar.clip) and rerank with it; false: no CLIP stage, PMI reranking only
+    # Train a CLIP (dalle_ar.models.clip) and rerank with it; false: no CLIP stage, PMI reranking
+    # only
     clip: bool = True
     # The prior mode (DALL-E 2): token shards with the CLIP's embeddings (clip_tokens/), a
     # diffusion prior trained on them, and the transformer fine-tuned to read the CLIP image

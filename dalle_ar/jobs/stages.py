@@ -111,11 +111,11 @@ def stage_transformer(
     """The transformer, the masked generator (`kind` "masked": the same recipe and data; `adapt`:
     started from the job's transformer, `masked_adapts`) or the transformer conditioned on the
     CLIP image embedding ("cond": the transformer fine-tuned on `clip_tokens/`' embeddings)."""
+    from dalle_ar.models.vq import VQTokenizer
     from dalle_ar.text import TextTokenizer
     from dalle_ar.train import transformer
     from dalle_ar.train.common import has_checkpoint
     from dalle_ar.train.masked import TrainMaskedConfig
-    from dalle_ar.vq import VQTokenizer
 
     tok = TextTokenizer.from_pretrained(p.tokenizer)
     vq = VQTokenizer.from_pretrained(p.vq)

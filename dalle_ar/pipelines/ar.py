@@ -37,9 +37,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dalle_ar.clip import CLIP
 from dalle_ar.config import require_fits
 from dalle_ar.grid import to_uint8
+from dalle_ar.models.clip import CLIP
+from dalle_ar.models.prior import DiffusionPrior
+from dalle_ar.models.transformer import Transformer
+from dalle_ar.models.upsampler import Upsampler
+from dalle_ar.models.vq import VQTokenizer
 from dalle_ar.pipelines.base import Finisher, OnBatch, Pipeline, PipelineOutput
 from dalle_ar.pipelines.compat import (
     check_compatible,
@@ -53,7 +57,6 @@ from dalle_ar.pipelines.compat import (
 from dalle_ar.pipelines.folder import AR_COMPONENTS
 from dalle_ar.pipelines.masked import MaskedMode
 from dalle_ar.pipelines.prior import PriorMode
-from dalle_ar.prior import DiffusionPrior
 from dalle_ar.prompts import encode_prompts, known_chars, split_prompt, unseen_words
 from dalle_ar.rerank import pmi_scores
 from dalle_ar.runtime import sample_seeds
@@ -70,9 +73,6 @@ from dalle_ar.sampling.settings import (
     split_overrides,
 )
 from dalle_ar.text import TextBatch, TextTokenizer
-from dalle_ar.transformer import Transformer
-from dalle_ar.upsampler import Upsampler
-from dalle_ar.vq import VQTokenizer
 
 log = logging.getLogger(__name__)
 # about what one sample's record (its seed, settings and scores) holds in Python, for the memory

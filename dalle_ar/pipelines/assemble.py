@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from dalle_ar.checkpoint import file_sha256, read_component_config
-from dalle_ar.clip import CLIP, check_clip_folder
+from dalle_ar.models.clip import CLIP, check_clip_folder
+from dalle_ar.models.prior import DiffusionPrior
+from dalle_ar.models.transformer import Transformer, TransformerConfig
+from dalle_ar.models.upsampler import Upsampler
+from dalle_ar.models.upsampler import read_config as read_upsampler_config
+from dalle_ar.models.vq import VQConfig
 from dalle_ar.pipelines.ar import ARPipeline
 from dalle_ar.pipelines.compat import (
     check_compatible,
@@ -21,12 +26,7 @@ from dalle_ar.pipelines.compat import (
     image_size,
 )
 from dalle_ar.pipelines.folder import AR_COMPONENTS, write_folder
-from dalle_ar.prior import DiffusionPrior
 from dalle_ar.text import TextTokenizer
-from dalle_ar.transformer import Transformer, TransformerConfig
-from dalle_ar.upsampler import Upsampler
-from dalle_ar.upsampler import read_config as read_upsampler_config
-from dalle_ar.vq import VQConfig
 
 
 def assemble(
@@ -48,14 +48,14 @@ def assemble(
     copies (or, with `link`, absolute symlinks) plus pipeline.json. The components are checked
     against each other first (vocabulary, codebook and patch sizes), and `defaults` (flat
     `ARSampling` fields, or sections {"ar": ..., "rerank": ...}) against the settings. `clip`: a
-    CLIP folder (ours or a user's Hugging Face one, `dalle_ar.clip.CLIP`) for the CLIP reranker,
-    checked for its parts. `prior`: a diffusion prior folder (`dalle-ar train prior`) for the
-    prior mode, checked against the CLIP (`check_prior`); `masked`: a masked generator folder
-    (`dalle-ar train masked`) for the masked mode (`check_masked`); `upsampler`: an upsampler
-    folder (`dalle-ar train upsampler`) for the cascade (`check_upsampler`); `cond_transformer`:
-    a transformer folder trained on CLIP image embeddings (model.cond_dim; `init_from` the
-    transformer) that the prior mode draws with, so that text mode keeps the text-only
-    transformer (`check_cond_transformer`, and `check_prior` against the CLIP).
+    CLIP folder (ours or a user's Hugging Face one, `dalle_ar.models.clip.CLIP`) for the CLIP
+    reranker, checked for its parts. `prior`: a diffusion prior folder (`dalle-ar train prior`)
+    for the prior mode, checked against the CLIP (`check_prior`); `masked`: a masked generator
+    folder (`dalle-ar train masked`) for the masked mode (`check_masked`); `upsampler`: an
+    upsampler folder (`dalle-ar train upsampler`) for the cascade (`check_upsampler`);
+    `cond_transformer`: a transformer folder trained on CLIP image embeddings (model.cond_dim;
+    `init_from` the transformer) that the prior mode draws with, so that text mode keeps the
+    text-only transformer (`check_cond_transformer`, and `check_prior` against the CLIP).
 
     Each transformer (and the masked generator) is checked against the tokenizer and VQ it was
     trained on, and each embedding reader against its CLIP, by the content hashes it records

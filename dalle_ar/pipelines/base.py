@@ -19,8 +19,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dalle_ar.checkpoint import atomic_dir
-from dalle_ar.clip import CLIP, clip_score
 from dalle_ar.grid import to_uint8
+from dalle_ar.models.clip import CLIP, clip_score
 from dalle_ar.pipelines.folder import library_of, load_component, read_folder, write_json
 from dalle_ar.prompts import split_prompt
 from dalle_ar.rerank import keep_best
@@ -330,7 +330,7 @@ class Pipeline:
         **overrides: Any,
     ) -> list[Image.Image]:
         """The cascade's last stage: small pictures -> large ones by the upsampler component
-        (`dalle_ar.upsampler`, SR3 / Imagen), each drawn with its own seed (default: random
+        (`dalle_ar.models.upsampler`, SR3 / Imagen), each drawn with its own seed (default: random
         ones). images: PIL images, uint8 (H, W, 3) arrays or an (N, 3, H, W) tensor in [0, 1],
         of the upsampler's small size (any picture of that size: generated or a user's own);
         prompts: one per picture, for an upsampler that reads captions. settings:
@@ -414,8 +414,8 @@ class Pipeline:
 
     def clip_scores(self, codes: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """CLIPScore (n,) of codes (n, h, w) decoded by the VQ, each image against its unit text
-        embedding text (n, D): 100 x cosine, floored at 0 (`dalle_ar.clip.CLIP.score`), on the
-        pixels its PNG would hold (rounded to 8 bits)."""
+        embedding text (n, D): 100 x cosine, floored at 0 (`dalle_ar.models.clip.CLIP.score`), on
+        the pixels its PNG would hold (rounded to 8 bits)."""
         clip = self.components["clip"]
         x = self.components["vq"].decode_8bit(codes.to(self.device))
         return clip_score(clip.image_embeds(clip.pixels_from_tensor(x)), text).cpu()

@@ -8,12 +8,12 @@ sizes that do not fit are refused always."""
 
 from __future__ import annotations
 
-from dalle_ar.clip import CLIP
 from dalle_ar.identity import check_clip_identity, check_recorded
-from dalle_ar.prior import DiffusionPrior, check_clip
-from dalle_ar.transformer import TransformerConfig
-from dalle_ar.upsampler import UpsamplerConfig
-from dalle_ar.vq import VQConfig
+from dalle_ar.models.clip import CLIP
+from dalle_ar.models.prior import DiffusionPrior, check_clip
+from dalle_ar.models.transformer import TransformerConfig
+from dalle_ar.models.upsampler import UpsamplerConfig
+from dalle_ar.models.vq import VQConfig
 
 
 def check_trained_on(

@@ -30,12 +30,12 @@ from typing import Any
 import torch
 
 from dalle_ar.checkpoint import atomic_dir, inside
-from dalle_ar.clip import CLIP
-from dalle_ar.prior import DiffusionPrior
+from dalle_ar.models.clip import CLIP
+from dalle_ar.models.prior import DiffusionPrior
+from dalle_ar.models.transformer import Transformer
+from dalle_ar.models.upsampler import Upsampler
+from dalle_ar.models.vq import VQTokenizer
 from dalle_ar.text import TextTokenizer
-from dalle_ar.transformer import Transformer
-from dalle_ar.upsampler import Upsampler
-from dalle_ar.vq import VQTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from dalle_ar.grid import to_uint8
+from dalle_ar.models.transformer import Transformer
 from dalle_ar.pipelines.base import PipelineOutput
 from dalle_ar.prompts import split_prompt
 from dalle_ar.sampling.diffusion import check_unit, sample_prior, slerp
 from dalle_ar.sampling.settings import PriorSampling, names, resolve
-from dalle_ar.transformer import Transformer
 
 
 class PriorMode:

@@ -56,11 +56,11 @@ from typing import Any
 
 import torch
 
+from dalle_ar.models.transformer import Transformer
 from dalle_ar.runtime import sample_seeds, uniforms
 from dalle_ar.sampling.graph import GraphedStep
 from dalle_ar.sampling.logits import combine, logits_to_probs, nonfinite_rows, sample_from_probs
 from dalle_ar.sampling.settings import ARSampling, resolve
-from dalle_ar.transformer import Transformer
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dalle_ar import upsampler as up
-from dalle_ar.prior import DiffusionPrior, sample_scheduler
+from dalle_ar.models import upsampler as up
+from dalle_ar.models.prior import DiffusionPrior, sample_scheduler
 from dalle_ar.runtime import sample_generator
 from dalle_ar.sampling.settings import PriorSampling, UpsampleSampling
 

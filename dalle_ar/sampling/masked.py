@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from dalle_ar.models.transformer import Transformer
 from dalle_ar.runtime import precision_name, sample_seeds, uniforms
 from dalle_ar.sampling.logits import check_probs, combine, logits_to_probs, sample_from_probs
 from dalle_ar.sampling.settings import MaskedSampling, resolve
-from dalle_ar.transformer import Transformer
 
 
 class MaskGITScheduler:

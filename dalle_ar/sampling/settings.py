@@ -93,7 +93,7 @@ RERANK_WEIGHT = 0.4
 
 # The rerankers a pipeline may hold a component for: "pmi" (the generator's own caption-image
 # mutual information, `dalle_ar.rerank`), "clip" (CLIPScore with the pipeline's CLIP,
-# `dalle_ar.clip`) and "clip+pmi" (the mean of the two scores' z-scores among a sample's
+# `dalle_ar.models.clip`) and "clip+pmi" (the mean of the two scores' z-scores among a sample's
 # candidates).
 RERANKERS = ("pmi", "clip", "clip+pmi")
 

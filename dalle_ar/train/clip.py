@@ -1,4 +1,4 @@
-"""Recipe: train CLIP (`dalle_ar.clip`: transformers' CLIPModel) on image-caption shards.
+"""Recipe: train CLIP (`dalle_ar.models.clip`: transformers' CLIPModel) on image-caption shards.
 
     dalle-ar train clip --config configs/shapes/clip.yaml [--resume] [key=value ...]
     torchrun --nproc_per_node=N -m dalle_ar.cli train clip --config ...   (DDP)
@@ -9,7 +9,7 @@ The loop (`dalle_ar.train.loop`) does the rest and writes into `run.out_dir`: `c
 `ckpt/last`, `train_log.jsonl`, `metrics.json` (held-out retrieval: text->image and image->text
 top-1 / top-5 in batches of `retrieval_batch`; on shapes data, attribute binding both ways,
 `attribute_binding` and `picture_binding`) and `clip/`, an ordinary Hugging Face CLIP folder
-(`dalle_ar.clip.CLIP.from_pretrained`).
+(`dalle_ar.models.clip.CLIP.from_pretrained`).
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 
 from dalle_ar.checkpoint import atomic_dir
-from dalle_ar.clip import CLIP, LOGIT_SCALE_MAX, CLIPPair, CLIPSizes
 from dalle_ar.config import DataConfig, require
 from dalle_ar.data.shapes import is_scene, rendered
+from dalle_ar.models.clip import CLIP, LOGIT_SCALE_MAX, CLIPPair, CLIPSizes
+from dalle_ar.models.vq import VQTokenizer
 from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.text import TextTokenizer
 from dalle_ar.train import dist
 from dalle_ar.train.common import ShardImages, build_optimizer, run_recipe
 from dalle_ar.train.loop import LoopConfig, Source, Task, fit, setup
-from dalle_ar.vq import VQTokenizer
 
 log = logging.getLogger(__name__)
 COMPONENT = "clip"

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 from dalle_ar.config import require
+from dalle_ar.models.transformer import TransformerConfig
 from dalle_ar.train.common import run_recipe
 from dalle_ar.train.transformer import TrainTransformerConfig, _report, train
-from dalle_ar.transformer import TransformerConfig
 
 
 def _masked_model() -> TransformerConfig:

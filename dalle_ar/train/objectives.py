@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dalle_ar.models.transformer import Logits
 from dalle_ar.train import dist
-from dalle_ar.transformer import Logits
 
 
 def lm_loss(

@@ -1,4 +1,4 @@
-"""Recipe: train the DALL-E 2 diffusion prior (`dalle_ar.prior`) on CLIP embedding pairs.
+"""Recipe: train the DALL-E 2 diffusion prior (`dalle_ar.models.prior`) on CLIP embedding pairs.
 
     dalle-ar train prior --config configs/shapes/prior.yaml [--resume] [key=value ...]
     torchrun --nproc_per_node=N -m dalle_ar.cli train prior --config ...   (DDP)
@@ -19,7 +19,7 @@ the mean cosine between the embedding sampled at the default `PriorSampling` and
 true image embedding; the baselines `text_cosine`, the caption's text embedding taken as the
 image embedding, and `random_cosine`, a random training image embedding; `prior_cosine_margin`
 = prior_cosine - text_cosine) and `prior/`, the component folder
-(`dalle_ar.prior.DiffusionPrior.from_pretrained`).
+(`dalle_ar.models.prior.DiffusionPrior.from_pretrained`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from diffusers import DDPMScheduler
 from dalle_ar.config import DataConfig, require
 from dalle_ar.data.tokens import clip_embeddings, make_token_loader, token_summaries
 from dalle_ar.identity import CLIPIdentity
-from dalle_ar.prior import DiffusionPrior, PriorConfig, read_config, train_scheduler
+from dalle_ar.models.prior import DiffusionPrior, PriorConfig, read_config, train_scheduler
 from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.sampling.diffusion import sample_prior
 from dalle_ar.sampling.settings import PriorSampling
@@ -132,7 +132,7 @@ def clip_identity(cfg: PriorRecipeConfig, resume: bool = True) -> dict[str, Any]
     """The identity of the CLIP folder `cfg.clip` (`CLIP.identity()`), checked against the model
     size, a CLIP already named in `cfg.model.clip`, the shards' `*-tokens.json` and, when
     resuming, the checkpoint. ValueError naming both sides for any mismatch."""
-    from dalle_ar.clip import CLIP
+    from dalle_ar.models.clip import CLIP
 
     ident = CLIP.from_pretrained(cfg.clip).identity()
     mine = CLIPIdentity.from_identity(ident)

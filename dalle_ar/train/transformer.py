@@ -18,14 +18,14 @@ import torch
 
 from dalle_ar.checkpoint import init_from_folder, read_component_config, save_pretrained
 from dalle_ar.config import ConfigError, DataConfig, require
+from dalle_ar.models.transformer import COMPONENT, Transformer, TransformerConfig
+from dalle_ar.models.transformer_config import TRAINED_ON
 from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.train import dist
 from dalle_ar.train.common import build_optimizer, run_recipe
 from dalle_ar.train.loop import LoopConfig, Task, fit, setup, to_device
 from dalle_ar.train.objectives import drop_conditioning, lm_loss, mask_codes, masked_loss
 from dalle_ar.train.transformer_data import BatchSource, ShardBatches
-from dalle_ar.transformer import COMPONENT, Transformer, TransformerConfig
-from dalle_ar.transformer_config import TRAINED_ON
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def _resolve_code_features(cfg: TrainTransformerConfig) -> tuple[torch.Tensor, .
         return None
     if not cfg.vq:
         raise ConfigError("config key 'model.code_features': needs the `vq` folder")
-    from dalle_ar.vq import VQTokenizer
+    from dalle_ar.models.vq import VQTokenizer
 
     vq = VQTokenizer.from_pretrained(cfg.vq)
     feats = vq.code_pixels()

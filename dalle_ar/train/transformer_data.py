@@ -60,7 +60,7 @@ class ShardBatches:
         self.empty_ids, self.empty_len = empty.ids[0], int(empty.mask[0].sum())
         self.vq = None
         if cfg.vq:
-            from dalle_ar.vq import VQTokenizer
+            from dalle_ar.models.vq import VQTokenizer
 
             self.vq = VQTokenizer.from_pretrained(cfg.vq, device=info.device)
             if self.vq.codebook_size != m.image_vocab:

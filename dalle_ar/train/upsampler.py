@@ -1,12 +1,12 @@
-"""Recipe: train the cascade's upsampler (`dalle_ar.upsampler`) on image shards.
+"""Recipe: train the cascade's upsampler (`dalle_ar.models.upsampler`) on image shards.
 
     dalle-ar train upsampler --config configs/shapes/upsampler.yaml [--resume] [key=value ...]
     torchrun --nproc_per_node=N -m dalle_ar.cli train upsampler --config ...   (DDP)
 
 Data: image shards at the large size (`data.image_size` = `model.low_size * model.scale`; for
 the shapes, `dalle-ar data shapes --size 64` renders the same scenes larger). Each pair is a
-large image and its small version (`small_from`): "box" (`dalle_ar.upsampler.downscale`, a box
-filter rounded to 8 bits, as SR3 and Imagen train) or "render" (shapes records only: the
+large image and its small version (`small_from`): "box" (`dalle_ar.models.upsampler.downscale`, a
+box filter rounded to 8 bits, as SR3 and Imagen train) or "render" (shapes records only: the
 record's scene drawn again at the small size, `dalle_ar.data.shapes.render`: the hard-edged
 pictures a generator trained on the small scenes draws, which a box-filtered picture is not).
 With `model.caption_dim` > 0 the captions' CLIP text embeddings (the CLIP folder `clip`)
@@ -44,13 +44,19 @@ from dalle_ar.data.shapes import MIN_SIZE, is_scene, rendered
 from dalle_ar.eval.metrics import image_metrics, pil_resize
 from dalle_ar.grid import image_grid
 from dalle_ar.identity import CLIPIdentity
+from dalle_ar.models.upsampler import (
+    COMPONENT,
+    Upsampler,
+    UpsamplerConfig,
+    downscale,
+    train_scheduler,
+)
 from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.sampling.diffusion import upsample_images
 from dalle_ar.sampling.settings import UpsampleSampling
 from dalle_ar.train import dist
 from dalle_ar.train.common import ShardImages, build_optimizer, run_recipe
 from dalle_ar.train.loop import LoopConfig, Task, fit, setup
-from dalle_ar.upsampler import COMPONENT, Upsampler, UpsamplerConfig, downscale, train_scheduler
 
 log = logging.getLogger(__name__)
 METRICS = ("psnr", "ssim", "sharpness")
@@ -257,7 +263,7 @@ def train(
 
     clip = None
     if cfg.clip:
-        from dalle_ar.clip import CLIP
+        from dalle_ar.models.clip import CLIP
 
         clip = CLIP.from_pretrained(cfg.clip)
         ident = CLIPIdentity.from_identity(clip.identity())

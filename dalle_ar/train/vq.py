@@ -30,11 +30,11 @@ import torch.nn.functional as F
 
 from dalle_ar.config import DataConfig, require
 from dalle_ar.grid import image_grid
+from dalle_ar.models.vq import COMPONENT, VQConfig, VQTokenizer
 from dalle_ar.runtime import autocast_context, precision_name
 from dalle_ar.train import dist
 from dalle_ar.train.common import ShardImages, build_optimizer, run_recipe
 from dalle_ar.train.loop import LoopConfig, Source, Task, fit, setup
-from dalle_ar.vq import COMPONENT, VQConfig, VQTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dalle_ar.data.loader import make_loader
 from dalle_ar.data.shapes import generate
 from dalle_ar.data.shards import write_samples
 from dalle_ar.data.tokens import codes_dtype, encode_codes, make_token_loader, pretokenize
-from dalle_ar.vq import VQConfig, VQTokenizer
+from dalle_ar.models.vq import VQConfig, VQTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -164,7 +164,7 @@ def test_codes_dtype_widens_for_large_codebooks() -> None:
 
 
 def test_token_shards_carry_clip_embeddings_computed_once(tmp_path, shapes_shards, vq_dir):
-    from dalle_ar.clip import CLIP, CLIPSizes
+    from dalle_ar.models.clip import CLIP, CLIPSizes
     from dalle_ar.text import TokenizerConfig, train_tokenizer
 
     captions = [c for _, c, _ in generate(64, seed=0, split="train")]

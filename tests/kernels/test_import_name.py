@@ -25,6 +25,6 @@ def test_the_bare_name_from_the_repository_root_is_not_this_folder() -> None:
 
 
 def test_transformers_imports_from_the_repository_root() -> None:
-    code = "from dalle_ar.clip import CLIP; import dalle_ar.kernels.attention"
+    code = "from dalle_ar.models.clip import CLIP; import dalle_ar.kernels.attention"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -1,5 +1,5 @@
-"""dalle_ar.attention: the choice of implementation, its logged fallback, and the PyTorch path's
-agreement with the fp32 reference (the CPU side of the kernels' contract)."""
+"""dalle_ar.models.attention: the choice of implementation, its logged fallback, and the PyTorch
+path's agreement with the fp32 reference (the CPU side of the kernels' contract)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from dalle_ar.kernels.layouts import CAUSAL_KINDS, LAYOUT_KINDS, Layout
 from dalle_ar.kernels.reference import attention_reference, decode_reference
 
-from dalle_ar import attention as attn
+from dalle_ar.models import attention as attn
 
 CUDA = torch.cuda.is_available()
 
@@ -25,7 +25,7 @@ def test_auto_without_cuda_falls_back_and_says_so_once(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(attn, "_warned", set())
-    with caplog.at_level(logging.INFO, logger="dalle_ar.attention"):
+    with caplog.at_level(logging.INFO, logger="dalle_ar.models.attention"):
         assert attn.get_backend("auto").name == "torch"
         assert attn.get_backend("auto").name == "torch"
     said = [r for r in caplog.records if "reference path" in r.getMessage()]
@@ -42,7 +42,7 @@ def test_triton_backend_on_cpu_tensors_uses_pytorch_and_logs(
     monkeypatch.setattr(attn, "_warned", set())
     lay = Layout("row", text_len=3, grid_h=3, grid_w=3)
     q, k, v = torch.randn(3, 1, 2, lay.seq_len, 16, generator=torch.Generator().manual_seed(0))
-    with caplog.at_level(logging.WARNING, logger="dalle_ar.attention"):
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.models.attention"):
         out = attn.AttentionBackend("triton")(q, k, v, lay)
     assert torch.allclose(out, attention_reference(q, k, v, lay), atol=1e-5)
     assert any("CPU tensors" in r.getMessage() for r in caplog.records)

@@ -15,7 +15,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPModel, PreTrainedTokenizerFast
 
-from dalle_ar.clip import CLIP, CLIPSizes, image_processor
+from dalle_ar.models.clip import CLIP, CLIPSizes, image_processor
 from dalle_ar.text import TokenizerConfig, train_tokenizer
 
 TINY = CLIPSizes(image_size=16, patch_size=4, vision_width=32, vision_layers=1, vision_heads=2,
@@ -44,7 +44,9 @@ def test_our_clip_round_trips_as_a_hugging_face_folder(ours, tmp_path):
     assert torch.allclose(back.score(IMAGES, PROMPTS), scores, atol=1e-5)
     # the processor is read by the PIL backend itself: no fallback warning on every load (a
     # fresh process: transformers warns once per process)
-    load = f"from dalle_ar.clip import CLIP; CLIP.from_pretrained({str(tmp_path / 'clip')!r})"
+    load = (
+        f"from dalle_ar.models.clip import CLIP; CLIP.from_pretrained({str(tmp_path / 'clip')!r})"
+    )
     run = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
     assert run.returncode == 0 and "torchvision" not in run.stderr, run.stderr
     saved = json.loads((tmp_path / "clip" / "preprocessor_config.json").read_text())
@@ -81,7 +83,7 @@ def _user_folder(path):
         vocab_size, text_len, pad_id, bos_id, eos_id, hf = len(words), 8, 0, 1, 9, tok
 
     torch.manual_seed(1)
-    from dalle_ar.clip import clip_config
+    from dalle_ar.models.clip import clip_config
 
     CLIPModel(clip_config(TINY, Words)).save_pretrained(str(path))
     tok.save_pretrained(str(path))

@@ -1,4 +1,4 @@
-"""The diffusion prior (dalle_ar.prior): diffusers' PriorTransformer under a config, the
+"""The diffusion prior (dalle_ar.models.prior): diffusers' PriorTransformer under a config, the
 normalised embedding space, its folder, the CLIP it belongs to, and its noise schedules."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from diffusers import PriorTransformer
 
 from dalle_ar.config import ConfigError
 from dalle_ar.identity import CLIPIdentity
-from dalle_ar.prior import (
+from dalle_ar.models.prior import (
     DiffusionPrior,
     PriorConfig,
     check_clip,

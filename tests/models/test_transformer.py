@@ -12,9 +12,9 @@ from _pipeline_fixtures import V1_PIPELINE, tiny_transformer_config
 from safetensors.torch import load_file
 
 from dalle_ar.config import ConfigError, config_from_dict, load_config
+from dalle_ar.models.transformer import Logits, Transformer, TransformerConfig
+from dalle_ar.models.vq import VQTokenizer, drawn_masks
 from dalle_ar.train.objectives import drop_conditioning, lm_loss
-from dalle_ar.transformer import Logits, Transformer, TransformerConfig
-from dalle_ar.vq import VQTokenizer, drawn_masks
 
 ROOT = Path(__file__).resolve().parents[2]
 V1 = V1_PIPELINE  # a mask-input transformer saved without its masks

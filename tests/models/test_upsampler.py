@@ -1,4 +1,4 @@
-"""The cascade's upsampler (dalle_ar.upsampler) and its sampling loop
+"""The cascade's upsampler (dalle_ar.models.upsampler) and its sampling loop
 (dalle_ar.sampling.diffusion.upsample_images): the schedules' round trip, the small image
 conditions the output, per-sample seeds, the folder, and wrong input refused by name."""
 
@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from dalle_ar.config import ConfigError
-from dalle_ar.sampling.diffusion import upsample_images
-from dalle_ar.sampling.settings import UpsampleSampling
-from dalle_ar.upsampler import (
+from dalle_ar.models.upsampler import (
     Upsampler,
     UpsamplerConfig,
     downscale,
     sample_scheduler,
     train_scheduler,
 )
+from dalle_ar.sampling.diffusion import upsample_images
+from dalle_ar.sampling.settings import UpsampleSampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import torch
 from _pipeline_fixtures import V1_PIPELINE
 
 from dalle_ar.config import ConfigError
-from dalle_ar.vq import VQConfig, VQTokenizer, drawn_masks
+from dalle_ar.models.vq import VQConfig, VQTokenizer, drawn_masks
 
 TINY = dict(width=8, num_res_blocks=1, latent_dim=8, codebook_size=32, kmeans_iters=2)
 V1_VQ = V1_PIPELINE / "vq"  # saved without drawn_below

@@ -14,9 +14,9 @@ from _pipeline_fixtures import build_components, peaked, tiny_transformer_config
 from PIL import Image
 
 from dalle_ar.cli import main as cli
+from dalle_ar.models.transformer import Transformer
+from dalle_ar.models.upsampler import Upsampler, UpsamplerConfig
 from dalle_ar.pipelines import Pipeline, assemble
-from dalle_ar.transformer import Transformer
-from dalle_ar.upsampler import Upsampler, UpsamplerConfig
 
 PROMPTS = ["a small red circle at the top", "a blue square"]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,8 +148,8 @@ def test_cli_sample_upsample_and_regenerate(pipe_dir, tmp_path):
 
 
 def test_an_upsampler_that_reads_captions_goes_with_its_clip(parts, tmp_path):
-    from dalle_ar.clip import CLIP, CLIPSizes
     from dalle_ar.identity import CLIPIdentity
+    from dalle_ar.models.clip import CLIP, CLIPSizes
     from dalle_ar.text import TextTokenizer
 
     sizes = CLIPSizes(

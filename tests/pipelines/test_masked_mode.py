@@ -14,9 +14,9 @@ from _pipeline_fixtures import build_components, peaked, tiny_transformer_config
 from PIL import Image
 
 from dalle_ar.cli import main as cli
+from dalle_ar.models.transformer import Transformer
 from dalle_ar.pipelines import Pipeline, ar, assemble
 from dalle_ar.sampling.masked import masked_precision
-from dalle_ar.transformer import Transformer
 
 PROMPTS = ["a small red circle at the top", "a blue square"]
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -20,11 +20,11 @@ from _pipeline_fixtures import (
 )
 from PIL import Image
 
-from dalle_ar.clip import CLIP
+from dalle_ar.models.clip import CLIP
+from dalle_ar.models.transformer import Transformer
 from dalle_ar.pipelines import ARPipeline, Pipeline, assemble
 from dalle_ar.sampling.diffusion import sample_prior
 from dalle_ar.text import TextTokenizer
-from dalle_ar.transformer import Transformer
 
 PROMPTS = ["a small red circle at the top", "a blue square"]
 D = EMBED_DIM
@@ -215,7 +215,7 @@ def test_given_embeddings_are_checked(pipe):
 
 
 def test_the_prior_mode_ends_in_the_cascade_too(parts, tmp_path):
-    from dalle_ar.upsampler import Upsampler, UpsamplerConfig
+    from dalle_ar.models.upsampler import Upsampler, UpsamplerConfig
 
     torch.manual_seed(0)
     Upsampler(UpsamplerConfig(low_size=16, channels=[8, 16], norm_groups=4,

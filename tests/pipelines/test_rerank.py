@@ -14,11 +14,11 @@ from _pipeline_fixtures import build_components, peaked
 from PIL import Image
 
 from dalle_ar.cli import main as cli
-from dalle_ar.clip import CLIP, CLIPSizes
 from dalle_ar.grid import image_grid
+from dalle_ar.models.clip import CLIP, CLIPSizes
+from dalle_ar.models.transformer import Transformer
 from dalle_ar.pipelines import ARPipeline, assemble
 from dalle_ar.text import TextTokenizer
-from dalle_ar.transformer import Transformer
 
 PROMPTS = ["a small red circle at the top", "a blue square"]
 pytestmark = pytest.mark.usefixtures("one_thread")

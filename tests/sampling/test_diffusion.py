@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dalle_ar.config import ConfigError
-from dalle_ar.prior import DiffusionPrior, PriorConfig, sample_scheduler
+from dalle_ar.models.prior import DiffusionPrior, PriorConfig, sample_scheduler
 from dalle_ar.runtime import sample_generator
 from dalle_ar.sampling.diffusion import prior_stream, sample_prior, slerp
 from dalle_ar.sampling.settings import PriorSampling

@@ -12,6 +12,7 @@ from _pipeline_fixtures import peaked, tiny_transformer_config
 
 from dalle_ar import runtime
 from dalle_ar.config import ConfigError
+from dalle_ar.models.transformer import Transformer, TransformerConfig
 from dalle_ar.sampling.logits import logits_to_probs
 from dalle_ar.sampling.masked import (
     MaskGITScheduler,
@@ -21,7 +22,6 @@ from dalle_ar.sampling.masked import (
 )
 from dalle_ar.sampling.settings import MaskedSampling
 from dalle_ar.train.objectives import mask_codes, masked_loss
-from dalle_ar.transformer import Transformer, TransformerConfig
 
 T, H, W, TV, IV = 6, 3, 4, 40, 16
 EMPTY = torch.tensor([1, 2] + [0] * (T - 2))

@@ -14,6 +14,7 @@ from _pipeline_fixtures import peaked, tiny_transformer_config
 from dalle_ar.kernels.layouts import Layout
 from dalle_ar.kernels.reference import decode_reference, decode_sdpa
 
+from dalle_ar.models.transformer import Transformer
 from dalle_ar.runtime import sample_seeds, uniforms
 from dalle_ar.sampling import (
     combine,
@@ -32,7 +33,6 @@ from dalle_ar.sampling.settings import (
     RerankSettings,
     UpsampleSampling,
 )
-from dalle_ar.transformer import Transformer
 
 T, H, W, TV, IV = 6, 3, 4, 40, 16
 

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from _pipeline_fixtures import build_components
 from _spawn import run_ranks
 
-from dalle_ar.clip import CLIP
 from dalle_ar.config import ConfigError, load_config
 from dalle_ar.data import shapes
+from dalle_ar.models.clip import CLIP
+from dalle_ar.models.vq import VQTokenizer
 from dalle_ar.text import TokenizerConfig, train_tokenizer
 from dalle_ar.train import clip as clip_recipe
 from dalle_ar.train.clip import CLIPRecipeConfig, contrastive_loss, retrieval
 from dalle_ar.train.common import ShardImages
-from dalle_ar.vq import VQTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = ROOT / "configs" / "tiny" / "clip.yaml"

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_ar.clip import CLIP
 from dalle_ar.config import load_config
 from dalle_ar.data.shards import write_samples
 from dalle_ar.identity import CLIPIdentity
-from dalle_ar.prior import DiffusionPrior, PriorConfig, train_scheduler
+from dalle_ar.models.clip import CLIP
+from dalle_ar.models.prior import DiffusionPrior, PriorConfig, train_scheduler
 from dalle_ar.sampling.diffusion import sample_prior
 from dalle_ar.sampling.settings import PriorSampling
 from dalle_ar.text import TokenizerConfig, train_tokenizer

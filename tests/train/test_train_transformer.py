@@ -11,11 +11,11 @@ import torch
 from _spawn import run_ranks
 
 from dalle_ar.config import ConfigError, load_config
+from dalle_ar.models.transformer import Transformer
 from dalle_ar.runtime import autocast_context, cpu_has_bf16, uses_bf16
 from dalle_ar.train.common import BudgetBar, schedule_step
 from dalle_ar.train.loop import NonFiniteLoss
 from dalle_ar.train.transformer import TrainTransformerConfig, train
-from dalle_ar.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[2]
 T, GH, GW, TV, IV = 6, 3, 3, 20, 12  # text_len, grid, vocabularies
@@ -183,8 +183,8 @@ def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):
 
 def test_cli_end_to_end_on_shards(tmp_path, shapes_shards):
     from dalle_ar.cli import main
-    from dalle_ar.transformer import Transformer
-    from dalle_ar.vq import VQConfig, VQTokenizer
+    from dalle_ar.models.transformer import Transformer
+    from dalle_ar.models.vq import VQConfig, VQTokenizer
 
     tok, vq = tmp_path / "tok", tmp_path / "vq"
     argv = ["train", "tokenizer", "--config", str(ROOT / "configs" / "tiny" / "tokenizer.yaml"),
@@ -401,8 +401,8 @@ def test_the_model_records_the_tokenizer_and_vq_it_was_trained_on(tmp_path):
 
     from dalle_ar.checkpoint import file_sha256
     from dalle_ar.data.shards import write_samples
+    from dalle_ar.models.vq import VQConfig, VQTokenizer
     from dalle_ar.text import TokenizerConfig, train_tokenizer
-    from dalle_ar.vq import VQConfig, VQTokenizer
 
     caps = ["a red circle", "a blue square", "a green triangle"] * 4
     train_tokenizer(caps, TokenizerConfig(vocab_size=280, text_len=T)).save_pretrained(

@@ -15,11 +15,11 @@ from PIL import Image
 from dalle_ar.config import ConfigError, load_config
 from dalle_ar.data.shapes import generate
 from dalle_ar.eval.metrics import image_metrics, pil_resize
+from dalle_ar.models.upsampler import Upsampler, UpsamplerConfig, downscale, train_scheduler
 from dalle_ar.sampling.diffusion import upsample_images
 from dalle_ar.sampling.settings import UpsampleSampling
 from dalle_ar.train import upsampler as recipe
 from dalle_ar.train.upsampler import UpsamplerRecipeConfig, upsampler_loss
-from dalle_ar.upsampler import Upsampler, UpsamplerConfig, downscale, train_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

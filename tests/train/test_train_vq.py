@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from dalle_ar.config import load_config
+from dalle_ar.models.vq import VQTokenizer
 from dalle_ar.train import vq as vq_recipe
 from dalle_ar.train.common import lr_at, schedule_step
 from dalle_ar.train.vq import VQRecipeConfig, train
-from dalle_ar.vq import VQTokenizer
 
 TINY = dict(width=8, num_res_blocks=1, latent_dim=8, codebook_size=32, kmeans_iters=2)
 

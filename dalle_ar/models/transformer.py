@@ -45,8 +45,10 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dalle_ar.attention import get_backend
-from dalle_ar.blocks import (
+from dalle_ar.checkpoint import load_pretrained, read_component_config, save_pretrained
+from dalle_ar.kernels.layouts import Layout
+from dalle_ar.models.attention import get_backend
+from dalle_ar.models.blocks import (
     Block,
     KVCache,
     block_flops,
@@ -54,10 +56,8 @@ from dalle_ar.blocks import (
     check_text_lens,
     init_weights,
 )
-from dalle_ar.checkpoint import load_pretrained, read_component_config, save_pretrained
-from dalle_ar.kernels.layouts import Layout
-from dalle_ar.transformer_config import TransformerConfig
-from dalle_ar.vq import drawn_masks
+from dalle_ar.models.transformer_config import TransformerConfig
+from dalle_ar.models.vq import drawn_masks
 
 COMPONENT = "transformer"
 
@@ -146,7 +146,7 @@ class Transformer(nn.Module):
 
         A code_input="mask" folder saved before the drawn masks were kept with the weights (no
         `code_mask`, as in version-1 pipelines) gets them from its code features under the
-        rule it was made with, the VQ's default (`dalle_ar.vq.drawn_masks`)."""
+        rule it was made with, the VQ's default (`dalle_ar.models.vq.drawn_masks`)."""
         if not _lacks_code_mask(Path(path)):
             return load_pretrained(cls, TransformerConfig, path, COMPONENT)
         model = load_pretrained(_without_code_mask, TransformerConfig, path, COMPONENT)

@@ -1,6 +1,6 @@
-"""Building blocks of the transformer (dalle_ar/transformer.py): the static KV cache, attention
-under one layout, the pre-norm residual block, and the layout arithmetic the model's FLOP count
-uses.
+"""Building blocks of the transformer (dalle_ar/models/transformer.py): the static KV cache,
+attention under one layout, the pre-norm residual block, and the layout arithmetic the model's
+FLOP count uses.
 
 A block maps the stream x (B, L, d) to (B, L, d). `pos` None: positions 0..L-1, no cache
 (training); `pos` (L,) stream positions: k, v are written into the layer's static cache there,
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalle_ar.attention import AttentionBackend
 from dalle_ar.kernels.layouts import Layout
-from dalle_ar.transformer_config import TransformerConfig
+from dalle_ar.models.attention import AttentionBackend
+from dalle_ar.models.transformer_config import TransformerConfig
 
 
 class KVCache(nn.Module):

@@ -36,7 +36,7 @@ from dalle_ar import schedulers
 from dalle_ar.checkpoint import load_pretrained, read_component_config, save_pretrained
 from dalle_ar.config import require, require_fits_memory
 from dalle_ar.identity import CLIPIdentity
-from dalle_ar.prior import BETA_SCHEDULES
+from dalle_ar.models.prior import BETA_SCHEDULES
 from dalle_ar.runtime import values_by_depth
 
 COMPONENT = "upsampler"

@@ -1,13 +1,13 @@
 """The transformer's config: the stream's sizes, the layout of each layer, the attention path and
-how image codes are read and scored. `dalle_ar.transformer` builds the model from it."""
+how image codes are read and scored. `dalle_ar.models.transformer` builds the model from it."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from dalle_ar.attention import IMPLS
 from dalle_ar.config import require, require_fits_memory
 from dalle_ar.kernels.layouts import LAYOUT_KINDS
+from dalle_ar.models.attention import IMPLS
 
 CODE_INPUTS = ("code", "mask")  # TransformerConfig.code_input
 OBJECTIVES = ("ar", "masked")  # TransformerConfig.objective
@@ -34,7 +34,7 @@ class TransformerConfig:
     dropout: float = 0.0  # dropout on the embeddings and residual branches
     layouts: str | list[str] = "dalle"  # "dalle" schedule | one kind for all layers | one per layer
     conv_kernel: int = 3  # k of the k x k conv layout (odd)
-    attn_impl: str = "auto"  # auto | triton | torch (see dalle_ar.attention)
+    attn_impl: str = "auto"  # auto | triton | torch (see dalle_ar.models.attention)
     cond_dim: int = 0  # size of an optional conditioning embedding (e.g. 512 for CLIP); 0 = none
     cond_tokens: int = 0  # prefix positions that embedding is projected to (0 with cond_mode=add)
     # prepend: [cond ‖ text ‖ image]; replace: [cond ‖ image]; add: [text ‖ image] with the
