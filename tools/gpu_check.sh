@@ -4,11 +4,15 @@
 #   1. the kernel tests, the `gpu`-marked full sizes included (compiled, not interpreted);
 #   2. tools/bench_attention.py with its launch-settings sweep -> attention_<gpu>.json;
 #   3. tools/bench_train.py at shape S on the GPU, Triton attention and PyTorch attention;
-#   4. tools/bench_sampling.py on the GPU.
+#   4. tools/bench_sampling.py on the GPU;
+#   5. tools/bench_masked.py on the GPU, batch 1 and 16: masked against autoregressive sampling
+#      at 8x8, 16x16 and 32x32 grids -> masked_b1_<gpu>.json, masked_b16_<gpu>.json.
 # Output goes to $OUT (default tools/results/<gpu>); logs beside the JSON.
-#   bash tools/gpu_check.sh                      # every stage
+#   bash tools/gpu_check.sh                      # every stage (up to 14 min of time boxes)
 #   bash tools/gpu_check.sh tests attention      # some: tests attention attention_quick (no
-#                                                #   sweep) train_triton train_torch sampling
+#                                                #   sweep) train_triton train_torch sampling masked
+# Within a 10-minute call: `tests masked sampling` (at most 380 s), then `attention train_triton
+# train_torch` (at most 420 s).
 # Uses the python3 on PATH (PYTHON overrides) and installs dalle-ar into it without dependencies
 # if it is missing: the kernels need only torch and triton; the tests need pytest and hypothesis,
 # and the sampling tests the VQ's packages: wheels in .whl/ (a machine without an index) are
@@ -65,6 +69,9 @@ run_stage() {
         model.attn_impl=${1#train_} data.batch_size=64 >'$out/${1}_$gpu.json'" ;;
     sampling) stage sampling 50 $PY tools/bench_sampling.py --device cuda \
       --out "$out/sampling_$gpu.json" ;;
+    masked) stage masked 180 sh -c "$PY tools/bench_masked.py --device cuda --batch 1 --repeats 3 \
+      --out '$out/masked_b1_$gpu.json' && $PY tools/bench_masked.py --device cuda --batch 16 \
+      --repeats 3 --out '$out/masked_b16_$gpu.json'" ;;
     *)
       echo "gpu_check: unknown stage $1" >&2
       failed+=("$1")
@@ -72,7 +79,7 @@ run_stage() {
   esac
 }
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(tests attention train_triton train_torch sampling)
+[[ ${#stages[@]} -gt 0 ]] || stages=(tests attention train_triton train_torch sampling masked)
 for s in "${stages[@]}"; do run_stage "$s"; done
 if [[ ${#failed[@]} -gt 0 ]]; then
   echo "gpu_check: failed: ${failed[*]}" >&2

@@ -22,6 +22,7 @@ from dalle_ar.cli import main as cli
 from dalle_ar.cli.sample import _parser as sample_parser
 from dalle_ar.cli.sample import _Writer
 from dalle_ar.grid import TRUNCATED, captioned_grid, prompt_grids
+from dalle_ar.models.transformer import Transformer
 from dalle_ar.pipeline import (
     DalleAR,
     assemble,
@@ -33,7 +34,6 @@ from dalle_ar.pipeline import (
 from dalle_ar.pipelines import ARPipeline, Pipeline
 from dalle_ar.rerank import keep_best, pmi_scores
 from dalle_ar.sampling import decode_one, generate_image_tokens, image_log_likelihood, prefill
-from dalle_ar.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a small red circle at the top", "a blue square"]
@@ -729,6 +729,17 @@ def test_bench_sampling_smoke_run(capsys):
     assert rep["scaling"]["tokens_per_image"] == [4, 16] and "exponent" in rep["scaling"]
 
 
+def test_bench_masked_smoke_run(capsys):
+    """tools/bench_masked.py (the masked mode's speed bars; gpu_check.sh runs it on a GPU): both
+    modes timed on the same grid and batch, the ratio reported."""
+    tool = _tool("bench_masked")
+    assert tool.main(["--grids", "2", "--batch", "2", "--repeats", "1", "--steps", "2"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().split("\n", 1)[1])  # after the row's line
+    (row,) = rep["rows"]
+    assert rep["device"] == "cpu" and row["grid"] == "2x2" and row["masked_steps"] == 2
+    assert row["speedup"] == row["ar_seconds"] / row["masked_seconds"] > 0
+
+
 def test_bench_train_compares_fp32_and_bf16(capsys):
     tool = _tool("bench_train")
     argv = ["--config", str(ROOT / "configs" / "tiny" / "transformer.yaml"), "--steps", "2"]
@@ -746,8 +757,8 @@ def test_a_tokenizer_or_vq_the_transformer_was_not_trained_with_is_refused(
 
     from dalle_ar.checkpoint import file_sha256
     from dalle_ar.data.shapes import generate
+    from dalle_ar.models.vq import VQTokenizer
     from dalle_ar.text import TextTokenizer, TokenizerConfig, train_tokenizer
-    from dalle_ar.vq import VQTokenizer
 
     # a tokenizer trained apart, of the same size: it fits every size check
     scenes = generate(64, seed=1, split="train", size=GRID * 4)
