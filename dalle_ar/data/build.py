@@ -1,4 +1,7 @@
-"""`dalle-ar data shapes|emoji|folder --out DIR`: write train and eval webdataset shards.
+"""`dalle-ar data shapes|emoji|folder|shards --out DIR`: write train and eval webdataset shards:
+the procedural shapes, the Twemoji set, a folder of pictures with same-stem .txt captions, or
+shards of your own in img2dataset layout (`KEY.jpg|png|webp`, `KEY.txt`, `KEY.json`), split in
+two by a hash of each record's name.
 
 Output: DIR/train-000000.tar ..., DIR/eval-000000.tar ..., and DIR/info.json with the counts,
 the shard URLs (brace globs usable as data.train / data.eval) and how the set was made.
@@ -20,11 +23,24 @@ from PIL import Image
 from tqdm import tqdm
 
 from dalle_ar.data import shapes
-from dalle_ar.data.shards import BadDataReport, decode_image, write_shards
+from dalle_ar.data.shards import (
+    IMAGE_EXTS,
+    BadDataReport,
+    decode_image,
+    expand_urls,
+    missing_member,
+    raw_samples,
+    read_caption,
+    read_meta,
+    report_key,
+    write_samples,
+    write_shards,
+)
 
 log = logging.getLogger(__name__)
 
 FOLDER_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+KINDS = ("shapes", "emoji", "folder", "shards")
 
 
 def shard_glob(out: Path, prefix: str, count: int, shard_size: int) -> str:
@@ -80,16 +96,15 @@ def _fraction_of(text: str, seed: int) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def _folder_record(path: Path, size: int | None) -> tuple[Any, str, str | None]:
-    """(image, extension, None) or (None, "", reason) for one picture: without `size`, the
-    file's own bytes (the loader decodes them as `decode_image` does); with it, the picture as
-    a viewer shows it (`decode_image`), its shorter side cut to `size`, as PNG."""
-    data = path.read_bytes()
+def _picture(data: bytes, ext: str, size: int | None) -> tuple[Any, str, str | None]:
+    """(image, extension, None) or (None, "", reason) for one picture's file bytes: without
+    `size`, those bytes (the loader decodes them as `decode_image` does); with it, the picture
+    as a viewer shows it (`decode_image`), its shorter side cut to `size`, as PNG."""
     img, reason = decode_image(data)
     if reason:
         return None, "", reason
     if size is None:
-        return data, path.suffix.lower().lstrip(".").replace("jpeg", "jpg"), None
+        return data, ext.replace("jpeg", "jpg"), None
     scale = size / min(img.size)
     if scale < 1:
         w, h = round(img.size[0] * scale), round(img.size[1] * scale)
@@ -125,13 +140,11 @@ def build_folder(
             if not cap:
                 report.add("missing_caption" if not txt.is_file() else "empty_caption", rel)
                 continue
-            image, ext, reason = _folder_record(p, size)
+            image, ext, reason = _picture(p.read_bytes(), p.suffix.lower().lstrip("."), size)
             if reason:
                 report.add(reason, rel)
                 continue
             yield {"__key__": key, ext: image, "txt": cap, "json": {"source": rel}}
-
-    from dalle_ar.data.shards import write_samples
 
     counts = {
         split: write_samples(_progress(records(paths), len(paths), split), out, split, shard_size)
@@ -146,10 +159,61 @@ def build_folder(
     }
 
 
+def build_shards(
+    src: str, out: Path, eval_fraction: float, seed: int, size: int | None, shard_size: int
+) -> dict[str, Any]:
+    """Shards of your own (img2dataset layout; paths, folders of .tar files, brace globs, `pipe:`
+    URLs) written again as a training and an evaluation split: a record goes to the evaluation
+    split by a hash of its shard's file name and key (stable when shards are added), keeps its
+    caption and its JSON (with "source": "SHARD#KEY"), and its picture (with `size`: cut to
+    that shorter side, as PNG). Records the loader would skip (no caption, a corrupt picture,
+    ...) are skipped here, counted by reason in the info's "skipped"."""
+    urls = expand_urls(src)
+    if not urls:
+        raise ValueError(
+            f"expected shards (.tar files, a folder of them or a brace glob), got {src!r}"
+        )
+    report = BadDataReport()
+
+    def records(split: str) -> Iterator[dict[str, Any]]:
+        i = 0
+        for url in urls:  # the evaluation pass leaves shard-level faults to the training pass
+            for raw in raw_samples(url, report if split == "train" else BadDataReport()):
+                name = f"{Path(url).name}#{raw['__key__']}"
+                if (_fraction_of(name, seed) < eval_fraction) != (split == "eval"):
+                    continue
+                caption, reason = read_caption(raw)  # the loader's checks, in its order
+                ext = next((e for e in IMAGE_EXTS if e in raw), None)
+                if not reason and ext is None:
+                    reason = missing_member(raw, IMAGE_EXTS, "missing_image")
+                if not reason:
+                    image, out_ext, reason = _picture(raw[ext], ext, size)
+                if not reason:
+                    meta, reason = read_meta(raw)
+                if reason:
+                    report.add(reason, report_key(raw, reason))
+                    continue
+                yield {"__key__": f"{i:09d}", out_ext: image, "txt": caption,
+                       "json": {**meta, "source": f"{url}#{raw['__key__']}"}}  # fmt: skip
+                i += 1
+
+    counts = {split: write_samples(_progress(records(split), None, split), out, split, shard_size)
+              for split in ("train", "eval")}  # fmt: skip
+    report.log_if_any(f"shards {src}")
+    if not counts["train"]:
+        raise ValueError(f"no usable training records in {src} ({report.summary()})")
+    return {"counts": counts, "eval_fraction": eval_fraction, "source": src,
+            "skipped": report.to_dict()}  # fmt: skip
+
+
 def _parser(kind: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"dalle-ar data {kind}", description=__doc__.split("\n")[0])
     if kind == "folder":
         p.add_argument("src", type=Path, help="folder of images with same-stem .txt captions")
+    if kind == "shards":
+        p.add_argument("src", help="your shards in img2dataset layout: .tar files, a folder of "
+                       "them or a brace glob (quote it)")  # fmt: skip
+    if kind in ("folder", "shards"):
         p.add_argument("--eval-fraction", type=float, default=0.05, help="share held out")
     p.add_argument("--out", type=Path, required=True, help="output folder for the shards")
     if kind == "shapes":
@@ -165,13 +229,14 @@ def _parser(kind: str) -> argparse.ArgumentParser:
         "only downscaled, default: keep the source size)",
     )
     # several shards per split, so DataLoader workers and DDP ranks each get whole shards
-    default_shard = {"shapes": 5_000, "emoji": 500, "folder": 1_000}[kind]
+    default_shard = {"shapes": 5_000, "emoji": 500, "folder": 1_000, "shards": 1_000}[kind]
     p.add_argument("--shard-size", type=int, default=default_shard, help="records per shard")
     return p
 
 
 def build(kind: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Write the shards of `kind` (shapes | emoji | folder) into `out`, replacing old shards, and
+    """Write the shards of `kind` (shapes | emoji | folder | shards) into `out`, replacing old
+    shards, and
     `out/info.json`; returns the info. `args`: the options of `dalle-ar data KIND` (`options`
     gives their defaults). ValueError for impossible options."""
     if args.shard_size < 1 or (args.size is not None and args.size < 8):
@@ -180,7 +245,7 @@ def build(kind: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
         )
     if kind == "shapes" and min(args.num_train, args.num_eval) < 0:
         raise ValueError("--num-train and --num-eval must be >= 0")
-    if kind == "folder" and not 0 <= args.eval_fraction < 1:
+    if kind in ("folder", "shards") and not 0 <= args.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
     out.mkdir(parents=True, exist_ok=True)  # checked first: nothing old is removed for a typo
     stale = sorted(out.glob("train-*.tar")) + sorted(out.glob("eval-*.tar"))
@@ -195,8 +260,12 @@ def build(kind: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
         )
     elif kind == "emoji":
         info = build_emoji(out, args.size, args.shard_size)
-    else:
+    elif kind == "folder":
         info = build_folder(
+            args.src, out, args.eval_fraction, args.seed, args.size, args.shard_size
+        )
+    else:
+        info = build_shards(
             args.src, out, args.eval_fraction, args.seed, args.size, args.shard_size
         )
     info = {
@@ -217,15 +286,15 @@ def options(kind: str, **given: Any) -> argparse.Namespace:
     """The options of `dalle-ar data KIND` with their defaults, `given` put in (by dest name:
     out, num_train, seed, ...)."""
     args = _parser(kind).parse_args(["--out", str(given.get("out", "."))] + (
-        [str(given["src"])] if kind == "folder" else []))  # fmt: skip
+        [str(given["src"])] if kind in ("folder", "shards") else []))  # fmt: skip
     for k, v in given.items():
         setattr(args, k, v)
     return args
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("shapes", "emoji", "folder"):
-        print("usage: dalle-ar data shapes|emoji|folder --out DIR [options]")
+    if not argv or argv[0] not in KINDS:
+        print(f"usage: dalle-ar data {'|'.join(KINDS)} --out DIR [options]")
         return 2
     kind = argv[0]
     args = _parser(kind).parse_args(argv[1:])

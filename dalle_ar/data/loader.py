@@ -25,10 +25,10 @@ from dalle_ar.config import DataConfig
 from dalle_ar.data.shards import (
     BadDataReport,
     _local_missing,
-    _raw_samples,
     caption_chars,
     decode_sample,
     expand_urls,
+    raw_samples,
     report_key,
 )
 
@@ -146,7 +146,7 @@ class _Batches(torch.utils.data.IterableDataset):
             if by_shard and i % slots != slot:
                 continue
             shard_report = BadDataReport()
-            for sample in _raw_samples(url, shard_report):
+            for sample in raw_samples(url, shard_report):
                 index += 1
                 if not by_shard and (index - 1) % slots != slot:
                     continue

@@ -244,7 +244,7 @@ def _whole(record: dict[str, Any], report: BadDataReport) -> Iterator[dict[str, 
         yield record
 
 
-def _raw_samples(url: str, report: BadDataReport) -> Iterator[dict[str, Any]]:
+def raw_samples(url: str, report: BadDataReport) -> Iterator[dict[str, Any]]:
     """Group one shard's members into records by key (`split_name`), in tar order.
 
     A record is yielded only once it is known whole: when the next record's header has been
@@ -429,7 +429,7 @@ def first_image_size(urls: str | list[str]) -> tuple[int, int] | None:
     paths or brace globs, `expand_urls`), as stored, before the loader resizes it; None when
     none is read."""
     for url in expand_urls(urls):
-        for sample in _raw_samples(url, BadDataReport()):
+        for sample in raw_samples(url, BadDataReport()):
             ext = next((e for e in IMAGE_EXTS if e in sample), None)
             img, _ = decode_image(sample[ext]) if ext else (None, None)
             if img is not None:
@@ -470,7 +470,7 @@ def iter_captions(
     captions are skipped, counted in `report` and logged once at the end."""
     report = BadDataReport() if report is None else report
     for url in expand_urls(urls):
-        for sample in _raw_samples(url, report):
+        for sample in raw_samples(url, report):
             caption, reason = read_caption(sample, max_chars)
             if reason:
                 report.add(reason, report_key(sample, reason))

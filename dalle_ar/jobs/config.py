@@ -21,9 +21,13 @@ from dalle_ar.sampling.settings import (
 class MainJobConfig:
     out_dir: str = "runs/main"  # every stage writes below this folder
     config_dir: str = ""  # the data set's component YAMLs; empty = configs/<data>/ here
-    # the data set (dalle_ar.jobs.plan.DATA_SETS): the procedural shapes, or the emoji
-    # (configs/emoji/main.yaml)
-    data: Literal["shapes", "emoji"] = "shapes"
+    # the data set (dalle_ar.jobs.plan.DATA_SETS): the procedural shapes, the emoji
+    # (configs/emoji/main.yaml), or pictures of your own at `data_src` (configs/emoji/main.yaml
+    # with data=shards or data=folder): shards in img2dataset layout or a folder of pictures
+    # with same-stem .txt captions
+    data: Literal["shapes", "emoji", "shards", "folder"] = "shapes"
+    data_src: str = ""  # your shards (paths, a folder of .tar, a brace glob) or picture folder
+    eval_fraction: float = 0.05  # of your own records, held out for the evaluation
     num_train: int = 50_000  # training images (shapes; the emoji set is fixed)
     num_eval: int = 2_000  # evaluation images (held-out combinations appear only here)
     # Training budgets in optimizer steps (x each config's batch); 0 = the component config's
@@ -163,6 +167,7 @@ class MainJobConfig:
 
     def validate(self) -> None:
         require(self.num_train >= 100, "num_train", "must be >= 100")
+        require(0 < self.eval_fraction < 1, "eval_fraction", "must be in (0, 1)")
         require(self.num_eval >= 10, "num_eval", "must be >= 10")
         for key in ("vq_steps", "transformer_steps", "clip_steps", "prior_train_steps",
                     "vq_max_minutes", "transformer_max_minutes", "clip_max_minutes",

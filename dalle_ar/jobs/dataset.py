@@ -18,6 +18,49 @@ def no_check(cfg: Any) -> None:
     """A data set that takes every main-job config its validation passes."""
 
 
+# The data-independent evaluation (`dalle_ar.eval.quality`), for a data set without a checker of
+# its own (the emoji, pictures of your own): held-out bits per image token, CLIP score, CLIP
+# R-precision, CLIP-feature Frechet distance and near-copies of training pictures.
+
+
+def quality_evaluate(pipe: Any, cfg: Any, shards: Path) -> dict[str, Any]:
+    """`dalle_ar.eval.quality.evaluate_quality` on the evaluation split in `shards` (the
+    training split as its reference), `cfg.fidelity_prompts` evaluation captions, every mode the
+    pipeline has, single draws and the best of `cfg.rerank.candidates`, with the job's sampling
+    settings."""
+    from dalle_ar.eval.quality import evaluate_quality
+
+    return evaluate_quality(
+        pipe,
+        f"{shards}/eval-*.tar",
+        train_shards=f"{shards}/train-*.tar",
+        num_prompts=cfg.fidelity_prompts,
+        candidates=cfg.rerank.candidates,
+        seed=cfg.seed,
+        progress=True,
+        **cfg.sampling_settings(),
+    )
+
+
+def quality_check(cfg: Any) -> None:
+    """What the quality evaluation needs, checked before any stage runs: the CLIP stage (every
+    figure is measured with the job's CLIP) and at least 2 evaluation captions (R-precision
+    needs a distractor). ConfigError naming the key."""
+    from dalle_ar.config import require
+
+    require(cfg.clip, "clip", f"must be true: the {cfg.data} evaluation measures with the job's "
+            "CLIP")  # fmt: skip
+    require(cfg.fidelity_prompts >= 2, "fidelity_prompts",
+            f"must be >= 2 for the {cfg.data} evaluation, got {cfg.fidelity_prompts}")  # fmt: skip
+
+
+def quality_summary(report: dict[str, Any]) -> str:
+    """The quality report as its Markdown table (`dalle_ar.eval.quality.markdown_table`)."""
+    from dalle_ar.eval.quality import markdown_table
+
+    return markdown_table(report)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSet:
     name: str  # the main job's `data` value
@@ -34,3 +77,10 @@ class DataSet:
     # (main job config) -> None, or ConfigError for a setting the data set's stages cannot
     # finish with, before any stage runs
     check: Callable[[Any], None] = no_check
+    config_folder: str = ""  # configs/<this>/ holds its component YAMLs; "" = configs/<name>/
+    # (the folder of its shards) -> the grid's prompts, for a data set without fixed ones
+    read_prompts: Callable[[Path], list[str]] | None = None
+
+    def grid_prompts(self, shards: Path) -> list[str]:
+        """The sample grid's default prompts: the fixed ones, or those read from the shards."""
+        return self.read_prompts(shards) if self.read_prompts else self.prompts

@@ -15,6 +15,7 @@ from dalle_ar.config import ConfigError, to_dict
 from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import DataSet
 from dalle_ar.jobs.emoji import EMOJI
+from dalle_ar.jobs.own import FOLDER, SHARDS
 from dalle_ar.jobs.shapes import SHAPES
 from dalle_ar.jobs.stages import (
     Paths,
@@ -37,7 +38,7 @@ from dalle_ar.jobs.stages import (
     trained,
 )
 
-DATA_SETS: dict[str, DataSet] = {d.name: d for d in (SHAPES, EMOJI)}
+DATA_SETS: dict[str, DataSet] = {d.name: d for d in (SHAPES, EMOJI, SHARDS, FOLDER)}
 
 
 # The main-job settings each stage's output is made from (beside the stages it needs, which
@@ -45,7 +46,7 @@ DATA_SETS: dict[str, DataSet] = {d.name: d for d in (SHAPES, EMOJI)}
 # out_dir, config_dir (the component YAMLs' contents are not compared), the *_max_minutes caps,
 # precision, device, lanes, wandb. `count_foils` (derived: a CLIP beside the masked mode).
 MADE_FROM: dict[str, tuple[str, ...]] = {
-    "data": ("data", "num_train", "num_eval", "seed"),
+    "data": ("data", "data_src", "eval_fraction", "num_train", "num_eval", "seed"),
     "vq": ("vq_steps",),
     "transformer": ("transformer_steps",),
     "clip": ("clip_steps", "count_foils"),
@@ -100,7 +101,11 @@ def plan(cfg: MainJobConfig) -> Plan:
     p = Paths(Path(cfg.out_dir))
     data = DATA_SETS[cfg.data]
     data.check(cfg)
-    configs = Path(cfg.config_dir) if cfg.config_dir else _repo_configs() / data.name
+    configs = (
+        Path(cfg.config_dir)
+        if cfg.config_dir
+        else _repo_configs() / (data.config_folder or data.name)
+    )
     yaml = {stage: configs / name for stage, name in data.configs.items()}
     if not cfg.clip:
         yaml.pop("clip", None)

@@ -278,7 +278,7 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
     from dalle_ar.runtime import pick_device
 
     pipe = Pipeline.from_pretrained(p.pipeline, device=pick_device(cfg.device))
-    prompts = cfg.prompts or data.prompts
+    prompts = cfg.prompts or data.grid_prompts(p.data)
     up = "upsampler" in pipe.components  # the kept images upsampled too
     result = pipe(prompts, cfg.samples_per_prompt, cfg.seed, settings=cfg.sampling,
                   rerank=cfg.rerank, upsample=up,

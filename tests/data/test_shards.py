@@ -5,6 +5,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from _img2dataset import FAULTS, write_img2dataset
 
 from dalle_ar.data import shards
 from dalle_ar.data.loader import make_loader
@@ -452,7 +453,7 @@ def test_a_shard_cut_at_a_member_boundary_is_reported(tmp_path):
     path = tmp_path / "cut.tar"
     path.write_bytes(full[:3072])  # r0's two members, then r1.txt: `head -c 3072`
     report = shards.BadDataReport()
-    assert [s["__key__"] for s in shards._raw_samples(str(path), report)] == ["r0"]
+    assert [s["__key__"] for s in shards.raw_samples(str(path), report)] == ["r0"]
     assert report.keys == {"truncated_shard": [f"{path}#r1"]}
 
 
@@ -466,7 +467,7 @@ def test_a_shard_cut_anywhere_yields_whole_records_or_counts_them(tmp_path):
     for cut in range(end + 2 * 512 + 1):
         open(path, "wb").write(full[:cut])
         report = shards.BadDataReport()
-        records = list(shards._raw_samples(path, report))
+        records = list(shards.raw_samples(path, report))
         for r in records:  # whole: both members, as written
             i = r["__key__"][1:]
             assert (r["txt"], r["json"]) == (f"record {i}".encode(), b"{}"), cut
@@ -478,3 +479,31 @@ def test_a_shard_cut_anywhere_yields_whole_records_or_counts_them(tmp_path):
             assert report.total == 1, cut  # the cut shard is reported, once
         else:
             assert report.total == 0 and len(records) == 3
+
+
+def test_data_shards_command_splits_your_own_shards(tmp_path, capsys):
+    from dalle_ar.data.build import main
+
+    src, out = tmp_path / "img2dataset", tmp_path / "out"
+    sound = write_img2dataset(src)
+    argv = ["shards", f"{src}/{{00000..00001}}.tar", "--out", str(out), "--size", "16"]
+    assert main([*argv, "--eval-fraction", "0.3", "--shard-size", "4"]) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert info["kind"] == "shards" and info["counts"]["train"] + info["counts"]["eval"] == sound
+    assert info["counts"]["eval"] >= 1 and info["counts"]["train"] >= 1
+    assert info["skipped"]["counts"] == {reason: 1 for reason in FAULTS.values()}
+    records = [r for split in ("train", "eval") for url in shards.expand_urls(info[split])
+               for r in shards.raw_samples(url, shards.BadDataReport())]  # fmt: skip
+    metas = [json.loads(r["json"]) for r in records]
+    keys = sorted(m["key"] for m in metas)
+    assert len(keys) == sound and all(m["source"].endswith("#" + m["key"]) for m in metas)
+    from PIL import Image
+
+    assert {min(Image.open(io.BytesIO(r["png"])).size) for r in records} == {16}
+    assert sorted(shards.iter_captions(str(out))) == [f"photo {k}" for k in keys]
+    # the split follows each record's shard and key, not the order they are read in
+    assert main([*argv, "--eval-fraction", "0.3", "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "info.json").read_text())["counts"] == info["counts"]
+    assert main(["shards", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert main([*argv, "--eval-fraction", "1"]) == 2
+    assert "shards" in capsys.readouterr().err

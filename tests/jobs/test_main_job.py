@@ -219,6 +219,42 @@ def test_the_emoji_main_job_draws_and_scores_real_pictures(tmp_path, capsys):
     assert grid.height > 8 * 64  # a row per prompt (eight emoji prompts), captioned
 
 
+def test_the_main_job_trains_on_your_own_img2dataset_shards(tmp_path, capsys):
+    """data=shards: your img2dataset shards written again at 64 px and split (bad records
+    skipped and counted), every stage on them, the grid drawn from their evaluation captions,
+    the quality evaluation; a job without data_src is refused before any work."""
+    from _img2dataset import FAULTS, write_img2dataset
+
+    from dalle_ar.data.shapes import generate
+
+    src, out = tmp_path / "img2dataset", tmp_path / "own"
+    pictures = ((img, cap) for img, cap, _ in generate(60, 0, size=80))
+    sound = write_img2dataset(src, n=30, pictures=pictures)
+    job = ROOT / "configs" / "emoji" / "main.yaml"
+    args = ["--config", str(job), "data=shards", f"out_dir={out}", "eval_fraction=0.25",
+            f"config_dir={_toy_configs(tmp_path / 'configs', size=64, grid=4)}",
+            "vq_steps=2", "clip_steps=2", "transformer_steps=2", "samples_per_prompt=1",
+            "fidelity_prompts=4", "rerank.candidates=2", "wandb=disabled",
+            "device=cpu"]  # fmt: skip
+    assert main_job(args) == 2  # no data_src: refused by name, nothing written
+    assert "data_src" in capsys.readouterr().out and not (out / "data").exists()
+    assert main_job([*args, f"data_src={src}"]) == 0
+    info = json.loads((out / "data" / "info.json").read_text())
+    assert info["kind"] == "shards" and info["size"] == 64
+    assert info["counts"]["train"] + info["counts"]["eval"] == sound
+    assert info["skipped"]["counts"] == {reason: 1 for reason in FAULTS.values()}
+    report = json.loads((out / "fidelity.json").read_text())
+    assert report["num_images"] == 4 and math.isfinite(report["bits_per_image_token"])
+    from PIL import Image
+
+    from dalle_ar.jobs.own import first_captions
+
+    prompts = first_captions(out / "data")
+    assert len(prompts) == min(8, info["counts"]["eval"]) >= 4
+    grid = Image.open(out / "samples" / "grid.png")
+    assert grid.height > len(prompts) * 64  # a row per evaluation caption, captioned
+
+
 def test_a_line_said_beside_a_running_bar_starts_a_line_of_its_own(capsys):
     """Not on a terminal (a log file), a stage that ends beside the one whose progress bar is
     on does not end that bar's line."""
