@@ -14,7 +14,7 @@ upsampler the milliseconds per image on this machine (`--threads`, one batch of 
 time). Shapes records (their scene spec in the JSON) are also made small by rendering the scene at
 the small size, the pictures the generator learns from ("from_renders"; what an upsampler trained
 with `small_from: render` learned from). The picture shows the box-filtered small images, or with
-`--grid-from render` the renders. """
+`--grid-from render` the renders."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Each subcommand lives in its own module as `main(argv: list[str]) -> int | None`
 function of that form, named "module:function"), imported only when it runs (so `dalle-ar --help`
 is instant and one stage's imports never slow another).
 
-    dalle-ar data shapes|emoji|folder --out DIR ...
+    dalle-ar data shapes|emoji|folder|shards --out DIR ...
     dalle-ar train tokenizer|vq|transformer|clip|prior|masked|upsampler --config FILE [k=v ...]
     dalle-ar tokens --vq DIR --shards URLS --out DIR --prefix train
     dalle-ar sample --model FOLDER "a prompt" ... --out DIR

@@ -26,8 +26,10 @@ from dalle_ar.data import shapes
 from dalle_ar.data.shards import (
     IMAGE_EXTS,
     BadDataReport,
+    ShardWriter,
     decode_image,
     expand_urls,
+    local_missing,
     missing_member,
     raw_samples,
     read_caption,
@@ -100,7 +102,7 @@ def _picture(data: bytes, ext: str, size: int | None) -> tuple[Any, str, str | N
     """(image, extension, None) or (None, "", reason) for one picture's file bytes: without
     `size`, those bytes (the loader decodes them as `decode_image` does); with it, the picture
     as a viewer shows it (`decode_image`), its shorter side cut to `size`, as PNG."""
-    img, reason = decode_image(data)
+    img, reason = decode_image(data, size)  # a JPEG decoded at a reduced scale where it can be
     if reason:
         return None, "", reason
     if size is None:
@@ -159,46 +161,59 @@ def build_folder(
     }
 
 
+def shard_urls(src: str) -> list[str]:
+    """The shard URLs `src` names (`expand_urls`); ValueError when it names none, or local files
+    that are not there."""
+    urls = expand_urls(src)
+    missing = local_missing(urls)
+    if not urls or missing:
+        raise ValueError(f"expected shards (.tar files, a folder of them, a brace glob), got "
+                         f"{src!r}{f': no {missing[:3]}' if missing else ''}")  # fmt: skip
+    return urls
+
+
 def build_shards(
     src: str, out: Path, eval_fraction: float, seed: int, size: int | None, shard_size: int
 ) -> dict[str, Any]:
     """Shards of your own (img2dataset layout; paths, folders of .tar files, brace globs, `pipe:`
-    URLs) written again as a training and an evaluation split: a record goes to the evaluation
-    split by a hash of its shard's file name and key (stable when shards are added), keeps its
-    caption and its JSON (with "source": "SHARD#KEY"), and its picture (with `size`: cut to
-    that shorter side, as PNG). Records the loader would skip (no caption, a corrupt picture,
-    ...) are skipped here, counted by reason in the info's "skipped"."""
-    urls = expand_urls(src)
-    if not urls:
-        raise ValueError(
-            f"expected shards (.tar files, a folder of them or a brace glob), got {src!r}"
-        )
+    URLs), read once and written again as a training and an evaluation split: a record goes to
+    the evaluation split by a hash of its shard's file name and key (with `seed`; stable when
+    shards are added), keeps its caption and its JSON (with "source": "SHARD#KEY"), and its
+    picture (with `size`: its shorter side cut to `size` where longer, as PNG). Records the
+    loader would skip (no caption, a corrupt picture, JSON that is not an object, ...) are
+    skipped here, counted by reason in the info's "skipped". ValueError for a source that names
+    no shards or holds no usable record."""
+    urls = shard_urls(src)
     report = BadDataReport()
 
-    def records(split: str) -> Iterator[dict[str, Any]]:
-        i = 0
-        for url in urls:  # the evaluation pass leaves shard-level faults to the training pass
-            for raw in raw_samples(url, report if split == "train" else BadDataReport()):
-                name = f"{Path(url).name}#{raw['__key__']}"
-                if (_fraction_of(name, seed) < eval_fraction) != (split == "eval"):
-                    continue
-                caption, reason = read_caption(raw)  # the loader's checks, in its order
-                ext = next((e for e in IMAGE_EXTS if e in raw), None)
-                if not reason and ext is None:
-                    reason = missing_member(raw, IMAGE_EXTS, "missing_image")
-                if not reason:
-                    image, out_ext, reason = _picture(raw[ext], ext, size)
-                if not reason:
-                    meta, reason = read_meta(raw)
-                if reason:
-                    report.add(reason, report_key(raw, reason))
-                    continue
-                yield {"__key__": f"{i:09d}", out_ext: image, "txt": caption,
-                       "json": {**meta, "source": f"{url}#{raw['__key__']}"}}  # fmt: skip
-                i += 1
+    def record(raw: dict[str, Any], i: int) -> dict[str, Any] | None:
+        caption, reason = read_caption(raw)  # the loader's checks, in its order
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if not reason and ext is None:
+            reason = missing_member(raw, IMAGE_EXTS, "missing_image")
+        if not reason:
+            image, out_ext, reason = _picture(raw[ext], ext, size)
+        if not reason:
+            meta, reason = read_meta(raw)
+            reason = reason or (None if isinstance(meta, dict) else "bad_meta")
+        if reason:
+            report.add(reason, report_key(raw, reason))
+            return None
+        return {"__key__": f"{i:09d}", out_ext: image, "txt": caption,
+                "json": {**meta, "source": f"{raw['__url__']}#{raw['__key__']}"}}  # fmt: skip
 
-    counts = {split: write_samples(_progress(records(split), None, split), out, split, shard_size)
-              for split in ("train", "eval")}  # fmt: skip
+    with (
+        ShardWriter(out, "train", shard_size) as train,
+        ShardWriter(out, "eval", shard_size) as held,
+    ):
+        records = (raw for url in urls for raw in raw_samples(url, report))
+        for raw in _progress(records, None, "records"):
+            name = f"{Path(raw['__url__']).name}#{raw['__key__']}"
+            writer = held if _fraction_of(name, seed) < eval_fraction else train
+            rec = record(raw, writer.count)
+            if rec is not None:
+                writer.add(rec)
+    counts = {"train": train.count, "eval": held.count}
     report.log_if_any(f"shards {src}")
     if not counts["train"]:
         raise ValueError(f"no usable training records in {src} ({report.summary()})")
@@ -219,7 +234,8 @@ def _parser(kind: str) -> argparse.ArgumentParser:
     if kind == "shapes":
         p.add_argument("--num-train", type=int, default=50_000, help="training images")
         p.add_argument("--num-eval", type=int, default=2_000, help="evaluation images")
-    p.add_argument("--seed", type=int, default=0, help="random seed (shapes, folder split)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (shapes; the folder and shards split)")  # fmt: skip
     default_size = 32 if kind == "shapes" else None
     p.add_argument(
         "--size",
@@ -236,9 +252,9 @@ def _parser(kind: str) -> argparse.ArgumentParser:
 
 def build(kind: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Write the shards of `kind` (shapes | emoji | folder | shards) into `out`, replacing old
-    shards, and
-    `out/info.json`; returns the info. `args`: the options of `dalle-ar data KIND` (`options`
-    gives their defaults). ValueError for impossible options."""
+    shards, and `out/info.json`; returns the info. `args`: the options of `dalle-ar data KIND`
+    (`options` gives their defaults). ValueError for impossible options, before old shards are
+    removed."""
     if args.shard_size < 1 or (args.size is not None and args.size < 8):
         raise ValueError(
             f"expected --shard-size >= 1 and --size >= 8, got {args.shard_size}, {args.size}"
@@ -247,6 +263,10 @@ def build(kind: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--num-train and --num-eval must be >= 0")
     if kind in ("folder", "shards") and not 0 <= args.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    if kind == "folder" and not Path(args.src).is_dir():
+        raise ValueError(f"expected a directory of images with .txt captions, got {args.src}")
+    if kind == "shards":
+        shard_urls(args.src)
     out.mkdir(parents=True, exist_ok=True)  # checked first: nothing old is removed for a typo
     stale = sorted(out.glob("train-*.tar")) + sorted(out.glob("eval-*.tar"))
     if stale:  # a smaller rebuild must not leave old shards that a directory URL would read

@@ -24,10 +24,10 @@ import torch
 from dalle_ar.config import DataConfig
 from dalle_ar.data.shards import (
     BadDataReport,
-    _local_missing,
     caption_chars,
     decode_sample,
     expand_urls,
+    local_missing,
     raw_samples,
     report_key,
 )
@@ -188,7 +188,7 @@ def checked_urls(
     shards = expand_urls(urls)
     if not shards:
         raise ValueError(f"expected shard files, found none at {urls!r}")
-    missing = _local_missing(shards)
+    missing = local_missing(shards)
     if missing:
         raise ValueError(f"expected existing shard files, missing: {', '.join(missing[:5])}")
     return shards

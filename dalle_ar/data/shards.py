@@ -108,50 +108,72 @@ def _encode(ext: str, value: Any) -> bytes:
     raise ValueError(f"cannot encode a {type(value).__name__} as .{ext}; pass bytes instead")
 
 
+class ShardWriter:
+    """Webdataset dicts (`{"__key__": k, "png": ..., "txt": ..., "codes.npy": b"..."}`) written
+    to `out_dir/prefix-000000.tar`, ... with `shard_size` records each, one `add` at a time (a
+    context manager: `count` records once it closes). Each shard is written to a temporary name
+    and renamed when full or at `close`, so a killed writer leaves no half-written shard; an
+    exception inside the `with` drops the shard in progress. Member mtimes are fixed, so equal
+    input gives byte-identical shards. ValueError for `shard_size` < 1 or a key that is not a
+    string without dots."""
+
+    def __init__(self, out_dir: str | Path, prefix: str, shard_size: int) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.out, self.prefix, self.shard_size = Path(out_dir), prefix, shard_size
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.count, self._shards = 0, 0
+        self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+
+    def add(self, rec: dict[str, Any]) -> None:
+        key = rec.get("__key__")
+        if not isinstance(key, str) or not key or "." in os.path.basename(key):
+            raise ValueError(f"each record needs a '__key__' string without dots, got {key!r}")
+        if self.count % self.shard_size == 0:
+            self._finish_shard()
+            self._tmp = self.out / f"{self.prefix}-{self._shards:06d}.tar.tmp"
+            self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+            self._shards += 1
+        for ext, value in rec.items():
+            if ext.startswith("__"):
+                continue
+            data = _encode(ext, value)
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def _finish_shard(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.replace(self._tmp.with_suffix(""))
+            self._tar = None
+
+    def close(self) -> None:
+        self._finish_shard()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:  # an exception mid-shard: drop the partial file
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
+
 def write_samples(
     records: Iterable[dict[str, Any]], out_dir: str | Path, prefix: str, shard_size: int
 ) -> int:
-    """Write webdataset dicts (`{"__key__": k, "png": ..., "txt": ..., "codes.npy": b"..."}`) to
-    `out_dir/prefix-000000.tar`, ... with `shard_size` records each; returns the record count.
-
-    Each shard is written to a temporary name and renamed, so a killed writer leaves no
-    half-written shard. Member mtimes are fixed, so equal input gives byte-identical shards."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n, shard, tar, tmp = 0, 0, None, None
-
-    def close() -> None:
-        if tar is not None:
-            tar.close()
-            tmp.replace(tmp.with_suffix(""))
-
-    try:
+    """Write webdataset dicts to `out_dir/prefix-000000.tar`, ... (`ShardWriter`); returns the
+    record count."""
+    with ShardWriter(out_dir, prefix, shard_size) as writer:
         for rec in records:
-            key = rec.get("__key__")
-            if not isinstance(key, str) or not key or "." in os.path.basename(key):
-                raise ValueError(f"each record needs a '__key__' string without dots, got {key!r}")
-            if n % shard_size == 0:
-                close()
-                tmp = out / f"{prefix}-{shard:06d}.tar.tmp"
-                tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
-                shard += 1
-            for ext, value in rec.items():
-                if ext.startswith("__"):
-                    continue
-                data = _encode(ext, value)
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
-            n += 1
-        close()
-        tar = None
-    finally:
-        if tar is not None:  # an exception mid-shard: drop the partial file
-            tar.close()
-            tmp.unlink(missing_ok=True)
-    return n
+            writer.add(rec)
+    return writer.count
 
 
 def write_shards(
@@ -191,7 +213,8 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     return out
 
 
-def _local_missing(urls: list[str]) -> list[str]:
+def local_missing(urls: list[str]) -> list[str]:
+    """The local paths among `urls` that do not exist (`pipe:` and remote URLs are not checked)."""
     return [
         u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)
     ]

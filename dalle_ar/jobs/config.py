@@ -20,7 +20,7 @@ from dalle_ar.sampling.settings import (
 @dataclasses.dataclass
 class MainJobConfig:
     out_dir: str = "runs/main"  # every stage writes below this folder
-    config_dir: str = ""  # the data set's component YAMLs; empty = configs/<data>/ here
+    config_dir: str = ""  # the component YAMLs; empty = the data set's folder of configs/ here
     # the data set (dalle_ar.jobs.plan.DATA_SETS): the procedural shapes, the emoji
     # (configs/emoji/main.yaml), or pictures of your own at `data_src` (configs/emoji/main.yaml
     # with data=shards or data=folder): shards in img2dataset layout or a folder of pictures

@@ -66,7 +66,9 @@ class DataSet:
     name: str  # the main job's `data` value
     configs: dict[str, str]  # stage -> component YAML under the config folder
     prompts: list[str]  # the sample grid's default prompts
-    build: Callable[[Any, Path], None]  # (main job config, out folder) -> shards + info.json
+    # (main job config, out folder, the pictures' side in pixels as the job's VQ config reads
+    # them) -> shards + info.json
+    build: Callable[[Any, Path, int], None]
     # (pipeline, main job config, the folder of its shards) -> JSON report
     evaluate: Callable[[Any, Any, Path], dict[str, Any]]
     # the evaluation report as text for the terminal and out_dir/evaluation.md
@@ -78,6 +80,9 @@ class DataSet:
     # finish with, before any stage runs
     check: Callable[[Any], None] = no_check
     config_folder: str = ""  # configs/<this>/ holds its component YAMLs; "" = configs/<name>/
+    # the main-job settings `build` reads (a changed one writes the shards again, and every stage
+    # after them runs again); each must be one of plan.MADE_FROM["data"]
+    made_from: tuple[str, ...] = ()
     # (the folder of its shards) -> the grid's prompts, for a data set without fixed ones
     read_prompts: Callable[[Path], list[str]] | None = None
 

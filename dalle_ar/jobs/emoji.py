@@ -31,16 +31,15 @@ PROMPTS = [
     "a red apple",
     "a green cat face",
 ]
-SIZE = 64  # pixels a side: the Twemoji art (72 px) downscaled, as the VQ and CLIP read it
 
 
-def build(cfg: MainJobConfig, out: Path) -> None:
-    """Training and evaluation shards with info.json (`dalle-ar data emoji --size 64`). The set
-    is fixed (3,553 training and 400 evaluation pictures): `num_train` and `num_eval` do not
-    apply."""
+def build(cfg: MainJobConfig, out: Path, size: int) -> None:
+    """Training and evaluation shards with info.json, the Twemoji art (72 px) downscaled to
+    `size` (64 in configs/emoji/; `dalle-ar data emoji --size 64`). The set is fixed (3,553
+    training and 400 evaluation pictures): `num_train`, `num_eval` and the seed do not apply."""
     from dalle_ar.data import build as data
 
-    data.build("emoji", out, data.options("emoji", out=out, size=SIZE, seed=cfg.seed))
+    data.build("emoji", out, data.options("emoji", out=out, size=size, seed=cfg.seed))
 
 
 EMOJI = DataSet(

@@ -23,8 +23,8 @@ steps (the component configs' run.steps, or `vq_steps` / `transformer_steps`); t
 safety caps: a stage a cap stops is reported under-trained and continues to its planned steps
 on the next run.
 Each stage calls the same functions as its own command (`dalle-ar data ...`, `dalle-ar train ...`,
-`dalle-ar tokens`), with the component configs of the data set (`data`, `dalle_ar.jobs.shapes`)
-under configs/<data>/.
+`dalle-ar tokens`), with the component configs of the data set (`data`: `dalle_ar.jobs.shapes`,
+`emoji`, `own`) under configs/<data>/ (pictures of your own: configs/emoji/).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Pictures of your own, as the main job uses them (`data=shards` or `data=folder`, with
 `data_src`): shards in img2dataset layout (`KEY.jpg|png|webp`, `KEY.txt`, `KEY.json`) or a
-folder of pictures with same-stem .txt captions, written again at 64 px (the shorter side) and
-split by a hash of each record's name (`eval_fraction` to the evaluation; `dalle-ar data
-shards|folder`). Trained with the component configs of the emoji (`configs/emoji/`: 64-px
-pictures, short captions; `config_dir` for others), scored by the data-independent evaluation
+folder of pictures with same-stem .txt captions, written again with their shorter side cut to
+the VQ config's image size where longer (64 in configs/emoji/) and split by a hash of each
+record's name, `eval_fraction` of them to the evaluation (`dalle-ar data shards|folder`; the
+split does not follow the job's seed, so runs with other seeds are scored on the same
+pictures). Trained with the component configs of the emoji (`configs/emoji/`: 64-px pictures,
+short captions; `config_dir` for others), scored by the data-independent evaluation
 (`dalle_ar.jobs.dataset.quality_evaluate`), the grid drawn from the first evaluation captions.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 from itertools import islice
 from pathlib import Path
 
-from dalle_ar.config import require
+from dalle_ar.config import ConfigError, require
 from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import (
     COMPONENT_CONFIGS,
@@ -22,31 +24,53 @@ from dalle_ar.jobs.dataset import (
     quality_summary,
 )
 
-SIZE = 64  # pixels a side (the shorter one) the pictures are written at, as configs/emoji/ read
 GRID_PROMPTS = 8  # evaluation captions the sample grid draws
+SPLIT_SEED = 0  # the split's hash seed: the same evaluation pictures for every job seed
+# evaluation records the job needs: the CLIP's held-out top-5 retrieval (in one batch of them
+# all where there are fewer than its config's retrieval_batch), R-precision's distractors
+MIN_EVAL = 5
 
 
 def _build(kind: str):
-    def build(cfg: MainJobConfig, out: Path) -> None:
-        """`dalle-ar data KIND data_src --out out --size 64 --eval-fraction F --seed S`."""
+    def build(cfg: MainJobConfig, out: Path, size: int) -> None:
+        """`dalle-ar data KIND data_src --out out --size SIZE --eval-fraction F --seed 0`;
+        ConfigError naming `data_src` for a source the build cannot read, or `eval_fraction`
+        for an evaluation split under `MIN_EVAL` records (the shards' info.json removed, so
+        that a rerun builds them again)."""
         from dalle_ar.data import build as data
 
         src = Path(cfg.data_src) if kind == "folder" else cfg.data_src
-        args = data.options(kind, src=src, out=out, size=SIZE,
-                            eval_fraction=cfg.eval_fraction, seed=cfg.seed)  # fmt: skip
-        data.build(kind, out, args)
+        args = data.options(kind, src=src, out=out, size=size, seed=SPLIT_SEED,
+                            eval_fraction=cfg.eval_fraction)  # fmt: skip
+        try:
+            info = data.build(kind, out, args)
+        except ValueError as e:
+            raise ConfigError(f"config key 'data_src': {e}") from e
+        if info["counts"]["eval"] < MIN_EVAL:
+            (out / "info.json").unlink()
+            raise ConfigError(f"config key 'eval_fraction': {cfg.eval_fraction} of {cfg.data_src} "
+                              f"gave {info['counts']['eval']} evaluation records (of "
+                              f"{sum(info['counts'].values())}); the evaluation needs "
+                              f">= {MIN_EVAL}")  # fmt: skip
 
     return build
 
 
 def check(cfg: MainJobConfig) -> None:
-    """ConfigError naming the key, before any stage runs: a source given (and, for a folder, one
-    that is there), and what the quality evaluation needs (`quality_check`)."""
+    """ConfigError naming the key, before any stage runs: a source given that is there (shards
+    that exist, or a folder), and what the quality evaluation needs (`quality_check`)."""
+    from dalle_ar.data.build import shard_urls
+
     require(bool(cfg.data_src), "data_src", f"must name your pictures for data={cfg.data}: "
             "shards in img2dataset layout (data=shards) or a folder of pictures with .txt "
             "captions (data=folder)")  # fmt: skip
     if cfg.data == "folder":
         require(Path(cfg.data_src).is_dir(), "data_src", f"{cfg.data_src} is not a folder")
+    else:
+        try:
+            shard_urls(cfg.data_src)
+        except ValueError as e:
+            raise ConfigError(f"config key 'data_src': {e}") from e
     quality_check(cfg)
 
 
@@ -60,7 +84,8 @@ def first_captions(shards: Path) -> list[str]:
 def _data_set(kind: str) -> DataSet:
     return DataSet(name=kind, configs=COMPONENT_CONFIGS, prompts=[], build=_build(kind),
                    evaluate=quality_evaluate, summarize=quality_summary, check=check,
-                   config_folder="emoji", read_prompts=first_captions)  # fmt: skip
+                   config_folder="emoji", made_from=("data_src", "eval_fraction"),
+                   read_prompts=first_captions)  # fmt: skip
     # build_large None: no cascade (pictures of your own come in no larger version)
 
 

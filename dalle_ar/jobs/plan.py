@@ -36,6 +36,7 @@ from dalle_ar.jobs.stages import (
     stage_vq,
     tokens_done,
     trained,
+    vq_size,
 )
 
 DATA_SETS: dict[str, DataSet] = {d.name: d for d in (SHAPES, EMOJI, SHARDS, FOLDER)}
@@ -46,6 +47,7 @@ DATA_SETS: dict[str, DataSet] = {d.name: d for d in (SHAPES, EMOJI, SHARDS, FOLD
 # out_dir, config_dir (the component YAMLs' contents are not compared), the *_max_minutes caps,
 # precision, device, lanes, wandb. `count_foils` (derived: a CLIP beside the masked mode).
 MADE_FROM: dict[str, tuple[str, ...]] = {
+    # the data stage: `data`, and of these the ones its data set's build reads (DataSet.made_from)
     "data": ("data", "data_src", "eval_fraction", "num_train", "num_eval", "seed"),
     "vq": ("vq_steps",),
     "transformer": ("transformer_steps",),
@@ -120,6 +122,7 @@ def plan(cfg: MainJobConfig) -> Plan:
     if missing:
         raise ConfigError(f"config key 'config_dir': no component configs {missing}")
     large = large_size(yaml) if cascade else 0  # checked before any work
+    size = vq_size(yaml["vq"])  # the pictures' side, as the VQ reads them
     if cfg.count_foils:
         check_count_foils(yaml["clip"])
     # Once a stage runs, every stage that needs it was made
@@ -159,7 +162,7 @@ def plan(cfg: MainJobConfig) -> Plan:
     ]  # fmt: skip
     stages = [
         Stage("data", set(), lambda: (p.data / "info.json").is_file(),
-         lambda: data.build(cfg, p.data), [p.data]),
+         lambda: data.build(cfg, p.data, size), [p.data]),
         Stage("tokenizer", {"data"}, lambda: complete(p.tokenizer),
          lambda: stage_tokenizer(cfg, p, yaml["tokenizer"]), [p.tokenizer_run]),
         Stage("vq", {"data"}, lambda: trained(p.vq_run, p.vq),
@@ -184,7 +187,8 @@ def plan(cfg: MainJobConfig) -> Plan:
     ]  # fmt: skip
     config_steps = _config_steps(yaml)
     values = _budgets({**to_dict(cfg), "count_foils": cfg.count_foils}, config_steps)
-    stages = [s._replace(made_from={k: values[k] for k in MADE_FROM.get(s.name, ())})
+    keys = {**MADE_FROM, "data": ("data", *data.made_from)}
+    stages = [s._replace(made_from={k: values[k] for k in keys.get(s.name, ())})
               for s in stages]  # fmt: skip
     names, before = {s.name for s in stages}, set()
     for s in stages:  # the one order both runners keep: each stage after what it waits for

@@ -21,12 +21,12 @@ PROMPTS = [
     "a red square to the left of a blue circle",
     "a big purple circle above a small orange square",
 ]
-SIZE = 32  # pixels a side
 
 
-def build(cfg: MainJobConfig, out: Path) -> None:
-    """Training and evaluation shards with info.json (`dalle-ar data shapes`)."""
-    _render(cfg, out, cfg.num_train, SIZE)
+def build(cfg: MainJobConfig, out: Path, size: int) -> None:
+    """Training and evaluation shards with info.json, scenes rendered at `size` pixels (32 in
+    configs/shapes/; `dalle-ar data shapes`)."""
+    _render(cfg, out, cfg.num_train, size)
 
 
 def build_large(cfg: MainJobConfig, out: Path, size: int) -> None:
@@ -85,4 +85,5 @@ SHAPES = DataSet(
     evaluate=evaluate,
     summarize=summarize,
     build_large=build_large,
+    made_from=("num_train", "num_eval", "seed"),
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,8 @@ from dalle_ar.checkpoint import file_sha256
 from dalle_ar.config import ConfigError, load_config
 from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import DataSet
+
+log = logging.getLogger(__name__)
 
 
 class Paths:
@@ -169,6 +172,11 @@ def stage_clip(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
         *(["count_foils=true"] if cfg.count_foils else []),
     ]
     rcfg = load_config(clip.CLIPRecipeConfig, yaml, overrides)
+    held = json.loads((p.data / "info.json").read_text())["counts"]["eval"]
+    if held < rcfg.retrieval_batch:  # a small set of your own: one batch of all it holds
+        log.warning("the CLIP's held-out retrieval in batches of %d, the evaluation pictures "
+                    "there are (its config asks for %d)", held, rcfg.retrieval_batch)  # fmt: skip
+        rcfg = dataclasses.replace(rcfg, retrieval_batch=held)
     clip.train(rcfg, resume=has_checkpoint(p.clip_run))
 
 
@@ -292,6 +300,7 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
         return str(path.relative_to(p.out))
 
     report["grid"] = where(grid)
+    report["grid_prompts"] = prompts
     if up:
         report["grid_upsampled"] = where(save_prompt_grid(result, p.samples / "grid_upsampled.png"))
     if cfg.prior:  # the same prompts and seeds in prior mode
@@ -308,18 +317,27 @@ def stage_samples(cfg: MainJobConfig, p: Paths, data: DataSet) -> None:
     p.evaluation.write_text(data.summarize(report) + "\n")
 
 
+SHARDS_PLACEHOLDER = ["data.train=shards.tar"]  # the stages give theirs; a size check reads none
+
+
+def vq_size(yaml: Path) -> int:
+    """The pictures' side in pixels the VQ config `yaml` reads and draws (model.image_size):
+    what the generators draw, and the size the data stage writes the pictures at."""
+    from dalle_ar.train.vq import VQRecipeConfig
+
+    return load_config(VQRecipeConfig, yaml, SHARDS_PLACEHOLDER).model.image_size
+
+
 def large_size(yaml: dict[str, Path]) -> int:
     """The upsampler's large size (its config's low_size * scale), after checking that its small
     size is the VQ's image size (what the generators draw): ConfigError naming both files."""
     from dalle_ar.train.upsampler import UpsamplerRecipeConfig
-    from dalle_ar.train.vq import VQRecipeConfig
 
-    shards = ["data.train=shards.tar"]  # the stages give theirs; only the sizes are read here
-    up = load_config(UpsamplerRecipeConfig, yaml["upsampler"], shards).model
-    vq = load_config(VQRecipeConfig, yaml["vq"], shards).model
-    if up.low_size != vq.image_size:
+    up = load_config(UpsamplerRecipeConfig, yaml["upsampler"], SHARDS_PLACEHOLDER).model
+    small = vq_size(yaml["vq"])
+    if up.low_size != small:
         raise ConfigError(f"config key 'model.low_size': {yaml['upsampler']} upsamples "
-                          f"{up.low_size}-px pictures, {yaml['vq']} draws {vq.image_size}-px "
+                          f"{up.low_size}-px pictures, {yaml['vq']} draws {small}-px "
                           "ones: expected equal")  # fmt: skip
     return up.high_size
 

@@ -9,7 +9,7 @@ format is `dalle_ar.pipelines.folder`.
 """
 
 from dalle_ar.pipelines.ar import ARPipeline, DalleAR
-from dalle_ar.pipelines.assemble import assemble
+from dalle_ar.pipelines.assembly import assemble
 from dalle_ar.pipelines.base import Pipeline, PipelineOutput
 from dalle_ar.pipelines.compat import check_compatible
 from dalle_ar.pipelines.folder import FolderSpec, read_folder

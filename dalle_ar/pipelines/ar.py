@@ -2,7 +2,7 @@
 one -> the VQ decoder draws the pixels; the prior mode's and the masked mode's parts are in
 `dalle_ar.pipelines.prior` and `dalle_ar.pipelines.masked`, the compatibility checks in
 `dalle_ar.pipelines.compat`, and writing a folder from trained components in
-`dalle_ar.pipelines.assemble`.
+`dalle_ar.pipelines.assembly` (`assemble`).
 
 - mode="ar" (DALL-E): the caption alone (an embedding-conditioned transformer gets its learned
   null embedding).

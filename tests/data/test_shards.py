@@ -5,7 +5,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from _img2dataset import FAULTS, write_img2dataset
+from _img2dataset import write_img2dataset
 
 from dalle_ar.data import shards
 from dalle_ar.data.loader import make_loader
@@ -485,25 +485,39 @@ def test_data_shards_command_splits_your_own_shards(tmp_path, capsys):
     from dalle_ar.data.build import main
 
     src, out = tmp_path / "img2dataset", tmp_path / "out"
-    sound = write_img2dataset(src)
+    sound, skips = write_img2dataset(src)
     argv = ["shards", f"{src}/{{00000..00001}}.tar", "--out", str(out), "--size", "16"]
     assert main([*argv, "--eval-fraction", "0.3", "--shard-size", "4"]) == 0
     info = json.loads((out / "info.json").read_text())
     assert info["kind"] == "shards" and info["counts"]["train"] + info["counts"]["eval"] == sound
     assert info["counts"]["eval"] >= 1 and info["counts"]["train"] >= 1
-    assert info["skipped"]["counts"] == {reason: 1 for reason in FAULTS.values()}
-    records = [r for split in ("train", "eval") for url in shards.expand_urls(info[split])
+    assert info["skipped"]["counts"] == dict(skips)
+
+    def split_keys(info: dict) -> dict[str, set[str]]:
+        return {split: {json.loads(r["json"])["key"] for url in shards.expand_urls(info[split])
+                        for r in shards.raw_samples(url, shards.BadDataReport())}
+                for split in ("train", "eval")}  # fmt: skip
+
+    keys = split_keys(info)
+    assert len(keys["train"] | keys["eval"]) == sound
+    records = [r for url in shards.expand_urls(info["train"])
                for r in shards.raw_samples(url, shards.BadDataReport())]  # fmt: skip
-    metas = [json.loads(r["json"]) for r in records]
-    keys = sorted(m["key"] for m in metas)
-    assert len(keys) == sound and all(m["source"].endswith("#" + m["key"]) for m in metas)
     from PIL import Image
 
     assert {min(Image.open(io.BytesIO(r["png"])).size) for r in records} == {16}
-    assert sorted(shards.iter_captions(str(out))) == [f"photo {k}" for k in keys]
-    # the split follows each record's shard and key, not the order they are read in
-    assert main([*argv, "--eval-fraction", "0.3", "--out", str(tmp_path / "again")]) == 0
-    assert json.loads((tmp_path / "again" / "info.json").read_text())["counts"] == info["counts"]
-    assert main(["shards", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert all(json.loads(r["json"])["source"].endswith("#" + json.loads(r["json"])["key"])
+               for r in records)  # fmt: skip
+    assert sorted(shards.iter_captions(str(out))) == sorted(
+        f"photo {k}" for k in keys["train"] | keys["eval"]
+    )
+    # the split follows each record's shard and key, not the order the shards are read in
+    again = tmp_path / "again"
+    backwards = ["shards", f"{src}/00001.tar::{src}/00000.tar", "--out", str(again)]
+    assert main([*backwards, "--size", "16", "--eval-fraction", "0.3"]) == 0
+    assert split_keys(json.loads((again / "info.json").read_text())) == keys
+    capsys.readouterr()
+    assert main(["shards", str(tmp_path / "none.tar"), "--out", str(out)]) == 2
+    assert "expected shards" in capsys.readouterr().err
+    assert (out / "info.json").is_file()  # a source that is not there removes nothing
     assert main([*argv, "--eval-fraction", "1"]) == 2
-    assert "shards" in capsys.readouterr().err
+    assert "--eval-fraction must be in [0, 1)" in capsys.readouterr().err

@@ -220,39 +220,52 @@ def test_the_emoji_main_job_draws_and_scores_real_pictures(tmp_path, capsys):
 
 
 def test_the_main_job_trains_on_your_own_img2dataset_shards(tmp_path, capsys):
-    """data=shards: your img2dataset shards written again at 64 px and split (bad records
-    skipped and counted), every stage on them, the grid drawn from their evaluation captions,
-    the quality evaluation; a job without data_src is refused before any work."""
-    from _img2dataset import FAULTS, write_img2dataset
+    """data=shards: your img2dataset shards written again at the VQ config's size and split (bad
+    records skipped and counted), every stage on them, the grid drawn from their evaluation
+    captions, the quality evaluation; a source that is not there, a folder that is not one and
+    an evaluation split too small to score are refused by name; the data stage runs again for
+    a changed eval_fraction, not for num_train (which it does not read)."""
+    from _img2dataset import write_img2dataset
 
     from dalle_ar.data.shapes import generate
+    from dalle_ar.jobs.own import first_captions
 
     src, out = tmp_path / "img2dataset", tmp_path / "own"
-    pictures = ((img, cap) for img, cap, _ in generate(60, 0, size=80))
-    sound = write_img2dataset(src, n=30, pictures=pictures)
+    sound, skips = write_img2dataset(src, n=30, pictures=((img, cap) for img, cap, _ in
+                                                          generate(60, 0, size=80)))  # fmt: skip
     job = ROOT / "configs" / "emoji" / "main.yaml"
-    args = ["--config", str(job), "data=shards", f"out_dir={out}", "eval_fraction=0.25",
+    args = ["--config", str(job), "data=shards", f"out_dir={out}", "eval_fraction=0.12",
             f"config_dir={_toy_configs(tmp_path / 'configs', size=64, grid=4)}",
             "vq_steps=2", "clip_steps=2", "transformer_steps=2", "samples_per_prompt=1",
             "fidelity_prompts=4", "rerank.candidates=2", "wandb=disabled",
             "device=cpu"]  # fmt: skip
-    assert main_job(args) == 2  # no data_src: refused by name, nothing written
-    assert "data_src" in capsys.readouterr().out and not (out / "data").exists()
+    for bad in ([], [f"data_src={tmp_path / 'none'}/{{00000..00001}}.tar"],
+                ["data=folder", f"data_src={src / '00000.tar'}"]):  # fmt: skip
+        assert main_job([*args, *bad]) == 2  # refused by name before any work
+        assert "data_src" in capsys.readouterr().out and not (out / "data").exists()
+    assert main_job([*args, f"data_src={src}", "eval_fraction=0.001"]) == 2
+    assert "'eval_fraction'" in capsys.readouterr().out
+    assert not (out / "data" / "info.json").exists()  # the next run writes the shards again
     assert main_job([*args, f"data_src={src}"]) == 0
     info = json.loads((out / "data" / "info.json").read_text())
     assert info["kind"] == "shards" and info["size"] == 64
     assert info["counts"]["train"] + info["counts"]["eval"] == sound
-    assert info["skipped"]["counts"] == {reason: 1 for reason in FAULTS.values()}
+    assert info["skipped"]["counts"] == dict(skips)
+    # fewer evaluation pictures than the CLIP config's retrieval batch (8): one batch of them all
+    clip_run = yaml.safe_load((out / "clip_run" / "config.yaml").read_text())
+    assert clip_run["retrieval_batch"] == info["counts"]["eval"] == 5
     report = json.loads((out / "fidelity.json").read_text())
     assert report["num_images"] == 4 and math.isfinite(report["bits_per_image_token"])
+    prompts = first_captions(out / "data")
+    assert report["grid_prompts"] == prompts and len(prompts) == min(8, info["counts"]["eval"])
     from PIL import Image
 
-    from dalle_ar.jobs.own import first_captions
-
-    prompts = first_captions(out / "data")
-    assert len(prompts) == min(8, info["counts"]["eval"]) >= 4
-    grid = Image.open(out / "samples" / "grid.png")
-    assert grid.height > len(prompts) * 64  # a row per evaluation caption, captioned
+    assert Image.open(out / "samples" / "grid.png").height > len(prompts) * 64  # captioned rows
+    capsys.readouterr()
+    assert main_job([*args, f"data_src={src}", "num_train=500"]) == 0
+    assert "[1/8] data: done already, skipped" in capsys.readouterr().out
+    assert main_job([*args, f"data_src={src}", "eval_fraction=0.15"]) == 0
+    assert "eval_fraction: 0.12 -> 0.15" in capsys.readouterr().out
 
 
 def test_a_line_said_beside_a_running_bar_starts_a_line_of_its_own(capsys):
@@ -607,3 +620,15 @@ def test_count_foils_on_scenes_too_small_are_refused_before_any_work(tmp_path, c
     # without the CLIP stage there is nothing to refuse
     plan(MainJobConfig(out_dir=str(out), config_dir=str(tiny), masked=True, clip=False,
                        upsampler=False))  # fmt: skip
+
+
+def test_the_data_stage_is_made_from_what_its_data_set_reads():
+    """A data set's shards are written again for a change of the settings its build reads, and
+    of no other (the emoji set is fixed: num_train and the seed do not make it again)."""
+
+    def data_keys(*overrides: str) -> set[str]:
+        job = plan(load_config(MainJobConfig, None, list(overrides)))
+        return set(next(s for s in job.stages if s.name == "data").made_from)
+
+    assert data_keys() == {"data", "num_train", "num_eval", "seed"}
+    assert data_keys("data=emoji") == {"data"}
