@@ -6,12 +6,11 @@ record's name, `eval_fraction` of them to the evaluation (`dalle-ar data shards|
 split does not follow the job's seed, so runs with other seeds are scored on the same
 pictures). Trained with the component configs of the emoji (`configs/emoji/`: 64-px pictures,
 short captions; `config_dir` for others), scored by the data-independent evaluation
-(`dalle_ar.jobs.dataset.quality_evaluate`), the grid drawn from the first evaluation captions.
+(`dalle_ar.jobs.dataset.quality_evaluate`), the grid drawn from evaluation captions.
 """
 
 from __future__ import annotations
 
-from itertools import islice
 from pathlib import Path
 
 from dalle_ar.config import ConfigError, require
@@ -74,18 +73,20 @@ def check(cfg: MainJobConfig) -> None:
     quality_check(cfg)
 
 
-def first_captions(shards: Path) -> list[str]:
-    """The first `GRID_PROMPTS` captions of the evaluation split in `shards`."""
+def grid_captions(shards: Path) -> list[str]:
+    """`GRID_PROMPTS` captions of the evaluation split in `shards`, spread evenly over it (the
+    shards keep their source's order, which often groups alike pictures)."""
     from dalle_ar.data.shards import iter_captions
 
-    return list(islice(iter_captions(f"{shards}/eval-*.tar"), GRID_PROMPTS))
+    captions = list(iter_captions(f"{shards}/eval-*.tar"))
+    return captions[:: max(1, len(captions) // GRID_PROMPTS)][:GRID_PROMPTS]
 
 
 def _data_set(kind: str) -> DataSet:
     return DataSet(name=kind, configs=COMPONENT_CONFIGS, prompts=[], build=_build(kind),
                    evaluate=quality_evaluate, summarize=quality_summary, check=check,
                    config_folder="emoji", made_from=("data_src", "eval_fraction"),
-                   read_prompts=first_captions)  # fmt: skip
+                   read_prompts=grid_captions)  # fmt: skip
     # build_large None: no cascade (pictures of your own come in no larger version)
 
 

@@ -228,7 +228,7 @@ def test_the_main_job_trains_on_your_own_img2dataset_shards(tmp_path, capsys):
     from _img2dataset import write_img2dataset
 
     from dalle_ar.data.shapes import generate
-    from dalle_ar.jobs.own import first_captions
+    from dalle_ar.jobs.own import grid_captions
 
     src, out = tmp_path / "img2dataset", tmp_path / "own"
     sound, skips = write_img2dataset(src, n=30, pictures=((img, cap) for img, cap, _ in
@@ -256,7 +256,7 @@ def test_the_main_job_trains_on_your_own_img2dataset_shards(tmp_path, capsys):
     assert clip_run["retrieval_batch"] == info["counts"]["eval"] == 5
     report = json.loads((out / "fidelity.json").read_text())
     assert report["num_images"] == 4 and math.isfinite(report["bits_per_image_token"])
-    prompts = first_captions(out / "data")
+    prompts = grid_captions(out / "data")
     assert report["grid_prompts"] == prompts and len(prompts) == min(8, info["counts"]["eval"])
     from PIL import Image
 
