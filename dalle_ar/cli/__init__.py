@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data shapes": ("dalle_ar.data.build", "write procedural shapes shards"),
     "data emoji": ("dalle_ar.data.build", "write emoji shards (Twemoji pictures, CLDR names)"),
     "data folder": ("dalle_ar.data.build", "write shards from a folder of images + .txt captions"),
+    "data shards": ("dalle_ar.data.build", "write your img2dataset shards again, split in two"),
     "train tokenizer": ("dalle_ar.train.tokenizer", "train the BPE text tokenizer"),
     "train vq": ("dalle_ar.train.vq", "train the VQ-VAE image tokenizer"),
     "train transformer": ("dalle_ar.train.transformer", "train the text-to-image transformer"),

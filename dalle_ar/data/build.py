@@ -195,9 +195,8 @@ def build_shards(
             image, out_ext, reason = _picture(raw[ext], ext, size)
         if not reason:
             meta, reason = read_meta(raw)
-            reason = reason or (None if isinstance(meta, dict) else "bad_meta")
-        if reason:
-            report.add(reason, report_key(raw, reason))
+        if reason:  # named as "source" names the records kept: SHARD#KEY
+            report.add(reason, f"{Path(raw['__url__']).name}#{report_key(raw, reason)}")
             return None
         return {"__key__": f"{i:09d}", out_ext: image, "txt": caption,
                 "json": {**meta, "source": f"{raw['__url__']}#{raw['__key__']}"}}  # fmt: skip
@@ -273,6 +272,7 @@ def build(kind: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
         log.info("removing %d old shards from %s", len(stale), out)
         for p in stale:
             p.unlink()
+    (out / "info.json").unlink(missing_ok=True)  # it names the shards: written again at the end
     start = time.perf_counter()
     if kind == "shapes":
         info = build_shapes(

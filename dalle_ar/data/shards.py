@@ -109,13 +109,13 @@ def _encode(ext: str, value: Any) -> bytes:
 
 
 class ShardWriter:
-    """Webdataset dicts (`{"__key__": k, "png": ..., "txt": ..., "codes.npy": b"..."}`) written
-    to `out_dir/prefix-000000.tar`, ... with `shard_size` records each, one `add` at a time (a
+    """Webdataset dicts (`{"__key__": k, "png": ..., "txt": ..., "codes.npy": b"..."}`) written to
+    `out_dir/prefix-000000.tar`, ... with `shard_size` records each, one `add` at a time (a
     context manager: `count` records once it closes). Each shard is written to a temporary name
     and renamed when full or at `close`, so a killed writer leaves no half-written shard; an
-    exception inside the `with` drops the shard in progress. Member mtimes are fixed, so equal
-    input gives byte-identical shards. ValueError for `shard_size` < 1 or a key that is not a
-    string without dots."""
+    exception inside the `with` drops the shard in progress (`count` still counts its records).
+    Member mtimes are fixed, so equal input gives byte-identical shards. ValueError for
+    `shard_size` < 1 or a key that is not a string without dots."""
 
     def __init__(self, out_dir: str | Path, prefix: str, shard_size: int) -> None:
         if shard_size < 1:
@@ -127,22 +127,25 @@ class ShardWriter:
         self._tmp: Path | None = None
 
     def add(self, rec: dict[str, Any]) -> None:
+        """One record, whole or not at all (every member encoded before any is written); a
+        shard is renamed to its final name as soon as it is full."""
         key = rec.get("__key__")
         if not isinstance(key, str) or not key or "." in os.path.basename(key):
             raise ValueError(f"each record needs a '__key__' string without dots, got {key!r}")
-        if self.count % self.shard_size == 0:
-            self._finish_shard()
+        members = {
+            ext: _encode(ext, value) for ext, value in rec.items() if not ext.startswith("__")
+        }
+        if self._tar is None:
             self._tmp = self.out / f"{self.prefix}-{self._shards:06d}.tar.tmp"
             self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
             self._shards += 1
-        for ext, value in rec.items():
-            if ext.startswith("__"):
-                continue
-            data = _encode(ext, value)
+        for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
+        if self.count % self.shard_size == 0:
+            self._finish_shard()
 
     def _finish_shard(self) -> None:
         if self._tar is not None:
@@ -438,13 +441,15 @@ def read_caption(
 
 
 def read_meta(sample: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-    """(meta, None) or (None, "bad_meta") for a raw sample's optional `json` member ({} if none)."""
+    """(meta, None) or (None, "bad_meta") for a raw sample's optional `json` member ({} if none):
+    "bad_meta" for JSON that does not parse or is not an object (img2dataset writes objects)."""
     if "json" not in sample:
         return {}, None
     try:
-        return json.loads(sample["json"].decode("utf-8")), None
+        meta = json.loads(sample["json"].decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return None, "bad_meta"
+    return (meta, None) if isinstance(meta, dict) else (None, "bad_meta")
 
 
 def first_image_size(urls: str | list[str]) -> tuple[int, int] | None:

@@ -39,7 +39,7 @@ def build(cfg: MainJobConfig, out: Path, size: int) -> None:
     training and 400 evaluation pictures): `num_train`, `num_eval` and the seed do not apply."""
     from dalle_ar.data import build as data
 
-    data.build("emoji", out, data.options("emoji", out=out, size=size, seed=cfg.seed))
+    data.build("emoji", out, data.options("emoji", out=out, size=size))
 
 
 EMOJI = DataSet(

@@ -47,10 +47,11 @@ def _build(kind: str):
             raise ConfigError(f"config key 'data_src': {e}") from e
         if info["counts"]["eval"] < MIN_EVAL:
             (out / "info.json").unlink()
+            total = sum(info["counts"].values())
             raise ConfigError(f"config key 'eval_fraction': {cfg.eval_fraction} of {cfg.data_src} "
-                              f"gave {info['counts']['eval']} evaluation records (of "
-                              f"{sum(info['counts'].values())}); the evaluation needs "
-                              f">= {MIN_EVAL}")  # fmt: skip
+                              f"gave {info['counts']['eval']} evaluation records (of {total}); "
+                              f"the evaluation needs >= {MIN_EVAL}: try eval_fraction="
+                              f"{min(0.5, round(2 * MIN_EVAL / max(total, 1), 2))}")  # fmt: skip
 
     return build
 
@@ -79,7 +80,8 @@ def grid_captions(shards: Path) -> list[str]:
     from dalle_ar.data.shards import iter_captions
 
     captions = list(iter_captions(f"{shards}/eval-*.tar"))
-    return captions[:: max(1, len(captions) // GRID_PROMPTS)][:GRID_PROMPTS]
+    n = min(GRID_PROMPTS, len(captions))
+    return [captions[i * len(captions) // n] for i in range(n)]
 
 
 def _data_set(kind: str) -> DataSet:

@@ -173,10 +173,10 @@ def stage_clip(cfg: MainJobConfig, p: Paths, yaml: Path) -> None:
     ]
     rcfg = load_config(clip.CLIPRecipeConfig, yaml, overrides)
     held = json.loads((p.data / "info.json").read_text())["counts"]["eval"]
-    if held < rcfg.retrieval_batch:  # a small set of your own: one batch of all it holds
+    if held < rcfg.retrieval_batch:  # a small evaluation split: one batch of all it holds
         log.warning("the CLIP's held-out retrieval in batches of %d, the evaluation pictures "
                     "there are (its config asks for %d)", held, rcfg.retrieval_batch)  # fmt: skip
-        rcfg = dataclasses.replace(rcfg, retrieval_batch=held)
+        rcfg = load_config(clip.CLIPRecipeConfig, yaml, [*overrides, f"retrieval_batch={held}"])
     clip.train(rcfg, resume=has_checkpoint(p.clip_run))
 
 

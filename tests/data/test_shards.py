@@ -482,7 +482,10 @@ def test_a_shard_cut_anywhere_yields_whole_records_or_counts_them(tmp_path):
 
 
 def test_data_shards_command_splits_your_own_shards(tmp_path, capsys):
-    from dalle_ar.data.build import main
+    from dalle_ar.cli import main as cli
+
+    def main(argv: list[str]) -> int:  # through the `dalle-ar` command, as a user runs it
+        return cli(["data", *argv])
 
     src, out = tmp_path / "img2dataset", tmp_path / "out"
     sound, skips = write_img2dataset(src)
@@ -492,6 +495,7 @@ def test_data_shards_command_splits_your_own_shards(tmp_path, capsys):
     assert info["kind"] == "shards" and info["counts"]["train"] + info["counts"]["eval"] == sound
     assert info["counts"]["eval"] >= 1 and info["counts"]["train"] >= 1
     assert info["skipped"]["counts"] == dict(skips)
+    assert "00000.tar#000000003" in info["skipped"]["keys"]["bad_image"]  # the source's name
 
     def split_keys(info: dict) -> dict[str, set[str]]:
         return {split: {json.loads(r["json"])["key"] for url in shards.expand_urls(info[split])
@@ -518,6 +522,34 @@ def test_data_shards_command_splits_your_own_shards(tmp_path, capsys):
     capsys.readouterr()
     assert main(["shards", str(tmp_path / "none.tar"), "--out", str(out)]) == 2
     assert "expected shards" in capsys.readouterr().err
-    assert (out / "info.json").is_file()  # a source that is not there removes nothing
+    assert (out / "train-000000.tar").is_file()  # a source that is not there removes nothing
+    assert (out / "eval-000000.tar").is_file() and (out / "info.json").is_file()
     assert main([*argv, "--eval-fraction", "1"]) == 2
     assert "--eval-fraction must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_every_data_kind_is_a_command():
+    from dalle_ar.cli import COMMANDS
+    from dalle_ar.data.build import KINDS
+
+    assert {f"data {kind}" for kind in KINDS} == {c for c in COMMANDS if c.startswith("data ")}
+
+
+def test_shard_writer_drops_the_shard_an_exception_cut_and_keeps_the_full_ones(tmp_path):
+    with pytest.raises(RuntimeError), shards.ShardWriter(tmp_path, "train", 2) as writer:
+        for i in range(5):
+            writer.add({"__key__": f"k{i}", "txt": f"caption {i}"})
+            if i == 2:
+                # a record that cannot be encoded is refused whole: nothing of it is written
+                with pytest.raises(ValueError):
+                    writer.add({"__key__": "bad", "txt": "kept?", "bin": object()})
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar", "train-000001.tar"]
+    keys = [s["__key__"] for s in shards.raw_samples(str(tmp_path / "train-000001.tar"),
+                                                     shards.BadDataReport())]  # fmt: skip
+    assert keys == ["k2", "k3"]
+
+
+def test_json_that_is_not_an_object_is_bad_meta():
+    assert shards.read_meta({"json": b"[1, 2]"}) == (None, "bad_meta")
+    assert shards.read_meta({"json": b'{"a": 1}'}) == ({"a": 1}, None)
