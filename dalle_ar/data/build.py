@@ -166,10 +166,15 @@ def shard_urls(src: str) -> list[str]:
     that are not there."""
     urls = expand_urls(src)
     missing = local_missing(urls)
-    if not urls or missing:
-        raise ValueError(f"expected shards (.tar files, a folder of them, a brace glob), got "
-                         f"{src!r}{f': no {missing[:3]}' if missing else ''}")  # fmt: skip
-    return urls
+    if urls and not missing:
+        return urls
+    why = ""
+    if missing:
+        why = f": {len(missing)} not found ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)})"
+    elif Path(src).is_dir():
+        why = ": a folder without .tar files (pictures with .txt captions: data folder)"
+    raise ValueError(f"expected shards (.tar files, a folder of them, a brace glob), got "
+                     f"{src!r}{why}")  # fmt: skip
 
 
 def build_shards(

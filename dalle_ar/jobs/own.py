@@ -65,7 +65,8 @@ def check(cfg: MainJobConfig) -> None:
             "shards in img2dataset layout (data=shards) or a folder of pictures with .txt "
             "captions (data=folder)")  # fmt: skip
     if cfg.data == "folder":
-        require(Path(cfg.data_src).is_dir(), "data_src", f"{cfg.data_src} is not a folder")
+        require(Path(cfg.data_src).is_dir(), "data_src", f"{cfg.data_src} is not a folder (for "
+                ".tar shards: data=shards)")  # fmt: skip
     else:
         try:
             shard_urls(cfg.data_src)
