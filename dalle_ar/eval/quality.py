@@ -425,6 +425,11 @@ def _cell(x: Any, fmt: str) -> str:
     return "—" if x is None else format(x, fmt)
 
 
+def _cosine(c: float) -> str:
+    """A cosine with 4 decimals, or 7 where 4 would round it to 1 (a set of repeated pictures)."""
+    return f"{c:.4f}" if c < 0.99995 else f"{c:.7f}"
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The report of `evaluate_quality` as Markdown: the scalar figures, one table row per set of
     images (each mode single and best of K, then the references) and, on shapes, the fidelity
@@ -440,7 +445,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"{r['r_precision_pool'] - 1} other captions of the evaluation shards (chance "
         f"{1 / r['r_precision_pool']:.1%})",
         f"- near-copy: nearest-training cosine above "
-        f"{r['near_copy_threshold_cosine']:.4f} (the {NEAR_COPY_QUANTILE:.0%} quantile of the "
+        f"{_cosine(r['near_copy_threshold_cosine'])} (the {NEAR_COPY_QUANTILE:.0%} quantile of the "
         "real evaluation images')" if r["near_copy_threshold_cosine"] is not None else
         "- nearest-training figures and the real images' FD: none (they need --train-data)",
         "- sampling: " + "; ".join(f"{m}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float)
