@@ -11,6 +11,7 @@ short captions; `config_dir` for others), scored by the data-independent evaluat
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from dalle_ar.config import ConfigError, require
@@ -58,21 +59,42 @@ def _build(kind: str):
 
 def check(cfg: MainJobConfig) -> None:
     """ConfigError naming the key, before any stage runs: a source given that is there (shards
-    that exist, or a folder), and what the quality evaluation needs (`quality_check`)."""
-    from dalle_ar.data.build import shard_urls
-
+    that exist, or a folder), and what the quality evaluation needs (`quality_check`). The
+    source the job folder's shards were written from is not looked at again: it may have moved
+    since, and the job no longer reads it."""
     require(bool(cfg.data_src), "data_src", f"must name your pictures for data={cfg.data}: "
             "shards in img2dataset layout (data=shards) or a folder of pictures with .txt "
             "captions (data=folder)")  # fmt: skip
+    if _written_from(cfg) != _source(cfg):
+        _check_source(cfg)
+    quality_check(cfg)
+
+
+def _source(cfg: MainJobConfig) -> str:
+    """`data_src` as the shards' info.json records it."""
+    return str(Path(cfg.data_src)) if cfg.data == "folder" else cfg.data_src
+
+
+def _written_from(cfg: MainJobConfig) -> str | None:
+    """The source the job folder's shards were written from (their info.json), if any."""
+    try:
+        info = json.loads((Path(cfg.out_dir) / "data" / "info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info.get("source") if isinstance(info, dict) else None
+
+
+def _check_source(cfg: MainJobConfig) -> None:
+    from dalle_ar.data.build import shard_urls
+
     if cfg.data == "folder":
         require(Path(cfg.data_src).is_dir(), "data_src", f"{cfg.data_src} is not a folder (for "
                 ".tar shards: data=shards)")  # fmt: skip
-    else:
-        try:
-            shard_urls(cfg.data_src)
-        except ValueError as e:
-            raise ConfigError(f"config key 'data_src': {e}") from e
-    quality_check(cfg)
+        return
+    try:
+        shard_urls(cfg.data_src)
+    except ValueError as e:
+        raise ConfigError(f"config key 'data_src': {e}") from e
 
 
 def grid_captions(shards: Path) -> list[str]:

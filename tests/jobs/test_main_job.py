@@ -224,7 +224,8 @@ def test_the_main_job_trains_on_your_own_img2dataset_shards(tmp_path, capsys):
     records skipped and counted), every stage on them, the grid drawn from their evaluation
     captions, the quality evaluation; a source that is not there, a folder that is not one and
     an evaluation split too small to score are refused by name; the data stage runs again for
-    a changed eval_fraction, not for num_train (which it does not read)."""
+    a changed eval_fraction, not for num_train (which it does not read), nor once the source
+    has moved away."""
     from _img2dataset import write_img2dataset
 
     from dalle_ar.data.shapes import generate
@@ -264,6 +265,10 @@ def test_the_main_job_trains_on_your_own_img2dataset_shards(tmp_path, capsys):
     capsys.readouterr()
     assert main_job([*args, f"data_src={src}", "num_train=500"]) == 0
     assert "[1/8] data: done already, skipped" in capsys.readouterr().out
+    src.rename(tmp_path / "moved")  # the job no longer reads the source its shards came from
+    assert main_job([*args, f"data_src={src}"]) == 0
+    assert "[8/8] samples: done already, skipped" in capsys.readouterr().out
+    (tmp_path / "moved").rename(src)
     assert main_job([*args, f"data_src={src}", "eval_fraction=0.15"]) == 0
     assert "eval_fraction: 0.12 -> 0.15" in capsys.readouterr().out
 
