@@ -118,8 +118,9 @@ def captioned_grid(
     font_size: int = 12,
     labels: Sequence[str] | None = None,
 ) -> Image.Image:
-    """`image_grid` with `caption` written above it in black, wrapped to the grid's width, and
-    `labels` under the tiles."""
+    """`image_grid` with `caption` written above it in black, wrapped to the grid's width (a
+    word longer than that widens the picture rather than being cut), and `labels` under the
+    tiles."""
     grid = image_grid(images, ncols, scale, gap, labels)
     font = _font(font_size)
     missing = missing_glyphs(caption, font)
@@ -129,10 +130,11 @@ def captioned_grid(
     draw = ImageDraw.Draw(grid)
     char_w = max(1.0, draw.textlength("x", font=font))
     width = max(1, int((grid.width - 2 * gap) / char_w))
-    lines = textwrap.wrap(caption, width=width) or [""]
+    lines = textwrap.wrap(caption, width=width, break_long_words=False) or [""]
     line_h = font_size + 3
     top = gap + len(lines) * line_h + gap
-    out = Image.new("RGB", (grid.width, grid.height + top), "white")
+    text_w = max(int(draw.textlength(line, font=font)) for line in lines) + 2 * gap
+    out = Image.new("RGB", (max(grid.width, text_w), grid.height + top), "white")
     out.paste(grid, (0, top))
     draw = ImageDraw.Draw(out)
     for i, line in enumerate(lines):

@@ -34,3 +34,15 @@ def test_a_character_the_font_lacks_is_named_in_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="dalle_ar.grid"):
         captioned_grid(TILES, "a red circle α ж")
     assert "no glyph" not in caplog.text
+
+
+def test_a_word_wider_than_the_grid_widens_the_picture_and_is_not_cut():
+    from dalle_ar.grid import image_grid
+
+    grid = image_grid(TILES)
+    one_line = captioned_grid(TILES, "a")
+    word = captioned_grid(TILES, "supercalifragilisticexpialidocious")
+    assert word.width > grid.width == one_line.width  # widened, where a short caption is not
+    assert word.height == one_line.height  # one line: the word was not broken in two
+    caption = np.asarray(word.convert("L"))[: word.height - grid.height]
+    assert (caption[:, grid.width :] < 128).any()  # the word goes on past the grid's width
