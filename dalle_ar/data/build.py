@@ -117,8 +117,6 @@ def _picture(data: bytes, ext: str, size: int | None) -> tuple[Any, str, str | N
 def build_folder(
     src: Path, out: Path, eval_fraction: float, seed: int, size: int | None, shard_size: int
 ) -> dict[str, Any]:
-    if not src.is_dir():
-        raise ValueError(f"expected a directory of images with .txt captions, got {src}")
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in FOLDER_IMAGE_EXTS)
     if not files:
         raise ValueError(
@@ -175,6 +173,16 @@ def shard_urls(src: str) -> list[str]:
         why = ": a folder without .tar files (pictures with .txt captions: data folder)"
     raise ValueError(f"expected shards (.tar files, a folder of them, a brace glob), got "
                      f"{src!r}{why}")  # fmt: skip
+
+
+def check_source(kind: str, src: Any) -> None:
+    """ValueError naming the problem where `src` is not what `kind` reads: a folder (folder), or
+    shards that are there (shards: `shard_urls`); the other kinds read no source."""
+    if kind == "folder" and not Path(src).is_dir():
+        raise ValueError(f"expected a directory of images with .txt captions, got {src} (for .tar "
+                         "shards: the shards kind)")  # fmt: skip
+    if kind == "shards":
+        shard_urls(src)
 
 
 def build_shards(
@@ -267,10 +275,7 @@ def build(kind: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--num-train and --num-eval must be >= 0")
     if kind in ("folder", "shards") and not 0 <= args.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
-    if kind == "folder" and not Path(args.src).is_dir():
-        raise ValueError(f"expected a directory of images with .txt captions, got {args.src}")
-    if kind == "shards":
-        shard_urls(args.src)
+    check_source(kind, getattr(args, "src", None))
     out.mkdir(parents=True, exist_ok=True)  # checked first: nothing old is removed for a typo
     stale = sorted(out.glob("train-*.tar")) + sorted(out.glob("eval-*.tar"))
     if stale:  # a smaller rebuild must not leave old shards that a directory URL would read

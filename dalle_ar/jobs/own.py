@@ -11,7 +11,9 @@ short captions; `config_dir` for others), scored by the data-independent evaluat
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from dalle_ar.config import ConfigError, require
@@ -39,13 +41,10 @@ def _build(kind: str):
         that a rerun builds them again)."""
         from dalle_ar.data import build as data
 
-        src = Path(cfg.data_src) if kind == "folder" else cfg.data_src
-        args = data.options(kind, src=src, out=out, size=size, seed=SPLIT_SEED,
+        args = data.options(kind, src=_source(cfg), out=out, size=size, seed=SPLIT_SEED,
                             eval_fraction=cfg.eval_fraction)  # fmt: skip
-        try:
+        with _naming_data_src():
             info = data.build(kind, out, args)
-        except ValueError as e:
-            raise ConfigError(f"config key 'data_src': {e}") from e
         if info["counts"]["eval"] < MIN_EVAL:
             (out / "info.json").unlink()
             total = sum(info["counts"].values())
@@ -65,14 +64,27 @@ def check(cfg: MainJobConfig) -> None:
     require(bool(cfg.data_src), "data_src", f"must name your pictures for data={cfg.data}: "
             "shards in img2dataset layout (data=shards) or a folder of pictures with .txt "
             "captions (data=folder)")  # fmt: skip
-    if _written_from(cfg) != _source(cfg):
-        _check_source(cfg)
+    if _written_from(cfg) != str(_source(cfg)):
+        from dalle_ar.data.build import check_source
+
+        with _naming_data_src():
+            check_source(cfg.data, _source(cfg))
     quality_check(cfg)
 
 
-def _source(cfg: MainJobConfig) -> str:
-    """`data_src` as the shards' info.json records it."""
-    return str(Path(cfg.data_src)) if cfg.data == "folder" else cfg.data_src
+def _source(cfg: MainJobConfig) -> Path | str:
+    """`data_src` as `dalle-ar data KIND` takes it (a Path for a folder); as a str, as the
+    shards' info.json records it."""
+    return Path(cfg.data_src) if cfg.data == "folder" else cfg.data_src
+
+
+@contextlib.contextmanager
+def _naming_data_src() -> Iterator[None]:
+    """A ValueError from reading the source raised as the ConfigError naming `data_src`."""
+    try:
+        yield
+    except ValueError as e:
+        raise ConfigError(f"config key 'data_src': {e}") from e
 
 
 def _written_from(cfg: MainJobConfig) -> str | None:
@@ -82,19 +94,6 @@ def _written_from(cfg: MainJobConfig) -> str | None:
     except (OSError, ValueError):
         return None
     return info.get("source") if isinstance(info, dict) else None
-
-
-def _check_source(cfg: MainJobConfig) -> None:
-    from dalle_ar.data.build import shard_urls
-
-    if cfg.data == "folder":
-        require(Path(cfg.data_src).is_dir(), "data_src", f"{cfg.data_src} is not a folder (for "
-                ".tar shards: data=shards)")  # fmt: skip
-        return
-    try:
-        shard_urls(cfg.data_src)
-    except ValueError as e:
-        raise ConfigError(f"config key 'data_src': {e}") from e
 
 
 def grid_captions(shards: Path) -> list[str]:
