@@ -94,8 +94,15 @@ def build_emoji(out: Path, size: int | None, shard_size: int) -> dict[str, Any]:
 
 def _fraction_of(text: str, seed: int) -> float:
     """A stable number in [0, 1) for a string: the split does not move when files are added."""
-    h = hashlib.sha256(f"{seed}:{text}".encode()).digest()
+    # a file name that is not UTF-8 comes as surrogate escapes (os and tarfile): its own bytes
+    h = hashlib.sha256(f"{seed}:{text}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(h[:8], "big") / 2**64
+
+
+def _shown(name: str) -> str:
+    """A file or member name as a record's JSON keeps it: bytes that are not UTF-8 (surrogate
+    escapes from os and tarfile) written as backslash escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _picture(data: bytes, ext: str, size: int | None) -> tuple[Any, str, str | None]:
@@ -119,8 +126,9 @@ def build_folder(
 ) -> dict[str, Any]:
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in FOLDER_IMAGE_EXTS)
     if not files:
+        tars = " (it holds .tar files: for shards, the shards kind)" * any(src.rglob("*.tar"))
         raise ValueError(
-            f"expected images ({', '.join(FOLDER_IMAGE_EXTS)}) under {src}, found none"
+            f"expected images ({', '.join(FOLDER_IMAGE_EXTS)}) under {src}, found none{tars}"
         )
     report = BadDataReport()
     splits: dict[str, list[Path]] = {"train": [], "eval": []}
@@ -144,19 +152,36 @@ def build_folder(
             if reason:
                 report.add(reason, rel)
                 continue
-            yield {"__key__": key, ext: image, "txt": cap, "json": {"source": rel}}
+            yield {"__key__": key, ext: image, "txt": cap, "json": {"source": _shown(rel)}}
 
     counts = {
         split: write_samples(_progress(records(paths), len(paths), split), out, split, shard_size)
         for split, paths in splits.items()
     }
     report.log_if_any(f"data folder {src}")
+    _check_split(counts, src, eval_fraction, report)
     return {
         "counts": counts,
         "eval_fraction": eval_fraction,
         "source": str(src),
         "skipped": report.to_dict(),
     }
+
+
+class SplitError(ValueError):
+    """The evaluation split took every usable record: none is left to train on."""
+
+
+def _check_split(
+    counts: dict[str, int], src: Any, eval_fraction: float, report: BadDataReport
+) -> None:
+    """ValueError where `src` gave no usable record (the bad ones counted by reason), SplitError
+    where `eval_fraction` sent every usable one to the evaluation split."""
+    if not counts["train"] and not counts["eval"]:
+        raise ValueError(f"no usable records in {src} ({report.summary()})")
+    if not counts["train"]:
+        raise SplitError(f"--eval-fraction {eval_fraction} sent all {counts['eval']} usable "
+                         f"records of {src} to the evaluation split, none to training")  # fmt: skip
 
 
 def shard_urls(src: str) -> list[str]:
@@ -179,8 +204,10 @@ def check_source(kind: str, src: Any) -> None:
     """ValueError naming the problem where `src` is not what `kind` reads: a folder (folder), or
     shards that are there (shards: `shard_urls`); the other kinds read no source."""
     if kind == "folder" and not Path(src).is_dir():
-        raise ValueError(f"expected a directory of images with .txt captions, got {src} (for .tar "
-                         "shards: the shards kind)")  # fmt: skip
+        shards_like = Path(src).suffix == ".tar" or "{" in str(src)
+        tar = " (for .tar shards: the shards kind)" * shards_like
+        why = "" if Path(src).exists() else ": not found"
+        raise ValueError(f"expected a directory of images with .txt captions, got {src}{why}{tar}")
     if kind == "shards":
         shard_urls(src)
 
@@ -195,7 +222,8 @@ def build_shards(
     picture (with `size`: its shorter side cut to `size` where longer, as PNG). Records the
     loader would skip (no caption, a corrupt picture, JSON that is not an object, ...) are
     skipped here, counted by reason in the info's "skipped". ValueError for a source that names
-    no shards or holds no usable record."""
+    no shards or holds no usable record, SplitError where `eval_fraction` leaves none to train
+    on."""
     urls = shard_urls(src)
     report = BadDataReport()
 
@@ -211,8 +239,9 @@ def build_shards(
         if reason:  # named as "source" names the records kept: SHARD#KEY
             report.add(reason, f"{Path(raw['__url__']).name}#{report_key(raw, reason)}")
             return None
+        source = _shown(f"{raw['__url__']}#{raw['__key__']}")
         return {"__key__": f"{i:09d}", out_ext: image, "txt": caption,
-                "json": {**meta, "source": f"{raw['__url__']}#{raw['__key__']}"}}  # fmt: skip
+                "json": {**meta, "source": source}}  # fmt: skip
 
     with (
         ShardWriter(out, "train", shard_size) as train,
@@ -227,8 +256,7 @@ def build_shards(
                 writer.add(rec)
     counts = {"train": train.count, "eval": held.count}
     report.log_if_any(f"shards {src}")
-    if not counts["train"]:
-        raise ValueError(f"no usable training records in {src} ({report.summary()})")
+    _check_split(counts, src, eval_fraction, report)
     return {"counts": counts, "eval_fraction": eval_fraction, "source": src,
             "skipped": report.to_dict()}  # fmt: skip
 
@@ -277,7 +305,8 @@ def build(kind: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
     check_source(kind, getattr(args, "src", None))
     out.mkdir(parents=True, exist_ok=True)  # checked first: nothing old is removed for a typo
-    stale = sorted(out.glob("train-*.tar")) + sorted(out.glob("eval-*.tar"))
+    # (and the unfinished shard a killed build left, `ShardWriter`'s .tar.tmp)
+    stale = [p for split in ("train", "eval") for p in sorted(out.glob(f"{split}-*.tar*"))]
     if stale:  # a smaller rebuild must not leave old shards that a directory URL would read
         log.info("removing %d old shards from %s", len(stale), out)
         for p in stale:

@@ -59,12 +59,13 @@ def _build(kind: str):
 def check(cfg: MainJobConfig) -> None:
     """ConfigError naming the key, before any stage runs: a source given that is there (shards
     that exist, or a folder), and what the quality evaluation needs (`quality_check`). The
-    source the job folder's shards were written from is not looked at again: it may have moved
-    since, and the job no longer reads it."""
+    source is not looked at again where the job folder's shards were written from it as asked now
+    (the same kind, source and eval_fraction: the data stage will not run again): it may have
+    moved since, and the job no longer reads it."""
     require(bool(cfg.data_src), "data_src", f"must name your pictures for data={cfg.data}: "
             "shards in img2dataset layout (data=shards) or a folder of pictures with .txt "
             "captions (data=folder)")  # fmt: skip
-    if _written_from(cfg) != str(_source(cfg)):
+    if not _built_as_asked(cfg):
         from dalle_ar.data.build import check_source
 
         with _naming_data_src():
@@ -80,20 +81,26 @@ def _source(cfg: MainJobConfig) -> Path | str:
 
 @contextlib.contextmanager
 def _naming_data_src() -> Iterator[None]:
-    """A ValueError from reading the source raised as the ConfigError naming `data_src`."""
+    """A ValueError from reading the source raised as the ConfigError naming `data_src`, or
+    `eval_fraction` where the split left nothing to train on (`SplitError`)."""
+    from dalle_ar.data.build import SplitError
+
     try:
         yield
     except ValueError as e:
-        raise ConfigError(f"config key 'data_src': {e}") from e
+        key = "eval_fraction" if isinstance(e, SplitError) else "data_src"
+        raise ConfigError(f"config key '{key}': {e}") from e
 
 
-def _written_from(cfg: MainJobConfig) -> str | None:
-    """The source the job folder's shards were written from (their info.json), if any."""
+def _built_as_asked(cfg: MainJobConfig) -> bool:
+    """Whether the job folder's shards (their info.json) were written from `data_src` by the
+    kind and with the eval_fraction asked now."""
     try:
         info = json.loads((Path(cfg.out_dir) / "data" / "info.json").read_text())
     except (OSError, ValueError):
-        return None
-    return info.get("source") if isinstance(info, dict) else None
+        return False
+    asked = {"kind": cfg.data, "source": str(_source(cfg)), "eval_fraction": cfg.eval_fraction}
+    return isinstance(info, dict) and all(info.get(k) == v for k, v in asked.items())
 
 
 def grid_captions(shards: Path) -> list[str]:

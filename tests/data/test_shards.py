@@ -1,11 +1,13 @@
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 from _img2dataset import write_img2dataset
+from PIL import Image
 
 from dalle_ar.data import shards
 from dalle_ar.data.loader import make_loader
@@ -553,3 +555,73 @@ def test_shard_writer_drops_the_shard_an_exception_cut_and_keeps_the_full_ones(t
 def test_json_that_is_not_an_object_is_bad_meta():
     assert shards.read_meta({"json": b"[1, 2]"}) == (None, "bad_meta")
     assert shards.read_meta({"json": b'{"a": 1}'}) == ({"a": 1}, None)
+
+
+def test_names_that_are_not_utf8_are_split_and_kept_as_escapes(tmp_path):
+    """A member or file name in another encoding (tarfile and os give its bytes as surrogate
+    escapes) goes to a split like any other, its JSON "source" written with backslash escapes."""
+    from dalle_ar.data.build import build, options
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    png = io.BytesIO()
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(png, "PNG")
+    with tarfile.open(src / "00000.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as t:
+        for key in ("a0001", "caf\xe9", "a0002"):
+            for ext, data in (("png", png.getvalue()), ("txt", b"a red square")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    info = build("shards", out, options("shards", src=str(src), out=out, eval_fraction=0.0))
+    assert info["counts"] == {"train": 3, "eval": 0}
+    sources = [
+        json.loads(r["json"])["source"]
+        for r in shards.raw_samples(str(out / "train-000000.tar"), shards.BadDataReport())
+    ]
+    assert sources[1].endswith("#caf\\xe9")  # fmt: skip
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9")  # a Latin-1 file name on a UTF-8 system
+    (folder / f"{name}.png").write_bytes(png.getvalue())
+    (folder / f"{name}.txt").write_text("a red square")
+    info = build("folder", tmp_path / "out2", options("folder", src=folder, out=tmp_path / "out2",
+                                                        eval_fraction=0.0))  # fmt: skip
+    assert info["counts"] == {"train": 1, "eval": 0}
+
+
+def test_a_split_that_leaves_nothing_to_train_on_names_the_eval_fraction(tmp_path):
+    from dalle_ar.data.build import SplitError, build, options
+
+    src = tmp_path / "src"
+    write_img2dataset(src, n=2)  # two sound records
+    args = options("shards", src=str(src), out=tmp_path / "out", eval_fraction=0.999999)
+    with pytest.raises(SplitError, match=r"--eval-fraction 0.999999 sent all 4 usable records"):
+        build("shards", tmp_path / "out", args)
+    broken = tmp_path / "broken.tar"
+    with tarfile.open(broken, "w") as t:  # an empty caption
+        info = tarfile.TarInfo("k1.txt")
+        t.addfile(info)
+    with pytest.raises(ValueError, match="no usable records .*empty_caption: 1"):
+        build("shards", tmp_path / "out2", options("shards", src=str(broken), out=tmp_path))
+
+
+def test_a_rebuild_removes_the_unfinished_shard_a_killed_build_left(tmp_path):
+    from dalle_ar.data.build import build, options
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_img2dataset(src, n=2)
+    out.mkdir()
+    (out / "train-000003.tar.tmp").write_bytes(b"cut")
+    build("shards", out, options("shards", src=str(src), out=out, eval_fraction=0.0))
+    assert not (out / "train-000003.tar.tmp").exists()
+
+
+def test_a_folder_of_shards_given_as_pictures_points_to_the_shards_kind(tmp_path):
+    from dalle_ar.data.build import build, check_source, options
+
+    write_img2dataset(tmp_path / "src", n=2)
+    with pytest.raises(ValueError, match="it holds .tar files: for shards, the shards kind"):
+        build("folder", tmp_path / "out", options("folder", src=tmp_path / "src",
+                                                  out=tmp_path / "out"))  # fmt: skip
+    with pytest.raises(ValueError, match="not found$"):  # no hint about shards there
+        check_source("folder", tmp_path / "none")

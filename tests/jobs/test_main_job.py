@@ -225,7 +225,7 @@ def test_the_main_job_trains_on_your_own_img2dataset_shards(tmp_path, capsys):
     captions, the quality evaluation; a source that is not there, a folder that is not one and
     an evaluation split too small to score are refused by name; the data stage runs again for
     a changed eval_fraction, not for num_train (which it does not read), nor once the source
-    has moved away."""
+    has moved away (then a changed eval_fraction is refused before any shard is removed)."""
     from _img2dataset import write_img2dataset
 
     from dalle_ar.data.shapes import generate
@@ -244,6 +244,8 @@ def test_the_main_job_trains_on_your_own_img2dataset_shards(tmp_path, capsys):
                 ["data=folder", f"data_src={src / '00000.tar'}"]):  # fmt: skip
         assert main_job([*args, *bad]) == 2  # refused by name before any work
         assert "data_src" in capsys.readouterr().out and not (out / "data").exists()
+    assert main_job([*args, f"data_src={src}", "eval_fraction=0.99999"]) == 2
+    assert "'eval_fraction': --eval-fraction 0.99999 sent all" in capsys.readouterr().out
     assert main_job([*args, f"data_src={src}", "eval_fraction=0.001"]) == 2
     assert "'eval_fraction'" in capsys.readouterr().out
     assert not (out / "data" / "info.json").exists()  # the next run writes the shards again
@@ -268,6 +270,9 @@ def test_the_main_job_trains_on_your_own_img2dataset_shards(tmp_path, capsys):
     src.rename(tmp_path / "moved")  # the job no longer reads the source its shards came from
     assert main_job([*args, f"data_src={src}"]) == 0
     assert "[8/8] samples: done already, skipped" in capsys.readouterr().out
+    # ... unless the data stage would read it again: refused before its shards are removed
+    assert main_job([*args, f"data_src={src}", "eval_fraction=0.15"]) == 2
+    assert "'data_src'" in capsys.readouterr().out and (out / "data" / "info.json").exists()
     (tmp_path / "moved").rename(src)
     assert main_job([*args, f"data_src={src}", "eval_fraction=0.15"]) == 0
     assert "eval_fraction: 0.12 -> 0.15" in capsys.readouterr().out
