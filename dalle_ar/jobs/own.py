@@ -7,6 +7,8 @@ split does not follow the job's seed, so runs with other seeds are scored on the
 pictures). Trained with the component configs of the emoji (`configs/emoji/`: 64-px pictures,
 short captions; `config_dir` for others), scored by the data-independent evaluation
 (`dalle_ar.jobs.dataset.quality_evaluate`), the grid drawn from evaluation captions.
+The source is compared as written, not by its contents: shards added under the same `data_src`
+are read once the data stage runs again (remove the job's `data/` to write them anew).
 """
 
 from __future__ import annotations
