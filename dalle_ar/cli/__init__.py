@@ -51,9 +51,11 @@ TWO_WORDS = ("data", "train", "eval")  # commands that take a second word (`eval
 KEEP_WORD = ("data",)  # whose module reads the second word itself
 
 
-def _usage() -> str:
+def _usage(group: str = "") -> str:
+    """The commands (those of `group`, a first word such as "train", where given), one a line."""
     width = max(len(k) for k in COMMANDS)
-    rows = [f"  dalle-ar {k.ljust(width)}  {h}" for k, (_, h) in COMMANDS.items()]
+    rows = [f"  dalle-ar {k.ljust(width)}  {h}" for k, (_, h) in COMMANDS.items()
+            if not group or k.split()[0] == group]  # fmt: skip
     return "usage:\n" + "\n".join(rows) + "\n\nRun a subcommand with --help for its options."
 
 
@@ -63,14 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if argv[0] == "--version":
+        from dalle_ar import __version__
+
+        print(f"dalle-ar {__version__}")
+        return 0
     key = argv[0]
     rest = argv[1:]
     two = f"{key} {rest[0]}" if rest else ""
     # the second word names the command, unless the first alone is one (plain `dalle-ar eval`)
     if key in TWO_WORDS and (two in COMMANDS or key not in COMMANDS):
         if not rest or rest[0].startswith("-"):
-            print(f"dalle-ar {key}: name what to {key} ({_choices(key)})\n\n{_usage()}")
-            return 2
+            asked = bool(rest) and rest[0] in ("-h", "--help")
+            print(("" if asked else f"dalle-ar {key}: expected one of {_choices(key)}\n\n")
+                  + _usage(key))  # fmt: skip
+            return 0 if asked else 2
         word, rest = rest[0], rest[1:]
         if key in KEEP_WORD:
             rest = [word, *rest]

@@ -87,6 +87,7 @@ from dalle_ar.sampling.settings import (
     RerankSettings,
     UpsampleSampling,
     add_arguments,
+    apply,
     flags,
     from_args,
     names,
@@ -265,7 +266,7 @@ def check_rerank_flags(args: argparse.Namespace, pipe: Any) -> None:
     candidates = given.get("candidates", pipe.defaults["rerank"].candidates)
     ranking = [flag[k] for k in ("reranker", "rerank_weight") if k in given]
     if candidates == 1 and ranking:
-        raise ValueError(f"{', '.join(ranking)} apply only with --candidates N > 1 (each "
+        raise ValueError(f"{apply(ranking)} only with --candidates N > 1 (each "
                          "sample is one candidate now: nothing is ranked)")  # fmt: skip
 
 
@@ -483,7 +484,7 @@ def _regenerate(args: argparse.Namespace) -> int:
         kept = next(s for s in samples if s["prompt_index"] == c["prompt_index"]
                     and s["sample_index"] // s.get("keep", 1) == c["sample"])  # fmt: skip
         # as it was scored: small (the cascade upsamples only the kept ones)
-        chosen = [{**kept, "seed": c["seed"], "index": -1, "upsample": False,
+        chosen = [{**kept, "seed": c["seed"], "upsample": False,
                    "file": f"candidate_{args.candidate:04d}.png"}]  # fmt: skip
     check_out(args.out)
     pipe = load_pipeline(args, args.model or doc["model"])
@@ -491,10 +492,12 @@ def _regenerate(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     for rec in chosen:
         img = _one(pipe, rec)
-        target = inside(folder, rec["file"], f"{path}: the file of sample {rec['index']}")
+        what = (f"candidate {args.candidate} (of sample {rec['index']})"
+                if args.candidate is not None else f"sample {rec['index']}")  # fmt: skip
+        target = inside(folder, rec["file"], f"{path}: the file of {what}")
         target.parent.mkdir(parents=True, exist_ok=True)
         img.save(target)
-        print(f"regenerated sample {rec['index']} ({rec['prompt']!r}) -> {target}")
+        print(f"regenerated {what} ({rec['prompt']!r}) -> {target}")
     return 0
 
 

@@ -92,6 +92,12 @@ def build_emoji(out: Path, size: int | None, shard_size: int) -> dict[str, Any]:
     return {"counts": counts, "eval_fraction": emoji.EVAL_FRACTION, "credit": emoji.CREDIT}
 
 
+# evaluation records a job on your own pictures needs: the CLIP's held-out top-5 retrieval (in
+# one batch of them all where there are fewer than its config's retrieval_batch), R-precision's
+# distractors (`dalle_ar.jobs.own`, which refuses fewer)
+MIN_EVAL = 5
+
+
 def _fraction_of(text: str, seed: int) -> float:
     """A stable number in [0, 1) for a string: the split does not move when files are added."""
     # a file name that is not UTF-8 comes as surrogate escapes (os and tarfile): its own bytes
@@ -262,14 +268,24 @@ def build_shards(
 
 
 def _parser(kind: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"dalle-ar data {kind}", description=__doc__.split("\n")[0])
+    what = {"shapes": "the procedural shapes", "emoji": "the Twemoji set",
+            "folder": "a folder of pictures with same-stem .txt captions",
+            "shards": "your shards in img2dataset layout"}[kind]  # fmt: skip
+    p = argparse.ArgumentParser(prog=f"dalle-ar data {kind}", description=f"Write {what} as "
+                                "train and eval webdataset shards, and DIR/info.json.")  # fmt: skip
     if kind == "folder":
         p.add_argument("src", type=Path, help="folder of images with same-stem .txt captions")
     if kind == "shards":
-        p.add_argument("src", help="your shards in img2dataset layout: .tar files, a folder of "
-                       "them or a brace glob (quote it)")  # fmt: skip
+        p.add_argument(
+            "src",
+            nargs="+",
+            help="your shards in img2dataset layout: .tar files, "
+            "folders of them or brace globs (quote them); several are read in turn",
+        )
     if kind in ("folder", "shards"):
-        p.add_argument("--eval-fraction", type=float, default=0.05, help="share held out")
+        p.add_argument("--eval-fraction", type=float, default=0.05,
+                       help=f"share held out for the evaluation (default 0.05; the main job "
+                       f"needs >= {MIN_EVAL} evaluation records)")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="output folder for the shards")
     if kind == "shapes":
         p.add_argument("--num-train", type=int, default=50_000, help="training images")
@@ -295,10 +311,10 @@ def build(kind: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     shards, and `out/info.json`; returns the info. `args`: the options of `dalle-ar data KIND`
     (`options` gives their defaults). ValueError for impossible options, before old shards are
     removed."""
-    if args.shard_size < 1 or (args.size is not None and args.size < 8):
-        raise ValueError(
-            f"expected --shard-size >= 1 and --size >= 8, got {args.shard_size}, {args.size}"
-        )
+    if args.shard_size < 1:
+        raise ValueError(f"expected --shard-size >= 1, got {args.shard_size}")
+    if args.size is not None and args.size < 8:
+        raise ValueError(f"expected --size >= 8 (pixels), got {args.size}")
     if kind == "shapes" and min(args.num_train, args.num_eval) < 0:
         raise ValueError("--num-train and --num-eval must be >= 0")
     if kind in ("folder", "shards") and not 0 <= args.eval_fraction < 1:
@@ -357,10 +373,15 @@ def main(argv: list[str]) -> int:
         return 2
     kind = argv[0]
     args = _parser(kind).parse_args(argv[1:])
+    if kind == "shards":  # several sources: one list of shards, read in turn
+        args.src = "::".join(args.src)
     try:
         info = build(kind, args.out, args)
     except ValueError as e:
         print(f"dalle-ar data {kind}: {e}", file=sys.stderr)
         return 2
+    if kind in ("folder", "shards") and info["counts"]["eval"] < MIN_EVAL:
+        log.warning("%d evaluation records: the main job's evaluation needs >= %d (a larger "
+                    "--eval-fraction)", info["counts"]["eval"], MIN_EVAL)  # fmt: skip
     print(json.dumps({k: info[k] for k in ("kind", "counts", "train", "eval", "seconds")}))
     return 0

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dalle_ar.config import ConfigError, require
+from dalle_ar.data.build import MIN_EVAL
 from dalle_ar.jobs.config import MainJobConfig
 from dalle_ar.jobs.dataset import (
     COMPONENT_CONFIGS,
@@ -30,9 +31,6 @@ from dalle_ar.jobs.dataset import (
 
 GRID_PROMPTS = 8  # evaluation captions the sample grid draws
 SPLIT_SEED = 0  # the split's hash seed: the same evaluation pictures for every job seed
-# evaluation records the job needs: the CLIP's held-out top-5 retrieval (in one batch of them
-# all where there are fewer than its config's retrieval_batch), R-precision's distractors
-MIN_EVAL = 5
 
 
 def _build(kind: str):

@@ -372,6 +372,14 @@ def from_args(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -
     return {n: getattr(args, n) for n in given if getattr(args, n, None) is not None}
 
 
+def apply(options: list[str]) -> str:
+    """Options that take no effect, as the start of their refusal: "--a applies", "--a and --b
+    apply", "--a, --b and --c apply"."""
+    if len(options) == 1:
+        return f"{options[0]} applies"
+    return f"{', '.join(options[:-1])} and {options[-1]} apply"
+
+
 def upsample_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The cascade's keyword arguments of a generation call from a command line with
     `--upsample` and `UpsampleSampling`'s options: {} without --upsample; ValueError naming the
@@ -379,8 +387,8 @@ def upsample_from_args(args: argparse.Namespace) -> dict[str, Any]:
     given = from_args(args, UpsampleSampling)
     if given and not args.upsample:
         flag = flags(UpsampleSampling)
-        raise ValueError(f"{', '.join(flag[k] for k in sorted(given))} apply only with "
-                         "--upsample (or --upsample-images)")  # fmt: skip
+        raise ValueError(f"{apply([flag[k] for k in sorted(given)])} only with --upsample (or "
+                         "--upsample-images)")  # fmt: skip
     return {"upsample": True, **given} if args.upsample else {}
 
 

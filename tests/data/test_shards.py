@@ -483,7 +483,7 @@ def test_a_shard_cut_anywhere_yields_whole_records_or_counts_them(tmp_path):
             assert report.total == 0 and len(records) == 3
 
 
-def test_data_shards_command_splits_your_own_shards(tmp_path, capsys):
+def test_data_shards_command_splits_your_own_shards(tmp_path, capsys, caplog):
     from dalle_ar.cli import main as cli
 
     def main(argv: list[str]) -> int:  # through the `dalle-ar` command, as a user runs it
@@ -528,6 +528,17 @@ def test_data_shards_command_splits_your_own_shards(tmp_path, capsys):
     assert (out / "eval-000000.tar").is_file() and (out / "info.json").is_file()
     assert main([*argv, "--eval-fraction", "1"]) == 2
     assert "--eval-fraction must be in [0, 1)" in capsys.readouterr().err
+    assert main([*argv, "--size", "0"]) == 2
+    assert capsys.readouterr().err.endswith("expected --size >= 8 (pixels), got 0\n")
+    # several sources read in turn, and a warning where the evaluation split is too small
+    both = tmp_path / "both"
+    assert main(["shards", str(src / "00000.tar"), str(src / "00001.tar"), "--out", str(both),
+                 "--size", "16"]) == 0  # fmt: skip
+    counts = json.loads((both / "info.json").read_text())["counts"]
+    assert counts["train"] + counts["eval"] == sound
+    assert counts["eval"] < 5  # the default share of 16 sound records
+    assert f"{counts['eval']} evaluation records: the main job's evaluation needs >= 5" in (
+        caplog.text)  # fmt: skip
 
 
 def test_every_data_kind_is_a_command():
@@ -535,6 +546,19 @@ def test_every_data_kind_is_a_command():
     from dalle_ar.data.build import KINDS
 
     assert {f"data {kind}" for kind in KINDS} == {c for c in COMMANDS if c.startswith("data ")}
+
+
+def test_a_command_group_lists_its_commands_on_help_and_when_left_unnamed(capsys):
+    from dalle_ar.cli import main as cli
+
+    assert cli(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "dalle-ar train clip" in out and "dalle-ar data" not in out
+    assert cli(["data"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("dalle-ar data: expected one of shapes | emoji | folder | shards")
+    assert "dalle-ar data shards" in out and "dalle-ar train" not in out
+    assert cli(["--version"]) == 0 and capsys.readouterr().out.startswith("dalle-ar 0.")
 
 
 def test_shard_writer_drops_the_shard_an_exception_cut_and_keeps_the_full_ones(tmp_path):

@@ -129,8 +129,11 @@ def test_the_command_line_offers_the_rerankers_there_are(pipe_dir, tmp_path, cap
     # flags would be ignored
     assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--reranker", "clip",
                 "--rerank-weight", "0.5", "--out", str(tmp_path / "never")]) == 2  # fmt: skip
-    assert "--reranker, --rerank-weight apply only with --candidates N > 1" in (
+    assert "--reranker and --rerank-weight apply only with --candidates N > 1" in (
         capsys.readouterr().err)  # fmt: skip
+    assert cli(["sample", "--model", str(pipe_dir), PROMPTS[0], "--reranker", "clip",
+                "--out", str(tmp_path / "never")]) == 2  # fmt: skip
+    assert "--reranker applies only with --candidates N > 1" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
 
 
@@ -159,7 +162,7 @@ def test_the_batch_is_sized_to_the_memory_budget(pipe):
         pipe.candidate_batch(s, rr, 0)
 
 
-def test_sample_cli_writes_scored_grids_and_regenerates_any_candidate(pipe_dir, tmp_path):
+def test_sample_cli_writes_scored_grids_and_regenerates_any_candidate(pipe_dir, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["sample", "--model", str(pipe_dir), *PROMPTS, "--candidates", "3", "--keep", "2",
             "--reranker", "clip", "--seed", "5", "--out", str(out)]  # fmt: skip
@@ -174,6 +177,7 @@ def test_sample_cli_writes_scored_grids_and_regenerates_any_candidate(pipe_dir, 
     again = tmp_path / "again"
     assert cli(["sample", "--from-json", str(out / "samples.json"), "--candidate", str(i),
                 "--out", str(again)]) == 0  # fmt: skip
+    assert f"regenerated candidate {i} (of sample " in capsys.readouterr().out
     pipe = ARPipeline.from_pretrained(pipe_dir)
     c = doc["candidates"][i]
     alone = pipe([c["prompt"]], seeds=[c["seed"]]).images[0]
