@@ -322,7 +322,8 @@ def build(kind: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     check_source(kind, getattr(args, "src", None))
     out.mkdir(parents=True, exist_ok=True)  # checked first: nothing old is removed for a typo
     # (and the unfinished shard a killed build left, `ShardWriter`'s .tar.tmp)
-    stale = [p for split in ("train", "eval") for p in sorted(out.glob(f"{split}-*.tar*"))]
+    stale = [p for split in ("train", "eval") for ext in ("tar", "tar.tmp")
+             for p in sorted(out.glob(f"{split}-*.{ext}")) if p.is_file()]  # fmt: skip
     if stale:  # a smaller rebuild must not leave old shards that a directory URL would read
         log.info("removing %d old shards from %s", len(stale), out)
         for p in stale:

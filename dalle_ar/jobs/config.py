@@ -16,6 +16,8 @@ from dalle_ar.sampling.settings import (
     reranker_parts,
 )
 
+STAGE_SETTINGS = "stage_settings.json"  # in out_dir: each finished stage's MADE_FROM values
+
 
 @dataclasses.dataclass
 class MainJobConfig:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dalle_ar.config import ConfigError, require
 from dalle_ar.data.build import MIN_EVAL
-from dalle_ar.jobs.config import MainJobConfig
+from dalle_ar.jobs.config import STAGE_SETTINGS, MainJobConfig
 from dalle_ar.jobs.dataset import (
     COMPONENT_CONFIGS,
     DataSet,
@@ -93,14 +93,18 @@ def _naming_data_src() -> Iterator[None]:
 
 
 def _built_as_asked(cfg: MainJobConfig) -> bool:
-    """Whether the job folder's shards (their info.json) were written from `data_src` by the
-    kind and with the eval_fraction asked now."""
+    """Whether the job folder holds shards (their info.json) that its data stage wrote with the
+    data, data_src (as written) and eval_fraction asked now (`STAGE_SETTINGS`, what the job
+    compares to run the stage again)."""
+    out = Path(cfg.out_dir)
     try:
-        info = json.loads((Path(cfg.out_dir) / "data" / "info.json").read_text())
-    except (OSError, ValueError):
+        ran_with = json.loads((out / STAGE_SETTINGS).read_text())["data"]
+        built = (out / "data" / "info.json").is_file()
+    except (OSError, ValueError, KeyError, TypeError):
         return False
-    asked = {"kind": cfg.data, "source": str(_source(cfg)), "eval_fraction": cfg.eval_fraction}
-    return isinstance(info, dict) and all(info.get(k) == v for k, v in asked.items())
+    asked = {"data": cfg.data, "data_src": cfg.data_src, "eval_fraction": cfg.eval_fraction}
+    return built and isinstance(ran_with, dict) and all(ran_with.get(k) == v
+                                                        for k, v in asked.items())  # fmt: skip
 
 
 def grid_captions(shards: Path) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from yaml import YAMLError, safe_load
 
 from dalle_ar.config import ConfigError, to_dict
-from dalle_ar.jobs.config import MainJobConfig
+from dalle_ar.jobs.config import STAGE_SETTINGS, MainJobConfig
 from dalle_ar.jobs.dataset import DataSet
 from dalle_ar.jobs.emoji import EMOJI
 from dalle_ar.jobs.own import FOLDER, SHARDS
@@ -62,7 +62,6 @@ MADE_FROM: dict[str, tuple[str, ...]] = {
                  "masked_sampling", "upsample_sampling"),
     "samples": ("prompts", "samples_per_prompt", "fidelity_prompts", "fidelity_composed"),
 }  # fmt: skip
-STAGE_SETTINGS = "stage_settings.json"  # in out_dir: each finished stage's MADE_FROM values
 # A budget of 0 steps is its component config's run.steps: compared as that number
 BUDGET_OF = {"vq_steps": "vq", "transformer_steps": "transformer", "clip_steps": "clip",
              "prior_train_steps": "prior", "masked_steps": "masked",

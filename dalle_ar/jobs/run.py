@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 
 from dalle_ar.checkpoint import write_json_atomic
 from dalle_ar.config import ConfigError
-from dalle_ar.jobs.config import MainJobConfig
-from dalle_ar.jobs.plan import STAGE_SETTINGS, Plan, Stage, changed_settings, plan
+from dalle_ar.jobs.config import STAGE_SETTINGS, MainJobConfig
+from dalle_ar.jobs.plan import Plan, Stage, changed_settings, plan
 from dalle_ar.train.common import NonFiniteLoss
 
 
