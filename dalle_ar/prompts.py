@@ -62,16 +62,23 @@ def encode_prompts(
     prompts: Sequence[str],
     known_chars: set[str],
     max_each: int = 3,
+    said: set[str] | None = None,
 ) -> TextBatch:
     """Encode the prompts (a `TextBatch`), warning about empty, over-long, never-seen-character and
     unseen-word prompts (module docstring); past `max_each` warnings of a kind, one line counts
     the rest. `known_chars`: the characters seen in training (`known_chars(tokenizer)`, computed
-    once)."""
+    once). `said`: prompts warned about before (by a pipeline, over its calls), not warned about
+    again; this call's are added."""
     prompts = list(prompts)
+    fresh = [i for i, p in enumerate(prompts) if said is None or p not in said]
+    if said is not None:
+        said.update(prompts)
     text = tokenizer.encode(prompts, warn=False)  # the over-long ones are said below, each
     room = tokenizer.text_len - 2
     notes: dict[str, list[str]] = {"empty": [], "long": [], "odd": [], "unseen": []}
-    for i, (p, n) in enumerate(zip(prompts, tokenizer.tokenize_lengths(prompts))):
+    lengths = tokenizer.tokenize_lengths([prompts[i] for i in fresh])
+    for i, n in zip(fresh, lengths):
+        p = prompts[i]
         if not p.strip():
             notes["empty"].append(f"prompt {i} is empty: this is an unconditional sample")
         if n > room:

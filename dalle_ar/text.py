@@ -264,11 +264,12 @@ class TextTokenizer:
             # batches would say it at every step
             self._warned_at = self.num_truncated
             log.warning(
-                "truncated %d of %d captions to text_len=%d (%d so far; said again when that "
-                "count doubles)",
+                "truncated %d of %d captions to text_len=%d (%d tokens between BOS and EOS; %d "
+                "so far; said again when that count doubles)",
                 cut,
                 len(captions),
                 T,
+                room,
                 self.num_truncated,
             )
         return TextBatch(ids=ids, mask=mask)

@@ -186,6 +186,7 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         if upsampler is not None:
             check_upsampler(self._image_size(), upsampler.cfg, clip, allow_mismatch)
         self._known_chars = known_chars(tokenizer)
+        self._said: set[str] = set()  # prompts warned about once (`check_prompts`), not again
 
     @classmethod
     def from_components(
@@ -223,7 +224,7 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
     # -- prompts ---------------------------------------------------------------------------
     def check_prompts(self, prompts: Sequence[str], max_each: int = 3) -> TextBatch:
         """Encode the prompts, warning about the odd ones (`dalle_ar.prompts.encode_prompts`)."""
-        return encode_prompts(self.tokenizer, prompts, self._known_chars, max_each)
+        return encode_prompts(self.tokenizer, prompts, self._known_chars, max_each, self._said)
 
     def encode_prime(self, image: Any, rows: int) -> torch.Tensor:
         """The first `rows` rows of an image's codes (1, rows, w), for completing it (priming).

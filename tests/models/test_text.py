@@ -93,7 +93,8 @@ def test_truncation_counted_and_warned(caplog: pytest.LogCaptureFixture) -> None
             tok.encode(long)
     assert tok.num_truncated == 9
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(said) == 2 and "(4 so far" in said[0] and "(8 so far" in said[1]
+    assert len(said) == 2 and "; 4 so far" in said[0] and "; 8 so far" in said[1]
+    assert "text_len=6 (4 tokens between BOS and EOS" in said[0]
 
 
 @pytest.mark.parametrize(

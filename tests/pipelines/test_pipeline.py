@@ -344,6 +344,10 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
     with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
         pipe([long], seed=0)
     assert f"the model reads {TEXT_LEN - 2}: truncated to 'a small" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dalle_ar.prompts"):
+        pipe(["a blue square", long], seed=1)  # the same prompt again: said once per pipeline
+    assert "truncated" not in caplog.text
 
 
 def test_an_over_long_prompt_is_captioned_with_what_the_model_read(pipe, caplog):
