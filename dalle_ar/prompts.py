@@ -67,7 +67,7 @@ def encode_prompts(
     """Encode the prompts (a `TextBatch`), warning about empty, over-long, never-seen-character and
     unseen-word prompts (module docstring); past `max_each` warnings of a kind, one line counts
     the rest. `known_chars`: the characters seen in training (`known_chars(tokenizer)`, computed
-    once). `said`: prompts warned about before (by a pipeline, over its calls), not warned about
+    once). `said`: prompts checked before (by a pipeline, over its calls), not warned about
     again; this call's are added."""
     prompts = list(prompts)
     fresh = [i for i, p in enumerate(prompts) if said is None or p not in said]

@@ -268,11 +268,8 @@ def build_shards(
 
 
 def _parser(kind: str) -> argparse.ArgumentParser:
-    what = {"shapes": "the procedural shapes", "emoji": "the Twemoji set",
-            "folder": "a folder of pictures with same-stem .txt captions",
-            "shards": "your shards in img2dataset layout"}[kind]  # fmt: skip
-    p = argparse.ArgumentParser(prog=f"dalle-ar data {kind}", description=f"Write {what} as "
-                                "train and eval webdataset shards, and DIR/info.json.")  # fmt: skip
+    # the module docstring's first paragraph: what each kind writes
+    p = argparse.ArgumentParser(prog=f"dalle-ar data {kind}", description=__doc__.split("\n\n")[0])
     if kind == "folder":
         p.add_argument("src", type=Path, help="folder of images with same-stem .txt captions")
     if kind == "shards":

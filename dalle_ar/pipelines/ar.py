@@ -186,7 +186,7 @@ class ARPipeline(PriorMode, MaskedMode, Pipeline):
         if upsampler is not None:
             check_upsampler(self._image_size(), upsampler.cfg, clip, allow_mismatch)
         self._known_chars = known_chars(tokenizer)
-        self._said: set[str] = set()  # prompts warned about once (`check_prompts`), not again
+        self._said: set[str] = set()  # prompts checked once (`check_prompts`), not warned again
 
     @classmethod
     def from_components(
